@@ -1,0 +1,338 @@
+"""Typed configuration: one YAML file, validated once at the edge, passed down.
+
+``load_config(None)`` returns the embedded default (``lapse/default.yaml``,
+identical to ``configs/default.yaml``). A user's file is complete in itself:
+sections it omits take the model defaults below, which are generic (no event
+names), so a transaction table never inherits the synthetic generator's roles.
+
+Relative paths resolve against the config file's folder, or against
+``LAPSE_HOME`` when that is set, never against the current directory.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+
+from lapse.exceptions import ConfigError
+from lapse.schema import EVENT_COLUMNS
+
+__all__ = [
+    "AttributesConfig",
+    "FeaturesConfig",
+    "LabelsConfig",
+    "LapseConfig",
+    "Milestone",
+    "Roles",
+    "RowRule",
+    "SourceConfig",
+    "TimestampSpec",
+    "dump_config",
+    "load_config",
+]
+
+DEFAULT_CONFIG_NAME = "default.yaml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TimestampSpec(_Section):
+    """How the source's timestamp column is parsed.
+
+    ``format`` is a strftime pattern (``"%Y%m%d"``, also for integer dates),
+    ``"iso"`` (ISO 8601, offsets honoured), ``"epoch_s"``, ``"epoch_ms"`` or
+    ``"epoch_us"``; ``None`` infers it from the column's dtype and values.
+    ``timezone`` is the zone of naive stamps; everything ends up in UTC.
+    """
+
+    format: str | None = None
+    timezone: str = "UTC"
+
+
+RuleOp = Literal["starts_with", "eq", "ne", "lt", "le", "gt", "ge", "is_null", "in"]
+
+
+class RowRule(_Section):
+    """Rows where ``column <op> value`` holds get the event name ``event``.
+
+    Example: ``{column: InvoiceNo, op: starts_with, value: "C", event: return}``.
+    Rules run in order before validation; the first matching rule wins.
+    """
+
+    column: str
+    op: RuleOp
+    value: str | float | list[str | float] | None = None
+    event: str
+
+    @model_validator(mode="after")
+    def _value_fits_op(self) -> RowRule:
+        if self.op == "is_null":
+            if self.value is not None:
+                raise ValueError("op 'is_null' takes no value")
+        elif self.op == "in":
+            if not isinstance(self.value, list):
+                raise ValueError("op 'in' needs a list value")
+        elif self.value is None or isinstance(self.value, list):
+            raise ValueError(f"op {self.op!r} needs a single value")
+        if self.op == "starts_with" and not isinstance(self.value, str):
+            raise ValueError("op 'starts_with' needs a string value")
+        return self
+
+
+SourceFormat = Literal["auto", "parquet", "csv", "ndjson", "segment"]
+
+
+class SourceConfig(_Section):
+    """Where events come from and how source columns map onto the canonical ones."""
+
+    path: Path | None = None
+    format: SourceFormat = "auto"
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="canonical column -> source column (user_id, ts, event, sku, quantity, revenue)",
+    )
+    derive: dict[str, str] = Field(
+        default_factory=dict,
+        description="column -> arithmetic over source columns, e.g. revenue: quantity * unit_price",
+    )
+    timestamp: TimestampSpec = Field(default_factory=TimestampSpec)
+    event_name: str | None = Field(
+        default=None, description="constant event name for tables without an event column"
+    )
+    message_id: str | None = Field(
+        default=None, description="source column with a unique message id, used to drop duplicates"
+    )
+    properties: list[str] = Field(
+        default_factory=list, description="extra source columns kept on every event"
+    )
+    row_rules: list[RowRule] = Field(default_factory=list)
+    csv_separator: str = ","
+    future_tolerance_hours: float = Field(default=24.0, ge=0)
+
+    @model_validator(mode="after")
+    def _canonical_targets(self) -> SourceConfig:
+        unknown = sorted(set(self.columns) - set(EVENT_COLUMNS))
+        if unknown:
+            raise ValueError(
+                f"columns maps unknown canonical names {unknown}; "
+                f"use {sorted(EVENT_COLUMNS)} (extra columns go under 'properties')"
+            )
+        both = sorted(set(self.columns) & set(self.derive))
+        if both:
+            raise ValueError(f"{both} appear in both 'columns' and 'derive'; keep one")
+        return self
+
+
+class AttributesConfig(_Section):
+    """The optional per-user attributes table (plan, email, consent, platform ids...)."""
+
+    path: Path | None = None
+    format: SourceFormat = "auto"
+    user_id: str = Field(default="user_id", description="source column holding the user id")
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="attribute name -> source column (renames)"
+    )
+    static_features: list[str] = Field(
+        default_factory=list, description="attributes the feature builders copy onto feature rows"
+    )
+
+
+class Roles(_Section):
+    """Event names per role; a role may be empty. The shape is pinned."""
+
+    usage: list[str] = Field(default_factory=list)
+    purchase: list[str] = Field(default_factory=list)
+    aha: list[str] = Field(default_factory=list)
+    error: list[str] = Field(default_factory=list)
+    setup_started: list[str] = Field(default_factory=list)
+    setup_completed: list[str] = Field(default_factory=list)
+    consumption: list[str] = Field(default_factory=list)
+    cancel: list[str] = Field(default_factory=list)
+    return_: list[str] = Field(default_factory=list, alias="return")
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    def of(self, role: str) -> list[str]:
+        """Event names of ``role`` (``"return"`` included)."""
+        names: list[str] = getattr(self, "return_" if role == "return" else role)
+        return names
+
+    def role_of(self, event: str) -> list[str]:
+        """Every role that lists ``event``."""
+        from lapse.schema import ROLES
+
+        return [role for role in ROLES if event in self.of(role)]
+
+
+class Milestone(_Section):
+    """A count of ``event`` worth celebrating: every ``every_n`` or at ``at_counts``."""
+
+    name: str
+    event: str
+    every_n: int | None = Field(default=None, gt=0)
+    at_counts: list[int] | None = None
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> Milestone:
+        if (self.every_n is None) == (self.at_counts is None):
+            raise ValueError("give exactly one of 'every_n' or 'at_counts'")
+        return self
+
+
+class FeaturesConfig(_Section):
+    windows: list[int] = Field(default_factory=lambda: [7, 14, 28, 56, 90])
+
+
+class LabelsConfig(_Section):
+    kind: Literal["non_contractual", "contractual"] = "non_contractual"
+    horizon_days: int = Field(default=28, gt=0)
+    activity_roles: list[str] = Field(default_factory=lambda: ["usage", "purchase"])
+
+
+class ModelsConfig(_Section):
+    name: str = "lapse"
+    random_state: int = 0
+
+
+class SegmentsConfig(_Section):
+    high: float = Field(default=0.6, ge=0, le=1)
+    medium: float = Field(default=0.3, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SegmentsConfig:
+        if self.medium > self.high:
+            raise ValueError("'medium' must not exceed 'high'")
+        return self
+
+
+class SinksConfig(_Section):
+    default: str = "file"
+
+
+class LapseConfig(_Section):
+    """The whole configuration. Build it with :func:`load_config`."""
+
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    attributes: AttributesConfig = Field(default_factory=AttributesConfig)
+    roles: Roles = Field(default_factory=Roles)
+    milestones: list[Milestone] = Field(default_factory=list)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    labels: LabelsConfig = Field(default_factory=LabelsConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    segments: SegmentsConfig = Field(default_factory=SegmentsConfig)
+    sinks: SinksConfig = Field(default_factory=SinksConfig)
+
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+    _origin: str = PrivateAttr(default="<defaults>")
+
+    @property
+    def base_dir(self) -> Path:
+        """Folder that relative paths resolve against."""
+        return self._base_dir
+
+    @property
+    def origin(self) -> str:
+        """Where the config came from (a path, or ``<embedded default>``)."""
+        return self._origin
+
+    def resolve(self, path: str | Path) -> Path:
+        """Resolve ``path`` against :attr:`base_dir` unless it is absolute."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else self._base_dir / p
+
+
+def _read_yaml(text: str, origin: str) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"{origin}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+_EXPECTED = {
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "string_type": "a string",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "literal_error": None,
+}
+
+
+def _describe(err: Any, model: type[BaseModel]) -> str:
+    loc = ".".join("return" if p == "return_" else str(p) for p in err["loc"]) or "<top>"
+    kind = err["type"]
+    value = err.get("input")
+    if kind == "extra_forbidden":
+        return f"{loc}: unknown key; check its spelling or remove it"
+    if kind == "missing":
+        return f"{loc}: required key is missing"
+    expected = _EXPECTED.get(kind)
+    if expected:
+        return f"{loc}: expected {expected}, got {value!r} ({type(value).__name__})"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return f"{loc}: {msg} (got {value!r})"
+
+
+def _base_dir(config_path: Path | None) -> Path:
+    home = os.environ.get("LAPSE_HOME")
+    if home:
+        return Path(home).expanduser().resolve()
+    if config_path is not None:
+        return config_path.resolve().parent
+    return Path.cwd()
+
+
+def load_config(path: str | Path | None = None) -> LapseConfig:
+    """Load and validate a config file; ``None`` means the embedded default.
+
+    Raises
+    ------
+    ConfigError
+        The file is missing or unparsable, or a key is unknown or has a wrong
+        type; the message names the key path, the bad value and what is expected.
+    """
+    if path is None:
+        text = resources.files("lapse").joinpath(DEFAULT_CONFIG_NAME).read_text(encoding="utf-8")
+        origin, config_path = "<embedded default>", None
+    else:
+        config_path = Path(path).expanduser()
+        origin = str(config_path)
+        try:
+            text = config_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{origin}: config file not found") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{origin}: cannot read config file: {exc}") from None
+    raw = _read_yaml(text, origin)
+    try:
+        config = LapseConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(e, LapseConfig) for e in exc.errors()]
+        raise ConfigError(f"{origin}: invalid config\n  " + "\n  ".join(lines)) from None
+    config._base_dir = _base_dir(config_path)
+    config._origin = origin
+    return config
+
+
+def dump_config(config: LapseConfig) -> str:
+    """The resolved configuration as YAML, every default filled in."""
+    data = config.model_dump(mode="json", by_alias=True)
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
