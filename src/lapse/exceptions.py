@@ -7,8 +7,7 @@ it into a one-line message and a non-zero exit instead of a traceback::
     ├── ConfigError            a config file or value is invalid
     └── EventsError            event or attribute data cannot be used
         ├── ReadError          a file cannot be read at all
-        ├── MissingColumnsError required columns are absent
-        └── RejectedShareError too many rows were rejected by validation
+        └── MissingColumnsError required columns are absent
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ __all__ = [
     "LapseError",
     "MissingColumnsError",
     "ReadError",
-    "RejectedShareError",
 ]
 
 
@@ -41,7 +39,3 @@ class ReadError(EventsError):
 
 class MissingColumnsError(EventsError):
     """Required columns are absent from a source after mapping."""
-
-
-class RejectedShareError(EventsError):
-    """Validation rejected a larger share of rows than allowed."""

@@ -1,0 +1,223 @@
+"""The `lapse` command line: thin typer commands, one pipeline call each.
+
+Errors a user can cause (:class:`lapse.LapseError`) print one line and exit
+with code 2; a validation that fails its threshold exits with code 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, ParamSpec, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lapse.config import LapseConfig, dump_config, load_config
+from lapse.exceptions import LapseError
+
+if TYPE_CHECKING:
+    from lapse.events import ValidationReport
+
+__all__ = ["app"]
+
+app = typer.Typer(
+    name="lapse",
+    help="Churn and replenishment modeling from customer event streams.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Show or create configuration files.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+console = Console()
+err_console = Console(stderr=True)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="YAML config; the embedded default when omitted."),
+]
+EventsArg = Annotated[Path, typer.Argument(help="Event file, folder or glob.", show_default=False)]
+
+
+def _friendly(func: Callable[P, R]) -> Callable[P, R]:
+    """Turn a LapseError into one red line on stderr and exit code 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return func(*args, **kwargs)
+        except LapseError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=2) from None
+
+    return wrapper
+
+
+def _parse_date(value: str | None, option: str) -> datetime | None:
+    """A CLI date means 00:00 UTC of that day."""
+    if value is None:
+        return None
+    try:
+        day = datetime.strptime(value, "%Y-%m-%d")
+    except ValueError:
+        raise typer.BadParameter(
+            f"{value!r} is not a date; use YYYY-MM-DD", param_hint=option
+        ) from None
+    return day.replace(tzinfo=UTC)
+
+
+def _config(path: Path | None) -> LapseConfig:
+    return load_config(path)
+
+
+def _home() -> Path:
+    home = os.environ.get("LAPSE_HOME")
+    return Path(home).expanduser() if home else Path.cwd()
+
+
+def _report_table(report: ValidationReport) -> Table:
+    table = Table(title=f"events: {report.path}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    span = (
+        "-"
+        if report.ts_min is None
+        else f"{report.ts_min:%Y-%m-%d %H:%M} .. {report.ts_max:%Y-%m-%d %H:%M} UTC"
+    )
+    rows: list[tuple[str, str]] = [
+        ("rows read", f"{report.rows_read:,}"),
+        ("rows kept", f"{report.rows_kept:,}"),
+        ("users", f"{report.users:,}"),
+        ("time span", span),
+    ]
+    rows += [(f"  role {role}", f"{n:,}") for role, n in report.events_per_role.items()]
+    rows.append(("  in no role", f"{report.events_unassigned:,}"))
+    rejected = sum(report.rejected_by_reason.values())
+    rows.append(("rejected", f"{rejected:,} ({report.rejected_share:.2%})"))
+    rows += [(f"  {reason}", f"{n:,}") for reason, n in report.rejected_by_reason.items()]
+    rows.append(("duplicates dropped", f"{report.duplicates:,}"))
+    rows.append(("future events (kept)", f"{report.future_events:,}"))
+    if report.rejects_path is not None:
+        rows.append(("rejects file", str(report.rejects_path)))
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+@app.command()
+@_friendly
+def validate(
+    events: EventsArg,
+    config: ConfigOpt = None,
+    rejects: Annotated[
+        Path | None,
+        typer.Option(help="Where rejected rows go (Parquet, with a reason column)."),
+    ] = None,
+    max_reject_share: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Exit 1 when more rows than this are rejected.")
+    ] = 0.05,
+    as_of: Annotated[
+        str | None, typer.Option(help="Flag events after this date (YYYY-MM-DD) instead of now.")
+    ] = None,
+) -> None:
+    """Read, map and validate events; print a summary and write rejected rows."""
+    from lapse.pipeline import run_validate
+
+    report = run_validate(
+        events, _config(config), rejects=rejects, as_of=_parse_date(as_of, "--as-of")
+    )
+    console.print(_report_table(report))
+    if report.rejected_share > max_reject_share:
+        err_console.print(
+            f"[bold red]error:[/] {events}: {report.rejected_share:.1%} of rows were rejected "
+            f"(limit {max_reject_share:.1%}); see {report.rejects_path} for the rows and reasons, "
+            "fix the source mapping in the config, or raise --max-reject-share",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(code=1)
+
+
+@app.command()
+@_friendly
+def generate(
+    out: Annotated[Path, typer.Option(help="Folder for events/users/truth Parquet files.")],
+    users: Annotated[int, typer.Option(min=1, help="Number of users.")] = 2000,
+    days: Annotated[int, typer.Option(min=1, help="Days simulated.")] = 180,
+    seed: Annotated[int, typer.Option(help="Random seed; same seed, same data.")] = 0,
+) -> None:
+    """Write synthetic events with ground truth (events, users, truth, truth_hazard)."""
+    from lapse.datasets import generate as generate_data
+    from lapse.datasets import write
+
+    with console.status(f"simulating {users:,} users over {days} days"):
+        data = generate_data(n_users=users, n_days=days, seed=seed)
+        files = write(data, out)
+    table = Table("file", "rows", title="synthetic data", title_justify="left")
+    frames = {
+        "events": data.events,
+        "users": data.users,
+        "truth": data.truth,
+        "truth_hazard": data.truth_hazard,
+    }
+    for name, path in files.items():
+        table.add_row(str(path), f"{frames[name].height:,}")
+    console.print(table)
+
+
+@app.command()
+@_friendly
+def demo(
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder; default ./demo (or $LAPSE_HOME/demo).")
+    ] = None,
+    users: Annotated[int, typer.Option(min=1)] = 2000,
+    days: Annotated[int, typer.Option(min=1)] = 180,
+    seed: int = 0,
+    config: ConfigOpt = None,
+) -> None:
+    """Run the main job end to end on synthetic data with the embedded defaults."""
+    from lapse.pipeline import run_demo
+
+    out_dir = out if out is not None else _home() / "demo"
+    with console.status("generating synthetic data and validating it"):
+        result = run_demo(_config(config), out_dir=out_dir, n_users=users, n_days=days, seed=seed)
+    console.print(_report_table(result.report))
+    console.print(f"[green]demo data in[/] {out_dir}")
+
+
+@config_app.command("show")
+@_friendly
+def config_show(config: ConfigOpt = None) -> None:
+    """Print the resolved configuration as YAML, defaults filled in."""
+    cfg = _config(config)
+    typer.echo(f"# resolved from {cfg.origin}; relative paths resolve against {cfg.base_dir}")
+    typer.echo(dump_config(cfg), nl=False)
+
+
+@config_app.command("init")
+@_friendly
+def config_init(
+    events: EventsArg,
+    out: Annotated[Path, typer.Option(help="Where to write the skeleton.")] = Path("lapse.yaml"),
+    force: Annotated[bool, typer.Option(help="Overwrite an existing file.")] = False,
+) -> None:
+    """Inspect a sample of EVENTS and write a commented config skeleton."""
+    from lapse.events import init_config
+
+    if out.exists() and not force:
+        raise typer.BadParameter(f"{out} exists; pass --force to overwrite", param_hint="--out")
+    text = init_config(events)
+    out.write_text(text, encoding="utf-8")
+    console.print(
+        f"wrote {out}: sort the event names under 'roles', then run `lapse validate {events} --config {out}`"
+    )

@@ -1,0 +1,260 @@
+"""Map a raw source onto the canonical event columns (``config.source``).
+
+Order of resolution for each canonical column: ``source.columns``, then
+``source.derive``, then the Segment defaults (for Segment-shaped sources),
+then a source column of the same name. Row rules run on the result and set
+the event name of the rows they claim.
+
+Besides the canonical columns and ``source.properties`` the mapped frame
+keeps helper columns for validation: :data:`TS_RAW` (the source timestamp as
+text, null when absent), :data:`BY_RULE` (a row rule claimed the row) and,
+when ``source.message_id`` is set, :data:`MESSAGE_ID`.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import polars as pl
+
+from lapse.config import LapseConfig, RowRule, SourceConfig
+from lapse.events.derive import derive_expr
+from lapse.events.readers import collect_frame, is_segment_schema, one_line
+from lapse.events.timestamps import check_timezone, infer_timestamp_format, parse_timestamp
+from lapse.exceptions import MissingColumnsError, ReadError
+from lapse.schema import EVENT_COLUMNS, REQUIRED_EVENT_COLUMNS
+
+__all__ = [
+    "BY_RULE",
+    "HELPER_COLUMNS",
+    "MESSAGE_ID",
+    "TS_RAW",
+    "id_as_string",
+    "map_events",
+    "present_columns",
+]
+
+TS_RAW: Final = "_ts_raw"
+BY_RULE: Final = "_by_rule"
+MESSAGE_ID: Final = "_message_id"
+HELPER_COLUMNS: Final = (TS_RAW, BY_RULE, MESSAGE_ID)
+
+# canonical column -> Segment source columns, first non-null wins
+SEGMENT_DEFAULTS: Final[dict[str, tuple[str, ...]]] = {
+    "user_id": ("userId", "anonymousId"),
+    "ts": ("timestamp",),
+    "event": ("event",),
+    "sku": ("properties.sku",),
+    "quantity": ("properties.quantity",),
+    "revenue": ("properties.revenue",),
+}
+_TS_SAMPLE_ROWS: Final = 1000
+_LISTED_COLUMNS: Final = 40
+
+
+def id_as_string(expr: pl.Expr, dtype: pl.DataType) -> pl.Expr:
+    """An id column as trimmed strings; integral floats lose their ``.0``; empty -> null.
+
+    ``17850.0`` becomes ``"17850"``, ``"17850.0"`` too; ``1.5`` stays ``"1.5"``.
+    """
+    if dtype.is_float():
+        number = expr.fill_nan(None)
+        whole = number == number.floor()
+        text = (
+            pl.when(whole)
+            .then(number.cast(pl.Int64, strict=False).cast(pl.String))
+            .otherwise(number.cast(pl.String))
+        )
+    else:
+        text = expr.cast(pl.String).str.strip_chars().str.replace(r"^(-?\d+)\.0+$", "${1}")
+    return pl.when(text.str.len_chars() > 0).then(text)
+
+
+def present_columns(schema: pl.Schema) -> str:
+    """The source's column names for an error message (long lists shortened)."""
+    names = list(schema.names())
+    shown = ", ".join(names[:_LISTED_COLUMNS])
+    more = f", ... ({len(names) - _LISTED_COLUMNS} more)" if len(names) > _LISTED_COLUMNS else ""
+    return f"[{shown}{more}]"
+
+
+def _source_exprs(
+    schema: pl.Schema, source: SourceConfig, segment: bool
+) -> tuple[dict[str, pl.Expr], list[str]]:
+    """Raw expression per resolvable canonical column, and problems with explicit config."""
+    found: dict[str, pl.Expr] = {}
+    problems: list[str] = []
+    for name in EVENT_COLUMNS:
+        if name in source.columns:
+            column = source.columns[name]
+            if column in schema:
+                found[name] = pl.col(column)
+            else:
+                problems.append(f"{name} (source.columns maps it to {column!r}, not in the source)")
+        elif name in source.derive:
+            expr, used = derive_expr(name, source.derive[name])
+            absent = [c for c in used if c not in schema]
+            if absent:
+                problems.append(f"{name} (source.derive reads {absent}, not in the source)")
+            else:
+                found[name] = expr
+        elif segment and any(c in schema for c in SEGMENT_DEFAULTS[name]):
+            present = [c for c in SEGMENT_DEFAULTS[name] if c in schema]
+            if name == "user_id":
+                # userId, falling back to anonymousId (also when userId is "").
+                found[name] = pl.coalesce(*(id_as_string(pl.col(c), schema[c]) for c in present))
+            else:
+                found[name] = pl.col(present[0])
+        elif name in schema:
+            found[name] = pl.col(name)
+    return found, problems
+
+
+def _missing_message(
+    source_name: str, schema: pl.Schema, missing: list[str], problems: list[str]
+) -> str:
+    parts = [*problems, *(f"{m} (no source column of that name)" for m in missing)]
+    return (
+        f"{source_name}: missing columns: {'; '.join(parts)}. "
+        f"The source has {present_columns(schema)}. "
+        "Fix: map them under source.columns (canonical: source column), e.g. "
+        "columns: {user_id: CustomerID, ts: InvoiceDate}, or set source.event_name "
+        "for a table without an event column"
+    )
+
+
+def _rule_condition(rule: RowRule, expr: pl.Expr, dtype: pl.DataType) -> pl.Expr:
+    values = rule.value if isinstance(rule.value, list) else [rule.value]
+    as_text = any(isinstance(v, str) for v in values) or rule.op == "starts_with"
+    if as_text and dtype != pl.String:
+        expr = expr.cast(pl.String)
+    elif not as_text and not dtype.is_numeric():
+        expr = expr.cast(pl.Float64, strict=False)
+    if rule.op == "is_null":
+        return expr.is_null()
+    if rule.op == "in":
+        if as_text:
+            return expr.is_in(pl.Series([str(v) for v in values], dtype=pl.String))
+        return expr.cast(pl.Float64).is_in(pl.Series(values, dtype=pl.Float64))
+    value = rule.value
+    match rule.op:
+        case "starts_with":
+            return expr.str.starts_with(str(value))
+        case "eq":
+            return expr == value
+        case "ne":
+            return expr != value
+        case "lt":
+            return expr < value
+        case "le":
+            return expr <= value
+        case "gt":
+            return expr > value
+        case _:
+            return expr >= value
+
+
+def _timestamp_format(
+    raw: pl.LazyFrame, ts: pl.Expr, dtype: pl.DataType, config: LapseConfig, source_name: str
+) -> str | None:
+    fmt = config.source.timestamp.format
+    if fmt is not None or dtype.is_temporal() or dtype == pl.Null:
+        return fmt
+    sample = collect_frame(
+        raw.select(ts.alias("ts")).drop_nulls().head(_TS_SAMPLE_ROWS), source_name
+    )
+    return infer_timestamp_format(sample.to_series(), f"{source_name}: column ts")
+
+
+def map_events(raw: pl.LazyFrame, config: LapseConfig, *, source_name: str) -> pl.LazyFrame:
+    """Rename, derive, parse and type ``raw`` into the canonical event columns.
+
+    Parameters
+    ----------
+    raw
+        A frame from :func:`~lapse.events.scan_source`.
+    config
+        Its ``source`` section drives the mapping.
+    source_name
+        The file, for messages.
+
+    Returns
+    -------
+    pl.LazyFrame
+        ``EVENT_COLUMNS`` in order, then ``source.properties``, then the
+        helper columns (:data:`TS_RAW`, :data:`BY_RULE`, and :data:`MESSAGE_ID`
+        when ``source.message_id`` is set). Nothing is rejected here.
+
+    Raises
+    ------
+    MissingColumnsError
+        A required canonical column (``user_id``, ``ts``, ``event`` unless
+        ``event_name`` is set), or a column the config names, is absent.
+    ConfigError
+        A ``derive`` expression, time zone or timestamp format is unusable.
+    """
+    source = config.source
+    check_timezone(source.timestamp.timezone)
+    try:
+        schema = raw.collect_schema()
+    except pl.exceptions.PolarsError as exc:
+        raise ReadError(f"{source_name}: cannot read: {one_line(exc)}") from None
+    segment = source.format == "segment" or (source.format == "auto" and is_segment_schema(schema))
+    found, problems = _source_exprs(schema, source, segment)
+    required = [c for c in REQUIRED_EVENT_COLUMNS if not (c == "event" and source.event_name)]
+    missing = [
+        c for c in required if c not in found and c not in source.columns and c not in source.derive
+    ]
+    named = [*source.properties, *([source.message_id] if source.message_id else [])]
+    named += [r.column for r in source.row_rules if r.column not in found]
+    absent = sorted({c for c in named if c not in schema})
+    problems += [f"{c} (named in the source section, not in the source)" for c in absent]
+    if missing or problems:
+        raise MissingColumnsError(_missing_message(source_name, schema, missing, problems))
+
+    dtypes = raw.select(**found).collect_schema()
+    ts_format = _timestamp_format(raw, found["ts"], dtypes["ts"], config, source_name)
+
+    columns: dict[str, pl.Expr] = {}
+    for name, dtype in EVENT_COLUMNS.items():
+        if name not in found:
+            columns[name] = pl.lit(None, dtype=dtype)
+        elif name in ("user_id", "sku"):
+            columns[name] = id_as_string(found[name], dtypes[name])
+        elif name == "ts":
+            columns[name] = parse_timestamp(
+                found[name], dtypes[name], ts_format, source.timestamp.timezone
+            )
+        elif name == "event":
+            text = found[name].cast(pl.String)
+            columns[name] = pl.when(text.str.len_chars() > 0).then(text)
+        else:
+            columns[name] = found[name].cast(pl.Float64, strict=False)
+    if "event" not in found and source.event_name:
+        columns["event"] = pl.lit(source.event_name, dtype=pl.String)
+
+    # Rules read source columns first, else the mapped canonical column.
+    event = columns["event"]
+    claimed: pl.Expr = pl.lit(False)
+    for rule in reversed(source.row_rules):
+        if rule.column in schema:
+            cond = _rule_condition(rule, pl.col(rule.column), schema[rule.column])
+        else:
+            cond = _rule_condition(rule, columns[rule.column], EVENT_COLUMNS[rule.column])
+        cond = cond.fill_null(False)
+        event = pl.when(cond).then(pl.lit(rule.event)).otherwise(event)
+        claimed = cond | claimed
+
+    helpers = [
+        found["ts"].cast(pl.String).alias(TS_RAW),
+        claimed.alias(BY_RULE),
+    ]
+    if source.message_id:
+        helpers.append(
+            id_as_string(pl.col(source.message_id), schema[source.message_id]).alias(MESSAGE_ID)
+        )
+    return raw.select(
+        *(expr.alias(name) for name, expr in {**columns, "event": event}.items()),
+        *(pl.col(p) for p in source.properties),
+        *helpers,
+    )

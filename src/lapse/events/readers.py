@@ -1,0 +1,208 @@
+"""Open event and attribute files as lazy Polars frames.
+
+The only place that touches files. Formats: Parquet (file, folder, glob,
+hive-partitioned folders), CSV/TSV (gzip included), NDJSON, and Segment-style
+track exports (NDJSON whose ``properties``/``context`` objects are flattened
+into ``properties.<field>`` / ``context.<field>`` columns).
+
+The schema is resolved eagerly, so a file that cannot be read fails here with
+a one-line :class:`~lapse.exceptions.ReadError` naming the file.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Final
+
+import polars as pl
+
+from lapse.config import SourceFormat
+from lapse.exceptions import ReadError
+
+__all__ = ["collect_frame", "is_segment_schema", "one_line", "resolve_format", "scan_source"]
+
+_EXTENSIONS: Final[dict[str, SourceFormat]] = {
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".txt": "csv",
+    ".ndjson": "ndjson",
+    ".jsonl": "ndjson",
+    ".json": "ndjson",
+}
+_COMPRESSION: Final = (".gz", ".gzip", ".zst")
+_GLOB_CHARS: Final = frozenset("*?[")
+_PARQUET_MAGIC: Final = b"PAR1"
+# Segment exports nest these objects; they become ``<name>.<field>`` columns.
+_SEGMENT_STRUCTS: Final = ("properties", "context")
+_SEGMENT_ID_COLUMNS: Final = ("userId", "anonymousId")
+
+
+def is_segment_schema(schema: Mapping[str, object]) -> bool:
+    """Whether columns look like a Segment track export (user/anonymous id, timestamp, event)."""
+    has_id = any(name in schema for name in _SEGMENT_ID_COLUMNS)
+    return has_id and "timestamp" in schema and "event" in schema
+
+
+def one_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception message (Polars errors run long)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _data_files(path: str) -> list[Path]:
+    """The files behind ``path`` (a file, a folder, or a glob), sorted."""
+    if _GLOB_CHARS & set(path):
+        files = sorted(Path(p) for p in globlib.glob(path, recursive=True) if Path(p).is_file())
+        if not files:
+            raise ReadError(f"{path}: no files match this pattern")
+        return files
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(
+            f
+            for f in p.rglob("*")
+            if f.is_file()
+            and not any(part.startswith((".", "_")) for part in f.relative_to(p).parts)
+        )
+        if not files:
+            raise ReadError(f"{path}: the folder holds no data files")
+        return files
+    if not p.exists():
+        raise ReadError(f"{path}: file not found")
+    return [p]
+
+
+def _extension_format(file: Path) -> SourceFormat | None:
+    suffixes = [s.lower() for s in file.suffixes]
+    while suffixes and suffixes[-1] in _COMPRESSION:
+        suffixes.pop()
+    return _EXTENSIONS.get(suffixes[-1]) if suffixes else None
+
+
+def _sniff_format(file: Path) -> SourceFormat:
+    with file.open("rb") as fh:
+        head = fh.read(64).lstrip()
+    if head.startswith(_PARQUET_MAGIC):
+        return "parquet"
+    if head.startswith(b"{"):
+        return "ndjson"
+    return "csv"
+
+
+def resolve_format(path: str | Path, fmt: SourceFormat = "auto") -> tuple[SourceFormat, list[Path]]:
+    """The file format of ``path`` (``auto`` looks at extensions, then content) and its files.
+
+    ``segment`` is reported only when asked for; :func:`scan_source` detects it
+    from the columns of an NDJSON source.
+    """
+    files = _data_files(str(path))
+    if fmt != "auto":
+        return fmt, files
+    found = {_extension_format(f) or _sniff_format(f) for f in files}
+    if len(found) > 1:
+        raise ReadError(
+            f"{path}: mixes file formats {sorted(str(f) for f in found)}; "
+            "point at one format (a glob like '*.parquet') or set source.format"
+        )
+    return found.pop(), files
+
+
+def _empty_file(files: list[Path]) -> Path | None:
+    return next((f for f in files if f.stat().st_size == 0), None)
+
+
+def _parquet_problem(files: list[Path], exc: BaseException) -> str:
+    for f in files:
+        with f.open("rb") as fh:
+            head = fh.read(4)
+        if head != _PARQUET_MAGIC:
+            return (
+                f"{f.name} is not a Parquet file (it lacks the Parquet header); "
+                "if it is CSV or JSON, rename it or set the format"
+            )
+    return f"truncated or corrupt Parquet file ({one_line(exc)})"
+
+
+def _scan(
+    path: str, fmt: SourceFormat, files: list[Path], csv_separator: str
+) -> tuple[pl.LazyFrame, pl.Schema]:
+    if fmt == "parquet":
+        # The path itself (not the file list) keeps hive partitions of a folder.
+        lf = pl.scan_parquet(path)
+    elif fmt == "csv":
+        tsv = all(".tsv" in [s.lower() for s in f.suffixes] for f in files)
+        sep = "\t" if tsv and csv_separator == "," else csv_separator
+        # Full-length type inference: a column that turns non-numeric late in
+        # the file (InvoiceNo "C536379") must not fail mid-read.
+        lf = pl.scan_csv(files, separator=sep, infer_schema_length=None)
+    else:
+        # Full-length inference so that event properties seen only late are kept.
+        lf = pl.scan_ndjson(files, infer_schema_length=None)
+    return lf, lf.collect_schema()
+
+
+def _flatten_segment(lf: pl.LazyFrame, schema: pl.Schema) -> pl.LazyFrame:
+    structs: list[str] = []
+    empty: list[str] = []
+    for name in _SEGMENT_STRUCTS:
+        dtype = schema.get(name)
+        if isinstance(dtype, pl.Struct) and dtype.fields:
+            structs.append(name)
+        elif isinstance(dtype, pl.Struct | pl.Null):
+            empty.append(name)  # null or empty objects carry nothing
+    return lf.drop(empty).unnest(structs, separator=".")
+
+
+def scan_source(
+    path: str | Path, fmt: SourceFormat = "auto", csv_separator: str = ","
+) -> pl.LazyFrame:
+    """A raw event or attribute source as a lazy frame, schema already checked.
+
+    Parameters
+    ----------
+    path
+        A file, a folder (hive partitions become columns), or a glob.
+    fmt
+        ``auto`` decides from the extension (``.parquet``/``.pq``,
+        ``.csv``/``.tsv``/``.txt`` optionally ``.gz``, ``.ndjson``/``.jsonl``/
+        ``.json``), then from the content. NDJSON with ``userId`` or
+        ``anonymousId``, ``timestamp`` and ``event`` is read as ``segment``.
+    csv_separator
+        Field separator for CSV; ``.tsv`` files default to a tab.
+
+    Raises
+    ------
+    ReadError
+        The path is missing, empty, truncated, or not in the expected format.
+    """
+    name = str(path)
+    resolved, files = resolve_format(name, fmt)
+    empty = _empty_file(files)
+    if empty is not None:
+        where = name if empty == Path(name) else f"{name} ({empty.name})"
+        raise ReadError(f"{where}: the file is empty")
+    scan_fmt: SourceFormat = "ndjson" if resolved == "segment" else resolved
+    try:
+        lf, schema = _scan(name, scan_fmt, files, csv_separator)
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        problem = (
+            _parquet_problem(files, exc)
+            if scan_fmt == "parquet"
+            else f"cannot read as {scan_fmt}: {one_line(exc)}"
+        )
+        raise ReadError(f"{name}: {problem}") from None
+    if resolved == "segment" or (resolved == "ndjson" and is_segment_schema(schema)):
+        lf = _flatten_segment(lf, schema)
+    return lf
+
+
+def collect_frame(lf: pl.LazyFrame, source_name: str) -> pl.DataFrame:
+    """Collect ``lf``, turning a Polars read failure into a one-line :class:`ReadError`."""
+    try:
+        return lf.collect()
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise ReadError(f"{source_name}: cannot read: {one_line(exc)}") from None

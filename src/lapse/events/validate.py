@@ -1,0 +1,209 @@
+"""Clean canonical events: reject unusable rows, drop duplicates, flag future events.
+
+Reject reasons, checked in this order (a row gets the first that applies):
+
+``null_user_id``
+    the user id is null or empty;
+``unparsable_ts``
+    the timestamp is null or could not be parsed;
+``null_event``
+    the event name is null or empty;
+``negative_quantity``
+    ``quantity < 0`` on a row no row rule claimed and whose event is not
+    listed under ``roles.return``.
+
+Rejected rows go to a rejects Parquet file (the mapped row plus ``reason``).
+Duplicates (identical in every canonical column, or sharing the
+``source.message_id`` value) keep their first occurrence. Events later than
+``as_of`` (or now) plus ``source.future_tolerance_hours`` are counted, not
+dropped. Nothing is lost silently: every dropped row is counted in the report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Final
+
+import polars as pl
+
+from lapse.config import LapseConfig
+from lapse.events.mapping import BY_RULE, MESSAGE_ID, map_events
+from lapse.events.readers import collect_frame, scan_source
+from lapse.schema import EVENT_COLUMNS, ROLES
+
+__all__ = [
+    "REJECT_REASONS",
+    "ValidationReport",
+    "read_events",
+    "rejects_path_for",
+    "validate_events",
+]
+
+REJECT_REASONS: Final = ("null_user_id", "unparsable_ts", "null_event", "negative_quantity")
+REASON: Final = "reason"
+_DUPLICATE: Final = "_duplicate"
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """What :func:`validate_events` read, kept, rejected and flagged.
+
+    ``rows_read = rows_kept + sum(rejected_by_reason.values()) + duplicates``.
+    ``events_per_role`` counts kept events per role (an event listed under two
+    roles counts in both); ``events_unassigned`` counts kept events in no role.
+    """
+
+    path: str
+    rows_read: int
+    rows_kept: int
+    users: int
+    ts_min: datetime | None
+    ts_max: datetime | None
+    events_per_role: dict[str, int]
+    events_unassigned: int
+    rejected_by_reason: dict[str, int]
+    duplicates: int
+    future_events: int
+    rejects_path: Path | None
+
+    @property
+    def rows_rejected(self) -> int:
+        """Rows rejected for any reason."""
+        return sum(self.rejected_by_reason.values())
+
+    @property
+    def rejected_share(self) -> float:
+        """Rejected rows over rows read (0.0 for an empty source)."""
+        return self.rows_rejected / self.rows_read if self.rows_read else 0.0
+
+
+def _reason(config: LapseConfig) -> pl.Expr:
+    returns = config.roles.of("return")
+    negative = (
+        (pl.col("quantity") < 0)
+        & ~pl.col(BY_RULE)
+        & ~pl.col("event").is_in(pl.Series(returns, dtype=pl.String))
+    )
+    return (
+        pl.when(pl.col("user_id").is_null())
+        .then(pl.lit("null_user_id"))
+        .when(pl.col("ts").is_null())
+        .then(pl.lit("unparsable_ts"))
+        .when(pl.col("event").is_null())
+        .then(pl.lit("null_event"))
+        .when(negative.fill_null(False))
+        .then(pl.lit("negative_quantity"))
+        .alias(REASON)
+    )
+
+
+def _duplicate(message_id: bool) -> pl.Expr:
+    same_row = ~pl.struct(list(EVENT_COLUMNS)).is_first_distinct()
+    if not message_id:
+        return same_row
+    return same_row | (pl.col(MESSAGE_ID).is_not_null() & ~pl.col(MESSAGE_ID).is_first_distinct())
+
+
+def _clean(mapped: pl.LazyFrame, config: LapseConfig) -> pl.LazyFrame:
+    """Mapped rows with ``reason`` and ``_duplicate`` (duplicates among unrejected rows)."""
+    flagged = mapped.with_columns(_reason(config))
+    message_id = config.source.message_id is not None
+    return flagged.with_columns(
+        pl.when(pl.col(REASON).is_null())
+        .then(_duplicate(message_id).over(pl.col(REASON).is_null()))
+        .otherwise(False)
+        .alias(_DUPLICATE)
+    )
+
+
+def _output_columns(config: LapseConfig) -> list[str]:
+    return [*EVENT_COLUMNS, *config.source.properties]
+
+
+def rejects_path_for(path: str | Path, config: LapseConfig) -> Path:
+    """Default rejects file: ``<config folder or LAPSE_HOME>/<input stem>.rejects.parquet``."""
+    p = Path(path)
+    if set("*?[") & set(str(p)):
+        p = next((q for q in p.parents if not set("*?[") & set(str(q))), Path("events"))
+    name = p.name.split(".")[0] or "events"
+    return config.resolve(f"{name}.rejects.parquet")
+
+
+def read_events(path: str | Path, config: LapseConfig) -> pl.LazyFrame:
+    """Clean canonical events, lazily: scan, map, drop rejects and duplicates.
+
+    No time filter is applied: features and labels apply their own cutoffs.
+    """
+    source = config.source
+    raw = scan_source(path, source.format, source.csv_separator)
+    clean = _clean(map_events(raw, config, source_name=str(path)), config)
+    return clean.filter(pl.col(REASON).is_null() & ~pl.col(_DUPLICATE)).select(
+        _output_columns(config)
+    )
+
+
+def validate_events(
+    path: str | Path,
+    config: LapseConfig,
+    *,
+    as_of: datetime | None = None,
+    rejects_path: Path | None = None,
+    now: datetime | None = None,
+) -> tuple[pl.DataFrame, ValidationReport]:
+    """Read, map and validate ``path``; return the kept events and a report.
+
+    Parameters
+    ----------
+    as_of, now
+        Events later than ``as_of`` (else ``now``, else the current time) plus
+        ``source.future_tolerance_hours`` count as future events. Naive values
+        are taken as UTC.
+    rejects_path
+        Where rejected rows go; default :func:`rejects_path_for`. Written only
+        when some row is rejected.
+    """
+    source = config.source
+    name = str(path)
+    raw = scan_source(path, source.format, source.csv_separator)
+    frame = collect_frame(_clean(map_events(raw, config, source_name=name), config), name)
+
+    rejected = frame.filter(pl.col(REASON).is_not_null())
+    events = frame.filter(pl.col(REASON).is_null() & ~pl.col(_DUPLICATE)).select(
+        _output_columns(config)
+    )
+
+    written: Path | None = None
+    if rejected.height:
+        written = rejects_path or rejects_path_for(path, config)
+        written.parent.mkdir(parents=True, exist_ok=True)
+        rejected.drop(_DUPLICATE).write_parquet(written)
+
+    reference = as_of or now or datetime.now(UTC)
+    if reference.tzinfo is None:
+        reference = reference.replace(tzinfo=UTC)
+    horizon = reference + timedelta(hours=source.future_tolerance_hours)
+
+    counts = dict(rejected.group_by(REASON).len().iter_rows())
+    per_event = dict(events.group_by("event").len().iter_rows())
+    role_names = {role: set(config.roles.of(role)) for role in ROLES}
+    assigned = set().union(*role_names.values())
+    report = ValidationReport(
+        path=name,
+        rows_read=frame.height,
+        rows_kept=events.height,
+        users=events["user_id"].n_unique(),
+        ts_min=events["ts"].min(),  # type: ignore[arg-type]
+        ts_max=events["ts"].max(),  # type: ignore[arg-type]
+        events_per_role={
+            role: sum(n for e, n in per_event.items() if e in names)
+            for role, names in role_names.items()
+        },
+        events_unassigned=sum(n for e, n in per_event.items() if e not in assigned),
+        rejected_by_reason={reason: int(counts.get(reason, 0)) for reason in REJECT_REASONS},
+        duplicates=int(frame[_DUPLICATE].sum()),
+        future_events=events.filter(pl.col("ts") > horizon).height,
+        rejects_path=written,
+    )
+    return events, report

@@ -1,0 +1,124 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from lapse.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_commands_and_no_placeholders() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("validate", "generate", "config", "demo"):
+        assert command in result.output
+
+
+def test_cli_import_stays_light() -> None:
+    code = (
+        "import sys, lapse.cli, lapse.pipeline, lapse.events\n"
+        "heavy = {'mlflow', 'lightgbm', 'lifelines', 'sklearn', 'matplotlib'} & set(sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_generate_then_validate(tmp_path: Path) -> None:
+    out = tmp_path / "data"
+    result = runner.invoke(
+        app, ["generate", "--users", "60", "--days", "45", "--seed", "3", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    for name in ("events", "users", "truth", "truth_hazard"):
+        assert (out / f"{name}.parquet").exists()
+    result = runner.invoke(app, ["validate", str(out / "events.parquet")])
+    assert result.exit_code == 0, result.output
+    rows = pl.read_parquet(out / "events.parquet").height
+    assert f"{rows:,}" in result.output
+    assert "role usage" in result.output
+
+
+def _bad_csv(tmp_path: Path) -> Path:
+    path = tmp_path / "tx.csv"
+    path.write_text(
+        "user_id,ts,event\n"
+        "a,2026-01-01T10:00:00Z,open\n"
+        ",2026-01-01T11:00:00Z,open\n"
+        "b,not a time,open\n"
+        "c,2026-01-02T10:00:00Z,open\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+def test_validate_exits_1_over_reject_share(tmp_path: Path) -> None:
+    path = _bad_csv(tmp_path)
+    rejects = tmp_path / "rejects.parquet"
+    result = runner.invoke(app, ["validate", str(path), "--rejects", str(rejects)])
+    assert result.exit_code == 1, result.output
+    assert "50.0%" in result.output
+    assert pl.read_parquet(rejects).height == 2
+    ok = runner.invoke(
+        app, ["validate", str(path), "--rejects", str(rejects), "--max-reject-share", "0.6"]
+    )
+    assert ok.exit_code == 0, ok.output
+
+
+def test_unreadable_file_is_one_line_exit_2(tmp_path: Path) -> None:
+    path = tmp_path / "events.parquet"
+    path.write_text("this is not parquet", encoding="utf-8")
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    assert str(path) in result.output
+
+
+def test_bad_config_is_exit_2(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("roles:\n  usage: app_open\n", encoding="utf-8")
+    result = runner.invoke(app, ["config", "show", "--config", str(config)])
+    assert result.exit_code == 2
+    assert "roles.usage" in result.output
+
+
+def test_config_show_prints_loadable_yaml() -> None:
+    result = runner.invoke(app, ["config", "show"])
+    assert result.exit_code == 0
+    data = yaml.safe_load(result.output)
+    assert data["roles"]["usage"] == ["app_open", "device_used"]
+
+
+def test_config_init_writes_a_loadable_skeleton(tmp_path: Path) -> None:
+    events = tmp_path / "e.csv"
+    events.write_text("userId,timestamp,event\nu1,2026-01-01T00:00:00Z,Opened\n", encoding="utf-8")
+    out = tmp_path / "lapse.yaml"
+    result = runner.invoke(app, ["config", "init", str(events), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    shown = runner.invoke(app, ["config", "show", "--config", str(out)])
+    assert shown.exit_code == 0, shown.output
+    again = runner.invoke(app, ["config", "init", str(events), "--out", str(out)])
+    assert again.exit_code == 2
+    assert "--force" in again.output
+
+
+def test_bad_as_of_date(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["validate", str(_bad_csv(tmp_path)), "--as-of", "yesterday"])
+    assert result.exit_code == 2
+    assert "YYYY-MM-DD" in result.output
+
+
+@pytest.mark.parametrize("users", [40])
+def test_demo_runs_end_to_end(tmp_path: Path, users: int) -> None:
+    result = runner.invoke(
+        app, ["demo", "--out", str(tmp_path / "demo"), "--users", str(users), "--days", "40"]
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "demo" / "events.parquet").exists()
+    assert "rows kept" in result.output

@@ -1,0 +1,136 @@
+"""init_config on three shapes: an event stream, a transaction table, a Segment export."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+import polars as pl
+import yaml
+
+from lapse.config import LapseConfig, load_config
+from lapse.events import init_config, validate_events
+
+
+def _load(tmp_path: Path, text: str) -> LapseConfig:
+    path = tmp_path / "lapse.yaml"
+    path.write_text(text)
+    return load_config(path)
+
+
+def test_event_stream(tmp_path: Path) -> None:
+    path = tmp_path / "events.parquet"
+    pl.DataFrame(
+        {
+            "userId": ["a", "a", "b", "b", "b"],
+            "event_time": [1_704_103_200_000 + i * 60_000 for i in range(5)],
+            "event_name": ["app_open", "app_open", "app_open", "order_completed", "device_used"],
+            "platform": ["ios"] * 5,
+        }
+    ).write_parquet(path)
+    text = init_config(path)
+    config = _load(tmp_path, text)
+    assert config.source.columns == {"user_id": "userId", "ts": "event_time", "event": "event_name"}
+    assert config.source.timestamp.format == "epoch_ms"
+    assert config.source.event_name is None
+    assert config.source.path == path.resolve()
+    assert all(config.roles.of(role) == [] for role in ("usage", "purchase", "return"))
+    # Event names listed by count for the user to sort, most frequent first.
+    assert text.index("#   - app_open    # 3") < text.index("#   - device_used    # 1")
+    assert "#   - order_completed    # 1" in text
+    assert "platform" in text  # offered as a property
+
+    _, report = validate_events(path, config, now=datetime(2024, 6, 1))
+    assert report.rows_kept == 5
+    assert report.events_unassigned == 5
+
+
+UCI = """InvoiceNo,StockCode,Description,Quantity,InvoiceDate,UnitPrice,CustomerID,Country
+536365,85123A,WHITE HANGING HEART,6,2010-12-01 08:26:00,2.55,17850.0,United Kingdom
+536365,71053,WHITE METAL LANTERN,6,2010-12-01 08:26:00,3.39,17850.0,United Kingdom
+C536379,D,Discount,-1,2010-12-01 09:41:00,27.5,14527.0,United Kingdom
+536380,22961,JAM MAKING SET,24,2010-12-01 09:41:00,0.85,,United Kingdom
+"""
+
+
+def test_transaction_table_like_online_retail(tmp_path: Path) -> None:
+    path = tmp_path / "online_retail.csv"
+    path.write_text(UCI)
+    text = init_config(path)
+    config = _load(tmp_path, text)
+    source = config.source
+    assert source.columns == {
+        "user_id": "CustomerID",
+        "ts": "InvoiceDate",
+        "sku": "StockCode",
+        "quantity": "Quantity",
+    }
+    assert source.derive == {"revenue": "Quantity * UnitPrice"}
+    assert source.event_name == "purchase"
+    assert config.roles.purchase == ["purchase"]
+    assert source.timestamp.format == "iso"
+    assert source.row_rules == []  # suggested only, as comments:
+    assert '#   - {column: InvoiceNo, op: starts_with, value: "C", event: return}' in text
+    assert "#   - {column: Quantity, op: lt, value: 0, event: return}" in text
+
+    # Uncommenting the suggestion gives a working rule set.
+    data = yaml.safe_load(text)
+    data["source"]["row_rules"] = [
+        {"column": "InvoiceNo", "op": "starts_with", "value": "C", "event": "return"}
+    ]
+    data["roles"]["return"] = ["return"]
+    kept, report = validate_events(
+        path, LapseConfig.model_validate(data), rejects_path=tmp_path / "r.parquet"
+    )
+    assert report.rejected_by_reason["null_user_id"] == 1
+    assert report.rejected_by_reason["negative_quantity"] == 0
+    assert kept["user_id"].to_list() == ["17850", "17850", "14527"]
+    assert kept["revenue"].to_list() == [6 * 2.55, 6 * 3.39, -27.5]
+    assert report.events_per_role["return"] == 1
+
+
+def test_integer_dates_and_float_ids(tmp_path: Path) -> None:
+    path = tmp_path / "tx.csv"
+    path.write_text("customer_id,date,amount\n1.0,20240101,3.5\n2.0,20240102,4\n")
+    config = _load(tmp_path, init_config(path))
+    assert config.source.columns == {"user_id": "customer_id", "ts": "date", "revenue": "amount"}
+    assert config.source.timestamp.format == "%Y%m%d"
+    assert config.source.derive == {}
+
+
+def test_segment_export(tmp_path: Path) -> None:
+    rows = [
+        {
+            "type": "track",
+            "event": "Order Completed",
+            "userId": "u1",
+            "anonymousId": "anon-1",
+            "messageId": "m1",
+            "timestamp": "2024-01-01T10:00:00.000Z",
+            "properties": {"sku": "S1", "quantity": 1, "revenue": 9.5},
+        },
+        {
+            "type": "track",
+            "event": "Product Viewed",
+            "userId": None,
+            "anonymousId": "anon-2",
+            "messageId": "m2",
+            "timestamp": "2024-01-01T11:00:00+02:00",
+            "properties": {"sku": "S2"},
+        },
+    ]
+    path = tmp_path / "track.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    text = init_config(path)
+    config = _load(tmp_path, text)
+    assert config.source.format == "segment"
+    assert config.source.columns == {}
+    assert config.source.message_id == "messageId"
+    assert config.source.timestamp.format == "iso"
+    assert '#   - "Order Completed"    # 1' in text
+
+    kept, report = validate_events(path, config, now=datetime(2024, 6, 1))
+    assert kept["user_id"].to_list() == ["u1", "anon-2"]
+    assert kept["revenue"].to_list() == [9.5, None]
+    assert report.rows_kept == 2

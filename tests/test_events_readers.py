@@ -1,0 +1,206 @@
+"""scan_source: every supported layout, and one-line errors for unreadable files."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from datetime import datetime
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+import lapse.events
+from lapse.config import LapseConfig
+from lapse.events import scan_source, validate_events
+from lapse.exceptions import ReadError
+
+FRAME = pl.DataFrame({"user_id": ["a", "b", "c"], "n": [1, 2, 3]})
+
+
+def _rows(lf: pl.LazyFrame) -> list[tuple[object, ...]]:
+    return sorted(lf.collect().select("user_id", "n").iter_rows())
+
+
+EXPECTED = [("a", 1), ("b", 2), ("c", 3)]
+
+
+def test_parquet_file(tmp_path: Path) -> None:
+    FRAME.write_parquet(tmp_path / "e.parquet")
+    lf = scan_source(tmp_path / "e.parquet")
+    assert isinstance(lf, pl.LazyFrame)
+    assert _rows(lf) == EXPECTED
+
+
+def test_parquet_directory_and_glob(tmp_path: Path) -> None:
+    FRAME.head(2).write_parquet(tmp_path / "part-0.parquet")
+    FRAME.tail(1).write_parquet(tmp_path / "part-1.parquet")
+    (tmp_path / "_SUCCESS").write_text("")  # marker files are ignored
+    assert _rows(scan_source(tmp_path)) == EXPECTED
+    assert _rows(scan_source(str(tmp_path / "part-*.parquet"))) == EXPECTED
+
+
+def test_hive_partitioned_folder(tmp_path: Path) -> None:
+    for day, frame in (("2024-01-01", FRAME.head(2)), ("2024-01-02", FRAME.tail(1))):
+        folder = tmp_path / f"day={day}"
+        folder.mkdir()
+        frame.write_parquet(folder / "data.parquet")
+    got = scan_source(tmp_path).collect().sort("user_id")
+    assert got["user_id"].to_list() == ["a", "b", "c"]
+    assert got["day"].cast(pl.String).to_list() == ["2024-01-01", "2024-01-01", "2024-01-02"]
+
+
+def test_csv_tsv_and_gzip(tmp_path: Path) -> None:
+    (tmp_path / "e.csv").write_text("user_id,n\na,1\nb,2\nc,3\n")
+    (tmp_path / "e.tsv").write_text("user_id\tn\na\t1\nb\t2\nc\t3\n")
+    (tmp_path / "e.csv.gz").write_bytes(gzip.compress(b"user_id,n\na,1\nb,2\nc,3\n"))
+    (tmp_path / "semi.csv").write_text("user_id;n\na;1\nb;2\nc;3\n")
+    for name in ("e.csv", "e.tsv", "e.csv.gz"):
+        assert _rows(scan_source(tmp_path / name)) == EXPECTED, name
+    assert _rows(scan_source(tmp_path / "semi.csv", csv_separator=";")) == EXPECTED
+
+
+def test_csv_column_that_turns_textual_late_is_read_as_text(tmp_path: Path) -> None:
+    # InvoiceNo is numeric for 200 rows, then "C536379": inference must see it.
+    lines = ["InvoiceNo,n", *(f"{536365 + i},{i}" for i in range(200)), "C536379,-1"]
+    (tmp_path / "t.csv").write_text("\n".join(lines) + "\n")
+    got = scan_source(tmp_path / "t.csv").collect()
+    assert got.schema["InvoiceNo"] == pl.String
+    assert got["InvoiceNo"][-1] == "C536379"
+
+
+def test_ndjson(tmp_path: Path) -> None:
+    rows = [{"user_id": "a", "n": 1}, {"user_id": "b", "n": 2}, {"user_id": "c", "n": 3}]
+    text = "\n".join(json.dumps(r) for r in rows) + "\n"
+    for name in ("e.ndjson", "e.jsonl", "e.json"):
+        (tmp_path / name).write_text(text)
+        assert _rows(scan_source(tmp_path / name)) == EXPECTED, name
+
+
+def test_unknown_extension_is_sniffed(tmp_path: Path) -> None:
+    FRAME.write_parquet(tmp_path / "events.data")
+    (tmp_path / "events.log").write_text('{"user_id": "a", "n": 1}\n')
+    (tmp_path / "events.dat").write_text("user_id,n\na,1\n")
+    assert _rows(scan_source(tmp_path / "events.data")) == EXPECTED
+    assert _rows(scan_source(tmp_path / "events.log")) == [("a", 1)]
+    assert _rows(scan_source(tmp_path / "events.dat")) == [("a", 1)]
+
+
+SEGMENT = [
+    {
+        "type": "track",
+        "event": "Order Completed",
+        "userId": "u1",
+        "anonymousId": "anon-1",
+        "timestamp": "2024-01-01T10:00:00.000Z",
+        "messageId": "m1",
+        "properties": {"sku": "S1", "quantity": 2, "revenue": 9.5},
+        "context": {"ip": "1.2.3.4"},
+    },
+    {
+        "type": "track",
+        "event": "App Opened",
+        "userId": None,
+        "anonymousId": "anon-2",
+        "timestamp": "2024-01-01T11:00:00+02:00",
+        "messageId": "m2",
+        "properties": {"plan": "pro"},
+        "context": {"ip": "5.6.7.8"},
+    },
+]
+
+
+def _write_segment(path: Path) -> Path:
+    path.write_text("\n".join(json.dumps(r) for r in SEGMENT) + "\n")
+    return path
+
+
+def test_segment_export_is_detected_and_flattened(tmp_path: Path) -> None:
+    lf = scan_source(_write_segment(tmp_path / "track.jsonl"))
+    schema = lf.collect_schema()
+    assert {
+        "properties.sku",
+        "properties.quantity",
+        "properties.revenue",
+        "properties.plan",
+    } <= set(schema)
+    assert "context.ip" in schema
+    assert "properties" not in schema
+    got = lf.collect()
+    assert got["properties.plan"].to_list() == [None, "pro"]
+    assert got["anonymousId"].to_list() == ["anon-1", "anon-2"]
+
+
+def test_segment_format_forced(tmp_path: Path) -> None:
+    lf = scan_source(_write_segment(tmp_path / "track.txt"), fmt="segment")
+    assert "properties.sku" in lf.collect_schema()
+
+
+def _one_line_error(path: str | Path, fragment: str) -> str:
+    with pytest.raises(ReadError) as info:
+        scan_source(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(path) in message
+    assert fragment in message
+    return message
+
+
+def test_missing_path(tmp_path: Path) -> None:
+    _one_line_error(tmp_path / "nope.parquet", "file not found")
+
+
+def test_glob_without_matches(tmp_path: Path) -> None:
+    _one_line_error(str(tmp_path / "*.parquet"), "no files match")
+
+
+def test_empty_files(tmp_path: Path) -> None:
+    for name in ("empty.parquet", "empty.csv", "empty.ndjson"):
+        (tmp_path / name).write_bytes(b"")
+        _one_line_error(tmp_path / name, "the file is empty")
+
+
+def test_empty_folder(tmp_path: Path) -> None:
+    _one_line_error(tmp_path, "no data files")
+
+
+def test_truncated_parquet(tmp_path: Path) -> None:
+    FRAME.write_parquet(tmp_path / "full.parquet")
+    data = (tmp_path / "full.parquet").read_bytes()
+    (tmp_path / "cut.parquet").write_bytes(data[: len(data) // 2])
+    _one_line_error(tmp_path / "cut.parquet", "truncated or corrupt Parquet file")
+
+
+def test_csv_named_parquet(tmp_path: Path) -> None:
+    (tmp_path / "events.parquet").write_text("user_id,n\na,1\n")
+    _one_line_error(tmp_path / "events.parquet", "not a Parquet file")
+
+
+def test_json_array_is_not_ndjson(tmp_path: Path) -> None:
+    (tmp_path / "events.ndjson").write_text('[{"user_id": "a"},\n{"user_id": "b"}]')
+    _one_line_error(tmp_path / "events.ndjson", "cannot read as ndjson")
+
+
+def test_damaged_shard_fails_at_collect_with_one_line(tmp_path: Path) -> None:
+    frame = pl.DataFrame({"user_id": ["a"], "ts": [datetime(2024, 1, 1)], "event": ["e"]})
+    frame.write_parquet(tmp_path / "a.parquet")
+    data = (tmp_path / "a.parquet").read_bytes()
+    (tmp_path / "b.parquet").write_bytes(data[:-10])  # footer cut: found only when read
+    with pytest.raises(ReadError) as info:
+        validate_events(tmp_path, LapseConfig())
+    assert str(tmp_path) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_public_api_is_pinned() -> None:
+    assert sorted(lapse.events.__all__) == [
+        "AttributesReport",
+        "REJECT_REASONS",
+        "ValidationReport",
+        "init_config",
+        "map_events",
+        "read_attributes",
+        "read_events",
+        "scan_source",
+        "validate_events",
+    ]

@@ -1,0 +1,169 @@
+"""validate_events / read_events: every reject reason, duplicates, future events, the report."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+import yaml
+
+from lapse.config import LapseConfig, load_config
+from lapse.events import REJECT_REASONS, read_events, validate_events
+from lapse.events.validate import rejects_path_for
+from lapse.schema import EVENT_COLUMNS
+
+SOURCE: dict[str, Any] = {
+    "timestamp": {"format": "iso"},
+    "message_id": "mid",
+    "row_rules": [{"column": "code", "op": "eq", "value": "X", "event": "adjustment"}],
+}
+ROLES = {"usage": ["open"], "purchase": ["order"], "return": ["refund"]}
+NOW = datetime(2024, 6, 1, tzinfo=UTC)
+
+# (user_id, ts, event, quantity, mid, code) -> expected fate
+ROWS: list[tuple[Any, ...]] = [
+    ("u1", "2024-01-01T00:00:00Z", "open", None, "m1", None),  # 1 kept
+    ("u1", "2024-01-02T00:00:00Z", "order", 2, "m2", None),  # 2 kept
+    (None, "2024-01-02T00:00:00Z", "order", 1, "m3", None),  # 3 null_user_id
+    ("", "2024-01-02T00:00:00Z", "order", 1, "m4", None),  # 4 null_user_id (empty)
+    ("u2", "garbage", "open", None, "m5", None),  # 5 unparsable_ts
+    ("u2", None, "open", None, "m6", None),  # 6 unparsable_ts (null)
+    ("u2", "2024-01-03T00:00:00Z", None, None, "m7", None),  # 7 null_event
+    ("u2", "2024-01-03T00:00:00Z", "order", -1, "m8", None),  # 8 negative_quantity
+    ("u2", "2024-01-03T00:00:00Z", "refund", -1, "m9", None),  # 9 kept: roles.return
+    ("u2", "2024-01-03T00:00:00Z", "order", -1, "m10", "X"),  # 10 kept: claimed by a rule
+    ("u1", "2024-01-02T00:00:00Z", "order", 2, "m11", None),  # 11 duplicate of row 2
+    ("u3", "2024-01-04T00:00:00Z", "open", None, "m1", None),  # 12 duplicate message id m1
+    ("u3", "2024-01-05T00:00:00Z", "open", None, None, None),  # 13 kept
+    ("u3", "2024-01-06T00:00:00Z", "open", None, None, None),  # 14 kept (null ids never clash)
+    ("u3", "2030-01-01T00:00:00Z", "open", None, "m15", None),  # 15 kept, future
+    ("u3", "2024-06-01T23:00:00Z", "open", None, "m16", None),  # 16 kept, within 24 h
+]
+
+
+def _write_events(path: Path, rows: list[tuple[Any, ...]] = ROWS) -> Path:
+    keys = ("user_id", "ts", "event", "quantity", "mid", "code")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(json.dumps(dict(zip(keys, r, strict=True))) for r in rows) + "\n")
+    return path
+
+
+def _config(tmp_path: Path, **source: Any) -> LapseConfig:
+    """A config loaded from a file in tmp_path, so default rejects land there."""
+    path = tmp_path / "lapse.yaml"
+    path.write_text(yaml.safe_dump({"source": {**SOURCE, **source}, "roles": ROLES}))
+    return load_config(path)
+
+
+def test_report_counts_every_path(tmp_path: Path) -> None:
+    events = _write_events(tmp_path / "data" / "events.jsonl")
+    kept, report = validate_events(events, _config(tmp_path), now=NOW)
+
+    assert report.rows_read == 16
+    assert report.rejected_by_reason == {
+        "null_user_id": 2,
+        "unparsable_ts": 2,
+        "null_event": 1,
+        "negative_quantity": 1,
+    }
+    assert report.duplicates == 2
+    assert report.rows_kept == 8 == kept.height
+    assert report.rows_read == report.rows_kept + report.rows_rejected + report.duplicates
+    assert report.rejected_share == pytest.approx(6 / 16)
+    assert report.users == 3
+    assert report.ts_min == datetime(2024, 1, 1, tzinfo=UTC)
+    assert report.ts_max == datetime(2030, 1, 1, tzinfo=UTC)
+    assert report.future_events == 1
+    assert report.events_per_role == {
+        "usage": 5,
+        "purchase": 1,
+        "aha": 0,
+        "error": 0,
+        "setup_started": 0,
+        "setup_completed": 0,
+        "consumption": 0,
+        "cancel": 0,
+        "return": 1,
+    }
+    assert report.events_unassigned == 1  # the rule's "adjustment"
+    assert report.path == str(events)
+
+    assert kept.schema == pl.Schema(EVENT_COLUMNS)
+    assert kept["event"].to_list() == [
+        "open", "order", "refund", "adjustment", "open", "open", "open", "open",
+    ]  # fmt: skip
+
+
+def test_rejects_file(tmp_path: Path) -> None:
+    events = _write_events(tmp_path / "data" / "events.jsonl")
+    _, report = validate_events(events, _config(tmp_path), now=NOW)
+    assert report.rejects_path == tmp_path / "events.rejects.parquet"
+    rejects = pl.read_parquet(tmp_path / "events.rejects.parquet")
+    assert rejects["reason"].to_list() == [
+        "null_user_id", "null_user_id", "unparsable_ts", "unparsable_ts", "null_event",
+        "negative_quantity",
+    ]  # fmt: skip
+    assert set(rejects["reason"]) <= set(REJECT_REASONS)
+    assert rejects["_ts_raw"].to_list()[2:4] == ["garbage", None]
+    assert {*EVENT_COLUMNS, "reason"} <= set(rejects.columns)
+
+
+def test_given_rejects_path_and_none_when_clean(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    target = tmp_path / "out" / "bad.parquet"
+    _, report = validate_events(
+        _write_events(tmp_path / "events.jsonl"), config, rejects_path=target, now=NOW
+    )
+    assert report.rejects_path == target
+    assert pl.read_parquet(target).height == 6
+
+    clean = _write_events(tmp_path / "clean.jsonl", ROWS[:2])
+    _, report = validate_events(clean, config, now=NOW)
+    assert report.rejects_path is None
+    assert report.rejected_share == 0.0
+    assert not (tmp_path / "clean.rejects.parquet").exists()
+
+
+def test_future_events_relative_to_as_of(tmp_path: Path) -> None:
+    events = _write_events(tmp_path / "events.jsonl")
+    as_of = datetime(2024, 1, 4, 12)  # naive means UTC
+    _, report = validate_events(events, _config(tmp_path), as_of=as_of, now=NOW)
+    assert report.future_events == 3  # later than 2024-01-05 12:00: rows 14, 15, 16
+    strict = _config(tmp_path, future_tolerance_hours=0)
+    _, report = validate_events(events, strict, as_of=as_of, now=NOW)
+    assert report.future_events == 4  # rows 13-16; row 12 is a dropped duplicate
+    _, report = validate_events(events, strict, now=NOW)
+    assert report.future_events == 2  # rows 15 and 16 (23:00 on the day of `now`)
+
+
+def test_duplicates_without_message_id(tmp_path: Path) -> None:
+    events = _write_events(tmp_path / "events.jsonl")
+    _, report = validate_events(events, _config(tmp_path, message_id=None), now=NOW)
+    assert report.duplicates == 1  # only the identical row 11; row 12 differs in content
+
+
+def test_read_events_matches_validate(tmp_path: Path) -> None:
+    events = _write_events(tmp_path / "events.jsonl")
+    config = _config(tmp_path)
+    lazy = read_events(events, config)
+    assert isinstance(lazy, pl.LazyFrame)
+    kept, _ = validate_events(events, config, now=NOW)
+    assert lazy.collect().equals(kept)
+
+
+def test_properties_are_kept(tmp_path: Path) -> None:
+    events = _write_events(tmp_path / "events.jsonl", ROWS[:2])
+    kept, _ = validate_events(events, _config(tmp_path, properties=["code", "mid"]), now=NOW)
+    assert kept.columns == [*EVENT_COLUMNS, "code", "mid"]
+    assert kept["mid"].to_list() == ["m1", "m2"]
+
+
+def test_default_rejects_path_names() -> None:
+    config = LapseConfig()
+    assert rejects_path_for("/data/events.csv.gz", config).name == "events.rejects.parquet"
+    assert rejects_path_for("/data/shards/*.parquet", config).name == "shards.rejects.parquet"
+    assert rejects_path_for("/data/hive", config) == config.base_dir / "hive.rejects.parquet"
