@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
@@ -28,8 +28,11 @@ __all__ = [
     "LabelsConfig",
     "LapseConfig",
     "Milestone",
+    "ModelsConfig",
     "Roles",
+    "RulesConfig",
     "RowRule",
+    "SegmentsConfig",
     "SourceConfig",
     "TimestampSpec",
     "dump_config",
@@ -187,21 +190,64 @@ class Milestone(_Section):
 
 
 class FeaturesConfig(_Section):
-    windows: list[int] = Field(default_factory=lambda: [7, 14, 28, 56, 90])
+    """Feature windows (days, added to the always-built 7/14/28/90) and units per pack."""
+
+    windows: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [7, 14, 28, 56, 90])
+    units_per_pack: dict[str, Annotated[float, Field(gt=0)]] = Field(
+        default_factory=dict,
+        description="SKU -> units in one `quantity`; SKUs not listed count quantity as units",
+    )
 
 
 class LabelsConfig(_Section):
+    """Churn labels, the eligible population and the cutoff grid."""
+
     kind: Literal["non_contractual", "contractual"] = "non_contractual"
     horizon_days: int = Field(default=28, gt=0)
     activity_roles: list[str] = Field(default_factory=lambda: ["usage", "purchase"])
+    eligibility: Literal["active", "any_history", "subscribed"] = Field(
+        default="active",
+        description="active: qualifying activity in the last eligibility_days; any_history: any "
+        "event before the cutoff; subscribed: any event and no cancel since the last purchase",
+    )
+    eligibility_days: int = Field(default=28, gt=0)
+    cutoff_every_days: int = Field(default=7, gt=0)
+    train_cutoffs: int = Field(default=12, gt=0)
+    min_history_days: int = Field(
+        default=28, ge=0, description="cutoffs earlier than this after the first event are unused"
+    )
 
 
 class ModelsConfig(_Section):
     name: str = "lapse"
     random_state: int = 0
+    calibration: Literal["platt", "isotonic"] = "platt"
+    lightgbm_search: bool = Field(
+        default=False, description="random hyperparameter search on an internal holdout"
+    )
+    stacked_lightgbm: bool = Field(
+        default=False, description="also race a LightGBM that takes BG/NBD and recency scores"
+    )
+    n_jobs: int | None = Field(default=None, description="LightGBM threads; null = all cores")
+
+
+class RulesConfig(_Section):
+    """Parameters of the built-in deterministic triggers."""
+
+    activation_nudge_days: int = Field(default=7, ge=0)
+    friction_window_days: int = Field(default=7, gt=0)
+    friction_min_errors: int = Field(default=3, gt=0)
+    usage_decay_ratio: float = Field(default=0.5, gt=0, le=1)
+    dropping_activity_ratio: float = Field(default=0.5, gt=0, le=1)
+    replenishment_lead_days: float = Field(default=3.0, ge=0)
 
 
 class SegmentsConfig(_Section):
+    method: Literal["probability", "quantile"] = Field(
+        default="probability",
+        description="compare high/medium with the calibrated churn probability, or with its "
+        "percentile in the training score distribution",
+    )
     high: float = Field(default=0.6, ge=0, le=1)
     medium: float = Field(default=0.3, ge=0, le=1)
 
@@ -226,6 +272,7 @@ class LapseConfig(_Section):
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
     labels: LabelsConfig = Field(default_factory=LabelsConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
+    rules: RulesConfig = Field(default_factory=RulesConfig)
     segments: SegmentsConfig = Field(default_factory=SegmentsConfig)
     sinks: SinksConfig = Field(default_factory=SinksConfig)
 
@@ -254,11 +301,15 @@ def _read_yaml(text: str, origin: str) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise ConfigError(f"{origin}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        raise ConfigError(
+            f"{origin}: not valid YAML{where}: {getattr(exc, 'problem', exc)}"
+        ) from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{origin}: the top level must be a mapping of sections, got {type(raw).__name__}")
+        raise ConfigError(
+            f"{origin}: the top level must be a mapping of sections, got {type(raw).__name__}"
+        )
     return raw
 
 

@@ -1,0 +1,276 @@
+"""Benchmark: lapse's feature builder against a DuckDB SQL implementation.
+
+Both sides build the core feature set (``usage``/``purchase`` counts,
+``active_days``, ``revenue`` per 7/14/28/90-day window, recencies, tenure and
+the two usage ratios) from the same synthetic Parquet file, each in its own
+subprocess. The DuckDB side rolls events up to one row per user and day first,
+then computes the windows from the daily rows (for several cutoffs it joins
+the daily rows to every later cutoff). Results are checked to agree.
+
+Usage::
+
+    python benchmarks/features.py                  # 1M and 10M events, one cutoff
+    python benchmarks/features.py --cutoffs 12     # 12 monthly cutoffs: build_many vs join
+    python benchmarks/features.py --sizes 1000000  # one size
+    python benchmarks/features.py --large          # adds 50M events
+
+Synthetic data comes from ``lapse.datasets.generate`` (365 days, users scaled
+to the event count) and is cached under ``benchmarks/.data/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE / ".data"
+START = date(2026, 1, 1)
+N_DAYS = 365
+EVENTS_PER_USER = 237  # what generate() yields per user over 365 days
+WINDOWS = (7, 14, 28, 90)
+USAGE = ("app_open", "device_used")
+PURCHASE = ("order_completed",)
+CORE = [
+    *(f"{r}_count_{w}d" for r in ("usage", "purchase") for w in WINDOWS),
+    *(f"active_days_{w}d" for w in WINDOWS),
+    *(f"revenue_{w}d" for w in WINDOWS),
+    "days_since_last_usage",
+    "days_since_last_purchase",
+    "tenure_days",
+    "decay_ratio_14d",
+    "dropping_ratio_7d",
+]
+
+
+def cutoffs(n: int) -> list[datetime]:
+    """``n`` monthly cutoffs (first of the month, 00:00 UTC) ending right after the data."""
+    end = datetime(START.year + 1, 1, 1, tzinfo=UTC)
+    out = []
+    for k in range(n):
+        month = end.month - k
+        year = end.year + (month - 1) // 12
+        out.append(end.replace(year=year, month=(month - 1) % 12 + 1))
+    return sorted(out)
+
+
+def ensure_data(n_events: int) -> Path:
+    """Write (once) a synthetic events Parquet of about ``n_events`` rows."""
+    path = DATA / f"events_{n_events}.parquet"
+    if not path.exists():
+        from lapse.datasets import generate
+
+        DATA.mkdir(exist_ok=True)
+        data = generate(
+            n_users=max(1, n_events // EVENTS_PER_USER), n_days=N_DAYS, seed=0, start=START
+        )
+        data.events.sort("ts").write_parquet(path, row_group_size=1_000_000)
+    return path
+
+
+# --- DuckDB side --------------------------------------------------------------------
+
+
+def _names(names: tuple[str, ...]) -> str:
+    return ", ".join(f"'{n}'" for n in names)
+
+
+def duckdb_sql(path: Path, cuts: list[datetime]) -> str:
+    """Core features in SQL: a daily roll-up, then windows over the daily rows."""
+    usage, purchase = _names(USAGE), _names(PURCHASE)
+    end = max(cuts).isoformat()
+    cut_list = ", ".join(f"TIMESTAMPTZ '{c.isoformat()}'" for c in cuts)
+    t = "c.cutoff"
+    tday = "CAST(c.cutoff AS DATE)"
+
+    def since(days: int) -> str:
+        return f"({tday} - INTERVAL {days} DAY)"
+
+    cols = []
+    for w in WINDOWS:
+        cols += [
+            f"CAST(coalesce(sum(nu) FILTER (WHERE day >= {since(w)}), 0) AS BIGINT) AS usage_count_{w}d",
+            f"CAST(coalesce(sum(np) FILTER (WHERE day >= {since(w)}), 0) AS BIGINT) AS purchase_count_{w}d",
+            f"count(*) FILTER (WHERE day >= {since(w)}) AS active_days_{w}d",
+            f"coalesce(sum(rev) FILTER (WHERE day >= {since(w)}), 0.0) AS revenue_{w}d",
+        ]
+    days_us = 86_400_000_000
+    u = {k: f"coalesce(sum(nu) FILTER (WHERE day >= {since(k)}), 0)" for k in (7, 14, 28)}
+    cols += [
+        f"(epoch_us({t}) - epoch_us(max(lu))) // {days_us} AS days_since_last_usage",
+        f"(epoch_us({t}) - epoch_us(max(lp))) // {days_us} AS days_since_last_purchase",
+        f"(epoch_us({t}) - epoch_us(min(fe))) // {days_us} AS tenure_days",
+        f"{u[14]} / nullif({u[28]} - {u[14]}, 0) AS decay_ratio_14d",
+        f"{u[7]} / nullif(({u[28]} - {u[7]}) / 3.0, 0) AS dropping_ratio_7d",
+    ]
+    select = ",\n    ".join(cols)
+    return f"""
+WITH d AS (
+  SELECT user_id, CAST(ts AS DATE) AS day,
+    count(*) FILTER (WHERE event IN ({usage})) AS nu,
+    count(*) FILTER (WHERE event IN ({purchase})) AS np,
+    coalesce(sum(revenue), 0.0) AS rev,
+    max(ts) FILTER (WHERE event IN ({usage})) AS lu,
+    max(ts) FILTER (WHERE event IN ({purchase})) AS lp,
+    min(ts) AS fe
+  FROM read_parquet('{path}')
+  WHERE ts < TIMESTAMPTZ '{end}'
+  GROUP BY ALL
+),
+c AS (SELECT unnest([{cut_list}]) AS cutoff)
+SELECT user_id, c.cutoff AS cutoff,
+    {select}
+FROM d JOIN c ON d.day < {tday}
+GROUP BY user_id, c.cutoff
+"""
+
+
+def run_duckdb(path: Path, cuts: list[datetime], out: Path) -> dict[str, object]:
+    import duckdb
+
+    con = duckdb.connect()
+    con.sql("SET TimeZone = 'UTC'")
+    threads = con.sql("SELECT current_setting('threads')").fetchall()[0]
+    start = time.perf_counter()
+    table = con.sql(duckdb_sql(path, cuts)).to_arrow_table()
+    elapsed = time.perf_counter() - start
+    import pyarrow.parquet as pq
+
+    pq.write_table(table, out)
+    return {
+        "compute_s": elapsed,
+        "rows": table.num_rows,
+        "version": duckdb.__version__,
+        "threads": threads[0] if threads else None,
+    }
+
+
+# --- lapse side ---------------------------------------------------------------------
+
+
+def run_lapse(path: Path, cuts: list[datetime], out: Path) -> dict[str, object]:
+    import polars as pl
+
+    from lapse import load_config
+    from lapse.features import build, build_many
+
+    config = load_config()
+    events = pl.scan_parquet(path)
+    start = time.perf_counter()
+    if len(cuts) == 1:
+        frame = build(events, cuts[0], config).with_columns(cutoff=pl.lit(cuts[0]))
+    else:
+        frame = build_many(events, cuts, config)
+    elapsed = time.perf_counter() - start
+    frame.select("user_id", "cutoff", *CORE).write_parquet(out)
+    return {
+        "compute_s": elapsed,
+        "rows": frame.height,
+        "columns": frame.width,
+        "version": pl.__version__,
+        "threads": pl.thread_pool_size(),
+    }
+
+
+def child(side: str, path: Path, n_cutoffs: int, out: Path) -> None:
+    cuts = cutoffs(n_cutoffs)
+    result = (run_lapse if side == "lapse" else run_duckdb)(path, cuts, out)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(result))
+
+
+# --- driver -------------------------------------------------------------------------
+
+
+def spawn(side: str, path: Path, n_cutoffs: int, out: Path) -> dict[str, object]:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        side,
+        "--path",
+        str(path),
+        "--cutoffs",
+        str(n_cutoffs),
+    ]
+    start = time.perf_counter()
+    proc = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{side} child failed:\n{proc.stderr}")
+    result: dict[str, object] = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["process_s"] = wall
+    return result
+
+
+def agree(lapse_out: Path, duck_out: Path) -> str:
+    """Compare the two results; an empty string means they agree."""
+    import polars as pl
+    from polars.testing import assert_frame_equal
+
+    a = pl.read_parquet(lapse_out).sort("cutoff", "user_id")
+    b = pl.read_parquet(duck_out).select(a.columns).sort("cutoff", "user_id")
+    b = b.with_columns(pl.col(c).cast(a.schema[c]) for c in a.columns)
+    try:
+        assert_frame_equal(a, b, check_exact=False, rel_tol=1e-9, abs_tol=1e-6)
+    except AssertionError as exc:
+        return str(exc)
+    return ""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", type=int, nargs="*", default=[1_000_000, 10_000_000])
+    parser.add_argument("--large", action="store_true", help="add 50M events")
+    parser.add_argument("--cutoffs", type=int, default=1, help="number of monthly cutoffs")
+    parser.add_argument("--child", choices=["lapse", "duckdb"], help=argparse.SUPPRESS)
+    parser.add_argument("--path", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.path, args.cutoffs, args.out)
+        return
+    sizes = [*args.sizes, *([50_000_000] if args.large else [])]
+    print(f"machine: {os.cpu_count()} cores; cutoffs: {args.cutoffs} (monthly, 00:00 UTC)")
+    for n in sizes:
+        path = ensure_data(n)
+        import polars as pl
+
+        n_rows = pl.scan_parquet(path).select(pl.len()).collect().item()
+        with tempfile.TemporaryDirectory() as tmp:
+            lo, do = Path(tmp, "lapse.parquet"), Path(tmp, "duckdb.parquet")
+            lap = spawn("lapse", path, args.cutoffs, lo)
+            duck = spawn("duckdb", path, args.cutoffs, do)
+            problem = agree(lo, do)
+        print(f"\n{n_rows:,} events ({path.name}), {lap['rows']:,} feature rows")
+        print(
+            f"  lapse : polars {lap['version']}, {lap['threads']} threads, {lap['columns']} columns built"
+        )
+        print(f"  duckdb: duckdb {duck['version']}, {duck['threads']} threads, core set only")
+        print(f"  {'':8}{'compute s':>11}{'process s':>11}{'peak RSS MB':>13}")
+        for name, r in (("lapse", lap), ("duckdb", duck)):
+            print(
+                f"  {name:8}{r['compute_s']:>11.2f}{r['process_s']:>11.2f}{r['peak_rss_mb']:>13.0f}"
+            )
+        ratio = {
+            k: float(lap[k]) / float(duck[k]) for k in ("compute_s", "process_s", "peak_rss_mb")
+        }  # type: ignore[arg-type]
+        print(
+            f"  {'ratio':8}{ratio['compute_s']:>11.2f}{ratio['process_s']:>11.2f}{ratio['peak_rss_mb']:>13.2f}"
+            "   (lapse / duckdb)"
+        )
+        print("  results agree" if not problem else f"  RESULTS DIFFER:\n{problem}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,415 @@
+"""How features are computed: one roll-up, cumulative sums, as-of look-ups.
+
+1. Events with ``ts`` before the last cutoff are rolled up to one row per user
+   and *bucket*: a UTC day, split further at the time of day of any cutoff
+   that is not midnight, so every window edge ``T - W days`` and every day
+   edge is a bucket edge.
+2. The bucket rows, sorted per user, get running sums (counts, revenue,
+   units, active days and weeks), running maxima (last event of each role)
+   and streak bookkeeping.
+3. The state at an instant ``b`` is the last bucket row starting before
+   ``b`` (an as-of join); a window ``[T - W, T)`` is the state at ``T`` minus
+   the state at ``T - W``. One roll-up serves any number of cutoffs.
+
+Nothing here sees an event at or after its cutoff: the roll-up stops at the
+last cutoff, and every look-up takes buckets that start strictly before the
+instant asked for, which are whole because bucket edges include every cutoff.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+
+import polars as pl
+
+from lapse.config import LapseConfig
+from lapse.exceptions import EventsError, LapseError, MissingColumnsError
+from lapse.features.registry import expand, windows_of
+from lapse.schema import OPTIONAL_EVENT_COLUMNS, REQUIRED_EVENT_COLUMNS, ROLES, TS_DTYPE
+
+DAY_US = 86_400_000_000
+_DAY = timedelta(days=1)
+_USER = "user_id"
+# running sums kept per bucket; each is also a windowed feature
+_SUMS = ("n_event", *(f"n_{r}" for r in ROLES), "revenue", "units_bought", "units_consumed")
+# roles whose last occurrence is tracked
+_LAST = ("event", "usage", "purchase", "error", "aha", "setup_started", "setup_completed")
+_SLOPE_WEEKS = 8
+
+
+def utc_cutoff(value: datetime, what: str = "as_of") -> datetime:
+    """``value`` in UTC; naive datetimes are refused."""
+    if not isinstance(value, datetime):
+        raise LapseError(f"{what} must be a datetime, got {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise LapseError(
+            f"{what}={value.isoformat()} has no timezone; pass an aware datetime, "
+            "e.g. datetime(2024, 5, 1, tzinfo=timezone.utc)"
+        )
+    return value.astimezone(UTC)
+
+
+def canonical(events: pl.LazyFrame) -> pl.LazyFrame:
+    """The canonical columns of ``events``; absent optional columns become nulls."""
+    schema = events.collect_schema()
+    missing = [c for c in REQUIRED_EVENT_COLUMNS if c not in schema]
+    if missing:
+        raise MissingColumnsError(
+            f"events lack required columns {missing}; have {list(schema)}. "
+            "Read events through lapse.events so they get the canonical schema."
+        )
+    ts_type = schema["ts"]
+    if not isinstance(ts_type, pl.Datetime) or ts_type.time_zone is None:
+        raise EventsError(
+            f"events column 'ts' must be a timezone-aware datetime (UTC), got {ts_type}; "
+            "read events through lapse.events, which converts stamps to UTC"
+        )
+    optional = {"sku": pl.String(), "quantity": pl.Float64(), "revenue": pl.Float64()}
+    cols = [
+        pl.col(_USER).cast(pl.String),
+        pl.col("ts").dt.convert_time_zone("UTC").dt.cast_time_unit("us"),
+        pl.col("event").cast(pl.String),
+    ]
+    for name in OPTIONAL_EVENT_COLUMNS:
+        cols.append(
+            pl.col(name).cast(optional[name])
+            if name in schema
+            else pl.lit(None, dtype=optional[name]).alias(name)
+        )
+    return events.select(cols)
+
+
+def units_expr(config: LapseConfig) -> pl.Expr:
+    """Units in one event: ``quantity`` (null = 1) times the SKU's units per pack."""
+    qty = pl.col("quantity").fill_null(1.0)
+    per_pack = config.features.units_per_pack
+    if not per_pack:
+        return qty
+    factor = pl.col("sku").replace_strict(per_pack, default=1.0, return_dtype=pl.Float64)
+    return qty * factor.fill_null(1.0)
+
+
+def _bucket(offsets: Sequence[int]) -> pl.Expr:
+    """Bucket start of ``ts``: its UTC day, split at the given times of day (us)."""
+    day = pl.col("ts").dt.truncate("1d")
+    if not offsets:
+        return day
+    tod = (pl.col("ts") - day).dt.total_microseconds()
+    expr: pl.Expr = day
+    for off in sorted(offsets):
+        expr = pl.when(tod >= off).then(day + pl.duration(microseconds=off)).otherwise(expr)
+    return expr
+
+
+def _flag(config: LapseConfig, role: str) -> pl.Expr:
+    names = config.roles.of(role)
+    return pl.col("event").is_in(names) if names else pl.lit(False)
+
+
+def rollup(events: pl.LazyFrame, cutoffs: Sequence[datetime], config: LapseConfig) -> pl.DataFrame:
+    """One row per user and bucket before the last cutoff, with per-bucket aggregates."""
+    end = max(cutoffs)
+    offsets = sorted(
+        {
+            int(
+                (c - c.replace(hour=0, minute=0, second=0, microsecond=0))
+                / timedelta(microseconds=1)
+            )
+            for c in cutoffs
+        }
+        - {0}
+    )
+    ts = pl.col("ts")
+    flags = {r: _flag(config, r).alias(f"_is_{r}") for r in ROLES}
+    lf = (
+        canonical(events)
+        .filter(ts < end)
+        .with_columns(_bucket(offsets).alias("bucket"), *flags.values())
+    )
+    is_ = {r: pl.col(f"_is_{r}") for r in ROLES}
+    p = is_["purchase"]
+    aggs: list[pl.Expr] = [
+        pl.len().cast(pl.Int64).alias("n_event"),
+        *(is_[r].sum().cast(pl.Int64).alias(f"n_{r}") for r in ROLES),
+        pl.col("revenue").sum().alias("revenue"),
+        units_expr(config).filter(p).sum().alias("units_bought"),
+        pl.col("quantity").fill_null(1.0).filter(is_["consumption"]).sum().alias("units_consumed"),
+        *(
+            (pl.col("event") == m.event).sum().cast(pl.Int64).alias(f"ms_{i}")
+            for i, m in enumerate(config.milestones)
+        ),
+        ts.min().alias("first_event"),
+        ts.max().alias("last_event"),
+        *(ts.filter(is_[r]).max().alias(f"last_{r}") for r in _LAST[1:]),
+        ts.filter(p).min().alias("first_purchase"),
+        ts.filter(is_["aha"]).min().alias("first_aha"),
+    ]
+    rolled = lf.group_by(_USER, "bucket").agg(aggs)
+    # squared gaps (days) from each purchase to the user's previous one, summed per bucket;
+    # purchases are few, so this small second query beats sorting inside every bucket
+    gap = (ts.diff().dt.total_microseconds() / DAY_US).over(_USER, order_by="ts")
+    gaps = (
+        lf.filter(p)
+        .select(_USER, "bucket", gap.pow(2).fill_null(0.0).alias("p_sq"))
+        .group_by(_USER, "bucket")
+        .agg(pl.col("p_sq").sum())
+    )
+    main, extra = pl.collect_all([rolled, gaps], engine="in-memory")
+    return main.join(extra, on=[_USER, "bucket"], how="left").with_columns(
+        pl.col("p_sq").fill_null(0.0)
+    )
+
+
+def cumulate(buckets: pl.DataFrame, config: LapseConfig) -> pl.DataFrame:
+    """Running state per user after each bucket, sorted by user and bucket."""
+    u = "uid"
+    day = pl.col("bucket").dt.truncate("1d")
+    week = pl.col("bucket").dt.truncate("1w")
+    prev_day = pl.col("day").shift(1).over(u)
+    cum = [pl.col(s).cum_sum().over(u) for s in _SUMS]
+    cum += [pl.col(f"ms_{i}").cum_sum().over(u) for i in range(len(config.milestones))]
+    user = pl.col(_USER)
+    return (
+        buckets.lazy()
+        .sort(_USER, "bucket")
+        # a dense integer user key: grouping on it is much cheaper than on strings
+        .with_columns((user != user.shift(1)).fill_null(True).cum_sum().cast(pl.Int64).alias(u))
+        .with_columns(day.alias("day"), week.alias("_week"))
+        .with_columns(
+            (prev_day.is_null() | (pl.col("day") != prev_day)).alias("_new_day"),
+            (prev_day.is_null() | ((pl.col("day") - prev_day) > pl.duration(days=1))).alias(
+                "_new_run"
+            ),
+            (pl.col("_week") != pl.col("_week").shift(1).over(u))
+            .fill_null(True)
+            .alias("_new_week"),
+            pl.col("p_sq").cum_sum().over(u).alias("c_p_sq"),
+            pl.col("bucket").max().over(u, "day").alias("day_max_bucket"),
+            *cum,
+            *(pl.col(f"last_{r}").cum_max().forward_fill().over(u) for r in _LAST),
+        )
+        .with_columns(
+            pl.col("_new_day").cum_sum().cast(pl.Int64).over(u).alias("c_days"),
+            pl.col("_new_week").cum_sum().cast(pl.Int64).over(u).alias("c_weeks"),
+            pl.when("_new_run").then("day").forward_fill().over(u).alias("_run_start"),
+        )
+        .with_columns(
+            ((pl.col("day") - pl.col("_run_start")).dt.total_days() + 1).alias("streak"),
+        )
+        .with_columns(pl.col("streak").cum_max().over(u).alias("longest"))
+        .drop("_week", "_new_day", "_new_run", "_new_week", "_run_start", "p_sq")
+        .collect(engine="in-memory")
+    )
+
+
+def _offsets(config: LapseConfig) -> dict[int, list[str]]:
+    """Days before the cutoff at which state is looked up, with the columns needed there."""
+    window_cols = [*_SUMS, "c_days", "day", "day_max_bucket"]
+    need: dict[int, list[str]] = {}
+    for w in windows_of(config):
+        need.setdefault(w, []).extend(window_cols)
+    for k in range(1, _SLOPE_WEEKS + 1):
+        need.setdefault(7 * k, []).append("n_usage")
+    need.setdefault(7, []).extend(f"ms_{i}" for i in range(len(config.milestones)))
+    return {d: list(dict.fromkeys(cols)) for d, cols in sorted(need.items())}
+
+
+def state_at_cutoffs(
+    buckets: pl.DataFrame, cutoffs: Sequence[datetime], config: LapseConfig
+) -> pl.LazyFrame:
+    """One row per (user, cutoff) with any event before it: state at T and at T - d."""
+    u = "uid"
+    state = cumulate(buckets, config).lazy()
+    firsts = state.group_by(u).agg(
+        pl.col(_USER).first(),
+        pl.col("first_event").min(),
+        pl.col("first_purchase").min(),
+        pl.col("first_aha").min(),
+    )
+    state = state.drop(_USER, "first_purchase", "first_aha")
+    cut = pl.LazyFrame({"cutoff": list(cutoffs)}, schema={"cutoff": TS_DTYPE})
+    q = (
+        firsts.join(cut, how="cross")
+        .filter(pl.col("first_event") < pl.col("cutoff"))
+        .sort(u, "cutoff")
+    )
+    # state at T: everything
+    q = q.join_asof(
+        state.drop("first_event"),
+        left_on="cutoff",
+        right_on="bucket",
+        by=u,
+        allow_exact_matches=False,
+        check_sortedness=False,
+    ).drop("bucket")
+    for d, cols in _offsets(config).items():
+        right = state.select(u, "bucket", *(pl.col(c).alias(f"{c}@{d}") for c in cols))
+        q = (
+            q.with_columns((pl.col("cutoff") - pl.duration(days=d)).alias("_at"))
+            .join_asof(
+                right,
+                left_on="_at",
+                right_on="bucket",
+                by=u,
+                allow_exact_matches=False,
+                check_sortedness=False,
+            )
+            .drop("bucket")
+            .with_columns(
+                pl.col(f"{c}@{d}").fill_null(0) for c in cols if c in _SUMS or c.startswith("ms_")
+            )
+        )
+    return q.with_columns(pl.col("c_days@" + str(d)).fill_null(0) for d in windows_of(config)).drop(
+        "_at"
+    )
+
+
+def _days_between(later: pl.Expr, earlier: pl.Expr) -> pl.Expr:
+    """Whole days (floor) from ``earlier`` to ``later``."""
+    return (later - earlier).dt.total_microseconds() // DAY_US
+
+
+def _frac_days(later: pl.Expr, earlier: pl.Expr) -> pl.Expr:
+    return (later - earlier).dt.total_microseconds() / DAY_US
+
+
+def _ratio(num: pl.Expr, den: pl.Expr) -> pl.Expr:
+    return pl.when(den != 0).then(num.cast(pl.Float64) / den)
+
+
+def features(state: pl.LazyFrame, config: LapseConfig) -> pl.LazyFrame:
+    """Feature columns from the state rows (``cutoff`` kept; registry order)."""
+    t = pl.col("cutoff")
+    c = pl.col
+    windows = windows_of(config)
+    telemetry = bool(config.roles.of("consumption"))
+
+    def win(col: str, w: int) -> pl.Expr:
+        return c(col) - c(f"{col}@{w}")
+
+    out: dict[str, pl.Expr] = {}
+    for w in windows:
+        start = t - pl.duration(days=w)
+        # a day cut by the window start counts when it has buckets on both sides
+        split = (c(f"day@{w}") == start.dt.truncate("1d")) & (c(f"day_max_bucket@{w}") >= start)
+        out[f"active_days_{w}d"] = (
+            c("c_days") - c(f"c_days@{w}") + split.fill_null(False).cast(pl.Int64)
+        )
+        out[f"revenue_{w}d"] = win("revenue", w)
+        out[f"event_count_{w}d"] = win("n_event", w)
+        for r in ROLES:
+            out[f"{r}_count_{w}d"] = win(f"n_{r}", w)
+        out[f"units_bought_{w}d"] = win("units_bought", w)
+        out[f"units_consumed_{w}d"] = win("units_consumed", w) if telemetry else pl.lit(None)
+    for name, role in [
+        ("usage", "usage"),
+        ("purchase", "purchase"),
+        ("event", "event"),
+        ("aha", "aha"),
+        ("error", "error"),
+    ]:
+        out[f"days_since_last_{name}"] = _days_between(t, c(f"last_{role}"))
+    out["tenure_days"] = _days_between(t, c("first_event"))
+    u14, u28 = win("n_usage", 14), c("n_usage@14") - c("n_usage@28")
+    out["decay_ratio_14d"] = _ratio(u14, u28)
+    out["dropping_ratio_7d"] = _ratio(win("n_usage", 7), (c("n_usage@7") - c("n_usage@28")) / 3.0)
+
+    first_purchase = pl.when(c("first_purchase") < t).then(c("first_purchase"))
+    first_aha = pl.when(c("first_aha") < t).then(c("first_aha"))
+    out["days_since_first_purchase"] = _days_between(t, first_purchase)
+    out["events_per_active_day"] = _ratio(c("n_event"), c("c_days"))
+    out["events_per_active_week"] = _ratio(c("n_event"), c("c_weeks"))
+    gap = pl.when(c("c_days") >= 2).then(
+        _frac_days(c("day"), c("first_event").dt.truncate("1d")) / (c("c_days") - 1)
+    )
+    out["mean_active_gap_days"] = gap
+    out["recency_over_mean_gap"] = _frac_days(t, c("last_event")) / gap
+
+    # weekly usage, oldest week x=1 ... latest x=8; slope = sum((x - 4.5) * y) / 42
+    weeks = [
+        (c("n_usage") if k == 1 else c(f"n_usage@{7 * (k - 1)}")) - c(f"n_usage@{7 * k}")
+        for k in range(1, _SLOPE_WEEKS + 1)
+    ]
+    xbar = (_SLOPE_WEEKS + 1) / 2
+    sxx = sum((x - xbar) ** 2 for x in range(1, _SLOPE_WEEKS + 1))
+    out["usage_slope_8w"] = (
+        pl.sum_horizontal(
+            [
+                (_SLOPE_WEEKS + 1 - k - xbar) * y.cast(pl.Float64)
+                for k, y in enumerate(weeks, start=1)
+            ]
+        )
+        / sxx
+    )
+    last_day = (t - pl.duration(microseconds=1)).dt.truncate("1d")
+    out["current_streak_days"] = pl.when(c("day") == last_day).then(c("streak")).otherwise(0)
+    out["longest_streak_days"] = c("longest")
+
+    out["aha_reached"] = first_aha.is_not_null()
+    out["days_purchase_to_aha"] = _days_between(first_aha, first_purchase)
+    for i, m in enumerate(config.milestones):
+        now, before = c(f"ms_{i}"), c(f"ms_{i}@7")
+        out[f"milestone_{m.name}_count"] = now
+        if m.every_n is not None:
+            crossed = (now // m.every_n) > (before // m.every_n)
+        else:
+            crossed = pl.any_horizontal(
+                [pl.lit(False), *(((before < k) & (now >= k)) for k in m.at_counts or [])]
+            )
+        out[f"milestone_{m.name}_crossed_7d"] = crossed
+    ss, sc = c("last_setup_started"), c("last_setup_completed")
+    out["setup_incomplete"] = ss.is_not_null() & (sc.is_null() | (sc < ss)).fill_null(True)
+
+    orders = c("n_purchase")
+    out["order_count"] = orders
+    out["units_bought_total"] = c("units_bought")
+    if telemetry:
+        left = pl.when(orders > 0).then(
+            pl.max_horizontal(c("units_bought") - c("units_consumed"), 0.0)
+        )
+        span = pl.min_horizontal(_frac_days(t, c("first_event")), 28.0)
+        rate = win("units_consumed", 28) / span
+        out["units_consumed_total"] = c("units_consumed")
+        out["units_left"] = left
+        out["consumption_rate_28d"] = rate
+        out["days_of_supply_left"] = pl.when(rate > 0).then(left / rate)
+    else:
+        for name in (
+            "units_consumed_total",
+            "units_left",
+            "consumption_rate_28d",
+            "days_of_supply_left",
+        ):
+            out[name] = pl.lit(None)
+    n_gaps = orders - 1
+    mean_gap = pl.when(n_gaps >= 1).then(_frac_days(c("last_purchase"), first_purchase) / n_gaps)
+    var = (c("c_p_sq") - n_gaps * mean_gap.pow(2)) / (n_gaps - 1)
+    out["mean_order_gap_days"] = mean_gap
+    out["std_order_gap_days"] = pl.when(n_gaps >= 2).then(var.clip(lower_bound=0.0).sqrt())
+
+    dtypes = expand(config)
+    assert set(dtypes) == set(out), set(dtypes) ^ set(out)
+    return state.select(
+        _USER, "cutoff", *(out[name].cast(dtype).alias(name) for name, dtype in dtypes.items())
+    )
+
+
+def with_attributes(
+    frame: pl.DataFrame, attributes: pl.DataFrame | None, config: LapseConfig
+) -> pl.DataFrame:
+    """``frame`` with the configured static attributes joined on ``user_id``."""
+    wanted = config.attributes.static_features
+    if attributes is None or not wanted:
+        return frame
+    missing = [c for c in [_USER, *wanted] if c not in attributes.columns]
+    if missing:
+        raise MissingColumnsError(
+            f"attributes table lacks {missing} (attributes.static_features = {wanted}); "
+            f"it has {attributes.columns}"
+        )
+    clash = [c for c in wanted if c in frame.columns]
+    if clash:
+        raise EventsError(f"static attributes {clash} clash with feature names; rename them")
+    attrs = attributes.select(pl.col(_USER).cast(pl.String), *wanted).unique(_USER, keep="first")
+    return frame.join(attrs, on=_USER, how="left")

@@ -1,0 +1,281 @@
+"""Golden tests for lapse.features: tiny event tables, hand-computed values."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+from lapse import LapseConfig, load_config
+from lapse.exceptions import LapseError, MissingColumnsError
+from lapse.features import build, build_many, build_sku, expand, markdown_table
+from lapse.features.registry import FEATURES_MD, windows_of
+
+T = datetime(2024, 3, 1, tzinfo=UTC)
+US = timedelta(microseconds=1)
+
+
+def cfg(**features: object) -> LapseConfig:
+    return LapseConfig.model_validate(
+        {
+            "roles": {
+                "usage": ["use"],
+                "purchase": ["buy"],
+                "error": ["err"],
+                "aha": ["aha"],
+                "setup_started": ["ss"],
+                "setup_completed": ["sc"],
+                "consumption": ["use"],
+                "return": ["ret"],
+            },
+            "milestones": [{"name": "uses", "event": "use", "at_counts": [2, 5]}],
+            "features": {"windows": [7], **features},
+        }
+    )
+
+
+def d(*args: int) -> datetime:
+    return datetime(*args, tzinfo=UTC)  # type: ignore[misc]
+
+
+def events(
+    rows: list[tuple[str, datetime, str, str | None, float | None, float | None]],
+) -> pl.LazyFrame:
+    return pl.LazyFrame(
+        rows,
+        schema={
+            "user_id": pl.String,
+            "ts": pl.Datetime("us", "UTC"),
+            "event": pl.String,
+            "sku": pl.String,
+            "quantity": pl.Float64,
+            "revenue": pl.Float64,
+        },
+        orient="row",
+    )
+
+
+GOLDEN = events(
+    [
+        ("a", d(2024, 1, 1, 10), "buy", "X", 2.0, 20.0),
+        ("a", d(2024, 2, 1), "use", None, None, None),  # T - 29d: outside 28d
+        ("a", d(2024, 2, 2), "use", None, None, None),  # T - 28d exactly: inside 28d
+        ("a", d(2024, 2, 10), "err", None, None, None),
+        ("a", d(2024, 2, 16), "use", None, None, None),  # T - 14d exactly
+        ("a", d(2024, 2, 20, 23, 59, 59), "use", None, None, None),
+        ("a", d(2024, 2, 21, 0, 0, 1), "use", None, None, None),  # next UTC day
+        ("a", d(2024, 2, 23), "use", None, None, None),  # T - 7d exactly
+        ("a", d(2024, 2, 29, 12), "ret", None, None, -5.0),
+        ("a", T - US, "buy", "X", 1.0, 10.0),  # last instant before T
+        ("a", T, "use", None, None, 99.0),  # at T: never seen
+        ("b", d(2024, 2, 29), "ss", None, None, None),
+        ("c", T, "use", None, None, None),  # only at T: no row
+        ("d", d(2024, 2, 20), "buy", "X", 1.0, None),
+        ("d", d(2024, 2, 25, 6), "aha", None, None, None),
+    ]
+)
+
+CORE_A = {
+    "usage_count_7d": 1,
+    "usage_count_14d": 4,
+    "usage_count_28d": 5,
+    "usage_count_90d": 6,
+    "purchase_count_7d": 1,
+    "purchase_count_14d": 1,
+    "purchase_count_28d": 1,
+    "purchase_count_90d": 2,
+    "active_days_7d": 2,  # Feb 23, Feb 29
+    "active_days_14d": 5,  # + Feb 16, 20, 21
+    "active_days_28d": 7,  # + Feb 2, 10
+    "active_days_90d": 9,  # + Jan 1, Feb 1
+    "revenue_7d": 5.0,
+    "revenue_14d": 5.0,
+    "revenue_28d": 5.0,
+    "revenue_90d": 25.0,
+    "days_since_last_usage": 7,
+    "days_since_last_purchase": 0,
+    "tenure_days": 59,
+    "decay_ratio_14d": 4.0,  # 4 / 1
+    "dropping_ratio_7d": 0.75,  # 1 / (4 / 3)
+}
+CORE_B = {
+    **{f"{r}_count_{w}d": 0 for r in ("usage", "purchase") for w in (7, 14, 28, 90)},
+    **{f"active_days_{w}d": 1 for w in (7, 14, 28, 90)},
+    **{f"revenue_{w}d": 0.0 for w in (7, 14, 28, 90)},
+    "days_since_last_usage": None,
+    "days_since_last_purchase": None,
+    "tenure_days": 1,  # Feb 29 00:00 to Mar 1 00:00
+    "decay_ratio_14d": None,
+    "dropping_ratio_7d": None,
+}
+
+
+@pytest.fixture(scope="module")
+def golden() -> pl.DataFrame:
+    return build(GOLDEN, T, cfg())
+
+
+def row(frame: pl.DataFrame, user: str) -> dict[str, object]:
+    return frame.filter(pl.col("user_id") == user).row(0, named=True)
+
+
+def test_rows_are_users_with_an_event_before_the_cutoff(golden: pl.DataFrame) -> None:
+    assert golden["user_id"].to_list() == ["a", "b", "d"]
+
+
+@pytest.mark.parametrize(("user", "expected"), [("a", CORE_A), ("b", CORE_B)])
+def test_core_features(golden: pl.DataFrame, user: str, expected: dict[str, object]) -> None:
+    got = row(golden, user)
+    assert {k: got[k] for k in expected} == expected
+
+
+def test_further_features(golden: pl.DataFrame) -> None:
+    a, b, dd = row(golden, "a"), row(golden, "b"), row(golden, "d")
+    assert a["error_count_28d"] == 1
+    assert a["days_since_last_error"] == 20
+    assert a["return_count_7d"] == 1
+    assert a["current_streak_days"] == 1  # Feb 29 active, Feb 28 not
+    assert a["longest_streak_days"] == 2
+    assert a["order_count"] == 2
+    assert a["units_bought_total"] == 3.0
+    gap = (T - US - d(2024, 1, 1, 10)) / timedelta(days=1)
+    assert a["mean_order_gap_days"] == pytest.approx(gap)
+    assert a["std_order_gap_days"] is None
+    assert a["milestone_uses_count"] == 6
+    assert a["milestone_uses_crossed_7d"] is False  # 5 before T - 7d, 6 now
+    assert a["units_consumed_total"] == 6.0
+    assert a["units_left"] == 0.0
+    assert a["aha_reached"] is False
+    assert a["days_since_last_event"] == 0
+    assert b["setup_incomplete"] is True
+    assert b["current_streak_days"] == 1
+    assert b["order_count"] == 0
+    assert b["units_left"] is None
+    assert b["mean_order_gap_days"] is None
+    assert dd["aha_reached"] is True
+    assert dd["days_purchase_to_aha"] == 5
+    assert dd["days_since_last_aha"] == 4
+    assert dd["days_since_first_purchase"] == 10
+    assert dd["setup_incomplete"] is False
+
+
+def test_milestone_crossing_and_usage_trend() -> None:
+    ev = events(
+        [
+            ("u", T - timedelta(days=k) + timedelta(hours=1), "use", None, None, None)
+            for k in (1, 2, 3, 10)
+        ]
+    )
+    got = row(build(ev, T, cfg()), "u")
+    assert got["milestone_uses_count"] == 4
+    assert got["milestone_uses_crossed_7d"] is True  # 1 before T - 7d, 4 now: crossed 2
+    # weekly usage oldest->latest: 0,0,0,0,0,0,1,3; slope = (2.5*1 + 3.5*3) / 42
+    assert got["usage_slope_8w"] == pytest.approx(13 / 42)
+    assert got["current_streak_days"] == 3
+
+
+def test_std_of_order_gaps() -> None:
+    ev = events([("u", d(2024, 1, day), "buy", "X", 1.0, None) for day in (1, 3, 7)])
+    got = row(build(ev, T, cfg()), "u")
+    assert got["mean_order_gap_days"] == pytest.approx(3.0)
+    assert got["std_order_gap_days"] == pytest.approx(2**0.5)
+
+
+def test_cutoff_inside_a_day_splits_windows_and_days() -> None:
+    t = d(2024, 2, 21, 12)
+    ev = events(
+        [
+            ("u", d(2024, 2, 14, 6), "use", None, None, None),  # before t - 7d
+            ("u", d(2024, 2, 14, 18), "use", None, None, None),  # after t - 7d, same day
+            ("u", d(2024, 2, 21, 11), "use", None, None, None),
+            ("u", d(2024, 2, 21, 13), "use", None, None, None),  # after t
+        ]
+    )
+    got = row(build(ev, t, cfg()), "u")
+    assert got["usage_count_7d"] == 2
+    assert got["active_days_7d"] == 2
+    assert got["active_days_14d"] == 2
+    many = build_many(ev, [t, T], cfg())
+    assert many["cutoff"].to_list() == [t, T]
+    assert_frame_equal(many.filter(pl.col("cutoff") == t).drop("cutoff"), build(ev, t, cfg()))
+
+
+def test_registry_matches_build_for_the_default_config() -> None:
+    config = load_config()
+    ev = events([("u", d(2024, 1, 1), "app_open", None, None, None)])
+    frame = build(ev, T, config)
+    assert frame.schema == pl.Schema({"user_id": pl.String(), **expand(config)})
+    assert windows_of(config) == [7, 14, 28, 56, 90]
+    many = build_many(ev, [T], config)
+    assert many.columns[:2] == ["user_id", "cutoff"]
+
+
+def test_empty_result_keeps_the_schema() -> None:
+    config = cfg()
+    frame = build(GOLDEN, d(2020, 1, 1), config)
+    assert frame.height == 0
+    assert frame.schema == pl.Schema({"user_id": pl.String(), **expand(config)})
+
+
+def test_features_md_matches_the_registry() -> None:
+    assert FEATURES_MD.read_text(encoding="utf-8") == markdown_table(), (
+        "regenerate it with lapse.features.registry.write_feature_table()"
+    )
+
+
+def test_naive_cutoffs_are_refused() -> None:
+    with pytest.raises(LapseError, match="no timezone"):
+        build(GOLDEN, datetime(2024, 3, 1), cfg())
+    with pytest.raises(LapseError, match="no timezone"):
+        build_many(GOLDEN, [T, datetime(2024, 3, 1)], cfg())
+    with pytest.raises(LapseError, match="empty"):
+        build_many(GOLDEN, [], cfg())
+
+
+def test_missing_columns_are_named() -> None:
+    with pytest.raises(MissingColumnsError, match="event"):
+        build(GOLDEN.drop("event"), T, cfg())
+
+
+def test_static_attributes_are_joined() -> None:
+    config = cfg()
+    config.attributes.static_features = ["plan"]
+    attrs = pl.DataFrame({"user_id": ["a", "z"], "plan": ["pro", "free"]})
+    frame = build(GOLDEN, T, config, attributes=attrs)
+    assert frame["plan"].to_list() == ["pro", None, None]
+    with pytest.raises(MissingColumnsError, match="plan"):
+        build(GOLDEN, T, config, attributes=attrs.drop("plan"))
+
+
+def test_build_sku_units_supply_and_gaps() -> None:
+    config = cfg(units_per_pack={"X": 30})
+    ev = events(
+        [
+            ("u", d(2024, 1, 1), "buy", "X", 1.0, 10.0),
+            ("u", d(2024, 1, 31), "buy", "X", 2.0, 20.0),
+            ("u", d(2024, 2, 10), "buy", "Y", 1.0, 5.0),
+            ("u", d(2024, 2, 2), "use", None, 3.0, None),  # charged to X (last order)
+            ("u", d(2024, 2, 20), "use", None, None, None),  # charged to Y
+            ("u", d(2024, 2, 21), "use", "X", 1.0, None),
+            ("u", T, "buy", "X", 5.0, None),  # at T: unseen
+        ]
+    )
+    got = build_sku(ev, T, config)
+    assert got["sku"].to_list() == ["X", "Y"]
+    x, y = got.row(0, named=True), got.row(1, named=True)
+    assert x["order_count"] == 2
+    assert x["units_bought"] == 90.0
+    assert x["last_order_units"] == 60.0
+    assert x["units_consumed"] == 4.0
+    assert x["units_left"] == 86.0
+    assert x["consumption_rate_28d"] == pytest.approx(4 / 28)
+    assert x["days_of_supply_left"] == pytest.approx(86 / (4 / 28))
+    assert x["days_since_last_order"] == 30
+    assert x["days_since_first_order"] == 60
+    assert x["mean_order_gap_days"] == pytest.approx(30.0)
+    assert x["std_order_gap_days"] is None
+    assert y["units_consumed"] == 1.0
+    assert y["consumption_rate_28d"] == pytest.approx(1 / 20)  # window cut to 20 days
+    assert y["days_since_last_order"] == 20

@@ -1,0 +1,183 @@
+"""Invariants of lapse.features: no leakage, build_many == build, a DuckDB oracle."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import duckdb
+import numpy as np
+import polars as pl
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from polars.testing import assert_frame_equal
+
+from lapse import LapseConfig
+from lapse.features import build, build_many
+
+BASE = datetime(2024, 1, 1, tzinfo=UTC)
+SPAN_S = 120 * 86_400
+NAMES = ["use", "buy", "err", "aha", "ss", "sc", "ret", "other"]
+SCHEMA = {
+    "user_id": pl.String,
+    "ts": pl.Datetime("us", "UTC"),
+    "event": pl.String,
+    "sku": pl.String,
+    "quantity": pl.Float64,
+    "revenue": pl.Float64,
+}
+CONFIG = LapseConfig.model_validate(
+    {
+        "roles": {
+            "usage": ["use", "other"],
+            "purchase": ["buy"],
+            "error": ["err"],
+            "aha": ["aha"],
+            "setup_started": ["ss"],
+            "setup_completed": ["sc"],
+            "consumption": ["use"],
+            "return": ["ret"],
+        },
+        "milestones": [
+            {"name": "uses", "event": "use", "every_n": 3},
+            {"name": "buys", "event": "buy", "at_counts": [1, 4]},
+        ],
+        "features": {"windows": [3, 7], "units_per_pack": {"P": 10}},
+    }
+)
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+# instants cluster on day edges and on whole hours, so window and day boundaries get hit
+seconds = st.one_of(
+    st.integers(0, SPAN_S),
+    st.integers(0, 120).map(lambda d: d * 86_400),
+    st.integers(0, 120 * 24).map(lambda h: h * 3600),
+)
+event = st.tuples(
+    st.sampled_from(["a", "b", "c"]),
+    seconds,
+    st.sampled_from(NAMES),
+    st.sampled_from([None, "P", "Q"]),
+    st.one_of(st.none(), st.sampled_from([1.0, 2.0, 3.0])),
+    st.one_of(st.none(), st.floats(-50, 50, allow_nan=False).map(lambda x: round(x, 2))),
+)
+cutoff = st.one_of(
+    st.integers(1, 120).map(lambda d: BASE + timedelta(days=d)),
+    st.integers(1, SPAN_S).map(lambda s: BASE + timedelta(seconds=s)),
+)
+
+
+def frame(rows: list[tuple[object, ...]]) -> pl.DataFrame:
+    data = [(u, BASE + timedelta(seconds=s), *rest) for u, s, *rest in rows]  # type: ignore[operator]
+    return pl.DataFrame(data, schema=SCHEMA, orient="row")
+
+
+def same(a: pl.DataFrame, b: pl.DataFrame) -> None:
+    assert_frame_equal(a, b, check_exact=False, rel_tol=1e-9, abs_tol=1e-6)
+
+
+@SETTINGS
+@given(
+    st.lists(event, min_size=1, max_size=40),
+    st.lists(event, min_size=1, max_size=20),
+    cutoff,
+)
+def test_events_at_or_after_the_cutoff_change_nothing(
+    rows: list[tuple[object, ...]], later: list[tuple[object, ...]], t: datetime
+) -> None:
+    ev = frame(rows)
+    # move the extra events to [t, t + 200 days): at the cutoff or after it
+    extra = frame(later).with_columns((pl.lit(t) + (pl.col("ts") - pl.lit(BASE)) * 2).alias("ts"))
+    before = build(ev.lazy(), t, CONFIG)
+    after = build(pl.concat([extra, ev]).lazy(), t, CONFIG)
+    same(before, after)
+
+
+@SETTINGS
+@given(st.lists(event, min_size=1, max_size=40), st.lists(cutoff, min_size=1, max_size=4))
+def test_build_many_equals_build_at_each_cutoff(
+    rows: list[tuple[object, ...]], cuts: list[datetime]
+) -> None:
+    ev = frame(rows).lazy()
+    many = build_many(ev, cuts, CONFIG)
+    for t in sorted(set(cuts)):
+        one = build(ev, t, CONFIG)
+        same(many.filter(pl.col("cutoff") == t).drop("cutoff"), one)
+    assert many.height == sum(build(ev, t, CONFIG).height for t in set(cuts))
+
+
+# --- an independent SQL oracle for the core set ------------------------------------
+
+CORE_WINDOWS = (7, 14, 28, 90)
+
+
+def oracle_sql(t: datetime) -> str:
+    """The core set straight from the events: no roll-up, no shared code with lapse."""
+    ts = f"TIMESTAMPTZ '{t.isoformat()}'"
+    usage, purchase = "event IN ('use', 'other')", "event = 'buy'"
+
+    def since(days: int) -> str:
+        return f"ts >= {ts} - INTERVAL {days} DAY"
+
+    cols = []
+    for w in CORE_WINDOWS:
+        cols += [
+            f"count(*) FILTER (WHERE {usage} AND {since(w)}) AS usage_count_{w}d",
+            f"count(*) FILTER (WHERE {purchase} AND {since(w)}) AS purchase_count_{w}d",
+            f"count(DISTINCT CAST(ts AS DATE)) FILTER (WHERE {since(w)}) AS active_days_{w}d",
+            f"coalesce(sum(revenue) FILTER (WHERE {since(w)}), 0) AS revenue_{w}d",
+        ]
+
+    def usage_between(lo: int, hi: int) -> str:
+        return f"count(*) FILTER (WHERE {usage} AND {since(lo)} AND ts < {ts} - INTERVAL {hi} DAY)"
+
+    day_us = 86_400_000_000
+    cols += [
+        f"(epoch_us({ts}) - epoch_us(max(ts) FILTER (WHERE {usage}))) // {day_us} AS days_since_last_usage",
+        f"(epoch_us({ts}) - epoch_us(max(ts) FILTER (WHERE {purchase}))) // {day_us} AS days_since_last_purchase",
+        f"(epoch_us({ts}) - epoch_us(min(ts))) // {day_us} AS tenure_days",
+        f"count(*) FILTER (WHERE {usage} AND {since(14)}) / nullif({usage_between(28, 14)}, 0) AS decay_ratio_14d",
+        f"count(*) FILTER (WHERE {usage} AND {since(7)}) / nullif({usage_between(28, 7)} / 3, 0) AS dropping_ratio_7d",
+    ]
+    return f"SELECT user_id, {', '.join(cols)} FROM ev WHERE ts < {ts} GROUP BY user_id ORDER BY user_id"
+
+
+def oracle(ev: pl.DataFrame, t: datetime) -> pl.DataFrame:
+    con = duckdb.connect()
+    con.execute("SET TimeZone = 'UTC'")
+    con.register("ev", ev.to_arrow())
+    return pl.from_arrow(con.sql(oracle_sql(t)).to_arrow_table())  # type: ignore[return-value]
+
+
+def check_oracle(ev: pl.DataFrame, t: datetime) -> None:
+    got = build(ev.lazy(), t, CONFIG)
+    want = oracle(ev, t)
+    core = want.columns
+    want = want.with_columns(pl.col(c).cast(got.schema[c]) for c in core)
+    same(got.select(core), want)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(event, min_size=1, max_size=40), cutoff)
+def test_core_set_agrees_with_duckdb_on_arbitrary_events(
+    rows: list[tuple[object, ...]], t: datetime
+) -> None:
+    check_oracle(frame(rows), t)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_core_set_agrees_with_duckdb_on_random_data(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = 20_000
+    ev = pl.DataFrame(
+        {
+            "user_id": rng.integers(0, 300, n).astype(str),
+            "ts": BASE + pl.Series(rng.integers(0, SPAN_S * 1_000_000, n)).cast(pl.Duration("us")),
+            "event": rng.choice(NAMES, n),
+            "sku": rng.choice(["P", "Q"], n),
+            "quantity": rng.integers(1, 4, n).astype(float),
+            "revenue": np.where(rng.random(n) < 0.3, rng.normal(10, 5, n).round(2), np.nan),
+        }
+    ).with_columns(pl.col("revenue").fill_nan(None), pl.col("ts").cast(SCHEMA["ts"]))
+    for t in (BASE + timedelta(days=100), BASE + timedelta(days=60, hours=7, minutes=3)):
+        check_oracle(ev, t)
