@@ -122,3 +122,25 @@ def test_demo_runs_end_to_end(tmp_path: Path, users: int) -> None:
     assert result.exit_code == 0, result.output
     assert (tmp_path / "demo" / "events.parquet").exists()
     assert "rows kept" in result.output
+
+
+def test_features_command_writes_one_row_per_user(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    assert (
+        runner.invoke(
+            app, ["generate", "--users", "80", "--days", "60", "--out", str(data)]
+        ).exit_code
+        == 0
+    )
+    out = tmp_path / "features.parquet"
+    result = runner.invoke(
+        app, ["features", str(data / "events.parquet"), "--as-of", "2026-02-15", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    frame = pl.read_parquet(out)
+    events = pl.read_parquet(data / "events.parquet")
+    before = events.filter(pl.col("ts") < pl.datetime(2026, 2, 15, time_zone="UTC"))
+    assert frame.height == before["user_id"].n_unique()
+    assert frame["user_id"].is_unique().all()
+    assert {"usage_count_7d", "decay_ratio_14d", "days_since_last_purchase"} <= set(frame.columns)
+    assert f"{frame.height:,}" in result.output

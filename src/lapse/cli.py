@@ -22,6 +22,7 @@ from lapse.exceptions import LapseError
 
 if TYPE_CHECKING:
     from lapse.events import ValidationReport
+    from lapse.pipeline import FeaturesResult
 
 __all__ = ["app"]
 
@@ -62,10 +63,8 @@ def _friendly(func: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-def _parse_date(value: str | None, option: str) -> datetime | None:
+def _parse_date(value: str, option: str) -> datetime:
     """A CLI date means 00:00 UTC of that day."""
-    if value is None:
-        return None
     try:
         day = datetime.strptime(value, "%Y-%m-%d")
     except ValueError:
@@ -113,6 +112,19 @@ def _report_table(report: ValidationReport) -> Table:
     return table
 
 
+def _features_table(result: FeaturesResult) -> Table:
+    title = f"features as of {result.as_of:%Y-%m-%d %H:%M} UTC"
+    table = Table(show_header=False, title=title, title_justify="left")
+    table.add_column(style="bold")
+    table.add_row("users", f"{result.users:,}")
+    table.add_row("features", f"{result.columns:,}")
+    sparse = sorted(result.null_share.items(), key=lambda kv: -kv[1])[:5]
+    if sparse:
+        table.add_row("mostly null", ", ".join(f"{k} {v:.0%}" for k, v in sparse))
+    table.add_row("written to", str(result.path))
+    return table
+
+
 @app.command()
 @_friendly
 def validate(
@@ -133,7 +145,10 @@ def validate(
     from lapse.pipeline import run_validate
 
     report = run_validate(
-        events, _config(config), rejects=rejects, as_of=_parse_date(as_of, "--as-of")
+        events,
+        _config(config),
+        rejects=rejects,
+        as_of=None if as_of is None else _parse_date(as_of, "--as-of"),
     )
     console.print(_report_table(report))
     if report.rejected_share > max_reject_share:
@@ -145,6 +160,26 @@ def validate(
             soft_wrap=True,
         )
         raise typer.Exit(code=1)
+
+
+@app.command()
+@_friendly
+def features(
+    events: EventsArg,
+    as_of: Annotated[str, typer.Option(help="Cutoff date (YYYY-MM-DD, 00:00 UTC).")],
+    out: Annotated[Path, typer.Option(help="Parquet file for the feature rows.")],
+    config: ConfigOpt = None,
+    attributes: Annotated[
+        Path | None, typer.Option(help="User attributes table; default attributes.path.")
+    ] = None,
+) -> None:
+    """Build point-in-time features (one row per user) as of a date."""
+    from lapse.pipeline import run_features
+
+    cutoff = _parse_date(as_of, "--as-of")
+    with console.status(f"building features as of {as_of}"):
+        result = run_features(events, _config(config), as_of=cutoff, out=out, attributes=attributes)
+    console.print(_features_table(result))
 
 
 @app.command()
@@ -189,10 +224,11 @@ def demo(
     from lapse.pipeline import run_demo
 
     out_dir = out if out is not None else _home() / "demo"
-    with console.status("generating synthetic data and validating it"):
+    with console.status("generating synthetic data, validating it, building features"):
         result = run_demo(_config(config), out_dir=out_dir, n_users=users, n_days=days, seed=seed)
     console.print(_report_table(result.report))
-    console.print(f"[green]demo data in[/] {out_dir}")
+    console.print(_features_table(result.features))
+    console.print(f"[green]demo output in[/] {out_dir}")
 
 
 @config_app.command("show")

@@ -6,10 +6,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from lapse.config import LapseConfig
-from lapse.events import ValidationReport, validate_events
+import polars as pl
 
-__all__ = ["DemoResult", "run_demo", "run_validate"]
+from lapse.config import LapseConfig
+from lapse.events import ValidationReport, read_attributes, read_events, validate_events
+
+__all__ = ["DemoResult", "FeaturesResult", "run_demo", "run_features", "run_validate"]
 
 
 def run_validate(
@@ -24,12 +26,54 @@ def run_validate(
     return report
 
 
+def load_attributes(config: LapseConfig, path: Path | None = None) -> pl.DataFrame | None:
+    """The user attributes table: ``path``, else ``attributes.path`` of the config, else None."""
+    source = path if path is not None else config.attributes.path
+    if source is None:
+        return None
+    frame, _ = read_attributes(config.resolve(source), config)
+    return frame
+
+
+@dataclass(frozen=True)
+class FeaturesResult:
+    """What `lapse features` wrote."""
+
+    path: Path
+    as_of: datetime
+    users: int
+    columns: int
+    null_share: dict[str, float]
+
+
+def run_features(
+    events: Path,
+    config: LapseConfig,
+    *,
+    as_of: datetime,
+    out: Path,
+    attributes: Path | None = None,
+) -> FeaturesResult:
+    """Build features as of ``as_of`` from an event file and write them to Parquet."""
+    from lapse.features import build
+
+    frame = build(
+        read_events(events, config), as_of, config, attributes=load_attributes(config, attributes)
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    frame.write_parquet(out)
+    nulls = frame.null_count().row(0, named=True)
+    share = {k: v / frame.height for k, v in nulls.items() if v and frame.height}
+    return FeaturesResult(out, as_of, frame.height, frame.width - 1, share)
+
+
 @dataclass(frozen=True)
 class DemoResult:
     """What `lapse demo` produced."""
 
     files: dict[str, Path]
     report: ValidationReport
+    features: FeaturesResult
 
 
 def run_demo(
@@ -40,11 +84,23 @@ def run_demo(
     n_days: int = 180,
     seed: int = 0,
 ) -> DemoResult:
-    """Generate synthetic data into ``out_dir`` and validate it with ``config``."""
+    """Generate synthetic data into ``out_dir``, validate it, build features as of its end."""
+    from datetime import UTC, timedelta
+
     from lapse.datasets import generate, write
 
     files = write(generate(n_users=n_users, n_days=n_days, seed=seed), out_dir)
     _, report = validate_events(
         files["events"], config, rejects_path=out_dir / "events.rejects.parquet"
     )
-    return DemoResult(files=files, report=report)
+    assert report.ts_max is not None, "the generator always writes events"
+    # The cutoff is the midnight after the last event, as the nightly job would use.
+    last_day = report.ts_max.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    features = run_features(
+        files["events"],
+        config,
+        as_of=last_day + timedelta(days=1),
+        out=out_dir / "features.parquet",
+        attributes=files["users"] if config.attributes.static_features else None,
+    )
+    return DemoResult(files=files, report=report, features=features)
