@@ -14,8 +14,8 @@ def test_top_level() -> None:
 
 def test_events() -> None:
     assert sorted(lapse.events.__all__) == [
-        "REJECT_REASONS",
         "AttributesReport",
+        "REJECT_REASONS",
         "ValidationReport",
         "init_config",
         "map_events",
