@@ -279,3 +279,21 @@ def test_build_sku_units_supply_and_gaps() -> None:
     assert y["units_consumed"] == 1.0
     assert y["consumption_rate_28d"] == pytest.approx(1 / 20)  # window cut to 20 days
     assert y["days_since_last_order"] == 20
+
+
+def test_core_feature_set_equals_the_core_columns_of_the_full_build() -> None:
+    config = cfg()
+    core = build(GOLDEN, T, config, feature_set="core")
+    assert core.schema == pl.Schema({"user_id": pl.String(), **expand(config, "core")})
+    assert set(expand(config, "core")) == set(CORE_A)
+    assert_frame_equal(core, build(GOLDEN, T, config).select(core.columns))
+    t = d(2024, 2, 21, 12)  # a cutoff inside a day
+    many = build_many(GOLDEN, [t, T], config, feature_set="core")
+    assert many.columns == ["user_id", "cutoff", *core.columns[1:]]
+    assert_frame_equal(many.filter(pl.col("cutoff") == T).drop("cutoff"), core)
+    assert_frame_equal(
+        many.filter(pl.col("cutoff") == t).drop("cutoff"),
+        build(GOLDEN, t, config, feature_set="core"),
+    )
+    with pytest.raises(LapseError, match="feature_set"):
+        build(GOLDEN, T, config, feature_set="most")  # type: ignore[arg-type]

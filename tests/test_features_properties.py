@@ -181,3 +181,25 @@ def test_core_set_agrees_with_duckdb_on_random_data(seed: int) -> None:
     ).with_columns(pl.col("revenue").fill_nan(None), pl.col("ts").cast(SCHEMA["ts"]))
     for t in (BASE + timedelta(days=100), BASE + timedelta(days=60, hours=7, minutes=3)):
         check_oracle(ev, t)
+
+
+@SETTINGS
+@given(st.lists(event, min_size=1, max_size=40), cutoff)
+def test_core_feature_set_equals_the_full_build(
+    rows: list[tuple[object, ...]], t: datetime
+) -> None:
+    ev = frame(rows).lazy()
+    core = build(ev, t, CONFIG, feature_set="core")
+    same(core, build(ev, t, CONFIG).select(core.columns))
+
+
+@SETTINGS
+@given(st.lists(event, min_size=1, max_size=40), st.lists(cutoff, min_size=1, max_size=4))
+def test_core_build_many_equals_core_build(
+    rows: list[tuple[object, ...]], cuts: list[datetime]
+) -> None:
+    ev = frame(rows).lazy()
+    many = build_many(ev, cuts, CONFIG, feature_set="core")
+    for t in sorted(set(cuts)):
+        one = build(ev, t, CONFIG, feature_set="core")
+        same(many.filter(pl.col("cutoff") == t).drop("cutoff"), one)

@@ -25,7 +25,7 @@ import polars as pl
 
 from lapse.config import LapseConfig
 from lapse.exceptions import EventsError, LapseError, MissingColumnsError
-from lapse.features.registry import expand, windows_of
+from lapse.features.registry import CORE_WINDOWS, expand, windows_of
 from lapse.schema import OPTIONAL_EVENT_COLUMNS, REQUIRED_EVENT_COLUMNS, ROLES, TS_DTYPE
 
 DAY_US = 86_400_000_000
@@ -36,6 +36,13 @@ _SUMS = ("n_event", *(f"n_{r}" for r in ROLES), "revenue", "units_bought", "unit
 # roles whose last occurrence is tracked
 _LAST = ("event", "usage", "purchase", "error", "aha", "setup_started", "setup_completed")
 _SLOPE_WEEKS = 8
+# what the core feature set needs: a trimmed roll-up
+_CORE_SUMS = ("n_usage", "n_purchase", "revenue")
+_CORE_LAST = ("usage", "purchase")
+
+
+def _sums(core: bool) -> tuple[str, ...]:
+    return _CORE_SUMS if core else _SUMS
 
 
 def utc_cutoff(value: datetime, what: str = "as_of") -> datetime:
@@ -50,8 +57,11 @@ def utc_cutoff(value: datetime, what: str = "as_of") -> datetime:
     return value.astimezone(UTC)
 
 
-def canonical(events: pl.LazyFrame) -> pl.LazyFrame:
-    """The canonical columns of ``events``; absent optional columns become nulls."""
+def canonical(events: pl.LazyFrame, columns: Sequence[str] | None = None) -> pl.LazyFrame:
+    """The canonical columns of ``events``; absent optional columns become nulls.
+
+    ``columns`` keeps only those (in canonical order); the default keeps all.
+    """
     schema = events.collect_schema()
     missing = [c for c in REQUIRED_EVENT_COLUMNS if c not in schema]
     if missing:
@@ -77,6 +87,9 @@ def canonical(events: pl.LazyFrame) -> pl.LazyFrame:
             if name in schema
             else pl.lit(None, dtype=optional[name]).alias(name)
         )
+    if columns is not None:
+        keep = set(columns)
+        cols = [c for c in cols if c.meta.output_name() in keep]
     return events.select(cols)
 
 
@@ -107,8 +120,13 @@ def _flag(config: LapseConfig, role: str) -> pl.Expr:
     return pl.col("event").is_in(names) if names else pl.lit(False)
 
 
-def rollup(events: pl.LazyFrame, cutoffs: Sequence[datetime], config: LapseConfig) -> pl.DataFrame:
-    """One row per user and bucket before the last cutoff, with per-bucket aggregates."""
+def rollup(
+    events: pl.LazyFrame, cutoffs: Sequence[datetime], config: LapseConfig, core: bool = False
+) -> pl.DataFrame:
+    """One row per user and bucket before the last cutoff, with per-bucket aggregates.
+
+    ``core`` keeps only what the core feature set needs (fewer columns read, fewer sums).
+    """
     end = max(cutoffs)
     offsets = sorted(
         {
@@ -121,29 +139,41 @@ def rollup(events: pl.LazyFrame, cutoffs: Sequence[datetime], config: LapseConfi
         - {0}
     )
     ts = pl.col("ts")
-    flags = {r: _flag(config, r).alias(f"_is_{r}") for r in ROLES}
+    roles = _CORE_LAST if core else ROLES
+    flags = {r: _flag(config, r).alias(f"_is_{r}") for r in roles}
     lf = (
-        canonical(events)
+        canonical(events, ["user_id", "ts", "event", "revenue"] if core else None)
         .filter(ts < end)
         .with_columns(_bucket(offsets).alias("bucket"), *flags.values())
     )
-    is_ = {r: pl.col(f"_is_{r}") for r in ROLES}
+    is_ = {r: pl.col(f"_is_{r}") for r in roles}
     p = is_["purchase"]
+    if core:
+        rolled_core = lf.group_by(_USER, "bucket").agg(
+            *(is_[r].sum().cast(pl.Int64).alias(f"n_{r}") for r in roles),
+            pl.col("revenue").sum().alias("revenue"),
+            ts.min().alias("first_event"),
+            *(pl.when(is_[r]).then(ts).max().alias(f"last_{r}") for r in roles),
+        )
+        return rolled_core.collect(engine="streaming")
     aggs: list[pl.Expr] = [
         pl.len().cast(pl.Int64).alias("n_event"),
         *(is_[r].sum().cast(pl.Int64).alias(f"n_{r}") for r in ROLES),
         pl.col("revenue").sum().alias("revenue"),
-        units_expr(config).filter(p).sum().alias("units_bought"),
-        pl.col("quantity").fill_null(1.0).filter(is_["consumption"]).sum().alias("units_consumed"),
+        pl.when(p).then(units_expr(config)).sum().alias("units_bought"),
+        pl.when(is_["consumption"])
+        .then(pl.col("quantity").fill_null(1.0))
+        .sum()
+        .alias("units_consumed"),
         *(
             (pl.col("event") == m.event).sum().cast(pl.Int64).alias(f"ms_{i}")
             for i, m in enumerate(config.milestones)
         ),
         ts.min().alias("first_event"),
         ts.max().alias("last_event"),
-        *(ts.filter(is_[r]).max().alias(f"last_{r}") for r in _LAST[1:]),
-        ts.filter(p).min().alias("first_purchase"),
-        ts.filter(is_["aha"]).min().alias("first_aha"),
+        *(pl.when(is_[r]).then(ts).max().alias(f"last_{r}") for r in _LAST[1:]),
+        pl.when(p).then(ts).min().alias("first_purchase"),
+        pl.when(is_["aha"]).then(ts).min().alias("first_aha"),
     ]
     rolled = lf.group_by(_USER, "bucket").agg(aggs)
     # squared gaps (days) from each purchase to the user's previous one, summed per bucket;
@@ -161,15 +191,31 @@ def rollup(events: pl.LazyFrame, cutoffs: Sequence[datetime], config: LapseConfi
     )
 
 
-def cumulate(buckets: pl.DataFrame, config: LapseConfig) -> pl.DataFrame:
+def cumulate(buckets: pl.DataFrame, config: LapseConfig, core: bool = False) -> pl.DataFrame:
     """Running state per user after each bucket, sorted by user and bucket."""
     u = "uid"
     day = pl.col("bucket").dt.truncate("1d")
     week = pl.col("bucket").dt.truncate("1w")
     prev_day = pl.col("day").shift(1).over(u)
-    cum = [pl.col(s).cum_sum().over(u) for s in _SUMS]
-    cum += [pl.col(f"ms_{i}").cum_sum().over(u) for i in range(len(config.milestones))]
+    cum = [pl.col(s).cum_sum().over(u) for s in _sums(core)]
     user = pl.col(_USER)
+    if core:
+        return (
+            buckets.lazy()
+            .sort(_USER, "bucket")
+            .with_columns((user != user.shift(1)).fill_null(True).cum_sum().cast(pl.Int64).alias(u))
+            .with_columns(day.alias("day"))
+            .with_columns(
+                (prev_day.is_null() | (pl.col("day") != prev_day)).alias("_new_day"),
+                pl.col("bucket").max().over(u, "day").alias("day_max_bucket"),
+                *cum,
+                *(pl.col(f"last_{r}").cum_max().forward_fill().over(u) for r in _CORE_LAST),
+            )
+            .with_columns(pl.col("_new_day").cum_sum().cast(pl.Int64).over(u).alias("c_days"))
+            .drop("_new_day")
+            .collect(engine="in-memory")
+        )
+    cum += [pl.col(f"ms_{i}").cum_sum().over(u) for i in range(len(config.milestones))]
     return (
         buckets.lazy()
         .sort(_USER, "bucket")
@@ -203,12 +249,18 @@ def cumulate(buckets: pl.DataFrame, config: LapseConfig) -> pl.DataFrame:
     )
 
 
-def _offsets(config: LapseConfig) -> dict[int, list[str]]:
+def _windows(config: LapseConfig, core: bool) -> list[int]:
+    return list(CORE_WINDOWS) if core else windows_of(config)
+
+
+def _offsets(config: LapseConfig, core: bool = False) -> dict[int, list[str]]:
     """Days before the cutoff at which state is looked up, with the columns needed there."""
-    window_cols = [*_SUMS, "c_days", "day", "day_max_bucket"]
+    window_cols = [*_sums(core), "c_days", "day", "day_max_bucket"]
     need: dict[int, list[str]] = {}
-    for w in windows_of(config):
+    for w in _windows(config, core):
         need.setdefault(w, []).extend(window_cols)
+    if core:
+        return {d: list(dict.fromkeys(cols)) for d, cols in sorted(need.items())}
     for k in range(1, _SLOPE_WEEKS + 1):
         need.setdefault(7 * k, []).append("n_usage")
     need.setdefault(7, []).extend(f"ms_{i}" for i in range(len(config.milestones)))
@@ -216,18 +268,14 @@ def _offsets(config: LapseConfig) -> dict[int, list[str]]:
 
 
 def state_at_cutoffs(
-    buckets: pl.DataFrame, cutoffs: Sequence[datetime], config: LapseConfig
+    buckets: pl.DataFrame, cutoffs: Sequence[datetime], config: LapseConfig, core: bool = False
 ) -> pl.LazyFrame:
     """One row per (user, cutoff) with any event before it: state at T and at T - d."""
     u = "uid"
-    state = cumulate(buckets, config).lazy()
-    firsts = state.group_by(u).agg(
-        pl.col(_USER).first(),
-        pl.col("first_event").min(),
-        pl.col("first_purchase").min(),
-        pl.col("first_aha").min(),
-    )
-    state = state.drop(_USER, "first_purchase", "first_aha")
+    state = cumulate(buckets, config, core).lazy()
+    first_cols = ["first_event"] if core else ["first_event", "first_purchase", "first_aha"]
+    firsts = state.group_by(u).agg(pl.col(_USER).first(), *(pl.col(f).min() for f in first_cols))
+    state = state.drop(_USER, *first_cols[1:])
     cut = pl.LazyFrame({"cutoff": list(cutoffs)}, schema={"cutoff": TS_DTYPE})
     q = (
         firsts.join(cut, how="cross")
@@ -243,7 +291,7 @@ def state_at_cutoffs(
         allow_exact_matches=False,
         check_sortedness=False,
     ).drop("bucket")
-    for d, cols in _offsets(config).items():
+    for d, cols in _offsets(config, core).items():
         right = state.select(u, "bucket", *(pl.col(c).alias(f"{c}@{d}") for c in cols))
         q = (
             q.with_columns((pl.col("cutoff") - pl.duration(days=d)).alias("_at"))
@@ -260,7 +308,7 @@ def state_at_cutoffs(
                 pl.col(f"{c}@{d}").fill_null(0) for c in cols if c in _SUMS or c.startswith("ms_")
             )
         )
-    return q.with_columns(pl.col("c_days@" + str(d)).fill_null(0) for d in windows_of(config)).drop(
+    return q.with_columns(pl.col(f"c_days@{w}").fill_null(0) for w in _windows(config, core)).drop(
         "_at"
     )
 
@@ -278,11 +326,11 @@ def _ratio(num: pl.Expr, den: pl.Expr) -> pl.Expr:
     return pl.when(den != 0).then(num.cast(pl.Float64) / den)
 
 
-def features(state: pl.LazyFrame, config: LapseConfig) -> pl.LazyFrame:
+def features(state: pl.LazyFrame, config: LapseConfig, core: bool = False) -> pl.LazyFrame:
     """Feature columns from the state rows (``cutoff`` kept; registry order)."""
     t = pl.col("cutoff")
     c = pl.col
-    windows = windows_of(config)
+    windows = _windows(config, core)
     telemetry = bool(config.roles.of("consumption"))
 
     def win(col: str, w: int) -> pl.Expr:
@@ -388,8 +436,9 @@ def features(state: pl.LazyFrame, config: LapseConfig) -> pl.LazyFrame:
     out["mean_order_gap_days"] = mean_gap
     out["std_order_gap_days"] = pl.when(n_gaps >= 2).then(var.clip(lower_bound=0.0).sqrt())
 
-    dtypes = expand(config)
-    assert set(dtypes) == set(out), set(dtypes) ^ set(out)
+    # with ``core`` the state lacks the other columns; only the core outputs are selected
+    dtypes = expand(config, "core" if core else "all")
+    assert set(dtypes) <= set(out), set(dtypes) - set(out)
     return state.select(
         _USER, "cutoff", *(out[name].cast(dtype).alias(name) for name, dtype in dtypes.items())
     )

@@ -9,7 +9,8 @@ import polars as pl
 
 from lapse.config import LapseConfig
 from lapse.exceptions import LapseError
-from lapse.features import _engine
+from lapse.features import _direct, _engine
+from lapse.features._direct import FeatureSet
 
 __all__ = ["build", "build_many"]
 
@@ -20,6 +21,7 @@ def build_many(
     config: LapseConfig,
     *,
     attributes: pl.DataFrame | None = None,
+    feature_set: FeatureSet = "all",
 ) -> pl.DataFrame:
     """Feature rows for every (user, cutoff) with an event before the cutoff.
 
@@ -37,6 +39,8 @@ def build_many(
         Roles, milestones and ``features`` settings.
     attributes
         Optional per-user table; ``attributes.static_features`` are copied on.
+    feature_set
+        ``"all"`` (default) or ``"core"``: the core group only, as in :func:`build`.
 
     Returns
     -------
@@ -47,9 +51,12 @@ def build_many(
     if not cutoffs:
         raise LapseError("cutoffs is empty; give at least one timezone-aware datetime")
     cuts = sorted({_engine.utc_cutoff(c, "cutoff") for c in cutoffs})
-    buckets = _engine.rollup(events, cuts, config)
-    state = _engine.state_at_cutoffs(buckets, cuts, config)
-    frame = _engine.features(state, config).sort("cutoff", "user_id").collect(engine="in-memory")
+    _check(feature_set)
+    core = feature_set == "core"
+    buckets = _engine.rollup(events, cuts, config, core)
+    state = _engine.state_at_cutoffs(buckets, cuts, config, core)
+    feats = _engine.features(state, config, core)
+    frame = feats.sort("cutoff", "user_id").collect(engine="in-memory")
     return _engine.with_attributes(frame, attributes, config)
 
 
@@ -59,6 +66,7 @@ def build(
     config: LapseConfig,
     *,
     attributes: pl.DataFrame | None = None,
+    feature_set: FeatureSet = "all",
 ) -> pl.DataFrame:
     """Feature rows as of ``as_of``: one per user with an event before it.
 
@@ -75,6 +83,9 @@ def build(
         Roles, milestones and ``features`` settings.
     attributes
         Optional per-user table; ``attributes.static_features`` are copied on.
+    feature_set
+        ``"all"`` (default) for every feature of the registry, ``"core"`` for
+        the core group only (same values, much less work).
 
     Returns
     -------
@@ -92,5 +103,12 @@ def build(
     >>> build(ev, datetime(2024, 1, 8, tzinfo=timezone.utc), load_config())["usage_count_7d"].to_list()
     [1]
     """
-    frame = build_many(events, [as_of], config, attributes=attributes)
-    return frame.drop("cutoff")
+    t = _engine.utc_cutoff(as_of)
+    _check(feature_set)
+    frame = _direct.build_one(events, t, config, feature_set)
+    return _engine.with_attributes(frame, attributes, config)
+
+
+def _check(feature_set: str) -> None:
+    if feature_set not in ("core", "all"):
+        raise LapseError(f"feature_set must be 'core' or 'all', got {feature_set!r}")

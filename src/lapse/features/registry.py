@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Literal
 
 import polars as pl
 
@@ -280,11 +280,20 @@ def windows_of(config: LapseConfig) -> list[int]:
     return sorted(set(CORE_WINDOWS) | set(config.features.windows))
 
 
-def expand(config: LapseConfig) -> dict[str, pl.DataType]:
-    """Every feature column ``build`` returns for ``config`` (keys excluded), in order."""
-    windows = windows_of(config)
+def expand(
+    config: LapseConfig, feature_set: Literal["core", "all"] = "all"
+) -> dict[str, pl.DataType]:
+    """Every feature column ``build`` returns for ``config`` (keys excluded), in order.
+
+    ``feature_set="core"`` keeps the core group over :data:`CORE_WINDOWS` only:
+    the columns of ``build(..., feature_set="core")``.
+    """
+    core = feature_set == "core"
+    windows = list(CORE_WINDOWS) if core else windows_of(config)
     out: dict[str, pl.DataType] = {}
     for feat in FEATURES:
+        if core and feat.group != "core":
+            continue
         if "{W}" in feat.name:
             names = [feat.name.replace("{W}", str(w)) for w in windows]
         elif "{milestone}" in feat.name:
@@ -315,6 +324,9 @@ def markdown_table() -> str:
         "`{milestone}` is each configured milestone's name. Nulls mean never happened.",
         "Key columns: `user_id` (and `cutoff` from `build_many`); configured",
         "`attributes.static_features` follow the features.",
+        "",
+        '`build(..., feature_set="core")` (and `build_many`) return only the `core`',
+        "group over the windows 7, 14, 28 and 90 days, with the same values as the full set.",
         "",
         "## Per user: `lapse.features.build` / `build_many`",
         "",
