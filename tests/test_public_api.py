@@ -18,6 +18,7 @@ def test_events() -> None:
         "REJECT_REASONS",
         "ValidationReport",
         "init_config",
+        "load_attributes",
         "map_events",
         "read_attributes",
         "read_events",

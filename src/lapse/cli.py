@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, ParamSpec, TypeVar
 
+import polars as pl
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -180,6 +181,64 @@ def features(
     with console.status(f"building features as of {as_of}"):
         result = run_features(events, _config(config), as_of=cutoff, out=out, attributes=attributes)
     console.print(_features_table(result))
+
+
+def _frame_table(frame: pl.DataFrame, title: str) -> Table:
+    table = Table(*frame.columns, title=title, title_justify="left")
+    for row in frame.iter_rows():
+        table.add_row(
+            *("-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v) for v in row)
+        )
+    return table
+
+
+@app.command()
+@_friendly
+def train(
+    events: EventsArg,
+    config: ConfigOpt = None,
+    out: Annotated[Path, typer.Option(help="Report folder: metrics.json and PNG plots.")] = Path(
+        "report"
+    ),
+    truth: Annotated[
+        Path | None, typer.Option(help="`lapse generate` output folder; adds the oracle AUC.")
+    ] = None,
+    models_dir: Annotated[
+        Path | None, typer.Option(help="Where the bundle is saved; default models/ of the config.")
+    ] = None,
+) -> None:
+    """Run the churn model race out of time, write the report, save the bundle."""
+    from lapse.training import train as run_train
+
+    with console.status("building training frames and running the race"):
+        result = run_train(
+            events, _config(config), out_dir=out, truth_dir=truth, models_dir=models_dir
+        )
+    console.print(
+        _frame_table(result.table, f"churn race, test cutoff {result.test_cutoff:%Y-%m-%d}")
+    )
+    console.print(f"[bold]selected:[/] {result.selected} - {result.why}")
+    for note in result.notes:
+        console.print(f"note: {note}", highlight=False)
+    console.print(f"report in {result.out_dir}, bundle at {result.bundle_path}")
+
+
+@app.command()
+@_friendly
+def backtest(
+    events: EventsArg,
+    config: ConfigOpt = None,
+    k: Annotated[int, typer.Option("--k", min=1, help="Number of last complete cutoffs.")] = 6,
+) -> None:
+    """Repeat the race on each of the last K complete cutoffs; print metrics and spread."""
+    from lapse.training import backtest as run_backtest
+
+    with console.status(f"racing on the last {k} complete cutoffs"):
+        result = run_backtest(events, _config(config), k=k)
+    console.print(_frame_table(result.per_cutoff, "per cutoff"))
+    console.print(_frame_table(result.spread, "spread"))
+    for note in result.notes:
+        console.print(f"note: {note}", highlight=False)
 
 
 @app.command()

@@ -6,10 +6,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-import polars as pl
-
 from lapse.config import LapseConfig
-from lapse.events import ValidationReport, read_attributes, read_events, validate_events
+from lapse.events import ValidationReport, load_attributes, read_events, validate_events
 
 __all__ = ["DemoResult", "FeaturesResult", "run_demo", "run_features", "run_validate"]
 
@@ -24,15 +22,6 @@ def run_validate(
     """Validate an event file; the caller compares ``report.rejected_share`` to its limit."""
     _, report = validate_events(events, config, as_of=as_of, rejects_path=rejects)
     return report
-
-
-def load_attributes(config: LapseConfig, path: Path | None = None) -> pl.DataFrame | None:
-    """The user attributes table: ``path``, else ``attributes.path`` of the config, else None."""
-    source = path if path is not None else config.attributes.path
-    if source is None:
-        return None
-    frame, _ = read_attributes(config.resolve(source), config)
-    return frame
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ config for a new file.
 
 from __future__ import annotations
 
-from lapse.events.attributes import AttributesReport, read_attributes
+from lapse.events.attributes import AttributesReport, load_attributes, read_attributes
 from lapse.events.inspect import init_config
 from lapse.events.mapping import map_events
 from lapse.events.readers import scan_source
@@ -20,6 +20,7 @@ __all__ = [
     "AttributesReport",
     "ValidationReport",
     "init_config",
+    "load_attributes",
     "map_events",
     "read_attributes",
     "read_events",

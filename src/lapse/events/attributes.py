@@ -13,7 +13,7 @@ from lapse.events.readers import collect_frame, scan_source
 from lapse.exceptions import ConfigError, MissingColumnsError
 from lapse.schema import USER_ID
 
-__all__ = ["AttributesReport", "read_attributes"]
+__all__ = ["AttributesReport", "load_attributes", "read_attributes"]
 
 
 @dataclass(frozen=True)
@@ -86,3 +86,12 @@ def read_attributes(path: str | Path, config: LapseConfig) -> tuple[pl.DataFrame
         columns=tuple(users.columns),
     )
     return users, report
+
+
+def load_attributes(config: LapseConfig, path: str | Path | None = None) -> pl.DataFrame | None:
+    """The attributes table to use: ``path``, else ``attributes.path``, else None."""
+    source = path if path is not None else config.attributes.path
+    if source is None:
+        return None
+    frame, _ = read_attributes(config.resolve(source), config)
+    return frame

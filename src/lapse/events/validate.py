@@ -81,11 +81,7 @@ class ValidationReport:
 
 def _reason(config: LapseConfig) -> pl.Expr:
     returns = config.roles.of("return")
-    negative = (
-        (pl.col("quantity") < 0)
-        & ~pl.col(BY_RULE)
-        & ~pl.col("event").is_in(pl.Series(returns, dtype=pl.String))
-    )
+    negative = (pl.col("quantity") < 0) & ~pl.col(BY_RULE) & ~pl.col("event").is_in(returns)
     return (
         pl.when(pl.col("user_id").is_null())
         .then(pl.lit("null_user_id"))

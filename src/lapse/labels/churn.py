@@ -1,0 +1,194 @@
+"""Eligibility and churn labels per (user, cutoff).
+
+This module and :mod:`lapse.labels.cutoffs` are the only code that looks at
+events at or after a cutoff. Eligibility uses events strictly before the
+cutoff; the label uses events in ``[T, T + horizon)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+import polars as pl
+
+from lapse.config import LapseConfig
+from lapse.exceptions import ConfigError, LapseError
+from lapse.labels.cutoffs import data_span
+from lapse.schema import ROLES
+
+__all__ = ["activity_events", "churn_labels", "eligible", "role_events"]
+
+_CUTOFF_DTYPE = pl.Datetime("us", "UTC")
+
+
+def role_events(events: pl.LazyFrame, config: LapseConfig, roles: Sequence[str]) -> pl.LazyFrame:
+    """``user_id, ts`` of the events whose names belong to any of ``roles``."""
+    unknown = sorted(set(roles) - set(ROLES))
+    if unknown:
+        raise ConfigError(f"labels: unknown role(s) {unknown}; use names from {list(ROLES)}")
+    names = sorted({name for role in roles for name in config.roles.of(role)})
+    return events.filter(pl.col("event").is_in(names)).select("user_id", "ts")
+
+
+def activity_events(events: pl.LazyFrame, config: LapseConfig) -> pl.LazyFrame:
+    """``user_id, ts`` of qualifying activity (``labels.activity_roles``).
+
+    Raises
+    ------
+    ConfigError
+        A role is unknown, or every activity role is empty.
+    """
+    roles = config.labels.activity_roles
+    if not any(config.roles.of(r) for r in roles if r in ROLES) and not set(roles) - set(ROLES):
+        raise ConfigError(
+            f"labels.activity_roles {roles} list no event names in the roles section; "
+            "add event names to those roles (e.g. roles.purchase) or change labels.activity_roles"
+        )
+    return role_events(events, config, roles)
+
+
+def _cutoff_frame(cutoffs: Sequence[datetime]) -> pl.LazyFrame:
+    if not cutoffs:
+        raise ValueError("cutoffs is empty")
+    for c in cutoffs:
+        if c.tzinfo is None:
+            raise ValueError(f"cutoff {c} is naive; pass timezone-aware datetimes (UTC)")
+    return pl.LazyFrame({"cutoff": sorted(set(cutoffs))}, schema={"cutoff": _CUTOFF_DTYPE})
+
+
+def _asof(
+    left: pl.LazyFrame,
+    right: pl.LazyFrame,
+    name: str,
+    *,
+    forward: bool,
+) -> pl.LazyFrame:
+    """Attach the last event time before (or first at/after) each row's cutoff as ``name``."""
+    r = right.select("user_id", pl.col("ts").alias(name), pl.col("ts").alias("_key")).sort("_key")
+    return (
+        left.sort("cutoff")
+        .join_asof(
+            r,
+            left_on="cutoff",
+            right_on="_key",
+            by="user_id",
+            strategy="forward" if forward else "backward",
+            allow_exact_matches=forward,
+            check_sortedness=False,  # sorted globally by the key, hence within each user
+        )
+        .drop("_key", strict=False)
+    )
+
+
+def _population(events: pl.LazyFrame, cutoffs: Sequence[datetime]) -> pl.LazyFrame:
+    """Every (user, cutoff) where the user has an event strictly before the cutoff."""
+    first = events.group_by("user_id").agg(pl.col("ts").min().alias("_first"))
+    return (
+        first.join(_cutoff_frame(cutoffs), how="cross")
+        .filter(pl.col("_first") < pl.col("cutoff"))
+        .select("user_id", "cutoff")
+    )
+
+
+def _with_history(
+    events: pl.LazyFrame, cutoffs: Sequence[datetime], config: LapseConfig
+) -> pl.LazyFrame:
+    """Population rows plus the last-before times eligibility needs (past only)."""
+    frame = _asof(
+        _population(events, cutoffs), activity_events(events, config), "_last_act", forward=False
+    )
+    if config.labels.kind == "contractual" or config.labels.eligibility == "subscribed":
+        frame = _asof(frame, role_events(events, config, ["cancel"]), "_last_cancel", forward=False)
+        frame = _asof(frame, role_events(events, config, ["purchase"]), "_last_buy", forward=False)
+    return frame
+
+
+def _eligible_expr(config: LapseConfig) -> pl.Expr:
+    lab = config.labels
+    if lab.eligibility == "active":
+        cond = pl.col("_last_act") >= pl.col("cutoff") - timedelta(days=lab.eligibility_days)
+        cond = cond.fill_null(False)
+    elif lab.eligibility == "any_history":
+        cond = pl.lit(True)
+    else:
+        cond = pl.col("_last_buy").is_not_null()
+    if lab.kind == "contractual" or lab.eligibility == "subscribed":
+        # already cancelled and not bought since: churned before T, not a churn risk now
+        cancelled = pl.col("_last_cancel").is_not_null() & (
+            pl.col("_last_buy").is_null() | (pl.col("_last_cancel") >= pl.col("_last_buy"))
+        )
+        cond = cond & ~cancelled
+    return cond
+
+
+def eligible(
+    events: pl.LazyFrame, cutoffs: Sequence[datetime], config: LapseConfig
+) -> pl.DataFrame:
+    """The ``user_id, cutoff`` pairs scored at each cutoff (``labels.eligibility``).
+
+    Uses only events before each cutoff, so scoring may call it at any date.
+    ``active`` needs qualifying activity in the last ``eligibility_days``;
+    ``any_history`` takes every user with an event; ``subscribed`` needs a
+    purchase and no cancel since. Contractual labels also drop users whose
+    last cancel is after their last purchase (already churned).
+    """
+    return (
+        _with_history(events, cutoffs, config)
+        .filter(_eligible_expr(config))
+        .select("user_id", "cutoff")
+        .sort("cutoff", "user_id")
+        .collect()
+    )
+
+
+def churn_labels(
+    events: pl.LazyFrame,
+    cutoffs: Sequence[datetime],
+    config: LapseConfig,
+    *,
+    data_end: datetime | None = None,
+) -> pl.DataFrame:
+    """``user_id, cutoff, churned`` for every eligible user at each cutoff.
+
+    Non-contractual: churned when no qualifying activity falls in
+    ``[T, T + horizon)``. Contractual: churned when a cancel event does.
+
+    Parameters
+    ----------
+    data_end
+        End of the observed data (exclusive); computed from ``events`` when
+        omitted. A cutoff whose horizon runs past it raises.
+
+    Examples
+    --------
+    >>> from datetime import UTC, datetime
+    >>> import polars as pl
+    >>> from lapse.config import load_config
+    >>> ev = pl.LazyFrame({"user_id": ["a", "a", "b"], "event": ["app_open"] * 3,
+    ...     "ts": [datetime(2024, 1, 1, tzinfo=UTC), datetime(2024, 1, 20, tzinfo=UTC),
+    ...            datetime(2024, 1, 2, tzinfo=UTC)]}).with_columns(pl.col("ts").dt.cast_time_unit("us"))
+    >>> churn_labels(ev, [datetime(2024, 1, 10, tzinfo=UTC)], load_config(),
+    ...              data_end=datetime(2024, 2, 7, tzinfo=UTC))["churned"].to_list()
+    [False, True]
+    """
+    horizon = timedelta(days=config.labels.horizon_days)
+    end = data_end if data_end is not None else data_span(events)[1]
+    late = [c for c in cutoffs if c + horizon > end]
+    if late:
+        raise LapseError(
+            f"cutoff(s) {[f'{c:%Y-%m-%d}' for c in sorted(late)]} have a {horizon.days}-day label "
+            f"window running past the end of the data ({end:%Y-%m-%d}); their labels are unknown"
+        )
+    frame = _with_history(events, cutoffs, config).filter(_eligible_expr(config))
+    if config.labels.kind == "non_contractual":
+        frame = _asof(frame, activity_events(events, config), "_next", forward=True)
+        churned = pl.col("_next").is_null() | (pl.col("_next") >= pl.col("cutoff") + horizon)
+    else:
+        frame = _asof(frame, role_events(events, config, ["cancel"]), "_next", forward=True)
+        churned = pl.col("_next").is_not_null() & (pl.col("_next") < pl.col("cutoff") + horizon)
+    return (
+        frame.select("user_id", "cutoff", churned.alias("churned"))
+        .sort("cutoff", "user_id")
+        .collect()
+    )

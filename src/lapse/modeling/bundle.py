@@ -1,0 +1,145 @@
+"""The churn bundle: everything scoring needs, saved locally with pickle.
+
+Holds the config (feature settings, roles, rules, segments), the feature
+schema, the training end date, the shipped churn scorer with its calibrator,
+the race's LightGBM (for reasons), BG/NBD, and the training score
+distribution (for percentiles and drift). ``extras`` is where other tasks
+(replenishment) put their models.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import polars as pl
+
+from lapse.config import LapseConfig
+from lapse.exceptions import LapseError
+from lapse.modeling.metrics import Calibrator
+from lapse.modeling.race import RaceScorer
+
+__all__ = ["BUNDLE_FORMAT", "ChurnBundle"]
+
+BUNDLE_FORMAT = 1
+
+
+@dataclass
+class ChurnBundle:
+    """A trained churn model ready to score feature rows."""
+
+    name: str
+    config: LapseConfig
+    feature_schema: dict[str, str]
+    training_end: datetime
+    selected: str
+    scorer: RaceScorer
+    calibrator: Calibrator
+    score_reference: npt.NDArray[np.float64]
+    metrics: dict[str, Any]
+    cutoffs: dict[str, Any]
+    created_at: datetime
+    extras: dict[str, Any] = field(default_factory=dict)
+    format: int = BUNDLE_FORMAT
+
+    # -- inputs -------------------------------------------------------------------
+    def prepare(
+        self,
+        events: pl.LazyFrame,
+        as_of: datetime,
+        *,
+        attributes: pl.DataFrame | None = None,
+        eligible_only: bool = True,
+    ) -> pl.DataFrame:
+        """Feature rows as of ``as_of`` with what every model needs (past events only)."""
+        from lapse.features import build_many
+        from lapse.labels import eligible
+        from lapse.modeling.bgnbd import rfm_summary
+        from lapse.modeling.lgbm import with_derived
+
+        frame = build_many(events, [as_of], self.config, attributes=attributes)
+        if eligible_only:
+            keep = eligible(events, [as_of], self.config)
+            frame = frame.join(keep, on=["user_id", "cutoff"], how="semi")
+        rfm = rfm_summary(events, [as_of], self.config)
+        return with_derived(frame.join(rfm, on=["user_id", "cutoff"], how="left"))
+
+    def check_schema(self, frame: pl.DataFrame) -> None:
+        """Raise when ``frame`` lacks a feature of the bundle or has a changed dtype."""
+        problems = []
+        for name, dtype in self.feature_schema.items():
+            if name not in frame.columns:
+                problems.append(f"{name} is missing")
+            elif str(frame.schema[name]) != dtype:
+                problems.append(f"{name} is {frame.schema[name]}, the model was trained on {dtype}")
+        if problems:
+            raise LapseError(
+                f"the feature rows do not match model {self.name!r}: "
+                + "; ".join(problems[:10])
+                + ("" if len(problems) <= 10 else f" (and {len(problems) - 10} more)")
+                + "; score with the config the model was trained with, or retrain"
+            )
+
+    # -- outputs --------------------------------------------------------------------
+    def predict_proba(self, frame: pl.DataFrame) -> npt.NDArray[np.float64]:
+        """Calibrated churn probability per row (the shipped model)."""
+        return self.calibrator.predict(self.scorer.score(self.selected, frame))
+
+    def percentile(self, churn_risk: npt.ArrayLike) -> npt.NDArray[np.float64]:
+        """Percentile of each risk in the training score distribution, in [0, 1]."""
+        from lapse.segments import percentile
+
+        return percentile(churn_risk, self.score_reference)
+
+    def segments(self, churn_risk: npt.ArrayLike) -> pl.Series:
+        """``risk_segment`` per row from the config's segments section."""
+        from lapse.segments import assign
+
+        return assign(churn_risk, self.config.segments, reference=self.score_reference)
+
+    def triggers(self, frame: pl.DataFrame) -> pl.DataFrame:
+        """Key columns, one boolean column per trigger, and ``triggers`` (fired ids)."""
+        from lapse.modeling.rules import triggers
+
+        return triggers(frame, self.config)
+
+    def reasons(self, frame: pl.DataFrame, *, top: int = 3) -> pl.DataFrame:
+        """Top risk drivers of the given rows, in words (costly: pass only rows you send)."""
+        from lapse.modeling.reasons import reasons
+
+        return reasons(self.scorer.lightgbm, frame, top=top)
+
+    # -- persistence ------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Pickle the bundle to ``path`` (parents created); written atomically."""
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(p.suffix + ".tmp")
+        with tmp.open("wb") as fh:
+            pickle.dump(self, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        tmp.replace(p)
+        return p
+
+    @classmethod
+    def load(cls, path: str | Path) -> ChurnBundle:
+        """Load a bundle saved by :meth:`save` (only load files you trust: it is a pickle)."""
+        p = Path(path)
+        try:
+            with p.open("rb") as fh:
+                obj = pickle.load(fh)
+        except FileNotFoundError:
+            raise LapseError(f"{p}: no model bundle there; run `lapse train` first") from None
+        except (pickle.UnpicklingError, EOFError, AttributeError, ModuleNotFoundError) as exc:
+            raise LapseError(f"{p}: not a lapse model bundle ({exc})") from None
+        if not isinstance(obj, cls):
+            raise LapseError(f"{p}: not a lapse churn bundle (found {type(obj).__name__})")
+        if obj.format != BUNDLE_FORMAT:
+            raise LapseError(
+                f"{p}: bundle format {obj.format}, this lapse reads {BUNDLE_FORMAT}; retrain"
+            )
+        return obj

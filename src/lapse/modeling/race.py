@@ -1,0 +1,282 @@
+"""The churn model race on one cutoff grid: fit, calibrate on validation, test.
+
+Candidates, simplest first: ``recency`` (days since the last qualifying
+activity), ``rules`` (fired churn triggers, ties by days since last usage),
+``bgnbd`` and ``lightgbm`` (plus ``lightgbm_stacked`` when configured). The
+winner has the best validation ROC-AUC; a simpler model within
+:data:`TIE_AUC` of the best wins the tie. Every candidate is calibrated on the
+validation cutoff with the same method and evaluated on the test cutoff.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+import polars as pl
+
+from lapse.config import LapseConfig
+from lapse.modeling.bgnbd import BGNBD, BTYD_COLUMNS, FitWarning
+from lapse.modeling.lgbm import LightGBMChurn, model_columns
+from lapse.modeling.metrics import Calibrator, binary_metrics
+from lapse.modeling.rules import recency_days, rules_score
+
+__all__ = [
+    "COMPLEXITY",
+    "TIE_AUC",
+    "CandidateResult",
+    "RaceResult",
+    "RaceScorer",
+    "run_race",
+    "select",
+]
+
+FloatArray = npt.NDArray[np.float64]
+
+COMPLEXITY: Final = ("recency", "rules", "bgnbd", "lightgbm", "lightgbm_stacked")
+TIE_AUC: Final = 0.001
+_PROBABILISTIC: Final = frozenset({"bgnbd", "lightgbm", "lightgbm_stacked"})
+
+
+def _btyd(frame: pl.DataFrame) -> tuple[FloatArray, FloatArray, FloatArray]:
+    cols = [frame[c].cast(pl.Float64).fill_null(0.0).to_numpy() for c in BTYD_COLUMNS]
+    return cols[0], cols[1], cols[2]
+
+
+@dataclass
+class RaceScorer:
+    """Raw risk scores (higher = riskier) of every candidate from feature rows.
+
+    Holds the fitted models; ``score(name, frame)`` works on any cutoff's rows.
+    """
+
+    config: LapseConfig
+    lightgbm: LightGBMChurn
+    bgnbd: BGNBD
+    stacked: LightGBMChurn | None = None
+
+    @property
+    def names(self) -> list[str]:
+        base = ["recency", "rules", "bgnbd", "lightgbm"]
+        return [*base, "lightgbm_stacked"] if self.stacked is not None else base
+
+    def _recency(self, frame: pl.DataFrame) -> FloatArray:
+        days = recency_days(frame, self.config)
+        # never active: riskier than anyone seen (the feature windows cap at a few hundred days)
+        out: FloatArray = np.log1p(np.where(np.isfinite(days), days, 1e5))
+        return out
+
+    def _bgnbd(self, frame: pl.DataFrame) -> FloatArray:
+        x, t, age = _btyd(frame)
+        horizon = float(self.config.labels.horizon_days)
+        out: FloatArray = 1.0 - self.bgnbd.p_any_purchase(horizon, x, t, age)
+        return out
+
+    def with_scores(self, frame: pl.DataFrame) -> pl.DataFrame:
+        """``frame`` plus ``score_bgnbd`` and ``score_recency`` (inputs of the stacked model)."""
+        return frame.with_columns(
+            pl.Series("score_bgnbd", self._bgnbd(frame)),
+            pl.Series("score_recency", self._recency(frame)),
+        )
+
+    def score(self, name: str, frame: pl.DataFrame) -> FloatArray:
+        if name == "recency":
+            return self._recency(frame)
+        if name == "rules":
+            return rules_score(frame, self.config)
+        if name == "bgnbd":
+            return self._bgnbd(frame)
+        if name == "lightgbm":
+            return self.lightgbm.predict_proba(frame)
+        if name == "lightgbm_stacked" and self.stacked is not None:
+            return self.stacked.predict_proba(self.with_scores(frame))
+        raise KeyError(f"unknown candidate {name!r}")
+
+
+@dataclass
+class CandidateResult:
+    """One candidate's validation AUC, calibrator and calibrated test metrics."""
+
+    name: str
+    validation_auc: float
+    calibrator: Calibrator
+    test_metrics: dict[str, float]
+    test_proba: FloatArray
+
+
+@dataclass
+class RaceResult:
+    """The race's outcome on one grid."""
+
+    test_cutoff: datetime
+    validation_cutoff: datetime
+    training_cutoffs: list[datetime]
+    candidates: dict[str, CandidateResult]
+    selected: str
+    why: str
+    scorer: RaceScorer
+    y_test: FloatArray
+    n_train: int
+    n_validation: int
+    n_test: int
+    test_base_rate: float
+    oracle_auc: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def metrics_json(self) -> dict[str, Any]:
+        """The pinned ``{"churn": {...}}`` section of ``metrics.json``."""
+        models: dict[str, Any] = {
+            name: {k: _finite(v) for k, v in c.test_metrics.items()}
+            for name, c in self.candidates.items()
+        }
+        if self.oracle_auc is not None:
+            models["oracle"] = {"roc_auc": _finite(self.oracle_auc)}
+        return {
+            "churn": {
+                "models": models,
+                "selected": self.selected,
+                "n_test": self.n_test,
+                "test_cutoff": f"{self.test_cutoff:%Y-%m-%d}",
+            }
+        }
+
+
+def _finite(v: float) -> float | None:
+    return float(v) if np.isfinite(v) else None
+
+
+def select(validation_auc: dict[str, float]) -> tuple[str, str]:
+    """The winner and a sentence on why: best AUC, ties (within TIE_AUC) to the simpler."""
+    ranked = [n for n in COMPLEXITY if n in validation_auc and np.isfinite(validation_auc[n])]
+    if not ranked:
+        raise ValueError("no candidate has a finite validation ROC-AUC")
+    best = max(ranked, key=lambda n: validation_auc[n])
+    winner = next(n for n in ranked if validation_auc[n] >= validation_auc[best] - TIE_AUC)
+    listing = ", ".join(f"{n} {validation_auc[n]:.4f}" for n in ranked)
+    if winner == best:
+        why = f"{winner} has the best validation ROC-AUC ({listing})"
+    else:
+        why = (
+            f"{winner} is within {TIE_AUC} ROC-AUC of the best ({best}) on validation and "
+            f"simpler, so it wins the tie ({listing})"
+        )
+    return winner, why
+
+
+def fit_scorer(
+    train: pl.DataFrame,
+    btyd_fit: pl.DataFrame,
+    config: LapseConfig,
+) -> RaceScorer:
+    """Fit LightGBM on ``train`` (labelled rows of the training cutoffs) and BG/NBD on
+    ``btyd_fit`` (the activity summary of every active user at the fit cutoff)."""
+    y = train["churned"].cast(pl.Float64).to_numpy()
+    groups = train["cutoff"].dt.epoch("s").to_numpy()
+    m = config.models
+    lgbm = LightGBMChurn(
+        search=m.lightgbm_search, random_state=m.random_state, n_jobs=m.n_jobs
+    ).fit(train, y, groups=groups)
+    x, t, age = _btyd(btyd_fit)
+    bgnbd = BGNBD().fit(x, t, age)
+    scorer = RaceScorer(config=config, lightgbm=lgbm, bgnbd=bgnbd)
+    if m.stacked_lightgbm:
+        stacked_frame = scorer.with_scores(train)
+        cols = model_columns(stacked_frame, extra=("score_bgnbd", "score_recency"))
+        scorer.stacked = LightGBMChurn(
+            columns=cols, random_state=m.random_state, n_jobs=m.n_jobs
+        ).fit(stacked_frame, y, groups=groups)
+    return scorer
+
+
+def fit_calibrator(name: str, score: FloatArray, y: FloatArray, config: LapseConfig) -> Calibrator:
+    return Calibrator(config.models.calibration, probability=name in _PROBABILISTIC).fit(score, y)
+
+
+def run_race(
+    frame: pl.DataFrame,
+    btyd_fit: pl.DataFrame,
+    *,
+    training: list[datetime],
+    validation: datetime,
+    test: datetime,
+    config: LapseConfig,
+    oracle: pl.DataFrame | None = None,
+) -> RaceResult:
+    """Fit every candidate on ``training``, calibrate on ``validation``, evaluate on ``test``.
+
+    Parameters
+    ----------
+    frame
+        Labelled feature rows (``user_id, cutoff, churned``, features, ``btyd_*``).
+    btyd_fit
+        BG/NBD's fitting summary (``btyd_*`` of every active user at the
+        validation cutoff: past data only).
+    oracle
+        ``user_id, p_churn`` at the test cutoff (the generator's truth).
+    """
+    train = frame.filter(pl.col("cutoff").is_in(pl.lit(pl.Series(training)).implode()))
+    val = frame.filter(pl.col("cutoff") == validation)
+    tst = frame.filter(pl.col("cutoff") == test)
+    for part, rows in (("training", train), ("validation", val), ("test", tst)):
+        if rows.height == 0 or rows["churned"].n_unique() < 2:
+            from lapse.exceptions import LapseError
+
+            raise LapseError(
+                f"the {part} cutoff(s) have {rows.height} eligible users and need both churned "
+                "and retained ones; supply more users or history, or widen labels.eligibility"
+            )
+    notes: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FitWarning)
+        scorer = fit_scorer(train, btyd_fit, config)
+    for w in caught:
+        notes.append(str(w.message))
+        warnings.warn(w.message, w.category, stacklevel=2)
+    from sklearn.metrics import roc_auc_score
+
+    y_val = val["churned"].cast(pl.Float64).to_numpy()
+    y_test = tst["churned"].cast(pl.Float64).to_numpy()
+    results: dict[str, CandidateResult] = {}
+    for name in scorer.names:
+        s_val, s_test = scorer.score(name, val), scorer.score(name, tst)
+        cal = fit_calibrator(name, s_val, y_val, config)
+        p_test = cal.predict(s_test)
+        results[name] = CandidateResult(
+            name=name,
+            validation_auc=float(roc_auc_score(y_val, s_val)),
+            calibrator=cal,
+            test_metrics=binary_metrics(y_test, p_test),
+            test_proba=p_test,
+        )
+    selected, why = select({n: r.validation_auc for n, r in results.items()})
+    oracle_auc = None
+    if oracle is not None:
+        joined = tst.select("user_id", "churned").join(oracle, on="user_id", how="left")
+        missing = joined["p_churn"].null_count()
+        if missing:
+            notes.append(
+                f"oracle: {missing} eligible test users have no truth row (past their latent "
+                "churn date); they count as p_churn = 1"
+            )
+        p = joined["p_churn"].fill_null(1.0).cast(pl.Float64).to_numpy()
+        oracle_auc = float(roc_auc_score(joined["churned"].cast(pl.Float64).to_numpy(), p))
+    return RaceResult(
+        test_cutoff=test,
+        validation_cutoff=validation,
+        training_cutoffs=list(training),
+        candidates=results,
+        selected=selected,
+        why=why,
+        scorer=scorer,
+        y_test=y_test,
+        n_train=train.height,
+        n_validation=val.height,
+        n_test=tst.height,
+        test_base_rate=float(y_test.mean()),
+        oracle_auc=oracle_auc,
+        notes=notes,
+    )

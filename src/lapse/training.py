@@ -1,0 +1,450 @@
+"""Composition of the churn race for ``lapse train`` and ``lapse backtest``.
+
+``train`` reads the events, lays the cutoff grid, builds labelled feature
+frames, runs the race (fit on training cutoffs, calibrate and select on the
+validation cutoff, evaluate on the test cutoff), writes the report folder
+(``metrics.json``, ``report.md``, PNG plots), refits the shipped model on all
+complete cutoffs and saves the bundle. No printing: results carry what the
+CLI shows.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from lapse.config import LapseConfig
+from lapse.events import load_attributes
+from lapse.exceptions import LapseError
+
+__all__ = ["BacktestResult", "TrainResult", "backtest", "build_frame", "train"]
+
+_METRIC_COLUMNS = (
+    "roc_auc",
+    "pr_auc",
+    "brier",
+    "log_loss",
+    "ece",
+    "top_decile_lift",
+    "top_decile_capture",
+)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What ``lapse train`` produced.
+
+    ``table`` has one row per candidate (plus ``oracle``): ``model``,
+    ``validation_auc``, the test metrics and ``selected``.
+    """
+
+    metrics: dict[str, Any]
+    table: pl.DataFrame
+    selected: str
+    why: str
+    test_cutoff: datetime
+    validation_cutoff: datetime
+    training_cutoffs: list[datetime]
+    refit_cutoffs: list[datetime]
+    calibration_cutoff: datetime
+    data_end: datetime
+    n_train: int
+    n_validation: int
+    n_test: int
+    test_base_rate: float
+    oracle_auc: float | None
+    out_dir: Path
+    metrics_path: Path
+    report_path: Path
+    plots: dict[str, Path]
+    bundle_path: Path
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class BacktestResult:
+    """Per-cutoff metrics of the race on the last K complete cutoffs, and their spread.
+
+    ``per_cutoff``: ``test_cutoff, model, selected`` and the metrics;
+    ``spread``: per ``model``, the mean, std, min and max of each metric.
+    """
+
+    per_cutoff: pl.DataFrame
+    spread: pl.DataFrame
+    selected: dict[str, str]
+    notes: list[str] = field(default_factory=list)
+
+
+# -- frames ---------------------------------------------------------------------------
+
+
+def build_frame(
+    events: pl.LazyFrame,
+    cutoffs: list[datetime],
+    config: LapseConfig,
+    *,
+    data_end: datetime,
+    attributes: pl.DataFrame | None = None,
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """``(labelled, rfm)``: eligible users' features, labels and ``btyd_*`` at each cutoff,
+    and the BG/NBD summary of every active user (BG/NBD fits on the latter)."""
+    from lapse.features import build_many
+    from lapse.labels import churn_labels
+    from lapse.modeling.bgnbd import rfm_summary
+    from lapse.modeling.lgbm import with_derived
+
+    labels = churn_labels(events, cutoffs, config, data_end=data_end)
+    features = build_many(events, cutoffs, config, attributes=attributes)
+    rfm = rfm_summary(events, cutoffs, config)
+    frame = (
+        labels.join(features, on=["user_id", "cutoff"], how="left")
+        .join(rfm, on=["user_id", "cutoff"], how="left")
+        .sort("cutoff", "user_id")
+    )
+    return with_derived(frame), rfm
+
+
+def _oracle(truth_dir: Path | None, test: datetime) -> pl.DataFrame | None:
+    if truth_dir is None:
+        return None
+    path = Path(truth_dir) / "truth_hazard.parquet"
+    if not path.exists():
+        raise LapseError(
+            f"{path}: no truth_hazard.parquet; --truth takes `lapse generate`'s folder"
+        )
+    return (
+        pl.scan_parquet(path)
+        .filter(pl.col("date") == test.date())
+        .select("user_id", pl.col("p_churn_28d").cast(pl.Float64).alias("p_churn"))
+        .collect()
+    )
+
+
+def _in_memory(events: pl.LazyFrame) -> pl.LazyFrame:
+    """Read and validate once: labels, features and BG/NBD each scan the events."""
+    return events.collect().lazy()
+
+
+# -- train ----------------------------------------------------------------------------
+
+
+def _table(race: Any) -> pl.DataFrame:
+    rows = []
+    for name, cand in race.candidates.items():
+        rows.append(
+            {
+                "model": name,
+                "validation_auc": cand.validation_auc,
+                **{k: cand.test_metrics[k] for k in _METRIC_COLUMNS},
+                "selected": name == race.selected,
+            }
+        )
+    if race.oracle_auc is not None:
+        rows.append(
+            {
+                "model": "oracle",
+                "validation_auc": None,
+                "roc_auc": race.oracle_auc,
+                "selected": False,
+            }
+        )
+    return pl.DataFrame(
+        rows, schema_overrides={"validation_auc": pl.Float64}, infer_schema_length=None
+    )
+
+
+def _report_md(result_bits: dict[str, Any]) -> str:
+    r = result_bits
+    lines = [
+        "# lapse churn report",
+        "",
+        f"- events: `{r['events']}`; data end (exclusive): {r['data_end']:%Y-%m-%d}",
+        f"- label: {r['kind']}, horizon {r['horizon']} days; eligibility: {r['eligibility']}",
+        f"- training cutoffs ({len(r['training'])}): {', '.join(f'{c:%Y-%m-%d}' for c in r['training'])}"
+        f" ({r['n_train']} rows)",
+        f"- validation cutoff: {r['validation']:%Y-%m-%d} ({r['n_validation']} users); "
+        f"test cutoff: {r['test']:%Y-%m-%d} ({r['n_test']} users, churn rate {r['base_rate']:.3f})",
+        "",
+        "## Selection",
+        "",
+        f"Selected: **{r['selected']}**. {r['why'][0].upper()}{r['why'][1:]}. Every candidate was "
+        f"calibrated ({r['calibration']}) on the validation cutoff, never on the test.",
+        "",
+        "## Test metrics (after calibration)",
+        "",
+        "| model | val AUC | " + " | ".join(_METRIC_COLUMNS) + " |",
+        "|---" * (len(_METRIC_COLUMNS) + 2) + "|",
+    ]
+    for row in r["table"].iter_rows(named=True):
+        cells = [row["model"] + (" *" if row["selected"] else "")]
+        for key in ("validation_auc", *_METRIC_COLUMNS):
+            v = row.get(key)
+            cells.append("" if v is None or not np.isfinite(v) else f"{v:.4f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Shipped model",
+        "",
+        f"After the race, the shipped {r['selected']} was refit with the same recipe shifted to the "
+        f"end of the data: fitted on {len(r['refit'])} cutoffs "
+        f"({r['refit'][0]:%Y-%m-%d} to {r['refit'][-1]:%Y-%m-%d}, every complete cutoff whose label "
+        f"window ends by {r['calibration_cutoff']:%Y-%m-%d}) and calibrated on the latest complete "
+        f"cutoff, {r['calibration_cutoff']:%Y-%m-%d}. The metrics above are the race model's; the "
+        "refit model has no held-out evaluation of its own.",
+    ]
+    if r["notes"]:
+        lines += ["", "## Notes", "", *(f"- {n}" for n in r["notes"])]
+    return "\n".join(lines) + "\n"
+
+
+def train(
+    events_path: str | Path,
+    config: LapseConfig,
+    *,
+    out_dir: str | Path,
+    truth_dir: str | Path | None = None,
+    models_dir: str | Path | None = None,
+) -> TrainResult:
+    """Run the churn race, write the report folder, refit and save the bundle.
+
+    Parameters
+    ----------
+    events_path
+        Event file, folder or glob (read with the config's source mapping).
+    out_dir
+        Report folder: ``metrics.json``, ``report.md`` and the PNG plots.
+    truth_dir
+        ``lapse generate``'s output folder; adds the oracle's AUC.
+    models_dir
+        Where the bundle goes (``<models.name>.pkl``); default ``models/``
+        resolved like every relative config path.
+
+    Raises
+    ------
+    LapseError
+        Unreadable events, too little history, or a cutoff without both classes.
+    """
+    from lapse.events import read_events
+    from lapse.labels import cutoff_grid
+    from lapse.modeling.bundle import ChurnBundle
+    from lapse.modeling.plots import write_plots
+    from lapse.modeling.race import fit_calibrator, fit_scorer, run_race
+
+    out = Path(out_dir)
+    events = _in_memory(read_events(events_path, config))
+    grid = cutoff_grid(events, config)
+    horizon = grid.horizon
+    used = [c for c in grid.complete if c >= grid.training[0]]
+    frame, rfm = build_frame(
+        events, used, config, data_end=grid.data_end, attributes=load_attributes(config)
+    )
+    oracle = _oracle(Path(truth_dir) if truth_dir is not None else None, grid.test)
+    if oracle is not None and config.labels.horizon_days != 28:
+        warnings.warn(
+            "the oracle's probabilities are for 28 days; the label horizon differs", stacklevel=2
+        )
+    race = run_race(
+        frame,
+        rfm.filter(pl.col("cutoff") == grid.validation),
+        training=list(grid.training),
+        validation=grid.validation,
+        test=grid.test,
+        config=config,
+        oracle=oracle,
+    )
+    notes = list(race.notes)
+    lgb = race.candidates["lightgbm"].test_metrics["roc_auc"]
+    rec = race.candidates["recency"].test_metrics["roc_auc"]
+    if lgb < rec:
+        notes.append(
+            f"LightGBM's test ROC-AUC ({lgb:.4f}) is below plain recency's ({rec:.4f}) on the "
+            "out-of-time test"
+        )
+
+    # report
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = race.metrics_json()
+    metrics_path = out / "metrics.json"
+    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    tst = frame.filter(pl.col("cutoff") == grid.test)
+    sample = tst.sample(n=min(5000, tst.height), seed=config.models.random_state)
+    importance = race.scorer.lightgbm.importance(sample)
+    plots = write_plots(
+        out,
+        race.y_test,
+        {n: c.test_proba for n, c in race.candidates.items()},
+        importance,
+        title=f"test cutoff {grid.test:%Y-%m-%d}",
+    )
+    importance.write_csv(out / "importance.csv")
+
+    # refit the shipped model: same recipe, shifted so the calibration cutoff is the latest
+    refit = [c for c in used if c + horizon <= grid.test]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scorer = fit_scorer(
+            frame.filter(pl.col("cutoff").is_in(pl.lit(pl.Series(refit)).implode())),
+            rfm.filter(pl.col("cutoff") == grid.test),
+            config,
+        )
+    notes += [f"refit: {w.message}" for w in caught]
+    y_cal = tst["churned"].cast(pl.Float64).to_numpy()
+    s_cal = scorer.score(race.selected, tst)
+    calibrator = fit_calibrator(race.selected, s_cal, y_cal, config)
+    table = _table(race)
+    report = _report_md(
+        {
+            "events": str(events_path),
+            "data_end": grid.data_end,
+            "kind": config.labels.kind,
+            "horizon": config.labels.horizon_days,
+            "eligibility": config.labels.eligibility,
+            "training": list(grid.training),
+            "validation": grid.validation,
+            "test": grid.test,
+            "n_train": race.n_train,
+            "n_validation": race.n_validation,
+            "n_test": race.n_test,
+            "base_rate": race.test_base_rate,
+            "selected": race.selected,
+            "why": race.why,
+            "calibration": config.models.calibration,
+            "table": table,
+            "refit": refit,
+            "calibration_cutoff": grid.test,
+            "notes": notes,
+        }
+    )
+    report_path = out / "report.md"
+    report_path.write_text(report, encoding="utf-8")
+
+    feature_cols = [c for c in frame.columns if c not in ("churned",)]
+    bundle = ChurnBundle(
+        name=config.models.name,
+        config=config,
+        feature_schema={
+            c: str(frame.schema[c]) for c in feature_cols if c not in ("user_id", "cutoff")
+        },
+        training_end=grid.data_end,
+        selected=race.selected,
+        scorer=scorer,
+        calibrator=calibrator,
+        score_reference=np.sort(calibrator.predict(s_cal)),
+        metrics=metrics,
+        cutoffs={
+            "training": list(grid.training),
+            "validation": grid.validation,
+            "test": grid.test,
+            "refit": refit,
+            "calibration": grid.test,
+            "data_end": grid.data_end,
+        },
+        created_at=datetime.now(UTC),
+    )
+    models = Path(models_dir) if models_dir is not None else config.resolve("models")
+    bundle_path = bundle.save(models / f"{config.models.name}.pkl")
+    return TrainResult(
+        metrics=metrics,
+        table=table,
+        selected=race.selected,
+        why=race.why,
+        test_cutoff=grid.test,
+        validation_cutoff=grid.validation,
+        training_cutoffs=list(grid.training),
+        refit_cutoffs=refit,
+        calibration_cutoff=grid.test,
+        data_end=grid.data_end,
+        n_train=race.n_train,
+        n_validation=race.n_validation,
+        n_test=race.n_test,
+        test_base_rate=race.test_base_rate,
+        oracle_auc=race.oracle_auc,
+        out_dir=out,
+        metrics_path=metrics_path,
+        report_path=report_path,
+        plots=plots,
+        bundle_path=bundle_path,
+        notes=notes,
+    )
+
+
+# -- backtest -------------------------------------------------------------------------
+
+
+def backtest(events_path: str | Path, config: LapseConfig, *, k: int = 6) -> BacktestResult:
+    """The race on each of the last ``k`` complete cutoffs as the test cutoff.
+
+    Each repetition lays its own validation and training cutoffs before its
+    test cutoff (same embargo); features are built once for all of them.
+    """
+    from lapse.events import read_events
+    from lapse.labels import data_span, grid_for_test
+    from lapse.modeling.race import run_race
+
+    if k < 1:
+        raise LapseError(f"--k must be at least 1, got {k}")
+    events = _in_memory(read_events(events_path, config))
+    start, end = data_span(events)
+    step = timedelta(days=config.labels.cutoff_every_days)
+    latest = end - timedelta(days=config.labels.horizon_days)
+    grids = []
+    for i in range(k):
+        try:
+            grids.append(
+                grid_for_test(latest - i * step, data_start=start, data_end=end, config=config)
+            )
+        except LapseError:
+            break
+    if not grids:
+        raise LapseError("the events are too short for even one backtest cutoff")
+    notes = [] if len(grids) == k else [f"only {len(grids)} of {k} cutoffs have enough history"]
+    used = sorted({c for g in grids for c in g.all_race})
+    frame, rfm = build_frame(events, used, config, data_end=end, attributes=load_attributes(config))
+    rows: list[dict[str, Any]] = []
+    selected: dict[str, str] = {}
+    for g in sorted(grids, key=lambda g: g.test):
+        race = run_race(
+            frame,
+            rfm.filter(pl.col("cutoff") == g.validation),
+            training=list(g.training),
+            validation=g.validation,
+            test=g.test,
+            config=config,
+        )
+        day = f"{g.test:%Y-%m-%d}"
+        selected[day] = race.selected
+        notes += [f"{day}: {n}" for n in race.notes]
+        for name, cand in race.candidates.items():
+            rows.append(
+                {
+                    "test_cutoff": day,
+                    "model": name,
+                    "selected": name == race.selected,
+                    "n_test": race.n_test,
+                    "validation_auc": cand.validation_auc,
+                    **cand.test_metrics,
+                }
+            )
+    per_cutoff = pl.DataFrame(rows)
+    spread = per_cutoff.group_by("model", maintain_order=True).agg(
+        pl.len().alias("n_cutoffs"),
+        pl.col("selected").sum().alias("times_selected"),
+        *(
+            agg
+            for m in _METRIC_COLUMNS
+            for agg in (
+                pl.col(m).mean().alias(f"{m}_mean"),
+                pl.col(m).std().alias(f"{m}_std"),
+                pl.col(m).min().alias(f"{m}_min"),
+                pl.col(m).max().alias(f"{m}_max"),
+            )
+        ),
+    )
+    return BacktestResult(per_cutoff=per_cutoff, spread=spread, selected=selected, notes=notes)

@@ -1,0 +1,293 @@
+"""Models, metrics, calibration, rules and reasons: real fits on small data, no mocks."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+import numpy as np
+import polars as pl
+import pytest
+from sklearn.base import clone
+
+from lapse.config import load_config
+from lapse.modeling import (
+    BGNBD,
+    Calibrator,
+    FitWarning,
+    LightGBMChurn,
+    binary_metrics,
+    describe,
+    model_columns,
+    reasons,
+    rules_score,
+    select,
+    triggers,
+)
+from lapse.modeling.metrics import expected_calibration_error, top_decile
+
+TRUE = {"r": 0.24, "alpha": 4.41, "a": 0.79, "b": 2.43}
+
+
+def simulate_bgnbd(
+    n: int, seed: int, horizon: float = 0.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Purchase histories from the BG/NBD process; also whether each buys in ``(T, T+horizon]``."""
+    rng = np.random.default_rng(seed)
+    lam = rng.gamma(TRUE["r"], 1 / TRUE["alpha"], n)
+    p = rng.beta(TRUE["a"], TRUE["b"], n)
+    age = rng.uniform(27, 39, n)  # weeks, like the CDNOW cohort the parameters come from
+    k = rng.geometric(p)  # the repeat transaction after which the customer drops out
+    arrivals = rng.poisson(lam * age)
+    x = np.minimum(k, arrivals)
+    t_x = np.where(x > 0, age * rng.beta(np.maximum(x, 1), arrivals - x + 1), 0.0)
+    alive = k > arrivals
+    buys = alive & (rng.poisson(lam * horizon) > 0)
+    return x.astype(float), t_x, age, buys
+
+
+def test_bgnbd_recovers_known_parameters() -> None:
+    x, t_x, age, _ = simulate_bgnbd(40_000, seed=1)
+    start = time.perf_counter()
+    model = BGNBD().fit(x, t_x, age)
+    assert time.perf_counter() - start < 10
+    assert model.converged_ and not model.fallback_
+    # tolerance: r and alpha within 10%, a and b within 20% (observed errors at this
+    # size are about 4% and 12% over seeds 0-4; a and b are the weakly identified pair)
+    for name, tol in (("r", 0.10), ("alpha", 0.10), ("a", 0.20), ("b", 0.20)):
+        assert model.params_[name] == pytest.approx(TRUE[name], rel=tol), name
+
+
+def test_bgnbd_probabilities_match_simulation() -> None:
+    x, t_x, age, buys = simulate_bgnbd(40_000, seed=2, horizon=8.0)
+    model = BGNBD().set_params(penalizer=0.0)
+    assert isinstance(model, BGNBD)
+    model.params_ = dict(TRUE)  # score with the true parameters: the formulas alone
+    p_any = model.p_any_purchase(8.0, x, t_x, age)
+    assert p_any.mean() == pytest.approx(buys.mean(), abs=0.01)
+    # grouped by predicted decile too: the formula is calibrated, not just on average
+    order = np.argsort(p_any)
+    for idx in np.array_split(order, 5):
+        assert p_any[idx].mean() == pytest.approx(buys[idx].mean(), abs=0.02)
+    alive = model.p_alive(x, t_x, age)
+    assert np.all((alive > 0) & (alive <= 1))
+    assert np.all(alive[x == 0] == 1.0)
+    expected = model.expected_purchases(8.0, x, t_x, age)
+    assert np.all(expected >= 0) and np.all(np.isfinite(expected))
+
+
+def test_bgnbd_fit_failure_falls_back_with_a_warning() -> None:
+    x = np.array([0.0, 0.0, 1.0])
+    with pytest.warns(FitWarning):
+        # a single impossible summary cannot be fitted: the likelihood is never finite
+        m = BGNBD(max_iter=1).fit(x, np.array([0.0, 0.0, np.inf]), np.array([1.0, 1.0, np.inf]))
+    assert m.fallback_ or not m.converged_
+    assert np.all(np.isfinite(m.p_any_purchase(28.0, [0.0], [0.0], [10.0])))
+
+
+def test_bgnbd_rejects_bad_summaries() -> None:
+    with pytest.raises(ValueError, match="recency <= age"):
+        BGNBD().fit([1.0], [5.0], [2.0])
+    with pytest.raises(RuntimeError, match="not fitted"):
+        BGNBD().p_alive([1.0], [1.0], [2.0])
+
+
+def test_metrics_on_a_literal_example() -> None:
+    y = np.array([1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0], dtype=float)
+    p = np.linspace(0.95, 0.0, 20)
+    m = binary_metrics(y, p)
+    # top decile = 2 rows (0.95, 0.90): one positive of three -> rate 0.5, base 0.15
+    assert m["top_decile_lift"] == pytest.approx(0.5 / 0.15)
+    assert m["top_decile_capture"] == pytest.approx(1 / 3)
+    assert m["brier"] == pytest.approx(np.mean((p - y) ** 2))
+    # ROC-AUC by counting: pairs (positive, negative) ranked correctly
+    pos, neg = p[y == 1], p[y == 0]
+    assert m["roc_auc"] == pytest.approx(np.mean(pos[:, None] > neg[None, :]))
+    assert set(m) == {
+        "roc_auc",
+        "pr_auc",
+        "brier",
+        "log_loss",
+        "ece",
+        "top_decile_lift",
+        "top_decile_capture",
+    }
+
+
+def test_ece_uses_equal_frequency_bins() -> None:
+    # 10 bins of 2 rows: bin i predicts 0.5 with labels (0, 1) -> perfectly calibrated
+    y = np.tile([0.0, 1.0], 10)
+    assert expected_calibration_error(y, np.full(20, 0.5)) == pytest.approx(0.0)
+    assert expected_calibration_error(y, np.full(20, 0.8)) == pytest.approx(0.3)
+    lift, capture = top_decile(np.array([1.0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), np.arange(10.0)[::-1])
+    assert (lift, capture) == (10.0, 1.0)
+
+
+@pytest.mark.parametrize("method", ["platt", "isotonic"])
+def test_calibration_fixes_a_miscalibrated_score(method: str) -> None:
+    rng = np.random.default_rng(0)
+    true = rng.uniform(0.01, 0.6, 20_000)
+    y = (rng.random(true.size) < true).astype(float)
+    skewed = true**0.5  # overconfident
+    cal = Calibrator(method).fit(skewed[:10_000], y[:10_000])  # type: ignore[arg-type]
+    after = cal.predict(skewed[10_000:])
+    assert expected_calibration_error(y[10_000:], skewed[10_000:]) > 0.1
+    assert expected_calibration_error(y[10_000:], after) < 0.02
+    if method == "platt":  # strictly monotone: the ranking is untouched
+        assert np.array_equal(
+            np.argsort(after, kind="stable"), np.argsort(skewed[10_000:], kind="stable")
+        )
+    assert clone(cal).get_params() == cal.get_params()
+
+
+def test_selection_prefers_the_simpler_model_on_ties() -> None:
+    assert select({"recency": 0.80, "lightgbm": 0.85, "bgnbd": 0.84})[0] == "lightgbm"
+    winner, why = select({"recency": 0.8500, "rules": 0.70, "lightgbm": 0.8505})
+    assert winner == "recency"
+    assert "tie" in why
+
+
+# -- rules --------------------------------------------------------------------------
+
+
+def _features(**cols: list[object]) -> pl.DataFrame:
+    base: dict[str, list[object]] = {
+        "user_id": ["a", "b", "c"],
+        "days_since_first_purchase": [10, 3, None],
+        "aha_reached": [False, False, True],
+        "milestone_brews_crossed_7d": [False, True, False],
+        "milestone_app_opens_crossed_7d": [False, False, False],
+        "error_count_7d": [0, 5, 1],
+        "setup_started_count_7d": [1, 0, 0],
+        "setup_incomplete": [False, False, True],
+        "decay_ratio_14d": [0.5, None, 0.9],
+        "dropping_ratio_7d": [0.4, 0.5, None],
+        "days_of_supply_left": [2.0, None, 10.0],
+        "days_since_last_usage": [3, 1, None],
+        "days_since_last_purchase": [10, 3, None],
+    }
+    base.update(cols)
+    return pl.DataFrame(base)
+
+
+def test_triggers_fire_as_documented() -> None:
+    config = load_config()
+    out = triggers(_features(), config)
+    assert out["triggers"].to_list() == [
+        # a: purchased 10 >= 7 days ago without aha; decay 0.5 <= 0.5; dropping 0.4 < 0.5;
+        #    supply 2 <= 3 days
+        ["activation_nudge", "usage_decay", "dropping_activity", "replenishment_due"],
+        # b: milestone; 5 errors >= 3; dropping 0.5 is not below 0.5
+        ["milestone", "friction_alert"],
+        [],  # c: setup incomplete but not started in the last 7 days; nulls never fire
+    ]
+    # rules score: churn triggers fired + days since last usage / (days + 1)
+    assert rules_score(_features(), config).tolist() == pytest.approx(
+        [3 + 3 / 4, 1 + 1 / 2, 1 - 1e-9]
+    )
+
+
+def test_triggers_without_roles_never_fire() -> None:
+    config = load_config()
+    config = config.model_copy(
+        update={"roles": config.roles.model_copy(update={"aha": [], "usage": [], "error": []})}
+    )
+    out = triggers(_features(), config)
+    for t in ("activation_nudge", "usage_decay", "dropping_activity"):
+        assert not out[t].any()
+    # no usage role: the tie-break uses days since the last purchase
+    assert rules_score(_features(), config)[0] == pytest.approx(10 / 11)
+
+
+# -- LightGBM and reasons ----------------------------------------------------------------
+
+
+def _churn_frame(n: int, seed: int) -> tuple[pl.DataFrame, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    usage_14 = rng.poisson(6, n)
+    usage_28 = usage_14 + rng.poisson(6, n)
+    recency = rng.integers(0, 20, n)
+    plan = rng.choice(["basic", "pro"], n)
+    logit = -2.0 + 0.25 * recency - 0.3 * usage_14 + 0.8 * (plan == "basic")
+    y = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(float)
+    frame = pl.DataFrame(
+        {
+            "user_id": [f"u{i}" for i in range(n)],
+            "cutoff": [datetime(2024, 1, 1 + i % 3, tzinfo=UTC) for i in range(n)],
+            "usage_count_14d": usage_14,
+            "usage_count_28d": usage_28,
+            "days_since_last_usage": recency,
+            "tenure_days": rng.integers(0, 400, n),
+            "plan": plan,
+            "churned": y.astype(bool),
+        }
+    )
+    return frame, y
+
+
+def test_lightgbm_is_deterministic_and_learns() -> None:
+    frame, y = _churn_frame(3000, 0)
+    groups = frame["cutoff"].dt.epoch("s").to_numpy()
+    a = LightGBMChurn(random_state=3, n_jobs=2).fit(frame, y, groups=groups)
+    b = clone(a).fit(frame, y, groups=groups)
+    assert np.array_equal(a.predict_proba(frame), b.predict_proba(frame))
+    assert a.feature_names_ == [
+        "usage_count_14d",
+        "usage_count_28d",
+        "days_since_last_usage",
+        "plan",
+    ]
+    assert "tenure_days" not in model_columns(frame)  # grows by construction
+    test, y_test = _churn_frame(2000, 1)
+    assert binary_metrics(y_test, a.predict_proba(test))["roc_auc"] > 0.75
+    contrib = a.contributions(test.head(5))
+    # SHAP values add up to the raw log-odds
+    p = a.predict_proba(test.head(5))
+    assert contrib.sum(axis=1) == pytest.approx(np.log(p / (1 - p)), abs=1e-6)
+    assert set(a.get_params()) >= {"learning_rate", "random_state", "search"}
+    imp = a.importance(test.head(100))
+    assert imp.columns == ["feature", "gain", "mean_abs_shap"]
+
+
+def test_lightgbm_search_runs_and_keeps_input_intact() -> None:
+    frame, y = _churn_frame(1500, 2)
+    before = frame.clone()
+    m = LightGBMChurn(search=True, n_search=2, max_trees=200).fit(
+        frame, y, groups=frame["cutoff"].dt.epoch("s").to_numpy()
+    )
+    assert len(m.search_results_) == 3
+    assert frame.equals(before)
+    with pytest.raises(ValueError, match="both classes"):
+        LightGBMChurn().fit(frame, np.zeros(frame.height))
+
+
+def test_reasons_name_risk_raising_features_in_words() -> None:
+    frame, y = _churn_frame(3000, 4)
+    model = LightGBMChurn(random_state=0).fit(frame, y)
+    risky = pl.DataFrame(
+        {
+            "user_id": ["x"],
+            "cutoff": [datetime(2024, 1, 1, tzinfo=UTC)],
+            "usage_count_14d": [0],
+            "usage_count_28d": [9],
+            "days_since_last_usage": [19],
+            "tenure_days": [30],
+            "plan": ["basic"],
+        }
+    )
+    out = reasons(model, risky)
+    texts = out["reasons"].item().to_list()
+    assert 1 <= len(texts) <= 3
+    assert "last usage 19 days ago" in texts
+    assert "usage in last 14 days: 0, down from 9 the 14 days before" in texts
+
+
+def test_describe_renders_common_features() -> None:
+    assert (
+        describe("days_since_last_purchase", {"days_since_last_purchase": None})
+        == "no purchase yet"
+    )
+    assert describe("active_days_28d", {"active_days_28d": 3}) == "active on 3 of the last 28 days"
+    assert describe("aha_reached", {"aha_reached": False}) == "has not reached the aha moment yet"
+    assert describe("error_count_7d", {"error_count_7d": 4}) == "errors in last 7 days: 4"
+    assert describe("plan", {"plan": "basic"}) == "plan: basic"
