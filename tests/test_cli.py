@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import polars as pl
-import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -114,14 +113,14 @@ def test_bad_as_of_date(tmp_path: Path) -> None:
     assert "YYYY-MM-DD" in result.output
 
 
-@pytest.mark.parametrize("users", [40])
-def test_demo_runs_end_to_end(tmp_path: Path, users: int) -> None:
-    result = runner.invoke(
-        app, ["demo", "--out", str(tmp_path / "demo"), "--users", str(users), "--days", "40"]
-    )
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    result = runner.invoke(app, ["demo", "--out", str(out), "--users", "600", "--days", "180"])
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "demo" / "events.parquet").exists()
+    for name in ("events.parquet", "features.parquet", "report/metrics.json", "models/lapse.pkl"):
+        assert (out / name).exists(), name
     assert "rows kept" in result.output
+    assert "selected:" in result.output
 
 
 def test_features_command_writes_one_row_per_user(tmp_path: Path) -> None:

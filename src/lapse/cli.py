@@ -24,6 +24,7 @@ from lapse.exceptions import LapseError
 if TYPE_CHECKING:
     from lapse.events import ValidationReport
     from lapse.pipeline import FeaturesResult
+    from lapse.training import TrainResult
 
 __all__ = ["app"]
 
@@ -183,13 +184,54 @@ def features(
     console.print(_features_table(result))
 
 
-def _frame_table(frame: pl.DataFrame, title: str) -> Table:
-    table = Table(*frame.columns, title=title, title_justify="left")
-    for row in frame.iter_rows():
+_SHORT = {
+    "test_cutoff": "test cutoff",
+    "validation_auc": "val AUC",
+    "roc_auc": "AUC",
+    "pr_auc": "PR-AUC",
+    "brier": "Brier",
+    "ece": "ECE",
+    "top_decile_lift": "lift@10%",
+    "n_cutoffs": "cutoffs",
+    "times_selected": "won",
+    "roc_auc_mean": "AUC mean",
+    "roc_auc_std": "AUC std",
+    "roc_auc_min": "AUC min",
+    "ece_mean": "ECE mean",
+    "top_decile_lift_mean": "lift@10% mean",
+}
+
+
+def _metrics_table(frame: pl.DataFrame, title: str) -> Table:
+    """Model metrics, three decimals, the columns a terminal has room for."""
+    columns = ["model", *(c for c in _SHORT if c in frame.columns), "selected"]
+    table = Table(title=title, title_justify="left")
+    shown = [c for c in columns if c in frame.columns]
+    for c in shown:
+        table.add_column(_SHORT.get(c, c), justify="left" if c == "model" else "right")
+    for row in frame.select(shown).iter_rows():
         table.add_row(
-            *("-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v) for v in row)
+            *(
+                "*"
+                if v is True
+                else ""
+                if v is False or v is None
+                else f"{v:.3f}"
+                if isinstance(v, float)
+                else str(v)
+                for v in row
+            )
         )
     return table
+
+
+def _print_training(result: TrainResult) -> None:
+    title = f"churn race, test cutoff {result.test_cutoff:%Y-%m-%d}"
+    console.print(_metrics_table(result.table, title))
+    console.print(f"[bold]selected:[/] {result.selected} - {result.why}")
+    for note in result.notes:
+        console.print(f"note: {note}", highlight=False)
+    console.print(f"report in {result.out_dir}, bundle at {result.bundle_path}")
 
 
 @app.command()
@@ -214,13 +256,7 @@ def train(
         result = run_train(
             events, _config(config), out_dir=out, truth_dir=truth, models_dir=models_dir
         )
-    console.print(
-        _frame_table(result.table, f"churn race, test cutoff {result.test_cutoff:%Y-%m-%d}")
-    )
-    console.print(f"[bold]selected:[/] {result.selected} - {result.why}")
-    for note in result.notes:
-        console.print(f"note: {note}", highlight=False)
-    console.print(f"report in {result.out_dir}, bundle at {result.bundle_path}")
+    _print_training(result)
 
 
 @app.command()
@@ -235,8 +271,8 @@ def backtest(
 
     with console.status(f"racing on the last {k} complete cutoffs"):
         result = run_backtest(events, _config(config), k=k)
-    console.print(_frame_table(result.per_cutoff, "per cutoff"))
-    console.print(_frame_table(result.spread, "spread"))
+    console.print(_metrics_table(result.per_cutoff, "per cutoff"))
+    console.print(_metrics_table(result.spread, "spread over cutoffs"))
     for note in result.notes:
         console.print(f"note: {note}", highlight=False)
 
@@ -283,10 +319,11 @@ def demo(
     from lapse.pipeline import run_demo
 
     out_dir = out if out is not None else _home() / "demo"
-    with console.status("generating synthetic data, validating it, building features"):
+    with console.status("generating data, validating, building features, racing churn models"):
         result = run_demo(_config(config), out_dir=out_dir, n_users=users, n_days=days, seed=seed)
     console.print(_report_table(result.report))
     console.print(_features_table(result.features))
+    _print_training(result.training)
     console.print(f"[green]demo output in[/] {out_dir}")
 
 

@@ -5,9 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lapse.config import LapseConfig
 from lapse.events import ValidationReport, load_attributes, read_events, validate_events
+
+if TYPE_CHECKING:
+    from lapse.training import TrainResult
 
 __all__ = ["DemoResult", "FeaturesResult", "run_demo", "run_features", "run_validate"]
 
@@ -63,6 +67,7 @@ class DemoResult:
     files: dict[str, Path]
     report: ValidationReport
     features: FeaturesResult
+    training: TrainResult
 
 
 def run_demo(
@@ -73,10 +78,15 @@ def run_demo(
     n_days: int = 180,
     seed: int = 0,
 ) -> DemoResult:
-    """Generate synthetic data into ``out_dir``, validate it, build features as of its end."""
+    """Generate synthetic data, validate it, build features as of its end, race churn models.
+
+    Everything lands in ``out_dir``: the data, ``features.parquet``, the report
+    folder ``report/`` and the bundle under ``models/``.
+    """
     from datetime import UTC, timedelta
 
     from lapse.datasets import generate, write
+    from lapse.training import train
 
     files = write(generate(n_users=n_users, n_days=n_days, seed=seed), out_dir)
     _, report = validate_events(
@@ -92,4 +102,11 @@ def run_demo(
         out=out_dir / "features.parquet",
         attributes=files["users"] if config.attributes.static_features else None,
     )
-    return DemoResult(files=files, report=report, features=features)
+    training = train(
+        files["events"],
+        config,
+        out_dir=out_dir / "report",
+        truth_dir=out_dir,
+        models_dir=out_dir / "models",
+    )
+    return DemoResult(files=files, report=report, features=features, training=training)
