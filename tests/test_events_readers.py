@@ -10,7 +10,6 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-import lapse.events
 from lapse.config import LapseConfig
 from lapse.events import scan_source, validate_events
 from lapse.exceptions import ReadError
@@ -190,17 +189,3 @@ def test_damaged_shard_fails_at_collect_with_one_line(tmp_path: Path) -> None:
         validate_events(tmp_path, LapseConfig())
     assert str(tmp_path) in str(info.value)
     assert "\n" not in str(info.value)
-
-
-def test_public_api_is_pinned() -> None:
-    assert sorted(lapse.events.__all__) == [
-        "AttributesReport",
-        "REJECT_REASONS",
-        "ValidationReport",
-        "init_config",
-        "map_events",
-        "read_attributes",
-        "read_events",
-        "scan_source",
-        "validate_events",
-    ]

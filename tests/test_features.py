@@ -297,3 +297,23 @@ def test_core_feature_set_equals_the_core_columns_of_the_full_build() -> None:
     )
     with pytest.raises(LapseError, match="feature_set"):
         build(GOLDEN, T, config, feature_set="most")  # type: ignore[arg-type]
+
+
+def test_build_many_at_midnights_matches_build() -> None:
+    # the daily path: every cutoff at 00:00 UTC, spread over more than 90 days
+    config = cfg()
+    cuts = [d(2023, 6, 1), d(2024, 1, 1), d(2024, 2, 19), d(2024, 2, 26), T, d(2024, 9, 1)]
+    many = build_many(GOLDEN, cuts, config, feature_set="core")
+    assert many.schema == pl.Schema(
+        {"user_id": pl.String(), "cutoff": pl.Datetime("us", "UTC"), **expand(config, "core")}
+    )
+    assert many.height == sum(build(GOLDEN, t, config, feature_set="core").height for t in cuts)
+    for t in cuts:
+        one = build(GOLDEN, t, config, feature_set="core")
+        assert_frame_equal(many.filter(pl.col("cutoff") == t).drop("cutoff"), one)
+    # stamps in another zone take the path without row-group pruning; same rows
+    tokyo = GOLDEN.with_columns(pl.col("ts").dt.convert_time_zone("Asia/Tokyo"))
+    assert_frame_equal(build_many(tokyo, cuts, config, feature_set="core"), many)
+    empty = build_many(GOLDEN, [d(2020, 1, 1)], config, feature_set="core")
+    assert empty.height == 0
+    assert empty.schema == many.schema
