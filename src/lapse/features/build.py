@@ -9,7 +9,7 @@ import polars as pl
 
 from lapse.config import LapseConfig
 from lapse.exceptions import LapseError
-from lapse.features import _direct, _engine
+from lapse.features import _daily, _direct, _engine
 from lapse.features._direct import FeatureSet
 
 __all__ = ["build", "build_many"]
@@ -25,9 +25,13 @@ def build_many(
 ) -> pl.DataFrame:
     """Feature rows for every (user, cutoff) with an event before the cutoff.
 
-    One roll-up of the events before the last cutoff serves every cutoff;
-    windows come from running sums, so the cost grows with the number of
-    (user, cutoff) rows, not with ``len(cutoffs)`` passes over the events.
+    One roll-up of the events before the last cutoff serves every cutoff.
+    The core set at cutoffs that are all at 00:00 UTC takes a compact daily
+    roll-up read in week-long slices, with each cutoff's windows summed from
+    its 90 days of daily rows (:mod:`lapse.features._daily`); otherwise windows
+    come from running sums over day buckets split at the cutoffs' times of
+    day (:mod:`lapse.features._engine`). Neither path makes one pass over the
+    events per cutoff.
 
     Parameters
     ----------
@@ -53,6 +57,9 @@ def build_many(
     cuts = sorted({_engine.utc_cutoff(c, "cutoff") for c in cutoffs})
     _check(feature_set)
     core = feature_set == "core"
+    if core and _daily.all_midnight(cuts):
+        frame = _daily.build_core(events, cuts, config)
+        return _engine.with_attributes(frame, attributes, config)
     buckets = _engine.rollup(events, cuts, config, core)
     state = _engine.state_at_cutoffs(buckets, cuts, config, core)
     feats = _engine.features(state, config, core)

@@ -1,0 +1,237 @@
+"""Orders and point-in-time covariates of replenishment episodes.
+
+An *order* is every ``purchase`` event of a user (and, for the ``"sku"``
+target, of one SKU) on one UTC calendar day: several lines or invoices on the
+same day are one order, stamped with the day's first purchase time. The
+``"any"`` target keys orders by user alone, with ``sku = "*"``.
+
+Each order's covariates use the order itself (units, revenue, lines) and
+events strictly before its timestamp, so nothing here sees the future.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Final, Literal
+
+import polars as pl
+
+from lapse.config import LapseConfig
+from lapse.features import _engine
+
+__all__ = ["ANY_SKU", "COVARIATES", "order_covariates", "purchase_orders"]
+
+Target = Literal["sku", "any"]
+ANY_SKU: Final = "*"
+"""The ``sku`` key of orders and episodes of the ``"any"`` target."""
+
+COVARIATES: Final[dict[str, str]] = {
+    "order_units": "units in this order (quantity x units per pack)",
+    "order_revenue": "revenue of this order (null when the source has none)",
+    "order_lines": "purchase events merged into this order",
+    "prior_orders": "earlier orders of the same target",
+    "prev_gap_days": "days from the previous order to this one; null for the first",
+    "mean_gap_days": "mean gap in days over the orders up to this one; null for the first",
+    "days_since_first_order": "days since the first order of the same target",
+    "units_on_hand": "units bought minus consumed before this order (>= 0); null without telemetry",
+    "consumption_rate_28d": "units consumed per day over the 28 days before (cut to the "
+    "time since the first order); null without telemetry or history",
+    "supply_days": "(units on hand + order units) / consumption rate: the deterministic "
+    "depletion estimate in days; null when the rate is 0 or unknown",
+    "usage_28d": "`usage` events of the user in the 28 days before; null without a usage role",
+    "usage_trend_14d": "usage in the last 14 days / the 14 days before; null when the latter is 0",
+}
+"""Covariate name -> meaning, as :func:`order_covariates` returns them."""
+
+_KEYS: Final = ("user_id", "sku")
+_RATE_DAYS: Final = 28
+
+
+def _days(later: pl.Expr, earlier: pl.Expr) -> pl.Expr:
+    return (later - earlier).dt.total_microseconds() / _engine.DAY_US
+
+
+def _units(config: LapseConfig, per_pack: dict[str, float]) -> pl.Expr:
+    qty = pl.col("quantity").fill_null(1.0)
+    packs = {**config.features.units_per_pack, **per_pack}
+    if not packs:
+        return qty
+    factor = pl.col("sku").replace_strict(packs, default=1.0, return_dtype=pl.Float64)
+    return qty * factor.fill_null(1.0)
+
+
+def purchase_orders(
+    events: pl.LazyFrame,
+    config: LapseConfig,
+    *,
+    until: datetime,
+    skus: dict[str, float] | None,
+    target: Target,
+) -> pl.DataFrame:
+    """Orders with ``ts < until``: ``user_id, sku, ts, units, revenue, lines``.
+
+    Parameters
+    ----------
+    until
+        Timezone-aware end (exclusive).
+    skus
+        Consumable SKU -> units per pack (``"sku"`` target: only these SKUs).
+    target
+        ``"sku"``: one key per user and SKU; ``"any"``: one key per user.
+    """
+    t = _engine.utc_cutoff(until, "until")
+    ev = _engine.canonical(events).filter(
+        (pl.col("ts") < t) & pl.col("event").is_in(config.roles.of("purchase"))
+    )
+    per_pack = dict(skus or {})
+    if target == "sku":
+        ev = ev.filter(pl.col("sku").is_in(list(per_pack)))
+        key = pl.col("sku")
+    else:
+        key = pl.lit(ANY_SKU)
+    return (
+        ev.with_columns(
+            key.alias("_key"),
+            _units(config, per_pack).alias("units"),
+            pl.col("ts").dt.truncate("1d").alias("_day"),
+        )
+        .group_by("user_id", "_key", "_day")
+        .agg(
+            pl.col("ts").min(),
+            pl.col("units").sum(),
+            pl.col("revenue").sum().alias("revenue"),
+            pl.len().cast(pl.Int64).alias("lines"),
+        )
+        .select("user_id", pl.col("_key").alias("sku"), "ts", "units", "revenue", "lines")
+        .sort("user_id", "sku", "ts")
+        .collect()
+    )
+
+
+def _counts_before(
+    left: pl.LazyFrame, running: pl.LazyFrame, by: list[str], at: pl.Expr, name: str
+) -> pl.LazyFrame:
+    """Attach ``running``'s cumulative ``_cum`` as of just before ``at`` (0 when none)."""
+    probe = left.with_columns(at.alias("_at")).sort("_at")
+    joined = probe.join_asof(
+        running.sort("ts"),
+        left_on="_at",
+        right_on="ts",
+        by=by,
+        strategy="backward",
+        allow_exact_matches=False,
+        check_sortedness=False,  # sorted globally by the key, hence within each group
+        suffix="_r",
+    )
+    return joined.with_columns(pl.col("_cum").fill_null(0.0).alias(name)).drop(
+        "_at", "_cum", "ts_r", strict=False
+    )
+
+
+def order_covariates(
+    events: pl.LazyFrame, orders: pl.DataFrame, config: LapseConfig
+) -> pl.DataFrame:
+    """Covariates (:data:`COVARIATES`) of each order, from events before it.
+
+    Parameters
+    ----------
+    events
+        Canonical events.
+    orders
+        :func:`purchase_orders`' frame.
+    config
+        Roles (``usage``, ``consumption``).
+
+    Returns
+    -------
+    pl.DataFrame
+        ``user_id, sku, ts`` and the covariates, in ``orders``' order.
+    """
+    keys = list(_KEYS)
+    ts = pl.col("ts")
+    gap = _days(ts, ts.shift(1)).over(keys, order_by="ts")
+    base = (
+        orders.lazy()
+        .with_row_index("_row")
+        .with_columns(
+            pl.col("units").alias("order_units"),
+            pl.col("revenue").alias("order_revenue"),
+            pl.col("lines").cast(pl.Float64).alias("order_lines"),
+            pl.int_range(pl.len()).over(keys, order_by="ts").cast(pl.Float64).alias("prior_orders"),
+            gap.alias("prev_gap_days"),
+            _days(ts, ts.min().over(keys)).alias("days_since_first_order"),
+        )
+        .with_columns(
+            (pl.col("days_since_first_order") / pl.col("prior_orders"))
+            .fill_nan(None)
+            .alias("mean_gap_days"),
+            (pl.col("units").cum_sum().over(keys, order_by="ts") - pl.col("units")).alias(
+                "_bought_before"
+            ),
+        )
+    )
+    if_null = pl.lit(None, pl.Float64)
+    ev = _engine.canonical(events)
+    t_max = orders["ts"].max() if orders.height else None
+    if t_max is not None:
+        ev = ev.filter(pl.col("ts") < t_max)
+    consumption = config.roles.of("consumption")
+    if consumption and orders.height:
+        last_sku = (
+            orders.lazy().select("user_id", "ts", pl.col("sku").alias("_last_sku")).sort("ts")
+        )
+        used = (
+            ev.filter(pl.col("event").is_in(consumption))
+            .select("user_id", "ts", "sku", pl.col("quantity").fill_null(1.0).alias("_u"))
+            .sort("ts")
+            .join_asof(last_sku, on="ts", by="user_id", check_sortedness=False)
+        )
+        if orders["sku"].first() == ANY_SKU:
+            used = used.with_columns(pl.lit(ANY_SKU).alias("sku"))
+        else:
+            used = used.with_columns(pl.coalesce("sku", "_last_sku").alias("sku"))
+        running = (
+            used.filter(pl.col("sku").is_not_null())
+            .sort("ts")
+            .select(*keys, "ts", pl.col("_u").cum_sum().over(keys).alias("_cum"))
+        )
+        base = _counts_before(base, running, keys, ts, "_used_before")
+        back = ts - pl.duration(days=_RATE_DAYS)
+        base = _counts_before(base, running, keys, back, "_used_back")
+        span = pl.min_horizontal(pl.col("days_since_first_order"), float(_RATE_DAYS))
+        rate = pl.when(span >= 1.0).then((pl.col("_used_before") - pl.col("_used_back")) / span)
+        on_hand = pl.max_horizontal(pl.col("_bought_before") - pl.col("_used_before"), 0.0)
+        base = base.with_columns(on_hand.alias("units_on_hand"), rate.alias("consumption_rate_28d"))
+        base = base.with_columns(
+            pl.when(pl.col("consumption_rate_28d") > 0)
+            .then((pl.col("units_on_hand") + pl.col("units")) / pl.col("consumption_rate_28d"))
+            .alias("supply_days")
+        )
+    else:
+        base = base.with_columns(
+            if_null.alias(c) for c in ("units_on_hand", "consumption_rate_28d", "supply_days")
+        )
+    usage = config.roles.of("usage")
+    if usage and orders.height:
+        running = (
+            ev.filter(pl.col("event").is_in(usage))
+            .select("user_id", "ts")
+            .sort("ts")
+            .with_columns(
+                pl.int_range(1, pl.len() + 1).over("user_id").cast(pl.Float64).alias("_cum")
+            )
+        )
+        for name, days in (("_u0", 0), ("_u14", 14), ("_u28", 28)):
+            base = _counts_before(base, running, ["user_id"], ts - pl.duration(days=days), name)
+        recent, before = pl.col("_u0") - pl.col("_u14"), pl.col("_u14") - pl.col("_u28")
+        base = base.with_columns(
+            (pl.col("_u0") - pl.col("_u28")).alias("usage_28d"),
+            pl.when(before > 0).then(recent / before).alias("usage_trend_14d"),
+        )
+    else:
+        base = base.with_columns(if_null.alias(c) for c in ("usage_28d", "usage_trend_14d"))
+    return (
+        base.sort("_row")
+        .select(*keys, "ts", *(pl.col(c).cast(pl.Float64) for c in COVARIATES))
+        .collect()
+    )
