@@ -159,6 +159,23 @@ def run_duckdb(path: Path, cuts: list[datetime], out: Path) -> dict[str, object]
     }
 
 
+# --- the floor: scanning the needed columns -----------------------------------------
+
+
+def run_scan(path: Path, cuts: list[datetime]) -> dict[str, object]:
+    """Read every value of the columns the core set needs, compute nothing else."""
+    import polars as pl
+
+    start = time.perf_counter()
+    row = (
+        pl.scan_parquet(path)
+        .filter(pl.col("ts") < cuts[-1])
+        .select(pl.len(), pl.col("user_id").max(), pl.col("event").max(), pl.col("revenue").sum())
+        .collect(engine="streaming")
+    )
+    return {"compute_s": time.perf_counter() - start, "rows": row.item(0, 0)}
+
+
 # --- lapse side ---------------------------------------------------------------------
 
 
@@ -194,6 +211,8 @@ def child(side: str, path: Path, n_cutoffs: int, out: Path) -> None:
     cuts = cutoffs(n_cutoffs)
     if side == "duckdb":
         result = run_duckdb(path, cuts, out)
+    elif side == "scan":
+        result = run_scan(path, cuts)
     else:
         result = run_lapse(path, cuts, out, "core" if side == "lapse" else "all")
     result["peak_rss_mb"] = peak_rss_mb()
@@ -271,7 +290,9 @@ def main() -> None:
         "--repeat", type=int, default=1, help="runs per side (fresh processes); the fastest is kept"
     )
     parser.add_argument("--no-full", action="store_true", help="skip the full-set lapse run")
-    parser.add_argument("--child", choices=["lapse", "lapse-all", "duckdb"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--child", choices=["lapse", "lapse-all", "duckdb", "scan"], help=argparse.SUPPRESS
+    )
     parser.add_argument("--path", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -295,6 +316,7 @@ def main() -> None:
             lap = spawn("lapse", path, args.cutoffs, lo, args.repeat)
             duck = spawn("duckdb", path, args.cutoffs, do, args.repeat)
             full = None if args.no_full else spawn("lapse-all", path, args.cutoffs, fo, args.repeat)
+            floor = spawn("scan", path, args.cutoffs, fo, args.repeat)
             load_after = _loadavg()
             problem = agree(lo, do)
             problem_full = "" if full is None else agree(fo, do)
@@ -322,6 +344,10 @@ def main() -> None:
                 f"  {name + ' / duckdb':18}{ratio['compute_s']:>11.2f}{ratio['process_s']:>11.2f}"
                 f"{ratio['peak_rss_mb']:>13.2f}"
             )
+        print(
+            f"  scan floor (needed columns only): {floor['compute_s']:.2f} s; "
+            f"lapse core / floor: {float(lap['compute_s']) / float(floor['compute_s']):.1f}x"  # type: ignore[arg-type]
+        )
         print("  core results agree" if not problem else f"  CORE RESULTS DIFFER:\n{problem}")
         if full is not None:
             print(
