@@ -199,6 +199,11 @@ _SHORT = {
     "roc_auc_min": "AUC min",
     "ece_mean": "ECE mean",
     "top_decile_lift_mean": "lift@10% mean",
+    "concordance": "C-index",
+    "mae_days": "MAE days",
+    "ibs": "IBS",
+    "brier_14d": "Brier 14d",
+    "n": "n",
 }
 
 
@@ -229,6 +234,10 @@ def _print_training(result: TrainResult) -> None:
     title = f"churn race, test cutoff {result.test_cutoff:%Y-%m-%d}"
     console.print(_metrics_table(result.table, title))
     console.print(f"[bold]selected:[/] {result.selected} - {result.why}")
+    if result.replenishment is not None:
+        rep = result.replenishment
+        console.print(_metrics_table(rep.table, "replenishment (time to next order)"))
+        console.print(f"[bold]selected:[/] {rep.selected} - {rep.why}")
     for note in result.notes:
         console.print(f"note: {note}", highlight=False)
     console.print(f"report in {result.out_dir}, bundle at {result.bundle_path}")

@@ -29,6 +29,8 @@ __all__ = [
     "LapseConfig",
     "Milestone",
     "ModelsConfig",
+    "RegistryConfig",
+    "ReplenishmentConfig",
     "Roles",
     "RowRule",
     "RulesConfig",
@@ -239,7 +241,6 @@ class RulesConfig(_Section):
     friction_min_errors: int = Field(default=3, gt=0)
     usage_decay_ratio: float = Field(default=0.5, gt=0, le=1)
     dropping_activity_ratio: float = Field(default=0.5, gt=0, le=1)
-    replenishment_lead_days: float = Field(default=3.0, ge=0)
 
 
 class SegmentsConfig(_Section):
@@ -258,8 +259,60 @@ class SegmentsConfig(_Section):
         return self
 
 
+class ReplenishmentConfig(_Section):
+    """Replenishment episodes, their survival models and the evaluation windows."""
+
+    enabled: bool = True
+    target: Literal["sku", "any"] = Field(
+        default="sku",
+        description="sku: next order of the same consumable SKU; any: next order of anything "
+        "(falls back to it when no SKU qualifies as a consumable)",
+    )
+    consumables: Literal["auto"] | dict[str, Annotated[float, Field(gt=0)]] = Field(
+        default="auto",
+        description="auto: SKUs with at least min_repeat_buyers repeat buyers; or SKU -> units "
+        "per pack",
+    )
+    min_repeat_buyers: int = Field(default=20, gt=0)
+    lead_time_days: float = Field(default=3.0, ge=0, description="prompt = depletion - lead time")
+    penalizer: float = Field(default=0.01, ge=0, description="L2 penalty of every survival model")
+    follow_up_days: int = Field(
+        default=60,
+        ge=31,
+        description="window after the validation and test cutoffs: episodes starting in it are "
+        "scored, censored at its end",
+    )
+    max_open_days: int = Field(
+        default=180, gt=0, description="open episodes older than this count as lapsed, unscored"
+    )
+
+
 class SinksConfig(_Section):
     default: str = "file"
+
+
+class RegistryConfig(_Section):
+    """MLflow tracking and the model registry (the registered name is ``models.name``).
+
+    ``tracking_uri`` null means ``MLFLOW_TRACKING_URI`` when set, else
+    ``sqlite:///mlflow.db`` with artifacts in ``mlartifacts/``, both in the config's
+    folder (or ``LAPSE_HOME``); a relative ``sqlite:///`` path resolves the same way.
+    """
+
+    tracking_uri: str | None = None
+    artifact_location: str | None = Field(
+        default=None,
+        description="artifact root of new experiments; null: mlartifacts/ beside a local "
+        "SQLite store, the server's default otherwise",
+    )
+    experiment: str = "lapse"
+    primary_metrics: dict[str, str] = Field(
+        default_factory=lambda: {"churn": "roc_auc", "replenishment": "concordance"},
+        description="task -> metric that decides a promotion",
+    )
+    tolerance: float = Field(
+        default=0.005, ge=0, description="how much worse a primary metric may get on promotion"
+    )
 
 
 class LapseConfig(_Section):
@@ -273,8 +326,10 @@ class LapseConfig(_Section):
     labels: LabelsConfig = Field(default_factory=LabelsConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     rules: RulesConfig = Field(default_factory=RulesConfig)
+    replenishment: ReplenishmentConfig = Field(default_factory=ReplenishmentConfig)
     segments: SegmentsConfig = Field(default_factory=SegmentsConfig)
     sinks: SinksConfig = Field(default_factory=SinksConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _origin: str = PrivateAttr(default="<defaults>")

@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -23,6 +23,9 @@ import polars as pl
 from lapse.config import LapseConfig
 from lapse.events import load_attributes
 from lapse.exceptions import LapseError
+
+if TYPE_CHECKING:
+    from lapse.replenishment import ReplenishmentResult
 
 __all__ = ["BacktestResult", "TrainResult", "backtest", "build_frame", "train"]
 
@@ -66,6 +69,7 @@ class TrainResult:
     plots: dict[str, Path]
     bundle_path: Path
     notes: list[str] = field(default_factory=list)
+    replenishment: ReplenishmentResult | None = None
 
 
 @dataclass(frozen=True)
@@ -271,6 +275,9 @@ def train(
     # report
     out.mkdir(parents=True, exist_ok=True)
     metrics = race.metrics_json()
+    replenishment = _replenishment(events, config, grid.data_end, out, truth_dir, notes)
+    if replenishment is not None:
+        metrics["replenishment"] = replenishment.metrics
     metrics_path = out / "metrics.json"
     metrics_path.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     tst = frame.filter(pl.col("cutoff") == grid.test)
@@ -284,6 +291,8 @@ def train(
         title=f"test cutoff {grid.test:%Y-%m-%d}",
     )
     importance.write_csv(out / "importance.csv")
+    if replenishment is not None:
+        plots.update(replenishment.plots)
 
     # refit the shipped model: same recipe, shifted so the calibration cutoff is the latest
     refit = [c for c in used if c + horizon <= grid.test]
@@ -322,6 +331,10 @@ def train(
             "notes": notes,
         }
     )
+    if replenishment is not None:
+        from lapse.replenishment import report_section
+
+        report += "\n" + report_section(replenishment)
     report_path = out / "report.md"
     report_path.write_text(report, encoding="utf-8")
 
@@ -348,6 +361,8 @@ def train(
         },
         created_at=datetime.now(UTC),
     )
+    if replenishment is not None:
+        bundle.extras["replenishment"] = replenishment.model
     models = Path(models_dir) if models_dir is not None else config.resolve("models")
     bundle_path = bundle.save(models / f"{config.models.name}.pkl")
     return TrainResult(
@@ -372,7 +387,34 @@ def train(
         plots=plots,
         bundle_path=bundle_path,
         notes=notes,
+        replenishment=replenishment,
     )
+
+
+def _replenishment(
+    events: pl.LazyFrame,
+    config: LapseConfig,
+    data_end: datetime,
+    out: Path,
+    truth_dir: str | Path | None,
+    notes: list[str],
+) -> ReplenishmentResult | None:
+    """The replenishment race (``None`` when disabled or the data has too few episodes)."""
+    if not config.replenishment.enabled:
+        return None
+    from lapse.replenishment import NotEnoughEpisodes, run_replenishment
+
+    try:
+        return run_replenishment(
+            events,
+            config,
+            data_end=data_end,
+            out_dir=out,
+            truth_dir=Path(truth_dir) if truth_dir is not None else None,
+        )
+    except NotEnoughEpisodes as exc:
+        notes.append(f"replenishment skipped: {exc}")
+        return None
 
 
 # -- backtest -------------------------------------------------------------------------

@@ -86,7 +86,7 @@ def trigger_exprs(features: pl.DataFrame | pl.LazyFrame, config: LapseConfig) ->
         _col(features, "dropping_ratio_7d") < rules.dropping_activity_ratio if usage else never
     )
     out["replenishment_due"] = (
-        _col(features, "days_of_supply_left") <= rules.replenishment_lead_days
+        _col(features, "days_of_supply_left") <= config.replenishment.lead_time_days
         if roles.purchase and roles.consumption
         else never
     )

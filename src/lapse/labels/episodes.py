@@ -1,0 +1,202 @@
+"""Replenishment episodes: durations, right-censoring and reorder outcomes.
+
+An episode starts at an order (see :mod:`lapse.features.episodes_covariates`
+for what one order is) and lasts until the next order of the same target:
+the same SKU for ``target="sku"``, anything for ``target="any"``. Episodes
+are cut at a cutoff: when the next order is at or after it (or never comes),
+the episode is right-censored at the cutoff.
+
+:func:`episodes` and :func:`reorder_outcomes` look up to a cutoff or past
+one, which is why they live in ``labels``; :func:`open_episodes` and
+:func:`consumable_skus` read only events before their date.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import polars as pl
+
+from lapse.config import LapseConfig
+from lapse.exceptions import ConfigError
+from lapse.features._engine import DAY_US, canonical, utc_cutoff
+from lapse.features.episodes_covariates import ANY_SKU, Target, purchase_orders
+
+__all__ = ["ANY_SKU", "consumable_skus", "episodes", "open_episodes", "reorder_outcomes"]
+
+_MIN_DAYS = 1.0 / 24.0
+"""Durations are at least an hour: parametric fits need positive times."""
+
+
+def _days(later: pl.Expr, earlier: pl.Expr) -> pl.Expr:
+    return (later - earlier).dt.total_microseconds() / DAY_US
+
+
+def consumable_skus(
+    events: pl.LazyFrame, config: LapseConfig, *, until: datetime
+) -> dict[str, float]:
+    """Consumable SKU -> units per pack, from ``replenishment.consumables``.
+
+    ``"auto"`` takes the SKUs with at least ``replenishment.min_repeat_buyers``
+    users who ordered them on two or more days before ``until``; their units
+    per pack come from ``features.units_per_pack`` (1 when not listed).
+
+    Raises
+    ------
+    ConfigError
+        An explicit SKU never appears in a purchase before ``until``.
+    """
+    rep = config.replenishment
+    if rep.consumables != "auto":
+        skus = dict(rep.consumables)
+        seen = set(
+            purchase_orders(events, config, until=until, skus=skus, target="sku")["sku"].unique()
+        )
+        missing = sorted(set(skus) - seen)
+        if missing:
+            raise ConfigError(
+                f"replenishment.consumables lists {missing}, never purchased before "
+                f"{until:%Y-%m-%d}; fix the SKU names or use `consumables: auto`"
+            )
+        return skus
+    ev = (
+        canonical(events)
+        .filter(
+            (pl.col("ts") < utc_cutoff(until, "until"))
+            & pl.col("event").is_in(config.roles.of("purchase"))
+            & pl.col("sku").is_not_null()
+        )
+        .group_by("sku", "user_id")
+        .agg(pl.col("ts").dt.truncate("1d").n_unique().alias("days"))
+        .filter(pl.col("days") >= 2)
+        .group_by("sku")
+        .agg(pl.len().alias("repeat_buyers"))
+        .filter(pl.col("repeat_buyers") >= rep.min_repeat_buyers)
+        .sort("sku")
+        .collect()
+    )
+    packs = config.features.units_per_pack
+    return {str(s): float(packs.get(str(s), 1.0)) for s in ev["sku"]}
+
+
+def episodes(
+    events: pl.LazyFrame,
+    config: LapseConfig,
+    *,
+    cutoff: datetime,
+    skus: dict[str, float] | None,
+    target: Target,
+) -> pl.DataFrame:
+    """Every episode starting before ``cutoff``, censored at it.
+
+    Returns
+    -------
+    pl.DataFrame
+        ``user_id, sku, start, end, duration_days, observed``: ``end`` is the
+        next order (``observed``) or ``cutoff`` (censored); durations are in
+        days, at least one hour.
+
+    Examples
+    --------
+    >>> from datetime import UTC, datetime
+    >>> from lapse.config import load_config
+    >>> d = lambda day: datetime(2024, 1, day, tzinfo=UTC)
+    >>> ev = pl.LazyFrame({"user_id": ["a"] * 3, "ts": [d(1), d(11), d(25)],
+    ...     "event": ["order_completed"] * 3, "sku": ["P"] * 3})
+    >>> ep = episodes(ev, load_config(), cutoff=d(20), skus={"P": 1.0}, target="sku")
+    >>> ep.select("duration_days", "observed").rows()
+    [(10.0, True), (9.0, False)]
+    """
+    t = utc_cutoff(cutoff, "cutoff")
+    orders = purchase_orders(events, config, until=t, skus=skus, target=target)
+    nxt = pl.col("ts").shift(-1).over("user_id", "sku", order_by="ts")
+    return (
+        orders.lazy()
+        .with_columns(nxt.alias("_next"))
+        .select(
+            "user_id",
+            "sku",
+            pl.col("ts").alias("start"),
+            pl.coalesce("_next", pl.lit(t)).alias("end"),
+            pl.col("_next").is_not_null().alias("observed"),
+        )
+        .with_columns(_days(pl.col("end"), pl.col("start")).clip(_MIN_DAYS).alias("duration_days"))
+        .select("user_id", "sku", "start", "end", "duration_days", "observed")
+        .sort("user_id", "sku", "start")
+        .collect()
+    )
+
+
+def open_episodes(
+    events: pl.LazyFrame,
+    config: LapseConfig,
+    *,
+    as_of: datetime,
+    skus: dict[str, float] | None,
+    target: Target,
+) -> pl.DataFrame:
+    """The open episode of each key as of ``as_of``: its latest order before it.
+
+    Episodes older than ``replenishment.max_open_days`` count as lapsed and
+    are left out. Reads events before ``as_of`` only.
+
+    Returns
+    -------
+    pl.DataFrame
+        ``user_id, sku, start, elapsed_days``.
+    """
+    t = utc_cutoff(as_of)
+    orders = purchase_orders(events, config, until=t, skus=skus, target=target)
+    return (
+        orders.group_by("user_id", "sku")
+        .agg(pl.col("ts").max().alias("start"))
+        .with_columns(_days(pl.lit(t), pl.col("start")).alias("elapsed_days"))
+        .filter(pl.col("elapsed_days") <= config.replenishment.max_open_days)
+        .sort("user_id", "sku")
+    )
+
+
+def reorder_outcomes(
+    events: pl.LazyFrame,
+    open_eps: pl.DataFrame,
+    config: LapseConfig,
+    *,
+    as_of: datetime,
+    until: datetime,
+    skus: dict[str, float] | None,
+    target: Target,
+) -> pl.DataFrame:
+    """The next order of each open episode in ``[as_of, until)``.
+
+    Returns
+    -------
+    pl.DataFrame
+        ``open_eps`` plus ``residual_days`` (days from ``as_of`` to the next
+        order, or to ``until`` when censored) and ``observed``.
+    """
+    t, end = utc_cutoff(as_of), utc_cutoff(until, "until")
+    later = (
+        purchase_orders(events, config, until=end, skus=skus, target=target)
+        .filter(pl.col("ts") >= t)
+        .group_by("user_id", "sku")
+        .agg(pl.col("ts").min().alias("_next"))
+    )
+    return (
+        open_eps.join(later, on=["user_id", "sku"], how="left")
+        .with_columns(
+            _days(pl.coalesce("_next", pl.lit(end)), pl.lit(t))
+            .clip(_MIN_DAYS)
+            .alias("residual_days"),
+            pl.col("_next").is_not_null().alias("observed"),
+        )
+        .drop("_next")
+    )
+
+
+def check_target(target: str) -> Target:
+    """``target`` as a :data:`Target`, or a :class:`ConfigError`."""
+    if target == "sku":
+        return "sku"
+    if target == "any":
+        return "any"
+    raise ConfigError(f"replenishment.target must be 'sku' or 'any', got {target!r}")
