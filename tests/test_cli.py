@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import polars as pl
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -113,7 +114,9 @@ def test_bad_as_of_date(tmp_path: Path) -> None:
     assert "YYYY-MM-DD" in result.output
 
 
-def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+def test_demo_runs_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LAPSE_HOME", str(tmp_path))  # the MLflow store lands here
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     out = tmp_path / "demo"
     result = runner.invoke(app, ["demo", "--out", str(out), "--users", "600", "--days", "180"])
     assert result.exit_code == 0, result.output
@@ -121,6 +124,41 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
         assert (out / name).exists(), name
     assert "rows kept" in result.output
     assert "selected:" in result.output
+    assert "registered lapse version 1 (challenger, champion)" in result.output
+    assert (tmp_path / "mlflow.db").exists()
+
+
+def test_train_review_promote_rollback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LAPSE_HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    data = tmp_path / "data"
+    assert (
+        runner.invoke(
+            app, ["generate", "--users", "500", "--days", "200", "--out", str(data)]
+        ).exit_code
+        == 0
+    )
+    full = data / "events.parquet"
+    early = tmp_path / "early.parquet"
+    pl.read_parquet(full).filter(
+        pl.col("ts") < pl.datetime(2026, 6, 1, time_zone="UTC")
+    ).write_parquet(early)
+    for version in (1, 2):
+        run = runner.invoke(app, ["train", str(early), "--out", str(tmp_path / f"r{version}")])
+        assert run.exit_code == 0, run.output
+        assert f"registered lapse version {version}" in run.output
+    reviewed = runner.invoke(app, ["review", str(full)])
+    assert reviewed.exit_code == 0, reviewed.output
+    assert "champion v1" in reviewed.output and "challenger v2" in reviewed.output
+    assert "verdict:" in reviewed.output
+    promoted = runner.invoke(app, ["promote", "--force", "--reason", "cli test"])
+    assert promoted.exit_code == 0, promoted.output
+    assert "champion is now v2" in promoted.output
+    back = runner.invoke(app, ["promote", "--rollback"])
+    assert back.exit_code == 0, back.output
+    assert "champion is now v1" in back.output
+    both = runner.invoke(app, ["promote", "--force", "--rollback"])
+    assert both.exit_code == 2
 
 
 def test_features_command_writes_one_row_per_user(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from lapse.exceptions import LapseError
 if TYPE_CHECKING:
     from lapse.events import ValidationReport
     from lapse.pipeline import FeaturesResult
+    from lapse.registry import RegisteredVersion
     from lapse.training import TrainResult
 
 __all__ = ["app"]
@@ -257,15 +258,108 @@ def train(
     models_dir: Annotated[
         Path | None, typer.Option(help="Where the bundle is saved; default models/ of the config.")
     ] = None,
+    register: Annotated[
+        bool, typer.Option(help="Log the run to MLflow and register the bundle as a new version.")
+    ] = True,
 ) -> None:
-    """Run the churn model race out of time, write the report, save the bundle."""
-    from lapse.training import train as run_train
+    """Race churn and replenishment models out of time; report, save and register the bundle."""
+    from lapse.pipeline import run_train
 
-    with console.status("building training frames and running the race"):
-        result = run_train(
-            events, _config(config), out_dir=out, truth_dir=truth, models_dir=models_dir
+    with console.status("building training frames and running the races"):
+        result, registered = run_train(
+            events,
+            _config(config),
+            out_dir=out,
+            truth_dir=truth,
+            models_dir=models_dir,
+            register=register,
         )
     _print_training(result)
+    if registered is not None:
+        _print_registered(registered)
+
+
+def _print_registered(reg: RegisteredVersion) -> None:
+    aliases = ", ".join(reg.aliases) or "no alias"
+    console.print(
+        f"registered [bold]{reg.name}[/] version {reg.version} ({aliases}) in {reg.tracking_uri}; "
+        f"MLflow run {reg.run_id}",
+        highlight=False,
+    )
+
+
+NameOpt = Annotated[
+    str | None, typer.Option("--name", help="Registered model name; default models.name.")
+]
+
+
+@app.command()
+@_friendly
+def review(
+    events: EventsArg,
+    name: NameOpt = None,
+    config: ConfigOpt = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for the comparison plots.")] = None,
+) -> None:
+    """Score champion and challenger on the same recent cutoff and compare them."""
+    from lapse.registry import review as run_review
+
+    with console.status("scoring champion and challenger"):
+        result = run_review(events, _config(config), name=name, out_dir=out)
+    table = Table(
+        "task",
+        "metric",
+        f"champion v{result.champion}",
+        f"challenger v{result.challenger}",
+        "delta",
+        title=f"{result.name}: cutoff {result.cutoff:%Y-%m-%d}, {result.n_users:,} users, "
+        f"churn rate {result.churn_rate:.1%}",
+        title_justify="left",
+    )
+    for row in result.table.iter_rows(named=True):
+        mark = " (primary)" if row["primary"] else ""
+        table.add_row(
+            row["task"],
+            f"{row['metric']}{mark}",
+            f"{row['champion']:.4f}",
+            f"{row['challenger']:.4f}",
+            f"{row['delta']:+.4f} ({row['better']} is better)",
+        )
+    console.print(table)
+    console.print(f"[bold]verdict:[/] {result.verdict}")
+    for reason in [*result.reasons, *result.notes]:
+        console.print(f"  {reason}", highlight=False)
+    console.print(f"comparison logged as MLflow run {result.run_id}")
+
+
+@app.command()
+@_friendly
+def promote(
+    name: NameOpt = None,
+    version: Annotated[
+        int | None, typer.Option(help="Version to promote; default challenger.")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Promote even if a primary metric is worse.")] = False,
+    rollback: Annotated[bool, typer.Option(help="Restore the previous champion.")] = False,
+    reason: Annotated[str | None, typer.Option(help="Why; recorded on the version.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Move the champion alias to the challenger (or V), or roll back."""
+    from lapse.registry import promote as run_promote
+
+    if force and rollback:
+        raise typer.BadParameter("give --force or --rollback, not both", param_hint="--rollback")
+    result = run_promote(
+        _config(config), name=name, version=version, force=force, rollback=rollback, reason=reason
+    )
+    previous = "none" if result.previous_champion is None else f"v{result.previous_champion}"
+    console.print(
+        f"{result.name}: {result.action}; champion is now v{result.champion} "
+        f"(previous-champion {previous}); by {result.user}: {result.reason}",
+        highlight=False,
+    )
+    for note in result.notes:
+        console.print(f"  {note}", highlight=False)
 
 
 @app.command()
@@ -333,6 +427,8 @@ def demo(
     console.print(_report_table(result.report))
     console.print(_features_table(result.features))
     _print_training(result.training)
+    if result.registered is not None:
+        _print_registered(result.registered)
     console.print(f"[green]demo output in[/] {out_dir}")
 
 

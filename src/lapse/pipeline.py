@@ -11,9 +11,10 @@ from lapse.config import LapseConfig
 from lapse.events import ValidationReport, load_attributes, read_events, validate_events
 
 if TYPE_CHECKING:
+    from lapse.registry import RegisteredVersion
     from lapse.training import TrainResult
 
-__all__ = ["DemoResult", "FeaturesResult", "run_demo", "run_features", "run_validate"]
+__all__ = ["DemoResult", "FeaturesResult", "run_demo", "run_features", "run_train", "run_validate"]
 
 
 def run_validate(
@@ -60,6 +61,26 @@ def run_features(
     return FeaturesResult(out, as_of, frame.height, frame.width - 1, share)
 
 
+def run_train(
+    events: Path,
+    config: LapseConfig,
+    *,
+    out_dir: Path,
+    truth_dir: Path | None = None,
+    models_dir: Path | None = None,
+    register: bool = True,
+) -> tuple[TrainResult, RegisteredVersion | None]:
+    """Train (churn race + replenishment), then log the run and register the bundle in MLflow."""
+    from lapse.training import train
+
+    result = train(events, config, out_dir=out_dir, truth_dir=truth_dir, models_dir=models_dir)
+    if not register:
+        return result, None
+    from lapse.registry import log_training
+
+    return result, log_training(result, config, events_path=events)
+
+
 @dataclass(frozen=True)
 class DemoResult:
     """What `lapse demo` produced."""
@@ -68,6 +89,7 @@ class DemoResult:
     report: ValidationReport
     features: FeaturesResult
     training: TrainResult
+    registered: RegisteredVersion | None
 
 
 def run_demo(
@@ -81,12 +103,12 @@ def run_demo(
     """Generate synthetic data, validate it, build features as of its end, race churn models.
 
     Everything lands in ``out_dir``: the data, ``features.parquet``, the report
-    folder ``report/`` and the bundle under ``models/``.
+    folder ``report/`` and the bundle under ``models/``; the run is logged and
+    the bundle registered in the config's MLflow store (``./mlflow.db`` by default).
     """
     from datetime import UTC, timedelta
 
     from lapse.datasets import generate, write
-    from lapse.training import train
 
     files = write(generate(n_users=n_users, n_days=n_days, seed=seed), out_dir)
     _, report = validate_events(
@@ -102,11 +124,13 @@ def run_demo(
         out=out_dir / "features.parquet",
         attributes=files["users"] if config.attributes.static_features else None,
     )
-    training = train(
+    training, registered = run_train(
         files["events"],
         config,
         out_dir=out_dir / "report",
         truth_dir=out_dir,
         models_dir=out_dir / "models",
     )
-    return DemoResult(files=files, report=report, features=features, training=training)
+    return DemoResult(
+        files=files, report=report, features=features, training=training, registered=registered
+    )

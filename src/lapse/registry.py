@@ -32,6 +32,7 @@ import contextlib
 import getpass
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -226,6 +227,8 @@ def _connect(config: LapseConfig) -> tuple[MlflowClient, str]:
     """A client on the configured store; also points mlflow's globals there (for models:/ URIs)."""
     import mlflow  # noqa: TID251
 
+    # mlflow sets its logger to INFO on import; its store-migration lines are noise for lapse users
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
     uri = tracking_uri(config)
     db = _sqlite_path(uri)
     if db is not None:
