@@ -2,7 +2,9 @@
 
 Two models are trained once per module on the first 200 days of synthetic data:
 ``good`` with the default config and ``weak`` without the usage role (it sees
-purchases only), so a review on the full 240 days has a known loser.
+purchases only), so a review on the full 240 days has a known loser. Both run
+the replenishment race (about 5 s each at 800 users; the default
+``min_repeat_buyers`` of 20 finds both pod SKUs), so the review compares it too.
 """
 
 from __future__ import annotations
@@ -54,13 +56,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     assert first is not None
     train_events = root / "data" / "first_200_days.parquet"
     events.filter(pl.col("ts") < first + timedelta(days=200)).write_parquet(train_events)
-    # churn only: the replenishment race would multiply the time, and the registry treats
-    # the bundle as opaque (a survival model rides along in ``extras`` when present)
     good_config = load_config()
-    good_config.replenishment.enabled = False
     good = train(train_events, good_config, out_dir=root / "good", models_dir=root / "good_models")
     weak_config = load_config()
-    weak_config.replenishment.enabled = False
     weak_config.roles.usage = []
     weak = train(train_events, weak_config, out_dir=root / "weak", models_dir=root / "weak_models")
     return Trained(files["events"], train_events, good, good_config, weak, weak_config)
@@ -231,6 +229,14 @@ def test_review_promote_refuse_force_and_rollback(trained: Trained, store: Path)
     assert auc["primary"] and auc["delta"] == pytest.approx(auc["challenger"] - auc["champion"])
     assert auc["delta"] < -config.registry.tolerance, "the purchase-only model should lose"
     assert result.verdict == "keep" and "churn.roc_auc" in result.reasons[0]
+    replen = result.table.filter(pl.col("task") == "replenishment")
+    assert replen["metric"].to_list() == ["concordance", "mae_days"]
+    for row in replen.iter_rows(named=True):
+        assert 0 < row["champion"] < 1e3 and 0 < row["challenger"] < 1e3, row
+        assert row["delta"] == pytest.approx(row["challenger"] - row["champion"])
+    concord = replen.filter(pl.col("metric") == "concordance").row(0, named=True)
+    assert concord["primary"] and 0.5 < concord["champion"] <= 1.0
+    assert any(n.startswith("replenishment: episodes open at") for n in result.notes)
     for plot in ("roc", "calibration"):
         assert result.plots[plot].read_bytes()[:4] == b"\x89PNG"
     client = client_for(config)
@@ -238,6 +244,7 @@ def test_review_promote_refuse_force_and_rollback(trained: Trained, store: Path)
     assert run.data.tags["lapse.champion_version"] == "1"
     assert run.data.tags["lapse.challenger_version"] == "2"
     assert run.data.metrics["delta.churn.roc_auc"] == pytest.approx(auc["delta"])
+    assert run.data.metrics["delta.replenishment.concordance"] == pytest.approx(concord["delta"])
     logged = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"roc.png", "calibration.png", "review.csv", "review.md"} <= logged
 
@@ -293,3 +300,20 @@ def test_missing_names_aliases_and_versions_list_what_exists(trained: Trained, s
         promote(config, rollback=True)
     with pytest.raises(LapseError, match="no registered model 'other'"):
         promote(config, name="other")
+
+
+def test_review_notes_a_version_without_replenishment(trained: Trained) -> None:
+    from datetime import UTC, datetime
+
+    from lapse.registry import _replenishment
+
+    with_model = ChurnBundle.load(trained.good.bundle_path)
+    assert "replenishment" in with_model.extras
+    without = ChurnBundle.load(trained.weak.bundle_path)
+    without.extras.pop("replenishment")
+    events = read_events(trained.full, trained.good_config)
+    found, note = _replenishment(
+        [with_model, without], events, datetime(2024, 1, 1, tzinfo=UTC), trained.good_config
+    )
+    assert found is None
+    assert note.startswith("replenishment was not compared: the challenger carries no")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
-from datetime import timedelta
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import polars as pl
@@ -15,7 +17,13 @@ from lapse.datasets import generate, write
 from lapse.labels import data_span
 from lapse.modeling.survival import CANDIDATES
 from lapse.modeling.survival_metrics import METRIC_NAMES
-from lapse.replenishment import ReplenishmentResult, run_replenishment
+from lapse.replenishment import (
+    NotEnoughEpisodes,
+    ReplenishmentModel,
+    ReplenishmentResult,
+    evaluate_model,
+    run_replenishment,
+)
 
 MODELS = {*CANDIDATES, "depletion_rule", "last_gap"}
 
@@ -105,3 +113,78 @@ def test_plain_transaction_table_gets_time_to_next_order(tmp_path: Path) -> None
     assert set(result.metrics["models"]) == MODELS
     assert np.isfinite(result.metrics["models"][result.selected]["concordance"])
     assert result.model.predict_open(events, end)["sku"].unique().to_list() == ["*"]
+
+
+# -- review metrics of a shipped model (by hand) --------------------------------------------
+
+T0 = datetime(2024, 1, 1, tzinfo=UTC)
+
+
+def d(days: float) -> datetime:
+    return T0 + timedelta(days=days)
+
+
+class Fixed:
+    """A predictor whose median remaining days per user is given (step survival curve)."""
+
+    def __init__(self, medians: dict[str, float], default: float = 7.0) -> None:
+        self.medians, self.default = medians, default
+
+    def predict_median(self, frame: pl.DataFrame, elapsed: Any) -> np.ndarray:
+        return np.array([self.medians.get(u, self.default) for u in frame["user_id"]], float)
+
+    def predict_survival(self, frame: pl.DataFrame, elapsed: Any, times: Sequence[float]) -> Any:
+        return (np.asarray(times)[None, :] < self.predict_median(frame, elapsed)[:, None]) * 1.0
+
+
+# cutoff day 40, follow-up 31 days (to day 71); the data runs to day 95
+REVIEW_EVENTS = pl.LazyFrame(
+    {
+        "user_id": ["a", "a", "a", "b", "c", "c", "c", "e", "e", "m", "z"],
+        "ts": [d(x) for x in (0, 20, 45, 3, 10, 30, 50, 35, 90, 20, 95)],
+        "event": ["order_completed"] * 10 + ["device_used"],
+        "sku": ["PODS-30"] * 9 + ["MUG", None],
+        "quantity": [1.0] * 10 + [None],
+    },
+    schema_overrides={"ts": pl.Datetime("us", "UTC")},
+)
+# open at day 40: a (elapsed 20, reorders after 5 days), b (37, never), c (10, after 10),
+# e (5, reorders on day 90: censored at the window's end, 31); the mug is not a consumable
+TRUTH = {"a": 5.0, "b": 31.0, "c": 10.0, "e": 31.0}
+
+
+def _shipped(predictor: Fixed) -> ReplenishmentModel:
+    config = load_config()
+    config.replenishment.follow_up_days = 31
+    return ReplenishmentModel(
+        selected="fixed",
+        model=cast(Any, predictor),
+        rule=cast(Any, None),
+        target="sku",
+        skus={"PODS-30": 30.0},
+        config=config,
+        trained_until=d(40),
+    )
+
+
+def test_evaluate_model_scores_open_episodes_over_the_follow_up() -> None:
+    model = _shipped(Fixed({}, default=7.0))
+    out = evaluate_model(model, REVIEW_EVENTS, d(40), model.config)
+    assert out["n"] == 4 and out["follow_up_days"] == 31.0
+    assert out["mae_days"] == pytest.approx((2.0 + 3.0) / 2)  # |7 - 5|, |7 - 10| (observed only)
+    assert out["concordance"] == pytest.approx(0.5)  # constant predictions
+    assert set(METRIC_NAMES) <= set(out)
+
+    oracle = _shipped(Fixed(TRUTH))
+    best = evaluate_model(oracle, REVIEW_EVENTS, d(40), oracle.config)
+    assert best["concordance"] == pytest.approx(1.0) and best["mae_days"] == pytest.approx(0.0)
+    # censored at the window's end: what happens after day 71 changes nothing
+    late = REVIEW_EVENTS.filter(pl.col("ts") < d(71))
+    assert evaluate_model(oracle, late, d(40), oracle.config, data_end=d(96)) == best
+
+    # the data stops before the window: censored there, and the window shrinks
+    short = evaluate_model(model, REVIEW_EVENTS, d(40), model.config, data_end=d(48))
+    assert short["follow_up_days"] == 8.0 and short["n"] == 4
+    assert short["mae_days"] == pytest.approx(2.0)  # only a reorders within 8 days
+    with pytest.raises(NotEnoughEpisodes, match="no follow-up"):
+        evaluate_model(model, REVIEW_EVENTS, d(96), model.config)

@@ -13,17 +13,21 @@ Tracking store
 Registry
     Each training run registers one pyfunc model (input: the feature rows of
     :meth:`ChurnBundle.prepare`; output: ``churn_risk``,
-    ``churn_risk_percentile``, ``risk_segment`` and whatever the bundle's
-    ``predict_replenishment`` adds) under ``models.name`` with the alias
-    ``challenger``; the first version, or any version while no ``champion``
-    exists, also becomes ``champion``. :func:`promote` moves ``champion`` and
-    keeps the one before as ``previous-champion``; a rollback swaps them back.
+    ``churn_risk_percentile``, ``risk_segment``) under ``models.name`` with
+    the alias ``challenger``; the first version, or any version while no
+    ``champion`` exists, also becomes ``champion``. :func:`promote` moves
+    ``champion`` and keeps the one before as ``previous-champion``; a rollback
+    swaps them back.
 
-Optional bundle hooks (found at runtime, absent is fine)
-    ``predict_replenishment(frame) -> pl.DataFrame`` with one row per feature
-    row: its columns are appended to the pyfunc output.
-    ``replenishment_metrics(events, as_of, config) -> dict[str, float]``
-    (``concordance``, ``mae_days``, ...): :func:`review` compares them.
+Replenishment
+    The bundle's replenishment model (``extras["replenishment"]``, a
+    :class:`lapse.replenishment.ReplenishmentModel`) rides along in the same
+    registered version but is not part of the pyfunc output: it predicts the
+    episodes open at a date from raw events, not from feature rows, so its
+    predictions stay in the lapse API (``ReplenishmentModel.predict_open``
+    on the bundle from :func:`load_bundle`). :func:`review` compares it
+    (``concordance``, ``mae_days``) with
+    :func:`lapse.replenishment.evaluate_model` when both versions carry one.
 """
 
 from __future__ import annotations
@@ -493,11 +497,6 @@ def score_rows(bundle: ChurnBundle, frame: pl.DataFrame) -> pl.DataFrame:
     )
     if "user_id" in frame.columns:
         out = out.insert_column(0, frame["user_id"])
-    hook = getattr(bundle, "predict_replenishment", None)
-    if callable(hook):
-        extra = hook(frame)
-        if isinstance(extra, pl.DataFrame) and extra.height == out.height:
-            out = out.hstack(extra.select(pl.exclude(out.columns)))
     return out
 
 
@@ -843,13 +842,35 @@ def _churn_scores(
 
 
 def _replenishment(
-    bundle: ChurnBundle, events: pl.LazyFrame, cutoff: datetime, config: LapseConfig
-) -> dict[str, float] | None:
-    hook = getattr(bundle, "replenishment_metrics", None)
-    if not callable(hook):
-        return None
-    found = hook(events, cutoff, config)
-    return {k: float(v) for k, v in dict(found).items()} if found else None
+    bundles: list[ChurnBundle], events: pl.LazyFrame, cutoff: datetime, config: LapseConfig
+) -> tuple[dict[str, dict[str, float]] | None, str]:
+    """(champion and challenger replenishment metrics, or None; a note for the review)."""
+    from lapse.replenishment import NotEnoughEpisodes, ReplenishmentModel, evaluate_model
+
+    found_models = [b.extras.get("replenishment") for b in bundles]
+    models = [m for m in found_models if isinstance(m, ReplenishmentModel)]
+    missing = [
+        side
+        for side, m in zip((CHAMPION, CHALLENGER), found_models, strict=True)
+        if not isinstance(m, ReplenishmentModel)
+    ]
+    if missing:
+        return None, (
+            f"replenishment was not compared: the {' and the '.join(missing)} carries no "
+            "replenishment model (trained with replenishment disabled, or its race was skipped)"
+        )
+    found: dict[str, dict[str, float]] = {}
+    try:
+        for side, m in zip((CHAMPION, CHALLENGER), models, strict=True):
+            found[side] = evaluate_model(m, events, cutoff, config)
+    except NotEnoughEpisodes as exc:
+        return None, f"replenishment was not compared: {exc}"
+    n = {side: int(found[side]["n"]) for side in found}
+    return found, (
+        f"replenishment: episodes open at {_day(cutoff)} followed for "
+        f"{found[CHAMPION]['follow_up_days']:g} days ({n[CHAMPION]} under the champion's "
+        f"consumables, {n[CHALLENGER]} under the challenger's)"
+    )
 
 
 def review(
@@ -865,7 +886,9 @@ def review(
     it must lie after both models' last label windows (the refit's calibration
     cutoff plus the horizon), so neither model has seen its labels. Both are scored
     on the users eligible for both; churn: AUC, PR-AUC, Brier, ECE, top-decile lift;
-    replenishment (``concordance``, ``mae_days``) when both bundles provide it.
+    replenishment (``concordance``, ``mae_days``) when both bundles carry a replenishment
+    model: the episodes open at the cutoff, followed for ``replenishment.follow_up_days``
+    or to the end of the events (:func:`lapse.replenishment.evaluate_model`).
     The comparison is an MLflow run tagged with both versions, holding the table and
     overlaid ROC and calibration plots (also written to ``out_dir`` when given).
 
@@ -915,11 +938,10 @@ def review(
     found: dict[str, dict[str, dict[str, float]]] = {"churn": {}}
     for side in (CHAMPION, CHALLENGER):
         found["churn"][side] = binary_metrics(y, scored[side].to_numpy())
-    replen = [_replenishment(b, events, cutoff, config) for b in bundles]
-    if replen[0] is not None and replen[1] is not None:
-        found["replenishment"] = {CHAMPION: replen[0], CHALLENGER: replen[1]}
-    else:
-        notes.append("replenishment was not compared (a version carries no survival model)")
+    replen, replen_note = _replenishment(bundles, events, cutoff, config)
+    if replen is not None:
+        found["replenishment"] = replen
+    notes.append(replen_note)
 
     rows: list[dict[str, Any]] = []
     deltas: dict[str, float] = {}

@@ -14,6 +14,11 @@ test metrics come from refits at the test cutoff, and the shipped model is
 refit on every episode up to the end of the data. Scoring
 (:func:`predict_open`) predicts the episodes still open at a date,
 conditional on the days they have already lasted.
+
+Review (:func:`evaluate_model`) scores a shipped model the way it is used:
+the episodes open at a later cutoff, conditional on the days they have
+lasted, against their next order in the ``F`` days after it (labels from
+:func:`lapse.labels.episodes.reorder_outcomes`), with the race's metrics.
 """
 
 from __future__ import annotations
@@ -29,12 +34,15 @@ import polars as pl
 
 from lapse.config import LapseConfig
 from lapse.exceptions import LapseError
+from lapse.features._engine import utc_cutoff
 from lapse.features.episodes_covariates import COVARIATES, Target, order_covariates, purchase_orders
+from lapse.labels.cutoffs import data_span
 from lapse.labels.episodes import (
     check_target,
     consumable_skus,
     episodes,
     open_episodes,
+    reorder_outcomes,
 )
 from lapse.modeling.survival import (
     BASELINES,
@@ -52,6 +60,7 @@ __all__ = [
     "NotEnoughEpisodes",
     "ReplenishmentModel",
     "ReplenishmentResult",
+    "evaluate_model",
     "predict_open",
     "run_replenishment",
 ]
@@ -60,6 +69,7 @@ FloatArray = npt.NDArray[np.float64]
 TIE_C: Final = 0.005
 _KEYS: Final = ["user_id", "sku"]
 _MIN_OBSERVED: Final = 20
+_DAY: Final = timedelta(days=1)
 
 
 class NotEnoughEpisodes(LapseError):
@@ -116,6 +126,32 @@ def _covariates(
     return order_covariates(events, orders, config)
 
 
+def _times(days: float) -> list[float]:
+    """The survival-curve grid of a follow-up window: every whole day in it plus the horizons."""
+    return sorted({float(t) for t in range(1, int(days))} | {float(h) for h in HORIZONS})
+
+
+def _score(
+    model: Predictor,
+    rows: pl.DataFrame,
+    elapsed: FloatArray,
+    durations: FloatArray,
+    observed: npt.NDArray[np.bool_],
+    times: list[float],
+) -> tuple[dict[str, float], FloatArray, FloatArray]:
+    """``(metrics, medians, curves)`` of one model on ``rows`` (durations counted from elapsed)."""
+    medians = model.predict_median(rows, elapsed)
+    curves = model.predict_survival(rows, elapsed, times)
+    return survival_metrics(durations, observed, medians, curves, times), medians, curves
+
+
+def _open_frame(model: ReplenishmentModel, events: pl.LazyFrame, t: datetime) -> pl.DataFrame:
+    """The episodes open at ``t`` with their covariates (events before ``t`` only)."""
+    cfg = model.config
+    open_eps = open_episodes(events, cfg, as_of=t, skus=model.skus, target=model.target)
+    return _with_covariates(open_eps, _covariates(events, cfg, t, model.skus, model.target))
+
+
 def predict_open(model: ReplenishmentModel, events: pl.LazyFrame, as_of: datetime) -> pl.DataFrame:
     """Predictions for every open episode as of ``as_of`` (events before it only).
 
@@ -129,8 +165,7 @@ def predict_open(model: ReplenishmentModel, events: pl.LazyFrame, as_of: datetim
     """
     cfg = model.config
     t = as_of.astimezone(UTC)
-    open_eps = open_episodes(events, cfg, as_of=t, skus=model.skus, target=model.target)
-    frame = _with_covariates(open_eps, _covariates(events, cfg, t, model.skus, model.target))
+    frame = _open_frame(model, events, t)
     elapsed = frame["elapsed_days"].to_numpy()
     median = model.model.predict_median(frame, elapsed)
     surv = model.model.predict_survival(frame, elapsed, HORIZONS)
@@ -228,9 +263,7 @@ def _stage(
     a = np.zeros(rows.height)
     metrics, curves, medians = {}, {}, {}
     for name, m in models.items():
-        medians[name] = m.predict_median(rows, a)
-        curves[name] = m.predict_survival(rows, a, times)
-        metrics[name] = survival_metrics(d, e, medians[name], curves[name], times)
+        metrics[name], medians[name], curves[name] = _score(m, rows, a, d, e, times)
     return _Stage(models, rows, metrics, curves, medians, notes)
 
 
@@ -331,7 +364,7 @@ def run_replenishment(
             )
             target = "any"
     names = (*CANDIDATES, *BASELINES)
-    times = sorted({float(t) for t in range(1, rep.follow_up_days)} | {float(h) for h in HORIZONS})
+    times = _times(rep.follow_up_days)
     covs = _covariates(events, config, data_end, skus, target)
     kw: dict[str, Any] = {"skus": skus, "target": target, "names": names, "times": times}
     val = _stage(events, config, covs, cutoff=validation, until=test, **kw)
@@ -422,6 +455,75 @@ def run_replenishment(
         plots=plots,
         notes=notes,
     )
+
+
+def evaluate_model(
+    model: ReplenishmentModel,
+    events: pl.LazyFrame,
+    cutoff: datetime,
+    config: LapseConfig,
+    *,
+    data_end: datetime | None = None,
+) -> dict[str, float]:
+    """The shipped model's metrics at a cutoff it has not seen (what ``lapse review`` compares).
+
+    The rows are what :func:`predict_open` would score at ``cutoff``: the open
+    episode of each consumable SKU the model knows (``model.skus``, its target
+    and its config), predicted conditional on the days already lasted from
+    events before ``cutoff``. Their outcome is the next order in the
+    ``config.replenishment.follow_up_days`` after ``cutoff`` (from
+    :func:`lapse.labels.episodes.reorder_outcomes` under ``config``, so two
+    models share one definition of a reorder), censored at the window's end
+    or at ``data_end`` when the data stops sooner. Durations are the days
+    after ``cutoff``; the metrics are the race's (:func:`survival_metrics`).
+
+    Parameters
+    ----------
+    data_end
+        End of the observed data (exclusive); ``None`` reads it from ``events``.
+
+    Returns
+    -------
+    dict[str, float]
+        Every key of :data:`METRIC_NAMES` (``concordance``, ``mae_days``, ``n``, ...),
+        ``cal_{h}d`` and ``follow_up_days`` (the window actually observed).
+
+    Raises
+    ------
+    NotEnoughEpisodes
+        No data after ``cutoff``, no open episode at it, or no reorder in the window.
+    """
+    t = utc_cutoff(cutoff, "cutoff")
+    end = data_span(events)[1] if data_end is None else utc_cutoff(data_end, "data_end")
+    until = min(t + timedelta(days=config.replenishment.follow_up_days), end)
+    days = (until - t) / _DAY
+    if days <= 0:
+        raise NotEnoughEpisodes(
+            f"the events end {end:%Y-%m-%d}, not after the cutoff {t:%Y-%m-%d}: no follow-up"
+        )
+    rows = reorder_outcomes(
+        events,
+        _open_frame(model, events, t),
+        config,
+        as_of=t,
+        until=until,
+        skus=model.skus,
+        target=model.target,
+    )
+    if rows.height == 0 or not rows["observed"].any():
+        raise NotEnoughEpisodes(
+            f"{rows.height} episodes open at {t:%Y-%m-%d} and none reordered by "
+            f"{until:%Y-%m-%d}; nothing to evaluate"
+        )
+    metrics, _, _ = _score(
+        model.model,
+        rows,
+        rows["elapsed_days"].to_numpy(),
+        rows["residual_days"].to_numpy(),
+        rows["observed"].to_numpy(),
+        _times(days),
+    )
+    return {**metrics, "follow_up_days": float(days)}
 
 
 def report_section(result: ReplenishmentResult) -> str:
