@@ -21,23 +21,14 @@ import numpy as np
 import polars as pl
 
 from lapse.config import LapseConfig
-from lapse.events import load_attributes
+from lapse.events import load_attributes, read_events
 from lapse.exceptions import LapseError
+from lapse.modeling.metrics import METRIC_NAMES
 
 if TYPE_CHECKING:
     from lapse.replenishment import ReplenishmentResult
 
 __all__ = ["BacktestResult", "TrainResult", "backtest", "build_frame", "train"]
-
-_METRIC_COLUMNS = (
-    "roc_auc",
-    "pr_auc",
-    "brier",
-    "log_loss",
-    "ece",
-    "top_decile_lift",
-    "top_decile_capture",
-)
 
 
 @dataclass(frozen=True)
@@ -146,7 +137,7 @@ def _table(race: Any) -> pl.DataFrame:
             {
                 "model": name,
                 "validation_auc": cand.validation_auc,
-                **{k: cand.test_metrics[k] for k in _METRIC_COLUMNS},
+                **{k: cand.test_metrics[k] for k in METRIC_NAMES},
                 "selected": name == race.selected,
             }
         )
@@ -183,12 +174,12 @@ def _report_md(result_bits: dict[str, Any]) -> str:
         "",
         "## Test metrics (after calibration)",
         "",
-        "| model | val AUC | " + " | ".join(_METRIC_COLUMNS) + " |",
-        "|---" * (len(_METRIC_COLUMNS) + 2) + "|",
+        "| model | val AUC | " + " | ".join(METRIC_NAMES) + " |",
+        "|---" * (len(METRIC_NAMES) + 2) + "|",
     ]
     for row in r["table"].iter_rows(named=True):
         cells = [row["model"] + (" *" if row["selected"] else "")]
-        for key in ("validation_auc", *_METRIC_COLUMNS):
+        for key in ("validation_auc", *METRIC_NAMES):
             v = row.get(key)
             cells.append("" if v is None or not np.isfinite(v) else f"{v:.4f}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -235,7 +226,6 @@ def train(
     LapseError
         Unreadable events, too little history, or a cutoff without both classes.
     """
-    from lapse.events import read_events
     from lapse.labels import cutoff_grid
     from lapse.modeling.bundle import ChurnBundle
     from lapse.modeling.plots import write_plots
@@ -426,7 +416,6 @@ def backtest(events_path: str | Path, config: LapseConfig, *, k: int = 6) -> Bac
     Each repetition lays its own validation and training cutoffs before its
     test cutoff (same embargo); features are built once for all of them.
     """
-    from lapse.events import read_events
     from lapse.labels import data_span, grid_for_test
     from lapse.modeling.race import run_race
 
@@ -480,7 +469,7 @@ def backtest(events_path: str | Path, config: LapseConfig, *, k: int = 6) -> Bac
         pl.col("selected").sum().alias("times_selected"),
         *(
             agg
-            for m in _METRIC_COLUMNS
+            for m in METRIC_NAMES
             for agg in (
                 pl.col(m).mean().alias(f"{m}_mean"),
                 pl.col(m).std().alias(f"{m}_std"),
