@@ -100,3 +100,16 @@ def test_quality_bar_on_20k_synthetic_users(tmp_path: Path) -> None:
     # measured (seed 0): selected 0.961, rules 0.925 -> the "rules + 0.05" part of the bar
     # is not met; the oracle itself (0.976) is only 0.051 above rules.
     assert chosen["roc_auc"] >= models["rules"]["roc_auc"] + 0.02
+
+
+def test_stacked_lightgbm_joins_the_race_when_configured(small: Path, tmp_path: Path) -> None:
+    config = load_config()
+    config.models.stacked_lightgbm = True
+    config.replenishment.enabled = False  # only the churn race matters here
+    result = train(
+        small / "events.parquet", config, out_dir=tmp_path / "r", models_dir=tmp_path / "m"
+    )
+    stacked = result.metrics["churn"]["models"]["lightgbm_stacked"]
+    assert set(stacked) == PINNED
+    assert 0.5 < stacked["roc_auc"] <= 1.0
+    assert "lightgbm_stacked" in result.table["model"].to_list()
