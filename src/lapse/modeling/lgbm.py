@@ -79,9 +79,9 @@ _SEARCH_SPACE: Final[dict[str, list[Any]]] = {
 
 
 def _threads_for(n_rows: int) -> int:
-    """One thread per 100k rows, up to the cores: on small frames OpenMP threads only
+    """One thread per 500k rows, up to the cores: on small frames OpenMP threads only
     add synchronisation, and on a busy machine their spin-waits slow training by 10x+."""
-    return max(1, min(os.cpu_count() or 1, n_rows // 100_000 + 1))
+    return max(1, min(os.cpu_count() or 1, n_rows // 500_000 + 1))
 
 
 class LightGBMChurn(ParamsMixin):
