@@ -64,13 +64,15 @@ def test_quality_bar_concordance(race: ReplenishmentResult) -> None:
     assert models[race.selected]["concordance"] >= 0.70
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not met: the survival medians price in customers who never reorder, and MAE on "
-    "observed reorders rewards ignoring them (seed 0: selected 21.9 days vs last_gap 17.5 at "
-    "20k users); the survival models win on concordance, Brier and IBS instead",
-)
 def test_quality_bar_mae_beats_last_gap(race: ReplenishmentResult) -> None:
+    """The issue's bar, second half, on the same episodes.
+
+    The survival point estimate is the median time to reorder among the episodes
+    that reorder within ``follow_up_days`` (the window the metrics observe).
+    Measured (seed 0): selected lognormal_aft 8.07 days vs last_gap 18.09 at 5000
+    users, 7.95 vs 17.50 at 20k users (the plain median, which prices in the
+    customers who never reorder, gave 21.6 and 21.9).
+    """
     models = race.metrics["models"]
     assert models[race.selected]["mae_days"] < models["last_gap"]["mae_days"]
 
@@ -130,7 +132,7 @@ class Fixed:
     def __init__(self, medians: dict[str, float], default: float = 7.0) -> None:
         self.medians, self.default = medians, default
 
-    def predict_median(self, frame: pl.DataFrame, elapsed: Any) -> np.ndarray:
+    def predict_median(self, frame: pl.DataFrame, elapsed: Any, horizon: Any = None) -> np.ndarray:
         return np.array([self.medians.get(u, self.default) for u in frame["user_id"]], float)
 
     def predict_survival(self, frame: pl.DataFrame, elapsed: Any, times: Sequence[float]) -> Any:

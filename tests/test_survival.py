@@ -224,6 +224,51 @@ def test_conditional_predictions_are_coherent(kind: str) -> None:
             np.testing.assert_allclose(at[:, 1], 0.5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", CANDIDATES)
+def test_median_within_a_horizon_halves_the_chance_of_reordering_in_it(kind: str) -> None:
+    """``horizon=H``: the median of the remaining days among those who reorder within H."""
+    frame, t, e = _toy(seed=1)
+    model = SurvivalModel(kind).fit(frame, t, e)  # type: ignore[arg-type]
+    h = 30.0
+    for elapsed in (0.0, 20.0, 60.0):
+        med = model.predict_median(frame, elapsed, horizon=h)
+        assert np.all((med >= 0) & (med <= h))
+        plain = model.predict_median(frame, elapsed)
+        assert np.all(med <= plain + 1e-9), "conditioning on a reorder within H only shortens"
+        rows = np.flatnonzero((med > 0) & (med < h))[:5]
+        assert rows.size
+        at = np.array(
+            [
+                model.predict_survival(frame.slice(int(i), 1), elapsed, [med[i] - 1e-6, med[i], h])[
+                    0
+                ]
+                for i in rows
+            ]
+        )
+        half = (1.0 + at[:, 2]) / 2.0  # S_R(r) = (1 + S_R(H)) / 2 <=> F_R(r) = F_R(H) / 2
+        if kind == "cox_ph":  # a step function: the first time it reaches the target
+            assert np.all((at[:, 0] > half - 1e-12) & (at[:, 1] <= half + 1e-12))
+        else:
+            np.testing.assert_allclose(at[:, 1], half, atol=1e-6)
+    if kind != "cox_ph":  # AFT: S -> 0, so a horizon far beyond every episode is the median
+        np.testing.assert_allclose(
+            model.predict_median(frame, 5.0, horizon=1e6),
+            model.predict_median(frame, 5.0),
+            rtol=1e-6,
+        )
+    with pytest.raises(ValueError, match="horizon"):
+        model.predict_median(frame, 0.0, horizon=0.0)
+
+
+def test_baselines_ignore_the_horizon() -> None:
+    frame = pl.DataFrame({"supply_days": [10.0, None, None], "prev_gap_days": [99.0, 20.0, None]})
+    for model in (LastGap(), DepletionRule()):
+        model.fit(frame, [5.0, 30.0, 40.0], [True, True, True])
+        np.testing.assert_array_equal(
+            model.predict_median(frame, 4.0, horizon=7.0), model.predict_median(frame, 4.0)
+        )
+
+
 def test_model_contract() -> None:
     frame, t, e = _toy(seed=2)
     before = frame.clone()

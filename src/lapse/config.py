@@ -280,7 +280,8 @@ class ReplenishmentConfig(_Section):
         default=60,
         ge=31,
         description="window after the validation and test cutoffs: episodes starting in it are "
-        "scored, censored at its end",
+        "scored, censored at its end; also the horizon H of the survival models' point estimate "
+        "(the median days to reorder among those who reorder within H)",
     )
     max_open_days: int = Field(
         default=180, gt=0, description="open episodes older than this count as lapsed, unscored"

@@ -15,6 +15,16 @@ refit on every episode up to the end of the data. Scoring
 (:func:`predict_open`) predicts the episodes still open at a date,
 conditional on the days they have already lasted.
 
+The point estimate of every survival model (``mae_days``, concordance, the
+depletion and prompt dates) is the median time to the next order *among the
+episodes that reorder within* ``F`` *days* (``horizon=F`` in
+:meth:`lapse.modeling.survival.SurvivalModel.predict_median`): ``F`` is the
+window the metrics observe a reorder in, and the chance of no reorder at all
+is already what ``P(reorder within 7/14/30d)`` expresses, so the point
+estimate does not also price it in (the plain median runs into the long
+right tail of customers who never reorder). The baselines are point
+estimates already and are unaffected.
+
 Review (:func:`evaluate_model`) scores a shipped model the way it is used:
 the episodes open at a later cutoff, conditional on the days they have
 lasted, against their next order in the ``F`` days after it (labels from
@@ -138,9 +148,14 @@ def _score(
     durations: FloatArray,
     observed: npt.NDArray[np.bool_],
     times: list[float],
+    horizon: float,
 ) -> tuple[dict[str, float], FloatArray, FloatArray]:
-    """``(metrics, medians, curves)`` of one model on ``rows`` (durations counted from elapsed)."""
-    medians = model.predict_median(rows, elapsed)
+    """``(metrics, medians, curves)`` of one model on ``rows`` (durations counted from elapsed).
+
+    ``medians`` are the point estimates: the median remaining days among the
+    episodes that reorder within ``horizon`` more days (see the module docstring).
+    """
+    medians = model.predict_median(rows, elapsed, horizon=horizon)
     curves = model.predict_survival(rows, elapsed, times)
     return survival_metrics(durations, observed, medians, curves, times), medians, curves
 
@@ -158,7 +173,10 @@ def predict_open(model: ReplenishmentModel, events: pl.LazyFrame, as_of: datetim
     Returns
     -------
     pl.DataFrame
-        ``user_id, sku, last_order_ts, days_since_order, median_days_to_next_order``,
+        ``user_id, sku, last_order_ts, days_since_order, median_days_to_next_order``
+        (the median days from ``as_of`` to the next order among the customers who
+        reorder within ``replenishment.follow_up_days``; whether they reorder at
+        all is what the ``p_reorder_*`` columns say),
         ``depletion_date`` (``as_of`` plus the median), ``p_reorder_7d/14d/30d``,
         ``prompt_date`` (depletion minus ``replenishment.lead_time_days``, not before
         ``as_of``) and ``supply_days_left`` (the telemetry rule; null without it).
@@ -167,7 +185,7 @@ def predict_open(model: ReplenishmentModel, events: pl.LazyFrame, as_of: datetim
     t = as_of.astimezone(UTC)
     frame = _open_frame(model, events, t)
     elapsed = frame["elapsed_days"].to_numpy()
-    median = model.model.predict_median(frame, elapsed)
+    median = model.model.predict_median(frame, elapsed, horizon=cfg.replenishment.follow_up_days)
     surv = model.model.predict_survival(frame, elapsed, HORIZONS)
     supply = frame["supply_days"].cast(pl.Float64) - frame["elapsed_days"]
     lead = timedelta(days=cfg.replenishment.lead_time_days)
@@ -263,7 +281,9 @@ def _stage(
     a = np.zeros(rows.height)
     metrics, curves, medians = {}, {}, {}
     for name, m in models.items():
-        metrics[name], medians[name], curves[name] = _score(m, rows, a, d, e, times)
+        metrics[name], medians[name], curves[name] = _score(
+            m, rows, a, d, e, times, config.replenishment.follow_up_days
+        )
     return _Stage(models, rows, metrics, curves, medians, notes)
 
 
@@ -475,7 +495,9 @@ def evaluate_model(
     :func:`lapse.labels.episodes.reorder_outcomes` under ``config``, so two
     models share one definition of a reorder), censored at the window's end
     or at ``data_end`` when the data stops sooner. Durations are the days
-    after ``cutoff``; the metrics are the race's (:func:`survival_metrics`).
+    after ``cutoff``; the metrics are the race's (:func:`survival_metrics`), on
+    the point estimate :func:`predict_open` ships (horizon: the model's own
+    ``replenishment.follow_up_days``).
 
     Parameters
     ----------
@@ -522,6 +544,7 @@ def evaluate_model(
         rows["residual_days"].to_numpy(),
         rows["observed"].to_numpy(),
         _times(days),
+        model.config.replenishment.follow_up_days,
     )
     return {**metrics, "follow_up_days": float(days)}
 

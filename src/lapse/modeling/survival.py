@@ -2,8 +2,12 @@
 
 Every model predicts, for an episode that has already lasted ``elapsed`` days
 without a reorder, the conditional survival ``S(elapsed + t) / S(elapsed)``
-(the chance of *no* reorder within ``t`` more days) and the conditional
-median of the remaining days. Predictions use closed forms (AFT) or the
+(the chance of *no* reorder within ``t`` more days) and a point estimate of
+the remaining days: the conditional median, or with ``horizon=H`` the median
+among the episodes that reorder within ``H`` more days (solves
+``F(t) = F(H) / 2`` for the conditional distribution function ``F``; see
+:meth:`SurvivalModel.predict_median`). The baselines are point estimates
+already and ignore ``horizon``. Predictions use closed forms (AFT) or the
 Breslow baseline hazard (Cox), vectorised with NumPy: lifelines is only
 used to fit, never to predict (its Cox ``predict_median`` does not scale).
 
@@ -57,7 +61,9 @@ class ConvergenceProblem(LapseError):
 class Predictor(Protocol):
     """What every replenishment model offers (``elapsed``: days already without a reorder)."""
 
-    def predict_median(self, frame: pl.DataFrame, elapsed: npt.ArrayLike) -> FloatArray: ...
+    def predict_median(
+        self, frame: pl.DataFrame, elapsed: npt.ArrayLike, horizon: float | None = None
+    ) -> FloatArray: ...
 
     def predict_survival(
         self, frame: pl.DataFrame, elapsed: npt.ArrayLike, times: Sequence[float]
@@ -370,31 +376,65 @@ class SurvivalModel(ParamsMixin):
         )
         return out
 
-    def predict_median(self, frame: pl.DataFrame, elapsed: npt.ArrayLike) -> FloatArray:
-        """Median remaining days to the next order, capped at the longest training episode."""
-        from scipy.special import ndtri
+    def predict_median(
+        self, frame: pl.DataFrame, elapsed: npt.ArrayLike, horizon: float | None = None
+    ) -> FloatArray:
+        """Median remaining days to the next order, conditional on ``elapsed``.
+
+        With ``R`` the remaining days (``T - elapsed`` given ``T > elapsed``) and
+        ``F_R`` its distribution function:
+
+        - ``horizon=None``: the median of ``R`` (``F_R(r) = 1/2``). It prices in
+          the customers who never reorder, so it runs far into the right tail
+          and is capped at the longest training episode (``max_days_``).
+        - ``horizon=H``: the median of ``R`` among the episodes that reorder within
+          ``H`` more days, i.e. the ``r`` in ``[0, H]`` with ``F_R(r) = F_R(H) / 2``,
+          equivalently ``S(elapsed + r) = (S(elapsed) + S(elapsed + H)) / 2``. The
+          chance of reordering at all within ``H`` is what ``predict_survival``
+          gives; this is *when*, given that they do. Rows with no chance of a
+          reorder within ``H`` (``F_R(H) = 0`` numerically) get ``H``.
+
+        Either way the result is capped at ``max_days_`` (no extrapolation past
+        the longest training episode).
+
+        Every kind inverts its own survival function in closed form (AFT) or
+        on the Breslow baseline (Cox: the first event time reaching the target,
+        a step), vectorised over rows.
+        """
+        from scipy.special import ndtri_exp
 
         lin = self.linear_predictor(frame)
         a = _elapsed(elapsed, frame.height)
+        if horizon is not None and not (np.isfinite(horizon) and horizon > 0):
+            raise ValueError(f"horizon must be finite and > 0 days, got {horizon}")
         s = getattr(self, "shape_", 1.0)
         with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            log_sa = self._log_surv(lin, a)
+            if horizon is None:
+                log_p = log_sa - _LN2  # log(S(a) / 2)
+            else:
+                log_sb = self._log_surv(lin, a + horizon)
+                # log((S(a) + S(a + H)) / 2), exact when both are close to 1
+                log_p = log_sa + np.log1p(np.expm1(np.minimum(log_sb - log_sa, 0.0)) / 2.0)
+            # the time t with log S(t) = log_p, inverted per kind
             if self.kind == "cox_ph":
                 risk = np.exp(np.clip(lin, -50, 50))
-                goal = self._h0(a) + _LN2 / risk
+                goal = -log_p / risk
                 idx = np.searchsorted(self.h0_, goal, side="left")
                 inside = idx < self.h0_.size
                 t = np.where(inside, self.h0_times_[np.minimum(idx, self.h0_.size - 1)], np.inf)
             elif self.kind == "weibull_aft":
-                h = np.exp(np.clip(s * (np.log(np.maximum(a, _TINY)) - lin), -700, 700))
-                t = np.exp(lin + np.log(h + _LN2) / s)
+                t = np.exp(lin + np.log(-log_p) / s)
             elif self.kind == "lognormal_aft":
-                p = np.exp(self._log_surv(lin, a) - _LN2)  # S(a) / 2
-                t = np.exp(lin + s * -ndtri(p))
+                t = np.exp(lin - s * ndtri_exp(np.minimum(log_p, 0.0)))
             else:
-                u = np.exp(np.clip(s * (np.log(np.maximum(a, _TINY)) - lin), -700, 700))
-                t = np.exp(lin + np.log1p(2.0 * u) / s)
-        rest = np.nan_to_num(t - a, nan=self.max_days_, posinf=self.max_days_)
-        out: FloatArray = np.clip(rest, 0.0, self.max_days_)
+                t = np.exp(lin + np.log(np.expm1(-log_p)) / s)
+        cap = self.max_days_ if horizon is None else min(float(horizon), self.max_days_)
+        rest = np.nan_to_num(t - a, nan=cap, posinf=cap)
+        if horizon is not None:
+            none = -np.expm1(np.minimum(log_sb - log_sa, 0.0)) <= _TINY  # F_R(H) = 0
+            rest = np.where(none, cap, rest)
+        out: FloatArray = np.clip(rest, 0.0, cap)
         return out
 
 
@@ -435,7 +475,14 @@ class LastGap(ParamsMixin):
         """Rows predicted with the population median."""
         return int(frame[self.column].cast(pl.Float64).fill_nan(None).null_count())
 
-    def predict_median(self, frame: pl.DataFrame, elapsed: npt.ArrayLike) -> FloatArray:
+    def predict_median(
+        self, frame: pl.DataFrame, elapsed: npt.ArrayLike, horizon: float | None = None
+    ) -> FloatArray:
+        """Days left until ``start + gap`` (0 when overdue).
+
+        Already a point estimate of *when*, not a distribution: ``horizon`` is
+        accepted for the common interface (:class:`Predictor`) and ignored.
+        """
         a = _elapsed(elapsed, frame.height)
         out: FloatArray = np.maximum(self.total_days(frame) - a, 0.0)
         return out

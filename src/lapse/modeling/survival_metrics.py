@@ -128,7 +128,11 @@ def survival_metrics(
     """The pinned metrics of one model (:data:`METRIC_NAMES`) plus ``cal_{h}d``.
 
     ``surv`` holds ``P(no reorder by t)`` at ``times``, which must include
-    every horizon of :data:`HORIZONS`.
+    every horizon of :data:`HORIZONS`. ``median_days`` is each model's point
+    estimate of the days to the reorder (for the survival models the median
+    among the episodes that reorder within the follow-up window, see
+    :mod:`lapse.replenishment`); ``mae_days`` compares it with the observed
+    reorders only, and ``concordance`` ranks by it.
     """
     d = np.asarray(durations, dtype=np.float64)
     e = np.asarray(observed, dtype=bool)
