@@ -27,7 +27,8 @@ import numpy as np
 import polars as pl
 
 from lapse.config import LapseConfig
-from lapse.features._engine import DAY_US, canonical, units_expr
+from lapse.features._engine import DAY_US, _frac_days, _ratio, canonical, units_expr
+from lapse.features._engine import _days_between as _days
 from lapse.features.registry import CORE_WINDOWS, expand, windows_of
 from lapse.schema import ROLES
 
@@ -52,19 +53,6 @@ def _flag(config: LapseConfig, role: str) -> pl.Expr:
 
 def _pow2(bit: pl.Expr) -> pl.Expr:
     return pl.lit(2, dtype=pl.UInt64).pow(bit.cast(pl.UInt64))
-
-
-def _days(later: pl.Expr, earlier: pl.Expr) -> pl.Expr:
-    """Whole days (floor) from ``earlier`` to ``later``."""
-    return (later - earlier).dt.total_microseconds() // DAY_US
-
-
-def _frac_days(later: pl.Expr, earlier: pl.Expr) -> pl.Expr:
-    return (later - earlier).dt.total_microseconds() / DAY_US
-
-
-def _ratio(num: pl.Expr, den: pl.Expr) -> pl.Expr:
-    return pl.when(den != 0).then(num.cast(pl.Float64) / den)
 
 
 def _active_history(lf: pl.LazyFrame, last_day: int) -> pl.DataFrame:
