@@ -181,3 +181,12 @@ def test_features_command_writes_one_row_per_user(tmp_path: Path) -> None:
     assert frame["user_id"].is_unique().all()
     assert {"usage_count_7d", "decay_ratio_14d", "days_since_last_purchase"} <= set(frame.columns)
     assert f"{frame.height:,}" in result.output
+
+
+def test_features_report_rows_validation_dropped(tmp_path: Path) -> None:
+    out = tmp_path / "f.parquet"
+    argv = ["features", str(_bad_csv(tmp_path)), "--as-of", "2026-01-03", "--out", str(out)]
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    assert "2 rejected" in result.output
+    assert sorted(pl.read_parquet(out)["user_id"]) == ["a", "c"]

@@ -121,6 +121,12 @@ def _features_table(result: FeaturesResult) -> Table:
     table.add_column(style="bold")
     table.add_row("users", f"{result.users:,}")
     table.add_row("features", f"{result.columns:,}")
+    v = result.validation
+    if v.rows_rejected or v.duplicates:
+        table.add_row(
+            "events dropped",
+            f"{v.rows_rejected:,} rejected (see {v.rejects_path}), {v.duplicates:,} duplicates",
+        )
     sparse = sorted(result.null_share.items(), key=lambda kv: -kv[1])[:5]
     if sparse:
         table.add_row("mostly null", ", ".join(f"{k} {v:.0%}" for k, v in sparse))

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lapse.config import LapseConfig
-from lapse.events import ValidationReport, load_attributes, read_events, validate_events
+from lapse.events import ValidationReport, load_attributes, validate_events
 
 if TYPE_CHECKING:
     from lapse.registry import RegisteredVersion
@@ -38,6 +38,7 @@ class FeaturesResult:
     users: int
     columns: int
     null_share: dict[str, float]
+    validation: ValidationReport
 
 
 def run_features(
@@ -51,14 +52,13 @@ def run_features(
     """Build features as of ``as_of`` from an event file and write them to Parquet."""
     from lapse.features import build
 
-    frame = build(
-        read_events(events, config), as_of, config, attributes=load_attributes(config, attributes)
-    )
+    kept, report = validate_events(events, config, as_of=as_of)
+    frame = build(kept.lazy(), as_of, config, attributes=load_attributes(config, attributes))
     out.parent.mkdir(parents=True, exist_ok=True)
     frame.write_parquet(out)
     nulls = frame.null_count().row(0, named=True)
     share = {k: v / frame.height for k, v in nulls.items() if v and frame.height}
-    return FeaturesResult(out, as_of, frame.height, frame.width - 1, share)
+    return FeaturesResult(out, as_of, frame.height, frame.width - 1, share, report)
 
 
 def run_train(

@@ -21,7 +21,7 @@ import numpy as np
 import polars as pl
 
 from lapse.config import LapseConfig
-from lapse.events import load_attributes, read_events
+from lapse.events import load_attributes, validate_events
 from lapse.exceptions import LapseError
 from lapse.modeling.metrics import METRIC_NAMES
 
@@ -122,9 +122,24 @@ def _oracle(truth_dir: Path | None, test: datetime) -> pl.DataFrame | None:
     )
 
 
-def _in_memory(events: pl.LazyFrame) -> pl.LazyFrame:
-    """Read and validate once: labels, features and BG/NBD each scan the events."""
-    return events.collect().lazy()
+def _load(events_path: str | Path, config: LapseConfig) -> tuple[pl.LazyFrame, list[str]]:
+    """Read and validate once (labels, features and BG/NBD each scan the events).
+
+    Returns the kept events and a note on what validation dropped, so a training
+    report never hides rejected rows.
+    """
+    events, report = validate_events(events_path, config)
+    notes = []
+    if report.rows_rejected or report.duplicates:
+        reasons = ", ".join(f"{k} {v:,}" for k, v in report.rejected_by_reason.items() if v)
+        rejected = f"{report.rows_rejected:,} rejected"
+        if report.rows_rejected:
+            rejected += f" ({reasons}; the rows are in {report.rejects_path})"
+        notes.append(
+            f"events: {report.rows_read:,} rows read, {rejected}, "
+            f"{report.duplicates:,} duplicates dropped"
+        )
+    return events.lazy(), notes
 
 
 # -- train ----------------------------------------------------------------------------
@@ -232,7 +247,7 @@ def train(
     from lapse.modeling.race import fit_calibrator, fit_scorer, run_race
 
     out = Path(out_dir)
-    events = _in_memory(read_events(events_path, config))
+    events, read_notes = _load(events_path, config)
     grid = cutoff_grid(events, config)
     horizon = grid.horizon
     used = [c for c in grid.complete if c >= grid.training[0]]
@@ -253,7 +268,7 @@ def train(
         config=config,
         oracle=oracle,
     )
-    notes = list(race.notes)
+    notes = [*read_notes, *race.notes]
     lgb = race.candidates["lightgbm"].test_metrics["roc_auc"]
     rec = race.candidates["recency"].test_metrics["roc_auc"]
     if lgb < rec:
@@ -421,7 +436,7 @@ def backtest(events_path: str | Path, config: LapseConfig, *, k: int = 6) -> Bac
 
     if k < 1:
         raise LapseError(f"--k must be at least 1, got {k}")
-    events = _in_memory(read_events(events_path, config))
+    events, read_notes = _load(events_path, config)
     start, end = data_span(events)
     step = timedelta(days=config.labels.cutoff_every_days)
     latest = end - timedelta(days=config.labels.horizon_days)
@@ -435,7 +450,9 @@ def backtest(events_path: str | Path, config: LapseConfig, *, k: int = 6) -> Bac
             break
     if not grids:
         raise LapseError("the events are too short for even one backtest cutoff")
-    notes = [] if len(grids) == k else [f"only {len(grids)} of {k} cutoffs have enough history"]
+    notes = read_notes
+    if len(grids) < k:
+        notes.append(f"only {len(grids)} of {k} cutoffs have enough history")
     used = sorted({c for g in grids for c in g.all_race})
     frame, rfm = build_frame(events, used, config, data_end=end, attributes=load_attributes(config))
     rows: list[dict[str, Any]] = []
