@@ -98,7 +98,8 @@ def test_report_counts_every_path(tmp_path: Path) -> None:
     ]  # fmt: skip
 
 
-def test_rejects_file(tmp_path: Path) -> None:
+def test_rejects_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LAPSE_HOME")  # the default path is beside the config file
     events = _write_events(tmp_path / "data" / "events.jsonl")
     _, report = validate_events(events, _config(tmp_path), now=NOW)
     assert report.rejects_path == tmp_path / "events.rejects.parquet"

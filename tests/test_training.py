@@ -113,3 +113,17 @@ def test_stacked_lightgbm_joins_the_race_when_configured(small: Path, tmp_path: 
     assert set(stacked) == PINNED
     assert 0.5 < stacked["roc_auc"] <= 1.0
     assert "lightgbm_stacked" in result.table["model"].to_list()
+
+
+def test_training_reports_rows_validation_rejected(small: Path, tmp_path: Path) -> None:
+    events = pl.read_parquet(small / "events.parquet")
+    broken = tmp_path / "events.parquet"
+    events.with_columns(
+        user_id=pl.when(pl.int_range(pl.len()) % 100 == 0).then(None).otherwise(pl.col("user_id"))
+    ).write_parquet(broken)
+    config = load_config()
+    config.replenishment.enabled = False
+    result = train(broken, config, out_dir=tmp_path / "r", models_dir=tmp_path / "m")
+    n_null = (events.height + 99) // 100
+    assert any(f"{n_null:,} rejected (null_user_id {n_null:,}" in n for n in result.notes)
+    assert f"null_user_id {n_null:,}" in result.report_path.read_text()
