@@ -190,3 +190,11 @@ def test_features_report_rows_validation_dropped(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "2 rejected" in result.output
     assert sorted(pl.read_parquet(out)["user_id"]) == ["a", "c"]
+
+
+def test_error_messages_keep_bracketed_column_lists(tmp_path: Path) -> None:
+    path = tmp_path / "nocols.csv"
+    path.write_text("a,b\n1,2\n", encoding="utf-8")
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2
+    assert "The source has [a, b]" in result.output

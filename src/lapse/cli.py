@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, ParamSpec, TypeVar
 import polars as pl
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from lapse.config import LapseConfig, dump_config, load_config
@@ -60,7 +61,10 @@ def _friendly(func: Callable[P, R]) -> Callable[P, R]:
         try:
             return func(*args, **kwargs)
         except LapseError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            # escape: messages list columns as [a, b], which rich would take for markup
+            err_console.print(
+                f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
+            )
             raise typer.Exit(code=2) from None
 
     return wrapper
@@ -246,7 +250,7 @@ def _print_training(result: TrainResult) -> None:
         console.print(_metrics_table(rep.table, "replenishment (time to next order)"))
         console.print(f"[bold]selected:[/] {rep.selected} - {rep.why}")
     for note in result.notes:
-        console.print(f"note: {note}", highlight=False)
+        console.print(f"note: {escape(note)}", highlight=False)
     console.print(f"report in {result.out_dir}, bundle at {result.bundle_path}")
 
 
@@ -334,7 +338,7 @@ def review(
     console.print(table)
     console.print(f"[bold]verdict:[/] {result.verdict}")
     for reason in [*result.reasons, *result.notes]:
-        console.print(f"  {reason}", highlight=False)
+        console.print(f"  {escape(reason)}", highlight=False)
     console.print(f"comparison logged as MLflow run {result.run_id}")
 
 
@@ -365,7 +369,7 @@ def promote(
         highlight=False,
     )
     for note in result.notes:
-        console.print(f"  {note}", highlight=False)
+        console.print(f"  {escape(note)}", highlight=False)
 
 
 @app.command()
@@ -383,7 +387,7 @@ def backtest(
     console.print(_metrics_table(result.per_cutoff, "per cutoff"))
     console.print(_metrics_table(result.spread, "spread over cutoffs"))
     for note in result.notes:
-        console.print(f"note: {note}", highlight=False)
+        console.print(f"note: {escape(note)}", highlight=False)
 
 
 @app.command()
