@@ -166,7 +166,7 @@ def validate(
     console.print(_report_table(report))
     if report.rejected_share > max_reject_share:
         err_console.print(
-            f"[bold red]error:[/] {events}: {report.rejected_share:.1%} of rows were rejected "
+            f"[bold red]error:[/] {escape(str(events))}: {report.rejected_share:.1%} of rows were rejected "
             f"(limit {max_reject_share:.1%}); see {report.rejects_path} for the rows and reasons, "
             "fix the source mapping in the config, or raise --max-reject-share",
             highlight=False,
