@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from lapse.config import LapseConfig, dump_config, load_config
+from lapse.config import dump_config, load_config
 from lapse.exceptions import LapseError
 
 if TYPE_CHECKING:
@@ -79,10 +79,6 @@ def _parse_date(value: str, option: str) -> datetime:
             f"{value!r} is not a date; use YYYY-MM-DD", param_hint=option
         ) from None
     return day.replace(tzinfo=UTC)
-
-
-def _config(path: Path | None) -> LapseConfig:
-    return load_config(path)
 
 
 def _home() -> Path:
@@ -159,7 +155,7 @@ def validate(
 
     report = run_validate(
         events,
-        _config(config),
+        load_config(config),
         rejects=rejects,
         as_of=None if as_of is None else _parse_date(as_of, "--as-of"),
     )
@@ -191,7 +187,9 @@ def features(
 
     cutoff = _parse_date(as_of, "--as-of")
     with console.status(f"building features as of {as_of}"):
-        result = run_features(events, _config(config), as_of=cutoff, out=out, attributes=attributes)
+        result = run_features(
+            events, load_config(config), as_of=cutoff, out=out, attributes=attributes
+        )
     console.print(_features_table(result))
 
 
@@ -278,7 +276,7 @@ def train(
     with console.status("building training frames and running the races"):
         result, registered = run_train(
             events,
-            _config(config),
+            load_config(config),
             out_dir=out,
             truth_dir=truth,
             models_dir=models_dir,
@@ -315,7 +313,7 @@ def review(
     from lapse.registry import review as run_review
 
     with console.status("scoring champion and challenger"):
-        result = run_review(events, _config(config), name=name, out_dir=out)
+        result = run_review(events, load_config(config), name=name, out_dir=out)
     table = Table(
         "task",
         "metric",
@@ -360,7 +358,12 @@ def promote(
     if force and rollback:
         raise typer.BadParameter("give --force or --rollback, not both", param_hint="--rollback")
     result = run_promote(
-        _config(config), name=name, version=version, force=force, rollback=rollback, reason=reason
+        load_config(config),
+        name=name,
+        version=version,
+        force=force,
+        rollback=rollback,
+        reason=reason,
     )
     previous = "none" if result.previous_champion is None else f"v{result.previous_champion}"
     console.print(
@@ -383,7 +386,7 @@ def backtest(
     from lapse.training import backtest as run_backtest
 
     with console.status(f"racing on the last {k} complete cutoffs"):
-        result = run_backtest(events, _config(config), k=k)
+        result = run_backtest(events, load_config(config), k=k)
     console.print(_metrics_table(result.per_cutoff, "per cutoff"))
     console.print(_metrics_table(result.spread, "spread over cutoffs"))
     for note in result.notes:
@@ -433,8 +436,10 @@ def demo(
 
     out_dir = out if out is not None else _home() / "demo"
     with console.status("generating data, validating, building features, racing churn models"):
-        result = run_demo(_config(config), out_dir=out_dir, n_users=users, n_days=days, seed=seed)
-    console.print(_report_table(result.report))
+        result = run_demo(
+            load_config(config), out_dir=out_dir, n_users=users, n_days=days, seed=seed
+        )
+    console.print(_report_table(result.features.validation))
     console.print(_features_table(result.features))
     _print_training(result.training)
     if result.registered is not None:
@@ -446,7 +451,7 @@ def demo(
 @_friendly
 def config_show(config: ConfigOpt = None) -> None:
     """Print the resolved configuration as YAML, defaults filled in."""
-    cfg = _config(config)
+    cfg = load_config(config)
     typer.echo(f"# resolved from {cfg.origin}; relative paths resolve against {cfg.base_dir}")
     typer.echo(dump_config(cfg), nl=False)
 
