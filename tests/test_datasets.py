@@ -331,3 +331,14 @@ def test_users_without_telemetry_still_reorder(large: SyntheticData) -> None:
     )
     dark, lit = counts["len"]
     assert dark > 0.8 * lit
+
+
+def test_scan_truth_reads_what_write_wrote_and_names_a_missing_file(tmp_path: Path) -> None:
+    from lapse.datasets import scan_truth
+    from lapse.exceptions import LapseError
+
+    data = generate(n_users=30, n_days=20, seed=1)
+    write(data, tmp_path)
+    assert scan_truth(tmp_path, "truth_hazard").collect().equals(data.truth_hazard)
+    with pytest.raises(LapseError, match=r"elsewhere/truth\.parquet: not found"):
+        scan_truth(tmp_path / "elsewhere", "truth")

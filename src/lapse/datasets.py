@@ -46,9 +46,19 @@ import numpy as np
 import numpy.typing as npt
 import polars as pl
 
+from lapse.exceptions import LapseError
 from lapse.schema import EVENT_COLUMNS
 
-__all__ = ["EVENT_NAMES", "SKU_PRICES", "SKU_UNITS", "SyntheticData", "generate", "write"]
+__all__ = [
+    "EVENT_NAMES",
+    "FILES",
+    "SKU_PRICES",
+    "SKU_UNITS",
+    "SyntheticData",
+    "generate",
+    "scan_truth",
+    "write",
+]
 
 IntArr = npt.NDArray[np.int64]
 FloatArr = npt.NDArray[np.float64]
@@ -696,6 +706,9 @@ def _users(sim: _Sim, uid: pl.Expr, rng: np.random.Generator) -> pl.DataFrame:
     )
 
 
+FILES: Final = ("events", "users", "truth", "truth_hazard")
+
+
 def write(data: SyntheticData, out_dir: str | Path) -> dict[str, Path]:
     """Write the four frames as Parquet files under ``out_dir`` (created if needed).
 
@@ -707,9 +720,23 @@ def write(data: SyntheticData, out_dir: str | Path) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
-    for name in ("events", "users", "truth", "truth_hazard"):
+    for name in FILES:
         path = out / f"{name}.parquet"
         frame: pl.DataFrame = getattr(data, name)
         frame.write_parquet(path)
         paths[name] = path
     return paths
+
+
+def scan_truth(truth_dir: str | Path, name: str) -> pl.LazyFrame:
+    """Lazily read one of :func:`write`'s ground-truth files (``truth`` or ``truth_hazard``).
+
+    Raises
+    ------
+    LapseError
+        The file is not in ``truth_dir``.
+    """
+    path = Path(truth_dir) / f"{name}.parquet"
+    if not path.exists():
+        raise LapseError(f"{path}: not found; --truth takes the folder `lapse generate` wrote")
+    return pl.scan_parquet(path)

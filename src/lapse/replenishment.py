@@ -313,11 +313,12 @@ def select(validation: dict[str, dict[str, float]]) -> tuple[str, str]:
 
 
 def _truth_error(truth_dir: Path, stage: _Stage, target: Target) -> dict[str, Any] | None:
-    path = truth_dir / "truth.parquet"
-    if target != "sku" or not path.exists():
+    from lapse.datasets import scan_truth
+
+    if target != "sku":
         return None
     truth = (
-        pl.scan_parquet(path)
+        scan_truth(truth_dir, "truth")
         .select("user_id", "depletions")
         .explode("depletions")
         .unnest("depletions")

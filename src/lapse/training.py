@@ -109,13 +109,10 @@ def build_frame(
 def _oracle(truth_dir: Path | None, test: datetime) -> pl.DataFrame | None:
     if truth_dir is None:
         return None
-    path = Path(truth_dir) / "truth_hazard.parquet"
-    if not path.exists():
-        raise LapseError(
-            f"{path}: no truth_hazard.parquet; --truth takes `lapse generate`'s folder"
-        )
+    from lapse.datasets import scan_truth
+
     return (
-        pl.scan_parquet(path)
+        scan_truth(truth_dir, "truth_hazard")
         .filter(pl.col("date") == test.date())
         .select("user_id", pl.col("p_churn_28d").cast(pl.Float64).alias("p_churn"))
         .collect()
