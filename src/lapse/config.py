@@ -24,6 +24,9 @@ from lapse.schema import EVENT_COLUMNS
 
 __all__ = [
     "AttributesConfig",
+    "AuditConfig",
+    "ControlConfig",
+    "DeliveryConfig",
     "FeaturesConfig",
     "LabelsConfig",
     "LapseConfig",
@@ -34,6 +37,7 @@ __all__ = [
     "Roles",
     "RowRule",
     "RulesConfig",
+    "ScoreConfig",
     "SegmentsConfig",
     "SourceConfig",
     "TimestampSpec",
@@ -292,6 +296,62 @@ class SinksConfig(_Section):
     default: str = "file"
 
 
+class ScoreConfig(_Section):
+    """The nightly ``lapse score``: model age, drift, reasons and who is never contacted."""
+
+    max_model_age_days: int = Field(
+        default=30, gt=0, description="warn when as_of is this many days past the training data"
+    )
+    drift_threshold: float = Field(
+        default=0.2, gt=0, description="warn when a population stability index exceeds it"
+    )
+    drift_features: int = Field(
+        default=10, ge=0, description="the most important features whose drift is reported"
+    )
+    reasons: int = Field(default=3, ge=0, le=10, description="reasons per record (at most)")
+    do_not_contact: str | None = Field(
+        default="do_not_contact",
+        description="boolean column of the attributes table; users with true are never sent",
+    )
+    suppression_file: Path | None = Field(
+        default=None,
+        description="CSV/Parquet with a user_id column (or a text file, one per "
+        "line): users never sent",
+    )
+
+
+class ControlConfig(_Section):
+    """The holdout control group: a stable share of every segment that is not messaged."""
+
+    share: float = Field(default=0.0, ge=0, lt=1, description="share of users held out")
+    salt: str = Field(default="lapse-control", min_length=1, description="change it to redraw")
+    send: bool = Field(
+        default=False, description="send control users too, flagged control=true (not the file)"
+    )
+
+
+class DeliveryConfig(_Section):
+    """Retries and pacing of the shared delivery layer (every sink)."""
+
+    max_attempts: int = Field(default=6, ge=1, description="tries per batch before dead-letter")
+    backoff_seconds: float = Field(default=1.0, ge=0, description="first wait, doubled each try")
+    max_backoff_seconds: float = Field(
+        default=60.0, ge=0, description="longest wait, also caps a destination's Retry-After"
+    )
+    batch_size: int | None = Field(
+        default=None, gt=0, description="records per batch; null: the destination's limit"
+    )
+
+
+class AuditConfig(_Section):
+    """Audit snapshots, the run ledger, dead letters (all under ``path``)."""
+
+    path: Path = Field(default=Path("lapse-runs"), description="relative to the config folder")
+    retention_days: int | None = Field(
+        default=365, gt=0, description="snapshots older than this are deleted; null keeps all"
+    )
+
+
 class RegistryConfig(_Section):
     """MLflow tracking and the model registry (the registered name is ``models.name``).
 
@@ -330,6 +390,10 @@ class LapseConfig(_Section):
     replenishment: ReplenishmentConfig = Field(default_factory=ReplenishmentConfig)
     segments: SegmentsConfig = Field(default_factory=SegmentsConfig)
     sinks: SinksConfig = Field(default_factory=SinksConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+    control: ControlConfig = Field(default_factory=ControlConfig)
+    delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)

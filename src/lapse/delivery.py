@@ -1,0 +1,289 @@
+"""The one delivery layer every sink shares: batches, retries, throttling, ledger, dead letters.
+
+A run's outbox (the records to send, in a fixed order) is cut into batches
+that respect the sink's :class:`~lapse.sinks.base.Limits` (items per request and
+bytes per request); the batches are recorded in the ledger before the first
+send. Each batch is sent with retries (tenacity: exponential backoff, honouring
+a destination's ``Retry-After``, capped by ``delivery.max_backoff_seconds``),
+split in two on a 413, and marked ``done`` only after the destination
+acknowledged it. Delivery is therefore at least once; sinks are idempotent, so
+the resend that follows a crash between acknowledgement and ledger write
+changes nothing. :func:`deliver` on a run that already has batches (a resume)
+sends only those not yet ``done``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
+
+from lapse.config import DeliveryConfig
+from lapse.sinks.base import (
+    Item,
+    Outcome,
+    PayloadTooLarge,
+    RetryableError,
+    Sink,
+    SinkAuthError,
+    SinkError,
+    json_default,
+    json_size,
+)
+from lapse.state import Batch, Ledger
+
+__all__ = ["INTERNAL_COLUMNS", "DeliveryReport", "deliver", "encode", "plan_batches"]
+
+#: Outbox columns the delivery layer uses and never hands to a sink.
+INTERNAL_COLUMNS: tuple[str, ...] = ("delta_key",)
+
+
+@dataclass
+class DeliveryReport:
+    """What one :func:`deliver` call did."""
+
+    sent: int = 0
+    failed: int = 0
+    skipped: int = 0
+    retried: int = 0
+    batches: int = 0
+    resumed_done: int = 0
+    requests: int = 0
+    dead_letters: Path | None = None
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return self.failed == 0
+
+
+def encode(sink: Sink, outbox: pl.DataFrame) -> list[Item | None]:
+    """Each outbox row as the sink's item (``None``: the sink skips the record)."""
+    records = outbox.drop([c for c in INTERNAL_COLUMNS if c in outbox.columns]).to_dicts()
+    return [sink.encode(r) for r in records]
+
+
+def plan_batches(
+    items: list[Item | None], sink: Sink, batch_size: int | None = None
+) -> list[tuple[int, int]]:
+    """Row ranges ``[start, stop)`` within the sink's count and byte limits.
+
+    Skipped rows (``None`` items) ride along in whichever batch covers them and
+    are never sent; an item too large for any request gets a batch of its own
+    (the destination's 413, or the size check in :func:`deliver`, dead-letters it).
+    """
+    lim = sink.limits
+    max_items = min(lim.max_items, batch_size or lim.max_items)
+    sized = lim.max_bytes is not None
+    out: list[tuple[int, int]] = []
+    start, count, nbytes = 0, 0, lim.envelope_bytes
+    for i, item in enumerate(items):
+        if item is None:
+            continue
+        size = json_size(item) + 1 if sized else 0
+        if count and (count >= max_items or (sized and nbytes + size > lim.max_bytes)):  # type: ignore[operator]
+            out.append((start, i))
+            start, count, nbytes = i, 0, lim.envelope_bytes
+        count += 1
+        nbytes += size
+    if items:
+        out.append((start, len(items)))
+    return out
+
+
+class _Throttle:
+    def __init__(self, per_second: float | None, sleep: Callable[[float], None]) -> None:
+        self.interval = 1.0 / per_second if per_second else 0.0
+        self.sleep = sleep
+        self.last = float("-inf")
+
+    def wait(self) -> None:
+        if self.interval:
+            gap = self.last + self.interval - time.monotonic()
+            if gap > 0:
+                self.sleep(gap)
+            self.last = time.monotonic()
+
+
+def _wait(config: DeliveryConfig) -> Callable[[RetryCallState], float]:
+    def wait(state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        after = getattr(exc, "retry_after", None)
+        if after is not None:
+            return float(min(max(after, 0.0), config.max_backoff_seconds))
+        backoff = config.backoff_seconds * 2 ** (state.attempt_number - 1)
+        return float(min(backoff, config.max_backoff_seconds))
+
+    return wait
+
+
+def deliver(
+    outbox: pl.DataFrame,
+    sink: Sink,
+    ledger: Ledger,
+    score_run_id: str,
+    config: DeliveryConfig,
+    *,
+    as_of: datetime,
+    dead_letters: Path,
+    on_progress: Callable[[int], None] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> DeliveryReport:
+    """Send the outbox's pending batches to ``sink``; see the module docstring.
+
+    The run must be in the ledger (:meth:`~lapse.state.Ledger.start_run` with the
+    ranges of :func:`plan_batches` over :func:`encode` of the same outbox).
+    Records that did not get through are written to ``dead_letters`` (NDJSON,
+    with their reasons; the file is removed when nothing failed).
+
+    Raises
+    ------
+    SinkAuthError
+        Credentials are missing or refused; the current batch is left pending.
+    """
+    items = encode(sink, outbox)
+    users = outbox["user_id"].cast(pl.String).to_list()
+    keys = outbox["delta_key"].to_list() if "delta_key" in outbox.columns else None
+    segments = outbox["risk_segment"].to_list()
+    report = DeliveryReport()
+    throttle = _Throttle(sink.limits.requests_per_second, sleep)
+    name = sink.name
+    queue = [b for b in ledger.batches(score_run_id, name) if b.state != "split"]
+    report.resumed_done = sum(b.size for b in queue if b.state == "done")
+    if on_progress and report.resumed_done:
+        on_progress(report.resumed_done)
+    pending = [b for b in queue if b.state != "done"][::-1]
+    sink.open(score_run_id)
+
+    def send(batch_id: str, batch: list[Item]) -> Outcome:
+        throttle.wait()
+        report.requests += 1
+        return sink.send(batch_id, batch)
+
+    def count_retry(state: RetryCallState) -> None:
+        report.retried += 1
+        ledger.attempt(score_run_id, name, current.batch_id)
+
+    while pending:
+        current = pending.pop()
+        rows = [i for i in range(current.start, current.stop) if items[i] is not None]
+        report.skipped += current.size - len(rows)
+        batch_items = [items[i] for i in rows]
+        too_big = _oversized(sink, batch_items)
+        if too_big is not None and len(rows) > 1:
+            pending.extend(reversed(ledger.split(score_run_id, name, current)))
+            continue
+        try:
+            if too_big is not None:
+                raise SinkError(too_big)
+            if not rows:
+                outcome_failed: dict[int, str] = {}
+            else:
+                retrying = Retrying(
+                    retry=retry_if_exception_type(RetryableError),
+                    stop=stop_after_attempt(config.max_attempts),
+                    wait=_wait(config),
+                    sleep=sleep,
+                    before_sleep=count_retry,
+                    reraise=True,
+                )
+                outcome_failed = retrying(send, current.batch_id, batch_items).failed
+        except PayloadTooLarge as exc:
+            if len(rows) > 1:
+                pending.extend(reversed(ledger.split(score_run_id, name, current)))
+                continue
+            _fail(ledger, report, score_run_id, name, current, rows, users, str(exc))
+        except SinkAuthError:
+            raise
+        except SinkError as exc:  # retries exhausted (RetryableError) or a permanent refusal
+            _fail(ledger, report, score_run_id, name, current, rows, users, str(exc))
+        else:
+            failures = [(rows[k], users[rows[k]], why) for k, why in outcome_failed.items()]
+            bad = {r for r, _, _ in failures}
+            took = [r for r in rows if r not in bad]
+            ledger.done(
+                score_run_id,
+                name,
+                current,
+                failures=failures,
+                delivered=[(users[r], keys[r], segments[r]) for r in took]
+                if keys is not None and not sink.full_snapshot
+                else (),
+                as_of=as_of,
+            )
+            report.sent += len(took)
+            report.failed += len(failures)
+            for _, _, why in failures:
+                report.reasons[why] = report.reasons.get(why, 0) + 1
+            report.batches += 1
+        if on_progress:
+            on_progress(current.size)
+    report.dead_letters = write_dead_letters(ledger, outbox, score_run_id, name, dead_letters)
+    if report.dead_letters is None:
+        sink.finish(score_run_id)
+    return report
+
+
+def _oversized(sink: Sink, items: list[Item]) -> str | None:
+    """Why this batch cannot be sent as one request, or ``None`` when it fits."""
+    lim = sink.limits
+    if lim.max_item_bytes is not None:
+        for item in items:
+            size = json_size(item)
+            if size > lim.max_item_bytes:
+                return (
+                    f"record is {size} bytes, over {sink.name}'s limit of "
+                    f"{lim.max_item_bytes} bytes per record"
+                )
+    if lim.max_bytes is not None and len(items) > 1:
+        total = lim.envelope_bytes + sum(json_size(i) + 1 for i in items)
+        if total > lim.max_bytes:
+            return f"batch is {total} bytes, over {sink.name}'s limit of {lim.max_bytes}"
+    return None
+
+
+def _fail(
+    ledger: Ledger,
+    report: DeliveryReport,
+    score_run_id: str,
+    sink: str,
+    batch: Batch,
+    rows: list[int],
+    users: list[str],
+    reason: str,
+) -> None:
+    ledger.failed(score_run_id, sink, batch, reason, [(r, users[r]) for r in rows])
+    report.failed += len(rows)
+    report.reasons[reason] = report.reasons.get(reason, 0) + len(rows)
+
+
+def write_dead_letters(
+    ledger: Ledger, outbox: pl.DataFrame, score_run_id: str, sink: str, path: Path
+) -> Path | None:
+    """Write every record of the run that did not get through (NDJSON with reasons)."""
+    failures = ledger.failures(score_run_id, sink)
+    if not failures:
+        path.unlink(missing_ok=True)
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    records = outbox.drop([c for c in INTERNAL_COLUMNS if c in outbox.columns])
+    with tmp.open("w", encoding="utf-8") as fh:
+        for row, _user, batch_id, reason in failures:
+            line: dict[str, Any] = {
+                "score_run_id": score_run_id,
+                "sink": sink,
+                "batch_id": batch_id,
+                "reason": reason,
+                "record": records.row(row, named=True),
+            }
+            fh.write(json.dumps(line, default=json_default, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return path

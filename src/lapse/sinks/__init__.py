@@ -1,0 +1,35 @@
+"""Destinations of the per-user records; :func:`make_sink` builds one by name.
+
+Each destination is a :class:`~lapse.sinks.base.Sink` in a module of its own;
+everything they share (batching, retries, ledger) lives in :mod:`lapse.delivery`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lapse.exceptions import LapseError
+from lapse.sinks.base import RECORD_COLUMNS, RECORD_SCHEMA, Limits, Outcome, Sink
+
+if TYPE_CHECKING:
+    from lapse.config import LapseConfig
+
+__all__ = ["RECORD_COLUMNS", "RECORD_SCHEMA", "SINKS", "Limits", "Outcome", "Sink", "make_sink"]
+
+#: Sink name -> ``module:class``.
+SINKS: dict[str, str] = {
+    "file": "lapse.sinks.file:FileSink",
+    "memory": "lapse.sinks.memory:MemorySink",
+}
+
+
+def make_sink(name: str, config: LapseConfig, *, out: Path | None = None) -> Sink:
+    """The sink called ``name``, configured from ``config`` and its environment variables."""
+    target = SINKS.get(name)
+    if target is None:
+        raise LapseError(f"unknown sink {name!r}; choose one of: {', '.join(sorted(SINKS))}")
+    module, _, cls_name = target.partition(":")
+    cls: type[Sink] = getattr(importlib.import_module(module), cls_name)
+    return cls.from_config(config, out=out)

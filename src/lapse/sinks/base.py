@@ -1,0 +1,200 @@
+"""The sink protocol: what every destination of the per-user records implements.
+
+A sink only knows its destination's shape: how one record becomes one item
+(:meth:`Sink.encode`) and how a batch of items is sent (:meth:`Sink.send`).
+Batching (by count and bytes), retries, throttling, suppression, delta sync,
+the ledger and dead letters live in :mod:`lapse.delivery`, shared by all sinks.
+
+Errors a sink raises from :meth:`Sink.send` tell the delivery layer what to do:
+
+- :class:`RetryableError` (429, 5xx, a dropped connection): retry the same
+  batch later, after ``retry_after`` seconds when the destination said so.
+  Sinks are idempotent, so a resend after an unseen success changes nothing.
+- :class:`PayloadTooLarge` (413): split the batch in two and send each half.
+- :class:`SinkAuthError` (401/403, a missing key): stop the run; nothing of
+  the batch is marked sent.
+- :class:`SinkError` (anything else, e.g. 400 for the whole batch): the batch's
+  records go to the dead-letter file with the message as their reason.
+
+Per-record rejections inside an accepted batch are returned as
+:attr:`Outcome.failed` (index in the batch -> reason).
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import polars as pl
+
+from lapse.exceptions import LapseError
+
+if TYPE_CHECKING:
+    from lapse.config import LapseConfig
+
+__all__ = [
+    "RECORD_COLUMNS",
+    "RECORD_SCHEMA",
+    "Item",
+    "Limits",
+    "Outcome",
+    "PayloadTooLarge",
+    "Record",
+    "RetryableError",
+    "Sink",
+    "SinkAuthError",
+    "SinkError",
+    "json_default",
+    "json_size",
+]
+
+#: The pinned per-user record columns, in order (the file sink writes exactly these).
+RECORD_COLUMNS: tuple[str, ...] = (
+    "user_id",
+    "as_of",
+    "score_run_id",
+    "churn_risk",
+    "churn_risk_percentile",
+    "risk_segment",
+    "reasons",
+    "triggers",
+    "refill_sku",
+    "next_order_date",
+    "depletion_date",
+    "refill_prompt_date",
+    "model_name",
+    "model_version",
+)
+
+#: Their dtypes (dates are calendar days; ``model_version`` is a string: "3", or "local").
+RECORD_SCHEMA: dict[str, pl.DataType] = {
+    "user_id": pl.String(),
+    "as_of": pl.Date(),
+    "score_run_id": pl.String(),
+    "churn_risk": pl.Float64(),
+    "churn_risk_percentile": pl.Float64(),
+    "risk_segment": pl.String(),
+    "reasons": pl.List(pl.String()),
+    "triggers": pl.List(pl.String()),
+    "refill_sku": pl.String(),
+    "next_order_date": pl.Date(),
+    "depletion_date": pl.Date(),
+    "refill_prompt_date": pl.Date(),
+    "model_name": pl.String(),
+    "model_version": pl.String(),
+}
+
+#: One record as a sink sees it: the pinned columns (dates as ``datetime.date``,
+#: lists as lists), plus ``previous_risk_segment`` (the segment last delivered to
+#: this sink, ``None`` the first time), ``control`` (holdout member, only sent
+#: when ``control.send`` is on) and the attribute columns the sink asked for.
+Record = dict[str, Any]
+#: What :meth:`Sink.encode` makes of a record: a JSON-ready object.
+Item = Any
+
+
+class SinkError(LapseError):
+    """The destination refused a whole batch for good (its records are dead-lettered)."""
+
+
+class SinkAuthError(SinkError):
+    """Credentials are missing or refused; the run stops and nothing is marked sent."""
+
+
+class RetryableError(SinkError):
+    """A transient failure (429, 5xx, dropped connection): send the same batch again."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class PayloadTooLarge(SinkError):
+    """The destination said the batch is too large (413): split it and resend the halves."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """A destination's documented limits per request.
+
+    ``max_bytes`` bounds the sum of the items' JSON sizes plus ``envelope_bytes``
+    (the request's fixed overhead); an item over ``max_item_bytes`` can never be
+    sent and is dead-lettered. ``requests_per_second`` throttles the sends.
+    """
+
+    max_items: int
+    max_bytes: int | None = None
+    max_item_bytes: int | None = None
+    envelope_bytes: int = 0
+    requests_per_second: float | None = None
+
+
+@dataclass
+class Outcome:
+    """What the destination said about an accepted batch: rejected items by index."""
+
+    failed: dict[int, str] = field(default_factory=dict)
+
+
+class Sink(ABC):
+    """A destination of per-user records.
+
+    Subclasses set ``name`` and ``limits`` and implement :meth:`encode` and
+    :meth:`send`; ``full_snapshot`` sinks (files) get every record on every
+    run, the others only the users whose delta key changed (see
+    :mod:`lapse.delivery`). ``attribute_columns`` lists the user-attribute
+    columns a sink needs in its records (e.g. ``email`` as the identifier).
+    """
+
+    name: str = ""
+    limits: Limits = Limits(max_items=1000)
+    full_snapshot: bool = False
+    attribute_columns: tuple[str, ...] = ()
+
+    @classmethod
+    def from_config(cls, config: LapseConfig, *, out: Path | None = None) -> Sink:
+        """The sink as configured (credentials come from environment variables)."""
+        return cls()
+
+    @abstractmethod
+    def encode(self, record: Record) -> Item | None:
+        """The item sent for ``record``, or ``None`` to skip it (e.g. no identifier)."""
+
+    @abstractmethod
+    def send(self, batch_id: str, items: list[Item]) -> Outcome:
+        """Send one batch; raise the errors in this module's docstring on failure."""
+
+    def payload(self, items: list[Item]) -> Any:
+        """The request body :meth:`send` would send for ``items`` (``--dry-run`` shows it)."""
+        return items
+
+    def open(self, score_run_id: str) -> None:  # noqa: B027  (optional hook)
+        """Called once before the first batch of a run (or of its resume)."""
+
+    def finish(self, score_run_id: str) -> None:  # noqa: B027  (optional hook)
+        """Called once after every batch of a run was delivered (e.g. merge part files)."""
+
+    def close(self) -> None:  # noqa: B027  (optional hook)
+        """Release connections; called once, whatever happened."""
+
+    def describe(self) -> str:
+        """Where records go, for the summary (never a secret)."""
+        return self.name
+
+
+def json_default(value: Any) -> Any:
+    """``json.dumps`` fallback: dates and datetimes as ISO 8601 strings."""
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def json_size(item: Item) -> int:
+    """Bytes of ``item`` as compact UTF-8 JSON (how the delivery layer sizes batches)."""
+    return len(
+        json.dumps(item, default=json_default, separators=(",", ":"), ensure_ascii=False).encode()
+    )

@@ -1,0 +1,116 @@
+"""The file sink: a full snapshot of the records, Parquet or CSV by the extension of ``--out``.
+
+Each batch becomes a part file named by its batch id, written to a temporary
+name and renamed atomically, so a resent batch simply replaces its own part.
+When every batch of a run is delivered the parts are merged, in outbox order,
+into ``--out`` (again through an atomic rename) and removed. Parquet keeps the
+list columns (``reasons``, ``triggers``) as lists; CSV holds them as JSON strings.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import polars as pl
+
+from lapse.exceptions import LapseError
+from lapse.sinks.base import RECORD_COLUMNS, RECORD_SCHEMA, Item, Limits, Outcome, Record, Sink
+
+if TYPE_CHECKING:
+    from lapse.config import LapseConfig
+
+__all__ = ["FileSink", "read_records"]
+
+_SUFFIXES = (".parquet", ".csv")
+_LISTS = ("reasons", "triggers")
+
+
+class FileSink(Sink):
+    """Writes the run's records to ``path`` (``.parquet`` or ``.csv``)."""
+
+    name = "file"
+    limits = Limits(max_items=100_000)
+    full_snapshot = True
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if self.path.suffix.lower() not in _SUFFIXES:
+            raise LapseError(
+                f"--out {self.path}: the file sink writes .parquet or .csv; "
+                "choose a path with one of those extensions"
+            )
+
+    @classmethod
+    def from_config(cls, config: LapseConfig, *, out: Path | None = None) -> FileSink:
+        return cls(out if out is not None else config.resolve("scores.parquet"))
+
+    def _parts(self, score_run_id: str) -> Path:
+        return self.path.parent / f".{self.path.name}.parts" / score_run_id
+
+    def encode(self, record: Record) -> Item | None:
+        return {k: record[k] for k in RECORD_COLUMNS}
+
+    def send(self, batch_id: str, items: list[Item]) -> Outcome:
+        frame = pl.DataFrame(items, schema=RECORD_SCHEMA, orient="row")
+        part = self._parts(self._run) / f"{batch_id}.parquet"
+        part.parent.mkdir(parents=True, exist_ok=True)
+        tmp = part.with_suffix(".tmp")
+        try:
+            frame.write_parquet(tmp)
+            tmp.replace(part)
+        except OSError as exc:
+            raise LapseError(f"{part}: cannot write the part file: {exc}") from None
+        return Outcome()
+
+    def open(self, score_run_id: str) -> None:
+        self._run = score_run_id
+
+    def finish(self, score_run_id: str) -> None:
+        parts = self._parts(score_run_id)
+        files = sorted(parts.glob("*.parquet")) if parts.exists() else []
+        frame = (
+            pl.concat([pl.read_parquet(f) for f in files])
+            if files
+            else pl.DataFrame(schema=RECORD_SCHEMA)
+        )
+        write_records(frame, self.path)
+        shutil.rmtree(parts, ignore_errors=True)
+        if parts.parent.exists() and not any(parts.parent.iterdir()):
+            parts.parent.rmdir()
+
+    def describe(self) -> str:
+        return f"file {self.path}"
+
+
+def write_records(frame: pl.DataFrame, path: Path) -> Path:
+    """Write records to Parquet or CSV (list columns as JSON strings), atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        if path.suffix.lower() == ".csv":
+            frame.with_columns(
+                pl.Series(c, [json.dumps(v or [], ensure_ascii=False) for v in frame[c].to_list()])
+                for c in _LISTS
+            ).write_csv(tmp)
+        else:
+            frame.write_parquet(tmp)
+        tmp.replace(path)
+    except OSError as exc:
+        raise LapseError(f"{path}: cannot write the scores: {exc}") from None
+    return path
+
+
+def read_records(path: str | Path) -> pl.DataFrame:
+    """Read a file the file sink wrote back, with the record dtypes (lists as lists)."""
+    p = Path(path)
+    if p.suffix.lower() == ".csv":
+        frame = pl.read_csv(p, schema_overrides={c: pl.String for c in RECORD_COLUMNS})
+        return frame.with_columns(
+            *(pl.col(c).str.json_decode(pl.List(pl.String)) for c in _LISTS),
+            *(pl.col(c).str.to_date() for c, t in RECORD_SCHEMA.items() if t == pl.Date()),
+            *(pl.col(c).cast(pl.Float64) for c, t in RECORD_SCHEMA.items() if t == pl.Float64()),
+        )
+    return pl.read_parquet(p)

@@ -1,0 +1,380 @@
+"""Durable run state: the score-run ledger (SQLite) and one lock per sink.
+
+The ledger lives beside the audit snapshots (``<audit.path>/ledger.sqlite``) and
+holds, per score run and sink: the run (its status and summary), each batch's
+row range in the run's outbox and its state, the records a destination rejected,
+and, per sink and user, the delta key last delivered (delta sync). Every change
+is one SQLite transaction, so a process killed at any instant (SIGKILL
+included) leaves a consistent ledger: a batch is ``done`` only after its
+destination acknowledged it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from lapse.exceptions import LapseError
+
+__all__ = ["Batch", "Ledger", "LockHeldError", "RunInfo", "sink_lock"]
+
+BatchState = Literal["pending", "done", "failed", "split"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    score_run_id TEXT NOT NULL, sink TEXT NOT NULL, as_of TEXT NOT NULL,
+    model TEXT NOT NULL, target TEXT NOT NULL, status TEXT NOT NULL,
+    started TEXT NOT NULL, finished TEXT, summary TEXT,
+    PRIMARY KEY (score_run_id, sink));
+CREATE TABLE IF NOT EXISTS batches (
+    score_run_id TEXT NOT NULL, sink TEXT NOT NULL, batch_id TEXT NOT NULL,
+    start INTEGER NOT NULL, stop INTEGER NOT NULL, state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0, reason TEXT, updated TEXT NOT NULL,
+    PRIMARY KEY (score_run_id, sink, batch_id));
+CREATE TABLE IF NOT EXISTS failures (
+    score_run_id TEXT NOT NULL, sink TEXT NOT NULL, batch_id TEXT NOT NULL,
+    row INTEGER NOT NULL, user_id TEXT NOT NULL, reason TEXT NOT NULL,
+    PRIMARY KEY (score_run_id, sink, row));
+CREATE TABLE IF NOT EXISTS delivered (
+    sink TEXT NOT NULL, user_id TEXT NOT NULL, delta_key TEXT NOT NULL,
+    risk_segment TEXT, score_run_id TEXT NOT NULL, as_of TEXT NOT NULL,
+    PRIMARY KEY (sink, user_id));
+"""
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Rows ``[start, stop)`` of a run's outbox, sent as one request."""
+
+    batch_id: str
+    start: int
+    stop: int
+    state: BatchState
+    attempts: int = 0
+    reason: str | None = None
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """A score run for one sink, as the ledger knows it."""
+
+    score_run_id: str
+    sink: str
+    as_of: datetime
+    model: str
+    target: str
+    status: str
+    started: str
+    finished: str | None
+    summary: dict[str, Any]
+
+
+class Ledger:
+    """The SQLite run ledger (one file for every sink; see the module docstring)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # -- runs -------------------------------------------------------------------------------
+    def start_run(
+        self,
+        score_run_id: str,
+        sink: str,
+        *,
+        as_of: datetime,
+        model: str,
+        target: str,
+        batches: Sequence[tuple[int, int]],
+    ) -> None:
+        """Record a new run and its planned batches (row ranges of the outbox)."""
+        now = _now()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO runs VALUES (?, ?, ?, ?, ?, 'running', ?, NULL, NULL)",
+                (score_run_id, sink, as_of.isoformat(), model, target, now),
+            )
+            db.executemany(
+                "INSERT INTO batches VALUES (?, ?, ?, ?, ?, 'pending', 0, NULL, ?)",
+                [
+                    (score_run_id, sink, f"b{i:06d}", start, stop, now)
+                    for i, (start, stop) in enumerate(batches)
+                ],
+            )
+
+    def run(self, score_run_id: str, sink: str | None = None) -> RunInfo:
+        """The run ``score_run_id`` (for ``sink``, or its only sink)."""
+        rows = self._db.execute(
+            "SELECT * FROM runs WHERE score_run_id = ?"
+            + (" AND sink = ?" if sink else "")
+            + " ORDER BY started",
+            (score_run_id, sink) if sink else (score_run_id,),
+        ).fetchall()
+        if not rows:
+            known = [
+                r[0]
+                for r in self._db.execute(
+                    "SELECT score_run_id FROM runs ORDER BY started DESC LIMIT 5"
+                )
+            ]
+            raise LapseError(
+                f"score run {score_run_id!r}"
+                + (f" for sink {sink!r}" if sink else "")
+                + f" is not in the ledger {self.path}; recent runs: {', '.join(known) or 'none'}"
+            )
+        if len(rows) > 1:
+            sinks = ", ".join(r[1] for r in rows)
+            raise LapseError(
+                f"score run {score_run_id!r} went to several sinks ({sinks}); name one"
+            )
+        r = rows[0]
+        return RunInfo(
+            score_run_id=r[0],
+            sink=r[1],
+            as_of=datetime.fromisoformat(r[2]),
+            model=r[3],
+            target=r[4],
+            status=r[5],
+            started=r[6],
+            finished=r[7],
+            summary=json.loads(r[8]) if r[8] else {},
+        )
+
+    def finish_run(
+        self, score_run_id: str, sink: str, status: str, summary: dict[str, Any]
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE runs SET status = ?, finished = ?, summary = ? "
+                "WHERE score_run_id = ? AND sink = ?",
+                (status, _now(), json.dumps(summary, default=str), score_run_id, sink),
+            )
+
+    def runs(self) -> list[tuple[str, str, str]]:
+        """``(score_run_id, sink, started)`` of every run, oldest first."""
+        return [
+            (r[0], r[1], r[2])
+            for r in self._db.execute(
+                "SELECT score_run_id, sink, started FROM runs ORDER BY started"
+            )
+        ]
+
+    # -- batches -----------------------------------------------------------------------------
+    def batches(self, score_run_id: str, sink: str) -> list[Batch]:
+        """Every batch of a run, in outbox order."""
+        rows = self._db.execute(
+            "SELECT batch_id, start, stop, state, attempts, reason FROM batches "
+            "WHERE score_run_id = ? AND sink = ? ORDER BY start, batch_id",
+            (score_run_id, sink),
+        ).fetchall()
+        return [Batch(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
+
+    def split(self, score_run_id: str, sink: str, batch: Batch) -> tuple[Batch, Batch]:
+        """Replace ``batch`` by its two halves (after a 413)."""
+        mid = batch.start + batch.size // 2
+        halves = (
+            Batch(f"{batch.batch_id}.0", batch.start, mid, "pending"),
+            Batch(f"{batch.batch_id}.1", mid, batch.stop, "pending"),
+        )
+        now = _now()
+        with self._tx() as db:
+            db.execute(
+                "UPDATE batches SET state = 'split', updated = ? "
+                "WHERE score_run_id = ? AND sink = ? AND batch_id = ?",
+                (now, score_run_id, sink, batch.batch_id),
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO batches VALUES (?, ?, ?, ?, ?, 'pending', 0, NULL, ?)",
+                [(score_run_id, sink, h.batch_id, h.start, h.stop, now) for h in halves],
+            )
+        return halves
+
+    def attempt(self, score_run_id: str, sink: str, batch_id: str) -> None:
+        """Count one more try of a batch (retries show in the summary)."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE batches SET attempts = attempts + 1, updated = ? "
+                "WHERE score_run_id = ? AND sink = ? AND batch_id = ?",
+                (_now(), score_run_id, sink, batch_id),
+            )
+
+    def done(
+        self,
+        score_run_id: str,
+        sink: str,
+        batch: Batch,
+        *,
+        failures: Iterable[tuple[int, str, str]] = (),
+        delivered: Iterable[tuple[str, str, str | None]] = (),
+        as_of: datetime | None = None,
+    ) -> None:
+        """Mark a batch acknowledged, with the rows it rejected and the delta keys it took.
+
+        ``failures`` are ``(row, user_id, reason)``; ``delivered`` are
+        ``(user_id, delta_key, risk_segment)`` of the accepted records (delta-sync sinks).
+        """
+        now = _now()
+        with self._tx() as db:
+            db.execute(
+                "UPDATE batches SET state = 'done', reason = NULL, updated = ? "
+                "WHERE score_run_id = ? AND sink = ? AND batch_id = ?",
+                (now, score_run_id, sink, batch.batch_id),
+            )
+            self._replace_failures(db, score_run_id, sink, batch, failures)
+            db.executemany(
+                "INSERT OR REPLACE INTO delivered VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (sink, user, key, seg, score_run_id, (as_of or datetime.now(UTC)).isoformat())
+                    for user, key, seg in delivered
+                ],
+            )
+
+    def failed(
+        self,
+        score_run_id: str,
+        sink: str,
+        batch: Batch,
+        reason: str,
+        rows: Sequence[tuple[int, str]],
+    ) -> None:
+        """Mark a batch failed for this attempt of the run; ``rows`` are ``(row, user_id)``."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE batches SET state = 'failed', reason = ?, updated = ? "
+                "WHERE score_run_id = ? AND sink = ? AND batch_id = ?",
+                (reason, _now(), score_run_id, sink, batch.batch_id),
+            )
+            failures = [(r, u, reason) for r, u in rows]
+            self._replace_failures(db, score_run_id, sink, batch, failures)
+
+    @staticmethod
+    def _replace_failures(
+        db: sqlite3.Connection,
+        score_run_id: str,
+        sink: str,
+        batch: Batch,
+        rows: Iterable[tuple[int, str, str]],
+    ) -> None:
+        db.execute(
+            "DELETE FROM failures WHERE score_run_id = ? AND sink = ? AND row >= ? AND row < ?",
+            (score_run_id, sink, batch.start, batch.stop),
+        )
+        db.executemany(
+            "INSERT INTO failures VALUES (?, ?, ?, ?, ?, ?)",
+            [(score_run_id, sink, batch.batch_id, r, u, why) for r, u, why in rows],
+        )
+
+    def failures(self, score_run_id: str, sink: str) -> list[tuple[int, str, str, str]]:
+        """``(row, user_id, batch_id, reason)`` of every record that did not get through."""
+        return [
+            (r[0], r[1], r[2], r[3])
+            for r in self._db.execute(
+                "SELECT row, user_id, batch_id, reason FROM failures "
+                "WHERE score_run_id = ? AND sink = ? ORDER BY row",
+                (score_run_id, sink),
+            )
+        ]
+
+    # -- delta sync -------------------------------------------------------------------------
+    def delivered(self, sink: str) -> dict[str, tuple[str, str | None]]:
+        """``user_id -> (delta_key, risk_segment)`` last acknowledged by ``sink``."""
+        return {
+            r[0]: (r[1], r[2])
+            for r in self._db.execute(
+                "SELECT user_id, delta_key, risk_segment FROM delivered WHERE sink = ?", (sink,)
+            )
+        }
+
+    # -- erasure -----------------------------------------------------------------------------
+    def forget(self, user_ids: Sequence[str]) -> int:
+        """Delete every row about these users; returns how many rows went."""
+        n = 0
+        with self._tx() as db:
+            for table in ("failures", "delivered"):
+                for chunk in _chunks(list(user_ids), 500):
+                    marks = ",".join("?" * len(chunk))
+                    cur = db.execute(f"DELETE FROM {table} WHERE user_id IN ({marks})", chunk)
+                    n += cur.rowcount
+        return n
+
+    def drop_runs(self, score_run_ids: Sequence[str]) -> None:
+        """Forget runs entirely (retention): their batches and failures go too."""
+        with self._tx() as db:
+            for table in ("runs", "batches", "failures"):
+                db.executemany(
+                    f"DELETE FROM {table} WHERE score_run_id = ?", [(r,) for r in score_run_ids]
+                )
+
+
+def _chunks(items: list[str], n: int) -> Iterator[list[str]]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+class LockHeldError(LapseError):
+    """Another run holds the sink's lock."""
+
+
+@contextlib.contextmanager
+def sink_lock(directory: str | Path, sink: str) -> Iterator[Path]:
+    """Hold ``<directory>/<sink>.lock`` for the block, or raise :class:`LockHeldError`.
+
+    An OS file lock (``flock``): the kernel releases it when the process dies,
+    so a killed run never leaves a stale lock behind.
+    """
+    path = Path(directory) / f"{sink}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise LockHeldError(
+                f"another `lapse score` for sink {sink!r} is running ({holder}; lock {path}); "
+                "wait for it to finish, two runs never deliver to the same sink at once"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} since {_now()}".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)
