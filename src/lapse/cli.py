@@ -17,6 +17,15 @@ import polars as pl
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from lapse.config import dump_config, load_config
@@ -24,7 +33,7 @@ from lapse.exceptions import LapseError
 
 if TYPE_CHECKING:
     from lapse.events import ValidationReport
-    from lapse.pipeline import FeaturesResult
+    from lapse.pipeline import FeaturesResult, ScoreRunResult
     from lapse.registry import RegisteredVersion
     from lapse.training import TrainResult
 
@@ -445,6 +454,164 @@ def demo(
     if result.registered is not None:
         _print_registered(result.registered)
     console.print(f"[green]demo output in[/] {out_dir}")
+
+
+class _ScoreBars:
+    """Rich progress for `lapse score`: a spinner per step, a bar for the delivery."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.task: TaskID | None = None
+
+    def stage(self, name: str) -> None:
+        if self.task is not None:
+            self.progress.update(self.task, completed=1, total=1)
+        self.task = self.progress.add_task(name, total=None)
+
+    def delivering(self, total: int) -> None:
+        self.stage("delivering records")
+        assert self.task is not None
+        self.progress.update(self.task, total=total)
+
+    def advance(self, n: int) -> None:
+        if self.task is not None:
+            self.progress.advance(self.task, n)
+
+
+def _score_summary(result: ScoreRunResult) -> Table:
+    kind = "dry run" if result.dry_run else ("resumed run" if result.resumed else "run")
+    table = Table(
+        title=f"score {kind} {result.score_run_id} as of {result.as_of:%Y-%m-%d} -> {result.sink}",
+        show_header=False,
+        title_justify="left",
+    )
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_row("model", result.model)
+    order = (
+        "scored",
+        "would_send",
+        "sent",
+        "unchanged",
+        "suppressed",
+        "control",
+        "skipped",
+        "failed",
+        "retried",
+    )
+    for key in order:
+        if key in result.counts:
+            table.add_row(key.replace("_", " "), f"{result.counts[key]:,}")
+    for seg, n in result.segments.items():
+        table.add_row(f"segment {seg}", f"{n:,}")
+    for trig, n in result.triggers.items():
+        table.add_row(f"trigger {trig}", f"{n:,}")
+    if "churn_risk" in result.drift:
+        worst = max(result.drift.items(), key=lambda kv: kv[1])
+        table.add_row(
+            "drift (PSI)", f"scores {result.drift['churn_risk']:.3f}, max {worst[0]} {worst[1]:.3f}"
+        )
+    table.add_row("time", f"{result.seconds:.1f} s")
+    return table
+
+
+@app.command()
+@_friendly
+def score(
+    events: EventsArg,
+    as_of: Annotated[
+        str | None,
+        typer.Option("--as-of", help="Cutoff date YYYY-MM-DD (00:00 UTC); default today."),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="models:/NAME@alias, models:/NAME/VERSION or a bundle file; default "
+            "models:/<models.name>@champion."
+        ),
+    ] = None,
+    config: ConfigOpt = None,
+    sink: Annotated[
+        str | None, typer.Option(help="Destination; default sinks.default (file).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="The file sink's path (.parquet or .csv).")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Send nothing; print counts and example payloads.")
+    ] = False,
+    full: Annotated[
+        bool,
+        typer.Option("--full", help="Send every user, not only those whose delta key changed."),
+    ] = False,
+    resume: Annotated[
+        str | None,
+        typer.Option(help="Finish the run SCORE_RUN_ID without re-sending acknowledged batches."),
+    ] = None,
+) -> None:
+    """Score every eligible user as of a date and deliver the records to a sink.
+
+    Exit codes: 0 every record delivered; 1 some records failed (see the dead-letter
+    file); 2 bad input or configuration; 3 another run holds the sink's lock.
+    """
+    import json
+
+    from lapse.pipeline import run_score
+    from lapse.state import LockHeldError
+
+    day = (
+        _parse_date(as_of, "--as-of")
+        if as_of
+        else datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    )
+    cfg = load_config(config)
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    ) as bars:
+        try:
+            result = run_score(
+                events,
+                cfg,
+                as_of=day,
+                model=model,
+                sink=sink,
+                out=out,
+                dry_run=dry_run,
+                full=full,
+                resume=resume,
+                progress=_ScoreBars(bars),
+            )
+        except LockHeldError as exc:
+            err_console.print(
+                f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
+            )
+            raise typer.Exit(code=3) from None
+    for warning in result.warnings:
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+    console.print(_score_summary(result))
+    if result.dry_run:
+        for payload in result.examples:
+            console.print_json(json.dumps(payload, default=str)[:4000])
+        return
+    if result.snapshot is not None:
+        console.print(f"audit snapshot: {result.snapshot}", highlight=False)
+    if result.out is not None and result.complete:
+        console.print(f"scores: {result.out}", highlight=False)
+    if not result.complete:
+        err_console.print(
+            f"[bold red]{result.counts.get('failed', 0):,} records did not reach {escape(result.sink)}[/]; "
+            f"dead letters: {result.dead_letters}; fix the cause, then run "
+            f"`lapse score {events} --resume {result.score_run_id}`",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(code=1)
 
 
 @config_app.command("show")

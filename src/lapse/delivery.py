@@ -135,20 +135,23 @@ def deliver(
     dead_letters: Path,
     on_progress: Callable[[int], None] | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    items: list[Item | None] | None = None,
 ) -> DeliveryReport:
     """Send the outbox's pending batches to ``sink``; see the module docstring.
 
     The run must be in the ledger (:meth:`~lapse.state.Ledger.start_run` with the
     ranges of :func:`plan_batches` over :func:`encode` of the same outbox).
     Records that did not get through are written to ``dead_letters`` (NDJSON,
-    with their reasons; the file is removed when nothing failed).
+    with their reasons; the file is removed when nothing failed). ``items`` are
+    :func:`encode` of the outbox when the caller has them already.
 
     Raises
     ------
     SinkAuthError
         Credentials are missing or refused; the current batch is left pending.
     """
-    items = encode(sink, outbox)
+    if items is None:
+        items = encode(sink, outbox)
     users = outbox["user_id"].cast(pl.String).to_list()
     keys = outbox["delta_key"].to_list() if "delta_key" in outbox.columns else None
     segments = outbox["risk_segment"].to_list()

@@ -2,19 +2,38 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime
+import contextlib
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
+
+import polars as pl
 
 from lapse.config import LapseConfig
+from lapse.delivery import deliver, encode, plan_batches
 from lapse.events import ValidationReport, load_attributes, validate_events
+from lapse.exceptions import LapseError
 
 if TYPE_CHECKING:
+    from lapse.audit import AuditTrail
     from lapse.registry import RegisteredVersion
+    from lapse.sinks.base import Sink
+    from lapse.state import Ledger, RunInfo
     from lapse.training import TrainResult
 
-__all__ = ["DemoResult", "FeaturesResult", "run_demo", "run_features", "run_train", "run_validate"]
+__all__ = [
+    "DemoResult",
+    "FeaturesResult",
+    "ScoreProgress",
+    "ScoreRunResult",
+    "run_demo",
+    "run_features",
+    "run_score",
+    "run_train",
+    "run_validate",
+]
 
 
 def run_validate(
@@ -128,3 +147,395 @@ def run_demo(
         models_dir=out_dir / "models",
     )
     return DemoResult(files=files, features=features, training=training, registered=registered)
+
+
+# -- the nightly score ------------------------------------------------------------------------
+
+
+class ScoreProgress(Protocol):
+    """What ``run_score`` reports while it works (the CLI draws progress bars from it)."""
+
+    def stage(self, name: str) -> None:
+        """A new step starts (reading, scoring, reasons, ...)."""
+
+    def delivering(self, total: int) -> None:
+        """Delivery starts with ``total`` records to go."""
+
+    def advance(self, n: int) -> None:
+        """``n`` more records were handled (sent, failed or skipped)."""
+
+
+class _Silent:
+    def stage(self, name: str) -> None:
+        pass
+
+    def delivering(self, total: int) -> None:
+        pass
+
+    def advance(self, n: int) -> None:
+        pass
+
+
+@dataclass
+class ScoreRunResult:
+    """What one `lapse score` run (or resume, or dry run) did.
+
+    ``counts`` holds ``scored``, ``sent``, ``unchanged`` (delta sync),
+    ``suppressed``, ``control``, ``skipped`` (no identifier), ``failed``,
+    ``retried``; ``segments`` and ``triggers`` count the scored users.
+    """
+
+    score_run_id: str
+    as_of: datetime
+    sink: str
+    model: str
+    counts: dict[str, int]
+    segments: dict[str, int]
+    triggers: dict[str, int]
+    drift: dict[str, float]
+    warnings: list[str]
+    seconds: float
+    snapshot: Path | None = None
+    dead_letters: Path | None = None
+    out: Path | None = None
+    examples: list[Any] = field(default_factory=list)
+    dry_run: bool = False
+    resumed: bool = False
+    validation: ValidationReport | None = None
+
+    @property
+    def complete(self) -> bool:
+        """Every record meant for the sink reached it."""
+        return self.counts.get("failed", 0) == 0
+
+
+def _run_id(as_of: datetime) -> str:
+    import secrets
+
+    now = datetime.now(UTC)
+    return f"{as_of:%Y%m%d}-{now:%H%M%S}-{secrets.token_hex(3)}"
+
+
+def _counts(frame: pl.DataFrame, column: str) -> dict[str, int]:
+    if frame.height == 0:
+        return {}
+    if frame.schema[column] == pl.List(pl.String):
+        frame = frame.select(pl.col(column).explode()).drop_nulls()
+    rows = frame.group_by(column).len().sort(column).iter_rows()
+    return {str(k): int(n) for k, n in rows}
+
+
+def run_score(
+    events: Path,
+    config: LapseConfig,
+    *,
+    as_of: datetime,
+    model: str | None = None,
+    sink: str | None = None,
+    out: Path | None = None,
+    dry_run: bool = False,
+    full: bool = False,
+    resume: str | None = None,
+    progress: ScoreProgress | None = None,
+) -> ScoreRunResult:
+    """Score every eligible user as of ``as_of`` and deliver the records to a sink.
+
+    See the README's "Nightly score" section: the audit snapshot is written
+    before anything is sent; delivery goes through :mod:`lapse.delivery` with
+    the run ledger of :mod:`lapse.state`, so ``resume=SCORE_RUN_ID`` finishes
+    a killed run without re-sending acknowledged batches.
+
+    Raises
+    ------
+    LapseError
+        Bad input, a feature schema mismatch, an unknown model or sink, or a
+        refused credential (the run can be resumed once fixed).
+    LockHeldError
+        Another run for the same sink is in progress.
+    """
+    from lapse.audit import AuditTrail
+    from lapse.sinks import make_sink
+    from lapse.state import Ledger, sink_lock
+
+    started = time.monotonic()
+    report = progress or _Silent()
+    trail = AuditTrail(config.resolve(config.audit.path))
+    if resume is not None:
+        with Ledger(trail.ledger) as ledger:
+            info = ledger.run(resume, sink)
+        target = make_sink(
+            info.sink, config, out=out or (Path(info.target) if info.target else None)
+        )
+        with sink_lock(trail.locks, target.name), Ledger(trail.ledger) as ledger:
+            return _resume(trail, ledger, target, info, config, report, started)
+
+    from lapse.events import validate_events
+    from lapse.registry import load_bundle
+    from lapse.scoring import delta_key, load_suppression, score_users, with_reasons
+
+    target = make_sink(sink or config.sinks.default, config, out=out)
+    report.stage("loading the model")
+    loaded = load_bundle(model or f"models:/{config.models.name}@champion", config)
+    bundle = loaded.bundle
+    version = str(loaded.version) if loaded.version is not None else "local"
+    report.stage("reading and validating events")
+    kept, validation = validate_events(events, config, as_of=as_of)
+    attributes = load_attributes(config)
+    run_id = _run_id(as_of)
+    report.stage("scoring users")
+    scored = score_users(
+        bundle,
+        kept.lazy(),
+        as_of,
+        score_run_id=run_id,
+        model_version=version,
+        attributes=attributes,
+    )
+    records = scored.records.with_columns(delta_key())
+    suppressed = records["user_id"].is_in(
+        pl.Series(sorted(load_suppression(config, attributes))).implode()
+    )
+    records = records.with_columns(suppressed.alias("suppressed"))
+    sendable = ~records["suppressed"] & (~records["control"] | config.control.send)
+
+    lock = contextlib.nullcontext() if dry_run else sink_lock(trail.locks, target.name)
+    with lock, Ledger(trail.ledger) as ledger:
+        pruned = [] if dry_run else trail.prune(config.audit.retention_days, as_of.date())
+        if pruned:
+            ledger.drop_runs(pruned)
+        last = ledger.delivered(target.name)
+        previous = records["user_id"].replace_strict(
+            {u: seg for u, (_, seg) in last.items()}, default=None, return_dtype=pl.String
+        )
+        if target.full_snapshot or full:
+            changed = pl.Series([True] * records.height)
+        else:
+            old_keys = records["user_id"].replace_strict(
+                {u: k for u, (k, _) in last.items()}, default=None, return_dtype=pl.String
+            )
+            changed = (old_keys != records["delta_key"]).fill_null(True)
+        send = sendable & changed
+        report.stage("explaining the users sent")
+        records = with_reasons(bundle, scored, send).with_columns(
+            records["delta_key"], records["suppressed"], send.alias("sent")
+        )
+        outbox = _outbox(records.filter(send), previous.filter(send), attributes, target)
+        counts = {
+            "scored": records.height,
+            "suppressed": int(records["suppressed"].sum()),
+            "control": int(records["control"].sum()),
+            "unchanged": int((sendable & ~changed).sum()),
+        }
+        summary: dict[str, Any] = {
+            "score_run_id": run_id,
+            "as_of": as_of.isoformat(),
+            "sink": target.describe(),
+            "model": loaded.source,
+            "model_version": version,
+            "drift": scored.drift,
+            "warnings": scored.warnings,
+            "counts": counts,
+            "segments": _counts(records, "risk_segment"),
+            "triggers": _counts(records, "triggers"),
+        }
+        result = ScoreRunResult(
+            score_run_id=run_id,
+            as_of=as_of,
+            sink=target.describe(),
+            model=f"{loaded.source} (version {version})",
+            counts=counts,
+            segments=summary["segments"],
+            triggers=summary["triggers"],
+            drift=scored.drift,
+            warnings=scored.warnings,
+            seconds=0.0,
+            dry_run=dry_run,
+            validation=validation,
+            out=getattr(target, "path", None),
+        )
+        if dry_run:
+            return _dry_run(result, outbox, target, config, report, started)
+        report.stage("writing the audit snapshot")
+        result.snapshot = trail.write_snapshot(as_of.date(), run_id, records, summary)
+        trail.write_outbox(run_id, target.name, outbox)
+        ledger.start_run(
+            run_id,
+            target.name,
+            as_of=as_of,
+            model=loaded.source,
+            target=str(result.out or ""),
+            batches=plan_batches(encode(target, outbox), target, config.delivery.batch_size),
+        )
+        return _deliver(
+            trail, ledger, target, run_id, as_of, outbox, config, report, result, summary, started
+        )
+
+
+def _outbox(
+    records: pl.DataFrame, previous: pl.Series, attributes: pl.DataFrame | None, sink: Sink
+) -> pl.DataFrame:
+    """What a sink gets: the pinned columns, the delta key, the previous segment, attributes."""
+    from lapse.sinks.base import RECORD_COLUMNS
+
+    out = records.select(*RECORD_COLUMNS, "control", "delta_key").with_columns(
+        previous.alias("previous_risk_segment")
+    )
+    wanted = [c for c in sink.attribute_columns if c not in out.columns]
+    if wanted:
+        have = [] if attributes is None else [c for c in wanted if c in attributes.columns]
+        if attributes is not None and have:
+            extra = attributes.select(pl.col("user_id").cast(pl.String), *have)
+            out = out.join(extra, on="user_id", how="left", maintain_order="left")
+        out = out.with_columns(pl.lit(None, pl.String).alias(c) for c in wanted if c not in have)
+    return out
+
+
+def _dry_run(
+    result: ScoreRunResult,
+    outbox: pl.DataFrame,
+    target: Sink,
+    config: LapseConfig,
+    report: ScoreProgress,
+    started: float,
+) -> ScoreRunResult:
+    """Deliver to an in-memory twin of the sink: same batches and payloads, nothing sent."""
+    import tempfile
+
+    from lapse.sinks.memory import MemorySink
+    from lapse.state import Ledger
+
+    twin = MemorySink(like=target)
+    with (
+        tempfile.TemporaryDirectory(prefix="lapse-dry-run-") as tmp,
+        Ledger(Path(tmp) / "l.db") as ledger,
+    ):
+        ledger.start_run(
+            result.score_run_id,
+            twin.name,
+            as_of=result.as_of,
+            model=result.model,
+            target="",
+            batches=plan_batches(encode(twin, outbox), twin, config.delivery.batch_size),
+        )
+        report.delivering(outbox.height)
+        sent = deliver(
+            outbox,
+            twin,
+            ledger,
+            result.score_run_id,
+            config.delivery,
+            as_of=result.as_of,
+            dead_letters=Path(tmp) / "dead.ndjson",
+            on_progress=report.advance,
+        )
+    result.counts.update(sent=0, would_send=sent.sent, skipped=sent.skipped, failed=0, retried=0)
+    result.examples = [payload for _, payload in twin.requests[:2]]
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _deliver(
+    trail: AuditTrail,
+    ledger: Ledger,
+    target: Sink,
+    run_id: str,
+    as_of: datetime,
+    outbox: pl.DataFrame,
+    config: LapseConfig,
+    report: ScoreProgress,
+    result: ScoreRunResult,
+    summary: dict[str, Any],
+    started: float,
+) -> ScoreRunResult:
+    """Send the run's pending batches, then record the outcome in the ledger and the summary."""
+    from lapse.sinks.base import SinkAuthError
+
+    report.delivering(outbox.height)
+    items = encode(target, outbox)
+    try:
+        sent = deliver(
+            outbox,
+            target,
+            ledger,
+            run_id,
+            config.delivery,
+            as_of=as_of,
+            dead_letters=trail.dead_letters(run_id, target.name),
+            on_progress=report.advance,
+            items=items,
+        )
+    except SinkAuthError:
+        ledger.finish_run(run_id, target.name, "interrupted", summary)
+        raise
+    finally:
+        target.close()
+    result.counts.update(_delivery_counts(ledger, run_id, target.name, items), retried=sent.retried)
+    result.dead_letters = sent.dead_letters
+    result.seconds = time.monotonic() - started
+    summary["counts"] = result.counts
+    summary["seconds"] = round(result.seconds, 2)
+    ledger.finish_run(run_id, target.name, "complete" if result.complete else "partial", summary)
+    trail.write_summary(as_of.date(), run_id, summary)
+    return result
+
+
+def _delivery_counts(ledger: Ledger, run_id: str, sink: str, items: list[Any]) -> dict[str, int]:
+    """``sent``, ``skipped`` and ``failed`` of a run so far, from its ledger."""
+    failed = {row for row, *_ in ledger.failures(run_id, sink)}
+    done = [b for b in ledger.batches(run_id, sink) if b.state == "done"]
+    sent = sum(
+        1 for b in done for i in range(b.start, b.stop) if items[i] is not None and i not in failed
+    )
+    return {"sent": sent, "skipped": sum(i is None for i in items), "failed": len(failed)}
+
+
+def _resume(
+    trail: AuditTrail,
+    ledger: Ledger,
+    target: Sink,
+    info: RunInfo,
+    config: LapseConfig,
+    report: ScoreProgress,
+    started: float,
+) -> ScoreRunResult:
+    """Finish a run from its outbox and ledger: only batches not yet acknowledged are sent."""
+    import json
+
+    run_date = info.as_of.date()
+    path = trail.snapshot(run_date, info.score_run_id).with_suffix(".json")
+    try:
+        summary: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise LapseError(
+            f"score run {info.score_run_id!r}: its audit summary {path} is missing or unreadable; "
+            "it cannot be resumed, run `lapse score` again"
+        ) from None
+    outbox = trail.read_outbox(info.score_run_id, target.name)
+    result = ScoreRunResult(
+        score_run_id=info.score_run_id,
+        as_of=info.as_of,
+        sink=target.describe(),
+        model=info.model,
+        counts=dict(summary.get("counts", {})),
+        segments=summary.get("segments", {}),
+        triggers=summary.get("triggers", {}),
+        drift=summary.get("drift", {}),
+        warnings=summary.get("warnings", []),
+        seconds=0.0,
+        snapshot=trail.snapshot(run_date, info.score_run_id),
+        resumed=True,
+        out=getattr(target, "path", None),
+    )
+    return _deliver(
+        trail,
+        ledger,
+        target,
+        info.score_run_id,
+        info.as_of,
+        outbox,
+        config,
+        report,
+        result,
+        summary,
+        started,
+    )

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 import polars as pl
 
 from lapse.config import LapseConfig
@@ -372,6 +373,7 @@ def train(
             "data_end": grid.data_end,
         },
         created_at=datetime.now(UTC),
+        feature_reference=_feature_reference(tst, importance, config),
     )
     if replenishment is not None:
         bundle.extras["replenishment"] = replenishment.model
@@ -503,3 +505,20 @@ def backtest(events_path: str | Path, config: LapseConfig, *, k: int = 6) -> Bac
         ),
     )
     return BacktestResult(per_cutoff=per_cutoff, spread=spread, selected=selected, notes=notes)
+
+
+def _feature_reference(
+    rows: pl.DataFrame, importance: pl.DataFrame, config: LapseConfig
+) -> dict[str, npt.NDArray[np.float64]]:
+    """Samples of the most important numeric features at the calibration cutoff (drift)."""
+    from lapse.modeling.drift import reference_sample
+
+    top = importance.sort("mean_abs_shap", descending=True)["feature"].to_list()
+    numeric = [f for f in top if f in rows.columns and rows.schema[f].is_numeric()]
+    return {
+        f: reference_sample(
+            rows[f].cast(pl.Float64).fill_null(float("nan")).to_numpy(),
+            seed=config.models.random_state,
+        )
+        for f in numeric[: config.score.drift_features]
+    }

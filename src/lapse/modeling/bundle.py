@@ -3,8 +3,9 @@
 Holds the config (feature settings, roles, rules, segments), the feature
 schema, the training end date, the shipped churn scorer with its calibrator,
 the race's LightGBM (for reasons), BG/NBD, and the training score
-distribution (for percentiles and drift). ``extras`` is where other tasks
-(replenishment) put their models.
+distribution (for percentiles and drift) with a sample of the most important
+numeric features at the calibration cutoff (``feature_reference``, for drift).
+``extras`` is where other tasks (replenishment) put their models.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class ChurnBundle:
     cutoffs: dict[str, Any]
     created_at: datetime
     extras: dict[str, Any] = field(default_factory=dict)
+    feature_reference: dict[str, npt.NDArray[np.float64]] = field(default_factory=dict)
     format: int = BUNDLE_FORMAT
 
     # -- inputs -------------------------------------------------------------------

@@ -1,0 +1,292 @@
+"""Scoring: events as of a date -> one record per eligible user (before any delivery).
+
+Everything here sees events before ``as_of`` only (features, eligibility and
+open replenishment episodes all cut there). The records carry the pinned
+columns of :data:`lapse.sinks.base.RECORD_COLUMNS`, with ``reasons`` left empty
+until :func:`with_reasons` fills them for the users who are actually sent.
+
+Replenishment columns come from the open consumable episode with the earliest
+prompt date: ``next_order_date`` is ``as_of`` plus the survival model's median
+days to the next order; ``depletion_date`` is when the supply runs out by the
+telemetry rule (units left / consumption rate) where consumption is measured,
+else the predicted next order date; ``refill_prompt_date`` is the depletion
+date minus ``replenishment.lead_time_days``, never before ``as_of``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+import polars as pl
+
+from lapse.exceptions import LapseError
+from lapse.sinks.base import RECORD_COLUMNS, RECORD_SCHEMA
+
+if TYPE_CHECKING:
+    from lapse.config import LapseConfig
+    from lapse.modeling.bundle import ChurnBundle
+
+__all__ = [
+    "ScoreResult",
+    "control_mask",
+    "delta_key",
+    "load_suppression",
+    "score_users",
+    "with_reasons",
+]
+
+
+@dataclass
+class ScoreResult:
+    """Records (pinned columns plus ``control``), their feature rows, drift and warnings."""
+
+    records: pl.DataFrame
+    features: pl.DataFrame
+    drift: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _day(ts: datetime) -> date:
+    return ts.astimezone(UTC).date()
+
+
+def _refills(bundle: ChurnBundle, events: pl.LazyFrame, as_of: datetime) -> pl.DataFrame:
+    """Per user: the open consumable episode with the earliest prompt date."""
+    empty = pl.DataFrame(
+        schema={
+            "user_id": pl.String,
+            "refill_sku": pl.String,
+            "next_order_date": pl.Date,
+            "depletion_date": pl.Date,
+            "refill_prompt_date": pl.Date,
+        }
+    )
+    model = bundle.extras.get("replenishment")
+    if model is None:
+        return empty
+    open_eps: pl.DataFrame = model.predict_open(events, as_of)
+    if open_eps.height == 0:
+        return empty
+    t = as_of.astimezone(UTC)
+    lead = timedelta(days=bundle.config.replenishment.lead_time_days)
+    days = pl.duration(microseconds=(pl.col("supply_days_left") * 86_400e6).cast(pl.Int64))
+    sku = pl.col("sku").cast(pl.String) if "sku" in open_eps.columns else pl.lit(None, pl.String)
+    frame = open_eps.select(
+        pl.col("user_id").cast(pl.String),
+        sku.alias("refill_sku"),
+        pl.col("depletion_date").alias("next_order_ts"),
+        pl.coalesce(pl.lit(t) + days, pl.col("depletion_date")).alias("depletion_ts"),
+    ).with_columns(pl.max_horizontal(pl.col("depletion_ts") - lead, pl.lit(t)).alias("prompt_ts"))
+    return (
+        frame.drop_nulls("prompt_ts")
+        .sort("prompt_ts", "refill_sku", nulls_last=True)
+        .unique("user_id", keep="first", maintain_order=True)
+        .select(
+            "user_id",
+            "refill_sku",
+            pl.col("next_order_ts").dt.date().alias("next_order_date"),
+            pl.col("depletion_ts").dt.date().alias("depletion_date"),
+            pl.col("prompt_ts").dt.date().alias("refill_prompt_date"),
+        )
+    )
+
+
+def control_mask(user_ids: pl.Series, share: float, salt: str) -> npt.NDArray[np.bool_]:
+    """Holdout membership: a stable hash of salt and user below ``share``.
+
+    The same user, salt and share always give the same answer, whatever else
+    is in the run; raising the share only adds users to the group.
+
+    Examples
+    --------
+    >>> ids = pl.Series([str(i) for i in range(10_000)])
+    >>> round(float(control_mask(ids, 0.1, "s").mean()), 1)
+    0.1
+    """
+    if share <= 0:
+        return np.zeros(len(user_ids), dtype=np.bool_)
+    scale = float(2**64)
+    draws = np.fromiter(
+        (
+            int.from_bytes(hashlib.blake2b(f"{salt}:{u}".encode(), digest_size=8).digest()) / scale
+            for u in user_ids.cast(pl.String).to_list()
+        ),
+        dtype=np.float64,
+        count=len(user_ids),
+    )
+    out: npt.NDArray[np.bool_] = draws < share
+    return out
+
+
+def delta_key() -> pl.Expr:
+    """What must change for a delta-sync sink to get a user again.
+
+    The segment, the fired triggers, the churn risk rounded to 0.01 and the
+    three replenishment dates; other columns refresh when this changes or with
+    ``lapse score --full``.
+    """
+    return pl.concat_str(
+        pl.col("risk_segment"),
+        pl.col("triggers").list.join(","),
+        pl.col("churn_risk").round(2).cast(pl.String),
+        *(
+            pl.col(c).cast(pl.String).fill_null("")
+            for c in ("refill_sku", "next_order_date", "depletion_date", "refill_prompt_date")
+        ),
+        separator="|",
+        ignore_nulls=False,
+    ).alias("delta_key")
+
+
+def score_users(
+    bundle: ChurnBundle,
+    events: pl.LazyFrame,
+    as_of: datetime,
+    *,
+    score_run_id: str,
+    model_version: str,
+    attributes: pl.DataFrame | None = None,
+) -> ScoreResult:
+    """Score every eligible user as of ``as_of``: risk, percentile, segment, triggers, refills.
+
+    Raises
+    ------
+    LapseError
+        The feature rows do not match the bundle's schema (a missing role or a
+        changed dtype), or no user is eligible at ``as_of``.
+    """
+    config = bundle.config
+    warnings: list[str] = []
+    age = (as_of - bundle.training_end).days
+    if age > config.score.max_model_age_days:
+        warnings.append(
+            f"model {bundle.name!r} was trained on data up to {bundle.training_end:%Y-%m-%d}, "
+            f"{age} days before as_of (score.max_model_age_days is "
+            f"{config.score.max_model_age_days}); retrain and promote a fresher model"
+        )
+    frame = bundle.prepare(events, as_of, attributes=attributes)
+    if frame.height == 0:
+        raise LapseError(
+            f"no user is eligible at {as_of:%Y-%m-%d} (labels.eligibility "
+            f"{config.labels.eligibility!r}); check --as-of against the events' dates"
+        )
+    bundle.check_schema(frame)
+    frame = frame.with_columns(pl.col("user_id").cast(pl.String)).sort("user_id")
+    risk = bundle.predict_proba(frame)
+    fired = bundle.triggers(frame).select(pl.col("user_id").cast(pl.String), "triggers")
+    records = (
+        pl.DataFrame(
+            {
+                "user_id": frame["user_id"],
+                "churn_risk": risk,
+                "churn_risk_percentile": bundle.percentile(risk),
+                "risk_segment": bundle.segments(risk),
+            }
+        )
+        .join(fired, on="user_id", how="left", maintain_order="left")
+        .join(_refills(bundle, events, as_of), on="user_id", how="left", maintain_order="left")
+        .with_columns(
+            pl.lit(_day(as_of)).alias("as_of"),
+            pl.lit(score_run_id).alias("score_run_id"),
+            pl.lit([], dtype=pl.List(pl.String)).alias("reasons"),
+            pl.col("triggers").fill_null(pl.lit([], dtype=pl.List(pl.String))),
+            pl.lit(bundle.name).alias("model_name"),
+            pl.lit(model_version).alias("model_version"),
+        )
+        .select(pl.col(c).cast(RECORD_SCHEMA[c]) for c in RECORD_COLUMNS)
+        .with_columns(
+            pl.Series(
+                "control",
+                control_mask(frame["user_id"], config.control.share, config.control.salt),
+            )
+        )
+    )
+    drift = _drift(bundle, frame, risk)
+    high = {k: v for k, v in drift.items() if v > config.score.drift_threshold}
+    if high:
+        warnings.append(
+            "drift: population stability index above "
+            f"{config.score.drift_threshold} for "
+            + ", ".join(f"{k} ({v:.2f})" for k, v in sorted(high.items(), key=lambda kv: -kv[1]))
+            + "; the population moved since training: check the data, then retrain"
+        )
+    return ScoreResult(records=records, features=frame, drift=drift, warnings=warnings)
+
+
+def _drift(
+    bundle: ChurnBundle, frame: pl.DataFrame, risk: npt.NDArray[np.float64]
+) -> dict[str, float]:
+    from lapse.modeling.drift import psi
+
+    out = {"churn_risk": psi(bundle.score_reference, risk)}
+    for name, ref in bundle.feature_reference.items():
+        if name in frame.columns:
+            values = frame[name].cast(pl.Float64).fill_null(float("nan")).to_numpy()
+            out[name] = psi(ref, values)
+    return {k: round(v, 4) for k, v in out.items() if np.isfinite(v)}
+
+
+def with_reasons(
+    bundle: ChurnBundle, result: ScoreResult, rows: pl.Series | npt.NDArray[np.bool_]
+) -> pl.DataFrame:
+    """The records with ``reasons`` filled for ``rows`` (a mask) that are not ``low`` or fired.
+
+    Reasons are SHAP contributions of the race's LightGBM, costly, so only the
+    users who are sent with something to say get them.
+    """
+    records = result.records
+    want = (
+        pl.Series(rows, dtype=pl.Boolean)
+        & ((records["risk_segment"] != "low") | (records["triggers"].list.len() > 0))
+    ).fill_null(False)
+    top = bundle.config.score.reasons
+    if top == 0 or not want.any():
+        return records
+    idx = np.flatnonzero(want.to_numpy())
+    explained = bundle.reasons(result.features[idx], top=top)
+    filled = records["reasons"].to_list()
+    for i, r in zip(idx.tolist(), explained["reasons"].to_list(), strict=True):
+        filled[i] = r
+    return records.with_columns(pl.Series("reasons", filled, dtype=pl.List(pl.String)))
+
+
+def load_suppression(config: LapseConfig, attributes: pl.DataFrame | None) -> set[str]:
+    """Users never sent: flagged ``score.do_not_contact`` in attributes, or in the suppression file."""
+    out: set[str] = set()
+    flag = config.score.do_not_contact
+    if attributes is not None and flag and flag in attributes.columns:
+        col = attributes[flag]
+        if col.dtype == pl.String:
+            col = col.str.to_lowercase().is_in(["true", "1", "yes", "y", "t"])
+        ids = attributes.filter(col.cast(pl.Boolean).fill_null(False))["user_id"]
+        out.update(ids.cast(pl.String).to_list())
+    path = config.score.suppression_file
+    if path is not None:
+        out.update(_read_ids(config.resolve(path)))
+    return out
+
+
+def _read_ids(path: Path) -> list[str]:
+    try:
+        if path.suffix.lower() == ".parquet":
+            frame = pl.read_parquet(path)
+        elif path.suffix.lower() == ".csv":
+            frame = pl.read_csv(path, infer_schema=False)
+        else:
+            lines = path.read_text(encoding="utf-8").splitlines()
+            return [s.strip() for s in lines if s.strip() and not s.startswith("#")]
+    except FileNotFoundError:
+        raise LapseError(f"score.suppression_file {path}: file not found") from None
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        raise LapseError(f"score.suppression_file {path}: cannot read it: {exc}") from None
+    if "user_id" not in frame.columns:
+        raise LapseError(
+            f"score.suppression_file {path}: needs a user_id column, found {frame.columns}"
+        )
+    return frame["user_id"].drop_nulls().cast(pl.String).to_list()
