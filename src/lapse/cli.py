@@ -597,7 +597,7 @@ def score(
     console.print(_score_summary(result))
     if result.dry_run:
         for payload in result.examples:
-            console.print_json(json.dumps(payload, default=str)[:4000])
+            console.print_json(json.dumps(payload, default=str))
         return
     if result.snapshot is not None:
         console.print(f"audit snapshot: {result.snapshot}", highlight=False)

@@ -287,6 +287,7 @@ def run_score(
         bundle,
         kept.lazy(),
         as_of,
+        config,
         score_run_id=run_id,
         model_version=version,
         attributes=attributes,
@@ -316,7 +317,7 @@ def run_score(
             changed = (old_keys != records["delta_key"]).fill_null(True)
         send = sendable & changed
         report.stage("explaining the users sent")
-        records = with_reasons(bundle, scored, send).with_columns(
+        records = with_reasons(bundle, scored, send, top=config.score.reasons).with_columns(
             records["delta_key"], records["suppressed"], send.alias("sent")
         )
         outbox = _outbox(records.filter(send), previous.filter(send), attributes, target)
@@ -429,7 +430,9 @@ def _dry_run(
             on_progress=report.advance,
         )
     result.counts.update(sent=0, would_send=sent.sent, skipped=sent.skipped, failed=0, retried=0)
-    result.examples = [payload for _, payload in twin.requests[:2]]
+    # a request of the first few records, in exactly the shape the sink sends
+    first = [i for i in encode(target, outbox.head(50)) if i is not None][:3]
+    result.examples = [target.payload(first)] if first else []
     result.seconds = time.monotonic() - started
     return result
 

@@ -148,6 +148,7 @@ def score_users(
     bundle: ChurnBundle,
     events: pl.LazyFrame,
     as_of: datetime,
+    config: LapseConfig,
     *,
     score_run_id: str,
     model_version: str,
@@ -155,13 +156,16 @@ def score_users(
 ) -> ScoreResult:
     """Score every eligible user as of ``as_of``: risk, percentile, segment, triggers, refills.
 
+    Features, eligibility, rules and segments follow the bundle's own config
+    (what the model was trained with); ``config`` is the run's: its ``score``
+    and ``control`` sections apply.
+
     Raises
     ------
     LapseError
         The feature rows do not match the bundle's schema (a missing role or a
         changed dtype), or no user is eligible at ``as_of``.
     """
-    config = bundle.config
     warnings: list[str] = []
     age = (as_of - bundle.training_end).days
     if age > config.score.max_model_age_days:
@@ -174,7 +178,7 @@ def score_users(
     if frame.height == 0:
         raise LapseError(
             f"no user is eligible at {as_of:%Y-%m-%d} (labels.eligibility "
-            f"{config.labels.eligibility!r}); check --as-of against the events' dates"
+            f"{bundle.config.labels.eligibility!r}); check --as-of against the events' dates"
         )
     bundle.check_schema(frame)
     frame = frame.with_columns(pl.col("user_id").cast(pl.String)).sort("user_id")
@@ -233,7 +237,11 @@ def _drift(
 
 
 def with_reasons(
-    bundle: ChurnBundle, result: ScoreResult, rows: pl.Series | npt.NDArray[np.bool_]
+    bundle: ChurnBundle,
+    result: ScoreResult,
+    rows: pl.Series | npt.NDArray[np.bool_],
+    *,
+    top: int = 3,
 ) -> pl.DataFrame:
     """The records with ``reasons`` filled for ``rows`` (a mask) that are not ``low`` or fired.
 
@@ -245,7 +253,6 @@ def with_reasons(
         pl.Series(rows, dtype=pl.Boolean)
         & ((records["risk_segment"] != "low") | (records["triggers"].list.len() > 0))
     ).fill_null(False)
-    top = bundle.config.score.reasons
     if top == 0 or not want.any():
         return records
     idx = np.flatnonzero(want.to_numpy())

@@ -1,0 +1,481 @@
+"""`lapse score`: records, audit trail, delta sync, resume after SIGKILL, failures, locks."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+import score_sinks
+from lapse.cli import app
+from lapse.config import LapseConfig, dump_config, load_config
+from lapse.datasets import generate, write
+from lapse.exceptions import LapseError
+from lapse.modeling.bundle import ChurnBundle
+from lapse.pipeline import run_score
+from lapse.sinks import RECORD_COLUMNS, SINKS
+from lapse.sinks.file import read_records
+from lapse.state import Ledger, sink_lock
+from lapse.training import train
+
+runner = CliRunner()
+
+
+@dataclass(frozen=True)
+class World:
+    events: Path
+    users: Path
+    bundle: Path
+    as_of: datetime
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    root = tmp_path_factory.mktemp("score")
+    files = write(generate(n_users=1500, n_days=240, seed=3), root / "data")
+    events = pl.read_parquet(files["events"])
+    first = events["ts"].min()
+    assert isinstance(first, datetime)
+    start = first.replace(hour=0, minute=0, second=0, microsecond=0)
+    train_events = root / "train.parquet"
+    events.filter(pl.col("ts") < start + timedelta(days=200)).write_parquet(train_events)
+    train(train_events, load_config(), out_dir=root / "report", models_dir=root / "models")
+    return World(
+        events=files["events"],
+        users=files["users"],
+        bundle=root / "models" / "lapse.pkl",
+        as_of=start + timedelta(days=210),
+    )
+
+
+def make_config(home: Path, world: World, **sections: dict[str, object]) -> Path:
+    """A config file in LAPSE_HOME: attributes from the generator, small batches."""
+    data = yaml.safe_load(dump_config(load_config()))
+    data["attributes"]["path"] = str(world.users)
+    data["attributes"]["static_features"] = []
+    data["delivery"].update(batch_size=50, backoff_seconds=0.0)
+    for name, values in sections.items():
+        data[name].update(values)
+    path = home / "lapse.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def config_at(path: Path) -> LapseConfig:
+    return load_config(path)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_capture(monkeypatch: pytest.MonkeyPatch) -> None:
+    score_sinks.RECEIVED.clear()
+    score_sinks.FlakySink.seen = set()
+    monkeypatch.setitem(SINKS, "capture", "score_sinks:CaptureSink")
+    monkeypatch.setitem(SINKS, "flaky", "score_sinks:FlakySink")
+
+
+def sent_users() -> list[str]:
+    return [i["user_id"] for _, items in score_sinks.RECEIVED for i in items]
+
+
+# -- the records ---------------------------------------------------------------------------
+
+
+def test_file_sink_writes_the_pinned_columns_for_every_eligible_user(
+    world: World, _isolated_home: Path
+) -> None:
+    cfg = make_config(_isolated_home, world)
+    out = _isolated_home / "scores.parquet"
+    res = runner.invoke(
+        app,
+        [
+            "score",
+            str(world.events),
+            "--as-of",
+            f"{world.as_of:%Y-%m-%d}",
+            "--model",
+            str(world.bundle),
+            "--config",
+            str(cfg),
+            "--out",
+            str(out),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    records = read_records(out)
+    assert tuple(records.columns) == RECORD_COLUMNS
+    assert records["user_id"].is_unique().all()
+    assert records["as_of"].unique().to_list() == [world.as_of.date()]
+    assert records["risk_segment"].is_in(["high", "medium", "low"]).all()
+    assert records["churn_risk"].is_between(0, 1).all()
+    assert records["churn_risk_percentile"].is_between(0, 1).all()
+    assert (records["model_version"] == "local").all()
+    # reasons only for users with something to say, at most 3 each
+    n_reasons = records["reasons"].list.len()
+    quiet = (records["risk_segment"] == "low") & (records["triggers"].list.len() == 0)
+    assert (n_reasons.filter(quiet) == 0).all()
+    assert (n_reasons <= 3).all() and (n_reasons.filter(~quiet) > 0).mean() > 0.8  # type: ignore[operator]
+    # refills: prompt never before as_of nor after depletion; all three dates together
+    refill = records.filter(pl.col("refill_sku").is_not_null())
+    assert refill.height > 0
+    assert (refill["refill_prompt_date"] >= world.as_of.date()).all()
+    assert (refill["refill_prompt_date"] <= refill["depletion_date"]).all()
+    assert refill["next_order_date"].null_count() == 0
+    # the scored users are exactly the eligible ones, do-not-contact users excluded
+    bundle = ChurnBundle.load(world.bundle)
+    from lapse.labels import eligible
+
+    ev = pl.scan_parquet(world.events)
+    expected = set(eligible(ev, [world.as_of], bundle.config)["user_id"].to_list())
+    dnc = set(pl.read_parquet(world.users).filter("do_not_contact")["user_id"].to_list())
+    assert set(records["user_id"].to_list()) == expected - dnc
+    # the audit snapshot holds every scored user, suppressed ones flagged and not sent
+    snap = pl.read_parquet(_isolated_home / "lapse-runs" / "snapshots" / "*" / "*.parquet")
+    assert set(snap["user_id"].to_list()) == expected
+    assert set(snap.filter("suppressed")["user_id"].to_list()) == expected & dnc
+    assert not snap.filter("suppressed")["sent"].any()
+    # and a CSV holds the lists as JSON strings
+    csv = _isolated_home / "scores.csv"
+    res = runner.invoke(
+        app,
+        [
+            "score",
+            str(world.events),
+            "--as-of",
+            f"{world.as_of:%Y-%m-%d}",
+            "--model",
+            str(world.bundle),
+            "--config",
+            str(cfg),
+            "--out",
+            str(csv),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    raw = pl.read_csv(csv)
+    assert raw["triggers"].str.starts_with("[").all()
+    back = read_records(csv)
+    assert (
+        back.drop("score_run_id")
+        .sort("user_id")
+        .equals(records.drop("score_run_id").sort("user_id"))
+    )
+
+
+def test_point_in_time_scores_ignore_events_at_or_after_as_of(
+    world: World, _isolated_home: Path, tmp_path: Path
+) -> None:
+    cfg = config_at(make_config(_isolated_home, world))
+    past = tmp_path / "past.parquet"
+    pl.scan_parquet(world.events).filter(pl.col("ts") < world.as_of).sink_parquet(past)
+    a = run_score(
+        world.events, cfg, as_of=world.as_of, model=str(world.bundle), out=tmp_path / "a.parquet"
+    )
+    b = run_score(past, cfg, as_of=world.as_of, model=str(world.bundle), out=tmp_path / "b.parquet")
+    ra, rb = (read_records(r.out).drop("score_run_id") for r in (a, b) if r.out)  # type: ignore[arg-type]
+    assert ra.equals(rb)
+
+
+# -- delta sync, suppression, control ------------------------------------------------------
+
+
+def test_delta_sync_sends_nothing_unchanged_and_exactly_the_changed_users(
+    world: World, _isolated_home: Path
+) -> None:
+    cfg = config_at(make_config(_isolated_home, world))
+    first = run_score(world.events, cfg, as_of=world.as_of, model=str(world.bundle), sink="capture")
+    assert first.complete and first.counts["sent"] == len(sent_users()) > 0
+    assert len(set(sent_users())) == len(sent_users())
+    assert {i["email"] for _, items in score_sinks.RECEIVED for i in items} != {None}
+
+    score_sinks.RECEIVED.clear()
+    again = run_score(world.events, cfg, as_of=world.as_of, model=str(world.bundle), sink="capture")
+    assert sent_users() == [] and again.counts["sent"] == 0
+    assert again.counts["unchanged"] == first.counts["sent"]
+
+    score_sinks.RECEIVED.clear()
+    later = world.as_of + timedelta(days=7)
+    run_score(world.events, cfg, as_of=later, model=str(world.bundle), sink="capture")
+    snaps = pl.read_parquet(_isolated_home / "lapse-runs" / "snapshots" / "*" / "*.parquet")
+    old = snaps.filter(pl.col("as_of") == world.as_of.date(), pl.col("sent")).unique("user_id")
+    new = snaps.filter(pl.col("as_of") == later.date(), ~pl.col("suppressed"))
+    joined = new.join(
+        old.select("user_id", pl.col("delta_key").alias("old")), on="user_id", how="left"
+    )
+    changed = joined.filter(pl.col("old").is_null() | (pl.col("old") != pl.col("delta_key")))
+    assert sorted(sent_users()) == sorted(changed["user_id"].to_list())
+    assert 0 < len(sent_users()) < new.height
+    # a changed segment carries the previous one, so platforms can fire risk_<segment> events
+    prev = {
+        i["user_id"]: i["previous_risk_segment"] for _, items in score_sinks.RECEIVED for i in items
+    }
+    last = dict(zip(old["user_id"], old["risk_segment"], strict=True))
+    assert all(prev[u] == last.get(u) for u in prev)
+
+    score_sinks.RECEIVED.clear()
+    full = run_score(
+        world.events, cfg, as_of=later, model=str(world.bundle), sink="capture", full=True
+    )
+    assert full.counts["sent"] == new.height == len(sent_users())
+
+
+def test_suppressed_users_are_never_sent(world: World, _isolated_home: Path) -> None:
+    users = pl.read_parquet(world.users)
+    listed = users.filter(~pl.col("do_not_contact"))["user_id"].head(40).to_list()
+    (_isolated_home / "suppress.txt").write_text("# erasure list\n" + "\n".join(listed) + "\n")
+    cfg = config_at(make_config(_isolated_home, world, score={"suppression_file": "suppress.txt"}))
+    res = run_score(world.events, cfg, as_of=world.as_of, model=str(world.bundle), sink="capture")
+    never = set(listed) | set(users.filter("do_not_contact")["user_id"].to_list())
+    assert not never & set(sent_users())
+    snap = pl.read_parquet(res.snapshot)  # type: ignore[arg-type]
+    assert res.counts["suppressed"] == snap["user_id"].is_in(list(never)).sum() > 0
+
+
+def test_control_group_is_stable_per_salt_and_not_sent(world: World, _isolated_home: Path) -> None:
+    cfg = config_at(make_config(_isolated_home, world, control={"share": 0.3, "salt": "s1"}))
+    a = run_score(
+        world.events, cfg, as_of=world.as_of, model=str(world.bundle), sink="capture", full=True
+    )
+    b = run_score(
+        world.events, cfg, as_of=world.as_of, model=str(world.bundle), sink="capture", full=True
+    )
+    snap_a, snap_b = (pl.read_parquet(r.snapshot) for r in (a, b))  # type: ignore[arg-type]
+    control = set(snap_a.filter("control")["user_id"].to_list())
+    assert control == set(snap_b.filter("control")["user_id"].to_list())
+    assert 0.2 < len(control) / snap_a.height < 0.4
+    for seg in ("high", "low"):  # held out within every segment
+        part = snap_a.filter(pl.col("risk_segment") == seg)
+        if part.height >= 30:
+            assert 0.1 < part["control"].mean() < 0.5  # type: ignore[operator]
+    assert not control & set(sent_users())
+    cfg.control.salt = "s2"
+    c = run_score(
+        world.events, cfg, as_of=world.as_of, model=str(world.bundle), sink="capture", full=True
+    )
+    assert set(pl.read_parquet(c.snapshot).filter("control")["user_id"].to_list()) != control  # type: ignore[arg-type]
+
+
+# -- failures, dead letters, resume --------------------------------------------------------
+
+
+def test_sink_failures_go_to_dead_letters_and_exit_non_zero(
+    world: World, _isolated_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = make_config(_isolated_home, world)
+    records = run_score(
+        world.events, config_at(cfg), as_of=world.as_of, model=str(world.bundle), dry_run=True
+    )
+    assert records.counts["sent"] == 0
+    snap_users = sorted(
+        pl.read_parquet(world.users).filter(~pl.col("do_not_contact"))["user_id"].to_list()
+    )
+    monkeypatch.setattr(score_sinks.FlakySink, "reject", frozenset(snap_users[:3]))
+    monkeypatch.setattr(score_sinks.FlakySink, "poison", frozenset(snap_users[300:301]))
+    res = runner.invoke(
+        app,
+        [
+            "score",
+            str(world.events),
+            "--as-of",
+            f"{world.as_of:%Y-%m-%d}",
+            "--model",
+            str(world.bundle),
+            "--config",
+            str(cfg),
+            "--sink",
+            "flaky",
+        ],
+    )
+    assert res.exit_code == 1, res.output
+    assert "dead letters" in res.output and "--resume" in res.output
+    dead = [
+        json.loads(x)
+        for x in next((_isolated_home / "lapse-runs" / "dead_letters").glob("*.ndjson"))
+        .read_text()
+        .splitlines()
+    ]
+    reasons = {d["reason"] for d in dead}
+    assert reasons == {"invalid profile", "400 Bad Request: malformed batch"} or reasons == {
+        "400 Bad Request: malformed batch"
+    }
+    failed = {d["record"]["user_id"] for d in dead}
+    delivered = set(sent_users()) - score_sinks.FlakySink.reject
+    assert not failed & delivered
+    # every sendable user either arrived or is a dead letter: nothing silently lost
+    snap = pl.read_parquet(_isolated_home / "lapse-runs" / "snapshots" / "*" / "*.parquet")
+    assert failed | delivered == set(snap.filter("sent")["user_id"].to_list())
+    # retried 503s were counted, not dead-lettered
+    assert "retried" in res.output
+
+
+def test_sigkill_mid_run_then_resume_delivers_everything_once(
+    world: World, _isolated_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = make_config(_isolated_home, world, delivery={"batch_size": 40})
+    out = _isolated_home / "scores.parquet"
+    log = _isolated_home / "sends.log"
+    monkeypatch.setenv("LAPSE_TEST_SEND_LOG", str(log))
+    monkeypatch.setenv("LAPSE_TEST_KILL_AFTER", "4")
+    args = [
+        "score",
+        str(world.events),
+        "--as-of",
+        f"{world.as_of:%Y-%m-%d}",
+        "--model",
+        str(world.bundle),
+        "--config",
+        str(cfg),
+        "--out",
+        str(out),
+    ]
+    killed = score_sinks.run_cli("KillingFileSink", *args)
+    assert killed.returncode == -9, killed.stderr
+    assert not out.exists()
+    with Ledger(_isolated_home / "lapse-runs" / "ledger.sqlite") as ledger:
+        ((run_id, sink, _),) = ledger.runs()
+        batches = ledger.batches(run_id, sink)
+    done = {b.batch_id for b in batches if b.state == "done"}
+    before = log.read_text().split()
+    assert len(done) == 3 and before[:3] == sorted(done) and len(before) == 4
+    assert len(batches) > 5
+
+    # the lock died with the process: resume goes ahead
+    resumed = score_sinks.run_cli(
+        "LoggingFileSink", "score", str(world.events), "--config", str(cfg), "--resume", run_id
+    )
+    assert resumed.returncode == 0, resumed.stderr + resumed.stdout
+    after = log.read_text().split()[len(before) :]
+    assert not set(after) & done  # acknowledged batches are not sent again
+    assert before[3] in after  # the batch written but not acknowledged is resent (idempotent)
+    records = read_records(out)
+    snap = pl.read_parquet(_isolated_home / "lapse-runs" / "snapshots" / "*" / "*.parquet")
+    assert records["user_id"].is_unique().all()
+    assert sorted(records["user_id"].to_list()) == sorted(snap.filter("sent")["user_id"].to_list())
+    assert not list(out.parent.glob(".scores.parquet.parts*/*"))
+    with Ledger(_isolated_home / "lapse-runs" / "ledger.sqlite") as ledger:
+        assert ledger.run(run_id).status == "complete"
+
+
+def test_a_second_run_for_the_same_sink_is_refused(world: World, _isolated_home: Path) -> None:
+    cfg = make_config(_isolated_home, world)
+    with sink_lock(_isolated_home / "lapse-runs" / "locks", "file"):
+        res = runner.invoke(
+            app,
+            [
+                "score",
+                str(world.events),
+                "--as-of",
+                f"{world.as_of:%Y-%m-%d}",
+                "--model",
+                str(world.bundle),
+                "--config",
+                str(cfg),
+            ],
+        )
+    assert res.exit_code == 3
+    assert "another `lapse score` for sink 'file' is running" in res.output
+    # another sink is not blocked
+    other = run_score(
+        world.events, config_at(cfg), as_of=world.as_of, model=str(world.bundle), sink="capture"
+    )
+    assert other.complete
+
+
+def test_dry_run_sends_nothing_and_shows_payloads(world: World, _isolated_home: Path) -> None:
+    cfg = make_config(_isolated_home, world)
+    res = runner.invoke(
+        app,
+        [
+            "score",
+            str(world.events),
+            "--as-of",
+            f"{world.as_of:%Y-%m-%d}",
+            "--model",
+            str(world.bundle),
+            "--config",
+            str(cfg),
+            "--sink",
+            "capture",
+            "--dry-run",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "would send" in res.output and '"churn_risk"' in res.output
+    assert sent_users() == []
+    assert not (_isolated_home / "lapse-runs" / "snapshots").exists()
+    with Ledger(_isolated_home / "lapse-runs" / "ledger.sqlite") as ledger:
+        assert ledger.runs() == [] and ledger.delivered("capture") == {}
+
+
+# -- model checks, drift ---------------------------------------------------------------------
+
+
+def test_schema_mismatch_and_stale_model(
+    world: World, _isolated_home: Path, tmp_path: Path
+) -> None:
+    bundle = ChurnBundle.load(world.bundle)
+    name = next(iter(bundle.feature_schema))
+    bundle.feature_schema[name] = "String"
+    bundle.feature_schema["setup_completed_count_28d_x"] = "UInt32"
+    broken = bundle.save(tmp_path / "broken.pkl")
+    cfg = make_config(_isolated_home, world)
+    res = runner.invoke(
+        app,
+        [
+            "score",
+            str(world.events),
+            "--as-of",
+            f"{world.as_of:%Y-%m-%d}",
+            "--model",
+            str(broken),
+            "--config",
+            str(cfg),
+        ],
+    )
+    assert res.exit_code == 2
+    assert "setup_completed_count_28d_x is missing" in res.output
+    assert f"{name} is" in res.output and "trained on String" in res.output
+
+    late = run_score(
+        world.events,
+        config_at(cfg),
+        as_of=world.as_of + timedelta(days=45),
+        model=str(world.bundle),
+        dry_run=True,
+    )
+    assert any("max_model_age_days" in w for w in late.warnings)
+    assert late.drift["churn_risk"] >= 0
+
+
+def test_drift_is_flagged_when_the_population_moves(
+    world: World, _isolated_home: Path, tmp_path: Path
+) -> None:
+    bundle = ChurnBundle.load(world.bundle)
+    bundle.score_reference = np.sort(np.random.default_rng(0).uniform(0.8, 1.0, 500))
+    shifted = bundle.save(tmp_path / "shifted.pkl")
+    res = run_score(
+        world.events,
+        config_at(make_config(_isolated_home, world)),
+        as_of=world.as_of,
+        model=str(shifted),
+        dry_run=True,
+    )
+    assert res.drift["churn_risk"] > 0.2
+    assert any(w.startswith("drift:") and "churn_risk" in w for w in res.warnings)
+
+
+def test_unknown_sink_and_bad_out_are_clear(world: World, _isolated_home: Path) -> None:
+    cfg = make_config(_isolated_home, world)
+    base = ["score", str(world.events), "--model", str(world.bundle), "--config", str(cfg)]
+    res = runner.invoke(app, [*base, "--sink", "nope"])
+    assert res.exit_code == 2 and "unknown sink 'nope'" in res.output
+    res = runner.invoke(app, [*base, "--out", "scores.xlsx"])
+    assert res.exit_code == 2 and ".parquet or .csv" in res.output
+    with pytest.raises(LapseError, match="not in the ledger"):
+        run_score(world.events, config_at(cfg), as_of=datetime.now(UTC), resume="nope")
