@@ -479,3 +479,98 @@ def test_unknown_sink_and_bad_out_are_clear(world: World, _isolated_home: Path) 
     assert res.exit_code == 2 and ".parquet or .csv" in res.output
     with pytest.raises(LapseError, match="not in the ledger"):
         run_score(world.events, config_at(cfg), as_of=datetime.now(UTC), resume="nope")
+
+
+# -- impact, retention, erasure --------------------------------------------------------------
+
+
+def test_impact_compares_treated_and_control_retention(world: World, _isolated_home: Path) -> None:
+    path = make_config(_isolated_home, world, control={"share": 0.3})
+    cfg = config_at(path)
+    run_score(world.events, cfg, as_of=world.as_of, model=str(world.bundle), sink="capture")
+    res = runner.invoke(
+        app,
+        ["impact", str(world.events), "--since", f"{world.as_of:%Y-%m-%d}", "--config", str(path)],
+    )
+    assert res.exit_code == 0, res.output
+    assert "lift (95% CI)" in res.output
+
+    from lapse.impact import impact
+
+    result = impact(world.events, cfg, since=world.as_of.date())
+    # the same figures, straight from the raw events
+    names = [*cfg.roles.usage, *cfg.roles.purchase]
+    end = world.as_of + timedelta(days=cfg.labels.horizon_days)
+    active = set(
+        pl.read_parquet(world.events)
+        .filter(pl.col("event").is_in(names), pl.col("ts") >= world.as_of, pl.col("ts") < end)[
+            "user_id"
+        ]
+        .to_list()
+    )
+    snap = pl.read_parquet(_isolated_home / "lapse-runs" / "snapshots" / "*" / "*.parquet")
+    snap = snap.filter(~pl.col("suppressed")).with_columns(
+        pl.col("user_id").is_in(list(active)).alias("retained")
+    )
+    row = result.table.filter(pl.col("segment") == "all").row(0, named=True)
+    treated, control = snap.filter(~pl.col("control")), snap.filter("control")
+    assert (row["treated"], row["control"]) == (treated.height, control.height)
+    assert row["treated_retention"] == pytest.approx(treated["retained"].mean())
+    assert row["control_retention"] == pytest.approx(control["retained"].mean())
+    assert row["ci_low"] < row["lift"] < row["ci_high"]
+    assert set(result.table["segment"]) <= {"all", "high", "medium", "low"}
+
+    late = runner.invoke(
+        app, ["impact", str(world.events), "--since", "2030-01-01", "--config", str(path)]
+    )
+    assert late.exit_code == 2 and "no score run since 2030-01-01" in late.output
+
+
+def test_forget_erases_users_everywhere(
+    world: World, _isolated_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = make_config(_isolated_home, world)
+    cfg = config_at(path)
+    users = sorted(pl.read_parquet(world.users).filter(~pl.col("do_not_contact"))["user_id"])
+    monkeypatch.setattr(score_sinks.FlakySink, "reject", frozenset(users[:2]))
+    res = run_score(world.events, cfg, as_of=world.as_of, model=str(world.bundle), sink="flaky")
+    dead = {
+        json.loads(x)["record"]["user_id"]
+        for x in res.dead_letters.read_text().splitlines()  # type: ignore[union-attr]
+    }
+    snap = pl.read_parquet(res.snapshot)  # type: ignore[arg-type]
+    sent = snap.filter("sent")["user_id"].to_list()
+    assert dead
+    gone = [*sorted(dead), next(u for u in reversed(sent) if u not in dead)]
+    out = runner.invoke(app, ["forget", *gone, "--config", str(path)])
+    assert out.exit_code == 0, out.output
+    assert f"forgot {len(gone)} user(s)" in out.output
+    root = _isolated_home / "lapse-runs"
+    for f in [*root.glob("snapshots/*/*.parquet"), *root.glob("outbox/*/*.parquet")]:
+        assert not set(gone) & set(pl.read_parquet(f)["user_id"].to_list()), f
+    assert not set(gone) & {
+        json.loads(x)["record"]["user_id"]
+        for f in root.glob("dead_letters/*.ndjson")
+        for x in f.read_text().splitlines()
+    }
+    with Ledger(root / "ledger.sqlite") as ledger:
+        assert not set(gone) & set(ledger.delivered("flaky"))
+        assert not set(gone) & {u for _, u, _, _ in ledger.failures(res.score_run_id, "flaky")}
+        assert len(ledger.delivered("flaky")) == len(sent) - 1 - len(dead)
+
+
+def test_retention_prunes_old_snapshots_and_their_runs(world: World, _isolated_home: Path) -> None:
+    cfg = config_at(make_config(_isolated_home, world, audit={"retention_days": 5}))
+    old = run_score(
+        world.events,
+        cfg,
+        as_of=world.as_of - timedelta(days=7),
+        model=str(world.bundle),
+        sink="capture",
+    )
+    assert old.snapshot is not None and old.snapshot.exists()
+    new = run_score(world.events, cfg, as_of=world.as_of, model=str(world.bundle), sink="capture")
+    assert not old.snapshot.exists() and new.snapshot is not None and new.snapshot.exists()
+    assert not (_isolated_home / "lapse-runs" / "outbox" / old.score_run_id).exists()
+    with Ledger(_isolated_home / "lapse-runs" / "ledger.sqlite") as ledger:
+        assert [r for r, _, _ in ledger.runs()] == [new.score_run_id]

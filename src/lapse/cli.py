@@ -614,6 +614,57 @@ def score(
         raise typer.Exit(code=1)
 
 
+@app.command()
+@_friendly
+def impact(
+    events: EventsArg,
+    since: Annotated[str, typer.Option("--since", help="First score run date, YYYY-MM-DD.")],
+    config: ConfigOpt = None,
+) -> None:
+    """Compare later retention of messaged vs held-out control users, per segment."""
+    from lapse.impact import impact as measure
+
+    result = measure(events, load_config(config), since=_parse_date(since, "--since").date())
+    table = Table(
+        title=f"impact of {len(result.runs)} score run(s) since {since}", title_justify="left"
+    )
+    for col in (
+        "segment",
+        "treated",
+        "control",
+        "treated retention",
+        "control retention",
+        "lift (95% CI)",
+    ):
+        table.add_column(col, justify="left" if col == "segment" else "right")
+    for r in result.table.iter_rows(named=True):
+        table.add_row(
+            r["segment"],
+            f"{r['treated']:,}",
+            f"{r['control']:,}",
+            f"{r['treated_retention']:.1%}",
+            f"{r['control_retention']:.1%}",
+            f"{r['lift']:+.1%} ({r['ci_low']:+.1%} to {r['ci_high']:+.1%})",
+        )
+    console.print(table)
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+
+
+@app.command()
+@_friendly
+def forget(
+    user_ids: Annotated[list[str], typer.Argument(help="User ids to erase.", show_default=False)],
+    config: ConfigOpt = None,
+) -> None:
+    """Remove users from audit snapshots, the run ledger and dead letters (erasure requests)."""
+    from lapse.pipeline import run_forget
+
+    result = run_forget(load_config(config), user_ids)
+    parts = ", ".join(f"{n:,} {k.replace('_', ' ')}" for k, n in result.removed.items())
+    console.print(f"forgot {result.users:,} user(s): removed {parts}", highlight=False)
+
+
 @config_app.command("show")
 @_friendly
 def config_show(config: ConfigOpt = None) -> None:

@@ -26,10 +26,12 @@ if TYPE_CHECKING:
 __all__ = [
     "DemoResult",
     "FeaturesResult",
+    "ForgetResult",
     "ScoreProgress",
     "ScoreRunResult",
     "run_demo",
     "run_features",
+    "run_forget",
     "run_score",
     "run_train",
     "run_validate",
@@ -542,3 +544,25 @@ def _resume(
         summary,
         started,
     )
+
+
+@dataclass(frozen=True)
+class ForgetResult:
+    """Rows removed per place by `lapse forget`."""
+
+    users: int
+    removed: dict[str, int]
+
+
+def run_forget(config: LapseConfig, user_ids: list[str]) -> ForgetResult:
+    """Erase users from audit snapshots, outboxes, dead letters and the run ledger."""
+    from lapse.audit import AuditTrail
+    from lapse.state import Ledger
+
+    ids = {str(u) for u in user_ids}
+    trail = AuditTrail(config.resolve(config.audit.path))
+    removed = trail.forget(ids)
+    if trail.ledger.exists():
+        with Ledger(trail.ledger) as ledger:
+            removed["ledger_rows"] = ledger.forget(sorted(ids))
+    return ForgetResult(users=len(ids), removed=removed)

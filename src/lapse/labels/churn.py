@@ -17,7 +17,7 @@ from lapse.exceptions import ConfigError, LapseError
 from lapse.labels.cutoffs import data_span
 from lapse.schema import ROLES
 
-__all__ = ["activity_events", "churn_labels", "eligible", "role_events"]
+__all__ = ["activity_events", "churn_labels", "eligible", "outcomes", "role_events"]
 
 _CUTOFF_DTYPE = pl.Datetime("us", "UTC")
 
@@ -181,14 +181,43 @@ def churn_labels(
             f"window running past the end of the data ({end:%Y-%m-%d}); their labels are unknown"
         )
     frame = _with_history(events, cutoffs, config).filter(_eligible_expr(config))
+    return _churned(events, frame.select("user_id", "cutoff"), config, horizon)
+
+
+def _churned(
+    events: pl.LazyFrame, pairs: pl.LazyFrame, config: LapseConfig, horizon: timedelta
+) -> pl.DataFrame:
     if config.labels.kind == "non_contractual":
-        frame = _asof(frame, activity_events(events, config), "_next", forward=True)
+        frame = _asof(pairs, activity_events(events, config), "_next", forward=True)
         churned = pl.col("_next").is_null() | (pl.col("_next") >= pl.col("cutoff") + horizon)
     else:
-        frame = _asof(frame, role_events(events, config, ["cancel"]), "_next", forward=True)
+        frame = _asof(pairs, role_events(events, config, ["cancel"]), "_next", forward=True)
         churned = pl.col("_next").is_not_null() & (pl.col("_next") < pl.col("cutoff") + horizon)
     return (
         frame.select("user_id", "cutoff", churned.alias("churned"))
         .sort("cutoff", "user_id")
         .collect()
     )
+
+
+def outcomes(
+    events: pl.LazyFrame,
+    pairs: pl.DataFrame,
+    config: LapseConfig,
+    *,
+    data_end: datetime,
+) -> pl.DataFrame:
+    """``user_id, cutoff, churned`` for given ``(user_id, cutoff)`` pairs, eligible or not.
+
+    The same label as :func:`churn_labels` (what happened in ``[T, T + horizon)``),
+    for pairs chosen elsewhere, e.g. the users a score run held out. Pairs whose
+    horizon runs past ``data_end`` are dropped: their outcome is unknown.
+    """
+    horizon = timedelta(days=config.labels.horizon_days)
+    known = pairs.select(
+        pl.col("user_id").cast(pl.String), pl.col("cutoff").cast(_CUTOFF_DTYPE)
+    ).filter(pl.col("cutoff") + horizon <= data_end)
+    if known.height == 0:
+        return known.with_columns(pl.lit(None, pl.Boolean).alias("churned")).head(0)
+    ev = events.with_columns(pl.col("user_id").cast(pl.String))
+    return _churned(ev, known.lazy(), config, horizon)
