@@ -126,6 +126,11 @@ def test_demo_runs_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert "selected:" in result.output
     assert "registered lapse version 1 (challenger, champion)" in result.output
     assert (tmp_path / "mlflow.db").exists()
+    # ... and scored every eligible user with the registered model into the file sink
+    scores = pl.read_parquet(out / "scores.parquet")
+    assert scores.height > 0 and (scores["model_version"] == "1").all()
+    assert list(tmp_path.glob("lapse-runs/snapshots/run_date=*/*.parquet"))
+    assert "where to look next" in result.output and "mlflow ui" in result.output
 
 
 def test_train_review_promote_rollback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

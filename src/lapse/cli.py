@@ -444,16 +444,31 @@ def demo(
     from lapse.pipeline import run_demo
 
     out_dir = out if out is not None else _home() / "demo"
-    with console.status("generating data, validating, building features, racing churn models"):
-        result = run_demo(
-            load_config(config), out_dir=out_dir, n_users=users, n_days=days, seed=seed
-        )
+    cfg = load_config(config)
+    with console.status("generating data, validating, training, registering, scoring"):
+        result = run_demo(cfg, out_dir=out_dir, n_users=users, n_days=days, seed=seed)
     console.print(_report_table(result.features.validation))
     console.print(_features_table(result.features))
     _print_training(result.training)
     if result.registered is not None:
         _print_registered(result.registered)
-    console.print(f"[green]demo output in[/] {out_dir}")
+    console.print(_score_summary(result.scored))
+    where = Table(title="where to look next", show_header=False, title_justify="left")
+    where.add_column(style="bold")
+    where.add_column()
+    where.add_row("data", str(result.files["events"].parent))
+    where.add_row("training report", str(result.training.report_path))
+    where.add_row("scores", str(result.scored.out))
+    where.add_row("audit snapshot", str(result.scored.snapshot))
+    if result.registered is not None:
+        where.add_row(
+            "MLflow UI", f"mlflow ui --backend-store-uri {result.registered.tracking_uri}"
+        )
+    where.add_row(
+        "score again",
+        f"lapse score {result.files['events']} --as-of {result.scored.as_of:%Y-%m-%d}",
+    )
+    console.print(where)
 
 
 class _ScoreBars:
@@ -502,8 +517,8 @@ def _score_summary(result: ScoreRunResult) -> Table:
     for key in order:
         if key in result.counts:
             table.add_row(key.replace("_", " "), f"{result.counts[key]:,}")
-    for seg, n in result.segments.items():
-        table.add_row(f"segment {seg}", f"{n:,}")
+    for seg in sorted(result.segments, key=lambda k: ("high", "medium", "low", k).index(k)):
+        table.add_row(f"segment {seg}", f"{result.segments[seg]:,}")
     for trig, n in result.triggers.items():
         table.add_row(f"trigger {trig}", f"{n:,}")
     if "churn_risk" in result.drift:

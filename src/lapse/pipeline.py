@@ -110,6 +110,7 @@ class DemoResult:
     features: FeaturesResult
     training: TrainResult
     registered: RegisteredVersion | None
+    scored: ScoreRunResult
 
 
 def run_demo(
@@ -120,11 +121,13 @@ def run_demo(
     n_days: int = 180,
     seed: int = 0,
 ) -> DemoResult:
-    """Generate synthetic data, validate it, build features as of its end, race the models.
+    """The whole job on synthetic data: generate, validate, features, train, register, score.
 
     Everything lands in ``out_dir``: the data, ``features.parquet``, the report
-    folder ``report/`` and the bundle under ``models/``; the run is logged and
-    the bundle registered in the config's MLflow store (``./mlflow.db`` by default).
+    folder ``report/``, the bundle under ``models/`` and the scores
+    (``scores.parquet``, file sink); the run is logged and the bundle registered
+    in the config's MLflow store (``./mlflow.db`` by default), and the score run
+    uses the registered version (the local bundle with ``register: false``).
     """
     from datetime import UTC, date, timedelta
 
@@ -134,10 +137,11 @@ def run_demo(
     files = write(generate(n_users=n_users, n_days=n_days, seed=seed, start=start), out_dir)
     # The cutoff is the midnight after the simulated period, as the nightly job would use;
     # building the features also validates the events (their report is the demo's).
+    end = datetime(start.year, start.month, start.day, tzinfo=UTC) + timedelta(days=n_days)
     features = run_features(
         files["events"],
         config,
-        as_of=datetime(start.year, start.month, start.day, tzinfo=UTC) + timedelta(days=n_days),
+        as_of=end,
         out=out_dir / "features.parquet",
         attributes=files["users"] if config.attributes.static_features else None,
     )
@@ -148,7 +152,17 @@ def run_demo(
         truth_dir=out_dir,
         models_dir=out_dir / "models",
     )
-    return DemoResult(files=files, features=features, training=training, registered=registered)
+    model = (
+        f"models:/{registered.name}/{registered.version}"
+        if registered is not None
+        else str(training.bundle_path)
+    )
+    scored = run_score(
+        files["events"], config, as_of=end, model=model, sink="file", out=out_dir / "scores.parquet"
+    )
+    return DemoResult(
+        files=files, features=features, training=training, registered=registered, scored=scored
+    )
 
 
 # -- the nightly score ------------------------------------------------------------------------
