@@ -27,11 +27,11 @@ lint: $(STAMP)  ## ruff (lint + format check) and mypy
 test: lint  ## lint, types, then the whole test suite
 	$(BIN)/pytest
 
-demo: $(STAMP)  ## synthetic data -> validate -> summary (grows with the pipeline)
+demo: $(STAMP)  ## synthetic data -> validate -> train -> register -> score (file sink)
 	$(BIN)/lapse demo
 
 bench: $(STAMP)  ## feature benchmark against DuckDB (1M and 10M events)
 	$(BIN)/python benchmarks/features.py
 
 clean:  ## remove the venv, caches and demo output
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis demo
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis demo lapse-runs
