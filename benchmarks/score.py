@@ -1,0 +1,164 @@
+"""Benchmark: the nightly `lapse score` on 1M users (the issue's budget: 3 minutes, 8 GB).
+
+One run scores every eligible user of a synthetic event log as of the day
+after it: read + validate, features, churn (calibrated), survival (open
+consumable episodes), rules, segments, reasons for the users sent with
+something to say, audit snapshot, file sink. A small bundle is trained once
+on a sample of users (not timed) and cached with the data under
+``benchmarks/.data/``. The score runs in its own subprocess; the benchmark
+prints its wall time per step, its peak memory (max RSS) and both as a ratio
+of the budget.
+
+Usage::
+
+    python benchmarks/score.py                    # 1M users x 60 days
+    python benchmarks/score.py --users 100000     # a quicker look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE / ".data"
+START = date(2026, 1, 1)
+BUDGET_SECONDS = 180.0
+BUDGET_BYTES = 8 * 2**30
+
+
+def prepare(users: int, days: int, train_users: int) -> tuple[Path, Path, datetime]:
+    """Events for ``users`` (cached) and a bundle trained on ``train_users`` users x 150 days."""
+    from lapse.config import load_config
+    from lapse.datasets import generate, write
+    from lapse.training import train
+
+    folder = DATA / f"score_{users}x{days}"
+    events = folder / "events.parquet"
+    if not events.exists():
+        t = time.perf_counter()
+        write(generate(n_users=users, n_days=days, seed=1, start=START), folder)
+        print(f"generated {users:,} users x {days} days in {time.perf_counter() - t:.0f} s")
+    model_dir = DATA / f"score_model_{train_users}"
+    bundle = model_dir / "models" / "lapse.pkl"
+    if not bundle.exists():
+        t = time.perf_counter()
+        write(generate(n_users=train_users, n_days=150, seed=2, start=START), model_dir)
+        config = load_config()
+        config.labels.train_cutoffs = 4
+        train(
+            model_dir / "events.parquet",
+            config,
+            out_dir=model_dir / "report",
+            models_dir=model_dir / "models",
+        )
+        print(f"trained the bundle on {train_users:,} users in {time.perf_counter() - t:.0f} s")
+    as_of = datetime(START.year, START.month, START.day, tzinfo=UTC) + timedelta(days=days)
+    return events, bundle, as_of
+
+
+def child(events: str, bundle: str, as_of: str, out: str) -> None:
+    """The timed side: one `run_score` with the file sink, step times on stdout as JSON."""
+    from lapse.config import load_config
+    from lapse.pipeline import run_score
+
+    steps: dict[str, float] = {}
+    last = [time.perf_counter(), "start"]
+
+    class Timer:
+        def stage(self, name: str) -> None:
+            now = time.perf_counter()
+            steps[str(last[1])] = now - float(last[0])
+            last[:] = [now, name]
+
+        def delivering(self, total: int) -> None:
+            self.stage("delivering records")
+
+        def advance(self, n: int) -> None:
+            pass
+
+    os.environ["LAPSE_HOME"] = str(Path(out).parent)
+    t0 = time.perf_counter()
+    result = run_score(
+        Path(events),
+        load_config(),
+        as_of=datetime.fromisoformat(as_of),
+        model=bundle,
+        out=Path(out),
+        progress=Timer(),
+    )
+    Timer().stage("end")
+    steps.pop("start", None)
+    print(
+        json.dumps(
+            {
+                "seconds": time.perf_counter() - t0,
+                "steps": steps,
+                "counts": result.counts,
+                "reasons_share": None,
+            }
+        )
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--users", type=int, default=1_000_000)
+    parser.add_argument("--days", type=int, default=60)
+    parser.add_argument("--train-users", type=int, default=20_000)
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(*args.child)
+        return
+    events, bundle, as_of = prepare(args.users, args.days, args.train_users)
+    out = DATA / "score_run" / "scores.parquet"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            str(events),
+            str(bundle),
+            as_of.isoformat(),
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        sys.exit(f"score failed:\n{proc.stderr[-3000:]}")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    import polars as pl
+
+    scores = pl.read_parquet(out)
+    explained = float((scores["reasons"].list.len() > 0).mean() or 0.0)
+    print(
+        f"lapse score: {args.users:,} users x {args.days} days, {report['counts']['scored']:,} scored, "
+        f"{report['counts']['sent']:,} written, reasons for {explained:.1%}"
+    )
+    for name, seconds in report["steps"].items():
+        print(f"  {name:<32} {seconds:7.1f} s")
+    print(
+        f"compute time {report['seconds']:.1f} s (process {wall:.1f} s), "
+        f"{report['seconds'] / BUDGET_SECONDS:.2f} x the 180 s budget"
+    )
+    print(f"peak memory  {peak / 2**30:.2f} GB, {peak / BUDGET_BYTES:.2f} x the 8 GB budget")
+
+
+if __name__ == "__main__":
+    main()
