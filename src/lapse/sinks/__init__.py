@@ -22,6 +22,9 @@ __all__ = ["RECORD_COLUMNS", "RECORD_SCHEMA", "SINKS", "Limits", "Outcome", "Sin
 SINKS: dict[str, str] = {
     "file": "lapse.sinks.file:FileSink",
     "memory": "lapse.sinks.memory:MemorySink",
+    "braze": "lapse.sinks.braze:BrazeSink",
+    "segment": "lapse.sinks.segment:SegmentSink",
+    "webhook": "lapse.sinks.webhook:WebhookSink",
 }
 
 
