@@ -608,3 +608,79 @@ def served() -> Iterator[Callable[[PlatformServer], PlatformServer]]:
     yield start
     for s in started:
         s.__exit__(None, None, None)
+
+
+# -- Customer.io ------------------------------------------------------------------------------
+class CustomerioServer(PlatformServer):
+    """Track API: Basic ``site_id:api_key``. ``POST /api/v2/batch`` under 500 KB, operations
+    under 32 KB, events deduplicated on their ULID ``id``, ``207`` with
+    ``errors[].batch_index`` for rejected operations; ``POST /api/v1/segments/{id}/
+    add_customers|remove_customers`` (``{"ids": [...]}``, at most 1000, ``id_type``);
+    ``GET /api/v1/accounts/region``."""
+
+    SITE = "site-42"
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.segments: dict[str, set[str]] = {}
+
+    def authorized(self, request: Request) -> bool:
+        return basic_user(request) == (self.SITE, self.key)
+
+    def handle(self, request: Request) -> Reply:
+        if request.method == "GET" and request.path == "/api/v1/accounts/region":
+            return Reply(200, {"url": "https://track.customer.io", "data_center": "us"})
+        if request.path.startswith("/api/v1/segments/"):
+            _, _, _, _, seg, verb = request.path.split("/")
+            ids = request.json()["ids"]
+            if len(ids) > 1000:
+                raise BadRequest("at most 1000 ids")
+            members = self.segments.setdefault(seg, set())
+            if verb == "add_customers":
+                members.update(ids)
+            elif verb == "remove_customers":
+                members.difference_update(ids)
+            else:
+                raise BadRequest("unknown endpoint", 404)
+            return Reply(200, {})
+        if request.path != "/api/v2/batch":
+            raise BadRequest("unknown endpoint", 404)
+        if len(request.body) > 500_000:
+            raise BadRequest("batch must be smaller than 500kb", 413)
+        errors = []
+        for index, op in enumerate(request.json()["batch"]):
+            if len(json.dumps(op)) > 32_000:
+                errors.append(
+                    {
+                        "batch_index": index,
+                        "reason": "too large",
+                        "field": "",
+                        "message": "over 32kb",
+                    }
+                )
+                continue
+            if op.get("type") != "person" or not op.get("identifiers"):
+                raise BadRequest("type and identifiers are required")
+            ((kind, ident),) = op["identifiers"].items()
+            if kind not in ("id", "email"):
+                raise BadRequest(f"unknown identifier {kind}")
+            if ident in self.reject:
+                errors.append(
+                    {
+                        "batch_index": index,
+                        "reason": "invalid",
+                        "field": "identifiers",
+                        "message": "person is invalid",
+                    }
+                )
+                continue
+            if op["action"] == "identify":
+                self.upsert(ident, op["attributes"])
+            elif op["action"] == "event":
+                event_id = op["id"]
+                if len(event_id) != 26:
+                    raise BadRequest("event id must be a ULID")
+                self.event(ident, op["name"], event_id, op.get("attributes"))
+            else:
+                raise BadRequest(f"unknown action {op['action']}")
+        return Reply(207, {"errors": errors}) if errors else Reply(200, {})

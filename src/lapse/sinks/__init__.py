@@ -23,6 +23,7 @@ SINKS: dict[str, str] = {
     "file": "lapse.sinks.file:FileSink",
     "memory": "lapse.sinks.memory:MemorySink",
     "braze": "lapse.sinks.braze:BrazeSink",
+    "customerio": "lapse.sinks.customerio:CustomerioSink",
     "segment": "lapse.sinks.segment:SegmentSink",
     "webhook": "lapse.sinks.webhook:WebhookSink",
 }
