@@ -25,6 +25,7 @@ SINKS: dict[str, str] = {
     "braze": "lapse.sinks.braze:BrazeSink",
     "customerio": "lapse.sinks.customerio:CustomerioSink",
     "segment": "lapse.sinks.segment:SegmentSink",
+    "iterable": "lapse.sinks.iterable:IterableSink",
     "webhook": "lapse.sinks.webhook:WebhookSink",
 }
 
