@@ -87,3 +87,23 @@ def test_check(platform: Platform) -> None:
     assert "accepted LAPSE_BRAZE_API_KEY" in platform.make_sink().check()
     with pytest.raises(SinkAuthError, match="LAPSE_BRAZE_API_KEY"):
         platform.make_sink(key="nope-nope").check()
+
+
+def test_cli_sinks_check(platform: Platform, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from lapse.cli import app
+
+    runner = CliRunner()
+    monkeypatch.setenv("LAPSE_BRAZE_BASE_URL", platform.server.url)
+    monkeypatch.setenv("LAPSE_BRAZE_API_KEY", KEY)
+    ok = runner.invoke(app, ["sinks", "check", "--sink", "braze"])
+    assert ok.exit_code == 0, ok.output
+    assert "accepted LAPSE_BRAZE_API_KEY" in ok.output
+    monkeypatch.setenv("LAPSE_BRAZE_API_KEY", "sk-wrong-0000")
+    bad = runner.invoke(app, ["sinks", "check", "--sink", "braze"])
+    assert bad.exit_code == 2
+    assert "LAPSE_BRAZE_API_KEY" in bad.output and "sk-wrong-0000" not in bad.output
+    monkeypatch.delenv("LAPSE_BRAZE_API_KEY")
+    missing = runner.invoke(app, ["sinks", "check", "--sink", "braze"])
+    assert missing.exit_code == 2 and "LAPSE_BRAZE_API_KEY is not set" in missing.output
