@@ -742,3 +742,100 @@ class IterableServer(PlatformServer):
             raise BadRequest("unknown endpoint", 404)
         fails = len(invalid["invalidEmails"]) + len(invalid["invalidUserIds"])
         return Reply(200, {"successCount": len(entries) - fails, "failCount": fails, **invalid})
+
+
+# -- Klaviyo ----------------------------------------------------------------------------------
+class KlaviyoServer(PlatformServer):
+    """``Authorization: Klaviyo-API-Key <key>`` and a ``revision`` header on every call.
+    ``POST /api/profile-bulk-import-jobs``: at most 10,000 profiles and 5 MB, upserts on
+    ``external_id``/``email``, adds them to the job's list; answers 202 with a job id whose
+    status reads ``queued`` once, then ``complete`` with ``failed_count``; rejected
+    profiles are listed in ``import-errors`` (``source.pointer`` to their position).
+    ``POST /api/event-bulk-create-jobs``: at most 1,000 events; one event per
+    ``unique_id``. ``GET /api/lists/{id}`` knows the lists in :attr:`lists`."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.lists: dict[str, set[str]] = {"L-high": set(), "L-medium": set()}
+        self.jobs: dict[str, dict[str, Any]] = {}
+
+    def authorized(self, request: Request) -> bool:
+        return request.headers.get("authorization") == f"Klaviyo-API-Key {self.key}"
+
+    def handle(self, request: Request) -> Reply:
+        if not request.headers.get("revision"):
+            raise BadRequest("revision header required")
+        path = request.path
+        if request.method == "GET":
+            if path == "/api/profile-bulk-import-jobs":
+                return Reply(200, {"data": [], "links": {}})
+            if path.startswith("/api/lists/"):
+                list_id = path.rsplit("/", 1)[-1]
+                if list_id not in self.lists:
+                    raise BadRequest("not found", 404)
+                return Reply(200, {"data": {"type": "list", "id": list_id}})
+            parts = path.split("/")
+            job = self.jobs[parts[3]]
+            if len(parts) == 5 and parts[4] == "import-errors":
+                return Reply(200, {"data": job["errors"], "links": {"next": None}})
+            job["polls"] += 1
+            status = "queued" if job["polls"] == 1 else "complete"
+            return Reply(
+                200,
+                {
+                    "data": {
+                        "type": "profile-bulk-import-job",
+                        "id": parts[3],
+                        "attributes": {"status": status, "failed_count": len(job["errors"])},
+                    }
+                },
+            )
+        if path == "/api/profile-bulk-import-jobs":
+            if len(request.body) > 5_000_000:
+                raise BadRequest("payload too large", 413)
+            data = request.json()["data"]
+            if data["type"] != "profile-bulk-import-job":
+                raise BadRequest("wrong type")
+            profiles = data["attributes"]["profiles"]["data"]
+            if len(profiles) > 10_000:
+                raise BadRequest("at most 10,000 profiles per job")
+            lists = [
+                d["id"] for d in data.get("relationships", {}).get("lists", {}).get("data", [])
+            ]
+            errors = []
+            for i, profile in enumerate(profiles):
+                attrs = profile["attributes"]
+                ident = attrs.get("external_id") or attrs.get("email")
+                if not ident:
+                    raise BadRequest("a profile identifier is required")
+                if ident in self.reject:
+                    errors.append(
+                        {
+                            "type": "import-error",
+                            "attributes": {
+                                "code": "invalid",
+                                "title": "Invalid profile",
+                                "detail": "bad data",
+                                "source": {"pointer": f"/data/attributes/profiles/data/{i}"},
+                            },
+                        }
+                    )
+                    continue
+                self.upsert(ident, attrs["properties"])
+                for list_id in lists:
+                    self.lists.setdefault(list_id, set()).add(ident)
+            job_id = f"job{len(self.jobs)}"
+            self.jobs[job_id] = {"errors": errors, "polls": 0}
+            return Reply(202, {"data": {"type": "profile-bulk-import-job", "id": job_id}})
+        if path == "/api/event-bulk-create-jobs":
+            entries = request.json()["data"]["attributes"]["events-bulk-create"]["data"]
+            if sum(len(e["attributes"]["events"]["data"]) for e in entries) > 1000:
+                raise BadRequest("at most 1,000 events per request")
+            for entry in entries:
+                attrs = entry["attributes"]["profile"]["data"]["attributes"]
+                ident = attrs.get("external_id") or attrs.get("email")
+                for ev in entry["attributes"]["events"]["data"]:
+                    a = ev["attributes"]
+                    self.event(ident, a["metric"]["data"]["attributes"]["name"], a["unique_id"])
+            return Reply(202, None)
+        raise BadRequest("unknown endpoint", 404)

@@ -32,6 +32,7 @@ SINKS: dict[str, str] = {
     "file": "lapse.sinks.file:FileSink",
     "memory": "lapse.sinks.memory:MemorySink",
     "braze": "lapse.sinks.braze:BrazeSink",
+    "klaviyo": "lapse.sinks.klaviyo:KlaviyoSink",
     "customerio": "lapse.sinks.customerio:CustomerioSink",
     "segment": "lapse.sinks.segment:SegmentSink",
     "iterable": "lapse.sinks.iterable:IterableSink",
