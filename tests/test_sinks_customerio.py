@@ -88,3 +88,16 @@ def test_check(platform: Platform) -> None:
     message = platform.make_sink().check()
     assert "accepted LAPSE_CUSTOMERIO_SITE_ID and LAPSE_CUSTOMERIO_API_KEY" in message
     assert "set LAPSE_CUSTOMERIO_BASE_URL" in message  # the local server is not the region URL
+
+
+def test_config_takes_numeric_segment_ids(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lapse.config import load_config
+    from lapse.sinks import make_sink
+
+    path = tmp_path / "c.yaml"
+    path.write_text("sinks:\n  customerio:\n    identifier: email\n    segments: {high: 12}\n")
+    monkeypatch.setenv("LAPSE_CUSTOMERIO_SITE_ID", "site")
+    monkeypatch.setenv("LAPSE_CUSTOMERIO_API_KEY", "key")
+    sink = make_sink("customerio", load_config(path))
+    assert isinstance(sink, CustomerioSink)
+    assert sink.segments == {"high": "12"} and sink.identifier == "email"

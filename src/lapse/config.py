@@ -342,7 +342,7 @@ class CustomerioConfig(_Section):
     identifier_column: str = Field(
         default="user_id", min_length=1, description="column holding that identifier"
     )
-    segments: dict[str, str] = Field(
+    segments: dict[str, int | str] = Field(
         default_factory=dict,
         description="risk segment -> manual segment id (people move between them)",
     )

@@ -73,7 +73,7 @@ class CustomerioSink(HttpSink):
         prefix: str = "lapse_",
         identifier: str = "id",
         identifier_column: str = "user_id",
-        segments: dict[str, str] | None = None,
+        segments: dict[str, int | str] | None = None,
     ) -> None:
         missing = tuple(n for n, v in ((SITE_ENV, site_id), (KEY_ENV, api_key)) if not v)
         super().__init__(prefix=prefix, identifier_column=identifier_column, missing=missing)
