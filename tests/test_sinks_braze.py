@@ -107,3 +107,12 @@ def test_cli_sinks_check(platform: Platform, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.delenv("LAPSE_BRAZE_API_KEY")
     missing = runner.invoke(app, ["sinks", "check", "--sink", "braze"])
     assert missing.exit_code == 2 and "LAPSE_BRAZE_API_KEY is not set" in missing.output
+
+
+def test_split_batches_count_skipped_records_once(platform: Platform, tmp_path: Path) -> None:
+    platform.server.max_bytes = 3_000  # forces 413 splits over batches holding skipped rows
+    sink = platform.make_sink(identifier_column="email")
+    run = run_delivery(sink, make_outbox(20, no_email=(1, 2, 9, 15)), tmp_path)
+    assert "split" in run.states()
+    assert run.report.failed == 0
+    assert run.report.skipped == 4 and run.report.sent == 16
