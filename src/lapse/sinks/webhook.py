@@ -83,8 +83,13 @@ class WebhookSink(HttpSink):
 
     def make_client(self) -> HttpClient:
         assert self.url is not None
+        # a token in the URL's query is as secret as the signing key
+        query = self.url.partition("?")[2]
         return HttpClient(
-            "webhook", self.url, key_env=f"{SECRET_ENV} (and {URL_ENV})", secrets=(self._secret,)
+            "webhook",
+            self.url,
+            key_env=f"{SECRET_ENV} (and {URL_ENV})",
+            secrets=(self._secret, query),
         )
 
     def encode(self, record: Record) -> Item | None:
