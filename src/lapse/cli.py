@@ -706,3 +706,26 @@ def config_init(
     console.print(
         f"wrote {out}: sort the event names under 'roles', then run `lapse validate {events} --config {out}`"
     )
+
+
+sinks_app = typer.Typer(help="Check the messaging-platform sinks.", no_args_is_help=True)
+app.add_typer(sinks_app, name="sinks")
+
+
+@sinks_app.command("check")
+@_friendly
+def sinks_check(
+    sink: Annotated[
+        str,
+        typer.Option(
+            "--sink",
+            help="braze, klaviyo, customerio, segment, iterable or webhook.",
+            show_default=False,
+        ),
+    ],
+    config: ConfigOpt = None,
+) -> None:
+    """Verify a sink's credentials and reachability with its cheapest harmless call."""
+    from lapse.sinks import check_sink
+
+    console.print(f"[green]ok:[/] {escape(check_sink(sink, load_config(config)))}")

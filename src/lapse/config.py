@@ -25,9 +25,13 @@ from lapse.schema import EVENT_COLUMNS
 __all__ = [
     "AttributesConfig",
     "AuditConfig",
+    "BrazeConfig",
     "ControlConfig",
+    "CustomerioConfig",
     "DeliveryConfig",
     "FeaturesConfig",
+    "IterableConfig",
+    "KlaviyoConfig",
     "LabelsConfig",
     "LapseConfig",
     "Milestone",
@@ -38,9 +42,12 @@ __all__ = [
     "RowRule",
     "RulesConfig",
     "ScoreConfig",
+    "SegmentConfig",
     "SegmentsConfig",
+    "SinksConfig",
     "SourceConfig",
     "TimestampSpec",
+    "WebhookConfig",
     "dump_config",
     "load_config",
 ]
@@ -292,8 +299,99 @@ class ReplenishmentConfig(_Section):
     )
 
 
+class BrazeConfig(_Section):
+    """Braze ``/users/track``: the profile is matched on ``external_id``."""
+
+    identifier_column: str = Field(
+        default="user_id",
+        min_length=1,
+        description="record column (user_id) or attributes-table column sent as external_id",
+    )
+
+
+class KlaviyoConfig(_Section):
+    """Klaviyo profile bulk import jobs (lists per segment) and bulk event create."""
+
+    identifier: Literal["external_id", "email"] = Field(
+        default="external_id", description="the profile identifier Klaviyo matches on"
+    )
+    identifier_column: str = Field(
+        default="user_id", min_length=1, description="column holding that identifier"
+    )
+    lists: dict[str, str] = Field(
+        default_factory=dict,
+        description="risk segment -> Klaviyo list id the profile is added to (add only)",
+    )
+    revision: str = Field(
+        default="2025-01-15", min_length=1, description="the API revision header sent"
+    )
+    poll_seconds: float = Field(
+        default=2.0, ge=0, description="wait between polls of an import job's status"
+    )
+    poll_timeout_seconds: float = Field(
+        default=600.0, gt=0, description="an import job not finished by then is retried"
+    )
+
+
+class CustomerioConfig(_Section):
+    """Customer.io Track API v2 ``/api/v2/batch`` and manual segments."""
+
+    identifier: Literal["id", "email"] = Field(
+        default="id", description="the person identifier Customer.io matches on"
+    )
+    identifier_column: str = Field(
+        default="user_id", min_length=1, description="column holding that identifier"
+    )
+    segments: dict[str, int | str] = Field(
+        default_factory=dict,
+        description="risk segment -> manual segment id (people move between them)",
+    )
+
+
+class SegmentConfig(_Section):
+    """Segment HTTP Tracking API ``/v1/batch`` (identify + track), matched on ``userId``."""
+
+    identifier_column: str = Field(
+        default="user_id", min_length=1, description="column sent as userId"
+    )
+
+
+class IterableConfig(_Section):
+    """Iterable ``/api/users/bulkUpdate`` and ``/api/events/trackBulk``."""
+
+    identifier: Literal["userId", "email"] = Field(
+        default="userId", description="the user identifier Iterable matches on"
+    )
+    identifier_column: str = Field(
+        default="user_id", min_length=1, description="column holding that identifier"
+    )
+
+
+class WebhookConfig(_Section):
+    """A generic JSON webhook (``LAPSE_WEBHOOK_URL``), signed with ``LAPSE_WEBHOOK_SECRET``."""
+
+    max_items: int = Field(default=500, gt=0, description="records per request")
+    max_bytes: int = Field(default=1_000_000, gt=0, description="bytes per request body")
+    requests_per_second: float | None = Field(
+        default=None, gt=0, description="client-side throttle; null: none"
+    )
+
+
 class SinksConfig(_Section):
+    """Where ``lapse score`` delivers, and how each messaging platform gets the records."""
+
     default: str = "file"
+    prefix: str = Field(
+        default="lapse_",
+        pattern=r"^[A-Za-z0-9_]*$",
+        description="start of every attribute and event name lapse writes",
+    )
+    braze: BrazeConfig = Field(default_factory=BrazeConfig)
+    klaviyo: KlaviyoConfig = Field(default_factory=KlaviyoConfig)
+    customerio: CustomerioConfig = Field(default_factory=CustomerioConfig)
+    segment: SegmentConfig = Field(default_factory=SegmentConfig)
+    iterable: IterableConfig = Field(default_factory=IterableConfig)
+    webhook: WebhookConfig = Field(default_factory=WebhookConfig)
 
 
 class ScoreConfig(_Section):

@@ -177,7 +177,6 @@ def deliver(
     while pending:
         current = pending.pop()
         rows = [i for i in range(current.start, current.stop) if items[i] is not None]
-        report.skipped += current.size - len(rows)
         batch_items = [items[i] for i in rows]
         too_big = _oversized(sink, batch_items)
         if too_big is not None and len(rows) > 1:
@@ -226,6 +225,8 @@ def deliver(
             for _, _, why in failures:
                 report.reasons[why] = report.reasons.get(why, 0) + 1
             report.batches += 1
+        # counted once the batch is settled: a split batch's halves count their own
+        report.skipped += current.size - len(rows)
         if on_progress:
             on_progress(current.size)
     report.dead_letters = write_dead_letters(ledger, outbox, score_run_id, name, dead_letters)

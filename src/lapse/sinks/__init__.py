@@ -16,12 +16,27 @@ from lapse.sinks.base import RECORD_COLUMNS, RECORD_SCHEMA, Limits, Outcome, Sin
 if TYPE_CHECKING:
     from lapse.config import LapseConfig
 
-__all__ = ["RECORD_COLUMNS", "RECORD_SCHEMA", "SINKS", "Limits", "Outcome", "Sink", "make_sink"]
+__all__ = [
+    "RECORD_COLUMNS",
+    "RECORD_SCHEMA",
+    "SINKS",
+    "Limits",
+    "Outcome",
+    "Sink",
+    "check_sink",
+    "make_sink",
+]
 
 #: Sink name -> ``module:class``.
 SINKS: dict[str, str] = {
     "file": "lapse.sinks.file:FileSink",
     "memory": "lapse.sinks.memory:MemorySink",
+    "braze": "lapse.sinks.braze:BrazeSink",
+    "klaviyo": "lapse.sinks.klaviyo:KlaviyoSink",
+    "customerio": "lapse.sinks.customerio:CustomerioSink",
+    "segment": "lapse.sinks.segment:SegmentSink",
+    "iterable": "lapse.sinks.iterable:IterableSink",
+    "webhook": "lapse.sinks.webhook:WebhookSink",
 }
 
 
@@ -33,3 +48,22 @@ def make_sink(name: str, config: LapseConfig, *, out: Path | None = None) -> Sin
     module, _, cls_name = target.partition(":")
     cls: type[Sink] = getattr(importlib.import_module(module), cls_name)
     return cls.from_config(config, out=out)
+
+
+def check_sink(name: str, config: LapseConfig) -> str:
+    """Verify sink ``name``'s credentials and reachability with the cheapest harmless call
+    its platform offers; returns what was checked, raises a :class:`~lapse.sinks.base.SinkError`
+    saying what is wrong."""
+    sink = make_sink(name, config)
+    check = getattr(sink, "check", None)
+    if check is None:
+        platforms = sorted(n for n in SINKS if n not in ("file", "memory"))
+        raise LapseError(
+            f"sink {name!r} has no credentials or remote endpoint to check; "
+            f"`lapse sinks check` is for: {', '.join(platforms)}"
+        )
+    try:
+        message: str = check()
+    finally:
+        sink.close()
+    return message
