@@ -574,3 +574,36 @@ def test_retention_prunes_old_snapshots_and_their_runs(world: World, _isolated_h
     assert not (_isolated_home / "lapse-runs" / "outbox" / old.score_run_id).exists()
     with Ledger(_isolated_home / "lapse-runs" / "ledger.sqlite") as ledger:
         assert [r for r, _, _ in ledger.runs()] == [new.score_run_id]
+
+
+def test_score_to_braze_over_http_with_faults_then_delta(
+    world: World, _isolated_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from platform_servers import KEY, BrazeServer
+
+    with BrazeServer() as server:
+        monkeypatch.setenv("LAPSE_BRAZE_API_KEY", KEY)
+        monkeypatch.setenv("LAPSE_BRAZE_BASE_URL", server.url)
+        server.fail_next("/users/track", "429", "503", "drop_before", "drop_after", "500")
+        cfg = config_at(
+            make_config(
+                _isolated_home, world, delivery={"batch_size": None, "max_backoff_seconds": 0}
+            )
+        )
+        first = run_score(
+            world.events, cfg, as_of=world.as_of, model=str(world.bundle), sink="braze"
+        )
+        assert first.complete and first.counts["retried"] >= 5
+        snap = pl.read_parquet(first.snapshot)  # type: ignore[arg-type]
+        sent = snap.filter("sent")
+        assert set(server.profiles) == set(sent["user_id"].to_list())
+        for row in sent.head(20).iter_rows(named=True):
+            profile = server.profiles[row["user_id"]]
+            assert profile["lapse_risk_segment"] == row["risk_segment"]
+            assert profile["lapse_churn_risk"] == pytest.approx(row["churn_risk"])
+        assert not set(server.profiles) & set(snap.filter("suppressed")["user_id"].to_list())
+        n = len(server.requests)
+        again = run_score(
+            world.events, cfg, as_of=world.as_of, model=str(world.bundle), sink="braze"
+        )
+        assert again.counts["sent"] == 0 and len(server.requests) == n
