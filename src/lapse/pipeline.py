@@ -290,33 +290,34 @@ def run_score(
     from lapse.scoring import delta_key, load_suppression, score_users, with_reasons
 
     target = make_sink(sink or config.sinks.default, config, out=out)
-    report.stage("loading the model")
-    loaded = load_bundle(model or f"models:/{config.models.name}@champion", config)
-    bundle = loaded.bundle
-    version = str(loaded.version) if loaded.version is not None else "local"
-    report.stage("reading and validating events")
-    kept, validation = validate_events(events, config, as_of=as_of)
-    attributes = load_attributes(config)
-    run_id = _run_id(as_of)
-    report.stage("scoring users")
-    scored = score_users(
-        bundle,
-        kept.lazy(),
-        as_of,
-        config,
-        score_run_id=run_id,
-        model_version=version,
-        attributes=attributes,
-    )
-    records = scored.records.with_columns(delta_key())
-    suppressed = records["user_id"].is_in(
-        pl.Series(sorted(load_suppression(config, attributes))).implode()
-    )
-    records = records.with_columns(suppressed.alias("suppressed"))
-    sendable = ~records["suppressed"] & (~records["control"] | config.control.send)
-
+    # the lock first: a second run for this sink stops before doing any work
     lock = contextlib.nullcontext() if dry_run else sink_lock(trail.locks, target.name)
     with lock, Ledger(trail.ledger) as ledger:
+        report.stage("loading the model")
+        loaded = load_bundle(model or f"models:/{config.models.name}@champion", config)
+        bundle = loaded.bundle
+        version = str(loaded.version) if loaded.version is not None else "local"
+        report.stage("reading and validating events")
+        kept, validation = validate_events(events, config, as_of=as_of)
+        attributes = load_attributes(config)
+        run_id = _run_id(as_of)
+        report.stage("scoring users")
+        scored = score_users(
+            bundle,
+            kept.lazy(),
+            as_of,
+            config,
+            score_run_id=run_id,
+            model_version=version,
+            attributes=attributes,
+        )
+        records = scored.records.with_columns(delta_key())
+        suppressed = records["user_id"].is_in(
+            pl.Series(sorted(load_suppression(config, attributes))).implode()
+        )
+        records = records.with_columns(suppressed.alias("suppressed"))
+        sendable = ~records["suppressed"] & (~records["control"] | config.control.send)
+
         pruned = [] if dry_run else trail.prune(config.audit.retention_days, as_of.date())
         if pruned:
             ledger.drop_runs(pruned)
