@@ -241,7 +241,10 @@ class ModelsConfig(_Section):
     stacked_lightgbm: bool = Field(
         default=False, description="also race a LightGBM that takes BG/NBD and recency scores"
     )
-    n_jobs: int | None = Field(default=None, description="LightGBM threads; null = all cores")
+    n_jobs: int | None = Field(
+        default=None,
+        description="LightGBM threads; null = one per 500k training rows, up to the cores",
+    )
 
 
 class RulesConfig(_Section):
