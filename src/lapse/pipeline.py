@@ -376,16 +376,28 @@ def run_score(
         report.stage("writing the audit snapshot")
         result.snapshot = trail.write_snapshot(as_of.date(), run_id, records, summary)
         trail.write_outbox(run_id, target.name, outbox)
+        items = encode(target, outbox)
         ledger.start_run(
             run_id,
             target.name,
             as_of=as_of,
             model=loaded.source,
             target=str(result.out or ""),
-            batches=plan_batches(encode(target, outbox), target, config.delivery.batch_size),
+            batches=plan_batches(items, target, config.delivery.batch_size),
         )
         return _deliver(
-            trail, ledger, target, run_id, as_of, outbox, config, report, result, summary, started
+            trail,
+            ledger,
+            target,
+            run_id,
+            as_of,
+            outbox,
+            items,
+            config,
+            report,
+            result,
+            summary,
+            started,
         )
 
 
@@ -461,6 +473,7 @@ def _deliver(
     run_id: str,
     as_of: datetime,
     outbox: pl.DataFrame,
+    items: list[Any],
     config: LapseConfig,
     report: ScoreProgress,
     result: ScoreRunResult,
@@ -471,7 +484,6 @@ def _deliver(
     from lapse.sinks.base import SinkAuthError
 
     report.delivering(outbox.height)
-    items = encode(target, outbox)
     try:
         sent = deliver(
             outbox,
@@ -553,6 +565,7 @@ def _resume(
         info.score_run_id,
         info.as_of,
         outbox,
+        encode(target, outbox),
         config,
         report,
         result,

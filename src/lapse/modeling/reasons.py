@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -44,7 +44,7 @@ def _num(v: Any) -> str:
     return str(v)
 
 
-def _count(name: str, row: dict[str, Any]) -> str | None:
+def _count(name: str, row: Mapping[str, Any]) -> str | None:
     m = _COUNT.match(name)
     if not m:
         return None
@@ -61,7 +61,7 @@ def _count(name: str, row: dict[str, Any]) -> str | None:
     return text
 
 
-def _days_since(name: str, row: dict[str, Any]) -> str | None:
+def _days_since(name: str, row: Mapping[str, Any]) -> str | None:
     if not name.startswith("days_since_last_"):
         return None
     what = name.removeprefix("days_since_last_").replace("_", " ")
@@ -71,7 +71,7 @@ def _days_since(name: str, row: dict[str, Any]) -> str | None:
     return f"last {what} {_num(v)} day{'s' if v != 1 else ''} ago"
 
 
-_FIXED: dict[str, Callable[[dict[str, Any]], str]] = {
+_FIXED: dict[str, Callable[[Mapping[str, Any]], str]] = {
     "decay_ratio_14d": lambda r: (
         f"usage in last 14 days: {_num(r.get('usage_count_14d'))}, vs "
         f"{_num(None if r.get('usage_count_28d') is None or r.get('usage_count_14d') is None else r['usage_count_28d'] - r['usage_count_14d'])}"
@@ -102,7 +102,7 @@ _FIXED: dict[str, Callable[[dict[str, Any]], str]] = {
 }
 
 
-def describe(name: str, row: dict[str, Any]) -> str:
+def describe(name: str, row: Mapping[str, Any]) -> str:
     """A human sentence for feature ``name`` given the user's feature ``row``.
 
     Examples
@@ -128,6 +128,35 @@ def describe(name: str, row: dict[str, Any]) -> str:
     return f"{name.replace('_', ' ')}: {_num(row.get(name))}"
 
 
+class _Row(Mapping[str, Any]):
+    """Row ``i`` of a frame as a read-only mapping; columns become lists on first use.
+
+    :func:`describe` reads a handful of columns per row, so this avoids turning
+    every row into a dict of every feature (gigabytes at a million rows).
+    """
+
+    def __init__(self, frame: pl.DataFrame, cache: dict[str, list[Any]], i: int) -> None:
+        self._frame, self._cache, self._i = frame, cache, i
+
+    def __getitem__(self, name: str) -> Any:
+        col = self._cache.get(name)
+        if col is None:
+            if name not in self._frame.columns:
+                raise KeyError(name)
+            col = self._cache[name] = self._frame[name].to_list()
+        return col[self._i]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._frame.columns)
+
+    def __len__(self) -> int:
+        return self._frame.width
+
+
+#: Rows explained per LightGBM call (bounds the SHAP matrix's memory).
+CHUNK_ROWS = 50_000
+
+
 def reasons(
     model: LightGBMChurn,
     frame: pl.DataFrame,
@@ -137,18 +166,18 @@ def reasons(
     """The ``top`` risk-raising drivers per row: key columns plus ``reasons`` (list of str).
 
     Only features pushing risk up (positive SHAP) are named, so a row may get
-    fewer than ``top`` reasons.
+    fewer than ``top`` reasons. Rows are explained in chunks of
+    :data:`CHUNK_ROWS`, so memory stays bounded whatever the frame's size.
     """
     keys = [c for c in ("user_id", "cutoff") if c in frame.columns]
-    if frame.height == 0:
-        return frame.select(keys).with_columns(
-            pl.lit([], dtype=pl.List(pl.String)).alias("reasons")
-        )
-    contrib = model.contributions(frame)[:, :-1]
     names = model.feature_names_
-    order = np.argsort(-contrib, axis=1, kind="stable")[:, :top]
-    rows = frame.to_dicts()
     out: list[list[str]] = []
-    for i, row in enumerate(rows):
-        out.append([describe(names[j], row) for j in order[i] if contrib[i, j] > 0])
+    for start in range(0, frame.height, CHUNK_ROWS):
+        chunk = frame.slice(start, CHUNK_ROWS)
+        contrib = model.contributions(chunk)[:, :-1]
+        order = np.argsort(-contrib, axis=1, kind="stable")[:, :top]
+        cache: dict[str, list[Any]] = {}
+        for i in range(chunk.height):
+            row = _Row(chunk, cache, i)
+            out.append([describe(names[j], row) for j in order[i] if contrib[i, j] > 0])
     return frame.select(keys).with_columns(pl.Series("reasons", out, dtype=pl.List(pl.String)))
