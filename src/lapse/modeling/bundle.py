@@ -59,12 +59,17 @@ class ChurnBundle:
         eligible_only: bool = True,
     ) -> pl.DataFrame:
         """Feature rows as of ``as_of`` with what every model needs (past events only)."""
-        from lapse.features import build_many
+        from lapse.features import build
         from lapse.labels import eligible
         from lapse.modeling.bgnbd import rfm_summary
         from lapse.modeling.lgbm import with_derived
 
-        frame = build_many(events, [as_of], self.config, attributes=attributes)
+        # one cutoff: the single-cutoff builder, the same rows as build_many (tested), faster
+        frame = (
+            build(events, as_of, self.config, attributes=attributes)
+            .with_columns(pl.lit(as_of).cast(pl.Datetime("us", "UTC")).alias("cutoff"))
+            .select("user_id", "cutoff", pl.exclude("user_id", "cutoff"))
+        )
         if eligible_only:
             keep = eligible(events, [as_of], self.config)
             frame = frame.join(keep, on=["user_id", "cutoff"], how="semi")
