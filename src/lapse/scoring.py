@@ -76,7 +76,13 @@ def _refills(bundle: ChurnBundle, events: pl.LazyFrame, as_of: datetime) -> pl.D
     t = as_of.astimezone(UTC)
     lead = timedelta(days=bundle.config.replenishment.lead_time_days)
     days = pl.duration(microseconds=(pl.col("supply_days_left") * 86_400e6).cast(pl.Int64))
-    sku = pl.col("sku").cast(pl.String) if "sku" in open_eps.columns else pl.lit(None, pl.String)
+    from lapse.labels.episodes import ANY_SKU
+
+    sku = (
+        pl.col("sku").cast(pl.String).replace(ANY_SKU, None)  # "next order of anything"
+        if "sku" in open_eps.columns
+        else pl.lit(None, pl.String)
+    )
     frame = open_eps.select(
         pl.col("user_id").cast(pl.String),
         sku.alias("refill_sku"),
