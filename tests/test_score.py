@@ -607,3 +607,71 @@ def test_score_to_braze_over_http_with_faults_then_delta(
             world.events, cfg, as_of=world.as_of, model=str(world.bundle), sink="braze"
         )
         assert again.counts["sent"] == 0 and len(server.requests) == n
+
+
+def test_score_a_plain_transaction_table(tmp_path: Path, _isolated_home: Path) -> None:
+    """Only purchases, in a CSV with its own column names: train, then score to CSV."""
+    files = write(generate(n_users=800, n_days=300, seed=4), tmp_path / "data")
+    orders = pl.read_parquet(files["events"]).filter(pl.col("event") == "order_completed")
+    orders.select(
+        pl.col("user_id").alias("CustomerID"),
+        pl.col("ts").dt.strftime("%m/%d/%Y %H:%M").alias("InvoiceDate"),
+        pl.col("sku").alias("StockCode"),
+        pl.col("quantity").alias("Quantity"),
+        pl.col("revenue").alias("Amount"),
+    ).write_csv(tmp_path / "tx.csv")
+    data = yaml.safe_load(dump_config(load_config()))
+    data["source"].update(
+        columns={
+            "user_id": "CustomerID",
+            "ts": "InvoiceDate",
+            "sku": "StockCode",
+            "quantity": "Quantity",
+            "revenue": "Amount",
+        },
+        event_name="purchase",
+        timestamp={"format": "%m/%d/%Y %H:%M", "timezone": "UTC"},
+    )
+    data["roles"] = {k: [] for k in data["roles"]} | {"purchase": ["purchase"]}
+    data["milestones"] = []
+    data["features"]["units_per_pack"] = {}
+    data["labels"].update(activity_roles=["purchase"], horizon_days=56, eligibility="any_history")
+    data["replenishment"]["target"] = "any"
+    cfg = tmp_path / "tx.yaml"
+    cfg.write_text(yaml.safe_dump(data), encoding="utf-8")
+    trained = runner.invoke(
+        app,
+        [
+            "train",
+            str(tmp_path / "tx.csv"),
+            "--config",
+            str(cfg),
+            "--no-register",
+            "--out",
+            str(tmp_path / "report"),
+        ],
+    )
+    assert trained.exit_code == 0, trained.output
+    out = tmp_path / "scores.csv"
+    res = runner.invoke(
+        app,
+        [
+            "score",
+            str(tmp_path / "tx.csv"),
+            "--config",
+            str(cfg),
+            "--model",
+            str(_isolated_home / "models" / "lapse.pkl"),
+            "--as-of",
+            "2026-10-28",
+            "--out",
+            str(out),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    records = read_records(out)
+    assert records.height > 100
+    assert records["triggers"].list.len().max() == 0  # no usage, aha or errors to trigger on
+    assert records["refill_sku"].null_count() == records.height
+    assert records["next_order_date"].drop_nulls().len() > 0
+    assert (records["risk_segment"] != "low").any()
