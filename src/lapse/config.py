@@ -47,6 +47,7 @@ __all__ = [
     "SinksConfig",
     "SourceConfig",
     "TimestampSpec",
+    "TriggerSpec",
     "WebhookConfig",
     "dump_config",
     "load_config",
@@ -255,6 +256,71 @@ class RulesConfig(_Section):
     friction_min_errors: int = Field(default=3, gt=0)
     usage_decay_ratio: float = Field(default=0.5, gt=0, le=1)
     dropping_activity_ratio: float = Field(default=0.5, gt=0, le=1)
+    heavy_usage_28d: int = Field(
+        default=60,
+        gt=0,
+        description="upsell and vip presets: usage events in 28 days that count as heavy use",
+    )
+    streak_days: int = Field(
+        default=14, gt=0, description="streak preset: consecutive active days worth celebrating"
+    )
+    nth_order: int = Field(
+        default=5, gt=0, description="nth_order preset: the order number worth celebrating"
+    )
+
+
+class TriggerSpec(_Section):
+    """One named trigger: a condition, who it applies to, how often and what it sends.
+
+    A trigger named like a preset (``activation_nudge``, ``milestone``,
+    ``friction_alert``, ``usage_decay``, ``dropping_activity``,
+    ``replenishment_due``, ``upsell``, ``vip``, ``win_back``, ``nth_order``,
+    ``streak``) may omit ``when`` to take the preset's condition.
+    """
+
+    when: str | None = Field(
+        default=None,
+        description="condition over feature and attribute names, e.g. usage_count_28d >= 50 "
+        'and plan == "basic"; null: the preset of this name',
+    )
+    cooldown_days: int | Literal["forever"] | None = Field(
+        default=None,
+        description="days before it may fire again for a user (0: every run; forever: once); "
+        "null: the preset's (0 for the built-ins)",
+    )
+    priority: int = Field(
+        default=0, description="order in a record's triggers list: higher first, then config order"
+    )
+    audience: str | list[str] | None = Field(
+        default=None,
+        description="who it applies to: a condition, or a list of risk segments; null: everyone",
+    )
+    emit: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_]+$",
+        description="the trigger id in records and the event name sinks send (after "
+        "sinks.prefix); null: the trigger's name",
+    )
+    enabled: bool = Field(default=True, description="false switches a trigger (or a built-in) off")
+
+    @model_validator(mode="after")
+    def _parse(self) -> TriggerSpec:
+        from lapse.triggers.expr import ExprError, parse
+
+        if isinstance(self.cooldown_days, int) and self.cooldown_days < 0:
+            raise ValueError("cooldown_days must be >= 0 or 'forever'")
+        try:
+            if self.when is not None:
+                parse(self.when, "when")
+            if isinstance(self.audience, str):
+                parse(self.audience, "audience")
+        except ExprError as exc:
+            raise ValueError(str(exc)) from None
+        if isinstance(self.audience, list):
+            bad = sorted(set(self.audience) - {"high", "medium", "low"})
+            if bad:
+                raise ValueError(f"audience segments {bad} are not high, medium or low")
+        return self
 
 
 class SegmentsConfig(_Section):
@@ -488,6 +554,11 @@ class LapseConfig(_Section):
     labels: LabelsConfig = Field(default_factory=LabelsConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     rules: RulesConfig = Field(default_factory=RulesConfig)
+    triggers: dict[str, TriggerSpec] = Field(
+        default_factory=dict,
+        description="named triggers added to the built-ins, or settings of a built-in or preset "
+        "(see lapse.triggers)",
+    )
     replenishment: ReplenishmentConfig = Field(default_factory=ReplenishmentConfig)
     segments: SegmentsConfig = Field(default_factory=SegmentsConfig)
     sinks: SinksConfig = Field(default_factory=SinksConfig)

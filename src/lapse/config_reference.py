@@ -174,6 +174,14 @@ def _list_item_model(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+def _dict_value_model(annotation: Any) -> type[BaseModel] | None:
+    if get_origin(annotation) is dict:
+        _, value = get_args(annotation)
+        if isinstance(value, type) and issubclass(value, BaseModel):
+            return value
+    return None
+
+
 def _walk(model: type[BaseModel], prefix: str) -> list[ConfigKey]:
     keys: list[ConfigKey] = []
     for name, info in model.model_fields.items():
@@ -183,9 +191,13 @@ def _walk(model: type[BaseModel], prefix: str) -> list[ConfigKey]:
             keys += _walk(annotation, key + ".")
             continue
         item = _list_item_model(annotation)
-        type_name = (
-            f"list of {{{', '.join(item.model_fields)}}}" if item else _type_name(annotation)
-        )
+        named = _dict_value_model(annotation)
+        if item:
+            type_name = f"list of {{{', '.join(item.model_fields)}}}"
+        elif named:
+            type_name = f"mapping name -> {{{', '.join(named.model_fields)}}}"
+        else:
+            type_name = _type_name(annotation)
         bounds = _bounds(info.metadata)
         if bounds:
             type_name = f"{type_name} {bounds}"
@@ -193,6 +205,8 @@ def _walk(model: type[BaseModel], prefix: str) -> list[ConfigKey]:
         keys.append(ConfigKey(key, type_name, _default(info), meaning))
         if item is not None:
             keys += _walk(item, key + "[].")
+        if named is not None:
+            keys += _walk(named, key + ".<name>.")
     return keys
 
 
@@ -221,7 +235,7 @@ def markdown_reference() -> str:
         "is what a key takes when your file omits it; `configs/default.yaml` (the embedded",
         "fallback) sets the roles, milestones and a few more for the synthetic generator,",
         "and `lapse config show` prints what is in force. `key[].x` is the key `x` of each",
-        "item of the list `key`.",
+        "item of the list `key`, `key.<name>.x` the key `x` of each named entry of `key`.",
     ]
     for section, keys in by_section.items():
         info = LapseConfig.model_fields[section]

@@ -302,6 +302,11 @@ def run_score(
         attributes = load_attributes(config)
         run_id = _run_id(as_of)
         report.stage("scoring users")
+        fired = pl.DataFrame(
+            ledger.fired(target.name),
+            schema={"trigger": pl.String, "user_id": pl.String, "last_fired": pl.Date},
+            orient="row",
+        )
         scored = score_users(
             bundle,
             kept.lazy(),
@@ -310,6 +315,7 @@ def run_score(
             score_run_id=run_id,
             model_version=version,
             attributes=attributes,
+            last_fired=fired,
         )
         records = scored.records.with_columns(delta_key())
         suppressed = records["user_id"].is_in(
@@ -501,6 +507,7 @@ def _deliver(
         raise
     finally:
         target.close()
+        _record_fired(ledger, run_id, target.name, outbox, items, as_of)
     result.counts.update(_delivery_counts(ledger, run_id, target.name, items), retried=sent.retried)
     result.dead_letters = sent.dead_letters
     result.seconds = time.monotonic() - started
@@ -509,6 +516,33 @@ def _deliver(
     ledger.finish_run(run_id, target.name, "complete" if result.complete else "partial", summary)
     trail.write_summary(as_of.date(), run_id, summary)
     return result
+
+
+def _record_fired(
+    ledger: Ledger, run_id: str, sink: str, outbox: pl.DataFrame, items: list[Any], as_of: datetime
+) -> None:
+    """Start the cooldown of each trigger in a record the sink acknowledged (control excluded).
+
+    Read back from the ledger, so a resumed run records what its earlier attempt delivered.
+    """
+    failed = {row for row, *_ in ledger.failures(run_id, sink)}
+    rows = [
+        i
+        for b in ledger.batches(run_id, sink)
+        if b.state == "done"
+        for i in range(b.start, b.stop)
+        if items[i] is not None and i not in failed
+    ]
+    if not rows:
+        return
+    took = outbox[rows].filter(~pl.col("control").fill_null(False))
+    pairs = took.select("user_id", "triggers").explode("triggers").drop_nulls("triggers")
+    ledger.record_fired(
+        sink,
+        zip(pairs["triggers"].to_list(), pairs["user_id"].cast(pl.String).to_list(), strict=True),
+        on=as_of.astimezone(UTC).date(),
+        score_run_id=run_id,
+    )
 
 
 def _delivery_counts(ledger: Ledger, run_id: str, sink: str, items: list[Any]) -> dict[str, int]:

@@ -27,6 +27,7 @@ import polars as pl
 
 from lapse.exceptions import LapseError
 from lapse.sinks.base import RECORD_COLUMNS, RECORD_SCHEMA
+from lapse.triggers import Trigger, apply_cooldowns, resolve
 
 if TYPE_CHECKING:
     from lapse.config import LapseConfig
@@ -159,12 +160,17 @@ def score_users(
     score_run_id: str,
     model_version: str,
     attributes: pl.DataFrame | None = None,
+    last_fired: pl.DataFrame | None = None,
 ) -> ScoreResult:
     """Score every eligible user as of ``as_of``: risk, percentile, segment, triggers, refills.
 
     Features, eligibility, rules and segments follow the bundle's own config
-    (what the model was trained with); ``config`` is the run's: its ``score``
-    and ``control`` sections apply.
+    (what the model was trained with); ``config`` is the run's: its ``score``,
+    ``control`` and ``triggers`` sections apply. Triggers see the feature rows,
+    the user attributes and ``churn_risk``, ``churn_risk_percentile`` and
+    ``risk_segment``. With ``last_fired`` (``trigger``, ``user_id``,
+    ``last_fired`` date: what the ledger delivered before) a trigger still in
+    its cooldown for a user is left out of that user's ``triggers``.
 
     Raises
     ------
@@ -189,17 +195,17 @@ def score_users(
     bundle.check_schema(frame)
     frame = frame.with_columns(pl.col("user_id").cast(pl.String)).sort("user_id")
     risk = bundle.predict_proba(frame)
-    fired = bundle.triggers(frame).select(pl.col("user_id").cast(pl.String), "triggers")
+    scores = pl.DataFrame(
+        {
+            "user_id": frame["user_id"],
+            "churn_risk": risk,
+            "churn_risk_percentile": bundle.percentile(risk),
+            "risk_segment": bundle.segments(risk),
+        }
+    )
+    fired, definitions = _fire(bundle, frame, scores, config, attributes)
     records = (
-        pl.DataFrame(
-            {
-                "user_id": frame["user_id"],
-                "churn_risk": risk,
-                "churn_risk_percentile": bundle.percentile(risk),
-                "risk_segment": bundle.segments(risk),
-            }
-        )
-        .join(fired, on="user_id", how="left", maintain_order="left")
+        scores.join(fired, on="user_id", how="left", maintain_order="left")
         .join(_refills(bundle, events, as_of), on="user_id", how="left", maintain_order="left")
         .with_columns(
             pl.lit(_day(as_of)).alias("as_of"),
@@ -217,6 +223,10 @@ def score_users(
             )
         )
     )
+    if last_fired is not None:
+        records = records.with_columns(
+            apply_cooldowns(records, last_fired, definitions, _day(as_of))
+        )
     drift = _drift(bundle, frame, risk)
     high = {k: v for k, v in drift.items() if v > config.score.drift_threshold}
     if high:
@@ -227,6 +237,26 @@ def score_users(
             + "; the population moved since training: check the data, then retrain"
         )
     return ScoreResult(records=records, features=frame, drift=drift, warnings=warnings)
+
+
+def _fire(
+    bundle: ChurnBundle,
+    frame: pl.DataFrame,
+    scores: pl.DataFrame,
+    config: LapseConfig,
+    attributes: pl.DataFrame | None,
+) -> tuple[pl.DataFrame, list[Trigger]]:
+    """Fired triggers per user (run config's definitions) and the definitions themselves."""
+    rows = frame.with_columns(scores.drop("user_id"))
+    if attributes is not None:
+        extra = [c for c in attributes.columns if c not in rows.columns]
+        if extra:
+            attrs = attributes.select(pl.col("user_id").cast(pl.String), *extra)
+            rows = rows.join(attrs, on="user_id", how="left", maintain_order="left")
+    specs = config.triggers
+    definitions = resolve(bundle.config.model_copy(update={"triggers": specs}), rows.schema)
+    fired = bundle.triggers(rows, specs).select(pl.col("user_id").cast(pl.String), "triggers")
+    return fired, definitions
 
 
 def _drift(

@@ -3,7 +3,8 @@
 The ledger lives beside the audit snapshots (``<audit.path>/ledger.sqlite``) and
 holds, per score run and sink: the run (its status and summary), each batch's
 row range in the run's outbox and its state, the records a destination rejected,
-and, per sink and user, the delta key last delivered (delta sync). Every change
+per sink and user, the delta key last delivered (delta sync), and per sink,
+trigger and user the day a trigger was last delivered (cooldowns). Every change
 is one SQLite transaction, so a process killed at any instant (SIGKILL
 included) leaves a consistent ledger: a batch is ``done`` only after its
 destination acknowledged it.
@@ -18,7 +19,7 @@ import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,6 +48,10 @@ CREATE TABLE IF NOT EXISTS delivered (
     sink TEXT NOT NULL, user_id TEXT NOT NULL, delta_key TEXT NOT NULL,
     risk_segment TEXT, score_run_id TEXT NOT NULL, as_of TEXT NOT NULL,
     PRIMARY KEY (sink, user_id));
+CREATE TABLE IF NOT EXISTS trigger_fired (
+    sink TEXT NOT NULL, trigger TEXT NOT NULL, user_id TEXT NOT NULL,
+    last_fired TEXT NOT NULL, score_run_id TEXT NOT NULL,
+    PRIMARY KEY (sink, trigger, user_id));
 """
 
 
@@ -324,12 +329,38 @@ class Ledger:
             )
         }
 
+    # -- trigger cooldowns -------------------------------------------------------------------
+    def fired(self, sink: str) -> list[tuple[str, str, date]]:
+        """``(trigger, user_id, last_fired)`` of every trigger delivered to ``sink``."""
+        return [
+            (r[0], r[1], date.fromisoformat(r[2]))
+            for r in self._db.execute(
+                "SELECT trigger, user_id, last_fired FROM trigger_fired WHERE sink = ?", (sink,)
+            )
+        ]
+
+    def record_fired(
+        self, sink: str, rows: Iterable[tuple[str, str]], *, on: date, score_run_id: str
+    ) -> None:
+        """Remember that ``(trigger, user_id)`` pairs reached ``sink`` on day ``on``.
+
+        A date never moves back (resuming or re-running an older day keeps the later one).
+        """
+        with self._tx() as db:
+            db.executemany(
+                "INSERT INTO trigger_fired VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (sink, trigger, user_id) DO UPDATE SET "
+                "last_fired = excluded.last_fired, score_run_id = excluded.score_run_id "
+                "WHERE excluded.last_fired > trigger_fired.last_fired",
+                [(sink, t, u, on.isoformat(), score_run_id) for t, u in rows],
+            )
+
     # -- erasure -----------------------------------------------------------------------------
     def forget(self, user_ids: Sequence[str]) -> int:
         """Delete every row about these users; returns how many rows went."""
         n = 0
         with self._tx() as db:
-            for table in ("failures", "delivered"):
+            for table in ("failures", "delivered", "trigger_fired"):
                 for chunk in _chunks(list(user_ids), 500):
                     marks = ",".join("?" * len(chunk))
                     cur = db.execute(f"DELETE FROM {table} WHERE user_id IN ({marks})", chunk)

@@ -11,6 +11,7 @@ numeric features at the calibration cutoff (``feature_reference``, for drift).
 from __future__ import annotations
 
 import pickle
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -20,14 +21,14 @@ import numpy as np
 import numpy.typing as npt
 import polars as pl
 
-from lapse.config import LapseConfig
+from lapse.config import LapseConfig, TriggerSpec
 from lapse.exceptions import LapseError
 from lapse.modeling.metrics import Calibrator
 from lapse.modeling.race import RaceScorer
 
 __all__ = ["BUNDLE_FORMAT", "ChurnBundle"]
 
-BUNDLE_FORMAT = 1
+BUNDLE_FORMAT = 2  # 2: feature_reference (drift) and the config's trigger section
 
 
 @dataclass
@@ -109,11 +110,17 @@ class ChurnBundle:
 
         return assign(churn_risk, self.config.segments, reference=self.score_reference)
 
-    def triggers(self, frame: pl.DataFrame) -> pl.DataFrame:
-        """Key columns, one boolean column per trigger, and ``triggers`` (fired ids)."""
+    def triggers(
+        self, frame: pl.DataFrame, specs: Mapping[str, TriggerSpec] | None = None
+    ) -> pl.DataFrame:
+        """Key columns, one boolean column per trigger, and ``triggers`` (fired ids).
+
+        ``specs`` (the run config's ``triggers`` section) replaces the bundle's;
+        roles, milestones and rules stay the bundle's, as the features were built with them.
+        """
         from lapse.modeling.rules import triggers
 
-        return triggers(frame, self.config)
+        return triggers(frame, self.config, specs)
 
     def reasons(self, frame: pl.DataFrame, *, top: int = 3) -> pl.DataFrame:
         """Top risk drivers of the given rows, in words (costly: pass only rows you send)."""

@@ -1,22 +1,27 @@
 """The built-in deterministic triggers and the rules churn score.
 
-Triggers are Polars expressions over feature rows (names from
-:mod:`lapse.features.registry`); parameters come from the config's ``rules``
-section. A trigger whose roles are empty in the config never fires (a
-transaction table has no ``aha`` event to miss).
+Triggers are conditions over feature rows (names from
+:mod:`lapse.features.registry`) in the language of :mod:`lapse.triggers`,
+compiled to Polars; the built-ins are presets parameterised by the config's
+``rules`` section. A trigger whose roles are empty in the config never fires
+(a transaction table has no ``aha`` event to miss).
 """
 
 from __future__ import annotations
 
-from typing import Final
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Final
 
 import numpy as np
 import numpy.typing as npt
 import polars as pl
 
 from lapse.config import LapseConfig
-from lapse.exceptions import ConfigError
 from lapse.modeling._base import ParamsMixin
+from lapse.triggers import BUILTIN, CHURN_TRIGGERS, conditions, evaluate, resolve
+
+if TYPE_CHECKING:
+    from lapse.config import TriggerSpec
 
 __all__ = [
     "CHURN_TRIGGERS",
@@ -28,80 +33,34 @@ __all__ = [
     "triggers",
 ]
 
-TRIGGERS: Final = (
-    "activation_nudge",
-    "milestone",
-    "friction_alert",
-    "usage_decay",
-    "dropping_activity",
-    "replenishment_due",
-)
-CHURN_TRIGGERS: Final = ("usage_decay", "dropping_activity", "friction_alert", "activation_nudge")
+TRIGGERS: Final = BUILTIN
 
 
-def _col(features: pl.DataFrame | pl.LazyFrame, name: str) -> pl.Expr:
-    schema = features.collect_schema() if isinstance(features, pl.LazyFrame) else features.schema
-    if name not in schema:
-        raise ConfigError(
-            f"rules: feature {name!r} is missing from the feature rows; rebuild the features "
-            "with the same config"
-        )
-    return pl.col(name)
+def _schema(features: pl.DataFrame | pl.LazyFrame) -> Mapping[str, pl.DataType]:
+    return features.collect_schema() if isinstance(features, pl.LazyFrame) else features.schema
 
 
 def trigger_exprs(features: pl.DataFrame | pl.LazyFrame, config: LapseConfig) -> dict[str, pl.Expr]:
-    """One boolean expression per trigger id (nulls count as not fired)."""
-    rules, roles = config.rules, config.roles
-    never = pl.lit(False)
-    w = rules.friction_window_days
-    schema = features.collect_schema() if isinstance(features, pl.LazyFrame) else features.schema
-    if roles.error and f"error_count_{w}d" not in schema:
-        windows = sorted(int(c[12:-1]) for c in schema if c.startswith("error_count_"))
-        raise ConfigError(
-            f"rules.friction_window_days is {w}, which is not a feature window; use one of "
-            f"{windows} or add {w} to features.windows"
-        )
-    out: dict[str, pl.Expr] = {}
-    out["activation_nudge"] = (
-        (_col(features, "days_since_first_purchase") >= rules.activation_nudge_days)
-        & ~_col(features, "aha_reached")
-        if roles.purchase and roles.aha
-        else never
-    )
-    crossed = [_col(features, f"milestone_{m.name}_crossed_7d") for m in config.milestones]
-    out["milestone"] = pl.any_horizontal(crossed) if crossed else never
-    friction = []
-    if roles.error:
-        friction.append(_col(features, f"error_count_{w}d") >= rules.friction_min_errors)
-    if roles.setup_started and f"setup_started_count_{w}d" in schema:
-        friction.append(
-            _col(features, "setup_incomplete") & (pl.col(f"setup_started_count_{w}d") > 0)
-        )
-    out["friction_alert"] = pl.any_horizontal(friction) if friction else never
-    usage = bool(roles.usage)
-    out["usage_decay"] = (
-        _col(features, "decay_ratio_14d") <= rules.usage_decay_ratio if usage else never
-    )
-    out["dropping_activity"] = (
-        _col(features, "dropping_ratio_7d") < rules.dropping_activity_ratio if usage else never
-    )
-    out["replenishment_due"] = (
-        _col(features, "days_of_supply_left") <= config.replenishment.lead_time_days
-        if roles.purchase and roles.consumption
-        else never
-    )
-    return {k: v.fill_null(False).alias(k) for k, v in out.items()}
+    """One boolean expression per built-in trigger's condition (nulls count as not fired).
+
+    The conditions are the config's (``triggers.<name>.when``, else the preset),
+    without audience, cooldown or ``enabled``: what the rules churn score counts.
+    """
+    schema = _schema(features)
+    builtins = [t for t in resolve(config, schema) if t.name in BUILTIN]
+    return conditions(builtins, schema, audience=False)
 
 
-def triggers(features: pl.DataFrame, config: LapseConfig) -> pl.DataFrame:
-    """Key columns, a boolean column per trigger id, and ``triggers`` (fired ids, in order)."""
-    keys = [c for c in ("user_id", "cutoff") if c in features.columns]
-    exprs = trigger_exprs(features, config)
-    flags = features.select(*keys, *exprs.values())
-    fired = pl.concat_list(
-        [pl.when(pl.col(t)).then(pl.lit(t)).otherwise(pl.lit(None, pl.String)) for t in TRIGGERS]
-    ).list.drop_nulls()
-    return flags.with_columns(fired.alias("triggers"))
+def triggers(
+    features: pl.DataFrame, config: LapseConfig, specs: Mapping[str, TriggerSpec] | None = None
+) -> pl.DataFrame:
+    """Key columns, a boolean column per enabled trigger, and ``triggers`` (fired ids, in order).
+
+    ``specs`` replaces the config's ``triggers`` section (score time: the run's).
+    """
+    if specs is not None:
+        config = config.model_copy(update={"triggers": dict(specs)})
+    return evaluate(features, resolve(config, features.schema))
 
 
 def recency_days(features: pl.DataFrame, config: LapseConfig) -> npt.NDArray[np.float64]:
