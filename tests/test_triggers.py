@@ -634,3 +634,105 @@ def test_cooldowns_hold_across_consecutive_runs(
     third = run(2)  # two days after the first: hello is back, welcome still not
     back = {u: t for u, t in third.items() if u in first}
     assert back and all("hello" in t and "welcome" not in t for t in back.values())
+
+
+# -- the frequency cap ---------------------------------------------------------------------------
+
+
+def test_frequency_cap_withholds_triggers_across_runs_and_counts_the_capped(
+    small: Small, _isolated_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from lapse.cli import app
+
+    monkeypatch.setitem(SINKS, "capture", "score_sinks:CaptureSink")
+    data = yaml.safe_load(dump_config(load_config()))
+    data["attributes"]["path"] = str(small.users)
+    data["attributes"]["static_features"] = []
+    data["delivery"].update(batch_size=50, backoff_seconds=0.0)
+    data["delivery"]["frequency_cap"] = {"messages": 2, "days": 7}
+    data["triggers"] = {"hello": {"when": "tenure_days >= 0"}}  # no cooldown: fires every run
+    data["control"]["share"] = 0.0  # control records are never messages; keep the sums simple
+    path = _isolated_home / "lapse.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    config = load_config(path)
+    ledger_path = _isolated_home / "lapse-runs" / "ledger.sqlite"
+
+    def run(day: int) -> tuple[dict[str, list[str]], dict[str, int], pl.DataFrame]:
+        score_sinks.RECEIVED.clear()
+        res = run_score(
+            small.events,
+            config,
+            as_of=small.as_of + timedelta(days=day),
+            model=str(small.bundle),
+            sink="capture",
+            full=True,  # every record goes each run: only the cap decides the triggers
+        )
+        assert res.complete
+        got = {
+            i["user_id"]: list(i["triggers"]) for _, items in score_sinks.RECEIVED for i in items
+        }
+        return got, res.counts, pl.read_parquet(res.snapshot)  # type: ignore[arg-type]
+
+    def messages(day: int) -> dict[str, int]:
+        on = (small.as_of + timedelta(days=day)).astimezone(UTC).date()
+        with Ledger(ledger_path) as ledger:
+            return ledger.messages("capture", since=on - timedelta(days=6), until=on)
+
+    first, counts, _ = run(0)
+    assert first and all("hello" in t for t in first.values()) and counts["capped"] == 0
+    second, counts, _ = run(1)
+    assert counts["capped"] == 0 and all("hello" in t for t in second.values())
+    twice = {u for u in first if u in second}
+    assert twice and messages(1) == {u: (u in first) + (u in second) for u in {*first, *second}}
+
+    # day 2: the users messaged twice in the window are capped; the record still goes
+    third, counts, snap = run(2)
+    assert counts["capped"] == len(twice)
+    assert twice <= set(third) and all(third[u] == [] for u in twice)
+    assert all("hello" in t for u, t in third.items() if u not in twice)  # below the cap
+    capped = snap.filter("capped")
+    assert set(capped["user_id"]) == twice
+    assert all("hello" in t for t in capped["withheld_triggers"].to_list())
+    assert capped["triggers"].list.len().max() == 0
+    # an attribute-only refresh is not a message, and no cooldown started
+    assert all(messages(2)[u] == 2 for u in twice)
+    with Ledger(ledger_path) as ledger:
+        last = {u: d for t, u, d in ledger.fired("capture") if t == "hello"}
+    day1 = (small.as_of + timedelta(days=1)).astimezone(UTC).date()
+    assert all(last[u] == day1 for u in twice)
+
+    # day 7: the day-0 message left the 7-day window (days 1..7), one slot is free again
+    score_sinks.RECEIVED.clear()
+    res = CliRunner().invoke(
+        app,
+        [
+            "score",
+            str(small.events),
+            "--as-of",
+            f"{small.as_of + timedelta(days=7):%Y-%m-%d}",
+            "--model",
+            str(small.bundle),
+            "--config",
+            str(path),
+            "--sink",
+            "capture",
+            "--full",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    shown = re.search(r"capped\s*│\s*([\d,]+)", res.output)
+    assert shown, res.output
+    snaps = pl.read_parquet(_isolated_home / "lapse-runs" / "snapshots" / "*" / "*.parquet")
+    now = snaps.filter(pl.col("as_of") == (small.as_of + timedelta(days=7)).date())
+    # capped now: exactly those with two messages on days 1..6 (first sent on day 1)
+    assert int(shown.group(1).replace(",", "")) == now["capped"].sum()
+    assert set(now.filter("capped")["user_id"]) == {u for u in second if u not in first} & set(
+        now["user_id"]
+    )
+    seventh = {
+        i["user_id"]: list(i["triggers"]) for _, items in score_sinks.RECEIVED for i in items
+    }
+    assert twice & set(seventh) and all("hello" in seventh[u] for u in twice if u in seventh)
+    assert messages(7) == {u: n for u, n in messages(7).items() if n <= 2}

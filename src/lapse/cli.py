@@ -508,6 +508,7 @@ def _score_summary(result: ScoreRunResult) -> Table:
         "would_send",
         "sent",
         "unchanged",
+        "capped",
         "suppressed",
         "control",
         "skipped",

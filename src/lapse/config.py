@@ -30,6 +30,7 @@ __all__ = [
     "CustomerioConfig",
     "DeliveryConfig",
     "FeaturesConfig",
+    "FrequencyCap",
     "IterableConfig",
     "KlaviyoConfig",
     "LabelsConfig",
@@ -497,8 +498,19 @@ class ControlConfig(_Section):
     )
 
 
+class FrequencyCap(_Section):
+    """At most ``messages`` messages to a user within any ``days`` consecutive days.
+
+    A message is a record a sink acknowledged that carries at least one trigger
+    (control-group records excluded); attribute-only refreshes never count.
+    """
+
+    messages: int = Field(ge=1, description="messages allowed per user in the window")
+    days: int = Field(ge=1, description="the window in days, ending on the run's as_of day")
+
+
 class DeliveryConfig(_Section):
-    """Retries and pacing of the shared delivery layer (every sink)."""
+    """Retries, pacing and the frequency cap of the shared delivery layer (every sink)."""
 
     max_attempts: int = Field(default=6, ge=1, description="tries per batch before dead-letter")
     backoff_seconds: float = Field(default=1.0, ge=0, description="first wait, doubled each try")
@@ -507,6 +519,12 @@ class DeliveryConfig(_Section):
     )
     batch_size: int | None = Field(
         default=None, gt=0, description="records per batch; null: the destination's limit"
+    )
+    frequency_cap: FrequencyCap | None = Field(
+        default=None,
+        description="at most `messages` triggered records per user in `days` days, per sink; "
+        "over it the triggers are withheld (sent as an attribute update, counted as capped); "
+        "null: no cap",
     )
 
 

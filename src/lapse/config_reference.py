@@ -182,6 +182,14 @@ def _dict_value_model(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+def _optional_model(annotation: Any) -> type[BaseModel] | None:
+    if get_origin(annotation) in (Union, types.UnionType):
+        models = [a for a in get_args(annotation) if a is not type(None)]
+        if len(models) == 1 and isinstance(models[0], type) and issubclass(models[0], BaseModel):
+            return models[0]
+    return None
+
+
 def _walk(model: type[BaseModel], prefix: str) -> list[ConfigKey]:
     keys: list[ConfigKey] = []
     for name, info in model.model_fields.items():
@@ -192,7 +200,10 @@ def _walk(model: type[BaseModel], prefix: str) -> list[ConfigKey]:
             continue
         item = _list_item_model(annotation)
         named = _dict_value_model(annotation)
-        if item:
+        optional = _optional_model(annotation)
+        if optional:
+            type_name = f"{{{', '.join(optional.model_fields)}}} or null"
+        elif item:
             type_name = f"list of {{{', '.join(item.model_fields)}}}"
         elif named:
             type_name = f"mapping name -> {{{', '.join(named.model_fields)}}}"
@@ -207,6 +218,8 @@ def _walk(model: type[BaseModel], prefix: str) -> list[ConfigKey]:
             keys += _walk(item, key + "[].")
         if named is not None:
             keys += _walk(named, key + ".<name>.")
+        if optional is not None:
+            keys += _walk(optional, key + ".")
     return keys
 
 

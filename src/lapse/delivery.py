@@ -10,6 +10,18 @@ acknowledged it. Delivery is therefore at least once; sinks are idempotent, so
 the resend that follows a crash between acknowledgement and ledger write
 changes nothing. :func:`deliver` on a run that already has batches (a resume)
 sends only those not yet ``done``.
+
+The frequency cap (``delivery.frequency_cap``) is enforced here too, by
+:func:`apply_frequency_cap` before a run's outbox is fixed, for every trigger
+and every kind of run: a *message* (:func:`is_message`) is a record that carries
+at least one trigger and is not in the control group; once a sink acknowledged
+it, the ledger remembers one message for that user, sink and run. A user who
+already got ``messages`` messages from the sink within the ``days`` days ending
+on the run's ``as_of`` day has this run's triggers withheld: the record still
+goes, as an attribute update (segment, risk, dates) with empty ``triggers``, the
+withheld ones stay in the audit snapshot (``withheld_triggers``), the user is
+counted as ``capped``, and no cooldown starts, so the trigger fires again once
+the cap allows. Attribute-only refreshes never count as messages.
 """
 
 from __future__ import annotations
@@ -18,14 +30,14 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
 
-from lapse.config import DeliveryConfig
+from lapse.config import DeliveryConfig, FrequencyCap
 from lapse.sinks.base import (
     Item,
     Outcome,
@@ -39,7 +51,15 @@ from lapse.sinks.base import (
 )
 from lapse.state import Batch, Ledger
 
-__all__ = ["INTERNAL_COLUMNS", "DeliveryReport", "deliver", "encode", "plan_batches"]
+__all__ = [
+    "INTERNAL_COLUMNS",
+    "DeliveryReport",
+    "apply_frequency_cap",
+    "deliver",
+    "encode",
+    "is_message",
+    "plan_batches",
+]
 
 #: Outbox columns the delivery layer uses and never hands to a sink.
 INTERNAL_COLUMNS: tuple[str, ...] = ("delta_key",)
@@ -62,6 +82,44 @@ class DeliveryReport:
     @property
     def complete(self) -> bool:
         return self.failed == 0
+
+
+def is_message() -> pl.Expr:
+    """A record that is a message: at least one trigger, not in the control group."""
+    return (pl.col("triggers").list.len() > 0) & ~pl.col("control").fill_null(False)
+
+
+def apply_frequency_cap(
+    records: pl.DataFrame,
+    sendable: pl.Series,
+    ledger: Ledger,
+    sink: str,
+    cap: FrequencyCap | None,
+    *,
+    on: date,
+    score_run_id: str,
+) -> pl.DataFrame:
+    """The records with ``capped`` and ``withheld_triggers``; see the module docstring.
+
+    ``sendable`` marks the records that may go to ``sink`` at all (not suppressed).
+    A capped record has its ``triggers`` moved to ``withheld_triggers``; every
+    other record keeps them (``withheld_triggers`` empty). A run sends at most one
+    message per user, so a user is capped when the messages already in the window
+    reach ``cap.messages``.
+    """
+    empty = pl.lit([], dtype=pl.List(pl.String))
+    if cap is None:
+        return records.with_columns(pl.lit(False).alias("capped"), empty.alias("withheld_triggers"))
+    since = on - timedelta(days=cap.days - 1)
+    prior = ledger.messages(sink, since=since, until=on, exclude_run=score_run_id)
+    counts = records["user_id"].replace_strict(prior, default=0, return_dtype=pl.Int64)
+    capped = (records.select(is_message()).to_series() & sendable & (counts >= cap.messages)).alias(
+        "capped"
+    )
+    return records.with_columns(capped).with_columns(
+        pl.when("capped").then("triggers").otherwise(empty).alias("withheld_triggers"),
+        pl.when("capped").then(empty).otherwise("triggers").alias("triggers"),
+    )
 
 
 def encode(sink: Sink, outbox: pl.DataFrame) -> list[Item | None]:

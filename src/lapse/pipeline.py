@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import polars as pl
 
 from lapse.config import LapseConfig
-from lapse.delivery import deliver, encode, plan_batches
+from lapse.delivery import apply_frequency_cap, deliver, encode, is_message, plan_batches
 from lapse.events import ValidationReport, load_attributes, validate_events
 from lapse.exceptions import LapseError
 
@@ -197,8 +197,10 @@ class ScoreRunResult:
     """What one `lapse score` run (or resume, or dry run) did.
 
     ``counts`` holds ``scored``, ``sent``, ``unchanged`` (delta sync),
-    ``suppressed``, ``control``, ``skipped`` (no identifier), ``failed``,
-    ``retried``; ``segments`` and ``triggers`` count the scored users.
+    ``suppressed``, ``control``, ``capped`` (triggers withheld by the
+    frequency cap), ``skipped`` (no identifier), ``failed``, ``retried``;
+    ``segments`` and ``triggers`` count the scored users (``triggers`` after the
+    cap: what goes out).
     """
 
     score_run_id: str
@@ -317,12 +319,23 @@ def run_score(
             attributes=attributes,
             last_fired=fired,
         )
-        records = scored.records.with_columns(delta_key())
+        records = scored.records
         suppressed = records["user_id"].is_in(
             pl.Series(sorted(load_suppression(config, attributes))).implode()
         )
         records = records.with_columns(suppressed.alias("suppressed"))
         sendable = ~records["suppressed"] & (~records["control"] | config.control.send)
+        # the cap withholds triggers before the delta key is taken, so a withheld
+        # trigger changes the key again on the run that finally delivers it
+        records = apply_frequency_cap(
+            records,
+            sendable,
+            ledger,
+            target.name,
+            config.delivery.frequency_cap,
+            on=as_of.astimezone(UTC).date(),
+            score_run_id=run_id,
+        ).with_columns(delta_key())
 
         pruned = [] if dry_run else trail.prune(config.audit.retention_days, as_of.date())
         if pruned:
@@ -340,8 +353,13 @@ def run_score(
             changed = (old_keys != records["delta_key"]).fill_null(True)
         send = sendable & changed
         report.stage("explaining the users sent")
+        scored.records = records.select(scored.records.columns)
         records = with_reasons(bundle, scored, send, top=config.score.reasons).with_columns(
-            records["delta_key"], records["suppressed"], send.alias("sent")
+            records["delta_key"],
+            records["suppressed"],
+            records["capped"],
+            records["withheld_triggers"],
+            send.alias("sent"),
         )
         outbox = _outbox(records.filter(send), previous.filter(send), attributes, target)
         counts = {
@@ -349,6 +367,7 @@ def run_score(
             "suppressed": int(records["suppressed"].sum()),
             "control": int(records["control"].sum()),
             "unchanged": int((sendable & ~changed).sum()),
+            "capped": int(records["capped"].sum()),
         }
         summary: dict[str, Any] = {
             "score_run_id": run_id,
@@ -521,7 +540,7 @@ def _deliver(
 def _record_fired(
     ledger: Ledger, run_id: str, sink: str, outbox: pl.DataFrame, items: list[Any], as_of: datetime
 ) -> None:
-    """Start the cooldown of each trigger in a record the sink acknowledged (control excluded).
+    """Start the cooldown of each trigger in a message the sink acknowledged, and count the message.
 
     Read back from the ledger, so a resumed run records what its earlier attempt delivered.
     """
@@ -535,13 +554,17 @@ def _record_fired(
     ]
     if not rows:
         return
-    took = outbox[rows].filter(~pl.col("control").fill_null(False))
+    took = outbox[rows].filter(is_message())
     pairs = took.select("user_id", "triggers").explode("triggers").drop_nulls("triggers")
+    day = as_of.astimezone(UTC).date()
     ledger.record_fired(
         sink,
         zip(pairs["triggers"].to_list(), pairs["user_id"].cast(pl.String).to_list(), strict=True),
-        on=as_of.astimezone(UTC).date(),
+        on=day,
         score_run_id=run_id,
+    )
+    ledger.record_messages(
+        sink, took["user_id"].cast(pl.String).to_list(), on=day, score_run_id=run_id
     )
 
 

@@ -4,7 +4,9 @@ The ledger lives beside the audit snapshots (``<audit.path>/ledger.sqlite``) and
 holds, per score run and sink: the run (its status and summary), each batch's
 row range in the run's outbox and its state, the records a destination rejected,
 per sink and user, the delta key last delivered (delta sync), and per sink,
-trigger and user the day a trigger was last delivered (cooldowns). Every change
+trigger and user the day a trigger was last delivered (cooldowns), and per sink,
+user and run the day a message (a record carrying triggers) was delivered (the
+frequency cap of :mod:`lapse.delivery`). Every change
 is one SQLite transaction, so a process killed at any instant (SIGKILL
 included) leaves a consistent ledger: a batch is ``done`` only after its
 destination acknowledged it.
@@ -52,6 +54,10 @@ CREATE TABLE IF NOT EXISTS trigger_fired (
     sink TEXT NOT NULL, trigger TEXT NOT NULL, user_id TEXT NOT NULL,
     last_fired TEXT NOT NULL, score_run_id TEXT NOT NULL,
     PRIMARY KEY (sink, trigger, user_id));
+CREATE TABLE IF NOT EXISTS messages (
+    sink TEXT NOT NULL, user_id TEXT NOT NULL, score_run_id TEXT NOT NULL,
+    day TEXT NOT NULL, PRIMARY KEY (sink, user_id, score_run_id));
+CREATE INDEX IF NOT EXISTS messages_by_day ON messages (sink, day);
 """
 
 
@@ -355,12 +361,42 @@ class Ledger:
                 [(sink, t, u, on.isoformat(), score_run_id) for t, u in rows],
             )
 
+    # -- frequency cap -----------------------------------------------------------------------
+    def messages(
+        self, sink: str, *, since: date, until: date, exclude_run: str | None = None
+    ) -> dict[str, int]:
+        """``user_id -> messages`` delivered to ``sink`` on days ``since..until`` (inclusive).
+
+        ``exclude_run`` leaves out one run's own messages (a resumed run counts what came before).
+        """
+        return {
+            r[0]: r[1]
+            for r in self._db.execute(
+                "SELECT user_id, COUNT(*) FROM messages WHERE sink = ? AND day >= ? AND day <= ? "
+                "AND score_run_id != ? GROUP BY user_id",
+                (sink, since.isoformat(), until.isoformat(), exclude_run or ""),
+            )
+        }
+
+    def record_messages(
+        self, sink: str, user_ids: Iterable[str], *, on: date, score_run_id: str
+    ) -> None:
+        """Remember that each user got one message from ``sink`` in run ``score_run_id``.
+
+        One row per user and run: recording a run again (a resume) changes nothing.
+        """
+        with self._tx() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO messages VALUES (?, ?, ?, ?)",
+                [(sink, u, score_run_id, on.isoformat()) for u in user_ids],
+            )
+
     # -- erasure -----------------------------------------------------------------------------
     def forget(self, user_ids: Sequence[str]) -> int:
         """Delete every row about these users; returns how many rows went."""
         n = 0
         with self._tx() as db:
-            for table in ("failures", "delivered", "trigger_fired"):
+            for table in ("failures", "delivered", "trigger_fired", "messages"):
                 for chunk in _chunks(list(user_ids), 500):
                     marks = ",".join("?" * len(chunk))
                     cur = db.execute(f"DELETE FROM {table} WHERE user_id IN ({marks})", chunk)
