@@ -202,6 +202,48 @@ def features(
     console.print(_features_table(result))
 
 
+@app.command()
+@_friendly
+def drivers(
+    events: EventsArg,
+    as_of: Annotated[
+        str | None,
+        typer.Option(
+            help="Latest cutoff (YYYY-MM-DD); default: the last with an observed horizon."
+        ),
+    ] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Rank behaviors by how strongly adopting them goes with later retention."""
+    from lapse.pipeline import run_drivers
+
+    cutoff = _parse_date(as_of, "--as-of") if as_of else None
+    with console.status("comparing adopters with similar non-adopters"):
+        result = run_drivers(events, load_config(config), as_of=cutoff)
+    table = Table(
+        title=f"stickiness drivers as of {result.as_of:%Y-%m-%d} "
+        f"({len(result.cutoffs)} cutoffs, {result.pairs:,} user-cutoffs)",
+        title_justify="left",
+    )
+    for name in ("behavior", "adopters", "retained", "vs similar", "lift", "95% CI", "driver"):
+        table.add_column(name, justify="left" if name == "behavior" else "right", no_wrap=True)
+    for r in result.table.iter_rows(named=True):
+        table.add_row(
+            escape(r["behavior"]),
+            f"{r['adopters']:,}",
+            f"{r['retained_adopters']:.1%}",
+            f"{r['retained_non_adopters']:.1%}",
+            f"{r['lift']:+.1%}",
+            f"[{r['ci_low']:+.1%}, {r['ci_high']:+.1%}]",
+            "[green]yes[/]" if r["driver"] else "",
+        )
+    console.print(table)
+    console.print(
+        f"[dim]lift: retention of adopters minus non-adopters of the same tenure and "
+        f"recent activity. Note: {result.caveat}.[/]"
+    )
+
+
 _SHORT = {
     "test_cutoff": "test cutoff",
     "validation_auc": "val AUC",

@@ -18,6 +18,7 @@ from lapse.exceptions import LapseError
 
 if TYPE_CHECKING:
     from lapse.audit import AuditTrail
+    from lapse.drivers import DriversResult
     from lapse.registry import RegisteredVersion
     from lapse.sinks.base import Sink
     from lapse.state import Ledger, RunInfo
@@ -30,6 +31,7 @@ __all__ = [
     "ScoreProgress",
     "ScoreRunResult",
     "run_demo",
+    "run_drivers",
     "run_features",
     "run_forget",
     "run_score",
@@ -48,6 +50,16 @@ def run_validate(
     """Validate an event file; the caller compares ``report.rejected_share`` to its limit."""
     _, report = validate_events(events, config, as_of=as_of, rejects_path=rejects)
     return report
+
+
+def run_drivers(
+    events: Path, config: LapseConfig, *, as_of: datetime | None = None
+) -> DriversResult:
+    """Rank behaviors by their association with later retention (:mod:`lapse.drivers`)."""
+    from lapse.drivers import stickiness_drivers
+
+    kept, _ = validate_events(events, config)
+    return stickiness_drivers(kept.lazy(), config, as_of=as_of)
 
 
 @dataclass(frozen=True)
