@@ -46,6 +46,7 @@ __all__ = [
     "SegmentsConfig",
     "SinksConfig",
     "SourceConfig",
+    "SqlSinkConfig",
     "SqlSourceConfig",
     "TimestampSpec",
     "TriggerSpec",
@@ -504,6 +505,30 @@ class WebhookConfig(_Section):
     )
 
 
+class SqlSinkConfig(_Section):
+    """PostgreSQL tables ``lapse_scores_latest`` and ``lapse_scores_history`` (``--sink sql``)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    uri_env: str = Field(
+        default="LAPSE_SQL_SINK_URI",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="environment variable holding the target's connection URI",
+    )
+    schema_name: str | None = Field(
+        default=None,
+        alias="schema",
+        min_length=1,
+        description="schema of the two tables (created if absent); null: the search path",
+    )
+    label: str = Field(
+        default="sql",
+        min_length=1,
+        description="value of the tables' sink column (the upsert key is user_id, sink)",
+    )
+    batch_rows: int = Field(default=1000, gt=0, description="records per transaction")
+
+
 class SinksConfig(_Section):
     """Where ``lapse score`` delivers, and how each messaging platform gets the records."""
 
@@ -519,6 +544,7 @@ class SinksConfig(_Section):
     segment: SegmentConfig = Field(default_factory=SegmentConfig)
     iterable: IterableConfig = Field(default_factory=IterableConfig)
     webhook: WebhookConfig = Field(default_factory=WebhookConfig)
+    sql: SqlSinkConfig = Field(default_factory=SqlSinkConfig)
 
 
 class ScoreConfig(_Section):

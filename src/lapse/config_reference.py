@@ -182,6 +182,17 @@ def _dict_value_model(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+def _optional_model(annotation: Any) -> type[BaseModel] | None:
+    """``Model`` of a ``Model | None`` field (an optional block, e.g. ``source.sql``)."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        models = [
+            a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)
+        ]
+        if len(models) == 1 and type(None) in get_args(annotation):
+            return models[0]
+    return None
+
+
 def _walk(model: type[BaseModel], prefix: str) -> list[ConfigKey]:
     keys: list[ConfigKey] = []
     for name, info in model.model_fields.items():
@@ -207,6 +218,9 @@ def _walk(model: type[BaseModel], prefix: str) -> list[ConfigKey]:
             keys += _walk(item, key + "[].")
         if named is not None:
             keys += _walk(named, key + ".<name>.")
+        optional = _optional_model(annotation)
+        if optional is not None:
+            keys += _walk(optional, key + ".")
     return keys
 
 

@@ -33,7 +33,7 @@ import polars as pl
 from lapse.config import SourceConfig, SqlSourceConfig
 from lapse.exceptions import ReadError
 
-__all__ = ["redact", "scan_database", "source_label", "window_bounds"]
+__all__ = ["describe_uri", "redact", "scan_database", "source_label", "window_bounds"]
 
 _LISTED: Final = 40
 _EXTRA_HINT: Final = "install the SQL extra: pip install 'lapse[sql]'"
@@ -165,7 +165,8 @@ def _pg_uri(spec: SqlSourceConfig) -> str:
     return uri
 
 
-def _pg_where(uri: str) -> str:
+def describe_uri(uri: str) -> str:
+    """Host, port, database and user of a PostgreSQL URI, for messages (never the password)."""
     try:
         parts = urlsplit(uri)
         host = parts.hostname or "localhost"
@@ -181,7 +182,7 @@ def _pg_connect(spec: SqlSourceConfig, purpose: str) -> tuple[Any, str]:
     """An open psycopg connection (session time zone UTC) and its URI, or a clear ReadError."""
     psycopg = _driver("psycopg", f"{purpose} (PostgreSQL)")
     uri = _pg_uri(spec)
-    where = _pg_where(uri)
+    where = describe_uri(uri)
     try:
         conn = psycopg.connect(uri, connect_timeout=10)
         conn.execute("SET TIME ZONE 'UTC'")
