@@ -223,3 +223,14 @@ def test_delta_table_features_equal_parquet(events: pl.DataFrame, tmp_path: Path
     assert_frame_equal(features_of(table, config), features_of(parquet, load_config()))
     with pytest.raises(ReadError, match="no Delta table there"):
         scan_database(tmp_path / "nothing", config.source, as_of=AS_OF)
+
+
+def test_ci_turns_a_missing_server_into_a_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pg_server as pg
+
+    monkeypatch.delenv("LAPSE_REQUIRE_POSTGRES", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no PostgreSQL server"):
+        pg._unavailable("none here")
+    monkeypatch.setenv("LAPSE_REQUIRE_POSTGRES", "1")
+    with pytest.raises(pytest.fail.Exception, match="PostgreSQL is required"):
+        pg._unavailable("none here")
