@@ -198,3 +198,37 @@ def test_bad_or_missing_credentials_are_clear_and_secret_free(
     assert "not-the-password" not in message and wrong not in message
     with pytest.raises(SinkAuthError, match="environment variable LAPSE_SQL_SINK_URI"):
         SqlSink(None).send("b1", [])
+
+
+def test_cli_scores_events_from_postgres_into_postgres(
+    world: World,
+    _isolated_home: Path,
+    pg_schema: tuple[str, str],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from test_events_sql import load_postgres
+    from typer.testing import CliRunner
+
+    from lapse.cli import app
+
+    uri, _ = pg_schema
+    load_postgres(uri, pl.read_parquet(world.events))
+    monkeypatch.setenv("LAPSE_EVENTS_DB_URI", uri)
+    monkeypatch.setenv("LAPSE_SQL_SINK_URI", uri)
+    config = config_for(_isolated_home, world)
+    out = _isolated_home / "scores.parquet"
+    run_score(world.events, config, as_of=world.as_of, model=str(world.bundle), out=out)
+    expected = read_records(out)
+
+    path = _isolated_home / "lapse.yaml"
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    data["source"]["sql"] = {"table": "events"}
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    args = ["--as-of", f"{world.as_of:%Y-%m-%d}", "--config", str(path)]
+    res = CliRunner().invoke(
+        app, ["score", "sql", *args, "--model", str(world.bundle), "--sink", "sql"]
+    )
+    assert res.exit_code == 0, res.output
+    assert PASSWORD not in res.output
+    latest = table(uri, LATEST_TABLE)
+    same_records(latest, expected, latest["score_run_id"][0])
