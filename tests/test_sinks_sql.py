@@ -206,10 +206,10 @@ def test_cli_scores_events_from_postgres_into_postgres(
     pg_schema: tuple[str, str],  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from test_events_sql import load_postgres
     from typer.testing import CliRunner
 
     from lapse.cli import app
+    from test_events_sql import load_postgres
 
     uri, _ = pg_schema
     load_postgres(uri, pl.read_parquet(world.events))
