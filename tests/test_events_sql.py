@@ -144,7 +144,7 @@ def test_postgres_bad_credentials_missing_table_and_column_are_clear(
     with pytest.raises(ReadError) as missing:
         scan_database("sql", sql_config(table="evnets").source, as_of=AS_OF)
     message = str(missing.value)
-    assert "table 'evnets' does not exist" in message and "[events]" in message
+    assert "table 'evnets' does not exist; the database has [events" in message
     assert PASSWORD not in message
 
     config = sql_config(table="events")

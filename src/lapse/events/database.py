@@ -224,18 +224,16 @@ def _pg_tables(conn: Any) -> list[str]:
 
 
 def _pg_frame(rows: list[tuple[Any, ...]], description: Any) -> pl.DataFrame:
-    schema = {d.name: _PG_TYPES.get(d.type_code, pl.String()) for d in description}
-    text = {n for n, t in schema.items() if t == pl.String()}
-    if text and rows:
-        idx = [i for i, d in enumerate(description) if d.name in text]
-        rows = [
-            tuple(
-                str(v) if i in idx and v is not None and not isinstance(v, str) else v
-                for i, v in enumerate(r)
-            )
-            for r in rows
-        ]
-    return pl.DataFrame(rows, schema=schema, orient="row", strict=False)
+    """One chunk of rows as a frame, typed by the columns' PostgreSQL types (not by values)."""
+    values = list(zip(*rows, strict=True)) if rows else [() for _ in description]
+    series = []
+    for d, column in zip(description, values, strict=True):
+        dtype = _PG_TYPES.get(d.type_code, pl.String())
+        data = list(column)
+        if dtype == pl.String():
+            data = [v if v is None or isinstance(v, str) else str(v) for v in data]
+        series.append(pl.Series(d.name, data, dtype=dtype, strict=False))
+    return pl.DataFrame(series)
 
 
 def _read_postgres(
