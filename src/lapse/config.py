@@ -47,6 +47,8 @@ __all__ = [
     "SegmentsConfig",
     "SinksConfig",
     "SourceConfig",
+    "SqlSinkConfig",
+    "SqlSourceConfig",
     "TimestampSpec",
     "TriggerSpec",
     "WebhookConfig",
@@ -104,7 +106,49 @@ class RowRule(_Section):
         return self
 
 
-SourceFormat = Literal["auto", "parquet", "csv", "ndjson", "segment"]
+FileFormat = Literal["auto", "parquet", "csv", "ndjson", "segment"]
+SourceFormat = Literal["auto", "parquet", "csv", "ndjson", "segment", "sql", "duckdb", "delta"]
+
+#: Formats read through a database or table library (``lapse.events.database``), not files.
+DATABASE_FORMATS: tuple[str, ...] = ("sql", "duckdb", "delta")
+
+
+class SqlSourceConfig(_Section):
+    """A table or query in PostgreSQL (``format: sql``) or a DuckDB file (``format: duckdb``).
+
+    The connection URI of ``format: sql`` is read from the environment variable
+    named by ``uri_env``; it is never written in the config and never logged.
+    """
+
+    uri_env: str = Field(
+        default="LAPSE_EVENTS_DB_URI",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="environment variable holding the connection URI (format sql), e.g. "
+        "postgresql://user:password@host:5432/db",
+    )
+    table: str | None = Field(
+        default=None, min_length=1, description="table to read, optionally schema.table"
+    )
+    query: str | None = Field(
+        default=None,
+        min_length=1,
+        description="a SELECT to read instead of a table; the time window is applied around it",
+    )
+    max_window_days: int | None = Field(
+        default=None,
+        gt=0,
+        description="with a cutoff, read only ts >= as_of - this many days; null reads all "
+        "history before the cutoff (tenure and first-purchase features need it)",
+    )
+    chunk_rows: int = Field(
+        default=50_000, gt=0, description="rows fetched per round trip (bounds memory)"
+    )
+
+    @model_validator(mode="after")
+    def _one_relation(self) -> SqlSourceConfig:
+        if (self.table is None) == (self.query is None):
+            raise ValueError("set exactly one of 'table' and 'query'")
+        return self
 
 
 class SourceConfig(_Section):
@@ -112,6 +156,11 @@ class SourceConfig(_Section):
 
     path: Path | None = None
     format: SourceFormat = "auto"
+    sql: SqlSourceConfig | None = Field(
+        default=None,
+        description="the table or query of format sql or duckdb (a sql block alone means "
+        "format sql); null: a file source",
+    )
     columns: dict[str, str] = Field(
         default_factory=dict,
         description="canonical column -> source column (user_id, ts, event, sku, quantity, revenue)",
@@ -145,14 +194,24 @@ class SourceConfig(_Section):
         both = sorted(set(self.columns) & set(self.derive))
         if both:
             raise ValueError(f"{both} appear in both 'columns' and 'derive'; keep one")
+        if self.format in ("sql", "duckdb") and self.sql is None:
+            raise ValueError(
+                f"format {self.format!r} needs a 'sql' block with a table or a query, "
+                "e.g. sql: {table: events}"
+            )
         return self
+
+    @property
+    def kind(self) -> SourceFormat:
+        """The effective format: a ``sql`` block with ``format: auto`` means ``sql``."""
+        return "sql" if self.format == "auto" and self.sql is not None else self.format
 
 
 class AttributesConfig(_Section):
     """The optional per-user attributes table (plan, email, consent, platform ids...)."""
 
     path: Path | None = None
-    format: SourceFormat = "auto"
+    format: FileFormat = "auto"
     user_id: str = Field(default="user_id", description="source column holding the user id")
     columns: dict[str, str] = Field(
         default_factory=dict, description="attribute name -> source column (renames)"
@@ -447,6 +506,30 @@ class WebhookConfig(_Section):
     )
 
 
+class SqlSinkConfig(_Section):
+    """PostgreSQL tables ``lapse_scores_latest`` and ``lapse_scores_history`` (``--sink sql``)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    uri_env: str = Field(
+        default="LAPSE_SQL_SINK_URI",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="environment variable holding the target's connection URI",
+    )
+    schema_name: str | None = Field(
+        default=None,
+        alias="schema",
+        min_length=1,
+        description="schema of the two tables (created if absent); null: the search path",
+    )
+    label: str = Field(
+        default="sql",
+        min_length=1,
+        description="value of the tables' sink column (the upsert key is user_id, sink)",
+    )
+    batch_rows: int = Field(default=1000, gt=0, description="records per transaction")
+
+
 class SinksConfig(_Section):
     """Where ``lapse score`` delivers, and how each messaging platform gets the records."""
 
@@ -462,6 +545,7 @@ class SinksConfig(_Section):
     segment: SegmentConfig = Field(default_factory=SegmentConfig)
     iterable: IterableConfig = Field(default_factory=IterableConfig)
     webhook: WebhookConfig = Field(default_factory=WebhookConfig)
+    sql: SqlSinkConfig = Field(default_factory=SqlSinkConfig)
 
 
 class ScoreConfig(_Section):

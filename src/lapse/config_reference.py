@@ -183,9 +183,12 @@ def _dict_value_model(annotation: Any) -> type[BaseModel] | None:
 
 
 def _optional_model(annotation: Any) -> type[BaseModel] | None:
+    """``Model`` of a ``Model | None`` field (an optional block, e.g. ``source.sql``)."""
     if get_origin(annotation) in (Union, types.UnionType):
-        models = [a for a in get_args(annotation) if a is not type(None)]
-        if len(models) == 1 and isinstance(models[0], type) and issubclass(models[0], BaseModel):
+        models = [
+            a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)
+        ]
+        if len(models) == 1 and type(None) in get_args(annotation):
             return models[0]
     return None
 

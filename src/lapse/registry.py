@@ -399,6 +399,18 @@ def _digest(files: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
+def _log_events(mlflow: Any, events_path: str | Path, config: LapseConfig, context: str) -> None:
+    """``mlflow.log_input`` of the event files; a database source is named in a tag instead
+    (its rows have no file digest; the label never holds the connection URI)."""
+    from lapse.config import DATABASE_FORMATS
+    from lapse.events.database import source_label
+
+    if config.source.kind in DATABASE_FORMATS:
+        mlflow.set_tag(f"{_TAG}events_source", source_label(events_path, config.source))
+        return
+    mlflow.log_input(_events_dataset(events_path), context=context)
+
+
 def _events_dataset(events_path: str | Path) -> Any:
     """The events described for ``mlflow.log_input``: source path, content digest, schema."""
     from mlflow.data.dataset_source_registry import (  # noqa: TID251
@@ -614,7 +626,7 @@ def log_training(
             mlflow.set_tags(tags)
             mlflow.log_params(params)
             mlflow.log_metrics(flatten_metrics(result.metrics))
-            mlflow.log_input(_events_dataset(events_path), context="training")
+            _log_events(mlflow, events_path, config, "training")
             mlflow.log_artifacts(str(result.out_dir), artifact_path="report")
             mlflow.log_text(_config_yaml(config), "config.yaml")
             # a fixed file name, so every logged model holds data/bundle.pkl
@@ -1038,7 +1050,7 @@ def review(
                     metrics[f"{CHALLENGER}.{key}"] = row[CHALLENGER]
                     metrics[f"delta.{key}"] = row["delta"]
                 mlflow.log_metrics(metrics)
-                mlflow.log_input(_events_dataset(events_path), context="review")
+                _log_events(mlflow, events_path, config, "review")
                 for path in (*plots.values(), folder / "review.csv", folder / "review.md"):
                     mlflow.log_artifact(str(path))
             for version in (champ, chal):

@@ -28,7 +28,8 @@ from typing import Final
 
 import polars as pl
 
-from lapse.config import LapseConfig
+from lapse.config import DATABASE_FORMATS, LapseConfig
+from lapse.events.database import scan_database, source_label
 from lapse.events.mapping import BY_RULE, MESSAGE_ID, map_events
 from lapse.events.readers import collect_frame, scan_source
 from lapse.schema import EVENT_COLUMNS, ROLES
@@ -127,14 +128,21 @@ def rejects_path_for(path: str | Path, config: LapseConfig) -> Path:
     return config.resolve(f"{name}.rejects.parquet")
 
 
+def _raw(path: str | Path, config: LapseConfig, as_of: datetime | None) -> tuple[pl.LazyFrame, str]:
+    """The raw source and its name for messages: a file, or a database (window pushed down)."""
+    source = config.source
+    if source.kind in DATABASE_FORMATS:
+        return scan_database(path, source, as_of=as_of), source_label(path, source)
+    return scan_source(path, source.format, source.csv_separator), str(path)
+
+
 def read_events(path: str | Path, config: LapseConfig) -> pl.LazyFrame:
     """Clean canonical events, lazily: scan, map, drop rejects and duplicates.
 
     No time filter is applied: features and labels apply their own cutoffs.
     """
-    source = config.source
-    raw = scan_source(path, source.format, source.csv_separator)
-    clean = _clean(map_events(raw, config, source_name=str(path)), config)
+    raw, name = _raw(path, config, None)
+    clean = _clean(map_events(raw, config, source_name=name), config)
     return clean.filter(pl.col(REASON).is_null() & ~pl.col(_DUPLICATE)).select(
         _output_columns(config)
     )
@@ -161,8 +169,7 @@ def validate_events(
         when some row is rejected.
     """
     source = config.source
-    name = str(path)
-    raw = scan_source(path, source.format, source.csv_separator)
+    raw, name = _raw(path, config, as_of)
     frame = collect_frame(_clean(map_events(raw, config, source_name=name), config), name)
 
     rejected = frame.filter(pl.col(REASON).is_not_null())

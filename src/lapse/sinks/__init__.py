@@ -37,6 +37,7 @@ SINKS: dict[str, str] = {
     "segment": "lapse.sinks.segment:SegmentSink",
     "iterable": "lapse.sinks.iterable:IterableSink",
     "webhook": "lapse.sinks.webhook:WebhookSink",
+    "sql": "lapse.sinks.sql:SqlSink",
 }
 
 
