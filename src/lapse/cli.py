@@ -130,8 +130,9 @@ def _features_table(result: FeaturesResult) -> Table:
     table.add_column(style="bold")
     table.add_row("users", f"{result.users:,}")
     table.add_row("features", f"{result.columns:,}")
+    table.add_row("engine", result.engine)
     v = result.validation
-    if v.rows_rejected or v.duplicates:
+    if v is not None and (v.rows_rejected or v.duplicates):
         table.add_row(
             "events dropped",
             f"{v.rows_rejected:,} rejected (see {v.rejects_path}), {v.duplicates:,} duplicates",
@@ -190,14 +191,28 @@ def features(
     attributes: Annotated[
         Path | None, typer.Option(help="User attributes table; default attributes.path.")
     ] = None,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="local (Polars, this machine) or spark (canonical-event Parquet, "
+            "sharded by user; needs the spark extra and Java 17+)."
+        ),
+    ] = "local",
 ) -> None:
     """Build point-in-time features (one row per user) as of a date."""
-    from lapse.pipeline import run_features
+    from lapse.pipeline import ENGINES, run_features
 
     cutoff = _parse_date(as_of, "--as-of")
-    with console.status(f"building features as of {as_of}"):
+    if engine not in ENGINES:
+        raise LapseError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    with console.status(f"building features as of {as_of} ({engine} engine)"):
         result = run_features(
-            events, load_config(config), as_of=cutoff, out=out, attributes=attributes
+            events,
+            load_config(config),
+            as_of=cutoff,
+            out=out,
+            attributes=attributes,
+            engine=engine,
         )
     console.print(_features_table(result))
 
@@ -489,7 +504,8 @@ def demo(
     cfg = load_config(config)
     with console.status("generating data, validating, training, registering, scoring"):
         result = run_demo(cfg, out_dir=out_dir, n_users=users, n_days=days, seed=seed)
-    console.print(_report_table(result.features.validation))
+    if result.features.validation is not None:
+        console.print(_report_table(result.features.validation))
     console.print(_features_table(result.features))
     _print_training(result.training)
     if result.registered is not None:

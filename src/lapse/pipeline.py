@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import polars as pl
 
@@ -17,6 +17,8 @@ from lapse.events import ValidationReport, load_attributes, validate_events
 from lapse.exceptions import LapseError
 
 if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
     from lapse.audit import AuditTrail
     from lapse.drivers import DriversResult
     from lapse.registry import RegisteredVersion
@@ -25,7 +27,9 @@ if TYPE_CHECKING:
     from lapse.training import TrainResult
 
 __all__ = [
+    "ENGINES",
     "DemoResult",
+    "Engine",
     "FeaturesResult",
     "ForgetResult",
     "ScoreProgress",
@@ -64,14 +68,19 @@ def run_drivers(
 
 @dataclass(frozen=True)
 class FeaturesResult:
-    """What `lapse features` wrote."""
+    """What `lapse features` wrote (``validation`` is None on the Spark engine)."""
 
     path: Path
     as_of: datetime
     users: int
     columns: int
     null_share: dict[str, float]
-    validation: ValidationReport
+    validation: ValidationReport | None
+    engine: Engine = "local"
+
+
+Engine = Literal["local", "spark"]
+ENGINES: tuple[Engine, ...] = ("local", "spark")
 
 
 def run_features(
@@ -81,17 +90,44 @@ def run_features(
     as_of: datetime,
     out: Path,
     attributes: Path | None = None,
+    engine: Engine = "local",
+    spark: SparkSession | None = None,
 ) -> FeaturesResult:
-    """Build features as of ``as_of`` from an event file and write them to Parquet."""
+    """Build features as of ``as_of`` from an event file and write them to Parquet.
+
+    ``engine="local"`` (default) reads, maps and validates the events with
+    Polars on this machine; ``engine="spark"`` reads canonical-event Parquet
+    with Spark (``spark``, else the active or a new session) and builds the
+    same rows per user shard (:mod:`lapse.spark`). Both write one file at ``out``.
+    """
     from lapse.features import build
 
+    attrs = load_attributes(config, attributes)
+    if engine == "spark":
+        from lapse.spark import build_features_spark, write_single_parquet
+
+        frame_spark = build_features_spark(events, as_of, config, spark=spark, attributes=attrs)
+        write_single_parquet(frame_spark, out)
+        return _features_result(pl.read_parquet(out), out, as_of, None, engine)
+    if engine != "local":
+        raise LapseError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
     kept, report = validate_events(events, config, as_of=as_of)
-    frame = build(kept.lazy(), as_of, config, attributes=load_attributes(config, attributes))
+    frame = build(kept.lazy(), as_of, config, attributes=attrs)
     out.parent.mkdir(parents=True, exist_ok=True)
     frame.write_parquet(out)
+    return _features_result(frame, out, as_of, report, engine)
+
+
+def _features_result(
+    frame: pl.DataFrame,
+    out: Path,
+    as_of: datetime,
+    report: ValidationReport | None,
+    engine: Engine,
+) -> FeaturesResult:
     nulls = frame.null_count().row(0, named=True)
     share = {k: v / frame.height for k, v in nulls.items() if v and frame.height}
-    return FeaturesResult(out, as_of, frame.height, frame.width - 1, share, report)
+    return FeaturesResult(out, as_of, frame.height, frame.width - 1, share, report, engine)
 
 
 def run_train(

@@ -38,6 +38,7 @@ __all__ = [
     "control_mask",
     "delta_key",
     "load_suppression",
+    "risk_columns",
     "score_users",
     "with_reasons",
 ]
@@ -151,6 +152,23 @@ def delta_key() -> pl.Expr:
     ).alias("delta_key")
 
 
+def risk_columns(bundle: ChurnBundle, frame: pl.DataFrame) -> pl.DataFrame:
+    """``user_id``, ``churn_risk``, ``churn_risk_percentile``, ``risk_segment`` per row.
+
+    Every column depends on its own row and the bundle only, so the rows can be
+    scored in any split (the Spark engine scores each partition with this).
+    """
+    risk = bundle.predict_proba(frame)
+    return pl.DataFrame(
+        {
+            "user_id": frame["user_id"],
+            "churn_risk": risk,
+            "churn_risk_percentile": bundle.percentile(risk),
+            "risk_segment": bundle.segments(risk),
+        }
+    )
+
+
 def score_users(
     bundle: ChurnBundle,
     events: pl.LazyFrame,
@@ -194,15 +212,8 @@ def score_users(
         )
     bundle.check_schema(frame)
     frame = frame.with_columns(pl.col("user_id").cast(pl.String)).sort("user_id")
-    risk = bundle.predict_proba(frame)
-    scores = pl.DataFrame(
-        {
-            "user_id": frame["user_id"],
-            "churn_risk": risk,
-            "churn_risk_percentile": bundle.percentile(risk),
-            "risk_segment": bundle.segments(risk),
-        }
-    )
+    scores = risk_columns(bundle, frame)
+    risk = scores["churn_risk"].to_numpy()
     fired, definitions = _fire(bundle, frame, scores, config, attributes)
     records = (
         scores.join(fired, on="user_id", how="left", maintain_order="left")

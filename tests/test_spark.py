@@ -1,0 +1,180 @@
+"""The Spark engine (`lapse.spark`) gives the local engine's features and scores, row for row.
+
+Tests that start Spark are marked ``spark`` (one ``local[2]`` session for the
+module); skip them with ``pytest -m "not spark"``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+from typer.testing import CliRunner
+
+from lapse.cli import app
+from lapse.config import load_config
+from lapse.datasets import generate, write
+from lapse.exceptions import LapseError
+from lapse.features import build
+from lapse.modeling.bundle import ChurnBundle
+from lapse.scoring import risk_columns
+from lapse.training import train
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+runner = CliRunner()
+
+
+@dataclass(frozen=True)
+class World:
+    events: Path
+    bundle: Path
+    as_of: datetime
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    root = tmp_path_factory.mktemp("spark")
+    files = write(generate(n_users=300, n_days=240, seed=3), root / "data")
+    events = pl.read_parquet(files["events"])
+    first = events["ts"].min()
+    assert isinstance(first, datetime)
+    start = first.replace(hour=0, minute=0, second=0, microsecond=0)
+    train_events = root / "train.parquet"
+    events.filter(pl.col("ts") < start + timedelta(days=200)).write_parquet(train_events)
+    train(train_events, load_config(), out_dir=root / "report", models_dir=root / "models")
+    return World(files["events"], root / "models" / "lapse.pkl", start + timedelta(days=210))
+
+
+@pytest.fixture(scope="module")
+def spark() -> Iterator[SparkSession]:
+    sql = pytest.importorskip("pyspark.sql")
+    with pytest.MonkeyPatch.context() as mp:
+        # the Python workers must import this lapse: the test interpreter
+        mp.setenv("PYSPARK_PYTHON", sys.executable)
+        session = (
+            sql.SparkSession.builder.master("local[2]")
+            .appName("lapse-tests")
+            .config("spark.sql.shuffle.partitions", "4")
+            .config("spark.default.parallelism", "2")
+            .config("spark.ui.enabled", "false")
+            .config("spark.ui.showConsoleProgress", "false")
+            .config("spark.sql.session.timeZone", "UTC")
+            .getOrCreate()
+        )
+        yield session
+        session.stop()
+
+
+def collect(frame: DataFrame) -> pl.DataFrame:
+    out = pl.from_arrow(frame.toArrow())
+    assert isinstance(out, pl.DataFrame)
+    return out.sort("user_id")
+
+
+@pytest.mark.spark
+def test_features_equal_the_local_engine(world: World, spark: SparkSession) -> None:
+    from lapse.spark import build_features_spark
+
+    config = load_config()
+    local = build(pl.scan_parquet(world.events), world.as_of, config)
+    got = collect(build_features_spark(str(world.events), world.as_of, config, spark=spark))
+    assert got.height == local.height > 200
+    assert_frame_equal(got, local, check_exact=False, rel_tol=1e-9, abs_tol=1e-9)
+
+
+@pytest.mark.spark
+def test_scores_equal_the_local_bundle(world: World, spark: SparkSession) -> None:
+    from lapse.spark import SCORE_COLUMNS, score_spark
+
+    bundle = ChurnBundle.load(world.bundle)
+    rows = bundle.prepare(pl.scan_parquet(world.events), world.as_of)
+    local = risk_columns(bundle, rows.with_columns(pl.col("user_id").cast(pl.String)))
+    events = spark.read.parquet(str(world.events))
+    # the pickled bytes, as a caller on Spark Connect would ship them
+    payload = world.bundle.read_bytes()
+    got = collect(score_spark(events, world.as_of, payload, spark=spark, partitions=3))
+    assert got.schema == pl.Schema(SCORE_COLUMNS)
+    assert got.height == rows.height > 100
+    assert set(got["risk_segment"]) <= {"high", "medium", "low"}
+    assert_frame_equal(got, local.sort("user_id"), check_exact=False, abs_tol=1e-12)
+
+
+@pytest.mark.spark
+def test_naive_timestamps_and_empty_partitions(world: World, spark: SparkSession) -> None:
+    """Three users over eight partitions (most empty), `ts` as TIMESTAMP_NTZ: the same rows."""
+    from pyspark.sql import functions as F
+
+    from lapse.spark import build_features_spark
+
+    config = load_config()
+    events = pl.read_parquet(world.events)
+    three = events["user_id"].unique().sort().head(3).to_list()
+    few = events.filter(pl.col("user_id").is_in(three))
+    frame = (
+        spark.read.parquet(str(world.events))
+        .filter(F.col("user_id").isin(three))
+        .withColumn("ts", F.col("ts").cast("timestamp_ntz"))  # wall clock in UTC
+    )
+    assert dict(frame.dtypes)["ts"] == "timestamp_ntz"
+    got = collect(build_features_spark(frame, world.as_of, config, spark=spark, partitions=8))
+    assert_frame_equal(got, build(few.lazy(), world.as_of, config), check_exact=False)
+
+
+@pytest.mark.spark
+def test_cli_spark_engine_writes_the_local_file(
+    world: World, spark: SparkSession, tmp_path: Path
+) -> None:
+    day = f"{world.as_of:%Y-%m-%d}"
+    for engine in ("local", "spark"):
+        args = ["features", str(world.events), "--as-of", day, "--out", str(tmp_path / engine)]
+        result = runner.invoke(app, [*args, "--engine", engine])
+        assert result.exit_code == 0, result.output
+        assert "engine" in result.output
+    # one file each, no Spark part folders or temporary files left beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["local", "spark"]
+    local = pl.read_parquet(tmp_path / "local")
+    assert_frame_equal(pl.read_parquet(tmp_path / "spark"), local, check_exact=False)
+
+
+def test_unknown_engine_is_refused(world: World, tmp_path: Path) -> None:
+    args = ["features", str(world.events), "--as-of", "2026-06-01", "--out", str(tmp_path / "f")]
+    result = runner.invoke(app, [*args, "--engine", "dask"])
+    assert result.exit_code == 2
+    assert "--engine must be one of local, spark" in result.output
+
+
+def test_missing_pyspark_names_the_extra_and_java(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lapse.spark import require_spark
+
+    monkeypatch.setitem(sys.modules, "pyspark", None)
+    monkeypatch.setitem(sys.modules, "pyspark.sql", None)
+    with pytest.raises(LapseError, match=r"lapse\[spark\].*Java 17\+.*openjdk-17-jre-headless"):
+        require_spark()
+
+
+def test_unsigned_and_categorical_columns_become_spark_types() -> None:
+    """Spark has no unsigned integers: the batches carry the next wider signed type."""
+    from lapse.spark import _schemas, _to_arrow
+
+    frame = pl.DataFrame(
+        {
+            "user_id": pl.Series(["a", "b"], dtype=pl.Categorical),
+            "n": pl.Series([1, 2], dtype=pl.UInt32),
+            "small": pl.Series([1, 2], dtype=pl.UInt8),
+            "tags": [["x"], []],
+        }
+    )
+    ddl, target = _schemas(frame.schema)
+    assert ddl == "`user_id` STRING, `n` BIGINT, `small` SMALLINT, `tags` ARRAY<STRING>"
+    (batch,) = list(_to_arrow(frame, target))
+    assert batch.schema == target
+    assert batch.column("n").to_pylist() == [1, 2]
