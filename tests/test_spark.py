@@ -6,6 +6,7 @@ module); skip them with ``pytest -m "not spark"``.
 
 from __future__ import annotations
 
+import pickle
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -106,6 +107,18 @@ def test_scores_equal_the_local_bundle(world: World, spark: SparkSession) -> Non
     assert got.height == rows.height > 100
     assert set(got["risk_segment"]) <= {"high", "medium", "low"}
     assert_frame_equal(got, local.sort("user_id"), check_exact=False, abs_tol=1e-12)
+
+
+@pytest.mark.spark
+def test_a_bundle_that_does_not_fit_fails_on_the_driver(world: World, spark: SparkSession) -> None:
+    from lapse.spark import score_spark
+
+    bundle = ChurnBundle.load(world.bundle)
+    bundle.feature_schema = {**bundle.feature_schema, "no_such_feature": "Float64"}
+    with pytest.raises(LapseError, match="no_such_feature is missing"):
+        score_spark(str(world.events), world.as_of, bundle, spark=spark)
+    with pytest.raises(LapseError, match="not a ChurnBundle"):
+        score_spark(str(world.events), world.as_of, pickle.dumps(1), spark=spark)
 
 
 @pytest.mark.spark

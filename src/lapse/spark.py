@@ -306,17 +306,27 @@ def score_spark(
     Parameters
     ----------
     bundle
-        A :class:`ChurnBundle` or its pickled bytes (shipped in the closure,
-        no broadcast, so it works over Spark Connect).
+        A :class:`ChurnBundle` or its pickled bytes (only bytes you trust: it
+        is a pickle), shipped in the closure, no broadcast, so it works over
+        Spark Connect. Its feature schema is checked on the driver first.
 
     Returns
     -------
     pyspark.sql.DataFrame
         :data:`SCORE_COLUMNS`, one row per eligible user, unsorted.
     """
+    from lapse.modeling.bundle import ChurnBundle
+
     session = spark_session(spark)
     t = _utc(as_of)
-    payload = bundle if isinstance(bundle, bytes) else pickle.dumps(bundle, pickle.HIGHEST_PROTOCOL)
+    if isinstance(bundle, bytes):
+        payload, model = bundle, pickle.loads(bundle)
+        if not isinstance(model, ChurnBundle):
+            raise LapseError(f"the bundle bytes hold a {type(model).__name__}, not a ChurnBundle")
+    else:
+        payload, model = pickle.dumps(bundle, pickle.HIGHEST_PROTOCOL), bundle
+    # a schema mismatch fails here on the driver, as a LapseError, not in every task
+    model.check_schema(model.prepare(pl.LazyFrame(schema=EVENT_COLUMNS), t, attributes=attributes))
     ddl, target = _schemas(pl.Schema(SCORE_COLUMNS))
     frame = _as_spark(session, events)
 
