@@ -37,6 +37,7 @@ runner = CliRunner()
 @dataclass(frozen=True)
 class World:
     events: Path
+    users: Path
     bundle: Path
     as_of: datetime
 
@@ -52,7 +53,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     train_events = root / "train.parquet"
     events.filter(pl.col("ts") < start + timedelta(days=200)).write_parquet(train_events)
     train(train_events, load_config(), out_dir=root / "report", models_dir=root / "models")
-    return World(files["events"], root / "models" / "lapse.pkl", start + timedelta(days=210))
+    bundle = root / "models" / "lapse.pkl"
+    return World(files["events"], files["users"], bundle, start + timedelta(days=210))
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +92,27 @@ def test_features_equal_the_local_engine(world: World, spark: SparkSession) -> N
     got = collect(build_features_spark(str(world.events), world.as_of, config, spark=spark))
     assert got.height == local.height > 200
     assert_frame_equal(got, local, check_exact=False, rel_tol=1e-9, abs_tol=1e-9)
+
+
+@pytest.mark.spark
+def test_core_features_with_static_attributes_equal_the_local_engine(
+    world: World, spark: SparkSession
+) -> None:
+    from lapse.spark import build_features_spark
+
+    base = load_config()
+    config = base.model_copy(
+        update={"attributes": base.attributes.model_copy(update={"static_features": ["plan"]})}
+    )
+    users = pl.read_parquet(world.users)
+    local = build(
+        pl.scan_parquet(world.events), world.as_of, config, attributes=users, feature_set="core"
+    )
+    got = build_features_spark(
+        str(world.events), world.as_of, config, spark=spark, attributes=users, feature_set="core"
+    )
+    assert "plan" in local.columns
+    assert_frame_equal(collect(got), local, check_exact=False)
 
 
 @pytest.mark.spark

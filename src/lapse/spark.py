@@ -272,7 +272,13 @@ def build_features_spark(
 
         frame = frame.filter(F.col("ts") < F.lit(t))
     # the output schema: the builder on no events (also checks config and attributes)
-    empty = build(pl.LazyFrame(schema=EVENT_COLUMNS), t, config, attributes=attributes)
+    empty = build(
+        pl.LazyFrame(schema=EVENT_COLUMNS),
+        t,
+        config,
+        attributes=attributes,
+        feature_set=feature_set,
+    )
     ddl, target = _schemas(empty.schema)
 
     def per_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
