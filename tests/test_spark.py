@@ -6,7 +6,9 @@ module); skip them with ``pytest -m "not spark"``.
 
 from __future__ import annotations
 
+import os
 import pickle
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -214,3 +216,38 @@ def test_unsigned_and_categorical_columns_become_spark_types() -> None:
     (batch,) = list(_to_arrow(frame, target))
     assert batch.schema == target
     assert batch.column("n").to_pylist() == [1, 2]
+
+
+CONNECT = """
+import sys
+from datetime import datetime
+
+import polars as pl
+from pyspark.sql import SparkSession
+
+from lapse.config import load_config
+from lapse.spark import build_features_spark
+
+events, as_of, out = sys.argv[1], datetime.fromisoformat(sys.argv[2]), sys.argv[3]
+spark = SparkSession.builder.remote("local[2]").getOrCreate()
+assert type(spark).__module__ == "pyspark.sql.connect.session"
+frame = build_features_spark(events, as_of, load_config(), spark=spark, partitions=4)
+pl.from_arrow(frame.toArrow()).write_parquet(out)
+spark.stop()
+"""
+
+
+@pytest.mark.spark
+def test_spark_connect_gives_the_same_features(world: World, tmp_path: Path) -> None:
+    """Over Spark Connect (a local server, so no sparkContext): the same rows.
+
+    In a fresh interpreter: one process cannot hold a classic and a Connect session.
+    """
+    pytest.importorskip("grpc")
+    out = tmp_path / "connect.parquet"
+    argv = [sys.executable, "-c", CONNECT, str(world.events), world.as_of.isoformat(), str(out)]
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable}
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    local = build(pl.scan_parquet(world.events), world.as_of, load_config())
+    assert_frame_equal(pl.read_parquet(out).sort("user_id"), local, check_exact=False)
