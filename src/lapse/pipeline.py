@@ -108,26 +108,29 @@ def run_features(
 
         frame_spark = build_features_spark(events, as_of, config, spark=spark, attributes=attrs)
         write_single_parquet(frame_spark, out)
-        return _features_result(pl.read_parquet(out), out, as_of, None, engine)
+        # counted from the file lazily: the driver never holds every user's row
+        return _features_result(pl.scan_parquet(out), out, as_of, None, engine)
     if engine != "local":
         raise LapseError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
     kept, report = validate_events(events, config, as_of=as_of)
     frame = build(kept.lazy(), as_of, config, attributes=attrs)
     out.parent.mkdir(parents=True, exist_ok=True)
     frame.write_parquet(out)
-    return _features_result(frame, out, as_of, report, engine)
+    return _features_result(frame.lazy(), out, as_of, report, engine)
 
 
 def _features_result(
-    frame: pl.DataFrame,
+    frame: pl.LazyFrame,
     out: Path,
     as_of: datetime,
     report: ValidationReport | None,
     engine: Engine,
 ) -> FeaturesResult:
-    nulls = frame.null_count().row(0, named=True)
-    share = {k: v / frame.height for k, v in nulls.items() if v and frame.height}
-    return FeaturesResult(out, as_of, frame.height, frame.width - 1, share, report, engine)
+    counts = frame.select(pl.len().alias("\0rows"), pl.all().null_count()).collect()
+    nulls = counts.row(0, named=True)
+    height = nulls.pop("\0rows")
+    share = {k: v / height for k, v in nulls.items() if v and height}
+    return FeaturesResult(out, as_of, height, len(nulls) - 1, share, report, engine)
 
 
 def run_train(
