@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -23,35 +22,20 @@ from lapse.pipeline import run_score
 from lapse.sinks import RECORD_COLUMNS, SINKS
 from lapse.sinks.file import read_records
 from lapse.state import Ledger, sink_lock
-from lapse.training import train
+from worlds import World, trained_world
 
 runner = CliRunner()
 
 
-@dataclass(frozen=True)
-class World:
-    events: Path
-    users: Path
-    bundle: Path
-    as_of: datetime
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> World:
-    root = tmp_path_factory.mktemp("score")
-    files = write(generate(n_users=1500, n_days=240, seed=3), root / "data")
-    events = pl.read_parquet(files["events"])
-    first = events["ts"].min()
-    assert isinstance(first, datetime)
-    start = first.replace(hour=0, minute=0, second=0, microsecond=0)
-    train_events = root / "train.parquet"
-    events.filter(pl.col("ts") < start + timedelta(days=200)).write_parquet(train_events)
-    train(train_events, load_config(), out_dir=root / "report", models_dir=root / "models")
-    return World(
-        events=files["events"],
-        users=files["users"],
-        bundle=root / "models" / "lapse.pkl",
-        as_of=start + timedelta(days=210),
+    return trained_world(
+        tmp_path_factory.mktemp("score"),
+        n_users=1500,
+        n_days=240,
+        seed=3,
+        train_days=200,
+        score_day=210,
     )
 
 

@@ -5,8 +5,6 @@ Runs against a real PostgreSQL server (see ``tests/pg_server.py``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,43 +14,27 @@ import yaml
 from polars.testing import assert_frame_equal
 
 from lapse.config import dump_config, load_config
-from lapse.datasets import generate, write
 from lapse.pipeline import run_score
 from lapse.sinks import SINKS, make_sink
 from lapse.sinks.base import RECORD_COLUMNS, RECORD_SCHEMA, Item, Outcome, SinkAuthError
 from lapse.sinks.file import read_records
 from lapse.sinks.sql import HISTORY_TABLE, LATEST_TABLE, SqlSink
 from lapse.state import Ledger
-from lapse.training import train
 from pg_server import pg_schema, pg_server  # noqa: F401  (fixtures)
+from worlds import World, trained_world
 
 PASSWORD = "lapse-ci-secret"
 
 
-@dataclass(frozen=True)
-class World:
-    events: Path
-    users: Path
-    bundle: Path
-    as_of: datetime
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> World:
-    root = tmp_path_factory.mktemp("sql_sink")
-    files = write(generate(n_users=600, n_days=200, seed=5), root / "data")
-    events = pl.read_parquet(files["events"])
-    first = events["ts"].min()
-    assert isinstance(first, datetime)
-    start = first.replace(hour=0, minute=0, second=0, microsecond=0)
-    train_events = root / "train.parquet"
-    events.filter(pl.col("ts") < start + timedelta(days=165)).write_parquet(train_events)
-    train(train_events, load_config(), out_dir=root / "report", models_dir=root / "models")
-    return World(
-        events=files["events"],
-        users=files["users"],
-        bundle=root / "models" / "lapse.pkl",
-        as_of=start + timedelta(days=175),
+    return trained_world(
+        tmp_path_factory.mktemp("sql_sink"),
+        n_users=600,
+        n_days=200,
+        seed=5,
+        train_days=165,
+        score_day=175,
     )
 
 

@@ -11,8 +11,6 @@ import pickle
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,12 +21,11 @@ from typer.testing import CliRunner
 
 from lapse.cli import app
 from lapse.config import load_config
-from lapse.datasets import generate, write
 from lapse.exceptions import LapseError
 from lapse.features import build
 from lapse.modeling.bundle import ChurnBundle
 from lapse.scoring import risk_columns
-from lapse.training import train
+from worlds import World, trained_world
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -36,27 +33,16 @@ if TYPE_CHECKING:
 runner = CliRunner()
 
 
-@dataclass(frozen=True)
-class World:
-    events: Path
-    users: Path
-    bundle: Path
-    as_of: datetime
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> World:
-    root = tmp_path_factory.mktemp("spark")
-    files = write(generate(n_users=300, n_days=240, seed=3), root / "data")
-    events = pl.read_parquet(files["events"])
-    first = events["ts"].min()
-    assert isinstance(first, datetime)
-    start = first.replace(hour=0, minute=0, second=0, microsecond=0)
-    train_events = root / "train.parquet"
-    events.filter(pl.col("ts") < start + timedelta(days=200)).write_parquet(train_events)
-    train(train_events, load_config(), out_dir=root / "report", models_dir=root / "models")
-    bundle = root / "models" / "lapse.pkl"
-    return World(files["events"], files["users"], bundle, start + timedelta(days=210))
+    return trained_world(
+        tmp_path_factory.mktemp("spark"),
+        n_users=300,
+        n_days=240,
+        seed=3,
+        train_days=200,
+        score_day=210,
+    )
 
 
 @pytest.fixture(scope="module")

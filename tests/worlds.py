@@ -1,0 +1,42 @@
+"""A trained world for scoring tests: generated events, a bundle trained on their start."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import polars as pl
+
+from lapse.config import load_config
+from lapse.datasets import generate, write
+from lapse.training import train
+
+
+@dataclass(frozen=True)
+class World:
+    events: Path
+    users: Path
+    bundle: Path
+    as_of: datetime
+
+
+def trained_world(
+    root: Path, *, n_users: int, n_days: int, seed: int, train_days: int, score_day: int
+) -> World:
+    """Events of ``n_users`` over ``n_days``; a bundle trained on the first ``train_days``
+    (default config, saved under ``root/models``); ``as_of`` is day ``score_day``."""
+    files = write(generate(n_users=n_users, n_days=n_days, seed=seed), root / "data")
+    events = pl.read_parquet(files["events"])
+    first = events["ts"].min()
+    assert isinstance(first, datetime)
+    start = first.replace(hour=0, minute=0, second=0, microsecond=0)
+    train_events = root / "train.parquet"
+    events.filter(pl.col("ts") < start + timedelta(days=train_days)).write_parquet(train_events)
+    train(train_events, load_config(), out_dir=root / "report", models_dir=root / "models")
+    return World(
+        events=files["events"],
+        users=files["users"],
+        bundle=root / "models" / "lapse.pkl",
+        as_of=start + timedelta(days=score_day),
+    )
