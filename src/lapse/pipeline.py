@@ -279,10 +279,10 @@ class ScoreRunResult:
 
 
 def _run_id(as_of: datetime) -> str:
-    import secrets
-
+    """``YYYYMMDD-HHMMSS-ffffff``: as_of, then the start time to the microsecond, so runs
+    of one as_of sort in start order (sinks keep the latest run's rows by this order)."""
     now = datetime.now(UTC)
-    return f"{as_of:%Y%m%d}-{now:%H%M%S}-{secrets.token_hex(3)}"
+    return f"{as_of:%Y%m%d}-{now:%H%M%S-%f}"
 
 
 def _counts(frame: pl.DataFrame, column: str) -> dict[str, int]:

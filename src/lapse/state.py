@@ -157,14 +157,14 @@ class Ledger:
         rows = self._db.execute(
             "SELECT * FROM runs WHERE score_run_id = ?"
             + (" AND sink = ?" if sink else "")
-            + " ORDER BY started",
+            + " ORDER BY started, rowid",
             (score_run_id, sink) if sink else (score_run_id,),
         ).fetchall()
         if not rows:
             known = [
                 r[0]
                 for r in self._db.execute(
-                    "SELECT score_run_id FROM runs ORDER BY started DESC LIMIT 5"
+                    "SELECT score_run_id FROM runs ORDER BY started DESC, rowid DESC LIMIT 5"
                 )
             ]
             raise LapseError(
@@ -201,11 +201,11 @@ class Ledger:
             )
 
     def runs(self) -> list[tuple[str, str, str]]:
-        """``(score_run_id, sink, started)`` of every run, oldest first."""
+        """``(score_run_id, sink, started)`` of every run, oldest first (ties: in start order)."""
         return [
             (r[0], r[1], r[2])
             for r in self._db.execute(
-                "SELECT score_run_id, sink, started FROM runs ORDER BY started"
+                "SELECT score_run_id, sink, started FROM runs ORDER BY started, rowid"
             )
         ]
 
