@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
 
 from lapse.exceptions import ConfigError
 from lapse.schema import EVENT_COLUMNS
@@ -29,6 +37,7 @@ __all__ = [
     "ControlConfig",
     "CustomerioConfig",
     "DeliveryConfig",
+    "DriversConfig",
     "FeaturesConfig",
     "FrequencyCap",
     "IterableConfig",
@@ -383,6 +392,40 @@ class TriggerSpec(_Section):
         return self
 
 
+def _parsed_condition(text: str) -> str:
+    """A condition of the trigger language, checked for syntax (names are checked at run time)."""
+    from lapse.triggers.expr import ExprError, parse
+
+    try:
+        parse(text)
+    except ExprError as exc:
+        raise ValueError(str(exc)) from None
+    return text
+
+
+class DriversConfig(_Section):
+    """`lapse drivers`: declared behaviors and the ``encourage_<behavior>`` triggers it writes."""
+
+    behaviors: dict[
+        Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$")],
+        Annotated[str, AfterValidator(_parsed_condition)],
+    ] = Field(
+        default_factory=dict,
+        description="behavior name -> condition over feature and attribute names (the trigger "
+        "language), true for users who adopted it at a cutoff, e.g. {repeat_buyer: "
+        '"order_count >= 2"}; ranked with the event types',
+    )
+    encourage_top: int = Field(
+        default=3,
+        ge=0,
+        description="encourage_<behavior> triggers written by --triggers: for at most this many "
+        "top drivers whose interval lies above zero",
+    )
+    encourage_cooldown_days: int = Field(
+        default=30, ge=0, description="cooldown of each encourage_<behavior> trigger"
+    )
+
+
 class SegmentsConfig(_Section):
     method: Literal["probability", "quantile"] = Field(
         default="probability",
@@ -669,6 +712,7 @@ class LapseConfig(_Section):
     delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    drivers: DriversConfig = Field(default_factory=DriversConfig)
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _origin: str = PrivateAttr(default="<defaults>")
