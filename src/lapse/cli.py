@@ -228,23 +228,51 @@ def drivers(
         ),
     ] = None,
     config: ConfigOpt = None,
+    attributes: Annotated[
+        Path | None,
+        typer.Option(
+            help="User attributes table (for drivers.behaviors); default attributes.path."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Folder for drivers.csv (the table) and drivers.png (the forest plot)."),
+    ] = None,
+    triggers: Annotated[
+        Path | None,
+        typer.Option(
+            help="YAML file for encourage_<behavior> triggers on the top drivers, to merge "
+            "into the config."
+        ),
+    ] = None,
 ) -> None:
     """Rank behaviors by how strongly adopting them goes with later retention."""
     from lapse.pipeline import run_drivers
 
     cutoff = _parse_date(as_of, "--as-of") if as_of else None
     with console.status("comparing adopters with similar non-adopters"):
-        result = run_drivers(events, load_config(config), as_of=cutoff)
+        result = run_drivers(
+            events,
+            load_config(config),
+            as_of=cutoff,
+            attributes=attributes,
+            out=out,
+            triggers=triggers,
+        )
     table = Table(
         title=f"stickiness drivers as of {result.as_of:%Y-%m-%d} "
         f"({len(result.cutoffs)} cutoffs, {result.pairs:,} user-cutoffs)",
         title_justify="left",
     )
-    for name in ("behavior", "adopters", "retained", "vs similar", "lift", "95% CI", "driver"):
-        table.add_column(name, justify="left" if name == "behavior" else "right", no_wrap=True)
+    level = f"{result.confidence:.0%} CI"
+    for name in ("behavior", "kind", "adopters", "retained", "vs similar", "lift", level, "driver"):
+        table.add_column(
+            name, justify="left" if name in ("behavior", "kind") else "right", no_wrap=True
+        )
     for r in result.table.iter_rows(named=True):
         table.add_row(
             escape(r["behavior"]),
+            r["kind"],
             f"{r['adopters']:,}",
             f"{r['retained_adopters']:.1%}",
             f"{r['retained_non_adopters']:.1%}",
@@ -257,6 +285,8 @@ def drivers(
         f"[dim]lift: retention of adopters minus non-adopters of the same tenure and "
         f"recent activity. Note: {result.caveat}.[/]"
     )
+    for what, path in result.files.items():
+        console.print(f"wrote {what}: {escape(str(path))}")
 
 
 _SHORT = {

@@ -12,6 +12,7 @@ Relative paths resolve against the config file's folder, or against
 from __future__ import annotations
 
 import os
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -403,11 +404,20 @@ def _parsed_condition(text: str) -> str:
     return text
 
 
+def _behavior_name(name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name):
+        raise ValueError(
+            "a behavior name is a letter then letters, digits or '_' (it names the "
+            "encourage_<name> trigger)"
+        )
+    return name
+
+
 class DriversConfig(_Section):
     """`lapse drivers`: declared behaviors and the ``encourage_<behavior>`` triggers it writes."""
 
     behaviors: dict[
-        Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$")],
+        Annotated[str, AfterValidator(_behavior_name)],
         Annotated[str, AfterValidator(_parsed_condition)],
     ] = Field(
         default_factory=dict,

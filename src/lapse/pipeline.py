@@ -57,13 +57,38 @@ def run_validate(
 
 
 def run_drivers(
-    events: Path, config: LapseConfig, *, as_of: datetime | None = None
+    events: Path,
+    config: LapseConfig,
+    *,
+    as_of: datetime | None = None,
+    attributes: Path | None = None,
+    out: Path | None = None,
+    triggers: Path | None = None,
 ) -> DriversResult:
-    """Rank behaviors by their association with later retention (:mod:`lapse.drivers`)."""
-    from lapse.drivers import stickiness_drivers
+    """Rank behaviors by their association with later retention (:mod:`lapse.drivers`).
+
+    With ``out``, writes ``out/drivers.csv`` (the table) and ``out/drivers.png``
+    (the forest plot); with ``triggers``, writes the ``encourage_<behavior>``
+    YAML snippet there. The result's ``files`` names what was written.
+    """
+    from dataclasses import replace
+
+    from lapse.drivers import encourage_yaml, stickiness_drivers, write_plot
 
     kept, _ = validate_events(events, config)
-    return stickiness_drivers(kept.lazy(), config, as_of=as_of)
+    attrs = load_attributes(config, attributes)
+    result = stickiness_drivers(kept.lazy(), config, as_of=as_of, attributes=attrs)
+    files: dict[str, Path] = {}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        files["table"] = out / "drivers.csv"
+        result.table.write_csv(files["table"])
+        files["plot"] = write_plot(result, out / "drivers.png")
+    if triggers is not None:
+        triggers.parent.mkdir(parents=True, exist_ok=True)
+        triggers.write_text(encourage_yaml(result, config), encoding="utf-8")
+        files["triggers"] = triggers
+    return replace(result, files=files)
 
 
 @dataclass(frozen=True)
