@@ -422,17 +422,17 @@ class DriversConfig(_Section):
     ] = Field(
         default_factory=dict,
         description="behavior name -> condition over feature and attribute names (the trigger "
-        "language), true for users who adopted it at a cutoff, e.g. {repeat_buyer: "
-        '"order_count >= 2"}; ranked with the event types',
+        "language), true for users who adopted it at a cutoff, e.g. `{repeat_buyer: "
+        '"order_count >= 2"}`; ranked with the event types',
     )
     encourage_top: int = Field(
         default=3,
         ge=0,
-        description="encourage_<behavior> triggers written by --triggers: for at most this many "
-        "top drivers whose interval lies above zero",
+        description="`lapse drivers --triggers` writes `encourage_<behavior>` triggers for at "
+        "most this many top drivers whose interval lies above zero",
     )
     encourage_cooldown_days: int = Field(
-        default=30, ge=0, description="cooldown of each encourage_<behavior> trigger"
+        default=30, ge=0, description="cooldown of each `encourage_<behavior>` trigger"
     )
 
 
