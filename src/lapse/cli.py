@@ -265,14 +265,11 @@ def drivers(
         title_justify="left",
     )
     level = f"{result.confidence:.0%} CI"
-    for name in ("behavior", "kind", "adopters", "retained", "vs similar", "lift", level, "driver"):
-        table.add_column(
-            name, justify="left" if name in ("behavior", "kind") else "right", no_wrap=True
-        )
+    for name in ("behavior", "adopters", "retained", "vs similar", "lift", level, "driver"):
+        table.add_column(name, justify="left" if name == "behavior" else "right", no_wrap=True)
     for r in result.table.iter_rows(named=True):
         table.add_row(
-            escape(r["behavior"]),
-            r["kind"],
+            escape(r["behavior"]) + ("*" if r["kind"] == "condition" else ""),
             f"{r['adopters']:,}",
             f"{r['retained_adopters']:.1%}",
             f"{r['retained_non_adopters']:.1%}",
@@ -285,6 +282,8 @@ def drivers(
         f"[dim]lift: retention of adopters minus non-adopters of the same tenure and "
         f"recent activity. Note: {result.caveat}.[/]"
     )
+    if "condition" in result.table["kind"]:
+        console.print("[dim]* declared in drivers.behaviors[/]")
     for what, path in result.files.items():
         console.print(f"wrote {what}: {escape(str(path))}")
 
