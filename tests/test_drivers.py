@@ -194,16 +194,19 @@ def test_drivers_command_writes_table_plot_and_triggers(
 ) -> None:
     files = write(data, tmp_path / "data")
     out, snippet = tmp_path / "report", tmp_path / "encourage.yaml"
-    args = ["drivers", str(files["events"]), "--out", str(out), "--triggers", str(snippet)]
-    res = CliRunner().invoke(app, args)
+    config = tmp_path / "lapse.yaml"  # written by _config: the default plus one declared behavior
+    _config(tmp_path, {"drivers": {"behaviors": {"repeat_buyer": "order_count >= 2"}}})
+    args = ["drivers", str(files["events"]), "--config", str(config), "--out", str(out)]
+    res = CliRunner().invoke(app, [*args, "--triggers", str(snippet)])
     assert res.exit_code == 0, res.output
+    assert "repeat_buyer*" in res.output and "* declared in drivers.behaviors" in res.output
     table = pl.read_csv(out / "drivers.csv")
     assert table["behavior"][0] == STICKY and table.columns[:2] == ["behavior", "kind"]
+    assert table.filter(pl.col("behavior") == "repeat_buyer")["kind"].to_list() == ["condition"]
     assert (out / "drivers.png").read_bytes()[:8] == PNG
     text = snippet.read_text(encoding="utf-8")
     assert "proof of cause" in text and f"encourage_{STICKY}:" in text
     assert str(out / "drivers.png") in res.output.replace("\n", "")
-    bad = tmp_path / "bad.yaml"
-    bad.write_text('drivers: {behaviors: {repeat: "order_cnt >= 2"}}\n', encoding="utf-8")
-    res = CliRunner().invoke(app, ["drivers", str(files["events"]), "--config", str(bad)])
+    _config(tmp_path, {"drivers": {"behaviors": {"repeat": "order_cnt >= 2"}}})
+    res = CliRunner().invoke(app, ["drivers", str(files["events"]), "--config", str(config)])
     assert res.exit_code == 2 and "drivers.behaviors.repeat" in res.output
