@@ -589,19 +589,26 @@ def _deliver(
 
 
 def _record_fired(
-    ledger: Ledger, run_id: str, sink: str, outbox: pl.DataFrame, items: list[Any], as_of: datetime
+    ledger: Ledger,
+    run_id: str,
+    sink: str,
+    outbox: pl.DataFrame,
+    items: list[Any],
+    as_of: datetime,
+    offset: int = 0,
 ) -> None:
     """Start the cooldown of each trigger in a message the sink acknowledged, and count the message.
 
     Read back from the ledger, so a resumed run records what its earlier attempt delivered.
+    ``outbox`` and ``items`` may be a chunk: rows ``offset..`` of the run's outbox.
     """
     failed = {row for row, *_ in ledger.failures(run_id, sink)}
     rows = [
-        i
+        i - offset
         for b in ledger.batches(run_id, sink)
-        if b.state == "done"
+        if b.state == "done" and offset <= b.start < offset + len(items)
         for i in range(b.start, b.stop)
-        if items[i] is not None and i not in failed
+        if items[i - offset] is not None and i not in failed
     ]
     if not rows:
         return
@@ -619,12 +626,23 @@ def _record_fired(
     )
 
 
-def _delivery_counts(ledger: Ledger, run_id: str, sink: str, items: list[Any]) -> dict[str, int]:
-    """``sent``, ``skipped`` and ``failed`` of a run so far, from its ledger."""
-    failed = {row for row, *_ in ledger.failures(run_id, sink)}
-    done = [b for b in ledger.batches(run_id, sink) if b.state == "done"]
+def _delivery_counts(
+    ledger: Ledger, run_id: str, sink: str, items: list[Any], offset: int = 0
+) -> dict[str, int]:
+    """``sent``, ``skipped`` and ``failed`` of a run so far, from its ledger.
+
+    With ``offset``, of the chunk of rows ``offset..offset + len(items)`` only.
+    """
+    stop = offset + len(items)
+    failed = {row for row, *_ in ledger.failures(run_id, sink) if offset <= row < stop}
+    done = [
+        b for b in ledger.batches(run_id, sink) if b.state == "done" and offset <= b.start < stop
+    ]
     sent = sum(
-        1 for b in done for i in range(b.start, b.stop) if items[i] is not None and i not in failed
+        1
+        for b in done
+        for i in range(b.start, b.stop)
+        if items[i - offset] is not None and i not in failed
     )
     return {"sent": sent, "skipped": sum(i is None for i in items), "failed": len(failed)}
 
