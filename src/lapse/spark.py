@@ -614,7 +614,7 @@ def score_records_spark(
     def per_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         import json
 
-        from lapse.scoring import drift_counts, user_records
+        from lapse.scoring import ScoreResult, drift_counts, user_records, with_reasons
 
         part = _events(batches)
         if part is None:
@@ -636,12 +636,9 @@ def score_records_spark(
             model_version=model_version,
             attributes=attributes,
         )
-        want = (records["risk_segment"] != "low") | (records["triggers"].list.len() > 0)
-        if top and want.any():
-            idx = want.arg_true()
-            told = loaded.reasons(rows[idx], top=top)["reasons"]
-            filled = records["reasons"].scatter(idx, told)
-            records = records.with_columns(filled.cast(pl.List(pl.String)))
+        # the local with_reasons, for every user not low or fired (a superset of those sent)
+        everyone = pl.Series([True] * records.height)
+        records = with_reasons(loaded, ScoreResult(records, rows), everyone, top=top)
         counts = drift_counts(loaded, rows, records["churn_risk"].to_numpy())
         marker = pl.DataFrame({USER_ID: [None], _DRIFT: [json.dumps(counts)]})
         out = pl.concat(
