@@ -11,6 +11,7 @@ import pickle
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import date, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,11 +21,15 @@ from polars.testing import assert_frame_equal
 from typer.testing import CliRunner
 
 from lapse.cli import app
-from lapse.config import load_config
+from lapse.config import LapseConfig, dump_config, load_config
 from lapse.exceptions import LapseError
 from lapse.features import build
 from lapse.modeling.bundle import ChurnBundle
+from lapse.pipeline import ScoreRunResult, run_score
 from lapse.scoring import risk_columns
+from lapse.sinks import RECORD_COLUMNS
+from lapse.sinks.file import read_records
+from lapse.state import Ledger
 from worlds import World, trained_world
 
 if TYPE_CHECKING:
@@ -211,7 +216,7 @@ from datetime import datetime
 import polars as pl
 from pyspark.sql import SparkSession
 
-from lapse.config import load_config
+from lapse.config import LapseConfig, dump_config, load_config
 from lapse.spark import build_features_spark
 
 events, as_of, out = sys.argv[1], datetime.fromisoformat(sys.argv[2]), sys.argv[3]
@@ -237,3 +242,168 @@ def test_spark_connect_gives_the_same_features(world: World, tmp_path: Path) -> 
     assert done.returncode == 0, done.stderr[-3000:]
     local = build(pl.scan_parquet(world.events), world.as_of, load_config())
     assert_frame_equal(pl.read_parquet(out).sort("user_id"), local, check_exact=False)
+
+
+# -- the score run -----------------------------------------------------------------------
+
+
+def score_config(root: Path, world: World, **source: object) -> LapseConfig:
+    """The default config with its own audit folder (ledger) under ``root``, small batches."""
+    base = load_config()
+    return base.model_copy(
+        update={
+            "audit": base.audit.model_copy(update={"path": str(root / "audit")}),
+            "attributes": base.attributes.model_copy(
+                update={"path": str(world.users), "static_features": []}
+            ),
+            "delivery": base.delivery.model_copy(update={"batch_size": 40}),
+            "source": base.source.model_copy(update=source),
+        }
+    )
+
+
+def run_both(
+    world: World, spark: SparkSession, root: Path, days: int, events: str | None = None
+) -> dict[str, tuple[ScoreRunResult, LapseConfig]]:
+    """The same score runs (``days`` nights in a row) with each engine, each with its own ledger."""
+    out: dict[str, tuple[ScoreRunResult, LapseConfig]] = {}
+    for engine in ("local", "spark"):
+        config = score_config(root / engine, world)
+        for day in range(days):
+            result = run_score(
+                world.events if events is None or engine == "local" else Path(events),
+                config,
+                as_of=world.as_of + timedelta(days=day),
+                model=str(world.bundle),
+                sink="file",
+                out=root / engine / f"scores-{day}.parquet",
+                engine=engine,  # type: ignore[arg-type]
+                spark=spark,
+            )
+            out[engine] = (result, config)
+    return out
+
+
+def snapshot(result: ScoreRunResult) -> pl.DataFrame:
+    assert result.snapshot is not None
+    return pl.read_parquet(result.snapshot).drop("score_run_id")
+
+
+def ledger_state(config: LapseConfig) -> tuple[object, ...]:
+    with Ledger(Path(config.audit.path) / "ledger.sqlite") as ledger:
+        return (
+            sorted(ledger.fired("file")),
+            sorted(ledger.delivered("file").items()),
+            ledger.messages("file", since=date(2000, 1, 1), until=date(2100, 1, 1)),
+        )
+
+
+@pytest.mark.spark
+def test_score_engine_spark_gives_the_local_records_ledger_and_file(
+    world: World, spark: SparkSession, tmp_path: Path
+) -> None:
+    """Two nights in a row: cooldowns from the first night's ledger apply on the second."""
+    both = run_both(world, spark, tmp_path, days=2)
+    (local, local_cfg), (got, spark_cfg) = both["local"], both["spark"]
+    assert got.counts == local.counts
+    assert got.segments == local.segments and got.triggers == local.triggers
+    assert got.drift == pytest.approx(local.drift, abs=1e-9)
+    assert got.warnings == local.warnings
+    assert got.validation == local.validation
+    assert_frame_equal(snapshot(got), snapshot(local), check_exact=False, abs_tol=1e-12)
+    for day in range(2):
+        files = [
+            read_records(tmp_path / e / f"scores-{day}.parquet").drop("score_run_id")
+            for e in ("spark", "local")
+        ]
+        assert_frame_equal(*files, check_exact=False, abs_tol=1e-12)
+        assert set(RECORD_COLUMNS) - {"score_run_id"} <= set(files[0].columns)
+    fired, delivered, messages = ledger_state(spark_cfg)
+    assert (fired, delivered, messages) == ledger_state(local_cfg)
+    assert fired, "some trigger fired and started its cooldown"
+    assert snapshot(got)["reasons"].list.len().sum() > 0, "reasons filled for the users sent"
+    # nothing of the run's Spark output is left behind in the audit folder
+    assert not (Path(spark_cfg.audit.path) / "spark").exists()
+
+
+@pytest.mark.spark
+def test_score_cli_engine_spark(world: World, spark: SparkSession, tmp_path: Path) -> None:
+    day = f"{world.as_of:%Y-%m-%d}"
+    outs = {}
+    for engine in ("local", "spark"):
+        cfg_path = tmp_path / f"{engine}.yaml"
+        config = score_config(tmp_path / engine, world)
+        cfg_path.write_text(dump_config(config), encoding="utf-8")
+        outs[engine] = tmp_path / f"{engine}.parquet"
+        args = ["score", str(world.events), "--as-of", day, "--model", str(world.bundle)]
+        args += ["--config", str(cfg_path), "--out", str(outs[engine]), "--engine", engine]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+    spark_rows, local_rows = (
+        read_records(outs[e]).drop("score_run_id") for e in ("spark", "local")
+    )
+    assert_frame_equal(spark_rows, local_rows, check_exact=False, abs_tol=1e-12)
+
+
+@pytest.mark.spark
+def test_mapped_source_from_a_table_rejects_the_same_rows(
+    world: World, spark: SparkSession, tmp_path: Path
+) -> None:
+    """A raw source with its own column names, bad rows and duplicates, read as table:NAME."""
+    from lapse.events import validate_events
+    from lapse.spark import validated_events_spark
+
+    events = pl.read_parquet(world.events)
+    raw = events.rename({"user_id": "customer", "ts": "when", "event": "action"})
+    bad = raw.head(12).with_columns(
+        pl.when(pl.int_range(pl.len()) < 3)
+        .then(None)
+        .otherwise(pl.col("customer"))
+        .alias("customer"),
+        pl.when(pl.int_range(pl.len()).is_between(3, 5))
+        .then(-1.0)
+        .otherwise(pl.col("quantity"))
+        .alias("quantity"),
+    )
+    raw = pl.concat([raw, bad, raw.slice(100, 7)])  # 7 exact duplicates
+    path = tmp_path / "raw.parquet"
+    raw.write_parquet(path)
+    config = score_config(
+        tmp_path, world, columns={"user_id": "customer", "ts": "when", "event": "action"}
+    )
+    kept_local, local = validate_events(
+        path, config, as_of=world.as_of, rejects_path=tmp_path / "l.parquet"
+    )
+    spark.read.parquet(str(path)).createOrReplaceTempView("raw_events")
+    checked = validated_events_spark("table:raw_events", config, spark=spark, partitions=3)
+    got = checked.report(config, as_of=world.as_of, rejects=tmp_path / "s.parquet")
+    assert got.rows_rejected == local.rows_rejected > 0
+    assert got.rejected_by_reason == local.rejected_by_reason
+    assert got.duplicates == local.duplicates >= 7
+    for field in (
+        "rows_read",
+        "rows_kept",
+        "users",
+        "ts_min",
+        "ts_max",
+        "events_per_role",
+        "future_events",
+    ):
+        assert getattr(got, field) == getattr(local, field), field
+    assert (
+        pl.read_parquet(tmp_path / "s.parquet").height
+        == pl.read_parquet(tmp_path / "l.parquet").height
+    )
+    kept = collect(checked.kept).sort("user_id", "ts", "event")
+    assert_frame_equal(kept, kept_local.sort("user_id", "ts", "event"), check_exact=False)
+
+
+@pytest.mark.spark
+def test_a_missing_table_or_delta_says_what_to_do(spark: SparkSession, tmp_path: Path) -> None:
+    from lapse.spark import read_source
+
+    with pytest.raises(LapseError, match="no such table"):
+        read_source(spark, "table:nowhere.none")
+    (tmp_path / "t" / "_delta_log").mkdir(parents=True)
+    with pytest.raises(LapseError, match="delta-spark"):
+        read_source(spark, tmp_path / "t")

@@ -651,6 +651,13 @@ def score(
         str | None,
         typer.Option(help="Finish the run SCORE_RUN_ID without re-sending acknowledged batches."),
     ] = None,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="local (Polars, this machine) or spark (Parquet, delta:PATH or table:NAME, "
+            "scored per user shard; needs the spark extra and Java 17+)."
+        ),
+    ] = "local",
 ) -> None:
     """Score every eligible user as of a date and deliver the records to a sink.
 
@@ -659,8 +666,11 @@ def score(
     """
     import json
 
-    from lapse.pipeline import run_score
+    from lapse.pipeline import ENGINES, run_score
     from lapse.state import LockHeldError
+
+    if engine not in ENGINES:
+        raise LapseError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
 
     day = (
         _parse_date(as_of, "--as-of")
@@ -689,6 +699,7 @@ def score(
                 full=full,
                 resume=resume,
                 progress=_ScoreBars(bars),
+                engine=engine,
             )
         except LockHeldError as exc:
             err_console.print(

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -59,6 +59,7 @@ __all__ = [
     "encode",
     "is_message",
     "plan_batches",
+    "settle",
 ]
 
 #: Outbox columns the delivery layer uses and never hands to a sink.
@@ -98,6 +99,7 @@ def apply_frequency_cap(
     *,
     on: date,
     score_run_id: str,
+    only_these_users: bool = False,
 ) -> pl.DataFrame:
     """The records with ``capped`` and ``withheld_triggers``; see the module docstring.
 
@@ -105,13 +107,15 @@ def apply_frequency_cap(
     A capped record has its ``triggers`` moved to ``withheld_triggers``; every
     other record keeps them (``withheld_triggers`` empty). A run sends at most one
     message per user, so a user is capped when the messages already in the window
-    reach ``cap.messages``.
+    reach ``cap.messages``. ``only_these_users`` reads the ledger for the records'
+    users only (a caller going through the users in chunks).
     """
     empty = pl.lit([], dtype=pl.List(pl.String))
     if cap is None:
         return records.with_columns(pl.lit(False).alias("capped"), empty.alias("withheld_triggers"))
     since = on - timedelta(days=cap.days - 1)
-    prior = ledger.messages(sink, since=since, until=on, exclude_run=score_run_id)
+    users = records["user_id"].cast(pl.String).to_list() if only_these_users else None
+    prior = ledger.messages(sink, since=since, until=on, exclude_run=score_run_id, users=users)
     counts = records["user_id"].replace_strict(prior, default=0, return_dtype=pl.Int64)
     capped = (records.select(is_message()).to_series() & sendable & (counts >= cap.messages)).alias(
         "capped"
@@ -194,6 +198,7 @@ def deliver(
     on_progress: Callable[[int], None] | None = None,
     sleep: Callable[[float], None] = time.sleep,
     items: list[Item | None] | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> DeliveryReport:
     """Send the outbox's pending batches to ``sink``; see the module docstring.
 
@@ -202,6 +207,11 @@ def deliver(
     Records that did not get through are written to ``dead_letters`` (NDJSON,
     with their reasons; the file is removed when nothing failed). ``items`` are
     :func:`encode` of the outbox when the caller has them already.
+
+    ``rows=(lo, hi)`` says ``outbox`` is only rows ``lo..hi`` of the run's outbox
+    (a caller that goes through a large outbox in chunks, with no batch across
+    two chunks): only the batches starting there are sent, and the caller opens
+    the sink first and settles the run after the last chunk (:func:`settle`).
 
     Raises
     ------
@@ -216,12 +226,16 @@ def deliver(
     report = DeliveryReport()
     throttle = _Throttle(sink.limits.requests_per_second, sleep)
     name = sink.name
-    queue = [b for b in ledger.batches(score_run_id, name) if b.state != "split"]
+    lo, hi = rows if rows is not None else (0, outbox.height)
+    queue = [
+        b for b in ledger.batches(score_run_id, name) if b.state != "split" and lo <= b.start < hi
+    ]
     report.resumed_done = sum(b.size for b in queue if b.state == "done")
     if on_progress and report.resumed_done:
         on_progress(report.resumed_done)
     pending = [b for b in queue if b.state != "done"][::-1]
-    sink.open(score_run_id)
+    if rows is None:
+        sink.open(score_run_id)
 
     def send(batch_id: str, batch: list[Item]) -> Outcome:
         throttle.wait()
@@ -234,16 +248,16 @@ def deliver(
 
     while pending:
         current = pending.pop()
-        rows = [i for i in range(current.start, current.stop) if items[i] is not None]
-        batch_items = [items[i] for i in rows]
+        got = [i for i in range(current.start, current.stop) if items[i - lo] is not None]
+        batch_items = [items[i - lo] for i in got]
         too_big = _oversized(sink, batch_items)
-        if too_big is not None and len(rows) > 1:
+        if too_big is not None and len(got) > 1:
             pending.extend(reversed(ledger.split(score_run_id, name, current)))
             continue
         try:
             if too_big is not None:
                 raise SinkError(too_big)
-            if not rows:
+            if not got:
                 outcome_failed: dict[int, str] = {}
             else:
                 retrying = Retrying(
@@ -256,24 +270,24 @@ def deliver(
                 )
                 outcome_failed = retrying(send, current.batch_id, batch_items).failed
         except PayloadTooLarge as exc:
-            if len(rows) > 1:
+            if len(got) > 1:
                 pending.extend(reversed(ledger.split(score_run_id, name, current)))
                 continue
-            _fail(ledger, report, score_run_id, name, current, rows, users, str(exc))
+            _fail(ledger, report, score_run_id, name, current, got, users, lo, str(exc))
         except SinkAuthError:
             raise
         except SinkError as exc:  # retries exhausted (RetryableError) or a permanent refusal
-            _fail(ledger, report, score_run_id, name, current, rows, users, str(exc))
+            _fail(ledger, report, score_run_id, name, current, got, users, lo, str(exc))
         else:
-            failures = [(rows[k], users[rows[k]], why) for k, why in outcome_failed.items()]
+            failures = [(got[k], users[got[k] - lo], why) for k, why in outcome_failed.items()]
             bad = {r for r, _, _ in failures}
-            took = [r for r in rows if r not in bad]
+            took = [r for r in got if r not in bad]
             ledger.done(
                 score_run_id,
                 name,
                 current,
                 failures=failures,
-                delivered=[(users[r], keys[r], segments[r]) for r in took]
+                delivered=[(users[r - lo], keys[r - lo], segments[r - lo]) for r in took]
                 if keys is not None and not sink.full_snapshot
                 else (),
                 as_of=as_of,
@@ -284,9 +298,11 @@ def deliver(
                 report.reasons[why] = report.reasons.get(why, 0) + 1
             report.batches += 1
         # counted once the batch is settled: a split batch's halves count their own
-        report.skipped += current.size - len(rows)
+        report.skipped += current.size - len(got)
         if on_progress:
             on_progress(current.size)
+    if rows is not None:
+        return report
     report.dead_letters = write_dead_letters(ledger, outbox, score_run_id, name, dead_letters)
     if report.dead_letters is None:
         sink.finish(score_run_id)
@@ -319,33 +335,63 @@ def _fail(
     batch: Batch,
     rows: list[int],
     users: list[str],
+    offset: int,
     reason: str,
 ) -> None:
-    ledger.failed(score_run_id, sink, batch, reason, [(r, users[r]) for r in rows])
+    ledger.failed(score_run_id, sink, batch, reason, [(r, users[r - offset]) for r in rows])
     report.failed += len(rows)
     report.reasons[reason] = report.reasons.get(reason, 0) + len(rows)
 
 
 def write_dead_letters(
-    ledger: Ledger, outbox: pl.DataFrame, score_run_id: str, sink: str, path: Path
+    ledger: Ledger,
+    outbox: pl.DataFrame | Iterable[pl.DataFrame],
+    score_run_id: str,
+    sink: str,
+    path: Path,
 ) -> Path | None:
-    """Write every record of the run that did not get through (NDJSON with reasons)."""
+    """Write every record of the run that did not get through (NDJSON with reasons).
+
+    ``outbox`` is the run's whole outbox, or its consecutive chunks in order.
+    """
     failures = ledger.failures(score_run_id, sink)
     if not failures:
         path.unlink(missing_ok=True)
         return None
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    records = outbox.drop([c for c in INTERNAL_COLUMNS if c in outbox.columns])
+    by_row = sorted(failures)
+    chunks = [outbox] if isinstance(outbox, pl.DataFrame) else outbox
     with tmp.open("w", encoding="utf-8") as fh:
-        for row, _user, batch_id, reason in failures:
-            line: dict[str, Any] = {
-                "score_run_id": score_run_id,
-                "sink": sink,
-                "batch_id": batch_id,
-                "reason": reason,
-                "record": records.row(row, named=True),
-            }
-            fh.write(json.dumps(line, default=json_default, ensure_ascii=False) + "\n")
+        offset, k = 0, 0
+        for chunk in chunks:
+            records = chunk.drop([c for c in INTERNAL_COLUMNS if c in chunk.columns])
+            end = offset + chunk.height
+            while k < len(by_row) and by_row[k][0] < end:
+                row, _user, batch_id, reason = by_row[k]
+                line: dict[str, Any] = {
+                    "score_run_id": score_run_id,
+                    "sink": sink,
+                    "batch_id": batch_id,
+                    "reason": reason,
+                    "record": records.row(row - offset, named=True),
+                }
+                fh.write(json.dumps(line, default=json_default, ensure_ascii=False) + "\n")
+                k += 1
+            offset = end
     tmp.replace(path)
     return path
+
+
+def settle(
+    ledger: Ledger,
+    chunks: Iterable[pl.DataFrame],
+    sink: Sink,
+    score_run_id: str,
+    dead_letters: Path,
+) -> Path | None:
+    """After the last chunk of a chunked :func:`deliver`: dead letters, else ``sink.finish``."""
+    written = write_dead_letters(ledger, chunks, score_run_id, sink.name, dead_letters)
+    if written is None:
+        sink.finish(score_run_id)
+    return written

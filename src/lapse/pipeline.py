@@ -93,7 +93,7 @@ def run_drivers(
 
 @dataclass(frozen=True)
 class FeaturesResult:
-    """What `lapse features` wrote (``validation`` is None on the Spark engine)."""
+    """What `lapse features` wrote."""
 
     path: Path
     as_of: datetime
@@ -121,20 +121,25 @@ def run_features(
     """Build features as of ``as_of`` from an event file and write them to Parquet.
 
     ``engine="local"`` (default) reads, maps and validates the events with
-    Polars on this machine; ``engine="spark"`` reads canonical-event Parquet
-    with Spark (``spark``, else the active or a new session) and builds the
-    same rows per user shard (:mod:`lapse.spark`). Both write one file at ``out``.
+    Polars on this machine; ``engine="spark"`` reads Parquet, Delta
+    (``delta:PATH``) or a table (``table:NAME``) with Spark (``spark``, else the
+    active or a new session), maps and validates it the same way and builds
+    the same rows per user shard (:mod:`lapse.spark`). Both write one file at ``out``.
     """
     from lapse.features import build
 
     attrs = load_attributes(config, attributes)
     if engine == "spark":
-        from lapse.spark import build_features_spark, write_single_parquet
+        from lapse.spark import build_features_spark, validated_events_spark, write_single_parquet
 
-        frame_spark = build_features_spark(events, as_of, config, spark=spark, attributes=attrs)
+        checked = validated_events_spark(events, config, spark=spark)
+        spark_report = checked.report(config, as_of=as_of)
+        frame_spark = build_features_spark(
+            checked.kept, as_of, config, spark=spark, attributes=attrs
+        )
         write_single_parquet(frame_spark, out)
         # counted from the file lazily: the driver never holds every user's row
-        return _features_result(pl.scan_parquet(out), out, as_of, None, engine)
+        return _features_result(pl.scan_parquet(out), out, as_of, spark_report, engine)
     if engine != "local":
         raise LapseError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
     kept, report = validate_events(events, config, as_of=as_of)
@@ -331,8 +336,14 @@ def run_score(
     full: bool = False,
     resume: str | None = None,
     progress: ScoreProgress | None = None,
+    engine: Engine = "local",
+    spark: SparkSession | None = None,
 ) -> ScoreRunResult:
     """Score every eligible user as of ``as_of`` and deliver the records to a sink.
+
+    ``engine="spark"`` reads and validates the events, and computes the records,
+    on Spark (:mod:`lapse.spark_score`); the driver then applies the ledger and
+    delivers in bounded chunks. The records, snapshot and deliveries are the same.
 
     See the README's "Nightly score" section: the audit snapshot is written
     before anything is sent; delivery goes through :mod:`lapse.delivery` with
@@ -353,6 +364,8 @@ def run_score(
 
     started = time.monotonic()
     report = progress or _Silent()
+    if engine not in ENGINES:
+        raise LapseError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
     trail = AuditTrail(config.resolve(config.audit.path))
     if resume is not None:
         with Ledger(trail.ledger) as ledger:
@@ -371,6 +384,23 @@ def run_score(
     # the lock first: a second run for this sink stops before doing any work
     lock = contextlib.nullcontext() if dry_run else sink_lock(trail.locks, target.name)
     with lock, Ledger(trail.ledger) as ledger:
+        if engine == "spark":
+            from lapse.spark_score import run_score_spark
+
+            return run_score_spark(
+                events,
+                config,
+                as_of=as_of,
+                model=model,
+                target=target,
+                trail=trail,
+                ledger=ledger,
+                dry_run=dry_run,
+                full=full,
+                report=report,
+                started=started,
+                spark=spark,
+            )
         report.stage("loading the model")
         loaded = load_bundle(model or f"models:/{config.models.name}@champion", config)
         bundle = loaded.bundle
@@ -614,19 +644,26 @@ def _deliver(
 
 
 def _record_fired(
-    ledger: Ledger, run_id: str, sink: str, outbox: pl.DataFrame, items: list[Any], as_of: datetime
+    ledger: Ledger,
+    run_id: str,
+    sink: str,
+    outbox: pl.DataFrame,
+    items: list[Any],
+    as_of: datetime,
+    offset: int = 0,
 ) -> None:
     """Start the cooldown of each trigger in a message the sink acknowledged, and count the message.
 
     Read back from the ledger, so a resumed run records what its earlier attempt delivered.
+    ``outbox`` and ``items`` may be a chunk: rows ``offset..`` of the run's outbox.
     """
     failed = {row for row, *_ in ledger.failures(run_id, sink)}
     rows = [
-        i
+        i - offset
         for b in ledger.batches(run_id, sink)
-        if b.state == "done"
+        if b.state == "done" and offset <= b.start < offset + len(items)
         for i in range(b.start, b.stop)
-        if items[i] is not None and i not in failed
+        if items[i - offset] is not None and i not in failed
     ]
     if not rows:
         return
@@ -644,12 +681,23 @@ def _record_fired(
     )
 
 
-def _delivery_counts(ledger: Ledger, run_id: str, sink: str, items: list[Any]) -> dict[str, int]:
-    """``sent``, ``skipped`` and ``failed`` of a run so far, from its ledger."""
-    failed = {row for row, *_ in ledger.failures(run_id, sink)}
-    done = [b for b in ledger.batches(run_id, sink) if b.state == "done"]
+def _delivery_counts(
+    ledger: Ledger, run_id: str, sink: str, items: list[Any], offset: int = 0
+) -> dict[str, int]:
+    """``sent``, ``skipped`` and ``failed`` of a run so far, from its ledger.
+
+    With ``offset``, of the chunk of rows ``offset..offset + len(items)`` only.
+    """
+    stop = offset + len(items)
+    failed = {row for row, *_ in ledger.failures(run_id, sink) if offset <= row < stop}
+    done = [
+        b for b in ledger.batches(run_id, sink) if b.state == "done" and offset <= b.start < stop
+    ]
     sent = sum(
-        1 for b in done for i in range(b.start, b.stop) if items[i] is not None and i not in failed
+        1
+        for b in done
+        for i in range(b.start, b.stop)
+        if items[i - offset] is not None and i not in failed
     )
     return {"sent": sent, "skipped": sum(i is None for i in items), "failed": len(failed)}
 

@@ -37,9 +37,15 @@ __all__ = [
     "ScoreResult",
     "control_mask",
     "delta_key",
+    "drift_counts",
+    "drift_from_counts",
+    "drift_warnings",
     "load_suppression",
+    "model_age_warnings",
     "risk_columns",
     "score_users",
+    "trigger_definitions",
+    "user_records",
     "with_reasons",
 ]
 
@@ -196,14 +202,7 @@ def score_users(
         The feature rows do not match the bundle's schema (a missing role or a
         changed dtype), or no user is eligible at ``as_of``.
     """
-    warnings: list[str] = []
-    age = (as_of - bundle.training_end).days
-    if age > config.score.max_model_age_days:
-        warnings.append(
-            f"model {bundle.name!r} was trained on data up to {bundle.training_end:%Y-%m-%d}, "
-            f"{age} days before as_of (score.max_model_age_days is "
-            f"{config.score.max_model_age_days}); retrain and promote a fresher model"
-        )
+    warnings = model_age_warnings(bundle, as_of, config)
     frame = bundle.prepare(events, as_of, attributes=attributes)
     if frame.height == 0:
         raise LapseError(
@@ -212,8 +211,67 @@ def score_users(
         )
     bundle.check_schema(frame)
     frame = frame.with_columns(pl.col("user_id").cast(pl.String)).sort("user_id")
+    records = user_records(
+        bundle,
+        frame,
+        events,
+        as_of,
+        config,
+        score_run_id=score_run_id,
+        model_version=model_version,
+        attributes=attributes,
+        last_fired=last_fired,
+    )
+    drift = _drift(bundle, frame, records["churn_risk"].to_numpy())
+    warnings += drift_warnings(drift, config)
+    return ScoreResult(records=records, features=frame, drift=drift, warnings=warnings)
+
+
+def model_age_warnings(bundle: ChurnBundle, as_of: datetime, config: LapseConfig) -> list[str]:
+    """A warning when the bundle's data ends more than ``score.max_model_age_days`` before as_of."""
+    age = (as_of - bundle.training_end).days
+    if age <= config.score.max_model_age_days:
+        return []
+    return [
+        f"model {bundle.name!r} was trained on data up to {bundle.training_end:%Y-%m-%d}, "
+        f"{age} days before as_of (score.max_model_age_days is "
+        f"{config.score.max_model_age_days}); retrain and promote a fresher model"
+    ]
+
+
+def drift_warnings(drift: dict[str, float], config: LapseConfig) -> list[str]:
+    """A warning naming the columns whose PSI is above ``score.drift_threshold``."""
+    high = {k: v for k, v in drift.items() if v > config.score.drift_threshold}
+    if not high:
+        return []
+    return [
+        "drift: population stability index above "
+        f"{config.score.drift_threshold} for "
+        + ", ".join(f"{k} ({v:.2f})" for k, v in sorted(high.items(), key=lambda kv: -kv[1]))
+        + "; the population moved since training: check the data, then retrain"
+    ]
+
+
+def user_records(
+    bundle: ChurnBundle,
+    frame: pl.DataFrame,
+    events: pl.LazyFrame,
+    as_of: datetime,
+    config: LapseConfig,
+    *,
+    score_run_id: str,
+    model_version: str,
+    attributes: pl.DataFrame | None = None,
+    last_fired: pl.DataFrame | None = None,
+) -> pl.DataFrame:
+    """The records (pinned columns plus ``control``) of prepared feature rows.
+
+    ``frame`` is :meth:`ChurnBundle.prepare` of ``events``, schema-checked,
+    ``user_id`` as strings, sorted by it. Every column of a record depends on
+    its user's own rows, the bundle and the config only, so any split of the
+    users by ``user_id`` (the Spark engine's partitions) gives the same records.
+    """
     scores = risk_columns(bundle, frame)
-    risk = scores["churn_risk"].to_numpy()
     fired, definitions = _fire(bundle, frame, scores, config, attributes)
     records = (
         scores.join(fired, on="user_id", how="left", maintain_order="left")
@@ -238,16 +296,14 @@ def score_users(
         records = records.with_columns(
             apply_cooldowns(records, last_fired, definitions, _day(as_of))
         )
-    drift = _drift(bundle, frame, risk)
-    high = {k: v for k, v in drift.items() if v > config.score.drift_threshold}
-    if high:
-        warnings.append(
-            "drift: population stability index above "
-            f"{config.score.drift_threshold} for "
-            + ", ".join(f"{k} ({v:.2f})" for k, v in sorted(high.items(), key=lambda kv: -kv[1]))
-            + "; the population moved since training: check the data, then retrain"
-        )
-    return ScoreResult(records=records, features=frame, drift=drift, warnings=warnings)
+    return records
+
+
+def trigger_definitions(
+    bundle: ChurnBundle, config: LapseConfig, schema: pl.Schema
+) -> list[Trigger]:
+    """The run config's trigger definitions over rows of ``schema`` (for cooldowns)."""
+    return resolve(bundle.config.model_copy(update={"triggers": config.triggers}), schema)
 
 
 def _fire(
@@ -265,7 +321,7 @@ def _fire(
             attrs = attributes.select(pl.col("user_id").cast(pl.String), *extra)
             rows = rows.join(attrs, on="user_id", how="left", maintain_order="left")
     specs = config.triggers
-    definitions = resolve(bundle.config.model_copy(update={"triggers": specs}), rows.schema)
+    definitions = trigger_definitions(bundle, config, rows.schema)
     fired = bundle.triggers(rows, specs).select(pl.col("user_id").cast(pl.String), "triggers")
     return fired, definitions
 
@@ -273,13 +329,29 @@ def _fire(
 def _drift(
     bundle: ChurnBundle, frame: pl.DataFrame, risk: npt.NDArray[np.float64]
 ) -> dict[str, float]:
-    from lapse.modeling.drift import psi
+    return drift_from_counts(bundle, drift_counts(bundle, frame, risk))
 
-    out = {"churn_risk": psi(bundle.score_reference, risk)}
+
+def drift_counts(
+    bundle: ChurnBundle, frame: pl.DataFrame, risk: npt.NDArray[np.float64]
+) -> dict[str, list[int]]:
+    """Per drift column, the PSI bin counts of these rows (they add up across shards)."""
+    from lapse.modeling.drift import bin_counts
+
+    out = {"churn_risk": bin_counts(bundle.score_reference, risk).tolist()}
     for name, ref in bundle.feature_reference.items():
         if name in frame.columns:
             values = frame[name].cast(pl.Float64).fill_null(float("nan")).to_numpy()
-            out[name] = psi(ref, values)
+            out[name] = bin_counts(ref, values).tolist()
+    return out
+
+
+def drift_from_counts(bundle: ChurnBundle, counts: dict[str, list[int]]) -> dict[str, float]:
+    """The run's ``drift`` (PSI per column, rounded) from summed :func:`drift_counts`."""
+    from lapse.modeling.drift import psi_from_counts
+
+    refs = {"churn_risk": bundle.score_reference, **bundle.feature_reference}
+    out = {k: psi_from_counts(refs[k], v) for k, v in counts.items() if k in refs}
     return {k: round(v, 4) for k, v in out.items() if np.isfinite(v)}
 
 

@@ -28,8 +28,9 @@ import pickle
 import shutil
 import sys
 import uuid
-from collections.abc import Iterable, Iterator
-from datetime import UTC, datetime
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,6 +38,7 @@ import polars as pl
 import pyarrow as pa
 
 from lapse.config import LapseConfig
+from lapse.events.validate import ValidationReport
 from lapse.exceptions import LapseError, MissingColumnsError
 from lapse.schema import EVENT_COLUMNS, REQUIRED_EVENT_COLUMNS, USER_ID
 
@@ -48,11 +50,16 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SCORE_COLUMNS",
+    "SparkValidation",
     "build_features_spark",
+    "read_source",
     "require_spark",
+    "score_records_spark",
     "score_spark",
     "spark_session",
+    "validated_events_spark",
     "write_single_parquet",
+    "write_sorted_parts",
 ]
 
 MISSING_SPARK = (
@@ -189,21 +196,65 @@ def _events(batches: Iterable[pa.RecordBatch]) -> pl.DataFrame | None:
 # -- inputs --------------------------------------------------------------------------
 
 
-def _as_spark(spark: SparkSession, events: DataFrame | str | Path) -> DataFrame:
-    """A Spark DataFrame of canonical events from a DataFrame or a Parquet path."""
-    if isinstance(events, str | Path):
-        from pyspark.errors import AnalysisException
+TABLE_PREFIX = "table:"
+DELTA_PREFIX = "delta:"
 
+MISSING_DELTA = (
+    "{path}: a Delta table needs the delta-spark package and a session configured for it "
+    "(pip install delta-spark; delta.configure_spark_with_delta_pip(builder), or a "
+    "Databricks runtime); or give the table's Parquet files, or a Spark table as table:NAME"
+)
+
+
+def read_source(spark: SparkSession, events: DataFrame | str | Path) -> DataFrame:
+    """The raw source as a Spark DataFrame: a DataFrame, ``table:NAME``, Delta or Parquet.
+
+    ``table:db.name`` reads a table of the session's catalog; ``delta:PATH``, or a
+    folder holding ``_delta_log``, a Delta table (needs delta-spark); any other
+    path is Parquet (a file, a folder or a glob).
+    """
+    if not isinstance(events, str | Path):
+        return events
+    from pyspark.errors import AnalysisException
+
+    text = str(events)
+    if text.startswith(TABLE_PREFIX):
+        name = text.removeprefix(TABLE_PREFIX)
         try:
-            events = spark.read.parquet(str(events))
+            return spark.table(name)
         except AnalysisException as exc:
-            raise LapseError(f"{events}: Spark cannot read it as Parquet: {exc}") from None
+            raise LapseError(f"{text}: Spark has no such table: {_first_line(exc)}") from None
+    delta = text.startswith(DELTA_PREFIX) or (Path(text) / "_delta_log").is_dir()
+    path = text.removeprefix(DELTA_PREFIX)
+    try:
+        if delta:
+            return spark.read.format("delta").load(path)
+        return spark.read.parquet(path)
+    except AnalysisException as exc:
+        if delta and "delta" in str(exc).lower():
+            raise LapseError(MISSING_DELTA.format(path=path)) from None
+        kind = "Delta" if delta else "Parquet"
+        raise LapseError(f"{path}: Spark cannot read it as {kind}: {_first_line(exc)}") from None
+    except Exception as exc:
+        # a missing Delta data source surfaces as a Java ClassNotFoundException
+        if delta and "delta" in str(exc).lower():
+            raise LapseError(MISSING_DELTA.format(path=path)) from None
+        raise
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _as_spark(spark: SparkSession, events: DataFrame | str | Path) -> DataFrame:
+    """A Spark DataFrame of canonical events from a DataFrame, a table or a path."""
+    events = read_source(spark, events)
     missing = [c for c in REQUIRED_EVENT_COLUMNS if c not in events.columns]
     if missing:
         raise MissingColumnsError(
-            f"the Spark engine reads canonical events; missing {missing}, found "
+            f"the Spark engine reads canonical events here; missing {missing}, found "
             f"{events.columns}; map the source to {list(EVENT_COLUMNS)} first "
-            "(`lapse validate` writes them with the local engine)"
+            "(validated_events_spark applies the config's source mapping)"
         )
     return events
 
@@ -353,22 +404,273 @@ def score_spark(
     return _sharded(frame, partitions).mapInArrow(per_partition, ddl)
 
 
+# -- mapping and validation ------------------------------------------------------------
+
+_ROW = "_lapse_row"
+_DUP = "_lapse_duplicate"
+_DRIFT = "_lapse_drift"
+
+
+@dataclass(frozen=True)
+class SparkValidation:
+    """Validated events on Spark: the kept rows (sharded by user) and how to count them.
+
+    ``kept`` holds :data:`~lapse.schema.EVENT_COLUMNS` plus ``source.properties``,
+    hash-partitioned by ``user_id`` (duplicates and rejected rows removed), lazily;
+    :meth:`report` runs the counting job and writes the rejects file.
+    """
+
+    flagged: DataFrame
+    kept: DataFrame
+    source_name: str
+    columns: list[str]
+
+    def report(
+        self, config: LapseConfig, *, as_of: datetime | None = None, rejects: Path | None = None
+    ) -> ValidationReport:
+        """The :class:`~lapse.events.ValidationReport` of the local engine, counted by Spark.
+
+        Rejected rows (the mapped row plus ``reason``) go to ``rejects``, default
+        :func:`~lapse.events.validate.rejects_path_for` the source, as one Parquet file.
+        """
+        from pyspark.sql import functions as F
+
+        from lapse.events.validate import REASON, REJECT_REASONS, rejects_path_for
+        from lapse.schema import ROLES
+
+        reference = as_of or datetime.now(UTC)
+        if reference.tzinfo is None:
+            reference = reference.replace(tzinfo=UTC)
+        horizon = reference + timedelta(hours=config.source.future_tolerance_hours)
+        groups = (
+            self.flagged.groupBy(REASON, _DUP, "event")
+            .agg(
+                F.count(F.lit(1)).alias("n"),
+                F.min("ts").alias("ts_min"),
+                F.max("ts").alias("ts_max"),
+                F.sum((F.col("ts") > F.lit(horizon)).cast("long")).alias("future"),
+            )
+            .collect()
+        )
+        users = self.kept.select(F.count_distinct(USER_ID)).collect()[0][0]
+        kept = [g for g in groups if g[REASON] is None and not g[_DUP]]
+        rejected: dict[str, int] = {}
+        for g in groups:
+            if g[REASON] is not None:
+                rejected[g[REASON]] = rejected.get(g[REASON], 0) + int(g["n"])
+        per_event: dict[str, int] = {}
+        for g in kept:
+            per_event[g["event"]] = per_event.get(g["event"], 0) + int(g["n"])
+        role_names = {role: set(config.roles.of(role)) for role in ROLES}
+        assigned = set().union(*role_names.values())
+        stamps_min = [g["ts_min"] for g in kept if g["ts_min"] is not None]
+        stamps_max = [g["ts_max"] for g in kept if g["ts_max"] is not None]
+        written: Path | None = None
+        if sum(rejected.values()):
+            written = rejects or rejects_path_for(self.source_name, config)
+            bad = self.flagged.filter(F.col(REASON).isNotNull())
+            write_single_parquet(
+                bad.select(*self.columns, REASON, _ROW), written, sort_by=_ROW, drop=(_ROW,)
+            )
+        return ValidationReport(
+            path=self.source_name,
+            rows_read=sum(int(g["n"]) for g in groups),
+            rows_kept=sum(int(g["n"]) for g in kept),
+            users=int(users),
+            ts_min=_aware(min(stamps_min)) if stamps_min else None,
+            ts_max=_aware(max(stamps_max)) if stamps_max else None,
+            events_per_role={
+                role: sum(n for e, n in per_event.items() if e in names)
+                for role, names in role_names.items()
+            },
+            events_unassigned=sum(n for e, n in per_event.items() if e not in assigned),
+            rejected_by_reason={r: int(rejected.get(r, 0)) for r in REJECT_REASONS},
+            duplicates=sum(int(g["n"]) for g in groups if g[REASON] is None and g[_DUP]),
+            future_events=sum(int(g["future"] or 0) for g in kept),
+            rejects_path=written,
+        )
+
+
+def _aware(ts: datetime) -> datetime:
+    """Spark's collected timestamps are naive in the session time zone (UTC)."""
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+
+
+def validated_events_spark(
+    events: DataFrame | str | Path,
+    config: LapseConfig,
+    *,
+    spark: SparkSession | None = None,
+    partitions: int | None = None,
+) -> SparkValidation:
+    """Map and validate a raw source on Spark as :func:`lapse.events.validate_events` does.
+
+    Each input partition runs :func:`lapse.events.map_events` and the local reject
+    rules (the same Polars code; the timestamp format is inferred once on the
+    driver from a sample and pinned); duplicates, which span partitions, are
+    Spark windows mirroring the local rule: among unrejected rows, the first
+    occurrence in source order (``monotonically_increasing_id``) of identical
+    canonical rows, and of each ``source.message_id``, is kept. Nothing is
+    dropped silently: :meth:`SparkValidation.report` counts every row.
+    """
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    from lapse.events.mapping import MESSAGE_ID, map_events, timestamp_format
+    from lapse.events.validate import REASON, _reason
+
+    session = spark_session(spark)
+    name = str(events) if isinstance(events, str | Path) else "the Spark DataFrame"
+    raw = read_source(session, events)
+    sample = pl.from_arrow(raw.limit(_TS_SAMPLE).toArrow())
+    assert isinstance(sample, pl.DataFrame)
+    # the mapping's errors (missing columns, bad derive) surface here, on the driver
+    fmt = timestamp_format(sample.lazy(), config, source_name=name)
+    if fmt is not None and fmt != config.source.timestamp.format:
+        timestamp = config.source.timestamp.model_copy(update={"format": fmt})
+        source = config.source.model_copy(update={"timestamp": timestamp})
+        config = config.model_copy(update={"source": source})
+    pinned = config
+    mapped_empty = map_events(sample.clear().lazy(), pinned, source_name=name)
+    out_schema = mapped_empty.with_columns(_reason(pinned)).collect_schema()
+    out_schema[_ROW] = pl.Int64()
+    ddl, target = _schemas(out_schema)
+
+    def per_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        got = [b for b in batches if b.num_rows]
+        if not got:
+            return
+        frame = pl.from_arrow(pa.Table.from_batches(got))
+        assert isinstance(frame, pl.DataFrame)
+        rows = frame[_ROW]
+        mapped = map_events(frame.drop(_ROW).lazy(), pinned, source_name=name)
+        out = mapped.with_columns(_reason(pinned)).collect().with_columns(rows)
+        yield from _to_arrow(out, target)
+
+    flagged = raw.withColumn(_ROW, F.monotonically_increasing_id()).mapInArrow(per_partition, ddl)
+    ok = F.col(REASON).isNull()
+    duplicate = F.lit(False)
+    if config.source.message_id is not None:
+        # message ids span users: one window over them, before the shard by user
+        by_id = Window.partitionBy(ok, F.col(MESSAGE_ID)).orderBy(_ROW)
+        duplicate = F.col(MESSAGE_ID).isNotNull() & (F.row_number().over(by_id) > 1)
+        flagged = flagged.withColumn(_DUP, duplicate)
+        duplicate = F.col(_DUP)
+    flagged = _sharded(flagged, partitions)
+    # identical rows share user_id, so this window reuses the shard (no second shuffle)
+    same = Window.partitionBy(ok, *(F.col(c) for c in EVENT_COLUMNS)).orderBy(_ROW)
+    flagged = flagged.withColumn(_DUP, ok & (duplicate | (F.row_number().over(same) > 1)))
+    columns = [*EVENT_COLUMNS, *config.source.properties]
+    kept = flagged.filter(ok & ~F.col(_DUP)).select(*columns)
+    names = list(mapped_empty.collect_schema().names())
+    return SparkValidation(flagged=flagged, kept=kept, source_name=name, columns=names)
+
+
+_TS_SAMPLE = 10_000
+
+
+# -- whole records -----------------------------------------------------------------------
+
+
+def score_records_spark(
+    events: DataFrame,
+    as_of: datetime,
+    bundle: ChurnBundle,
+    config: LapseConfig,
+    *,
+    score_run_id: str,
+    model_version: str,
+    attributes: pl.DataFrame | None = None,
+) -> DataFrame:
+    """Every eligible user's record on Spark, by :func:`lapse.scoring.user_records` per shard.
+
+    ``events`` are canonical events already hash-partitioned by ``user_id``
+    (:attr:`SparkValidation.kept`). Each partition unpickles the bundle once and
+    computes the whole record: risk, percentile, segment, triggers (before
+    cooldowns, which need the ledger: the driver applies them per chunk),
+    replenishment dates, control flag, and ``reasons`` for every user who is not
+    ``low`` or fired a trigger (the driver keeps them for the users it sends).
+    Besides the records, each partition adds one row with a null ``user_id`` and
+    its drift bin counts as JSON in ``_lapse_drift`` (:func:`lapse.scoring.drift_counts`).
+
+    Returns
+    -------
+    pyspark.sql.DataFrame
+        The record columns, ``control`` and ``_lapse_drift``, unsorted, lazily.
+    """
+    from pyspark.sql import functions as F
+
+    from lapse.sinks.base import RECORD_SCHEMA
+
+    t = _utc(as_of)
+    payload = pickle.dumps(bundle, pickle.HIGHEST_PROTOCOL)
+    bundle.check_schema(
+        bundle.prepare(pl.LazyFrame(schema=EVENT_COLUMNS), t, attributes=attributes)
+    )
+    schema = pl.Schema({**RECORD_SCHEMA, "control": pl.Boolean(), _DRIFT: pl.String()})
+    ddl, target = _schemas(schema)
+    top = config.score.reasons
+
+    def per_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        import json
+
+        from lapse.scoring import ScoreResult, drift_counts, user_records, with_reasons
+
+        part = _events(batches)
+        if part is None:
+            return
+        loaded: ChurnBundle = pickle.loads(payload)  # once per partition
+        events_lf = part.lazy()
+        rows = loaded.prepare(events_lf, t, attributes=attributes)
+        if rows.height == 0:
+            return
+        loaded.check_schema(rows)
+        rows = rows.with_columns(pl.col(USER_ID).cast(pl.String)).sort(USER_ID)
+        records = user_records(
+            loaded,
+            rows,
+            events_lf,
+            t,
+            config,
+            score_run_id=score_run_id,
+            model_version=model_version,
+            attributes=attributes,
+        )
+        # the local with_reasons, for every user not low or fired (a superset of those sent)
+        everyone = pl.Series([True] * records.height)
+        records = with_reasons(loaded, ScoreResult(records, rows), everyone, top=top)
+        counts = drift_counts(loaded, rows, records["churn_risk"].to_numpy())
+        marker = pl.DataFrame({USER_ID: [None], _DRIFT: [json.dumps(counts)]})
+        out = pl.concat(
+            [records.with_columns(pl.lit(None, pl.String).alias(_DRIFT)), marker],
+            how="diagonal_relaxed",
+        ).select(schema.names())
+        yield from _to_arrow(out, target)
+
+    # scores see events before as_of only; the filter keeps the shard (no shuffle)
+    return events.filter(F.col("ts") < F.lit(t)).mapInArrow(per_partition, ddl)
+
+
 # -- output --------------------------------------------------------------------------
 
 
-def write_single_parquet(frame: DataFrame, out: Path, *, sort_by: str = USER_ID) -> Path:
+def write_single_parquet(
+    frame: DataFrame, out: Path, *, sort_by: str = USER_ID, drop: Sequence[str] = ()
+) -> Path:
     """Write ``frame`` as one Parquet file at ``out``, sorted by ``sort_by``.
 
     Spark writes a folder of parts; this writes one part (``coalesce(1)``,
-    sorted within it) to a temporary folder beside ``out`` and moves it into
-    place, so ``--out`` means the same single file for both engines. ``out``
-    must be on a filesystem the driver and the writing executor share.
+    sorted within it, then ``drop`` columns left out) to a temporary folder
+    beside ``out`` and moves it into place, so ``--out`` means the same single
+    file for both engines. ``out`` must be on a filesystem the driver and the
+    writing executor share.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.spark-{uuid.uuid4().hex[:8]}"
     try:
-        frame.coalesce(1).sortWithinPartitions(sort_by).write.parquet(str(tmp))
+        one = frame.coalesce(1).sortWithinPartitions(sort_by)
+        (one.drop(*drop) if drop else one).write.parquet(str(tmp))
         parts = sorted(tmp.glob("part-*.parquet"))
         if len(parts) != 1:
             raise LapseError(f"Spark wrote {len(parts)} Parquet parts to {tmp}, expected one")
@@ -376,3 +678,16 @@ def write_single_parquet(frame: DataFrame, out: Path, *, sort_by: str = USER_ID)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def write_sorted_parts(frame: DataFrame, folder: Path, *, sort_by: str = USER_ID) -> list[Path]:
+    """Write ``frame`` globally sorted by ``sort_by`` as Parquet parts; their paths in order.
+
+    No single task holds the output (``orderBy`` range-partitions it); reading
+    the parts in name order reads the rows in order, part by part.
+    """
+    folder = Path(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    frame.orderBy(sort_by).write.parquet(str(folder))
+    return sorted(folder.glob("part-*.parquet"))

@@ -326,23 +326,38 @@ class Ledger:
         ]
 
     # -- delta sync -------------------------------------------------------------------------
-    def delivered(self, sink: str) -> dict[str, tuple[str, str | None]]:
-        """``user_id -> (delta_key, risk_segment)`` last acknowledged by ``sink``."""
-        return {
-            r[0]: (r[1], r[2])
-            for r in self._db.execute(
-                "SELECT user_id, delta_key, risk_segment FROM delivered WHERE sink = ?", (sink,)
-            )
-        }
+    def delivered(
+        self, sink: str, *, users: Sequence[str] | None = None
+    ) -> dict[str, tuple[str, str | None]]:
+        """``user_id -> (delta_key, risk_segment)`` last acknowledged by ``sink``.
+
+        ``users`` limits the answer to those users (a chunked caller's bounded read).
+        """
+        sql = "SELECT user_id, delta_key, risk_segment FROM delivered WHERE sink = ?"
+        return {r[0]: (r[1], r[2]) for r in self._for_users(sql, (sink,), users)}
+
+    def _for_users(
+        self, sql: str, params: tuple[str, ...], users: Sequence[str] | None, tail: str = ""
+    ) -> Iterator[Any]:
+        """Rows of ``sql + tail``, with ``AND user_id IN (...)`` per chunk of ``users`` when given."""
+        if users is None:
+            yield from self._db.execute(sql + tail, params)
+            return
+        for chunk in _chunks(list(users), 500):
+            marks = ",".join("?" * len(chunk))
+            yield from self._db.execute(f"{sql} AND user_id IN ({marks}){tail}", (*params, *chunk))
 
     # -- trigger cooldowns -------------------------------------------------------------------
-    def fired(self, sink: str) -> list[tuple[str, str, date]]:
-        """``(trigger, user_id, last_fired)`` of every trigger delivered to ``sink``."""
+    def fired(
+        self, sink: str, *, users: Sequence[str] | None = None
+    ) -> list[tuple[str, str, date]]:
+        """``(trigger, user_id, last_fired)`` of every trigger delivered to ``sink``.
+
+        ``users`` limits the answer to those users.
+        """
+        sql = "SELECT trigger, user_id, last_fired FROM trigger_fired WHERE sink = ?"
         return [
-            (r[0], r[1], date.fromisoformat(r[2]))
-            for r in self._db.execute(
-                "SELECT trigger, user_id, last_fired FROM trigger_fired WHERE sink = ?", (sink,)
-            )
+            (r[0], r[1], date.fromisoformat(r[2])) for r in self._for_users(sql, (sink,), users)
         ]
 
     def record_fired(
@@ -363,20 +378,25 @@ class Ledger:
 
     # -- frequency cap -----------------------------------------------------------------------
     def messages(
-        self, sink: str, *, since: date, until: date, exclude_run: str | None = None
+        self,
+        sink: str,
+        *,
+        since: date,
+        until: date,
+        exclude_run: str | None = None,
+        users: Sequence[str] | None = None,
     ) -> dict[str, int]:
         """``user_id -> messages`` delivered to ``sink`` on days ``since..until`` (inclusive).
 
-        ``exclude_run`` leaves out one run's own messages (a resumed run counts what came before).
+        ``exclude_run`` leaves out one run's own messages (a resumed run counts what came
+        before); ``users`` limits the answer to those users.
         """
-        return {
-            r[0]: r[1]
-            for r in self._db.execute(
-                "SELECT user_id, COUNT(*) FROM messages WHERE sink = ? AND day >= ? AND day <= ? "
-                "AND score_run_id != ? GROUP BY user_id",
-                (sink, since.isoformat(), until.isoformat(), exclude_run or ""),
-            )
-        }
+        sql = (
+            "SELECT user_id, COUNT(*) FROM messages WHERE sink = ? AND day >= ? AND day <= ? "
+            "AND score_run_id != ?"
+        )
+        params = (sink, since.isoformat(), until.isoformat(), exclude_run or "")
+        return {r[0]: r[1] for r in self._for_users(sql, params, users, " GROUP BY user_id")}
 
     def record_messages(
         self, sink: str, user_ids: Iterable[str], *, on: date, score_run_id: str

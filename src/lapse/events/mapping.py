@@ -32,6 +32,7 @@ __all__ = [
     "id_as_string",
     "map_events",
     "present_columns",
+    "timestamp_format",
 ]
 
 TS_RAW: Final = "_ts_raw"
@@ -164,6 +165,22 @@ def _timestamp_format(
         raw.select(ts.alias("ts")).drop_nulls().head(_TS_SAMPLE_ROWS), source_name
     )
     return infer_timestamp_format(sample.to_series(), f"{source_name}: column ts")
+
+
+def timestamp_format(raw: pl.LazyFrame, config: LapseConfig, *, source_name: str) -> str | None:
+    """The ``ts`` format :func:`map_events` would use on ``raw`` (configured or inferred).
+
+    A sharded reader infers it once from a sample and pins it in every shard's
+    config, so all shards parse timestamps alike.
+    """
+    source = config.source
+    schema = raw.collect_schema()
+    segment = source.format == "segment" or (source.format == "auto" and is_segment_schema(schema))
+    found, _ = _source_exprs(schema, source, segment)
+    if "ts" not in found:
+        return source.timestamp.format
+    dtype = raw.select(found["ts"].alias("ts")).collect_schema()["ts"]
+    return _timestamp_format(raw, found["ts"], dtype, config, source_name)
 
 
 def map_events(raw: pl.LazyFrame, config: LapseConfig, *, source_name: str) -> pl.LazyFrame:

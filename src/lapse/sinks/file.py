@@ -71,18 +71,32 @@ class FileSink(Sink):
     def finish(self, score_run_id: str) -> None:
         parts = self._parts(score_run_id)
         files = sorted(parts.glob("*.parquet")) if parts.exists() else []
-        frame = (
-            pl.concat([pl.read_parquet(f) for f in files])
-            if files
-            else pl.DataFrame(schema=RECORD_SCHEMA)
-        )
-        write_records(frame, self.path)
+        if files and self.path.suffix.lower() == ".parquet":
+            # streamed part by part: the run's records are never all in memory at once
+            _sink_parquet(pl.scan_parquet(files), self.path)
+        else:
+            frame = (
+                pl.concat([pl.read_parquet(f) for f in files])
+                if files
+                else pl.DataFrame(schema=RECORD_SCHEMA)
+            )
+            write_records(frame, self.path)
         shutil.rmtree(parts, ignore_errors=True)
         if parts.parent.exists() and not any(parts.parent.iterdir()):
             parts.parent.rmdir()
 
     def describe(self) -> str:
         return f"file {self.path}"
+
+
+def _sink_parquet(frame: pl.LazyFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        frame.sink_parquet(tmp)
+        tmp.replace(path)
+    except OSError as exc:
+        raise LapseError(f"{path}: cannot write the scores: {exc}") from None
 
 
 def write_records(frame: pl.DataFrame, path: Path) -> Path:
