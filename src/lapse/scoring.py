@@ -37,6 +37,7 @@ __all__ = [
     "ScoreResult",
     "control_mask",
     "delta_key",
+    "fired_triggers",
     "load_suppression",
     "risk_columns",
     "score_users",
@@ -46,12 +47,18 @@ __all__ = [
 
 @dataclass
 class ScoreResult:
-    """Records (pinned columns plus ``control``), their feature rows, drift and warnings."""
+    """Records (pinned columns plus ``control``), their feature rows, drift and warnings.
+
+    ``fired`` holds ``user_id`` and ``triggers`` as evaluated, before cooldowns;
+    ``definitions`` the resolved triggers (their cooldowns).
+    """
 
     records: pl.DataFrame
     features: pl.DataFrame
     drift: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    fired: pl.DataFrame | None = None
+    definitions: list[Trigger] = field(default_factory=list)
 
 
 def _day(ts: datetime) -> date:
@@ -179,6 +186,7 @@ def score_users(
     model_version: str,
     attributes: pl.DataFrame | None = None,
     last_fired: pl.DataFrame | None = None,
+    subset: bool = False,
 ) -> ScoreResult:
     """Score every eligible user as of ``as_of``: risk, percentile, segment, triggers, refills.
 
@@ -189,6 +197,10 @@ def score_users(
     ``risk_segment``. With ``last_fired`` (``trigger``, ``user_id``,
     ``last_fired`` date: what the ledger delivered before) a trigger still in
     its cooldown for a user is left out of that user's ``triggers``.
+
+    ``subset`` says the events hold some users only (an incremental trigger run):
+    no eligible user is then no error, and drift, which compares populations,
+    is not measured.
 
     Raises
     ------
@@ -205,6 +217,13 @@ def score_users(
             f"{config.score.max_model_age_days}); retrain and promote a fresher model"
         )
     frame = bundle.prepare(events, as_of, attributes=attributes)
+    if frame.height == 0 and subset:
+        return ScoreResult(
+            records=pl.DataFrame(schema={**RECORD_SCHEMA, "control": pl.Boolean}),
+            features=frame,
+            warnings=warnings,
+            fired=pl.DataFrame(schema={"user_id": pl.String, "triggers": pl.List(pl.String)}),
+        )
     if frame.height == 0:
         raise LapseError(
             f"no user is eligible at {as_of:%Y-%m-%d} (labels.eligibility "
@@ -214,7 +233,7 @@ def score_users(
     frame = frame.with_columns(pl.col("user_id").cast(pl.String)).sort("user_id")
     scores = risk_columns(bundle, frame)
     risk = scores["churn_risk"].to_numpy()
-    fired, definitions = _fire(bundle, frame, scores, config, attributes)
+    fired, definitions = fired_triggers(bundle, frame, scores, config, attributes)
     records = (
         scores.join(fired, on="user_id", how="left", maintain_order="left")
         .join(_refills(bundle, events, as_of), on="user_id", how="left", maintain_order="left")
@@ -238,7 +257,7 @@ def score_users(
         records = records.with_columns(
             apply_cooldowns(records, last_fired, definitions, _day(as_of))
         )
-    drift = _drift(bundle, frame, risk)
+    drift = {} if subset else _drift(bundle, frame, risk)
     high = {k: v for k, v in drift.items() if v > config.score.drift_threshold}
     if high:
         warnings.append(
@@ -247,17 +266,29 @@ def score_users(
             + ", ".join(f"{k} ({v:.2f})" for k, v in sorted(high.items(), key=lambda kv: -kv[1]))
             + "; the population moved since training: check the data, then retrain"
         )
-    return ScoreResult(records=records, features=frame, drift=drift, warnings=warnings)
+    return ScoreResult(
+        records=records,
+        features=frame,
+        drift=drift,
+        warnings=warnings,
+        fired=fired,
+        definitions=definitions,
+    )
 
 
-def _fire(
+def fired_triggers(
     bundle: ChurnBundle,
     frame: pl.DataFrame,
     scores: pl.DataFrame,
     config: LapseConfig,
     attributes: pl.DataFrame | None,
 ) -> tuple[pl.DataFrame, list[Trigger]]:
-    """Fired triggers per user (run config's definitions) and the definitions themselves."""
+    """Fired triggers per row (the run config's definitions), and the definitions.
+
+    ``frame`` are feature rows (:meth:`ChurnBundle.prepare` or ``prepare_many``),
+    ``scores`` their :func:`risk_columns`, row for row. Returns ``user_id`` (and
+    ``cutoff`` when ``frame`` has it) and ``triggers``, before any cooldown.
+    """
     rows = frame.with_columns(scores.drop("user_id"))
     if attributes is not None:
         extra = [c for c in attributes.columns if c not in rows.columns]
@@ -266,7 +297,8 @@ def _fire(
             rows = rows.join(attrs, on="user_id", how="left", maintain_order="left")
     specs = config.triggers
     definitions = resolve(bundle.config.model_copy(update={"triggers": specs}), rows.schema)
-    fired = bundle.triggers(rows, specs).select(pl.col("user_id").cast(pl.String), "triggers")
+    keys = [pl.col("user_id").cast(pl.String), *(["cutoff"] if "cutoff" in rows.columns else [])]
+    fired = bundle.triggers(rows, specs).select(*keys, "triggers")
     return fired, definitions
 
 
