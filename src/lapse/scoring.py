@@ -297,7 +297,9 @@ def fired_triggers(
             rows = rows.join(attrs, on="user_id", how="left", maintain_order="left")
     specs = config.triggers
     definitions = resolve(bundle.config.model_copy(update={"triggers": specs}), rows.schema)
-    keys = [pl.col("user_id").cast(pl.String), *(["cutoff"] if "cutoff" in rows.columns else [])]
+    keys: list[pl.Expr] = [pl.col("user_id").cast(pl.String)]
+    if "cutoff" in rows.columns:
+        keys.append(pl.col("cutoff"))
     fired = bundle.triggers(rows, specs).select(*keys, "triggers")
     return fired, definitions
 

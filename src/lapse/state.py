@@ -7,7 +7,7 @@ per sink and user, the delta key last delivered (delta sync), and per sink,
 trigger and user the day a trigger was last delivered (cooldowns), and per sink,
 user and run the day a message (a record carrying triggers) was delivered (the
 frequency cap of :mod:`lapse.delivery`). For incremental trigger runs
-(:mod:`lapse.incremental`) it also holds, per event source, the watermark (the
+(:mod:`lapse.incremental`) it also holds, per sink and event source, the watermark (the
 files processed with their size and mtime, the last ``as_of`` and a fingerprint
 of the model and trigger definitions) and the trigger state (per user: the
 triggers that fired at the last evaluation, when, and when the user is next
@@ -72,15 +72,15 @@ CREATE TABLE IF NOT EXISTS messages (
     day TEXT NOT NULL, PRIMARY KEY (sink, user_id, score_run_id));
 CREATE INDEX IF NOT EXISTS messages_by_day ON messages (sink, day);
 CREATE TABLE IF NOT EXISTS watermarks (
-    source TEXT NOT NULL PRIMARY KEY, as_of TEXT NOT NULL, fingerprint TEXT NOT NULL,
-    updated TEXT NOT NULL);
+    sink TEXT NOT NULL, source TEXT NOT NULL, as_of TEXT NOT NULL, fingerprint TEXT NOT NULL,
+    updated TEXT NOT NULL, PRIMARY KEY (sink, source));
 CREATE TABLE IF NOT EXISTS watermark_files (
-    source TEXT NOT NULL, file TEXT NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
-    PRIMARY KEY (source, file));
+    sink TEXT NOT NULL, source TEXT NOT NULL, file TEXT NOT NULL, size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL, PRIMARY KEY (sink, source, file));
 CREATE TABLE IF NOT EXISTS trigger_state (
-    source TEXT NOT NULL, user_id TEXT NOT NULL, fired TEXT NOT NULL,
-    evaluated_at TEXT NOT NULL, next_due TEXT NOT NULL, PRIMARY KEY (source, user_id));
-CREATE INDEX IF NOT EXISTS trigger_state_due ON trigger_state (source, next_due);
+    sink TEXT NOT NULL, source TEXT NOT NULL, user_id TEXT NOT NULL, fired TEXT NOT NULL,
+    evaluated_at TEXT NOT NULL, next_due TEXT NOT NULL, PRIMARY KEY (sink, source, user_id));
+CREATE INDEX IF NOT EXISTS trigger_state_due ON trigger_state (sink, source, next_due);
 """
 
 
@@ -126,6 +126,7 @@ class Watermark:
     ``files`` maps each processed file (its resolved path) to ``(size, mtime_ns)``.
     """
 
+    sink: str
     source: str
     as_of: datetime
     fingerprint: str
@@ -438,45 +439,48 @@ class Ledger:
             )
 
     # -- incremental trigger runs ------------------------------------------------------------
-    def watermark(self, source: str) -> Watermark | None:
-        """The watermark of event source ``source``, or ``None`` before its first run."""
+    def watermark(self, sink: str, source: str) -> Watermark | None:
+        """The watermark of event source ``source`` for ``sink``, ``None`` before a first run."""
         row = self._db.execute(
-            "SELECT as_of, fingerprint FROM watermarks WHERE source = ?", (source,)
+            "SELECT as_of, fingerprint FROM watermarks WHERE sink = ? AND source = ?",
+            (sink, source),
         ).fetchone()
         if row is None:
             return None
         files = {
             r[0]: (r[1], r[2])
             for r in self._db.execute(
-                "SELECT file, size, mtime_ns FROM watermark_files WHERE source = ?", (source,)
+                "SELECT file, size, mtime_ns FROM watermark_files WHERE sink = ? AND source = ?",
+                (sink, source),
             )
         }
-        return Watermark(source, datetime.fromisoformat(row[0]), row[1], files)
+        return Watermark(sink, source, datetime.fromisoformat(row[0]), row[1], files)
 
-    def due(self, source: str, as_of: datetime) -> list[str]:
-        """Users of ``source`` whose ``next_due`` is at or before ``as_of``, sorted."""
+    def due(self, sink: str, source: str, as_of: datetime) -> list[str]:
+        """Users of ``source`` (for ``sink``) whose ``next_due`` is at or before ``as_of``."""
         return [
             r[0]
             for r in self._db.execute(
-                "SELECT user_id FROM trigger_state WHERE source = ? AND next_due <= ? "
-                "ORDER BY user_id",
-                (source, _instant(as_of)),
+                "SELECT user_id FROM trigger_state WHERE sink = ? AND source = ? "
+                "AND next_due <= ? ORDER BY user_id",
+                (sink, source, _instant(as_of)),
             )
         ]
 
-    def trigger_states(self, source: str) -> list[TriggerState]:
-        """Every user's trigger state for ``source``, by user."""
+    def trigger_states(self, sink: str, source: str) -> list[TriggerState]:
+        """Every user's trigger state for ``source`` and ``sink``, by user."""
         return [
             TriggerState(r[0], tuple(json.loads(r[1])), _parse(r[2]), _parse(r[3]))
             for r in self._db.execute(
                 "SELECT user_id, fired, evaluated_at, next_due FROM trigger_state "
-                "WHERE source = ? ORDER BY user_id",
-                (source,),
+                "WHERE sink = ? AND source = ? ORDER BY user_id",
+                (sink, source),
             )
         ]
 
     def advance_watermark(
         self,
+        sink: str,
         source: str,
         *,
         as_of: datetime,
@@ -492,20 +496,22 @@ class Ledger:
         """
         with self._tx() as db:
             db.execute(
-                "INSERT OR REPLACE INTO watermarks VALUES (?, ?, ?, ?)",
-                (source, as_of.isoformat(), fingerprint, _now()),
+                "INSERT OR REPLACE INTO watermarks VALUES (?, ?, ?, ?, ?)",
+                (sink, source, as_of.isoformat(), fingerprint, _now()),
             )
-            db.execute("DELETE FROM watermark_files WHERE source = ?", (source,))
+            where = "WHERE sink = ? AND source = ?"
+            db.execute(f"DELETE FROM watermark_files {where}", (sink, source))
             db.executemany(
-                "INSERT INTO watermark_files VALUES (?, ?, ?, ?)",
-                [(source, f, size, mtime) for f, size, mtime in files],
+                "INSERT INTO watermark_files VALUES (?, ?, ?, ?, ?)",
+                [(sink, source, f, size, mtime) for f, size, mtime in files],
             )
             if full:
-                db.execute("DELETE FROM trigger_state WHERE source = ?", (source,))
+                db.execute(f"DELETE FROM trigger_state {where}", (sink, source))
             db.executemany(
-                "INSERT OR REPLACE INTO trigger_state VALUES (?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO trigger_state VALUES (?, ?, ?, ?, ?, ?)",
                 [
                     (
+                        sink,
                         source,
                         s.user_id,
                         json.dumps(list(s.fired)),

@@ -24,7 +24,11 @@ from lapse.exceptions import ReadError
 __all__ = [
     "collect_frame",
     "data_files",
-    "is_segment_schema", "one_line", "resolve_format", "scan_source"]
+    "is_segment_schema",
+    "one_line",
+    "resolve_format",
+    "scan_source",
+]
 
 _EXTENSIONS: Final[dict[str, SourceFormat]] = {
     ".parquet": "parquet",

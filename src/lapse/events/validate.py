@@ -21,9 +21,9 @@ dropped. Nothing is lost silently: every dropped row is counted in the report.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
