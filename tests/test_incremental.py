@@ -120,7 +120,6 @@ def test_daily_incremental_runs_end_with_the_full_evaluation(
             sink="capture",
         )
         assert res.mode == "incremental" and res.new_files == 1 and res.complete
-        assert res.touched == len(set(range(0))) or res.touched < population
         touched.append((res.new_event_users, res.due_users, res.touched))
     assert all(0 < t < population for *_, t in touched)
     assert any(due > 0 for _, due, _ in touched)  # time-driven changes came due
@@ -137,7 +136,7 @@ def test_daily_incremental_runs_end_with_the_full_evaluation(
         attributes=pl.read_parquet(world.users),
     ).fired
     assert full is not None
-    expected = {u: sorted(t) for u, t in full.iter_rows() if t}
+    expected = {u: sorted(t) for u, t in full.select("user_id", "triggers").iter_rows() if t}
     with Ledger(_isolated_home / "lapse-runs" / "ledger.sqlite") as ledger:
         stored = {
             s.user_id: sorted(s.fired)
@@ -206,8 +205,8 @@ def test_cooldowns_and_the_frequency_cap_are_shared_with_score(
         delivery={"frequency_cap": {"messages": 1, "days": 7}},
     )
     score_sinks.RECEIVED.clear()
-    later = t + timedelta(days=1)
-    folder_until(world, _isolated_home, FIRST_DAY + 2)
+    later = t + timedelta(days=8)  # the first part's messages are out of the cap's window
+    folder_until(world, _isolated_home, FIRST_DAY + 9)
     first = run_triggers(
         folder, other, as_of=later, incremental=True, model=str(world.bundle), sink="capture"
     )
