@@ -614,7 +614,7 @@ class DeliveryConfig(_Section):
 
 
 class IncrementalConfig(_Section):
-    """Incremental trigger runs (``lapse triggers run --incremental``, :mod:`lapse.incremental`)."""
+    """Incremental trigger runs: ``lapse triggers run --incremental`` (new events, due users)."""
 
     horizon_days: int = Field(
         default=28,
