@@ -149,12 +149,14 @@ def next_due(
     bundle: ChurnBundle,
     events: pl.DataFrame,
     fired: pl.DataFrame,
+    users: Sequence[str],
     as_of: datetime,
     config: LapseConfig,
     *,
     attributes: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
-    """``user_id, next_due`` for every user of ``fired`` (``user_id``, ``triggers`` at ``as_of``).
+    """``user_id, next_due`` for each of ``users``, given ``fired`` (``user_id``, ``triggers``
+    at ``as_of``; a user without a row, not eligible, fires nothing).
 
     The first of ``as_of + k`` days (``k = 1..incremental.horizon_days``) at which the
     triggers that fire differ from ``fired``, judged on ``events`` alone (the users'
@@ -169,14 +171,14 @@ def next_due(
     due_type = pl.Datetime("us", "UTC")
     schema: dict[str, pl.DataType] = {"user_id": pl.String(), "next_due": due_type}
     now = fired.select(pl.col("user_id").cast(pl.String), _key().alias("now"))
-    users = now["user_id"].unique().sort()
+    everyone = pl.Series("user_id", sorted(set(users)), dtype=pl.String)
     grid = pl.DataFrame({"cutoff": cutoffs}).with_columns(
         pl.col("cutoff").cast(pl.Datetime("us", "UTC"))
     )
     out = []
     size = config.incremental.chunk_users
-    for start in range(0, len(users), size):
-        chunk = users.slice(start, size)
+    for start in range(0, len(everyone), size):
+        chunk = everyone.slice(start, size)
         ev = events.lazy().filter(pl.col("user_id").cast(pl.String).is_in(chunk.implode()))
         frame = bundle.prepare_many(ev, cutoffs, attributes=attributes)
         if frame.height:

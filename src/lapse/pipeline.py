@@ -867,7 +867,13 @@ def run_triggers(
             due = pl.concat(
                 [
                     inc.next_due(
-                        loaded.bundle, history, scored.fired, as_of, config, attributes=attributes
+                        loaded.bundle,
+                        history,
+                        scored.fired,
+                        users,
+                        as_of,
+                        config,
+                        attributes=attributes,
                     ),
                     inc.cooldown_due(scored.fired, scored.records, last_fired, scored.definitions),
                 ]
