@@ -98,7 +98,9 @@ def run_cli(sink_class: str, *args: str) -> Any:
         f"SINKS['file'] = 'score_sinks:{sink_class}'; "
         "from lapse.cli import app; sys.argv = ['lapse', *sys.argv[1:]]; app()"
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    # the tests folder first, then whatever the parent had (a source checkout on PYTHONPATH)
+    paths = [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
     return subprocess.run(
         [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=300
     )

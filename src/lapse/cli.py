@@ -33,7 +33,7 @@ from lapse.exceptions import LapseError
 
 if TYPE_CHECKING:
     from lapse.events import ValidationReport
-    from lapse.pipeline import FeaturesResult, ScoreRunResult
+    from lapse.pipeline import FeaturesResult, ScoreRunResult, TriggerRunResult
     from lapse.registry import RegisteredVersion
     from lapse.training import TrainResult
 
@@ -48,6 +48,8 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Show or create configuration files.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+triggers_app = typer.Typer(help="Evaluate triggers and deliver them.", no_args_is_help=True)
+app.add_typer(triggers_app, name="triggers")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -722,6 +724,131 @@ def score(
             f"[bold red]{result.counts.get('failed', 0):,} records did not reach {escape(result.sink)}[/]; "
             f"dead letters: {result.dead_letters}; fix the cause, then run "
             f"`lapse score {events} --resume {result.score_run_id}`",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(code=1)
+
+
+def _parse_instant(value: str, option: str) -> datetime:
+    """A CLI instant: YYYY-MM-DD (00:00 UTC) or an ISO date-time (naive means UTC)."""
+    try:
+        ts = datetime.fromisoformat(value)
+    except ValueError:
+        raise typer.BadParameter(
+            f"{value!r} is not a date or time; use YYYY-MM-DD or YYYY-MM-DDTHH:MM",
+            param_hint=option,
+        ) from None
+    return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
+
+
+def _triggers_summary(result: TriggerRunResult) -> Table:
+    delivery = result.delivery
+    kind = "dry run" if delivery is not None and delivery.dry_run else "run"
+    run_id = f" {delivery.score_run_id}" if delivery is not None else ""
+    table = Table(
+        title=f"triggers {result.mode} {kind}{run_id} as of {result.as_of:%Y-%m-%d %H:%M} UTC",
+        show_header=False,
+        title_justify="left",
+    )
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    if result.mode == "full":
+        table.add_row("full because", result.reason)
+    table.add_row("files (new)", f"{result.files:,} ({result.new_files:,})")
+    table.add_row("touched", f"{result.touched:,}")
+    if result.mode == "incremental":
+        table.add_row("  with new events", f"{result.new_event_users:,}")
+        table.add_row("  due", f"{result.due_users:,}")
+    table.add_row("fired", f"{result.fired:,}")
+    counts = delivery.counts if delivery is not None else {}
+    for key in ("scored", "would_send", "sent", "unchanged", "capped", "suppressed", "failed"):
+        if key in counts or key in ("sent", "capped", "failed"):
+            table.add_row(key.replace("_", " "), f"{counts.get(key, 0):,}")
+    for trig, n in (delivery.triggers if delivery is not None else {}).items():
+        table.add_row(f"trigger {trig}", f"{n:,}")
+    table.add_row("time", f"{result.seconds:.1f} s")
+    return table
+
+
+@triggers_app.command("run")
+@_friendly
+def triggers_run(
+    events: EventsArg,
+    incremental: Annotated[
+        bool,
+        typer.Option(
+            "--incremental",
+            help="Only users with events in new files or whose triggers came due "
+            "(the first run evaluates everyone).",
+        ),
+    ] = False,
+    as_of: Annotated[
+        str | None,
+        typer.Option("--as-of", help="Cutoff: YYYY-MM-DD (00:00 UTC) or an ISO time; default now."),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Model as for `lapse score`; default models:/<models.name>@champion."),
+    ] = None,
+    config: ConfigOpt = None,
+    sink: Annotated[
+        str | None, typer.Option(help="Destination; default sinks.default (file).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="The file sink's path (.parquet or .csv).")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Send nothing and keep the watermark.")
+    ] = False,
+) -> None:
+    """Evaluate the triggers and deliver: everyone, or with --incremental the users
+    with new events or due triggers (an append-only event folder).
+
+    Exit codes as `lapse score`: 0 done; 1 some records failed; 2 bad input; 3 locked.
+    """
+    from lapse.pipeline import run_triggers
+    from lapse.state import LockHeldError
+
+    when = (
+        _parse_instant(as_of, "--as-of")
+        if as_of
+        else datetime.now(UTC).replace(second=0, microsecond=0)
+    )
+    cfg = load_config(config)
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    ) as bars:
+        try:
+            result = run_triggers(
+                events,
+                cfg,
+                as_of=when,
+                incremental=incremental,
+                model=model,
+                sink=sink,
+                out=out,
+                dry_run=dry_run,
+                progress=_ScoreBars(bars),
+            )
+        except LockHeldError as exc:
+            err_console.print(
+                f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
+            )
+            raise typer.Exit(code=3) from None
+    console.print(_triggers_summary(result))
+    delivery = result.delivery
+    if delivery is not None and not delivery.complete:
+        err_console.print(
+            f"[bold red]{delivery.counts.get('failed', 0):,} records did not reach "
+            f"{escape(delivery.sink)}[/]; dead letters: {delivery.dead_letters}; fix the cause, "
+            f"then run `lapse score {events} --resume {delivery.score_run_id}`",
             highlight=False,
             soft_wrap=True,
         )

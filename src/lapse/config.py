@@ -41,6 +41,7 @@ __all__ = [
     "DriversConfig",
     "FeaturesConfig",
     "FrequencyCap",
+    "IncrementalConfig",
     "IterableConfig",
     "KlaviyoConfig",
     "LabelsConfig",
@@ -665,6 +666,21 @@ class DeliveryConfig(_Section):
     )
 
 
+class IncrementalConfig(_Section):
+    """Incremental trigger runs: ``lapse triggers run --incremental`` (new events, due users)."""
+
+    horizon_days: int = Field(
+        default=28,
+        gt=0,
+        le=366,
+        description="days a run looks ahead (one cutoff a day) for when a user's fired triggers "
+        "would change without new events; a user with no change in them is re-checked after",
+    )
+    chunk_users: int = Field(
+        default=20_000, gt=0, description="users per chunk of that look-ahead (bounds memory)"
+    )
+
+
 class AuditConfig(_Section):
     """Audit snapshots, the run ledger, dead letters (all under ``path``)."""
 
@@ -720,6 +736,7 @@ class LapseConfig(_Section):
     score: ScoreConfig = Field(default_factory=ScoreConfig)
     control: ControlConfig = Field(default_factory=ControlConfig)
     delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
+    incremental: IncrementalConfig = Field(default_factory=IncrementalConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     drivers: DriversConfig = Field(default_factory=DriversConfig)

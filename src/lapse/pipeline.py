@@ -21,7 +21,9 @@ if TYPE_CHECKING:
 
     from lapse.audit import AuditTrail
     from lapse.drivers import DriversResult
+    from lapse.modeling.bundle import ChurnBundle
     from lapse.registry import RegisteredVersion
+    from lapse.scoring import ScoreResult
     from lapse.sinks.base import Sink
     from lapse.state import Ledger, RunInfo
     from lapse.training import TrainResult
@@ -34,12 +36,14 @@ __all__ = [
     "ForgetResult",
     "ScoreProgress",
     "ScoreRunResult",
+    "TriggerRunResult",
     "run_demo",
     "run_drivers",
     "run_features",
     "run_forget",
     "run_score",
     "run_train",
+    "run_triggers",
     "run_validate",
 ]
 
@@ -378,7 +382,7 @@ def run_score(
 
     from lapse.events import validate_events
     from lapse.registry import load_bundle
-    from lapse.scoring import delta_key, load_suppression, score_users, with_reasons
+    from lapse.scoring import score_users
 
     target = make_sink(sink or config.sinks.default, config, out=out)
     # the lock first: a second run for this sink stops before doing any work
@@ -410,11 +414,7 @@ def run_score(
         attributes = load_attributes(config)
         run_id = _run_id(as_of)
         report.stage("scoring users")
-        fired = pl.DataFrame(
-            ledger.fired(target.name),
-            schema={"trigger": pl.String, "user_id": pl.String, "last_fired": pl.Date},
-            orient="row",
-        )
+        fired = _last_fired(ledger, target.name)
         scored = score_users(
             bundle,
             kept.lazy(),
@@ -425,111 +425,167 @@ def run_score(
             attributes=attributes,
             last_fired=fired,
         )
-        records = scored.records
-        suppressed = records["user_id"].is_in(
-            pl.Series(sorted(load_suppression(config, attributes))).implode()
-        )
-        records = records.with_columns(suppressed.alias("suppressed"))
-        sendable = ~records["suppressed"] & (~records["control"] | config.control.send)
-        # the cap withholds triggers before the delta key is taken, so a withheld
-        # trigger changes the key again on the run that finally delivers it
-        records = apply_frequency_cap(
-            records,
-            sendable,
-            ledger,
-            target.name,
-            config.delivery.frequency_cap,
-            on=as_of.astimezone(UTC).date(),
-            score_run_id=run_id,
-        ).with_columns(delta_key())
-
-        pruned = [] if dry_run else trail.prune(config.audit.retention_days, as_of.date())
-        if pruned:
-            ledger.drop_runs(pruned)
-        last = ledger.delivered(target.name)
-        previous = records["user_id"].replace_strict(
-            {u: seg for u, (_, seg) in last.items()}, default=None, return_dtype=pl.String
-        )
-        if target.full_snapshot or full:
-            changed = pl.Series([True] * records.height)
-        else:
-            old_keys = records["user_id"].replace_strict(
-                {u: k for u, (k, _) in last.items()}, default=None, return_dtype=pl.String
-            )
-            changed = (old_keys != records["delta_key"]).fill_null(True)
-        send = sendable & changed
-        report.stage("explaining the users sent")
-        scored.records = records.select(scored.records.columns)
-        records = with_reasons(bundle, scored, send, top=config.score.reasons).with_columns(
-            records["delta_key"],
-            records["suppressed"],
-            records["capped"],
-            records["withheld_triggers"],
-            send.alias("sent"),
-        )
-        outbox = _outbox(records.filter(send), previous.filter(send), attributes, target)
-        counts = {
-            "scored": records.height,
-            "suppressed": int(records["suppressed"].sum()),
-            "control": int(records["control"].sum()),
-            "unchanged": int((sendable & ~changed).sum()),
-            "capped": int(records["capped"].sum()),
-        }
-        summary: dict[str, Any] = {
-            "score_run_id": run_id,
-            "as_of": as_of.isoformat(),
-            "sink": target.describe(),
-            "model": loaded.source,
-            "model_version": version,
-            "drift": scored.drift,
-            "warnings": scored.warnings,
-            "counts": counts,
-            "segments": _counts(records, "risk_segment"),
-            "triggers": _counts(records, "triggers"),
-        }
-        result = ScoreRunResult(
-            score_run_id=run_id,
-            as_of=as_of,
-            sink=target.describe(),
-            model=f"{loaded.source} (version {version})",
-            counts=counts,
-            segments=summary["segments"],
-            triggers=summary["triggers"],
-            drift=scored.drift,
-            warnings=scored.warnings,
-            seconds=0.0,
-            dry_run=dry_run,
-            validation=validation,
-            out=getattr(target, "path", None),
-        )
-        if dry_run:
-            return _dry_run(result, outbox, target, config, report, started)
-        report.stage("writing the audit snapshot")
-        result.snapshot = trail.write_snapshot(as_of.date(), run_id, records, summary)
-        trail.write_outbox(run_id, target.name, outbox)
-        items = encode(target, outbox)
-        ledger.start_run(
-            run_id,
-            target.name,
-            as_of=as_of,
+        return _send_scored(
+            scored,
+            trail=trail,
+            ledger=ledger,
+            target=target,
+            bundle=bundle,
             model=loaded.source,
-            target=str(result.out or ""),
-            batches=plan_batches(items, target, config.delivery.batch_size),
+            version=version,
+            attributes=attributes,
+            config=config,
+            as_of=as_of,
+            run_id=run_id,
+            dry_run=dry_run,
+            full=full,
+            report=report,
+            started=started,
+            validation=validation,
         )
-        return _deliver(
-            trail,
-            ledger,
-            target,
-            run_id,
-            as_of,
-            outbox,
-            items,
-            config,
-            report,
-            result,
-            summary,
-            started,
+
+
+def _send_scored(
+    scored: ScoreResult,
+    *,
+    trail: AuditTrail,
+    ledger: Ledger,
+    target: Sink,
+    bundle: ChurnBundle,
+    model: str,
+    version: str,
+    attributes: pl.DataFrame | None,
+    config: LapseConfig,
+    as_of: datetime,
+    run_id: str,
+    dry_run: bool,
+    full: bool,
+    report: ScoreProgress,
+    started: float,
+    validation: ValidationReport | None,
+) -> ScoreRunResult:
+    """Everything after scoring, shared by `lapse score` and `lapse triggers run`.
+
+    Suppression, the control group, the frequency cap, the delta key against the
+    sink's last delivery, reasons for the users sent, the audit snapshot and
+    outbox, the ledger's batches and the delivery itself (or a dry run).
+    """
+    from lapse.scoring import delta_key, load_suppression, with_reasons
+
+    records = scored.records
+    suppressed = records["user_id"].is_in(
+        pl.Series(sorted(load_suppression(config, attributes))).implode()
+    )
+    records = records.with_columns(suppressed.alias("suppressed"))
+    sendable = ~records["suppressed"] & (~records["control"] | config.control.send)
+    # the cap withholds triggers before the delta key is taken, so a withheld
+    # trigger changes the key again on the run that finally delivers it
+    records = apply_frequency_cap(
+        records,
+        sendable,
+        ledger,
+        target.name,
+        config.delivery.frequency_cap,
+        on=as_of.astimezone(UTC).date(),
+        score_run_id=run_id,
+    ).with_columns(delta_key())
+
+    pruned = [] if dry_run else trail.prune(config.audit.retention_days, as_of.date())
+    if pruned:
+        ledger.drop_runs(pruned)
+    last = ledger.delivered(target.name)
+    previous = records["user_id"].replace_strict(
+        {u: seg for u, (_, seg) in last.items()}, default=None, return_dtype=pl.String
+    )
+    if target.full_snapshot or full:
+        changed = pl.Series([True] * records.height)
+    else:
+        old_keys = records["user_id"].replace_strict(
+            {u: k for u, (k, _) in last.items()}, default=None, return_dtype=pl.String
         )
+        changed = (old_keys != records["delta_key"]).fill_null(True)
+    send = sendable & changed
+    report.stage("explaining the users sent")
+    scored.records = records.select(scored.records.columns)
+    records = with_reasons(bundle, scored, send, top=config.score.reasons).with_columns(
+        records["delta_key"],
+        records["suppressed"],
+        records["capped"],
+        records["withheld_triggers"],
+        send.alias("sent"),
+    )
+    outbox = _outbox(records.filter(send), previous.filter(send), attributes, target)
+    counts = {
+        "scored": records.height,
+        "suppressed": int(records["suppressed"].sum()),
+        "control": int(records["control"].sum()),
+        "unchanged": int((sendable & ~changed).sum()),
+        "capped": int(records["capped"].sum()),
+    }
+    summary: dict[str, Any] = {
+        "score_run_id": run_id,
+        "as_of": as_of.isoformat(),
+        "sink": target.describe(),
+        "model": model,
+        "model_version": version,
+        "drift": scored.drift,
+        "warnings": scored.warnings,
+        "counts": counts,
+        "segments": _counts(records, "risk_segment"),
+        "triggers": _counts(records, "triggers"),
+    }
+    result = ScoreRunResult(
+        score_run_id=run_id,
+        as_of=as_of,
+        sink=target.describe(),
+        model=f"{model} (version {version})",
+        counts=counts,
+        segments=summary["segments"],
+        triggers=summary["triggers"],
+        drift=scored.drift,
+        warnings=scored.warnings,
+        seconds=0.0,
+        dry_run=dry_run,
+        validation=validation,
+        out=getattr(target, "path", None),
+    )
+    if dry_run:
+        return _dry_run(result, outbox, target, config, report, started)
+    report.stage("writing the audit snapshot")
+    result.snapshot = trail.write_snapshot(as_of.date(), run_id, records, summary)
+    trail.write_outbox(run_id, target.name, outbox)
+    items = encode(target, outbox)
+    ledger.start_run(
+        run_id,
+        target.name,
+        as_of=as_of,
+        model=model,
+        target=str(result.out or ""),
+        batches=plan_batches(items, target, config.delivery.batch_size),
+    )
+    return _deliver(
+        trail,
+        ledger,
+        target,
+        run_id,
+        as_of,
+        outbox,
+        items,
+        config,
+        report,
+        result,
+        summary,
+        started,
+    )
+
+
+def _last_fired(ledger: Ledger, sink: str) -> pl.DataFrame:
+    """The ledger's cooldown table for ``sink``: ``trigger, user_id, last_fired``."""
+    return pl.DataFrame(
+        ledger.fired(sink),
+        schema={"trigger": pl.String, "user_id": pl.String, "last_fired": pl.Date},
+        orient="row",
+    )
 
 
 def _outbox(
@@ -753,6 +809,180 @@ def _resume(
         summary,
         started,
     )
+
+
+# -- incremental trigger runs -----------------------------------------------------------------
+
+
+@dataclass
+class TriggerRunResult:
+    """What one `lapse triggers run` did (see :mod:`lapse.incremental`).
+
+    ``mode`` is ``full`` or ``incremental`` (``reason`` says why a run was full);
+    ``new_files``, ``new_event_users`` and ``due_users`` are what an incremental
+    run touched (``touched`` is their union, or everyone with events on a full run);
+    ``delivery`` is the shared score-and-deliver result, ``None`` when nobody was
+    touched (then nothing was sent).
+    """
+
+    as_of: datetime
+    mode: Literal["full", "incremental"]
+    reason: str
+    files: int
+    new_files: int
+    new_event_users: int
+    due_users: int
+    touched: int
+    fired: int
+    seconds: float
+    delivery: ScoreRunResult | None = None
+
+    @property
+    def complete(self) -> bool:
+        """Every record meant for the sink reached it."""
+        return self.delivery is None or self.delivery.complete
+
+
+def run_triggers(
+    events: Path,
+    config: LapseConfig,
+    *,
+    as_of: datetime,
+    incremental: bool = False,
+    model: str | None = None,
+    sink: str | None = None,
+    out: Path | None = None,
+    dry_run: bool = False,
+    progress: ScoreProgress | None = None,
+) -> TriggerRunResult:
+    """Evaluate the triggers as of ``as_of`` and deliver, for everyone or incrementally.
+
+    With ``incremental`` only the users with events in files new since the
+    watermark, plus those whose triggers came due, are read, scored, evaluated
+    and delivered (:mod:`lapse.incremental`); otherwise (and on a first run)
+    everyone is, and the watermark and trigger state are rebuilt. Delivery is
+    the nightly score's (:func:`run_score`), with its cooldowns, frequency cap,
+    delta sync, ledger and ``lapse score --resume``. A dry run leaves the
+    watermark where it was.
+
+    Raises
+    ------
+    LapseError
+        Bad input, an unknown model or sink, ``as_of`` before the watermark.
+    LockHeldError
+        Another run for the same sink is in progress.
+    """
+    import os
+
+    from lapse import incremental as inc
+    from lapse.audit import AuditTrail
+    from lapse.events import event_files, read_user_events
+    from lapse.registry import load_bundle
+    from lapse.scoring import score_users
+    from lapse.sinks import make_sink
+    from lapse.state import Ledger, sink_lock
+
+    started = time.monotonic()
+    report = progress or _Silent()
+    trail = AuditTrail(config.resolve(config.audit.path))
+    target = make_sink(sink or config.sinks.default, config, out=out)
+    source = os.path.abspath(events)
+    lock = contextlib.nullcontext() if dry_run else sink_lock(trail.locks, target.name)
+    with lock, Ledger(trail.ledger) as ledger:
+        report.stage("loading the model")
+        loaded = load_bundle(model or f"models:/{config.models.name}@champion", config)
+        version = str(loaded.version) if loaded.version is not None else "local"
+        report.stage("looking for new event files")
+        files = event_files(events)
+        mark = inc.fingerprint(loaded.source, version, config)
+        todo = inc.plan(
+            ledger, target.name, source, files, as_of, mark, config, incremental=incremental
+        )
+        report.stage("reading the touched users' events")
+        history: pl.DataFrame | None
+        if todo.full:
+            history = read_user_events(events, config).collect()
+            users = history["user_id"].cast(pl.String).unique().sort().to_list()
+        else:
+            users = todo.users
+            history = read_user_events(events, config, users).collect() if users else None
+        attributes = load_attributes(config)
+        run_id = _run_id(as_of)
+        result = TriggerRunResult(
+            as_of=as_of,
+            mode="full" if todo.full else "incremental",
+            reason=todo.reason,
+            files=len(files),
+            new_files=len(files) if todo.full else len(todo.new_files),
+            new_event_users=len(todo.new_event_users),
+            due_users=len(todo.due_users),
+            touched=len(users),
+            fired=0,
+            seconds=0.0,
+        )
+        states: list[Any] = []
+        if history is not None and users:
+            report.stage("scoring the touched users")
+            last_fired = _last_fired(ledger, target.name)
+            scored = score_users(
+                loaded.bundle,
+                history.lazy(),
+                as_of,
+                config,
+                score_run_id=run_id,
+                model_version=version,
+                attributes=attributes,
+                last_fired=last_fired,
+                subset=not todo.full,
+            )
+            assert scored.fired is not None
+            report.stage("finding when each user is next due")
+            due = pl.concat(
+                [
+                    inc.next_due(
+                        loaded.bundle,
+                        history,
+                        scored.fired,
+                        users,
+                        as_of,
+                        config,
+                        attributes=attributes,
+                    ),
+                    inc.cooldown_due(scored.fired, scored.records, last_fired, scored.definitions),
+                ]
+            )
+            states = inc.states(scored.fired, due, users, as_of)
+            result.fired = int((scored.fired["triggers"].list.len() > 0).sum())
+            result.delivery = _send_scored(
+                scored,
+                trail=trail,
+                ledger=ledger,
+                target=target,
+                bundle=loaded.bundle,
+                model=loaded.source,
+                version=version,
+                attributes=attributes,
+                config=config,
+                as_of=as_of,
+                run_id=run_id,
+                dry_run=dry_run,
+                full=False,
+                report=report,
+                started=started,
+                validation=None,
+            )
+        if not dry_run:
+            ledger.advance_watermark(
+                target.name,
+                source,
+                as_of=as_of,
+                fingerprint=mark,
+                files=[(str(f), size, mtime) for f, size, mtime in files],
+                states=states,
+                full=todo.full,
+            )
+    result.seconds = time.monotonic() - started
+    return result
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ __all__ = [
     "drift_counts",
     "drift_from_counts",
     "drift_warnings",
+    "fired_triggers",
     "load_suppression",
     "model_age_warnings",
     "risk_columns",
@@ -52,12 +53,18 @@ __all__ = [
 
 @dataclass
 class ScoreResult:
-    """Records (pinned columns plus ``control``), their feature rows, drift and warnings."""
+    """Records (pinned columns plus ``control``), their feature rows, drift and warnings.
+
+    ``fired`` holds ``user_id`` and ``triggers`` as evaluated, before cooldowns;
+    ``definitions`` the resolved triggers (their cooldowns).
+    """
 
     records: pl.DataFrame
     features: pl.DataFrame
     drift: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    fired: pl.DataFrame | None = None
+    definitions: list[Trigger] = field(default_factory=list)
 
 
 def _day(ts: datetime) -> date:
@@ -185,6 +192,7 @@ def score_users(
     model_version: str,
     attributes: pl.DataFrame | None = None,
     last_fired: pl.DataFrame | None = None,
+    subset: bool = False,
 ) -> ScoreResult:
     """Score every eligible user as of ``as_of``: risk, percentile, segment, triggers, refills.
 
@@ -196,6 +204,10 @@ def score_users(
     ``last_fired`` date: what the ledger delivered before) a trigger still in
     its cooldown for a user is left out of that user's ``triggers``.
 
+    ``subset`` says the events hold some users only (an incremental trigger run):
+    no eligible user is then no error, and drift, which compares populations,
+    is not measured.
+
     Raises
     ------
     LapseError
@@ -204,6 +216,13 @@ def score_users(
     """
     warnings = model_age_warnings(bundle, as_of, config)
     frame = bundle.prepare(events, as_of, attributes=attributes)
+    if frame.height == 0 and subset:
+        return ScoreResult(
+            records=pl.DataFrame(schema={**RECORD_SCHEMA, "control": pl.Boolean}),
+            features=frame,
+            warnings=warnings,
+            fired=pl.DataFrame(schema={"user_id": pl.String, "triggers": pl.List(pl.String)}),
+        )
     if frame.height == 0:
         raise LapseError(
             f"no user is eligible at {as_of:%Y-%m-%d} (labels.eligibility "
@@ -211,7 +230,7 @@ def score_users(
         )
     bundle.check_schema(frame)
     frame = frame.with_columns(pl.col("user_id").cast(pl.String)).sort("user_id")
-    records = user_records(
+    records, fired, definitions = _records(
         bundle,
         frame,
         events,
@@ -222,9 +241,16 @@ def score_users(
         attributes=attributes,
         last_fired=last_fired,
     )
-    drift = _drift(bundle, frame, records["churn_risk"].to_numpy())
+    drift = {} if subset else _drift(bundle, frame, records["churn_risk"].to_numpy())
     warnings += drift_warnings(drift, config)
-    return ScoreResult(records=records, features=frame, drift=drift, warnings=warnings)
+    return ScoreResult(
+        records=records,
+        features=frame,
+        drift=drift,
+        warnings=warnings,
+        fired=fired,
+        definitions=definitions,
+    )
 
 
 def model_age_warnings(bundle: ChurnBundle, as_of: datetime, config: LapseConfig) -> list[str]:
@@ -271,8 +297,34 @@ def user_records(
     its user's own rows, the bundle and the config only, so any split of the
     users by ``user_id`` (the Spark engine's partitions) gives the same records.
     """
+    return _records(
+        bundle,
+        frame,
+        events,
+        as_of,
+        config,
+        score_run_id=score_run_id,
+        model_version=model_version,
+        attributes=attributes,
+        last_fired=last_fired,
+    )[0]
+
+
+def _records(
+    bundle: ChurnBundle,
+    frame: pl.DataFrame,
+    events: pl.LazyFrame,
+    as_of: datetime,
+    config: LapseConfig,
+    *,
+    score_run_id: str,
+    model_version: str,
+    attributes: pl.DataFrame | None = None,
+    last_fired: pl.DataFrame | None = None,
+) -> tuple[pl.DataFrame, pl.DataFrame, list[Trigger]]:
+    """:func:`user_records`, the fired triggers before cooldowns, and their definitions."""
     scores = risk_columns(bundle, frame)
-    fired, definitions = _fire(bundle, frame, scores, config, attributes)
+    fired, definitions = fired_triggers(bundle, frame, scores, config, attributes)
     records = (
         scores.join(fired, on="user_id", how="left", maintain_order="left")
         .join(_refills(bundle, events, as_of), on="user_id", how="left", maintain_order="left")
@@ -296,7 +348,7 @@ def user_records(
         records = records.with_columns(
             apply_cooldowns(records, last_fired, definitions, _day(as_of))
         )
-    return records
+    return records, fired, definitions
 
 
 def trigger_definitions(
@@ -306,14 +358,19 @@ def trigger_definitions(
     return resolve(bundle.config.model_copy(update={"triggers": config.triggers}), schema)
 
 
-def _fire(
+def fired_triggers(
     bundle: ChurnBundle,
     frame: pl.DataFrame,
     scores: pl.DataFrame,
     config: LapseConfig,
     attributes: pl.DataFrame | None,
 ) -> tuple[pl.DataFrame, list[Trigger]]:
-    """Fired triggers per user (run config's definitions) and the definitions themselves."""
+    """Fired triggers per row (the run config's definitions), and the definitions.
+
+    ``frame`` are feature rows (:meth:`ChurnBundle.prepare` or ``prepare_many``),
+    ``scores`` their :func:`risk_columns`, row for row. Returns ``user_id`` (and
+    ``cutoff`` when ``frame`` has it) and ``triggers``, before any cooldown.
+    """
     rows = frame.with_columns(scores.drop("user_id"))
     if attributes is not None:
         extra = [c for c in attributes.columns if c not in rows.columns]
@@ -322,7 +379,10 @@ def _fire(
             rows = rows.join(attrs, on="user_id", how="left", maintain_order="left")
     specs = config.triggers
     definitions = trigger_definitions(bundle, config, rows.schema)
-    fired = bundle.triggers(rows, specs).select(pl.col("user_id").cast(pl.String), "triggers")
+    keys: list[pl.Expr] = [pl.col("user_id").cast(pl.String)]
+    if "cutoff" in rows.columns:
+        keys.append(pl.col("cutoff"))
+    fired = bundle.triggers(rows, specs).select(*keys, "triggers")
     return fired, definitions
 
 

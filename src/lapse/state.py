@@ -6,7 +6,12 @@ row range in the run's outbox and its state, the records a destination rejected,
 per sink and user, the delta key last delivered (delta sync), and per sink,
 trigger and user the day a trigger was last delivered (cooldowns), and per sink,
 user and run the day a message (a record carrying triggers) was delivered (the
-frequency cap of :mod:`lapse.delivery`). Every change
+frequency cap of :mod:`lapse.delivery`). For incremental trigger runs
+(:mod:`lapse.incremental`) it also holds, per sink and event source, the watermark (the
+files processed with their size and mtime, the last ``as_of`` and a fingerprint
+of the model and trigger definitions) and the trigger state (per user: the
+triggers that fired at the last evaluation, when, and when the user is next
+due). Every change
 is one SQLite transaction, so a process killed at any instant (SIGKILL
 included) leaves a consistent ledger: a batch is ``done`` only after its
 destination acknowledged it.
@@ -27,7 +32,15 @@ from typing import Any, Literal
 
 from lapse.exceptions import LapseError
 
-__all__ = ["Batch", "Ledger", "LockHeldError", "RunInfo", "sink_lock"]
+__all__ = [
+    "Batch",
+    "Ledger",
+    "LockHeldError",
+    "RunInfo",
+    "TriggerState",
+    "Watermark",
+    "sink_lock",
+]
 
 BatchState = Literal["pending", "done", "failed", "split"]
 
@@ -58,6 +71,16 @@ CREATE TABLE IF NOT EXISTS messages (
     sink TEXT NOT NULL, user_id TEXT NOT NULL, score_run_id TEXT NOT NULL,
     day TEXT NOT NULL, PRIMARY KEY (sink, user_id, score_run_id));
 CREATE INDEX IF NOT EXISTS messages_by_day ON messages (sink, day);
+CREATE TABLE IF NOT EXISTS watermarks (
+    sink TEXT NOT NULL, source TEXT NOT NULL, as_of TEXT NOT NULL, fingerprint TEXT NOT NULL,
+    updated TEXT NOT NULL, PRIMARY KEY (sink, source));
+CREATE TABLE IF NOT EXISTS watermark_files (
+    sink TEXT NOT NULL, source TEXT NOT NULL, file TEXT NOT NULL, size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL, PRIMARY KEY (sink, source, file));
+CREATE TABLE IF NOT EXISTS trigger_state (
+    sink TEXT NOT NULL, source TEXT NOT NULL, user_id TEXT NOT NULL, fired TEXT NOT NULL,
+    evaluated_at TEXT NOT NULL, next_due TEXT NOT NULL, PRIMARY KEY (sink, source, user_id));
+CREATE INDEX IF NOT EXISTS trigger_state_due ON trigger_state (sink, source, next_due);
 """
 
 
@@ -94,6 +117,30 @@ class RunInfo:
     started: str
     finished: str | None
     summary: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Watermark:
+    """What the incremental trigger runs of one event source have processed.
+
+    ``files`` maps each processed file (its resolved path) to ``(size, mtime_ns)``.
+    """
+
+    sink: str
+    source: str
+    as_of: datetime
+    fingerprint: str
+    files: dict[str, tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class TriggerState:
+    """One user's trigger state: what fired at ``evaluated_at``, and when to look again."""
+
+    user_id: str
+    fired: tuple[str, ...]
+    evaluated_at: datetime
+    next_due: datetime
 
 
 class Ledger:
@@ -411,12 +458,96 @@ class Ledger:
                 [(sink, u, score_run_id, on.isoformat()) for u in user_ids],
             )
 
+    # -- incremental trigger runs ------------------------------------------------------------
+    def watermark(self, sink: str, source: str) -> Watermark | None:
+        """The watermark of event source ``source`` for ``sink``, ``None`` before a first run."""
+        row = self._db.execute(
+            "SELECT as_of, fingerprint FROM watermarks WHERE sink = ? AND source = ?",
+            (sink, source),
+        ).fetchone()
+        if row is None:
+            return None
+        files = {
+            r[0]: (r[1], r[2])
+            for r in self._db.execute(
+                "SELECT file, size, mtime_ns FROM watermark_files WHERE sink = ? AND source = ?",
+                (sink, source),
+            )
+        }
+        return Watermark(sink, source, datetime.fromisoformat(row[0]), row[1], files)
+
+    def due(self, sink: str, source: str, as_of: datetime) -> list[str]:
+        """Users of ``source`` (for ``sink``) whose ``next_due`` is at or before ``as_of``."""
+        return [
+            r[0]
+            for r in self._db.execute(
+                "SELECT user_id FROM trigger_state WHERE sink = ? AND source = ? "
+                "AND next_due <= ? ORDER BY user_id",
+                (sink, source, _instant(as_of)),
+            )
+        ]
+
+    def trigger_states(self, sink: str, source: str) -> list[TriggerState]:
+        """Every user's trigger state for ``source`` and ``sink``, by user."""
+        return [
+            TriggerState(r[0], tuple(json.loads(r[1])), _parse(r[2]), _parse(r[3]))
+            for r in self._db.execute(
+                "SELECT user_id, fired, evaluated_at, next_due FROM trigger_state "
+                "WHERE sink = ? AND source = ? ORDER BY user_id",
+                (sink, source),
+            )
+        ]
+
+    def advance_watermark(
+        self,
+        sink: str,
+        source: str,
+        *,
+        as_of: datetime,
+        fingerprint: str,
+        files: Iterable[tuple[str, int, int]],
+        states: Iterable[TriggerState],
+        full: bool = False,
+    ) -> None:
+        """In one transaction: the files now processed, the ``as_of`` and the new states.
+
+        ``full`` replaces every state of ``source`` (a full evaluation) instead of
+        updating the given users only; the file list is always replaced.
+        """
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO watermarks VALUES (?, ?, ?, ?, ?)",
+                (sink, source, as_of.isoformat(), fingerprint, _now()),
+            )
+            where = "WHERE sink = ? AND source = ?"
+            db.execute(f"DELETE FROM watermark_files {where}", (sink, source))
+            db.executemany(
+                "INSERT INTO watermark_files VALUES (?, ?, ?, ?, ?)",
+                [(sink, source, f, size, mtime) for f, size, mtime in files],
+            )
+            if full:
+                db.execute(f"DELETE FROM trigger_state {where}", (sink, source))
+            db.executemany(
+                "INSERT OR REPLACE INTO trigger_state VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        sink,
+                        source,
+                        s.user_id,
+                        json.dumps(list(s.fired)),
+                        _instant(s.evaluated_at),
+                        _instant(s.next_due),
+                    )
+                    for s in states
+                ],
+            )
+
     # -- erasure -----------------------------------------------------------------------------
     def forget(self, user_ids: Sequence[str]) -> int:
         """Delete every row about these users; returns how many rows went."""
         n = 0
         with self._tx() as db:
-            for table in ("failures", "delivered", "trigger_fired", "messages"):
+            for table in ("failures", "delivered", "trigger_fired", "messages", "trigger_state"):
                 for chunk in _chunks(list(user_ids), 500):
                     marks = ",".join("?" * len(chunk))
                     cur = db.execute(f"DELETE FROM {table} WHERE user_id IN ({marks})", chunk)
@@ -430,6 +561,15 @@ class Ledger:
                 db.executemany(
                     f"DELETE FROM {table} WHERE score_run_id = ?", [(r,) for r in score_run_ids]
                 )
+
+
+def _instant(ts: datetime) -> str:
+    """A UTC instant as fixed-width text, so SQLite compares them in time order."""
+    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f+00:00")
+
+
+def _parse(text: str) -> datetime:
+    return datetime.fromisoformat(text)
 
 
 def _chunks(items: list[str], n: int) -> Iterator[list[str]]:

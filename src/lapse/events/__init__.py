@@ -4,7 +4,8 @@
 canonical columns of :data:`lapse.schema.EVENT_COLUMNS`, ``read_events`` and
 ``validate_events`` add rejects, duplicates and future-event checks,
 ``read_attributes`` reads the per-user table and ``init_config`` drafts a
-config for a new file.
+config for a new file. ``event_files``, ``new_event_users`` and
+``read_user_events`` serve incremental trigger runs (an append-only folder).
 """
 
 from __future__ import annotations
@@ -13,17 +14,28 @@ from lapse.events.attributes import AttributesReport, load_attributes, read_attr
 from lapse.events.inspect import init_config
 from lapse.events.mapping import map_events
 from lapse.events.readers import scan_source
-from lapse.events.validate import REJECT_REASONS, ValidationReport, read_events, validate_events
+from lapse.events.validate import (
+    REJECT_REASONS,
+    ValidationReport,
+    event_files,
+    new_event_users,
+    read_events,
+    read_user_events,
+    validate_events,
+)
 
 __all__ = [
     "REJECT_REASONS",
     "AttributesReport",
     "ValidationReport",
+    "event_files",
     "init_config",
     "load_attributes",
     "map_events",
+    "new_event_users",
     "read_attributes",
     "read_events",
+    "read_user_events",
     "scan_source",
     "validate_events",
 ]

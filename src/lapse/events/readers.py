@@ -21,7 +21,14 @@ import polars as pl
 from lapse.config import SourceFormat
 from lapse.exceptions import ReadError
 
-__all__ = ["collect_frame", "is_segment_schema", "one_line", "resolve_format", "scan_source"]
+__all__ = [
+    "collect_frame",
+    "data_files",
+    "is_segment_schema",
+    "one_line",
+    "resolve_format",
+    "scan_source",
+]
 
 _EXTENSIONS: Final[dict[str, SourceFormat]] = {
     ".parquet": "parquet",
@@ -53,7 +60,7 @@ def one_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def _data_files(path: str) -> list[Path]:
+def data_files(path: str) -> list[Path]:
     """The files behind ``path`` (a file, a folder, or a glob), sorted."""
     if _GLOB_CHARS & set(path):
         files = sorted(Path(p) for p in globlib.glob(path, recursive=True) if Path(p).is_file())
@@ -99,7 +106,7 @@ def resolve_format(path: str | Path, fmt: SourceFormat = "auto") -> tuple[Source
     ``segment`` is reported only when asked for; :func:`scan_source` detects it
     from the columns of an NDJSON source.
     """
-    files = _data_files(str(path))
+    files = data_files(str(path))
     if fmt != "auto":
         return fmt, files
     found = {_extension_format(f) or _sniff_format(f) for f in files}

@@ -21,6 +21,7 @@ dropped. Nothing is lost silently: every dropped row is counted in the report.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -31,13 +32,17 @@ import polars as pl
 from lapse.config import DATABASE_FORMATS, LapseConfig
 from lapse.events.database import scan_database, source_label
 from lapse.events.mapping import BY_RULE, MESSAGE_ID, map_events
-from lapse.events.readers import collect_frame, scan_source
+from lapse.events.readers import collect_frame, data_files, scan_source
+from lapse.exceptions import EventsError
 from lapse.schema import EVENT_COLUMNS, ROLES
 
 __all__ = [
     "REJECT_REASONS",
     "ValidationReport",
+    "event_files",
+    "new_event_users",
     "read_events",
+    "read_user_events",
     "rejects_path_for",
     "validate_events",
 ]
@@ -210,3 +215,56 @@ def validate_events(
         rejects_path=written,
     )
     return events, report
+
+
+def read_user_events(
+    path: str | Path, config: LapseConfig, user_ids: Sequence[str] | None = None
+) -> pl.LazyFrame:
+    """:func:`read_events` restricted to ``user_ids`` (all users when ``None``), lazily.
+
+    The user filter is applied to the mapped rows before rejects and duplicates
+    are flagged, so the scan reads the touched users' rows only (duplicates share
+    their user; a ``source.message_id`` shared across users is the one case this
+    keeps apart). An incremental trigger run reads a user's history this way.
+    """
+    if config.source.kind in DATABASE_FORMATS:
+        raise EventsError(
+            f"{source_label(path, config.source)}: incremental trigger runs read an append-only "
+            "folder of event files, not a database; export the events to files, or run "
+            "`lapse triggers run` without --incremental"
+        )
+    raw, name = _raw(path, config, None)
+    mapped = map_events(raw, config, source_name=name)
+    if user_ids is not None:
+        ids = pl.Series("user_id", sorted(set(user_ids)), dtype=pl.String)
+        mapped = mapped.filter(pl.col("user_id").cast(pl.String).is_in(ids.implode()))
+    clean = _clean(mapped, config)
+    return clean.filter(pl.col(REASON).is_null() & ~pl.col(_DUPLICATE)).select(
+        _output_columns(config)
+    )
+
+
+def new_event_users(files: Sequence[Path], config: LapseConfig) -> set[str]:
+    """The user ids (mapped, non-empty) of the rows in ``files``: only that column is read."""
+    out: set[str] = set()
+    for file in files:
+        raw = scan_source(file, config.source.format, config.source.csv_separator)
+        ids = collect_frame(
+            map_events(raw, config, source_name=str(file))
+            .select(pl.col("user_id").cast(pl.String))
+            .filter(pl.col("user_id").is_not_null() & (pl.col("user_id") != ""))
+            .unique(),
+            str(file),
+        )
+        out.update(ids["user_id"].to_list())
+    return out
+
+
+def event_files(path: str | Path) -> list[tuple[Path, int, int]]:
+    """``(file, size, mtime_ns)`` of every data file behind ``path`` (a folder, a glob or
+    a file), sorted: what an incremental run compares to its watermark."""
+    out = []
+    for file in data_files(str(path)):
+        st = file.stat()
+        out.append((file.resolve(), st.st_size, st.st_mtime_ns))
+    return out

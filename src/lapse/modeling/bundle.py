@@ -11,7 +11,7 @@ numeric features at the calibration cutoff (``feature_reference``, for drift).
 from __future__ import annotations
 
 import pickle
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -75,6 +75,30 @@ class ChurnBundle:
             keep = eligible(events, [as_of], self.config)
             frame = frame.join(keep, on=["user_id", "cutoff"], how="semi")
         rfm = rfm_summary(events, [as_of], self.config)
+        return with_derived(frame.join(rfm, on=["user_id", "cutoff"], how="left"))
+
+    def prepare_many(
+        self,
+        events: pl.LazyFrame,
+        cutoffs: Sequence[datetime],
+        *,
+        attributes: pl.DataFrame | None = None,
+    ) -> pl.DataFrame:
+        """:meth:`prepare` at several cutoffs at once: eligible ``(user, cutoff)`` rows.
+
+        One roll-up serves every cutoff (:func:`lapse.features.build_many`); the rows
+        equal :meth:`prepare`'s at each cutoff.
+        """
+        from lapse.features import build_many
+        from lapse.labels import eligible
+        from lapse.modeling.bgnbd import rfm_summary
+        from lapse.modeling.lgbm import with_derived
+
+        frame = build_many(events, cutoffs, self.config, attributes=attributes)
+        frame = frame.with_columns(pl.col("cutoff").cast(pl.Datetime("us", "UTC")))
+        keep = eligible(events, cutoffs, self.config)
+        frame = frame.join(keep, on=["user_id", "cutoff"], how="semi")
+        rfm = rfm_summary(events, cutoffs, self.config)
         return with_derived(frame.join(rfm, on=["user_id", "cutoff"], how="left"))
 
     def check_schema(self, frame: pl.DataFrame) -> None:

@@ -1,0 +1,263 @@
+"""`lapse triggers run --incremental`: watermarks, next-due, equivalence with a full
+evaluation, cooldowns and the frequency cap shared with `lapse score`, failures."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+import score_sinks
+from lapse.cli import app
+from lapse.config import LapseConfig, dump_config, load_config
+from lapse.events import read_user_events
+from lapse.modeling.bundle import ChurnBundle
+from lapse.pipeline import run_score, run_triggers
+from lapse.scoring import score_users
+from lapse.sinks import SINKS
+from lapse.state import Ledger
+from worlds import World, trained_world
+
+runner = CliRunner()
+FIRST_DAY = 140  # the folder starts with the events before this day
+DAYS = 8  # then one file a day
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    return trained_world(
+        tmp_path_factory.mktemp("incremental"),
+        n_users=400,
+        n_days=FIRST_DAY + DAYS + 2,
+        seed=11,
+        train_days=130,
+        score_day=FIRST_DAY,
+    )
+
+
+@pytest.fixture(autouse=True)
+def _capture(monkeypatch: pytest.MonkeyPatch) -> None:
+    score_sinks.RECEIVED.clear()
+    score_sinks.FlakySink.seen = set()
+    monkeypatch.setitem(SINKS, "capture", "score_sinks:CaptureSink")
+    monkeypatch.setitem(SINKS, "flaky", "score_sinks:FlakySink")
+
+
+def make_config(home: Path, world: World, **sections: object) -> LapseConfig:
+    data = yaml.safe_load(dump_config(load_config()))
+    data["attributes"]["path"] = str(world.users)
+    data["attributes"]["static_features"] = []
+    data["delivery"].update(batch_size=50, backoff_seconds=0.0)
+    for name, values in sections.items():
+        if isinstance(values, dict) and isinstance(data.get(name), dict):
+            data[name].update(values)
+        else:
+            data[name] = values
+    path = home / "lapse.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return load_config(path)
+
+
+def day(world: World, n: int) -> datetime:
+    return world.as_of + timedelta(days=n - FIRST_DAY)
+
+
+def folder_until(world: World, root: Path, last_day: int) -> Path:
+    """The append-only folder: the history before FIRST_DAY, then one file per day."""
+    events = pl.read_parquet(world.events)
+    folder = root / "events"
+    folder.mkdir(exist_ok=True)
+    history = folder / "history.parquet"
+    if not history.exists():
+        events.filter(pl.col("ts") < world.as_of).write_parquet(history)
+    for n in range(FIRST_DAY, last_day):
+        f = folder / f"day-{n:03d}.parquet"
+        if not f.exists():
+            events.filter(
+                pl.col("ts").is_between(day(world, n), day(world, n + 1), "left")
+            ).write_parquet(f)
+    return folder
+
+
+def sent() -> dict[str, list[str]]:
+    return {i["user_id"]: list(i["triggers"]) for _, items in score_sinks.RECEIVED for i in items}
+
+
+def test_daily_incremental_runs_end_with_the_full_evaluation(
+    world: World, _isolated_home: Path
+) -> None:
+    cfg = make_config(
+        _isolated_home,
+        world,
+        triggers={"quiet": {"when": "days_since_last_event >= 3", "cooldown_days": 2}},
+    )
+    folder = folder_until(world, _isolated_home, FIRST_DAY)
+    first = run_triggers(
+        folder,
+        cfg,
+        as_of=day(world, FIRST_DAY),
+        incremental=True,
+        model=str(world.bundle),
+        sink="capture",
+    )
+    assert first.mode == "full" and first.reason.startswith("first run")
+    population = first.touched
+    assert population > 300 and first.fired > 0 and first.complete
+    touched = []
+    for n in range(FIRST_DAY, FIRST_DAY + DAYS):
+        folder_until(world, _isolated_home, n + 1)
+        res = run_triggers(
+            folder,
+            cfg,
+            as_of=day(world, n + 1),
+            incremental=True,
+            model=str(world.bundle),
+            sink="capture",
+        )
+        assert res.mode == "incremental" and res.new_files == 1 and res.complete
+        touched.append((res.new_event_users, res.due_users, res.touched))
+    assert all(0 < t < population for *_, t in touched)
+    assert any(due > 0 for _, due, _ in touched)  # time-driven changes came due
+
+    final = day(world, FIRST_DAY + DAYS)
+    bundle = ChurnBundle.load(world.bundle)
+    full = score_users(
+        bundle,
+        read_user_events(folder, cfg).collect().lazy(),
+        final,
+        cfg,
+        score_run_id="reference",
+        model_version="local",
+        attributes=pl.read_parquet(world.users),
+    ).fired
+    assert full is not None
+    expected = {u: sorted(t) for u, t in full.select("user_id", "triggers").iter_rows() if t}
+    with Ledger(_isolated_home / "lapse-runs" / "ledger.sqlite") as ledger:
+        stored = {
+            s.user_id: sorted(s.fired)
+            for s in ledger.trigger_states("capture", str(folder.resolve()))
+        }
+    assert {u: t for u, t in stored.items() if t} == expected
+    assert len(stored) >= population and {t for ts in expected.values() for t in ts} >= {"quiet"}
+
+
+def test_no_new_files_and_nobody_due_touches_nobody(world: World, _isolated_home: Path) -> None:
+    cfg = make_config(_isolated_home, world)
+    folder = folder_until(world, _isolated_home, FIRST_DAY)
+    t = day(world, FIRST_DAY)
+    run_triggers(folder, cfg, as_of=t, incremental=True, model=str(world.bundle), sink="capture")
+    score_sinks.RECEIVED.clear()
+    again = run_triggers(
+        folder,
+        cfg,
+        as_of=t + timedelta(hours=2),
+        incremental=True,
+        model=str(world.bundle),
+        sink="capture",
+    )
+    assert again.mode == "incremental"
+    assert (again.new_files, again.touched, again.due_users) == (0, 0, 0)
+    assert again.delivery is None and sent() == {}
+    with pytest.raises(Exception, match="incremental runs move forward"):
+        run_triggers(
+            folder,
+            cfg,
+            as_of=t - timedelta(days=1),
+            incremental=True,
+            model=str(world.bundle),
+            sink="capture",
+        )
+
+
+def test_cooldowns_and_the_frequency_cap_are_shared_with_score(
+    world: World, _isolated_home: Path
+) -> None:
+    cfg = make_config(
+        _isolated_home,
+        world,
+        triggers={"hello": {"when": "tenure_days >= 0", "cooldown_days": 3}},
+        control={"share": 0.0},
+    )
+    folder = folder_until(world, _isolated_home, FIRST_DAY + 1)
+    t = day(world, FIRST_DAY + 1)
+    # score first: the trigger run the same day does not deliver hello again
+    scored = run_score(folder, cfg, as_of=t, model=str(world.bundle), sink="capture")
+    by_score = sent()
+    assert scored.complete and sum("hello" in v for v in by_score.values()) > 100
+    score_sinks.RECEIVED.clear()
+    trig = run_triggers(
+        folder, cfg, as_of=t, incremental=True, model=str(world.bundle), sink="capture"
+    )
+    assert trig.complete and trig.fired > 100
+    assert not any("hello" in v for v in sent().values())
+
+    # the reverse: a trigger run delivers hello first, the score the same day does not
+    other = make_config(
+        _isolated_home,
+        world,
+        triggers={"hi": {"when": "tenure_days >= 0", "cooldown_days": 3}},
+        control={"share": 0.0},
+        delivery={"frequency_cap": {"messages": 1, "days": 7}},
+    )
+    score_sinks.RECEIVED.clear()
+    later = t + timedelta(days=8)  # the first part's messages are out of the cap's window
+    folder_until(world, _isolated_home, FIRST_DAY + 9)
+    first = run_triggers(
+        folder, other, as_of=later, incremental=True, model=str(world.bundle), sink="capture"
+    )
+    assert first.mode == "full"  # the trigger definitions changed
+    got = sent()
+    assert sum("hi" in v for v in got.values()) > 100
+    score_sinks.RECEIVED.clear()
+    again = run_score(folder, other, as_of=later, model=str(world.bundle), sink="capture")
+    assert not any("hi" in v for v in sent().values())
+    # the cap counts both kinds of run: nobody got two messages in the window
+    assert again.counts["capped"] > 0
+    with Ledger(_isolated_home / "lapse-runs" / "ledger.sqlite") as ledger:
+        counts = ledger.messages("capture", since=later.date(), until=later.date())
+    assert counts and max(counts.values()) == 1
+
+
+def test_failing_sink_through_the_cli_leaves_dead_letters(
+    world: World, _isolated_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_config(_isolated_home, world)
+    folder = folder_until(world, _isolated_home, FIRST_DAY)
+    users = sorted(pl.read_parquet(world.users).filter(~pl.col("do_not_contact"))["user_id"])
+    monkeypatch.setattr(score_sinks.FlakySink, "reject", frozenset(users[:3]))
+    args = [
+        "triggers",
+        "run",
+        str(folder),
+        "--incremental",
+        "--model",
+        str(world.bundle),
+        "--config",
+        str(_isolated_home / "lapse.yaml"),
+        "--sink",
+        "flaky",
+    ]
+    res = runner.invoke(app, [*args, "--as-of", f"{day(world, FIRST_DAY):%Y-%m-%d}"])
+    assert res.exit_code == 1, res.output
+    assert "dead letters" in res.output and "--resume" in res.output
+    assert "full because" in res.output
+    dead = [
+        json.loads(x)
+        for f in (_isolated_home / "lapse-runs" / "dead_letters").glob("*.ndjson")
+        for x in f.read_text().splitlines()
+    ]
+    assert {d["reason"] for d in dead} == {"invalid profile"}
+    assert {d["record"]["user_id"] for d in dead} <= set(users[:3])
+
+    # a day's file later: an incremental run through the CLI touches its users only
+    monkeypatch.setattr(score_sinks.FlakySink, "reject", frozenset())
+    folder_until(world, _isolated_home, FIRST_DAY + 1)
+    res = runner.invoke(app, [*args, "--as-of", f"{day(world, FIRST_DAY + 1).isoformat()}"])
+    assert res.exit_code == 0, res.output
+    assert "triggers incremental run" in res.output and "with new events" in res.output
+    assert datetime.now(UTC) > day(world, FIRST_DAY)
