@@ -137,7 +137,9 @@ def main() -> None:
     target = TARGET_HOURS * 3600
     cores = 1e9 / (per_core * target)
     parts = 1e9 / EVENTS_PER_PARTITION
-    per_part_gb = sm / args.cores / max(n_events / (args.cores * 2), 1) * EVENTS_PER_PARTITION
+    # the run used 2 partitions per core; its peak per core, scaled to one 2M-event partition
+    per_task = max(n_events / (args.cores * 2), 1)
+    per_part_gb = sm / args.cores / per_task * EVENTS_PER_PARTITION / 2**30
     print(
         f"1B events in {TARGET_HOURS:.0f} h: 1e9 / ({per_core:,.0f} x {target:.0f} s) = "
         f"{cores:,.0f} cores; {parts:,.0f} partitions of {EVENTS_PER_PARTITION:,} events; "
