@@ -158,10 +158,14 @@ def _tree_lut(glob: FloatArray, splits: list[_Split]) -> IntArray:
         j = int(np.searchsorted(glob, th))  # th == glob[j]
         regular = j >= bins
         zero = np.full(m + 1, default_left) if missing == "Zero" else regular
-        nan = default_left if missing in ("Zero", "NaN") else bool(0.0 <= th)
+        nan = default_left if missing in ("Zero", "NaN") else bool(th >= 0.0)  # NaN -> 0.0
         rows.append(np.concatenate([regular, zero, [nan]]))
     branches = np.stack(rows, axis=1)
-    _, lut = np.unique(branches, axis=0, return_inverse=True)
+    if branches.shape[1] < 63:  # pack each code's branches into one integer
+        packed = branches.astype(np.int64) @ (np.int64(1) << np.arange(branches.shape[1]))
+        _, lut = np.unique(packed, return_inverse=True)
+    else:
+        _, lut = np.unique(branches, axis=0, return_inverse=True)
     return np.asarray(lut, dtype=np.int64).ravel()
 
 
@@ -264,7 +268,9 @@ def _tree_key(
     """
     key = np.zeros(n, dtype=np.int64)
     stride = 1
-    parts = [(f, tree.luts[i], tree.radix[i]) for i, f in enumerate(tree.numeric)]
+    parts: list[tuple[int, IntArray | None, int]] = [
+        (f, tree.luts[i], tree.radix[i]) for i, f in enumerate(tree.numeric)
+    ]
     parts += [(f, None, cat_radix[f]) for f in tree.categorical]
     for f, lut, radix in parts:
         if stride * radix > _MAX_KEY:
