@@ -19,10 +19,11 @@ For a numerical split ``x <= threshold``, the branches a row takes at all
 nodes splitting on feature ``f`` are determined by the bin of ``x[f]`` among
 the tree's sorted thresholds on ``f``, except for missing values: depending on
 the node's ``missing_type`` (``None``, ``Zero``, ``NaN``) and
-``default_left``, NaN and zero (``|x| <= 1e-35`` as a float, LightGBM's
-``kZeroThreshold``) may go the default way instead. Giving NaN and zero codes
-of their own makes the grouping finer than the true one, which is always
-safe: rows with the same key still take the same branches everywhere.
+``default_left``, NaN and zero may go the default way instead (LightGBM
+reads every ``|x| <= kZeroThreshold``, the float ``1e-35f``, as exactly 0.0).
+So each feature gets codes: its bin among the tree's thresholds, zero, NaN;
+codes taking the same branch at every node of the tree are then merged, and
+rows with the same codes take the same branches everywhere.
 Categorical splits (``x in set``) are keyed by the exact value (NaN apart),
 finer still. The per-feature bins of a tree combine into one integer key per
 row; rows with equal keys form one *cell*, and per tree this module asks
@@ -146,10 +147,12 @@ def _tree_lut(glob: FloatArray, splits: list[_Split]) -> IntArray:
 
     Global codes of a feature with ``m`` union thresholds ``glob``: ``g`` in
     ``0..m`` a non-zero value in bin ``g`` (``glob[g-1] < x <= glob[g]``),
-    ``m+1+g`` a zero (``|x| <= kZeroThreshold``) in bin ``g``, ``2m+2`` NaN.
-    LightGBM's numerical decision: NaN under ``missing_type`` other than
-    ``NaN`` becomes 0.0; then zero under ``Zero`` and NaN under ``NaN`` go the
-    default way; everything else goes left iff ``x <= threshold``.
+    ``m+1`` a zero, ``m+2`` NaN. LightGBM reads dense rows keeping only values
+    with ``|x| > kZeroThreshold`` or NaN, so every zero (tiny ones included) is
+    exactly 0.0 to the trees. Its numerical decision: NaN under
+    ``missing_type`` other than ``NaN`` becomes 0.0; then zero under ``Zero``
+    and NaN under ``NaN`` go the default way; everything else goes left iff
+    ``x <= threshold``.
     """
     m = len(glob)
     bins = np.arange(m + 1)
@@ -157,9 +160,9 @@ def _tree_lut(glob: FloatArray, splits: list[_Split]) -> IntArray:
     for th, missing, default_left in splits:
         j = int(np.searchsorted(glob, th))  # th == glob[j]
         regular = j >= bins
-        zero = np.full(m + 1, default_left) if missing == "Zero" else regular
+        zero = default_left if missing == "Zero" else bool(th >= 0.0)
         nan = default_left if missing in ("Zero", "NaN") else bool(th >= 0.0)  # NaN -> 0.0
-        rows.append(np.concatenate([regular, zero, [nan]]))
+        rows.append(np.concatenate([regular, [zero, nan]]))
     branches = np.stack(rows, axis=1)
     if branches.shape[1] < 63:  # pack each code's branches into one integer
         packed = branches.astype(np.int64) @ (np.int64(1) << np.arange(branches.shape[1]))
@@ -220,8 +223,8 @@ def _global_codes(x: FloatArray, tables: TreeTables) -> tuple[dict[int, IntArray
 
     Numerical features: the bin ``g`` among the ``m`` union thresholds
     (``searchsorted`` left: bin ``g`` holds ``glob[g-1] < x <= glob[g]``,
-    matching LightGBM's ``x <= threshold``), ``m+1+g`` for zeros, ``2m+2``
-    for NaN (see :func:`_tree_lut`).
+    matching LightGBM's ``x <= threshold``), ``m+1`` zero, ``m+2`` NaN (see
+    :func:`_tree_lut`).
     Categorical features: the rank of the exact value (NaNs share one), and
     its number of distinct values as the radix.
     """
@@ -230,8 +233,8 @@ def _global_codes(x: FloatArray, tables: TreeTables) -> tuple[dict[int, IntArray
         col = x[:, f]
         m = len(glob)
         code = np.searchsorted(glob, col, side="left").astype(np.int64)
-        code[np.abs(col) <= ZERO_THRESHOLD] += m + 1
-        code[np.isnan(col)] = 2 * m + 2
+        code[np.abs(col) <= ZERO_THRESHOLD] = m + 1
+        code[np.isnan(col)] = m + 2
         codes[f] = code
     radix: dict[int, int] = {}
     for f in tables.categorical:
