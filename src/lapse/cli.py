@@ -61,6 +61,8 @@ ConfigOpt = Annotated[
     Path | None,
     typer.Option("--config", "-c", help="YAML config; the embedded default when omitted."),
 ]
+SinkOpt = Annotated[str | None, typer.Option(help="Destination; default sinks.default (file).")]
+OutOpt = Annotated[Path | None, typer.Option(help="The file sink's path (.parquet or .csv).")]
 EventsArg = Annotated[Path, typer.Argument(help="Event file, folder or glob.", show_default=False)]
 
 
@@ -636,12 +638,8 @@ def score(
         ),
     ] = None,
     config: ConfigOpt = None,
-    sink: Annotated[
-        str | None, typer.Option(help="Destination; default sinks.default (file).")
-    ] = None,
-    out: Annotated[
-        Path | None, typer.Option(help="The file sink's path (.parquet or .csv).")
-    ] = None,
+    sink: SinkOpt = None,
+    out: OutOpt = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Send nothing; print counts and example payloads.")
     ] = False,
@@ -792,12 +790,8 @@ def triggers_run(
         typer.Option(help="Model as for `lapse score`; default models:/<models.name>@champion."),
     ] = None,
     config: ConfigOpt = None,
-    sink: Annotated[
-        str | None, typer.Option(help="Destination; default sinks.default (file).")
-    ] = None,
-    out: Annotated[
-        Path | None, typer.Option(help="The file sink's path (.parquet or .csv).")
-    ] = None,
+    sink: SinkOpt = None,
+    out: OutOpt = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Send nothing and keep the watermark.")
     ] = False,

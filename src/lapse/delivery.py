@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -56,6 +56,7 @@ __all__ = [
     "DeliveryReport",
     "apply_frequency_cap",
     "deliver",
+    "delta_changes",
     "encode",
     "is_message",
     "plan_batches",
@@ -124,6 +125,27 @@ def apply_frequency_cap(
         pl.when("capped").then("triggers").otherwise(empty).alias("withheld_triggers"),
         pl.when("capped").then(empty).otherwise("triggers").alias("triggers"),
     )
+
+
+def delta_changes(
+    records: pl.DataFrame, last: Mapping[str, tuple[str, str | None]], *, everyone: bool
+) -> tuple[pl.Series, pl.Series]:
+    """Each record's previously delivered ``risk_segment`` and whether it is to be sent.
+
+    ``last`` is :meth:`lapse.state.Ledger.delivered` (user -> delta key, segment).
+    A record is sent when its ``delta_key`` differs from the one last delivered
+    (or none was), or always with ``everyone`` (a full snapshot sink, ``--full``).
+    """
+    users = records["user_id"]
+    previous = users.replace_strict(
+        {u: seg for u, (_, seg) in last.items()}, default=None, return_dtype=pl.String
+    )
+    if everyone:
+        return previous, pl.Series([True] * records.height)
+    old_keys = users.replace_strict(
+        {u: k for u, (k, _) in last.items()}, default=None, return_dtype=pl.String
+    )
+    return previous, (old_keys != records["delta_key"]).fill_null(True)
 
 
 def encode(sink: Sink, outbox: pl.DataFrame) -> list[Item | None]:

@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import polars as pl
 
 from lapse.config import LapseConfig
-from lapse.delivery import apply_frequency_cap, deliver, encode, is_message, plan_batches
+from lapse.delivery import (
+    apply_frequency_cap,
+    deliver,
+    delta_changes,
+    encode,
+    is_message,
+    plan_batches,
+)
 from lapse.events import ValidationReport, load_attributes, validate_events
 from lapse.exceptions import LapseError
 
@@ -494,16 +501,7 @@ def _send_scored(
     if pruned:
         ledger.drop_runs(pruned)
     last = ledger.delivered(target.name)
-    previous = records["user_id"].replace_strict(
-        {u: seg for u, (_, seg) in last.items()}, default=None, return_dtype=pl.String
-    )
-    if target.full_snapshot or full:
-        changed = pl.Series([True] * records.height)
-    else:
-        old_keys = records["user_id"].replace_strict(
-            {u: k for u, (k, _) in last.items()}, default=None, return_dtype=pl.String
-        )
-        changed = (old_keys != records["delta_key"]).fill_null(True)
+    previous, changed = delta_changes(records, last, everyone=target.full_snapshot or full)
     send = sendable & changed
     report.stage("explaining the users sent")
     scored.records = records.select(scored.records.columns)

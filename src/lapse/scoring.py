@@ -230,7 +230,7 @@ def score_users(
         )
     bundle.check_schema(frame)
     frame = frame.with_columns(pl.col("user_id").cast(pl.String)).sort("user_id")
-    records, fired, definitions = _records(
+    records, fired, definitions = user_records(
         bundle,
         frame,
         events,
@@ -289,40 +289,15 @@ def user_records(
     model_version: str,
     attributes: pl.DataFrame | None = None,
     last_fired: pl.DataFrame | None = None,
-) -> pl.DataFrame:
-    """The records (pinned columns plus ``control``) of prepared feature rows.
+) -> tuple[pl.DataFrame, pl.DataFrame, list[Trigger]]:
+    """The records (pinned columns plus ``control``) of prepared feature rows, the
+    fired triggers before cooldowns (``user_id``, ``triggers``) and their definitions.
 
     ``frame`` is :meth:`ChurnBundle.prepare` of ``events``, schema-checked,
     ``user_id`` as strings, sorted by it. Every column of a record depends on
     its user's own rows, the bundle and the config only, so any split of the
     users by ``user_id`` (the Spark engine's partitions) gives the same records.
     """
-    return _records(
-        bundle,
-        frame,
-        events,
-        as_of,
-        config,
-        score_run_id=score_run_id,
-        model_version=model_version,
-        attributes=attributes,
-        last_fired=last_fired,
-    )[0]
-
-
-def _records(
-    bundle: ChurnBundle,
-    frame: pl.DataFrame,
-    events: pl.LazyFrame,
-    as_of: datetime,
-    config: LapseConfig,
-    *,
-    score_run_id: str,
-    model_version: str,
-    attributes: pl.DataFrame | None = None,
-    last_fired: pl.DataFrame | None = None,
-) -> tuple[pl.DataFrame, pl.DataFrame, list[Trigger]]:
-    """:func:`user_records`, the fired triggers before cooldowns, and their definitions."""
     scores = risk_columns(bundle, frame)
     fired, definitions = fired_triggers(bundle, frame, scores, config, attributes)
     records = (

@@ -626,7 +626,7 @@ def score_records_spark(
             return
         loaded.check_schema(rows)
         rows = rows.with_columns(pl.col(USER_ID).cast(pl.String)).sort(USER_ID)
-        records = user_records(
+        records, _, _ = user_records(
             loaded,
             rows,
             events_lf,

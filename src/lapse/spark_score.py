@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lapse.config import LapseConfig
-from lapse.delivery import apply_frequency_cap, deliver, encode, plan_batches, settle
+from lapse.delivery import apply_frequency_cap, deliver, delta_changes, encode, plan_batches, settle
 from lapse.events import load_attributes
 from lapse.exceptions import LapseError
 from lapse.schema import EVENT_COLUMNS
@@ -324,16 +324,7 @@ def _post(
         only_these_users=True,
     ).with_columns(delta_key())
     last = ledger.delivered(target.name, users=users)
-    previous = records["user_id"].replace_strict(
-        {u: seg for u, (_, seg) in last.items()}, default=None, return_dtype=pl.String
-    )
-    if target.full_snapshot or full:
-        changed = pl.Series([True] * records.height)
-    else:
-        old_keys = records["user_id"].replace_strict(
-            {u: k for u, (k, _) in last.items()}, default=None, return_dtype=pl.String
-        )
-        changed = (old_keys != records["delta_key"]).fill_null(True)
+    previous, changed = delta_changes(records, last, everyone=target.full_snapshot or full)
     send = sendable & changed
     # as lapse.scoring.with_reasons: reasons for the users sent who are not low or fired
     keep = (
