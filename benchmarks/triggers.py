@@ -16,7 +16,7 @@ synthetic users (not timed) and cached with the data under ``benchmarks/.data/``
 
 Usage::
 
-    python benchmarks/triggers.py                       # 180k users: about 10M events
+    python benchmarks/triggers.py                       # 180k users: about 8.5M events
     python benchmarks/triggers.py --users 20000         # a quicker look
 """
 
