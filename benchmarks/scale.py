@@ -9,7 +9,7 @@ run needs: cores for a target wall time, partitions, executor memory.
 
 Usage::
 
-    python benchmarks/scale.py                       # ~10M events (100k users x 60 days)
+    python benchmarks/scale.py                       # about 10M events (210k users x 60 days)
     python benchmarks/scale.py --users 5000          # a quicker look
 """
 
@@ -103,7 +103,7 @@ def measure(argv: list[str]) -> tuple[dict[str, object], float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--users", type=int, default=100_000)
+    parser.add_argument("--users", type=int, default=210_000)
     parser.add_argument("--days", type=int, default=60)
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)

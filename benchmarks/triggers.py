@@ -16,7 +16,7 @@ synthetic users (not timed) and cached with the data under ``benchmarks/.data/``
 
 Usage::
 
-    python benchmarks/triggers.py                       # 180k users: about 8.5M events
+    python benchmarks/triggers.py                       # 210k users: about 10M events
     python benchmarks/triggers.py --users 20000         # a quicker look
 """
 
@@ -129,7 +129,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--users", type=int, default=180_000)
+    parser.add_argument("--users", type=int, default=210_000)
     parser.add_argument("--days", type=int, default=60)
     parser.add_argument("--new", type=int, default=10_000, help="new events in the new file")
     parser.add_argument("--train-users", type=int, default=20_000)
