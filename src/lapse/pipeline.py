@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -387,7 +387,6 @@ def run_score(
         with sink_lock(trail.locks, target.name), Ledger(trail.ledger) as ledger:
             return _resume(trail, ledger, target, info, config, report, started)
 
-    from lapse.events import validate_events
     from lapse.registry import load_bundle
     from lapse.scoring import score_users
 
@@ -477,26 +476,17 @@ def _send_scored(
     sink's last delivery, reasons for the users sent, the audit snapshot and
     outbox, the ledger's batches and the delivery itself (or a dry run).
     """
-    from lapse.scoring import delta_key, load_suppression, with_reasons
+    from lapse.scoring import with_reasons
 
-    records = scored.records
-    suppressed = records["user_id"].is_in(
-        pl.Series(sorted(load_suppression(config, attributes))).implode()
+    records, sendable = _mark_sendable(
+        scored.records,
+        config=config,
+        attributes=attributes,
+        ledger=ledger,
+        sink=target.name,
+        day=as_of.astimezone(UTC).date(),
+        run_id=run_id,
     )
-    records = records.with_columns(suppressed.alias("suppressed"))
-    sendable = ~records["suppressed"] & (~records["control"] | config.control.send)
-    # the cap withholds triggers before the delta key is taken, so a withheld
-    # trigger changes the key again on the run that finally delivers it
-    records = apply_frequency_cap(
-        records,
-        sendable,
-        ledger,
-        target.name,
-        config.delivery.frequency_cap,
-        on=as_of.astimezone(UTC).date(),
-        score_run_id=run_id,
-    ).with_columns(delta_key())
-
     pruned = [] if dry_run else trail.prune(config.audit.retention_days, as_of.date())
     if pruned:
         ledger.drop_runs(pruned)
@@ -577,10 +567,48 @@ def _send_scored(
     )
 
 
-def _last_fired(ledger: Ledger, sink: str) -> pl.DataFrame:
-    """The ledger's cooldown table for ``sink``: ``trigger, user_id, last_fired``."""
+def _mark_sendable(
+    records: pl.DataFrame,
+    *,
+    config: LapseConfig,
+    attributes: pl.DataFrame | None,
+    ledger: Ledger,
+    sink: str,
+    day: date,
+    run_id: str,
+    only_these_users: bool = False,
+) -> tuple[pl.DataFrame, pl.Series]:
+    """``records`` with ``suppressed``, the frequency cap's columns and ``delta_key``,
+    and the mask of records that may be sent (not suppressed, not held-out control).
+
+    The cap withholds triggers before the delta key is taken, so a withheld
+    trigger changes the key again on the run that finally delivers it.
+    """
+    from lapse.scoring import delta_key, load_suppression
+
+    suppressed = records["user_id"].is_in(
+        pl.Series(sorted(load_suppression(config, attributes)), dtype=pl.String).implode()
+    )
+    records = records.with_columns(suppressed.alias("suppressed"))
+    sendable = ~records["suppressed"] & (~records["control"] | config.control.send)
+    records = apply_frequency_cap(
+        records,
+        sendable,
+        ledger,
+        sink,
+        config.delivery.frequency_cap,
+        on=day,
+        score_run_id=run_id,
+        only_these_users=only_these_users,
+    ).with_columns(delta_key())
+    return records, sendable
+
+
+def _last_fired(ledger: Ledger, sink: str, users: list[str] | None = None) -> pl.DataFrame:
+    """The ledger's cooldown table for ``sink`` (``users`` only, if given):
+    ``trigger, user_id, last_fired``."""
     return pl.DataFrame(
-        ledger.fired(sink),
+        ledger.fired(sink, users=users),
         schema={"trigger": pl.String, "user_id": pl.String, "last_fired": pl.Date},
         orient="row",
     )
@@ -898,8 +926,10 @@ def run_triggers(
         )
         report.stage("reading the touched users' events")
         history: pl.DataFrame | None
+        validation: ValidationReport | None = None
         if todo.full:
-            history = read_user_events(events, config).collect()
+            # everyone is read: validate as `score` does, so rejected rows are counted
+            history, validation = validate_events(events, config, as_of=as_of)
             users = history["user_id"].cast(pl.String).unique().sort().to_list()
         else:
             users = todo.users
@@ -967,7 +997,7 @@ def run_triggers(
                 full=False,
                 report=report,
                 started=started,
-                validation=None,
+                validation=validation,
             )
         if not dry_run:
             ledger.advance_watermark(

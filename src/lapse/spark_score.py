@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lapse.config import LapseConfig
-from lapse.delivery import apply_frequency_cap, deliver, delta_changes, encode, plan_batches, settle
+from lapse.delivery import deliver, delta_changes, encode, plan_batches, settle
 from lapse.events import load_attributes
 from lapse.exceptions import LapseError
 from lapse.schema import EVENT_COLUMNS
@@ -294,35 +294,25 @@ def _post(
 
     Returns the snapshot rows (plus ``_unchanged`` for the counts) and the outbox rows.
     """
-    from lapse.pipeline import _outbox
-    from lapse.scoring import delta_key, load_suppression
+    from lapse.pipeline import _last_fired, _mark_sendable, _outbox
     from lapse.sinks.base import RECORD_COLUMNS
     from lapse.triggers import apply_cooldowns
 
     day = as_of.astimezone(UTC).date()
     users = records["user_id"].to_list()
-    fired = pl.DataFrame(
-        ledger.fired(target.name, users=users),
-        schema={"trigger": pl.String, "user_id": pl.String, "last_fired": pl.Date},
-        orient="row",
-    )
+    fired = _last_fired(ledger, target.name, users)
     records = records.with_columns(apply_cooldowns(records, fired, definitions, day))
     explained = records["reasons"]
-    suppressed = records["user_id"].is_in(
-        pl.Series(sorted(load_suppression(config, attributes)), dtype=pl.String).implode()
-    )
-    records = records.with_columns(suppressed.alias("suppressed"))
-    sendable = ~records["suppressed"] & (~records["control"] | config.control.send)
-    records = apply_frequency_cap(
+    records, sendable = _mark_sendable(
         records,
-        sendable,
-        ledger,
-        target.name,
-        config.delivery.frequency_cap,
-        on=day,
-        score_run_id=run_id,
+        config=config,
+        attributes=attributes,
+        ledger=ledger,
+        sink=target.name,
+        day=day,
+        run_id=run_id,
         only_these_users=True,
-    ).with_columns(delta_key())
+    )
     last = ledger.delivered(target.name, users=users)
     previous, changed = delta_changes(records, last, everyone=target.full_snapshot or full)
     send = sendable & changed

@@ -141,13 +141,23 @@ def _raw(path: str | Path, config: LapseConfig, as_of: datetime | None) -> tuple
     return scan_source(path, source.format, source.csv_separator), str(path)
 
 
-def read_events(path: str | Path, config: LapseConfig) -> pl.LazyFrame:
+def read_events(
+    path: str | Path, config: LapseConfig, user_ids: Sequence[str] | None = None
+) -> pl.LazyFrame:
     """Clean canonical events, lazily: scan, map, drop rejects and duplicates.
 
     No time filter is applied: features and labels apply their own cutoffs.
+    With ``user_ids`` only those users' rows are kept; the filter is applied to
+    the mapped rows before rejects and duplicates are flagged, so the scan reads
+    those users' rows only (duplicates share their user; a ``source.message_id``
+    shared across users is the one case this keeps apart).
     """
     raw, name = _raw(path, config, None)
-    clean = _clean(map_events(raw, config, source_name=name), config)
+    mapped = map_events(raw, config, source_name=name)
+    if user_ids is not None:
+        ids = pl.Series("user_id", sorted(set(user_ids)), dtype=pl.String)
+        mapped = mapped.filter(pl.col("user_id").cast(pl.String).is_in(ids.implode()))
+    clean = _clean(mapped, config)
     return clean.filter(pl.col(REASON).is_null() & ~pl.col(_DUPLICATE)).select(
         _output_columns(config)
     )
@@ -220,28 +230,15 @@ def validate_events(
 def read_user_events(
     path: str | Path, config: LapseConfig, user_ids: Sequence[str] | None = None
 ) -> pl.LazyFrame:
-    """:func:`read_events` restricted to ``user_ids`` (all users when ``None``), lazily.
-
-    The user filter is applied to the mapped rows before rejects and duplicates
-    are flagged, so the scan reads the touched users' rows only (duplicates share
-    their user; a ``source.message_id`` shared across users is the one case this
-    keeps apart). An incremental trigger run reads a user's history this way.
-    """
+    """:func:`read_events` of an append-only folder of event files, as incremental
+    trigger runs read a user's history (a database source is refused)."""
     if config.source.kind in DATABASE_FORMATS:
         raise EventsError(
             f"{source_label(path, config.source)}: incremental trigger runs read an append-only "
             "folder of event files, not a database; export the events to files, or run "
             "`lapse triggers run` without --incremental"
         )
-    raw, name = _raw(path, config, None)
-    mapped = map_events(raw, config, source_name=name)
-    if user_ids is not None:
-        ids = pl.Series("user_id", sorted(set(user_ids)), dtype=pl.String)
-        mapped = mapped.filter(pl.col("user_id").cast(pl.String).is_in(ids.implode()))
-    clean = _clean(mapped, config)
-    return clean.filter(pl.col(REASON).is_null() & ~pl.col(_DUPLICATE)).select(
-        _output_columns(config)
-    )
+    return read_events(path, config, user_ids)
 
 
 def new_event_users(files: Sequence[Path], config: LapseConfig) -> set[str]:
