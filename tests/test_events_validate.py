@@ -10,10 +10,12 @@ from typing import Any
 import polars as pl
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lapse.config import LapseConfig, load_config
 from lapse.events import REJECT_REASONS, read_events, validate_events
-from lapse.events.validate import rejects_path_for
+from lapse.events.validate import _first_distinct, rejects_path_for
 from lapse.schema import EVENT_COLUMNS
 
 SOURCE: dict[str, Any] = {
@@ -168,3 +170,21 @@ def test_default_rejects_path_names() -> None:
     assert rejects_path_for("/data/events.csv.gz", config).name == "events.rejects.parquet"
     assert rejects_path_for("/data/shards/*.parquet", config).name == "shards.rejects.parquet"
     assert rejects_path_for("/data/hive", config) == config.base_dir / "hive.rejects.parquet"
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["a", "b", None]),
+            st.sampled_from([0, 1]),
+            st.sampled_from([None, 0.0, -0.0, 1.5, float("nan")]),
+        ),
+        max_size=40,
+    )
+)
+def test_first_distinct_equals_the_exact_row_comparison(rows: list[Any]) -> None:
+    """The hashed shortcut keeps exactly the rows a whole-row comparison keeps."""
+    frame = pl.DataFrame(rows, schema=["u", "n", "x"], orient="row")
+    exact = frame.select(pl.struct("u", "n", "x").is_first_distinct()).to_series()
+    assert _first_distinct(frame, ["u", "n", "x"]).to_list() == exact.to_list()

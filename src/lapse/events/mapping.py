@@ -7,7 +7,7 @@ the event name of the rows they claim.
 
 Besides the canonical columns and ``source.properties`` the mapped frame
 keeps helper columns for validation: :data:`TS_RAW` (the source timestamp as
-text, null when absent), :data:`BY_RULE` (a row rule claimed the row) and,
+text, null when absent or already typed as a date or datetime), :data:`BY_RULE` (a row rule claimed the row) and,
 when ``source.message_id`` is set, :data:`MESSAGE_ID`.
 """
 
@@ -68,7 +68,7 @@ def id_as_string(expr: pl.Expr, dtype: pl.DataType) -> pl.Expr:
         )
     else:
         text = expr.cast(pl.String).str.strip_chars().str.replace(r"^(-?\d+)\.0+$", "${1}")
-    return pl.when(text.str.len_chars() > 0).then(text)
+    return text.replace("", None)  # (when/then would compute ``text`` twice)
 
 
 def present_columns(schema: pl.Schema) -> str:
@@ -243,8 +243,7 @@ def map_events(raw: pl.LazyFrame, config: LapseConfig, *, source_name: str) -> p
                 found[name], dtypes[name], ts_format, source.timestamp.timezone
             )
         elif name == "event":
-            text = found[name].cast(pl.String)
-            columns[name] = pl.when(text.str.len_chars() > 0).then(text)
+            columns[name] = found[name].cast(pl.String).replace("", None)
         else:
             columns[name] = found[name].cast(pl.Float64, strict=False)
     if "event" not in found and source.event_name:
@@ -262,8 +261,11 @@ def map_events(raw: pl.LazyFrame, config: LapseConfig, *, source_name: str) -> p
         event = pl.when(cond).then(pl.lit(rule.event)).otherwise(event)
         claimed = cond | claimed
 
+    raw_ts = (  # the text of a timestamp that may fail to parse; a typed one cannot
+        pl.lit(None, pl.String) if dtypes["ts"].is_temporal() else found["ts"].cast(pl.String)
+    )
     helpers = [
-        found["ts"].cast(pl.String).alias(TS_RAW),
+        raw_ts.alias(TS_RAW),
         claimed.alias(BY_RULE),
     ]
     if source.message_id:

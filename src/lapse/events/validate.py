@@ -49,7 +49,6 @@ __all__ = [
 
 REJECT_REASONS: Final = ("null_user_id", "unparsable_ts", "null_event", "negative_quantity")
 REASON: Final = "reason"
-_DUPLICATE: Final = "_duplicate"
 
 
 @dataclass(frozen=True)
@@ -101,23 +100,39 @@ def _reason(config: LapseConfig) -> pl.Expr:
     )
 
 
-def _duplicate(message_id: bool) -> pl.Expr:
-    same_row = ~pl.struct(list(EVENT_COLUMNS)).is_first_distinct()
-    if not message_id:
-        return same_row
-    return same_row | (pl.col(MESSAGE_ID).is_not_null() & ~pl.col(MESSAGE_ID).is_first_distinct())
+def _first_distinct(frame: pl.DataFrame, columns: Sequence[str]) -> pl.Series:
+    """``struct(columns).is_first_distinct()``, exactly, through a 64-bit row hash.
+
+    Rows whose hash occurs once are distinct; only the rows of repeated hashes
+    (the duplicates, and any collision) are compared column by column, so a
+    clean log costs one hash and one sort instead of a hash table of whole rows.
+    """
+    hashes = frame.select(pl.struct(list(columns)).hash()).to_series()
+    ordered = hashes.sort()
+    repeated = ordered.filter(ordered == ordered.shift(1))
+    keep = pl.Series(REASON, [True], dtype=pl.Boolean).new_from_index(0, frame.height)
+    if repeated.is_empty():
+        return keep
+    rows = hashes.is_in(repeated.implode()).arg_true()
+    first = frame[rows].select(pl.struct(list(columns)).is_first_distinct()).to_series()
+    return keep.scatter(rows.filter(~first), False)
 
 
-def _clean(mapped: pl.LazyFrame, config: LapseConfig) -> pl.LazyFrame:
-    """Mapped rows with ``reason`` and ``_duplicate`` (duplicates among unrejected rows)."""
-    flagged = mapped.with_columns(_reason(config))
-    message_id = config.source.message_id is not None
-    return flagged.with_columns(
-        pl.when(pl.col(REASON).is_null())
-        .then(_duplicate(message_id).over(pl.col(REASON).is_null()))
-        .otherwise(False)
-        .alias(_DUPLICATE)
-    )
+def _kept(frame: pl.DataFrame, config: LapseConfig) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Mapped rows -> ``(rejected rows with reason, kept events)``.
+
+    Duplicates among the unrejected rows (identical canonical columns, or the
+    same ``source.message_id``) keep their first occurrence.
+    """
+    frame = frame.with_columns(_reason(config))
+    rejected = frame.filter(pl.col(REASON).is_not_null())
+    ok = frame.filter(pl.col(REASON).is_null()) if rejected.height else frame
+    del frame
+    keep = _first_distinct(ok, list(EVENT_COLUMNS))
+    if config.source.message_id is not None:
+        ids = ok[MESSAGE_ID]
+        keep = keep & (ids.is_null() | ids.is_first_distinct())
+    return rejected, ok.filter(keep).select(_output_columns(config))
 
 
 def _output_columns(config: LapseConfig) -> list[str]:
@@ -144,7 +159,8 @@ def _raw(path: str | Path, config: LapseConfig, as_of: datetime | None) -> tuple
 def read_events(
     path: str | Path, config: LapseConfig, user_ids: Sequence[str] | None = None
 ) -> pl.LazyFrame:
-    """Clean canonical events, lazily: scan, map, drop rejects and duplicates.
+    """Clean canonical events: scan, map, drop rejects and duplicates (read at once,
+    returned as a LazyFrame for the feature builders).
 
     No time filter is applied: features and labels apply their own cutoffs.
     With ``user_ids`` only those users' rows are kept; the filter is applied to
@@ -157,10 +173,7 @@ def read_events(
     if user_ids is not None:
         ids = pl.Series("user_id", sorted(set(user_ids)), dtype=pl.String)
         mapped = mapped.filter(pl.col("user_id").cast(pl.String).is_in(ids.implode()))
-    clean = _clean(mapped, config)
-    return clean.filter(pl.col(REASON).is_null() & ~pl.col(_DUPLICATE)).select(
-        _output_columns(config)
-    )
+    return _kept(collect_frame(mapped, name), config)[1].lazy()
 
 
 def validate_events(
@@ -185,18 +198,16 @@ def validate_events(
     """
     source = config.source
     raw, name = _raw(path, config, as_of)
-    frame = collect_frame(_clean(map_events(raw, config, source_name=name), config), name)
-
-    rejected = frame.filter(pl.col(REASON).is_not_null())
-    events = frame.filter(pl.col(REASON).is_null() & ~pl.col(_DUPLICATE)).select(
-        _output_columns(config)
-    )
+    frame = collect_frame(map_events(raw, config, source_name=name), name)
+    rows_read = frame.height
+    rejected, events = _kept(frame, config)
+    del frame
 
     written: Path | None = None
     if rejected.height:
         written = rejects_path or rejects_path_for(path, config)
         written.parent.mkdir(parents=True, exist_ok=True)
-        rejected.drop(_DUPLICATE).write_parquet(written)
+        rejected.write_parquet(written)
 
     reference = as_of or now or datetime.now(UTC)
     if reference.tzinfo is None:
@@ -209,7 +220,7 @@ def validate_events(
     assigned = set().union(*role_names.values())
     report = ValidationReport(
         path=name,
-        rows_read=frame.height,
+        rows_read=rows_read,
         rows_kept=events.height,
         users=events["user_id"].n_unique(),
         ts_min=events["ts"].min(),  # type: ignore[arg-type]
@@ -220,7 +231,7 @@ def validate_events(
         },
         events_unassigned=sum(n for e, n in per_event.items() if e not in assigned),
         rejected_by_reason={reason: int(counts.get(reason, 0)) for reason in REJECT_REASONS},
-        duplicates=int(frame[_DUPLICATE].sum()),
+        duplicates=rows_read - rejected.height - events.height,
         future_events=events.filter(pl.col("ts") > horizon).height,
         rejects_path=written,
     )
