@@ -81,27 +81,46 @@ def _asof(
     )
 
 
-def _population(events: pl.LazyFrame, cutoffs: Sequence[datetime]) -> pl.LazyFrame:
-    """Every (user, cutoff) where the user has an event strictly before the cutoff."""
-    first = events.group_by("user_id").agg(pl.col("ts").min().alias("_first"))
-    return (
-        first.join(_cutoff_frame(cutoffs), how="cross")
-        .filter(pl.col("_first") < pl.col("cutoff"))
-        .select("user_id", "cutoff")
-    )
-
-
 def _with_history(
     events: pl.LazyFrame, cutoffs: Sequence[datetime], config: LapseConfig
 ) -> pl.LazyFrame:
-    """Population rows plus the last-before times eligibility needs (past only)."""
-    frame = _asof(
-        _population(events, cutoffs), activity_events(events, config), "_last_act", forward=False
-    )
+    """Every (user, cutoff) where the user has an event strictly before the cutoff, with
+    the last-before times eligibility needs (past only).
+
+    One pass over the events: per user, the first event and, for each cutoff,
+    the last qualifying event (and cancel and purchase, when needed) before it.
+    """
+    cuts = _cutoff_frame(cutoffs).collect()["cutoff"].to_list()
+    activity_events(events, config)  # its checks of labels.activity_roles
+    needs = {"_last_act": config.labels.activity_roles}
     if config.labels.kind == "contractual" or config.labels.eligibility == "subscribed":
-        frame = _asof(frame, role_events(events, config, ["cancel"]), "_last_cancel", forward=False)
-        frame = _asof(frame, role_events(events, config, ["purchase"]), "_last_buy", forward=False)
-    return frame
+        needs |= {"_last_cancel": ["cancel"], "_last_buy": ["purchase"]}
+    ts = pl.col("ts")
+    flags = [
+        pl.col("event").is_in(sorted({n for r in roles for n in config.roles.of(r)})).alias(name)
+        for name, roles in needs.items()
+    ]
+    aggs = [
+        ts.filter((ts < c) & pl.col(name)).max().alias(f"{name}{i}")
+        for i, c in enumerate(cuts)
+        for name in needs
+    ]
+    wide = (
+        events.select("user_id", "ts", *flags)
+        .group_by("user_id")
+        .agg(ts.min().alias("_first"), *aggs)
+        .collect()
+    )
+    return pl.concat(
+        wide.lazy()
+        .filter(pl.col("_first") < c)
+        .select(
+            "user_id",
+            pl.lit(c, _CUTOFF_DTYPE).alias("cutoff"),
+            *(pl.col(f"{name}{i}").alias(name) for name in needs),
+        )
+        for i, c in enumerate(cuts)
+    )
 
 
 def _eligible_expr(config: LapseConfig) -> pl.Expr:
