@@ -3,7 +3,14 @@
 One run scores every eligible user of a synthetic event log as of the day
 after it: read + validate, features, churn (calibrated), survival (open
 consumable episodes), rules, segments, reasons for the users sent with
-something to say, audit snapshot, file sink. A small bundle is trained once
+something to say, audit snapshot, file sink.
+
+The issue's workload explains about 10% of the users. Reasons go to every
+user sent with a non-low segment or a fired trigger, and on the synthetic data
+the built-in triggers fire for about 65% of users, so the run sends the
+triggers to the segments that need them, as a shop would: every built-in gets
+``audience: [high, medium]`` (a ``triggers:`` setting). The triggers are still
+evaluated for every user; the benchmark prints the share explained. A small bundle is trained once
 on a sample of users (not timed) and cached with the data under
 ``benchmarks/.data/``. The score runs in its own subprocess; the benchmark
 prints its wall time per step, its peak memory (max RSS) and both as a ratio
@@ -66,9 +73,12 @@ def prepare(users: int, days: int, train_users: int) -> tuple[Path, Path, dateti
 
 def child(events: str, bundle: str, as_of: str, out: str) -> None:
     """The timed side: one `run_score` with the file sink, step times on stdout as JSON."""
-    from lapse.config import load_config
+    from lapse.config import TriggerSpec, load_config
     from lapse.pipeline import run_score
+    from lapse.triggers import BUILTIN
 
+    config = load_config()
+    config.triggers = {name: TriggerSpec(audience=["high", "medium"]) for name in BUILTIN}
     steps: dict[str, float] = {}
     last = [time.perf_counter(), "start"]
 
@@ -88,7 +98,7 @@ def child(events: str, bundle: str, as_of: str, out: str) -> None:
     t0 = time.perf_counter()
     result = run_score(
         Path(events),
-        load_config(),
+        config,
         as_of=datetime.fromisoformat(as_of),
         model=bundle,
         out=Path(out),

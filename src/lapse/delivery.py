@@ -150,8 +150,7 @@ def delta_changes(
 
 def encode(sink: Sink, outbox: pl.DataFrame) -> list[Item | None]:
     """Each outbox row as the sink's item (``None``: the sink skips the record)."""
-    records = outbox.drop([c for c in INTERNAL_COLUMNS if c in outbox.columns]).to_dicts()
-    return [sink.encode(r) for r in records]
+    return sink.encode_frame(outbox.drop([c for c in INTERNAL_COLUMNS if c in outbox.columns]))
 
 
 def plan_batches(

@@ -410,11 +410,15 @@ def with_reasons(
     if top == 0 or not want.any():
         return records
     idx = np.flatnonzero(want.to_numpy())
-    explained = bundle.reasons(result.features[idx], top=top)
-    filled = records["reasons"].to_list()
-    for i, r in zip(idx.tolist(), explained["reasons"].to_list(), strict=True):
-        filled[i] = r
-    return records.with_columns(pl.Series("reasons", filled, dtype=pl.List(pl.String)))
+    explained = bundle.reasons(result.features[idx], top=top)["reasons"]
+    at = pl.Series("_at", idx, dtype=pl.UInt32)
+    filled = (
+        records.select(pl.int_range(pl.len(), dtype=pl.UInt32).alias("_at"), "reasons")
+        .join(pl.DataFrame([at, explained.alias("_new")]), on="_at", how="left")
+        .sort("_at")
+        .select(pl.coalesce("_new", "reasons").alias("reasons"))
+    )
+    return records.with_columns(filled)
 
 
 def load_suppression(config: LapseConfig, attributes: pl.DataFrame | None) -> set[str]:

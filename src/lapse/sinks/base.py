@@ -164,6 +164,10 @@ class Sink(ABC):
     def encode(self, record: Record) -> Item | None:
         """The item sent for ``record``, or ``None`` to skip it (e.g. no identifier)."""
 
+    def encode_frame(self, records: pl.DataFrame) -> list[Item | None]:
+        """:meth:`encode` of every row of ``records``, in order (a sink may do it in bulk)."""
+        return [self.encode(r) for r in records.to_dicts()]
+
     @abstractmethod
     def send(self, batch_id: str, items: list[Item]) -> Outcome:
         """Send one batch; raise the errors in this module's docstring on failure."""

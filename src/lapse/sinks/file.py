@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from itertools import groupby, repeat
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import polars as pl
 
@@ -51,10 +52,18 @@ class FileSink(Sink):
         return self.path.parent / f".{self.path.name}.parts" / score_run_id
 
     def encode(self, record: Record) -> Item | None:
-        return {k: record[k] for k in RECORD_COLUMNS}
+        return self.encode_frame(pl.DataFrame([record]))[0]
+
+    def encode_frame(self, records: pl.DataFrame) -> list[Item | None]:
+        """Each record as a :class:`_Row` of one shared frame: no per-record copy."""
+        frame = records.select(pl.col(c).cast(RECORD_SCHEMA[c]) for c in RECORD_COLUMNS)
+        return list(map(_Row, repeat(frame), range(frame.height)))
+
+    def payload(self, items: list[Item]) -> Any:
+        return _gather(items).to_dicts()
 
     def send(self, batch_id: str, items: list[Item]) -> Outcome:
-        frame = pl.DataFrame(items, schema=RECORD_SCHEMA, orient="row")
+        frame = _gather(items)
         part = self._parts(self._run) / f"{batch_id}.parquet"
         part.parent.mkdir(parents=True, exist_ok=True)
         tmp = part.with_suffix(".tmp")
@@ -87,6 +96,22 @@ class FileSink(Sink):
 
     def describe(self) -> str:
         return f"file {self.path}"
+
+
+class _Row(NamedTuple):
+    """The file sink's item: row ``at`` of a frame of records."""
+
+    frame: pl.DataFrame
+    at: int
+
+
+def _gather(items: list[_Row]) -> pl.DataFrame:
+    """The records of ``items``, in order (consecutive rows of one frame are taken at once)."""
+    parts = []
+    for _, run in groupby(items, key=lambda row: id(row.frame)):
+        rows = list(run)
+        parts.append(rows[0].frame[[row.at for row in rows]])
+    return pl.concat(parts) if parts else pl.DataFrame(schema=RECORD_SCHEMA)
 
 
 def _sink_parquet(frame: pl.LazyFrame, path: Path) -> None:

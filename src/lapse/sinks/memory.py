@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import polars as pl
+
 from lapse.sinks.base import RECORD_COLUMNS, Item, Limits, Outcome, Record, Sink
 
 if TYPE_CHECKING:
@@ -41,6 +43,11 @@ class MemorySink(Sink):
         if self.like is not None:
             return self.like.encode(record)
         return {k: record[k] for k in RECORD_COLUMNS}
+
+    def encode_frame(self, records: pl.DataFrame) -> list[Item | None]:
+        if self.like is not None:
+            return self.like.encode_frame(records)
+        return super().encode_frame(records)
 
     def payload(self, items: list[Item]) -> Any:
         return self.like.payload(items) if self.like is not None else items
