@@ -108,23 +108,62 @@ def purchase_orders(
     )
 
 
-def _counts_before(
-    left: pl.LazyFrame, running: pl.LazyFrame, by: list[str], at: pl.Expr, name: str
-) -> pl.LazyFrame:
-    """Attach ``running``'s cumulative ``_cum`` as of just before ``at`` (0 when none)."""
-    probe = left.with_columns(at.alias("_at")).sort("_at")
-    joined = probe.join_asof(
-        running.sort("ts"),
-        left_on="_at",
-        right_on="ts",
-        by=by,
-        strategy="backward",
-        allow_exact_matches=False,
-        check_sortedness=False,  # sorted globally by the key, hence within each group
-        suffix="_r",
+def _sums_before(
+    events: pl.LazyFrame, probes: pl.DataFrame, keys: list[str], at: dict[str, pl.Expr]
+) -> pl.DataFrame:
+    """Per probe ``_row`` and each ``name: at``: the sum of the events' ``_w`` with the
+    probe's ``keys`` and ``ts`` strictly before ``at`` (0 when none, or ``at`` is null).
+
+    Events and probe times are sorted together, probes first at equal times, and
+    a running sum per key is read off at the probe rows (no as-of join by key).
+    """
+    stamps = pl.concat(
+        probes.lazy().select(
+            *keys, at_time.alias("_t"), pl.lit(0.0).alias("_w"), "_row", pl.lit(k).alias("_at")
+        )
+        for k, at_time in enumerate(at.values())
     )
-    return joined.with_columns(pl.col("_cum").fill_null(0.0).alias(name)).drop(
-        "_at", "_cum", "ts_r", strict=False
+    marks = events.select(
+        *keys,
+        pl.col("ts").alias("_t"),
+        pl.col("_w").cast(pl.Float64),
+        pl.lit(None, pl.UInt32).alias("_row"),
+        pl.lit(None, pl.Int32).alias("_at"),
+    )
+    summed = (
+        pl.concat([stamps, marks])
+        .sort([*keys, "_t", pl.col("_row").is_null()], maintain_order=True)
+        .with_columns(pl.col("_w").cum_sum().over(keys).alias("_sum"))
+        .filter(pl.col("_row").is_not_null())
+        .select("_row", "_at", "_sum")
+        .collect()
+    )
+    out = probes.select("_row")
+    for k, name in enumerate(at):
+        part = summed.filter(pl.col("_at") == k).select("_row", pl.col("_sum").alias(name))
+        out = out.join(part, on="_row", how="left", maintain_order="left")
+    return out.with_columns(pl.col(name).fill_null(0.0) for name in at)
+
+
+def _consumed(ev: pl.LazyFrame, orders: pl.DataFrame, consumption: list[str]) -> pl.LazyFrame:
+    """Consumption events as ``user_id, sku, ts, _w`` (units used).
+
+    An event without a SKU counts toward the user's last order at or before it
+    (``"any"`` target: toward the user).
+    """
+    used = ev.filter(pl.col("event").is_in(consumption)).select(
+        "user_id", "ts", "sku", pl.col("quantity").fill_null(1.0).alias("_w")
+    )
+    if orders["sku"].first() == ANY_SKU:
+        return used.with_columns(pl.lit(ANY_SKU).alias("sku"))
+    marks = orders.lazy().select("user_id", "ts", pl.col("sku").alias("_last_sku"))
+    return (
+        pl.concat([marks, used], how="diagonal")
+        .sort("user_id", "ts", pl.col("_w").is_not_null(), maintain_order=True)  # orders first
+        .with_columns(pl.col("_last_sku").forward_fill().over("user_id"))
+        .filter(pl.col("_w").is_not_null())
+        .select("user_id", pl.coalesce("sku", "_last_sku").alias("sku"), "ts", "_w")
+        .filter(pl.col("sku").is_not_null())
     )
 
 
@@ -169,6 +208,7 @@ def order_covariates(
                 "_bought_before"
             ),
         )
+        .collect()
     )
     if_null = pl.lit(None, pl.Float64)
     ev = _engine.canonical(events)
@@ -177,27 +217,14 @@ def order_covariates(
         ev = ev.filter(pl.col("ts") < t_max)
     consumption = config.roles.of("consumption")
     if consumption and orders.height:
-        last_sku = (
-            orders.lazy().select("user_id", "ts", pl.col("sku").alias("_last_sku")).sort("ts")
-        )
-        used = (
-            ev.filter(pl.col("event").is_in(consumption))
-            .select("user_id", "ts", "sku", pl.col("quantity").fill_null(1.0).alias("_u"))
-            .sort("ts")
-            .join_asof(last_sku, on="ts", by="user_id", check_sortedness=False)
-        )
-        if orders["sku"].first() == ANY_SKU:
-            used = used.with_columns(pl.lit(ANY_SKU).alias("sku"))
-        else:
-            used = used.with_columns(pl.coalesce("sku", "_last_sku").alias("sku"))
-        running = (
-            used.filter(pl.col("sku").is_not_null())
-            .sort("ts")
-            .select(*keys, "ts", pl.col("_u").cum_sum().over(keys).alias("_cum"))
-        )
-        base = _counts_before(base, running, keys, ts, "_used_before")
         back = ts - pl.duration(days=_RATE_DAYS)
-        base = _counts_before(base, running, keys, back, "_used_back")
+        used = _sums_before(
+            _consumed(ev, orders, consumption),
+            base,
+            keys,
+            {"_used_before": ts, "_used_back": back},
+        )
+        base = base.join(used, on="_row", how="left", maintain_order="left")
         span = pl.min_horizontal(pl.col("days_since_first_order"), float(_RATE_DAYS))
         rate = pl.when(span >= 1.0).then((pl.col("_used_before") - pl.col("_used_back")) / span)
         on_hand = pl.max_horizontal(pl.col("_bought_before") - pl.col("_used_before"), 0.0)
@@ -213,16 +240,18 @@ def order_covariates(
         )
     usage = config.roles.of("usage")
     if usage and orders.height:
-        running = (
-            ev.filter(pl.col("event").is_in(usage))
-            .select("user_id", "ts")
-            .sort("ts")
-            .with_columns(
-                pl.int_range(1, pl.len() + 1).over("user_id").cast(pl.Float64).alias("_cum")
-            )
+        counts = _sums_before(
+            ev.filter(pl.col("event").is_in(usage)).select(
+                "user_id", "ts", pl.lit(1.0).alias("_w")
+            ),
+            base,
+            ["user_id"],
+            {
+                name: ts - pl.duration(days=days)
+                for name, days in (("_u0", 0), ("_u14", 14), ("_u28", 28))
+            },
         )
-        for name, days in (("_u0", 0), ("_u14", 14), ("_u28", 28)):
-            base = _counts_before(base, running, ["user_id"], ts - pl.duration(days=days), name)
+        base = base.join(counts, on="_row", how="left", maintain_order="left")
         recent, before = pl.col("_u0") - pl.col("_u14"), pl.col("_u14") - pl.col("_u28")
         base = base.with_columns(
             (pl.col("_u0") - pl.col("_u28")).alias("usage_28d"),
@@ -230,8 +259,4 @@ def order_covariates(
         )
     else:
         base = base.with_columns(if_null.alias(c) for c in ("usage_28d", "usage_trend_14d"))
-    return (
-        base.sort("_row")
-        .select(*keys, "ts", *(pl.col(c).cast(pl.Float64) for c in COVARIATES))
-        .collect()
-    )
+    return base.sort("_row").select(*keys, "ts", *(pl.col(c).cast(pl.Float64) for c in COVARIATES))
