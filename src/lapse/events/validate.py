@@ -84,20 +84,22 @@ class ValidationReport:
         return self.rows_rejected / self.rows_read if self.rows_read else 0.0
 
 
-def _reason(config: LapseConfig) -> pl.Expr:
+def _checks(config: LapseConfig) -> dict[str, pl.Expr]:
+    """Reject reason -> the condition that flags a row, in order of precedence."""
     returns = config.roles.of("return")
     negative = (pl.col("quantity") < 0) & ~pl.col(BY_RULE) & ~pl.col("event").is_in(returns)
-    return (
-        pl.when(pl.col("user_id").is_null())
-        .then(pl.lit("null_user_id"))
-        .when(pl.col("ts").is_null())
-        .then(pl.lit("unparsable_ts"))
-        .when(pl.col("event").is_null())
-        .then(pl.lit("null_event"))
-        .when(negative.fill_null(False))
-        .then(pl.lit("negative_quantity"))
-        .alias(REASON)
-    )
+    return {
+        "null_user_id": pl.col("user_id").is_null(),
+        "unparsable_ts": pl.col("ts").is_null(),
+        "null_event": pl.col("event").is_null(),
+        "negative_quantity": negative.fill_null(False),
+    }
+
+
+def _reason(config: LapseConfig) -> pl.Expr:
+    """The first reject reason that applies to a row, else null."""
+    firsts = (pl.when(cond).then(pl.lit(name)) for name, cond in _checks(config).items())
+    return pl.coalesce(firsts).alias(REASON)
 
 
 def _first_distinct(frame: pl.DataFrame, columns: Sequence[str]) -> pl.Series:
@@ -107,7 +109,7 @@ def _first_distinct(frame: pl.DataFrame, columns: Sequence[str]) -> pl.Series:
     (the duplicates, and any collision) are compared column by column, so a
     clean log costs one hash and one sort instead of a hash table of whole rows.
     """
-    hashes = frame.select(pl.struct(list(columns)).hash()).to_series()
+    hashes = frame.select(columns).hash_rows()
     ordered = hashes.sort()
     repeated = ordered.filter(ordered == ordered.shift(1))
     keep = pl.Series(REASON, [True], dtype=pl.Boolean).new_from_index(0, frame.height)
@@ -124,15 +126,19 @@ def _kept(frame: pl.DataFrame, config: LapseConfig) -> tuple[pl.DataFrame, pl.Da
     Duplicates among the unrejected rows (identical canonical columns, or the
     same ``source.message_id``) keep their first occurrence.
     """
-    frame = frame.with_columns(_reason(config))
-    rejected = frame.filter(pl.col(REASON).is_not_null())
-    ok = frame.filter(pl.col(REASON).is_null()) if rejected.height else frame
+    bad = frame.select(pl.any_horizontal(_checks(config).values())).to_series()
+    if bad.any():  # reasons are spelled out for the rejected rows only
+        rejected = frame.filter(bad).with_columns(_reason(config))
+        ok = frame.filter(~bad)
+    else:
+        rejected, ok = frame.clear().with_columns(pl.lit(None, pl.String).alias(REASON)), frame
     del frame
     keep = _first_distinct(ok, list(EVENT_COLUMNS))
     if config.source.message_id is not None:
         ids = ok[MESSAGE_ID]
         keep = keep & (ids.is_null() | ids.is_first_distinct())
-    return rejected, ok.filter(keep).select(_output_columns(config))
+    kept = ok if keep.all() else ok.filter(keep)
+    return rejected, kept.select(_output_columns(config))
 
 
 def _output_columns(config: LapseConfig) -> list[str]:
