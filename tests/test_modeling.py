@@ -291,3 +291,16 @@ def test_describe_renders_common_features() -> None:
     assert describe("aha_reached", {"aha_reached": False}) == "has not reached the aha moment yet"
     assert describe("error_count_7d", {"error_count_7d": 4}) == "errors in last 7 days: 4"
     assert describe("plan", {"plan": "basic"}) == "plan: basic"
+
+
+def test_rfm_summary_sees_only_activity_before_a_mid_day_cutoff() -> None:
+    from lapse.modeling.bgnbd import rfm_summary
+
+    ts = [datetime(2024, 1, 1, 9, tzinfo=UTC), datetime(2024, 1, 4, 15, tzinfo=UTC)]
+    events = pl.LazyFrame({"user_id": ["a", "a"], "ts": ts, "event": ["app_open"] * 2})
+    events = events.with_columns(pl.col("ts").dt.cast_time_unit("us"))
+    noon = datetime(2024, 1, 4, 12, tzinfo=UTC)
+    row = rfm_summary(events, [noon], load_config()).row(0, named=True)
+    # the 15:00 visit on the cutoff's day is after the cutoff: no repeat day yet
+    assert row["btyd_frequency"] == 0.0 and row["btyd_recency_days"] == 0.0
+    assert row["btyd_age_days"] == 3.5  # from the first active day (midnight) to noon

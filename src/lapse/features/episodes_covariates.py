@@ -108,6 +108,11 @@ def purchase_orders(
     )
 
 
+def _tick(ts: pl.Expr, later: pl.Expr) -> pl.Expr:
+    """A time as one sortable integer: ``later`` rows sort after the others at equal times."""
+    return ts.dt.epoch("us") * 2 + later.cast(pl.Int64)
+
+
 def _sums_before(
     events: pl.LazyFrame, probes: pl.DataFrame, keys: list[str], at: dict[str, pl.Expr]
 ) -> pl.DataFrame:
@@ -119,20 +124,24 @@ def _sums_before(
     """
     stamps = pl.concat(
         probes.lazy().select(
-            *keys, at_time.alias("_t"), pl.lit(0.0).alias("_w"), "_row", pl.lit(k).alias("_at")
+            *keys,
+            _tick(at_time, pl.lit(False)).alias("_t"),
+            pl.lit(0.0).alias("_w"),
+            "_row",
+            pl.lit(k).alias("_at"),
         )
         for k, at_time in enumerate(at.values())
     )
     marks = events.select(
         *keys,
-        pl.col("ts").alias("_t"),
+        _tick(pl.col("ts"), pl.lit(True)).alias("_t"),
         pl.col("_w").cast(pl.Float64),
         pl.lit(None, pl.UInt32).alias("_row"),
         pl.lit(None, pl.Int32).alias("_at"),
     )
     summed = (
         pl.concat([stamps, marks])
-        .sort([*keys, "_t", pl.col("_row").is_null()], maintain_order=True)
+        .sort(*keys, "_t")
         .with_columns(pl.col("_w").cum_sum().over(keys).alias("_sum"))
         .filter(pl.col("_row").is_not_null())
         .select("_row", "_at", "_sum")
@@ -159,7 +168,8 @@ def _consumed(ev: pl.LazyFrame, orders: pl.DataFrame, consumption: list[str]) ->
     marks = orders.lazy().select("user_id", "ts", pl.col("sku").alias("_last_sku"))
     return (
         pl.concat([marks, used], how="diagonal")
-        .sort("user_id", "ts", pl.col("_w").is_not_null(), maintain_order=True)  # orders first
+        .sort("user_id", _tick(pl.col("ts"), pl.col("_w").is_not_null()), maintain_order=True)
+        # (orders first at equal times, as an as-of join that allows exact matches)
         .with_columns(pl.col("_last_sku").forward_fill().over("user_id"))
         .filter(pl.col("_w").is_not_null())
         .select("user_id", pl.coalesce("sku", "_last_sku").alias("sku"), "ts", "_w")

@@ -49,15 +49,15 @@ def rfm_summary(
 
     days = (
         activity_events(events, config)
-        .select("user_id", pl.col("ts").dt.truncate("1d").alias("day"))
-        .unique()
+        .group_by("user_id", pl.col("ts").dt.truncate("1d").alias("day"))
+        .agg(pl.col("ts").min().alias("_at"))  # a day counts from its first activity on
         .collect()
     )
     parts = []
     for cutoff in sorted(set(cutoffs)):
         parts.append(
             days.lazy()
-            .filter(pl.col("day") < cutoff)
+            .filter(pl.col("_at") < cutoff)
             .group_by("user_id")
             .agg(
                 (pl.len() - 1).cast(pl.Float64).alias("btyd_frequency"),
