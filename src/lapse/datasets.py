@@ -9,23 +9,31 @@ would see and the truth frames are what a perfect model would know:
   burn-in before ``start`` (their earlier events are cut, as in any extract,
   and churn is only decided from ``start`` on, so they are day-0 survivors);
 - lognormal per-user rates (few heavy users, many light), busier weekends,
-  gamma day-to-day noise and occasional 4-14 day dips in healthy users;
+  gamma day-to-day noise and pauses in healthy users (trips, busy weeks): a
+  1.5% daily chance of an abrupt 5-24 day dip to 0-30% of the usual level,
+  so about one active user in seven is paused on a given day and "usage
+  down" fires for many users who come back;
 - setup, abandoned by 12%; activation (``routine_created``) with a per-user
-  daily chance after setup, never for 30%; usage ramps up over three weeks
-  after activation;
-- a daily churn hazard raised by no activation, abandoned setup, recent
-  errors (seen or not), early tenure and an empty pod supply; lowered 0.4x
-  by ``second_device_added`` and 0.75x for subscribers; ``theme_changed``
-  has no effect. Once churn is decided, usage fades over 7-28 days until the
-  churn date; subscribers cancel on it. 3% return the device within two
-  weeks and churn the day after;
+  daily chance after setup, never for 45% (many brew without a routine);
+  usage ramps up over three weeks after activation;
+- a daily churn hazard driven mostly by what the events show: 3x at signup,
+  easing to 1.1x by day 90; 2.2x for an abandoned setup, 1.3x before
+  activation, 1.4x with pods run out for two weeks; rising with how flaky
+  the device and app are (the share of uses that fail, not the error count,
+  so a heavy user's many errors are no alarm); lowered 0.4x by
+  ``second_device_added`` and 0.75x for subscribers; light app users, the
+  signup channel and a small hidden frailty do the rest; ``theme_changed``
+  has no effect. Once churn is decided, subscribers cancel that day and
+  usage fades gradually (unlike the abrupt pauses) over 1-6 weeks until the
+  churn date, except for 10% abrupt quits within 1-3 days. 3% return the
+  device within two weeks (cancelling that day) and churn the day after;
 - pods are consumed by device use (telemetry events for 70% of devices, but
   every device consumes) and reordered around running out: 20% early, most
   0-4 days late, some up to three weeks late, 4% lapse (60% once churning).
 
-Timing (2 cores): ``generate(100_000, 365)`` takes about 20 s and 3.5 GB,
-with 22.6 M events (about 1.56 per user and live day) and 14.5 M
-``truth_hazard`` rows; ``generate(2000, 180)`` takes about 0.45 s.
+Timing (2 cores): ``generate(100_000, 365)`` takes about 20 s and 3 GB,
+with 18.1 M events (about 1.31 per user and live day) and 13.9 M
+``truth_hazard`` rows; ``generate(2000, 180)`` takes about 0.6 s.
 
 Examples
 --------
@@ -96,7 +104,11 @@ _S = {name: code for code, name in enumerate(_SKUS)}
 
 _BURN_IN: Final = 56
 _HORIZON: Final = 28  # truth_hazard's window, matching the default label horizon
-_DECAY_MIN, _DECAY_MAX = 7, 28  # activity fades over 1-4 weeks before the churn date
+# Once churn is decided, activity fades until the churn date: over 1-6 weeks for most,
+# within 1-3 days for the abrupt quits.
+_DECAY_MIN, _DECAY_MAX = 7, 42
+_ABRUPT_P: Final = 0.1
+_ABRUPT_MAX: Final = 3
 _NEVER: Final = 1 << 30
 _DAY_US: Final = 86_400_000_000
 _MIN_US: Final = 60_000_000
@@ -197,11 +209,21 @@ def _random_tod(rng: np.random.Generator, idx: IntArr) -> IntArr:
     return rng.integers(0, _DAY_US, len(idx))
 
 
+def _decay_pmf() -> FloatArr:
+    """``pmf[d]``: probability that a decided churn fades over ``d`` days."""
+    pmf = np.zeros(_DECAY_MAX + 1)
+    pmf[1 : _ABRUPT_MAX + 1] = _ABRUPT_P / _ABRUPT_MAX
+    pmf[_DECAY_MIN:] += (1.0 - _ABRUPT_P) / (_DECAY_MAX - _DECAY_MIN + 1)
+    return pmf
+
+
+_DECAY_PMF: Final = _decay_pmf()
+
+
 def _hazard_weights() -> FloatArr:
     """``w[k] = P(decay < horizon - k)`` for a churn decided ``k`` days from now."""
-    n_decay = _DECAY_MAX - _DECAY_MIN + 1
-    k = np.arange(_HORIZON)
-    return np.clip(_HORIZON - k - _DECAY_MIN, 0, n_decay) / n_decay
+    cdf = np.cumsum(_DECAY_PMF)  # cdf[d] = P(decay <= d)
+    return np.array([cdf[_HORIZON - k - 1] for k in range(_HORIZON)])
 
 
 _W: Final = _hazard_weights()
@@ -280,13 +302,19 @@ def _simulate(n: int, n_days: int, start: date, rng: np.random.Generator) -> _Si
     r_app = np.exp(np.log(0.8) + 0.8 * z + 0.45 * rng.standard_normal(n))
     r_dev = np.exp(np.log(1.1) + 0.45 * z + 0.3 * rng.standard_normal(n))
     telemetry = rng.random(n) < 0.7
-    never_aha = rng.random(n) < 0.3
+    never_aha = rng.random(n) < 0.45
     aha_rate = np.where(never_aha, 0.0, np.exp(np.log(0.07) + 0.8 * rng.standard_normal(n)))
     err_rate = np.minimum(np.exp(np.log(0.015) + 1.0 * rng.standard_normal(n)), 0.5)
-    frailty = np.exp(0.5 * rng.standard_normal(n) - 0.125)
+    frailty = np.exp(0.3 * rng.standard_normal(n) - 0.045)  # what no event reveals
     premium = rng.random(n) < 0.3
     channel = rng.choice(len(_CHANNELS), n, p=_CHANNEL_P)
-    user_hazard = _BASE_HAZARD * frailty * _CHANNEL_HAZARD[channel] * (r_app / 0.8) ** -0.25
+    user_hazard = (
+        _BASE_HAZARD
+        * frailty
+        * _CHANNEL_HAZARD[channel]
+        * (r_app / 0.8) ** -0.25
+        * (err_rate / 0.015) ** 0.6  # a flaky device (errors per use), not the error count
+    )
     wants_sub = rng.random(n) < np.where(premium, 0.6, 0.2)
     sub_delay = np.where(rng.random(n) < 0.5, 0, rng.integers(1, 31, n))
     sub_start = np.where(wants_sub, signup + sub_delay, _NEVER)
@@ -312,6 +340,7 @@ def _simulate(n: int, n_days: int, start: date, rng: np.random.Generator) -> _Si
 
     # --- mutable state ----------------------------------------------------------
     churn_day = np.full(n, _NEVER)
+    cancel_day = np.full(n, _NEVER)  # subscribers cancel when they decide to leave
     decided = np.zeros(n, bool)
     decay_len = np.ones(n, np.int64)
     # A few devices go back within two weeks; the return decides churn at signup.
@@ -319,19 +348,20 @@ def _simulate(n: int, n_days: int, start: date, rng: np.random.Generator) -> _Si
     return_day = np.where(returns, signup + rng.integers(2, 15, n), _NEVER)
     decided[returns] = True
     churn_day[returns] = return_day[returns] + 1
+    cancel_day[returns] = return_day[returns]
+    sub_start[returns] = np.where(sub_start < return_day, sub_start, _NEVER)[returns]
     decay_len[returns] = churn_day[returns] - signup[returns]
     aha_day = np.full(n, _NEVER)
     sticky_day = np.full(n, _NEVER)
     neutral_day = np.full(n, _NEVER)
     mug = np.zeros(n, bool)
     dip_until = np.zeros(n, np.int64)
+    dip_depth = np.ones(n)
     supply = np.zeros(n, np.int64)
     epoch = np.zeros(n, np.int64)
     depleted_since = np.full(n, _NEVER)
     lateness = np.zeros(n, np.int64)
     lapsed = np.zeros(n, bool)
-    err_ring = np.zeros((7, n), np.int64)
-    err7 = np.zeros(n, np.int64)
 
     log = _Log()
     orders = _Log()  # every order, burn-in included, for the depletion truth; ``qty`` = packs
@@ -371,10 +401,9 @@ def _simulate(n: int, n_days: int, start: date, rng: np.random.Generator) -> _Si
         if emit and len(alive):
             und = alive[~decided[alive]]
             h = user_hazard[und].copy()
-            h *= np.where(t - signup[und] < 30, 1.5, 1.0)
-            h *= np.where(aha_day[und] < t, 1.0, 1.8)
+            h *= 1.0 + 2.0 * np.exp(-(t - signup[und]) / 30.0)  # 3x at signup, 1.1x at 90 days
+            h *= np.where(aha_day[und] < t, 1.0, 1.3)
             h *= np.where((setup_done[und] > t) & (t - setup_start[und] >= 4), 2.2, 1.0)
-            h *= 1.0 + 0.25 * np.minimum(err7[und], 6)
             h *= np.where(sticky_day[und] < t, 0.4, 1.0)
             h *= np.where(sub_start[und] < t, 0.75, 1.0)
             h *= np.where((supply[und] == 0) & (t - depleted_since[und] > 14), 1.4, 1.0)
@@ -388,14 +417,16 @@ def _simulate(n: int, n_days: int, start: date, rng: np.random.Generator) -> _Si
             ]
             hit = und[rng.random(len(und)) < h]
             decided[hit] = True
-            decay_len[hit] = rng.integers(_DECAY_MIN, _DECAY_MAX + 1, len(hit))
+            decay_len[hit] = rng.choice(len(_DECAY_PMF), len(hit), p=_DECAY_PMF)
             churn_day[hit] = t + decay_len[hit]
+            cancel_day[hit] = t
+            sub_start[hit] = np.where(sub_start[hit] < t, sub_start[hit], _NEVER)
             lapsed[hit] |= rng.random(len(hit)) < 0.6  # churners mostly stop reordering
 
-        # --- cancellations on the churn day ---------------------------------------
-        gone = np.flatnonzero(churn_day == t)
+        # --- cancellations on the day churn is decided -----------------------------
         if emit:
-            log.add(gone[sub_start[gone] < t], t, _E["subscription_cancelled"])
+            leaving = alive[cancel_day[alive] == t]
+            log.add(leaving[sub_start[leaving] < t], t, _E["subscription_cancelled"])
 
         # --- one-off lifecycle events ---------------------------------------------
         if emit:
@@ -425,9 +456,11 @@ def _simulate(n: int, n_days: int, start: date, rng: np.random.Generator) -> _Si
         fade = np.where(
             in_decay, ((churn_day[alive] - t) / decay_len[alive]).clip(0.0, 1.0) ** 1.3, 1.0
         )
-        starts_dip = ~in_decay & (rng.random(len(alive)) < 0.01)  # vacations, busy weeks
-        dip_until[alive[starts_dip]] = t + rng.integers(4, 15, int(starts_dip.sum()))
-        dip = np.where(dip_until[alive] > t, 0.3, 1.0)
+        starts_dip = ~in_decay & (rng.random(len(alive)) < 0.015)  # vacations, busy weeks
+        n_dips = int(starts_dip.sum())
+        dip_until[alive[starts_dip]] = t + rng.integers(5, 25, n_dips)
+        dip_depth[alive[starts_dip]] = rng.uniform(0.0, 0.3, n_dips)
+        dip = np.where(dip_until[alive] > t, dip_depth[alive], 1.0)
         level = habit * fade * dip * _WEEKDAY[(weekday0 + t) % 7]
         noisy = level * rng.gamma(4.0, 0.25, len(alive))
         n_app = rng.poisson(r_app[alive] * noisy)
@@ -435,11 +468,6 @@ def _simulate(n: int, n_days: int, start: date, rng: np.random.Generator) -> _Si
         n_dev = np.minimum(rng.poisson(r_dev[alive] * noisy * can_brew), supply[alive])
         dev_err = rng.binomial(n_dev, err_rate[alive])
         app_err = rng.binomial(n_app, err_rate[alive] * 0.5)
-        slot = t % 7
-        today_err = np.zeros(n, np.int64)
-        today_err[alive] = dev_err + app_err  # unseen device errors still annoy
-        err7 += today_err - err_ring[slot]
-        err_ring[slot] = today_err
         if emit:
             log.add(np.repeat(alive, n_app), t, _E["app_open"])
             tel = telemetry[alive]
