@@ -112,7 +112,7 @@ def _first_distinct(frame: pl.DataFrame, columns: Sequence[str]) -> pl.Series:
     hashes = frame.select(columns).hash_rows()
     ordered = hashes.sort()
     repeated = ordered.filter(ordered == ordered.shift(1))
-    keep = pl.Series(REASON, [True], dtype=pl.Boolean).new_from_index(0, frame.height)
+    keep = pl.Series("keep", [True], dtype=pl.Boolean).new_from_index(0, frame.height)
     if repeated.is_empty():
         return keep
     rows = hashes.is_in(repeated.implode()).arg_true()
