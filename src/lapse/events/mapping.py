@@ -7,8 +7,9 @@ the event name of the rows they claim.
 
 Besides the canonical columns and ``source.properties`` the mapped frame
 keeps helper columns for validation: :data:`TS_RAW` (the source timestamp as
-text, null when absent or already typed as a date or datetime), :data:`BY_RULE` (a row rule claimed the row) and,
-when ``source.message_id`` is set, :data:`MESSAGE_ID`.
+text, null when absent or already typed as a date or datetime),
+:data:`BY_RULE` (a row rule claimed the row) and, when ``source.message_id``
+is set, :data:`MESSAGE_ID`.
 """
 
 from __future__ import annotations
