@@ -35,6 +35,7 @@ from lapse.schema import ROLES
 FeatureSet = Literal["core", "all"]
 
 _USER = "user_id"
+_CODE = "_user_code"
 _SLOPE_WEEKS = 8
 _WORD = 64
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -66,28 +67,33 @@ def _active_history(lf: pl.LazyFrame, last_day: int) -> pl.DataFrame:
         .agg(_pow2(k % _WORD).bitwise_or().alias("_bits"))
         .collect(engine="streaming")
     )
+    # users as dense integer codes: the expanded days sort and group by a number
+    users = blocks[_USER].unique()
+    codes = pl.int_range(users.len(), dtype=pl.UInt32, eager=True)
+    # (cast: on an empty column replace_strict keeps the input's dtype)
+    code = blocks[_USER].replace_strict(users, codes, return_dtype=pl.UInt32).cast(pl.UInt32)
     # expand each 64-day bitmask to its set bits: (row, bit) -> day offset
     words = blocks["_bits"].to_numpy().astype("<u8", copy=False)
     bits = np.unpackbits(words.view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")
     row, bit = np.nonzero(bits)
+    at = pl.Series(row, dtype=pl.UInt32)
     days = pl.DataFrame(
         {
-            _USER: blocks[_USER].gather(pl.Series(row, dtype=pl.UInt32)),
-            "_k": blocks["_blk"].gather(pl.Series(row, dtype=pl.UInt32)).cast(pl.Int64) * _WORD
-            + pl.Series(bit, dtype=pl.Int64),
+            _CODE: code.gather(at),
+            "_k": blocks["_blk"].gather(at).cast(pl.Int64) * _WORD + pl.Series(bit, dtype=pl.Int64),
         }
-    ).sort(_USER, "_k")
+    ).sort(_CODE, "_k")
     kk = pl.col("_k")
     epoch_day = pl.lit(last_day, dtype=pl.Int64) - kk
     # ISO weeks start on Monday; 1970-01-01 was a Thursday
     week = (epoch_day + 3) // 7
-    new_run = ((kk - kk.shift(1)) != 1) | (pl.col(_USER) != pl.col(_USER).shift(1))
+    new_run = ((kk - kk.shift(1)) != 1) | (pl.col(_CODE) != pl.col(_CODE).shift(1))
     runs = (
         days.lazy()
         .with_columns(new_run.fill_null(True).cum_sum().alias("_run"), week.alias("_week"))
-        .group_by(_USER, "_run")
+        .group_by(_CODE, "_run")
         .agg(pl.len().alias("_len"), kk.min().alias("_kmin"))
-        .group_by(_USER)
+        .group_by(_CODE)
         .agg(
             pl.col("_len").max().alias("longest"),
             pl.col("_len").filter(pl.col("_kmin") == 0).sum().alias("current"),
@@ -95,7 +101,7 @@ def _active_history(lf: pl.LazyFrame, last_day: int) -> pl.DataFrame:
     )
     per_user = (
         days.lazy()
-        .group_by(_USER)
+        .group_by(_CODE)
         .agg(
             pl.len().alias("c_days"),
             week.n_unique().alias("c_weeks"),
@@ -103,7 +109,8 @@ def _active_history(lf: pl.LazyFrame, last_day: int) -> pl.DataFrame:
             kk.max().alias("k_first"),
         )
     )
-    return per_user.join(runs, on=_USER, how="left").collect()
+    out = per_user.join(runs, on=_CODE, how="left").collect()
+    return out.select(users.gather(out[_CODE]).alias(_USER), pl.exclude(_CODE))
 
 
 def _order_gaps(lf: pl.LazyFrame) -> pl.LazyFrame:
