@@ -22,12 +22,28 @@ __all__ = ["activity_events", "churn_labels", "eligible", "outcomes", "role_even
 _CUTOFF_DTYPE = pl.Datetime("us", "UTC")
 
 
-def role_events(events: pl.LazyFrame, config: LapseConfig, roles: Sequence[str]) -> pl.LazyFrame:
-    """``user_id, ts`` of the events whose names belong to any of ``roles``."""
+def _role_names(config: LapseConfig, roles: Sequence[str]) -> list[str]:
+    """The event names of ``roles`` (sorted, deduplicated)."""
     unknown = sorted(set(roles) - set(ROLES))
     if unknown:
         raise ConfigError(f"labels: unknown role(s) {unknown}; use names from {list(ROLES)}")
-    names = sorted({name for role in roles for name in config.roles.of(role)})
+    return sorted({name for role in roles for name in config.roles.of(role)})
+
+
+def _activity_roles(config: LapseConfig) -> list[str]:
+    """``labels.activity_roles``, checked: some of them must list event names."""
+    roles = config.labels.activity_roles
+    if not any(config.roles.of(r) for r in roles if r in ROLES) and not set(roles) - set(ROLES):
+        raise ConfigError(
+            f"labels.activity_roles {roles} list no event names in the roles section; "
+            "add event names to those roles (e.g. roles.purchase) or change labels.activity_roles"
+        )
+    return list(roles)
+
+
+def role_events(events: pl.LazyFrame, config: LapseConfig, roles: Sequence[str]) -> pl.LazyFrame:
+    """``user_id, ts`` of the events whose names belong to any of ``roles``."""
+    names = _role_names(config, roles)
     return events.filter(pl.col("event").is_in(names)).select("user_id", "ts")
 
 
@@ -39,13 +55,7 @@ def activity_events(events: pl.LazyFrame, config: LapseConfig) -> pl.LazyFrame:
     ConfigError
         A role is unknown, or every activity role is empty.
     """
-    roles = config.labels.activity_roles
-    if not any(config.roles.of(r) for r in roles if r in ROLES) and not set(roles) - set(ROLES):
-        raise ConfigError(
-            f"labels.activity_roles {roles} list no event names in the roles section; "
-            "add event names to those roles (e.g. roles.purchase) or change labels.activity_roles"
-        )
-    return role_events(events, config, roles)
+    return role_events(events, config, _activity_roles(config))
 
 
 def _cutoff_frame(cutoffs: Sequence[datetime]) -> pl.LazyFrame:
@@ -91,13 +101,12 @@ def _with_history(
     the last qualifying event (and cancel and purchase, when needed) before it.
     """
     cuts = _cutoff_frame(cutoffs).collect()["cutoff"].to_list()
-    activity_events(events, config)  # its checks of labels.activity_roles
-    needs = {"_last_act": config.labels.activity_roles}
+    needs = {"_last_act": _activity_roles(config)}
     if config.labels.kind == "contractual" or config.labels.eligibility == "subscribed":
         needs |= {"_last_cancel": ["cancel"], "_last_buy": ["purchase"]}
     ts = pl.col("ts")
     flags = [
-        pl.col("event").is_in(sorted({n for r in roles for n in config.roles.of(r)})).alias(name)
+        pl.col("event").is_in(_role_names(config, roles)).alias(name)
         for name, roles in needs.items()
     ]
     aggs = [
