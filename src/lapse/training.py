@@ -125,13 +125,17 @@ def _oracle(truth_dir: Path | None, test: datetime) -> pl.DataFrame | None:
 SMALL_CUTOFF = 500
 
 
-def _load(events_path: str | Path, config: LapseConfig) -> tuple[pl.LazyFrame, list[str]]:
+def _load(
+    events_path: str | Path, config: LapseConfig, until: datetime | None = None
+) -> tuple[pl.LazyFrame, list[str]]:
     """Read and validate once (labels, features and BG/NBD each scan the events).
 
-    Returns the kept events and a note on what validation dropped, so a training
-    report never hides rejected rows.
+    Returns the kept events (those before ``until`` when given) and a note on
+    what validation dropped, so a training report never hides rejected rows.
     """
     events, report = validate_events(events_path, config)
+    if until is not None:
+        events = events.filter(pl.col("ts") < until)
     notes = []
     if report.rows_rejected or report.duplicates:
         reasons = ", ".join(f"{k} {v:,}" for k, v in report.rejected_by_reason.items() if v)
@@ -224,6 +228,7 @@ def train(
     out_dir: str | Path,
     truth_dir: str | Path | None = None,
     models_dir: str | Path | None = None,
+    until: datetime | None = None,
 ) -> TrainResult:
     """Run the churn race, write the report folder, refit and save the bundle.
 
@@ -238,6 +243,9 @@ def train(
     models_dir
         Where the bundle goes (``<models.name>.pkl``); default ``models/``
         resolved like every relative config path.
+    until
+        Train as of this instant: events at or after it are left out, as if
+        the data ended there (an out-of-time evaluation holds them back).
 
     Raises
     ------
@@ -250,7 +258,7 @@ def train(
     from lapse.modeling.race import fit_calibrator, fit_scorer, run_race
 
     out = Path(out_dir)
-    events, read_notes = _load(events_path, config)
+    events, read_notes = _load(events_path, config, until)
     grid = cutoff_grid(events, config)
     horizon = grid.horizon
     used = [c for c in grid.complete if c >= grid.training[0]]
