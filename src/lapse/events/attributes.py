@@ -34,9 +34,10 @@ class AttributesReport:
 def read_attributes(path: str | Path, config: LapseConfig) -> tuple[pl.DataFrame, AttributesReport]:
     """One row per user: ``user_id`` (string) then the other attribute columns.
 
-    The source's ``attributes.user_id`` column becomes ``user_id`` (ids cast
-    like event ids: ``17850.0`` -> ``"17850"``), ``attributes.columns`` renames
-    (attribute name: source column) apply, other columns keep their names.
+    The source's ``attributes.user_id`` column becomes ``user_id`` (ids read
+    like event ids: as text from CSV and NDJSON, so ``00042`` stays ``00042``;
+    a numeric column's ``17850.0`` becomes ``"17850"``), ``attributes.columns``
+    renames (attribute name: source column) apply, other columns keep their names.
     Rows without a user id are dropped and counted; for a user listed twice
     the last row wins (the others are counted as duplicates).
 
@@ -49,7 +50,7 @@ def read_attributes(path: str | Path, config: LapseConfig) -> tuple[pl.DataFrame
     """
     spec = config.attributes
     name = str(path)
-    raw = scan_source(path, spec.format)
+    raw = scan_source(path, spec.format, text_columns=[spec.user_id])
     schema = raw.collect_schema()
     absent = [c for c in (spec.user_id, *spec.columns.values()) if c not in schema]
     renames = {source: target for target, source in spec.columns.items()}

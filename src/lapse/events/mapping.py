@@ -31,6 +31,7 @@ __all__ = [
     "MESSAGE_ID",
     "TS_RAW",
     "id_as_string",
+    "id_columns",
     "map_events",
     "present_columns",
     "timestamp_format",
@@ -70,6 +71,21 @@ def id_as_string(expr: pl.Expr, dtype: pl.DataType) -> pl.Expr:
     else:
         text = expr.cast(pl.String).str.strip_chars().str.replace(r"^(-?\d+)\.0+$", "${1}")
     return text.replace("", None)  # (when/then would compute ``text`` twice)
+
+
+def id_columns(source: SourceConfig) -> list[str]:
+    """The source columns holding ids, for :func:`~lapse.events.scan_source` to read as text.
+
+    What ``user_id`` and ``sku`` resolve to (a ``source.columns`` entry, else a
+    column of the same name or the Segment default) and ``source.message_id``.
+    """
+    names: list[str] = []
+    for name in ("user_id", "sku"):
+        if name in source.columns:
+            names.append(source.columns[name])
+        elif name not in source.derive:
+            names += [name, *SEGMENT_DEFAULTS[name]]
+    return [*names, *([source.message_id] if source.message_id else [])]
 
 
 def present_columns(schema: pl.Schema) -> str:

@@ -12,7 +12,7 @@ a one-line :class:`~lapse.exceptions.ReadError` naming the file.
 from __future__ import annotations
 
 import glob as globlib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Final
 
@@ -134,22 +134,51 @@ def _parquet_problem(files: list[Path], exc: BaseException) -> str:
     return f"truncated or corrupt Parquet file ({one_line(exc)})"
 
 
-def _scan(
-    path: str, fmt: SourceFormat, files: list[Path], csv_separator: str
-) -> tuple[pl.LazyFrame, pl.Schema]:
-    if fmt == "parquet":
-        # The path itself (not the file list) keeps hive partitions of a folder.
-        lf = pl.scan_parquet(path)
-    elif fmt == "csv":
+def _text_schema(schema: pl.Schema, text_columns: Collection[str]) -> pl.Schema:
+    """``schema`` with the present ``text_columns`` as strings (``a.b``: field ``b`` of struct ``a``)."""
+    out = dict(schema)
+    for name in text_columns:
+        head, _, field = name.partition(".")
+        struct = out.get(head)
+        if name in out:
+            out[name] = pl.String()
+        elif isinstance(struct, pl.Struct) and field in struct.to_schema():
+            out[head] = pl.Struct({**struct.to_schema(), field: pl.String()})
+    return pl.Schema(out)
+
+
+def _scan_text(
+    fmt: SourceFormat, files: list[Path], csv_separator: str, schema: pl.Schema | None = None
+) -> pl.LazyFrame:
+    if fmt == "csv":
         tsv = all(".tsv" in [s.lower() for s in f.suffixes] for f in files)
         sep = "\t" if tsv and csv_separator == "," else csv_separator
         # Full-length type inference: a column that turns non-numeric late in
         # the file (InvoiceNo "C536379") must not fail mid-read.
-        lf = pl.scan_csv(files, separator=sep, infer_schema_length=None)
-    else:
-        # Full-length inference so that event properties seen only late are kept.
-        lf = pl.scan_ndjson(files, infer_schema_length=None)
-    return lf, lf.collect_schema()
+        return pl.scan_csv(files, separator=sep, infer_schema_length=None, schema=schema)
+    # Full-length inference so that event properties seen only late are kept.
+    return pl.scan_ndjson(files, infer_schema_length=None, schema=schema)
+
+
+def _scan(
+    path: str,
+    fmt: SourceFormat,
+    files: list[Path],
+    csv_separator: str,
+    text_columns: Collection[str],
+) -> tuple[pl.LazyFrame, pl.Schema]:
+    if fmt == "parquet":
+        # The path itself (not the file list) keeps hive partitions of a folder.
+        lf = pl.scan_parquet(path)
+        return lf, lf.collect_schema()
+    lf = _scan_text(fmt, files, csv_separator)
+    schema = lf.collect_schema()
+    text = _text_schema(schema, text_columns)
+    if text != schema:
+        # Ids are read as written: inferred numbers would turn "00042" into 42
+        # (and a 20-digit JSON id into a float). The inferred schema is reused.
+        lf = _scan_text(fmt, files, csv_separator, text)
+    return lf, text
 
 
 def _flatten_segment(lf: pl.LazyFrame, schema: pl.Schema) -> pl.LazyFrame:
@@ -165,7 +194,10 @@ def _flatten_segment(lf: pl.LazyFrame, schema: pl.Schema) -> pl.LazyFrame:
 
 
 def scan_source(
-    path: str | Path, fmt: SourceFormat = "auto", csv_separator: str = ","
+    path: str | Path,
+    fmt: SourceFormat = "auto",
+    csv_separator: str = ",",
+    text_columns: Collection[str] = (),
 ) -> pl.LazyFrame:
     """A raw event or attribute source as a lazy frame, schema already checked.
 
@@ -180,6 +212,10 @@ def scan_source(
         ``anonymousId``, ``timestamp`` and ``event`` is read as ``segment``.
     csv_separator
         Field separator for CSV; ``.tsv`` files default to a tab.
+    text_columns
+        Columns read as text from CSV and NDJSON whatever they look like (ids:
+        ``00042`` stays ``00042``); ``properties.sku`` names a field of a nested
+        object. Absent ones are ignored; Parquet keeps its types.
 
     Raises
     ------
@@ -194,7 +230,7 @@ def scan_source(
         raise ReadError(f"{where}: the file is empty")
     scan_fmt: SourceFormat = "ndjson" if resolved == "segment" else resolved
     try:
-        lf, schema = _scan(name, scan_fmt, files, csv_separator)
+        lf, schema = _scan(name, scan_fmt, files, csv_separator, text_columns)
     except (pl.exceptions.PolarsError, OSError) as exc:
         problem = (
             _parquet_problem(files, exc)

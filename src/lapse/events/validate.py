@@ -31,7 +31,7 @@ import polars as pl
 
 from lapse.config import DATABASE_FORMATS, LapseConfig
 from lapse.events.database import scan_database, source_label
-from lapse.events.mapping import BY_RULE, MESSAGE_ID, map_events
+from lapse.events.mapping import BY_RULE, MESSAGE_ID, id_columns, map_events
 from lapse.events.readers import collect_frame, data_files, scan_source
 from lapse.exceptions import EventsError
 from lapse.schema import EVENT_COLUMNS, ROLES
@@ -159,7 +159,7 @@ def _raw(path: str | Path, config: LapseConfig, as_of: datetime | None) -> tuple
     source = config.source
     if source.kind in DATABASE_FORMATS:
         return scan_database(path, source, as_of=as_of), source_label(path, source)
-    return scan_source(path, source.format, source.csv_separator), str(path)
+    return scan_source(path, source.format, source.csv_separator, id_columns(source)), str(path)
 
 
 def read_events(
@@ -261,8 +261,9 @@ def read_user_events(
 def new_event_users(files: Sequence[Path], config: LapseConfig) -> set[str]:
     """The user ids (mapped, non-empty) of the rows in ``files``: only that column is read."""
     out: set[str] = set()
+    source = config.source
     for file in files:
-        raw = scan_source(file, config.source.format, config.source.csv_separator)
+        raw = scan_source(file, source.format, source.csv_separator, id_columns(source))
         ids = collect_frame(
             map_events(raw, config, source_name=str(file))
             .select(pl.col("user_id").cast(pl.String))
