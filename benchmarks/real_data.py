@@ -133,9 +133,9 @@ def main() -> None:
     # next order: customers who bought again
     median_gap = frame["last_gap"].median() or 30.0
     again = frame.filter(~pl.col("churned")).with_columns(
-        (
-            pl.col("last") + pl.duration(days=pl.col("last_gap").fill_null(median_gap))
-        ).alias("naive_date"),
+        (pl.col("last") + pl.duration(days=pl.col("last_gap").fill_null(median_gap))).alias(
+            "naive_date"
+        ),
         pl.col("next_ts").dt.date().alias("actual"),
     )
     err = again.select(
@@ -144,18 +144,24 @@ def main() -> None:
     )
     both = err.drop_nulls()
 
-    print(f"events {args.events}; config {args.config}; calibration < {cut:%Y-%m-%d}; "
-          f"holdout {args.holdout_days} days")
+    print(
+        f"events {args.events}; config {args.config}; calibration < {cut:%Y-%m-%d}; "
+        f"holdout {args.holdout_days} days"
+    )
     print(f"trained in {train_s:.1f} s; selected {result.selected} ({result.why})")
     for note in result.notes:
         print(f"note: {note}")
-    print(f"\n{frame.height:,} customers with a purchase before the cut; "
-          f"churn rate {y.mean():.3f}; {unscored:,} not scored by lapse (ranked riskiest)\n")
+    print(
+        f"\n{frame.height:,} customers with a purchase before the cut; "
+        f"churn rate {y.mean():.3f}; {unscored:,} not scored by lapse (ranked riskiest)\n"
+    )
     print("| model | ROC-AUC | PR-AUC |\n| --- | --- | --- |")
     for r in rows:
         print(f"| {r['model']} | {r['roc_auc']:.3f} | {r['pr_auc']:.3f} |")
-    print(f"\nnext order, {again.height:,} customers who bought again "
-          f"({both.height:,} with a lapse next_order_date):")
+    print(
+        f"\nnext order, {again.height:,} customers who bought again "
+        f"({both.height:,} with a lapse next_order_date):"
+    )
     print("| predictor | MAE days |\n| --- | --- |")
     if both.height:
         lapse_mae, naive_mae = both["lapse"].mean(), both["naive"].mean()

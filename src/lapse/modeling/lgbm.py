@@ -89,11 +89,14 @@ def _threads_for(n_rows: int) -> int:
 class LightGBMChurn(ParamsMixin):
     """Gradient-boosted churn classifier on a polars feature frame.
 
-    The number of trees comes from early stopping on an internal out-of-time
-    holdout (the latest training cutoff, when there are several), then the
-    model is refit on all rows with that many trees. ``min_child_samples``
-    grows with the data (``max(20, n / 5000)``), so the same defaults hold
-    from a thousand to millions of rows.
+    The number of trees comes from early stopping on an internal holdout that
+    is both later and other users (a fifth of the users at the latest training
+    cutoff, the trees fitted on the rest's earlier rows), then the model is
+    refit on all rows with that many trees. Small shallow trees (7 leaves,
+    L2 10) and ``min_child_samples`` growing with the data (``max(50, n /
+    5000)``) keep it from memorising customers on a few thousand rows: on a
+    real order log this raised out-of-time ROC-AUC from 0.67 to 0.73 (README,
+    "Real data"), with the synthetic quality bar unchanged.
 
     Parameters
     ----------
@@ -108,11 +111,11 @@ class LightGBMChurn(ParamsMixin):
         *,
         columns: list[str] | None = None,
         learning_rate: float = 0.05,
-        num_leaves: int = 31,
+        num_leaves: int = 7,
         min_child_samples: int | None = None,
         feature_fraction: float = 0.8,
         bagging_fraction: float = 0.8,
-        lambda_l2: float = 1.0,
+        lambda_l2: float = 10.0,
         max_trees: int = 1000,
         early_stopping_rounds: int = 50,
         search: bool = False,
@@ -158,7 +161,7 @@ class LightGBMChurn(ParamsMixin):
 
     def _params(self, n_rows: int, **override: Any) -> dict[str, Any]:
         scale = override.pop("min_child_scale", 1.0)
-        mcs = self.min_child_samples or max(20, n_rows // 5000)
+        mcs = self.min_child_samples or max(50, n_rows // 5000)
         params: dict[str, Any] = {
             "objective": "binary",
             "learning_rate": self.learning_rate,
@@ -179,6 +182,39 @@ class LightGBMChurn(ParamsMixin):
         return params
 
     # -- fitting ----------------------------------------------------------------
+    def _holdout(
+        self, frame: pl.DataFrame, y: FloatArray, groups: npt.ArrayLike | None
+    ) -> tuple[npt.NDArray[np.bool_] | None, npt.NDArray[np.bool_] | None]:
+        """``(holdout, fit rows)`` for early stopping, or ``(None, None)``.
+
+        The holdout is a fifth of the users (drawn with ``random_state``) at the
+        latest group (cutoff); the trees are fitted on the other users' earlier
+        rows. A user's rows at neighbouring cutoffs share most features and
+        label windows, so a holdout holding them, or later rows of fitted
+        users, rewards memorising users and stops far too late. Short grids
+        fall back to a user split over all rows, then to a random fifth.
+        """
+        rng = np.random.default_rng(self.random_state)
+        held_user: npt.NDArray[np.bool_] | None = None
+        if "user_id" in frame.columns:
+            users = frame["user_id"].cast(pl.String)
+            ids = users.unique().sort()
+            held = ids.filter(pl.Series(rng.random(ids.len()) < 0.2))
+            held_user = users.is_in(held.implode()).to_numpy()
+        g = None if groups is None else np.asarray(groups)
+        options: list[tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]] = []
+        if g is not None and held_user is not None and len(np.unique(g)) >= 2:
+            latest = g == np.max(g)
+            options.append((latest & held_user, ~latest & ~held_user))
+        if held_user is not None:
+            options.append((held_user, ~held_user))
+        mask = rng.random(frame.height) < 0.2
+        options.append((mask, ~mask))
+        for holdout, fit_rows in options:
+            if all(len(np.unique(y[rows])) == 2 for rows in (holdout, fit_rows)):
+                return holdout, fit_rows
+        return None, None
+
     def fit(
         self,
         frame: pl.DataFrame,
@@ -216,24 +252,15 @@ class LightGBMChurn(ParamsMixin):
                 params={"verbosity": -1},
             )
 
-        g = None if groups is None else np.asarray(groups)
-        holdout = None
-        if g is not None and len(np.unique(g)) >= 2:
-            holdout = g == np.max(g)
-            if len(np.unique(ya[holdout])) < 2 or len(np.unique(ya[~holdout])) < 2:
-                holdout = None
-        if holdout is None:
-            rng = np.random.default_rng(self.random_state)
-            holdout = rng.random(frame.height) < 0.2
-            if len(np.unique(ya[holdout])) < 2 or len(np.unique(ya[~holdout])) < 2:
-                holdout = None
+        holdout, fit_rows = self._holdout(frame, ya, groups)
 
         overrides: dict[str, Any] = {}
         self.search_results_: list[dict[str, Any]] = []
         if holdout is None:
             n_trees = min(300, self.max_trees)
         else:
-            n_fit = int((~holdout).sum())
+            assert fit_rows is not None
+            n_fit = int(fit_rows.sum())
             candidates: list[dict[str, Any]] = [{}]
             if self.search:
                 rng = np.random.default_rng(self.random_state)
@@ -243,7 +270,7 @@ class LightGBMChurn(ParamsMixin):
                     )
             best: tuple[float, int, dict[str, Any]] | None = None
             for cand in candidates:
-                train, valid = dataset(~holdout), dataset(holdout)
+                train, valid = dataset(fit_rows), dataset(holdout)
                 booster = lgb.train(
                     self._params(n_fit, **cand),
                     train,
