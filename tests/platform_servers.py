@@ -417,6 +417,12 @@ def make_outbox(
     return pl.DataFrame(rows, schema=schema, orient="row")
 
 
+def with_triggers(outbox: pl.DataFrame, per_user: Callable[[int], int]) -> pl.DataFrame:
+    """``outbox`` with its ``i``-th record firing ``per_user(i)`` triggers (``t0``, ``t1``, ...)."""
+    fired = [[f"t{k}" for k in range(per_user(i))] for i in range(outbox.height)]
+    return outbox.with_columns(pl.Series("triggers", fired, dtype=pl.List(pl.String)))
+
+
 def expected_events(
     outbox: pl.DataFrame, ident: Callable[[dict[str, Any]], str | None]
 ) -> list[tuple[str, str]]:

@@ -8,7 +8,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import polars as pl
 import pytest
 
 from lapse.delivery import deliver
@@ -28,6 +27,7 @@ from platform_servers import (
     make_outbox,
     run_delivery,
     served,  # noqa: F401  (fixture)
+    with_triggers,
 )
 
 AS_OF_UTC = datetime(AS_OF.year, AS_OF.month, AS_OF.day, tzinfo=UTC)
@@ -77,13 +77,6 @@ def test_request_shape(platform: Platform, tmp_path: Path) -> None:
     names = [e["name"] for e in body["events"] if e["external_id"] == "u000"]
     assert names == ["lapse_replenishment_due", "lapse_risk_high"]
     assert body["events"][0]["time"] == "2024-06-01T00:00:00Z"
-
-
-def with_triggers(outbox: pl.DataFrame, per_user: Callable[[int], int]) -> pl.DataFrame:
-    """``outbox`` with user ``i`` firing ``per_user(i)`` triggers."""
-    names = ["replenishment_due", "usage_decay", "milestone", "friction_alert"]
-    fired = [names[: per_user(i)] for i in range(outbox.height)]
-    return outbox.with_columns(pl.Series("triggers", fired, dtype=pl.List(pl.String)))
 
 
 def objects_per_request(server: PlatformServer) -> list[int]:
