@@ -632,6 +632,17 @@ def test_score_to_braze_when_most_users_fire_two_or_three_triggers(
         assert again.counts["sent"] == 0 and len(server.requests) == n
 
 
+def test_score_refuses_input_without_rows(world: World, _isolated_home: Path) -> None:
+    cfg = make_config(_isolated_home, world)
+    header = _isolated_home / "header.csv"
+    header.write_text("user_id,ts,event\n", encoding="utf-8")
+    args = ["--as-of", f"{world.as_of:%Y-%m-%d}", "--model", str(world.bundle), "--config"]
+    res = runner.invoke(app, ["score", str(header), *args, str(cfg), "--sink", "capture"])
+    assert res.exit_code == 2, res.output
+    assert f"error: {header}: the file has no rows" in res.output
+    assert score_sinks.RECEIVED == []
+
+
 def test_score_a_plain_transaction_table(tmp_path: Path, _isolated_home: Path) -> None:
     """Only purchases, in a CSV with its own column names: train, then score to CSV."""
     files = write(generate(n_users=800, n_days=300, seed=4), tmp_path / "data")
