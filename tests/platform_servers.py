@@ -215,8 +215,18 @@ def basic_user(request: Request) -> tuple[str, str] | None:
 
 # -- Braze ------------------------------------------------------------------------------------
 class BrazeServer(PlatformServer):
-    """``POST /users/track``: Bearer key; at most 75 attributes and 75 events per request;
-    201 with ``errors[]`` (``input_array``, ``index``) for rejected objects; no event dedupe."""
+    """``POST /users/track``: Bearer key; at most ``max_objects`` (75) objects per request
+    counted across ``attributes``, ``events`` and ``purchases`` together, else ``400 Max
+    Input Length Exceeded`` (Braze's API limits and errors pages); 413 over 4 MB (its
+    user data endpoints); 201 with ``errors[]`` (``input_array``, ``index``) for rejected
+    objects; no event dedupe. ``requests_over_limit`` counts the requests refused for
+    their object count."""
+
+    def __init__(self, *, max_objects: int = 75, **kwargs: Any) -> None:
+        kwargs.setdefault("max_bytes", 4_000_000)
+        super().__init__(**kwargs)
+        self.max_objects = max_objects
+        self.requests_over_limit = 0
 
     def authorized(self, request: Request) -> bool:
         return request.headers.get("authorization") == f"Bearer {self.key}"
@@ -226,10 +236,12 @@ class BrazeServer(PlatformServer):
             raise BadRequest("unknown endpoint", 404)
         body = request.json()
         attributes, events = body.get("attributes", []), body.get("events", [])
-        if not attributes and not events and not body.get("purchases"):
+        purchases = body.get("purchases", [])
+        if not attributes and not events and not purchases:
             raise BadRequest("Valid data must be provided in the 'attributes', 'events' fields.")
-        if len(attributes) > 75 or len(events) > 75:
-            raise BadRequest("Too many objects: at most 75 attributes and 75 events per request")
+        if len(attributes) + len(events) + len(purchases) > self.max_objects:
+            self.requests_over_limit += 1
+            raise BadRequest("Max Input Length Exceeded")
         errors = []
         for i, attr in enumerate(attributes):
             ident = attr.get("external_id")
@@ -260,8 +272,10 @@ class BrazeServer(PlatformServer):
 # -- Segment ----------------------------------------------------------------------------------
 class SegmentServer(PlatformServer):
     """``POST /v1/batch``: Basic auth with the write key as user; 500 KB per batch and 32 KB
-    per message (400 "too large" beyond); dedupe on ``messageId``. Like Segment, an unknown
-    write key gets a 200 and its data is dropped, unless ``strict`` (then 401)."""
+    per message (400 "too large" beyond); at most 2,500 messages per batch (beyond it a 200
+    and the batch is dropped, counted in ``dropped_over_count``); dedupe on ``messageId``
+    (Segment's HTTP API source docs). Like Segment, an unknown write key gets a 200 and its
+    data is dropped, unless ``strict`` (then 401)."""
 
     too_large_status = 400
 
@@ -269,7 +283,9 @@ class SegmentServer(PlatformServer):
         super().__init__(**kwargs)
         self.strict = strict
         self.batch_limit = 500_000
+        self.max_messages = 2_500
         self.dropped_unknown_key = 0
+        self.dropped_over_count = 0
 
     def authorized(self, request: Request) -> bool:
         creds = basic_user(request)
@@ -294,6 +310,9 @@ class SegmentServer(PlatformServer):
         creds = basic_user(request)
         if creds is None or creds[0] != self.key:
             self.dropped_unknown_key += len(batch)
+            return Reply(200, {"success": True})
+        if len(batch) > self.max_messages:
+            self.dropped_over_count += len(batch)
             return Reply(200, {"success": True})
         for msg in batch:
             if msg["type"] == "identify":
@@ -396,6 +415,12 @@ def make_outbox(
         "delta_key": pl.String(),
     }
     return pl.DataFrame(rows, schema=schema, orient="row")
+
+
+def with_triggers(outbox: pl.DataFrame, per_user: Callable[[int], int]) -> pl.DataFrame:
+    """``outbox`` with its ``i``-th record firing ``per_user(i)`` triggers (``t0``, ``t1``, ...)."""
+    fired = [[f"t{k}" for k in range(per_user(i))] for i in range(outbox.height)]
+    return outbox.with_columns(pl.Series("triggers", fired, dtype=pl.List(pl.String)))
 
 
 def expected_events(
@@ -747,12 +772,13 @@ class IterableServer(PlatformServer):
 # -- Klaviyo ----------------------------------------------------------------------------------
 class KlaviyoServer(PlatformServer):
     """``Authorization: Klaviyo-API-Key <key>`` and a ``revision`` header on every call.
-    ``POST /api/profile-bulk-import-jobs``: at most 10,000 profiles and 5 MB, upserts on
+    ``POST /api/profile-bulk-import-jobs``: at most 10,000 profiles, 5 MB and 100 KB per
+    profile (Klaviyo's Bulk Import Profiles reference), upserts on
     ``external_id``/``email``, adds them to the job's list; answers 202 with a job id whose
     status reads ``queued`` once, then ``complete`` with ``failed_count``; rejected
     profiles are listed in ``import-errors`` (``source.pointer`` to their position).
-    ``POST /api/event-bulk-create-jobs``: at most 1,000 events; one event per
-    ``unique_id``. ``GET /api/lists/{id}`` knows the lists in :attr:`lists`."""
+    ``POST /api/event-bulk-create-jobs``: at most 1,000 events and 5 MB (its Bulk Create
+    Events reference); one event per ``unique_id``. ``GET /api/lists/{id}`` knows the lists in :attr:`lists`."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -804,6 +830,8 @@ class KlaviyoServer(PlatformServer):
             ]
             errors = []
             for i, profile in enumerate(profiles):
+                if len(json.dumps(profile)) > 100_000:
+                    raise BadRequest(f"profile {i} is larger than 100KB")
                 attrs = profile["attributes"]
                 ident = attrs.get("external_id") or attrs.get("email")
                 if not ident:
@@ -828,6 +856,8 @@ class KlaviyoServer(PlatformServer):
             self.jobs[job_id] = {"errors": errors, "polls": 0}
             return Reply(202, {"data": {"type": "profile-bulk-import-job", "id": job_id}})
         if path == "/api/event-bulk-create-jobs":
+            if len(request.body) > 5_000_000:
+                raise BadRequest("payload too large", 413)
             entries = request.json()["data"]["attributes"]["events-bulk-create"]["data"]
             if sum(len(e["attributes"]["events"]["data"]) for e in entries) > 1000:
                 raise BadRequest("at most 1,000 events per request")

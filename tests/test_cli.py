@@ -80,6 +80,31 @@ def test_unreadable_file_is_one_line_exit_2(tmp_path: Path) -> None:
     assert str(path) in result.output
 
 
+@pytest.mark.parametrize(
+    ("command", "args"),
+    [
+        ("validate", []),
+        ("features", ["--as-of", "2026-01-01", "--out", "{tmp}/features.parquet"]),
+        ("train", ["--out", "{tmp}/run"]),
+    ],
+)
+def test_input_without_rows_is_one_line_exit_2(
+    command: str, args: list[str], tmp_path: Path
+) -> None:
+    header = tmp_path / "header.csv"
+    header.write_text("user_id,ts,event\n", encoding="utf-8")
+    schema = {"user_id": pl.String, "ts": pl.Datetime("us", "UTC"), "event": pl.String}
+    pl.DataFrame(schema=schema).write_parquet(tmp_path / "none.parquet")
+    for path in (header, tmp_path / "none.parquet"):
+        result = runner.invoke(app, [command, str(path), *(a.format(tmp=tmp_path) for a in args)])
+        assert result.exit_code == 2, result.output
+        (line,) = [line for line in result.output.splitlines() if line.strip()]
+        assert line == (
+            f"error: {path}: the file has no rows, only a header or schema; point at data with rows"
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["header.csv", "none.parquet"]
+
+
 def test_bad_config_is_exit_2(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text("roles:\n  usage: app_open\n", encoding="utf-8")

@@ -159,6 +159,21 @@ def test_empty_files(tmp_path: Path) -> None:
         _one_line_error(tmp_path / name, "the file is empty")
 
 
+def test_files_without_rows(tmp_path: Path) -> None:
+    (tmp_path / "header.csv").write_text("user_id,ts,event\n")
+    (tmp_path / "header.tsv.gz").write_bytes(gzip.compress(b"user_id\tts\tevent\n"))
+    FRAME.clear().write_parquet(tmp_path / "none.parquet")
+    for name in ("header.csv", "header.tsv.gz", "none.parquet"):
+        _one_line_error(tmp_path / name, "the file has no rows, only a header or schema")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for k in range(2):
+        FRAME.clear().write_parquet(shards / f"part-{k}.parquet")
+    _one_line_error(shards, "its 2 files have no rows")
+    FRAME.write_parquet(shards / "part-2.parquet")  # one shard with rows: the source has rows
+    assert _rows(scan_source(shards)) == EXPECTED
+
+
 def test_empty_folder(tmp_path: Path) -> None:
     _one_line_error(tmp_path, "no data files")
 

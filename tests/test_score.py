@@ -593,6 +593,56 @@ def test_score_to_braze_over_http_with_faults_then_delta(
         assert again.counts["sent"] == 0 and len(server.requests) == n
 
 
+def test_score_to_braze_when_most_users_fire_two_or_three_triggers(
+    world: World, _isolated_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Braze's current rule: 75 objects per request counted across attributes and events."""
+    from platform_servers import KEY, BrazeServer
+
+    always = {"when": "tenure_days >= 0", "cooldown_days": 0}
+    triggers = {
+        "welcome_back": always,
+        "weekly_digest": always,
+        "quiet_week": {"when": "days_since_last_event >= 3", "cooldown_days": 0},
+    }
+    with BrazeServer() as server:
+        monkeypatch.setenv("LAPSE_BRAZE_API_KEY", KEY)
+        monkeypatch.setenv("LAPSE_BRAZE_BASE_URL", server.url)
+        cfg = config_at(
+            make_config(_isolated_home, world, delivery={"batch_size": None}, triggers=triggers)
+        )
+        first = run_score(
+            world.events, cfg, as_of=world.as_of, model=str(world.bundle), sink="braze"
+        )
+        snap = pl.read_parquet(first.snapshot)  # type: ignore[arg-type]
+        sent = snap.filter("sent")
+        fired = sent["triggers"].list.len()
+        assert fired.min() >= 2 and ((fired >= 2) & (fired <= 3)).mean() > 0.5  # type: ignore[operator]
+        assert first.complete and first.counts["failed"] == 0
+        assert set(server.profiles) == set(sent["user_id"].to_list())
+        bodies = [r.json() for r in server.calls("/users/track")]
+        objects = [len(b["attributes"]) + len(b.get("events", [])) for b in bodies]
+        assert max(objects) <= 75 and server.requests_over_limit == 0
+        assert sum(len(b.get("events", [])) for b in bodies) == len(server.events)
+        assert len(server.events) >= 2 * sent.height
+        n = len(server.requests)
+        again = run_score(
+            world.events, cfg, as_of=world.as_of, model=str(world.bundle), sink="braze"
+        )
+        assert again.counts["sent"] == 0 and len(server.requests) == n
+
+
+def test_score_refuses_input_without_rows(world: World, _isolated_home: Path) -> None:
+    cfg = make_config(_isolated_home, world)
+    header = _isolated_home / "header.csv"
+    header.write_text("user_id,ts,event\n", encoding="utf-8")
+    args = ["--as-of", f"{world.as_of:%Y-%m-%d}", "--model", str(world.bundle), "--config"]
+    res = runner.invoke(app, ["score", str(header), *args, str(cfg), "--sink", "capture"])
+    assert res.exit_code == 2, res.output
+    assert f"error: {header}: the file has no rows" in res.output
+    assert score_sinks.RECEIVED == []
+
+
 def test_score_a_plain_transaction_table(tmp_path: Path, _isolated_home: Path) -> None:
     """Only purchases, in a CSV with its own column names: train, then score to CSV."""
     files = write(generate(n_users=800, n_days=300, seed=4), tmp_path / "data")

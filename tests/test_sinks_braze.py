@@ -2,25 +2,39 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from lapse.delivery import deliver
 from lapse.sinks.base import SinkAuthError
 from lapse.sinks.braze import BrazeSink
+from lapse.state import Ledger
 from platform_servers import (
+    AS_OF,
     CONTRACT,
+    FAST,
     KEY,
     BrazeServer,
     Platform,
     PlatformServer,
     contract_missing_key_fails_before_sending,
+    expected_events,
     make_outbox,
     run_delivery,
     served,  # noqa: F401  (fixture)
+    with_triggers,
 )
+
+AS_OF_UTC = datetime(AS_OF.year, AS_OF.month, AS_OF.day, tzinfo=UTC)
+
+
+def ident(record: dict[str, Any]) -> str:
+    return str(record["user_id"])
 
 
 @pytest.fixture
@@ -33,7 +47,7 @@ def platform(served: Callable[[PlatformServer], PlatformServer]) -> Platform:  #
     return Platform(
         server=server,
         make_sink=make,
-        ident=lambda r: r["user_id"],
+        ident=ident,
         path="/users/track",
         key_env="LAPSE_BRAZE_API_KEY",
         dedupes=False,  # Braze events have no dedupe key (documented)
@@ -65,13 +79,88 @@ def test_request_shape(platform: Platform, tmp_path: Path) -> None:
     assert body["events"][0]["time"] == "2024-06-01T00:00:00Z"
 
 
-def test_more_than_75_events_split_the_batch(platform: Platform, tmp_path: Path) -> None:
-    outbox = make_outbox(75)  # 75 attributes objects, but about 90 events
+def objects_per_request(server: PlatformServer) -> list[int]:
+    bodies = [r.json() for r in server.calls("/users/track")]
+    return [len(b.get("attributes", [])) + len(b.get("events", [])) for b in bodies]
+
+
+def test_requests_hold_at_most_75_objects_counted_together(
+    platform: Platform, tmp_path: Path
+) -> None:
+    outbox = with_triggers(make_outbox(120), lambda i: 2 + i % 2)  # 4-5 objects per user
     run = run_delivery(platform.make_sink(), outbox, tmp_path)
-    assert run.report.failed == 0
-    assert "split" in run.states()
-    assert all(len(r.json().get("events", [])) <= 75 for r in platform.server.requests)
-    assert len(platform.server.profiles) == 75
+    assert run.report.failed == 0 and run.report.sent == 120
+    counts = objects_per_request(platform.server)
+    assert max(counts) <= 75 and sum(counts) == 120 + len(expected_events(outbox, ident))
+    assert platform.server.requests_over_limit == 0
+    assert platform.server.event_names() == expected_events(outbox, ident)
+
+
+def test_a_run_planned_per_array_is_split_when_resumed(platform: Platform, tmp_path: Path) -> None:
+    """A run planned as 75 users per request (the legacy per-array rule) and resumed."""
+    outbox = with_triggers(make_outbox(100), lambda i: 2 + i % 2)
+    sink = platform.make_sink()
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    ledger.start_run(
+        "old", "braze", as_of=AS_OF_UTC, model="m", target="", batches=[(0, 75), (75, 100)]
+    )
+    report = deliver(
+        outbox, sink, ledger, "old", FAST, as_of=AS_OF_UTC, dead_letters=tmp_path / "dead.ndjson"
+    )
+    sink.close()
+    assert report.failed == 0 and report.sent == 100
+    assert "split" in {b.state for b in ledger.batches("old", "braze")}
+    assert max(objects_per_request(platform.server)) <= 75
+    assert platform.server.requests_over_limit == 0
+
+
+def test_max_input_length_exceeded_splits_like_a_413(platform: Platform, tmp_path: Path) -> None:
+    platform.server.max_objects = 20  # a contract stricter than the sink was told
+    outbox = with_triggers(make_outbox(60), lambda i: 2 + i % 2)
+    run = run_delivery(platform.make_sink(), outbox, tmp_path)
+    assert run.report.failed == 0 and run.report.sent == 60
+    assert "split" in run.states() and platform.server.requests_over_limit > 0
+    assert platform.server.event_names() == expected_events(outbox, ident)
+    # told the contract's limit, the sink never goes over it
+    platform.server.requests_over_limit = 0
+    run_delivery(platform.make_sink(max_objects=20), outbox, tmp_path / "told")
+    assert platform.server.requests_over_limit == 0
+
+
+def test_a_record_over_the_limit_alone_is_dead_lettered(platform: Platform, tmp_path: Path) -> None:
+    outbox = with_triggers(make_outbox(12), lambda i: 4 if i == 4 else 1)  # u004: 6 objects
+    # the sink knows the limit: u004 never leaves, the others go
+    run = run_delivery(platform.make_sink(max_objects=5), outbox, tmp_path / "known")
+    assert run.report.sent == 11 and run.report.failed == 1
+    (dead,) = [json.loads(line) for line in run.dead_letters.read_text().splitlines()]
+    assert dead["record"]["user_id"] == "u004"
+    assert "record makes 6 braze objects" in dead["reason"] and "limit of 5" in dead["reason"]
+    assert "u004" not in platform.server.profiles
+    # only Braze knows it: the 400 splits down to u004 alone, which fails once, no loop
+    platform.server.max_objects = 5
+    requests = len(platform.server.requests)
+    run = run_delivery(platform.make_sink(), outbox, tmp_path / "unknown")
+    assert run.report.sent == 11 and run.report.failed == 1
+    (reason,) = run.report.reasons
+    assert "HTTP 400" in reason and "Max Input Length Exceeded" in reason
+    sent = platform.server.requests[requests:]
+    assert len(sent) <= 2 * 12 - 1  # halving 12 records: at most 23 requests, then it stops
+    alone = [r for r in sent if [a["external_id"] for a in r.json()["attributes"]] == ["u004"]]
+    assert len(alone) == 1
+
+
+def test_max_objects_per_request_comes_from_config(
+    platform: Platform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lapse.config import load_config
+    from lapse.sinks import make_sink
+
+    config = load_config()
+    assert config.sinks.braze.max_objects_per_request == 75
+    config.sinks.braze.max_objects_per_request = 50
+    monkeypatch.setenv("LAPSE_BRAZE_API_KEY", KEY)
+    monkeypatch.setenv("LAPSE_BRAZE_BASE_URL", platform.server.url)
+    assert make_sink("braze", config).limits.max_objects == 50
 
 
 def test_custom_prefix_and_identifier_column(platform: Platform, tmp_path: Path) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 import pytest
 
 from lapse.sinks.klaviyo import KlaviyoSink
@@ -109,3 +111,17 @@ def test_check(platform: Platform) -> None:
     assert "accepted LAPSE_KLAVIYO_API_KEY" in platform.make_sink().check()
     message = platform.make_sink(lists={"high": "L-high", "low": "L-nope"}).check()
     assert "low -> L-nope" in message
+
+
+def test_a_profile_over_100_kb_is_dead_lettered_alone(platform: Platform, tmp_path: Path) -> None:
+    outbox = make_outbox(6)
+    big = [f"reason {k}: " + "x" * 1_000 for k in range(110)]
+    reasons = [
+        big if u == "u001" else r for u, r in zip(outbox["user_id"], outbox["reasons"], strict=True)
+    ]
+    outbox = outbox.with_columns(pl.Series("reasons", reasons, dtype=pl.List(pl.String)))
+    run = run_delivery(platform.make_sink(), outbox, tmp_path)
+    assert run.report.sent == 5 and run.report.failed == 1
+    (dead,) = [json.loads(line) for line in run.dead_letters.read_text().splitlines()]
+    assert dead["record"]["user_id"] == "u001" and "limit of 100000 bytes" in dead["reason"]
+    assert set(platform.server.profiles) == {"u000", "u002", "u003", "u004", "u005"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,11 @@ from platform_servers import (
     SegmentServer,
     basic_user,
     contract_missing_key_fails_before_sending,
+    expected_events,
     make_outbox,
     run_delivery,
     served,  # noqa: F401  (fixture)
+    with_triggers,
 )
 
 
@@ -87,3 +90,17 @@ def test_unknown_write_key_is_silently_dropped(
     assert run.report.sent == 3 and server.profiles == {}  # what real Segment does
     message = platform.make_sink(key="wrong-key").check()
     assert "cannot verify" in message and "wrong-key" not in message
+
+
+def test_a_batch_never_carries_more_than_2500_messages(platform: Platform, tmp_path: Path) -> None:
+    """Segment answers 200 to a batch of more than 2,500 messages and drops it."""
+    outbox = with_triggers(make_outbox(250), lambda i: 11)  # 12 or 13 messages per record
+    server: SegmentServer = platform.server  # type: ignore[assignment]
+    server.batch_limit = 10**9  # only the message count binds here
+    sink = platform.make_sink()
+    sink.limits = replace(sink.limits, max_bytes=None)
+    run = run_delivery(sink, outbox, tmp_path)
+    assert run.report.failed == 0 and run.report.sent == 250
+    assert server.dropped_over_count == 0
+    assert max(len(r.json()["batch"]) for r in server.calls("/v1/batch")) <= 2_500
+    assert server.event_names() == expected_events(outbox, lambda r: r["user_id"])

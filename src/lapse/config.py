@@ -490,6 +490,12 @@ class BrazeConfig(_Section):
         min_length=1,
         description="record column (user_id) or attributes-table column sent as external_id",
     )
+    max_objects_per_request: int = Field(
+        default=75,
+        ge=1,
+        description="attribute and event objects per /users/track request, counted together "
+        "(Braze's current limit is 75; some Monthly Active Users contracts: 50)",
+    )
 
 
 class KlaviyoConfig(_Section):

@@ -1,14 +1,16 @@
 """The one delivery layer every sink shares: batches, retries, throttling, ledger, dead letters.
 
 A run's outbox (the records to send, in a fixed order) is cut into batches
-that respect the sink's :class:`~lapse.sinks.base.Limits` (items per request and
-bytes per request); the batches are recorded in the ledger before the first
-send. Each batch is sent with retries (tenacity: exponential backoff, honouring
-a destination's ``Retry-After``, capped by ``delivery.max_backoff_seconds``),
-split in two on a 413, and marked ``done`` only after the destination
-acknowledged it. Delivery is therefore at least once; sinks are idempotent, so
-the resend that follows a crash between acknowledgement and ledger write
-changes nothing. :func:`deliver` on a run that already has batches (a resume)
+that respect the sink's :class:`~lapse.sinks.base.Limits` (records, platform
+objects and bytes per request); the batches are recorded in the ledger before
+the first send. Each batch is sent with retries (tenacity: exponential backoff,
+honouring a destination's ``Retry-After``, capped by
+``delivery.max_backoff_seconds``), split in two when the destination says it is
+too large (a batch over the sink's current limits, e.g. planned by an older
+version of a run being resumed, is split before it is sent), and marked
+``done`` only after the destination acknowledged it. Delivery is therefore at
+least once; sinks are idempotent, so the resend that follows a crash between
+acknowledgement and ledger write changes nothing. :func:`deliver` on a run that already has batches (a resume)
 sends only those not yet ``done``.
 
 The frequency cap (``delivery.frequency_cap``) is enforced here too, by
@@ -156,26 +158,34 @@ def encode(sink: Sink, outbox: pl.DataFrame) -> list[Item | None]:
 def plan_batches(
     items: list[Item | None], sink: Sink, batch_size: int | None = None
 ) -> list[tuple[int, int]]:
-    """Row ranges ``[start, stop)`` within the sink's count and byte limits.
+    """Row ranges ``[start, stop)`` within the sink's count, object and byte limits.
 
     Skipped rows (``None`` items) ride along in whichever batch covers them and
     are never sent; an item too large for any request gets a batch of its own
     (the destination's 413, or the size check in :func:`deliver`, dead-letters it).
+    A record is never split across batches: its objects travel together.
     """
     lim = sink.limits
     max_items = min(lim.max_items, batch_size or lim.max_items)
-    sized = lim.max_bytes is not None
+    byte_cap, object_cap = lim.max_bytes, lim.max_objects
     out: list[tuple[int, int]] = []
-    start, count, nbytes = 0, 0, lim.envelope_bytes
+    start, count, nbytes, nobjects = 0, 0, lim.envelope_bytes, 0
     for i, item in enumerate(items):
         if item is None:
             continue
-        size = json_size(item) + 1 if sized else 0
-        if count and (count >= max_items or (sized and nbytes + size > lim.max_bytes)):  # type: ignore[operator]
+        size = json_size(item) + 1 if byte_cap is not None else 0
+        objects = sink.objects(item) if object_cap is not None else 0
+        full = (
+            count >= max_items
+            or (byte_cap is not None and nbytes + size > byte_cap)
+            or (object_cap is not None and nobjects + objects > object_cap)
+        )
+        if count and full:
             out.append((start, i))
-            start, count, nbytes = i, 0, lim.envelope_bytes
+            start, count, nbytes, nobjects = i, 0, lim.envelope_bytes, 0
         count += 1
         nbytes += size
+        nobjects += objects
     if items:
         out.append((start, len(items)))
     return out
@@ -341,6 +351,19 @@ def _oversized(sink: Sink, items: list[Item]) -> str | None:
                     f"record is {size} bytes, over {sink.name}'s limit of "
                     f"{lim.max_item_bytes} bytes per record"
                 )
+    if lim.max_objects is not None:
+        counts = [sink.objects(item) for item in items]
+        alone = max(counts, default=0)
+        if alone > lim.max_objects:
+            return (
+                f"record makes {alone} {sink.name} objects (its profile and events travel "
+                f"together), over the limit of {lim.max_objects} per request"
+            )
+        if len(items) > 1 and sum(counts) > lim.max_objects:
+            return (
+                f"batch makes {sum(counts)} objects, over {sink.name}'s limit of "
+                f"{lim.max_objects} per request"
+            )
     if lim.max_bytes is not None and len(items) > 1:
         total = lim.envelope_bytes + sum(json_size(i) + 1 for i in items)
         if total > lim.max_bytes:

@@ -220,7 +220,8 @@ def scan_source(
     Raises
     ------
     ReadError
-        The path is missing, empty, truncated, or not in the expected format.
+        The path is missing, empty or without rows, truncated, or not in the
+        expected format.
     """
     name = str(path)
     resolved, files = resolve_format(name, fmt)
@@ -231,6 +232,7 @@ def scan_source(
     scan_fmt: SourceFormat = "ndjson" if resolved == "segment" else resolved
     try:
         lf, schema = _scan(name, scan_fmt, files, csv_separator, text_columns)
+        rows = lf.select(pl.len()).collect().item()  # Parquet: from the footers
     except (pl.exceptions.PolarsError, OSError) as exc:
         problem = (
             _parquet_problem(files, exc)
@@ -238,6 +240,9 @@ def scan_source(
             else f"cannot read as {scan_fmt}: {one_line(exc)}"
         )
         raise ReadError(f"{name}: {problem}") from None
+    if rows == 0:
+        what = "the file has" if len(files) == 1 else f"its {len(files)} files have"
+        raise ReadError(f"{name}: {what} no rows, only a header or schema; point at data with rows")
     if resolved == "segment" or (resolved == "ndjson" and is_segment_schema(schema)):
         lf = _flatten_segment(lf, schema)
     return lf

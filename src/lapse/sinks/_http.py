@@ -5,7 +5,8 @@ reuse) and turns HTTP outcomes into the errors of :mod:`lapse.sinks.base`:
 
 ============================  ==========================================
 401, 403                      :class:`SinkAuthError` naming the env var
-413                           :class:`PayloadTooLarge` (the batch is split)
+413, or a 400 whose body has  :class:`PayloadTooLarge` (the batch is split;
+one of ``too_large``          a record alone is dead-lettered)
 408, 429, 5xx, timeouts,      :class:`RetryableError` with ``Retry-After``
 dropped connections           (seconds or an HTTP-date) when given
 other 4xx                     :class:`SinkError` with the platform's message
@@ -104,7 +105,9 @@ class HttpClient:
     """One platform's HTTP client; see the module docstring for the error mapping.
 
     ``key_env`` names the environment variable(s) to blame for a 401/403;
-    ``secrets`` are scrubbed from every message this client raises.
+    ``secrets`` are scrubbed from every message this client raises;
+    ``too_large`` lists the phrases (lower case) with which the platform's 400
+    says a request is too large (Braze: ``max input length exceeded``).
     """
 
     def __init__(
@@ -117,8 +120,10 @@ class HttpClient:
         auth: tuple[str, str] | None = None,
         secrets: tuple[str | None, ...] = (),
         timeout: float = READ_TIMEOUT,
+        too_large: tuple[str, ...] = (),
     ) -> None:
         self.platform = platform
+        self.too_large = too_large
         self.base_url = base_url.rstrip("/")
         self.key_env = key_env
         self._secrets = tuple(s for s in secrets if s)
@@ -169,8 +174,8 @@ class HttpClient:
                 f"{self.key_env} (and that the key has the permissions this sink needs, and "
                 f"the base URL is your region's); the platform said: {detail}"
             )
-        if status == 413:
-            raise PayloadTooLarge(f"{where}: HTTP 413, the request is too large: {detail}")
+        if status == 413 or (status == 400 and any(p in detail.lower() for p in self.too_large)):
+            raise PayloadTooLarge(f"{where}: HTTP {status}, the request is too large: {detail}")
         if status in (408, 429) or status >= 500:
             raise RetryableError(
                 f"{where}: HTTP {status}: {detail}",

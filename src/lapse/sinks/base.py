@@ -10,7 +10,8 @@ Errors a sink raises from :meth:`Sink.send` tell the delivery layer what to do:
 - :class:`RetryableError` (429, 5xx, a dropped connection): retry the same
   batch later, after ``retry_after`` seconds when the destination said so.
   Sinks are idempotent, so a resend after an unseen success changes nothing.
-- :class:`PayloadTooLarge` (413): split the batch in two and send each half.
+- :class:`PayloadTooLarge` (413, or a 400 the platform words as "too large"):
+  split the batch in two and send each half; a record alone too large fails.
 - :class:`SinkAuthError` (401/403, a missing key): stop the run; nothing of
   the batch is marked sent.
 - :class:`SinkError` (anything else, e.g. 400 for the whole batch): the batch's
@@ -123,7 +124,10 @@ class Limits:
 
     ``max_bytes`` bounds the sum of the items' JSON sizes plus ``envelope_bytes``
     (the request's fixed overhead); an item over ``max_item_bytes`` can never be
-    sent and is dead-lettered. ``requests_per_second`` throttles the sends.
+    sent and is dead-lettered. ``max_objects`` bounds the platform's own objects
+    per request (:meth:`Sink.objects` of each item, e.g. Braze's attribute and
+    event objects together); an item holding more can never be sent either.
+    ``requests_per_second`` throttles the sends.
     """
 
     max_items: int
@@ -131,6 +135,7 @@ class Limits:
     max_item_bytes: int | None = None
     envelope_bytes: int = 0
     requests_per_second: float | None = None
+    max_objects: int | None = None
 
 
 @dataclass
@@ -175,6 +180,11 @@ class Sink(ABC):
     def payload(self, items: list[Item]) -> Any:
         """The request body :meth:`send` would send for ``items`` (``--dry-run`` shows it)."""
         return items
+
+    def objects(self, item: Item) -> int:
+        """The platform objects ``item`` puts in a request, counted against
+        ``limits.max_objects`` (one unless the sink says otherwise)."""
+        return 1
 
     def open(self, score_run_id: str) -> None:  # noqa: B027  (optional hook)
         """Called once before the first batch of a run (or of its resume)."""

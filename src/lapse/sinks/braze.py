@@ -2,10 +2,16 @@
 
 One record becomes one attributes object (matched on ``external_id``) and one
 event per fired trigger (``{prefix}{trigger_id}``) plus ``{prefix}risk_{segment}``
-when the segment changed. A request carries at most 75 attributes objects and
-75 events (Braze's per-request limit); a batch whose users carry more than 75
-events is split by the delivery layer. Braze answers a 2xx with ``errors[]``
-(``input_array`` + ``index``) for objects it rejected: those records fail alone.
+when the segment changed. A request carries at most
+``sinks.braze.max_objects_per_request`` objects (default 75) counted across
+``attributes`` and ``events`` together, Braze's current limit (accounts on
+legacy rate limits may send 75 per array; some Monthly Active Users contracts
+allow 50 combined). A record's objects travel together: batches are cut so that
+no request holds more, and a record that alone holds more is dead-lettered.
+Braze answers an over-limit request with ``400 Max Input Length Exceeded`` and a
+body over 4 MB with 413: both split the batch in two, down to one record. Braze
+answers a 2xx with ``errors[]`` (``input_array`` + ``index``) for objects it
+rejected: those records fail alone.
 
 Braze events have no dedupe key: a batch resent after a lost acknowledgement
 logs its events twice. Attribute updates are idempotent, so flows that start on
@@ -27,7 +33,6 @@ from lapse.sinks.base import (
     Item,
     Limits,
     Outcome,
-    PayloadTooLarge,
     Record,
     RetryableError,
     SinkAuthError,
@@ -41,16 +46,16 @@ __all__ = ["BrazeSink"]
 
 KEY_ENV = "LAPSE_BRAZE_API_KEY"
 URL_ENV = "LAPSE_BRAZE_BASE_URL"
-#: Attributes objects, and events, per /users/track request.
+#: Objects (attributes and events together) per /users/track request: Braze's current limit.
 MAX_OBJECTS = 75
+#: How Braze's 400 says a request holds too many objects.
+TOO_MANY_OBJECTS = "max input length exceeded"
 
 
 class BrazeSink(HttpSink):
     """Records to Braze ``/users/track`` (see the module docstring)."""
 
     name = "braze"
-    # 75 objects per request; 50,000 requests per minute by default: stay under 800/s.
-    limits = Limits(max_items=MAX_OBJECTS, requests_per_second=800.0)
     key_env = KEY_ENV
 
     def __init__(
@@ -60,11 +65,16 @@ class BrazeSink(HttpSink):
         base_url: str | None,
         prefix: str = "lapse_",
         identifier_column: str = "user_id",
+        max_objects: int = MAX_OBJECTS,
     ) -> None:
         missing = tuple(n for n, v in ((KEY_ENV, api_key), (URL_ENV, base_url)) if not v)
         super().__init__(prefix=prefix, identifier_column=identifier_column, missing=missing)
         self._key = api_key
         self.base_url = base_url
+        # 3,000 requests per three seconds by default: stay under 800/s.
+        self.limits = Limits(
+            max_items=max_objects, max_objects=max_objects, requests_per_second=800.0
+        )
 
     @classmethod
     def from_config(cls, config: LapseConfig, *, out: Path | None = None) -> BrazeSink:
@@ -73,6 +83,7 @@ class BrazeSink(HttpSink):
             base_url=env(URL_ENV),
             prefix=config.sinks.prefix,
             identifier_column=config.sinks.braze.identifier_column,
+            max_objects=config.sinks.braze.max_objects_per_request,
         )
 
     def make_client(self) -> HttpClient:
@@ -83,6 +94,7 @@ class BrazeSink(HttpSink):
             key_env=KEY_ENV,
             headers={"Authorization": f"Bearer {self._key}"},
             secrets=(self._key,),
+            too_large=(TOO_MANY_OBJECTS,),
         )
 
     def encode(self, record: Record) -> Item | None:
@@ -103,6 +115,9 @@ class BrazeSink(HttpSink):
             ],
         }
 
+    def objects(self, item: Item) -> int:
+        return 1 + len(item["events"])
+
     def payload(self, items: list[Item]) -> Any:
         body: dict[str, Any] = {"attributes": [i["attributes"] for i in items]}
         events = [e for i in items for e in i["events"]]
@@ -111,12 +126,7 @@ class BrazeSink(HttpSink):
         return body
 
     def send(self, batch_id: str, items: list[Item]) -> Outcome:
-        body = self.payload(items)
-        if len(body.get("events", ())) > MAX_OBJECTS and len(items) > 1:
-            raise PayloadTooLarge(
-                f"braze: {len(body['events'])} events in one request, over {MAX_OBJECTS}"
-            )
-        response = self.post_json("/users/track", body)
+        response = self.post_json("/users/track", self.payload(items))
         data = self.json_body(response)
         owners = {
             "attributes": list(range(len(items))),

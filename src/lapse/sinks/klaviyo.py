@@ -13,7 +13,9 @@ segment-change events go through ``POST /api/event-bulk-create-jobs``, each
 with ``unique_id`` from (run date, user, event name): Klaviyo keeps one event
 per ``unique_id``, so a resent batch logs nothing twice.
 
-Limits (documented): 10,000 profiles or 5 MB per import job; 1,000 events or
+Limits (Klaviyo's Bulk Import Profiles and Bulk Create Events references):
+10,000 profiles, 5 MB and 100 KB per profile per import job (the 100 KB is
+checked on a record's profile and events together, stricter); 1,000 events or
 5 MB per bulk event request (events are sent in chunks of 1,000); both
 endpoints 10 requests/s burst, 150/min steady. Batches are paced at one per
 10 seconds, which keeps a batch's imports, polls and event requests under the
@@ -75,7 +77,11 @@ class KlaviyoSink(HttpSink):
 
     name = "klaviyo"
     limits = Limits(
-        max_items=10_000, max_bytes=5_000_000, envelope_bytes=256, requests_per_second=0.1
+        max_items=10_000,
+        max_bytes=5_000_000,
+        max_item_bytes=100_000,
+        envelope_bytes=256,
+        requests_per_second=0.1,
     )
     key_env = KEY_ENV
 

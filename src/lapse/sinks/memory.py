@@ -52,6 +52,9 @@ class MemorySink(Sink):
     def payload(self, items: list[Item]) -> Any:
         return self.like.payload(items) if self.like is not None else items
 
+    def objects(self, item: Item) -> int:
+        return self.like.objects(item) if self.like is not None else 1
+
     def send(self, batch_id: str, items: list[Item]) -> Outcome:
         self.requests.append((batch_id, self.payload(items)))
         self.items.extend(items)

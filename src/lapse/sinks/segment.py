@@ -7,13 +7,15 @@ it): events from (run date, user, event name), so a resent batch never logs an
 event twice; identifies from (run date, user, the traits' hash), so a resend
 with the same traits is dropped and a changed one still goes through.
 
-Limits (documented): 500 KB per batch request, 32 KB per message; Segment
-answers 400 (not 413) when they are exceeded, which this sink treats as "too
-large" so the delivery layer splits the batch. The 32 KB bound is applied to a
-record's messages together (stricter than needed; a record is about 1 KB).
-Segment documents no count limit: batches carry at most 250 records (about
-2,000 messages at most). There is no documented rate limit either; requests
-are paced at 50 per second.
+Limits (Segment's HTTP API source docs, "Max request size", "Rate limits",
+"Errors"): 500 KB per batch request and 32 KB per message, answered with a 400
+saying the payload is too large, which this sink treats like a 413 so the
+delivery layer splits the batch; at most 2,500 messages per batch (beyond it
+Segment answers 200 and drops them, so batches never carry more). The 32 KB
+bound is applied to a record's messages together (stricter than needed; a
+record is about 1 KB). Batches carry at most 250 records (lapse's choice).
+Segment asks for at most 1,000 requests per second per workspace (429 with
+``Retry-After`` beyond); requests are paced at 50 per second.
 
 Environment: ``LAPSE_SEGMENT_API_KEY`` (the HTTP API source's write key, sent
 as the Basic-auth user), ``LAPSE_SEGMENT_BASE_URL`` (default
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lapse.sinks._http import HttpClient, HttpSink, dedupe_id, env, event_time, to_json
-from lapse.sinks.base import Item, Limits, Outcome, PayloadTooLarge, Record, SinkError
+from lapse.sinks.base import Item, Limits, Outcome, Record
 
 if TYPE_CHECKING:
     from lapse.config import LapseConfig
@@ -39,6 +41,7 @@ URL_ENV = "LAPSE_SEGMENT_BASE_URL"
 DEFAULT_URL = "https://api.segment.io"
 MAX_BATCH_BYTES = 500_000
 MAX_MESSAGE_BYTES = 32_000
+MAX_MESSAGES = 2_500
 
 
 class SegmentSink(HttpSink):
@@ -51,6 +54,7 @@ class SegmentSink(HttpSink):
         max_item_bytes=MAX_MESSAGE_BYTES,
         envelope_bytes=64,
         requests_per_second=50.0,
+        max_objects=MAX_MESSAGES,
     )
     key_env = KEY_ENV
 
@@ -82,7 +86,12 @@ class SegmentSink(HttpSink):
     def make_client(self) -> HttpClient:
         assert self._key is not None
         return HttpClient(
-            "segment", self.base_url, key_env=KEY_ENV, auth=(self._key, ""), secrets=(self._key,)
+            "segment",
+            self.base_url,
+            key_env=KEY_ENV,
+            auth=(self._key, ""),
+            secrets=(self._key,),
+            too_large=("too large",),  # Segment says 400 for an oversized batch or message
         )
 
     def encode(self, record: Record) -> Item | None:
@@ -118,14 +127,11 @@ class SegmentSink(HttpSink):
     def payload(self, items: list[Item]) -> Any:
         return {"batch": [m for messages in items for m in messages]}
 
+    def objects(self, item: Item) -> int:
+        return len(item)  # the record's messages: its identify and its tracks
+
     def send(self, batch_id: str, items: list[Item]) -> Outcome:
-        try:
-            self.post_json("/v1/batch", self.payload(items))
-        except SinkError as exc:
-            # Segment says 400 for an oversized batch or message; let the batch be split.
-            if "HTTP 400" in str(exc) and "too large" in str(exc).lower():
-                raise PayloadTooLarge(str(exc)) from None
-            raise
+        self.post_json("/v1/batch", self.payload(items))
         return Outcome()
 
     def check(self) -> str:
