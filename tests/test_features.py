@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -392,3 +393,21 @@ def test_build_sku_counts_orders_containing_the_sku() -> None:
     assert x["mean_order_gap_days"] == pytest.approx((30 + 10.625) / 2)
     y = got.filter(pl.col("user_id") == "a", pl.col("sku") == "Y").row(0, named=True)
     assert (y["order_count"], y["units_bought"]) == (2, 2.0)  # 1004's line at T is unseen
+
+
+def test_orders_on_the_online_retail_reference_match_its_invoices(tmp_path: Path) -> None:
+    """``lapse features`` with ``order_id: InvoiceNo`` (skipped without the file)."""
+    from typer.testing import CliRunner
+
+    from lapse.cli import app
+    from retail import AS_OF, check_orders, reference_file, write_config
+
+    source = reference_file()
+    out = tmp_path / "features.parquet"
+    args = ["features", str(source), "--as-of", f"{AS_OF:%Y-%m-%d}", "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, "-c", str(write_config(tmp_path))])
+    assert result.exit_code == 0, result.output
+    features = pl.read_parquet(out)
+    check_orders(features, source)
+    a = features.filter(pl.col("user_id") == "12347").row(0, named=True)
+    assert a["events_per_active_day"] == 1.0  # seven orders on seven days, not 182 lines
