@@ -7,6 +7,7 @@ from datetime import datetime
 from pathlib import Path
 
 import polars as pl
+import pytest
 import yaml
 
 from lapse.config import LapseConfig, load_config
@@ -134,3 +135,39 @@ def test_segment_export(tmp_path: Path) -> None:
     assert kept["user_id"].to_list() == ["u1", "anon-2"]
     assert kept["revenue"].to_list() == [9.5, None]
     assert report.rows_kept == 2
+
+
+@pytest.mark.parametrize("name", ["InvoiceNo", "order_id", "OrderNumber"])
+def test_an_invoice_like_column_is_proposed_as_the_order_key(tmp_path: Path, name: str) -> None:
+    path = tmp_path / "lines.csv"
+    path.write_text(UCI.replace("InvoiceNo", name, 1))
+    text = init_config(path)
+    config = _load(tmp_path, text)
+    assert config.source.order_id == name
+    assert config.source.message_id is None
+    assert "other columns: [Description, Country]" in text
+    kept, report = validate_events(path, config, rejects_path=tmp_path / "r.parquet")
+    assert kept["order_id"].to_list() == ["536365", "536365"]  # (no row rules yet)
+    assert report.purchase_orders == 1
+
+
+def test_a_repeating_message_id_is_warned_about(tmp_path: Path) -> None:
+    row = {
+        "type": "track",
+        "event": "Order Completed",
+        "userId": "u1",
+        "timestamp": "2024-01-01T10:00:00.000Z",
+        "properties": {"order_id": "o1", "sku": "S1"},
+    }
+    ids = ["m1", "m1", "m2"]  # a retried delivery, or lines sharing an id
+    path = tmp_path / "track.jsonl"
+    path.write_text("\n".join(json.dumps({**row, "messageId": m}) for m in ids) + "\n")
+    text = init_config(path)
+    assert "WARNING: messageId repeats (1 of 3 sample rows" in text
+    config = _load(tmp_path, text)
+    assert config.source.message_id == "messageId"  # proposed still: the user decides
+    assert config.source.order_id == "properties.order_id"
+
+    unique = tmp_path / "unique.jsonl"
+    unique.write_text("\n".join(json.dumps({**row, "messageId": m}) for m in ids[1:]) + "\n")
+    assert "WARNING" not in init_config(unique)

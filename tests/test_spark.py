@@ -88,6 +88,27 @@ def test_features_equal_the_local_engine(world: World, spark: SparkSession) -> N
 
 
 @pytest.mark.spark
+def test_features_with_an_order_key_equal_the_local_engine(
+    world: World, spark: SparkSession, tmp_path: Path
+) -> None:
+    from lapse.spark import build_features_spark
+
+    # a user's purchases in one ISO week share an order id; other events carry none
+    week = pl.col("user_id") + pl.col("ts").dt.strftime("/%G-%V")
+    keyed = pl.read_parquet(world.events).with_columns(
+        pl.when(pl.col("event") == "order_completed").then(week).alias("order_id")
+    )
+    path = tmp_path / "keyed.parquet"
+    keyed.write_parquet(path)
+    config = load_config()
+    local = build(pl.scan_parquet(path), world.as_of, config)
+    per_row = build(pl.scan_parquet(world.events), world.as_of, config)
+    assert (local["order_count"] < per_row["order_count"]).any()
+    got = collect(build_features_spark(str(path), world.as_of, config, spark=spark))
+    assert_frame_equal(got, local, check_exact=False, rel_tol=1e-9, abs_tol=1e-9)
+
+
+@pytest.mark.spark
 def test_core_features_with_static_attributes_equal_the_local_engine(
     world: World, spark: SparkSession
 ) -> None:
@@ -407,3 +428,29 @@ def test_a_missing_table_or_delta_says_what_to_do(spark: SparkSession, tmp_path:
     (tmp_path / "t" / "_delta_log").mkdir(parents=True)
     with pytest.raises(LapseError, match="delta-spark"):
         read_source(spark, tmp_path / "t")
+
+
+@pytest.mark.spark
+def test_orders_on_the_online_retail_reference_equal_the_local_engine(
+    spark: SparkSession, tmp_path: Path
+) -> None:
+    """``order_id: InvoiceNo`` on the reference file (skipped without it), both engines."""
+    from lapse.events import validate_events
+    from lapse.spark import validated_events_spark
+    from retail import AS_OF, check_orders, reference_file, write_config
+
+    source = reference_file()
+    config = write_config(tmp_path)
+    for engine in ("local", "spark"):
+        args = ["features", str(source), "--as-of", f"{AS_OF:%Y-%m-%d}", "-c", str(config)]
+        result = runner.invoke(app, [*args, "--out", str(tmp_path / engine), "--engine", engine])
+        assert result.exit_code == 0, result.output
+    local = pl.read_parquet(tmp_path / "local")
+    got = pl.read_parquet(tmp_path / "spark")
+    check_orders(got, source)
+    assert_frame_equal(got.sort("user_id"), local.sort("user_id"), check_exact=False)
+    loaded = load_config(config)
+    _, report = validate_events(source, loaded, as_of=AS_OF, rejects_path=tmp_path / "l.parquet")
+    checked = validated_events_spark(str(source), loaded, spark=spark)
+    spark_report = checked.report(loaded, as_of=AS_OF, rejects=tmp_path / "s.parquet")
+    assert spark_report.purchase_orders == report.purchase_orders > 18_000

@@ -116,6 +116,10 @@ def _report_table(report: ValidationReport) -> Table:
     ]
     rows += [(f"  role {role}", f"{n:,}") for role, n in report.events_per_role.items()]
     rows.append(("  in no role", f"{report.events_unassigned:,}"))
+    if report.purchase_orders is None:
+        rows.append(("purchases counted", "per row (no source.order_id)"))
+    else:
+        rows.append(("purchase orders", f"{report.purchase_orders:,} (source.order_id)"))
     rejected = sum(report.rejected_by_reason.values())
     rows.append(("rejected", f"{rejected:,} ({report.rejected_share:.2%})"))
     rows += [(f"  {reason}", f"{n:,}") for reason, n in report.rejected_by_reason.items()]

@@ -29,7 +29,7 @@ from pydantic import (
 )
 
 from lapse.exceptions import ConfigError
-from lapse.schema import EVENT_COLUMNS
+from lapse.schema import EVENT_COLUMNS, ORDER_ID
 
 __all__ = [
     "AttributesConfig",
@@ -187,6 +187,11 @@ class SourceConfig(_Section):
     message_id: str | None = Field(
         default=None, description="source column with a unique message id, used to drop duplicates"
     )
+    order_id: str | None = Field(
+        default=None,
+        description="source column with the order (invoice) number: a user's purchase lines "
+        "sharing it are one order; null: every purchase row is an order",
+    )
     properties: list[str] = Field(
         default_factory=list, description="extra source columns kept on every event"
     )
@@ -201,6 +206,11 @@ class SourceConfig(_Section):
             raise ValueError(
                 f"columns maps unknown canonical names {unknown}; "
                 f"use {sorted(EVENT_COLUMNS)} (extra columns go under 'properties')"
+            )
+        if self.order_id is not None and ORDER_ID in self.properties:
+            raise ValueError(
+                f"properties lists {ORDER_ID!r}, the name of the canonical order column that "
+                "order_id fills; rename or drop that property"
             )
         both = sorted(set(self.columns) & set(self.derive))
         if both:

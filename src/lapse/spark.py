@@ -40,7 +40,7 @@ import pyarrow as pa
 from lapse.config import LapseConfig
 from lapse.events.validate import ValidationReport
 from lapse.exceptions import LapseError, MissingColumnsError
-from lapse.schema import EVENT_COLUMNS, REQUIRED_EVENT_COLUMNS, USER_ID
+from lapse.schema import EVENT_COLUMNS, ORDER_ID, REQUIRED_EVENT_COLUMNS, USER_ID
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -415,7 +415,8 @@ _DRIFT = "_lapse_drift"
 class SparkValidation:
     """Validated events on Spark: the kept rows (sharded by user) and how to count them.
 
-    ``kept`` holds :data:`~lapse.schema.EVENT_COLUMNS` plus ``source.properties``,
+    ``kept`` holds :data:`~lapse.schema.EVENT_COLUMNS` (and ``order_id`` when
+    ``source.order_id`` is set) plus ``source.properties``,
     hash-partitioned by ``user_id`` (duplicates and rejected rows removed), lazily;
     :meth:`report` runs the counting job and writes the rejects file.
     """
@@ -453,6 +454,15 @@ class SparkValidation:
             .collect()
         )
         users = self.kept.select(F.count_distinct(USER_ID)).collect()[0][0]
+        orders: int | None = None
+        if config.source.order_id is not None:
+            bought = self.kept.filter(F.col("event").isin(config.roles.of("purchase")))
+            # a row without an order key is an order alone; count_distinct skips it
+            keyed, alone = bought.select(
+                F.count_distinct(USER_ID, ORDER_ID),
+                F.count(F.when(F.col(ORDER_ID).isNull(), 1)),
+            ).collect()[0]
+            orders = int(keyed) + int(alone)
         kept = [g for g in groups if g[REASON] is None and not g[_DUP]]
         rejected: dict[str, int] = {}
         for g in groups:
@@ -488,6 +498,7 @@ class SparkValidation:
             duplicates=sum(int(g["n"]) for g in groups if g[REASON] is None and g[_DUP]),
             future_events=sum(int(g["future"] or 0) for g in kept),
             rejects_path=written,
+            purchase_orders=orders,
         )
 
 
@@ -517,7 +528,7 @@ def validated_events_spark(
     from pyspark.sql import functions as F
 
     from lapse.events.mapping import MESSAGE_ID, map_events, timestamp_format
-    from lapse.events.validate import REASON, _reason
+    from lapse.events.validate import REASON, _reason, canonical_columns, output_columns
 
     session = spark_session(spark)
     name = str(events) if isinstance(events, str | Path) else "the Spark DataFrame"
@@ -558,10 +569,9 @@ def validated_events_spark(
         duplicate = F.col(_DUP)
     flagged = _sharded(flagged, partitions)
     # identical rows share user_id, so this window reuses the shard (no second shuffle)
-    same = Window.partitionBy(ok, *(F.col(c) for c in EVENT_COLUMNS)).orderBy(_ROW)
+    same = Window.partitionBy(ok, *(F.col(c) for c in canonical_columns(config))).orderBy(_ROW)
     flagged = flagged.withColumn(_DUP, ok & (duplicate | (F.row_number().over(same) > 1)))
-    columns = [*EVENT_COLUMNS, *config.source.properties]
-    kept = flagged.filter(ok & ~F.col(_DUP)).select(*columns)
+    kept = flagged.filter(ok & ~F.col(_DUP)).select(*output_columns(config))
     names = list(mapped_empty.collect_schema().names())
     return SparkValidation(flagged=flagged, kept=kept, source_name=name, columns=names)
 

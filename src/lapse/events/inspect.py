@@ -33,7 +33,10 @@ _CANDIDATES: Final[dict[str, tuple[str, ...]]] = {
     "revenue": ("revenue", "amount", "total", "sales", "value"),
 }  # fmt: skip
 _PRICE: Final = ("unitprice", "price", "itemprice")
-_INVOICE: Final = ("invoiceno", "invoice", "invoiceid", "invoicenumber", "orderno", "orderid")
+_INVOICE: Final = (
+    "invoiceno", "invoice", "invoiceid", "invoicenumber", "orderno", "orderid", "ordernumber",
+)  # fmt: skip
+_SEGMENT_ORDER: Final = ("propertiesorderid",)
 _TOP_EVENTS: Final = 50
 _PLAIN: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
 _YAML_WORDS: Final = frozenset({"true", "false", "null", "yes", "no", "on", "off", "y", "n", "~"})
@@ -139,6 +142,24 @@ def _row_rule_lines(sample: pl.DataFrame, invoice: str | None, quantity: str | N
     ]
 
 
+def _message_id_lines(sample: pl.DataFrame, column: str | None) -> list[str]:
+    """The ``message_id`` line, with a warning when the proposed column repeats."""
+    lines = [
+        f"  message_id: {_q(column) if column else 'null'}    # unique message id, drops duplicates"
+    ]
+    if column is None:
+        return lines
+    values = sample[column].drop_nulls()
+    repeats = values.len() - values.n_unique()
+    if repeats:
+        lines.append(
+            f"  # WARNING: {column} repeats ({repeats} of {sample.height} sample rows repeat an "
+            "earlier value): message_id keeps the first row of each value and drops the rest; "
+            "set it to null unless those are duplicates (an order's lines go under order_id)"
+        )
+    return lines
+
+
 def init_config(path: str | Path, *, sample_rows: int = 10000) -> str:
     """A commented YAML config for the events at ``path``, guessed from a sample.
 
@@ -169,6 +190,7 @@ def init_config(path: str | Path, *, sample_rows: int = 10000) -> str:
                 found[canonical] = column
     price = None if segment else _guess(names, _PRICE, set(found.values()))
     invoice = None if segment else _guess(names, _INVOICE, set(found.values()))
+    order = _guess(names, _SEGMENT_ORDER, set()) if segment else invoice
     event = SEGMENT_DEFAULTS["event"][0] if segment else found.get("event")
     ts = SEGMENT_DEFAULTS["ts"][0] if segment else found.get("ts")
 
@@ -208,9 +230,11 @@ def init_config(path: str | Path, *, sample_rows: int = 10000) -> str:
     else:
         lines.append("  event_name: null")
     message_id = "messageId" if segment and "messageId" in names else None
-    lines.append(f"  message_id: {message_id or 'null'}    # unique message id, drops duplicates")
+    lines += _message_id_lines(sample, message_id)
+    order_help = "order (invoice) number: the lines of one order count as one purchase"
+    lines.append(f"  order_id: {_q(order) if order else 'null'}    # {order_help}")
     used = {*found.values(), *(c for cols in SEGMENT_DEFAULTS.values() for c in cols)}
-    extra = [c for c in names if c not in used and c != price and c != message_id]
+    extra = [c for c in names if c not in used and c not in (price, message_id, order)]
     lines.append("  properties: []    # extra source columns to keep on every event")
     if extra:
         shown = ", ".join(_q(c) for c in extra[:30])

@@ -13,8 +13,8 @@ Reject reasons, checked in this order (a row gets the first that applies):
     listed under ``roles.return``.
 
 Rejected rows go to a rejects Parquet file (the mapped row plus ``reason``).
-Duplicates (identical in every canonical column, or sharing the
-``source.message_id`` value) keep their first occurrence. Events later than
+Duplicates (identical in every canonical column, the order key included, or
+sharing the ``source.message_id`` value) keep their first occurrence. Events later than
 ``as_of`` (or now) plus ``source.future_tolerance_hours`` are counted, not
 dropped. Nothing is lost silently: every dropped row is counted in the report.
 """
@@ -34,13 +34,16 @@ from lapse.events.database import scan_database, source_label
 from lapse.events.mapping import BY_RULE, MESSAGE_ID, id_columns, map_events
 from lapse.events.readers import collect_frame, data_files, scan_source
 from lapse.exceptions import EventsError
-from lapse.schema import EVENT_COLUMNS, ROLES
+from lapse.schema import EVENT_COLUMNS, ORDER_ID, ROLES
 
 __all__ = [
     "REJECT_REASONS",
     "ValidationReport",
+    "canonical_columns",
+    "count_orders",
     "event_files",
     "new_event_users",
+    "output_columns",
     "read_events",
     "read_user_events",
     "rejects_path_for",
@@ -58,6 +61,9 @@ class ValidationReport:
     ``rows_read = rows_kept + sum(rejected_by_reason.values()) + duplicates``.
     ``events_per_role`` counts kept events per role (an event listed under two
     roles counts in both); ``events_unassigned`` counts kept events in no role.
+    ``purchase_orders`` counts the orders among the kept ``purchase`` events
+    (a user's lines sharing ``source.order_id``, a row without one alone); it
+    is ``None`` without ``source.order_id``, when every purchase row is an order.
     """
 
     path: str
@@ -72,6 +78,7 @@ class ValidationReport:
     duplicates: int
     future_events: int
     rejects_path: Path | None
+    purchase_orders: int | None = None
 
     @property
     def rows_rejected(self) -> int:
@@ -133,16 +140,31 @@ def _kept(frame: pl.DataFrame, config: LapseConfig) -> tuple[pl.DataFrame, pl.Da
     else:
         rejected, ok = frame.clear().with_columns(pl.lit(None, pl.String).alias(REASON)), frame
     del frame
-    keep = _first_distinct(ok, list(EVENT_COLUMNS))
+    keep = _first_distinct(ok, canonical_columns(config))
     if config.source.message_id is not None:
         ids = ok[MESSAGE_ID]
         keep = keep & (ids.is_null() | ids.is_first_distinct())
     kept = ok if keep.all() else ok.filter(keep)
-    return rejected, kept.select(_output_columns(config))
+    return rejected, kept.select(output_columns(config))
 
 
-def _output_columns(config: LapseConfig) -> list[str]:
-    return [*EVENT_COLUMNS, *config.source.properties]
+def canonical_columns(config: LapseConfig) -> list[str]:
+    """The canonical columns ``config`` maps: :data:`EVENT_COLUMNS`, then ``order_id`` when set."""
+    return [*EVENT_COLUMNS, *([ORDER_ID] if config.source.order_id else [])]
+
+
+def output_columns(config: LapseConfig) -> list[str]:
+    """The columns of the kept events: :func:`canonical_columns`, then ``source.properties``."""
+    return [*canonical_columns(config), *config.source.properties]
+
+
+def count_orders(events: pl.DataFrame, config: LapseConfig) -> int | None:
+    """The report's ``purchase_orders`` of kept ``events``: ``None`` without an order key."""
+    if ORDER_ID not in events.columns:
+        return None
+    bought = events.filter(pl.col("event").is_in(config.roles.of("purchase")))
+    keyed = bought.filter(pl.col(ORDER_ID).is_not_null())
+    return keyed.select(ORDER_ID, "user_id").n_unique() + bought.height - keyed.height
 
 
 def rejects_path_for(path: str | Path, config: LapseConfig) -> Path:
@@ -240,6 +262,7 @@ def validate_events(
         duplicates=rows_read - rejected.height - events.height,
         future_events=events.filter(pl.col("ts") > horizon).height,
         rejects_path=written,
+        purchase_orders=count_orders(events, config),
     )
     return events, report
 

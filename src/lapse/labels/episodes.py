@@ -20,7 +20,7 @@ import polars as pl
 from lapse.config import LapseConfig
 from lapse.exceptions import ConfigError
 from lapse.features._engine import DAY_US, canonical, utc_cutoff
-from lapse.features.episodes_covariates import ANY_SKU, Target, purchase_orders
+from lapse.features.episodes_covariates import ANY_SKU, Target, order_keys, purchase_orders
 
 __all__ = ["ANY_SKU", "consumable_skus", "episodes", "open_episodes", "reorder_outcomes"]
 
@@ -38,7 +38,8 @@ def consumable_skus(
     """Consumable SKU -> units per pack, from ``replenishment.consumables``.
 
     ``"auto"`` takes the SKUs with at least ``replenishment.min_repeat_buyers``
-    users who ordered them on two or more days before ``until``; their units
+    users who ordered them in two or more orders (on two or more days without
+    an ``order_id``) before ``until``; their units
     per pack come from ``features.units_per_pack`` (1 when not listed).
 
     Raises
@@ -66,9 +67,11 @@ def consumable_skus(
             & pl.col("event").is_in(config.roles.of("purchase"))
             & pl.col("sku").is_not_null()
         )
+        .select("sku", "user_id", *order_keys(events))
+        .unique()
         .group_by("sku", "user_id")
-        .agg(pl.col("ts").dt.truncate("1d").n_unique().alias("days"))
-        .filter(pl.col("days") >= 2)
+        .agg(pl.len().alias("orders"))
+        .filter(pl.col("orders") >= 2)
         .group_by("sku")
         .agg(pl.len().alias("repeat_buyers"))
         .filter(pl.col("repeat_buyers") >= rep.min_repeat_buyers)
