@@ -346,6 +346,14 @@ def _print_training(result: TrainResult) -> None:
         rep = result.replenishment
         console.print(_metrics_table(rep.table, "replenishment (time to next order)"))
         console.print(f"[bold]selected:[/] {rep.selected} - {rep.why}")
+    if result.segments:
+        from lapse.segments import describe_sizes
+
+        console.print(
+            f"[bold]segments[/] at {result.calibration_cutoff:%Y-%m-%d}: "
+            f"{describe_sizes(result.segments)}",
+            highlight=False,
+        )
     for note in result.notes:
         console.print(f"note: {escape(note)}", highlight=False)
     console.print(f"report in {result.out_dir}, bundle at {result.bundle_path}")

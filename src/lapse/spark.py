@@ -488,6 +488,7 @@ class SparkValidation:
             duplicates=sum(int(g["n"]) for g in groups if g[REASON] is None and g[_DUP]),
             future_events=sum(int(g["future"] or 0) for g in kept),
             rejects_path=written,
+            events_per_name=dict(sorted(per_event.items())),
         )
 
 

@@ -21,10 +21,11 @@ import numpy as np
 import numpy.typing as npt
 import polars as pl
 
-from lapse.config import LapseConfig
-from lapse.events import load_attributes, validate_events
+from lapse.config import LapseConfig, SegmentsConfig
+from lapse.events import ValidationReport, load_attributes, validate_events
 from lapse.exceptions import LapseError
 from lapse.modeling.metrics import METRIC_NAMES
+from lapse.segments import describe_sizes
 
 if TYPE_CHECKING:
     from lapse.replenishment import ReplenishmentResult
@@ -37,7 +38,9 @@ class TrainResult:
     """What ``lapse train`` produced.
 
     ``table`` has one row per candidate (plus ``oracle``): ``model``,
-    ``validation_auc``, the test metrics and ``selected``.
+    ``validation_auc``, the test metrics and ``selected``. ``segments``: the
+    shipped model's users per risk segment at the calibration cutoff (its
+    training score distribution).
     """
 
     metrics: dict[str, Any]
@@ -62,6 +65,7 @@ class TrainResult:
     bundle_path: Path
     notes: list[str] = field(default_factory=list)
     replenishment: ReplenishmentResult | None = None
+    segments: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -125,11 +129,13 @@ def _oracle(truth_dir: Path | None, test: datetime) -> pl.DataFrame | None:
 SMALL_CUTOFF = 500
 
 
-def _load(events_path: str | Path, config: LapseConfig) -> tuple[pl.LazyFrame, list[str]]:
+def _load(
+    events_path: str | Path, config: LapseConfig
+) -> tuple[pl.LazyFrame, ValidationReport, list[str]]:
     """Read and validate once (labels, features and BG/NBD each scan the events).
 
-    Returns the kept events and a note on what validation dropped, so a training
-    report never hides rejected rows.
+    Returns the kept events, the validation report and a note on what validation
+    dropped, so a training report never hides rejected rows.
     """
     events, report = validate_events(events_path, config)
     notes = []
@@ -142,7 +148,7 @@ def _load(events_path: str | Path, config: LapseConfig) -> tuple[pl.LazyFrame, l
             f"events: {report.rows_read:,} rows read, {rejected}, "
             f"{report.duplicates:,} duplicates dropped"
         )
-    return events.lazy(), notes
+    return events.lazy(), report, notes
 
 
 # -- train ----------------------------------------------------------------------------
@@ -211,10 +217,59 @@ def _report_md(result_bits: dict[str, Any]) -> str:
         f"window ends by {r['calibration_cutoff']:%Y-%m-%d}) and calibrated on the latest complete "
         f"cutoff, {r['calibration_cutoff']:%Y-%m-%d}. The metrics above are the race model's; the "
         "refit model has no held-out evaluation of its own.",
+        "",
+        "## Segments",
+        "",
+        f"The shipped model's users at the calibration cutoff, {r['calibration_cutoff']:%Y-%m-%d}, "
+        f"by risk segment ({_segments_rule(r['segments_config'])}): "
+        f"{describe_sizes(r['segments'])}.",
     ]
     if r["notes"]:
         lines += ["", "## Notes", "", *(f"- {n}" for n in r["notes"])]
     return "\n".join(lines) + "\n"
+
+
+def _segments_rule(cfg: SegmentsConfig) -> str:
+    """``segments.method quantile: high above the 0.9 percentile, medium above 0.7``."""
+    if cfg.method == "quantile":
+        return (
+            f"segments.method quantile: high above the {cfg.high:g} percentile of the training "
+            f"scores, medium above {cfg.medium:g}"
+        )
+    return (
+        f"segments.method probability: high at a churn probability of {cfg.high:g} or more, "
+        f"medium at {cfg.medium:g} or more"
+    )
+
+
+def _segment_sizes(
+    reference: npt.NDArray[np.float64],
+    config: LapseConfig,
+    cutoff: datetime,
+    metrics: dict[str, Any],
+    notes: list[str],
+) -> dict[str, int]:
+    """Users per segment in the training score distribution; into ``metrics["segments"]``,
+    with a note when probability cut-offs put most users in one segment."""
+    from lapse.segments import assign, sizes
+
+    counts = sizes(assign(reference, config.segments, reference=reference))
+    total = sum(counts.values())
+    metrics["segments"] = {
+        "method": config.segments.method,
+        "high": config.segments.high,
+        "medium": config.segments.medium,
+        "cutoff": f"{cutoff:%Y-%m-%d}",
+        "counts": counts,
+        "shares": {k: round(n / total, 4) if total else 0.0 for k, n in counts.items()},
+    }
+    crowded = [k for k, n in counts.items() if total and n / total > 0.5 and k != "low"]
+    if config.segments.method == "probability" and crowded:
+        notes.append(
+            f"segments: {counts[crowded[0]] / total:.0%} of the users are {crowded[0]} under "
+            "probability cut-offs; segments.method quantile ranks them instead (top 10% high)"
+        )
+    return counts
 
 
 def train(
@@ -245,12 +300,12 @@ def train(
         Unreadable events, too little history, or a cutoff without both classes.
     """
     from lapse.labels import cutoff_grid
-    from lapse.modeling.bundle import ChurnBundle
+    from lapse.modeling.bundle import ChurnBundle, TrainingData
     from lapse.modeling.plots import write_plots
     from lapse.modeling.race import fit_calibrator, fit_scorer, run_race
 
     out = Path(out_dir)
-    events, read_notes = _load(events_path, config)
+    events, validation, read_notes = _load(events_path, config)
     grid = cutoff_grid(events, config)
     horizon = grid.horizon
     used = [c for c in grid.complete if c >= grid.training[0]]
@@ -291,8 +346,6 @@ def train(
     replenishment = _replenishment(events, config, grid.data_end, out, truth_dir, notes)
     if replenishment is not None:
         metrics["replenishment"] = replenishment.metrics
-    metrics_path = out / "metrics.json"
-    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     tst = frame.filter(pl.col("cutoff") == grid.test)
     sample = tst.sample(n=min(5000, tst.height), seed=config.models.random_state)
     importance = race.scorer.lightgbm.importance(sample)
@@ -320,6 +373,10 @@ def train(
     y_cal = tst["churned"].cast(pl.Float64).to_numpy()
     s_cal = scorer.score(race.selected, tst)
     calibrator = fit_calibrator(race.selected, s_cal, y_cal, config)
+    score_reference = np.sort(calibrator.predict(s_cal))
+    segments = _segment_sizes(score_reference, config, grid.test, metrics, notes)
+    metrics_path = out / "metrics.json"
+    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     table = _table(race)
     report = _report_md(
         {
@@ -341,6 +398,8 @@ def train(
             "table": table,
             "refit": refit,
             "calibration_cutoff": grid.test,
+            "segments": segments,
+            "segments_config": config.segments,
             "notes": notes,
         }
     )
@@ -362,7 +421,7 @@ def train(
         selected=race.selected,
         scorer=scorer,
         calibrator=calibrator,
-        score_reference=np.sort(calibrator.predict(s_cal)),
+        score_reference=score_reference,
         metrics=metrics,
         cutoffs={
             "training": list(grid.training),
@@ -374,6 +433,12 @@ def train(
         },
         created_at=datetime.now(UTC),
         feature_reference=_feature_reference(tst, importance, config),
+        training_data=TrainingData(
+            source=validation.path,
+            first_event=validation.ts_min,
+            last_event=validation.ts_max,
+            events=validation.events_per_name,
+        ),
     )
     if replenishment is not None:
         bundle.extras["replenishment"] = replenishment.model
@@ -402,6 +467,7 @@ def train(
         bundle_path=bundle_path,
         notes=notes,
         replenishment=replenishment,
+        segments=segments,
     )
 
 
@@ -445,7 +511,7 @@ def backtest(events_path: str | Path, config: LapseConfig, *, k: int = 6) -> Bac
 
     if k < 1:
         raise LapseError(f"--k must be at least 1, got {k}")
-    events, read_notes = _load(events_path, config)
+    events, _, read_notes = _load(events_path, config)
     start, end = data_span(events)
     step = timedelta(days=config.labels.cutoff_every_days)
     latest = end - timedelta(days=config.labels.horizon_days)

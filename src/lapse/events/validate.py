@@ -22,7 +22,7 @@ dropped. Nothing is lost silently: every dropped row is counted in the report.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Final
@@ -57,7 +57,8 @@ class ValidationReport:
 
     ``rows_read = rows_kept + sum(rejected_by_reason.values()) + duplicates``.
     ``events_per_role`` counts kept events per role (an event listed under two
-    roles counts in both); ``events_unassigned`` counts kept events in no role.
+    roles counts in both); ``events_unassigned`` counts kept events in no role;
+    ``events_per_name`` counts kept events per event name.
     """
 
     path: str
@@ -72,6 +73,7 @@ class ValidationReport:
     duplicates: int
     future_events: int
     rejects_path: Path | None
+    events_per_name: dict[str, int] = field(default_factory=dict)
 
     @property
     def rows_rejected(self) -> int:
@@ -240,6 +242,7 @@ def validate_events(
         duplicates=rows_read - rejected.height - events.height,
         future_events=events.filter(pl.col("ts") > horizon).height,
         rejects_path=written,
+        events_per_name={str(e): int(n) for e, n in sorted(per_event.items())},
     )
     return events, report
 
