@@ -33,7 +33,7 @@ from lapse.exceptions import LapseError
 
 if TYPE_CHECKING:
     from lapse.events import ValidationReport
-    from lapse.pipeline import FeaturesResult, ScoreRunResult, TriggerRunResult
+    from lapse.pipeline import FeaturesResult, ScoreHeader, ScoreRunResult, TriggerRunResult
     from lapse.registry import RegisteredVersion
     from lapse.training import TrainResult
 
@@ -577,6 +577,20 @@ class _ScoreBars:
         self.progress = progress
         self.task: TaskID | None = None
 
+    def begin(self, header: ScoreHeader) -> None:
+        """One line, before any work: the run, the model and what it was trained on."""
+        model = (
+            f"model {header.model} version {header.version} ({header.source})"
+            if header.version != "local"
+            else f"model {header.model} (bundle file {header.source})"
+        )
+        console.print(
+            f"[bold]score run {header.score_run_id}[/]: {escape(model)}; "
+            f"trained on {escape(header.trained_on)}",
+            highlight=False,
+            soft_wrap=True,
+        )
+
     def stage(self, name: str) -> None:
         if self.task is not None:
             self.progress.update(self.task, completed=1, total=1)
@@ -617,8 +631,10 @@ def _score_summary(result: ScoreRunResult) -> Table:
     for key in order:
         if key in result.counts:
             table.add_row(key.replace("_", " "), f"{result.counts[key]:,}")
+    total = sum(result.segments.values())
     for seg in sorted(result.segments, key=lambda k: ("high", "medium", "low", k).index(k)):
-        table.add_row(f"segment {seg}", f"{result.segments[seg]:,}")
+        n = result.segments[seg]
+        table.add_row(f"segment {seg}", f"{n:,} ({n / total:.1%})")
     for trig, n in result.triggers.items():
         table.add_row(f"trigger {trig}", f"{n:,}")
     if "churn_risk" in result.drift:
@@ -717,6 +733,8 @@ def score(
     for warning in result.warnings:
         err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     console.print(_score_summary(result))
+    if result.who_was_scored:
+        console.print(f"who was scored: {escape(result.who_was_scored)}", highlight=False)
     if result.dry_run:
         for payload in result.examples:
             console.print_json(json.dumps(payload, default=str))

@@ -28,7 +28,7 @@ from lapse.exceptions import LapseError
 from lapse.modeling.metrics import Calibrator
 from lapse.modeling.race import RaceScorer
 
-__all__ = ["BUNDLE_FORMAT", "ChurnBundle", "TrainingData"]
+__all__ = ["BUNDLE_FORMAT", "ChurnBundle", "TrainingData", "listing"]
 
 BUNDLE_FORMAT = 2  # 2: feature_reference (drift) and the config's trigger section
 
@@ -49,10 +49,10 @@ class TrainingData:
             if self.first_event is not None and self.last_event is not None
             else "no events"
         )
-        return f"{self.source}, {span}, events {_listing(names)}"
+        return f"{self.source}, {span}, events {listing(names)}"
 
 
-def _listing(names: Sequence[str], most: int = 8) -> str:
+def listing(names: Sequence[str], most: int = 8) -> str:
     """``a, b, c`` (at most ``most`` names, then how many more)."""
     shown = ", ".join(names[:most]) or "none"
     return shown + (f" and {len(names) - most} more" if len(names) > most else "")
@@ -97,8 +97,13 @@ class ChurnBundle:
         *,
         attributes: pl.DataFrame | None = None,
         eligible_only: bool = True,
+        keep: pl.DataFrame | None = None,
     ) -> pl.DataFrame:
-        """Feature rows as of ``as_of`` with what every model needs (past events only)."""
+        """Feature rows as of ``as_of`` with what every model needs (past events only).
+
+        ``keep``: the eligible ``user_id, cutoff`` pairs when the caller has them
+        already (:func:`lapse.labels.population`); else :func:`lapse.labels.eligible`'s.
+        """
         from lapse.features import build
         from lapse.labels import eligible
         from lapse.modeling.bgnbd import rfm_summary
@@ -111,8 +116,8 @@ class ChurnBundle:
             .select("user_id", "cutoff", pl.exclude("user_id", "cutoff"))
         )
         if eligible_only:
-            keep = eligible(events, [as_of], self.config)
-            frame = frame.join(keep, on=["user_id", "cutoff"], how="semi")
+            pairs = keep if keep is not None else eligible(events, [as_of], self.config)
+            frame = frame.join(pairs, on=["user_id", "cutoff"], how="semi")
         rfm = rfm_summary(events, [as_of], self.config)
         return with_derived(frame.join(rfm, on=["user_id", "cutoff"], how="left"))
 
