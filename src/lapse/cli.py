@@ -580,9 +580,9 @@ class _ScoreBars:
     def begin(self, header: ScoreHeader) -> None:
         """One line, before any work: the run, the model and what it was trained on."""
         model = (
-            f"model {header.model} version {header.version} ({header.source})"
+            f"model {header.model!r} version {header.version} ({header.source})"
             if header.version != "local"
-            else f"model {header.model} (bundle file {header.source})"
+            else f"model {header.model!r} (bundle file {header.source})"
         )
         console.print(
             f"[bold]score run {header.score_run_id}[/]: {escape(model)}; "
@@ -734,7 +734,9 @@ def score(
         err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     console.print(_score_summary(result))
     if result.who_was_scored:
-        console.print(f"who was scored: {escape(result.who_was_scored)}", highlight=False)
+        console.print(
+            f"who was scored: {escape(result.who_was_scored)}", highlight=False, soft_wrap=True
+        )
     if result.dry_run:
         for payload in result.examples:
             console.print_json(json.dumps(payload, default=str))

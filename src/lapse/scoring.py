@@ -293,7 +293,8 @@ def who_was_scored(
     if why:
         parts.append(why)
     if rejected_rows:
-        parts.append(f"{rejected_rows:,} event rows were rejected by validation")
+        rows = "row was" if rejected_rows == 1 else "rows were"
+        parts.append(f"{rejected_rows:,} event {rows} rejected by validation")
     return "; ".join(parts)
 
 

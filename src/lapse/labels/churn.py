@@ -223,7 +223,7 @@ def describe_exclusions(counts: Mapping[str, int], config: LapseConfig, cutoff: 
     """Why users were not eligible, in words, from counts per :data:`EXCLUSIONS` reason.
 
     ``2,844 had no event of the activity roles (order_completed) in the 90 days
-    before 2011-12-10 (1,012 of them none before it)``; empty when none was left out.
+    before 2011-12-10 (1,012 of them never had one)``; empty when none was left out.
     """
     lab = config.labels
     day = f"{cutoff:%Y-%m-%d}"
@@ -232,7 +232,7 @@ def describe_exclusions(counts: Mapping[str, int], config: LapseConfig, cutoff: 
     idle = n["no_activity"] + n["inactive"]
     if idle:
         names = ", ".join(_role_names(config, lab.activity_roles)) or "none"
-        ever = f" ({n['no_activity']:,} of them none before it)" if n["no_activity"] else ""
+        ever = f" ({n['no_activity']:,} of them never had one)" if n["no_activity"] else ""
         parts.append(
             f"{idle:,} had no event of the activity roles ({names}) in the "
             f"{lab.eligibility_days} days before {day}{ever}"
