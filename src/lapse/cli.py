@@ -551,7 +551,7 @@ def demo(
     _print_training(result.training)
     if result.registered is not None:
         _print_registered(result.registered)
-    console.print(_score_summary(result.scored))
+    _print_score_summary(result.scored)
     where = Table(title="where to look next", show_header=False, title_justify="left")
     where.add_column(style="bold")
     where.add_column()
@@ -646,6 +646,14 @@ def _score_summary(result: ScoreRunResult) -> Table:
     return table
 
 
+def _print_score_summary(result: ScoreRunResult) -> None:
+    console.print(_score_summary(result))
+    if result.who_was_scored:
+        console.print(
+            f"who was scored: {escape(result.who_was_scored)}", highlight=False, soft_wrap=True
+        )
+
+
 @app.command()
 @_friendly
 def score(
@@ -732,11 +740,7 @@ def score(
             raise typer.Exit(code=3) from None
     for warning in result.warnings:
         err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
-    console.print(_score_summary(result))
-    if result.who_was_scored:
-        console.print(
-            f"who was scored: {escape(result.who_was_scored)}", highlight=False, soft_wrap=True
-        )
+    _print_score_summary(result)
     if result.dry_run:
         for payload in result.examples:
             console.print_json(json.dumps(payload, default=str))
