@@ -9,7 +9,7 @@ import pytest
 
 from lapse.config import LapseConfig, load_config
 from lapse.exceptions import ConfigError, LapseError
-from lapse.labels import churn_labels, cutoff_grid, eligible
+from lapse.labels import churn_labels, cutoff_grid, describe_exclusions, eligible, population
 
 
 def d(day: int, hour: int = 0) -> datetime:
@@ -86,6 +86,60 @@ def test_eligibility_modes() -> None:
     assert sorted(anyone["user_id"]) == ["errors_only", "recent", "stale"]
     longer = eligible(ev, [d(30)], cfg(eligibility_days=60))
     assert sorted(longer["user_id"]) == ["recent", "stale"]
+
+
+def reasons(frame: pl.DataFrame) -> dict[str, str | None]:
+    return dict(zip(frame["user_id"], frame["excluded"], strict=True))
+
+
+def test_population_says_why_each_user_with_history_is_not_eligible() -> None:
+    ev = events(
+        [
+            ("recent", 25, "app_open"),
+            ("stale", 1, "app_open"),
+            ("errors_only", 25, "device_error"),
+            ("future_only", 31, "app_open"),  # no history before the cutoff: not a customer yet
+            ("bought", 5, "order_completed"),
+            ("cancelled", 5, "order_completed"),
+            ("cancelled", 20, "subscription_cancelled"),
+        ]
+    )
+    active = population(ev, [d(30)], cfg())
+    assert reasons(active) == {
+        "bought": None,
+        "cancelled": None,  # non-contractual labels do not look at cancels
+        "errors_only": "no_activity",
+        "recent": None,
+        "stale": "inactive",
+    }
+    # eligible is exactly the rows population leaves in
+    same = active.filter(pl.col("excluded").is_null()).select("user_id", "cutoff")
+    assert eligible(ev, [d(30)], cfg()).equals(same)
+    sub = population(ev, [d(30)], cfg(eligibility="subscribed"))
+    assert reasons(sub) == {
+        "bought": None,
+        "cancelled": "cancelled",
+        "errors_only": "no_purchase",
+        "recent": "no_purchase",
+        "stale": "no_purchase",
+    }
+    contractual = population(ev, [d(30)], cfg(kind="contractual", eligibility_days=60))
+    assert reasons(contractual)["cancelled"] == "cancelled"
+    assert reasons(contractual)["bought"] is None
+    assert reasons(population(ev, [d(30)], cfg(eligibility="any_history"))) == dict.fromkeys(
+        ["bought", "cancelled", "errors_only", "recent", "stale"]
+    )
+
+
+def test_exclusions_in_words_name_the_roles_and_the_window() -> None:
+    c = cfg(eligibility_days=90)
+    counts = {"no_activity": 2, "inactive": 2_842, "cancelled": 1}
+    assert describe_exclusions(counts, c, d(30)) == (
+        "2,844 had no event of the activity roles (app_open, device_used, order_completed) "
+        "in the 90 days before 2024-01-30 (2 of them never had one); "
+        "1 had cancelled since their last purchase"
+    )
+    assert describe_exclusions({}, c, d(30)) == ""
 
 
 def test_contractual_labels_and_already_cancelled_users() -> None:

@@ -331,6 +331,10 @@ def test_score_engine_spark_gives_the_local_records_ledger_and_file(
     assert got.drift == pytest.approx(local.drift, abs=1e-9)
     assert got.warnings == local.warnings
     assert got.validation == local.validation
+    # who was scored and why not, summed over the partitions
+    assert got.population == local.population
+    assert local.population["customers"] > local.population["eligible"] == local.counts["scored"]
+    assert got.who_was_scored == local.who_was_scored
     assert_frame_equal(snapshot(got), snapshot(local), check_exact=False, abs_tol=1e-12)
     for day in range(2):
         files = [
@@ -345,6 +349,33 @@ def test_score_engine_spark_gives_the_local_records_ledger_and_file(
     assert snapshot(got)["reasons"].list.len().sum() > 0, "reasons filled for the users sent"
     # nothing of the run's Spark output is left behind in the audit folder
     assert not (Path(spark_cfg.audit.path) / "spark").exists()
+
+
+@pytest.mark.spark
+def test_nothing_to_score_and_another_sources_events_say_the_same_on_spark(
+    world: World, spark: SparkSession, tmp_path: Path
+) -> None:
+    late = world.as_of + timedelta(days=400)
+    other = tmp_path / "web.parquet"
+    pl.read_parquet(world.events).with_columns(
+        ("web_" + pl.col("event")).alias("event")
+    ).write_parquet(other)
+    for events, as_of, words in ((world.events, late, "0 of "), (other, world.as_of, "share no")):
+        said = {}
+        for engine in ("local", "spark"):
+            config = score_config(tmp_path / engine, world)
+            with pytest.raises(LapseError) as info:
+                run_score(
+                    events,
+                    config,
+                    as_of=as_of,
+                    model=str(world.bundle),
+                    dry_run=True,
+                    engine=engine,  # type: ignore[arg-type]
+                    spark=spark,
+                )
+            said[engine] = str(info.value)
+        assert said["spark"] == said["local"] and words in said["local"]
 
 
 @pytest.mark.spark
@@ -408,6 +439,7 @@ def test_mapped_source_from_a_table_rejects_the_same_rows(
         "ts_min",
         "ts_max",
         "events_per_role",
+        "events_per_name",
         "future_events",
     ):
         assert getattr(got, field) == getattr(local, field), field

@@ -49,12 +49,29 @@ def test_train_writes_report_plots_and_a_working_bundle(small: Path, tmp_path: P
         assert result.plots[plot].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = result.report_path.read_text()
     assert f"Selected: **{result.selected}**" in report and "refit" in report
+    # segments by rank in the shipped model's training scores: the top 10%, the next 20%
+    seg = metrics["segments"]
+    assert seg["method"] == "quantile" and seg["cutoff"] == churn["test_cutoff"]
+    assert seg["counts"] == result.segments and list(seg["counts"]) == ["high", "medium", "low"]
+    assert sum(seg["counts"].values()) == result.n_test
+    assert seg["shares"]["high"] == pytest.approx(0.10, abs=0.02)
+    assert seg["shares"]["medium"] == pytest.approx(0.20, abs=0.03)
+    assert f"high {result.segments['high']:,} (" in report.split("## Segments")[1]
     # the embargo: no training label window reaches the validation cutoff
     horizon = result.test_cutoff - result.validation_cutoff
     assert all(c + horizon <= result.validation_cutoff for c in result.training_cutoffs)
     assert result.table.filter(pl.col("selected"))["model"].to_list() == [result.selected]
 
     bundle = ChurnBundle.load(result.bundle_path)
+    # what it was trained on, for `lapse score`'s header and its event-name check
+    seen = pl.read_parquet(small / "events.parquet")
+    assert bundle.training_data is not None
+    assert bundle.training_data.source == str(small / "events.parquet")
+    assert bundle.training_data.first_event == seen["ts"].min()
+    assert bundle.training_data.events == dict(
+        sorted(seen.group_by("event").len().iter_rows())  # type: ignore[arg-type]
+    )
+    assert "order_completed" in bundle.event_names()
     from lapse.events import read_events
 
     events = read_events(small / "events.parquet", config)

@@ -33,7 +33,7 @@ from lapse.exceptions import LapseError
 
 if TYPE_CHECKING:
     from lapse.events import ValidationReport
-    from lapse.pipeline import FeaturesResult, ScoreRunResult, TriggerRunResult
+    from lapse.pipeline import FeaturesResult, ScoreHeader, ScoreRunResult, TriggerRunResult
     from lapse.registry import RegisteredVersion
     from lapse.training import TrainResult
 
@@ -350,6 +350,14 @@ def _print_training(result: TrainResult) -> None:
         rep = result.replenishment
         console.print(_metrics_table(rep.table, "replenishment (time to next order)"))
         console.print(f"[bold]selected:[/] {rep.selected} - {rep.why}")
+    if result.segments:
+        from lapse.segments import describe_sizes
+
+        console.print(
+            f"[bold]segments[/] at {result.calibration_cutoff:%Y-%m-%d}: "
+            f"{describe_sizes(result.segments)}",
+            highlight=False,
+        )
     for note in result.notes:
         console.print(f"note: {escape(note)}", highlight=False)
     console.print(f"report in {result.out_dir}, bundle at {result.bundle_path}")
@@ -547,7 +555,7 @@ def demo(
     _print_training(result.training)
     if result.registered is not None:
         _print_registered(result.registered)
-    console.print(_score_summary(result.scored))
+    _print_score_summary(result.scored)
     where = Table(title="where to look next", show_header=False, title_justify="left")
     where.add_column(style="bold")
     where.add_column()
@@ -572,6 +580,20 @@ class _ScoreBars:
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
         self.task: TaskID | None = None
+
+    def begin(self, header: ScoreHeader) -> None:
+        """One line, before any work: the run, the model and what it was trained on."""
+        model = (
+            f"model {header.model!r} version {header.version} ({header.source})"
+            if header.version != "local"
+            else f"model {header.model!r} (bundle file {header.source})"
+        )
+        console.print(
+            f"[bold]score run {header.score_run_id}[/]: {escape(model)}; "
+            f"trained on {escape(header.trained_on)}",
+            highlight=False,
+            soft_wrap=True,
+        )
 
     def stage(self, name: str) -> None:
         if self.task is not None:
@@ -613,8 +635,10 @@ def _score_summary(result: ScoreRunResult) -> Table:
     for key in order:
         if key in result.counts:
             table.add_row(key.replace("_", " "), f"{result.counts[key]:,}")
+    total = sum(result.segments.values())
     for seg in sorted(result.segments, key=lambda k: ("high", "medium", "low", k).index(k)):
-        table.add_row(f"segment {seg}", f"{result.segments[seg]:,}")
+        n = result.segments[seg]
+        table.add_row(f"segment {seg}", f"{n:,} ({n / total:.1%})")
     for trig, n in result.triggers.items():
         table.add_row(f"trigger {trig}", f"{n:,}")
     if "churn_risk" in result.drift:
@@ -624,6 +648,14 @@ def _score_summary(result: ScoreRunResult) -> Table:
         )
     table.add_row("time", f"{result.seconds:.1f} s")
     return table
+
+
+def _print_score_summary(result: ScoreRunResult) -> None:
+    console.print(_score_summary(result))
+    if result.who_was_scored:
+        console.print(
+            f"who was scored: {escape(result.who_was_scored)}", highlight=False, soft_wrap=True
+        )
 
 
 @app.command()
@@ -712,7 +744,7 @@ def score(
             raise typer.Exit(code=3) from None
     for warning in result.warnings:
         err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
-    console.print(_score_summary(result))
+    _print_score_summary(result)
     if result.dry_run:
         for payload in result.examples:
             console.print_json(json.dumps(payload, default=str))

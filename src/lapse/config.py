@@ -448,13 +448,49 @@ class DriversConfig(_Section):
 
 
 class SegmentsConfig(_Section):
+    """Churn-risk segments: by rank in the training scores (default) or by probability.
+
+    ``quantile`` compares ``churn_risk_percentile`` (the share of the training
+    scores at or below a user's) with ``high`` and ``medium``: above 0.9 is the
+    top 10% of the training distribution, whatever the base rate. ``probability``
+    compares the calibrated churn probability itself (inclusive cut-offs, 0.6 and
+    0.3 by default). Because the two numbers mean different things, a section
+    that sets ``high`` or ``medium`` must name its ``method``.
+    """
+
     method: Literal["probability", "quantile"] = Field(
-        default="probability",
-        description="compare high/medium with the calibrated churn probability, or with its "
-        "percentile in the training score distribution",
+        default="quantile",
+        description="quantile: rank in the training score distribution (high = churn_risk_"
+        "percentile above high); probability: the calibrated churn probability (at or above)",
     )
-    high: float = Field(default=0.6, ge=0, le=1)
-    medium: float = Field(default=0.3, ge=0, le=1)
+    high: float = Field(
+        default=0.9,
+        ge=0,
+        le=1,
+        description="quantile: percentile above which a user is high (0.9: the top 10%); "
+        "probability: churn probability at or above which a user is high (default 0.6)",
+    )
+    medium: float = Field(
+        default=0.7,
+        ge=0,
+        le=1,
+        description="quantile: percentile above which a user is at least medium (0.7: the next "
+        "20%); probability: churn probability (default 0.3); below it: low",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        if {"high", "medium"} & data.keys() and "method" not in data:
+            raise ValueError(
+                "'high'/'medium' mean a percentile (method: quantile, the default) or a churn "
+                "probability (method: probability); name the method next to them"
+            )
+        if data.get("method") == "probability":
+            data = {"high": 0.6, "medium": 0.3, **data}
+        return data
 
     @model_validator(mode="after")
     def _ordered(self) -> SegmentsConfig:

@@ -83,8 +83,6 @@ _MEANINGS: dict[str, str] = {
     "replenishment.enabled": "build episodes and race the survival models in lapse train",
     "replenishment.min_repeat_buyers": "repeat buyers a SKU needs to count as a consumable "
     "(consumables: auto)",
-    "segments.high": "threshold of the high segment (probability or percentile, see method)",
-    "segments.medium": "threshold of the medium segment; below it: low",
     "sinks.default": "the sink lapse score uses without --sink",
     "registry.tracking_uri": "MLflow tracking URI; null: $MLFLOW_TRACKING_URI, else "
     "sqlite:///mlflow.db beside the config (or in LAPSE_HOME)",

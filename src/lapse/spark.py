@@ -409,6 +409,7 @@ def score_spark(
 _ROW = "_lapse_row"
 _DUP = "_lapse_duplicate"
 _DRIFT = "_lapse_drift"
+_POPULATION = "_lapse_population"
 
 
 @dataclass(frozen=True)
@@ -499,6 +500,7 @@ class SparkValidation:
             future_events=sum(int(g["future"] or 0) for g in kept),
             rejects_path=written,
             purchase_orders=orders,
+            events_per_name=dict(sorted(per_event.items())),
         )
 
 
@@ -600,13 +602,17 @@ def score_records_spark(
     cooldowns, which need the ledger: the driver applies them per chunk),
     replenishment dates, control flag, and ``reasons`` for every user who is not
     ``low`` or fired a trigger (the driver keeps them for the users it sends).
-    Besides the records, each partition adds one row with a null ``user_id`` and
-    its drift bin counts as JSON in ``_lapse_drift`` (:func:`lapse.scoring.drift_counts`).
+    Besides the records, each partition adds one row with a null ``user_id``, its
+    drift bin counts as JSON in ``_lapse_drift`` (:func:`lapse.scoring.drift_counts`)
+    and who it scored and why not as JSON in ``_lapse_population``
+    (:func:`lapse.scoring.population_counts`; partitions hold whole users, so
+    the counts add up).
 
     Returns
     -------
     pyspark.sql.DataFrame
-        The record columns, ``control`` and ``_lapse_drift``, unsorted, lazily.
+        The record columns, ``control``, ``_lapse_drift`` and ``_lapse_population``,
+        unsorted, lazily.
     """
     from pyspark.sql import functions as F
 
@@ -617,22 +623,38 @@ def score_records_spark(
     bundle.check_schema(
         bundle.prepare(pl.LazyFrame(schema=EVENT_COLUMNS), t, attributes=attributes)
     )
-    schema = pl.Schema({**RECORD_SCHEMA, "control": pl.Boolean(), _DRIFT: pl.String()})
+    schema = pl.Schema(
+        {**RECORD_SCHEMA, "control": pl.Boolean(), _DRIFT: pl.String(), _POPULATION: pl.String()}
+    )
     ddl, target = _schemas(schema)
     top = config.score.reasons
 
     def per_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         import json
 
-        from lapse.scoring import ScoreResult, drift_counts, user_records, with_reasons
+        from lapse.labels import population
+        from lapse.scoring import (
+            ScoreResult,
+            drift_counts,
+            population_counts,
+            user_records,
+            with_reasons,
+        )
 
         part = _events(batches)
         if part is None:
             return
         loaded: ChurnBundle = pickle.loads(payload)  # once per partition
         events_lf = part.lazy()
-        rows = loaded.prepare(events_lf, t, attributes=attributes)
-        if rows.height == 0:
+        people = population(events_lf, [t], loaded.config)
+        who = json.dumps(population_counts(people))
+        keep = people.filter(pl.col("excluded").is_null()).drop("excluded")
+        rows = loaded.prepare(events_lf, t, attributes=attributes, keep=keep)
+        if rows.height == 0:  # nobody to score here: still say who was not
+            marker = pl.DataFrame({USER_ID: [None], _POPULATION: [who]})
+            empty = pl.DataFrame(schema=schema)
+            out = pl.concat([empty, marker], how="diagonal_relaxed").select(schema.names())
+            yield from _to_arrow(out, target)
             return
         loaded.check_schema(rows)
         rows = rows.with_columns(pl.col(USER_ID).cast(pl.String)).sort(USER_ID)
@@ -650,11 +672,11 @@ def score_records_spark(
         everyone = pl.Series([True] * records.height)
         records = with_reasons(loaded, ScoreResult(records, rows), everyone, top=top)
         counts = drift_counts(loaded, rows, records["churn_risk"].to_numpy())
-        marker = pl.DataFrame({USER_ID: [None], _DRIFT: [json.dumps(counts)]})
-        out = pl.concat(
-            [records.with_columns(pl.lit(None, pl.String).alias(_DRIFT)), marker],
-            how="diagonal_relaxed",
-        ).select(schema.names())
+        marker = pl.DataFrame({USER_ID: [None], _DRIFT: [json.dumps(counts)], _POPULATION: [who]})
+        unmarked = records.with_columns(
+            pl.lit(None, pl.String).alias(c) for c in (_DRIFT, _POPULATION)
+        )
+        out = pl.concat([unmarked, marker], how="diagonal_relaxed").select(schema.names())
         yield from _to_arrow(out, target)
 
     # scores see events before as_of only; the filter keeps the shard (no shuffle)

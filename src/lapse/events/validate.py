@@ -22,7 +22,7 @@ dropped. Nothing is lost silently: every dropped row is counted in the report.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Final
@@ -60,7 +60,8 @@ class ValidationReport:
 
     ``rows_read = rows_kept + sum(rejected_by_reason.values()) + duplicates``.
     ``events_per_role`` counts kept events per role (an event listed under two
-    roles counts in both); ``events_unassigned`` counts kept events in no role.
+    roles counts in both); ``events_unassigned`` counts kept events in no role;
+    ``events_per_name`` counts kept events per event name.
     ``purchase_orders`` counts the orders among the kept ``purchase`` events
     (a user's lines sharing ``source.order_id``, a row without one alone); it
     is ``None`` without ``source.order_id``, when every purchase row is an order.
@@ -79,6 +80,7 @@ class ValidationReport:
     future_events: int
     rejects_path: Path | None
     purchase_orders: int | None = None
+    events_per_name: dict[str, int] = field(default_factory=dict)
 
     @property
     def rows_rejected(self) -> int:
@@ -263,6 +265,7 @@ def validate_events(
         future_events=events.filter(pl.col("ts") > horizon).height,
         rejects_path=written,
         purchase_orders=count_orders(events, config),
+        events_per_name={str(e): int(n) for e, n in sorted(per_event.items())},
     )
     return events, report
 
