@@ -18,7 +18,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 
 import score_sinks
-from lapse.config import LapseConfig, TriggerSpec, dump_config, load_config
+from lapse.config import LapseConfig, Milestone, TriggerSpec, dump_config, load_config
 from lapse.datasets import generate, write
 from lapse.exceptions import ConfigError
 from lapse.features import build
@@ -35,6 +35,7 @@ from lapse.triggers import (
     ExprError,
     apply_cooldowns,
     compile_condition,
+    evaluate,
     resolve,
 )
 from lapse.triggers.expr import MAX_DEPTH, MAX_LENGTH
@@ -543,8 +544,9 @@ def test_apply_cooldowns_by_days() -> None:
         "b": TriggerSpec(when="true", cooldown_days="forever"),
     }
     defs = resolve(config, expand(config))
+    fired = [["milestone", "a", "b"], ["a", "b"], []]
     records = pl.DataFrame(
-        {"user_id": ["u1", "u2", "u3"], "triggers": [["milestone", "a", "b"], ["a", "b"], []]}
+        {"user_id": ["u1", "u2", "u3"], "triggers": fired, "cooldown_keys": fired}
     )
     last = pl.DataFrame(
         {
@@ -553,9 +555,59 @@ def test_apply_cooldowns_by_days() -> None:
             "last_fired": [date(2026, 3, 8), date(2020, 1, 1), date(2026, 3, 7), date(2026, 3, 10)],
         }
     )
-    out = apply_cooldowns(records, last, defs, date(2026, 3, 10))
+    triggers, keys = apply_cooldowns(records, last, defs, date(2026, 3, 10))
     # u1: a fired 2 days ago (< 3), b once ever; milestone has no cooldown. u2: a 3 days ago
-    assert out.to_list() == [["milestone"], ["a", "b"], []]
+    assert triggers.to_list() == [["milestone"], ["a", "b"], []]
+    assert keys.to_list() == [["milestone"], ["a", "b"], []]
+
+
+def test_each_milestone_threshold_is_celebrated_once_and_the_next_one_again() -> None:
+    config = load_config()
+    config.milestones = [
+        Milestone(name="brews", event="brew", at_counts=[10, 50]),
+        Milestone(name="orders", event="order", every_n=5),
+    ]
+    defs = resolve(config, expand(config))
+    rows = pl.DataFrame(
+        {
+            "user_id": ["u1", "u2", "u3", "u4"],
+            "milestone_brews_count": [12, 51, 3, 9],
+            "milestone_brews_crossed_7d": [True, True, False, False],
+            "milestone_orders_count": [4, 10, 7, 9],
+            "milestone_orders_crossed_7d": [False, True, True, False],
+        }
+    )
+    milestone = next(t for t in defs if t.name == "milestone")
+    out = evaluate(rows, [milestone])
+    assert out["triggers"].to_list() == [["milestone"], ["milestone"], ["milestone"], []]
+    assert out["cooldown_keys"].to_list() == [
+        ["milestone", "milestone:brews:10"],
+        ["milestone", "milestone:brews:50", "milestone:orders:10"],
+        ["milestone", "milestone:orders:5"],
+        [],
+    ]
+    # u1 celebrated 10 brews yesterday (no repeat); u2 celebrated 10 brews long ago and
+    # 10 orders yesterday: 50 brews is new, so it fires and only that key starts
+    last = pl.DataFrame(
+        {
+            "trigger": [
+                "milestone",
+                "milestone:brews:10",
+                "milestone:brews:10",
+                "milestone:orders:10",
+            ],
+            "user_id": ["u1", "u1", "u2", "u2"],
+            "last_fired": [date(2026, 3, 9), date(2026, 3, 9), date(2025, 1, 1), date(2026, 3, 9)],
+        }
+    )
+    triggers, keys = apply_cooldowns(out, last, [milestone], date(2026, 3, 10))
+    assert triggers.to_list() == [[], ["milestone"], ["milestone"], []]
+    assert keys.to_list() == [
+        [],
+        ["milestone", "milestone:brews:50"],
+        ["milestone", "milestone:orders:5"],
+        [],
+    ]
 
 
 @dataclass(frozen=True)
@@ -621,8 +673,13 @@ def test_cooldowns_hold_across_consecutive_runs(
     assert not suppressed & set(first)
     with Ledger(_isolated_home / "lapse-runs" / "ledger.sqlite") as ledger:
         recorded = ledger.fired("capture")
-    # recorded for exactly the records delivered, never the suppressed
-    assert {(t, u) for t, u, _ in recorded} == {(t, u) for u, ts in first.items() for t in ts}
+    # recorded for exactly the records delivered, never the suppressed; a milestone also
+    # under the threshold it celebrated (milestone:<name>:<count>)
+    assert {(t.split(":")[0], u) for t, u, _ in recorded} == {
+        (t, u) for u, ts in first.items() for t in ts
+    }
+    celebrated = {u for t, u, _ in recorded if t.startswith("milestone:")}
+    assert celebrated == {u for u, ts in first.items() if "milestone" in ts} != set()
     assert {d for *_, d in recorded} == {(small.as_of).astimezone(UTC).date()}
 
     second = run(1)  # a day later: hello cools down (2 days), welcome never again
@@ -634,6 +691,12 @@ def test_cooldowns_hold_across_consecutive_runs(
     third = run(2)  # two days after the first: hello is back, welcome still not
     back = {u: t for u, t in third.items() if u in first}
     assert back and all("hello" in t and "welcome" not in t for t in back.values())
+    # the milestone (cooldown 0, a 7-day crossing window) never repeats a threshold:
+    # each delivery celebrated a threshold not celebrated before
+    with Ledger(_isolated_home / "lapse-runs" / "ledger.sqlite") as ledger:
+        thresholds = [u for t, u, _ in ledger.fired("capture") if t.startswith("milestone:")]
+    sent = [u for got in (first, second, third) for u, ts in got.items() if "milestone" in ts]
+    assert all(sent.count(u) <= thresholds.count(u) for u in set(sent))
 
 
 # -- the frequency cap ---------------------------------------------------------------------------

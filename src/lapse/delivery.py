@@ -66,7 +66,7 @@ __all__ = [
 ]
 
 #: Outbox columns the delivery layer uses and never hands to a sink.
-INTERNAL_COLUMNS: tuple[str, ...] = ("delta_key",)
+INTERNAL_COLUMNS: tuple[str, ...] = ("delta_key", "cooldown_keys")
 
 
 @dataclass

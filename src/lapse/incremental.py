@@ -85,12 +85,15 @@ class Plan:
 
 
 def fingerprint(model: str, version: str, config: LapseConfig) -> str:
-    """What the stored fired sets depend on besides the events: model and trigger definitions."""
+    """What the stored fired sets depend on besides the events: the model and the trigger
+    definitions (the run's ``triggers``, ``rules`` and ``milestones``)."""
     text = json.dumps(
         {
             "model": model,
             "version": version,
             "triggers": {k: v.model_dump(mode="json") for k, v in sorted(config.triggers.items())},
+            "rules": config.rules.model_dump(mode="json"),
+            "milestones": [m.model_dump(mode="json") for m in config.milestones],
             "horizon_days": config.incremental.horizon_days,
         },
         sort_keys=True,
@@ -163,7 +166,7 @@ def next_due(
     events, including any already at or after ``as_of``); ``as_of + horizon`` when none.
     Users are looked at in chunks of ``incremental.chunk_users``.
     """
-    from lapse.scoring import fired_triggers, risk_columns
+    from lapse.scoring import fired_triggers, risk_columns, trigger_features
 
     horizon = config.incremental.horizon_days
     cutoffs = [as_of + timedelta(days=k) for k in range(1, horizon + 1)]
@@ -183,8 +186,9 @@ def next_due(
         frame = bundle.prepare_many(ev, cutoffs, attributes=attributes)
         if frame.height:
             frame = frame.with_columns(pl.col("user_id").cast(pl.String))
+            extra = trigger_features(bundle, config, ev, cutoffs, frame.schema)
             later, _ = fired_triggers(
-                bundle, frame, risk_columns(bundle, frame), config, attributes
+                bundle, frame, risk_columns(bundle, frame), config, attributes, extra
             )
             later = later.select("user_id", "cutoff", _key().alias("then"))
         else:

@@ -685,7 +685,7 @@ def _outbox(
     """What a sink gets: the pinned columns, the delta key, the previous segment, attributes."""
     from lapse.sinks.base import RECORD_COLUMNS
 
-    out = records.select(*RECORD_COLUMNS, "control", "delta_key").with_columns(
+    out = records.select(*RECORD_COLUMNS, "control", "delta_key", "cooldown_keys").with_columns(
         previous.alias("previous_risk_segment")
     )
     wanted = [c for c in sink.attribute_columns if c not in out.columns]
@@ -815,11 +815,13 @@ def _record_fired(
     if not rows:
         return
     took = outbox[rows].filter(is_message())
-    pairs = took.select("user_id", "triggers").explode("triggers").drop_nulls("triggers")
+    # the cooldown keys (an outbox written before they existed: the trigger ids)
+    keys = "cooldown_keys" if "cooldown_keys" in took.columns else "triggers"
+    pairs = took.select("user_id", keys).explode(keys).drop_nulls(keys)
     day = as_of.astimezone(UTC).date()
     ledger.record_fired(
         sink,
-        zip(pairs["triggers"].to_list(), pairs["user_id"].cast(pl.String).to_list(), strict=True),
+        zip(pairs[keys].to_list(), pairs["user_id"].cast(pl.String).to_list(), strict=True),
         on=day,
         score_run_id=run_id,
     )

@@ -16,7 +16,7 @@ date minus ``replenishment.lead_time_days``, never before ``as_of``.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -28,13 +28,14 @@ import polars as pl
 
 from lapse.exceptions import LapseError
 from lapse.sinks.base import RECORD_COLUMNS, RECORD_SCHEMA
-from lapse.triggers import Trigger, apply_cooldowns, resolve
+from lapse.triggers import SCORE_COLUMNS, Trigger, apply_cooldowns, for_run, names_read, resolve
 
 if TYPE_CHECKING:
     from lapse.config import LapseConfig
     from lapse.modeling.bundle import ChurnBundle
 
 __all__ = [
+    "RECORDS_SCHEMA",
     "ScoreResult",
     "check_event_names",
     "control_mask",
@@ -45,15 +46,25 @@ __all__ = [
     "fired_triggers",
     "load_suppression",
     "model_age_warnings",
+    "model_disagreements",
     "nobody_eligible",
     "population_counts",
     "risk_columns",
     "score_users",
     "trigger_definitions",
+    "trigger_features",
     "user_records",
     "who_was_scored",
     "with_reasons",
 ]
+
+#: the records of a run: the pinned columns, ``control`` (holdout member) and
+#: ``cooldown_keys`` (the ledger keys of the fired triggers' cooldowns, never sent)
+RECORDS_SCHEMA: dict[str, pl.DataType] = {
+    **RECORD_SCHEMA,
+    "control": pl.Boolean(),
+    "cooldown_keys": pl.List(pl.String()),
+}
 
 
 @dataclass
@@ -224,14 +235,14 @@ def score_users(
     """
     from lapse.labels import population
 
-    warnings = model_age_warnings(bundle, as_of, config)
+    warnings = model_age_warnings(bundle, as_of, config) + model_disagreements(bundle, config)
     people = population(events, [as_of], bundle.config)
     counts = population_counts(people)
     keep = people.filter(pl.col("excluded").is_null()).drop("excluded")
     frame = bundle.prepare(events, as_of, attributes=attributes, keep=keep)
     if frame.height == 0 and subset:
         return ScoreResult(
-            records=pl.DataFrame(schema={**RECORD_SCHEMA, "control": pl.Boolean}),
+            records=pl.DataFrame(schema=RECORDS_SCHEMA),
             features=frame,
             warnings=warnings,
             fired=pl.DataFrame(schema={"user_id": pl.String, "triggers": pl.List(pl.String)}),
@@ -387,7 +398,8 @@ def user_records(
     users by ``user_id`` (the Spark engine's partitions) gives the same records.
     """
     scores = risk_columns(bundle, frame)
-    fired, definitions = fired_triggers(bundle, frame, scores, config, attributes)
+    extra = trigger_features(bundle, config, events, [as_of], frame.schema)
+    fired, definitions = fired_triggers(bundle, frame, scores, config, attributes, extra)
     records = (
         scores.join(fired, on="user_id", how="left", maintain_order="left")
         .join(_refills(bundle, events, as_of), on="user_id", how="left", maintain_order="left")
@@ -399,12 +411,13 @@ def user_records(
             pl.lit(bundle.name).alias("model_name"),
             pl.lit(model_version).alias("model_version"),
         )
-        .select(pl.col(c).cast(RECORD_SCHEMA[c]) for c in RECORD_COLUMNS)
-        .with_columns(
+        .select(
+            *(pl.col(c).cast(RECORD_SCHEMA[c]) for c in RECORD_COLUMNS),
             pl.Series(
                 "control",
                 control_mask(frame["user_id"], config.control.share, config.control.salt),
-            )
+            ),
+            pl.col("cooldown_keys").fill_null(pl.lit([], dtype=pl.List(pl.String))),
         )
     )
     if last_fired is not None:
@@ -415,10 +428,75 @@ def user_records(
 
 
 def trigger_definitions(
-    bundle: ChurnBundle, config: LapseConfig, schema: pl.Schema
+    bundle: ChurnBundle, config: LapseConfig, schema: Mapping[str, pl.DataType]
 ) -> list[Trigger]:
-    """The run config's trigger definitions over rows of ``schema`` (for cooldowns)."""
-    return resolve(bundle.config.model_copy(update={"triggers": config.triggers}), schema)
+    """The run's trigger definitions (:func:`lapse.triggers.for_run`: the run config's
+    ``rules``, ``triggers`` and ``milestones``) over rows of ``schema`` plus the
+    features :func:`trigger_features` adds."""
+    from lapse.features.registry import expand
+
+    run = for_run(bundle.config, config)
+    return resolve(run, {**expand(run), **SCORE_COLUMNS, **schema})
+
+
+def trigger_features(
+    bundle: ChurnBundle,
+    config: LapseConfig,
+    events: pl.LazyFrame,
+    cutoffs: Sequence[datetime],
+    have: Mapping[str, pl.DataType],
+) -> pl.DataFrame | None:
+    """``user_id``, ``cutoff`` and the features the run's triggers read that the model's
+    rows (``have``) lack, or that the run defines otherwise (a milestone with other
+    thresholds); ``None`` when the model's rows hold them all.
+
+    Built from the feature registry with the run's milestones and windows, so a
+    run's trigger never needs a retrain.
+    """
+    from lapse.features import build, build_many
+    from lapse.features.registry import expand
+
+    run = for_run(bundle.config, config)
+    live = [t for t in trigger_definitions(bundle, config, have) if t.enabled]
+    read = {n for t in live for n in names_read(t)}
+    read |= {f"milestone_{m.name}_{s}" for t in live for m in t.milestones for s in _MS}
+    theirs = {m.name: m for m in bundle.config.milestones}
+    redefined = {
+        f"milestone_{m.name}_{s}" for m in run.milestones if theirs.get(m.name) != m for s in _MS
+    }
+    registry = expand(run)
+    want = sorted(n for n in read if n in registry and (n not in have or n in redefined))
+    if not want:
+        return None
+    utc = pl.Datetime("us", "UTC")
+    if len(cutoffs) == 1:
+        rows = build(events, cutoffs[0], run).with_columns(pl.lit(cutoffs[0]).alias("cutoff"))
+    else:
+        rows = build_many(events, cutoffs, run)
+    return rows.select(pl.col("user_id").cast(pl.String), pl.col("cutoff").cast(utc), *want)
+
+
+_MS = ("count", "crossed_7d")
+
+
+def model_disagreements(bundle: ChurnBundle, config: LapseConfig) -> list[str]:
+    """One warning when the run config's model sections differ from the bundle's.
+
+    Roles, features, labels and segments are the model's (its feature rows and
+    scores follow the config it was trained with); triggers are the run's.
+    """
+    differ = [
+        name
+        for name in ("roles", "features", "labels", "segments")
+        if getattr(config, name) != getattr(bundle.config, name)
+    ]
+    if not differ:
+        return []
+    return [
+        f"the run config's {', '.join(differ)} differ from model {bundle.name!r}'s; the model "
+        "scores with the ones it was trained with (triggers follow the run config): retrain "
+        "to use the run's"
+    ]
 
 
 def fired_triggers(
@@ -427,25 +505,30 @@ def fired_triggers(
     scores: pl.DataFrame,
     config: LapseConfig,
     attributes: pl.DataFrame | None,
+    extra: pl.DataFrame | None = None,
 ) -> tuple[pl.DataFrame, list[Trigger]]:
     """Fired triggers per row (the run config's definitions), and the definitions.
 
     ``frame`` are feature rows (:meth:`ChurnBundle.prepare` or ``prepare_many``),
-    ``scores`` their :func:`risk_columns`, row for row. Returns ``user_id`` (and
-    ``cutoff`` when ``frame`` has it) and ``triggers``, before any cooldown.
+    ``scores`` their :func:`risk_columns`, row for row, ``extra`` the
+    :func:`trigger_features` of the same rows. Returns ``user_id`` (and ``cutoff``
+    when ``frame`` has it), ``triggers`` and ``cooldown_keys``, before any cooldown.
     """
     rows = frame.with_columns(scores.drop("user_id"))
+    if extra is not None:
+        on = ["user_id", "cutoff"]
+        rows = rows.drop([c for c in extra.columns if c not in on and c in rows.columns])
+        rows = rows.join(extra, on=on, how="left", maintain_order="left")
     if attributes is not None:
-        extra = [c for c in attributes.columns if c not in rows.columns]
-        if extra:
-            attrs = attributes.select(pl.col("user_id").cast(pl.String), *extra)
+        more = [c for c in attributes.columns if c not in rows.columns]
+        if more:
+            attrs = attributes.select(pl.col("user_id").cast(pl.String), *more)
             rows = rows.join(attrs, on="user_id", how="left", maintain_order="left")
-    specs = config.triggers
     definitions = trigger_definitions(bundle, config, rows.schema)
     keys: list[pl.Expr] = [pl.col("user_id").cast(pl.String)]
     if "cutoff" in rows.columns:
         keys.append(pl.col("cutoff"))
-    fired = bundle.triggers(rows, specs).select(*keys, "triggers")
+    fired = bundle.triggers(rows, config).select(*keys, "triggers", "cooldown_keys")
     return fired, definitions
 
 

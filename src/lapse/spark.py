@@ -611,21 +611,19 @@ def score_records_spark(
     Returns
     -------
     pyspark.sql.DataFrame
-        The record columns, ``control``, ``_lapse_drift`` and ``_lapse_population``,
+        The record columns, ``control``, ``cooldown_keys``, ``_lapse_drift`` and ``_lapse_population``,
         unsorted, lazily.
     """
     from pyspark.sql import functions as F
 
-    from lapse.sinks.base import RECORD_SCHEMA
+    from lapse.scoring import RECORDS_SCHEMA
 
     t = _utc(as_of)
     payload = pickle.dumps(bundle, pickle.HIGHEST_PROTOCOL)
     bundle.check_schema(
         bundle.prepare(pl.LazyFrame(schema=EVENT_COLUMNS), t, attributes=attributes)
     )
-    schema = pl.Schema(
-        {**RECORD_SCHEMA, "control": pl.Boolean(), _DRIFT: pl.String(), _POPULATION: pl.String()}
-    )
+    schema = pl.Schema({**RECORDS_SCHEMA, _DRIFT: pl.String(), _POPULATION: pl.String()})
     ddl, target = _schemas(schema)
     top = config.score.reasons
 

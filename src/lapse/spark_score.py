@@ -345,6 +345,7 @@ def _post(
         *RECORD_COLUMNS,
         "control",
         "delta_key",
+        "cooldown_keys",
         "suppressed",
         "capped",
         "withheld_triggers",

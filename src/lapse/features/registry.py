@@ -12,6 +12,8 @@ Rewrite ``FEATURES.md`` with
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Literal
@@ -28,6 +30,7 @@ __all__ = [
     "FeatureDef",
     "expand",
     "markdown_table",
+    "windows_named",
     "windows_of",
     "write_feature_table",
 ]
@@ -278,6 +281,20 @@ SKU_FEATURES: Final[tuple[FeatureDef, ...]] = (
 def windows_of(config: LapseConfig) -> list[int]:
     """The windows built for ``config``: the core set plus ``features.windows``, sorted."""
     return sorted(set(CORE_WINDOWS) | set(config.features.windows))
+
+
+def windows_named(names: Iterable[str]) -> set[int]:
+    """The windows (days) that feature ``names`` of windowed features ask for.
+
+    >>> sorted(windows_named(["error_count_3d", "usage_count_7d", "plan"]))
+    [3, 7]
+    """
+    patterns = [
+        re.compile("^" + re.escape(f.name).replace(re.escape("{W}"), "([1-9][0-9]*)") + "$")
+        for f in FEATURES
+        if "{W}" in f.name
+    ]
+    return {int(m.group(1)) for n in names for p in patterns if (m := p.match(n))}
 
 
 def expand(

@@ -13,7 +13,7 @@ event names; ``None`` in bundles saved before it was recorded).
 from __future__ import annotations
 
 import pickle
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 import polars as pl
 
-from lapse.config import LapseConfig, TriggerSpec
+from lapse.config import LapseConfig
 from lapse.exceptions import LapseError
 from lapse.modeling.metrics import Calibrator
 from lapse.modeling.race import RaceScorer
@@ -178,17 +178,18 @@ class ChurnBundle:
 
         return assign(churn_risk, self.config.segments, reference=self.score_reference)
 
-    def triggers(
-        self, frame: pl.DataFrame, specs: Mapping[str, TriggerSpec] | None = None
-    ) -> pl.DataFrame:
-        """Key columns, one boolean column per trigger, and ``triggers`` (fired ids).
+    def triggers(self, frame: pl.DataFrame, run: LapseConfig | None = None) -> pl.DataFrame:
+        """Key columns, one boolean column per trigger, ``triggers`` (fired ids) and
+        ``cooldown_keys``.
 
-        ``specs`` (the run config's ``triggers`` section) replaces the bundle's;
-        roles, milestones and rules stay the bundle's, as the features were built with them.
+        With ``run`` (the run's config) the triggers are the run's: its ``rules``,
+        ``triggers`` and ``milestones`` (:func:`lapse.triggers.for_run`); ``frame``
+        then holds the features those triggers read.
         """
         from lapse.modeling.rules import triggers
+        from lapse.triggers import for_run
 
-        return triggers(frame, self.config, specs)
+        return triggers(frame, self.config if run is None else for_run(self.config, run))
 
     def reasons(self, frame: pl.DataFrame, *, top: int = 3) -> pl.DataFrame:
         """Top risk drivers of the given rows, in words (costly: pass only rows you send)."""

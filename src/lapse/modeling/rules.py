@@ -10,7 +10,7 @@ compiled to Polars; the built-ins are presets parameterised by the config's
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 import numpy as np
 import numpy.typing as npt
@@ -19,9 +19,6 @@ import polars as pl
 from lapse.config import LapseConfig
 from lapse.modeling._base import ParamsMixin
 from lapse.triggers import BUILTIN, CHURN_TRIGGERS, conditions, evaluate, resolve
-
-if TYPE_CHECKING:
-    from lapse.config import TriggerSpec
 
 __all__ = [
     "CHURN_TRIGGERS",
@@ -51,15 +48,9 @@ def trigger_exprs(features: pl.DataFrame | pl.LazyFrame, config: LapseConfig) ->
     return conditions(builtins, schema, audience=False)
 
 
-def triggers(
-    features: pl.DataFrame, config: LapseConfig, specs: Mapping[str, TriggerSpec] | None = None
-) -> pl.DataFrame:
-    """Key columns, a boolean column per enabled trigger, and ``triggers`` (fired ids, in order).
-
-    ``specs`` replaces the config's ``triggers`` section (score time: the run's).
-    """
-    if specs is not None:
-        config = config.model_copy(update={"triggers": dict(specs)})
+def triggers(features: pl.DataFrame, config: LapseConfig) -> pl.DataFrame:
+    """Key columns, a boolean column per enabled trigger, ``triggers`` (fired ids, in order)
+    and ``cooldown_keys`` (:func:`lapse.triggers.evaluate`)."""
     return evaluate(features, resolve(config, features.schema))
 
 

@@ -14,6 +14,8 @@ from lapse.triggers.core import (
     apply_cooldowns,
     conditions,
     evaluate,
+    for_run,
+    names_read,
     resolve,
 )
 from lapse.triggers.expr import ExprError, compile_condition, parse
@@ -30,6 +32,8 @@ __all__ = [
     "compile_condition",
     "conditions",
     "evaluate",
+    "for_run",
+    "names_read",
     "parse",
     "preset_when",
     "resolve",

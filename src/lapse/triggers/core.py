@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from typing import TYPE_CHECKING, Final
 
@@ -16,7 +16,7 @@ from lapse.triggers.expr import compile_condition
 from lapse.triggers.presets import BUILTIN, DEFAULT_COOLDOWN, PRESETS, preset_when
 
 if TYPE_CHECKING:
-    from lapse.config import LapseConfig
+    from lapse.config import LapseConfig, Milestone
 
 __all__ = [
     "SCORE_COLUMNS",
@@ -24,6 +24,8 @@ __all__ = [
     "apply_cooldowns",
     "conditions",
     "evaluate",
+    "for_run",
+    "names_read",
     "resolve",
 ]
 
@@ -42,6 +44,8 @@ class Trigger:
     """One trigger ready to evaluate: its condition text, audience, cooldown and emitted id.
 
     ``cooldown_days`` ``None`` means once per user, ever; 0 means every run.
+    ``milestones`` (the ``milestone`` preset's): each threshold of each milestone
+    is celebrated once per user, ever (its own cooldown key, :func:`evaluate`).
     """
 
     name: str
@@ -51,6 +55,48 @@ class Trigger:
     audience: str | None
     emit: str
     enabled: bool = True
+    milestones: tuple[Milestone, ...] = field(default=(), compare=False)
+
+
+def for_run(model: LapseConfig, run: LapseConfig) -> LapseConfig:
+    """The config a run's triggers resolve with: trigger definitions belong to the run.
+
+    The model's roles, features and labels (what its feature rows are built
+    with), with the run's ``rules``, ``triggers`` and ``milestones``, and the
+    feature windows those triggers name (``rules.friction_window_days``, a
+    ``usage_count_35d`` in a condition) added to the model's windows.
+    """
+    from lapse.features.registry import windows_named
+    from lapse.triggers.expr import names_in, parse
+
+    texts = [
+        text
+        for spec in run.triggers.values()
+        for text in (spec.when, spec.audience)
+        if isinstance(text, str)
+    ]
+    windows = set(model.features.windows) | windows_named(
+        n for text in texts for n in names_in(parse(text))
+    )
+    if model.roles.error:
+        windows.add(run.rules.friction_window_days)
+    features = model.features.model_copy(update={"windows": sorted(windows)})
+    return model.model_copy(
+        update={
+            "rules": run.rules,
+            "triggers": run.triggers,
+            "milestones": run.milestones,
+            "features": features,
+        }
+    )
+
+
+def names_read(trigger: Trigger) -> list[str]:
+    """Column names a trigger's condition and audience read."""
+    from lapse.triggers.expr import names_in, parse
+
+    texts = [t for t in (trigger.when, trigger.audience) if t is not None]
+    return [n for text in texts for n in names_in(parse(text))]
 
 
 def resolve(config: LapseConfig, schema: Mapping[str, pl.DataType]) -> list[Trigger]:
@@ -105,6 +151,11 @@ def resolve(config: LapseConfig, schema: Mapping[str, pl.DataType]) -> list[Trig
                 audience=audience,
                 emit=(spec.emit if spec and spec.emit else name),
                 enabled=spec.enabled if spec else True,
+                milestones=(
+                    tuple(config.milestones)
+                    if name == "milestone" and (spec is None or spec.when is None)
+                    else ()
+                ),
             )
         )
     emits: dict[str, str] = {}
@@ -135,19 +186,41 @@ def conditions(
 
 
 def evaluate(frame: pl.DataFrame, triggers: Sequence[Trigger]) -> pl.DataFrame:
-    """Key columns, a boolean column per enabled trigger, and ``triggers``: fired ids in order."""
+    """Key columns, a boolean column per enabled trigger, ``triggers`` (fired ids in order)
+    and ``cooldown_keys``: the ledger keys the fired triggers' cooldowns run on.
+
+    A trigger's key is its emitted id; the ``milestone`` preset's also has one key
+    per milestone crossed, ``<emit>:<milestone>:<threshold reached>`` (cooldown
+    forever), so each threshold is celebrated once and the next one again.
+    """
     keys = [c for c in ("user_id", "cutoff") if c in frame.columns]
     live = [t for t in triggers if t.enabled]
     exprs = conditions(live, frame.schema)
-    flags = frame.select(*keys, *exprs.values())
-    fired = pl.concat_list(
-        [
-            pl.when(pl.col(t.name)).then(pl.lit(t.emit)).otherwise(pl.lit(None, pl.String))
-            for t in live
-        ]
-        or [pl.lit(None, pl.String)]
-    ).list.drop_nulls()
-    return flags.with_columns(fired.alias("triggers"))
+    none = pl.lit(None, pl.String)
+    fired = [pl.when(exprs[t.name]).then(pl.lit(t.emit)).otherwise(none) for t in live]
+    crossed = [
+        pl.when(exprs[t.name] & pl.col(f"milestone_{m.name}_crossed_7d").fill_null(False))
+        .then(pl.format(f"{t.emit}:{m.name}:{{}}", _threshold(m)))
+        .otherwise(none)
+        for t in live
+        for m in t.milestones
+    ]
+    return frame.select(
+        *keys,
+        *exprs.values(),
+        pl.concat_list(fired or [none]).list.drop_nulls().alias("triggers"),
+        pl.concat_list([*fired, *crossed] or [none]).list.drop_nulls().alias("cooldown_keys"),
+    )
+
+
+def _threshold(m: Milestone) -> pl.Expr:
+    """The highest threshold of ``m`` its count has reached (null: none)."""
+    count = pl.col(f"milestone_{m.name}_count")
+    if m.every_n is not None:
+        return (count // m.every_n) * m.every_n
+    return pl.max_horizontal(
+        pl.lit(None, pl.Int64), *(pl.when(count >= n).then(pl.lit(n)) for n in m.at_counts or [])
+    )
 
 
 def apply_cooldowns(
@@ -155,43 +228,75 @@ def apply_cooldowns(
     last_fired: pl.DataFrame,
     triggers: Sequence[Trigger],
     as_of: date,
-) -> pl.Series:
-    """``records["triggers"]`` without the ids still in their cooldown for that user.
+) -> list[pl.Series]:
+    """``records``' ``triggers`` and ``cooldown_keys`` without what is still in its cooldown.
 
-    ``last_fired`` has ``trigger`` (the emitted id), ``user_id`` and ``last_fired``
-    (a date). A trigger last fired on day D with a cooldown of C days may fire
-    again from D + C on; one with no end fires once.
+    ``last_fired`` has ``trigger`` (a cooldown key: the emitted id, or a
+    milestone threshold's key), ``user_id`` and ``last_fired`` (a date). A key
+    last fired on day D with a cooldown of C days may fire again from D + C on;
+    one with no end (a milestone threshold's, always) fires once. A trigger with
+    milestone keys fires while one of them is new.
     """
     empty = pl.lit([], dtype=pl.List(pl.String))
     if records.height == 0 or last_fired.height == 0:
-        return records["triggers"]
+        return [records["triggers"], records["cooldown_keys"]]
     forever = 10**9
     days = {t.emit: (forever if t.cooldown_days is None else t.cooldown_days) for t in triggers}
-    exploded = (
-        records.select(pl.int_range(pl.len()).alias("_row"), "user_id", "triggers")
-        .explode("triggers")
-        .drop_nulls("triggers")
+    emit = pl.col("key").str.split(":").list.first()
+    threshold = pl.col("key").str.contains(":", literal=True)
+    cooldown = (
+        pl.when(threshold)
+        .then(pl.lit(forever, pl.Int64))
+        .otherwise(emit.replace_strict(days, default=0, return_dtype=pl.Int64))
+    )
+    since = (pl.lit(as_of) - pl.col("last_fired")).dt.total_days()
+    keys = (
+        records.select(pl.int_range(pl.len()).alias("_row"), "user_id", "cooldown_keys")
+        .explode("cooldown_keys")
+        .drop_nulls("cooldown_keys")
+        .rename({"cooldown_keys": "key"})
         .join(
             last_fired.select(
                 pl.col("user_id").cast(pl.String),
-                pl.col("trigger").alias("triggers"),
+                pl.col("trigger").alias("key"),
                 pl.col("last_fired").cast(pl.Date),
             ),
-            on=["user_id", "triggers"],
+            on=["user_id", "key"],
             how="left",
             maintain_order="left",
         )
+        .with_columns(
+            emit.alias("emit"),
+            threshold.alias("threshold"),
+            (pl.col("last_fired").is_null() | (since >= cooldown)).alias("ok"),
+        )
     )
-    cooldown = pl.col("triggers").replace_strict(days, default=0, return_dtype=pl.Int64)
-    since = (pl.lit(as_of) - pl.col("last_fired")).dt.total_days()
     kept = (
-        exploded.filter(pl.col("last_fired").is_null() | (since >= cooldown))
-        .group_by("_row", maintain_order=True)
-        .agg("triggers")
+        keys.group_by("_row", "emit")
+        .agg(
+            (
+                pl.col("ok").filter(~pl.col("threshold")).all()
+                & (~pl.col("threshold").any() | (pl.col("ok") & pl.col("threshold")).any())
+            ).alias("kept")
+        )
+        .filter("kept")
+        .drop("kept")
     )
-    out = (
-        pl.DataFrame({"_row": pl.int_range(records.height, eager=True)})
-        .join(kept, on="_row", how="left", maintain_order="left")
-        .select(pl.col("triggers").fill_null(empty))
+    rows = pl.DataFrame({"_row": pl.int_range(records.height, eager=True)})
+
+    def listed(frame: pl.DataFrame, column: str) -> pl.Series:
+        grouped = frame.group_by("_row", maintain_order=True).agg(column)
+        out = rows.join(grouped, on="_row", how="left", maintain_order="left")
+        return out.select(pl.col(column).fill_null(empty)).to_series()
+
+    fired = (
+        records.select(pl.int_range(pl.len()).alias("_row"), pl.col("triggers").alias("emit"))
+        .explode("emit")
+        .drop_nulls("emit")
+        .join(kept, on=["_row", "emit"], how="semi", maintain_order="left")
     )
-    return out.to_series().alias("triggers")
+    sent_keys = keys.filter("ok").join(kept, on=["_row", "emit"], how="semi", maintain_order="left")
+    return [
+        listed(fired, "emit").alias("triggers"),
+        listed(sent_keys, "key").alias("cooldown_keys"),
+    ]
