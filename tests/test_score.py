@@ -147,10 +147,25 @@ def test_file_sink_writes_the_pinned_columns_for_every_eligible_user(
     raw = pl.read_csv(csv)
     assert raw["triggers"].str.starts_with("[").all()
     back = read_records(csv)
+    # the same records, but a milestone is celebrated once: not again by the second run
+    celebrated = records.filter(pl.col("triggers").list.contains("milestone"))["user_id"]
+    assert celebrated.len() > 0
+    assert (
+        not back.filter(pl.col("user_id").is_in(celebrated.implode()))["triggers"]
+        .list.contains("milestone")
+        .any()
+    )
+    # (so a low-risk user who fired nothing else gets no reasons either)
+    no_milestone = pl.col("triggers").list.eval(pl.element().filter(pl.element() != "milestone"))
+    said = (pl.col("risk_segment") != "low") | (pl.col("triggers").list.len() > 0)
     assert (
         back.drop("score_run_id")
+        .with_columns(no_milestone)
+        .filter(said)
         .sort("user_id")
-        .equals(records.drop("score_run_id").sort("user_id"))
+        .equals(
+            records.drop("score_run_id").with_columns(no_milestone).filter(said).sort("user_id")
+        )
     )
 
 
@@ -163,7 +178,11 @@ def test_point_in_time_scores_ignore_events_at_or_after_as_of(
     a = run_score(
         world.events, cfg, as_of=world.as_of, model=str(world.bundle), out=tmp_path / "a.parquet"
     )
-    b = run_score(past, cfg, as_of=world.as_of, model=str(world.bundle), out=tmp_path / "b.parquet")
+    # its own ledger: a celebration delivered by the first run is not repeated by the second
+    other = cfg.model_copy(update={"audit": cfg.audit.model_copy(update={"path": tmp_path / "b"})})
+    b = run_score(
+        past, other, as_of=world.as_of, model=str(world.bundle), out=tmp_path / "b.parquet"
+    )
     ra, rb = (read_records(r.out).drop("score_run_id") for r in (a, b) if r.out)  # type: ignore[arg-type]
     assert ra.equals(rb)
 
@@ -180,10 +199,19 @@ def test_delta_sync_sends_nothing_unchanged_and_exactly_the_changed_users(
     assert len(set(sent_users())) == len(sent_users())
     assert {i["email"] for _, items in score_sinks.RECEIVED for i in items} != {None}
 
+    celebrated = {
+        i["user_id"]
+        for _, items in score_sinks.RECEIVED
+        for i in items
+        if "milestone" in i["triggers"]
+    }
+    assert celebrated
     score_sinks.RECEIVED.clear()
     again = run_score(world.events, cfg, as_of=world.as_of, model=str(world.bundle), sink="capture")
-    assert sent_users() == [] and again.counts["sent"] == 0
-    assert again.counts["unchanged"] == first.counts["sent"]
+    # unchanged but for the milestones: celebrated once, so those records lost the trigger
+    assert set(sent_users()) == celebrated and again.counts["sent"] == len(celebrated)
+    assert not any("milestone" in i["triggers"] for _, items in score_sinks.RECEIVED for i in items)
+    assert again.counts["unchanged"] == first.counts["sent"] - len(celebrated)
 
     score_sinks.RECEIVED.clear()
     later = world.as_of + timedelta(days=7)
@@ -729,7 +757,11 @@ def test_score_to_braze_over_http_with_faults_then_delta(
         again = run_score(
             world.events, cfg, as_of=world.as_of, model=str(world.bundle), sink="braze"
         )
-        assert again.counts["sent"] == 0 and len(server.requests) == n
+        # only the celebrated users again: their milestone went out once, their record changed
+        celebrated = sent.filter(pl.col("triggers").list.contains("milestone")).height
+        assert again.counts["sent"] == celebrated
+        if not celebrated:
+            assert len(server.requests) == n
 
 
 def test_score_to_braze_when_most_users_fire_two_or_three_triggers(
@@ -768,7 +800,11 @@ def test_score_to_braze_when_most_users_fire_two_or_three_triggers(
         again = run_score(
             world.events, cfg, as_of=world.as_of, model=str(world.bundle), sink="braze"
         )
-        assert again.counts["sent"] == 0 and len(server.requests) == n
+        # only the celebrated users again: their milestone went out once, their record changed
+        celebrated = sent.filter(pl.col("triggers").list.contains("milestone")).height
+        assert again.counts["sent"] == celebrated
+        if not celebrated:
+            assert len(server.requests) == n
 
 
 def test_score_refuses_input_without_rows(world: World, _isolated_home: Path) -> None:
