@@ -801,3 +801,101 @@ def test_frequency_cap_withholds_triggers_across_runs_and_counts_the_capped(
     }
     assert twice & set(seventh) and all("hello" in seventh[u] for u in twice if u in seventh)
     assert messages(7) == {u: n for u, n in messages(7).items() if n <= 2}
+
+
+# -- the run config's rules decide the built-in triggers --------------------------------------
+
+_RULE_TRIGGER = {
+    "activation_nudge_days": "activation_nudge",
+    "friction_window_days": "friction_alert",
+    "friction_min_errors": "friction_alert",
+    "usage_decay_ratio": "usage_decay",
+    "dropping_activity_ratio": "dropping_activity",
+}
+
+
+def _fired_by_events(events: pl.DataFrame, t: datetime, rules: Any, trigger: str) -> set[str]:
+    """Who fires ``trigger`` as of ``t``, recomputed from the raw events (not the features)."""
+    roles = load_config().roles
+    ev = events.filter(pl.col("ts") < t)
+
+    def count(names: list[str], days: int, until: int = 0) -> pl.Expr:
+        inside = pl.col("ts").is_between(
+            t - timedelta(days=days), t - timedelta(days=until), closed="left"
+        )
+        return (pl.col("event").is_in(names) & inside).sum()
+
+    def last(names: list[str]) -> pl.Expr:
+        return pl.col("ts").filter(pl.col("event").is_in(names)).max()
+
+    w = rules.friction_window_days
+    per = ev.group_by("user_id").agg(
+        first_purchase=pl.col("ts").filter(pl.col("event").is_in(roles.purchase)).min(),
+        aha=pl.col("event").is_in(roles.aha).any(),
+        errors=count(roles.error, w),
+        started_w=count(roles.setup_started, w),
+        started=last(roles.setup_started),
+        completed=last(roles.setup_completed),
+        u14=count(roles.usage, 14),
+        u28_14=count(roles.usage, 28, 14),
+        u7=count(roles.usage, 7),
+        u28_7=count(roles.usage, 28, 7),
+    )
+    incomplete = pl.col("started").is_not_null() & (
+        pl.col("completed").is_null() | (pl.col("completed") < pl.col("started"))
+    )
+    cond = {
+        "activation_nudge": (
+            (pl.lit(t) - pl.col("first_purchase")).dt.total_days() >= rules.activation_nudge_days
+        )
+        & ~pl.col("aha"),
+        "friction_alert": (pl.col("errors") >= rules.friction_min_errors)
+        | (incomplete & (pl.col("started_w") > 0)),
+        "usage_decay": (pl.col("u28_14") > 0)
+        & (pl.col("u14") / pl.col("u28_14") <= rules.usage_decay_ratio),
+        "dropping_activity": (pl.col("u28_7") > 0)
+        & (pl.col("u7") / (pl.col("u28_7") / 3) < rules.dropping_activity_ratio),
+    }[trigger]
+    return set(per.filter(cond.fill_null(False))["user_id"].cast(pl.String).to_list())
+
+
+def _fired(small: Small, config: LapseConfig, trigger: str) -> tuple[set[str], set[str]]:
+    """(who fires ``trigger``, who was scored) by ``score_users`` with the run ``config``."""
+    from lapse.modeling.bundle import ChurnBundle
+    from lapse.scoring import score_users
+
+    res = score_users(
+        ChurnBundle.load(small.bundle),
+        pl.scan_parquet(small.events),
+        small.as_of,
+        config,
+        score_run_id="r",
+        model_version="v",
+    )
+    assert res.fired is not None
+    hit = res.fired.filter(pl.col("triggers").list.contains(trigger))["user_id"]
+    return set(hit.to_list()), set(res.fired["user_id"].to_list())
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("activation_nudge_days", 40),
+        ("friction_window_days", 3),  # a window the model does not build
+        ("friction_min_errors", 1),
+        ("usage_decay_ratio", 0.9),
+        ("dropping_activity_ratio", 0.2),
+    ],
+)
+def test_the_run_configs_rules_decide_the_builtin_triggers(
+    small: Small, key: str, value: float
+) -> None:
+    trigger = _RULE_TRIGGER[key]
+    events = pl.read_parquet(small.events)
+    before, scored = _fired(small, load_config(), trigger)
+    config = load_config()
+    config.rules = config.rules.model_copy(update={key: value})
+    after, _ = _fired(small, config, trigger)
+    assert after == _fired_by_events(events, small.as_of, config.rules, trigger) & scored
+    assert before == _fired_by_events(events, small.as_of, load_config().rules, trigger) & scored
+    assert after != before
