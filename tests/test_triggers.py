@@ -899,3 +899,22 @@ def test_the_run_configs_rules_decide_the_builtin_triggers(
     assert after == _fired_by_events(events, small.as_of, config.rules, trigger) & scored
     assert before == _fired_by_events(events, small.as_of, load_config().rules, trigger) & scored
     assert after != before
+
+
+def test_a_run_trigger_on_a_milestone_the_model_never_counted_needs_no_retrain(
+    small: Small,
+) -> None:
+    # what `lapse drivers --triggers` writes: a count-only milestone and a trigger over it
+    config = load_config()
+    config.milestones = [
+        *config.milestones,
+        Milestone(name="devices", event="second_device_added", at_counts=[]),
+    ]
+    config.triggers = {
+        "encourage_devices": TriggerSpec(when="milestone_devices_count == 0", cooldown_days=30)
+    }
+    assert "milestone_devices_count" not in expand(load_config())
+    fired, scored = _fired(small, config, "encourage_devices")
+    events = pl.read_parquet(small.events).filter(pl.col("ts") < small.as_of)
+    adopters = set(events.filter(pl.col("event") == "second_device_added")["user_id"].to_list())
+    assert fired == scored - adopters and 0 < len(fired) < len(scored)
