@@ -166,7 +166,13 @@ def next_due(
     events, including any already at or after ``as_of``); ``as_of + horizon`` when none.
     Users are looked at in chunks of ``incremental.chunk_users``.
     """
-    from lapse.scoring import fired_triggers, risk_columns, trigger_features
+    from lapse.scoring import (
+        depletion_days,
+        fired_triggers,
+        refills,
+        risk_columns,
+        trigger_features,
+    )
 
     horizon = config.incremental.horizon_days
     cutoffs = [as_of + timedelta(days=k) for k in range(1, horizon + 1)]
@@ -186,7 +192,11 @@ def next_due(
         frame = bundle.prepare_many(ev, cutoffs, attributes=attributes)
         if frame.height:
             frame = frame.with_columns(pl.col("user_id").cast(pl.String))
-            extra = trigger_features(bundle, config, ev, cutoffs, frame.schema)
+            # the depletion instant as of now: the telemetry rule's does not move with time
+            extra = depletion_days(frame, refills(bundle, ev, as_of))
+            built = trigger_features(bundle, config, ev, cutoffs, frame.schema)
+            if built is not None:
+                extra = extra.join(built, on=["user_id", "cutoff"], how="left")
             later, _ = fired_triggers(
                 bundle, frame, risk_columns(bundle, frame), config, attributes, extra
             )

@@ -10,7 +10,9 @@ prompt date: ``next_order_date`` is ``as_of`` plus the survival model's median
 days to the next order; ``depletion_date`` is when the supply runs out by the
 telemetry rule (units left / consumption rate) where consumption is measured,
 else the predicted next order date; ``refill_prompt_date`` is the depletion
-date minus ``replenishment.lead_time_days``, never before ``as_of``.
+date minus ``replenishment.lead_time_days``, never before ``as_of``. The built-in
+``replenishment_due`` reads the same estimate (``days_to_depletion``), so it fires
+exactly for the records whose ``refill_prompt_date`` is the ``as_of`` day.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ __all__ = [
     "check_event_names",
     "control_mask",
     "delta_key",
+    "depletion_days",
     "drift_counts",
     "drift_from_counts",
     "drift_warnings",
@@ -49,6 +52,7 @@ __all__ = [
     "model_disagreements",
     "nobody_eligible",
     "population_counts",
+    "refills",
     "risk_columns",
     "score_users",
     "trigger_definitions",
@@ -89,8 +93,9 @@ def _day(ts: datetime) -> date:
     return ts.astimezone(UTC).date()
 
 
-def _refills(bundle: ChurnBundle, events: pl.LazyFrame, as_of: datetime) -> pl.DataFrame:
-    """Per user: the open consumable episode with the earliest prompt date."""
+def refills(bundle: ChurnBundle, events: pl.LazyFrame, as_of: datetime) -> pl.DataFrame:
+    """Per user: the open consumable episode with the earliest prompt date (the record's
+    refill columns, and ``depletion_ts``, the instant they count from)."""
     empty = pl.DataFrame(
         schema={
             "user_id": pl.String,
@@ -98,6 +103,7 @@ def _refills(bundle: ChurnBundle, events: pl.LazyFrame, as_of: datetime) -> pl.D
             "next_order_date": pl.Date,
             "depletion_date": pl.Date,
             "refill_prompt_date": pl.Date,
+            "depletion_ts": pl.Datetime("us", "UTC"),
         }
     )
     model = bundle.extras.get("replenishment")
@@ -132,6 +138,27 @@ def _refills(bundle: ChurnBundle, events: pl.LazyFrame, as_of: datetime) -> pl.D
             pl.col("next_order_ts").dt.date().alias("next_order_date"),
             pl.col("depletion_ts").dt.date().alias("depletion_date"),
             pl.col("prompt_ts").dt.date().alias("refill_prompt_date"),
+            pl.col("depletion_ts").cast(pl.Datetime("us", "UTC")),
+        )
+    )
+
+
+def depletion_days(rows: pl.DataFrame, refills: pl.DataFrame) -> pl.DataFrame:
+    """``rows``' ``user_id, cutoff`` with ``days_to_depletion``: days from the cutoff to the
+    record's depletion estimate (``refills``' ``depletion_ts``; null without one).
+
+    The one estimate of depletion the record's dates and ``replenishment_due`` share: due
+    when it is at most ``replenishment.lead_time_days`` away, which is exactly when
+    ``refill_prompt_date`` is the cutoff's day.
+    """
+    span = pl.col("depletion_ts") - pl.col("cutoff")
+    return (
+        rows.select("user_id", "cutoff")
+        .join(refills.select("user_id", "depletion_ts"), on="user_id", how="left")
+        .select(
+            "user_id",
+            "cutoff",
+            (span.dt.total_microseconds() / 86_400e6).alias("days_to_depletion"),
         )
     )
 
@@ -398,11 +425,15 @@ def user_records(
     users by ``user_id`` (the Spark engine's partitions) gives the same records.
     """
     scores = risk_columns(bundle, frame)
-    extra = trigger_features(bundle, config, events, [as_of], frame.schema)
+    refill = refills(bundle, events, as_of)
+    extra = depletion_days(frame, refill)
+    built = trigger_features(bundle, config, events, [as_of], frame.schema)
+    if built is not None:
+        extra = extra.join(built, on=["user_id", "cutoff"], how="left", maintain_order="left")
     fired, definitions = fired_triggers(bundle, frame, scores, config, attributes, extra)
     records = (
         scores.join(fired, on="user_id", how="left", maintain_order="left")
-        .join(_refills(bundle, events, as_of), on="user_id", how="left", maintain_order="left")
+        .join(refill, on="user_id", how="left", maintain_order="left")
         .with_columns(
             pl.lit(_day(as_of)).alias("as_of"),
             pl.lit(score_run_id).alias("score_run_id"),

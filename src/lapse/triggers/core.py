@@ -29,11 +29,13 @@ __all__ = [
     "resolve",
 ]
 
-#: columns score time adds to the feature rows before triggers run
+#: columns score time adds to the feature rows before triggers run (``days_to_depletion``:
+#: days from the cutoff to the record's ``depletion_date`` estimate, the earliest prompt's)
 SCORE_COLUMNS: Final[Mapping[str, pl.DataType]] = {
     "churn_risk": pl.Float64(),
     "churn_risk_percentile": pl.Float64(),
     "risk_segment": pl.String(),
+    "days_to_depletion": pl.Float64(),
 }
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _RESERVED: Final = frozenset({"user_id", "cutoff", "triggers"})

@@ -80,10 +80,10 @@ def preset_when(name: str, config: LapseConfig, schema: Mapping[str, pl.DataType
         return (
             f"dropping_ratio_7d < {_num(rules.dropping_activity_ratio)}" if roles.usage else "false"
         )
-    if name == "replenishment_due":
-        if not (roles.purchase and roles.consumption):
+    if name == "replenishment_due":  # the record's depletion estimate: due when its prompt is
+        if not (roles.purchase and roles.consumption) or "days_to_depletion" not in schema:
             return "false"
-        return f"days_of_supply_left <= {_num(config.replenishment.lead_time_days)}"
+        return f"days_to_depletion <= {_num(config.replenishment.lead_time_days)}"
     if name == "upsell":  # outgrew the tier: heavy use on the basic plan
         return f'plan == "basic" and usage_count_28d >= {rules.heavy_usage_28d}'
     if name == "vip":  # heavy use of the premium tier
