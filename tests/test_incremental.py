@@ -88,7 +88,15 @@ def sent() -> dict[str, list[str]]:
     return {i["user_id"]: list(i["triggers"]) for _, items in score_sinks.RECEIVED for i in items}
 
 
-def test_daily_incremental_runs_end_with_the_full_evaluation(
+#: run times within each day: a time-driven trigger flips at an instant, not at midnight
+AT = [
+    timedelta(hours=14, minutes=5),
+    timedelta(hours=3, minutes=17),
+    timedelta(hours=22, minutes=41),
+]
+
+
+def test_incremental_runs_at_any_time_of_day_equal_the_full_evaluation(
     world: World, _isolated_home: Path
 ) -> None:
     cfg = make_config(
@@ -100,7 +108,7 @@ def test_daily_incremental_runs_end_with_the_full_evaluation(
     first = run_triggers(
         folder,
         cfg,
-        as_of=day(world, FIRST_DAY),
+        as_of=day(world, FIRST_DAY) + AT[-1] - timedelta(days=1),
         incremental=True,
         model=str(world.bundle),
         sink="capture",
@@ -114,7 +122,7 @@ def test_daily_incremental_runs_end_with_the_full_evaluation(
         res = run_triggers(
             folder,
             cfg,
-            as_of=day(world, n + 1),
+            as_of=day(world, n + 1) + AT[n % len(AT)],
             incremental=True,
             model=str(world.bundle),
             sink="capture",
@@ -124,7 +132,7 @@ def test_daily_incremental_runs_end_with_the_full_evaluation(
     assert all(0 < t < population for *_, t in touched)
     assert any(due > 0 for _, due, _ in touched)  # time-driven changes came due
 
-    final = day(world, FIRST_DAY + DAYS)
+    final = day(world, FIRST_DAY + DAYS) + AT[(FIRST_DAY + DAYS - 1) % len(AT)]
     bundle = ChurnBundle.load(world.bundle)
     full = score_users(
         bundle,

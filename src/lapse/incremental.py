@@ -12,10 +12,14 @@ and cooldowns) for a few users only, so it can run every few minutes:
   only their ``user_id`` column is read.
 * **Next due.** For every user it evaluates, a run also stores the fired set
   (the triggers that fire, before cooldowns) and a *next due* instant: the
-  first of ``as_of + 1 day, + 2 days, ... + incremental.horizon_days`` at which
-  the fired set would differ if no new event arrived. It is found by
-  evaluating the same triggers on the user's own events at those future
-  cutoffs (:meth:`ChurnBundle.prepare_many`: one roll-up, every cutoff), so
+  first instant within ``incremental.horizon_days`` at which the fired set
+  would differ if no new event arrived. It is found by evaluating the same
+  triggers on the user's own events at future cutoffs
+  (:meth:`ChurnBundle.prepare_many`: one roll-up, every cutoff): one a day
+  finds the day, then bisection over the instants where a fired set can step
+  (an event's time plus whole days, midnight, the depletion estimate minus the
+  lead time) and, should a continuous score move between them, over the
+  microseconds left, finds the instant, so
   time-driven triggers (usage decay, dropping activity, activation nudge,
   replenishment due) and event-driven ones (friction, milestones, streaks)
   need no classification. A user with no change in the horizon is due at its
@@ -32,10 +36,9 @@ and cooldowns) for a few users only, so it can run every few minutes:
   version or the trigger definitions changed (the fingerprint), or when a
   processed file disappeared, every user is evaluated and the state rebuilt.
 
-The stored fired sets therefore equal a full evaluation at the same ``as_of``
-whenever the runs fall on the daily grid of the previous evaluations (daily
-runs at a fixed time, or any run after the nightly one); between grid points a
-time-driven change is caught on the next grid point, at most a day late.
+The stored fired sets therefore equal a full evaluation at the same ``as_of``,
+whatever the runs' times of day (a change that steps and steps back within one
+day of the daily look-ahead is not seen).
 """
 
 from __future__ import annotations
@@ -161,18 +164,15 @@ def next_due(
     """``user_id, next_due`` for each of ``users``, given ``fired`` (``user_id``, ``triggers``
     at ``as_of``; a user without a row, not eligible, fires nothing).
 
-    The first of ``as_of + k`` days (``k = 1..incremental.horizon_days``) at which the
+    The first instant after ``as_of`` within ``incremental.horizon_days`` at which the
     triggers that fire differ from ``fired``, judged on ``events`` alone (the users'
     events, including any already at or after ``as_of``); ``as_of + horizon`` when none.
+    The days ``as_of + k`` find the first day with a change; the instant within that
+    day is then found by bisection to the microsecond (windows are half-open, so the
+    fired set is a step function of the cutoff and each step has an exact instant).
     Users are looked at in chunks of ``incremental.chunk_users``.
     """
-    from lapse.scoring import (
-        depletion_days,
-        fired_triggers,
-        refills,
-        risk_columns,
-        trigger_features,
-    )
+    from lapse.scoring import refills
 
     horizon = config.incremental.horizon_days
     cutoffs = [as_of + timedelta(days=k) for k in range(1, horizon + 1)]
@@ -181,47 +181,195 @@ def next_due(
     schema: dict[str, pl.DataType] = {"user_id": pl.String(), "next_due": due_type}
     now = fired.select(pl.col("user_id").cast(pl.String), _key().alias("now"))
     everyone = pl.Series("user_id", sorted(set(users)), dtype=pl.String)
-    grid = pl.DataFrame({"cutoff": cutoffs}).with_columns(
-        pl.col("cutoff").cast(pl.Datetime("us", "UTC"))
-    )
+    grid = pl.DataFrame({"cutoff": cutoffs}).with_columns(pl.col("cutoff").cast(due_type))
     out = []
     size = config.incremental.chunk_users
     for start in range(0, len(everyone), size):
         chunk = everyone.slice(start, size)
         ev = events.lazy().filter(pl.col("user_id").cast(pl.String).is_in(chunk.implode()))
-        frame = bundle.prepare_many(ev, cutoffs, attributes=attributes)
-        if frame.height:
-            frame = frame.with_columns(pl.col("user_id").cast(pl.String))
-            # the depletion instant as of now: the telemetry rule's does not move with time
-            extra = depletion_days(frame, refills(bundle, ev, as_of))
-            built = trigger_features(bundle, config, ev, cutoffs, frame.schema)
-            if built is not None:
-                extra = extra.join(built, on=["user_id", "cutoff"], how="left")
-            later, _ = fired_triggers(
-                bundle, frame, risk_columns(bundle, frame), config, attributes, extra
-            )
-            later = later.select("user_id", "cutoff", _key().alias("then"))
-        else:
-            later = pl.DataFrame(
-                schema={"user_id": pl.String, "cutoff": grid["cutoff"].dtype, "then": pl.String}
-            )
+        pairs = pl.DataFrame({"user_id": chunk}).join(grid, how="cross")
+        # the depletion instant as of now (the telemetry rule's does not move with time)
+        depleted = refills(bundle, ev, as_of)
+        later = _fired_at(bundle, ev, pairs, depleted, config, attributes)
         changed = (
-            pl.DataFrame({"user_id": chunk})
-            .join(grid, how="cross")
-            .join(later, on=["user_id", "cutoff"], how="left")
-            .join(now, on="user_id", how="left")
-            .filter(pl.col("then").fill_null("") != pl.col("now").fill_null(""))
+            later.join(now, on="user_id", how="left")
+            .filter(pl.col("then") != pl.col("now").fill_null(""))
             .group_by("user_id")
-            .agg(pl.col("cutoff").min().alias("next_due"))
+            .agg(pl.col("cutoff").min().alias("hi"))
         )
+        exact = _bisect(bundle, ev, changed, now, as_of, depleted, config, attributes)
         out.append(
             pl.DataFrame({"user_id": chunk})
-            .join(changed, on="user_id", how="left")
+            .join(exact, on="user_id", how="left")
             .select("user_id", pl.col("next_due").fill_null(pl.lit(end)).cast(due_type))
         )
     if not out:
         return pl.DataFrame(schema=schema)
     return pl.concat(out)
+
+
+def _fired_at(
+    bundle: ChurnBundle,
+    events: pl.LazyFrame,
+    pairs: pl.DataFrame,
+    depleted: pl.DataFrame,
+    config: LapseConfig,
+    attributes: pl.DataFrame | None,
+) -> pl.DataFrame:
+    """``pairs`` (``user_id, cutoff``) with ``then``: the fired set at that cutoff as one
+    string (empty when the user is not eligible there); ``depleted``: the users'
+    :func:`lapse.scoring.refills`."""
+    from lapse.scoring import depletion_days, fired_triggers, risk_columns, trigger_features
+
+    cutoffs = pairs["cutoff"].unique().sort().to_list()
+    frame = bundle.prepare_many(events, cutoffs, attributes=attributes)
+    frame = frame.with_columns(pl.col("user_id").cast(pl.String)).join(
+        pairs, on=["user_id", "cutoff"], how="semi"
+    )
+    if frame.height:
+        extra = depletion_days(frame, depleted)
+        built = trigger_features(bundle, config, events, cutoffs, frame.schema)
+        if built is not None:
+            extra = extra.join(built, on=["user_id", "cutoff"], how="left")
+        got, _ = fired_triggers(
+            bundle, frame, risk_columns(bundle, frame), config, attributes, extra
+        )
+        got = got.select("user_id", "cutoff", _key().alias("then"))
+    else:
+        got = pl.DataFrame(
+            schema={"user_id": pl.String, "cutoff": pairs["cutoff"].dtype, "then": pl.String}
+        )
+    return pairs.join(got, on=["user_id", "cutoff"], how="left").with_columns(
+        pl.col("then").fill_null("")
+    )
+
+
+def _bisect(
+    bundle: ChurnBundle,
+    events: pl.LazyFrame,
+    changed: pl.DataFrame,
+    now: pl.DataFrame,
+    as_of: datetime,
+    depleted: pl.DataFrame,
+    config: LapseConfig,
+    attributes: pl.DataFrame | None,
+) -> pl.DataFrame:
+    """``user_id, next_due``: for each ``changed`` user (``hi``: the first day its fired
+    set differs from ``now``), the first microsecond after the day before at which it does.
+
+    A fired set moves at an event's time plus whole days (a window's edge, a day
+    count), at midnight (calendar days) or when the depletion estimate comes within
+    the lead time: bisection over those instants first, then, should a continuous
+    score have moved it in between, over the microseconds left.
+    """
+
+    def probe(rows: pl.DataFrame) -> pl.DataFrame:
+        then = _fired_at(
+            bundle, events, rows.select("user_id", "cutoff"), depleted, config, attributes
+        )
+        return then.join(now, on="user_id", how="left").select(
+            "user_id", (pl.col("then") != pl.col("now").fill_null("")).alias("moved")
+        )
+
+    lo = pl.max_horizontal(
+        pl.col("hi") - pl.duration(days=1), pl.lit(as_of).dt.cast_time_unit("us")
+    )
+    state = changed.with_columns(lo.alias("lo"))
+    steps = _instants(events, state, depleted, config)
+    # bisection over each user's instants: i (-1: lo) has not moved, j has
+    state = state.join(steps, on="user_id").with_columns(
+        pl.lit(-1).alias("i"), (pl.col("at").list.len() - 1).alias("j")
+    )
+    while (open_ := state.filter(pl.col("j") - pl.col("i") > 1)).height:
+        mid = open_.with_columns(((pl.col("i") + pl.col("j")) // 2).alias("m"))
+        mid = mid.with_columns(pl.col("at").list.get(pl.col("m")).alias("cutoff"))
+        moved = probe(mid).join(mid.select("user_id", "m"), on="user_id")
+        state = (
+            state.join(moved, on="user_id", how="left")
+            .with_columns(
+                pl.when(pl.col("moved").not_()).then("m").otherwise("i").alias("i"),
+                pl.when(pl.col("moved")).then("m").otherwise("j").alias("j"),
+            )
+            .drop("moved", "m")
+        )
+    state = state.select(
+        "user_id",
+        pl.when(pl.col("i") >= 0)
+        .then(pl.col("at").list.get(pl.col("i"), null_on_oob=True))
+        .otherwise("lo")
+        .alias("lo"),
+        pl.col("at").list.get(pl.col("j")).alias("hi"),
+    )
+    # the step is at hi unless something continuous moved it between lo and hi
+    us = pl.duration(microseconds=1)
+    gap = state.filter(pl.col("hi") - pl.col("lo") > us).with_columns(
+        (pl.col("hi") - us).alias("cutoff")
+    )
+    if gap.height:
+        early = probe(gap).filter("moved").select("user_id")
+        state = state.join(
+            gap.join(early, on="user_id", how="semi").select(
+                "user_id", pl.col("cutoff").alias("new_hi")
+            ),
+            on="user_id",
+            how="left",
+        ).select("user_id", "lo", pl.coalesce("new_hi", "hi").alias("hi"))
+        state = state.with_columns(
+            pl.when(pl.col("user_id").is_in(early["user_id"].implode()))
+            .then("lo")
+            .otherwise(pl.col("hi") - us)
+            .alias("lo")
+        )
+    while (open_ := state.filter(pl.col("hi") - pl.col("lo") > us)).height:
+        mid = open_.select(
+            "user_id",
+            (pl.col("lo") + (pl.col("hi") - pl.col("lo")) / 2).dt.truncate("1us").alias("cutoff"),
+        )
+        moved = probe(mid).join(mid, on="user_id")
+        state = state.join(moved, on="user_id", how="left").select(
+            "user_id",
+            pl.when(pl.col("moved").not_()).then("cutoff").otherwise("lo").alias("lo"),
+            pl.when(pl.col("moved")).then("cutoff").otherwise("hi").alias("hi"),
+        )
+    return state.select("user_id", pl.col("hi").alias("next_due"))
+
+
+def _instants(
+    events: pl.LazyFrame, state: pl.DataFrame, depleted: pl.DataFrame, config: LapseConfig
+) -> pl.DataFrame:
+    """``user_id, at``: the sorted instants in ``(lo, hi]`` where a user's fired set can
+    step, and just after them (``ts < T`` and ``[T - W, T)`` move right after an edge)."""
+    day = 86_400_000_000
+    us = pl.duration(microseconds=1)
+    bounds = state.select("user_id", "lo", "hi")
+    ev = (
+        events.select(pl.col("user_id").cast(pl.String), pl.col("ts").dt.cast_time_unit("us"))
+        .collect()
+        .join(bounds, on="user_id")
+    )
+    behind = (pl.col("lo") - pl.col("ts")).dt.total_microseconds()
+    whole = pl.when(behind > 0).then(-(-behind // day)).otherwise(0)
+    edge = pl.col("ts") + pl.duration(microseconds=whole * day)
+    lead = timedelta(days=config.replenishment.lead_time_days)
+    parts = [
+        ev.select("user_id", edge.alias("at")),
+        ev.select("user_id", (edge + pl.duration(days=1)).alias("at")),
+        bounds.select(
+            "user_id", (pl.col("lo").dt.truncate("1d") + pl.duration(days=1)).alias("at")
+        ),
+        depleted.select(
+            pl.col("user_id").cast(pl.String), (pl.col("depletion_ts") - lead).alias("at")
+        ),
+    ]
+    base = pl.concat([p.with_columns(pl.col("at").cast(pl.Datetime("us", "UTC"))) for p in parts])
+    both = pl.concat([base, base.with_columns(pl.col("at") + us)])
+    return (
+        pl.concat([both, bounds.select("user_id", pl.col("hi").alias("at"))])
+        .join(bounds, on="user_id")
+        .filter((pl.col("at") > pl.col("lo")) & (pl.col("at") <= pl.col("hi")))
+        .group_by("user_id")
+        .agg(pl.col("at").unique().sort())
+    )
 
 
 def cooldown_due(
