@@ -666,8 +666,20 @@ def test_impact_compares_treated_and_control_retention(world: World, _isolated_h
     row = result.table.filter(pl.col("segment") == "all").row(0, named=True)
     treated, control = snap.filter(~pl.col("control")), snap.filter("control")
     assert (row["treated"], row["control"]) == (treated.height, control.height)
-    assert row["treated_retention"] == pytest.approx(treated["retained"].mean())
-    assert row["control_retention"] == pytest.approx(control["retained"].mean())
+    # stratified: each segment's retention weighted by its share of the users
+    per = (
+        snap.group_by("risk_segment")
+        .agg(
+            pl.len().alias("n"),
+            pl.col("retained").filter(~pl.col("control")).mean().alias("t"),
+            pl.col("retained").filter("control").mean().alias("c"),
+        )
+        .drop_nulls()
+    )
+    w = per["n"] / per["n"].sum()
+    assert row["treated_retention"] == pytest.approx((w * per["t"]).sum())
+    assert row["control_retention"] == pytest.approx((w * per["c"]).sum())
+    assert row["lift"] == pytest.approx((w * (per["t"] - per["c"])).sum())
     assert row["ci_low"] < row["lift"] < row["ci_high"]
     assert set(result.table["segment"]) <= {"all", "high", "medium", "low"}
 
@@ -884,3 +896,37 @@ def test_score_a_plain_transaction_table(tmp_path: Path, _isolated_home: Path) -
     assert records["refill_sku"].null_count() == records.height
     assert records["next_order_date"].drop_nulls().len() > 0
     assert (records["risk_segment"] != "low").any()
+
+
+def test_the_pooled_impact_row_is_stratified_by_segment() -> None:
+    from lapse.impact import compare
+
+    def group(segment: str, control: bool, n: int, retained: int) -> pl.DataFrame:
+        churned = [False] * retained + [True] * (n - retained)
+        return pl.DataFrame(
+            {"risk_segment": [segment] * n, "control": [control] * n, "churned": churned}
+        )
+
+    # no effect in either segment, but the control group holds more of the high-risk users:
+    # pooled naively, treated retain (20 + 80) / 200 = 0.5 and control (20 + 16) / 120 = 0.3
+    rows = pl.concat(
+        [
+            group("high", False, 100, 20),
+            group("high", True, 100, 20),
+            group("low", False, 100, 80),
+            group("low", True, 20, 16),
+        ]
+    )
+    table = {r["segment"]: r for r in compare(rows).iter_rows(named=True)}
+    pooled = table["all"]
+    assert (pooled["treated"], pooled["control"]) == (200, 120)
+    # weights 200/320 and 120/320: both groups retain 0.625 * 0.2 + 0.375 * 0.8
+    assert pooled["treated_retention"] == pytest.approx(0.425)
+    assert pooled["control_retention"] == pytest.approx(0.425)
+    assert pooled["lift"] == pytest.approx(0.0, abs=1e-12)
+    # se = sqrt((0.625 * sqrt(.0032))^2 + (0.375 * sqrt(.0096))^2) = sqrt(.0026)
+    half = 1.959964 * 0.0026**0.5
+    assert (pooled["ci_low"], pooled["ci_high"]) == (pytest.approx(-half), pytest.approx(half))
+    assert table["high"]["lift"] == pytest.approx(0.0) and table["low"]["lift"] == pytest.approx(
+        0.0
+    )

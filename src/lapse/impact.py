@@ -7,6 +7,10 @@ within ``labels.horizon_days``, from :func:`lapse.labels.outcomes`) is compared
 between the treated users and the control users of the same segment. The
 difference carries a 95% confidence interval (normal approximation of the
 difference of two proportions); users scored in several runs count once per run.
+The ``all`` row is stratified by segment: each segment's difference weighted by
+its share of the users (both groups), with the interval of that weighted sum, so
+a control group that happens to hold more of one segment does not show an
+effect where there is none.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from lapse.audit import AuditTrail
@@ -24,7 +29,7 @@ from lapse.events import validate_events
 from lapse.exceptions import LapseError
 from lapse.labels import data_span, outcomes
 
-__all__ = ["ImpactResult", "impact"]
+__all__ = ["ImpactResult", "compare", "impact"]
 
 _Z95 = 1.959964
 
@@ -77,18 +82,54 @@ def impact(events: Path, config: LapseConfig, *, since: date) -> ImpactResult:
         )
     if not labelled["control"].any():
         notes.append("no control users in these runs: set control.share (e.g. 0.1) to measure")
-    table = pl.concat(
-        [
-            _compare(labelled, "all"),
-            *(
-                _compare(labelled.filter(pl.col("risk_segment") == s), s)
-                for s in ("high", "medium", "low")
-                if (labelled["risk_segment"] == s).any()
-            ),
-        ]
-    )
+    table = compare(labelled)
     runs = labelled["score_run_id"].unique().sort().to_list()
     return ImpactResult(table=table, runs=runs, notes=notes)
+
+
+def compare(rows: pl.DataFrame) -> pl.DataFrame:
+    """The impact table of labelled rows (``risk_segment``, ``control``, ``churned``):
+    ``all`` (stratified by segment), then one row per segment present."""
+    segments = [
+        _compare(rows.filter(pl.col("risk_segment") == s), s)
+        for s in ("high", "medium", "low")
+        if (rows["risk_segment"] == s).any()
+    ]
+    if not segments:
+        return _compare(rows, "all")
+    return pl.concat([_stratified(segments), *segments])
+
+
+def _stratified(segments: list[pl.DataFrame]) -> pl.DataFrame:
+    """The ``all`` row: segment retentions and differences weighted by segment size
+    (over the segments with both groups), the interval from the weighted variances."""
+    every = pl.concat(segments)
+    both = every.filter((pl.col("treated") > 0) & (pl.col("control") > 0))
+    size = (both["treated"] + both["control"]).cast(pl.Float64)
+    w = (size / size.sum()).to_numpy() if both.height else np.zeros(0)
+
+    def weighted(column: str) -> float:
+        return float((w * both[column].to_numpy()).sum()) if both.height else float("nan")
+
+    lift = weighted("lift")
+    se = (
+        math.sqrt(float(((w * (both["ci_high"] - both["lift"]).to_numpy() / _Z95) ** 2).sum()))
+        if both.height
+        else float("nan")
+    )
+    return pl.DataFrame(
+        {
+            "segment": ["all"],
+            "treated": [int(every["treated"].sum())],
+            "control": [int(every["control"].sum())],
+            "treated_retention": [weighted("treated_retention")],
+            "control_retention": [weighted("control_retention")],
+            "lift": [lift],
+            "ci_low": [lift - _Z95 * se],
+            "ci_high": [lift + _Z95 * se],
+        },
+        schema=every.schema,
+    )
 
 
 def _compare(rows: pl.DataFrame, segment: str) -> pl.DataFrame:
