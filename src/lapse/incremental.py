@@ -16,10 +16,11 @@ and cooldowns) for a few users only, so it can run every few minutes:
   would differ if no new event arrived. It is found by evaluating the same
   triggers on the user's own events at future cutoffs
   (:meth:`ChurnBundle.prepare_many`: one roll-up, every cutoff): one a day
-  finds the day, then bisection over the instants where a fired set can step
-  (an event's time plus whole days, midnight, the depletion estimate minus the
-  lead time) and, should a continuous score move between them, over the
-  microseconds left, finds the instant, so
+  finds the day; for a change within the first day, bisection over the
+  instants where a fired set can step (an event's time plus whole days,
+  midnight, the depletion estimate minus the lead time) and, should a
+  continuous score move between them, over the microseconds left, finds the
+  instant (a later change makes the user due the day before it), so
   time-driven triggers (usage decay, dropping activity, activation nudge,
   replenishment due) and event-driven ones (friction, milestones, streaks)
   need no classification. A user with no change in the horizon is due at its
@@ -167,9 +168,11 @@ def next_due(
     The first instant after ``as_of`` within ``incremental.horizon_days`` at which the
     triggers that fire differ from ``fired``, judged on ``events`` alone (the users'
     events, including any already at or after ``as_of``); ``as_of + horizon`` when none.
-    The days ``as_of + k`` find the first day with a change; the instant within that
-    day is then found by bisection to the microsecond (windows are half-open, so the
-    fired set is a step function of the cutoff and each step has an exact instant).
+    The days ``as_of + k`` find the first day with a change; within the first day the
+    instant is found by bisection to the microsecond (windows are half-open, so the
+    fired set is a step function of the cutoff and each step has an exact instant); a
+    change on a later day ``k`` makes the user due at ``as_of + k - 1`` days, when
+    that run looks ahead again, so no change is ever seen late.
     Users are looked at in chunks of ``incremental.chunk_users``.
     """
     from lapse.scoring import refills
@@ -197,7 +200,17 @@ def next_due(
             .group_by("user_id")
             .agg(pl.col("cutoff").min().alias("hi"))
         )
-        exact = _bisect(bundle, ev, changed, now, as_of, depleted, config, attributes)
+        # the instant only for a change within the first day; a later one makes the user
+        # due the day before it, when that run looks ahead again (never late, less work)
+        near = changed.filter(pl.col("hi") == cutoffs[0])
+        exact = pl.concat(
+            [
+                _bisect(bundle, ev, near, now, as_of, depleted, config, attributes),
+                changed.filter(pl.col("hi") > cutoffs[0]).select(
+                    "user_id", (pl.col("hi") - pl.duration(days=1)).alias("next_due")
+                ),
+            ]
+        )
         out.append(
             pl.DataFrame({"user_id": chunk})
             .join(exact, on="user_id", how="left")
