@@ -972,3 +972,23 @@ def test_replenishment_due_and_the_refill_prompt_share_the_better_depletion_esti
 
     # the shared estimate is the better one (the current-supply feature was the trigger's)
     assert precision(due) > precision(current)
+
+
+def test_a_run_config_that_differs_from_the_models_says_so_in_one_line(small: Small) -> None:
+    from lapse.modeling.bundle import ChurnBundle
+    from lapse.scoring import score_users
+
+    config = load_config()
+    config.labels.horizon_days = 56
+    config.rules.activation_nudge_days = 30  # a trigger setting: the run's, no warning
+    res = score_users(
+        ChurnBundle.load(small.bundle),
+        pl.scan_parquet(small.events),
+        small.as_of,
+        config,
+        score_run_id="r",
+        model_version="v",
+    )
+    said = [w for w in res.warnings if "differ from model" in w]
+    assert len(said) == 1 and "labels" in said[0] and "rules" not in said[0]
+    assert "\n" not in said[0]

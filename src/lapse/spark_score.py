@@ -344,8 +344,8 @@ def _post(
     rows = records.with_columns(reasons).select(
         *RECORD_COLUMNS,
         "control",
-        "delta_key",
         "cooldown_keys",
+        "delta_key",
         "suppressed",
         "capped",
         "withheld_triggers",
