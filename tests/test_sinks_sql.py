@@ -73,6 +73,16 @@ def same_records(got: pl.DataFrame, expected: pl.DataFrame, run_id: str) -> None
     )
 
 
+def celebrated(records: pl.DataFrame) -> pl.DataFrame:
+    """The records of a later run for the same sink: a milestone is celebrated once, so it
+    is gone (and with it the reasons of a low-risk user who fired nothing else)."""
+    triggers = pl.col("triggers").list.eval(pl.element().filter(pl.element() != "milestone"))
+    said = (pl.col("risk_segment") != "low") | (pl.col("triggers").list.len() > 0)
+    empty = pl.lit([], dtype=pl.List(pl.String))
+    out = records.with_columns(triggers)
+    return out.with_columns(pl.when(said).then("reasons").otherwise(empty).alias("reasons"))
+
+
 class InterruptedSqlSink(SqlSink):
     """Writes batch number 3, then loses its credentials before the ledger hears of it."""
 
@@ -106,6 +116,8 @@ def test_sql_tables_equal_the_file_sink_after_run_rerun_and_resume(
     same_records(table(uri, HISTORY_TABLE, first.score_run_id), expected, first.score_run_id)
 
     again = run_score(world.events, config, sink="sql", **common)
+    assert expected["triggers"].list.contains("milestone").any()
+    expected = celebrated(expected)
     same_records(table(uri, LATEST_TABLE), expected, again.score_run_id)
     same_records(table(uri, HISTORY_TABLE, again.score_run_id), expected, again.score_run_id)
     assert table(uri, HISTORY_TABLE).height == 2 * expected.height
