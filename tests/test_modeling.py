@@ -163,6 +163,7 @@ def _features(**cols: list[object]) -> pl.DataFrame:
         "decay_ratio_14d": [0.5, None, 0.9],
         "dropping_ratio_7d": [0.4, 0.5, None],
         "days_of_supply_left": [2.0, None, 10.0],
+        "days_to_depletion": [2.0, None, 10.0],  # the record's estimate, a score-time column
         "days_since_last_usage": [3, 1, None],
         "days_since_last_purchase": [10, 3, None],
     }

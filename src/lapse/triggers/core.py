@@ -206,6 +206,7 @@ def evaluate(frame: pl.DataFrame, triggers: Sequence[Trigger]) -> pl.DataFrame:
         .otherwise(none)
         for t in live
         for m in t.milestones
+        if f"milestone_{m.name}_count" in frame.columns  # else its emitted id's cooldown only
     ]
     return frame.select(
         *keys,
