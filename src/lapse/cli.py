@@ -124,6 +124,11 @@ def _report_table(report: ValidationReport) -> Table:
     rows.append(("rejected", f"{rejected:,} ({report.rejected_share:.2%})"))
     rows += [(f"  {reason}", f"{n:,}") for reason, n in report.rejected_by_reason.items()]
     rows.append(("duplicates dropped", f"{report.duplicates:,}"))
+    rows += [(f"{call} calls (not events)", f"{n:,}") for call, n in report.calls.items()]
+    if report.links or report.anonymous_only:
+        rows.append(("identity links", f"{report.links:,}"))
+        rows.append(("  ids merged into another", f"{report.merged_ids:,}"))
+        rows.append(("  anonymous-only ids", f"{report.anonymous_only:,}"))
     rows.append(("future events (kept)", f"{report.future_events:,}"))
     if report.rejects_path is not None:
         rows.append(("rejects file", str(report.rejects_path)))

@@ -192,6 +192,12 @@ class SourceConfig(_Section):
         description="source column with the order (invoice) number: a user's purchase lines "
         "sharing it are one order; null: every purchase row is an order",
     )
+    identity: str | None = Field(
+        default=None,
+        description="source column with the anonymous (device, cookie) id: a row carrying it "
+        "and a user id links the two from its timestamp on; a row without a user id belongs "
+        "to it (Segment exports use anonymousId without this)",
+    )
     properties: list[str] = Field(
         default_factory=list, description="extra source columns kept on every event"
     )

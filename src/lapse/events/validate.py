@@ -30,8 +30,17 @@ from typing import Final
 import polars as pl
 
 from lapse.config import DATABASE_FORMATS, LapseConfig
+from lapse.events import identity
 from lapse.events.database import scan_database, source_label
-from lapse.events.mapping import BY_RULE, MESSAGE_ID, id_columns, map_events
+from lapse.events.mapping import (
+    ANONYMOUS_ID,
+    BY_RULE,
+    CALL,
+    MESSAGE_ID,
+    PREVIOUS_ID,
+    id_columns,
+    map_events,
+)
 from lapse.events.readers import collect_frame, data_files, scan_source
 from lapse.exceptions import EventsError
 from lapse.schema import EVENT_COLUMNS, ORDER_ID, ROLES
@@ -45,6 +54,7 @@ __all__ = [
     "new_event_users",
     "output_columns",
     "read_events",
+    "read_links",
     "read_user_events",
     "rejects_path_for",
     "validate_events",
@@ -52,13 +62,20 @@ __all__ = [
 
 REJECT_REASONS: Final = ("null_user_id", "unparsable_ts", "null_event", "negative_quantity")
 REASON: Final = "reason"
+# Segment calls that are not events: identify and alias feed the identity links, group is skipped.
+IDENTITY_CALLS: Final = ("identify", "alias", "group")
 
 
 @dataclass(frozen=True)
 class ValidationReport:
     """What :func:`validate_events` read, kept, rejected and flagged.
 
-    ``rows_read = rows_kept + sum(rejected_by_reason.values()) + duplicates``.
+    ``rows_read = rows_kept + sum(rejected_by_reason.values()) + duplicates +
+    sum(calls.values())``: ``calls`` counts the Segment ``identify``, ``alias``
+    and ``group`` calls, which are not events. ``links`` counts the distinct
+    (id, user id) pairs linking ids (:mod:`lapse.events.identity`),
+    ``merged_ids`` the ids resolving to another id with every link applied,
+    ``anonymous_only`` the anonymous ids linked to no user id.
     ``events_per_role`` counts kept events per role (an event listed under two
     roles counts in both); ``events_unassigned`` counts kept events in no role;
     ``events_per_name`` counts kept events per event name.
@@ -81,6 +98,10 @@ class ValidationReport:
     rejects_path: Path | None
     purchase_orders: int | None = None
     events_per_name: dict[str, int] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+    links: int = 0
+    merged_ids: int = 0
+    anonymous_only: int = 0
 
     @property
     def rows_rejected(self) -> int:
@@ -129,8 +150,39 @@ def _first_distinct(frame: pl.DataFrame, columns: Sequence[str]) -> pl.Series:
     return keep.scatter(rows.filter(~first), False)
 
 
+def _calls(frame: pl.DataFrame) -> pl.Series:
+    """Whether each mapped row is an identify, alias or group call (not an event)."""
+    return frame.select(pl.col(CALL).is_in(IDENTITY_CALLS).fill_null(False)).to_series()
+
+
+def links_of(frame: pl.DataFrame) -> pl.DataFrame:
+    """The identity links (:data:`~lapse.events.identity.LINK_SCHEMA`) of mapped rows.
+
+    Every row with an anonymous id links it to the row's user id (null when
+    the row has none but the anonymous id); an ``alias`` call links its
+    ``previousId``. One row per pair, at its first observation.
+    """
+    anonymous = frame.select(
+        pl.col(ANONYMOUS_ID).alias("id"),
+        pl.when(pl.col("user_id") != pl.col(ANONYMOUS_ID)).then(pl.col("user_id")).alias("user_id"),
+        "ts",
+    )
+    alias = frame.filter(pl.col(CALL) == "alias").select(
+        pl.col(PREVIOUS_ID).alias("id"), "user_id", "ts"
+    )
+    return (
+        pl.concat([anonymous, alias])
+        .filter(pl.col("id").is_not_null() & pl.col("ts").is_not_null())
+        .filter(pl.col("user_id").is_null() | (pl.col("user_id") != pl.col("id")))
+        .group_by("id", "user_id")
+        .agg(pl.col("ts").min())
+        .sort("ts", "id", "user_id", nulls_last=True)
+        .cast(identity.LINK_SCHEMA)  # type: ignore[arg-type]
+    )
+
+
 def _kept(frame: pl.DataFrame, config: LapseConfig) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Mapped rows -> ``(rejected rows with reason, kept events)``.
+    """Mapped rows (no identity calls) -> ``(rejected rows with reason, kept events)``.
 
     Duplicates among the unrejected rows (identical canonical columns, or the
     same ``source.message_id``) keep their first occurrence.
@@ -203,7 +255,17 @@ def read_events(
     if user_ids is not None:
         ids = pl.Series("user_id", sorted(set(user_ids)), dtype=pl.String)
         mapped = mapped.filter(pl.col("user_id").cast(pl.String).is_in(ids.implode()))
-    return _kept(collect_frame(mapped, name), config)[1].lazy()
+    frame = collect_frame(mapped, name)
+    return _kept(frame.filter(~_calls(frame)), config)[1].lazy()
+
+
+def read_links(path: str | Path, config: LapseConfig) -> pl.DataFrame:
+    """The identity links of a source (:func:`links_of` over its mapped rows)."""
+    raw, name = _raw(path, config, None)
+    mapped = map_events(raw, config, source_name=name).select(
+        "user_id", "ts", ANONYMOUS_ID, PREVIOUS_ID, CALL
+    )
+    return links_of(collect_frame(mapped, name))
 
 
 def validate_events(
@@ -230,7 +292,10 @@ def validate_events(
     raw, name = _raw(path, config, as_of)
     frame = collect_frame(map_events(raw, config, source_name=name), name)
     rows_read = frame.height
-    rejected, events = _kept(frame, config)
+    links = links_of(frame)
+    is_call = _calls(frame)
+    calls = dict(frame.filter(is_call).group_by(CALL).len().iter_rows())
+    rejected, events = _kept(frame.filter(~is_call) if is_call.any() else frame, config)
     del frame
 
     written: Path | None = None
@@ -261,11 +326,15 @@ def validate_events(
         },
         events_unassigned=sum(n for e, n in per_event.items() if e not in assigned),
         rejected_by_reason={reason: int(counts.get(reason, 0)) for reason in REJECT_REASONS},
-        duplicates=rows_read - rejected.height - events.height,
+        duplicates=rows_read - rejected.height - events.height - sum(calls.values()),
         future_events=events.filter(pl.col("ts") > horizon).height,
         rejects_path=written,
         purchase_orders=count_orders(events, config),
         events_per_name={str(e): int(n) for e, n in sorted(per_event.items())},
+        calls={c: int(calls.get(c, 0)) for c in IDENTITY_CALLS if calls.get(c)},
+        links=links.filter(pl.col("user_id").is_not_null()).height,
+        merged_ids=identity.merged_ids(links),
+        anonymous_only=identity.anonymous_only(links).len(),
     )
     return events, report
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from itertools import pairwise
 
 import polars as pl
 
 from lapse.config import LapseConfig
+from lapse.events import identity
 from lapse.exceptions import LapseError
 from lapse.features import _daily, _direct, _engine
 from lapse.features._direct import FeatureSet
@@ -22,6 +24,7 @@ def build_many(
     *,
     attributes: pl.DataFrame | None = None,
     feature_set: FeatureSet = "all",
+    links: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """Feature rows for every (user, cutoff) with an event before the cutoff.
 
@@ -46,6 +49,11 @@ def build_many(
         Optional per-user table; ``attributes.static_features`` are copied on.
     feature_set
         ``"all"`` (default) or ``"core"``: the core group only, as in :func:`build`.
+    links
+        Identity links (:mod:`lapse.events.identity`): at each cutoff the
+        events' ids resolve with the links observed before it. The ids whose
+        person changes between the cutoffs are built per group of cutoffs
+        sharing their links; all others in one pass.
 
     Returns
     -------
@@ -57,6 +65,8 @@ def build_many(
         raise LapseError("cutoffs is empty; give at least one timezone-aware datetime")
     cuts = sorted({_engine.utc_cutoff(c, "cutoff") for c in cutoffs})
     _check(feature_set)
+    if links is not None and not links.is_empty():
+        return _build_linked(events, cuts, config, attributes, feature_set, links)
     core = feature_set == "core"
     # order ids need each order's first line, which the daily slices do not see
     if core and _daily.all_midnight(cuts) and not _engine.has_orders(events):
@@ -69,6 +79,42 @@ def build_many(
     return _engine.with_attributes(frame, attributes, config)
 
 
+def _build_linked(
+    events: pl.LazyFrame,
+    cuts: list[datetime],
+    config: LapseConfig,
+    attributes: pl.DataFrame | None,
+    feature_set: FeatureSet,
+    links: pl.DataFrame,
+) -> pl.DataFrame:
+    """:func:`build_many` with ``links``: stable ids in one pass, changing ones per link state."""
+    changing = identity.changing_ids(links, cuts).implode()
+    moving = pl.col("user_id").is_in(changing)
+    stable = identity.resolve(events.filter(~moving), links, cuts[0])
+    parts = [build_many(stable, cuts, config, attributes=attributes, feature_set=feature_set)]
+    if changing.list.len().item():
+        mine = events.filter(moving).collect().lazy()
+        link_ts = links["ts"]
+        for group in _link_groups(cuts, link_ts):
+            resolved = identity.resolve(mine, links, group[0])
+            parts.append(
+                build_many(resolved, group, config, attributes=attributes, feature_set=feature_set)
+            )
+    return pl.concat(parts).sort("cutoff", "user_id")
+
+
+def _link_groups(cuts: list[datetime], link_ts: pl.Series) -> list[list[datetime]]:
+    """Consecutive cutoffs with no link observed between them."""
+    groups: list[list[datetime]] = [[cuts[0]]]
+    for prev, cut in pairwise(cuts):
+        between = link_ts.filter((link_ts >= prev) & (link_ts < cut))
+        if between.len():
+            groups.append([cut])
+        else:
+            groups[-1].append(cut)
+    return groups
+
+
 def build(
     events: pl.LazyFrame,
     as_of: datetime,
@@ -76,6 +122,7 @@ def build(
     *,
     attributes: pl.DataFrame | None = None,
     feature_set: FeatureSet = "all",
+    links: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """Feature rows as of ``as_of``: one per user with an event before it.
 
@@ -95,6 +142,9 @@ def build(
     feature_set
         ``"all"`` (default) for every feature of the registry, ``"core"`` for
         the core group only (same values, much less work).
+    links
+        Identity links (:mod:`lapse.events.identity`); those observed before
+        ``as_of`` merge each person's ids into one canonical ``user_id``.
 
     Returns
     -------
@@ -114,6 +164,8 @@ def build(
     """
     t = _engine.utc_cutoff(as_of)
     _check(feature_set)
+    if links is not None:
+        events = identity.resolve(events, links, t)
     frame = _direct.build_one(events, t, config, feature_set)
     return _engine.with_attributes(frame, attributes, config)
 
