@@ -19,7 +19,7 @@ from lapse.events.identity import (
     resolve,
 )
 from lapse.events.validate import read_links
-from lapse.features import build
+from lapse.features import build, build_many
 
 CONFIG = LapseConfig.model_validate(
     {
@@ -157,3 +157,30 @@ def test_resolve_keeps_unlinked_ids(as_of: datetime | None) -> None:
     ev = pl.LazyFrame({"user_id": ["a1", "x"], "ts": [day(1), day(1)]})
     got = resolve(ev, links(("a1", "u", 1)), as_of).collect()
     assert got["user_id"].to_list() == ["u", "x"]
+
+
+def test_churn_labels_use_the_ids_of_the_cutoff_and_follow_the_person() -> None:
+    from lapse.labels import churn_labels
+
+    config = CONFIG.model_copy(deep=True)
+    config.labels.horizon_days = 7
+    ts = [day(1), day(3), day(9)]
+    ev = pl.LazyFrame({"user_id": ["anon-1", "u-1", "u-1"], "ts": ts, "event": ["App Opened"] * 3})
+    lk = links(("anon-1", "u-1", 8))
+    got = churn_labels(ev, [day(5), day(10)], config, data_end=day(25), links=lk)
+    # day 5: two ids as far as anyone knew, and anon-1's person came back on day 9;
+    # day 10: one customer, idle since
+    assert got.rows() == [
+        ("anon-1", day(5), False),
+        ("u-1", day(5), False),
+        ("u-1", day(10), True),
+    ]
+    without = churn_labels(ev, [day(5), day(10)], config, data_end=day(25))
+    assert without.rows() == [
+        ("anon-1", day(5), True),
+        ("u-1", day(5), False),
+        ("anon-1", day(10), True),
+        ("u-1", day(10), True),
+    ]
+    features = build_many(ev, [day(5), day(10)], config, links=lk)
+    assert features.select("user_id", "cutoff").rows() == got.select("user_id", "cutoff").rows()

@@ -18,8 +18,9 @@ linked first keeps its id and the other's events move to it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
+from itertools import pairwise
 from typing import Final
 
 import polars as pl
@@ -29,6 +30,7 @@ from lapse.schema import TS_DTYPE, USER_ID
 __all__ = [
     "LINK_SCHEMA",
     "anonymous_only",
+    "at_each_cutoff",
     "canonical_ids",
     "changing_ids",
     "empty_links",
@@ -95,8 +97,10 @@ def canonical_ids(links: pl.DataFrame, as_of: datetime | None = None) -> pl.Data
     return pl.DataFrame({"id": ids, _CANONICAL: ids.gather(label.sort("node")["label"])})
 
 
-def resolve(events: pl.LazyFrame, links: pl.DataFrame, as_of: datetime | None) -> pl.LazyFrame:
-    """``events`` with each ``user_id`` replaced by its canonical id as of ``as_of``.
+def resolve(
+    events: pl.LazyFrame, links: pl.DataFrame, as_of: datetime | None, column: str = USER_ID
+) -> pl.LazyFrame:
+    """``events`` with each id in ``column`` replaced by its canonical id as of ``as_of``.
 
     Only links with ``ts < as_of`` apply (all of them when ``as_of`` is None).
     """
@@ -104,8 +108,10 @@ def resolve(events: pl.LazyFrame, links: pl.DataFrame, as_of: datetime | None) -
     if mapping.is_empty():
         return events
     return (
-        events.join(mapping.lazy(), left_on=USER_ID, right_on="id", how="left")
-        .with_columns(pl.coalesce(_CANONICAL, USER_ID).alias(USER_ID))
+        events.join(
+            mapping.lazy(), left_on=column, right_on="id", how="left", maintain_order="left"
+        )
+        .with_columns(pl.coalesce(_CANONICAL, column).alias(column))
         .drop(_CANONICAL)
     )
 
@@ -143,3 +149,40 @@ def changing_ids(links: pl.DataFrame, cutoffs: Sequence[datetime]) -> pl.Series:
     mapping = canonical_ids(links, last)
     touched = mapping.filter(pl.col("id").is_in(new["id"].implode()))[_CANONICAL]
     return mapping.filter(pl.col(_CANONICAL).is_in(touched.implode()))["id"].sort()
+
+
+def _link_groups(cuts: list[datetime], link_ts: pl.Series) -> list[list[datetime]]:
+    """Consecutive cutoffs with no link observed between them (they resolve alike)."""
+    groups: list[list[datetime]] = [[cuts[0]]]
+    for prev, cut in pairwise(cuts):
+        if link_ts.filter((link_ts >= prev) & (link_ts < cut)).len():
+            groups.append([cut])
+        else:
+            groups[-1].append(cut)
+    return groups
+
+
+def at_each_cutoff(
+    per_cutoffs: Callable[[pl.LazyFrame, list[datetime]], pl.DataFrame],
+    events: pl.LazyFrame,
+    links: pl.DataFrame,
+    cutoffs: Sequence[datetime],
+) -> pl.DataFrame:
+    """``per_cutoffs(events, cutoffs)`` with the events' ids resolved as at each cutoff.
+
+    ``per_cutoffs`` computes per-user rows at several cutoffs (features,
+    eligibility); its frames are concatenated. The ids no link between the
+    first and last cutoff touches (:func:`changing_ids`) resolve alike at every
+    cutoff and go in one call; the others' events once per group of cutoffs
+    between which no link was observed.
+    """
+    cuts = sorted(set(cutoffs))
+    changing = changing_ids(links, cuts).implode()
+    moving = pl.col(USER_ID).is_in(changing)
+    stable = resolve(events.filter(~moving), links, cuts[0])
+    parts = [per_cutoffs(stable, cuts)]
+    if changing.list.len().item():
+        mine = events.filter(moving).collect().lazy()
+        for group in _link_groups(cuts, links["ts"]):
+            parts.append(per_cutoffs(resolve(mine, links, group[0]), group))
+    return pl.concat(parts)

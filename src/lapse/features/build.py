@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from itertools import pairwise
 
 import polars as pl
 
@@ -66,7 +65,11 @@ def build_many(
     cuts = sorted({_engine.utc_cutoff(c, "cutoff") for c in cutoffs})
     _check(feature_set)
     if links is not None and not links.is_empty():
-        return _build_linked(events, cuts, config, attributes, feature_set, links)
+
+        def unlinked(ev: pl.LazyFrame, group: list[datetime]) -> pl.DataFrame:
+            return build_many(ev, group, config, attributes=attributes, feature_set=feature_set)
+
+        return identity.at_each_cutoff(unlinked, events, links, cuts).sort("cutoff", "user_id")
     core = feature_set == "core"
     # order ids need each order's first line, which the daily slices do not see
     if core and _daily.all_midnight(cuts) and not _engine.has_orders(events):
@@ -77,42 +80,6 @@ def build_many(
     feats = _engine.features(state, config, core)
     frame = feats.sort("cutoff", "user_id").collect(engine="in-memory")
     return _engine.with_attributes(frame, attributes, config)
-
-
-def _build_linked(
-    events: pl.LazyFrame,
-    cuts: list[datetime],
-    config: LapseConfig,
-    attributes: pl.DataFrame | None,
-    feature_set: FeatureSet,
-    links: pl.DataFrame,
-) -> pl.DataFrame:
-    """:func:`build_many` with ``links``: stable ids in one pass, changing ones per link state."""
-    changing = identity.changing_ids(links, cuts).implode()
-    moving = pl.col("user_id").is_in(changing)
-    stable = identity.resolve(events.filter(~moving), links, cuts[0])
-    parts = [build_many(stable, cuts, config, attributes=attributes, feature_set=feature_set)]
-    if changing.list.len().item():
-        mine = events.filter(moving).collect().lazy()
-        link_ts = links["ts"]
-        for group in _link_groups(cuts, link_ts):
-            resolved = identity.resolve(mine, links, group[0])
-            parts.append(
-                build_many(resolved, group, config, attributes=attributes, feature_set=feature_set)
-            )
-    return pl.concat(parts).sort("cutoff", "user_id")
-
-
-def _link_groups(cuts: list[datetime], link_ts: pl.Series) -> list[list[datetime]]:
-    """Consecutive cutoffs with no link observed between them."""
-    groups: list[list[datetime]] = [[cuts[0]]]
-    for prev, cut in pairwise(cuts):
-        between = link_ts.filter((link_ts >= prev) & (link_ts < cut))
-        if between.len():
-            groups.append([cut])
-        else:
-            groups[-1].append(cut)
-    return groups
 
 
 def build(
