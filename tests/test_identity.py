@@ -184,3 +184,26 @@ def test_churn_labels_use_the_ids_of_the_cutoff_and_follow_the_person() -> None:
     ]
     features = build_many(ev, [day(5), day(10)], config, links=lk)
     assert features.select("user_id", "cutoff").rows() == got.select("user_id", "cutoff").rows()
+
+
+def test_cli_validate_and_features_on_the_five_line_export(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from lapse.cli import app
+
+    runner = CliRunner()
+    path = write(tmp_path / "export.jsonl", FIVE_LINES)
+    config = tmp_path / "lapse.yaml"
+    config.write_text(
+        "roles:\n  usage: [App Opened]\n  purchase: [Order Completed]\n"
+        "  setup_started: [Setup Started]\n"
+    )
+    result = runner.invoke(app, ["validate", str(path), "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "identify calls (not events)" in result.output
+    out = tmp_path / "f.parquet"
+    for as_of, ids in (("2026-03-10", ["u-42"]), ("2026-03-02", ["anon-1"])):
+        argv = ["features", str(path), "--config", str(config), "--as-of", as_of, "--out", str(out)]
+        result = runner.invoke(app, argv)
+        assert result.exit_code == 0, result.output
+        assert pl.read_parquet(out)["user_id"].to_list() == ids

@@ -20,7 +20,8 @@ from lapse.delivery import (
     is_message,
     plan_batches,
 )
-from lapse.events import ValidationReport, load_attributes, validate_events
+from lapse.events import ValidationReport, load_attributes, read_links, validate_events
+from lapse.events.identity import person_ids, resolve
 from lapse.exceptions import LapseError
 
 if TYPE_CHECKING:
@@ -156,7 +157,8 @@ def run_features(
     if engine != "local":
         raise LapseError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
     kept, report = validate_events(events, config, as_of=as_of)
-    frame = build(kept.lazy(), as_of, config, attributes=attrs)
+    links = read_links(events, config)
+    frame = build(kept.lazy(), as_of, config, attributes=attrs, links=links)
     out.parent.mkdir(parents=True, exist_ok=True)
     frame.write_parquet(out)
     return _features_result(frame.lazy(), out, as_of, report, engine)
@@ -479,7 +481,7 @@ def run_score(
         fired = _last_fired(ledger, target.name)
         scored = score_users(
             bundle,
-            kept.lazy(),
+            resolve(kept.lazy(), read_links(events, config), as_of),
             as_of,
             config,
             score_run_id=run_id,
@@ -994,13 +996,22 @@ def run_triggers(
         report.stage("reading the touched users' events")
         history: pl.DataFrame | None
         validation: ValidationReport | None = None
+        links = read_links(events, config)  # new files bring new links
         if todo.full:
             # everyone is read: validate as `score` does, so rejected rows are counted
             history, validation = validate_events(events, config, as_of=as_of)
+            history = resolve(history.lazy(), links, as_of).collect()
             users = history["user_id"].cast(pl.String).unique().sort().to_list()
         else:
-            users = todo.users
-            history = read_user_events(events, config, users).collect() if users else None
+            # every id of a touched person, their events merged as of the cutoff
+            ids = person_ids(links, todo.users, as_of)
+            history = (
+                resolve(read_user_events(events, config, ids), links, as_of).collect()
+                if ids
+                else None
+            )
+            touched = pl.LazyFrame({"user_id": todo.users}, schema={"user_id": pl.String})
+            users = resolve(touched, links, as_of).collect()["user_id"].unique().sort().to_list()
         attributes = load_attributes(config)
         run_id = _run_id(as_of)
         result = TriggerRunResult(

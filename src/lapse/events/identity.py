@@ -35,6 +35,7 @@ __all__ = [
     "changing_ids",
     "empty_links",
     "merged_ids",
+    "person_ids",
     "resolve",
 ]
 
@@ -186,3 +187,12 @@ def at_each_cutoff(
         for group in _link_groups(cuts, links["ts"]):
             parts.append(per_cutoffs(resolve(mine, links, group[0]), group))
     return pl.concat(parts)
+
+
+def person_ids(links: pl.DataFrame, ids: Sequence[str], as_of: datetime | None) -> list[str]:
+    """``ids`` and every other id of their persons as of ``as_of``, sorted."""
+    mapping = canonical_ids(links, as_of)
+    wanted = pl.Series(list(ids), dtype=pl.String).implode()
+    persons = mapping.filter(pl.col("id").is_in(wanted))[_CANONICAL].implode()
+    others = mapping.filter(pl.col(_CANONICAL).is_in(persons))["id"].to_list()
+    return sorted({*ids, *others})

@@ -34,6 +34,7 @@ __all__ = [
     "MESSAGE_ID",
     "PREVIOUS_ID",
     "TS_RAW",
+    "has_identity",
     "id_as_string",
     "id_columns",
     "map_events",
@@ -205,6 +206,15 @@ def _identity_exprs(
         PREVIOUS_ID: text("previousId") if segment else None,
         CALL: call,
     }
+
+
+def has_identity(raw: pl.LazyFrame, config: LapseConfig) -> bool:
+    """Whether ``raw`` has a column identity links come from (an anonymous or previous id)."""
+    schema = raw.collect_schema()
+    source = config.source
+    segment = source.format == "segment" or (source.format == "auto" and is_segment_schema(schema))
+    found = _identity_exprs(schema, source, segment)
+    return found[ANONYMOUS_ID] is not None or found[PREVIOUS_ID] is not None
 
 
 def _timestamp_format(

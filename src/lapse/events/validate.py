@@ -38,6 +38,7 @@ from lapse.events.mapping import (
     CALL,
     MESSAGE_ID,
     PREVIOUS_ID,
+    has_identity,
     id_columns,
     map_events,
 )
@@ -260,8 +261,14 @@ def read_events(
 
 
 def read_links(path: str | Path, config: LapseConfig) -> pl.DataFrame:
-    """The identity links of a source (:func:`links_of` over its mapped rows)."""
+    """The identity links of a source (:func:`links_of` over its mapped rows).
+
+    A source without an anonymous id column (``source.identity``, Segment's
+    ``anonymousId``) or ``previousId`` has none, and is not read again.
+    """
     raw, name = _raw(path, config, None)
+    if not has_identity(raw, config):
+        return identity.empty_links()
     mapped = map_events(raw, config, source_name=name).select(
         "user_id", "ts", ANONYMOUS_ID, PREVIOUS_ID, CALL
     )
