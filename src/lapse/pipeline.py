@@ -21,7 +21,7 @@ from lapse.delivery import (
     plan_batches,
 )
 from lapse.events import ValidationReport, load_attributes, read_links, validate_events
-from lapse.events.identity import person_ids, resolve
+from lapse.events.identity import anonymous_only, person_ids, resolve
 from lapse.exceptions import LapseError
 
 if TYPE_CHECKING:
@@ -478,10 +478,11 @@ def run_score(
         check_event_names(bundle, validation.events_per_name, _model_label(loaded))
         attributes = load_attributes(config)
         report.stage("scoring users")
-        fired = _last_fired(ledger, target.name)
+        links = read_links(events, config)
+        fired = _last_fired(ledger, target.name, links=links, as_of=as_of)
         scored = score_users(
             bundle,
-            resolve(kept.lazy(), read_links(events, config), as_of),
+            resolve(kept.lazy(), links, as_of),
             as_of,
             config,
             score_run_id=run_id,
@@ -506,6 +507,7 @@ def run_score(
             report=report,
             started=started,
             validation=validation,
+            anonymous=anonymous_only(links, as_of),
         )
 
 
@@ -527,12 +529,15 @@ def _send_scored(
     report: ScoreProgress,
     started: float,
     validation: ValidationReport | None,
+    anonymous: pl.Series | None = None,
 ) -> ScoreRunResult:
     """Everything after scoring, shared by `lapse score` and `lapse triggers run`.
 
     Suppression, the control group, the frequency cap, the delta key against the
     sink's last delivery, reasons for the users sent, the audit snapshot and
     outbox, the ledger's batches and the delivery itself (or a dry run).
+    ``anonymous`` ids (linked to no known user) are sent only to a sink with an
+    ``anonymous_identifier``; for the others they are held back and counted.
     """
     from lapse.scoring import who_was_scored, with_reasons
 
@@ -551,6 +556,15 @@ def _send_scored(
     last = ledger.delivered(target.name)
     previous, changed = delta_changes(records, last, everyone=target.full_snapshot or full)
     send = sendable & changed
+    unknown = pl.Series([], dtype=pl.String) if anonymous is None else anonymous
+    is_anonymous = records["user_id"].is_in(unknown.implode())
+    held = send & is_anonymous if target.anonymous_identifier is None else send & False
+    send = send & ~held
+    if held.any():
+        scored.warnings.append(
+            f"{int(held.sum()):,} anonymous visitors not sent: no identifier "
+            f"{target.name} accepts for anonymous profiles"
+        )
     report.stage("explaining the users sent")
     scored.records = records.select(scored.records.columns)
     records = with_reasons(bundle, scored, send, top=config.score.reasons).with_columns(
@@ -561,6 +575,7 @@ def _send_scored(
         send.alias("sent"),
     )
     outbox = _outbox(records.filter(send), previous.filter(send), attributes, target)
+    outbox = outbox.with_columns(is_anonymous.filter(send).alias("anonymous"))
     counts = {
         "scored": records.height,
         "suppressed": int(records["suppressed"].sum()),
@@ -568,6 +583,8 @@ def _send_scored(
         "unchanged": int((sendable & ~changed).sum()),
         "capped": int(records["capped"].sum()),
     }
+    if held.any():
+        counts["anonymous_held"] = int(held.sum())
     summary: dict[str, Any] = {
         "score_run_id": run_id,
         "as_of": as_of.isoformat(),
@@ -671,13 +688,36 @@ def _mark_sendable(
     return records, sendable
 
 
-def _last_fired(ledger: Ledger, sink: str, users: list[str] | None = None) -> pl.DataFrame:
+def _last_fired(
+    ledger: Ledger,
+    sink: str,
+    users: list[str] | None = None,
+    *,
+    links: pl.DataFrame | None = None,
+    as_of: datetime | None = None,
+) -> pl.DataFrame:
     """The ledger's cooldown table for ``sink`` (``users`` only, if given):
-    ``trigger, user_id, last_fired``."""
-    return pl.DataFrame(
+    ``trigger, user_id, last_fired``.
+
+    With identity ``links`` the cooldowns move with the person: a visitor
+    messaged under an anonymous id and identified since is the same user, so
+    its ids' entries merge into the canonical id as of ``as_of`` (latest wins).
+    """
+    if links is not None and users is not None:
+        users = person_ids(links, users, as_of)
+    frame = pl.DataFrame(
         ledger.fired(sink, users=users),
         schema={"trigger": pl.String, "user_id": pl.String, "last_fired": pl.Date},
         orient="row",
+    )
+    if links is None or links.is_empty():
+        return frame
+    return (
+        resolve(frame.lazy(), links, as_of)
+        .group_by("trigger", "user_id")
+        .agg(pl.col("last_fired").max())
+        .sort("trigger", "user_id")
+        .collect()
     )
 
 
@@ -1029,7 +1069,7 @@ def run_triggers(
         states: list[Any] = []
         if history is not None and users:
             report.stage("scoring the touched users")
-            last_fired = _last_fired(ledger, target.name)
+            last_fired = _last_fired(ledger, target.name, links=links, as_of=as_of)
             scored = score_users(
                 loaded.bundle,
                 history.lazy(),
@@ -1076,6 +1116,7 @@ def run_triggers(
                 report=report,
                 started=started,
                 validation=validation,
+                anonymous=anonymous_only(links, as_of),
             )
         if not dry_run:
             ledger.advance_watermark(
