@@ -261,3 +261,67 @@ def test_failing_sink_through_the_cli_leaves_dead_letters(
     assert res.exit_code == 0, res.output
     assert "triggers incremental run" in res.output and "with new events" in res.output
     assert datetime.now(UTC) > day(world, FIRST_DAY)
+
+
+def identity_folder(world: World, root: Path) -> tuple[Path, str]:
+    """The folder with one busy user's history under an anonymous device id ``anon-<id>``;
+    on day FIRST_DAY at noon an event carries both ids (the login that links them)."""
+    events = pl.read_parquet(world.events)
+    t = world.as_of
+    recent = events.filter(pl.col("ts").is_between(t - timedelta(days=14), t, "left"))
+    who = str(recent.group_by("user_id").len().sort("len", "user_id", descending=True)[0, 0])
+    device = pl.when(pl.col("user_id") == who).then(pl.lit(f"anon-{who}"))
+    before = events.filter(pl.col("ts") < t).with_columns(device.alias("device"))
+    before = before.with_columns(
+        pl.when(pl.col("user_id") == who).then(None).otherwise(pl.col("user_id")).alias("user_id")
+    )
+    login = events.filter(pl.col("user_id") == who).head(1)
+    login = login.with_columns(
+        pl.lit(t + timedelta(hours=12)).cast(events.schema["ts"]).alias("ts"),
+        pl.lit(f"anon-{who}").alias("device"),
+    )
+    folder = root / "identity"
+    folder.mkdir()
+    before.write_parquet(folder / "history.parquet")
+    login.select(before.columns).write_parquet(folder / "day-140.parquet")
+    return folder, who
+
+
+def test_a_visitor_messaged_anonymously_is_not_messaged_again_once_identified(
+    world: World, _isolated_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(SINKS, "anoncapture", "score_sinks:AnonymousCaptureSink")
+    folder, who = identity_folder(world, _isolated_home)
+    cfg = make_config(
+        _isolated_home,
+        world,
+        source={"identity": "device"},
+        triggers={"hello": {"when": "tenure_days >= 0", "cooldown_days": 3}},
+        control={"share": 0.0},
+    )
+    t = world.as_of
+
+    # a platform without an anonymous identifier: the visitor is held back and counted
+    held = run_score(folder, cfg, as_of=t, model=str(world.bundle), sink="capture")
+    assert held.counts["anonymous_held"] == 1
+    assert any("1 anonymous visitors not sent" in w for w in held.warnings)
+    assert f"anon-{who}" not in sent() and who not in sent()
+
+    # one with it: the visitor is messaged under anonymousId
+    score_sinks.RECEIVED.clear()
+    first = run_score(folder, cfg, as_of=t, model=str(world.bundle), sink="anoncapture")
+    assert first.complete
+    items = [i for _, batch in score_sinks.RECEIVED for i in batch]
+    visitor = [i for i in items if i.get("anonymousId") == f"anon-{who}"]
+    assert len(visitor) == 1 and "hello" in visitor[0]["triggers"]
+    assert all("user_id" in i for i in items if i is not visitor[0])
+
+    # identified the next day: one customer, on the visitor's cooldown
+    score_sinks.RECEIVED.clear()
+    later = run_score(
+        folder, cfg, as_of=t + timedelta(days=1), model=str(world.bundle), sink="anoncapture"
+    )
+    assert later.complete
+    items = [i for _, batch in score_sinks.RECEIVED for i in batch]
+    assert not any("anonymousId" in i for i in items)
+    assert not any(i["user_id"] == who and "hello" in i["triggers"] for i in items)
