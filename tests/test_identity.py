@@ -207,3 +207,52 @@ def test_cli_validate_and_features_on_the_five_line_export(tmp_path: Path) -> No
         result = runner.invoke(app, argv)
         assert result.exit_code == 0, result.output
         assert pl.read_parquet(out)["user_id"].to_list() == ids
+
+
+def test_generated_segment_export_stitches_users_point_in_time(tmp_path: Path) -> None:
+    from datetime import timedelta
+
+    from lapse.config import load_config
+    from lapse.datasets import generate, write_segment
+    from lapse.labels import churn_labels
+
+    data = generate(n_users=120, n_days=100, seed=5)
+    paths = write_segment(data, tmp_path, seed=5)
+    config = load_config()
+    events, report = validate_events(paths["segment"], config)
+    assert report.rows_rejected == 0 and report.rows_kept == data.events.height
+    ids = pl.read_parquet(paths["identities"])
+    assert report.calls == {"identify": ids.height} and ids.height > 10
+    links = read_links(paths["segment"], config)
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    cuts = [start + timedelta(days=d) for d in (20, 45, 70)]
+
+    def true_ids_at(frame: pl.DataFrame, cutoff: datetime) -> pl.DataFrame:
+        """The generator's user ids, anonymous for those identified at or after ``cutoff``."""
+        later = ids.filter(pl.col("identified_at") >= cutoff)
+        return frame.with_columns(
+            pl.col("user_id").replace(
+                dict(zip(later["user_id"], later["anonymous_id"], strict=True))
+            )
+        )
+
+    got = build_many(events.lazy(), cuts, config, links=links)
+    labels = churn_labels(
+        events.lazy(), cuts, config, data_end=cuts[-1] + timedelta(days=28), links=links
+    )
+    want_labels = churn_labels(
+        data.events.lazy(), cuts, config, data_end=cuts[-1] + timedelta(days=28)
+    )
+    anonymous_rows = 0
+    for cutoff in cuts:
+        want = true_ids_at(build(data.events.lazy(), cutoff, config), cutoff).sort("user_id")
+        mine = got.filter(pl.col("cutoff") == cutoff).drop("cutoff")
+        assert mine.equals(want)
+        anonymous_rows += mine.filter(pl.col("user_id").str.starts_with("anon-")).height
+        label_rows = true_ids_at(want_labels.filter(pl.col("cutoff") == cutoff), cutoff)
+        assert (
+            labels.filter(pl.col("cutoff") == cutoff)
+            .sort("user_id")
+            .equals(label_rows.sort("user_id"))
+        )
+    assert anonymous_rows > 0  # some users were still anonymous at an early cutoff

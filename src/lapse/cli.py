@@ -516,14 +516,23 @@ def generate(
     users: Annotated[int, typer.Option(min=1, help="Number of users.")] = 2000,
     days: Annotated[int, typer.Option(min=1, help="Days simulated.")] = 180,
     seed: Annotated[int, typer.Option(help="Random seed; same seed, same data.")] = 0,
+    segment: Annotated[
+        bool,
+        typer.Option(
+            "--segment",
+            help="Also write segment.ndjson, a Segment export in which 30% of users begin "
+            "anonymous and identify later, and identities.parquet (who, until when).",
+        ),
+    ] = False,
 ) -> None:
     """Write synthetic events with ground truth (events, users, truth, truth_hazard)."""
     from lapse.datasets import generate as generate_data
-    from lapse.datasets import write
+    from lapse.datasets import write, write_segment
 
     with console.status(f"simulating {users:,} users over {days} days"):
         data = generate_data(n_users=users, n_days=days, seed=seed)
         files = write(data, out)
+        extra = write_segment(data, out, seed=seed) if segment else {}
     table = Table("file", "rows", title="synthetic data", title_justify="left")
     frames = {
         "events": data.events,
@@ -533,6 +542,8 @@ def generate(
     }
     for name, path in files.items():
         table.add_row(str(path), f"{frames[name].height:,}")
+    for path in extra.values():
+        table.add_row(str(path), "")
     console.print(table)
 
 
