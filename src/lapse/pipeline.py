@@ -149,7 +149,7 @@ def run_features(
         checked = validated_events_spark(events, config, spark=spark)
         spark_report = checked.report(config, as_of=as_of)
         frame_spark = build_features_spark(
-            checked.kept, as_of, config, spark=spark, attributes=attrs
+            checked.kept, as_of, config, spark=spark, attributes=attrs, links=checked.links()
         )
         write_single_parquet(frame_spark, out)
         # counted from the file lazily: the driver never holds every user's row
@@ -555,16 +555,9 @@ def _send_scored(
         ledger.drop_runs(pruned)
     last = ledger.delivered(target.name)
     previous, changed = delta_changes(records, last, everyone=target.full_snapshot or full)
-    send = sendable & changed
-    unknown = pl.Series([], dtype=pl.String) if anonymous is None else anonymous
-    is_anonymous = records["user_id"].is_in(unknown.implode())
-    held = send & is_anonymous if target.anonymous_identifier is None else send & False
-    send = send & ~held
+    send, held, is_anonymous = hold_anonymous(records, sendable & changed, target, anonymous)
     if held.any():
-        scored.warnings.append(
-            f"{int(held.sum()):,} anonymous visitors not sent: no identifier "
-            f"{target.name} accepts for anonymous profiles"
-        )
+        scored.warnings.append(anonymous_warning(int(held.sum()), target))
     report.stage("explaining the users sent")
     scored.records = records.select(scored.records.columns)
     records = with_reasons(bundle, scored, send, top=config.score.reasons).with_columns(
@@ -648,6 +641,26 @@ def _send_scored(
         result,
         summary,
         started,
+    )
+
+
+def hold_anonymous(
+    records: pl.DataFrame, send: pl.Series, target: Sink, anonymous: pl.Series | None
+) -> tuple[pl.Series, pl.Series, pl.Series]:
+    """``(send, held, is_anonymous)``: the records still to send, those held back (an
+    ``anonymous`` id for a sink without an ``anonymous_identifier``), and which are
+    anonymous (the outbox's ``anonymous`` column)."""
+    unknown = pl.Series([], dtype=pl.String) if anonymous is None else anonymous
+    is_anonymous = records["user_id"].is_in(unknown.implode()).alias("anonymous")
+    held = send & is_anonymous if target.anonymous_identifier is None else send & False
+    return send & ~held, held, is_anonymous
+
+
+def anonymous_warning(held: int, target: Sink) -> str:
+    """The summary's line for ``held`` anonymous visitors not sent to ``target``."""
+    return (
+        f"{held:,} anonymous visitors not sent: no identifier {target.name} accepts "
+        "for anonymous profiles"
     )
 
 

@@ -47,11 +47,13 @@ from lapse.exceptions import EventsError
 from lapse.schema import EVENT_COLUMNS, ORDER_ID, ROLES
 
 __all__ = [
+    "IDENTITY_CALLS",
     "REJECT_REASONS",
     "ValidationReport",
     "canonical_columns",
     "count_orders",
     "event_files",
+    "links_of",
     "new_event_users",
     "output_columns",
     "read_events",
