@@ -263,9 +263,10 @@ def test_failing_sink_through_the_cli_leaves_dead_letters(
     assert datetime.now(UTC) > day(world, FIRST_DAY)
 
 
-def identity_folder(world: World, root: Path) -> tuple[Path, str]:
+def identity_folder(world: World, root: Path, *, login: bool = True) -> tuple[Path, str]:
     """The folder with one busy user's history under an anonymous device id ``anon-<id>``;
-    on day FIRST_DAY at noon an event carries both ids (the login that links them)."""
+    on day FIRST_DAY at noon an event carries both ids (the login that links them), in
+    ``day-140.parquet`` (left out unless ``login``)."""
     events = pl.read_parquet(world.events)
     t = world.as_of
     recent = events.filter(pl.col("ts").is_between(t - timedelta(days=14), t, "left"))
@@ -275,15 +276,16 @@ def identity_folder(world: World, root: Path) -> tuple[Path, str]:
     before = before.with_columns(
         pl.when(pl.col("user_id") == who).then(None).otherwise(pl.col("user_id")).alias("user_id")
     )
-    login = events.filter(pl.col("user_id") == who).head(1)
-    login = login.with_columns(
+    linked = events.filter(pl.col("user_id") == who).head(1)
+    linked = linked.with_columns(
         pl.lit(t + timedelta(hours=12)).cast(events.schema["ts"]).alias("ts"),
         pl.lit(f"anon-{who}").alias("device"),
     )
     folder = root / "identity"
     folder.mkdir()
     before.write_parquet(folder / "history.parquet")
-    login.select(before.columns).write_parquet(folder / "day-140.parquet")
+    if login:
+        linked.select(before.columns).write_parquet(folder / "day-140.parquet")
     return folder, who
 
 
@@ -325,3 +327,49 @@ def test_a_visitor_messaged_anonymously_is_not_messaged_again_once_identified(
     items = [i for _, batch in score_sinks.RECEIVED for i in batch]
     assert not any("anonymousId" in i for i in items)
     assert not any(i["user_id"] == who and "hello" in i["triggers"] for i in items)
+
+
+def test_incremental_trigger_runs_pick_up_new_links_from_new_files(
+    world: World, _isolated_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(SINKS, "anoncapture", "score_sinks:AnonymousCaptureSink")
+    folder, who = identity_folder(world, _isolated_home, login=False)
+    cfg = make_config(
+        _isolated_home,
+        world,
+        source={"identity": "device"},
+        triggers={
+            "hello": {"when": "tenure_days >= 0", "cooldown_days": 3},
+            "veteran": {"when": "tenure_days >= 30", "cooldown_days": 0},
+        },
+        control={"share": 0.0},
+    )
+    t = world.as_of
+    first = run_triggers(
+        folder, cfg, as_of=t, incremental=True, model=str(world.bundle), sink="anoncapture"
+    )
+    assert first.mode == "full" and first.complete
+    items = [i for _, batch in score_sinks.RECEIVED for i in batch]
+    (visitor,) = [i for i in items if i.get("anonymousId") == f"anon-{who}"]
+    assert {"hello", "veteran"} <= set(visitor["triggers"])
+
+    # the login arrives in a new file: the next incremental run merges the visitor
+    (_isolated_home / "next").mkdir()
+    identity_folder(world, _isolated_home / "next", login=True)
+    (_isolated_home / "next" / "identity" / "day-140.parquet").rename(folder / "day-140.parquet")
+    score_sinks.RECEIVED.clear()
+    later = run_triggers(
+        folder,
+        cfg,
+        as_of=t + timedelta(days=1),
+        incremental=True,
+        model=str(world.bundle),
+        sink="anoncapture",
+    )
+    assert later.mode == "incremental" and later.new_files == 1 and later.complete
+    items = [i for _, batch in score_sinks.RECEIVED for i in batch]
+    assert not any("anonymousId" in i for i in items)
+    mine = [i for i in items if i["user_id"] == who]
+    # the anonymous history came along (tenure), the cooldown too (no second hello)
+    assert len(mine) == 1 and "veteran" in mine[0]["triggers"]
+    assert "hello" not in mine[0]["triggers"]
