@@ -256,3 +256,20 @@ def test_generated_segment_export_stitches_users_point_in_time(tmp_path: Path) -
             .equals(label_rows.sort("user_id"))
         )
     assert anonymous_rows > 0  # some users were still anonymous at an early cutoff
+
+
+def test_cli_generate_segment_writes_an_export_that_validates(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from lapse.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "gen"
+    result = runner.invoke(
+        app, ["generate", "--users", "40", "--days", "40", "--out", str(out), "--segment"]
+    )
+    assert result.exit_code == 0, result.output
+    assert (out / "segment.ndjson").exists() and (out / "identities.parquet").exists()
+    result = runner.invoke(app, ["validate", str(out / "segment.ndjson")])
+    assert result.exit_code == 0, result.output
+    assert "identify calls (not events)" in result.output
