@@ -508,13 +508,13 @@ def test_identity_links_give_the_same_ids_on_spark(spark: SparkSession, tmp_path
 
     checked = validated_events_spark(str(path), config, spark=spark)
     on_spark = checked.report(config, as_of=as_of)
-    assert checked.links().equals(links)
+    assert checked.links.equals(links)
     assert on_spark.calls == report.calls == {"identify": identities.height}
     for name in ("rows_read", "rows_kept", "links", "merged_ids", "anonymous_only", "users"):
         assert getattr(on_spark, name) == getattr(report, name), name
     assert on_spark.rows_rejected == report.rows_rejected == 0
     got = collect(
-        build_features_spark(checked.kept, as_of, config, spark=spark, links=checked.links())
+        build_features_spark(checked.kept, as_of, config, spark=spark, links=checked.links)
     )
     anonymous = got.filter(pl.col("user_id").str.starts_with("anon-")).height
     assert 0 < anonymous < got.height  # some visitors still anonymous on Feb 1, some stitched

@@ -149,7 +149,7 @@ def run_features(
         checked = validated_events_spark(events, config, spark=spark)
         spark_report = checked.report(config, as_of=as_of)
         frame_spark = build_features_spark(
-            checked.kept, as_of, config, spark=spark, attributes=attrs, links=checked.links()
+            checked.kept, as_of, config, spark=spark, attributes=attrs, links=checked.links
         )
         write_single_parquet(frame_spark, out)
         # counted from the file lazily: the driver never holds every user's row

@@ -31,6 +31,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -477,7 +478,7 @@ class SparkValidation:
         for g in groups:
             if g[_IS_CALL]:
                 calls[g[CALL]] = calls.get(g[CALL], 0) + int(g["n"])
-        links = self.links()
+        links = self.links
         rejected: dict[str, int] = {}
         for g in groups:
             if g[REASON] is not None:
@@ -520,9 +521,11 @@ class SparkValidation:
             anonymous_only=identity.anonymous_only(links).len(),
         )
 
+    @cached_property
     def links(self) -> pl.DataFrame:
         """The identity links of the source, as :func:`lapse.events.validate.read_links`
-        finds them: pairs pre-aggregated by Spark (first ``ts``), finished on the driver."""
+        finds them: pairs pre-aggregated by Spark (first ``ts``), finished on the driver
+        (one Spark job, run once)."""
         from pyspark.sql import functions as F
 
         from lapse.events.mapping import ANONYMOUS_ID, PREVIOUS_ID

@@ -108,7 +108,7 @@ def run_score_spark(
     validation = checked.report(config, as_of=as_of)
     check_event_names(bundle, validation.events_per_name, _model_label(loaded))
     attributes = load_attributes(config)
-    links = checked.links()
+    links = checked.links
     report.stage("scoring users on Spark")
     scored = score_records_spark(
         resolve_spark(checked.kept, links, as_of),
