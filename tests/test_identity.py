@@ -273,3 +273,16 @@ def test_cli_generate_segment_writes_an_export_that_validates(tmp_path: Path) ->
     result = runner.invoke(app, ["validate", str(out / "segment.ndjson")])
     assert result.exit_code == 0, result.output
     assert "identify calls (not events)" in result.output
+
+
+def test_a_long_alias_chain_merges_into_its_first_user_id() -> None:
+    chain = pl.DataFrame(
+        {
+            "id": [f"a{i:03d}" for i in range(300)],
+            "user_id": [f"a{i + 1:03d}" for i in range(300)],
+            "ts": [day(1) + i * (day(2) - day(1)) / 300 for i in range(300)],
+        },
+        schema=LINK_SCHEMA,
+    ).reverse()
+    got = canonical_ids(chain)
+    assert got.height == 301 and set(got["canonical"]) == {"a001"}

@@ -45,7 +45,6 @@ LINK_SCHEMA: Final[dict[str, pl.DataType]] = {
     "ts": TS_DTYPE,
 }
 _CANONICAL: Final = "canonical"
-_MAX_ROUNDS: Final = 64  # label propagation halves chains each round; 2**64 ids never occur
 
 
 def empty_links() -> pl.DataFrame:
@@ -81,9 +80,9 @@ def canonical_ids(links: pl.DataFrame, as_of: datetime | None = None) -> pl.Data
     ).unique()
     both = pl.concat([pairs, pairs.select(a="b", b="a")])
     label = nodes.select(pl.col("rank").alias("node"), pl.col("rank").alias("label"))
-    for _ in range(_MAX_ROUNDS):
+    while True:  # labels only decrease, so this ends; pointer jumping keeps the rounds few
         # each node takes the smallest label among itself and its neighbours, then
-        # jumps to its label's label (pointer jumping keeps the rounds few)
+        # jumps to its label's label
         reach = both.join(label, left_on="b", right_on="node").group_by("a").agg(pl.min("label"))
         step = (
             label.join(reach.rename({"a": "node", "label": "near"}), on="node", how="left")
