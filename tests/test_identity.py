@@ -286,3 +286,32 @@ def test_a_long_alias_chain_merges_into_its_first_user_id() -> None:
     ).reverse()
     got = canonical_ids(chain)
     assert got.height == 301 and set(got["canonical"]) == {"a001"}
+
+
+@pytest.mark.parametrize("with_ts", [True, False])
+def test_an_identities_table_links_ids(tmp_path: Path, with_ts: bool) -> None:
+    from lapse.exceptions import MissingColumnsError
+
+    events = tmp_path / "ev.csv"
+    events.write_text(
+        "user_id,ts,event\nd-1,2026-03-01 09:00:00,App Opened\nc-7,2026-03-02 09:00:00,App Opened\n"
+    )
+    table = tmp_path / "ids.csv"
+    table.write_text("device,customer,seen\nd-1,c-7,2026-03-04 08:00:00\n,c-8,2026-03-01\n")
+    config = CONFIG.model_copy(deep=True)
+    config.identities.path = table
+    config.identities.anonymous_id = "device"
+    config.identities.user_id = "customer"
+    config.identities.ts = "seen" if with_ts else None
+    kept, _ = validate_events(events, config, as_of=day(10))
+    links = read_links(events, config)
+    assert links.select("id", "user_id").rows() == [("d-1", "c-7")]
+    early = build(kept.lazy(), day(3), config, links=links)["user_id"].to_list()
+    assert early == (["c-7", "d-1"] if with_ts else ["c-7"])
+    assert build(kept.lazy(), day(5), config, links=links)["user_id"].to_list() == ["c-7"]
+
+    config.identities.user_id = "person"
+    with pytest.raises(
+        MissingColumnsError, match=r"ids.csv: missing identities columns \['person'\]"
+    ):
+        read_links(events, config)

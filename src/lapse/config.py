@@ -41,6 +41,7 @@ __all__ = [
     "DriversConfig",
     "FeaturesConfig",
     "FrequencyCap",
+    "IdentitiesConfig",
     "IncrementalConfig",
     "IterableConfig",
     "KlaviyoConfig",
@@ -245,6 +246,26 @@ class AttributesConfig(_Section):
     )
     static_features: list[str] = Field(
         default_factory=list, description="attributes the feature builders copy onto feature rows"
+    )
+
+
+class IdentitiesConfig(_Section):
+    """An optional table of id pairs linking anonymous (or old) ids to user ids."""
+
+    path: Path | None = Field(
+        default=None, description="table of id pairs, read like the attributes table; null: none"
+    )
+    format: FileFormat = Field(
+        default="auto", description="file format of the identities table, as source.format"
+    )
+    anonymous_id: str = Field(
+        default="anonymous_id", description="column with the anonymous (or previous) id"
+    )
+    user_id: str = Field(default="user_id", description="column with the user id it belongs to")
+    ts: str | None = Field(
+        default=None,
+        description="column with when each pair was observed (it links from then on); "
+        "null: every pair is known at every cutoff",
     )
 
 
@@ -777,6 +798,7 @@ class LapseConfig(_Section):
 
     source: SourceConfig = Field(default_factory=SourceConfig)
     attributes: AttributesConfig = Field(default_factory=AttributesConfig)
+    identities: IdentitiesConfig = Field(default_factory=IdentitiesConfig)
     roles: Roles = Field(default_factory=Roles)
     milestones: list[Milestone] = Field(default_factory=list)
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)

@@ -39,11 +39,14 @@ from lapse.events.mapping import (
     MESSAGE_ID,
     PREVIOUS_ID,
     has_identity,
+    id_as_string,
     id_columns,
     map_events,
+    present_columns,
 )
 from lapse.events.readers import collect_frame, data_files, scan_source
-from lapse.exceptions import EventsError
+from lapse.events.timestamps import infer_timestamp_format, parse_timestamp
+from lapse.exceptions import EventsError, MissingColumnsError
 from lapse.schema import EVENT_COLUMNS, ORDER_ID, ROLES
 
 __all__ = [
@@ -57,6 +60,7 @@ __all__ = [
     "new_event_users",
     "output_columns",
     "read_events",
+    "read_identities",
     "read_links",
     "read_user_events",
     "rejects_path_for",
@@ -263,18 +267,80 @@ def read_events(
 
 
 def read_links(path: str | Path, config: LapseConfig) -> pl.DataFrame:
-    """The identity links of a source (:func:`links_of` over its mapped rows).
+    """The identity links of a source (:func:`links_of` over its mapped rows), and of
+    the ``identities`` table when one is configured.
 
     A source without an anonymous id column (``source.identity``, Segment's
     ``anonymousId``) or ``previousId`` has none, and is not read again.
     """
     raw, name = _raw(path, config, None)
-    if not has_identity(raw, config):
-        return identity.empty_links()
-    mapped = map_events(raw, config, source_name=name).select(
-        "user_id", "ts", ANONYMOUS_ID, PREVIOUS_ID, CALL
+    links = identity.empty_links()
+    if has_identity(raw, config):
+        mapped = map_events(raw, config, source_name=name).select(
+            "user_id", "ts", ANONYMOUS_ID, PREVIOUS_ID, CALL
+        )
+        links = links_of(collect_frame(mapped, name))
+    if config.identities.path is None:
+        return links
+    table = read_identities(config.resolve(config.identities.path), config)
+    return (
+        pl.concat([links, table])
+        .group_by("id", "user_id")
+        .agg(pl.col("ts").min())
+        .sort("ts", "id", "user_id", nulls_last=True)
+        .cast(identity.LINK_SCHEMA)  # type: ignore[arg-type]
     )
-    return links_of(collect_frame(mapped, name))
+
+
+#: When the pairs of an ``identities`` table without a time column were observed:
+#: before any cutoff.
+KNOWN_FROM_THE_START: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def read_identities(path: str | Path, config: LapseConfig) -> pl.DataFrame:
+    """The links of an ``identities`` table of id pairs (read like the attributes table).
+
+    Ids are read as text; rows missing either id link nothing and are left
+    out; without ``identities.ts`` every pair counts as known at every cutoff.
+
+    Raises
+    ------
+    MissingColumnsError
+        A configured column is absent.
+    """
+    spec = config.identities
+    name = str(path)
+    raw = scan_source(path, spec.format, text_columns=[spec.anonymous_id, spec.user_id])
+    schema = raw.collect_schema()
+    wanted = [spec.anonymous_id, spec.user_id, *([spec.ts] if spec.ts else [])]
+    absent = [c for c in wanted if c not in schema]
+    if absent:
+        raise MissingColumnsError(
+            f"{name}: missing identities columns {absent}. The source has "
+            f"{present_columns(schema)}. Fix: set identities.anonymous_id, identities.user_id "
+            "(and identities.ts, or null) to the table's columns"
+        )
+    if spec.ts is None:
+        ts = pl.lit(KNOWN_FROM_THE_START, dtype=identity.LINK_SCHEMA["ts"])
+    else:
+        sample = collect_frame(raw.select(pl.col(spec.ts)).drop_nulls().head(1000), name)
+        fmt = infer_timestamp_format(sample.to_series(), f"{name}: column {spec.ts}")
+        ts = parse_timestamp(
+            pl.col(spec.ts), schema[spec.ts], fmt, config.source.timestamp.timezone
+        )
+    pairs = raw.select(
+        id_as_string(pl.col(spec.anonymous_id), schema[spec.anonymous_id]).alias("id"),
+        id_as_string(pl.col(spec.user_id), schema[spec.user_id]).alias("user_id"),
+        ts.alias("ts"),
+    )
+    return collect_frame(
+        pairs.filter(
+            pl.col("id").is_not_null()
+            & pl.col("user_id").is_not_null()
+            & (pl.col("id") != pl.col("user_id"))
+        ),
+        name,
+    ).cast(identity.LINK_SCHEMA)  # type: ignore[arg-type]
 
 
 def validate_events(
