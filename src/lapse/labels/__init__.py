@@ -6,16 +6,33 @@ The only package allowed to read events at or after a cutoff.
 from __future__ import annotations
 
 from lapse.labels.churn import activity_events, churn_labels, eligible, outcomes, role_events
-from lapse.labels.cutoffs import CutoffGrid, cutoff_grid, data_span, grid_for_test
+from lapse.labels.cutoffs import (
+    MIN_TRAIN_CUTOFFS,
+    CutoffGrid,
+    GridFit,
+    cutoff_grid,
+    data_span,
+    fit_grid,
+    grid_for_test,
+    propose_labels,
+    training_cutoffs_fit,
+    typical_gaps,
+)
 
 __all__ = [
+    "MIN_TRAIN_CUTOFFS",
     "CutoffGrid",
+    "GridFit",
     "activity_events",
     "churn_labels",
     "cutoff_grid",
     "data_span",
     "eligible",
+    "fit_grid",
     "grid_for_test",
     "outcomes",
+    "propose_labels",
     "role_events",
+    "training_cutoffs_fit",
+    "typical_gaps",
 ]
