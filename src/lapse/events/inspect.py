@@ -16,7 +16,7 @@ from lapse.events.mapping import SEGMENT_DEFAULTS, map_events
 from lapse.events.readers import collect_frame, is_segment_schema, scan_source
 from lapse.events.timestamps import infer_timestamp_format
 from lapse.exceptions import ConfigError, LapseError
-from lapse.labels.cutoffs import GridFit, data_span, propose_labels, typical_gaps
+from lapse.labels.cutoffs import GridFit, data_span, propose_labels, repeat_gaps
 from lapse.schema import ROLES
 
 __all__ = ["init_config"]
@@ -386,7 +386,7 @@ def _label_lines(raw: pl.LazyFrame, draft: str, name: str, *, purchase_only: boo
             )
         events = events.select("user_id", "ts")
         start, end = data_span(events)
-        fit = propose_labels((end - start).days, typical_gaps(events), purchase_only=purchase_only)
+        fit = propose_labels((end - start).days, repeat_gaps(events), purchase_only=purchase_only)
     except (LapseError, ValueError, pl.exceptions.PolarsError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return [

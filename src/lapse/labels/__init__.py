@@ -10,13 +10,14 @@ from lapse.labels.cutoffs import (
     MIN_TRAIN_CUTOFFS,
     CutoffGrid,
     GridFit,
+    customer_quantile,
     cutoff_grid,
     data_span,
     fit_grid,
     grid_for_test,
     propose_labels,
+    repeat_gaps,
     training_cutoffs_fit,
-    typical_gaps,
 )
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "GridFit",
     "activity_events",
     "churn_labels",
+    "customer_quantile",
     "cutoff_grid",
     "data_span",
     "eligible",
@@ -32,7 +34,7 @@ __all__ = [
     "grid_for_test",
     "outcomes",
     "propose_labels",
+    "repeat_gaps",
     "role_events",
     "training_cutoffs_fit",
-    "typical_gaps",
 ]

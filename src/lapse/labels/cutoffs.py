@@ -14,7 +14,6 @@ Layout (weekly grid, 28-day horizon)::
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Final
@@ -28,19 +27,20 @@ __all__ = [
     "MIN_TRAIN_CUTOFFS",
     "CutoffGrid",
     "GridFit",
+    "customer_quantile",
     "cutoff_grid",
     "data_span",
     "fit_grid",
     "grid_for_test",
     "propose_labels",
+    "repeat_gaps",
     "training_cutoffs_fit",
-    "typical_gaps",
 ]
 
 #: Fewer training cutoffs than this is "a handful": the grid adapts, or training stops.
 MIN_TRAIN_CUTOFFS: Final = 8
-#: The proposed horizon covers this quantile of repeat customers' typical gaps.
-GAP_QUANTILE: Final = 0.75
+#: The proposed horizon covers this quantile of repeat customers' gaps between orders.
+GAP_QUANTILE: Final = 0.8
 #: Below this many repeat customers the gaps say too little to fit a horizon.
 MIN_REPEAT_USERS: Final = 20
 
@@ -277,8 +277,8 @@ def fit_grid(labels: LabelsConfig, span_days: int) -> GridFit:
     )
 
 
-def typical_gaps(events: pl.LazyFrame) -> pl.Series:
-    """Each repeat user's median gap in days between consecutive active days.
+def repeat_gaps(events: pl.LazyFrame) -> pl.DataFrame:
+    """``user_id, gap_days``: every gap between a user's consecutive active days.
 
     ``events`` needs ``user_id`` and ``ts``; rows without a user are ignored.
     Days, not events, count, so the lines of one order (or a day of app
@@ -291,26 +291,34 @@ def typical_gaps(events: pl.LazyFrame) -> pl.Series:
         .sort("user_id", "day")
     )
     return (
-        days.with_columns(pl.col("day").diff().over("user_id").dt.total_days().alias("gap"))
-        .drop_nulls("gap")
-        .group_by("user_id")
-        .agg(pl.col("gap").median())
-        .collect()["gap"]
-        .cast(pl.Float64)
-        .sort()
-        .alias("typical_gap_days")
+        days.select(
+            "user_id",
+            pl.col("day").diff().over("user_id").dt.total_days().cast(pl.Float64).alias("gap_days"),
+        )
+        .drop_nulls("gap_days")
+        .collect()
     )
 
 
-def propose_labels(
-    span_days: int, gaps: Sequence[float] | pl.Series, *, purchase_only: bool
-) -> GridFit:
+def customer_quantile(gaps: pl.DataFrame, q: float) -> float:
+    """The ``q`` quantile of ``gaps`` (:func:`repeat_gaps`) with every customer weighing
+    the same: a daily buyer's many short gaps do not outvote a monthly buyer's few."""
+    ranked = (
+        gaps.with_columns((1.0 / pl.len().over("user_id")).alias("w"))
+        .sort("gap_days")
+        .with_columns((pl.col("w").cum_sum() / pl.col("w").sum()).alias("share"))
+    )
+    return float(ranked.filter(pl.col("share") >= q - 1e-12)["gap_days"][0])
+
+
+def propose_labels(span_days: int, gaps: pl.DataFrame, *, purchase_only: bool) -> GridFit:
     """The labels section ``lapse config init`` proposes for a log, and why.
 
-    - **horizon**: the :data:`GAP_QUANTILE` quantile of the repeat users'
-      typical gaps (:func:`typical_gaps`), rounded up to whole weeks, and
-      shortened (whole weeks, at least one) until :data:`MIN_TRAIN_CUTOFFS`
-      weekly training cutoffs fit the span;
+    - **horizon**: the :data:`GAP_QUANTILE` quantile of the repeat customers'
+      gaps between active days (``gaps``, from :func:`repeat_gaps`; every
+      customer weighs the same), rounded up to whole weeks, and shortened
+      (whole weeks, at least one) until :data:`MIN_TRAIN_CUTOFFS` weekly
+      training cutoffs fit the span;
     - **eligibility**: purchase-only data gets ``any_history`` (a customer
       between orders is still a customer); data with other activity gets
       ``active`` over one horizon;
@@ -324,18 +332,18 @@ def propose_labels(
     """
     base = LabelsConfig()
     step = base.cutoff_every_days
-    series = pl.Series(gaps, dtype=pl.Float64).drop_nulls()
+    repeaters = gaps["user_id"].n_unique()
     why: list[str] = []
-    if series.len() >= MIN_REPEAT_USERS:
-        q = float(series.quantile(GAP_QUANTILE, interpolation="nearest") or 0.0)
+    if repeaters >= MIN_REPEAT_USERS:
+        q = customer_quantile(gaps, GAP_QUANTILE)
         horizon = max(step, math.ceil(q / step) * step)
         why.append(
-            f"{GAP_QUANTILE:.0%} of the {series.len():,} repeat customers come back within "
-            f"{q:g} days (their median gap)"
+            f"{GAP_QUANTILE:.0%} of the {repeaters:,} repeat customers' gaps between orders "
+            f"(each customer weighing the same) are {q:g} days or shorter"
         )
     else:
         horizon = base.horizon_days
-        why.append(f"only {series.len()} repeat customers: the default horizon")
+        why.append(f"only {repeaters} repeat customers: the default horizon")
     longest = _max_horizon(span_days, base, MIN_TRAIN_CUTOFFS, step)
     if horizon > longest >= step:
         why.append(f"shortened from {horizon} days so {MIN_TRAIN_CUTOFFS} training cutoffs fit")
