@@ -71,6 +71,7 @@ __all__ = [
     "NotEnoughEpisodes",
     "ReplenishmentModel",
     "ReplenishmentResult",
+    "consumables_table",
     "evaluate_model",
     "predict_open",
     "run_replenishment",
