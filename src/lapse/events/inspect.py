@@ -135,13 +135,14 @@ def _row_rule_lines(
             f"  #   - {{column: {_q(quantity)}, op: lt, value: 0, event: return}}"
             "    # negative quantities (else rejected as negative_quantity)"
         )
-    head = ["  row_rules:    # first match wins", *fee_rule] if fee_rule else ["  row_rules: []"]
+    active = any(line.startswith("    - ") for line in fee_rule)  # else only comments
+    head = ["  row_rules:    # first match wins" if active else "  row_rules: []", *fee_rule]
     if not rules:
         return head
     return [
         *head,
         "  # Suggested (uncomment, and list 'return' under roles.return); first match wins:",
-        *([] if fee_rule else ["  # row_rules:"]),
+        *([] if active else ["  # row_rules:"]),
         *rules,
     ]
 
@@ -154,8 +155,12 @@ def init_config(path: str | Path, *, sample_rows: int = 10000) -> str:
     derived as ``quantity * price`` when there is a price but no revenue
     column, the timestamp format is inferred from the values, and the most
     frequent event names are listed for the user to sort into roles. A table
-    without an event column gets ``event_name: purchase``. The text loads with
-    :func:`lapse.config.load_config`.
+    without an event column gets ``event_name: purchase``. Read from every
+    row: a ``row_rules`` entry turning fee-like codes into ``fee`` events
+    (:func:`fee_codes`), and a ``labels`` section fitted to the span and the
+    customers' repeat gaps (:func:`lapse.labels.propose_labels`). Rows without
+    a user id in the sample set ``allow_guest_rows``; ``models.name`` comes
+    from the file's name. The text loads with :func:`lapse.config.load_config`.
 
     Raises
     ------
@@ -336,8 +341,8 @@ def _fee_rule_lines(
         unit = pl.col(revenue)
     try:
         fees = fee_codes(raw, sku=sku, order=order, price=unit, quantity=quantity)
-    except pl.exceptions.PolarsError:
-        return []
+    except pl.exceptions.PolarsError as exc:
+        return [f"  # fee-like {sku} codes: not checked ({str(exc).splitlines()[0]})"]
     if fees.is_empty():
         return []
     values = ", ".join(_q(c) for c in fees["code"])
