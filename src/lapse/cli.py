@@ -124,6 +124,8 @@ def _report_table(report: ValidationReport) -> Table:
     rows.append(("rejected", f"{rejected:,} ({report.rejected_share:.2%})"))
     rows += [(f"  {reason}", f"{n:,}") for reason, n in report.rejected_by_reason.items()]
     rows.append(("duplicates dropped", f"{report.duplicates:,}"))
+    if report.guest_rows:
+        rows.append(("guest rows (no user id)", f"{report.guest_rows:,}"))
     rows.append(("future events (kept)", f"{report.future_events:,}"))
     if report.rejects_path is not None:
         rows.append(("rejects file", str(report.rejects_path)))
@@ -182,7 +184,13 @@ def validate(
         err_console.print(
             f"[bold red]error:[/] {escape(str(events))}: {report.rejected_share:.1%} of rows were rejected "
             f"(limit {max_reject_share:.1%}); see {report.rejects_path} for the rows and reasons, "
-            "fix the source mapping in the config, or raise --max-reject-share",
+            "fix the source mapping in the config, or raise --max-reject-share"
+            + (
+                "; if rows without a user id are guest orders, set source.allow_guest_rows: "
+                "true to count them as guest rows instead"
+                if report.rejected_by_reason.get("null_user_id")
+                else ""
+            ),
             highlight=False,
             soft_wrap=True,
         )

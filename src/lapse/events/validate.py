@@ -12,6 +12,9 @@ Reject reasons, checked in this order (a row gets the first that applies):
     ``quantity < 0`` on a row no row rule claimed and whose event is not
     listed under ``roles.return``.
 
+With ``source.allow_guest_rows`` a row without a user id is a *guest row*
+instead: set aside and counted (``guest_rows``), never a user, not a reject.
+
 Rejected rows go to a rejects Parquet file (the mapped row plus ``reason``).
 Duplicates (identical in every canonical column, the order key included, or
 sharing the ``source.message_id`` value) keep their first occurrence. Events later than
@@ -37,6 +40,7 @@ from lapse.exceptions import EventsError
 from lapse.schema import EVENT_COLUMNS, ORDER_ID, ROLES
 
 __all__ = [
+    "GUEST",
     "REJECT_REASONS",
     "ValidationReport",
     "canonical_columns",
@@ -52,13 +56,16 @@ __all__ = [
 
 REJECT_REASONS: Final = ("null_user_id", "unparsable_ts", "null_event", "negative_quantity")
 REASON: Final = "reason"
+#: The reason of a row without a user id under ``source.allow_guest_rows``: set aside,
+#: counted as a guest row, neither kept nor rejected.
+GUEST: Final = "guest"
 
 
 @dataclass(frozen=True)
 class ValidationReport:
     """What :func:`validate_events` read, kept, rejected and flagged.
 
-    ``rows_read = rows_kept + sum(rejected_by_reason.values()) + duplicates``.
+    ``rows_read = rows_kept + sum(rejected_by_reason.values()) + duplicates + guest_rows``.
     ``events_per_role`` counts kept events per role (an event listed under two
     roles counts in both); ``events_unassigned`` counts kept events in no role;
     ``events_per_name`` counts kept events per event name.
@@ -81,6 +88,7 @@ class ValidationReport:
     rejects_path: Path | None
     purchase_orders: int | None = None
     events_per_name: dict[str, int] = field(default_factory=dict)
+    guest_rows: int = 0
 
     @property
     def rows_rejected(self) -> int:
@@ -94,11 +102,13 @@ class ValidationReport:
 
 
 def _checks(config: LapseConfig) -> dict[str, pl.Expr]:
-    """Reject reason -> the condition that flags a row, in order of precedence."""
+    """Reject reason (or :data:`GUEST`) -> the condition that flags a row, in order of
+    precedence."""
     returns = config.roles.of("return")
     negative = (pl.col("quantity") < 0) & ~pl.col(BY_RULE) & ~pl.col("event").is_in(returns)
+    no_user = GUEST if config.source.allow_guest_rows else "null_user_id"
     return {
-        "null_user_id": pl.col("user_id").is_null(),
+        no_user: pl.col("user_id").is_null(),
         "unparsable_ts": pl.col("ts").is_null(),
         "null_event": pl.col("event").is_null(),
         "negative_quantity": negative.fill_null(False),
@@ -130,7 +140,8 @@ def _first_distinct(frame: pl.DataFrame, columns: Sequence[str]) -> pl.Series:
 
 
 def _kept(frame: pl.DataFrame, config: LapseConfig) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Mapped rows -> ``(rejected rows with reason, kept events)``.
+    """Mapped rows -> ``(rejected rows with reason, kept events)``; guest rows count as
+    rejected here, with the reason :data:`GUEST`.
 
     Duplicates among the unrejected rows (identical canonical columns, or the
     same ``source.message_id``) keep their first occurrence.
@@ -232,6 +243,11 @@ def validate_events(
     rows_read = frame.height
     rejected, events = _kept(frame, config)
     del frame
+    duplicates = rows_read - rejected.height - events.height
+    is_guest = rejected[REASON] == GUEST
+    guests = int(is_guest.sum())
+    if guests:
+        rejected = rejected.filter(~is_guest)
 
     written: Path | None = None
     if rejected.height:
@@ -261,11 +277,12 @@ def validate_events(
         },
         events_unassigned=sum(n for e, n in per_event.items() if e not in assigned),
         rejected_by_reason={reason: int(counts.get(reason, 0)) for reason in REJECT_REASONS},
-        duplicates=rows_read - rejected.height - events.height,
+        duplicates=duplicates,
         future_events=events.filter(pl.col("ts") > horizon).height,
         rejects_path=written,
         purchase_orders=count_orders(events, config),
         events_per_name={str(e): int(n) for e, n in sorted(per_event.items())},
+        guest_rows=guests,
     )
     return events, report
 
