@@ -287,3 +287,41 @@ def test_online_retail_fees_guests_and_labels() -> None:
     assert config.labels.eligibility == "any_history"
     assert config.labels.horizon_days > 28 and config.labels.train_cutoffs >= 8
     assert config.models.name == "online_retail"
+
+
+def _lines(rows: list[tuple[str, int]]) -> str:
+    head = "OrderNumber,sku,quantity,order_date,price,customer_id\n"
+    return head + "".join(
+        f"{order},S{i % 3},{q},2024-01-{1 + i % 28:02d} 10:00:00,2.5,c{i % 7}\n"
+        for i, (order, q) in enumerate(rows)
+    )
+
+
+def test_a_cancellation_prefix_on_negative_quantities_becomes_a_return_rule(
+    tmp_path: Path,
+) -> None:
+    # eight cancellations "R..." with negative quantities, two stock adjustments with plain
+    # numbers (also negative: they stay rejects), forty orders
+    rows = [(f"{1000 + i}", 2) for i in range(40)]
+    rows += [(f"R{1000 + i}", -1) for i in range(8)] + [("2000", -3), ("2001", -3)]
+    path = tmp_path / "lines.csv"
+    path.write_text(_lines(rows))
+    text = init_config(path)
+    config = _load(tmp_path, text)
+    (rule,) = [r for r in config.source.row_rules if r.event == "return"]
+    assert (rule.column, rule.op, rule.value) == ("OrderNumber", "starts_with", "R")
+    assert config.roles.of("return") == ["return"]
+    kept, report = validate_events(path, config, rejects_path=tmp_path / "r.parquet")
+    assert kept.filter(pl.col("event") == "return").height == 8
+    assert report.rejected_by_reason["negative_quantity"] == 2
+
+
+def test_no_return_rule_without_a_clear_cancellation_prefix(tmp_path: Path) -> None:
+    # negative quantities under plain numbers, and a prefix shared with positive orders
+    rows = [(f"{1000 + i}", 2) for i in range(30)] + [(f"R{i}", 2) for i in range(10)]
+    rows += [(f"R{100 + i}", -1) for i in range(6)] + [(f"{3000 + i}", -1) for i in range(6)]
+    path = tmp_path / "lines.csv"
+    path.write_text(_lines(rows))
+    config = _load(tmp_path, init_config(path))
+    assert not [r for r in config.source.row_rules if r.event == "return"]
+    assert config.roles.of("return") == []

@@ -97,10 +97,13 @@ def _timestamp_lines(sample: pl.DataFrame, ts: str | None, where: str) -> list[s
     ]
 
 
-def _event_lines(sample: pl.DataFrame, event: str | None, rows: int) -> list[str]:
+def _event_lines(
+    sample: pl.DataFrame, event: str | None, rows: int, *, returns: bool = False
+) -> list[str]:
     lines = ["", "# Event names per role (a role may be empty).", "roles:"]
     for role in ROLES:
         value = "[purchase]" if event is None and role == "purchase" else "[]"
+        value = "[return]" if returns and role == "return" else value
         lines.append(f"  {role}: {value}    # {_ROLE_HELP[role]}")
     if event is None:
         return lines
@@ -119,11 +122,42 @@ def _event_lines(sample: pl.DataFrame, event: str | None, rows: int) -> list[str
     return lines
 
 
+def cancel_prefix(sample: pl.DataFrame, invoice: str, quantity: str) -> str | None:
+    """The order-number prefix that marks cancellations, when the sample shows one.
+
+    The most common leading non-digit character of the negative-quantity rows'
+    order numbers, when it starts at least half of them and at least 95% of the
+    rows it starts have a negative quantity (UCI's ``C536379``); else ``None``.
+    """
+    if not sample.schema[quantity].is_numeric():
+        return None
+    first = pl.col(invoice).cast(pl.String).str.strip_chars().str.slice(0, 1)
+    rows = sample.select(first.alias("p"), (pl.col(quantity) < 0).alias("neg")).drop_nulls()
+    neg = rows.filter(pl.col("neg") & ~pl.col("p").str.contains(r"^\d?$"))
+    if neg.height < 5:
+        return None
+    prefix, n = neg.group_by("p").len().sort(["len", "p"], descending=[True, False]).row(0)
+    marked = rows.filter(pl.col("p") == prefix)
+    if n < 0.5 * int(rows["neg"].sum()) or n < 0.95 * marked.height:
+        return None
+    return str(prefix)
+
+
 def _row_rule_lines(
-    sample: pl.DataFrame, invoice: str | None, quantity: str | None, fee_rule: list[str]
+    sample: pl.DataFrame,
+    invoice: str | None,
+    quantity: str | None,
+    fee_rule: list[str],
+    cancel: str | None,
 ) -> list[str]:
     rules: list[str] = []
-    if invoice is not None:
+    if cancel is not None and invoice is not None:
+        fee_rule = [
+            f"    - {{column: {_q(invoice)}, op: starts_with, value: {_q(cancel)}, event: return}}"
+            f"    # cancellations: {invoice} starting {cancel!r} on the negative quantities",
+            *fee_rule,
+        ]
+    elif invoice is not None:
         rules.append(
             f'  #   - {{column: {_q(invoice)}, op: starts_with, value: "C", event: return}}'
             "    # cancelled invoices"
@@ -252,9 +286,14 @@ def init_config(path: str | Path, *, sample_rows: int = 10000) -> str:
         shown = ", ".join(_q(c) for c in extra[:30])
         lines.append(f"  # other columns: [{shown}{', ...' if len(extra) > 30 else ''}]")
     fees = _fee_rule_lines(raw, found, price, invoice) if not segment else []
-    lines += _row_rule_lines(sample, invoice, quantity, fees)
+    cancel = (
+        cancel_prefix(sample, invoice, quantity)
+        if invoice is not None and quantity is not None and not segment
+        else None
+    )
+    lines += _row_rule_lines(sample, invoice, quantity, fees, cancel)
     lines.append(_guest_line(sample, None if segment else found.get("user_id")))
-    lines += _event_lines(sample, event, sample.height)
+    lines += _event_lines(sample, event, sample.height, returns=cancel is not None)
     lines += _label_lines(raw, "\n".join(lines), name, purchase_only=event is None)
     lines += _model_lines(name)
     return "\n".join(lines) + "\n"
