@@ -116,7 +116,7 @@ def test_quality_bar_on_20k_synthetic_users(tmp_path: Path) -> None:
     assert chosen["roc_auc"] >= models["oracle"]["roc_auc"] - 0.03
     assert chosen["roc_auc"] >= models["recency"]["roc_auc"]
     assert chosen["ece"] <= 0.03
-    # measured (seed 0): selected lightgbm 0.941, rules 0.871 (+0.070), recency 0.901,
+    # measured (seed 0): selected lightgbm 0.943, rules 0.871 (+0.073), recency 0.901,
     # oracle 0.952, ECE 0.003; seeds 1 and 2 give +0.065 and +0.062 over rules
     assert chosen["roc_auc"] >= models["rules"]["roc_auc"] + 0.05
 
