@@ -202,3 +202,22 @@ def test_rules_equal_to_recency_is_said_in_one_line() -> None:
     (flat,) = degenerate_baselines(fired, {"recency": result(0.505)}, val, purchases_only)
     assert flat.startswith("recency ranks nothing (validation ROC-AUC 0.505; days since the")
     assert "1-30 days" in flat and "labels.eligibility_days" in flat
+
+
+def test_train_until_leaves_later_events_out(small: Path, tmp_path: Path) -> None:
+    """`lapse train --until DATE` trains as if the data ended there (an out-of-time hold-back)."""
+    events = pl.read_parquet(small / "events.parquet")
+    last = events["ts"].max()
+    until = (last - timedelta(days=40)).replace(hour=0, minute=0, second=0, microsecond=0)
+    argv = ["train", str(small / "events.parquet"), "--out", str(tmp_path / "report")]
+    argv += ["--models-dir", str(tmp_path / "models"), "--no-register"]
+    run = CliRunner().invoke(app, [*argv, "--until", f"{until:%Y-%m-%d}"])
+    assert run.exit_code == 0, run.output
+    bundle = ChurnBundle.load(tmp_path / "models" / "lapse.pkl")
+    before = events.filter(pl.col("ts") < until)
+    assert bundle.cutoffs["data_end"] <= until
+    assert bundle.training_data is not None
+    assert bundle.training_data.last_event == before["ts"].max()
+    assert sum(bundle.training_data.events.values()) == before.height
+    bad = CliRunner().invoke(app, [*argv, "--until", "last week"])
+    assert bad.exit_code == 2 and "--until" in bad.output

@@ -388,6 +388,13 @@ def train(
     register: Annotated[
         bool, typer.Option(help="Log the run to MLflow and register the bundle as a new version.")
     ] = True,
+    until: Annotated[
+        str | None,
+        typer.Option(
+            help="Train as of this date (YYYY-MM-DD, 00:00 UTC): later events are left out, "
+            "e.g. to hold them back for an out-of-time check."
+        ),
+    ] = None,
 ) -> None:
     """Race churn and replenishment models out of time; report, save and register the bundle."""
     from lapse.pipeline import run_train
@@ -400,6 +407,7 @@ def train(
             truth_dir=truth,
             models_dir=models_dir,
             register=register,
+            until=None if until is None else _parse_date(until, "--until"),
         )
     _print_training(result)
     if registered is not None:
