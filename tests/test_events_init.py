@@ -277,7 +277,14 @@ def test_online_retail_fees_guests_and_labels() -> None:
     path = _reference_data()
     text = init_config(path)
     config = LapseConfig.model_validate(yaml.safe_load(text))
-    (rule,) = config.source.row_rules
+    cancel, rule = config.source.row_rules  # C invoices are returns; then the fees
+    assert (cancel.column, cancel.op, cancel.value, cancel.event) == (
+        "InvoiceNo",
+        "starts_with",
+        "C",
+        "return",
+    )
+    assert config.roles.of("return") == ["return"]
     assert isinstance(rule.value, list)
     assert {"POST", "M", "DOT", "BANK CHARGES", "AMAZONFEE"} <= set(map(str, rule.value))
     codes = pl.read_parquet(path, columns=["StockCode"])["StockCode"]
