@@ -142,7 +142,7 @@ def test_race_model_on_synthetic_world(tmp_path: Path) -> None:
     # enough rows for the cell path: the users, repeated with jitter-free copies
     big = pl.concat([frame] * max(1, -(-6000 // frame.height)))
     assert big.height >= ts.MIN_ROWS
-    x = model._encode(big)
+    x = model.encode(big)
     ref = model._fitted().predict(x, pred_contrib=True)
     fast = model.contributions(big)
     assert np.abs(fast - ref).max() <= TOL
