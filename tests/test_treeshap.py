@@ -148,7 +148,7 @@ def test_race_model_on_synthetic_world(tmp_path: Path) -> None:
     assert np.abs(fast - ref).max() <= TOL
     assert np.array_equal(_top(fast), _top(ref))
     # reasons are unchanged: the same words as from plain pred_contrib
-    out = reasons(model, big)
+    out = reasons(bundle.scorer, "lightgbm", big)
     names = model.feature_names_
     expected = [[names[j] for j in order if ref[i, j] > 0] for i, order in enumerate(_top(ref))]
     got = [[names[j] for j in order if fast[i, j] > 0] for i, order in enumerate(_top(fast))]
