@@ -4,6 +4,7 @@ factor to the population median lowers the bundle's churn risk."""
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from dataclasses import dataclass, replace
@@ -381,3 +382,14 @@ def test_the_cutoff_is_kept_as_a_key(app: Trained) -> None:
     out = app.bundle.reasons(app.rows.head(4))
     assert out.columns == ["user_id", "cutoff", "reasons"]
     assert isinstance(out["cutoff"][0], datetime)
+
+
+def test_bundles_from_before_the_medians_still_explain(app: Trained) -> None:
+    """Models pickled before they kept ``typical_`` use the explained rows' own medians."""
+    bundle = _shipping(app, "lightgbm")
+    old = copy.deepcopy(bundle)
+    del old.scorer.lightgbm.typical_, old.scorer.bgnbd.typical_
+    rows = app.rows.head(200)
+    for kind in ("lightgbm", "bgnbd", "recency"):
+        found = explain(old.scorer, kind, rows)
+        assert any(found), kind

@@ -175,5 +175,5 @@ def test_old_pickles_without_cache_still_work() -> None:
     # an instance as unpickled from a bundle made before the cache existed
     old = LightGBMChurn.__new__(LightGBMChurn)
     old.__dict__.update({k: v for k, v in model.__dict__.items() if k != "_shap_cache"})
-    ref = model._fitted().predict(model._encode(frame), pred_contrib=True)
+    ref = model._fitted().predict(model.encode(frame), pred_contrib=True)
     assert np.abs(old.contributions(frame) - ref).max() <= TOL

@@ -166,10 +166,11 @@ class BGNBD(ParamsMixin):
             raise ValueError("BG/NBD needs at least one customer")
         if np.any(x < 0) or np.any(t_x < 0) or np.any(t_x > age_a + 1e-9):
             raise ValueError("need frequency >= 0 and 0 <= recency <= age")
-        self.typical_ = {
-            "frequency": float(np.quantile(x, 0.5, method="lower")),
-            "days_since": float(np.quantile(age_a - t_x, 0.5, method="lower")),
-        }
+        with np.errstate(invalid="ignore"):  # infinite ages: NaN, as their fit fails anyway
+            self.typical_ = {
+                "frequency": float(np.quantile(x, 0.5, method="lower")),
+                "days_since": float(np.quantile(age_a - t_x, 0.5, method="lower")),
+            }
         w = (
             np.ones_like(x)
             if sample_weight is None
