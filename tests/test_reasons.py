@@ -361,18 +361,17 @@ def test_recency_and_rules_reasons(app: Trained) -> None:
     rows = app.rows
     for kind in ("recency", "rules"):
         bundle = _shipping(app, kind)
-        found = explain(bundle.scorer, kind, rows[np.argsort(-bundle.predict_proba(rows))[:20]])
+        high = rows[np.argsort(-bundle.predict_proba(rows))[:20]]
+        found = explain(bundle.scorer, kind, high, top=5)
         assert all(found), kind
         if kind == "recency":
             assert all(len(r) == 1 and r[0].text.startswith("no activity for ") for r in found)
-        else:
-            fired = {r.factor for rs in found for r in rs}
-            assert fired & {
-                "usage_decay",
-                "dropping_activity",
-                "friction_alert",
-                "activation_nudge",
-            }
+            continue
+        fired = {r.factor for rs in found for r in rs}
+        assert fired & {"usage_decay", "dropping_activity", "friction_alert", "activation_nudge"}
+        # the tie-break: days since the last usage, in the usage word
+        since = [r.text for rs in found for r in rs if r.factor == "days_since"]
+        assert since and all(re.fullmatch(r"no session (for \d+ days?|yet)", t) for t in since)
     assert explain(app.bundle.scorer, "lightgbm", rows.head(3), top=0) == [[], [], []]
     with pytest.raises(ValueError, match="no reasons for model"):
         explain(app.bundle.scorer, "oracle", rows.head(1))

@@ -263,8 +263,8 @@ def _count_plain(m: re.Match[str], row: Row, words: Words) -> str | None:
     v = _num(row, m[0])
     if v is None:
         return None
-    plur = words.nouns[m["role"]][1]
-    return f"{'no' if v == 0 else _say(v)} {plur} in the last {m['w']} days"
+    sing, plur = words.nouns[m["role"]]
+    return f"{'no' if v == 0 else _say(v)} {sing if v == 1 else plur} in the last {m['w']} days"
 
 
 def _since_last(m: re.Match[str], row: Row, words: Words) -> str | None:
@@ -720,19 +720,25 @@ def _bgnbd(scorer: RaceScorer, chunk: pl.DataFrame, words: Words, top: int) -> l
     return out
 
 
-def _recency_reason(scorer: RaceScorer, days: FloatArray, words: Words) -> list[Reason | None]:
-    """Days since the last activity, when longer than the BG/NBD population's median."""
+def _recency_reason(
+    scorer: RaceScorer, days: FloatArray, say: Callable[[float | None], str | None]
+) -> list[Reason | None]:
+    """Days since the last activity (``say`` them; None: never), when longer than the
+    BG/NBD population's median."""
     typ: dict[str, float] | None = getattr(scorer.bgnbd, "typical_", None)
     finite = days[np.isfinite(days)]
     m_since = (
         typ["days_since"] if typ is not None else float(np.median(finite)) if finite.size else 0.0
     )
-    return [
-        None
-        if not d > m_since
-        else Reason("days_since", words.never() if math.isinf(d) else words.since(d))
-        for d in days.tolist()
-    ]
+    out: list[Reason | None] = []
+    for d in days.tolist():
+        text = say(None if math.isinf(d) else d) if d > m_since else None
+        out.append(None if text is None else Reason("days_since", text))
+    return out
+
+
+def _activity_days(words: Words) -> Callable[[float | None], str | None]:
+    return lambda d: words.never() if d is None else words.since(d)
 
 
 def _rules(scorer: RaceScorer, chunk: pl.DataFrame, words: Words, top: int) -> list[list[Reason]]:
@@ -748,9 +754,13 @@ def _rules(scorer: RaceScorer, chunk: pl.DataFrame, words: Words, top: int) -> l
     }
     if config.roles.usage and "days_since_last_usage" in chunk.columns:
         days = chunk["days_since_last_usage"].cast(pl.Float64).fill_null(np.inf).to_numpy()
+        recent = _recency_reason(
+            scorer,
+            days,
+            lambda d: _say_feature("days_since_last_usage", {"days_since_last_usage": d}, words),
+        )
     else:
-        days = recency_days(chunk, config)
-    recent = _recency_reason(scorer, days, words)
+        recent = _recency_reason(scorer, recency_days(chunk, config), _activity_days(words))
     flags = {t: fired[t].to_list() for t in CHURN_TRIGGERS}
     cache: dict[str, list[Any]] = {}
     out: list[list[Reason]] = []
@@ -762,8 +772,9 @@ def _rules(scorer: RaceScorer, chunk: pl.DataFrame, words: Words, top: int) -> l
                 continue
             text = _trigger_text(trigger, features.get(trigger), row, words)
             found.append(Reason(trigger, text))
-        if recent[i] is not None:
-            found.append(recent[i])  # type: ignore[arg-type]
+        since = recent[i]
+        if since is not None:
+            found.append(since)
         out.append(found[:top])
     return out
 
@@ -795,7 +806,8 @@ def _chunk(
     if selected == "bgnbd":
         return _bgnbd(scorer, chunk, words, top)
     if selected == "recency":
-        recent = _recency_reason(scorer, recency_days(chunk, scorer.config), words)
+        days = recency_days(chunk, scorer.config)
+        recent = _recency_reason(scorer, days, _activity_days(words))
         return [[r] if r is not None else [] for r in recent]
     if selected == "rules":
         return _rules(scorer, chunk, words, top)
