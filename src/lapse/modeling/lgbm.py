@@ -339,11 +339,11 @@ class LightGBMChurn(ParamsMixin):
         """P(churn) per row (LightGBM's own, before calibration)."""
         return self.predict_encoded(self.encode(frame))
 
-    def predict_encoded(self, x: FloatArray) -> FloatArray:
-        """:meth:`predict_proba` of rows already :meth:`encode`-d."""
+    def predict_encoded(self, x: FloatArray, *, raw_score: bool = False) -> FloatArray:
+        """:meth:`predict_proba` of rows already :meth:`encode`-d (log-odds with ``raw_score``)."""
         threads = _threads_for(len(x))
         out: FloatArray = np.asarray(
-            self._fitted().predict(x, num_threads=threads), dtype=np.float64
+            self._fitted().predict(x, num_threads=threads, raw_score=raw_score), dtype=np.float64
         )
         return out
 

@@ -55,6 +55,8 @@ FloatArray = npt.NDArray[np.float64]
 CHUNK_ROWS = 100_000
 #: Drivers checked per row beyond ``top`` (one prediction of the chunk each, at most).
 EXTRA_TRIES: Final = 3
+#: A driver moved to its median must lower the log-odds by more than this.
+LOGIT_TOL: Final = 1e-9
 #: Columns BG/NBD's and recency's texts read besides the features (added to the explained rows).
 P_ALIVE: Final = "_lapse_p_alive"
 RECENCY: Final = "_lapse_recency_days"
@@ -625,7 +627,8 @@ def _tree(model: LightGBMChurn, inputs: pl.DataFrame, words: Words, top: int) ->
     """TreeSHAP ranks the drivers; each is checked by moving it alone to its median."""
     names = model.feature_names_
     x = model.encode(inputs)
-    contrib = model.contributions_encoded(x)[:, :-1]
+    shap = model.contributions_encoded(x)
+    contrib = shap[:, :-1]
     typical: FloatArray | None = getattr(model, "typical_", None)
     if typical is None:  # fitted before models kept their medians: the rows' own
         typical = typical_inputs(x, [j for j, n in enumerate(names) if n in model.categories_])
@@ -638,7 +641,8 @@ def _tree(model: LightGBMChurn, inputs: pl.DataFrame, words: Words, top: int) ->
     candidate = (contrib > 0) & risky
     ranked = np.argsort(np.where(candidate, -contrib, np.inf), axis=1, kind="stable")
     ranked = ranked[:, : top + EXTRA_TRIES]
-    base = model.predict_encoded(x)
+    # the log-odds, as the SHAP values add up to them (to ~1e-14: a move must beat that)
+    base = shap.sum(axis=1) - LOGIT_TOL
     cache: dict[str, list[Any]] = {}
     out: list[list[Reason]] = [[] for _ in range(len(x))]
     topics: list[set[str]] = [set() for _ in range(len(x))]
@@ -659,7 +663,8 @@ def _tree(model: LightGBMChurn, inputs: pl.DataFrame, words: Words, top: int) ->
         at, col = np.asarray(rows), np.asarray(cols)
         moved = x[at]
         moved[np.arange(len(at)), col] = typical[col]
-        for k in np.flatnonzero(model.predict_encoded(moved) < base[at]).tolist():
+        lower = model.predict_encoded(moved, raw_score=True) < base[at]
+        for k in np.flatnonzero(lower).tolist():
             i = rows[k]
             out[i].append(Reason(names[cols[k]], texts[k]))
             topics[i].add(_topic(texts[k]))
