@@ -85,6 +85,9 @@ def child(events: str, bundle: str, as_of: str, out: str) -> None:
     last = [time.perf_counter(), "start"]
 
     class Timer:
+        def begin(self, header: object) -> None:
+            pass
+
         def stage(self, name: str) -> None:
             now = time.perf_counter()
             steps[str(last[1])] = now - float(last[0])

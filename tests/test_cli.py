@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -156,6 +157,7 @@ def test_demo_runs_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert scores.height > 0 and (scores["model_version"] == "1").all()
     assert list(tmp_path.glob("lapse-runs/snapshots/run_date=*/*.parquet"))
     assert "where to look next" in result.output and "mlflow ui" in result.output
+    assert f"who was scored: {scores.height:,} of " in result.output
 
 
 def test_train_review_promote_rollback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -177,6 +179,9 @@ def test_train_review_promote_rollback(tmp_path: Path, monkeypatch: pytest.Monke
         run = runner.invoke(app, ["train", str(early), "--out", str(tmp_path / f"r{version}")])
         assert run.exit_code == 0, run.output
         assert f"registered lapse version {version}" in run.output
+        # the shipped model's segment sizes: the top 10% high, the next 20% medium
+        sizes = re.search(r"segments at \S+: high [\d,]+ \((\d+\.\d)%\), medium", run.output)
+        assert sizes is not None and 8 <= float(sizes[1]) <= 12, run.output
     reviewed = runner.invoke(app, ["review", str(full)])
     assert reviewed.exit_code == 0, reviewed.output
     assert "champion v1" in reviewed.output and "challenger v2" in reviewed.output
@@ -189,6 +194,16 @@ def test_train_review_promote_rollback(tmp_path: Path, monkeypatch: pytest.Monke
     assert "champion is now v1" in back.output
     both = runner.invoke(app, ["promote", "--force", "--rollback"])
     assert both.exit_code == 2
+    # the champion serves, and says first which version and what it was trained on
+    scored = runner.invoke(app, ["score", str(full), "--as-of", "2026-06-01", "--dry-run"])
+    assert scored.exit_code == 0, scored.output
+    first = next(line for line in scored.output.splitlines() if line.startswith("score run "))
+    assert first.endswith(
+        "model 'lapse' version 1 (models:/lapse@champion); trained on "
+        f"{early}, 2026-01-01 to 2026-05-31, events app_error, app_open, device_error, "
+        "device_used, order_completed, order_returned, routine_created, setup_completed "
+        "and 2 more"
+    ), first
 
 
 def test_features_command_writes_one_row_per_user(tmp_path: Path) -> None:

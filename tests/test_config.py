@@ -42,7 +42,7 @@ def test_user_file_is_complete_in_itself(tmp_path: Path) -> None:
 
 
 def test_empty_file_gives_model_defaults(tmp_path: Path) -> None:
-    assert load_config(write(tmp_path, "")).segments.high == 0.6
+    assert load_config(write(tmp_path, "")).segments.high == 0.9
 
 
 def test_relative_paths_resolve_against_config_folder(
@@ -85,7 +85,8 @@ def test_lapse_home_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
             "source:\n  columns: {customer: CustomerID}\n",
             ["source", "unknown canonical names", "customer"],
         ),
-        ("segments: {high: 0.2, medium: 0.5}\n", ["segments", "must not exceed"]),
+        ("segments: {method: quantile, high: 0.2, medium: 0.5}\n", ["segments", "must not exceed"]),
+        ("segments: {high: 0.6, medium: 0.3}\n", ["segments", "name the method"]),
     ],
 )
 def test_bad_values_name_key_value_and_expectation(

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from lapse.config import LapseConfig, load_config
 from lapse.events import REJECT_REASONS, read_events, validate_events
 from lapse.events.validate import _first_distinct, rejects_path_for
+from lapse.exceptions import ConfigError, MissingColumnsError
 from lapse.schema import EVENT_COLUMNS
 
 SOURCE: dict[str, Any] = {
@@ -188,3 +189,135 @@ def test_first_distinct_equals_the_exact_row_comparison(rows: list[Any]) -> None
     frame = pl.DataFrame(rows, schema=["u", "n", "x"], orient="row")
     exact = frame.select(pl.struct("u", "n", "x").is_first_distinct()).to_series()
     assert _first_distinct(frame, ["u", "n", "x"]).to_list() == exact.to_list()
+
+
+# -- source.order_id ---------------------------------------------------------------------------
+
+INVOICE_LINES = """InvoiceNo,StockCode,Quantity,InvoiceDate,CustomerID
+536365,A,6,2010-12-01 08:26:00,17850.0
+536365,B,6,2010-12-01 08:26:00,17850.0
+536365,B,6,2010-12-01 08:26:00,17850.0
+536366,B,6,2010-12-01 08:26:00,17850.0
+C536367,A,-1,2010-12-02 09:00:00,17850.0
+,A,1,2010-12-03 09:00:00,17850.0
+536365,A,2,2010-12-04 10:00:00,13047.0
+"""
+
+
+def _invoice_config(tmp_path: Path, **source: Any) -> LapseConfig:
+    spec = {
+        "columns": {"user_id": "CustomerID", "ts": "InvoiceDate", "sku": "StockCode"},
+        "event_name": "purchase",
+        "row_rules": [
+            {"column": "InvoiceNo", "op": "starts_with", "value": "C", "event": "return"}
+        ],
+        **source,
+    }
+    path = tmp_path / "lapse.yaml"
+    roles = {"purchase": ["purchase"], "return": ["return"]}
+    path.write_text(yaml.safe_dump({"source": spec, "roles": roles}))
+    return load_config(path)
+
+
+def test_order_id_is_carried_and_orders_are_counted(tmp_path: Path) -> None:
+    path = tmp_path / "lines.csv"
+    path.write_text(INVOICE_LINES)
+    kept, report = validate_events(path, _invoice_config(tmp_path, order_id="InvoiceNo"), now=NOW)
+    assert kept.columns == [*EVENT_COLUMNS, "order_id"]
+    # the repeated line of 536365 is a duplicate; the same line in 536366 is not
+    assert report.duplicates == 1
+    assert kept["order_id"].to_list() == [
+        "536365", "536365", "536366", "C536367", None, "536365",
+    ]  # fmt: skip
+    # 536365 and 536366 of 17850, its row without a number, 536365 of 13047; not the return
+    assert report.purchase_orders == 4
+
+    _, per_row = validate_events(path, _invoice_config(tmp_path), now=NOW)
+    assert per_row.purchase_orders is None
+    assert per_row.duplicates == 2  # without the order key the two B lines of 536366 match too
+
+
+def test_order_id_column_must_exist_and_not_clash(tmp_path: Path) -> None:
+    path = tmp_path / "lines.csv"
+    path.write_text(INVOICE_LINES)
+    with pytest.raises(MissingColumnsError, match="OrderNo"):
+        validate_events(path, _invoice_config(tmp_path, order_id="OrderNo"), now=NOW)
+    with pytest.raises(ConfigError, match="properties lists 'order_id'"):
+        _invoice_config(tmp_path, order_id="InvoiceNo", properties=["order_id"])
+
+
+def test_validate_says_how_purchases_are_counted(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from lapse.cli import app
+
+    path = tmp_path / "lines.csv"
+    path.write_text(INVOICE_LINES)
+    _invoice_config(tmp_path)
+    per_row = CliRunner().invoke(app, ["validate", str(path), "-c", str(tmp_path / "lapse.yaml")])
+    assert per_row.exit_code == 0, per_row.output
+    assert "per row (no source.order_id)" in per_row.output
+    _invoice_config(tmp_path, order_id="InvoiceNo")
+    orders = CliRunner().invoke(app, ["validate", str(path), "-c", str(tmp_path / "lapse.yaml")])
+    assert "purchase orders" in orders.output and "4 (source.order_id)" in orders.output
+
+
+# -- guest rows -----------------------------------------------------------------------
+
+ORDERS = [  # a shop log: a quarter of the rows are guest checkouts without a customer id
+    {"customer": "c1", "ts": "2024-01-01T10:00:00Z", "sku": "A"},
+    {"customer": "c1", "ts": "2024-01-08T10:00:00Z", "sku": "B"},
+    {"customer": None, "ts": "2024-01-09T10:00:00Z", "sku": "A"},
+    {"customer": "c2", "ts": "2024-01-10T10:00:00Z", "sku": "A"},
+    {"customer": "", "ts": "2024-01-11T10:00:00Z", "sku": "B"},
+    {"customer": "c2", "ts": "2024-01-12T10:00:00Z", "sku": "B"},
+    {"customer": "c3", "ts": "2024-01-13T10:00:00Z", "sku": "A"},
+    {"customer": "c3", "ts": "bad", "sku": "A"},
+]
+
+
+def _orders(tmp_path: Path, *, guests: bool) -> tuple[Path, Path]:
+    events = tmp_path / "orders.jsonl"
+    events.write_text("\n".join(json.dumps(r) for r in ORDERS) + "\n")
+    config = tmp_path / "lapse.yaml"
+    source = {"columns": {"user_id": "customer"}, "event_name": "purchase"}
+    config.write_text(yaml.safe_dump({"source": {**source, "allow_guest_rows": guests}}))
+    return events, config
+
+
+def test_guest_rows_are_counted_not_rejected(tmp_path: Path) -> None:
+    events, config_path = _orders(tmp_path, guests=True)
+    kept, report = validate_events(events, load_config(config_path), now=NOW)
+    assert report.guest_rows == 2
+    assert report.rejected_by_reason == {
+        "null_user_id": 0,
+        "unparsable_ts": 1,
+        "null_event": 0,
+        "negative_quantity": 0,
+    }
+    assert report.rows_read == 8 == report.rows_kept + report.rows_rejected + report.guest_rows
+    assert report.users == 3 and kept["user_id"].null_count() == 0  # guests never become users
+    assert pl.read_parquet(report.rejects_path)["reason"].to_list() == ["unparsable_ts"]
+    assert read_events(events, load_config(config_path)).collect().equals(kept)
+
+    _, strict = validate_events(events, load_config(_orders(tmp_path, guests=False)[1]), now=NOW)
+    assert strict.guest_rows == 0 and strict.rejected_by_reason["null_user_id"] == 2
+
+
+def test_validate_cli_rejects_guests_unless_the_config_accepts_them(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from lapse.cli import app
+
+    runner = CliRunner()
+    events, config_path = _orders(tmp_path, guests=False)
+    refused = runner.invoke(app, ["validate", str(events), "--config", str(config_path)])
+    assert refused.exit_code == 1
+    assert "source.allow_guest_rows: true" in " ".join(refused.output.split())
+
+    events, config_path = _orders(tmp_path, guests=True)
+    accepted = runner.invoke(
+        app, ["validate", str(events), "--config", str(config_path), "--max-reject-share", "0.2"]
+    )
+    assert accepted.exit_code == 0, accepted.output
+    assert "guest rows (no user id)" in accepted.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -319,3 +320,94 @@ def test_build_many_at_midnights_matches_build() -> None:
     empty = build_many(GOLDEN, [d(2020, 1, 1)], config, feature_set="core")
     assert empty.height == 0
     assert empty.schema == many.schema
+
+
+# -- an order key: the lines of one order are one order ------------------------------------
+
+
+def order_lines(
+    rows: list[tuple[str, datetime, str, str | None, float | None, float | None, str | None]],
+) -> pl.LazyFrame:
+    schema = {**events([]).collect_schema(), "order_id": pl.String()}
+    return pl.LazyFrame(rows, schema=schema, orient="row")
+
+
+ORDERS = order_lines(
+    [
+        ("a", d(2024, 1, 10, 9), "buy", "X", 2.0, 20.0, "1001"),
+        ("a", d(2024, 1, 10, 9), "buy", "Y", 1.0, 5.0, "1001"),
+        ("a", d(2024, 1, 10, 9, 1), "buy", "X", 1.0, 10.0, "1001"),  # a minute later
+        ("a", d(2024, 2, 9, 9), "buy", "X", 1.0, 10.0, "1002"),
+        ("a", d(2024, 2, 9, 9), "buy", "Z", 4.0, 8.0, "1002"),
+        ("a", d(2024, 2, 12), "ret", "X", -1.0, -10.0, "C1002"),  # a cancellation line
+        ("a", d(2024, 2, 20), "buy", "X", 1.0, 10.0, None),  # no order id: an order alone
+        ("a", d(2024, 2, 29, 23, 59), "buy", "Y", 1.0, 5.0, "1004"),  # spans the cutoff...
+        ("a", T, "buy", "Y", 3.0, 15.0, "1004"),  # ...this line is at T: never seen
+        ("b", d(2024, 2, 9, 9), "buy", "X", 1.0, 10.0, "1001"),  # another user's 1001
+    ]
+)
+
+
+def test_order_lines_count_as_one_order() -> None:
+    config = cfg()
+    a = build(ORDERS, T, config).row(0, named=True)
+    assert a["order_count"] == 4  # 1001, 1002, the row without an id, 1004
+    assert (a["purchase_count_7d"], a["purchase_count_28d"], a["purchase_count_90d"]) == (1, 3, 4)
+    assert a["return_count_28d"] == 1  # the cancellation is a return and removes no order
+    assert a["event_count_90d"] == 5  # four orders and a return
+    assert a["events_per_active_day"] == 1.0  # on 5 days
+    assert a["revenue_90d"] == pytest.approx(20 + 5 + 10 + 10 + 8 - 10 + 10 + 5)  # every line
+    assert a["units_bought_total"] == 11.0
+    assert a["days_since_last_purchase"] == 0
+    assert a["days_since_first_purchase"] == 50
+    # gaps between the orders' first lines: Jan 10 09:00, Feb 9 09:00, Feb 20, Feb 29 23:59
+    gaps = [30.0, 10.625, 9 + (23 * 60 + 59) / 1440]
+    assert a["mean_order_gap_days"] == pytest.approx(sum(gaps) / 3)
+    assert a["std_order_gap_days"] == pytest.approx(float(pl.Series(gaps).std()))  # type: ignore[arg-type]
+    assert build(ORDERS, T, config).row(1, named=True)["order_count"] == 1
+    # without the key every purchase row is an order
+    lines = build(ORDERS.drop("order_id"), T, config).row(0, named=True)
+    assert (lines["order_count"], lines["event_count_90d"]) == (7, 8)
+
+
+def test_an_order_is_seen_from_its_first_line_with_the_lines_before_the_cutoff() -> None:
+    config = cfg()
+    t = d(2024, 1, 10, 9, 1)  # between the lines of 1001
+    a = build(ORDERS, t, config).row(0, named=True)
+    assert (a["order_count"], a["revenue_7d"], a["units_bought_total"]) == (1, 25.0, 3.0)
+    # one roll-up for many cutoffs (split days; midnights, which skip the daily path) agrees
+    cuts = [t, d(2024, 2, 9, 12), d(2024, 2, 21), T]
+    for feature_set in ("all", "core"):
+        many = build_many(ORDERS, cuts, config, feature_set=feature_set)  # type: ignore[arg-type]
+        for cut in cuts:
+            one = build(ORDERS, cut, config, feature_set=feature_set)  # type: ignore[arg-type]
+            assert_frame_equal(many.filter(pl.col("cutoff") == cut).drop("cutoff"), one)
+
+
+def test_build_sku_counts_orders_containing_the_sku() -> None:
+    got = build_sku(ORDERS, T, cfg(units_per_pack={"X": 10}))
+    x = got.filter(pl.col("user_id") == "a", pl.col("sku") == "X").row(0, named=True)
+    assert x["order_count"] == 3  # 1001 (two X lines), 1002, the row without an id
+    assert x["units_bought"] == 50.0
+    assert x["last_order_units"] == 10.0
+    assert x["mean_order_gap_days"] == pytest.approx((30 + 10.625) / 2)
+    y = got.filter(pl.col("user_id") == "a", pl.col("sku") == "Y").row(0, named=True)
+    assert (y["order_count"], y["units_bought"]) == (2, 2.0)  # 1004's line at T is unseen
+
+
+def test_orders_on_the_online_retail_reference_match_its_invoices(tmp_path: Path) -> None:
+    """``lapse features`` with ``order_id: InvoiceNo`` (skipped without the file)."""
+    from typer.testing import CliRunner
+
+    from lapse.cli import app
+    from retail import AS_OF, check_orders, reference_file, write_config
+
+    source = reference_file()
+    out = tmp_path / "features.parquet"
+    args = ["features", str(source), "--as-of", f"{AS_OF:%Y-%m-%d}", "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, "-c", str(write_config(tmp_path))])
+    assert result.exit_code == 0, result.output
+    features = pl.read_parquet(out)
+    check_orders(features, source)
+    a = features.filter(pl.col("user_id") == "12347").row(0, named=True)
+    assert a["events_per_active_day"] == 1.0  # seven orders on seven days, not 182 lines

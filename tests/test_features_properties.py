@@ -203,3 +203,82 @@ def test_core_build_many_equals_core_build(
     for t in sorted(set(cuts)):
         one = build(ev, t, CONFIG, feature_set="core")
         same(many.filter(pl.col("cutoff") == t).drop("cutoff"), one)
+
+
+# --- an order key: the purchase lines sharing an order_id are one order --------------
+
+ORDER_SCHEMA = {**SCHEMA, "order_id": pl.String}
+# many purchases and few ids, so an order's lines are common, also on both sides of a cutoff
+ordered_event = st.tuples(
+    st.sampled_from(["a", "b"]),
+    seconds,
+    st.sampled_from([*NAMES, "buy", "buy", "buy"]),
+    st.sampled_from([None, "P", "Q"]),
+    st.one_of(st.none(), st.sampled_from([1.0, 2.0, 3.0])),
+    st.one_of(st.none(), st.floats(-50, 50, allow_nan=False).map(lambda x: round(x, 2))),
+    st.sampled_from([None, "o1", "o2"]),
+)
+
+
+def order_frame(rows: list[tuple[object, ...]]) -> pl.DataFrame:
+    data = [(u, BASE + timedelta(seconds=s), *rest) for u, s, *rest in rows]  # type: ignore[operator]
+    return pl.DataFrame(data, schema=ORDER_SCHEMA, orient="row")
+
+
+@SETTINGS
+@given(
+    st.lists(ordered_event, min_size=1, max_size=40),
+    st.lists(ordered_event, min_size=1, max_size=20),
+    cutoff,
+)
+def test_with_orders_events_at_or_after_the_cutoff_change_nothing(
+    rows: list[tuple[object, ...]], later: list[tuple[object, ...]], t: datetime
+) -> None:
+    """Later lines of an order begun before the cutoff included."""
+    ev = order_frame(rows)
+    extra = order_frame(later).with_columns(
+        (pl.lit(t) + (pl.col("ts") - pl.lit(BASE)) * 2).alias("ts")
+    )
+    same(build(ev.lazy(), t, CONFIG), build(pl.concat([extra, ev]).lazy(), t, CONFIG))
+
+
+@SETTINGS
+@given(st.lists(ordered_event, min_size=1, max_size=40), st.lists(cutoff, min_size=1, max_size=4))
+def test_with_orders_build_many_equals_build_at_each_cutoff(
+    rows: list[tuple[object, ...]], cuts: list[datetime]
+) -> None:
+    ev = order_frame(rows).lazy()
+    for feature_set in ("all", "core"):
+        many = build_many(ev, cuts, CONFIG, feature_set=feature_set)
+        for t in sorted(set(cuts)):
+            one = build(ev, t, CONFIG, feature_set=feature_set)
+            same(many.filter(pl.col("cutoff") == t).drop("cutoff"), one)
+
+
+def order_oracle(ev: pl.DataFrame, t: datetime) -> pl.DataFrame:
+    """The core set in SQL, a purchase counted on the first line of its order only."""
+    ts = f"TIMESTAMPTZ '{t.isoformat()}'"
+    first = (
+        "SELECT * REPLACE (CASE WHEN event = 'buy' AND order_id IS NOT NULL AND row_number() "
+        "OVER (PARTITION BY user_id, order_id, event ORDER BY ts) > 1 THEN 'line' ELSE event END "
+        f"AS event) FROM ev WHERE ts < {ts}"
+    )
+    con = duckdb.connect()
+    con.execute("SET TimeZone = 'UTC'")
+    con.register("ev", ev.to_arrow())
+    con.execute(f"CREATE TABLE lines AS {first}")
+    # a later line keeps its revenue and its day (the event name 'line' is in no role)
+    sql = oracle_sql(t).replace("FROM ev", "FROM lines")
+    return pl.from_arrow(con.sql(sql).to_arrow_table())  # type: ignore[return-value]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(ordered_event, min_size=1, max_size=40), cutoff)
+def test_with_orders_the_core_set_agrees_with_duckdb(
+    rows: list[tuple[object, ...]], t: datetime
+) -> None:
+    ev = order_frame(rows)
+    got = build(ev.lazy(), t, CONFIG)
+    want = order_oracle(ev, t)
+    want = want.with_columns(pl.col(c).cast(got.schema[c]) for c in want.columns)
+    same(got.select(want.columns), want)

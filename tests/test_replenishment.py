@@ -21,6 +21,7 @@ from lapse.replenishment import (
     NotEnoughEpisodes,
     ReplenishmentModel,
     ReplenishmentResult,
+    consumables_table,
     evaluate_model,
     run_replenishment,
 )
@@ -52,6 +53,13 @@ def test_metrics_section_has_the_pinned_shape(race: ReplenishmentResult) -> None
     assert len(n) == 1 and n.pop() > 100, "every model is scored on the same episodes"
     assert section["selected"] in CANDIDATES and section["target"] == "sku"
     assert set(section["consumables"]) == {"PODS-30", "PODS-60"}
+    ranked = race.consumables
+    assert set(ranked["sku"]) == {"PODS-30", "PODS-60"}
+    assert ranked["repeat_buyers"].is_sorted(descending=True)
+    assert dict(zip(ranked["sku"], ranked["units_per_pack"], strict=True)) == {
+        "PODS-30": 30.0,
+        "PODS-60": 60.0,
+    }
     assert set(section["true_depletion"]) >= {"n", *MODELS}
     for plot in race.plots.values():
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -190,3 +198,59 @@ def test_evaluate_model_scores_open_episodes_over_the_follow_up() -> None:
     assert short["mae_days"] == pytest.approx(2.0)  # only a reorders within 8 days
     with pytest.raises(NotEnoughEpisodes, match="no follow-up"):
         evaluate_model(model, REVIEW_EVENTS, d(96), model.config)
+
+
+# -- orders from an order key ----------------------------------------------------------------
+
+
+def test_an_order_key_makes_orders_of_order_ids_not_days() -> None:
+    from lapse.features.episodes_covariates import purchase_orders
+    from lapse.labels.episodes import consumable_skus, episodes
+
+    ev = pl.LazyFrame(
+        {
+            "user_id": ["a"] * 6 + ["b"] * 2 + ["c"] * 2,
+            "ts": [d(x) for x in (0, 0, 0.5, 10, 10, 20.5, 3, 3, 1, 1.25)],
+            "event": ["order_completed"] * 10,
+            "sku": ["P", "P", "P", "P", "Q", "P", "P", "P", "R", "R"],
+            "quantity": [1.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+            # a: two orders on day 0, one holding P and Q, a row without an id;
+            # b: two orders at the same instant (one order: no episode lasts 0 days)
+            "order_id": ["1", "1", "2", "3", "3", None, "7", "8", "9", "10"],
+        },
+        schema_overrides={"ts": pl.Datetime("us", "UTC")},
+    )
+    config = load_config()
+    config.replenishment.min_repeat_buyers = 1
+    any_ = purchase_orders(ev, config, until=d(30), skus=None, target="any")
+    a = any_.filter(pl.col("user_id") == "a")
+    assert a["ts"].to_list() == [d(0), d(0.5), d(10), d(20.5)]
+    assert a["units"].to_list() == [3.0, 1.0, 2.0, 1.0]
+    assert a["lines"].to_list() == [2, 1, 2, 1]
+    assert any_.filter(pl.col("user_id") == "b")["lines"].to_list() == [2]
+    durations = episodes(ev, config, cutoff=d(30), skus=None, target="any").filter(
+        pl.col("user_id") == "a"
+    )
+    assert durations["duration_days"].to_list() == [0.5, 9.5, 10.5, 9.5]
+    # an order of a SKU is an order holding it; c ordered R twice on one day
+    assert consumable_skus(ev, config, until=d(30)) == {"P": 1.0, "R": 1.0}
+    by_day = ev.drop("order_id")
+    assert consumable_skus(by_day, config, until=d(30)) == {"P": 1.0}
+    days = purchase_orders(by_day, config, until=d(30), skus=None, target="any")
+    assert days.filter(pl.col("user_id") == "a")["lines"].to_list() == [3, 2, 1]
+
+
+def test_the_report_ranks_consumables_in_a_short_table() -> None:
+    ranked = pl.DataFrame(
+        {
+            "sku": [f"S{i:02d}" for i in range(13)],
+            "repeat_buyers": [130 - 10 * i for i in range(13)],
+            "units_per_pack": [1.0] * 12 + [30.0],
+        }
+    )
+    lines = consumables_table(ranked)
+    rows = [line for line in lines if line.startswith("| S0") or line.startswith("| S1")]
+    assert rows[0] == "| S00 | 130 | 1 |" and len(rows) == 10
+    assert lines[-1] == "and 3 more." and "13 in all" in lines[1]
+    assert consumables_table(ranked.head(3))[-1] == "| S02 | 110 | 1 |"
+    assert consumables_table(ranked.clear()) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -17,8 +18,9 @@ from lapse.cli import app
 from lapse.config import LapseConfig, dump_config, load_config
 from lapse.datasets import generate, write
 from lapse.exceptions import LapseError
-from lapse.modeling.bundle import ChurnBundle
+from lapse.modeling.bundle import ChurnBundle, listing
 from lapse.pipeline import run_score
+from lapse.schema import ROLES
 from lapse.sinks import RECORD_COLUMNS, SINKS
 from lapse.sinks.file import read_records
 from lapse.state import Ledger, sink_lock
@@ -395,6 +397,143 @@ def test_dry_run_sends_nothing_and_shows_payloads(world: World, _isolated_home: 
     assert not (_isolated_home / "lapse-runs" / "snapshots").exists()
     with Ledger(_isolated_home / "lapse-runs" / "ledger.sqlite") as ledger:
         assert ledger.runs() == [] and ledger.delivered("capture") == {}
+
+
+# -- what a run says: the model it serves, who it scored -------------------------------------
+
+
+def score_argv(world: World, cfg: Path, *extra: str, events: Path | None = None) -> list[str]:
+    day = f"{world.as_of:%Y-%m-%d}"
+    argv = ["score", str(events or world.events), "--as-of", day, "--model", str(world.bundle)]
+    return [*argv, "--config", str(cfg), *extra]
+
+
+def test_the_header_names_the_run_the_model_and_its_training_data_first(
+    world: World, _isolated_home: Path
+) -> None:
+    cfg = make_config(_isolated_home, world)
+    res = runner.invoke(app, score_argv(world, cfg, "--dry-run"))
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    train = pl.read_parquet(world.bundle.parent.parent / "train.parquet")
+    first, last = train["ts"].min(), train["ts"].max()
+    assert isinstance(first, datetime) and isinstance(last, datetime)
+    header = next(i for i, line in enumerate(lines) if line.startswith("score run "))
+    run_id = lines[header].split()[2].rstrip(":")
+    assert lines[header] == (
+        f"score run {run_id}: model 'lapse' (bundle file {world.bundle}); trained on "
+        f"{world.bundle.parent.parent / 'train.parquet'}, {first:%Y-%m-%d} to {last:%Y-%m-%d}, "
+        "events " + listing(ChurnBundle.load(world.bundle).event_names())
+    )
+    summary = next(i for i, line in enumerate(lines) if f"score dry run {run_id}" in line)
+    assert header < summary  # printed before the work, the summary after it
+    # segment sizes come with their shares of the scored users
+    assert re.search(r"segment high\s+│\s+[\d,]+ \(\d+\.\d%\)", res.output)
+
+
+def test_events_of_another_source_are_refused_naming_both_sets_of_names(
+    world: World, _isolated_home: Path, tmp_path: Path
+) -> None:
+    other = tmp_path / "web.parquet"
+    events = pl.read_parquet(world.events)
+    events.with_columns(("web_" + pl.col("event")).alias("event")).write_parquet(other)
+    cfg = make_config(_isolated_home, world)
+    res = runner.invoke(app, score_argv(world, cfg, events=other))
+    assert res.exit_code == 2
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, res.output
+    assert "share no event name with model 'lapse'" in errors[0]
+    model_names = ChurnBundle.load(world.bundle).event_names()
+    trained, theirs = errors[0].split("it was trained on ")[1].split("; these events have ")
+    assert trained.startswith(", ".join(model_names[:8]))
+    assert "web_order_completed" in theirs and all(
+        n.startswith("web_") for n in theirs.split(", ")[:8]
+    )
+    assert not (_isolated_home / "lapse-runs" / "snapshots").exists()  # nothing was scored
+
+
+def test_nothing_to_score_gives_the_real_cause_with_counts(
+    world: World, _isolated_home: Path
+) -> None:
+    cfg = config_at(make_config(_isolated_home, world))
+    events = pl.read_parquet(world.events)
+    first, last = events["ts"].min(), events["ts"].max()
+    assert isinstance(first, datetime) and isinstance(last, datetime)
+    late = world.as_of + timedelta(days=400)
+    customers = events["user_id"].n_unique()
+    roles = ChurnBundle.load(world.bundle).config.roles
+    names = sorted({*roles.of("usage"), *roles.of("purchase")})
+    never = customers - events.filter(pl.col("event").is_in(names))["user_id"].n_unique()
+    with pytest.raises(LapseError) as info:
+        run_score(world.events, cfg, as_of=late, model=str(world.bundle), dry_run=True)
+    assert str(info.value) == (
+        f"0 of {customers:,} customers are eligible at {late:%Y-%m-%d} (labels.eligibility "
+        f"'active'): {customers:,} had no event of the activity roles ({', '.join(names)}) in "
+        f"the 28 days before {late:%Y-%m-%d}"
+        + (f" ({never:,} of them never had one)" if never else "")
+        + f"; the events run from {first:%Y-%m-%d} to {last:%Y-%m-%d}, check --as-of"
+    )
+    early = first - timedelta(days=1)
+    with pytest.raises(LapseError, match=f"no customer has an event before {early:%Y-%m-%d}"):
+        run_score(world.events, cfg, as_of=early, model=str(world.bundle), dry_run=True)
+
+
+def test_the_summary_says_who_was_scored_and_why_not(
+    world: World, _isolated_home: Path, tmp_path: Path
+) -> None:
+    events = pl.read_parquet(world.events)
+    broken = tmp_path / "events.parquet"
+    nobody = events.head(3).with_columns(pl.lit(None, pl.String).alias("user_id"))
+    pl.concat([events, nobody]).write_parquet(broken)
+    cfg = config_at(make_config(_isolated_home, world))
+    res = run_score(broken, cfg, as_of=world.as_of, model=str(world.bundle), dry_run=True)
+
+    # an independent count: last event of an activity role before as_of, per user
+    roles = ChurnBundle.load(world.bundle).config.roles
+    names = sorted({*roles.of("usage"), *roles.of("purchase")})
+    before = events.filter(pl.col("ts") < world.as_of)
+    customers = before["user_id"].n_unique()
+    last = before.filter(pl.col("event").is_in(names)).group_by("user_id").agg(pl.col("ts").max())
+    active = last.filter(pl.col("ts") >= world.as_of - timedelta(days=28)).height
+    never = customers - last.height
+    assert 0 < active < customers
+    assert res.population == {
+        "customers": customers,
+        "eligible": active,
+        **({"no_activity": never} if never else {}),
+        "inactive": last.height - active,
+    }
+    assert res.counts["scored"] == active
+    ever = f" ({never:,} of them never had one)" if never else ""
+    assert res.who_was_scored == (
+        f"{active:,} of {customers:,} customers scored; {customers - active:,} had no event of "
+        f"the activity roles ({', '.join(names)}) in the 28 days before "
+        f"{world.as_of:%Y-%m-%d}{ever}; 3 event rows were rejected by validation"
+    )
+    # the CLI prints it under the summary; the audit summary keeps it
+    cli = runner.invoke(app, score_argv(world, make_config(_isolated_home, world), events=broken))
+    assert cli.exit_code == 0, cli.output
+    assert f"who was scored: {active:,} of {customers:,} customers scored" in cli.output
+    audit = next((_isolated_home / "lapse-runs" / "snapshots").glob("*/*.json"))
+    kept = json.loads(audit.read_text())
+    assert kept["population"] == res.population
+    assert kept["who_was_scored"] == res.who_was_scored
+
+
+def test_a_bundle_saved_before_its_training_data_was_recorded_still_serves(
+    world: World, _isolated_home: Path, tmp_path: Path
+) -> None:
+    bundle = ChurnBundle.load(world.bundle)
+    del bundle.__dict__["training_data"]  # as pickled by an earlier lapse
+    old = ChurnBundle.load(bundle.save(tmp_path / "old.pkl"))
+    assert old.training_data is None
+    roles = old.config.roles
+    assert old.event_names() == sorted({n for r in ROLES for n in roles.of(r)})
+    cfg = make_config(_isolated_home, world)
+    argv = score_argv(world, cfg, "--dry-run")
+    res = runner.invoke(app, [*argv[:5], str(tmp_path / "old.pkl"), *argv[6:]])
+    assert res.exit_code == 0, res.output
+    assert "predates the record of its training events" in res.output
 
 
 # -- model checks, drift ---------------------------------------------------------------------

@@ -88,6 +88,27 @@ def test_features_equal_the_local_engine(world: World, spark: SparkSession) -> N
 
 
 @pytest.mark.spark
+def test_features_with_an_order_key_equal_the_local_engine(
+    world: World, spark: SparkSession, tmp_path: Path
+) -> None:
+    from lapse.spark import build_features_spark
+
+    # a user's purchases in one ISO week share an order id; other events carry none
+    week = pl.col("user_id") + pl.col("ts").dt.strftime("/%G-%V")
+    keyed = pl.read_parquet(world.events).with_columns(
+        pl.when(pl.col("event") == "order_completed").then(week).alias("order_id")
+    )
+    path = tmp_path / "keyed.parquet"
+    keyed.write_parquet(path)
+    config = load_config()
+    local = build(pl.scan_parquet(path), world.as_of, config)
+    per_row = build(pl.scan_parquet(world.events), world.as_of, config)
+    assert (local["order_count"] < per_row["order_count"]).any()
+    got = collect(build_features_spark(str(path), world.as_of, config, spark=spark))
+    assert_frame_equal(got, local, check_exact=False, rel_tol=1e-9, abs_tol=1e-9)
+
+
+@pytest.mark.spark
 def test_core_features_with_static_attributes_equal_the_local_engine(
     world: World, spark: SparkSession
 ) -> None:
@@ -310,6 +331,10 @@ def test_score_engine_spark_gives_the_local_records_ledger_and_file(
     assert got.drift == pytest.approx(local.drift, abs=1e-9)
     assert got.warnings == local.warnings
     assert got.validation == local.validation
+    # who was scored and why not, summed over the partitions
+    assert got.population == local.population
+    assert local.population["customers"] > local.population["eligible"] == local.counts["scored"]
+    assert got.who_was_scored == local.who_was_scored
     assert_frame_equal(snapshot(got), snapshot(local), check_exact=False, abs_tol=1e-12)
     for day in range(2):
         files = [
@@ -324,6 +349,33 @@ def test_score_engine_spark_gives_the_local_records_ledger_and_file(
     assert snapshot(got)["reasons"].list.len().sum() > 0, "reasons filled for the users sent"
     # nothing of the run's Spark output is left behind in the audit folder
     assert not (Path(spark_cfg.audit.path) / "spark").exists()
+
+
+@pytest.mark.spark
+def test_nothing_to_score_and_another_sources_events_say_the_same_on_spark(
+    world: World, spark: SparkSession, tmp_path: Path
+) -> None:
+    late = world.as_of + timedelta(days=400)
+    other = tmp_path / "web.parquet"
+    pl.read_parquet(world.events).with_columns(
+        ("web_" + pl.col("event")).alias("event")
+    ).write_parquet(other)
+    for events, as_of, words in ((world.events, late, "0 of "), (other, world.as_of, "share no")):
+        said = {}
+        for engine in ("local", "spark"):
+            config = score_config(tmp_path / engine, world)
+            with pytest.raises(LapseError) as info:
+                run_score(
+                    events,
+                    config,
+                    as_of=as_of,
+                    model=str(world.bundle),
+                    dry_run=True,
+                    engine=engine,  # type: ignore[arg-type]
+                    spark=spark,
+                )
+            said[engine] = str(info.value)
+        assert said["spark"] == said["local"] and words in said["local"]
 
 
 @pytest.mark.spark
@@ -387,6 +439,7 @@ def test_mapped_source_from_a_table_rejects_the_same_rows(
         "ts_min",
         "ts_max",
         "events_per_role",
+        "events_per_name",
         "future_events",
     ):
         assert getattr(got, field) == getattr(local, field), field
@@ -396,6 +449,17 @@ def test_mapped_source_from_a_table_rejects_the_same_rows(
     )
     kept = collect(checked.kept).sort("user_id", "ts", "event")
     assert_frame_equal(kept, kept_local.sort("user_id", "ts", "event"), check_exact=False)
+
+    # guest rows: the three rows without a customer are counted, not rejected, on both engines
+    config.source.allow_guest_rows = True
+    _, local = validate_events(path, config, as_of=world.as_of, rejects_path=tmp_path / "g.parquet")
+    checked = validated_events_spark("table:raw_events", config, spark=spark, partitions=3)
+    got = checked.report(config, as_of=world.as_of, rejects=tmp_path / "gs.parquet")
+    assert got.guest_rows == local.guest_rows == 3
+    assert got.rejected_by_reason == local.rejected_by_reason
+    assert got.rejected_by_reason["null_user_id"] == 0
+    assert (got.rows_kept, got.duplicates) == (local.rows_kept, local.duplicates)
+    assert pl.read_parquet(tmp_path / "gs.parquet").height == local.rows_rejected
 
 
 @pytest.mark.spark
@@ -407,3 +471,29 @@ def test_a_missing_table_or_delta_says_what_to_do(spark: SparkSession, tmp_path:
     (tmp_path / "t" / "_delta_log").mkdir(parents=True)
     with pytest.raises(LapseError, match="delta-spark"):
         read_source(spark, tmp_path / "t")
+
+
+@pytest.mark.spark
+def test_orders_on_the_online_retail_reference_equal_the_local_engine(
+    spark: SparkSession, tmp_path: Path
+) -> None:
+    """``order_id: InvoiceNo`` on the reference file (skipped without it), both engines."""
+    from lapse.events import validate_events
+    from lapse.spark import validated_events_spark
+    from retail import AS_OF, check_orders, reference_file, write_config
+
+    source = reference_file()
+    config = write_config(tmp_path)
+    for engine in ("local", "spark"):
+        args = ["features", str(source), "--as-of", f"{AS_OF:%Y-%m-%d}", "-c", str(config)]
+        result = runner.invoke(app, [*args, "--out", str(tmp_path / engine), "--engine", engine])
+        assert result.exit_code == 0, result.output
+    local = pl.read_parquet(tmp_path / "local")
+    got = pl.read_parquet(tmp_path / "spark")
+    check_orders(got, source)
+    assert_frame_equal(got.sort("user_id"), local.sort("user_id"), check_exact=False)
+    loaded = load_config(config)
+    _, report = validate_events(source, loaded, as_of=AS_OF, rejects_path=tmp_path / "l.parquet")
+    checked = validated_events_spark(str(source), loaded, spark=spark)
+    spark_report = checked.report(loaded, as_of=AS_OF, rejects=tmp_path / "s.parquet")
+    assert spark_report.purchase_orders == report.purchase_orders > 18_000

@@ -33,7 +33,7 @@ from lapse.exceptions import LapseError
 
 if TYPE_CHECKING:
     from lapse.events import ValidationReport
-    from lapse.pipeline import FeaturesResult, ScoreRunResult, TriggerRunResult
+    from lapse.pipeline import FeaturesResult, ScoreHeader, ScoreRunResult, TriggerRunResult
     from lapse.registry import RegisteredVersion
     from lapse.training import TrainResult
 
@@ -116,10 +116,16 @@ def _report_table(report: ValidationReport) -> Table:
     ]
     rows += [(f"  role {role}", f"{n:,}") for role, n in report.events_per_role.items()]
     rows.append(("  in no role", f"{report.events_unassigned:,}"))
+    if report.purchase_orders is None:
+        rows.append(("purchases counted", "per row (no source.order_id)"))
+    else:
+        rows.append(("purchase orders", f"{report.purchase_orders:,} (source.order_id)"))
     rejected = sum(report.rejected_by_reason.values())
     rows.append(("rejected", f"{rejected:,} ({report.rejected_share:.2%})"))
     rows += [(f"  {reason}", f"{n:,}") for reason, n in report.rejected_by_reason.items()]
     rows.append(("duplicates dropped", f"{report.duplicates:,}"))
+    if report.guest_rows:
+        rows.append(("guest rows (no user id)", f"{report.guest_rows:,}"))
     rows.append(("future events (kept)", f"{report.future_events:,}"))
     if report.rejects_path is not None:
         rows.append(("rejects file", str(report.rejects_path)))
@@ -178,7 +184,13 @@ def validate(
         err_console.print(
             f"[bold red]error:[/] {escape(str(events))}: {report.rejected_share:.1%} of rows were rejected "
             f"(limit {max_reject_share:.1%}); see {report.rejects_path} for the rows and reasons, "
-            "fix the source mapping in the config, or raise --max-reject-share",
+            "fix the source mapping in the config, or raise --max-reject-share"
+            + (
+                "; if rows without a user id are guest orders, set source.allow_guest_rows: "
+                "true to count them as guest rows instead"
+                if report.rejected_by_reason.get("null_user_id")
+                else ""
+            ),
             highlight=False,
             soft_wrap=True,
         )
@@ -346,6 +358,14 @@ def _print_training(result: TrainResult) -> None:
         rep = result.replenishment
         console.print(_metrics_table(rep.table, "replenishment (time to next order)"))
         console.print(f"[bold]selected:[/] {rep.selected} - {rep.why}")
+    if result.segments:
+        from lapse.segments import describe_sizes
+
+        console.print(
+            f"[bold]segments[/] at {result.calibration_cutoff:%Y-%m-%d}: "
+            f"{describe_sizes(result.segments)}",
+            highlight=False,
+        )
     for note in result.notes:
         console.print(f"note: {escape(note)}", highlight=False)
     console.print(f"report in {result.out_dir}, bundle at {result.bundle_path}")
@@ -368,6 +388,13 @@ def train(
     register: Annotated[
         bool, typer.Option(help="Log the run to MLflow and register the bundle as a new version.")
     ] = True,
+    until: Annotated[
+        str | None,
+        typer.Option(
+            help="Train as of this date (YYYY-MM-DD, 00:00 UTC): later events are left out, "
+            "e.g. to hold them back for an out-of-time check."
+        ),
+    ] = None,
 ) -> None:
     """Race churn and replenishment models out of time; report, save and register the bundle."""
     from lapse.pipeline import run_train
@@ -380,6 +407,7 @@ def train(
             truth_dir=truth,
             models_dir=models_dir,
             register=register,
+            until=None if until is None else _parse_date(until, "--until"),
         )
     _print_training(result)
     if registered is not None:
@@ -543,7 +571,7 @@ def demo(
     _print_training(result.training)
     if result.registered is not None:
         _print_registered(result.registered)
-    console.print(_score_summary(result.scored))
+    _print_score_summary(result.scored)
     where = Table(title="where to look next", show_header=False, title_justify="left")
     where.add_column(style="bold")
     where.add_column()
@@ -568,6 +596,20 @@ class _ScoreBars:
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
         self.task: TaskID | None = None
+
+    def begin(self, header: ScoreHeader) -> None:
+        """One line, before any work: the run, the model and what it was trained on."""
+        model = (
+            f"model {header.model!r} version {header.version} ({header.source})"
+            if header.version != "local"
+            else f"model {header.model!r} (bundle file {header.source})"
+        )
+        console.print(
+            f"[bold]score run {header.score_run_id}[/]: {escape(model)}; "
+            f"trained on {escape(header.trained_on)}",
+            highlight=False,
+            soft_wrap=True,
+        )
 
     def stage(self, name: str) -> None:
         if self.task is not None:
@@ -609,8 +651,10 @@ def _score_summary(result: ScoreRunResult) -> Table:
     for key in order:
         if key in result.counts:
             table.add_row(key.replace("_", " "), f"{result.counts[key]:,}")
+    total = sum(result.segments.values())
     for seg in sorted(result.segments, key=lambda k: ("high", "medium", "low", k).index(k)):
-        table.add_row(f"segment {seg}", f"{result.segments[seg]:,}")
+        n = result.segments[seg]
+        table.add_row(f"segment {seg}", f"{n:,} ({n / total:.1%})")
     for trig, n in result.triggers.items():
         table.add_row(f"trigger {trig}", f"{n:,}")
     if "churn_risk" in result.drift:
@@ -620,6 +664,14 @@ def _score_summary(result: ScoreRunResult) -> Table:
         )
     table.add_row("time", f"{result.seconds:.1f} s")
     return table
+
+
+def _print_score_summary(result: ScoreRunResult) -> None:
+    console.print(_score_summary(result))
+    if result.who_was_scored:
+        console.print(
+            f"who was scored: {escape(result.who_was_scored)}", highlight=False, soft_wrap=True
+        )
 
 
 @app.command()
@@ -708,7 +760,7 @@ def score(
             raise typer.Exit(code=3) from None
     for warning in result.warnings:
         err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
-    console.print(_score_summary(result))
+    _print_score_summary(result)
     if result.dry_run:
         for payload in result.examples:
             console.print_json(json.dumps(payload, default=str))

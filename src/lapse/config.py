@@ -29,7 +29,7 @@ from pydantic import (
 )
 
 from lapse.exceptions import ConfigError
-from lapse.schema import EVENT_COLUMNS
+from lapse.schema import EVENT_COLUMNS, ORDER_ID
 
 __all__ = [
     "AttributesConfig",
@@ -187,10 +187,21 @@ class SourceConfig(_Section):
     message_id: str | None = Field(
         default=None, description="source column with a unique message id, used to drop duplicates"
     )
+    order_id: str | None = Field(
+        default=None,
+        description="source column with the order (invoice) number: a user's purchase lines "
+        "sharing it are one order; null: every purchase row is an order",
+    )
     properties: list[str] = Field(
         default_factory=list, description="extra source columns kept on every event"
     )
     row_rules: list[RowRule] = Field(default_factory=list)
+    allow_guest_rows: bool = Field(
+        default=False,
+        description="true: rows without a user id (guest orders) are counted as guest rows and "
+        "set aside, not rejected; they never become users. false: they are rejected as "
+        "null_user_id",
+    )
     csv_separator: str = ","
     future_tolerance_hours: float = Field(default=24.0, ge=0)
 
@@ -201,6 +212,11 @@ class SourceConfig(_Section):
             raise ValueError(
                 f"columns maps unknown canonical names {unknown}; "
                 f"use {sorted(EVENT_COLUMNS)} (extra columns go under 'properties')"
+            )
+        if self.order_id is not None and ORDER_ID in self.properties:
+            raise ValueError(
+                f"properties lists {ORDER_ID!r}, the name of the canonical order column that "
+                "order_id fills; rename or drop that property"
             )
         both = sorted(set(self.columns) & set(self.derive))
         if both:
@@ -438,13 +454,49 @@ class DriversConfig(_Section):
 
 
 class SegmentsConfig(_Section):
+    """Churn-risk segments: by rank in the training scores (default) or by probability.
+
+    ``quantile`` compares ``churn_risk_percentile`` (the share of the training
+    scores at or below a user's) with ``high`` and ``medium``: above 0.9 is the
+    top 10% of the training distribution, whatever the base rate. ``probability``
+    compares the calibrated churn probability itself (inclusive cut-offs, 0.6 and
+    0.3 by default). Because the two numbers mean different things, a section
+    that sets ``high`` or ``medium`` must name its ``method``.
+    """
+
     method: Literal["probability", "quantile"] = Field(
-        default="probability",
-        description="compare high/medium with the calibrated churn probability, or with its "
-        "percentile in the training score distribution",
+        default="quantile",
+        description="quantile: rank in the training score distribution (high = churn_risk_"
+        "percentile above high); probability: the calibrated churn probability (at or above)",
     )
-    high: float = Field(default=0.6, ge=0, le=1)
-    medium: float = Field(default=0.3, ge=0, le=1)
+    high: float = Field(
+        default=0.9,
+        ge=0,
+        le=1,
+        description="quantile: percentile above which a user is high (0.9: the top 10%); "
+        "probability: churn probability at or above which a user is high (default 0.6)",
+    )
+    medium: float = Field(
+        default=0.7,
+        ge=0,
+        le=1,
+        description="quantile: percentile above which a user is at least medium (0.7: the next "
+        "20%); probability: churn probability (default 0.3); below it: low",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        if {"high", "medium"} & data.keys() and "method" not in data:
+            raise ValueError(
+                "'high'/'medium' mean a percentile (method: quantile, the default) or a churn "
+                "probability (method: probability); name the method next to them"
+            )
+        if data.get("method") == "probability":
+            data = {"high": 0.6, "medium": 0.3, **data}
+        return data
 
     @model_validator(mode="after")
     def _ordered(self) -> SegmentsConfig:

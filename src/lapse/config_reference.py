@@ -66,8 +66,10 @@ _MEANINGS: dict[str, str] = {
     "labels.horizon_days": "the label window [T, T + horizon) in days",
     "labels.activity_roles": "roles whose events count as activity (churn labels, eligibility)",
     "labels.eligibility_days": "look-back of eligibility: active",
-    "labels.cutoff_every_days": "spacing of the cutoff grid (test = the latest complete cutoff)",
-    "labels.train_cutoffs": "training cutoffs before the validation cutoff",
+    "labels.cutoff_every_days": "spacing of the cutoff grid (test = the latest complete "
+    "cutoff); lapse train lowers it, with a note, when fewer than 8 training cutoffs fit",
+    "labels.train_cutoffs": "training cutoffs before the validation cutoff (fewer when fewer "
+    "fit, said in the report)",
     "models.name": "registered model name in MLflow and the bundle's file name",
     "models.random_state": "seed of every model in the race",
     "models.calibration": "calibrator of the selected model, fitted on the validation cutoff",
@@ -83,8 +85,6 @@ _MEANINGS: dict[str, str] = {
     "replenishment.enabled": "build episodes and race the survival models in lapse train",
     "replenishment.min_repeat_buyers": "repeat buyers a SKU needs to count as a consumable "
     "(consumables: auto)",
-    "segments.high": "threshold of the high segment (probability or percentile, see method)",
-    "segments.medium": "threshold of the medium segment; below it: low",
     "sinks.default": "the sink lapse score uses without --sink",
     "registry.tracking_uri": "MLflow tracking URI; null: $MLFLOW_TRACKING_URI, else "
     "sqlite:///mlflow.db beside the config (or in LAPSE_HOME)",

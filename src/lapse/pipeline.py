@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from lapse.audit import AuditTrail
     from lapse.drivers import DriversResult
     from lapse.modeling.bundle import ChurnBundle
-    from lapse.registry import RegisteredVersion
+    from lapse.registry import LoadedBundle, RegisteredVersion
     from lapse.scoring import ScoreResult
     from lapse.sinks.base import Sink
     from lapse.state import Ledger, RunInfo
@@ -41,6 +41,7 @@ __all__ = [
     "Engine",
     "FeaturesResult",
     "ForgetResult",
+    "ScoreHeader",
     "ScoreProgress",
     "ScoreRunResult",
     "TriggerRunResult",
@@ -52,6 +53,7 @@ __all__ = [
     "run_train",
     "run_triggers",
     "run_validate",
+    "score_header",
 ]
 
 
@@ -182,11 +184,14 @@ def run_train(
     truth_dir: Path | None = None,
     models_dir: Path | None = None,
     register: bool = True,
+    until: datetime | None = None,
 ) -> tuple[TrainResult, RegisteredVersion | None]:
     """Train (churn race + replenishment), then log the run and register the bundle in MLflow."""
     from lapse.training import train
 
-    result = train(events, config, out_dir=out_dir, truth_dir=truth_dir, models_dir=models_dir)
+    result = train(
+        events, config, out_dir=out_dir, truth_dir=truth_dir, models_dir=models_dir, until=until
+    )
     if not register:
         return result, None
     from lapse.registry import log_training
@@ -260,8 +265,28 @@ def run_demo(
 # -- the nightly score ------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ScoreHeader:
+    """What a score run announces before its work starts (the CLI prints it as one line).
+
+    ``model`` is the registered name (or the bundle's), ``version`` the registry's
+    version or ``local``, ``source`` what ``--model`` pointed at, ``trained_on``
+    the training events' source, span and event names (or that the bundle does
+    not record them).
+    """
+
+    score_run_id: str
+    model: str
+    version: str
+    source: str
+    trained_on: str
+
+
 class ScoreProgress(Protocol):
     """What ``run_score`` reports while it works (the CLI draws progress bars from it)."""
+
+    def begin(self, header: ScoreHeader) -> None:
+        """The run has its id and model; nothing else has been read yet."""
 
     def stage(self, name: str) -> None:
         """A new step starts (reading, scoring, reasons, ...)."""
@@ -274,6 +299,9 @@ class ScoreProgress(Protocol):
 
 
 class _Silent:
+    def begin(self, header: ScoreHeader) -> None:
+        pass
+
     def stage(self, name: str) -> None:
         pass
 
@@ -292,7 +320,9 @@ class ScoreRunResult:
     ``suppressed``, ``control``, ``capped`` (triggers withheld by the
     frequency cap), ``skipped`` (no identifier), ``failed``, ``retried``;
     ``segments`` and ``triggers`` count the scored users (``triggers`` after the
-    cap: what goes out).
+    cap: what goes out); ``population`` counts who was scored and who was not,
+    and why (:func:`lapse.scoring.population_counts`), ``who_was_scored`` says it
+    in words, with the rows validation rejected.
     """
 
     score_run_id: str
@@ -312,6 +342,8 @@ class ScoreRunResult:
     dry_run: bool = False
     resumed: bool = False
     validation: ValidationReport | None = None
+    population: dict[str, int] = field(default_factory=dict)
+    who_was_scored: str = ""
 
     @property
     def complete(self) -> bool:
@@ -333,6 +365,31 @@ def _counts(frame: pl.DataFrame, column: str) -> dict[str, int]:
         frame = frame.select(pl.col(column).explode()).drop_nulls()
     rows = frame.group_by(column).len().sort(column).iter_rows()
     return {str(k): int(n) for k, n in rows}
+
+
+def _model_label(loaded: LoadedBundle) -> str:
+    """``model 'lapse' version 3`` or ``model 'lapse' (bundle file models/lapse.pkl)``."""
+    if loaded.version is None:
+        return f"model {loaded.name!r} (bundle file {loaded.source})"
+    return f"model {loaded.name!r} version {loaded.version}"
+
+
+def score_header(loaded: LoadedBundle, run_id: str) -> ScoreHeader:
+    """The run's :class:`ScoreHeader`: id, model, version and what the model was trained on."""
+    data = loaded.bundle.training_data
+    trained_on = (
+        data.describe(loaded.bundle.event_names())
+        if data is not None
+        else f"data up to {loaded.bundle.training_end:%Y-%m-%d} (this bundle predates the "
+        "record of its training events; retrain to have it)"
+    )
+    return ScoreHeader(
+        score_run_id=run_id,
+        model=loaded.name,
+        version=str(loaded.version) if loaded.version is not None else "local",
+        source=loaded.source,
+        trained_on=trained_on,
+    )
 
 
 def run_score(
@@ -388,7 +445,7 @@ def run_score(
             return _resume(trail, ledger, target, info, config, report, started)
 
     from lapse.registry import load_bundle
-    from lapse.scoring import score_users
+    from lapse.scoring import check_event_names, score_users
 
     target = make_sink(sink or config.sinks.default, config, out=out)
     # the lock first: a second run for this sink stops before doing any work
@@ -415,10 +472,12 @@ def run_score(
         loaded = load_bundle(model or f"models:/{config.models.name}@champion", config)
         bundle = loaded.bundle
         version = str(loaded.version) if loaded.version is not None else "local"
+        run_id = _run_id(as_of)
+        report.begin(score_header(loaded, run_id))
         report.stage("reading and validating events")
         kept, validation = validate_events(events, config, as_of=as_of)
+        check_event_names(bundle, validation.events_per_name, _model_label(loaded))
         attributes = load_attributes(config)
-        run_id = _run_id(as_of)
         report.stage("scoring users")
         fired = _last_fired(ledger, target.name)
         scored = score_users(
@@ -476,7 +535,7 @@ def _send_scored(
     sink's last delivery, reasons for the users sent, the audit snapshot and
     outbox, the ledger's batches and the delivery itself (or a dry run).
     """
-    from lapse.scoring import with_reasons
+    from lapse.scoring import who_was_scored, with_reasons
 
     records, sendable = _mark_sendable(
         scored.records,
@@ -521,6 +580,13 @@ def _send_scored(
         "counts": counts,
         "segments": _counts(records, "risk_segment"),
         "triggers": _counts(records, "triggers"),
+        "population": scored.population,
+        "who_was_scored": who_was_scored(
+            scored.population,
+            bundle.config,
+            as_of,
+            validation.rows_rejected if validation is not None else 0,
+        ),
     }
     result = ScoreRunResult(
         score_run_id=run_id,
@@ -536,6 +602,8 @@ def _send_scored(
         dry_run=dry_run,
         validation=validation,
         out=getattr(target, "path", None),
+        population=summary["population"],
+        who_was_scored=summary["who_was_scored"],
     )
     if dry_run:
         return _dry_run(result, outbox, target, config, report, started)
@@ -820,6 +888,8 @@ def _resume(
         snapshot=trail.snapshot(run_date, info.score_run_id),
         resumed=True,
         out=getattr(target, "path", None),
+        population=summary.get("population", {}),
+        who_was_scored=summary.get("who_was_scored", ""),
     )
     return _deliver(
         trail,

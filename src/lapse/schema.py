@@ -13,6 +13,7 @@ import polars as pl
 __all__ = [
     "EVENT_COLUMNS",
     "OPTIONAL_EVENT_COLUMNS",
+    "ORDER_ID",
     "REQUIRED_EVENT_COLUMNS",
     "ROLES",
     "TS_DTYPE",
@@ -32,6 +33,9 @@ EVENT_COLUMNS: Final[dict[str, pl.DataType]] = {
 }
 REQUIRED_EVENT_COLUMNS: Final = ("user_id", "ts", "event")
 OPTIONAL_EVENT_COLUMNS: Final = ("sku", "quantity", "revenue")
+ORDER_ID: Final = "order_id"
+"""The order key (a string), present only when ``source.order_id`` maps it: a user's
+purchase lines sharing it are one order; a null key leaves a row its own order."""
 
 # The pinned role names of the config's `roles` section, in documentation order.
 ROLES: Final = (

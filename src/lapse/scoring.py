@@ -16,6 +16,7 @@ date minus ``replenishment.lead_time_days``, never before ``as_of``.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ScoreResult",
+    "check_event_names",
     "control_mask",
     "delta_key",
     "drift_counts",
@@ -43,10 +45,13 @@ __all__ = [
     "fired_triggers",
     "load_suppression",
     "model_age_warnings",
+    "nobody_eligible",
+    "population_counts",
     "risk_columns",
     "score_users",
     "trigger_definitions",
     "user_records",
+    "who_was_scored",
     "with_reasons",
 ]
 
@@ -56,7 +61,8 @@ class ScoreResult:
     """Records (pinned columns plus ``control``), their feature rows, drift and warnings.
 
     ``fired`` holds ``user_id`` and ``triggers`` as evaluated, before cooldowns;
-    ``definitions`` the resolved triggers (their cooldowns).
+    ``definitions`` the resolved triggers (their cooldowns); ``population`` who
+    was scored and who was not (:func:`population_counts`).
     """
 
     records: pl.DataFrame
@@ -65,6 +71,7 @@ class ScoreResult:
     warnings: list[str] = field(default_factory=list)
     fired: pl.DataFrame | None = None
     definitions: list[Trigger] = field(default_factory=list)
+    population: dict[str, int] = field(default_factory=dict)
 
 
 def _day(ts: datetime) -> date:
@@ -212,22 +219,28 @@ def score_users(
     ------
     LapseError
         The feature rows do not match the bundle's schema (a missing role or a
-        changed dtype), or no user is eligible at ``as_of``.
+        changed dtype), or no user is eligible at ``as_of`` (the message says
+        why, with counts: :func:`nobody_eligible`).
     """
+    from lapse.labels import population
+
     warnings = model_age_warnings(bundle, as_of, config)
-    frame = bundle.prepare(events, as_of, attributes=attributes)
+    people = population(events, [as_of], bundle.config)
+    counts = population_counts(people)
+    keep = people.filter(pl.col("excluded").is_null()).drop("excluded")
+    frame = bundle.prepare(events, as_of, attributes=attributes, keep=keep)
     if frame.height == 0 and subset:
         return ScoreResult(
             records=pl.DataFrame(schema={**RECORD_SCHEMA, "control": pl.Boolean}),
             features=frame,
             warnings=warnings,
             fired=pl.DataFrame(schema={"user_id": pl.String, "triggers": pl.List(pl.String)}),
+            population=counts,
         )
     if frame.height == 0:
-        raise LapseError(
-            f"no user is eligible at {as_of:%Y-%m-%d} (labels.eligibility "
-            f"{bundle.config.labels.eligibility!r}); check --as-of against the events' dates"
-        )
+        span = events.select(pl.col("ts").min().alias("a"), pl.col("ts").max().alias("b"))
+        first, last = span.collect().row(0)
+        raise nobody_eligible(counts, bundle.config, as_of, first, last)
     bundle.check_schema(frame)
     frame = frame.with_columns(pl.col("user_id").cast(pl.String)).sort("user_id")
     records, fired, definitions = user_records(
@@ -250,6 +263,81 @@ def score_users(
         warnings=warnings,
         fired=fired,
         definitions=definitions,
+        population=counts,
+    )
+
+
+def population_counts(people: pl.DataFrame) -> dict[str, int]:
+    """``customers`` (users with an event before the cutoff), ``eligible`` and one count
+    per reason the others were left out, from :func:`lapse.labels.population` rows."""
+    from lapse.labels import EXCLUSIONS
+
+    why = dict(people["excluded"].value_counts().iter_rows())
+    out = {"customers": people.height, "eligible": int(why.pop(None, 0))}
+    return out | {r: int(why[r]) for r in EXCLUSIONS if why.get(r)}
+
+
+def who_was_scored(
+    counts: Mapping[str, int], config: LapseConfig, as_of: datetime, rejected_rows: int = 0
+) -> str:
+    """``1,528 of 4,372 customers scored; 2,844 had no event of the activity roles ...``.
+
+    ``counts`` are :func:`population_counts` (summed over shards), ``config`` the
+    bundle's (its eligibility and roles decided), ``rejected_rows`` the event rows
+    validation rejected (their users may be missing from the customers).
+    """
+    from lapse.labels import describe_exclusions
+
+    parts = [f"{counts.get('eligible', 0):,} of {counts.get('customers', 0):,} customers scored"]
+    why = describe_exclusions(counts, config, as_of)
+    if why:
+        parts.append(why)
+    if rejected_rows:
+        rows = "row was" if rejected_rows == 1 else "rows were"
+        parts.append(f"{rejected_rows:,} event {rows} rejected by validation")
+    return "; ".join(parts)
+
+
+def nobody_eligible(
+    counts: Mapping[str, int],
+    config: LapseConfig,
+    as_of: datetime,
+    first: datetime | None,
+    last: datetime | None,
+) -> LapseError:
+    """The error of a run with no one to score, with the real cause and its counts."""
+    from lapse.labels import describe_exclusions
+
+    day = f"{as_of:%Y-%m-%d}"
+    span = (
+        f"the events run from {first:%Y-%m-%d} to {last:%Y-%m-%d}"
+        if first is not None and last is not None
+        else "there are no events"
+    )
+    if not counts.get("customers"):
+        return LapseError(f"no customer has an event before {day} ({span}); check --as-of")
+    why = describe_exclusions(counts, config, as_of)
+    return LapseError(
+        f"0 of {counts['customers']:,} customers are eligible at {day} (labels.eligibility "
+        f"{config.labels.eligibility!r}): {why}; {span}, check --as-of"
+    )
+
+
+def check_event_names(bundle: ChurnBundle, seen: Mapping[str, int], model: str) -> None:
+    """Refuse a run whose events share no event name with the model's (another source's model).
+
+    ``seen``: the run's kept rows per event name (``ValidationReport.events_per_name``).
+    """
+    names = bundle.event_names()
+    if not seen or not names or set(names) & set(seen):
+        return
+    from lapse.modeling.bundle import listing
+
+    theirs = sorted(seen, key=lambda e: (-seen[e], e))
+    raise LapseError(
+        f"these events share no event name with {model}: it was trained on {listing(names)}; "
+        f"these events have {listing(theirs)}; score events of the source it was trained on "
+        "(or map their names onto its roles), or train a model on these"
     )
 
 

@@ -40,7 +40,7 @@ import pyarrow as pa
 from lapse.config import LapseConfig
 from lapse.events.validate import ValidationReport
 from lapse.exceptions import LapseError, MissingColumnsError
-from lapse.schema import EVENT_COLUMNS, REQUIRED_EVENT_COLUMNS, USER_ID
+from lapse.schema import EVENT_COLUMNS, ORDER_ID, REQUIRED_EVENT_COLUMNS, USER_ID
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -409,13 +409,15 @@ def score_spark(
 _ROW = "_lapse_row"
 _DUP = "_lapse_duplicate"
 _DRIFT = "_lapse_drift"
+_POPULATION = "_lapse_population"
 
 
 @dataclass(frozen=True)
 class SparkValidation:
     """Validated events on Spark: the kept rows (sharded by user) and how to count them.
 
-    ``kept`` holds :data:`~lapse.schema.EVENT_COLUMNS` plus ``source.properties``,
+    ``kept`` holds :data:`~lapse.schema.EVENT_COLUMNS` (and ``order_id`` when
+    ``source.order_id`` is set) plus ``source.properties``,
     hash-partitioned by ``user_id`` (duplicates and rejected rows removed), lazily;
     :meth:`report` runs the counting job and writes the rejects file.
     """
@@ -435,7 +437,7 @@ class SparkValidation:
         """
         from pyspark.sql import functions as F
 
-        from lapse.events.validate import REASON, REJECT_REASONS, rejects_path_for
+        from lapse.events.validate import GUEST, REASON, REJECT_REASONS, rejects_path_for
         from lapse.schema import ROLES
 
         reference = as_of or datetime.now(UTC)
@@ -453,11 +455,21 @@ class SparkValidation:
             .collect()
         )
         users = self.kept.select(F.count_distinct(USER_ID)).collect()[0][0]
+        orders: int | None = None
+        if config.source.order_id is not None:
+            bought = self.kept.filter(F.col("event").isin(config.roles.of("purchase")))
+            # a row without an order key is an order alone; count_distinct skips it
+            keyed, alone = bought.select(
+                F.count_distinct(USER_ID, ORDER_ID),
+                F.count(F.when(F.col(ORDER_ID).isNull(), 1)),
+            ).collect()[0]
+            orders = int(keyed) + int(alone)
         kept = [g for g in groups if g[REASON] is None and not g[_DUP]]
         rejected: dict[str, int] = {}
         for g in groups:
             if g[REASON] is not None:
                 rejected[g[REASON]] = rejected.get(g[REASON], 0) + int(g["n"])
+        guests = rejected.pop(GUEST, 0)
         per_event: dict[str, int] = {}
         for g in kept:
             per_event[g["event"]] = per_event.get(g["event"], 0) + int(g["n"])
@@ -468,7 +480,7 @@ class SparkValidation:
         written: Path | None = None
         if sum(rejected.values()):
             written = rejects or rejects_path_for(self.source_name, config)
-            bad = self.flagged.filter(F.col(REASON).isNotNull())
+            bad = self.flagged.filter(F.col(REASON).isNotNull() & (F.col(REASON) != GUEST))
             write_single_parquet(
                 bad.select(*self.columns, REASON, _ROW), written, sort_by=_ROW, drop=(_ROW,)
             )
@@ -488,6 +500,9 @@ class SparkValidation:
             duplicates=sum(int(g["n"]) for g in groups if g[REASON] is None and g[_DUP]),
             future_events=sum(int(g["future"] or 0) for g in kept),
             rejects_path=written,
+            purchase_orders=orders,
+            events_per_name=dict(sorted(per_event.items())),
+            guest_rows=guests,
         )
 
 
@@ -517,7 +532,7 @@ def validated_events_spark(
     from pyspark.sql import functions as F
 
     from lapse.events.mapping import MESSAGE_ID, map_events, timestamp_format
-    from lapse.events.validate import REASON, _reason
+    from lapse.events.validate import REASON, _reason, canonical_columns, output_columns
 
     session = spark_session(spark)
     name = str(events) if isinstance(events, str | Path) else "the Spark DataFrame"
@@ -558,10 +573,9 @@ def validated_events_spark(
         duplicate = F.col(_DUP)
     flagged = _sharded(flagged, partitions)
     # identical rows share user_id, so this window reuses the shard (no second shuffle)
-    same = Window.partitionBy(ok, *(F.col(c) for c in EVENT_COLUMNS)).orderBy(_ROW)
+    same = Window.partitionBy(ok, *(F.col(c) for c in canonical_columns(config))).orderBy(_ROW)
     flagged = flagged.withColumn(_DUP, ok & (duplicate | (F.row_number().over(same) > 1)))
-    columns = [*EVENT_COLUMNS, *config.source.properties]
-    kept = flagged.filter(ok & ~F.col(_DUP)).select(*columns)
+    kept = flagged.filter(ok & ~F.col(_DUP)).select(*output_columns(config))
     names = list(mapped_empty.collect_schema().names())
     return SparkValidation(flagged=flagged, kept=kept, source_name=name, columns=names)
 
@@ -590,13 +604,17 @@ def score_records_spark(
     cooldowns, which need the ledger: the driver applies them per chunk),
     replenishment dates, control flag, and ``reasons`` for every user who is not
     ``low`` or fired a trigger (the driver keeps them for the users it sends).
-    Besides the records, each partition adds one row with a null ``user_id`` and
-    its drift bin counts as JSON in ``_lapse_drift`` (:func:`lapse.scoring.drift_counts`).
+    Besides the records, each partition adds one row with a null ``user_id``, its
+    drift bin counts as JSON in ``_lapse_drift`` (:func:`lapse.scoring.drift_counts`)
+    and who it scored and why not as JSON in ``_lapse_population``
+    (:func:`lapse.scoring.population_counts`; partitions hold whole users, so
+    the counts add up).
 
     Returns
     -------
     pyspark.sql.DataFrame
-        The record columns, ``control`` and ``_lapse_drift``, unsorted, lazily.
+        The record columns, ``control``, ``_lapse_drift`` and ``_lapse_population``,
+        unsorted, lazily.
     """
     from pyspark.sql import functions as F
 
@@ -607,22 +625,38 @@ def score_records_spark(
     bundle.check_schema(
         bundle.prepare(pl.LazyFrame(schema=EVENT_COLUMNS), t, attributes=attributes)
     )
-    schema = pl.Schema({**RECORD_SCHEMA, "control": pl.Boolean(), _DRIFT: pl.String()})
+    schema = pl.Schema(
+        {**RECORD_SCHEMA, "control": pl.Boolean(), _DRIFT: pl.String(), _POPULATION: pl.String()}
+    )
     ddl, target = _schemas(schema)
     top = config.score.reasons
 
     def per_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         import json
 
-        from lapse.scoring import ScoreResult, drift_counts, user_records, with_reasons
+        from lapse.labels import population
+        from lapse.scoring import (
+            ScoreResult,
+            drift_counts,
+            population_counts,
+            user_records,
+            with_reasons,
+        )
 
         part = _events(batches)
         if part is None:
             return
         loaded: ChurnBundle = pickle.loads(payload)  # once per partition
         events_lf = part.lazy()
-        rows = loaded.prepare(events_lf, t, attributes=attributes)
-        if rows.height == 0:
+        people = population(events_lf, [t], loaded.config)
+        who = json.dumps(population_counts(people))
+        keep = people.filter(pl.col("excluded").is_null()).drop("excluded")
+        rows = loaded.prepare(events_lf, t, attributes=attributes, keep=keep)
+        if rows.height == 0:  # nobody to score here: still say who was not
+            marker = pl.DataFrame({USER_ID: [None], _POPULATION: [who]})
+            empty = pl.DataFrame(schema=schema)
+            out = pl.concat([empty, marker], how="diagonal_relaxed").select(schema.names())
+            yield from _to_arrow(out, target)
             return
         loaded.check_schema(rows)
         rows = rows.with_columns(pl.col(USER_ID).cast(pl.String)).sort(USER_ID)
@@ -640,11 +674,11 @@ def score_records_spark(
         everyone = pl.Series([True] * records.height)
         records = with_reasons(loaded, ScoreResult(records, rows), everyone, top=top)
         counts = drift_counts(loaded, rows, records["churn_risk"].to_numpy())
-        marker = pl.DataFrame({USER_ID: [None], _DRIFT: [json.dumps(counts)]})
-        out = pl.concat(
-            [records.with_columns(pl.lit(None, pl.String).alias(_DRIFT)), marker],
-            how="diagonal_relaxed",
-        ).select(schema.names())
+        marker = pl.DataFrame({USER_ID: [None], _DRIFT: [json.dumps(counts)], _POPULATION: [who]})
+        unmarked = records.with_columns(
+            pl.lit(None, pl.String).alias(c) for c in (_DRIFT, _POPULATION)
+        )
+        out = pl.concat([unmarked, marker], how="diagonal_relaxed").select(schema.names())
         yield from _to_arrow(out, target)
 
     # scores see events before as_of only; the filter keeps the shard (no shuffle)

@@ -33,7 +33,6 @@ import pyarrow.parquet as pq
 from lapse.config import LapseConfig
 from lapse.delivery import deliver, delta_changes, encode, plan_batches, settle
 from lapse.events import load_attributes
-from lapse.exceptions import LapseError
 from lapse.schema import EVENT_COLUMNS
 
 if TYPE_CHECKING:
@@ -52,6 +51,7 @@ __all__ = ["CHUNK_ROWS", "run_score_spark"]
 CHUNK_ROWS = 50_000
 
 _DRIFT = "_lapse_drift"
+_POPULATION = "_lapse_population"
 
 
 def run_score_spark(
@@ -71,9 +71,16 @@ def run_score_spark(
     partitions: int | None = None,
 ) -> ScoreRunResult:
     """The Spark engine's score run; :func:`lapse.pipeline.run_score` holds the lock and ledger."""
-    from lapse.pipeline import ScoreRunResult, _dry_run, _run_id
+    from lapse.pipeline import ScoreRunResult, _dry_run, _model_label, _run_id, score_header
     from lapse.registry import load_bundle
-    from lapse.scoring import drift_from_counts, drift_warnings, model_age_warnings
+    from lapse.scoring import (
+        check_event_names,
+        drift_from_counts,
+        drift_warnings,
+        model_age_warnings,
+        nobody_eligible,
+        who_was_scored,
+    )
     from lapse.spark import (
         score_records_spark,
         spark_session,
@@ -86,11 +93,13 @@ def run_score_spark(
     loaded = load_bundle(model or f"models:/{config.models.name}@champion", config)
     bundle = loaded.bundle
     version = str(loaded.version) if loaded.version is not None else "local"
+    run_id = _run_id(as_of)
+    report.begin(score_header(loaded, run_id))
     report.stage("validating events on Spark")
     checked = validated_events_spark(events, config, spark=session, partitions=partitions)
     validation = checked.report(config, as_of=as_of)
+    check_event_names(bundle, validation.events_per_name, _model_label(loaded))
     attributes = load_attributes(config)
-    run_id = _run_id(as_of)
     report.stage("scoring users on Spark")
     scored = score_records_spark(
         checked.kept,
@@ -127,9 +136,8 @@ def run_score_spark(
                 tally.sent_rows += outbox.height
                 tally.add(rows)
         if tally.counts["scored"] == 0:
-            raise LapseError(
-                f"no user is eligible at {as_of:%Y-%m-%d} (labels.eligibility "
-                f"{bundle.config.labels.eligibility!r}); check --as-of against the events' dates"
+            raise nobody_eligible(
+                tally.population, bundle.config, as_of, validation.ts_min, validation.ts_max
             )
         drift = drift_from_counts(bundle, tally.drift)
         warnings = model_age_warnings(bundle, as_of, config) + drift_warnings(drift, config)
@@ -145,6 +153,10 @@ def run_score_spark(
             "counts": counts,
             "segments": dict(sorted(tally.segments.items())),
             "triggers": dict(sorted(tally.triggers.items())),
+            "population": dict(tally.population),
+            "who_was_scored": who_was_scored(
+                tally.population, bundle.config, as_of, validation.rows_rejected
+            ),
             "engine": "spark",
         }
         result = ScoreRunResult(
@@ -161,6 +173,8 @@ def run_score_spark(
             dry_run=dry_run,
             validation=validation,
             out=getattr(target, "path", None),
+            population=summary["population"],
+            who_was_scored=summary["who_was_scored"],
         )
         if dry_run:
             # the in-memory twin holds what it is sent anyway
@@ -211,6 +225,7 @@ class _Tally:
         self.segments: Counter[str] = Counter()
         self.triggers: Counter[str] = Counter()
         self.drift: dict[str, list[int]] = {}
+        self.population: Counter[str] = Counter()
         self.batches: list[tuple[int, int]] = []
         self.chunks: list[int] = []
         self.sent_rows = 0
@@ -252,14 +267,18 @@ class _Writer:
 
 
 def _records(parts: list[Path], tally: _Tally) -> Iterator[pl.DataFrame]:
-    """The scored records in ``user_id`` order, :data:`CHUNK_ROWS` at a time; drift rows tallied."""
+    """The scored records in ``user_id`` order, :data:`CHUNK_ROWS` at a time; the
+    partitions' drift and population rows tallied."""
     for part in parts:
         for batch in pq.ParquetFile(part).iter_batches(batch_size=CHUNK_ROWS):
             frame = pl.from_arrow(pa.Table.from_batches([batch]))
             assert isinstance(frame, pl.DataFrame)
-            for text in frame.filter(pl.col("user_id").is_null())[_DRIFT].to_list():
-                tally.add_drift(json.loads(text))
-            records = frame.filter(pl.col("user_id").is_not_null()).drop(_DRIFT)
+            markers = frame.filter(pl.col("user_id").is_null())
+            for drift, who in markers.select(_DRIFT, _POPULATION).iter_rows():
+                if drift is not None:
+                    tally.add_drift(json.loads(drift))
+                tally.population.update(json.loads(who))
+            records = frame.filter(pl.col("user_id").is_not_null()).drop(_DRIFT, _POPULATION)
             if records.height:
                 yield records
 

@@ -21,12 +21,14 @@ import numpy as np
 import numpy.typing as npt
 import polars as pl
 
-from lapse.config import LapseConfig
-from lapse.events import load_attributes, validate_events
+from lapse.config import LapseConfig, SegmentsConfig
+from lapse.events import ValidationReport, load_attributes, validate_events
 from lapse.exceptions import LapseError
 from lapse.modeling.metrics import METRIC_NAMES
+from lapse.segments import describe_sizes
 
 if TYPE_CHECKING:
+    from lapse.modeling.bundle import TrainingData
     from lapse.replenishment import ReplenishmentResult
 
 __all__ = ["BacktestResult", "TrainResult", "backtest", "build_frame", "train"]
@@ -37,7 +39,9 @@ class TrainResult:
     """What ``lapse train`` produced.
 
     ``table`` has one row per candidate (plus ``oracle``): ``model``,
-    ``validation_auc``, the test metrics and ``selected``.
+    ``validation_auc``, the test metrics and ``selected``. ``segments``: the
+    shipped model's users per risk segment at the calibration cutoff (its
+    training score distribution).
     """
 
     metrics: dict[str, Any]
@@ -62,6 +66,7 @@ class TrainResult:
     bundle_path: Path
     notes: list[str] = field(default_factory=list)
     replenishment: ReplenishmentResult | None = None
+    segments: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -127,29 +132,60 @@ SMALL_CUTOFF = 500
 
 def _load(
     events_path: str | Path, config: LapseConfig, until: datetime | None = None
-) -> tuple[pl.LazyFrame, list[str]]:
+) -> tuple[pl.LazyFrame, ValidationReport, list[str]]:
     """Read and validate once (labels, features and BG/NBD each scan the events).
 
-    Returns the kept events (those before ``until`` when given) and a note on
-    what validation dropped, so a training report never hides rejected rows.
+    Returns the kept events (those before ``until`` when given), the validation
+    report and a note on what validation dropped, so a training report never
+    hides rejected rows.
     """
     events, report = validate_events(events_path, config)
     if until is not None:
         events = events.filter(pl.col("ts") < until)
     notes = []
-    if report.rows_rejected or report.duplicates:
+    if report.rows_rejected or report.duplicates or report.guest_rows:
         reasons = ", ".join(f"{k} {v:,}" for k, v in report.rejected_by_reason.items() if v)
         rejected = f"{report.rows_rejected:,} rejected"
         if report.rows_rejected:
             rejected += f" ({reasons}; the rows are in {report.rejects_path})"
+        guests = f", {report.guest_rows:,} guest rows set aside" if report.guest_rows else ""
         notes.append(
             f"events: {report.rows_read:,} rows read, {rejected}, "
-            f"{report.duplicates:,} duplicates dropped"
+            f"{report.duplicates:,} duplicates dropped{guests}"
         )
-    return events.lazy(), notes
+    return events.lazy(), report, notes
+
+
+def _fit_grid(events: pl.LazyFrame, config: LapseConfig) -> tuple[LapseConfig, list[str]]:
+    """``config`` with the cutoff grid fitted to the events' span (:func:`fit_grid`), and
+    the note saying what was adapted, so a short history never trains silently on a
+    handful of cutoffs."""
+    from lapse.labels import data_span, fit_grid
+
+    start, end = data_span(events)
+    fit = fit_grid(config.labels, (end - start).days)
+    return config.model_copy(update={"labels": fit.labels}), [fit.note] if fit.note else []
 
 
 # -- train ----------------------------------------------------------------------------
+
+
+def _training_data(
+    report: ValidationReport, events: pl.LazyFrame, until: datetime | None
+) -> TrainingData:
+    """What the bundle was trained on; recounted from the kept events when cut at ``until``."""
+    from lapse.modeling.bundle import TrainingData
+
+    if until is None:
+        return TrainingData(report.path, report.ts_min, report.ts_max, report.events_per_name)
+    span = events.select(pl.col("ts").min().alias("a"), pl.col("ts").max().alias("b")).collect()
+    per_name = events.group_by("event").len().collect()
+    return TrainingData(
+        report.path,
+        span["a"].item(),
+        span["b"].item(),
+        {str(e): int(n) for e, n in sorted(per_name.iter_rows())},
+    )
 
 
 def _table(race: Any) -> pl.DataFrame:
@@ -215,10 +251,59 @@ def _report_md(result_bits: dict[str, Any]) -> str:
         f"window ends by {r['calibration_cutoff']:%Y-%m-%d}) and calibrated on the latest complete "
         f"cutoff, {r['calibration_cutoff']:%Y-%m-%d}. The metrics above are the race model's; the "
         "refit model has no held-out evaluation of its own.",
+        "",
+        "## Segments",
+        "",
+        f"The shipped model's users at the calibration cutoff, {r['calibration_cutoff']:%Y-%m-%d}, "
+        f"by risk segment ({_segments_rule(r['segments_config'])}): "
+        f"{describe_sizes(r['segments'])}.",
     ]
     if r["notes"]:
         lines += ["", "## Notes", "", *(f"- {n}" for n in r["notes"])]
     return "\n".join(lines) + "\n"
+
+
+def _segments_rule(cfg: SegmentsConfig) -> str:
+    """``segments.method quantile: high above the 0.9 percentile, medium above 0.7``."""
+    if cfg.method == "quantile":
+        return (
+            f"segments.method quantile: high above the {cfg.high:g} percentile of the training "
+            f"scores, medium above {cfg.medium:g}"
+        )
+    return (
+        f"segments.method probability: high at a churn probability of {cfg.high:g} or more, "
+        f"medium at {cfg.medium:g} or more"
+    )
+
+
+def _segment_sizes(
+    reference: npt.NDArray[np.float64],
+    config: LapseConfig,
+    cutoff: datetime,
+    metrics: dict[str, Any],
+    notes: list[str],
+) -> dict[str, int]:
+    """Users per segment in the training score distribution; into ``metrics["segments"]``,
+    with a note when probability cut-offs put most users in one segment."""
+    from lapse.segments import assign, sizes
+
+    counts = sizes(assign(reference, config.segments, reference=reference))
+    total = sum(counts.values())
+    metrics["segments"] = {
+        "method": config.segments.method,
+        "high": config.segments.high,
+        "medium": config.segments.medium,
+        "cutoff": f"{cutoff:%Y-%m-%d}",
+        "counts": counts,
+        "shares": {k: round(n / total, 4) if total else 0.0 for k, n in counts.items()},
+    }
+    crowded = [k for k, n in counts.items() if total and n / total > 0.5 and k != "low"]
+    if config.segments.method == "probability" and crowded:
+        notes.append(
+            f"segments: {counts[crowded[0]] / total:.0%} of the users are {crowded[0]} under "
+            "probability cut-offs; segments.method quantile ranks them instead (top 10% high)"
+        )
+    return counts
 
 
 def train(
@@ -258,7 +343,9 @@ def train(
     from lapse.modeling.race import fit_calibrator, fit_scorer, run_race
 
     out = Path(out_dir)
-    events, read_notes = _load(events_path, config, until)
+    events, validation, read_notes = _load(events_path, config, until)
+    config, grid_notes = _fit_grid(events, config)
+    read_notes += grid_notes
     grid = cutoff_grid(events, config)
     horizon = grid.horizon
     used = [c for c in grid.complete if c >= grid.training[0]]
@@ -299,8 +386,6 @@ def train(
     replenishment = _replenishment(events, config, grid.data_end, out, truth_dir, notes)
     if replenishment is not None:
         metrics["replenishment"] = replenishment.metrics
-    metrics_path = out / "metrics.json"
-    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     tst = frame.filter(pl.col("cutoff") == grid.test)
     sample = tst.sample(n=min(5000, tst.height), seed=config.models.random_state)
     importance = race.scorer.lightgbm.importance(sample)
@@ -328,6 +413,10 @@ def train(
     y_cal = tst["churned"].cast(pl.Float64).to_numpy()
     s_cal = scorer.score(race.selected, tst)
     calibrator = fit_calibrator(race.selected, s_cal, y_cal, config)
+    score_reference = np.sort(calibrator.predict(s_cal))
+    segments = _segment_sizes(score_reference, config, grid.test, metrics, notes)
+    metrics_path = out / "metrics.json"
+    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     table = _table(race)
     report = _report_md(
         {
@@ -349,6 +438,8 @@ def train(
             "table": table,
             "refit": refit,
             "calibration_cutoff": grid.test,
+            "segments": segments,
+            "segments_config": config.segments,
             "notes": notes,
         }
     )
@@ -370,7 +461,7 @@ def train(
         selected=race.selected,
         scorer=scorer,
         calibrator=calibrator,
-        score_reference=np.sort(calibrator.predict(s_cal)),
+        score_reference=score_reference,
         metrics=metrics,
         cutoffs={
             "training": list(grid.training),
@@ -382,6 +473,7 @@ def train(
         },
         created_at=datetime.now(UTC),
         feature_reference=_feature_reference(tst, importance, config),
+        training_data=_training_data(validation, events, until),
     )
     if replenishment is not None:
         bundle.extras["replenishment"] = replenishment.model
@@ -410,6 +502,7 @@ def train(
         bundle_path=bundle_path,
         notes=notes,
         replenishment=replenishment,
+        segments=segments,
     )
 
 
@@ -453,7 +546,9 @@ def backtest(events_path: str | Path, config: LapseConfig, *, k: int = 6) -> Bac
 
     if k < 1:
         raise LapseError(f"--k must be at least 1, got {k}")
-    events, read_notes = _load(events_path, config)
+    events, _, read_notes = _load(events_path, config)
+    config, grid_notes = _fit_grid(events, config)
+    read_notes += grid_notes
     start, end = data_span(events)
     step = timedelta(days=config.labels.cutoff_every_days)
     latest = end - timedelta(days=config.labels.horizon_days)

@@ -5,8 +5,9 @@ Order of resolution for each canonical column: ``source.columns``, then
 then a source column of the same name. Row rules run on the result and set
 the event name of the rows they claim.
 
-Besides the canonical columns and ``source.properties`` the mapped frame
-keeps helper columns for validation: :data:`TS_RAW` (the source timestamp as
+With ``source.order_id`` the mapped frame also carries the canonical
+:data:`~lapse.schema.ORDER_ID` column (after ``EVENT_COLUMNS``). Besides the
+canonical columns and ``source.properties`` it keeps helper columns for validation: :data:`TS_RAW` (the source timestamp as
 text, null when absent or already typed as a date or datetime),
 :data:`BY_RULE` (a row rule claimed the row) and, when ``source.message_id``
 is set, :data:`MESSAGE_ID`.
@@ -23,7 +24,7 @@ from lapse.events.derive import derive_expr
 from lapse.events.readers import collect_frame, is_segment_schema, one_line
 from lapse.events.timestamps import check_timezone, infer_timestamp_format, parse_timestamp
 from lapse.exceptions import MissingColumnsError, ReadError
-from lapse.schema import EVENT_COLUMNS, REQUIRED_EVENT_COLUMNS
+from lapse.schema import EVENT_COLUMNS, ORDER_ID, REQUIRED_EVENT_COLUMNS
 
 __all__ = [
     "BY_RULE",
@@ -215,7 +216,8 @@ def map_events(raw: pl.LazyFrame, config: LapseConfig, *, source_name: str) -> p
     Returns
     -------
     pl.LazyFrame
-        ``EVENT_COLUMNS`` in order, then ``source.properties``, then the
+        ``EVENT_COLUMNS`` in order, ``order_id`` when ``source.order_id`` is
+        set, then ``source.properties``, then the
         helper columns (:data:`TS_RAW`, :data:`BY_RULE`, and :data:`MESSAGE_ID`
         when ``source.message_id`` is set). Nothing is rejected here.
 
@@ -239,7 +241,7 @@ def map_events(raw: pl.LazyFrame, config: LapseConfig, *, source_name: str) -> p
     missing = [
         c for c in required if c not in found and c not in source.columns and c not in source.derive
     ]
-    named = [*source.properties, *([source.message_id] if source.message_id else [])]
+    named = [*source.properties, *(c for c in (source.message_id, source.order_id) if c)]
     named += [r.column for r in source.row_rules if r.column not in found]
     absent = sorted({c for c in named if c not in schema})
     problems += [f"{c} (named in the source section, not in the source)" for c in absent]
@@ -289,6 +291,8 @@ def map_events(raw: pl.LazyFrame, config: LapseConfig, *, source_name: str) -> p
         helpers.append(
             id_as_string(pl.col(source.message_id), schema[source.message_id]).alias(MESSAGE_ID)
         )
+    if source.order_id:
+        columns[ORDER_ID] = id_as_string(pl.col(source.order_id), schema[source.order_id])
     return raw.select(
         *(expr.alias(name) for name, expr in {**columns, "event": event}.items()),
         *(pl.col(p) for p in source.properties),

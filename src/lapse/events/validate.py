@@ -12,9 +12,12 @@ Reject reasons, checked in this order (a row gets the first that applies):
     ``quantity < 0`` on a row no row rule claimed and whose event is not
     listed under ``roles.return``.
 
+With ``source.allow_guest_rows`` a row without a user id is a *guest row*
+instead: set aside and counted (``guest_rows``), never a user, not a reject.
+
 Rejected rows go to a rejects Parquet file (the mapped row plus ``reason``).
-Duplicates (identical in every canonical column, or sharing the
-``source.message_id`` value) keep their first occurrence. Events later than
+Duplicates (identical in every canonical column, the order key included, or
+sharing the ``source.message_id`` value) keep their first occurrence. Events later than
 ``as_of`` (or now) plus ``source.future_tolerance_hours`` are counted, not
 dropped. Nothing is lost silently: every dropped row is counted in the report.
 """
@@ -22,7 +25,7 @@ dropped. Nothing is lost silently: every dropped row is counted in the report.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Final
@@ -34,13 +37,17 @@ from lapse.events.database import scan_database, source_label
 from lapse.events.mapping import BY_RULE, MESSAGE_ID, id_columns, map_events
 from lapse.events.readers import collect_frame, data_files, scan_source
 from lapse.exceptions import EventsError
-from lapse.schema import EVENT_COLUMNS, ROLES
+from lapse.schema import EVENT_COLUMNS, ORDER_ID, ROLES
 
 __all__ = [
+    "GUEST",
     "REJECT_REASONS",
     "ValidationReport",
+    "canonical_columns",
+    "count_orders",
     "event_files",
     "new_event_users",
+    "output_columns",
     "read_events",
     "read_user_events",
     "rejects_path_for",
@@ -49,15 +56,22 @@ __all__ = [
 
 REJECT_REASONS: Final = ("null_user_id", "unparsable_ts", "null_event", "negative_quantity")
 REASON: Final = "reason"
+#: The reason of a row without a user id under ``source.allow_guest_rows``: set aside,
+#: counted as a guest row, neither kept nor rejected.
+GUEST: Final = "guest"
 
 
 @dataclass(frozen=True)
 class ValidationReport:
     """What :func:`validate_events` read, kept, rejected and flagged.
 
-    ``rows_read = rows_kept + sum(rejected_by_reason.values()) + duplicates``.
+    ``rows_read = rows_kept + sum(rejected_by_reason.values()) + duplicates + guest_rows``.
     ``events_per_role`` counts kept events per role (an event listed under two
-    roles counts in both); ``events_unassigned`` counts kept events in no role.
+    roles counts in both); ``events_unassigned`` counts kept events in no role;
+    ``events_per_name`` counts kept events per event name.
+    ``purchase_orders`` counts the orders among the kept ``purchase`` events
+    (a user's lines sharing ``source.order_id``, a row without one alone); it
+    is ``None`` without ``source.order_id``, when every purchase row is an order.
     """
 
     path: str
@@ -72,6 +86,9 @@ class ValidationReport:
     duplicates: int
     future_events: int
     rejects_path: Path | None
+    purchase_orders: int | None = None
+    events_per_name: dict[str, int] = field(default_factory=dict)
+    guest_rows: int = 0
 
     @property
     def rows_rejected(self) -> int:
@@ -85,11 +102,13 @@ class ValidationReport:
 
 
 def _checks(config: LapseConfig) -> dict[str, pl.Expr]:
-    """Reject reason -> the condition that flags a row, in order of precedence."""
+    """Reject reason (or :data:`GUEST`) -> the condition that flags a row, in order of
+    precedence."""
     returns = config.roles.of("return")
     negative = (pl.col("quantity") < 0) & ~pl.col(BY_RULE) & ~pl.col("event").is_in(returns)
+    no_user = GUEST if config.source.allow_guest_rows else "null_user_id"
     return {
-        "null_user_id": pl.col("user_id").is_null(),
+        no_user: pl.col("user_id").is_null(),
         "unparsable_ts": pl.col("ts").is_null(),
         "null_event": pl.col("event").is_null(),
         "negative_quantity": negative.fill_null(False),
@@ -121,7 +140,8 @@ def _first_distinct(frame: pl.DataFrame, columns: Sequence[str]) -> pl.Series:
 
 
 def _kept(frame: pl.DataFrame, config: LapseConfig) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Mapped rows -> ``(rejected rows with reason, kept events)``.
+    """Mapped rows -> ``(rejected rows with reason, kept events)``; guest rows count as
+    rejected here, with the reason :data:`GUEST`.
 
     Duplicates among the unrejected rows (identical canonical columns, or the
     same ``source.message_id``) keep their first occurrence.
@@ -133,16 +153,31 @@ def _kept(frame: pl.DataFrame, config: LapseConfig) -> tuple[pl.DataFrame, pl.Da
     else:
         rejected, ok = frame.clear().with_columns(pl.lit(None, pl.String).alias(REASON)), frame
     del frame
-    keep = _first_distinct(ok, list(EVENT_COLUMNS))
+    keep = _first_distinct(ok, canonical_columns(config))
     if config.source.message_id is not None:
         ids = ok[MESSAGE_ID]
         keep = keep & (ids.is_null() | ids.is_first_distinct())
     kept = ok if keep.all() else ok.filter(keep)
-    return rejected, kept.select(_output_columns(config))
+    return rejected, kept.select(output_columns(config))
 
 
-def _output_columns(config: LapseConfig) -> list[str]:
-    return [*EVENT_COLUMNS, *config.source.properties]
+def canonical_columns(config: LapseConfig) -> list[str]:
+    """The canonical columns ``config`` maps: :data:`EVENT_COLUMNS`, then ``order_id`` when set."""
+    return [*EVENT_COLUMNS, *([ORDER_ID] if config.source.order_id else [])]
+
+
+def output_columns(config: LapseConfig) -> list[str]:
+    """The columns of the kept events: :func:`canonical_columns`, then ``source.properties``."""
+    return [*canonical_columns(config), *config.source.properties]
+
+
+def count_orders(events: pl.DataFrame, config: LapseConfig) -> int | None:
+    """The report's ``purchase_orders`` of kept ``events``: ``None`` without an order key."""
+    if ORDER_ID not in events.columns:
+        return None
+    bought = events.filter(pl.col("event").is_in(config.roles.of("purchase")))
+    keyed = bought.filter(pl.col(ORDER_ID).is_not_null())
+    return keyed.select(ORDER_ID, "user_id").n_unique() + bought.height - keyed.height
 
 
 def rejects_path_for(path: str | Path, config: LapseConfig) -> Path:
@@ -208,6 +243,11 @@ def validate_events(
     rows_read = frame.height
     rejected, events = _kept(frame, config)
     del frame
+    duplicates = rows_read - rejected.height - events.height
+    is_guest = rejected[REASON] == GUEST
+    guests = int(is_guest.sum())
+    if guests:
+        rejected = rejected.filter(~is_guest)
 
     written: Path | None = None
     if rejected.height:
@@ -237,9 +277,12 @@ def validate_events(
         },
         events_unassigned=sum(n for e, n in per_event.items() if e not in assigned),
         rejected_by_reason={reason: int(counts.get(reason, 0)) for reason in REJECT_REASONS},
-        duplicates=rows_read - rejected.height - events.height,
+        duplicates=duplicates,
         future_events=events.filter(pl.col("ts") > horizon).height,
         rejects_path=written,
+        purchase_orders=count_orders(events, config),
+        events_per_name={str(e): int(n) for e, n in sorted(per_event.items())},
+        guest_rows=guests,
     )
     return events, report
 

@@ -1,7 +1,8 @@
 """The core set at many midnight cutoffs: a compact daily roll-up, windows per cutoff.
 
 :func:`build_core` is the path of :func:`lapse.features.build_many` for
-``feature_set="core"`` when every cutoff is at 00:00 UTC (a window
+``feature_set="core"`` when every cutoff is at 00:00 UTC and the events have
+no ``order_id`` column (a window
 ``[T - W days, T)`` is then exactly ``W`` whole UTC days, so daily rows
 suffice).
 

@@ -16,6 +16,11 @@ compares two independent implementations.
 3. The full set adds two small side aggregations: active days over the whole
    history (one bitmask per user and 64-day block, expanded to days for the
    streaks, gaps and weeks) and squared gaps between purchases.
+
+With an ``order_id`` column every count (events, roles, milestones, orders)
+takes one row per order: the later lines of an order carry ``_one = False``
+(:func:`lapse.features._engine.first_line`); sums (revenue, units) and active
+days still read every line.
 """
 
 from __future__ import annotations
@@ -27,7 +32,15 @@ import numpy as np
 import polars as pl
 
 from lapse.config import LapseConfig
-from lapse.features._engine import DAY_US, _frac_days, _ratio, canonical, units_expr
+from lapse.features._engine import (
+    DAY_US,
+    _frac_days,
+    _ratio,
+    canonical,
+    first_line,
+    has_orders,
+    units_expr,
+)
 from lapse.features._engine import _days_between as _days
 from lapse.features.registry import CORE_WINDOWS, expand, windows_of
 from lapse.schema import ROLES
@@ -134,22 +147,33 @@ def build_one(
     windows = windows_of(config) if full else list(CORE_WINDOWS)
     roles = ROLES if full else ("usage", "purchase")
     telemetry = bool(config.roles.of("consumption"))
-    cols = ["user_id", "ts", "event", "sku", "quantity", "revenue"]
+    cols = ["user_id", "ts", "event", "sku", "quantity", "revenue", "order_id"]
     ts, c = pl.col("ts"), pl.col
-    lf = canonical(events, cols if full else ["user_id", "ts", "event", "revenue"]).filter(ts < t)
+    core_cols = ["user_id", "ts", "event", "revenue", "order_id"]
+    lf = canonical(events, cols if full else core_cols).filter(ts < t)
+    orders = has_orders(events)
+    if orders:
+        lf = lf.with_columns(first_line(config).alias("_one"))
+
+    def counted(flag: pl.Expr) -> pl.Expr:
+        """``flag`` on the rows that count as one event (every row without order ids)."""
+        return flag & c("_one") if orders else flag
 
     # window edges: every window, and for the full set the 8 weekly edges of the slope
     edges = sorted(set(windows) | ({7 * k for k in range(1, _SLOPE_WEEKS + 1)} if full else set()))
     last_day = (t - timedelta(microseconds=1) - _EPOCH).days
     midnight = t == t.replace(hour=0, minute=0, second=0, microsecond=0)
     k = pl.lit(last_day, dtype=pl.Int32) - ts.dt.date().cast(pl.Int32)
-    flags = [_flag(config, r).alias(f"_r_{r}") for r in roles]
+    flags = [counted(_flag(config, r)).alias(f"_r_{r}") for r in roles]
     flags += [(ts >= t - timedelta(days=d)).alias(f"_in{d}") for d in edges]
     if full:
         flags += [
             pl.when(_flag(config, "purchase")).then(units_expr(config)).alias("_ub"),
             pl.when(_flag(config, "consumption")).then(c("quantity").fill_null(1.0)).alias("_uc"),
-            *((c("event") == m.event).alias(f"_ms{i}") for i, m in enumerate(config.milestones)),
+            *(
+                counted(c("event") == m.event).alias(f"_ms{i}")
+                for i, m in enumerate(config.milestones)
+            ),
         ]
     lf = lf.with_columns(*flags, k.alias("_k"))
 
@@ -181,7 +205,7 @@ def build_one(
         )
     if full:
         aggs += [
-            pl.len().alias("n_event"),
+            c("_one").sum().alias("n_event") if orders else pl.len().alias("n_event"),
             ts.max().alias("last_event"),
             pl.when(r["purchase"]).then(ts).min().alias("first_purchase"),
             pl.when(r["aha"]).then(ts).min().alias("first_aha"),
@@ -191,7 +215,7 @@ def build_one(
         ]
         for w in windows:
             aggs += [
-                inw[w].sum().alias(f"event_count_{w}d"),
+                counted(inw[w]).sum().alias(f"event_count_{w}d"),
                 *(
                     (r[x] & inw[w]).sum().alias(f"{x}_count_{w}d")
                     for x in roles

@@ -11,6 +11,9 @@
    ``b`` (an as-of join); a window ``[T - W, T)`` is the state at ``T`` minus
    the state at ``T - W``. One roll-up serves any number of cutoffs.
 
+With an ``order_id`` column, counts take one row per order (:func:`first_line`)
+and sums every line.
+
 Nothing here sees an event at or after its cutoff: the roll-up stops at the
 last cutoff, and every look-up takes buckets that start strictly before the
 instant asked for, which are whole because bucket edges include every cutoff.
@@ -26,7 +29,7 @@ import polars as pl
 from lapse.config import LapseConfig
 from lapse.exceptions import EventsError, LapseError, MissingColumnsError
 from lapse.features.registry import CORE_WINDOWS, expand, windows_of
-from lapse.schema import OPTIONAL_EVENT_COLUMNS, REQUIRED_EVENT_COLUMNS, ROLES, TS_DTYPE
+from lapse.schema import OPTIONAL_EVENT_COLUMNS, ORDER_ID, REQUIRED_EVENT_COLUMNS, ROLES, TS_DTYPE
 
 DAY_US = 86_400_000_000
 _DAY = timedelta(days=1)
@@ -61,6 +64,8 @@ def canonical(events: pl.LazyFrame, columns: Sequence[str] | None = None) -> pl.
     """The canonical columns of ``events``; absent optional columns become nulls.
 
     ``columns`` keeps only those (in canonical order); the default keeps all.
+    ``order_id`` is kept (as a string, last) when ``events`` has it and it is
+    asked for; it is never invented.
     """
     schema = events.collect_schema()
     missing = [c for c in REQUIRED_EVENT_COLUMNS if c not in schema]
@@ -87,10 +92,34 @@ def canonical(events: pl.LazyFrame, columns: Sequence[str] | None = None) -> pl.
             if name in schema
             else pl.lit(None, dtype=optional[name]).alias(name)
         )
+    if ORDER_ID in schema:
+        cols.append(pl.col(ORDER_ID).cast(pl.String))
     if columns is not None:
         keep = set(columns)
         cols = [c for c in cols if c.meta.output_name() in keep]
     return events.select(cols)
+
+
+def has_orders(events: pl.LazyFrame) -> bool:
+    """Whether ``events`` carry an order key (``source.order_id``)."""
+    return ORDER_ID in events.collect_schema()
+
+
+def first_line(config: LapseConfig) -> pl.Expr:
+    """True on every row that counts as one event: all but the later lines of an order.
+
+    An order is the ``purchase`` rows of one user sharing an ``order_id``; it
+    counts once, on its first line by ``ts`` (one of them on a tie). A row
+    without an order id, or in no purchase role, is its own event. The flag of a
+    row depends only on rows of its order at or before it, so filtering the
+    events at a cutoff before or after computing it gives the same flags.
+    """
+    names = config.roles.of("purchase")
+    if not names:
+        return pl.lit(True)
+    bought = pl.col("event").is_in(names)
+    rank = pl.int_range(pl.len()).over(_USER, ORDER_ID, bought, order_by=["ts", "event"])
+    return ~bought | pl.col(ORDER_ID).is_null() | (rank == 0)
 
 
 def units_expr(config: LapseConfig) -> pl.Expr:
@@ -140,14 +169,21 @@ def rollup(
     )
     ts = pl.col("ts")
     roles = _CORE_LAST if core else ROLES
-    flags = {r: _flag(config, r).alias(f"_is_{r}") for r in roles}
-    lf = (
-        canonical(events, ["user_id", "ts", "event", "revenue"] if core else None)
-        .filter(ts < end)
-        .with_columns(_bucket(offsets).alias("bucket"), *flags.values())
-    )
+    lf = canonical(events, ["user_id", "ts", "event", "revenue", ORDER_ID] if core else None)
+    lf = lf.filter(ts < end)
+    # with order ids, counts take one row per order (see first_line); sums every line
+    orders = has_orders(events)
+    if orders:
+        lf = lf.with_columns(first_line(config).alias("_one"))
+
+    def counted(flag: pl.Expr) -> pl.Expr:
+        return flag & pl.col("_one") if orders else flag
+
+    flags = {r: counted(_flag(config, r)).alias(f"_is_{r}") for r in roles}
+    lf = lf.with_columns(_bucket(offsets).alias("bucket"), *flags.values())
     is_ = {r: pl.col(f"_is_{r}") for r in roles}
     p = is_["purchase"]
+    lines = _flag(config, "purchase") if orders else p
     if core:
         rolled_core = lf.group_by(_USER, "bucket").agg(
             *(is_[r].sum().cast(pl.Int64).alias(f"n_{r}") for r in roles),
@@ -157,16 +193,16 @@ def rollup(
         )
         return rolled_core.collect(engine="streaming")
     aggs: list[pl.Expr] = [
-        pl.len().cast(pl.Int64).alias("n_event"),
+        (pl.col("_one").sum() if orders else pl.len()).cast(pl.Int64).alias("n_event"),
         *(is_[r].sum().cast(pl.Int64).alias(f"n_{r}") for r in ROLES),
         pl.col("revenue").sum().alias("revenue"),
-        pl.when(p).then(units_expr(config)).sum().alias("units_bought"),
+        pl.when(lines).then(units_expr(config)).sum().alias("units_bought"),
         pl.when(is_["consumption"])
         .then(pl.col("quantity").fill_null(1.0))
         .sum()
         .alias("units_consumed"),
         *(
-            (pl.col("event") == m.event).sum().cast(pl.Int64).alias(f"ms_{i}")
+            counted(pl.col("event") == m.event).sum().cast(pl.Int64).alias(f"ms_{i}")
             for i, m in enumerate(config.milestones)
         ),
         ts.min().alias("first_event"),

@@ -28,7 +28,8 @@ def build_many(
     One roll-up of the events before the last cutoff serves every cutoff.
     The core set at cutoffs that are all at 00:00 UTC takes a compact daily
     roll-up read in week-long slices, with each cutoff's windows summed from
-    its 90 days of daily rows (:mod:`lapse.features._daily`); otherwise windows
+    its 90 days of daily rows (:mod:`lapse.features._daily`; not with an
+    ``order_id`` column); otherwise windows
     come from running sums over day buckets split at the cutoffs' times of
     day (:mod:`lapse.features._engine`). Neither path makes one pass over the
     events per cutoff.
@@ -57,7 +58,8 @@ def build_many(
     cuts = sorted({_engine.utc_cutoff(c, "cutoff") for c in cutoffs})
     _check(feature_set)
     core = feature_set == "core"
-    if core and _daily.all_midnight(cuts):
+    # order ids need each order's first line, which the daily slices do not see
+    if core and _daily.all_midnight(cuts) and not _engine.has_orders(events):
         frame = _daily.build_core(events, cuts, config)
         return _engine.with_attributes(frame, attributes, config)
     buckets = _engine.rollup(events, cuts, config, core)

@@ -1,9 +1,12 @@
 """Orders and point-in-time covariates of replenishment episodes.
 
-An *order* is every ``purchase`` event of a user (and, for the ``"sku"``
-target, of one SKU) on one UTC calendar day: several lines or invoices on the
-same day are one order, stamped with the day's first purchase time. The
-``"any"`` target keys orders by user alone, with ``sku = "*"``.
+An *order* is the ``purchase`` events of a user (and, for the ``"sku"``
+target, of one SKU) sharing an ``order_id`` (``source.order_id``), stamped
+with its first line's time (orders at the same instant are one). Without an
+order id, it is every such event on
+one UTC calendar day: several lines or invoices on the same day are one order,
+stamped with the day's first purchase time. The ``"any"`` target keys orders
+by user alone, with ``sku = "*"``.
 
 Each order's covariates use the order itself (units, revenue, lines) and
 events strictly before its timestamp, so nothing here sees the future.
@@ -18,8 +21,9 @@ import polars as pl
 
 from lapse.config import LapseConfig
 from lapse.features import _engine
+from lapse.schema import ORDER_ID
 
-__all__ = ["ANY_SKU", "COVARIATES", "order_covariates", "purchase_orders"]
+__all__ = ["ANY_SKU", "COVARIATES", "order_covariates", "order_keys", "purchase_orders"]
 
 Target = Literal["sku", "any"]
 ANY_SKU: Final = "*"
@@ -60,6 +64,18 @@ def _units(config: LapseConfig, per_pack: dict[str, float]) -> pl.Expr:
     return qty * factor.fill_null(1.0)
 
 
+def order_keys(events: pl.LazyFrame) -> list[pl.Expr]:
+    """What tells a user's orders apart: the ``order_id``, else the UTC day of ``ts``.
+
+    With an ``order_id`` column, rows without one fall back to their day.
+    """
+    day = pl.col("ts").dt.truncate("1d")
+    if not _engine.has_orders(events):
+        return [day.alias("_day")]
+    keyed = pl.col(ORDER_ID).is_not_null()
+    return [pl.col(ORDER_ID), pl.when(~keyed).then(day).alias("_day")]
+
+
 def purchase_orders(
     events: pl.LazyFrame,
     config: LapseConfig,
@@ -89,20 +105,21 @@ def purchase_orders(
         key = pl.col("sku")
     else:
         key = pl.lit(ANY_SKU)
-    return (
+    sums = [pl.col("units").sum(), pl.col("revenue").sum(), pl.col("lines").sum()]
+    orders = (
         ev.with_columns(
             key.alias("_key"),
             _units(config, per_pack).alias("units"),
-            pl.col("ts").dt.truncate("1d").alias("_day"),
+            pl.lit(1, pl.Int64).alias("lines"),
         )
-        .group_by("user_id", "_key", "_day")
-        .agg(
-            pl.col("ts").min(),
-            pl.col("units").sum(),
-            pl.col("revenue").sum().alias("revenue"),
-            pl.len().cast(pl.Int64).alias("lines"),
-        )
-        .select("user_id", pl.col("_key").alias("sku"), "ts", "units", "revenue", "lines")
+        .group_by("user_id", "_key", *order_keys(events))
+        .agg(pl.col("ts").min(), *sums)
+    )
+    if _engine.has_orders(events):
+        # two orders of one key at the same instant are one: an episode cannot last 0 days
+        orders = orders.group_by("user_id", "_key", "ts").agg(sums)
+    return (
+        orders.select("user_id", pl.col("_key").alias("sku"), "ts", "units", "revenue", "lines")
         .sort("user_id", "sku", "ts")
         .collect()
     )

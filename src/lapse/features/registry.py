@@ -56,7 +56,7 @@ _WIN = "in the half-open window [T - W days, T)"
 FEATURES: Final[tuple[FeatureDef, ...]] = (
     # core: names pinned by the issue; triggers and the README rely on them
     _f("usage_count_{W}d", f"`usage` events {_WIN}", _I, "core"),
-    _f("purchase_count_{W}d", f"`purchase` events {_WIN}", _I, "core"),
+    _f("purchase_count_{W}d", f"orders (`purchase` events) {_WIN}", _I, "core"),
     _f("active_days_{W}d", f"distinct UTC calendar days with any event {_WIN}", _I, "core"),
     _f(
         "revenue_{W}d",
@@ -195,7 +195,7 @@ FEATURES: Final[tuple[FeatureDef, ...]] = (
         _F,
         "replenishment",
     ),
-    _f("order_count", "`purchase` events before T", _I, "replenishment"),
+    _f("order_count", "orders (`purchase` events) before T", _I, "replenishment"),
     _f("units_bought_total", "units bought before T", _F, "replenishment"),
     _f(
         "units_consumed_total",
@@ -223,7 +223,7 @@ FEATURES: Final[tuple[FeatureDef, ...]] = (
     ),
     _f(
         "mean_order_gap_days",
-        "mean gap in days between consecutive `purchase` events; null with fewer than 2",
+        "mean gap in days between consecutive orders; null with fewer than 2",
         _F,
         "replenishment",
     ),
@@ -236,7 +236,7 @@ FEATURES: Final[tuple[FeatureDef, ...]] = (
 )
 
 SKU_FEATURES: Final[tuple[FeatureDef, ...]] = (
-    _f("order_count", "`purchase` events of this SKU before T", _I, "sku"),
+    _f("order_count", "orders of this SKU before T", _I, "sku"),
     _f("units_bought", "units of this SKU bought before T", _F, "sku"),
     _f("last_order_units", "units in the latest order of this SKU", _F, "sku"),
     _f(
@@ -322,6 +322,9 @@ def markdown_table() -> str:
         "T is the cutoff (`as_of`); features see events with `ts < T` only. `{W}` is a",
         "window in days: always 7, 14, 28 and 90, plus `features.windows` (default adds 56).",
         "`{milestone}` is each configured milestone's name. Nulls mean never happened.",
+        "An order is a `purchase` event; with `source.order_id`, the purchase lines of one",
+        "order are one order and one event in every count, at its first line's time, while",
+        "sums (revenue, units) and active days take each line at its own time.",
         "Key columns: `user_id` (and `cutoff` from `build_many`); configured",
         "`attributes.static_features` follow the features.",
         "",

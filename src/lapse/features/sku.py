@@ -9,6 +9,7 @@ import polars as pl
 from lapse.config import LapseConfig
 from lapse.features import _engine
 from lapse.features.registry import SKU_FEATURES
+from lapse.schema import ORDER_ID
 
 __all__ = ["build_sku"]
 
@@ -18,9 +19,11 @@ _RATE_DAYS = 28
 def build_sku(events: pl.LazyFrame, as_of: datetime, config: LapseConfig) -> pl.DataFrame:
     """One row per (user, SKU) with an order of that SKU before ``as_of``.
 
-    Orders are ``purchase`` events with a SKU; units are ``quantity`` (null =
-    1) times ``features.units_per_pack``. Consumption events without a SKU
-    are charged to the SKU the user ordered last before them.
+    Orders are ``purchase`` events with a SKU; with an ``order_id`` column the
+    lines of one order with this SKU are one order of it, at its first line,
+    their units summed. Units are ``quantity`` (null = 1) times
+    ``features.units_per_pack``. Consumption events without a SKU are charged
+    to the SKU the user ordered last before them.
 
     Parameters
     ----------
@@ -41,11 +44,10 @@ def build_sku(events: pl.LazyFrame, as_of: datetime, config: LapseConfig) -> pl.
     ts = pl.col("ts")
     ev = _engine.canonical(events).filter(ts < t)
     keys = ["user_id", "sku"]
-    orders = (
-        ev.filter(pl.col("event").is_in(config.roles.of("purchase")) & pl.col("sku").is_not_null())
-        .select(*keys, "ts", _engine.units_expr(config).alias("units"))
-        .collect()
-    )
+    lines = ev.filter(
+        pl.col("event").is_in(config.roles.of("purchase")) & pl.col("sku").is_not_null()
+    ).select(*keys, "ts", _engine.units_expr(config).alias("units"), *_order_id(events))
+    orders = _per_order(lines, keys).collect()
     gap = (ts.diff().dt.total_microseconds() / _engine.DAY_US).over(keys, order_by="ts")
     rows = (
         orders.lazy()
@@ -111,3 +113,19 @@ def build_sku(events: pl.LazyFrame, as_of: datetime, config: LapseConfig) -> pl.
         .sort(keys)
         .collect()
     )
+
+
+def _order_id(events: pl.LazyFrame) -> list[str]:
+    return [ORDER_ID] if _engine.has_orders(events) else []
+
+
+def _per_order(lines: pl.LazyFrame, keys: list[str]) -> pl.LazyFrame:
+    """One row per order of a key: the lines sharing an order id merged (first ``ts``,
+    units summed); lines without one (or without an ``order_id`` column) as they are."""
+    if ORDER_ID not in lines.collect_schema():
+        return lines
+    keyed = pl.col(ORDER_ID).is_not_null()
+    merged = (
+        lines.filter(keyed).group_by(*keys, ORDER_ID).agg(pl.col("ts").min(), pl.col("units").sum())
+    )
+    return pl.concat([lines.filter(~keyed), merged], how="diagonal").drop(ORDER_ID)

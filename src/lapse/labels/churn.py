@@ -7,8 +7,9 @@ cutoff; the label uses events in ``[T, T + horizon)``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
+from typing import Final
 
 import polars as pl
 
@@ -17,7 +18,16 @@ from lapse.exceptions import ConfigError, LapseError
 from lapse.labels.cutoffs import data_span
 from lapse.schema import ROLES
 
-__all__ = ["activity_events", "churn_labels", "eligible", "outcomes", "role_events"]
+__all__ = [
+    "EXCLUSIONS",
+    "activity_events",
+    "churn_labels",
+    "describe_exclusions",
+    "eligible",
+    "outcomes",
+    "population",
+    "role_events",
+]
 
 _CUTOFF_DTYPE = pl.Datetime("us", "UTC")
 
@@ -132,22 +142,62 @@ def _with_history(
     )
 
 
-def _eligible_expr(config: LapseConfig) -> pl.Expr:
+#: Why a user with history is not eligible at a cutoff (:func:`population`'s ``excluded``).
+EXCLUSIONS: Final = ("no_activity", "inactive", "no_purchase", "cancelled")
+
+
+def _excluded_expr(config: LapseConfig) -> pl.Expr:
+    """Null for an eligible (user, cutoff) row, else the first of :data:`EXCLUSIONS` that applies."""
     lab = config.labels
+    reasons: list[tuple[pl.Expr, str]] = []
     if lab.eligibility == "active":
-        cond = pl.col("_last_act") >= pl.col("cutoff") - timedelta(days=lab.eligibility_days)
-        cond = cond.fill_null(False)
-    elif lab.eligibility == "any_history":
-        cond = pl.lit(True)
-    else:
-        cond = pl.col("_last_buy").is_not_null()
+        recent = pl.col("_last_act") >= pl.col("cutoff") - timedelta(days=lab.eligibility_days)
+        reasons += [(pl.col("_last_act").is_null(), "no_activity"), (~recent, "inactive")]
+    elif lab.eligibility == "subscribed":
+        reasons.append((pl.col("_last_buy").is_null(), "no_purchase"))
     if lab.kind == "contractual" or lab.eligibility == "subscribed":
         # already cancelled and not bought since: churned before T, not a churn risk now
         cancelled = pl.col("_last_cancel").is_not_null() & (
             pl.col("_last_buy").is_null() | (pl.col("_last_cancel") >= pl.col("_last_buy"))
         )
-        cond = cond & ~cancelled
-    return cond
+        reasons.append((cancelled, "cancelled"))
+    out = pl.lit(None, pl.String)
+    for cond, name in reversed(reasons):
+        out = pl.when(cond).then(pl.lit(name)).otherwise(out)
+    return out.alias("excluded")
+
+
+def _eligible_expr(config: LapseConfig) -> pl.Expr:
+    return _excluded_expr(config).is_null()
+
+
+def population(
+    events: pl.LazyFrame, cutoffs: Sequence[datetime], config: LapseConfig
+) -> pl.DataFrame:
+    """``user_id, cutoff, excluded`` for every user with an event before each cutoff.
+
+    ``excluded`` is null for the eligible users (:func:`eligible`) and says why
+    the others are not: ``no_activity`` (``active``: no event of
+    ``labels.activity_roles`` before the cutoff at all), ``inactive`` (none in
+    the last ``eligibility_days``), ``no_purchase`` (``subscribed``: never
+    bought), ``cancelled`` (cancelled since the last purchase).
+
+    Examples
+    --------
+    >>> from datetime import UTC, datetime
+    >>> from lapse.config import load_config
+    >>> ev = pl.LazyFrame({"user_id": ["a", "b", "c"], "event": ["app_open", "app_open", "x"],
+    ...     "ts": [datetime(2024, 1, 9, tzinfo=UTC), datetime(2023, 1, 1, tzinfo=UTC),
+    ...            datetime(2024, 1, 9, tzinfo=UTC)]}).with_columns(pl.col("ts").dt.cast_time_unit("us"))
+    >>> population(ev, [datetime(2024, 1, 10, tzinfo=UTC)], load_config())["excluded"].to_list()
+    [None, 'inactive', 'no_activity']
+    """
+    return (
+        _with_history(events, cutoffs, config)
+        .select("user_id", "cutoff", _excluded_expr(config))
+        .sort("cutoff", "user_id")
+        .collect()
+    )
 
 
 def eligible(
@@ -159,15 +209,40 @@ def eligible(
     ``active`` needs qualifying activity in the last ``eligibility_days``;
     ``any_history`` takes every user with an event; ``subscribed`` needs a
     purchase and no cancel since. Contractual labels also drop users whose
-    last cancel is after their last purchase (already churned).
+    last cancel is after their last purchase (already churned). :func:`population`
+    says why the others are left out.
     """
     return (
-        _with_history(events, cutoffs, config)
-        .filter(_eligible_expr(config))
+        population(events, cutoffs, config)
+        .filter(pl.col("excluded").is_null())
         .select("user_id", "cutoff")
-        .sort("cutoff", "user_id")
-        .collect()
     )
+
+
+def describe_exclusions(counts: Mapping[str, int], config: LapseConfig, cutoff: datetime) -> str:
+    """Why users were not eligible, in words, from counts per :data:`EXCLUSIONS` reason.
+
+    ``2,844 had no event of the activity roles (order_completed) in the 90 days
+    before 2011-12-10 (1,012 of them never had one)``; empty when none was left out.
+    """
+    lab = config.labels
+    day = f"{cutoff:%Y-%m-%d}"
+    n = {r: int(counts.get(r, 0)) for r in EXCLUSIONS}
+    parts = []
+    idle = n["no_activity"] + n["inactive"]
+    if idle:
+        names = ", ".join(_role_names(config, lab.activity_roles)) or "none"
+        ever = f" ({n['no_activity']:,} of them never had one)" if n["no_activity"] else ""
+        parts.append(
+            f"{idle:,} had no event of the activity roles ({names}) in the "
+            f"{lab.eligibility_days} days before {day}{ever}"
+        )
+    if n["no_purchase"]:
+        names = ", ".join(_role_names(config, ["purchase"])) or "none"
+        parts.append(f"{n['no_purchase']:,} never purchased ({names}) before {day}")
+    if n["cancelled"]:
+        parts.append(f"{n['cancelled']:,} had cancelled since their last purchase")
+    return "; ".join(parts)
 
 
 def churn_labels(

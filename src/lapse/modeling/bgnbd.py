@@ -6,8 +6,9 @@ and, after each repeat transaction, drops out with probability
 ``t_x`` (time of the last one since the first) and ``T`` (age at the cutoff).
 
 lapse counts a transaction per distinct UTC day with qualifying activity
-(``labels.activity_roles``; on a transaction table, the purchase days), in
-days, and scores churn as ``1 - P(at least one transaction in the horizon)``.
+(``labels.activity_roles``; on a transaction table, the purchase days, also
+with ``source.order_id``: on Online Retail days ranked churn at least as well
+as orders), in days, and scores churn as ``1 - P(at least one transaction in the horizon)``.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ Holds the config (feature settings, roles, rules, segments), the feature
 schema, the training end date, the shipped churn scorer with its calibrator,
 the race's LightGBM (for reasons), BG/NBD, and the training score
 distribution (for percentiles and drift) with a sample of the most important
-numeric features at the calibration cutoff (``feature_reference``, for drift).
+numeric features at the calibration cutoff (``feature_reference``, for drift),
+and what it was trained on (``training_data``: the events' source, span and
+event names; ``None`` in bundles saved before it was recorded).
 ``extras`` is where other tasks (replenishment) put their models.
 """
 
@@ -26,9 +28,34 @@ from lapse.exceptions import LapseError
 from lapse.modeling.metrics import Calibrator
 from lapse.modeling.race import RaceScorer
 
-__all__ = ["BUNDLE_FORMAT", "ChurnBundle"]
+__all__ = ["BUNDLE_FORMAT", "ChurnBundle", "TrainingData", "listing"]
 
 BUNDLE_FORMAT = 2  # 2: feature_reference (drift) and the config's trigger section
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """The events a bundle was trained on: source, first and last event, rows per event name."""
+
+    source: str
+    first_event: datetime | None
+    last_event: datetime | None
+    events: dict[str, int]
+
+    def describe(self, names: Sequence[str]) -> str:
+        """``data/events.parquet, 2010-12-01 to 2011-12-09, events order_completed, return``."""
+        span = (
+            f"{self.first_event:%Y-%m-%d} to {self.last_event:%Y-%m-%d}"
+            if self.first_event is not None and self.last_event is not None
+            else "no events"
+        )
+        return f"{self.source}, {span}, events {listing(names)}"
+
+
+def listing(names: Sequence[str], most: int = 8) -> str:
+    """``a, b, c`` (at most ``most`` names, then how many more)."""
+    shown = ", ".join(names[:most]) or "none"
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 @dataclass
@@ -49,6 +76,18 @@ class ChurnBundle:
     extras: dict[str, Any] = field(default_factory=dict)
     feature_reference: dict[str, npt.NDArray[np.float64]] = field(default_factory=dict)
     format: int = BUNDLE_FORMAT
+    # a plain default (a class attribute): bundles pickled before it existed read None
+    training_data: TrainingData | None = None
+
+    def event_names(self) -> list[str]:
+        """The event names the model learns from: its roles' names seen in training
+        (every role name when the bundle does not record its training events)."""
+        from lapse.schema import ROLES
+
+        names = {n for role in ROLES for n in self.config.roles.of(role)}
+        if self.training_data is not None:
+            names &= set(self.training_data.events)
+        return sorted(names)
 
     # -- inputs -------------------------------------------------------------------
     def prepare(
@@ -58,8 +97,13 @@ class ChurnBundle:
         *,
         attributes: pl.DataFrame | None = None,
         eligible_only: bool = True,
+        keep: pl.DataFrame | None = None,
     ) -> pl.DataFrame:
-        """Feature rows as of ``as_of`` with what every model needs (past events only)."""
+        """Feature rows as of ``as_of`` with what every model needs (past events only).
+
+        ``keep``: the eligible ``user_id, cutoff`` pairs when the caller has them
+        already (:func:`lapse.labels.population`); else :func:`lapse.labels.eligible`'s.
+        """
         from lapse.features import build
         from lapse.labels import eligible
         from lapse.modeling.bgnbd import rfm_summary
@@ -72,8 +116,8 @@ class ChurnBundle:
             .select("user_id", "cutoff", pl.exclude("user_id", "cutoff"))
         )
         if eligible_only:
-            keep = eligible(events, [as_of], self.config)
-            frame = frame.join(keep, on=["user_id", "cutoff"], how="semi")
+            pairs = keep if keep is not None else eligible(events, [as_of], self.config)
+            frame = frame.join(pairs, on=["user_id", "cutoff"], how="semi")
         rfm = rfm_summary(events, [as_of], self.config)
         return with_derived(frame.join(rfm, on=["user_id", "cutoff"], how="left"))
 

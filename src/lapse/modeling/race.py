@@ -31,6 +31,7 @@ __all__ = [
     "CandidateResult",
     "RaceResult",
     "RaceScorer",
+    "degenerate_baselines",
     "run_race",
     "select",
 ]
@@ -162,6 +163,56 @@ def select(validation_auc: dict[str, float]) -> tuple[str, str]:
     return winner, why
 
 
+def _same_ranking(a: FloatArray, b: FloatArray) -> bool:
+    from scipy.stats import rankdata
+
+    return bool(np.array_equal(rankdata(a), rankdata(b)))
+
+
+def degenerate_baselines(
+    scores: dict[str, tuple[FloatArray, FloatArray]],
+    results: dict[str, CandidateResult],
+    validation: pl.DataFrame,
+    config: LapseConfig,
+) -> list[str]:
+    """One line per baseline that cannot rank on this data, and why.
+
+    ``scores``: each candidate's raw ``(validation, test)`` scores. ``rules``
+    ranking every user exactly as ``recency`` does on both cutoffs means no
+    churn trigger fired (without a ``usage`` role none can: its tie-break is
+    then recency itself); ``recency`` near 0.5 validation ROC-AUC means the
+    eligible users' recency spans too little to rank them.
+    """
+    notes: list[str] = []
+    if "rules" in scores and all(
+        _same_ranking(r, c) for r, c in zip(scores["rules"], scores["recency"], strict=True)
+    ):
+        why = (
+            "no usage role (no churn trigger can fire and its tie-break is recency); list usage "
+            "events under roles.usage to give it signals of its own"
+            if not config.roles.usage
+            else "no churn trigger fired on the validation or test users"
+        )
+        notes.append(f"rules = recency: {why}")
+    auc = results["recency"].validation_auc
+    if abs(auc - 0.5) < 0.02:
+        days = recency_days(validation, config)
+        days = days[np.isfinite(days)]
+        spread = f"{days.min():.0f}-{days.max():.0f}" if days.size else "no"
+        hint = (
+            f"; labels.eligibility active keeps only users active in the last "
+            f"{config.labels.eligibility_days} days: widen labels.eligibility_days or use "
+            "any_history"
+            if config.labels.eligibility == "active"
+            else ""
+        )
+        notes.append(
+            f"recency ranks nothing (validation ROC-AUC {auc:.3f}; days since the last activity "
+            f"span {spread} days among eligible users){hint}"
+        )
+    return notes
+
+
 def fit_scorer(
     train: pl.DataFrame,
     btyd_fit: pl.DataFrame,
@@ -236,8 +287,10 @@ def run_race(
     y_val = val["churned"].cast(pl.Float64).to_numpy()
     y_test = tst["churned"].cast(pl.Float64).to_numpy()
     results: dict[str, CandidateResult] = {}
+    scores: dict[str, tuple[FloatArray, FloatArray]] = {}
     for name in scorer.names:
         s_val, s_test = scorer.score(name, val), scorer.score(name, tst)
+        scores[name] = (s_val, s_test)
         cal = fit_calibrator(name, s_val, y_val, config)
         p_test = cal.predict(s_test)
         results[name] = CandidateResult(
@@ -248,6 +301,7 @@ def run_race(
             test_proba=p_test,
         )
     selected, why = select({n: r.validation_auc for n, r in results.items()})
+    notes += degenerate_baselines(scores, results, val, config)
     oracle_auc = None
     if oracle is not None:
         joined = tst.select("user_id", "churned").join(oracle, on="user_id", how="left")

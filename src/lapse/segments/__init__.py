@@ -10,7 +10,7 @@ import polars as pl
 
 from lapse.config import SegmentsConfig
 
-__all__ = ["SEGMENTS", "assign", "percentile"]
+__all__ = ["SEGMENTS", "assign", "describe_sizes", "percentile", "sizes"]
 
 SEGMENTS: Final = ("high", "medium", "low")
 
@@ -39,20 +39,55 @@ def assign(
 ) -> pl.Series:
     """``risk_segment`` per row.
 
-    With ``method: probability`` the calibrated churn probability is compared
-    with ``high`` and ``medium``; with ``method: quantile`` its percentile in
-    ``reference`` (the training score distribution the bundle keeps) is.
+    With ``method: quantile`` (the default) the score's percentile in
+    ``reference`` (the training score distribution the bundle keeps) is compared
+    with ``high`` and ``medium``, strictly: above 0.9 is the top 10% of the
+    reference, above 0.7 the next 20%, whatever the base rate (tied scores share
+    a segment). With ``method: probability`` the calibrated churn probability
+    itself is, inclusively.
 
     Examples
     --------
     >>> from lapse.config import SegmentsConfig
-    >>> assign([0.7, 0.4, 0.1], SegmentsConfig()).to_list()
+    >>> assign([0.7, 0.4, 0.1], SegmentsConfig(method="probability")).to_list()
     ['high', 'medium', 'low']
+    >>> ref = [i / 10 for i in range(10)]  # 0.0 .. 0.9
+    >>> assign([0.9, 0.8, 0.7, 0.0], SegmentsConfig(), reference=ref).to_list()
+    ['high', 'medium', 'medium', 'low']
     """
     p = np.asarray(churn_risk, dtype=np.float64)
     if config.method == "quantile":
         if reference is None:
             raise ValueError("segments.method 'quantile' needs the training score distribution")
-        p = percentile(p, reference)
-    seg = np.where(p >= config.high, "high", np.where(p >= config.medium, "medium", "low"))
+        q = percentile(p, reference)
+        seg = np.where(q > config.high, "high", np.where(q > config.medium, "medium", "low"))
+    else:
+        seg = np.where(p >= config.high, "high", np.where(p >= config.medium, "medium", "low"))
     return pl.Series("risk_segment", seg, dtype=pl.String)
+
+
+def sizes(segments: pl.Series) -> dict[str, int]:
+    """Users per segment, ``high``, ``medium``, ``low`` first (every one, zeros included).
+
+    Examples
+    --------
+    >>> sizes(pl.Series(["low", "high", "low"]))
+    {'high': 1, 'medium': 0, 'low': 2}
+    """
+    counts = dict(segments.value_counts().iter_rows())
+    out = {s: int(counts.pop(s, 0)) for s in SEGMENTS}
+    return out | {str(k): int(v) for k, v in sorted(counts.items())}
+
+
+def describe_sizes(counts: dict[str, int]) -> str:
+    """``high 437 (10.0%), medium 874 (20.0%), low 3,061 (70.0%)``.
+
+    Examples
+    --------
+    >>> describe_sizes({"high": 1, "medium": 1, "low": 2})
+    'high 1 (25.0%), medium 1 (25.0%), low 2 (50.0%)'
+    """
+    total = sum(counts.values())
+    return ", ".join(
+        f"{s} {n:,} ({n / total:.1%})" if total else f"{s} 0" for s, n in counts.items()
+    )
