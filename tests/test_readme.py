@@ -254,6 +254,12 @@ def test_bring_your_own_data_in_five_steps(tmp_path: Path, monkeypatch: pytest.M
     assert {"POST", "M"} <= fees
     refilled = set(scores["refill_sku"].drop_nulls())
     assert refilled and not refilled & fees
+    # reasons in the shop's words, from the shipped model, for every explained record
+    reasons = scores.filter(pl.col("risk_segment") == "high")["reasons"].explode().drop_nulls()
+    assert reasons.len() > 100
+    unreadable = reasons.filter(reasons.str.contains(r"_|\bnone\b|score|per active day"))
+    assert unreadable.is_empty(), unreadable.head(5).to_list()
+    assert reasons.str.contains("order").mean() > 0.9  # the purchase role's word
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import numpy.typing as npt
 import polars as pl
 
 from lapse.config import LapseConfig
-from lapse.modeling.bgnbd import BGNBD, BTYD_COLUMNS, FitWarning
+from lapse.modeling.bgnbd import BGNBD, FitWarning, btyd_arrays
 from lapse.modeling.lgbm import LightGBMChurn, model_columns
 from lapse.modeling.metrics import Calibrator, binary_metrics
 from lapse.modeling.rules import recency_days, rules_score
@@ -41,11 +41,6 @@ FloatArray = npt.NDArray[np.float64]
 COMPLEXITY: Final = ("recency", "rules", "bgnbd", "lightgbm", "lightgbm_stacked")
 TIE_AUC: Final = 0.001
 _PROBABILISTIC: Final = frozenset({"bgnbd", "lightgbm", "lightgbm_stacked"})
-
-
-def _btyd(frame: pl.DataFrame) -> tuple[FloatArray, FloatArray, FloatArray]:
-    cols = [frame[c].cast(pl.Float64).fill_null(0.0).to_numpy() for c in BTYD_COLUMNS]
-    return cols[0], cols[1], cols[2]
 
 
 @dataclass
@@ -72,7 +67,7 @@ class RaceScorer:
         return out
 
     def _bgnbd(self, frame: pl.DataFrame) -> FloatArray:
-        x, t, age = _btyd(frame)
+        x, t, age = btyd_arrays(frame)
         horizon = float(self.config.labels.horizon_days)
         out: FloatArray = 1.0 - self.bgnbd.p_any_purchase(horizon, x, t, age)
         return out
@@ -231,7 +226,7 @@ def fit_scorer(
     lgbm = LightGBMChurn(
         search=m.lightgbm_search, random_state=m.random_state, n_jobs=m.n_jobs
     ).fit(train, y, groups=groups)
-    x, t, age = _btyd(btyd_fit)
+    x, t, age = btyd_arrays(btyd_fit)
     bgnbd = BGNBD().fit(x, t, age)
     scorer = RaceScorer(config=config, lightgbm=lgbm, bgnbd=bgnbd)
     if m.stacked_lightgbm:
