@@ -450,6 +450,17 @@ def test_mapped_source_from_a_table_rejects_the_same_rows(
     kept = collect(checked.kept).sort("user_id", "ts", "event")
     assert_frame_equal(kept, kept_local.sort("user_id", "ts", "event"), check_exact=False)
 
+    # guest rows: the three rows without a customer are counted, not rejected, on both engines
+    config.source.allow_guest_rows = True
+    _, local = validate_events(path, config, as_of=world.as_of, rejects_path=tmp_path / "g.parquet")
+    checked = validated_events_spark("table:raw_events", config, spark=spark, partitions=3)
+    got = checked.report(config, as_of=world.as_of, rejects=tmp_path / "gs.parquet")
+    assert got.guest_rows == local.guest_rows == 3
+    assert got.rejected_by_reason == local.rejected_by_reason
+    assert got.rejected_by_reason["null_user_id"] == 0
+    assert (got.rows_kept, got.duplicates) == (local.rows_kept, local.duplicates)
+    assert pl.read_parquet(tmp_path / "gs.parquet").height == local.rows_rejected
+
 
 @pytest.mark.spark
 def test_a_missing_table_or_delta_says_what_to_do(spark: SparkSession, tmp_path: Path) -> None:

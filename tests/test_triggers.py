@@ -738,3 +738,19 @@ def test_frequency_cap_withholds_triggers_across_runs_and_counts_the_capped(
     }
     assert twice & set(seventh) and all("hello" in seventh[u] for u in twice if u in seventh)
     assert messages(7) == {u: n for u, n in messages(7).items() if n <= 2}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("(0 == (a / a))", [False, False, False]),
+        ("2 > a / a", [False, True, False]),
+        ("0 != (a / a) or 1 > a", [True, True, False]),
+    ],
+)
+def test_a_constant_on_the_left_keeps_one_value_per_row(text: str, expected: list[bool]) -> None:
+    """Found by the property test: polars 2.1 gives one row for `literal == when(...)` on an
+    all-null column; the compiler puts the column side first."""
+    empty = pl.DataFrame({"a": [None, None, None]}, schema={"a": pl.Int64})
+    assert fire(text, empty) == [False, False, False]
+    assert fire(text, pl.DataFrame({"a": [0, 2, None]})) == expected

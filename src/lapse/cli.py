@@ -129,6 +129,8 @@ def _report_table(report: ValidationReport) -> Table:
         rows.append(("identity links", f"{report.links:,}"))
         rows.append(("  ids merged into another", f"{report.merged_ids:,}"))
         rows.append(("  anonymous-only ids", f"{report.anonymous_only:,}"))
+    if report.guest_rows:
+        rows.append(("guest rows (no user id)", f"{report.guest_rows:,}"))
     rows.append(("future events (kept)", f"{report.future_events:,}"))
     if report.rejects_path is not None:
         rows.append(("rejects file", str(report.rejects_path)))
@@ -187,7 +189,13 @@ def validate(
         err_console.print(
             f"[bold red]error:[/] {escape(str(events))}: {report.rejected_share:.1%} of rows were rejected "
             f"(limit {max_reject_share:.1%}); see {report.rejects_path} for the rows and reasons, "
-            "fix the source mapping in the config, or raise --max-reject-share",
+            "fix the source mapping in the config, or raise --max-reject-share"
+            + (
+                "; if rows without a user id are guest orders, set source.allow_guest_rows: "
+                "true to count them as guest rows instead"
+                if report.rejected_by_reason.get("null_user_id")
+                else ""
+            ),
             highlight=False,
             soft_wrap=True,
         )
@@ -385,6 +393,13 @@ def train(
     register: Annotated[
         bool, typer.Option(help="Log the run to MLflow and register the bundle as a new version.")
     ] = True,
+    until: Annotated[
+        str | None,
+        typer.Option(
+            help="Train as of this date (YYYY-MM-DD, 00:00 UTC): later events are left out, "
+            "e.g. to hold them back for an out-of-time check."
+        ),
+    ] = None,
 ) -> None:
     """Race churn and replenishment models out of time; report, save and register the bundle."""
     from lapse.pipeline import run_train
@@ -397,6 +412,7 @@ def train(
             truth_dir=truth,
             models_dir=models_dir,
             register=register,
+            until=None if until is None else _parse_date(until, "--until"),
         )
     _print_training(result)
     if registered is not None:

@@ -203,6 +203,12 @@ class SourceConfig(_Section):
         default_factory=list, description="extra source columns kept on every event"
     )
     row_rules: list[RowRule] = Field(default_factory=list)
+    allow_guest_rows: bool = Field(
+        default=False,
+        description="true: rows without a user id (guest orders) are counted as guest rows and "
+        "set aside, not rejected; they never become users. false: they are rejected as "
+        "null_user_id",
+    )
     csv_separator: str = ","
     future_tolerance_hours: float = Field(default=24.0, ge=0)
 

@@ -186,11 +186,14 @@ def run_train(
     truth_dir: Path | None = None,
     models_dir: Path | None = None,
     register: bool = True,
+    until: datetime | None = None,
 ) -> tuple[TrainResult, RegisteredVersion | None]:
     """Train (churn race + replenishment), then log the run and register the bundle in MLflow."""
     from lapse.training import train
 
-    result = train(events, config, out_dir=out_dir, truth_dir=truth_dir, models_dir=models_dir)
+    result = train(
+        events, config, out_dir=out_dir, truth_dir=truth_dir, models_dir=models_dir, until=until
+    )
     if not register:
         return result, None
     from lapse.registry import log_training

@@ -446,7 +446,7 @@ class SparkValidation:
         from pyspark.sql import functions as F
 
         from lapse.events import identity
-        from lapse.events.validate import REASON, REJECT_REASONS, rejects_path_for
+        from lapse.events.validate import GUEST, REASON, REJECT_REASONS, rejects_path_for
         from lapse.schema import ROLES
 
         reference = as_of or datetime.now(UTC)
@@ -483,6 +483,7 @@ class SparkValidation:
         for g in groups:
             if g[REASON] is not None:
                 rejected[g[REASON]] = rejected.get(g[REASON], 0) + int(g["n"])
+        guests = rejected.pop(GUEST, 0)
         per_event: dict[str, int] = {}
         for g in kept:
             per_event[g["event"]] = per_event.get(g["event"], 0) + int(g["n"])
@@ -493,7 +494,7 @@ class SparkValidation:
         written: Path | None = None
         if sum(rejected.values()):
             written = rejects or rejects_path_for(self.source_name, config)
-            bad = self.flagged.filter(F.col(REASON).isNotNull())
+            bad = self.flagged.filter(F.col(REASON).isNotNull() & (F.col(REASON) != GUEST))
             write_single_parquet(
                 bad.select(*self.columns, REASON, _ROW), written, sort_by=_ROW, drop=(_ROW,)
             )
@@ -519,6 +520,7 @@ class SparkValidation:
             links=links.filter(pl.col(USER_ID).is_not_null()).height,
             merged_ids=identity.merged_ids(links),
             anonymous_only=identity.anonymous_only(links).len(),
+            guest_rows=guests,
         )
 
     @cached_property

@@ -153,16 +153,28 @@ def _load(
         events = events.filter(pl.col("ts") < until)
         links = links.filter(pl.col("ts") < until)
     notes = []
-    if report.rows_rejected or report.duplicates:
+    if report.rows_rejected or report.duplicates or report.guest_rows:
         reasons = ", ".join(f"{k} {v:,}" for k, v in report.rejected_by_reason.items() if v)
         rejected = f"{report.rows_rejected:,} rejected"
         if report.rows_rejected:
             rejected += f" ({reasons}; the rows are in {report.rejects_path})"
+        guests = f", {report.guest_rows:,} guest rows set aside" if report.guest_rows else ""
         notes.append(
             f"events: {report.rows_read:,} rows read, {rejected}, "
-            f"{report.duplicates:,} duplicates dropped"
+            f"{report.duplicates:,} duplicates dropped{guests}"
         )
     return events.lazy(), report, notes, links
+
+
+def _fit_grid(events: pl.LazyFrame, config: LapseConfig) -> tuple[LapseConfig, list[str]]:
+    """``config`` with the cutoff grid fitted to the events' span (:func:`fit_grid`), and
+    the note saying what was adapted, so a short history never trains silently on a
+    handful of cutoffs."""
+    from lapse.labels import data_span, fit_grid
+
+    start, end = data_span(events)
+    fit = fit_grid(config.labels, (end - start).days)
+    return config.model_copy(update={"labels": fit.labels}), [fit.note] if fit.note else []
 
 
 # -- train ----------------------------------------------------------------------------
@@ -342,6 +354,8 @@ def train(
 
     out = Path(out_dir)
     events, validation, read_notes, links = _load(events_path, config, until)
+    config, grid_notes = _fit_grid(events, config)
+    read_notes += grid_notes
     grid = cutoff_grid(events, config)
     horizon = grid.horizon
     used = [c for c in grid.complete if c >= grid.training[0]]
@@ -548,6 +562,8 @@ def backtest(events_path: str | Path, config: LapseConfig, *, k: int = 6) -> Bac
     if k < 1:
         raise LapseError(f"--k must be at least 1, got {k}")
     events, _, read_notes, links = _load(events_path, config)
+    config, grid_notes = _fit_grid(events, config)
+    read_notes += grid_notes
     start, end = data_span(events)
     step = timedelta(days=config.labels.cutoff_every_days)
     latest = end - timedelta(days=config.labels.horizon_days)

@@ -167,8 +167,8 @@ def _rule_condition(rule: RowRule, expr: pl.Expr, dtype: pl.DataType) -> pl.Expr
         return expr.is_null()
     if rule.op == "in":
         if as_text:
-            return expr.is_in(pl.Series([str(v) for v in values], dtype=pl.String))
-        return expr.cast(pl.Float64).is_in(pl.Series(values, dtype=pl.Float64))
+            return expr.is_in(pl.Series([str(v) for v in values], dtype=pl.String).implode())
+        return expr.cast(pl.Float64).is_in(pl.Series(values, dtype=pl.Float64).implode())
     value = rule.value
     match rule.op:
         case "starts_with":

@@ -12,6 +12,9 @@ Reject reasons, checked in this order (a row gets the first that applies):
     ``quantity < 0`` on a row no row rule claimed and whose event is not
     listed under ``roles.return``.
 
+With ``source.allow_guest_rows`` a row without a user id is a *guest row*
+instead: set aside and counted (``guest_rows``), never a user, not a reject.
+
 Rejected rows go to a rejects Parquet file (the mapped row plus ``reason``).
 Duplicates (identical in every canonical column, the order key included, or
 sharing the ``source.message_id`` value) keep their first occurrence. Events later than
@@ -50,6 +53,7 @@ from lapse.exceptions import EventsError, MissingColumnsError
 from lapse.schema import EVENT_COLUMNS, ORDER_ID, ROLES
 
 __all__ = [
+    "GUEST",
     "IDENTITY_CALLS",
     "REJECT_REASONS",
     "ValidationReport",
@@ -69,6 +73,9 @@ __all__ = [
 
 REJECT_REASONS: Final = ("null_user_id", "unparsable_ts", "null_event", "negative_quantity")
 REASON: Final = "reason"
+#: The reason of a row without a user id under ``source.allow_guest_rows``: set aside,
+#: counted as a guest row, neither kept nor rejected.
+GUEST: Final = "guest"
 # Segment calls that are not events: identify and alias feed the identity links, group is skipped.
 IDENTITY_CALLS: Final = ("identify", "alias", "group")
 
@@ -78,8 +85,8 @@ class ValidationReport:
     """What :func:`validate_events` read, kept, rejected and flagged.
 
     ``rows_read = rows_kept + sum(rejected_by_reason.values()) + duplicates +
-    sum(calls.values())``: ``calls`` counts the Segment ``identify``, ``alias``
-    and ``group`` calls, which are not events. ``links`` counts the distinct
+    guest_rows + sum(calls.values())``: ``calls`` counts the Segment ``identify``,
+    ``alias`` and ``group`` calls, which are not events. ``links`` counts the distinct
     (id, user id) pairs linking ids (:mod:`lapse.events.identity`),
     ``merged_ids`` the ids resolving to another id with every link applied,
     ``anonymous_only`` the anonymous ids linked to no user id.
@@ -109,6 +116,7 @@ class ValidationReport:
     links: int = 0
     merged_ids: int = 0
     anonymous_only: int = 0
+    guest_rows: int = 0
 
     @property
     def rows_rejected(self) -> int:
@@ -122,11 +130,13 @@ class ValidationReport:
 
 
 def _checks(config: LapseConfig) -> dict[str, pl.Expr]:
-    """Reject reason -> the condition that flags a row, in order of precedence."""
+    """Reject reason (or :data:`GUEST`) -> the condition that flags a row, in order of
+    precedence."""
     returns = config.roles.of("return")
     negative = (pl.col("quantity") < 0) & ~pl.col(BY_RULE) & ~pl.col("event").is_in(returns)
+    no_user = GUEST if config.source.allow_guest_rows else "null_user_id"
     return {
-        "null_user_id": pl.col("user_id").is_null(),
+        no_user: pl.col("user_id").is_null(),
         "unparsable_ts": pl.col("ts").is_null(),
         "null_event": pl.col("event").is_null(),
         "negative_quantity": negative.fill_null(False),
@@ -189,7 +199,8 @@ def links_of(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def _kept(frame: pl.DataFrame, config: LapseConfig) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Mapped rows (no identity calls) -> ``(rejected rows with reason, kept events)``.
+    """Mapped rows (no identity calls) -> ``(rejected rows with reason, kept events)``;
+    guest rows count as rejected here, with the reason :data:`GUEST`.
 
     Duplicates among the unrejected rows (identical canonical columns, or the
     same ``source.message_id``) keep their first occurrence.
@@ -372,6 +383,11 @@ def validate_events(
     calls = dict(frame.filter(is_call).group_by(CALL).len().iter_rows())
     rejected, events = _kept(frame.filter(~is_call) if is_call.any() else frame, config)
     del frame
+    duplicates = rows_read - rejected.height - events.height - sum(calls.values())
+    is_guest = rejected[REASON] == GUEST
+    guests = int(is_guest.sum())
+    if guests:
+        rejected = rejected.filter(~is_guest)
 
     written: Path | None = None
     if rejected.height:
@@ -401,7 +417,7 @@ def validate_events(
         },
         events_unassigned=sum(n for e, n in per_event.items() if e not in assigned),
         rejected_by_reason={reason: int(counts.get(reason, 0)) for reason in REJECT_REASONS},
-        duplicates=rows_read - rejected.height - events.height - sum(calls.values()),
+        duplicates=duplicates,
         future_events=events.filter(pl.col("ts") > horizon).height,
         rejects_path=written,
         purchase_orders=count_orders(events, config),
@@ -410,6 +426,7 @@ def validate_events(
         links=links.filter(pl.col("user_id").is_not_null()).height,
         merged_ids=identity.merged_ids(links),
         anonymous_only=identity.anonymous_only(links).len(),
+        guest_rows=guests,
     )
     return events, report
 
