@@ -87,6 +87,7 @@ class PlatformServer:
         self.duplicates = 0
         self.reject: set[str] = set()  # identifiers refused per record
         self.seen: set[str] = set()  # every identifier in a processed request
+        self.anonymous: set[str] = set()  # ids received under the anonymous-profile identifier
         self._ids = itertools.count()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._httpd.daemon_threads = True
@@ -244,6 +245,8 @@ class BrazeServer(PlatformServer):
             raise BadRequest("Max Input Length Exceeded")
         errors = []
         for i, attr in enumerate(attributes):
+            if self._alias(attr):
+                continue
             ident = attr.get("external_id")
             if not ident:
                 errors.append(
@@ -256,6 +259,8 @@ class BrazeServer(PlatformServer):
             else:
                 self.upsert(ident, {k: v for k, v in attr.items() if k != "external_id"})
         for i, ev in enumerate(events):
+            if self._alias(ev):
+                continue
             ident, name = ev.get("external_id"), ev.get("name")
             if not ident or not name or "time" not in ev:
                 raise BadRequest("events need external_id, name and time")
@@ -267,6 +272,16 @@ class BrazeServer(PlatformServer):
         if errors:
             body_out["errors"] = errors
         return Reply(201, body_out)
+
+    def _alias(self, obj: dict[str, Any]) -> bool:
+        """An object for an alias-only profile (``user_alias`` instead of ``external_id``)."""
+        alias = obj.get("user_alias")
+        if alias is None:
+            return False
+        if "external_id" in obj or not alias.get("alias_name") or not alias.get("alias_label"):
+            raise BadRequest("user_alias needs alias_name and alias_label, and no external_id")
+        self.anonymous.add(alias["alias_name"])
+        return True
 
 
 # -- Segment ----------------------------------------------------------------------------------
@@ -301,7 +316,9 @@ class SegmentServer(PlatformServer):
         for msg in batch:
             if len(json.dumps(msg)) > 32_000:
                 raise BadRequest("Message is too large")
-            if msg["type"] not in ("identify", "track") or not msg.get("userId"):
+            if msg["type"] not in ("identify", "track") or not (
+                msg.get("userId") or msg.get("anonymousId")
+            ):
                 raise BadRequest("userId or anonymousId required")
             if not msg.get("messageId"):
                 raise BadRequest("messageId required")
@@ -315,6 +332,9 @@ class SegmentServer(PlatformServer):
             self.dropped_over_count += len(batch)
             return Reply(200, {"success": True})
         for msg in batch:
+            if not msg.get("userId"):  # an anonymous visitor's profile
+                self.anonymous.add(msg["anonymousId"])
+                continue
             if msg["type"] == "identify":
                 if msg["messageId"] in self.events:
                     self.duplicates += 1
@@ -350,6 +370,9 @@ class WebhookServer(PlatformServer):
         body = request.json()
         failed = []
         for i, record in enumerate(body["records"]):
+            if "user_id" not in record:
+                self.anonymous.add(record["anonymous_id"])
+                continue
             ident = record["user_id"]
             if ident in self.reject:
                 failed.append({"index": i, "reason": "unknown user"})
@@ -613,6 +636,46 @@ def contract_suppressed_and_unidentified_never_sent(platform: Platform, tmp_path
     assert run.report.sent == len(outbox) - unidentified
 
 
+# the keys under which platforms take a known user's id
+EXTERNAL_KEYS = frozenset({"external_id", "userId", "user_id", "id", "email", "ids"})
+
+
+def _external_values(value: Any) -> Iterator[str]:
+    """Every value under an :data:`EXTERNAL_KEYS` key, anywhere in a JSON body."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if k in EXTERNAL_KEYS:
+                yield from (v if isinstance(v, list) else [v])
+            yield from _external_values(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _external_values(v)
+
+
+def contract_anonymous_ids_never_external(platform: Platform, tmp_path: Path) -> None:
+    anonymous = {"u001", "u002", "u004"}  # u004 fires a trigger; all change segment
+    outbox = make_outbox(9).with_columns(
+        pl.col("user_id").is_in(sorted(anonymous)).alias("anonymous")
+    )
+    sink = platform.make_sink()
+    run = run_delivery(sink, outbox, tmp_path)
+    assert run.report.failed == 0, run.report.reasons
+    bodies = [json.loads(r.body) for r in platform.server.requests if r.body]
+    used = {str(v) for body in bodies for v in _external_values(body)}
+    assert not anonymous & used  # never under a known user's identifier
+    assert not anonymous & set(platform.server.profiles)
+    assert not anonymous & {user for user, _ in platform.server.event_names()}
+    if sink.anonymous_identifier is None:  # held back: nothing of theirs leaves
+        assert platform.server.anonymous == set()
+        assert run.report.skipped == len(anonymous)
+        assert not any(a in r.body.decode() for r in platform.server.requests for a in anonymous)
+    else:
+        assert platform.server.anonymous == anonymous
+        assert run.report.skipped == 0
+    known = outbox.filter(~pl.col("anonymous"))
+    assert set(platform.server.profiles) == expected_profiles(known, platform)
+
+
 CONTRACT = [
     contract_every_record_arrives_under_faults,
     contract_attribute_updates_idempotent,
@@ -621,6 +684,7 @@ CONTRACT = [
     contract_partial_success_per_record,
     contract_malformed_batch_is_dead_lettered,
     contract_suppressed_and_unidentified_never_sent,
+    contract_anonymous_ids_never_external,
 ]
 
 
@@ -686,6 +750,11 @@ class CustomerioServer(PlatformServer):
                         "message": "over 32kb",
                     }
                 )
+                continue
+            if op.get("type") == "person" and op.get("anonymous_id") and "identifiers" not in op:
+                if op.get("action") != "event":  # only events can be anonymous
+                    raise BadRequest("identifiers are required")
+                self.anonymous.add(op["anonymous_id"])
                 continue
             if op.get("type") != "person" or not op.get("identifiers"):
                 raise BadRequest("type and identifiers are required")
@@ -833,6 +902,9 @@ class KlaviyoServer(PlatformServer):
                 if len(json.dumps(profile)) > 100_000:
                     raise BadRequest(f"profile {i} is larger than 100KB")
                 attrs = profile["attributes"]
+                if set(attrs) & {"external_id", "email"} == set() and attrs.get("anonymous_id"):
+                    self.anonymous.add(attrs["anonymous_id"])
+                    continue
                 ident = attrs.get("external_id") or attrs.get("email")
                 if not ident:
                     raise BadRequest("a profile identifier is required")
@@ -864,6 +936,9 @@ class KlaviyoServer(PlatformServer):
             for entry in entries:
                 attrs = entry["attributes"]["profile"]["data"]["attributes"]
                 ident = attrs.get("external_id") or attrs.get("email")
+                if not ident:
+                    self.anonymous.add(attrs["anonymous_id"])
+                    continue
                 for ev in entry["attributes"]["events"]["data"]:
                     a = ev["attributes"]
                     self.event(ident, a["metric"]["data"]["attributes"]["name"], a["unique_id"])

@@ -104,3 +104,16 @@ def run_cli(sink_class: str, *args: str) -> Any:
     return subprocess.run(
         [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=300
     )
+
+
+class AnonymousCaptureSink(CaptureSink):
+    """A capture sink whose platform takes anonymous profiles under ``anonymousId``."""
+
+    name = "anoncapture"
+    anonymous_identifier = "anonymousId"
+
+    def encode(self, record: Record) -> Item | None:
+        item = super().encode(record)
+        if record.get("anonymous"):
+            item["anonymousId"] = item.pop("user_id")
+        return item

@@ -13,7 +13,14 @@ import pytest
 from lapse.config import LapseConfig
 from lapse.events import map_events, scan_source
 from lapse.events.derive import derive_expr
-from lapse.events.mapping import BY_RULE, TS_RAW, id_as_string
+from lapse.events.mapping import (
+    ANONYMOUS_ID,
+    BY_RULE,
+    CALL,
+    PREVIOUS_ID,
+    TS_RAW,
+    id_as_string,
+)
 from lapse.exceptions import ConfigError, MissingColumnsError
 from lapse.schema import EVENT_COLUMNS
 
@@ -46,7 +53,10 @@ def test_transaction_csv_with_integer_dates_constant_event_and_float_ids(tmp_pat
         timestamp={"format": "%Y%m%d"},
         event_name="purchase",
     )
-    assert got.schema == pl.Schema({**EVENT_COLUMNS, TS_RAW: pl.String, BY_RULE: pl.Boolean})
+    identity = {ANONYMOUS_ID: pl.String, PREVIOUS_ID: pl.String, CALL: pl.String}
+    assert got.schema == pl.Schema(
+        {**EVENT_COLUMNS, TS_RAW: pl.String, BY_RULE: pl.Boolean, **identity}
+    )
     assert got["user_id"].to_list() == ["17850", "13047", None]
     assert got["ts"].to_list() == [_utc(2010, 12, 1), _utc(2010, 12, 2), _utc(2010, 12, 3)]
     assert got["event"].to_list() == ["purchase"] * 3

@@ -260,3 +260,64 @@ def test_validate_says_how_purchases_are_counted(tmp_path: Path) -> None:
     _invoice_config(tmp_path, order_id="InvoiceNo")
     orders = CliRunner().invoke(app, ["validate", str(path), "-c", str(tmp_path / "lapse.yaml")])
     assert "purchase orders" in orders.output and "4 (source.order_id)" in orders.output
+
+
+# -- guest rows -----------------------------------------------------------------------
+
+ORDERS = [  # a shop log: a quarter of the rows are guest checkouts without a customer id
+    {"customer": "c1", "ts": "2024-01-01T10:00:00Z", "sku": "A"},
+    {"customer": "c1", "ts": "2024-01-08T10:00:00Z", "sku": "B"},
+    {"customer": None, "ts": "2024-01-09T10:00:00Z", "sku": "A"},
+    {"customer": "c2", "ts": "2024-01-10T10:00:00Z", "sku": "A"},
+    {"customer": "", "ts": "2024-01-11T10:00:00Z", "sku": "B"},
+    {"customer": "c2", "ts": "2024-01-12T10:00:00Z", "sku": "B"},
+    {"customer": "c3", "ts": "2024-01-13T10:00:00Z", "sku": "A"},
+    {"customer": "c3", "ts": "bad", "sku": "A"},
+]
+
+
+def _orders(tmp_path: Path, *, guests: bool) -> tuple[Path, Path]:
+    events = tmp_path / "orders.jsonl"
+    events.write_text("\n".join(json.dumps(r) for r in ORDERS) + "\n")
+    config = tmp_path / "lapse.yaml"
+    source = {"columns": {"user_id": "customer"}, "event_name": "purchase"}
+    config.write_text(yaml.safe_dump({"source": {**source, "allow_guest_rows": guests}}))
+    return events, config
+
+
+def test_guest_rows_are_counted_not_rejected(tmp_path: Path) -> None:
+    events, config_path = _orders(tmp_path, guests=True)
+    kept, report = validate_events(events, load_config(config_path), now=NOW)
+    assert report.guest_rows == 2
+    assert report.rejected_by_reason == {
+        "null_user_id": 0,
+        "unparsable_ts": 1,
+        "null_event": 0,
+        "negative_quantity": 0,
+    }
+    assert report.rows_read == 8 == report.rows_kept + report.rows_rejected + report.guest_rows
+    assert report.users == 3 and kept["user_id"].null_count() == 0  # guests never become users
+    assert pl.read_parquet(report.rejects_path)["reason"].to_list() == ["unparsable_ts"]
+    assert read_events(events, load_config(config_path)).collect().equals(kept)
+
+    _, strict = validate_events(events, load_config(_orders(tmp_path, guests=False)[1]), now=NOW)
+    assert strict.guest_rows == 0 and strict.rejected_by_reason["null_user_id"] == 2
+
+
+def test_validate_cli_rejects_guests_unless_the_config_accepts_them(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from lapse.cli import app
+
+    runner = CliRunner()
+    events, config_path = _orders(tmp_path, guests=False)
+    refused = runner.invoke(app, ["validate", str(events), "--config", str(config_path)])
+    assert refused.exit_code == 1
+    assert "source.allow_guest_rows: true" in " ".join(refused.output.split())
+
+    events, config_path = _orders(tmp_path, guests=True)
+    accepted = runner.invoke(
+        app, ["validate", str(events), "--config", str(config_path), "--max-reject-share", "0.2"]
+    )
+    assert accepted.exit_code == 0, accepted.output
+    assert "guest rows (no user id)" in accepted.output

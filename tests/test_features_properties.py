@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
 from lapse import LapseConfig
+from lapse.events.identity import LINK_SCHEMA
 from lapse.features import build, build_many
 
 BASE = datetime(2024, 1, 1, tzinfo=UTC)
@@ -282,3 +283,101 @@ def test_with_orders_the_core_set_agrees_with_duckdb(
     want = order_oracle(ev, t)
     want = want.with_columns(pl.col(c).cast(got.schema[c]) for c in want.columns)
     same(got.select(want.columns), want)
+
+
+# --- identity: links apply only before the cutoff ----------------------------------
+
+PEOPLE = ["a", "b", "c"]
+DEVICES = ["x", "y", "z"]
+identified_event = st.tuples(
+    st.sampled_from(PEOPLE + DEVICES), seconds, st.sampled_from(NAMES), st.none(), st.none(),
+    st.none(),
+)  # fmt: skip
+link = st.tuples(st.sampled_from([*DEVICES, "b"]), st.sampled_from([*PEOPLE, None]), seconds)
+
+
+def link_frame(rows: list[tuple[str, str | None, int]]) -> pl.DataFrame:
+    data = [(i, u, BASE + timedelta(seconds=s)) for i, u, s in rows if i != u]
+    return pl.DataFrame(data, schema=LINK_SCHEMA, orient="row")
+
+
+def oracle_ids(rows: list[tuple[str, str | None, int]], t: datetime) -> dict[str, str]:
+    """Union-find over the links before ``t``; a person's id is its user id linked first."""
+    seen = sorted(
+        (BASE + timedelta(seconds=s), i, u) for i, u, s in rows if u is not None and i != u
+    )
+    seen = [r for r in seen if r[0] < t]
+    first: dict[str, tuple[datetime, str]] = {}
+    for ts, _, u in seen:
+        first.setdefault(u, (ts, u))
+    parent: dict[str, str] = {}
+
+    def find(v: str) -> str:
+        while parent.setdefault(v, v) != v:
+            v = parent[v]
+        return v
+
+    for _, i, u in seen:
+        parent[find(i)] = find(u)
+    groups: dict[str, list[str]] = {}
+    for v in list(parent):
+        groups.setdefault(find(v), []).append(v)
+    out = {}
+    for members in groups.values():
+        head = min(first[m] for m in members if m in first)[1]
+        out.update(dict.fromkeys(members, head))
+    return out
+
+
+@SETTINGS
+@given(
+    st.lists(identified_event, min_size=1, max_size=30),
+    st.lists(link, max_size=8),
+    st.lists(link, max_size=4),
+    cutoff,
+)
+def test_links_at_or_after_the_cutoff_change_nothing(
+    rows: list[tuple[object, ...]],
+    linked: list[tuple[str, str | None, int]],
+    later: list[tuple[str, str | None, int]],
+    t: datetime,
+) -> None:
+    ev = frame(rows)
+    links = link_frame(linked)
+    got = build(ev.lazy(), t, CONFIG, links=links)
+    # the events and links truncated at t give the same features
+    truncated = build(
+        ev.filter(pl.col("ts") < t).lazy(), t, CONFIG, links=links.filter(pl.col("ts") < t)
+    )
+    same(got, truncated)
+    # links observed at or after t (an identify tomorrow) change nothing today
+    moved = link_frame(later).with_columns(
+        (pl.lit(t) + (pl.col("ts") - pl.lit(BASE)) * 2).alias("ts")
+    )
+    same(got, build(ev.lazy(), t, CONFIG, links=pl.concat([links, moved])))
+    # and the ids are those of an independent union-find over the earlier links
+    ids = oracle_ids(linked, t)
+    expected = ev.with_columns(pl.col("user_id").replace(ids))
+    same(got, build(expected.lazy(), t, CONFIG))
+
+
+@SETTINGS
+@given(
+    st.lists(identified_event, min_size=1, max_size=30),
+    st.lists(link, max_size=8),
+    st.lists(cutoff, min_size=1, max_size=4),
+)
+def test_with_links_build_many_equals_build_at_each_cutoff(
+    rows: list[tuple[object, ...]],
+    linked: list[tuple[str, str | None, int]],
+    cuts: list[datetime],
+) -> None:
+    ev = frame(rows).lazy()
+    links = link_frame(linked)
+    many = build_many(ev, cuts, CONFIG, links=links)
+    for t in sorted(set(cuts)):
+        one = build(ev, t, CONFIG, links=links)
+        same(many.filter(pl.col("cutoff") == t).drop("cutoff"), one)
+    assert many.height == sum(build(ev, t, CONFIG, links=links).height for t in set(cuts))
+    core = build_many(ev, cuts, CONFIG, links=links, feature_set="core")
+    same(core, many.select(core.columns))

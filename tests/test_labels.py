@@ -4,12 +4,25 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import numpy as np
 import polars as pl
 import pytest
 
-from lapse.config import LapseConfig, load_config
+from lapse.config import LabelsConfig, LapseConfig, load_config
 from lapse.exceptions import ConfigError, LapseError
-from lapse.labels import churn_labels, cutoff_grid, describe_exclusions, eligible, population
+from lapse.labels import (
+    MIN_TRAIN_CUTOFFS,
+    churn_labels,
+    customer_quantile,
+    cutoff_grid,
+    describe_exclusions,
+    eligible,
+    fit_grid,
+    population,
+    propose_labels,
+    repeat_gaps,
+    training_cutoffs_fit,
+)
 
 
 def d(day: int, hour: int = 0) -> datetime:
@@ -238,3 +251,140 @@ def test_cutoff_grid_on_short_data_keeps_what_fits_or_explains() -> None:
         cutoff_grid(short, cfg())
     with pytest.raises(LapseError, match="empty"):
         cutoff_grid(short.filter(pl.lit(False)), cfg())
+
+
+# -- fitting the grid to the span --------------------------------------------------------
+
+
+def span(days: int) -> pl.LazyFrame:
+    """Events on day 1 and on day ``days``: ``days`` days of data."""
+    return events([("a", 1, "app_open"), ("a", days, "app_open")])
+
+
+@pytest.mark.parametrize("horizon", [7, 10, 28, 30, 56])
+@pytest.mark.parametrize("every", [1, 3, 7])
+def test_training_cutoffs_fit_counts_what_the_grid_lays(horizon: int, every: int) -> None:
+    for days in (90, 131, 200, 365):
+        n = training_cutoffs_fit(days, horizon_days=horizon, every_days=every, min_history_days=28)
+        c = cfg(horizon_days=horizon, cutoff_every_days=every, train_cutoffs=10_000)
+        if n == 0:
+            with pytest.raises(LapseError, match="too short"):
+                cutoff_grid(span(days), c)
+        else:
+            assert len(cutoff_grid(span(days), c).training) == n
+
+
+def test_fit_grid_keeps_a_grid_that_fits() -> None:
+    fit = fit_grid(LabelsConfig(), 300)
+    assert fit.labels == LabelsConfig() and fit.note is None and fit.fits >= 12
+
+
+def test_fit_grid_notes_fewer_cutoffs_than_asked() -> None:
+    # 180 days, 28-day horizon, weekly: 10 of 12 fit (the synthetic demo's case)
+    fit = fit_grid(LabelsConfig(), 180)
+    assert fit.labels == LabelsConfig() and fit.fits == 10
+    assert fit.note is not None and "10 of the 12 training cutoffs" in fit.note
+
+
+def test_fit_grid_adapts_the_step_rather_than_train_on_a_handful() -> None:
+    # 130 days: only 3 weekly training cutoffs fit; every 2 days, 10 do
+    assert training_cutoffs_fit(130, horizon_days=28, every_days=7, min_history_days=28) == 3
+    fit = fit_grid(LabelsConfig(), 130)
+    assert fit.labels.cutoff_every_days == 2
+    assert fit.labels.horizon_days == 28  # what churn means is never changed
+    assert fit.note is not None
+    assert "only 3 training cutoff(s) fit" in fit.note and "every 2 days" in fit.note
+    grid = cutoff_grid(span(130), cfg(**fit.labels.model_dump()))
+    assert len(grid.training) >= MIN_TRAIN_CUTOFFS
+    assert all(
+        b - a == timedelta(days=2) for a, b in zip(grid.training, grid.training[1:], strict=False)
+    )
+
+
+def test_fit_grid_fails_in_one_line_naming_a_horizon_that_fits() -> None:
+    with pytest.raises(LapseError) as caught:
+        fit_grid(LabelsConfig(horizon_days=56), 150)
+    message = str(caught.value)
+    assert "\n" not in message and "150 days" in message
+    longest = int(message.split("labels.horizon_days to ")[1].split()[0])
+    fit = fit_grid(LabelsConfig(horizon_days=longest), 150)
+    assert fit.fits >= MIN_TRAIN_CUTOFFS
+    with pytest.raises(LapseError):
+        fit_grid(LabelsConfig(horizon_days=longest + 7), 150)
+
+
+def test_repeat_gaps_count_active_days_and_weigh_customers_equally() -> None:
+    ev = events(
+        [
+            ("weekly", 1, "order"),
+            ("weekly", 1, "order"),  # a second line of the same day's order: one visit
+            ("weekly", 8, "order"),
+            ("weekly", 15, "order"),
+            ("weekly", 29, "order"),  # gaps 7, 7, 14
+            ("monthly", 1, "order"),
+            ("monthly", 31, "order"),  # gap 30
+            ("once", 5, "order"),  # no gap
+        ]
+    )
+    gaps = repeat_gaps(ev).sort("user_id", "gap_days")
+    assert gaps.rows() == [("monthly", 30.0), ("weekly", 7.0), ("weekly", 7.0), ("weekly", 14.0)]
+    # weights: each weekly gap 1/3, the monthly gap 1: shares 1/6, 1/3, 1/2, 1 (of 2)
+    assert customer_quantile(gaps, 0.3) == 7.0
+    assert customer_quantile(gaps, 0.5) == 14.0
+    assert customer_quantile(gaps, 0.8) == 30.0
+
+
+def cadence_log(gap: float, days: int, users: int = 300, seed: int = 0) -> pl.LazyFrame:
+    """Users ordering every ``gap`` days on average (gamma-jittered), over ``days`` days."""
+    rng = np.random.default_rng(seed)
+    rows: list[tuple[str, int, str]] = []
+    for u in range(users):
+        t = float(rng.uniform(1, gap))
+        while t <= days:
+            rows.append((f"u{u}", int(t), "purchase"))
+            t += max(1.0, rng.gamma(8.0, gap / 8.0))
+    rows += [("edge", 1, "purchase"), ("edge", days, "purchase")]
+    return events(rows)
+
+
+@pytest.mark.parametrize(
+    ("gap", "days", "horizon"),
+    [
+        (7, 365, (14, 21)),  # weekly buyers: a two- to three-week horizon
+        (91, 730, (98, 126)),  # quarterly buyers with two years of data
+    ],
+)
+def test_proposed_horizon_follows_the_customers_cadence(
+    gap: float, days: int, horizon: tuple[int, int]
+) -> None:
+    log = cadence_log(gap, days)
+    fit = propose_labels(days, repeat_gaps(log), purchase_only=True)
+    lab = fit.labels
+    assert horizon[0] <= lab.horizon_days <= horizon[1] and lab.horizon_days % 7 == 0
+    assert lab.eligibility == "any_history" and lab.activity_roles == ["purchase"]
+    assert lab.cutoff_every_days == 7 and lab.train_cutoffs == 12 and fit.fits >= 12
+    # the config it proposes trains: the grid lays every training cutoff it asks for
+    grid = cutoff_grid(log, cfg(**lab.model_dump()))
+    assert len(grid.training) == lab.train_cutoffs
+
+
+def test_proposed_horizon_is_shortened_until_the_training_cutoffs_fit() -> None:
+    # quarterly buyers, one year: their gaps want ~17 weeks; 8 weekly cutoffs allow 13
+    log = cadence_log(91, 365)
+    fit = propose_labels(365, repeat_gaps(log), purchase_only=False)
+    lab = fit.labels
+    assert lab.horizon_days == 91 and fit.note is not None and "shortened from 1" in fit.note
+    week_longer = training_cutoffs_fit(365, horizon_days=98, every_days=7, min_history_days=28)
+    assert fit.fits >= MIN_TRAIN_CUTOFFS > week_longer
+    assert lab.eligibility == "active" and lab.eligibility_days == lab.horizon_days
+    assert len(cutoff_grid(log, cfg(**lab.model_dump())).training) == lab.train_cutoffs
+
+
+def test_proposal_on_a_short_history_uses_more_cutoffs_not_a_handful() -> None:
+    log = cadence_log(7, 75)
+    fit = propose_labels(75, repeat_gaps(log), purchase_only=True)
+    assert fit.labels.horizon_days == 7
+    assert fit.labels.cutoff_every_days < 7 and fit.fits >= MIN_TRAIN_CUTOFFS
+    assert fit.note is not None and "cutoff grid adapted" in fit.note
+    with pytest.raises(LapseError, match="supply more history"):
+        propose_labels(40, repeat_gaps(log), purchase_only=True)

@@ -263,8 +263,11 @@ def test_lightgbm_search_runs_and_keeps_input_intact() -> None:
 
 
 def test_reasons_name_risk_raising_features_in_words() -> None:
+    from lapse.modeling import RaceScorer
+
     frame, y = _churn_frame(3000, 4)
     model = LightGBMChurn(random_state=0).fit(frame, y)
+    scorer = RaceScorer(config=load_config(), lightgbm=model, bgnbd=BGNBD())
     risky = pl.DataFrame(
         {
             "user_id": ["x"],
@@ -276,21 +279,23 @@ def test_reasons_name_risk_raising_features_in_words() -> None:
             "plan": ["basic"],
         }
     )
-    out = reasons(model, risky)
+    out = reasons(scorer, "lightgbm", risky)
     texts = out["reasons"].item().to_list()
     assert 1 <= len(texts) <= 3
-    assert "last usage 19 days ago" in texts
-    assert "usage in last 14 days: 0, down from 9 the 14 days before" in texts
+    assert "no session for 19 days" in texts
+    assert "no sessions in the last 14 days, down from 9 the 14 days before" in texts
 
 
 def test_describe_renders_common_features() -> None:
     assert (
-        describe("days_since_last_purchase", {"days_since_last_purchase": None})
-        == "no purchase yet"
+        describe("days_since_last_purchase", {"days_since_last_purchase": None}) == "no order yet"
     )
-    assert describe("active_days_28d", {"active_days_28d": 3}) == "active on 3 of the last 28 days"
+    assert (
+        describe("active_days_28d", {"active_days_28d": 3})
+        == "active on only 3 of the last 28 days"
+    )
     assert describe("aha_reached", {"aha_reached": False}) == "has not reached the aha moment yet"
-    assert describe("error_count_7d", {"error_count_7d": 4}) == "errors in last 7 days: 4"
+    assert describe("error_count_7d", {"error_count_7d": 4}) == "4 errors in the last 7 days"
     assert describe("plan", {"plan": "basic"}) == "plan: basic"
 
 

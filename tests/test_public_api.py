@@ -24,6 +24,7 @@ def test_events() -> None:
         "new_event_users",
         "read_attributes",
         "read_events",
+        "read_links",
         "read_user_events",
         "scan_source",
         "validate_events",

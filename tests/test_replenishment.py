@@ -21,6 +21,7 @@ from lapse.replenishment import (
     NotEnoughEpisodes,
     ReplenishmentModel,
     ReplenishmentResult,
+    consumables_table,
     evaluate_model,
     run_replenishment,
 )
@@ -52,6 +53,13 @@ def test_metrics_section_has_the_pinned_shape(race: ReplenishmentResult) -> None
     assert len(n) == 1 and n.pop() > 100, "every model is scored on the same episodes"
     assert section["selected"] in CANDIDATES and section["target"] == "sku"
     assert set(section["consumables"]) == {"PODS-30", "PODS-60"}
+    ranked = race.consumables
+    assert set(ranked["sku"]) == {"PODS-30", "PODS-60"}
+    assert ranked["repeat_buyers"].is_sorted(descending=True)
+    assert dict(zip(ranked["sku"], ranked["units_per_pack"], strict=True)) == {
+        "PODS-30": 30.0,
+        "PODS-60": 60.0,
+    }
     assert set(section["true_depletion"]) >= {"n", *MODELS}
     for plot in race.plots.values():
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -230,3 +238,19 @@ def test_an_order_key_makes_orders_of_order_ids_not_days() -> None:
     assert consumable_skus(by_day, config, until=d(30)) == {"P": 1.0}
     days = purchase_orders(by_day, config, until=d(30), skus=None, target="any")
     assert days.filter(pl.col("user_id") == "a")["lines"].to_list() == [3, 2, 1]
+
+
+def test_the_report_ranks_consumables_in_a_short_table() -> None:
+    ranked = pl.DataFrame(
+        {
+            "sku": [f"S{i:02d}" for i in range(13)],
+            "repeat_buyers": [130 - 10 * i for i in range(13)],
+            "units_per_pack": [1.0] * 12 + [30.0],
+        }
+    )
+    lines = consumables_table(ranked)
+    rows = [line for line in lines if line.startswith("| S0") or line.startswith("| S1")]
+    assert rows[0] == "| S00 | 130 | 1 |" and len(rows) == 10
+    assert lines[-1] == "and 3 more." and "13 in all" in lines[1]
+    assert consumables_table(ranked.head(3))[-1] == "| S02 | 110 | 1 |"
+    assert consumables_table(ranked.clear()) == []

@@ -142,13 +142,13 @@ def test_race_model_on_synthetic_world(tmp_path: Path) -> None:
     # enough rows for the cell path: the users, repeated with jitter-free copies
     big = pl.concat([frame] * max(1, -(-6000 // frame.height)))
     assert big.height >= ts.MIN_ROWS
-    x = model._encode(big)
+    x = model.encode(big)
     ref = model._fitted().predict(x, pred_contrib=True)
     fast = model.contributions(big)
     assert np.abs(fast - ref).max() <= TOL
     assert np.array_equal(_top(fast), _top(ref))
     # reasons are unchanged: the same words as from plain pred_contrib
-    out = reasons(model, big)
+    out = reasons(bundle.scorer, "lightgbm", big)
     names = model.feature_names_
     expected = [[names[j] for j in order if ref[i, j] > 0] for i, order in enumerate(_top(ref))]
     got = [[names[j] for j in order if fast[i, j] > 0] for i, order in enumerate(_top(fast))]
@@ -175,5 +175,5 @@ def test_old_pickles_without_cache_still_work() -> None:
     # an instance as unpickled from a bundle made before the cache existed
     old = LightGBMChurn.__new__(LightGBMChurn)
     old.__dict__.update({k: v for k, v in model.__dict__.items() if k != "_shap_cache"})
-    ref = model._fitted().predict(model._encode(frame), pred_contrib=True)
+    ref = model._fitted().predict(model.encode(frame), pred_contrib=True)
     assert np.abs(old.contributions(frame) - ref).max() <= TOL

@@ -992,3 +992,19 @@ def test_a_run_config_that_differs_from_the_models_says_so_in_one_line(small: Sm
     said = [w for w in res.warnings if "differ from model" in w]
     assert len(said) == 1 and "labels" in said[0] and "rules" not in said[0]
     assert "\n" not in said[0]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("(0 == (a / a))", [False, False, False]),
+        ("2 > a / a", [False, True, False]),
+        ("0 != (a / a) or 1 > a", [True, True, False]),
+    ],
+)
+def test_a_constant_on_the_left_keeps_one_value_per_row(text: str, expected: list[bool]) -> None:
+    """Found by the property test: polars 2.1 gives one row for `literal == when(...)` on an
+    all-null column; the compiler puts the column side first."""
+    empty = pl.DataFrame({"a": [None, None, None]}, schema={"a": pl.Int64})
+    assert fire(text, empty) == [False, False, False]
+    assert fire(text, pl.DataFrame({"a": [0, 2, None]})) == expected

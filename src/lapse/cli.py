@@ -124,6 +124,13 @@ def _report_table(report: ValidationReport) -> Table:
     rows.append(("rejected", f"{rejected:,} ({report.rejected_share:.2%})"))
     rows += [(f"  {reason}", f"{n:,}") for reason, n in report.rejected_by_reason.items()]
     rows.append(("duplicates dropped", f"{report.duplicates:,}"))
+    rows += [(f"{call} calls (not events)", f"{n:,}") for call, n in report.calls.items()]
+    if report.links or report.anonymous_only:
+        rows.append(("identity links", f"{report.links:,}"))
+        rows.append(("  ids merged into another", f"{report.merged_ids:,}"))
+        rows.append(("  anonymous-only ids", f"{report.anonymous_only:,}"))
+    if report.guest_rows:
+        rows.append(("guest rows (no user id)", f"{report.guest_rows:,}"))
     rows.append(("future events (kept)", f"{report.future_events:,}"))
     if report.rejects_path is not None:
         rows.append(("rejects file", str(report.rejects_path)))
@@ -182,7 +189,13 @@ def validate(
         err_console.print(
             f"[bold red]error:[/] {escape(str(events))}: {report.rejected_share:.1%} of rows were rejected "
             f"(limit {max_reject_share:.1%}); see {report.rejects_path} for the rows and reasons, "
-            "fix the source mapping in the config, or raise --max-reject-share",
+            "fix the source mapping in the config, or raise --max-reject-share"
+            + (
+                "; if rows without a user id are guest orders, set source.allow_guest_rows: "
+                "true to count them as guest rows instead"
+                if report.rejected_by_reason.get("null_user_id")
+                else ""
+            ),
             highlight=False,
             soft_wrap=True,
         )
@@ -380,6 +393,13 @@ def train(
     register: Annotated[
         bool, typer.Option(help="Log the run to MLflow and register the bundle as a new version.")
     ] = True,
+    until: Annotated[
+        str | None,
+        typer.Option(
+            help="Train as of this date (YYYY-MM-DD, 00:00 UTC): later events are left out, "
+            "e.g. to hold them back for an out-of-time check."
+        ),
+    ] = None,
 ) -> None:
     """Race churn and replenishment models out of time; report, save and register the bundle."""
     from lapse.pipeline import run_train
@@ -392,6 +412,7 @@ def train(
             truth_dir=truth,
             models_dir=models_dir,
             register=register,
+            until=None if until is None else _parse_date(until, "--until"),
         )
     _print_training(result)
     if registered is not None:
@@ -511,14 +532,23 @@ def generate(
     users: Annotated[int, typer.Option(min=1, help="Number of users.")] = 2000,
     days: Annotated[int, typer.Option(min=1, help="Days simulated.")] = 180,
     seed: Annotated[int, typer.Option(help="Random seed; same seed, same data.")] = 0,
+    segment: Annotated[
+        bool,
+        typer.Option(
+            "--segment",
+            help="Also write segment.ndjson, a Segment export in which 30% of users begin "
+            "anonymous and identify later, and identities.parquet (who, until when).",
+        ),
+    ] = False,
 ) -> None:
     """Write synthetic events with ground truth (events, users, truth, truth_hazard)."""
     from lapse.datasets import generate as generate_data
-    from lapse.datasets import write
+    from lapse.datasets import write, write_segment
 
     with console.status(f"simulating {users:,} users over {days} days"):
         data = generate_data(n_users=users, n_days=days, seed=seed)
         files = write(data, out)
+        extra = write_segment(data, out, seed=seed) if segment else {}
     table = Table("file", "rows", title="synthetic data", title_justify="left")
     frames = {
         "events": data.events,
@@ -528,6 +558,8 @@ def generate(
     }
     for name, path in files.items():
         table.add_row(str(path), f"{frames[name].height:,}")
+    for path in extra.values():
+        table.add_row(str(path), "")
     console.print(table)
 
 

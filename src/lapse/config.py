@@ -41,6 +41,7 @@ __all__ = [
     "DriversConfig",
     "FeaturesConfig",
     "FrequencyCap",
+    "IdentitiesConfig",
     "IncrementalConfig",
     "IterableConfig",
     "KlaviyoConfig",
@@ -192,10 +193,22 @@ class SourceConfig(_Section):
         description="source column with the order (invoice) number: a user's purchase lines "
         "sharing it are one order; null: every purchase row is an order",
     )
+    identity: str | None = Field(
+        default=None,
+        description="source column with the anonymous (device, cookie) id: a row carrying it "
+        "and a user id links the two from its timestamp on; a row without a user id belongs "
+        "to it (Segment exports use anonymousId without this)",
+    )
     properties: list[str] = Field(
         default_factory=list, description="extra source columns kept on every event"
     )
     row_rules: list[RowRule] = Field(default_factory=list)
+    allow_guest_rows: bool = Field(
+        default=False,
+        description="true: rows without a user id (guest orders) are counted as guest rows and "
+        "set aside, not rejected; they never become users. false: they are rejected as "
+        "null_user_id",
+    )
     csv_separator: str = ","
     future_tolerance_hours: float = Field(default=24.0, ge=0)
 
@@ -239,6 +252,26 @@ class AttributesConfig(_Section):
     )
     static_features: list[str] = Field(
         default_factory=list, description="attributes the feature builders copy onto feature rows"
+    )
+
+
+class IdentitiesConfig(_Section):
+    """An optional table of id pairs linking anonymous (or old) ids to user ids."""
+
+    path: Path | None = Field(
+        default=None, description="table of id pairs, read like the attributes table; null: none"
+    )
+    format: FileFormat = Field(
+        default="auto", description="file format of the identities table, as source.format"
+    )
+    anonymous_id: str = Field(
+        default="anonymous_id", description="column with the anonymous (or previous) id"
+    )
+    user_id: str = Field(default="user_id", description="column with the user id it belongs to")
+    ts: str | None = Field(
+        default=None,
+        description="column with when each pair was observed (it links from then on); "
+        "null: every pair is known at every cutoff",
     )
 
 
@@ -771,6 +804,7 @@ class LapseConfig(_Section):
 
     source: SourceConfig = Field(default_factory=SourceConfig)
     attributes: AttributesConfig = Field(default_factory=AttributesConfig)
+    identities: IdentitiesConfig = Field(default_factory=IdentitiesConfig)
     roles: Roles = Field(default_factory=Roles)
     milestones: list[Milestone] = Field(default_factory=list)
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)

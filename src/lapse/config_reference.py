@@ -66,8 +66,10 @@ _MEANINGS: dict[str, str] = {
     "labels.horizon_days": "the label window [T, T + horizon) in days",
     "labels.activity_roles": "roles whose events count as activity (churn labels, eligibility)",
     "labels.eligibility_days": "look-back of eligibility: active",
-    "labels.cutoff_every_days": "spacing of the cutoff grid (test = the latest complete cutoff)",
-    "labels.train_cutoffs": "training cutoffs before the validation cutoff",
+    "labels.cutoff_every_days": "spacing of the cutoff grid (test = the latest complete "
+    "cutoff); lapse train lowers it, with a note, when fewer than 8 training cutoffs fit",
+    "labels.train_cutoffs": "training cutoffs before the validation cutoff (fewer when fewer "
+    "fit, said in the report)",
     "models.name": "registered model name in MLflow and the bundle's file name",
     "models.random_state": "seed of every model in the race",
     "models.calibration": "calibrator of the selected model, fitted on the validation cutoff",

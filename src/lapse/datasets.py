@@ -65,7 +65,9 @@ __all__ = [
     "SyntheticData",
     "generate",
     "scan_truth",
+    "segment_export",
     "write",
+    "write_segment",
 ]
 
 IntArr = npt.NDArray[np.int64]
@@ -768,3 +770,90 @@ def scan_truth(truth_dir: str | Path, name: str) -> pl.LazyFrame:
     if not path.exists():
         raise LapseError(f"{path}: not found; --truth takes the folder `lapse generate` wrote")
     return pl.scan_parquet(path)
+
+
+#: Where :func:`write_segment` puts the export and its identity truth.
+SEGMENT_FILES: Final = {"segment": "segment.ndjson", "identities": "identities.parquet"}
+
+
+def segment_export(
+    events: pl.DataFrame, *, anonymous_share: float = 0.3, seed: int = 0
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """``events`` as a Segment export in which a share of users begin anonymous.
+
+    Each chosen user (with two events or more) is ``anon-<user_id>`` until a
+    random one of its events after the first: an ``identify`` call at that
+    instant links the two ids, and from it on its track calls carry both.
+
+    Returns
+    -------
+    tuple[pl.DataFrame, pl.DataFrame]
+        The calls (``type``, ``event``, ``userId``, ``anonymousId``,
+        ``timestamp`` as ISO 8601 text, ``messageId``, ``properties`` with
+        ``sku``, ``quantity``, ``revenue``) in time order, and the truth:
+        ``user_id``, ``anonymous_id``, ``identified_at`` per chosen user.
+    """
+    rng = np.random.default_rng(seed)
+    counts = events.group_by("user_id").len().sort("user_id")
+    eligible = counts.filter(pl.col("len") >= 2)
+    chosen = eligible.filter(pl.Series(rng.random(eligible.height) < anonymous_share))
+    picks = chosen.with_columns(
+        pl.Series("k", (rng.random(chosen.height) * (chosen["len"] - 1).to_numpy()).astype(int) + 1)
+    )
+    ranked = events.with_columns(pl.int_range(pl.len()).over("user_id").alias("_i"))
+    identities = (
+        ranked.join(
+            picks.select("user_id", "k"), left_on=["user_id", "_i"], right_on=["user_id", "k"]
+        )
+        .select(
+            "user_id",
+            ("anon-" + pl.col("user_id")).alias("anonymous_id"),
+            pl.col("ts").alias("identified_at"),
+        )
+        .sort("user_id")
+    )
+    stamp = pl.col("ts").dt.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").alias("timestamp")
+    tracked = ranked.join(identities, on="user_id", how="left").select(
+        pl.lit("track").alias("type"),
+        "event",
+        pl.when(pl.col("ts") < pl.col("identified_at"))
+        .then(None)
+        .otherwise(pl.col("user_id"))
+        .alias("userId"),
+        pl.col("anonymous_id").alias("anonymousId"),
+        "ts",
+        pl.struct("sku", "quantity", "revenue").alias("properties"),
+    )
+    identify = identities.select(
+        pl.lit("identify").alias("type"),
+        pl.lit(None, pl.String).alias("event"),
+        pl.col("user_id").alias("userId"),
+        pl.col("anonymous_id").alias("anonymousId"),
+        pl.col("identified_at").alias("ts"),
+        pl.struct(
+            pl.lit(None, pl.String).alias("sku"),
+            pl.lit(None, pl.Float64).alias("quantity"),
+            pl.lit(None, pl.Float64).alias("revenue"),
+        ).alias("properties"),
+    )
+    calls = (
+        pl.concat([tracked, identify])
+        .sort("ts", "type", maintain_order=True)
+        .with_columns(stamp, pl.format("m{}", pl.int_range(pl.len())).alias("messageId"))
+        .select("type", "event", "userId", "anonymousId", "timestamp", "messageId", "properties")
+    )
+    return calls, identities
+
+
+def write_segment(
+    data: SyntheticData, out_dir: str | Path, *, anonymous_share: float = 0.3, seed: int = 0
+) -> dict[str, Path]:
+    """Write :func:`segment_export` of ``data.events``: ``segment.ndjson`` (the export) and
+    ``identities.parquet`` (who was anonymous until when) under ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    calls, identities = segment_export(data.events, anonymous_share=anonymous_share, seed=seed)
+    paths = {name: out / file for name, file in SEGMENT_FILES.items()}
+    calls.write_ndjson(paths["segment"])
+    identities.write_parquet(paths["identities"])
+    return paths

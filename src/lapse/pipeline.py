@@ -20,7 +20,8 @@ from lapse.delivery import (
     is_message,
     plan_batches,
 )
-from lapse.events import ValidationReport, load_attributes, validate_events
+from lapse.events import ValidationReport, load_attributes, read_links, validate_events
+from lapse.events.identity import anonymous_only, person_ids, resolve
 from lapse.exceptions import LapseError
 
 if TYPE_CHECKING:
@@ -148,7 +149,7 @@ def run_features(
         checked = validated_events_spark(events, config, spark=spark)
         spark_report = checked.report(config, as_of=as_of)
         frame_spark = build_features_spark(
-            checked.kept, as_of, config, spark=spark, attributes=attrs
+            checked.kept, as_of, config, spark=spark, attributes=attrs, links=checked.links
         )
         write_single_parquet(frame_spark, out)
         # counted from the file lazily: the driver never holds every user's row
@@ -156,7 +157,8 @@ def run_features(
     if engine != "local":
         raise LapseError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
     kept, report = validate_events(events, config, as_of=as_of)
-    frame = build(kept.lazy(), as_of, config, attributes=attrs)
+    links = read_links(events, config)
+    frame = build(kept.lazy(), as_of, config, attributes=attrs, links=links)
     out.parent.mkdir(parents=True, exist_ok=True)
     frame.write_parquet(out)
     return _features_result(frame.lazy(), out, as_of, report, engine)
@@ -184,11 +186,14 @@ def run_train(
     truth_dir: Path | None = None,
     models_dir: Path | None = None,
     register: bool = True,
+    until: datetime | None = None,
 ) -> tuple[TrainResult, RegisteredVersion | None]:
     """Train (churn race + replenishment), then log the run and register the bundle in MLflow."""
     from lapse.training import train
 
-    result = train(events, config, out_dir=out_dir, truth_dir=truth_dir, models_dir=models_dir)
+    result = train(
+        events, config, out_dir=out_dir, truth_dir=truth_dir, models_dir=models_dir, until=until
+    )
     if not register:
         return result, None
     from lapse.registry import log_training
@@ -476,10 +481,11 @@ def run_score(
         check_event_names(bundle, validation.events_per_name, _model_label(loaded))
         attributes = load_attributes(config)
         report.stage("scoring users")
-        fired = _last_fired(ledger, target.name)
+        links = read_links(events, config)
+        fired = _last_fired(ledger, target.name, links=links, as_of=as_of)
         scored = score_users(
             bundle,
-            kept.lazy(),
+            resolve(kept.lazy(), links, as_of),
             as_of,
             config,
             score_run_id=run_id,
@@ -504,6 +510,7 @@ def run_score(
             report=report,
             started=started,
             validation=validation,
+            anonymous=anonymous_only(links, as_of),
         )
 
 
@@ -525,12 +532,15 @@ def _send_scored(
     report: ScoreProgress,
     started: float,
     validation: ValidationReport | None,
+    anonymous: pl.Series | None = None,
 ) -> ScoreRunResult:
     """Everything after scoring, shared by `lapse score` and `lapse triggers run`.
 
     Suppression, the control group, the frequency cap, the delta key against the
     sink's last delivery, reasons for the users sent, the audit snapshot and
     outbox, the ledger's batches and the delivery itself (or a dry run).
+    ``anonymous`` ids (linked to no known user) are sent only to a sink with an
+    ``anonymous_identifier``; for the others they are held back and counted.
     """
     from lapse.scoring import who_was_scored, with_reasons
 
@@ -548,7 +558,9 @@ def _send_scored(
         ledger.drop_runs(pruned)
     last = ledger.delivered(target.name)
     previous, changed = delta_changes(records, last, everyone=target.full_snapshot or full)
-    send = sendable & changed
+    send, held, is_anonymous = hold_anonymous(records, sendable & changed, target, anonymous)
+    if held.any():
+        scored.warnings.append(anonymous_warning(int(held.sum()), target))
     report.stage("explaining the users sent")
     scored.records = records.select(scored.records.columns)
     records = with_reasons(bundle, scored, send, top=config.score.reasons).with_columns(
@@ -559,6 +571,7 @@ def _send_scored(
         send.alias("sent"),
     )
     outbox = _outbox(records.filter(send), previous.filter(send), attributes, target)
+    outbox = outbox.with_columns(is_anonymous.filter(send).alias("anonymous"))
     counts = {
         "scored": records.height,
         "suppressed": int(records["suppressed"].sum()),
@@ -566,6 +579,8 @@ def _send_scored(
         "unchanged": int((sendable & ~changed).sum()),
         "capped": int(records["capped"].sum()),
     }
+    if held.any():
+        counts["anonymous_held"] = int(held.sum())
     summary: dict[str, Any] = {
         "score_run_id": run_id,
         "as_of": as_of.isoformat(),
@@ -632,6 +647,26 @@ def _send_scored(
     )
 
 
+def hold_anonymous(
+    records: pl.DataFrame, send: pl.Series, target: Sink, anonymous: pl.Series | None
+) -> tuple[pl.Series, pl.Series, pl.Series]:
+    """``(send, held, is_anonymous)``: the records still to send, those held back (an
+    ``anonymous`` id for a sink without an ``anonymous_identifier``), and which are
+    anonymous (the outbox's ``anonymous`` column)."""
+    unknown = pl.Series([], dtype=pl.String) if anonymous is None else anonymous
+    is_anonymous = records["user_id"].is_in(unknown.implode()).alias("anonymous")
+    held = send & is_anonymous if target.anonymous_identifier is None else send & False
+    return send & ~held, held, is_anonymous
+
+
+def anonymous_warning(held: int, target: Sink) -> str:
+    """The summary's line for ``held`` anonymous visitors not sent to ``target``."""
+    return (
+        f"{held:,} anonymous visitors not sent: no identifier {target.name} accepts "
+        "for anonymous profiles"
+    )
+
+
 def _mark_sendable(
     records: pl.DataFrame,
     *,
@@ -669,13 +704,36 @@ def _mark_sendable(
     return records, sendable
 
 
-def _last_fired(ledger: Ledger, sink: str, users: list[str] | None = None) -> pl.DataFrame:
+def _last_fired(
+    ledger: Ledger,
+    sink: str,
+    users: list[str] | None = None,
+    *,
+    links: pl.DataFrame | None = None,
+    as_of: datetime | None = None,
+) -> pl.DataFrame:
     """The ledger's cooldown table for ``sink`` (``users`` only, if given):
-    ``trigger, user_id, last_fired``."""
-    return pl.DataFrame(
+    ``trigger, user_id, last_fired``.
+
+    With identity ``links`` the cooldowns move with the person: a visitor
+    messaged under an anonymous id and identified since is the same user, so
+    its ids' entries merge into the canonical id as of ``as_of`` (latest wins).
+    """
+    if links is not None and users is not None:
+        users = person_ids(links, users, as_of)
+    frame = pl.DataFrame(
         ledger.fired(sink, users=users),
         schema={"trigger": pl.String, "user_id": pl.String, "last_fired": pl.Date},
         orient="row",
+    )
+    if links is None or links.is_empty():
+        return frame
+    return (
+        resolve(frame.lazy(), links, as_of)
+        .group_by("trigger", "user_id")
+        .agg(pl.col("last_fired").max())
+        .sort("trigger", "user_id")
+        .collect()
     )
 
 
@@ -996,13 +1054,22 @@ def run_triggers(
         report.stage("reading the touched users' events")
         history: pl.DataFrame | None
         validation: ValidationReport | None = None
+        links = read_links(events, config)  # new files bring new links
         if todo.full:
             # everyone is read: validate as `score` does, so rejected rows are counted
             history, validation = validate_events(events, config, as_of=as_of)
+            history = resolve(history.lazy(), links, as_of).collect()
             users = history["user_id"].cast(pl.String).unique().sort().to_list()
         else:
-            users = todo.users
-            history = read_user_events(events, config, users).collect() if users else None
+            # every id of a touched person, their events merged as of the cutoff
+            ids = person_ids(links, todo.users, as_of)
+            history = (
+                resolve(read_user_events(events, config, ids), links, as_of).collect()
+                if ids
+                else None
+            )
+            touched = pl.LazyFrame({"user_id": todo.users}, schema={"user_id": pl.String})
+            users = resolve(touched, links, as_of).collect()["user_id"].unique().sort().to_list()
         attributes = load_attributes(config)
         run_id = _run_id(as_of)
         result = TriggerRunResult(
@@ -1020,7 +1087,7 @@ def run_triggers(
         states: list[Any] = []
         if history is not None and users:
             report.stage("scoring the touched users")
-            last_fired = _last_fired(ledger, target.name)
+            last_fired = _last_fired(ledger, target.name, links=links, as_of=as_of)
             scored = score_users(
                 loaded.bundle,
                 history.lazy(),
@@ -1067,6 +1134,7 @@ def run_triggers(
                 report=report,
                 started=started,
                 validation=validation,
+                anonymous=anonymous_only(links, as_of),
             )
         if not dry_run:
             ledger.advance_watermark(

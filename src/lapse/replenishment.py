@@ -50,6 +50,7 @@ from lapse.labels.cutoffs import data_span
 from lapse.labels.episodes import (
     check_target,
     consumable_skus,
+    consumable_table,
     episodes,
     open_episodes,
     reorder_outcomes,
@@ -70,6 +71,7 @@ __all__ = [
     "NotEnoughEpisodes",
     "ReplenishmentModel",
     "ReplenishmentResult",
+    "consumables_table",
     "evaluate_model",
     "predict_open",
     "run_replenishment",
@@ -103,6 +105,12 @@ class ReplenishmentModel:
         return predict_open(self, events, as_of)
 
 
+def _no_consumables() -> pl.DataFrame:
+    return pl.DataFrame(
+        schema={"sku": pl.String, "repeat_buyers": pl.Int64, "units_per_pack": pl.Float64}
+    )
+
+
 @dataclass(frozen=True)
 class ReplenishmentResult:
     """What the replenishment race produced (``metrics`` is the ``replenishment`` section)."""
@@ -114,6 +122,8 @@ class ReplenishmentResult:
     model: ReplenishmentModel
     plots: dict[str, Path]
     notes: list[str] = field(default_factory=list)
+    consumables: pl.DataFrame = field(default_factory=_no_consumables)
+    """The consumables of the race, ranked: ``sku, repeat_buyers, units_per_pack``."""
 
 
 # -- frames -----------------------------------------------------------------------------
@@ -376,8 +386,10 @@ def run_replenishment(
     test, validation = data_end - follow, data_end - 2 * follow
     target = check_target(rep.target)
     skus: dict[str, float] = {}
+    ranked = _no_consumables()
     if target == "sku":
-        skus = consumable_skus(events, config, until=validation)
+        ranked = consumable_table(events, config, until=validation)
+        skus = dict(zip(ranked["sku"].to_list(), ranked["units_per_pack"].to_list(), strict=True))
         if not skus:
             notes.append(
                 "no SKU has replenishment.min_repeat_buyers repeat buyers before the validation "
@@ -475,6 +487,7 @@ def run_replenishment(
         ),
         plots=plots,
         notes=notes,
+        consumables=ranked,
     )
 
 
@@ -550,6 +563,30 @@ def evaluate_model(
     return {**metrics, "follow_up_days": float(days)}
 
 
+#: Consumables listed in the report; the rest are counted.
+CONSUMABLES_SHOWN: Final = 10
+
+
+def consumables_table(ranked: pl.DataFrame, shown: int = CONSUMABLES_SHOWN) -> list[str]:
+    """Markdown lines: the top ``shown`` consumables by repeat buyers, then "and N more"."""
+    if ranked.is_empty():
+        return []
+    lines = [
+        "",
+        f"Consumables, most repeat buyers first (before the validation cutoff; "
+        f"{ranked.height} in all):",
+        "",
+        "| SKU | repeat buyers | units per pack |",
+        "|---|---|---|",
+    ]
+    for sku, buyers, units in ranked.head(shown).iter_rows():
+        cell = str(sku).replace("|", "\\|")
+        lines.append(f"| {cell} | {buyers:,} | {units:g} |")
+    if ranked.height > shown:
+        lines += ["", f"and {ranked.height - shown:,} more."]
+    return lines
+
+
 def report_section(result: ReplenishmentResult) -> str:
     """The replenishment part of ``report.md``."""
     m = result.metrics
@@ -557,7 +594,7 @@ def report_section(result: ReplenishmentResult) -> str:
         "## Replenishment",
         "",
         f"- target: {m['target']}"
-        + (f" ({', '.join(m['consumables'])})" if m["consumables"] else "")
+        + (f" ({len(m['consumables'])} consumables, below)" if m["consumables"] else "")
         + f"; validation cutoff {m['validation_cutoff']}, test cutoff {m['test_cutoff']}, "
         f"episodes starting in the {m['follow_up_days']} days after each are scored, "
         "censored at the window's end",
@@ -572,6 +609,7 @@ def report_section(result: ReplenishmentResult) -> str:
             v = row[k]
             cells.append("" if v is None else (f"{int(v)}" if k == "n" else f"{v:.4f}"))
         lines.append("| " + " | ".join(cells) + " |")
+    lines += consumables_table(result.consumables)
     truth = m.get("true_depletion")
     if truth:
         errs = ", ".join(

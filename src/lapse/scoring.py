@@ -601,8 +601,9 @@ def with_reasons(
 ) -> pl.DataFrame:
     """The records with ``reasons`` filled for ``rows`` (a mask) that are not ``low`` or fired.
 
-    Reasons are SHAP contributions of the race's LightGBM, costly, so only the
-    users who are sent with something to say get them.
+    Reasons come from the shipped model (:mod:`lapse.modeling.reasons`; for
+    LightGBM, TreeSHAP values, costly), so only the users who are sent with
+    something to say get them.
     """
     records = result.records
     want = (

@@ -31,6 +31,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,7 +39,8 @@ import polars as pl
 import pyarrow as pa
 
 from lapse.config import LapseConfig
-from lapse.events.validate import ValidationReport
+from lapse.events.mapping import CALL
+from lapse.events.validate import IDENTITY_CALLS, ValidationReport
 from lapse.exceptions import LapseError, MissingColumnsError
 from lapse.schema import EVENT_COLUMNS, ORDER_ID, REQUIRED_EVENT_COLUMNS, USER_ID
 
@@ -285,6 +287,7 @@ def build_features_spark(
     attributes: pl.DataFrame | None = None,
     feature_set: FeatureSet = "all",
     partitions: int | None = None,
+    links: pl.DataFrame | None = None,
 ) -> DataFrame:
     """Feature rows as of ``as_of`` on Spark: :func:`lapse.features.build` per user shard.
 
@@ -305,6 +308,9 @@ def build_features_spark(
         ``"all"`` or ``"core"``, as in :func:`lapse.features.build`.
     partitions
         Hash partitions by ``user_id``; default ``spark.sql.shuffle.partitions``.
+    links
+        Identity links (:mod:`lapse.events.identity`): ids resolve with those
+        before ``as_of`` before the shuffle by user, as in the local engine.
 
     Returns
     -------
@@ -322,6 +328,7 @@ def build_features_spark(
         from pyspark.sql import functions as F
 
         frame = frame.filter(F.col("ts") < F.lit(t))
+    frame = resolve_spark(frame, links, t)
     # the output schema: the builder on no events (also checks config and attributes)
     empty = build(
         pl.LazyFrame(schema=EVENT_COLUMNS),
@@ -408,6 +415,7 @@ def score_spark(
 
 _ROW = "_lapse_row"
 _DUP = "_lapse_duplicate"
+_IS_CALL = "_lapse_identity_call"
 _DRIFT = "_lapse_drift"
 _POPULATION = "_lapse_population"
 
@@ -437,7 +445,8 @@ class SparkValidation:
         """
         from pyspark.sql import functions as F
 
-        from lapse.events.validate import REASON, REJECT_REASONS, rejects_path_for
+        from lapse.events import identity
+        from lapse.events.validate import GUEST, REASON, REJECT_REASONS, rejects_path_for
         from lapse.schema import ROLES
 
         reference = as_of or datetime.now(UTC)
@@ -445,7 +454,7 @@ class SparkValidation:
             reference = reference.replace(tzinfo=UTC)
         horizon = reference + timedelta(hours=config.source.future_tolerance_hours)
         groups = (
-            self.flagged.groupBy(REASON, _DUP, "event")
+            self.flagged.groupBy(REASON, _DUP, "event", _IS_CALL, CALL)
             .agg(
                 F.count(F.lit(1)).alias("n"),
                 F.min("ts").alias("ts_min"),
@@ -464,11 +473,17 @@ class SparkValidation:
                 F.count(F.when(F.col(ORDER_ID).isNull(), 1)),
             ).collect()[0]
             orders = int(keyed) + int(alone)
-        kept = [g for g in groups if g[REASON] is None and not g[_DUP]]
+        kept = [g for g in groups if g[REASON] is None and not g[_DUP] and not g[_IS_CALL]]
+        calls: dict[str, int] = {}
+        for g in groups:
+            if g[_IS_CALL]:
+                calls[g[CALL]] = calls.get(g[CALL], 0) + int(g["n"])
+        links = self.links
         rejected: dict[str, int] = {}
         for g in groups:
             if g[REASON] is not None:
                 rejected[g[REASON]] = rejected.get(g[REASON], 0) + int(g["n"])
+        guests = rejected.pop(GUEST, 0)
         per_event: dict[str, int] = {}
         for g in kept:
             per_event[g["event"]] = per_event.get(g["event"], 0) + int(g["n"])
@@ -479,7 +494,7 @@ class SparkValidation:
         written: Path | None = None
         if sum(rejected.values()):
             written = rejects or rejects_path_for(self.source_name, config)
-            bad = self.flagged.filter(F.col(REASON).isNotNull())
+            bad = self.flagged.filter(F.col(REASON).isNotNull() & (F.col(REASON) != GUEST))
             write_single_parquet(
                 bad.select(*self.columns, REASON, _ROW), written, sort_by=_ROW, drop=(_ROW,)
             )
@@ -501,7 +516,40 @@ class SparkValidation:
             rejects_path=written,
             purchase_orders=orders,
             events_per_name=dict(sorted(per_event.items())),
+            calls={c: calls[c] for c in IDENTITY_CALLS if calls.get(c)},
+            links=links.filter(pl.col(USER_ID).is_not_null()).height,
+            merged_ids=identity.merged_ids(links),
+            anonymous_only=identity.anonymous_only(links).len(),
+            guest_rows=guests,
         )
+
+    @cached_property
+    def links(self) -> pl.DataFrame:
+        """The identity links of the source, as :func:`lapse.events.validate.read_links`
+        finds them: pairs pre-aggregated by Spark (first ``ts``), finished on the driver
+        (one Spark job, run once)."""
+        from pyspark.sql import functions as F
+
+        from lapse.events.mapping import ANONYMOUS_ID, PREVIOUS_ID
+        from lapse.events.validate import links_of
+
+        alias = F.col(CALL) == F.lit("alias")
+        pairs = (
+            self.flagged.filter(F.col(ANONYMOUS_ID).isNotNull() | F.col(PREVIOUS_ID).isNotNull())
+            .groupBy(
+                USER_ID,
+                ANONYMOUS_ID,
+                F.when(alias, F.col(PREVIOUS_ID)).alias(PREVIOUS_ID),
+                F.when(alias, F.lit("alias")).alias(CALL),
+            )
+            .agg(F.min("ts").alias("ts"))
+        )
+        frame = pl.from_arrow(pairs.toArrow())
+        assert isinstance(frame, pl.DataFrame)
+        ts = frame.schema["ts"]
+        if isinstance(ts, pl.Datetime) and ts.time_zone is None:
+            frame = frame.with_columns(pl.col("ts").dt.replace_time_zone("UTC"))
+        return links_of(frame.with_columns(pl.col("ts").dt.convert_time_zone("UTC")))
 
 
 def _aware(ts: datetime) -> datetime:
@@ -557,11 +605,17 @@ def validated_events_spark(
         assert isinstance(frame, pl.DataFrame)
         rows = frame[_ROW]
         mapped = map_events(frame.drop(_ROW).lazy(), pinned, source_name=name)
-        out = mapped.with_columns(_reason(pinned)).collect().with_columns(rows)
+        # identify, alias and group calls are not events: never rejected, counted apart
+        reason = pl.when(~_is_call).then(_reason(pinned)).alias(REASON)
+        out = mapped.with_columns(reason).collect().with_columns(rows)
         yield from _to_arrow(out, target)
 
-    flagged = raw.withColumn(_ROW, F.monotonically_increasing_id()).mapInArrow(per_partition, ddl)
-    ok = F.col(REASON).isNull()
+    flagged = (
+        raw.withColumn(_ROW, F.monotonically_increasing_id())
+        .mapInArrow(per_partition, ddl)
+        .withColumn(_IS_CALL, F.coalesce(F.col(CALL).isin(*IDENTITY_CALLS), F.lit(False)))
+    )
+    ok = F.col(REASON).isNull() & ~F.col(_IS_CALL)
     duplicate = F.lit(False)
     if config.source.message_id is not None:
         # message ids span users: one window over them, before the shard by user
@@ -579,6 +633,28 @@ def validated_events_spark(
 
 
 _TS_SAMPLE = 10_000
+_is_call = pl.col(CALL).is_in(IDENTITY_CALLS).fill_null(False)
+
+
+def resolve_spark(frame: DataFrame, links: pl.DataFrame | None, as_of: datetime) -> DataFrame:
+    """``frame`` with each ``user_id`` replaced by its canonical id as of ``as_of``, as
+    :func:`lapse.events.identity.resolve` does (the id map is broadcast)."""
+    from pyspark.sql import functions as F
+
+    from lapse.events.identity import canonical_ids
+
+    if links is None or links.is_empty():
+        return frame
+    mapping = canonical_ids(links, as_of).filter(pl.col("id") != pl.col("canonical"))
+    if mapping.is_empty():
+        return frame
+    ids = frame.sparkSession.createDataFrame(
+        mapping.rows(), schema="_lapse_id string, _lapse_canonical string"
+    )
+    joined = frame.join(F.broadcast(ids), frame[USER_ID] == ids["_lapse_id"], "left")
+    return joined.withColumn(USER_ID, F.coalesce(F.col("_lapse_canonical"), F.col(USER_ID))).drop(
+        "_lapse_id", "_lapse_canonical"
+    )
 
 
 # -- whole records -----------------------------------------------------------------------

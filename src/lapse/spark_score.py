@@ -71,7 +71,14 @@ def run_score_spark(
     partitions: int | None = None,
 ) -> ScoreRunResult:
     """The Spark engine's score run; :func:`lapse.pipeline.run_score` holds the lock and ledger."""
-    from lapse.pipeline import ScoreRunResult, _dry_run, _model_label, _run_id, score_header
+    from lapse.pipeline import (
+        ScoreRunResult,
+        _dry_run,
+        _model_label,
+        _run_id,
+        anonymous_warning,
+        score_header,
+    )
     from lapse.registry import load_bundle
     from lapse.scoring import (
         check_event_names,
@@ -82,6 +89,7 @@ def run_score_spark(
         who_was_scored,
     )
     from lapse.spark import (
+        resolve_spark,
         score_records_spark,
         spark_session,
         validated_events_spark,
@@ -100,9 +108,10 @@ def run_score_spark(
     validation = checked.report(config, as_of=as_of)
     check_event_names(bundle, validation.events_per_name, _model_label(loaded))
     attributes = load_attributes(config)
+    links = checked.links
     report.stage("scoring users on Spark")
     scored = score_records_spark(
-        checked.kept,
+        resolve_spark(checked.kept, links, as_of),
         as_of,
         bundle,
         config,
@@ -125,7 +134,16 @@ def run_score_spark(
         with _Writer(snap_tmp) as snap, _Writer(outbox_tmp) as box:
             for chunk in _records(parts, tally):
                 rows, outbox = _post(
-                    chunk, config, ledger, target, attributes, definitions, as_of, run_id, full
+                    chunk,
+                    config,
+                    ledger,
+                    target,
+                    attributes,
+                    definitions,
+                    as_of,
+                    run_id,
+                    full,
+                    links=links,
                 )
                 snap.write(rows)
                 box.write(outbox)
@@ -142,6 +160,10 @@ def run_score_spark(
         drift = drift_from_counts(bundle, tally.drift)
         warnings = model_age_warnings(bundle, as_of, config) + drift_warnings(drift, config)
         counts = dict(tally.counts)
+        if counts.get("anonymous_held"):
+            warnings.append(anonymous_warning(counts["anonymous_held"], target))
+        else:
+            counts.pop("anonymous_held", None)
         summary: dict[str, Any] = {
             "score_run_id": run_id,
             "as_of": as_of.isoformat(),
@@ -241,6 +263,7 @@ class _Tally:
         self.counts["control"] += int(rows["control"].sum())
         self.counts["unchanged"] += int(rows["_unchanged"].sum())
         self.counts["capped"] += int(rows["capped"].sum())
+        self.counts["anonymous_held"] += int(rows["_anonymous_held"].sum())
         self.segments.update(rows["risk_segment"].to_list())
         self.triggers.update(t for ts in rows["triggers"].to_list() for t in ts)
 
@@ -308,18 +331,22 @@ def _post(
     as_of: datetime,
     run_id: str,
     full: bool,
+    *,
+    links: pl.DataFrame | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """One chunk through what :func:`lapse.pipeline.run_score` does after scoring.
 
-    Returns the snapshot rows (plus ``_unchanged`` for the counts) and the outbox rows.
+    Returns the snapshot rows (plus ``_unchanged`` and ``_anonymous_held`` for the
+    counts) and the outbox rows.
     """
-    from lapse.pipeline import _last_fired, _mark_sendable, _outbox
+    from lapse.events.identity import anonymous_only
+    from lapse.pipeline import _last_fired, _mark_sendable, _outbox, hold_anonymous
     from lapse.sinks.base import RECORD_COLUMNS
     from lapse.triggers import apply_cooldowns
 
     day = as_of.astimezone(UTC).date()
     users = records["user_id"].to_list()
-    fired = _last_fired(ledger, target.name, users)
+    fired = _last_fired(ledger, target.name, users, links=links, as_of=as_of)
     records = records.with_columns(apply_cooldowns(records, fired, definitions, day))
     explained = records["reasons"]
     records, sendable = _mark_sendable(
@@ -334,7 +361,8 @@ def _post(
     )
     last = ledger.delivered(target.name, users=users)
     previous, changed = delta_changes(records, last, everyone=target.full_snapshot or full)
-    send = sendable & changed
+    anonymous = anonymous_only(links, as_of) if links is not None else None
+    send, held, is_anonymous = hold_anonymous(records, sendable & changed, target, anonymous)
     # as lapse.scoring.with_reasons: reasons for the users sent who are not low or fired
     keep = (
         send & ((records["risk_segment"] != "low") | (records["triggers"].list.len() > 0))
@@ -351,9 +379,10 @@ def _post(
         "withheld_triggers",
         send.alias("sent"),
         (sendable & ~changed).alias("_unchanged"),
+        held.alias("_anonymous_held"),
     )
     outbox = _outbox(rows.filter(send), previous.filter(send), attributes, target)
-    return rows, outbox
+    return rows, outbox.with_columns(is_anonymous.filter(send))
 
 
 def _deliver_chunks(

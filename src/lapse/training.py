@@ -22,7 +22,7 @@ import numpy.typing as npt
 import polars as pl
 
 from lapse.config import LapseConfig, SegmentsConfig
-from lapse.events import ValidationReport, load_attributes, validate_events
+from lapse.events import ValidationReport, load_attributes, read_links, validate_events
 from lapse.exceptions import LapseError
 from lapse.modeling.metrics import METRIC_NAMES
 from lapse.segments import describe_sizes
@@ -93,17 +93,25 @@ def build_frame(
     *,
     data_end: datetime,
     attributes: pl.DataFrame | None = None,
+    links: pl.DataFrame | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """``(labelled, rfm)``: eligible users' features, labels and ``btyd_*`` at each cutoff,
-    and the BG/NBD summary of every active user (BG/NBD fits on the latter)."""
+    and the BG/NBD summary of every active user (BG/NBD fits on the latter).
+
+    With identity ``links`` each cutoff sees the ids of the links before it
+    (:mod:`lapse.events.identity`)."""
+    from lapse.events.identity import at_each_cutoff
     from lapse.features import build_many
     from lapse.labels import churn_labels
     from lapse.modeling.bgnbd import rfm_summary
     from lapse.modeling.lgbm import with_derived
 
-    labels = churn_labels(events, cutoffs, config, data_end=data_end)
-    features = build_many(events, cutoffs, config, attributes=attributes)
-    rfm = rfm_summary(events, cutoffs, config)
+    labels = churn_labels(events, cutoffs, config, data_end=data_end, links=links)
+    features = build_many(events, cutoffs, config, attributes=attributes, links=links)
+    if links is None or links.is_empty():
+        rfm = rfm_summary(events, cutoffs, config)
+    else:
+        rfm = at_each_cutoff(lambda ev, cuts: rfm_summary(ev, cuts, config), events, links, cutoffs)
     frame = (
         labels.join(features, on=["user_id", "cutoff"], how="left")
         .join(rfm, on=["user_id", "cutoff"], how="left")
@@ -132,27 +140,41 @@ SMALL_CUTOFF = 500
 
 def _load(
     events_path: str | Path, config: LapseConfig, until: datetime | None = None
-) -> tuple[pl.LazyFrame, ValidationReport, list[str]]:
+) -> tuple[pl.LazyFrame, ValidationReport, list[str], pl.DataFrame]:
     """Read and validate once (labels, features and BG/NBD each scan the events).
 
     Returns the kept events (those before ``until`` when given), the validation
-    report and a note on what validation dropped, so a training report never
-    hides rejected rows.
+    report, a note on what validation dropped, so a training report never
+    hides rejected rows, and the identity links (before ``until`` too).
     """
     events, report = validate_events(events_path, config)
+    links = read_links(events_path, config)
     if until is not None:
         events = events.filter(pl.col("ts") < until)
+        links = links.filter(pl.col("ts") < until)
     notes = []
-    if report.rows_rejected or report.duplicates:
+    if report.rows_rejected or report.duplicates or report.guest_rows:
         reasons = ", ".join(f"{k} {v:,}" for k, v in report.rejected_by_reason.items() if v)
         rejected = f"{report.rows_rejected:,} rejected"
         if report.rows_rejected:
             rejected += f" ({reasons}; the rows are in {report.rejects_path})"
+        guests = f", {report.guest_rows:,} guest rows set aside" if report.guest_rows else ""
         notes.append(
             f"events: {report.rows_read:,} rows read, {rejected}, "
-            f"{report.duplicates:,} duplicates dropped"
+            f"{report.duplicates:,} duplicates dropped{guests}"
         )
-    return events.lazy(), report, notes
+    return events.lazy(), report, notes, links
+
+
+def _fit_grid(events: pl.LazyFrame, config: LapseConfig) -> tuple[LapseConfig, list[str]]:
+    """``config`` with the cutoff grid fitted to the events' span (:func:`fit_grid`), and
+    the note saying what was adapted, so a short history never trains silently on a
+    handful of cutoffs."""
+    from lapse.labels import data_span, fit_grid
+
+    start, end = data_span(events)
+    fit = fit_grid(config.labels, (end - start).days)
+    return config.model_copy(update={"labels": fit.labels}), [fit.note] if fit.note else []
 
 
 # -- train ----------------------------------------------------------------------------
@@ -331,12 +353,19 @@ def train(
     from lapse.modeling.race import fit_calibrator, fit_scorer, run_race
 
     out = Path(out_dir)
-    events, validation, read_notes = _load(events_path, config, until)
+    events, validation, read_notes, links = _load(events_path, config, until)
+    config, grid_notes = _fit_grid(events, config)
+    read_notes += grid_notes
     grid = cutoff_grid(events, config)
     horizon = grid.horizon
     used = [c for c in grid.complete if c >= grid.training[0]]
     frame, rfm = build_frame(
-        events, used, config, data_end=grid.data_end, attributes=load_attributes(config)
+        events,
+        used,
+        config,
+        data_end=grid.data_end,
+        attributes=load_attributes(config),
+        links=links,
     )
     oracle = _oracle(Path(truth_dir) if truth_dir is not None else None, grid.test)
     if oracle is not None and config.labels.horizon_days != 28:
@@ -532,7 +561,9 @@ def backtest(events_path: str | Path, config: LapseConfig, *, k: int = 6) -> Bac
 
     if k < 1:
         raise LapseError(f"--k must be at least 1, got {k}")
-    events, _, read_notes = _load(events_path, config)
+    events, _, read_notes, links = _load(events_path, config)
+    config, grid_notes = _fit_grid(events, config)
+    read_notes += grid_notes
     start, end = data_span(events)
     step = timedelta(days=config.labels.cutoff_every_days)
     latest = end - timedelta(days=config.labels.horizon_days)
@@ -550,7 +581,9 @@ def backtest(events_path: str | Path, config: LapseConfig, *, k: int = 6) -> Bac
     if len(grids) < k:
         notes.append(f"only {len(grids)} of {k} cutoffs have enough history")
     used = sorted({c for g in grids for c in g.all_race})
-    frame, rfm = build_frame(events, used, config, data_end=end, attributes=load_attributes(config))
+    frame, rfm = build_frame(
+        events, used, config, data_end=end, attributes=load_attributes(config), links=links
+    )
     rows: list[dict[str, Any]] = []
     selected: dict[str, str] = {}
     for g in sorted(grids, key=lambda g: g.test):

@@ -6,6 +6,8 @@ canonical columns of :data:`lapse.schema.EVENT_COLUMNS`, ``read_events`` and
 ``read_attributes`` reads the per-user table and ``init_config`` drafts a
 config for a new file. ``event_files``, ``new_event_users`` and
 ``read_user_events`` serve incremental trigger runs (an append-only folder).
+``read_links`` reads the identity links that :mod:`lapse.events.identity`
+resolves into one id per person at a cutoff.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from lapse.events.validate import (
     event_files,
     new_event_users,
     read_events,
+    read_links,
     read_user_events,
     validate_events,
 )
@@ -35,6 +38,7 @@ __all__ = [
     "new_event_users",
     "read_attributes",
     "read_events",
+    "read_links",
     "read_user_events",
     "scan_source",
     "validate_events",

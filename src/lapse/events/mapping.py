@@ -27,10 +27,14 @@ from lapse.exceptions import MissingColumnsError, ReadError
 from lapse.schema import EVENT_COLUMNS, ORDER_ID, REQUIRED_EVENT_COLUMNS
 
 __all__ = [
+    "ANONYMOUS_ID",
     "BY_RULE",
+    "CALL",
     "HELPER_COLUMNS",
     "MESSAGE_ID",
+    "PREVIOUS_ID",
     "TS_RAW",
+    "has_identity",
     "id_as_string",
     "id_columns",
     "map_events",
@@ -41,7 +45,15 @@ __all__ = [
 TS_RAW: Final = "_ts_raw"
 BY_RULE: Final = "_by_rule"
 MESSAGE_ID: Final = "_message_id"
-HELPER_COLUMNS: Final = (TS_RAW, BY_RULE, MESSAGE_ID)
+ANONYMOUS_ID: Final = "_anonymous_id"
+"""The row's anonymous id (Segment ``anonymousId``, else ``source.identity``), when any."""
+PREVIOUS_ID: Final = "_previous_id"
+"""A Segment ``alias`` call's ``previousId``."""
+CALL: Final = "_call"
+"""The Segment call type (``track``, ``page``, ``screen``, ``identify``, ``alias``, ``group``)."""
+HELPER_COLUMNS: Final = (TS_RAW, BY_RULE, MESSAGE_ID, ANONYMOUS_ID, PREVIOUS_ID, CALL)
+# Segment calls named by these columns become events called by their name or their type.
+_NAMED_CALLS: Final = ("page", "screen")
 
 # canonical column -> Segment source columns, first non-null wins
 SEGMENT_DEFAULTS: Final[dict[str, tuple[str, ...]]] = {
@@ -78,7 +90,8 @@ def id_columns(source: SourceConfig) -> list[str]:
     """The source columns holding ids, for :func:`~lapse.events.scan_source` to read as text.
 
     What ``user_id`` and ``sku`` resolve to (a ``source.columns`` entry, else a
-    column of the same name or the Segment default) and ``source.message_id``.
+    column of the same name or the Segment default), ``source.message_id``,
+    ``source.identity`` and Segment's ``previousId``.
     """
     names: list[str] = []
     for name in ("user_id", "sku"):
@@ -86,7 +99,8 @@ def id_columns(source: SourceConfig) -> list[str]:
             names.append(source.columns[name])
         elif name not in source.derive:
             names += [name, *SEGMENT_DEFAULTS[name]]
-    return [*names, *([source.message_id] if source.message_id else [])]
+    extra = [c for c in (source.message_id, source.identity) if c]
+    return [*names, "previousId", *extra]
 
 
 def present_columns(schema: pl.Schema) -> str:
@@ -153,8 +167,8 @@ def _rule_condition(rule: RowRule, expr: pl.Expr, dtype: pl.DataType) -> pl.Expr
         return expr.is_null()
     if rule.op == "in":
         if as_text:
-            return expr.is_in(pl.Series([str(v) for v in values], dtype=pl.String))
-        return expr.cast(pl.Float64).is_in(pl.Series(values, dtype=pl.Float64))
+            return expr.is_in(pl.Series([str(v) for v in values], dtype=pl.String).implode())
+        return expr.cast(pl.Float64).is_in(pl.Series(values, dtype=pl.Float64).implode())
     value = rule.value
     match rule.op:
         case "starts_with":
@@ -171,6 +185,36 @@ def _rule_condition(rule: RowRule, expr: pl.Expr, dtype: pl.DataType) -> pl.Expr
             return expr > value
         case _:
             return expr >= value
+
+
+def _identity_exprs(
+    schema: pl.Schema, source: SourceConfig, segment: bool
+) -> dict[str, pl.Expr | None]:
+    """The anonymous id, alias ``previousId`` and Segment call type of each row, where known."""
+    anonymous = source.identity or ("anonymousId" if segment else None)
+
+    def text(column: str | None) -> pl.Expr | None:
+        if column is None or column not in schema:
+            return None
+        return id_as_string(pl.col(column), schema[column])
+
+    call = (
+        pl.col("type").cast(pl.String).str.to_lowercase() if segment and "type" in schema else None
+    )
+    return {
+        ANONYMOUS_ID: text(anonymous),
+        PREVIOUS_ID: text("previousId") if segment else None,
+        CALL: call,
+    }
+
+
+def has_identity(raw: pl.LazyFrame, config: LapseConfig) -> bool:
+    """Whether ``raw`` has a column identity links come from (an anonymous or previous id)."""
+    schema = raw.collect_schema()
+    source = config.source
+    segment = source.format == "segment" or (source.format == "auto" and is_segment_schema(schema))
+    found = _identity_exprs(schema, source, segment)
+    return found[ANONYMOUS_ID] is not None or found[PREVIOUS_ID] is not None
 
 
 def _timestamp_format(
@@ -218,8 +262,10 @@ def map_events(raw: pl.LazyFrame, config: LapseConfig, *, source_name: str) -> p
     pl.LazyFrame
         ``EVENT_COLUMNS`` in order, ``order_id`` when ``source.order_id`` is
         set, then ``source.properties``, then the
-        helper columns (:data:`TS_RAW`, :data:`BY_RULE`, and :data:`MESSAGE_ID`
-        when ``source.message_id`` is set). Nothing is rejected here.
+        helper columns (:data:`TS_RAW`, :data:`BY_RULE`, :data:`MESSAGE_ID`
+        when ``source.message_id`` is set, then :data:`ANONYMOUS_ID`,
+        :data:`PREVIOUS_ID` and :data:`CALL`, null where the source has no
+        such column). Nothing is rejected here.
 
     Raises
     ------
@@ -267,6 +313,14 @@ def map_events(raw: pl.LazyFrame, config: LapseConfig, *, source_name: str) -> p
             columns[name] = found[name].cast(pl.Float64, strict=False)
     if "event" not in found and source.event_name:
         columns["event"] = pl.lit(source.event_name, dtype=pl.String)
+    identity = _identity_exprs(schema, source, segment)
+    if source.identity and identity[ANONYMOUS_ID] is not None:
+        # a row without a user id belongs to its anonymous id
+        columns["user_id"] = pl.coalesce(columns["user_id"], identity[ANONYMOUS_ID])
+    call = identity[CALL]
+    if call is not None:  # page and screen calls are events named by their name, else type
+        title = pl.coalesce(pl.col("name").cast(pl.String), call) if "name" in schema else call
+        columns["event"] = pl.when(call.is_in(_NAMED_CALLS)).then(title).otherwise(columns["event"])
 
     # Rules read source columns first, else the mapped canonical column.
     event = columns["event"]
@@ -291,6 +345,10 @@ def map_events(raw: pl.LazyFrame, config: LapseConfig, *, source_name: str) -> p
         helpers.append(
             id_as_string(pl.col(source.message_id), schema[source.message_id]).alias(MESSAGE_ID)
         )
+    helpers += [
+        (expr if expr is not None else pl.lit(None, pl.String)).alias(name)
+        for name, expr in identity.items()
+    ]
     if source.order_id:
         columns[ORDER_ID] = id_as_string(pl.col(source.order_id), schema[source.order_id])
     return raw.select(

@@ -49,9 +49,10 @@ _SEGMENT_ID_COLUMNS: Final = ("userId", "anonymousId")
 
 
 def is_segment_schema(schema: Mapping[str, object]) -> bool:
-    """Whether columns look like a Segment track export (user/anonymous id, timestamp, event)."""
+    """Whether columns look like a Segment export (user/anonymous id, timestamp, and an
+    event name or a call type)."""
     has_id = any(name in schema for name in _SEGMENT_ID_COLUMNS)
-    return has_id and "timestamp" in schema and "event" in schema
+    return has_id and "timestamp" in schema and ("event" in schema or "type" in schema)
 
 
 def one_line(exc: BaseException) -> str:

@@ -12,6 +12,9 @@ Reject reasons, checked in this order (a row gets the first that applies):
     ``quantity < 0`` on a row no row rule claimed and whose event is not
     listed under ``roles.return``.
 
+With ``source.allow_guest_rows`` a row without a user id is a *guest row*
+instead: set aside and counted (``guest_rows``), never a user, not a reject.
+
 Rejected rows go to a rejects Parquet file (the mapped row plus ``reason``).
 Duplicates (identical in every canonical column, the order key included, or
 sharing the ``source.message_id`` value) keep their first occurrence. Events later than
@@ -30,21 +33,39 @@ from typing import Final
 import polars as pl
 
 from lapse.config import DATABASE_FORMATS, LapseConfig
+from lapse.events import identity
 from lapse.events.database import scan_database, source_label
-from lapse.events.mapping import BY_RULE, MESSAGE_ID, id_columns, map_events
+from lapse.events.mapping import (
+    ANONYMOUS_ID,
+    BY_RULE,
+    CALL,
+    MESSAGE_ID,
+    PREVIOUS_ID,
+    has_identity,
+    id_as_string,
+    id_columns,
+    map_events,
+    present_columns,
+)
 from lapse.events.readers import collect_frame, data_files, scan_source
-from lapse.exceptions import EventsError
+from lapse.events.timestamps import infer_timestamp_format, parse_timestamp
+from lapse.exceptions import EventsError, MissingColumnsError
 from lapse.schema import EVENT_COLUMNS, ORDER_ID, ROLES
 
 __all__ = [
+    "GUEST",
+    "IDENTITY_CALLS",
     "REJECT_REASONS",
     "ValidationReport",
     "canonical_columns",
     "count_orders",
     "event_files",
+    "links_of",
     "new_event_users",
     "output_columns",
     "read_events",
+    "read_identities",
+    "read_links",
     "read_user_events",
     "rejects_path_for",
     "validate_events",
@@ -52,13 +73,23 @@ __all__ = [
 
 REJECT_REASONS: Final = ("null_user_id", "unparsable_ts", "null_event", "negative_quantity")
 REASON: Final = "reason"
+#: The reason of a row without a user id under ``source.allow_guest_rows``: set aside,
+#: counted as a guest row, neither kept nor rejected.
+GUEST: Final = "guest"
+# Segment calls that are not events: identify and alias feed the identity links, group is skipped.
+IDENTITY_CALLS: Final = ("identify", "alias", "group")
 
 
 @dataclass(frozen=True)
 class ValidationReport:
     """What :func:`validate_events` read, kept, rejected and flagged.
 
-    ``rows_read = rows_kept + sum(rejected_by_reason.values()) + duplicates``.
+    ``rows_read = rows_kept + sum(rejected_by_reason.values()) + duplicates +
+    guest_rows + sum(calls.values())``: ``calls`` counts the Segment ``identify``,
+    ``alias`` and ``group`` calls, which are not events. ``links`` counts the distinct
+    (id, user id) pairs linking ids (:mod:`lapse.events.identity`),
+    ``merged_ids`` the ids resolving to another id with every link applied,
+    ``anonymous_only`` the anonymous ids linked to no user id.
     ``events_per_role`` counts kept events per role (an event listed under two
     roles counts in both); ``events_unassigned`` counts kept events in no role;
     ``events_per_name`` counts kept events per event name.
@@ -81,6 +112,11 @@ class ValidationReport:
     rejects_path: Path | None
     purchase_orders: int | None = None
     events_per_name: dict[str, int] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+    links: int = 0
+    merged_ids: int = 0
+    anonymous_only: int = 0
+    guest_rows: int = 0
 
     @property
     def rows_rejected(self) -> int:
@@ -94,11 +130,13 @@ class ValidationReport:
 
 
 def _checks(config: LapseConfig) -> dict[str, pl.Expr]:
-    """Reject reason -> the condition that flags a row, in order of precedence."""
+    """Reject reason (or :data:`GUEST`) -> the condition that flags a row, in order of
+    precedence."""
     returns = config.roles.of("return")
     negative = (pl.col("quantity") < 0) & ~pl.col(BY_RULE) & ~pl.col("event").is_in(returns)
+    no_user = GUEST if config.source.allow_guest_rows else "null_user_id"
     return {
-        "null_user_id": pl.col("user_id").is_null(),
+        no_user: pl.col("user_id").is_null(),
         "unparsable_ts": pl.col("ts").is_null(),
         "null_event": pl.col("event").is_null(),
         "negative_quantity": negative.fill_null(False),
@@ -129,8 +167,40 @@ def _first_distinct(frame: pl.DataFrame, columns: Sequence[str]) -> pl.Series:
     return keep.scatter(rows.filter(~first), False)
 
 
+def _calls(frame: pl.DataFrame) -> pl.Series:
+    """Whether each mapped row is an identify, alias or group call (not an event)."""
+    return frame.select(pl.col(CALL).is_in(IDENTITY_CALLS).fill_null(False)).to_series()
+
+
+def links_of(frame: pl.DataFrame) -> pl.DataFrame:
+    """The identity links (:data:`~lapse.events.identity.LINK_SCHEMA`) of mapped rows.
+
+    Every row with an anonymous id links it to the row's user id (null when
+    the row has none but the anonymous id); an ``alias`` call links its
+    ``previousId``. One row per pair, at its first observation.
+    """
+    anonymous = frame.select(
+        pl.col(ANONYMOUS_ID).alias("id"),
+        pl.when(pl.col("user_id") != pl.col(ANONYMOUS_ID)).then(pl.col("user_id")).alias("user_id"),
+        "ts",
+    )
+    alias = frame.filter(pl.col(CALL) == "alias").select(
+        pl.col(PREVIOUS_ID).alias("id"), "user_id", "ts"
+    )
+    return (
+        pl.concat([anonymous, alias])
+        .filter(pl.col("id").is_not_null() & pl.col("ts").is_not_null())
+        .filter(pl.col("user_id").is_null() | (pl.col("user_id") != pl.col("id")))
+        .group_by("id", "user_id")
+        .agg(pl.col("ts").min())
+        .sort("ts", "id", "user_id", nulls_last=True)
+        .cast(identity.LINK_SCHEMA)  # type: ignore[arg-type]
+    )
+
+
 def _kept(frame: pl.DataFrame, config: LapseConfig) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Mapped rows -> ``(rejected rows with reason, kept events)``.
+    """Mapped rows (no identity calls) -> ``(rejected rows with reason, kept events)``;
+    guest rows count as rejected here, with the reason :data:`GUEST`.
 
     Duplicates among the unrejected rows (identical canonical columns, or the
     same ``source.message_id``) keep their first occurrence.
@@ -203,7 +273,85 @@ def read_events(
     if user_ids is not None:
         ids = pl.Series("user_id", sorted(set(user_ids)), dtype=pl.String)
         mapped = mapped.filter(pl.col("user_id").cast(pl.String).is_in(ids.implode()))
-    return _kept(collect_frame(mapped, name), config)[1].lazy()
+    frame = collect_frame(mapped, name)
+    return _kept(frame.filter(~_calls(frame)), config)[1].lazy()
+
+
+def read_links(path: str | Path, config: LapseConfig) -> pl.DataFrame:
+    """The identity links of a source (:func:`links_of` over its mapped rows), and of
+    the ``identities`` table when one is configured.
+
+    A source without an anonymous id column (``source.identity``, Segment's
+    ``anonymousId``) or ``previousId`` has none, and is not read again.
+    """
+    raw, name = _raw(path, config, None)
+    links = identity.empty_links()
+    if has_identity(raw, config):
+        mapped = map_events(raw, config, source_name=name).select(
+            "user_id", "ts", ANONYMOUS_ID, PREVIOUS_ID, CALL
+        )
+        links = links_of(collect_frame(mapped, name))
+    if config.identities.path is None:
+        return links
+    table = read_identities(config.resolve(config.identities.path), config)
+    return (
+        pl.concat([links, table])
+        .group_by("id", "user_id")
+        .agg(pl.col("ts").min())
+        .sort("ts", "id", "user_id", nulls_last=True)
+        .cast(identity.LINK_SCHEMA)  # type: ignore[arg-type]
+    )
+
+
+#: When the pairs of an ``identities`` table without a time column were observed:
+#: before any cutoff.
+KNOWN_FROM_THE_START: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def read_identities(path: str | Path, config: LapseConfig) -> pl.DataFrame:
+    """The links of an ``identities`` table of id pairs (read like the attributes table).
+
+    Ids are read as text; rows missing either id link nothing and are left
+    out; without ``identities.ts`` every pair counts as known at every cutoff.
+
+    Raises
+    ------
+    MissingColumnsError
+        A configured column is absent.
+    """
+    spec = config.identities
+    name = str(path)
+    raw = scan_source(path, spec.format, text_columns=[spec.anonymous_id, spec.user_id])
+    schema = raw.collect_schema()
+    wanted = [spec.anonymous_id, spec.user_id, *([spec.ts] if spec.ts else [])]
+    absent = [c for c in wanted if c not in schema]
+    if absent:
+        raise MissingColumnsError(
+            f"{name}: missing identities columns {absent}. The source has "
+            f"{present_columns(schema)}. Fix: set identities.anonymous_id, identities.user_id "
+            "(and identities.ts, or null) to the table's columns"
+        )
+    if spec.ts is None:
+        ts = pl.lit(KNOWN_FROM_THE_START, dtype=identity.LINK_SCHEMA["ts"])
+    else:
+        sample = collect_frame(raw.select(pl.col(spec.ts)).drop_nulls().head(1000), name)
+        fmt = infer_timestamp_format(sample.to_series(), f"{name}: column {spec.ts}")
+        ts = parse_timestamp(
+            pl.col(spec.ts), schema[spec.ts], fmt, config.source.timestamp.timezone
+        )
+    pairs = raw.select(
+        id_as_string(pl.col(spec.anonymous_id), schema[spec.anonymous_id]).alias("id"),
+        id_as_string(pl.col(spec.user_id), schema[spec.user_id]).alias("user_id"),
+        ts.alias("ts"),
+    )
+    return collect_frame(
+        pairs.filter(
+            pl.col("id").is_not_null()
+            & pl.col("user_id").is_not_null()
+            & (pl.col("id") != pl.col("user_id"))
+        ),
+        name,
+    ).cast(identity.LINK_SCHEMA)  # type: ignore[arg-type]
 
 
 def validate_events(
@@ -230,8 +378,16 @@ def validate_events(
     raw, name = _raw(path, config, as_of)
     frame = collect_frame(map_events(raw, config, source_name=name), name)
     rows_read = frame.height
-    rejected, events = _kept(frame, config)
+    links = links_of(frame)
+    is_call = _calls(frame)
+    calls = dict(frame.filter(is_call).group_by(CALL).len().iter_rows())
+    rejected, events = _kept(frame.filter(~is_call) if is_call.any() else frame, config)
     del frame
+    duplicates = rows_read - rejected.height - events.height - sum(calls.values())
+    is_guest = rejected[REASON] == GUEST
+    guests = int(is_guest.sum())
+    if guests:
+        rejected = rejected.filter(~is_guest)
 
     written: Path | None = None
     if rejected.height:
@@ -261,11 +417,16 @@ def validate_events(
         },
         events_unassigned=sum(n for e, n in per_event.items() if e not in assigned),
         rejected_by_reason={reason: int(counts.get(reason, 0)) for reason in REJECT_REASONS},
-        duplicates=rows_read - rejected.height - events.height,
+        duplicates=duplicates,
         future_events=events.filter(pl.col("ts") > horizon).height,
         rejects_path=written,
         purchase_orders=count_orders(events, config),
         events_per_name={str(e): int(n) for e, n in sorted(per_event.items())},
+        calls={c: int(calls.get(c, 0)) for c in IDENTITY_CALLS if calls.get(c)},
+        links=links.filter(pl.col("user_id").is_not_null()).height,
+        merged_ids=identity.merged_ids(links),
+        anonymous_only=identity.anonymous_only(links).len(),
+        guest_rows=guests,
     )
     return events, report
 

@@ -8,6 +8,7 @@ from datetime import datetime
 import polars as pl
 
 from lapse.config import LapseConfig
+from lapse.events import identity
 from lapse.exceptions import LapseError
 from lapse.features import _daily, _direct, _engine
 from lapse.features._direct import FeatureSet
@@ -22,6 +23,7 @@ def build_many(
     *,
     attributes: pl.DataFrame | None = None,
     feature_set: FeatureSet = "all",
+    links: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """Feature rows for every (user, cutoff) with an event before the cutoff.
 
@@ -46,6 +48,11 @@ def build_many(
         Optional per-user table; ``attributes.static_features`` are copied on.
     feature_set
         ``"all"`` (default) or ``"core"``: the core group only, as in :func:`build`.
+    links
+        Identity links (:mod:`lapse.events.identity`): at each cutoff the
+        events' ids resolve with the links observed before it. The ids whose
+        person changes between the cutoffs are built per group of cutoffs
+        sharing their links; all others in one pass.
 
     Returns
     -------
@@ -57,6 +64,12 @@ def build_many(
         raise LapseError("cutoffs is empty; give at least one timezone-aware datetime")
     cuts = sorted({_engine.utc_cutoff(c, "cutoff") for c in cutoffs})
     _check(feature_set)
+    if links is not None and not links.is_empty():
+
+        def unlinked(ev: pl.LazyFrame, group: list[datetime]) -> pl.DataFrame:
+            return build_many(ev, group, config, attributes=attributes, feature_set=feature_set)
+
+        return identity.at_each_cutoff(unlinked, events, links, cuts).sort("cutoff", "user_id")
     core = feature_set == "core"
     # order ids need each order's first line, which the daily slices do not see
     if core and _daily.all_midnight(cuts) and not _engine.has_orders(events):
@@ -76,6 +89,7 @@ def build(
     *,
     attributes: pl.DataFrame | None = None,
     feature_set: FeatureSet = "all",
+    links: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """Feature rows as of ``as_of``: one per user with an event before it.
 
@@ -95,6 +109,9 @@ def build(
     feature_set
         ``"all"`` (default) for every feature of the registry, ``"core"`` for
         the core group only (same values, much less work).
+    links
+        Identity links (:mod:`lapse.events.identity`); those observed before
+        ``as_of`` merge each person's ids into one canonical ``user_id``.
 
     Returns
     -------
@@ -114,6 +131,8 @@ def build(
     """
     t = _engine.utc_cutoff(as_of)
     _check(feature_set)
+    if links is not None:
+        events = identity.resolve(events, links, t)
     frame = _direct.build_one(events, t, config, feature_set)
     return _engine.with_attributes(frame, attributes, config)
 

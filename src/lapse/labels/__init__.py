@@ -15,19 +15,38 @@ from lapse.labels.churn import (
     population,
     role_events,
 )
-from lapse.labels.cutoffs import CutoffGrid, cutoff_grid, data_span, grid_for_test
+from lapse.labels.cutoffs import (
+    MIN_TRAIN_CUTOFFS,
+    CutoffGrid,
+    GridFit,
+    customer_quantile,
+    cutoff_grid,
+    data_span,
+    fit_grid,
+    grid_for_test,
+    propose_labels,
+    repeat_gaps,
+    training_cutoffs_fit,
+)
 
 __all__ = [
     "EXCLUSIONS",
+    "MIN_TRAIN_CUTOFFS",
     "CutoffGrid",
+    "GridFit",
     "activity_events",
     "churn_labels",
+    "customer_quantile",
     "cutoff_grid",
     "data_span",
     "describe_exclusions",
     "eligible",
+    "fit_grid",
     "grid_for_test",
     "outcomes",
     "population",
+    "propose_labels",
+    "repeat_gaps",
     "role_events",
+    "training_cutoffs_fit",
 ]

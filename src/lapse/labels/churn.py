@@ -3,6 +3,11 @@
 This module and :mod:`lapse.labels.cutoffs` are the only code that looks at
 events at or after a cutoff. Eligibility uses events strictly before the
 cutoff; the label uses events in ``[T, T + horizon)``.
+
+With identity links, a (user, cutoff) row's id is the one resolved with the
+links observed before the cutoff (as the features see it), and its label
+follows the person: their activity in the window under any of their ids,
+resolved with every link.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Final
 import polars as pl
 
 from lapse.config import LapseConfig
+from lapse.events import identity
 from lapse.exceptions import ConfigError, LapseError
 from lapse.labels.cutoffs import data_span
 from lapse.schema import ROLES
@@ -77,24 +83,17 @@ def _cutoff_frame(cutoffs: Sequence[datetime]) -> pl.LazyFrame:
     return pl.LazyFrame({"cutoff": sorted(set(cutoffs))}, schema={"cutoff": _CUTOFF_DTYPE})
 
 
-def _asof(
-    left: pl.LazyFrame,
-    right: pl.LazyFrame,
-    name: str,
-    *,
-    forward: bool,
-) -> pl.LazyFrame:
-    """Attach the last event time before (or first at/after) each row's cutoff as ``name``."""
-    r = right.select("user_id", pl.col("ts").alias(name), pl.col("ts").alias("_key")).sort("_key")
+def _asof(left: pl.LazyFrame, right: pl.LazyFrame, name: str, *, by: str) -> pl.LazyFrame:
+    """Attach the first event time at or after each row's cutoff as ``name``."""
+    r = right.select(by, pl.col("ts").alias(name), pl.col("ts").alias("_key")).sort("_key")
     return (
         left.sort("cutoff")
         .join_asof(
             r,
             left_on="cutoff",
             right_on="_key",
-            by="user_id",
-            strategy="forward" if forward else "backward",
-            allow_exact_matches=forward,
+            by=by,
+            strategy="forward",
             check_sortedness=False,  # sorted globally by the key, hence within each user
         )
         .drop("_key", strict=False)
@@ -251,6 +250,7 @@ def churn_labels(
     config: LapseConfig,
     *,
     data_end: datetime | None = None,
+    links: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """``user_id, cutoff, churned`` for every eligible user at each cutoff.
 
@@ -262,6 +262,9 @@ def churn_labels(
     data_end
         End of the observed data (exclusive); computed from ``events`` when
         omitted. A cutoff whose horizon runs past it raises.
+    links
+        Identity links (:mod:`lapse.events.identity`): rows get the ids of the
+        links before their cutoff, labels the person's activity under all ids.
 
     Examples
     --------
@@ -283,18 +286,46 @@ def churn_labels(
             f"cutoff(s) {[f'{c:%Y-%m-%d}' for c in sorted(late)]} have a {horizon.days}-day label "
             f"window running past the end of the data ({end:%Y-%m-%d}); their labels are unknown"
         )
-    frame = _with_history(events, cutoffs, config).filter(_eligible_expr(config))
-    return _churned(events, frame.select("user_id", "cutoff"), config, horizon)
+    if links is None or links.is_empty():
+        frame = _with_history(events, cutoffs, config).filter(_eligible_expr(config))
+        return _churned(events, frame.select("user_id", "cutoff"), config, horizon)
+
+    def eligible_at(ev: pl.LazyFrame, cuts: list[datetime]) -> pl.DataFrame:
+        rows = _with_history(ev, cuts, config).filter(_eligible_expr(config))
+        return rows.select("user_id", "cutoff").collect()
+
+    pairs = identity.at_each_cutoff(eligible_at, events, links, cutoffs).lazy()
+    person = pairs.with_columns(pl.col("user_id").alias(_PERSON))
+    return _churned(
+        identity.resolve(events, links, None),
+        identity.resolve(person, links, None, column=_PERSON),
+        config,
+        horizon,
+        by=_PERSON,
+    )
+
+
+_PERSON: Final = "_person"
 
 
 def _churned(
-    events: pl.LazyFrame, pairs: pl.LazyFrame, config: LapseConfig, horizon: timedelta
+    events: pl.LazyFrame,
+    pairs: pl.LazyFrame,
+    config: LapseConfig,
+    horizon: timedelta,
+    by: str = "user_id",
 ) -> pl.DataFrame:
+    """Labels of ``pairs``; ``by`` names the pairs' column matched to the events' user id."""
     if config.labels.kind == "non_contractual":
-        frame = _asof(pairs, activity_events(events, config), "_next", forward=True)
+        later = activity_events(events, config)
+    else:
+        later = role_events(events, config, ["cancel"])
+    frame = _asof(
+        pairs, later.rename({"user_id": by}) if by != "user_id" else later, "_next", by=by
+    )
+    if config.labels.kind == "non_contractual":
         churned = pl.col("_next").is_null() | (pl.col("_next") >= pl.col("cutoff") + horizon)
     else:
-        frame = _asof(pairs, role_events(events, config, ["cancel"]), "_next", forward=True)
         churned = pl.col("_next").is_not_null() & (pl.col("_next") < pl.col("cutoff") + horizon)
     return (
         frame.select("user_id", "cutoff", churned.alias("churned"))

@@ -8,7 +8,7 @@ the episode is right-censored at the cutoff.
 
 :func:`episodes` and :func:`reorder_outcomes` look up to a cutoff or past
 one, which is why they live in ``labels``; :func:`open_episodes` and
-:func:`consumable_skus` read only events before their date.
+:func:`consumable_skus` (:func:`consumable_table`) read only events before their date.
 """
 
 from __future__ import annotations
@@ -22,7 +22,14 @@ from lapse.exceptions import ConfigError
 from lapse.features._engine import DAY_US, canonical, utc_cutoff
 from lapse.features.episodes_covariates import ANY_SKU, Target, order_keys, purchase_orders
 
-__all__ = ["ANY_SKU", "consumable_skus", "episodes", "open_episodes", "reorder_outcomes"]
+__all__ = [
+    "ANY_SKU",
+    "consumable_skus",
+    "consumable_table",
+    "episodes",
+    "open_episodes",
+    "reorder_outcomes",
+]
 
 _MIN_DAYS = 1.0 / 24.0
 """Durations are at least an hour: parametric fits need positive times."""
@@ -32,35 +39,10 @@ def _days(later: pl.Expr, earlier: pl.Expr) -> pl.Expr:
     return (later - earlier).dt.total_microseconds() / DAY_US
 
 
-def consumable_skus(
-    events: pl.LazyFrame, config: LapseConfig, *, until: datetime
-) -> dict[str, float]:
-    """Consumable SKU -> units per pack, from ``replenishment.consumables``.
-
-    ``"auto"`` takes the SKUs with at least ``replenishment.min_repeat_buyers``
-    users who ordered them in two or more orders (on two or more days without
-    an ``order_id``) before ``until``; their units
-    per pack come from ``features.units_per_pack`` (1 when not listed).
-
-    Raises
-    ------
-    ConfigError
-        An explicit SKU never appears in a purchase before ``until``.
-    """
-    rep = config.replenishment
-    if rep.consumables != "auto":
-        skus = dict(rep.consumables)
-        seen = set(
-            purchase_orders(events, config, until=until, skus=skus, target="sku")["sku"].unique()
-        )
-        missing = sorted(set(skus) - seen)
-        if missing:
-            raise ConfigError(
-                f"replenishment.consumables lists {missing}, never purchased before "
-                f"{until:%Y-%m-%d}; fix the SKU names or use `consumables: auto`"
-            )
-        return skus
-    ev = (
+def _repeat_buyers(events: pl.LazyFrame, config: LapseConfig, until: datetime) -> pl.LazyFrame:
+    """``sku, repeat_buyers``: users who ordered the SKU in two or more orders (on two or
+    more days without an ``order_id``) before ``until``."""
+    return (
         canonical(events)
         .filter(
             (pl.col("ts") < utc_cutoff(until, "until"))
@@ -73,13 +55,68 @@ def consumable_skus(
         .agg(pl.len().alias("orders"))
         .filter(pl.col("orders") >= 2)
         .group_by("sku")
-        .agg(pl.len().alias("repeat_buyers"))
-        .filter(pl.col("repeat_buyers") >= rep.min_repeat_buyers)
-        .sort("sku")
-        .collect()
+        .agg(pl.len().cast(pl.Int64).alias("repeat_buyers"))
     )
-    packs = config.features.units_per_pack
-    return {str(s): float(packs.get(str(s), 1.0)) for s in ev["sku"]}
+
+
+def consumable_table(events: pl.LazyFrame, config: LapseConfig, *, until: datetime) -> pl.DataFrame:
+    """The consumables of :func:`consumable_skus`, ranked: ``sku, repeat_buyers,
+    units_per_pack``, most repeat buyers first (then by SKU).
+
+    Raises
+    ------
+    ConfigError
+        An explicit SKU never appears in a purchase before ``until``.
+    """
+    rep = config.replenishment
+    buyers = _repeat_buyers(events, config, until)
+    if rep.consumables != "auto":
+        skus = dict(rep.consumables)
+        seen = set(
+            purchase_orders(events, config, until=until, skus=skus, target="sku")["sku"].unique()
+        )
+        missing = sorted(set(skus) - seen)
+        if missing:
+            raise ConfigError(
+                f"replenishment.consumables lists {missing}, never purchased before "
+                f"{until:%Y-%m-%d}; fix the SKU names or use `consumables: auto`"
+            )
+        table = (
+            pl.LazyFrame({"sku": list(skus)}, schema={"sku": pl.String})
+            .join(buyers, on="sku", how="left")
+            .with_columns(pl.col("repeat_buyers").fill_null(0))
+        )
+        packs = skus
+    else:
+        table = buyers.filter(pl.col("repeat_buyers") >= rep.min_repeat_buyers)
+        packs = config.features.units_per_pack
+    ranked = table.sort(["repeat_buyers", "sku"], descending=[True, False]).collect()
+    return ranked.with_columns(
+        pl.col("sku").cast(pl.String),
+        pl.col("sku")
+        .cast(pl.String)
+        .replace_strict(packs, default=1.0, return_dtype=pl.Float64)
+        .alias("units_per_pack"),
+    )
+
+
+def consumable_skus(
+    events: pl.LazyFrame, config: LapseConfig, *, until: datetime
+) -> dict[str, float]:
+    """Consumable SKU -> units per pack, from ``replenishment.consumables``, most repeat
+    buyers first.
+
+    ``"auto"`` takes the SKUs with at least ``replenishment.min_repeat_buyers``
+    users who ordered them in two or more orders (on two or more days without
+    an ``order_id``) before ``until``; their units per pack come from ``features.units_per_pack`` (1 when not listed).
+
+    Raises
+    ------
+    ConfigError
+        An explicit SKU never appears in a purchase before ``until``.
+    """
+    table = consumable_table(events, config, until=until)
+    return dict(zip(table["sku"].to_list(), table["units_per_pack"].to_list(), strict=True))
 
 
 def episodes(

@@ -25,7 +25,7 @@ import polars as pl
 from lapse.config import LapseConfig
 from lapse.modeling._base import ParamsMixin
 
-__all__ = ["BGNBD", "BTYD_COLUMNS", "FitWarning", "rfm_summary"]
+__all__ = ["BGNBD", "BTYD_COLUMNS", "FitWarning", "btyd_arrays", "rfm_summary"]
 
 FloatArray = npt.NDArray[np.float64]
 ArrayLike = npt.ArrayLike
@@ -82,6 +82,13 @@ def rfm_summary(
     return pl.concat(parts).sort("cutoff", "user_id").collect()
 
 
+def btyd_arrays(frame: pl.DataFrame) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """``(x, t_x, T)`` from a frame's ``btyd_*`` columns; a user without any (no
+    qualifying activity yet) counts as ``(0, 0, 0)``."""
+    x, t_x, age = (frame[c].cast(pl.Float64).fill_null(0.0).to_numpy() for c in BTYD_COLUMNS)
+    return x, t_x, age
+
+
 def _arrays(
     x: ArrayLike, t_x: ArrayLike, age: ArrayLike
 ) -> tuple[FloatArray, FloatArray, FloatArray]:
@@ -129,6 +136,10 @@ class BGNBD(ParamsMixin):
         True when the fit failed and a no-dropout NBD fallback is used.
     log_likelihood_ : float
         Mean log-likelihood at the optimum.
+    typical_ : dict[str, float]
+        The fitted customers' medians: ``frequency`` (repeat transactions) and
+        ``days_since`` (``T - t_x``, time since the last transaction); reasons
+        move a customer's values to these.
 
     Examples
     --------
@@ -156,6 +167,11 @@ class BGNBD(ParamsMixin):
             raise ValueError("BG/NBD needs at least one customer")
         if np.any(x < 0) or np.any(t_x < 0) or np.any(t_x > age_a + 1e-9):
             raise ValueError("need frequency >= 0 and 0 <= recency <= age")
+        with np.errstate(invalid="ignore"):  # infinite ages: NaN, as their fit fails anyway
+            self.typical_ = {
+                "frequency": float(np.quantile(x, 0.5, method="lower")),
+                "days_since": float(np.quantile(age_a - t_x, 0.5, method="lower")),
+            }
         w = (
             np.ones_like(x)
             if sample_weight is None

@@ -192,10 +192,11 @@ class ChurnBundle:
         return triggers(frame, self.config if run is None else for_run(self.config, run))
 
     def reasons(self, frame: pl.DataFrame, *, top: int = 3) -> pl.DataFrame:
-        """Top risk drivers of the given rows, in words (costly: pass only rows you send)."""
+        """Top risk drivers of the given rows from the shipped model, in words (costly:
+        pass only rows you send; see :mod:`lapse.modeling.reasons`)."""
         from lapse.modeling.reasons import reasons
 
-        return reasons(self.scorer.lightgbm, frame, top=top)
+        return reasons(self.scorer, self.selected, frame, top=top)
 
     # -- persistence ------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

@@ -21,7 +21,13 @@ from lapse.modeling._base import ParamsMixin
 from lapse.modeling._treeshap import TreeTables, build_tables
 from lapse.modeling._treeshap import contributions as treeshap
 
-__all__ = ["GROWING_FEATURES", "LightGBMChurn", "model_columns", "with_derived"]
+__all__ = [
+    "GROWING_FEATURES",
+    "LightGBMChurn",
+    "model_columns",
+    "typical_inputs",
+    "with_derived",
+]
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -71,6 +77,27 @@ def model_columns(frame: pl.DataFrame, *, extra: tuple[str, ...] = ()) -> list[s
     return out
 
 
+#: Rows :func:`typical_inputs` looks at, at most (evenly spaced): medians need no more.
+TYPICAL_ROWS: Final = 200_000
+
+
+def typical_inputs(x: FloatArray, categorical: list[int]) -> FloatArray:
+    """Each column's population median (an observed value; nulls ignored), the commonest
+    code for ``categorical`` columns; NaN for a column without values."""
+    sample = x[:: max(1, len(x) // TYPICAL_ROWS)]
+    out = np.full(x.shape[1], np.nan)
+    for j in range(x.shape[1]):
+        col = sample[:, j][~np.isnan(sample[:, j])]
+        if col.size == 0:
+            continue
+        if j in categorical:
+            codes, counts = np.unique(col, return_counts=True)
+            out[j] = codes[np.argmax(counts)]
+        else:
+            out[j] = np.quantile(col, 0.5, method="lower")
+    return out
+
+
 _SEARCH_SPACE: Final[dict[str, list[Any]]] = {
     "num_leaves": [7, 15, 31, 63],
     "learning_rate": [0.03, 0.05, 0.1],
@@ -104,6 +131,12 @@ class LightGBMChurn(ParamsMixin):
         Feature columns; ``None`` uses :func:`model_columns`.
     search
         Random search of a small grid on the internal holdout first.
+
+    Attributes
+    ----------
+    typical_ : numpy.ndarray
+        Each input's median over the training rows (:func:`typical_inputs`,
+        encoded): reason codes check a driver by moving it there.
     """
 
     def __init__(
@@ -138,7 +171,8 @@ class LightGBMChurn(ParamsMixin):
         self.n_jobs = n_jobs
 
     # -- encoding ---------------------------------------------------------------
-    def _encode(self, frame: pl.DataFrame) -> FloatArray:
+    def encode(self, frame: pl.DataFrame) -> FloatArray:
+        """The model's input matrix of ``frame``: its columns as floats, categories as codes."""
         missing = [c for c in self.feature_names_ if c not in frame.columns]
         if missing:
             raise ValueError(f"feature rows lack the model's columns {missing}")
@@ -239,8 +273,9 @@ class LightGBMChurn(ParamsMixin):
             if dtype in (pl.String, pl.Categorical) or isinstance(dtype, pl.Enum):
                 values = frame[name].cast(pl.String).drop_nulls().unique().sort().to_list()
                 self.categories_[name] = values
-        x = self._encode(frame)
+        x = self.encode(frame)
         cat_idx = [i for i, n in enumerate(self.feature_names_) if n in self.categories_]
+        self.typical_ = typical_inputs(x, cat_idx)
 
         def dataset(rows: npt.NDArray[np.bool_] | slice) -> Any:
             return lgb.Dataset(
@@ -302,9 +337,13 @@ class LightGBMChurn(ParamsMixin):
 
     def predict_proba(self, frame: pl.DataFrame) -> FloatArray:
         """P(churn) per row (LightGBM's own, before calibration)."""
-        threads = _threads_for(frame.height)
+        return self.predict_encoded(self.encode(frame))
+
+    def predict_encoded(self, x: FloatArray, *, raw_score: bool = False) -> FloatArray:
+        """:meth:`predict_proba` of rows already :meth:`encode`-d (log-odds with ``raw_score``)."""
+        threads = _threads_for(len(x))
         out: FloatArray = np.asarray(
-            self._fitted().predict(self._encode(frame), num_threads=threads), dtype=np.float64
+            self._fitted().predict(x, num_threads=threads, raw_score=raw_score), dtype=np.float64
         )
         return out
 
@@ -337,11 +376,15 @@ class LightGBMChurn(ParamsMixin):
         Plain TreeSHAP costs about 100x :meth:`predict_proba`, so ask only for
         rows you need.
         """
+        return self.contributions_encoded(self.encode(frame))
+
+    def contributions_encoded(self, x: FloatArray) -> FloatArray:
+        """:meth:`contributions` of rows already :meth:`encode`-d."""
         return treeshap(
             self._fitted(),
-            self._encode(frame),
+            x,
             self._shap_tables(),
-            num_threads=_threads_for(frame.height * 100),  # TreeSHAP: ~100x a prediction
+            num_threads=_threads_for(len(x) * 100),  # TreeSHAP: ~100x a prediction
         )
 
     def importance(self, frame: pl.DataFrame | None = None) -> pl.DataFrame:

@@ -20,7 +20,7 @@ import numpy.typing as npt
 import polars as pl
 
 from lapse.config import LapseConfig
-from lapse.modeling.bgnbd import BGNBD, BTYD_COLUMNS, FitWarning
+from lapse.modeling.bgnbd import BGNBD, FitWarning, btyd_arrays
 from lapse.modeling.lgbm import LightGBMChurn, model_columns
 from lapse.modeling.metrics import Calibrator, binary_metrics
 from lapse.modeling.rules import recency_days, rules_score
@@ -31,6 +31,7 @@ __all__ = [
     "CandidateResult",
     "RaceResult",
     "RaceScorer",
+    "degenerate_baselines",
     "run_race",
     "select",
 ]
@@ -40,11 +41,6 @@ FloatArray = npt.NDArray[np.float64]
 COMPLEXITY: Final = ("recency", "rules", "bgnbd", "lightgbm", "lightgbm_stacked")
 TIE_AUC: Final = 0.001
 _PROBABILISTIC: Final = frozenset({"bgnbd", "lightgbm", "lightgbm_stacked"})
-
-
-def _btyd(frame: pl.DataFrame) -> tuple[FloatArray, FloatArray, FloatArray]:
-    cols = [frame[c].cast(pl.Float64).fill_null(0.0).to_numpy() for c in BTYD_COLUMNS]
-    return cols[0], cols[1], cols[2]
 
 
 @dataclass
@@ -71,7 +67,7 @@ class RaceScorer:
         return out
 
     def _bgnbd(self, frame: pl.DataFrame) -> FloatArray:
-        x, t, age = _btyd(frame)
+        x, t, age = btyd_arrays(frame)
         horizon = float(self.config.labels.horizon_days)
         out: FloatArray = 1.0 - self.bgnbd.p_any_purchase(horizon, x, t, age)
         return out
@@ -167,6 +163,56 @@ def select(validation_auc: dict[str, float]) -> tuple[str, str]:
     return winner, why
 
 
+def _same_ranking(a: FloatArray, b: FloatArray) -> bool:
+    from scipy.stats import rankdata
+
+    return bool(np.array_equal(rankdata(a), rankdata(b)))
+
+
+def degenerate_baselines(
+    scores: dict[str, tuple[FloatArray, FloatArray]],
+    results: dict[str, CandidateResult],
+    validation: pl.DataFrame,
+    config: LapseConfig,
+) -> list[str]:
+    """One line per baseline that cannot rank on this data, and why.
+
+    ``scores``: each candidate's raw ``(validation, test)`` scores. ``rules``
+    ranking every user exactly as ``recency`` does on both cutoffs means no
+    churn trigger fired (without a ``usage`` role none can: its tie-break is
+    then recency itself); ``recency`` near 0.5 validation ROC-AUC means the
+    eligible users' recency spans too little to rank them.
+    """
+    notes: list[str] = []
+    if "rules" in scores and all(
+        _same_ranking(r, c) for r, c in zip(scores["rules"], scores["recency"], strict=True)
+    ):
+        why = (
+            "no usage role (no churn trigger can fire and its tie-break is recency); list usage "
+            "events under roles.usage to give it signals of its own"
+            if not config.roles.usage
+            else "no churn trigger fired on the validation or test users"
+        )
+        notes.append(f"rules = recency: {why}")
+    auc = results["recency"].validation_auc
+    if abs(auc - 0.5) < 0.02:
+        days = recency_days(validation, config)
+        days = days[np.isfinite(days)]
+        spread = f"{days.min():.0f}-{days.max():.0f}" if days.size else "no"
+        hint = (
+            f"; labels.eligibility active keeps only users active in the last "
+            f"{config.labels.eligibility_days} days: widen labels.eligibility_days or use "
+            "any_history"
+            if config.labels.eligibility == "active"
+            else ""
+        )
+        notes.append(
+            f"recency ranks nothing (validation ROC-AUC {auc:.3f}; days since the last activity "
+            f"span {spread} days among eligible users){hint}"
+        )
+    return notes
+
+
 def fit_scorer(
     train: pl.DataFrame,
     btyd_fit: pl.DataFrame,
@@ -180,7 +226,7 @@ def fit_scorer(
     lgbm = LightGBMChurn(
         search=m.lightgbm_search, random_state=m.random_state, n_jobs=m.n_jobs
     ).fit(train, y, groups=groups)
-    x, t, age = _btyd(btyd_fit)
+    x, t, age = btyd_arrays(btyd_fit)
     bgnbd = BGNBD().fit(x, t, age)
     scorer = RaceScorer(config=config, lightgbm=lgbm, bgnbd=bgnbd)
     if m.stacked_lightgbm:
@@ -241,8 +287,10 @@ def run_race(
     y_val = val["churned"].cast(pl.Float64).to_numpy()
     y_test = tst["churned"].cast(pl.Float64).to_numpy()
     results: dict[str, CandidateResult] = {}
+    scores: dict[str, tuple[FloatArray, FloatArray]] = {}
     for name in scorer.names:
         s_val, s_test = scorer.score(name, val), scorer.score(name, tst)
+        scores[name] = (s_val, s_test)
         cal = fit_calibrator(name, s_val, y_val, config)
         p_test = cal.predict(s_test)
         results[name] = CandidateResult(
@@ -253,6 +301,7 @@ def run_race(
             test_proba=p_test,
         )
     selected, why = select({n: r.validation_auc for n, r in results.items()})
+    notes += degenerate_baselines(scores, results, val, config)
     oracle_auc = None
     if oracle is not None:
         joined = tst.select("user_id", "churned").join(oracle, on="user_id", how="left")

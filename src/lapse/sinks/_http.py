@@ -280,6 +280,17 @@ class HttpSink(Sink):
         text = str(value).strip()
         return text or None
 
+    def who(self, record: Record, field: str) -> dict[str, str] | None:
+        """``{field: identifier}``, or ``{anonymous_identifier: user_id}`` for an
+        anonymous record: an anonymous id never goes out as the user identifier."""
+        if record.get("anonymous"):
+            user = record.get("user_id")
+            if self.anonymous_identifier is None or user is None:
+                return None
+            return {self.anonymous_identifier: str(user)}
+        user = self.identity(record)
+        return None if user is None else {field: user}
+
     def attributes(self, record: Record) -> dict[str, Any]:
         return record_attributes(record, self.prefix)
 

@@ -92,7 +92,9 @@ RECORD_SCHEMA: dict[str, pl.DataType] = {
 #: One record as a sink sees it: the pinned columns (dates as ``datetime.date``,
 #: lists as lists), plus ``previous_risk_segment`` (the segment last delivered to
 #: this sink, ``None`` the first time), ``control`` (holdout member, only sent
-#: when ``control.send`` is on) and the attribute columns the sink asked for.
+#: when ``control.send`` is on), ``anonymous`` (``user_id`` is an anonymous id
+#: linked to no known user, :mod:`lapse.events.identity`) and the attribute
+#: columns the sink asked for.
 Record = dict[str, Any]
 #: What :meth:`Sink.encode` makes of a record: a JSON-ready object.
 Item = Any
@@ -153,12 +155,17 @@ class Sink(ABC):
     run, the others only the users whose delta key changed (see
     :mod:`lapse.delivery`). ``attribute_columns`` lists the user-attribute
     columns a sink needs in its records (e.g. ``email`` as the identifier).
+    ``anonymous_identifier`` names the field under which the destination
+    accepts an anonymous profile's id (Segment ``anonymousId``); ``None``
+    (the default) means it accepts none, and anonymous records are held back
+    and counted, never sent under the user identifier.
     """
 
     name: str = ""
     limits: Limits = Limits(max_items=1000)
     full_snapshot: bool = False
     attribute_columns: tuple[str, ...] = ()
+    anonymous_identifier: str | None = None
 
     @classmethod
     def from_config(cls, config: LapseConfig, *, out: Path | None = None) -> Sink:

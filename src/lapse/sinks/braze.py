@@ -48,6 +48,8 @@ KEY_ENV = "LAPSE_BRAZE_API_KEY"
 URL_ENV = "LAPSE_BRAZE_BASE_URL"
 #: Objects (attributes and events together) per /users/track request: Braze's current limit.
 MAX_OBJECTS = 75
+#: The ``alias_label`` of the user aliases that carry anonymous ids.
+ALIAS_LABEL = "anonymous_id"
 #: How Braze's 400 says a request holds too many objects.
 TOO_MANY_OBJECTS = "max input length exceeded"
 
@@ -57,6 +59,8 @@ class BrazeSink(HttpSink):
 
     name = "braze"
     key_env = KEY_ENV
+    # an anonymous visitor becomes an alias-only profile (alias label ALIAS_LABEL)
+    anonymous_identifier = "user_alias"
 
     def __init__(
         self,
@@ -98,15 +102,20 @@ class BrazeSink(HttpSink):
         )
 
     def encode(self, record: Record) -> Item | None:
-        user = self.identity(record)
-        if user is None:
+        found = self.who(record, "external_id")
+        if found is None:
             return None
+        who: dict[str, Any] = dict(found)
+        extra: dict[str, Any] = {}
+        if "user_alias" in who:  # an alias-only profile, created when missing
+            who = {"user_alias": {"alias_name": who["user_alias"], "alias_label": ALIAS_LABEL}}
+            extra = {"_update_existing_only": False}
         properties = self.event_properties(record)
         return {
-            "attributes": {"external_id": user, **self.attributes(record)},
+            "attributes": {**who, **extra, **self.attributes(record)},
             "events": [
                 {
-                    "external_id": user,
+                    **who,
                     "name": name,
                     "time": event_time(record["as_of"]),
                     "properties": properties,

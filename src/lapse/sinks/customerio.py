@@ -51,10 +51,15 @@ def _unix(value: Any) -> int:
     return int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp())
 
 
+#: The Track v2 field of an anonymous person's events.
+ANONYMOUS_ID = "anonymous_id"
+
+
 class CustomerioSink(HttpSink):
     """Records to Customer.io's Track API (see the module docstring)."""
 
     name = "customerio"
+    anonymous_identifier = ANONYMOUS_ID
     limits = Limits(
         max_items=1000,
         max_bytes=500_000,
@@ -106,23 +111,29 @@ class CustomerioSink(HttpSink):
         )
 
     def encode(self, record: Record) -> Item | None:
-        user = self.identity(record)
-        if user is None:
+        found = self.who(record, self.identifier)
+        if found is None:
             return None
-        who = {self.identifier: user}
-        ops: list[dict[str, Any]] = [
-            {
-                "type": "person",
-                "identifiers": who,
-                "action": "identify",
-                "attributes": self.attributes(record),
-            }
-        ]
+        (user,) = found.values()
+        anonymous = ANONYMOUS_ID in found
+        # an anonymous person has no profile to identify: only its events go, under
+        # anonymous_id, for Customer.io to merge when the person is identified
+        who = found if anonymous else {"identifiers": found}
+        ops: list[dict[str, Any]] = []
+        if not anonymous:
+            ops.append(
+                {
+                    "type": "person",
+                    **who,
+                    "action": "identify",
+                    "attributes": self.attributes(record),
+                }
+            )
         properties = self.event_properties(record)
         ops.extend(
             {
                 "type": "person",
-                "identifiers": who,
+                **who,
                 "action": "event",
                 "id": ulid(record["as_of"], user, name),
                 "name": name,
@@ -133,7 +144,7 @@ class CustomerioSink(HttpSink):
         )
         return {
             "ops": ops,
-            "user": user,
+            "user": None if anonymous else user,
             "segment": record.get("risk_segment"),
             "previous": record.get("previous_risk_segment"),
         }
@@ -143,6 +154,8 @@ class CustomerioSink(HttpSink):
         adds: dict[str, list[str]] = {}
         removes: dict[str, list[str]] = {}
         for item in items:
+            if item["user"] is None:  # anonymous: no profile to put in a segment
+                continue
             target = self.segments.get(str(item["segment"]))
             if target is not None:
                 adds.setdefault(target, []).append(item["user"])

@@ -35,6 +35,7 @@ class FileSink(Sink):
     name = "file"
     limits = Limits(max_items=100_000)
     full_snapshot = True
+    anonymous_identifier = "user_id"  # lapse's own file: the id as scored
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)

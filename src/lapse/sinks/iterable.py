@@ -108,10 +108,11 @@ class IterableSink(HttpSink):
         )
 
     def encode(self, record: Record) -> Item | None:
-        user = self.identity(record)
-        if user is None:
+        found = self.who(record, self.identifier)  # None for anonymous: Iterable has no id for them
+        if found is None:
             return None
-        who: dict[str, Any] = {self.identifier: user}
+        (user,) = found.values()
+        who: dict[str, Any] = dict(found)
         update: dict[str, Any] = {**who, "dataFields": self.attributes(record)}
         if self.identifier == "userId":
             update["preferUserId"] = True  # create the user by userId when unknown

@@ -72,10 +72,15 @@ def _chunks(entries: list[dict[str, Any]], limit: int) -> list[list[dict[str, An
     return out
 
 
+#: Klaviyo's profile identifier for anonymous visitors.
+ANONYMOUS_ID = "anonymous_id"
+
+
 class KlaviyoSink(HttpSink):
     """Records to Klaviyo (see the module docstring)."""
 
     name = "klaviyo"
+    anonymous_identifier = ANONYMOUS_ID
     limits = Limits(
         max_items=10_000,
         max_bytes=5_000_000,
@@ -144,10 +149,10 @@ class KlaviyoSink(HttpSink):
         )
 
     def encode(self, record: Record) -> Item | None:
-        user = self.identity(record)
-        if user is None:
+        who = self.who(record, self.identifier)
+        if who is None:
             return None
-        who = {self.identifier: user}
+        (user,) = who.values()
         properties = {k: v for k, v in self.attributes(record).items() if v is not None}
         event_props = self.event_properties(record)
         events = [
@@ -194,7 +199,9 @@ class KlaviyoSink(HttpSink):
                         "data": {
                             "type": "profile",
                             "attributes": {
-                                self.identifier: item["profile"]["attributes"][self.identifier]
+                                k: v
+                                for k, v in item["profile"]["attributes"].items()
+                                if k in (self.identifier, ANONYMOUS_ID)
                             },
                         }
                     },

@@ -32,6 +32,7 @@ class MemorySink(Sink):
             self.limits = like.limits
             self.full_snapshot = like.full_snapshot
             self.attribute_columns = like.attribute_columns
+            self.anonymous_identifier = like.anonymous_identifier
         self.requests: list[tuple[str, Any]] = []
         self.items: list[Item] = []
 

@@ -48,6 +48,7 @@ class SegmentSink(HttpSink):
     """Records to Segment ``/v1/batch`` (see the module docstring)."""
 
     name = "segment"
+    anonymous_identifier = "anonymousId"
     limits = Limits(
         max_items=250,
         max_bytes=MAX_BATCH_BYTES,
@@ -95,16 +96,17 @@ class SegmentSink(HttpSink):
         )
 
     def encode(self, record: Record) -> Item | None:
-        user = self.identity(record)
-        if user is None:
+        found = self.who(record, "userId")
+        if found is None:
             return None
+        (user,) = found.values()
         when = event_time(record["as_of"])
         traits = self.attributes(record)
         digest = hashlib.sha256(to_json(traits)).hexdigest()[:16]
         messages: list[dict[str, Any]] = [
             {
                 "type": "identify",
-                "userId": user,
+                **found,
                 "traits": traits,
                 "timestamp": when,
                 "messageId": dedupe_id(record["as_of"], user, f"identify:{digest}"),
@@ -114,7 +116,7 @@ class SegmentSink(HttpSink):
         messages.extend(
             {
                 "type": "track",
-                "userId": user,
+                **found,
                 "event": name,
                 "properties": properties,
                 "timestamp": when,

@@ -76,6 +76,7 @@ class SqlSink(Sink):
     name = "sql"
     limits = Limits(max_items=1000)
     full_snapshot = True
+    anonymous_identifier = "user_id"  # lapse's own table: the id as scored
 
     def __init__(
         self,

@@ -49,6 +49,7 @@ class WebhookSink(HttpSink):
     """Records to a JSON webhook (see the module docstring)."""
 
     name = "webhook"
+    anonymous_identifier = "anonymous_id"
     key_env = SECRET_ENV
 
     def __init__(
@@ -93,11 +94,13 @@ class WebhookSink(HttpSink):
         )
 
     def encode(self, record: Record) -> Item | None:
-        user = self.identity(record)
-        if user is None:
+        found = self.who(record, "user_id")
+        if found is None:
             return None
-        item: dict[str, Any] = {k: record.get(k) for k in RECORD_COLUMNS}
-        item["user_id"] = user
+        (user,) = found.values()
+        # an anonymous record carries anonymous_id in place of user_id
+        item: dict[str, Any] = {**found}
+        item.update((k, record.get(k)) for k in RECORD_COLUMNS if k != "user_id")
         item["previous_risk_segment"] = record.get("previous_risk_segment")
         item["control"] = bool(record.get("control") or False)
         item["events"] = self.events(record)

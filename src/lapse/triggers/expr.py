@@ -57,6 +57,7 @@ MAX_LENGTH: Final = 4000
 MAX_DEPTH: Final = 64
 _KEYWORDS: Final = frozenset({"and", "or", "not", "in", "is", "null", "true", "false"})
 _CMP: Final = ("==", "!=", "<=", ">=", "<", ">")
+_MIRROR: Final = {"==": "==", "!=": "!=", "<=": ">=", ">=": "<=", "<": ">", ">": "<"}
 _PUNCT: Final = ("==", "!=", "<=", ">=", "<", ">", "+", "-", "*", "/", "(", ")", "[", "]", ",")
 # what people coming from Python or SQL type, and what to write instead
 _HINTS: Final = {
@@ -539,6 +540,9 @@ class _Compiler:
                 raise self.error(f"type mismatch: cannot compare {ta} with {tb}", node.pos)
             if op not in ("==", "!=") and ta == "boolean":
                 raise self.error(f"type mismatch: {op!r} does not order booleans", node.pos)
+            if not names_in(node.args[0]) and names_in(node.args[1]):
+                # the column on the left: polars 2.1 gives one row for `literal == when(...)`
+                a, b, op = b, a, _MIRROR[op]
             ops = {
                 "==": a.eq(b),
                 "!=": a.ne(b),
