@@ -390,7 +390,7 @@ def test_incremental_trigger_runs_pick_up_new_links_from_new_files(
 
 
 def test_scores_of_a_segment_export_equal_those_of_the_true_ids(
-    world: World, _isolated_home: Path
+    world: World, _isolated_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from lapse.datasets import segment_export
     from lapse.sinks.file import read_records
@@ -403,6 +403,7 @@ def test_scores_of_a_segment_export_equal_those_of_the_true_ids(
     for name, source in (("true", world.events), ("segment", export)):
         home = _isolated_home / name
         home.mkdir()
+        monkeypatch.setenv("LAPSE_HOME", str(home))  # a ledger each: celebrations are once ever
         cfg = make_config(home, world, control={"share": 0.0})
         run = run_score(source, cfg, as_of=t, model=str(world.bundle), out=home / "r.parquet")
         assert run.complete
