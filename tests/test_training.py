@@ -121,9 +121,9 @@ def test_quality_bar_on_20k_synthetic_users(tmp_path: Path) -> None:
     assert chosen["roc_auc"] >= models["rules"]["roc_auc"] + 0.05
 
 
-def test_stacked_lightgbm_joins_the_race_when_configured(small: Path, tmp_path: Path) -> None:
+def test_stacked_lightgbm_joins_the_race_by_default(small: Path, tmp_path: Path) -> None:
     config = load_config()
-    config.models.stacked_lightgbm = True
+    assert config.models.stacked_lightgbm  # `models.stacked_lightgbm: false` leaves it out
     config.replenishment.enabled = False  # only the churn race matters here
     result = train(
         small / "events.parquet", config, out_dir=tmp_path / "r", models_dir=tmp_path / "m"

@@ -354,7 +354,7 @@ class ModelsConfig(_Section):
         default=False, description="random hyperparameter search on an internal holdout"
     )
     stacked_lightgbm: bool = Field(
-        default=False, description="also race a LightGBM that takes BG/NBD and recency scores"
+        default=True, description="also race a LightGBM that takes BG/NBD and recency scores"
     )
     n_jobs: int | None = Field(
         default=None,
