@@ -40,7 +40,14 @@ def test_train_writes_report_plots_and_a_working_bundle(small: Path, tmp_path: P
     metrics = json.loads(result.metrics_path.read_text())
     churn = metrics["churn"]
     assert set(churn) == {"models", "selected", "n_test", "test_cutoff"}
-    assert set(churn["models"]) == {"lightgbm", "rules", "bgnbd", "recency", "oracle"}
+    assert set(churn["models"]) == {
+        "lightgbm",
+        "lightgbm_stacked",
+        "rules",
+        "bgnbd",
+        "recency",
+        "oracle",
+    }
     for name in ("lightgbm", "rules", "bgnbd", "recency"):
         assert set(churn["models"][name]) == PINNED
     assert set(churn["models"]["oracle"]) == {"roc_auc"}
@@ -93,7 +100,13 @@ def test_train_writes_report_plots_and_a_working_bundle(small: Path, tmp_path: P
 def test_backtest_reports_each_cutoff_and_the_spread(small: Path) -> None:
     result = backtest(small / "events.parquet", load_config(), k=2)
     assert result.per_cutoff["test_cutoff"].n_unique() == 2
-    assert set(result.per_cutoff["model"]) == {"lightgbm", "rules", "bgnbd", "recency"}
+    assert set(result.per_cutoff["model"]) == {
+        "lightgbm",
+        "lightgbm_stacked",
+        "rules",
+        "bgnbd",
+        "recency",
+    }
     assert {"roc_auc_mean", "roc_auc_std", "ece_max"} <= set(result.spread.columns)
     assert len(result.selected) == 2
 
