@@ -6,6 +6,7 @@ import json
 import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -765,15 +766,20 @@ def test_score_to_braze_over_http_with_faults_then_delta(
             assert profile["lapse_risk_segment"] == row["risk_segment"]
             assert profile["lapse_churn_risk"] == pytest.approx(row["churn_risk"])
         assert not set(server.profiles) & set(snap.filter("suppressed")["user_id"].to_list())
-        n = len(server.requests)
-        again = run_score(
-            world.events, cfg, as_of=world.as_of, model=str(world.bundle), sink="braze"
-        )
-        # only the celebrated users again: their milestone went out once, their record changed
-        celebrated = sent.filter(pl.col("triggers").list.contains("milestone")).height
-        assert again.counts["sent"] == celebrated
-        if not celebrated:
-            assert len(server.requests) == n
+        _rerun_sends_only_the_celebrated(world, cfg, server, sent)
+
+
+def _rerun_sends_only_the_celebrated(
+    world: World, cfg: LapseConfig, server: Any, sent: pl.DataFrame
+) -> None:
+    """An unchanged rerun to Braze sends only the users whose milestone went out: their
+    celebration is once ever, so their record changed; nobody else is sent again."""
+    n = len(server.requests)
+    again = run_score(world.events, cfg, as_of=world.as_of, model=str(world.bundle), sink="braze")
+    celebrated = sent.filter(pl.col("triggers").list.contains("milestone")).height
+    assert again.counts["sent"] == celebrated
+    if not celebrated:
+        assert len(server.requests) == n
 
 
 def test_score_to_braze_when_most_users_fire_two_or_three_triggers(
@@ -808,15 +814,7 @@ def test_score_to_braze_when_most_users_fire_two_or_three_triggers(
         assert max(objects) <= 75 and server.requests_over_limit == 0
         assert sum(len(b.get("events", [])) for b in bodies) == len(server.events)
         assert len(server.events) >= 2 * sent.height
-        n = len(server.requests)
-        again = run_score(
-            world.events, cfg, as_of=world.as_of, model=str(world.bundle), sink="braze"
-        )
-        # only the celebrated users again: their milestone went out once, their record changed
-        celebrated = sent.filter(pl.col("triggers").list.contains("milestone")).height
-        assert again.counts["sent"] == celebrated
-        if not celebrated:
-            assert len(server.requests) == n
+        _rerun_sends_only_the_celebrated(world, cfg, server, sent)
 
 
 def test_score_refuses_input_without_rows(world: World, _isolated_home: Path) -> None:

@@ -25,6 +25,7 @@ from lapse.features import build
 from lapse.features.registry import expand
 from lapse.modeling.rules import rules_score, trigger_exprs, triggers
 from lapse.pipeline import run_score
+from lapse.scoring import ScoreResult
 from lapse.sinks import SINKS
 from lapse.state import Ledger
 from lapse.training import train
@@ -866,19 +867,20 @@ def _fired_by_events(events: pl.DataFrame, t: datetime, rules: Any, trigger: str
     return set(per.filter(cond.fill_null(False))["user_id"].cast(pl.String).to_list())
 
 
-def _fired(small: Small, config: LapseConfig, trigger: str) -> tuple[set[str], set[str]]:
-    """(who fires ``trigger``, who was scored) by ``score_users`` with the run ``config``."""
+def _score(small: Small, config: LapseConfig) -> ScoreResult:
+    """``score_users`` of the small world's bundle as of its cutoff, with the run ``config``
+    (ten days after the model's data ends: out of time)."""
     from lapse.modeling.bundle import ChurnBundle
     from lapse.scoring import score_users
 
-    res = score_users(
-        ChurnBundle.load(small.bundle),
-        pl.scan_parquet(small.events),
-        small.as_of,
-        config,
-        score_run_id="r",
-        model_version="v",
-    )
+    bundle = ChurnBundle.load(small.bundle)
+    events = pl.scan_parquet(small.events)
+    return score_users(bundle, events, small.as_of, config, score_run_id="r", model_version="v")
+
+
+def _fired(small: Small, config: LapseConfig, trigger: str) -> tuple[set[str], set[str]]:
+    """(who fires ``trigger``, who was scored) by ``score_users`` with the run ``config``."""
+    res = _score(small, config)
     assert res.fired is not None
     hit = res.fired.filter(pl.col("triggers").list.contains(trigger))["user_id"]
     return set(hit.to_list()), set(res.fired["user_id"].to_list())
@@ -930,19 +932,9 @@ def test_a_run_trigger_on_a_milestone_the_model_never_counted_needs_no_retrain(
 def test_replenishment_due_and_the_refill_prompt_share_the_better_depletion_estimate(
     small: Small,
 ) -> None:
-    from lapse.modeling.bundle import ChurnBundle
-    from lapse.scoring import score_users
-
     config = load_config()
     lead = config.replenishment.lead_time_days
-    res = score_users(
-        ChurnBundle.load(small.bundle),
-        pl.scan_parquet(small.events),
-        small.as_of,  # ten days after the model's data ends: out of time
-        config,
-        score_run_id="r",
-        model_version="v",
-    )
+    res = _score(small, config)
     due = res.records.filter(pl.col("triggers").list.contains("replenishment_due"))["user_id"]
     today = res.records.filter(pl.col("refill_prompt_date") == small.as_of.date())
     # a record whose trigger says "due" has a prompt date that says so too; the others
@@ -975,20 +967,10 @@ def test_replenishment_due_and_the_refill_prompt_share_the_better_depletion_esti
 
 
 def test_a_run_config_that_differs_from_the_models_says_so_in_one_line(small: Small) -> None:
-    from lapse.modeling.bundle import ChurnBundle
-    from lapse.scoring import score_users
-
     config = load_config()
     config.labels.horizon_days = 56
     config.rules.activation_nudge_days = 30  # a trigger setting: the run's, no warning
-    res = score_users(
-        ChurnBundle.load(small.bundle),
-        pl.scan_parquet(small.events),
-        small.as_of,
-        config,
-        score_run_id="r",
-        model_version="v",
-    )
+    res = _score(small, config)
     said = [w for w in res.warnings if "differ from model" in w]
     assert len(said) == 1 and "labels" in said[0] and "rules" not in said[0]
     assert "\n" not in said[0]
