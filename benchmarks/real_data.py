@@ -3,9 +3,9 @@
     python benchmarks/real_data.py --events FILE --config CONFIG \\
         --cal-end 2011-09-09 --holdout-days 91
 
-Trains through the public API (``lapse.training.train``, the path of ``lapse
+Trains through the public API (``lapse.train.churn.train``, the path of ``lapse
 train``) on the events before ``--cal-end``, scores as of ``--cal-end``
-(``lapse.scoring.score_users``, the path of ``lapse score``) and judges, for
+(``lapse.score.records.score_users``, the path of ``lapse score``) and judges, for
 every customer with a purchase before the cut:
 
 - churn: ROC-AUC and PR-AUC of ``churn_risk`` for "no purchase in
@@ -40,8 +40,8 @@ from lapse.events import validate_events
 from lapse.labels.churn import role_events
 from lapse.modeling.bgnbd import BGNBD
 from lapse.modeling.bundle import ChurnBundle
-from lapse.scoring import score_users
-from lapse.training import train
+from lapse.score.records import score_users
+from lapse.train.churn import train
 
 DAY = 86_400.0
 

@@ -37,7 +37,8 @@ TARGET_HOURS = 1.0
 
 def child(engine: str, events: str, bundle: str, as_of: str, out: str, cores: int) -> None:
     from lapse.config import load_config
-    from lapse.pipeline import run_features, run_score
+    from lapse.jobs import run_features
+    from lapse.score.run import run_score
 
     spark = None
     if engine == "spark":

@@ -46,7 +46,7 @@ def prepare(users: int, days: int, train_users: int) -> tuple[Path, Path, dateti
     """Events for ``users`` (cached) and a bundle trained on ``train_users`` users x 150 days."""
     from lapse.config import SegmentsConfig, load_config
     from lapse.datasets import generate, write
-    from lapse.training import train
+    from lapse.train.churn import train
 
     folder = DATA / f"score_{users}x{days}"
     events = folder / "events.parquet"
@@ -76,7 +76,7 @@ def prepare(users: int, days: int, train_users: int) -> tuple[Path, Path, dateti
 def child(events: str, bundle: str, as_of: str, out: str) -> None:
     """The timed side: one `run_score` with the file sink, step times on stdout as JSON."""
     from lapse.config import TriggerSpec, load_config
-    from lapse.pipeline import run_score
+    from lapse.score.run import run_score
     from lapse.triggers import BUILTIN
 
     config = load_config()

@@ -44,7 +44,7 @@ def prepare(users: int, days: int, new: int, train_users: int) -> tuple[Path, Pa
 
     from lapse.config import load_config
     from lapse.datasets import generate, write
-    from lapse.training import train
+    from lapse.train.churn import train
 
     root = DATA / f"triggers_{users}x{days}_{new}"
     folder = root / "events"
@@ -85,7 +85,7 @@ def child(mode: str, folder: str, bundle: str, as_of: str, home: str) -> None:
     """One timed `run_triggers` in LAPSE_HOME ``home``; a JSON line on stdout."""
     os.environ["LAPSE_HOME"] = home
     from lapse.config import load_config
-    from lapse.pipeline import run_triggers
+    from lapse.score.trigger_run import run_triggers
 
     t0 = time.perf_counter()
     result = run_triggers(

@@ -36,9 +36,9 @@ import polars as pl
 import pytest
 
 from lapse.config import DeliveryConfig
-from lapse.delivery import DeliveryReport, deliver, encode, plan_batches
+from lapse.delivery.batches import DeliveryReport, deliver, encode, plan_batches
+from lapse.delivery.ledger import Ledger
 from lapse.sinks.base import RECORD_SCHEMA, Sink, SinkAuthError
-from lapse.state import Ledger
 
 KEY = "sk-live-0123456789abcdef"
 AS_OF = date(2024, 6, 1)

@@ -24,7 +24,7 @@ def test_help_lists_commands_and_no_placeholders() -> None:
 
 def test_cli_import_stays_light() -> None:
     code = (
-        "import sys, lapse.cli, lapse.pipeline, lapse.events\n"
+        "import sys, lapse.cli, lapse.jobs, lapse.events\n"
         "heavy = {'mlflow', 'lightgbm', 'lifelines', 'sklearn', 'matplotlib'} & set(sys.modules)\n"
         "assert not heavy, heavy\n"
     )

@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 from lapse.cli import app
 from lapse.config import LapseConfig, load_config
 from lapse.datasets import SyntheticData, generate, write
-from lapse.drivers import DriversResult, encourage_snippet, stickiness_drivers, write_plot
 from lapse.exceptions import ConfigError
 from lapse.features import build
+from lapse.insights.drivers import DriversResult, encourage_snippet, stickiness_drivers, write_plot
 from lapse.triggers import ExprError, evaluate, resolve
 
 STICKY, NEUTRAL = "second_device_added", "theme_changed"  # planted in lapse.datasets

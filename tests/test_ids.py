@@ -19,9 +19,9 @@ from lapse.datasets import generate
 from lapse.events import read_attributes, read_events
 from lapse.features import build, build_sku
 from lapse.labels import eligible
-from lapse.pipeline import run_score
+from lapse.score.run import run_score
 from lapse.sinks.file import read_records
-from lapse.training import train
+from lapse.train.churn import train
 from pg_server import pg_schema, pg_server  # noqa: F401  (fixtures)
 from platform_servers import (
     KEY,

@@ -15,12 +15,13 @@ from typer.testing import CliRunner
 import score_sinks
 from lapse.cli import app
 from lapse.config import LapseConfig, dump_config, load_config
+from lapse.delivery.ledger import Ledger
 from lapse.events import read_user_events
 from lapse.modeling.bundle import ChurnBundle
-from lapse.pipeline import run_score, run_triggers
-from lapse.scoring import score_users
+from lapse.score.records import score_users
+from lapse.score.run import run_score
+from lapse.score.trigger_run import run_triggers
 from lapse.sinks import SINKS
-from lapse.state import Ledger
 from worlds import World, trained_world
 
 runner = CliRunner()

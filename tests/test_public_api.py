@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
+
+import pytest
+
 import lapse
 import lapse.events
 import lapse.exceptions
@@ -40,3 +45,21 @@ def test_features() -> None:
 def test_every_exception_is_a_lapse_error() -> None:
     for name in lapse.exceptions.__all__:
         assert issubclass(getattr(lapse.exceptions, name), lapse.LapseError)
+
+
+@pytest.mark.parametrize(
+    ("old", "name", "home"),
+    [
+        ("lapse.training", "train", "lapse.train.churn"),
+        ("lapse.replenishment", "run_replenishment", "lapse.train.replenishment"),
+        ("lapse.scoring", "score_users", "lapse.score.records"),
+        ("lapse.pipeline", "run_score", "lapse.score.run"),
+        ("lapse.pipeline", "run_triggers", "lapse.score.trigger_run"),
+        ("lapse.pipeline", "run_features", "lapse.jobs"),
+    ],
+)
+def test_moved_modules_still_import_and_say_where(old: str, name: str, home: str) -> None:
+    sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning, match=home.rsplit(".", 1)[0]):
+        module = importlib.import_module(old)
+    assert getattr(module, name) is getattr(importlib.import_module(home), name)

@@ -22,7 +22,7 @@ from lapse.modeling import ChurnBundle
 from lapse.modeling.race import fit_calibrator
 from lapse.modeling.reasons import P_ALIVE, RECENCY, Reason, Words, describe, explain
 from lapse.modeling.rules import recency_days
-from lapse.training import build_frame, train
+from lapse.train.churn import build_frame, train
 
 # a transaction table: orders only, so BG/NBD and recency count orders
 ORDERS = load_config().model_copy(

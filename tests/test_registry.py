@@ -34,7 +34,7 @@ from lapse.registry import (
     review,
     tracking_uri,
 )
-from lapse.training import TrainResult, train
+from lapse.train.churn import TrainResult, train
 
 
 @dataclass(frozen=True)

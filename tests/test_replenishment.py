@@ -17,7 +17,7 @@ from lapse.datasets import generate, write
 from lapse.labels import data_span
 from lapse.modeling.survival import CANDIDATES
 from lapse.modeling.survival_metrics import METRIC_NAMES
-from lapse.replenishment import (
+from lapse.train.replenishment import (
     NotEnoughEpisodes,
     ReplenishmentModel,
     ReplenishmentResult,

@@ -18,13 +18,13 @@ import score_sinks
 from lapse.cli import app
 from lapse.config import LapseConfig, dump_config, load_config
 from lapse.datasets import generate, write
+from lapse.delivery.ledger import Ledger, sink_lock
 from lapse.exceptions import LapseError
 from lapse.modeling.bundle import ChurnBundle, listing
-from lapse.pipeline import run_score
 from lapse.schema import ROLES
+from lapse.score.run import run_score
 from lapse.sinks import RECORD_COLUMNS, SINKS
 from lapse.sinks.file import read_records
-from lapse.state import Ledger, sink_lock
 from worlds import World, trained_world
 
 runner = CliRunner()
@@ -647,7 +647,7 @@ def test_impact_compares_treated_and_control_retention(world: World, _isolated_h
     assert res.exit_code == 0, res.output
     assert "lift (95% CI)" in res.output
 
-    from lapse.impact import impact
+    from lapse.insights.impact import impact
 
     result = impact(world.events, cfg, since=world.as_of.date())
     # the same figures, straight from the raw events
@@ -897,7 +897,7 @@ def test_score_a_plain_transaction_table(tmp_path: Path, _isolated_home: Path) -
 
 
 def test_the_pooled_impact_row_is_stratified_by_segment() -> None:
-    from lapse.impact import compare
+    from lapse.insights.impact import compare
 
     def group(segment: str, control: bool, n: int, retained: int) -> pl.DataFrame:
         churned = [False] * retained + [True] * (n - retained)

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from lapse.delivery import deliver
+from lapse.delivery.batches import deliver
+from lapse.delivery.ledger import Ledger
 from lapse.sinks.base import SinkAuthError
 from lapse.sinks.braze import BrazeSink
-from lapse.state import Ledger
 from platform_servers import (
     AS_OF,
     CONTRACT,

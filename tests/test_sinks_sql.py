@@ -14,12 +14,12 @@ import yaml
 from polars.testing import assert_frame_equal
 
 from lapse.config import dump_config, load_config
-from lapse.pipeline import run_score
+from lapse.delivery.ledger import Ledger
+from lapse.score.run import run_score
 from lapse.sinks import SINKS, make_sink
 from lapse.sinks.base import RECORD_COLUMNS, RECORD_SCHEMA, Item, Outcome, SinkAuthError
 from lapse.sinks.file import read_records
 from lapse.sinks.sql import HISTORY_TABLE, LATEST_TABLE, SqlSink
-from lapse.state import Ledger
 from pg_server import pg_schema, pg_server  # noqa: F401  (fixtures)
 from worlds import World, trained_world
 

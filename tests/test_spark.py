@@ -1,4 +1,4 @@
-"""The Spark engine (`lapse.spark`) gives the local engine's features and scores, row for row.
+"""The Spark engine (`lapse.spark.engine`) gives the local engine's features and scores, row for row.
 
 Tests that start Spark are marked ``spark`` (one ``local[2]`` session for the
 module); skip them with ``pytest -m "not spark"``.
@@ -22,14 +22,14 @@ from typer.testing import CliRunner
 
 from lapse.cli import app
 from lapse.config import LapseConfig, dump_config, load_config
+from lapse.delivery.ledger import Ledger
 from lapse.exceptions import LapseError
 from lapse.features import build
 from lapse.modeling.bundle import ChurnBundle
-from lapse.pipeline import ScoreRunResult, run_score
-from lapse.scoring import risk_columns
+from lapse.score.records import risk_columns
+from lapse.score.run import ScoreRunResult, run_score
 from lapse.sinks import RECORD_COLUMNS
 from lapse.sinks.file import read_records
-from lapse.state import Ledger
 from worlds import World, trained_world
 
 if TYPE_CHECKING:
@@ -78,7 +78,7 @@ def collect(frame: DataFrame) -> pl.DataFrame:
 
 @pytest.mark.spark
 def test_features_equal_the_local_engine(world: World, spark: SparkSession) -> None:
-    from lapse.spark import build_features_spark
+    from lapse.spark.engine import build_features_spark
 
     config = load_config()
     local = build(pl.scan_parquet(world.events), world.as_of, config)
@@ -91,7 +91,7 @@ def test_features_equal_the_local_engine(world: World, spark: SparkSession) -> N
 def test_features_with_an_order_key_equal_the_local_engine(
     world: World, spark: SparkSession, tmp_path: Path
 ) -> None:
-    from lapse.spark import build_features_spark
+    from lapse.spark.engine import build_features_spark
 
     # a user's purchases in one ISO week share an order id; other events carry none
     week = pl.col("user_id") + pl.col("ts").dt.strftime("/%G-%V")
@@ -112,7 +112,7 @@ def test_features_with_an_order_key_equal_the_local_engine(
 def test_core_features_with_static_attributes_equal_the_local_engine(
     world: World, spark: SparkSession
 ) -> None:
-    from lapse.spark import build_features_spark
+    from lapse.spark.engine import build_features_spark
 
     base = load_config()
     config = base.model_copy(
@@ -131,7 +131,7 @@ def test_core_features_with_static_attributes_equal_the_local_engine(
 
 @pytest.mark.spark
 def test_scores_equal_the_local_bundle(world: World, spark: SparkSession) -> None:
-    from lapse.spark import SCORE_COLUMNS, score_spark
+    from lapse.spark.engine import SCORE_COLUMNS, score_spark
 
     bundle = ChurnBundle.load(world.bundle)
     rows = bundle.prepare(pl.scan_parquet(world.events), world.as_of)
@@ -148,7 +148,7 @@ def test_scores_equal_the_local_bundle(world: World, spark: SparkSession) -> Non
 
 @pytest.mark.spark
 def test_a_bundle_that_does_not_fit_fails_on_the_driver(world: World, spark: SparkSession) -> None:
-    from lapse.spark import score_spark
+    from lapse.spark.engine import score_spark
 
     bundle = ChurnBundle.load(world.bundle)
     bundle.feature_schema = {**bundle.feature_schema, "no_such_feature": "Float64"}
@@ -163,7 +163,7 @@ def test_naive_timestamps_and_empty_partitions(world: World, spark: SparkSession
     """Three users over eight partitions (most empty), `ts` as TIMESTAMP_NTZ: the same rows."""
     from pyspark.sql import functions as F
 
-    from lapse.spark import build_features_spark
+    from lapse.spark.engine import build_features_spark
 
     config = load_config()
     events = pl.read_parquet(world.events)
@@ -203,7 +203,7 @@ def test_unknown_engine_is_refused(world: World, tmp_path: Path) -> None:
 
 
 def test_missing_pyspark_names_the_extra_and_java(monkeypatch: pytest.MonkeyPatch) -> None:
-    from lapse.spark import require_spark
+    from lapse.spark.engine import require_spark
 
     monkeypatch.setitem(sys.modules, "pyspark", None)
     monkeypatch.setitem(sys.modules, "pyspark.sql", None)
@@ -213,7 +213,7 @@ def test_missing_pyspark_names_the_extra_and_java(monkeypatch: pytest.MonkeyPatc
 
 def test_unsigned_and_categorical_columns_become_spark_types() -> None:
     """Spark has no unsigned integers: the batches carry the next wider signed type."""
-    from lapse.spark import _schemas, _to_arrow
+    from lapse.spark.engine import _schemas, _to_arrow
 
     frame = pl.DataFrame(
         {
@@ -238,7 +238,7 @@ import polars as pl
 from pyspark.sql import SparkSession
 
 from lapse.config import LapseConfig, dump_config, load_config
-from lapse.spark import build_features_spark
+from lapse.spark.engine import build_features_spark
 
 events, as_of, out = sys.argv[1], datetime.fromisoformat(sys.argv[2]), sys.argv[3]
 spark = SparkSession.builder.remote("local[2]").getOrCreate()
@@ -403,7 +403,7 @@ def test_mapped_source_from_a_table_rejects_the_same_rows(
 ) -> None:
     """A raw source with its own column names, bad rows and duplicates, read as table:NAME."""
     from lapse.events import validate_events
-    from lapse.spark import validated_events_spark
+    from lapse.spark.engine import validated_events_spark
 
     events = pl.read_parquet(world.events)
     raw = events.rename({"user_id": "customer", "ts": "when", "event": "action"})
@@ -464,7 +464,7 @@ def test_mapped_source_from_a_table_rejects_the_same_rows(
 
 @pytest.mark.spark
 def test_a_missing_table_or_delta_says_what_to_do(spark: SparkSession, tmp_path: Path) -> None:
-    from lapse.spark import read_source
+    from lapse.spark.engine import read_source
 
     with pytest.raises(LapseError, match="no such table"):
         read_source(spark, "table:nowhere.none")
@@ -479,7 +479,7 @@ def test_orders_on_the_online_retail_reference_equal_the_local_engine(
 ) -> None:
     """``order_id: InvoiceNo`` on the reference file (skipped without it), both engines."""
     from lapse.events import validate_events
-    from lapse.spark import validated_events_spark
+    from lapse.spark.engine import validated_events_spark
     from retail import AS_OF, check_orders, reference_file, write_config
 
     source = reference_file()
@@ -505,7 +505,7 @@ def test_identity_links_give_the_same_ids_on_spark(spark: SparkSession, tmp_path
 
     from lapse.datasets import generate, segment_export
     from lapse.events import read_links, validate_events
-    from lapse.spark import build_features_spark, validated_events_spark
+    from lapse.spark.engine import build_features_spark, validated_events_spark
 
     calls, identities = segment_export(generate(n_users=80, n_days=60, seed=7).events, seed=7)
     # a Segment export as a warehouse table holds it (properties as plain columns)

@@ -16,7 +16,7 @@ from lapse.cli import app
 from lapse.config import load_config
 from lapse.datasets import generate, write
 from lapse.modeling import ChurnBundle
-from lapse.training import backtest, train
+from lapse.train.churn import backtest, train
 
 PINNED = {"roc_auc", "pr_auc", "brier", "log_loss", "ece", "top_decile_lift", "top_decile_capture"}
 

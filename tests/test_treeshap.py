@@ -127,7 +127,7 @@ _PROPERTY_TABLES = ts.build_tables(_PROPERTY_BOOSTER)
 
 
 def test_race_model_on_synthetic_world(tmp_path: Path) -> None:
-    """The race's LightGBM trained by ``lapse.training`` on generated users: same SHAP, same reasons."""
+    """The race's LightGBM trained by ``lapse.train.churn`` on generated users: same SHAP, same reasons."""
     from lapse.config import load_config
     from lapse.events import validate_events
     from lapse.registry import load_bundle

@@ -18,17 +18,18 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 
 import score_sinks
+from lapse.conditions import MAX_DEPTH, MAX_LENGTH
 from lapse.config import LapseConfig, Milestone, TriggerSpec, dump_config, load_config
 from lapse.datasets import generate, write
+from lapse.delivery.ledger import Ledger
 from lapse.exceptions import ConfigError
 from lapse.features import build
 from lapse.features.registry import expand
 from lapse.modeling.rules import rules_score, trigger_exprs, triggers
-from lapse.pipeline import run_score
-from lapse.scoring import ScoreResult
+from lapse.score.records import ScoreResult
+from lapse.score.run import run_score
 from lapse.sinks import SINKS
-from lapse.state import Ledger
-from lapse.training import train
+from lapse.train.churn import train
 from lapse.triggers import (
     BUILTIN,
     CHURN_TRIGGERS,
@@ -39,7 +40,6 @@ from lapse.triggers import (
     evaluate,
     resolve,
 )
-from lapse.triggers.expr import MAX_DEPTH, MAX_LENGTH
 
 FRAME = pl.DataFrame(
     {
@@ -871,7 +871,7 @@ def _score(small: Small, config: LapseConfig) -> ScoreResult:
     """``score_users`` of the small world's bundle as of its cutoff, with the run ``config``
     (ten days after the model's data ends: out of time)."""
     from lapse.modeling.bundle import ChurnBundle
-    from lapse.scoring import score_users
+    from lapse.score.records import score_users
 
     bundle = ChurnBundle.load(small.bundle)
     events = pl.scan_parquet(small.events)

@@ -10,7 +10,7 @@ import polars as pl
 
 from lapse.config import load_config
 from lapse.datasets import generate, write
-from lapse.training import train
+from lapse.train.churn import train
 
 
 @dataclass(frozen=True)

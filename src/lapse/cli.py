@@ -33,9 +33,11 @@ from lapse.exceptions import LapseError
 
 if TYPE_CHECKING:
     from lapse.events import ValidationReport
-    from lapse.pipeline import FeaturesResult, ScoreHeader, ScoreRunResult, TriggerRunResult
+    from lapse.jobs import FeaturesResult
     from lapse.registry import RegisteredVersion
-    from lapse.training import TrainResult
+    from lapse.score.run import ScoreHeader, ScoreRunResult
+    from lapse.score.trigger_run import TriggerRunResult
+    from lapse.train.churn import TrainResult
 
 __all__ = ["app"]
 
@@ -176,7 +178,7 @@ def validate(
     ] = None,
 ) -> None:
     """Read, map and validate events; print a summary and write rejected rows."""
-    from lapse.pipeline import run_validate
+    from lapse.jobs import run_validate
 
     report = run_validate(
         events,
@@ -221,7 +223,8 @@ def features(
     ] = "local",
 ) -> None:
     """Build point-in-time features (one row per user) as of a date."""
-    from lapse.pipeline import ENGINES, run_features
+    from lapse.jobs import run_features
+    from lapse.spark import ENGINES
 
     cutoff = _parse_date(as_of, "--as-of")
     if engine not in ENGINES:
@@ -268,7 +271,7 @@ def drivers(
     ] = None,
 ) -> None:
     """Rank behaviors by how strongly adopting them goes with later retention."""
-    from lapse.pipeline import run_drivers
+    from lapse.jobs import run_drivers
 
     cutoff = _parse_date(as_of, "--as-of") if as_of else None
     with console.status("comparing adopters with similar non-adopters"):
@@ -402,7 +405,7 @@ def train(
     ] = None,
 ) -> None:
     """Race churn and replenishment models out of time; report, save and register the bundle."""
-    from lapse.pipeline import run_train
+    from lapse.jobs import run_train
 
     with console.status("building training frames and running the races"):
         result, registered = run_train(
@@ -515,7 +518,7 @@ def backtest(
     k: Annotated[int, typer.Option("--k", min=1, help="Number of last complete cutoffs.")] = 6,
 ) -> None:
     """Repeat the race on each of the last K complete cutoffs; print metrics and spread."""
-    from lapse.training import backtest as run_backtest
+    from lapse.train.churn import backtest as run_backtest
 
     with console.status(f"racing on the last {k} complete cutoffs"):
         result = run_backtest(events, load_config(config), k=k)
@@ -575,7 +578,7 @@ def demo(
     config: ConfigOpt = None,
 ) -> None:
     """Run the main job end to end on synthetic data with the embedded defaults."""
-    from lapse.pipeline import run_demo
+    from lapse.jobs import run_demo
 
     out_dir = out if out is not None else _home() / "demo"
     cfg = load_config(config)
@@ -734,8 +737,9 @@ def score(
     """
     import json
 
-    from lapse.pipeline import ENGINES, run_score
-    from lapse.state import LockHeldError
+    from lapse.delivery.ledger import LockHeldError
+    from lapse.score.run import run_score
+    from lapse.spark import ENGINES
 
     if engine not in ENGINES:
         raise LapseError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
@@ -869,8 +873,8 @@ def triggers_run(
 
     Exit codes as `lapse score`: 0 done; 1 some records failed; 2 bad input; 3 locked.
     """
-    from lapse.pipeline import run_triggers
-    from lapse.state import LockHeldError
+    from lapse.delivery.ledger import LockHeldError
+    from lapse.score.trigger_run import run_triggers
 
     when = (
         _parse_instant(as_of, "--as-of")
@@ -925,7 +929,7 @@ def impact(
     config: ConfigOpt = None,
 ) -> None:
     """Compare later retention of messaged vs held-out control users, per segment."""
-    from lapse.impact import impact as measure
+    from lapse.insights.impact import impact as measure
 
     result = measure(events, load_config(config), since=_parse_date(since, "--since").date())
     table = Table(
@@ -961,7 +965,7 @@ def forget(
     config: ConfigOpt = None,
 ) -> None:
     """Remove users from audit snapshots, the run ledger and dead letters (erasure requests)."""
-    from lapse.pipeline import run_forget
+    from lapse.jobs import run_forget
 
     result = run_forget(load_config(config), user_ids)
     parts = ", ".join(f"{n:,} {k.replace('_', ' ')}" for k, n in result.removed.items())

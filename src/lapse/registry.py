@@ -21,13 +21,13 @@ Registry
 
 Replenishment
     The bundle's replenishment model (``extras["replenishment"]``, a
-    :class:`lapse.replenishment.ReplenishmentModel`) rides along in the same
+    :class:`lapse.train.replenishment.ReplenishmentModel`) rides along in the same
     registered version but is not part of the pyfunc output: it predicts the
     episodes open at a date from raw events, not from feature rows, so its
     predictions stay in the lapse API (``ReplenishmentModel.predict_open``
     on the bundle from :func:`load_bundle`). :func:`review` compares it
     (``concordance``, ``mae_days``) with
-    :func:`lapse.replenishment.evaluate_model` when both versions carry one.
+    :func:`lapse.train.replenishment.evaluate_model` when both versions carry one.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion  # noqa: TID251
 
     from lapse.modeling.bundle import ChurnBundle
-    from lapse.training import TrainResult
+    from lapse.train.churn import TrainResult
 
 __all__ = [
     "CHALLENGER",
@@ -857,7 +857,7 @@ def _replenishment(
     bundles: list[ChurnBundle], events: pl.LazyFrame, cutoff: datetime, config: LapseConfig
 ) -> tuple[dict[str, dict[str, float]] | None, str]:
     """(champion and challenger replenishment metrics, or None; a note for the review)."""
-    from lapse.replenishment import NotEnoughEpisodes, ReplenishmentModel, evaluate_model
+    from lapse.train.replenishment import NotEnoughEpisodes, ReplenishmentModel, evaluate_model
 
     found_models = [b.extras.get("replenishment") for b in bundles]
     models = [m for m in found_models if isinstance(m, ReplenishmentModel)]
@@ -900,7 +900,7 @@ def review(
     on the users eligible for both; churn: AUC, PR-AUC, Brier, ECE, top-decile lift;
     replenishment (``concordance``, ``mae_days``) when both bundles carry a replenishment
     model: the episodes open at the cutoff, followed for ``replenishment.follow_up_days``
-    or to the end of the events (:func:`lapse.replenishment.evaluate_model`).
+    or to the end of the events (:func:`lapse.train.replenishment.evaluate_model`).
     The comparison is an MLflow run tagged with both versions, holding the table and
     overlaid ROC and calibration plots (also written to ``out_dir`` when given).
 

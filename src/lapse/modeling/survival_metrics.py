@@ -131,7 +131,7 @@ def survival_metrics(
     every horizon of :data:`HORIZONS`. ``median_days`` is each model's point
     estimate of the days to the reorder (for the survival models the median
     among the episodes that reorder within the follow-up window, see
-    :mod:`lapse.replenishment`); ``mae_days`` compares it with the observed
+    :mod:`lapse.train.replenishment`); ``mae_days`` compares it with the observed
     reorders only, and ``concordance`` ranks by it.
     """
     d = np.asarray(durations, dtype=np.float64)

@@ -1,7 +1,7 @@
 """Destinations of the per-user records; :func:`make_sink` builds one by name.
 
 Each destination is a :class:`~lapse.sinks.base.Sink` in a module of its own;
-everything they share (batching, retries, ledger) lives in :mod:`lapse.delivery`.
+everything they share (batching, retries, ledger) lives in :mod:`lapse.delivery.batches`.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 A sink only knows its destination's shape: how one record becomes one item
 (:meth:`Sink.encode`) and how a batch of items is sent (:meth:`Sink.send`).
 Batching (by count and bytes), retries, throttling, suppression, delta sync,
-the ledger and dead letters live in :mod:`lapse.delivery`, shared by all sinks.
+the ledger and dead letters live in :mod:`lapse.delivery.batches`, shared by all sinks.
 
 Errors a sink raises from :meth:`Sink.send` tell the delivery layer what to do:
 
@@ -153,7 +153,7 @@ class Sink(ABC):
     Subclasses set ``name`` and ``limits`` and implement :meth:`encode` and
     :meth:`send`; ``full_snapshot`` sinks (files) get every record on every
     run, the others only the users whose delta key changed (see
-    :mod:`lapse.delivery`). ``attribute_columns`` lists the user-attribute
+    :mod:`lapse.delivery.batches`). ``attribute_columns`` lists the user-attribute
     columns a sink needs in its records (e.g. ``email`` as the identifier).
     ``anonymous_identifier`` names the field under which the destination
     accepts an anonymous profile's id (Segment ``anonymousId``); ``None``

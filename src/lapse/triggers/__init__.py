@@ -5,9 +5,10 @@ The built-ins (``activation_nudge``, ``milestone``, ``friction_alert``,
 ``upsell``, ``vip``, ``win_back``, ``nth_order`` and ``streak`` are written in
 the same language (:mod:`lapse.triggers.presets`); the config's ``triggers``
 section adds triggers or sets a built-in's cooldown, priority, audience and
-emitted id. :mod:`lapse.triggers.expr` holds the language.
+emitted id. :mod:`lapse.conditions` holds the language.
 """
 
+from lapse.conditions import ExprError, compile_condition, parse
 from lapse.triggers.core import (
     SCORE_COLUMNS,
     Trigger,
@@ -18,7 +19,6 @@ from lapse.triggers.core import (
     names_read,
     resolve,
 )
-from lapse.triggers.expr import ExprError, compile_condition, parse
 from lapse.triggers.presets import BUILTIN, CHURN_TRIGGERS, PRESETS, preset_when
 
 __all__ = [

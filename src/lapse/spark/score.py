@@ -1,7 +1,7 @@
 """`lapse score --engine spark`: records computed on Spark, delivered in bounded chunks.
 
-The executors compute every user's whole record (:func:`lapse.spark.score_records_spark`:
-the local :func:`lapse.scoring.user_records` per user shard, reasons included for
+The executors compute every user's whole record (:func:`lapse.spark.engine.score_records_spark`:
+the local :func:`lapse.score.records.user_records` per user shard, reasons included for
 every user who is not ``low`` or fired a trigger) and Spark writes them sorted by
 ``user_id`` as Parquet parts under ``<audit.path>/spark/<run>/``. The driver then
 reads them :data:`CHUNK_ROWS` at a time and applies, per chunk, what needs the
@@ -10,7 +10,7 @@ cooldowns, suppression, the frequency cap, the delta key against what the sink
 last acknowledged, and which reasons are kept (those of the users sent). Each
 chunk is appended to the audit snapshot and the outbox; the ledger's batches are
 planned per chunk (no batch crosses a chunk), and delivery goes chunk by chunk
-through the same :func:`lapse.delivery.deliver`. The driver holds one chunk,
+through the same :func:`lapse.delivery.batches.deliver`. The driver holds one chunk,
 the batch plan and the per-run counts, never all users. Drift is summed from
 per-partition bin counts.
 """
@@ -31,18 +31,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lapse.config import LapseConfig
-from lapse.delivery import deliver, delta_changes, encode, plan_batches, settle
+from lapse.delivery.batches import deliver, delta_changes, encode, plan_batches, settle
 from lapse.events import load_attributes
 from lapse.schema import EVENT_COLUMNS
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
-    from lapse.audit import AuditTrail
+    from lapse.delivery.audit import AuditTrail
+    from lapse.delivery.ledger import Ledger
     from lapse.modeling.bundle import ChurnBundle
-    from lapse.pipeline import ScoreProgress, ScoreRunResult
+    from lapse.score.run import ScoreProgress, ScoreRunResult
     from lapse.sinks.base import Sink
-    from lapse.state import Ledger
     from lapse.triggers import Trigger
 
 __all__ = ["CHUNK_ROWS", "run_score_spark"]
@@ -70,17 +70,9 @@ def run_score_spark(
     spark: SparkSession | None = None,
     partitions: int | None = None,
 ) -> ScoreRunResult:
-    """The Spark engine's score run; :func:`lapse.pipeline.run_score` holds the lock and ledger."""
-    from lapse.pipeline import (
-        ScoreRunResult,
-        _dry_run,
-        _model_label,
-        _run_id,
-        anonymous_warning,
-        score_header,
-    )
+    """The Spark engine's score run; :func:`lapse.score.run.run_score` holds the lock and ledger."""
     from lapse.registry import load_bundle
-    from lapse.scoring import (
+    from lapse.score.records import (
         check_event_names,
         drift_from_counts,
         drift_warnings,
@@ -88,7 +80,15 @@ def run_score_spark(
         nobody_eligible,
         who_was_scored,
     )
-    from lapse.spark import (
+    from lapse.score.run import (
+        ScoreRunResult,
+        _dry_run,
+        _model_label,
+        _run_id,
+        anonymous_warning,
+        score_header,
+    )
+    from lapse.spark.engine import (
         resolve_spark,
         score_records_spark,
         spark_session,
@@ -310,7 +310,7 @@ def _definitions(
     bundle: ChurnBundle, config: LapseConfig, attributes: pl.DataFrame | None, as_of: datetime
 ) -> list[Trigger]:
     """The run's trigger definitions over the rows the executors evaluated them on."""
-    from lapse.scoring import trigger_definitions
+    from lapse.score.records import trigger_definitions
 
     empty = bundle.prepare(pl.LazyFrame(schema=EVENT_COLUMNS), as_of, attributes=attributes)
     schema = dict(empty.schema)
@@ -334,13 +334,13 @@ def _post(
     *,
     links: pl.DataFrame | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """One chunk through what :func:`lapse.pipeline.run_score` does after scoring.
+    """One chunk through what :func:`lapse.score.run.run_score` does after scoring.
 
     Returns the snapshot rows (plus ``_unchanged`` and ``_anonymous_held`` for the
     counts) and the outbox rows.
     """
     from lapse.events.identity import anonymous_only
-    from lapse.pipeline import _last_fired, _mark_sendable, _outbox, hold_anonymous
+    from lapse.score.run import _last_fired, _mark_sendable, _outbox, hold_anonymous
     from lapse.sinks.base import RECORD_COLUMNS
     from lapse.triggers import apply_cooldowns
 
@@ -363,7 +363,7 @@ def _post(
     previous, changed = delta_changes(records, last, everyone=target.full_snapshot or full)
     anonymous = anonymous_only(links, as_of) if links is not None else None
     send, held, is_anonymous = hold_anonymous(records, sendable & changed, target, anonymous)
-    # as lapse.scoring.with_reasons: reasons for the users sent who are not low or fired
+    # as lapse.score.records.with_reasons: reasons for the users sent who are not low or fired
     keep = (
         send & ((records["risk_segment"] != "low") | (records["triggers"].list.len() > 0))
     ).fill_null(False)
@@ -397,8 +397,8 @@ def _deliver_chunks(
     summary: dict[str, Any],
     started: float,
 ) -> ScoreRunResult:
-    """:func:`lapse.pipeline._deliver`, one outbox chunk at a time (same batches, ledger, counts)."""
-    from lapse.pipeline import _delivery_counts, _record_fired
+    """:func:`lapse.score.run._deliver`, one outbox chunk at a time (same batches, ledger, counts)."""
+    from lapse.score.run import _delivery_counts, _record_fired
     from lapse.sinks.base import SinkAuthError
 
     run_id, name, as_of = result.score_run_id, target.name, result.as_of

@@ -5,7 +5,7 @@ nightly ``lapse score`` (the same bundle, features, churn scores, definitions
 and cooldowns) for a few users only, so it can run every few minutes:
 
 * **Watermark.** ``EVENTS`` is an append-only folder (or glob) of event files.
-  The ledger (:class:`lapse.state.Ledger`) remembers, per sink and folder,
+  The ledger (:class:`lapse.delivery.ledger.Ledger`) remembers, per sink and folder,
   every file processed with its size and mtime, the last ``as_of``, and a
   fingerprint of the model version and the trigger definitions. Files not in
   the watermark, or whose size or mtime changed (rewritten in place), are new;
@@ -54,8 +54,8 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
+from lapse.delivery.ledger import Ledger, TriggerState
 from lapse.exceptions import LapseError
-from lapse.state import Ledger, TriggerState
 
 if TYPE_CHECKING:
     from lapse.config import LapseConfig
@@ -175,7 +175,7 @@ def next_due(
     that run looks ahead again, so no change is ever seen late.
     Users are looked at in chunks of ``incremental.chunk_users``.
     """
-    from lapse.scoring import refills
+    from lapse.score.records import refills
 
     horizon = config.incremental.horizon_days
     cutoffs = [as_of + timedelta(days=k) for k in range(1, horizon + 1)]
@@ -231,8 +231,8 @@ def _fired_at(
 ) -> pl.DataFrame:
     """``pairs`` (``user_id, cutoff``) with ``then``: the fired set at that cutoff as one
     string (empty when the user is not eligible there); ``depleted``: the users'
-    :func:`lapse.scoring.refills`."""
-    from lapse.scoring import depletion_days, fired_triggers, risk_columns, trigger_features
+    :func:`lapse.score.records.refills`."""
+    from lapse.score.records import depletion_days, fired_triggers, risk_columns, trigger_features
 
     cutoffs = pairs["cutoff"].unique().sort().to_list()
     frame = bundle.prepare_many(events, cutoffs, attributes=attributes)

@@ -40,6 +40,7 @@ import polars as pl
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
 
 from lapse.config import DeliveryConfig, FrequencyCap
+from lapse.delivery.ledger import Batch, Ledger
 from lapse.sinks.base import (
     Item,
     Outcome,
@@ -51,7 +52,6 @@ from lapse.sinks.base import (
     json_default,
     json_size,
 )
-from lapse.state import Batch, Ledger
 
 __all__ = [
     "INTERNAL_COLUMNS",
@@ -134,7 +134,7 @@ def delta_changes(
 ) -> tuple[pl.Series, pl.Series]:
     """Each record's previously delivered ``risk_segment`` and whether it is to be sent.
 
-    ``last`` is :meth:`lapse.state.Ledger.delivered` (user -> delta key, segment).
+    ``last`` is :meth:`lapse.delivery.ledger.Ledger.delivered` (user -> delta key, segment).
     A record is sent when its ``delta_key`` differs from the one last delivered
     (or none was), or always with ``everyone`` (a full snapshot sink, ``--full``).
     """
@@ -233,7 +233,7 @@ def deliver(
 ) -> DeliveryReport:
     """Send the outbox's pending batches to ``sink``; see the module docstring.
 
-    The run must be in the ledger (:meth:`~lapse.state.Ledger.start_run` with the
+    The run must be in the ledger (:meth:`~lapse.delivery.ledger.Ledger.start_run` with the
     ranges of :func:`plan_batches` over :func:`encode` of the same outbox).
     Records that did not get through are written to ``dead_letters`` (NDJSON,
     with their reasons; the file is removed when nothing failed). ``items`` are

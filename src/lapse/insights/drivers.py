@@ -74,7 +74,7 @@ _SCHEMA: dict[str, pl.DataType] = {
 class DriversResult:
     """The ranked behaviors (one row each) and what they were measured on.
 
-    ``files`` names what :func:`lapse.pipeline.run_drivers` wrote (``table``,
+    ``files`` names what :func:`lapse.jobs.run_drivers` wrote (``table``,
     ``plot``, ``triggers``), empty when nothing was written.
     """
 
@@ -122,8 +122,8 @@ def stickiness_drivers(
     LapseError
         ``as_of`` leaves no observed label window, or no user is eligible.
     """
+    from lapse.conditions import compile_condition
     from lapse.features import build_many
-    from lapse.triggers.expr import compile_condition
 
     declared = config.drivers.behaviors
     conditions: dict[str, pl.Expr] = {}

@@ -2,7 +2,7 @@
 
 ```
 <audit.path>/
-  ledger.sqlite                                  run ledger (lapse.state)
+  ledger.sqlite                                  run ledger (lapse.delivery.ledger)
   locks/<sink>.lock                              one run per sink at a time
   snapshots/run_date=YYYY-MM-DD/<run>.parquet    every scored user of a run
   snapshots/run_date=YYYY-MM-DD/<run>.json       the run's summary, drift included

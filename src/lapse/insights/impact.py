@@ -1,7 +1,7 @@
 """`lapse impact`: did messaging move retention? Treated vs held-out control, per segment.
 
 Every score run holds out ``control.share`` of each segment (see
-:func:`lapse.scoring.control_mask`). For each run since a date whose label
+:func:`lapse.score.records.control_mask`). For each run since a date whose label
 window has closed, the outcome of every scored user (retained = not churned
 within ``labels.horizon_days``, from :func:`lapse.labels.outcomes`) is compared
 between the treated users and the control users of the same segment. The
@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from lapse.audit import AuditTrail
 from lapse.config import LapseConfig
+from lapse.delivery.audit import AuditTrail
 from lapse.events import validate_events
 from lapse.exceptions import LapseError
 from lapse.labels import data_span, outcomes

@@ -4,7 +4,7 @@ Orchestration only, one implementation of every feature: events are
 hash-partitioned by ``user_id`` (``repartition(n, "user_id")``), and each
 partition runs :func:`lapse.features.build` (or the bundle's
 :meth:`~lapse.modeling.bundle.ChurnBundle.prepare` and
-:func:`lapse.scoring.risk_columns`) through ``mapInArrow``: Arrow in, Polars on
+:func:`lapse.score.records.risk_columns`) through ``mapInArrow``: Arrow in, Polars on
 the partition, Arrow out. Features and scores are per user, so every user's
 rows are whole in one partition and the result equals the local engine's.
 
@@ -365,7 +365,7 @@ def score_spark(
 
     Each partition unpickles the bundle once, builds its users' rows with
     :meth:`ChurnBundle.prepare` and scores them with
-    :func:`lapse.scoring.risk_columns`: the same values as the local score.
+    :func:`lapse.score.records.risk_columns`: the same values as the local score.
 
     Parameters
     ----------
@@ -395,7 +395,7 @@ def score_spark(
     frame = _as_spark(session, events)
 
     def per_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        from lapse.scoring import risk_columns
+        from lapse.score.records import risk_columns
 
         part = _events(batches)
         if part is None:
@@ -670,7 +670,7 @@ def score_records_spark(
     model_version: str,
     attributes: pl.DataFrame | None = None,
 ) -> DataFrame:
-    """Every eligible user's record on Spark, by :func:`lapse.scoring.user_records` per shard.
+    """Every eligible user's record on Spark, by :func:`lapse.score.records.user_records` per shard.
 
     ``events`` are canonical events already hash-partitioned by ``user_id``
     (:attr:`SparkValidation.kept`). Each partition unpickles the bundle once and
@@ -679,9 +679,9 @@ def score_records_spark(
     replenishment dates, control flag, and ``reasons`` for every user who is not
     ``low`` or fired a trigger (the driver keeps them for the users it sends).
     Besides the records, each partition adds one row with a null ``user_id``, its
-    drift bin counts as JSON in ``_lapse_drift`` (:func:`lapse.scoring.drift_counts`)
+    drift bin counts as JSON in ``_lapse_drift`` (:func:`lapse.score.records.drift_counts`)
     and who it scored and why not as JSON in ``_lapse_population``
-    (:func:`lapse.scoring.population_counts`; partitions hold whole users, so
+    (:func:`lapse.score.records.population_counts`; partitions hold whole users, so
     the counts add up).
 
     Returns
@@ -692,7 +692,7 @@ def score_records_spark(
     """
     from pyspark.sql import functions as F
 
-    from lapse.scoring import RECORDS_SCHEMA
+    from lapse.score.records import RECORDS_SCHEMA
 
     t = _utc(as_of)
     payload = pickle.dumps(bundle, pickle.HIGHEST_PROTOCOL)
@@ -707,7 +707,7 @@ def score_records_spark(
         import json
 
         from lapse.labels import population
-        from lapse.scoring import (
+        from lapse.score.records import (
             ScoreResult,
             drift_counts,
             population_counts,

@@ -6,8 +6,8 @@ row range in the run's outbox and its state, the records a destination rejected,
 per sink and user, the delta key last delivered (delta sync), and per sink,
 trigger and user the day a trigger was last delivered (cooldowns), and per sink,
 user and run the day a message (a record carrying triggers) was delivered (the
-frequency cap of :mod:`lapse.delivery`). For incremental trigger runs
-(:mod:`lapse.incremental`) it also holds, per sink and event source, the watermark (the
+frequency cap of :mod:`lapse.delivery.batches`). For incremental trigger runs
+(:mod:`lapse.score.incremental`) it also holds, per sink and event source, the watermark (the
 files processed with their size and mtime, the last ``as_of`` and a fingerprint
 of the model and trigger definitions) and the trigger state (per user: the
 triggers that fired at the last evaluation, when, and when the user is next

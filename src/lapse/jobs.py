@@ -1,0 +1,264 @@
+"""The CLI's smaller jobs (validate, features, train, demo, drivers, forget) as functions;
+no parsing, no printing. The score run lives in :mod:`lapse.score.run`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import polars as pl
+
+from lapse.config import LapseConfig
+from lapse.events import ValidationReport, load_attributes, read_links, validate_events
+from lapse.exceptions import LapseError
+from lapse.score.run import ScoreRunResult, run_score
+from lapse.spark import ENGINES, Engine
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+    from lapse.insights.drivers import DriversResult
+    from lapse.registry import RegisteredVersion
+    from lapse.train.churn import TrainResult
+
+__all__ = [
+    "DemoResult",
+    "FeaturesResult",
+    "ForgetResult",
+    "run_demo",
+    "run_drivers",
+    "run_features",
+    "run_forget",
+    "run_train",
+    "run_validate",
+]
+
+
+def run_validate(
+    events: Path,
+    config: LapseConfig,
+    *,
+    rejects: Path | None = None,
+    as_of: datetime | None = None,
+) -> ValidationReport:
+    """Validate an event file; the caller compares ``report.rejected_share`` to its limit."""
+    _, report = validate_events(events, config, as_of=as_of, rejects_path=rejects)
+    return report
+
+
+def run_drivers(
+    events: Path,
+    config: LapseConfig,
+    *,
+    as_of: datetime | None = None,
+    attributes: Path | None = None,
+    out: Path | None = None,
+    triggers: Path | None = None,
+) -> DriversResult:
+    """Rank behaviors by their association with later retention (:mod:`lapse.insights.drivers`).
+
+    With ``out``, writes ``out/drivers.csv`` (the table) and ``out/drivers.png``
+    (the forest plot); with ``triggers``, writes the ``encourage_<behavior>``
+    YAML snippet there. The result's ``files`` names what was written.
+    """
+    from dataclasses import replace
+
+    from lapse.insights.drivers import encourage_yaml, stickiness_drivers, write_plot
+
+    kept, _ = validate_events(events, config)
+    attrs = load_attributes(config, attributes)
+    result = stickiness_drivers(kept.lazy(), config, as_of=as_of, attributes=attrs)
+    files: dict[str, Path] = {}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        files["table"] = out / "drivers.csv"
+        result.table.write_csv(files["table"])
+        files["plot"] = write_plot(result, out / "drivers.png")
+    if triggers is not None:
+        triggers.parent.mkdir(parents=True, exist_ok=True)
+        triggers.write_text(encourage_yaml(result, config), encoding="utf-8")
+        files["triggers"] = triggers
+    return replace(result, files=files)
+
+
+@dataclass(frozen=True)
+class FeaturesResult:
+    """What `lapse features` wrote."""
+
+    path: Path
+    as_of: datetime
+    users: int
+    columns: int
+    null_share: dict[str, float]
+    validation: ValidationReport | None
+    engine: Engine = "local"
+
+
+def run_features(
+    events: Path,
+    config: LapseConfig,
+    *,
+    as_of: datetime,
+    out: Path,
+    attributes: Path | None = None,
+    engine: Engine = "local",
+    spark: SparkSession | None = None,
+) -> FeaturesResult:
+    """Build features as of ``as_of`` from an event file and write them to Parquet.
+
+    ``engine="local"`` (default) reads, maps and validates the events with
+    Polars on this machine; ``engine="spark"`` reads Parquet, Delta
+    (``delta:PATH``) or a table (``table:NAME``) with Spark (``spark``, else the
+    active or a new session), maps and validates it the same way and builds
+    the same rows per user shard (:mod:`lapse.spark.engine`). Both write one file at ``out``.
+    """
+    from lapse.features import build
+
+    attrs = load_attributes(config, attributes)
+    if engine == "spark":
+        from lapse.spark.engine import (
+            build_features_spark,
+            validated_events_spark,
+            write_single_parquet,
+        )
+
+        checked = validated_events_spark(events, config, spark=spark)
+        spark_report = checked.report(config, as_of=as_of)
+        frame_spark = build_features_spark(
+            checked.kept, as_of, config, spark=spark, attributes=attrs, links=checked.links
+        )
+        write_single_parquet(frame_spark, out)
+        # counted from the file lazily: the driver never holds every user's row
+        return _features_result(pl.scan_parquet(out), out, as_of, spark_report, engine)
+    if engine != "local":
+        raise LapseError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
+    kept, report = validate_events(events, config, as_of=as_of)
+    links = read_links(events, config)
+    frame = build(kept.lazy(), as_of, config, attributes=attrs, links=links)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    frame.write_parquet(out)
+    return _features_result(frame.lazy(), out, as_of, report, engine)
+
+
+def _features_result(
+    frame: pl.LazyFrame,
+    out: Path,
+    as_of: datetime,
+    report: ValidationReport | None,
+    engine: Engine,
+) -> FeaturesResult:
+    counts = frame.select(pl.len().alias("\0rows"), pl.all().null_count()).collect()
+    nulls = counts.row(0, named=True)
+    height = nulls.pop("\0rows")
+    share = {k: v / height for k, v in nulls.items() if v and height}
+    return FeaturesResult(out, as_of, height, len(nulls) - 1, share, report, engine)
+
+
+def run_train(
+    events: Path,
+    config: LapseConfig,
+    *,
+    out_dir: Path,
+    truth_dir: Path | None = None,
+    models_dir: Path | None = None,
+    register: bool = True,
+    until: datetime | None = None,
+) -> tuple[TrainResult, RegisteredVersion | None]:
+    """Train (churn race + replenishment), then log the run and register the bundle in MLflow."""
+    from lapse.train.churn import train
+
+    result = train(
+        events, config, out_dir=out_dir, truth_dir=truth_dir, models_dir=models_dir, until=until
+    )
+    if not register:
+        return result, None
+    from lapse.registry import log_training
+
+    return result, log_training(result, config, events_path=events)
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    """What `lapse demo` produced."""
+
+    files: dict[str, Path]
+    features: FeaturesResult
+    training: TrainResult
+    registered: RegisteredVersion | None
+    scored: ScoreRunResult
+
+
+def run_demo(
+    config: LapseConfig,
+    *,
+    out_dir: Path,
+    n_users: int = 2000,
+    n_days: int = 180,
+    seed: int = 0,
+) -> DemoResult:
+    """The whole job on synthetic data: generate, validate, features, train, register, score.
+
+    Everything lands in ``out_dir``: the data, ``features.parquet``, the report
+    folder ``report/``, the bundle under ``models/`` and the scores
+    (``scores.parquet``, file sink); the run is logged and the bundle registered
+    in the config's MLflow store (``./mlflow.db`` by default), and the score run
+    uses the registered version (the local bundle with ``register: false``).
+    """
+    from datetime import timedelta
+
+    from lapse.datasets import generate, write
+
+    start = date(2026, 1, 1)
+    files = write(generate(n_users=n_users, n_days=n_days, seed=seed, start=start), out_dir)
+    # The cutoff is the midnight after the simulated period, as the nightly job would use;
+    # building the features also validates the events (their report is the demo's).
+    end = datetime(start.year, start.month, start.day, tzinfo=UTC) + timedelta(days=n_days)
+    features = run_features(
+        files["events"],
+        config,
+        as_of=end,
+        out=out_dir / "features.parquet",
+        attributes=files["users"] if config.attributes.static_features else None,
+    )
+    training, registered = run_train(
+        files["events"],
+        config,
+        out_dir=out_dir / "report",
+        truth_dir=out_dir,
+        models_dir=out_dir / "models",
+    )
+    model = (
+        f"models:/{registered.name}/{registered.version}"
+        if registered is not None
+        else str(training.bundle_path)
+    )
+    scored = run_score(
+        files["events"], config, as_of=end, model=model, sink="file", out=out_dir / "scores.parquet"
+    )
+    return DemoResult(
+        files=files, features=features, training=training, registered=registered, scored=scored
+    )
+
+
+@dataclass(frozen=True)
+class ForgetResult:
+    """Rows removed per place by `lapse forget`."""
+
+    users: int
+    removed: dict[str, int]
+
+
+def run_forget(config: LapseConfig, user_ids: list[str]) -> ForgetResult:
+    """Erase users from audit snapshots, outboxes, dead letters and the run ledger."""
+    from lapse.delivery.audit import AuditTrail
+    from lapse.delivery.ledger import Ledger
+
+    ids = {str(u) for u in user_ids}
+    trail = AuditTrail(config.resolve(config.audit.path))
+    removed = trail.forget(ids)
+    if trail.ledger.exists():
+        with Ledger(trail.ledger) as ledger:
+            removed["ledger_rows"] = ledger.forget(sorted(ids))
+    return ForgetResult(users=len(ids), removed=removed)

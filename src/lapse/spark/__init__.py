@@ -1,0 +1,14 @@
+"""The engines a job runs on, and the Spark one: validation, features and scoring
+on a cluster (:mod:`lapse.spark.engine`) and its chunked score run
+(:mod:`lapse.spark.score`). Importing this package does not import pyspark."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from lapse.spark.engine import build_features_spark, score_spark
+
+Engine = Literal["local", "spark"]
+ENGINES: tuple[Engine, ...] = ("local", "spark")
+
+__all__ = ["ENGINES", "Engine", "build_features_spark", "score_spark"]
