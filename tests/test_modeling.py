@@ -6,7 +6,7 @@ import pickle
 import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -239,12 +239,11 @@ def _churn_frame(n: int, seed: int) -> tuple[pl.DataFrame, np.ndarray]:
     return frame, y
 
 
-def test_lightgbm_is_deterministic_and_learns() -> None:
+def test_lightgbm_learns_and_explains() -> None:
+    """(Determinism, clone and pickling: :func:`test_model_contract`.)"""
     frame, y = _churn_frame(3000, 0)
     groups = frame["cutoff"].dt.epoch("s").to_numpy()
     a = LightGBMChurn(random_state=3, n_jobs=2).fit(frame, y, groups=groups)
-    b = clone(a).fit(frame, y, groups=groups)
-    assert np.array_equal(a.predict_proba(frame), b.predict_proba(frame))
     assert a.feature_names_ == [
         "usage_count_14d",
         "usage_count_28d",
@@ -360,8 +359,6 @@ def contract_events() -> pl.LazyFrame:
 
 class ChurnContract:
     """The churn race's candidates, fitted by the race's own code, shipped in a bundle."""
-
-    estimators: Final = {"rules": "rules", "bgnbd": "bgnbd", "lightgbm": "lightgbm"}
 
     def __init__(self, events: pl.LazyFrame) -> None:
         self.config = load_config()
