@@ -104,9 +104,7 @@ def page_blocks() -> Iterator[tuple[str, Block]]:
 
 def runnable(page: Path) -> list[Block]:
     return [
-        b
-        for b in blocks(page.read_text(encoding="utf-8"))
-        if b.lang in RUN and not b.syntax_only
+        b for b in blocks(page.read_text(encoding="utf-8")) if b.lang in RUN and not b.syntax_only
     ]
 
 
@@ -319,9 +317,9 @@ def test_a_wrong_command_line_is_caught() -> None:
     with pytest.raises(typer.TyperException, match="Missing parameter: sink"):
         command.make_context(ctx.info_name, args, parent=ctx.parent)
     command.make_context(ctx.info_name, ["--sink", "sql"], parent=ctx.parent)
-    assert list(lapse_command_lines("0 2 * * *  cd /x && .venv/bin/lapse forget u1 >> log 2>&1")) == [
-        (["forget", "u1"], False)
-    ]
+    assert list(
+        lapse_command_lines("0 2 * * *  cd /x && .venv/bin/lapse forget u1 >> log 2>&1")
+    ) == [(["forget", "u1"], False)]
 
 
 # -- links -----------------------------------------------------------------------------------
