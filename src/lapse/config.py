@@ -740,6 +740,13 @@ class DeliveryConfig(_Section):
     max_backoff_seconds: float = Field(
         default=60.0, ge=0, description="longest wait, also caps a destination's Retry-After"
     )
+    max_retry_seconds: float = Field(
+        default=300.0,
+        ge=0,
+        description="retry budget of a whole run: seconds of waits and failed tries; once "
+        "spent nothing is retried (a failing batch is dead-lettered, an unreachable "
+        "destination stops the run)",
+    )
     batch_size: int | None = Field(
         default=None, gt=0, description="records per batch; null: the destination's limit"
     )

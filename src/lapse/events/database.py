@@ -11,7 +11,7 @@ database as bound parameters,
 column names are quoted as identifiers, never pasted into SQL; rows arrive in
 chunks of ``source.sql.chunk_rows``. The PostgreSQL URI comes from the
 environment variable named by ``source.sql.uri_env`` and appears in no
-message: every error text passes through :func:`redact`.
+message: every error text passes through :func:`lapse.redact.redact`.
 
 The drivers are optional (``pip install 'lapse[sql]'``): psycopg 3 for
 PostgreSQL, ``duckdb``, and ``deltalake`` for Delta tables.
@@ -32,8 +32,9 @@ import polars as pl
 
 from lapse.config import SourceConfig, SqlSourceConfig
 from lapse.exceptions import ReadError
+from lapse.redact import redact
 
-__all__ = ["describe_uri", "redact", "scan_database", "source_label", "window_bounds"]
+__all__ = ["describe_uri", "scan_database", "source_label", "window_bounds"]
 
 _LISTED: Final = 40
 _EXTRA_HINT: Final = "install the SQL extra: pip install 'lapse[sql]'"
@@ -58,20 +59,6 @@ def _driver(module: str, what: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError:
         raise ReadError(f"{what} needs the {module!r} package; {_EXTRA_HINT}") from None
-
-
-def redact(text: str, secret: str | None) -> str:
-    """``text`` without the URI ``secret``, its password, or any ``user:password@`` part."""
-    if not secret:
-        return text
-    out = text.replace(secret, "<redacted URI>")
-    try:
-        password = urlsplit(secret).password
-    except ValueError:
-        password = None
-    if password:
-        out = out.replace(password, "***")
-    return out
 
 
 def _listing(names: list[str]) -> str:

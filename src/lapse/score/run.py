@@ -598,7 +598,7 @@ def _deliver(
     started: float,
 ) -> ScoreRunResult:
     """Send the run's pending batches, then record the outcome in the ledger and the summary."""
-    from lapse.sinks.base import SinkAuthError
+    from lapse.sinks.base import DeliveryStopped
 
     report.delivering(outbox.height)
     try:
@@ -613,7 +613,7 @@ def _deliver(
             on_progress=report.advance,
             items=items,
         )
-    except SinkAuthError:
+    except DeliveryStopped:
         ledger.finish_run(run_id, target.name, "interrupted", summary)
         raise
     finally:

@@ -10,10 +10,14 @@ Errors a sink raises from :meth:`Sink.send` tell the delivery layer what to do:
 - :class:`RetryableError` (429, 5xx, a dropped connection): retry the same
   batch later, after ``retry_after`` seconds when the destination said so.
   Sinks are idempotent, so a resend after an unseen success changes nothing.
+  :class:`ConnectionFailed` says no connection could be made at all (refused,
+  unknown host, connect timeout), so nothing of the batch was sent.
 - :class:`PayloadTooLarge` (413, or a 400 the platform words as "too large"):
   split the batch in two and send each half; a record alone too large fails.
 - :class:`SinkAuthError` (401/403, a missing key): stop the run; nothing of
-  the batch is marked sent.
+  the batch is marked sent. It is a :class:`DeliveryStopped`, which the
+  delivery layer also raises when a destination cannot be reached: the run
+  stops with its pending batches left for ``--resume``.
 - :class:`SinkError` (anything else, e.g. 400 for the whole batch): the batch's
   records go to the dead-letter file with the message as their reason.
 
@@ -40,6 +44,8 @@ if TYPE_CHECKING:
 __all__ = [
     "RECORD_COLUMNS",
     "RECORD_SCHEMA",
+    "ConnectionFailed",
+    "DeliveryStopped",
     "Item",
     "Limits",
     "Outcome",
@@ -104,7 +110,12 @@ class SinkError(LapseError):
     """The destination refused a whole batch for good (its records are dead-lettered)."""
 
 
-class SinkAuthError(SinkError):
+class DeliveryStopped(SinkError):
+    """The run stops: the current and later batches stay pending, nothing of them is
+    dead-lettered, and ``lapse score --resume`` finishes the run once the cause is fixed."""
+
+
+class SinkAuthError(DeliveryStopped):
     """Credentials are missing or refused; the run stops and nothing is marked sent."""
 
 
@@ -114,6 +125,10 @@ class RetryableError(SinkError):
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class ConnectionFailed(RetryableError):
+    """No connection could be made (refused, unknown host, connect timeout): nothing was sent."""
 
 
 class PayloadTooLarge(SinkError):
