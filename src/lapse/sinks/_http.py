@@ -182,7 +182,8 @@ class HttpClient:
         detail = self.scrub(" ".join(response.text.split())[:_DETAIL_CHARS]) or "(empty body)"
         if status in (401, 403):
             raise SinkAuthError(
-                f"{where}: HTTP {status}, {self.platform} refused the credentials: check "
+                f"{where}: HTTP {status}, {self.platform} at {redact_url(self.base_url)} "
+                f"refused the credentials: check "
                 f"{self.key_env} (and that the key has the permissions this sink needs, and "
                 f"the base URL is your region's); the platform said: {detail}"
             )
