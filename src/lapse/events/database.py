@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 import polars as pl
 
 from lapse.config import SourceConfig, SqlSourceConfig
-from lapse.exceptions import ReadError
+from lapse.exceptions import ConfigError, ReadError
 from lapse.redact import redact
 
 __all__ = ["describe_uri", "scan_database", "source_label", "window_bounds"]
@@ -329,6 +329,11 @@ def _read_duckdb(
             raise ReadError(
                 f"{label}: table {spec.table or '(in the query)'} does not exist; the database "
                 f"has {_listing(sorted(tables))}"
+            ) from None
+        except duckdb.Error as exc:  # the query's own SQL: a syntax error, an unknown column
+            key = "source.sql.query" if spec.table is None else "source.sql.table"
+            raise ConfigError(
+                f"{label}: {key} cannot run: {str(exc).splitlines()[0]}; fix it in the config"
             ) from None
         if cutoff is not None and ts not in columns:
             raise ReadError(
