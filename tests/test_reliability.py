@@ -8,7 +8,7 @@ import json
 import re
 import socket
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import polars as pl
@@ -280,3 +280,97 @@ def test_no_file_or_line_of_a_run_holds_a_url_password(
     for secret in (PASSWORD, TOKEN):
         assert secret.encode() not in written
         assert not [o for o in outputs if secret in o]
+
+
+# -- CSV output a spreadsheet would run ----------------------------------------------------------
+
+# (ids starting with a tab or CR cannot reach the output: reading events strips ids)
+HOSTILE = ("=cmd|' /C calc'!A0", "+1-555-0100", "@SUM(A1:A9)", "-2+3")
+
+
+def _formula_cells(path: Path) -> list[str]:
+    import csv
+
+    with path.open(newline="", encoding="utf-8") as fh:
+        return [
+            c for row in csv.reader(fh) for c in row if c[:1] in ("=", "+", "-", "@", "\t", "\r")
+        ]
+
+
+def test_formula_like_ids_stay_exact_warn_once_and_can_be_made_spreadsheet_safe(
+    world: World, _isolated_home: Path, tmp_path: Path
+) -> None:
+    from lapse.sinks.file import read_records
+
+    raw = pl.read_parquet(world.events)
+    recent = raw.filter(pl.col("ts").is_between(world.as_of - timedelta(days=14), world.as_of))
+    active = recent["user_id"].unique().sort().head(len(HOSTILE)).to_list()
+    rename = pl.col("user_id").replace(dict(zip(active, HOSTILE, strict=True)))
+    events = tmp_path / "events.parquet"
+    raw.with_columns(rename).write_parquet(events)
+    users = tmp_path / "users.parquet"
+    pl.read_parquet(world.users).with_columns(rename).write_parquet(users)
+    data = yaml.safe_load(_config(_isolated_home, world).read_text())
+    data["attributes"]["path"] = str(users)
+
+    def score(out: Path, **file_sink: bool) -> str:
+        data["sinks"]["file"] = file_sink
+        config = tmp_path / "lapse.yaml"
+        config.write_text(yaml.safe_dump(data))
+        args = ["score", str(events), "--model", str(world.bundle), "--config", str(config)]
+        args += ["--as-of", f"{world.as_of:%Y-%m-%d}", "--sink", "file", "--out", str(out)]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    output = score(tmp_path / "scores.csv")
+    written = read_records(tmp_path / "scores.csv")
+    hostile = set(HOSTILE) & set(written["user_id"].to_list())
+    assert len(hostile) >= 3  # ids stay exact by default
+    cells = _formula_cells(tmp_path / "scores.csv")
+    assert set(cells) == hostile
+    warnings = [line for line in output.splitlines() if line.startswith("warning:")]
+    formula = [w for w in warnings if "sinks.file.spreadsheet_safe" in w]
+    assert len(formula) == 1 and f"warning: {len(cells):,} text cells of scores.csv" in formula[0]
+
+    output = score(tmp_path / "safe.csv", spreadsheet_safe=True)
+    assert "spreadsheet_safe" not in output
+    assert _formula_cells(tmp_path / "safe.csv") == []
+    safe = read_records(tmp_path / "safe.csv")["user_id"].to_list()
+    assert {f"'{h}" for h in hostile} <= set(safe)
+    assert set(safe) - {f"'{h}" for h in hostile} == set(written["user_id"]) - hostile
+
+    output = score(tmp_path / "scores.parquet", spreadsheet_safe=True)  # Parquet: untouched
+    assert "spreadsheet_safe" not in output
+    assert hostile <= set(read_records(tmp_path / "scores.parquet")["user_id"].to_list())
+
+
+def test_tab_and_carriage_return_cells_count_and_are_prefixed_in_csv_only(tmp_path: Path) -> None:
+    from lapse.sinks.base import RECORD_SCHEMA
+    from lapse.sinks.file import read_records, write_records
+
+    rows = [("u1", "\tSKU-1", "m"), ("u2", "\rSKU-2", "=1+1"), ("u3", "SKU-3", "lapse")]
+    frame = pl.DataFrame(
+        [{"user_id": u, "refill_sku": sku, "model_name": m} for u, sku, m in rows]
+    ).select(
+        pl.col(c).cast(t)
+        if c in ("user_id", "refill_sku", "model_name")
+        else pl.lit(None, t).alias(c)
+        for c, t in RECORD_SCHEMA.items()
+    )
+    assert write_records(frame, tmp_path / "exact.csv") == 3
+    assert read_records(tmp_path / "exact.csv")["refill_sku"].to_list() == [
+        "\tSKU-1",
+        "\rSKU-2",
+        "SKU-3",
+    ]
+    assert write_records(frame, tmp_path / "safe.csv", spreadsheet_safe=True) == 3
+    safe = read_records(tmp_path / "safe.csv")
+    assert safe["refill_sku"].to_list() == ["'\tSKU-1", "'\rSKU-2", "SKU-3"]
+    assert safe["model_name"].to_list() == ["m", "'=1+1", "lapse"]
+    assert write_records(frame, tmp_path / "same.parquet", spreadsheet_safe=True) == 0
+    assert pl.read_parquet(tmp_path / "same.parquet")["model_name"].to_list() == [
+        "m",
+        "=1+1",
+        "lapse",
+    ]

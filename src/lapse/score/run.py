@@ -620,6 +620,8 @@ def _deliver(
         target.close()
         _record_fired(ledger, run_id, target.name, outbox, items, as_of)
     result.counts.update(_delivery_counts(ledger, run_id, target.name, items), retried=sent.retried)
+    result.warnings += [w for w in target.warnings() if w not in result.warnings]
+    summary["warnings"] = result.warnings
     result.dead_letters = sent.dead_letters
     result.seconds = time.monotonic() - started
     summary["counts"] = result.counts

@@ -221,6 +221,10 @@ class Sink(ABC):
         """Where records go, for the summary (never a secret)."""
         return self.name
 
+    def warnings(self) -> list[str]:
+        """What the run should warn about the records written (asked after ``finish``)."""
+        return []
+
 
 def json_default(value: Any) -> Any:
     """``json.dumps`` fallback: dates and datetimes as ISO 8601 strings."""

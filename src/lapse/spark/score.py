@@ -457,6 +457,8 @@ def _deliver_chunks(
     finally:
         target.close()
     result.counts.update(counts, retried=retried)
+    result.warnings += [w for w in target.warnings() if w not in result.warnings]
+    summary["warnings"] = result.warnings
     result.seconds = time.monotonic() - started
     summary["counts"] = result.counts
     summary["seconds"] = round(result.seconds, 2)
