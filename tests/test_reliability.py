@@ -25,8 +25,9 @@ from lapse.delivery.batches import (
     plan_batches,
 )
 from lapse.delivery.ledger import Ledger
+from lapse.exceptions import DestinationUnreachable
 from lapse.redact import redact, redact_url
-from lapse.sinks.base import DeliveryStopped, Limits
+from lapse.sinks.base import Limits
 from lapse.sinks.webhook import WebhookSink
 from platform_servers import AS_OF, KEY, BrazeServer, WebhookServer, make_outbox
 from worlds import World, trained_world
@@ -118,7 +119,7 @@ def test_an_unreachable_destination_stops_the_run_in_seconds_then_resumes(tmp_pa
     ledger = Ledger(tmp_path / "ledger.sqlite")
     waits: list[float] = []
     began = time.monotonic()
-    with pytest.raises(DeliveryStopped) as info:
+    with pytest.raises(DestinationUnreachable) as info:
         _deliver(webhook(url), outbox, ledger, DeliveryConfig(), waits, tmp_path)
     assert time.monotonic() - began < 5
     # the default backoff between the few tries of the first contact: 1 + 2 seconds
@@ -156,7 +157,9 @@ def test_a_connection_lost_mid_run_is_retried_within_the_budget_then_stops(tmp_p
     def first_batch_then_gone(n: int) -> None:
         server.__exit__(None, None, None)  # idempotent: later calls do nothing new
 
-    with pytest.raises(DeliveryStopped, match=r"retry budget \(delivery.max_retry_seconds\)"):
+    with pytest.raises(
+        DestinationUnreachable, match=r"retry budget \(delivery.max_retry_seconds\)"
+    ):
         _deliver(
             webhook(server.url + "/hook"),
             outbox,

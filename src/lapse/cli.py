@@ -737,7 +737,7 @@ def score(
     """
     import json
 
-    from lapse.delivery.ledger import LockHeldError
+    from lapse.exceptions import LockHeldError
     from lapse.score.run import run_score
     from lapse.spark import ENGINES
 
@@ -873,7 +873,7 @@ def triggers_run(
 
     Exit codes as `lapse score`: 0 done; 1 some records failed; 2 bad input; 3 locked.
     """
-    from lapse.delivery.ledger import LockHeldError
+    from lapse.exceptions import LockHeldError
     from lapse.score.trigger_run import run_triggers
 
     when = (

@@ -28,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from lapse.exceptions import ConfigError
+from lapse.exceptions import ConfigError, ExprError
 from lapse.schema import EVENT_COLUMNS, ORDER_ID
 
 __all__ = [
@@ -420,7 +420,7 @@ class TriggerSpec(_Section):
 
     @model_validator(mode="after")
     def _parse(self) -> TriggerSpec:
-        from lapse.conditions import ExprError, parse
+        from lapse.conditions import parse
 
         if isinstance(self.cooldown_days, int) and self.cooldown_days < 0:
             raise ValueError("cooldown_days must be >= 0 or 'forever'")
@@ -440,7 +440,7 @@ class TriggerSpec(_Section):
 
 def _parsed_condition(text: str) -> str:
     """A condition of the trigger language, checked for syntax (names are checked at run time)."""
-    from lapse.conditions import ExprError, parse
+    from lapse.conditions import parse
 
     try:
         parse(text)

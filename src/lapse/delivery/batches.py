@@ -17,7 +17,7 @@ A destination that cannot be reached stops the run instead of filling the
 dead letters: when no connection can be made (:class:`~lapse.sinks.base.ConnectionFailed`:
 refused, unknown host, connect timeout) before the destination acknowledged any
 batch of the run, the batch is tried :data:`FIRST_CONTACT_ATTEMPTS` times and the
-run stops (:class:`~lapse.sinks.base.DeliveryStopped`, one line naming the redacted
+run stops (:class:`~lapse.exceptions.DestinationUnreachable`, one line naming the redacted
 URL), its batches pending, nothing dead-lettered, resumable. Later in a run a
 lost connection is retried like any transient failure, and still stops the run
 rather than dead-letter records that were never sent. Every retry of a run draws
@@ -54,6 +54,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type
 
 from lapse.config import DeliveryConfig, FrequencyCap
 from lapse.delivery.ledger import Batch, Ledger
+from lapse.exceptions import DestinationUnreachable
 from lapse.sinks.base import (
     ConnectionFailed,
     DeliveryStopped,
@@ -320,7 +321,8 @@ def deliver(
     ------
     DeliveryStopped
         Credentials are missing or refused (:class:`~lapse.sinks.base.SinkAuthError`),
-        or the destination cannot be reached; the current batch is left pending.
+        or the destination cannot be reached (:class:`~lapse.exceptions.DestinationUnreachable`);
+        the current batch is left pending.
     """
     if items is None:
         items = encode(sink, outbox)
@@ -392,7 +394,7 @@ def deliver(
         except DeliveryStopped:
             raise
         except ConnectionFailed as exc:  # never sent: stop, resumable, rather than dead-letter
-            raise DeliveryStopped(_stopped(exc, tries, budget, score_run_id)) from None
+            raise DestinationUnreachable(_stopped(exc, tries, budget, score_run_id)) from None
         except SinkError as exc:  # retries exhausted (RetryableError) or a permanent refusal
             why = str(exc)
             if budget.spent and isinstance(exc, RetryableError):

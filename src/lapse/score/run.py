@@ -27,14 +27,13 @@ from lapse.exceptions import LapseError
 from lapse.spark import ENGINES, Engine
 
 if TYPE_CHECKING:
-    from pyspark.sql import SparkSession
-
     from lapse.delivery.audit import AuditTrail
     from lapse.delivery.ledger import Ledger, RunInfo
     from lapse.modeling.bundle import ChurnBundle
     from lapse.registry import LoadedBundle
     from lapse.score.records import ScoreResult
     from lapse.sinks.base import Sink
+    from lapse.spark import SparkSession
 
 __all__ = [
     "ScoreHeader",

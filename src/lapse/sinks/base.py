@@ -36,7 +36,15 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
-from lapse.exceptions import LapseError
+# the errors a sink raises, re-exported: a new sink imports everything it needs from here
+from lapse.exceptions import (
+    ConnectionFailed,
+    DeliveryStopped,
+    PayloadTooLarge,
+    RetryableError,
+    SinkAuthError,
+    SinkError,
+)
 
 if TYPE_CHECKING:
     from lapse.config import LapseConfig
@@ -104,35 +112,6 @@ RECORD_SCHEMA: dict[str, pl.DataType] = {
 Record = dict[str, Any]
 #: What :meth:`Sink.encode` makes of a record: a JSON-ready object.
 Item = Any
-
-
-class SinkError(LapseError):
-    """The destination refused a whole batch for good (its records are dead-lettered)."""
-
-
-class DeliveryStopped(SinkError):
-    """The run stops: the current and later batches stay pending, nothing of them is
-    dead-lettered, and ``lapse score --resume`` finishes the run once the cause is fixed."""
-
-
-class SinkAuthError(DeliveryStopped):
-    """Credentials are missing or refused; the run stops and nothing is marked sent."""
-
-
-class RetryableError(SinkError):
-    """A transient failure (429, 5xx, dropped connection): send the same batch again."""
-
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class ConnectionFailed(RetryableError):
-    """No connection could be made (refused, unknown host, connect timeout): nothing was sent."""
-
-
-class PayloadTooLarge(SinkError):
-    """The destination said the batch is too large (413): split it and resend the halves."""
 
 
 @dataclass(frozen=True)
