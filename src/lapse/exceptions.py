@@ -13,8 +13,11 @@ it into a one-line message and a non-zero exit instead of a traceback::
     ├── NotEnoughEpisodes       too little purchase history for replenishment models
     ├── LockHeldError           another run holds the sink's lock (exit code 3)
     └── SinkError               a destination refused a whole batch for good
-        ├── SinkAuthError       credentials missing or refused: the run stops
+        ├── DeliveryStopped     the run stops, its unsent batches pending (resumable)
+        │   ├── SinkAuthError   credentials missing or refused
+        │   └── DestinationUnreachable  no connection could be made
         ├── RetryableError      a transient failure: send the same batch again
+        │   └── ConnectionFailed  no connection could be made: nothing was sent
         └── PayloadTooLarge     the batch is too large: split it and resend
 
     UserWarning
@@ -34,7 +37,10 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigError",
+    "ConnectionFailed",
     "ConvergenceProblem",
+    "DeliveryStopped",
+    "DestinationUnreachable",
     "EventsError",
     "ExprError",
     "FitWarning",
@@ -115,8 +121,18 @@ class SinkError(LapseError):
     """The destination refused a whole batch for good (its records are dead-lettered)."""
 
 
-class SinkAuthError(SinkError):
+class DeliveryStopped(SinkError):
+    """The run stops: the current and later batches stay pending, nothing of them is
+    dead-lettered, and ``lapse score --resume`` finishes the run once the cause is fixed."""
+
+
+class SinkAuthError(DeliveryStopped):
     """Credentials are missing or refused; the run stops and nothing is marked sent."""
+
+
+class DestinationUnreachable(DeliveryStopped):
+    """No connection to the destination could be made (its retries, or the run's retry
+    budget, used up); the run stops, resumable, nothing dead-lettered."""
 
 
 class RetryableError(SinkError):
@@ -125,6 +141,10 @@ class RetryableError(SinkError):
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class ConnectionFailed(RetryableError):
+    """No connection could be made (refused, unknown host, connect timeout): nothing was sent."""
 
 
 class PayloadTooLarge(SinkError):

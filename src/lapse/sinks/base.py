@@ -10,10 +10,14 @@ Errors a sink raises from :meth:`Sink.send` tell the delivery layer what to do:
 - :class:`RetryableError` (429, 5xx, a dropped connection): retry the same
   batch later, after ``retry_after`` seconds when the destination said so.
   Sinks are idempotent, so a resend after an unseen success changes nothing.
+  :class:`ConnectionFailed` says no connection could be made at all (refused,
+  unknown host, connect timeout), so nothing of the batch was sent.
 - :class:`PayloadTooLarge` (413, or a 400 the platform words as "too large"):
   split the batch in two and send each half; a record alone too large fails.
 - :class:`SinkAuthError` (401/403, a missing key): stop the run; nothing of
-  the batch is marked sent.
+  the batch is marked sent. It is a :class:`DeliveryStopped`, which the
+  delivery layer also raises when a destination cannot be reached: the run
+  stops with its pending batches left for ``--resume``.
 - :class:`SinkError` (anything else, e.g. 400 for the whole batch): the batch's
   records go to the dead-letter file with the message as their reason.
 
@@ -33,7 +37,14 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 # the errors a sink raises, re-exported: a new sink imports everything it needs from here
-from lapse.exceptions import PayloadTooLarge, RetryableError, SinkAuthError, SinkError
+from lapse.exceptions import (
+    ConnectionFailed,
+    DeliveryStopped,
+    PayloadTooLarge,
+    RetryableError,
+    SinkAuthError,
+    SinkError,
+)
 
 if TYPE_CHECKING:
     from lapse.config import LapseConfig
@@ -41,6 +52,8 @@ if TYPE_CHECKING:
 __all__ = [
     "RECORD_COLUMNS",
     "RECORD_SCHEMA",
+    "ConnectionFailed",
+    "DeliveryStopped",
     "Item",
     "Limits",
     "Outcome",
@@ -186,6 +199,10 @@ class Sink(ABC):
     def describe(self) -> str:
         """Where records go, for the summary (never a secret)."""
         return self.name
+
+    def warnings(self) -> list[str]:
+        """What the run should warn about the records written (asked after ``finish``)."""
+        return []
 
 
 def json_default(value: Any) -> Any:
