@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,6 +29,7 @@ import numpy.typing as npt
 import polars as pl
 
 from lapse.exceptions import LapseError
+from lapse.schema import run_day
 from lapse.sinks.base import RECORD_COLUMNS, RECORD_SCHEMA
 from lapse.triggers import SCORE_COLUMNS, Trigger, apply_cooldowns, for_run, names_read, resolve
 
@@ -87,10 +88,6 @@ class ScoreResult:
     fired: pl.DataFrame | None = None
     definitions: list[Trigger] = field(default_factory=list)
     population: dict[str, int] = field(default_factory=dict)
-
-
-def _day(ts: datetime) -> date:
-    return ts.astimezone(UTC).date()
 
 
 def refills(bundle: ChurnBundle, events: pl.LazyFrame, as_of: datetime) -> pl.DataFrame:
@@ -435,7 +432,7 @@ def user_records(
         scores.join(fired, on="user_id", how="left", maintain_order="left")
         .join(refill, on="user_id", how="left", maintain_order="left")
         .with_columns(
-            pl.lit(_day(as_of)).alias("as_of"),
+            pl.lit(run_day(as_of)).alias("as_of"),
             pl.lit(score_run_id).alias("score_run_id"),
             pl.lit([], dtype=pl.List(pl.String)).alias("reasons"),
             pl.col("triggers").fill_null(pl.lit([], dtype=pl.List(pl.String))),
@@ -453,7 +450,7 @@ def user_records(
     )
     if last_fired is not None:
         records = records.with_columns(
-            apply_cooldowns(records, last_fired, definitions, _day(as_of))
+            apply_cooldowns(records, last_fired, definitions, run_day(as_of))
         )
     return records, fired, definitions
 

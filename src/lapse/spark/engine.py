@@ -42,7 +42,7 @@ from lapse.config import LapseConfig
 from lapse.events.mapping import CALL
 from lapse.events.validate import IDENTITY_CALLS, ValidationReport
 from lapse.exceptions import LapseError, MissingColumnsError
-from lapse.schema import EVENT_COLUMNS, ORDER_ID, REQUIRED_EVENT_COLUMNS, USER_ID
+from lapse.schema import EVENT_COLUMNS, ORDER_ID, REQUIRED_EVENT_COLUMNS, USER_ID, utc_cutoff
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -269,12 +269,6 @@ def _sharded(events: DataFrame, partitions: int | None) -> DataFrame:
     return events.repartition(partitions, USER_ID)
 
 
-def _utc(as_of: datetime) -> datetime:
-    if as_of.tzinfo is None:
-        raise LapseError(f"as_of {as_of} is naive; give a timezone-aware datetime (UTC)")
-    return as_of.astimezone(UTC)
-
-
 # -- features ------------------------------------------------------------------------
 
 
@@ -321,7 +315,7 @@ def build_features_spark(
     from lapse.features import build
 
     session = spark_session(spark)
-    t = _utc(as_of)
+    t = utc_cutoff(as_of)
     frame = _as_spark(session, events)
     if dict(frame.dtypes).get("ts") == "timestamp":
         # features read `ts < as_of` only: drop the rest before the shuffle
@@ -382,7 +376,7 @@ def score_spark(
     from lapse.modeling.bundle import ChurnBundle
 
     session = spark_session(spark)
-    t = _utc(as_of)
+    t = utc_cutoff(as_of)
     if isinstance(bundle, bytes):
         payload, model = bundle, pickle.loads(bundle)
         if not isinstance(model, ChurnBundle):
@@ -694,7 +688,7 @@ def score_records_spark(
 
     from lapse.score.records import RECORDS_SCHEMA
 
-    t = _utc(as_of)
+    t = utc_cutoff(as_of)
     payload = pickle.dumps(bundle, pickle.HIGHEST_PROTOCOL)
     bundle.check_schema(
         bundle.prepare(pl.LazyFrame(schema=EVENT_COLUMNS), t, attributes=attributes)
