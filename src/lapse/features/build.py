@@ -14,7 +14,7 @@ from lapse.features import _daily, _direct, _engine
 from lapse.features._direct import FeatureSet
 from lapse.schema import utc_cutoff
 
-__all__ = ["build", "build_many"]
+__all__ = ["FeatureSet", "build", "build_many"]
 
 
 def build_many(

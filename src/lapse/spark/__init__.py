@@ -4,11 +4,7 @@ on a cluster (:mod:`lapse.spark.engine`) and its chunked score run
 
 from __future__ import annotations
 
-from typing import Literal
-
+from lapse.config import ENGINES, Engine
 from lapse.spark.engine import build_features_spark, score_spark
-
-Engine = Literal["local", "spark"]
-ENGINES: tuple[Engine, ...] = ("local", "spark")
 
 __all__ = ["ENGINES", "Engine", "build_features_spark", "score_spark"]
