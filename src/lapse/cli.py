@@ -28,7 +28,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from lapse.config import dump_config, load_config
+from lapse.config import ENGINES, dump_config, load_config
 from lapse.exceptions import LapseError
 
 if TYPE_CHECKING:
@@ -224,7 +224,6 @@ def features(
 ) -> None:
     """Build point-in-time features (one row per user) as of a date."""
     from lapse.jobs import run_features
-    from lapse.spark import ENGINES
 
     cutoff = _parse_date(as_of, "--as-of")
     if engine not in ENGINES:
@@ -739,7 +738,6 @@ def score(
 
     from lapse.delivery.ledger import LockHeldError
     from lapse.score.run import run_score
-    from lapse.spark import ENGINES
 
     if engine not in ENGINES:
         raise LapseError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
