@@ -52,6 +52,7 @@ import polars as pl
 from lapse.config import LapseConfig, dump_config
 from lapse.exceptions import LapseError
 from lapse.redact import redact_url
+from lapse.schema import run_day
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient  # noqa: TID251
@@ -322,10 +323,6 @@ def _config_params(config: LapseConfig) -> dict[str, str]:
     return out
 
 
-def _day(d: datetime) -> str:
-    return f"{d:%Y-%m-%d}"
-
-
 def _git_commit(start: Path) -> str | None:
     """The commit checked out in ``start``'s repository, read from ``.git`` (no subprocess)."""
     for folder in (start, *start.parents):
@@ -586,13 +583,13 @@ def log_training(
         params = {
             **_config_params(config),
             "data.events": str(events_path),
-            "data.end": _day(result.data_end),
-            "data.first_training_cutoff": _day(result.training_cutoffs[0]),
-            "cutoffs.training": ",".join(_day(c) for c in result.training_cutoffs),
-            "cutoffs.validation": _day(result.validation_cutoff),
-            "cutoffs.test": _day(result.test_cutoff),
-            "cutoffs.refit": ",".join(_day(c) for c in result.refit_cutoffs),
-            "cutoffs.calibration": _day(result.calibration_cutoff),
+            "data.end": str(run_day(result.data_end)),
+            "data.first_training_cutoff": str(run_day(result.training_cutoffs[0])),
+            "cutoffs.training": ",".join(str(run_day(c)) for c in result.training_cutoffs),
+            "cutoffs.validation": str(run_day(result.validation_cutoff)),
+            "cutoffs.test": str(run_day(result.test_cutoff)),
+            "cutoffs.refit": ",".join(str(run_day(c)) for c in result.refit_cutoffs),
+            "cutoffs.calibration": str(run_day(result.calibration_cutoff)),
             "rows.train": str(result.n_train),
             "rows.validation": str(result.n_validation),
             "rows.test": str(result.n_test),
@@ -819,10 +816,10 @@ def _review_labels(
     seen = max(_label_end(b) for b in bundles)
     if cutoff < seen:
         raise LapseError(
-            f"the events end {_day(data_end)}, so the latest cutoff with a complete "
-            f"{config.labels.horizon_days}-day label window is {_day(cutoff)}, but the newer "
-            f"model saw labels up to {_day(seen)}; review on events that reach at least "
-            f"{_day(seen + horizon)}"
+            f"the events end {run_day(data_end)}, so the latest cutoff with a complete "
+            f"{config.labels.horizon_days}-day label window is {run_day(cutoff)}, but the newer "
+            f"model saw labels up to {run_day(seen)}; review on events that reach at least "
+            f"{run_day(seen + horizon)}"
         )
     return cutoff, churn_labels(events, [cutoff], config, data_end=data_end)
 
@@ -869,7 +866,7 @@ def _replenishment(
         return None, f"replenishment was not compared: {exc}"
     n = {side: int(found[side]["n"]) for side in found}
     return found, (
-        f"replenishment: episodes open at {_day(cutoff)} followed for "
+        f"replenishment: episodes open at {run_day(cutoff)} followed for "
         f"{found[CHAMPION]['follow_up_days']:g} days ({n[CHAMPION]} under the champion's "
         f"consumables, {n[CHALLENGER]} under the challenger's)"
     )
@@ -934,7 +931,7 @@ def review(
         )
     if scored.height == 0:
         raise LapseError(
-            f"no user at the review cutoff {_day(cutoff)} is eligible under both models"
+            f"no user at the review cutoff {run_day(cutoff)} is eligible under both models"
         )
     y = scored["churned"].cast(pl.Float64).to_numpy()
     found: dict[str, dict[str, dict[str, float]]] = {"churn": {}}
@@ -991,7 +988,7 @@ def review(
                 f"champion v{champ}": scored[CHAMPION].to_numpy(),
                 f"challenger v{chal}": scored[CHALLENGER].to_numpy(),
             },
-            title=f"review cutoff {_day(cutoff)}",
+            title=f"review cutoff {run_day(cutoff)}",
         )
         table.write_csv(folder / "review.csv")
         (folder / "review.md").write_text(
@@ -1018,7 +1015,7 @@ def review(
                 f"{_TAG}champion_version": str(champ),
                 f"{_TAG}challenger_version": str(chal),
                 f"{_TAG}verdict": verdict,
-                f"{_TAG}cutoff": _day(cutoff),
+                f"{_TAG}cutoff": str(run_day(cutoff)),
             }
             with mlflow.start_run(
                 experiment_id=exp_id, run_name=f"review {name} v{chal} vs v{champ}"
@@ -1026,7 +1023,7 @@ def review(
                 mlflow.set_tags(tags)
                 mlflow.log_params(
                     {
-                        "cutoff": _day(cutoff),
+                        "cutoff": str(run_day(cutoff)),
                         "n_users": str(scored.height),
                         "tolerance": str(config.registry.tolerance),
                         "primary_metrics": _param(config.registry.primary_metrics),
@@ -1078,7 +1075,7 @@ def _review_md(
     lines = [
         f"# Review of {name}: challenger v{chal} vs champion v{champ}",
         "",
-        f"Cutoff {_day(cutoff)}, {n_users} users, churn rate {churn_rate:.3f}.",
+        f"Cutoff {run_day(cutoff)}, {n_users} users, churn rate {churn_rate:.3f}.",
         "",
         "| task | metric | champion | challenger | delta | better | primary |",
         "|---|---|---|---|---|---|---|",
