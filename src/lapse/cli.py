@@ -1,7 +1,8 @@
 """The `lapse` command line: thin typer commands, one pipeline call each.
 
 Errors a user can cause (:class:`lapse.LapseError`) print one line and exit
-with code 2; a validation that fails its threshold exits with code 1.
+with code 2 (5 for a write that failed, :class:`~lapse.exceptions.WriteFailed`);
+a validation that fails its threshold exits with code 1.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from rich.table import Table
 
 from lapse import __version__
 from lapse.config import ENGINES, dump_config, load_config
-from lapse.exceptions import LapseError
+from lapse.exceptions import LapseError, WriteFailed
 
 if TYPE_CHECKING:
     from lapse.events import ValidationReport
@@ -88,7 +89,7 @@ EventsArg = Annotated[Path, typer.Argument(help="Event file, folder or glob.", s
 
 
 def _friendly(func: Callable[P, R]) -> Callable[P, R]:
-    """Turn a LapseError into one red line on stderr and exit code 2."""
+    """Turn a LapseError into one red line on stderr and exit code 2 (5: a write failed)."""
 
     @functools.wraps(func)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -99,7 +100,7 @@ def _friendly(func: Callable[P, R]) -> Callable[P, R]:
             err_console.print(
                 f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
             )
-            raise typer.Exit(code=2) from None
+            raise typer.Exit(code=5 if isinstance(exc, WriteFailed) else 2) from None
 
     return wrapper
 
@@ -653,7 +654,17 @@ class _ScoreBars:
         self.task: TaskID | None = None
 
     def begin(self, header: ScoreHeader) -> None:
-        """One line, before any work: the run, the model and what it was trained on."""
+        """One line, before any work: the run, the model, what it was trained on and the
+        exact command that resumes the run if it is cut off."""
+        resume = f"; if cut off, resume with: {header.resume}" if header.resume else ""
+        if header.resumed:
+            console.print(
+                f"[bold]resuming score run {header.score_run_id}[/]: "
+                f"{escape(header.source)} (version {escape(header.version)}){escape(resume)}",
+                highlight=False,
+                soft_wrap=True,
+            )
+            return
         model = (
             f"model {header.model!r} version {header.version} ({header.source})"
             if header.version != "local"
@@ -661,7 +672,7 @@ class _ScoreBars:
         )
         console.print(
             f"[bold]score run {header.score_run_id}[/]: {escape(model)}; "
-            f"trained on {escape(header.trained_on)}",
+            f"trained on {escape(header.trained_on)}{escape(resume)}",
             highlight=False,
             soft_wrap=True,
         )
@@ -695,6 +706,7 @@ def _score_summary(result: ScoreRunResult) -> Table:
         "scored",
         "would_send",
         "sent",
+        "sent_earlier",
         "unchanged",
         "capped",
         "suppressed",
@@ -702,6 +714,7 @@ def _score_summary(result: ScoreRunResult) -> Table:
         "skipped",
         "failed",
         "retried",
+        "in_doubt",
     )
     for key in order:
         if key in result.counts:
@@ -722,7 +735,11 @@ def _score_summary(result: ScoreRunResult) -> Table:
 
 
 def _print_score_summary(result: ScoreRunResult) -> None:
+    from lapse.score.run import resumed_line
+
     console.print(_score_summary(result))
+    if result.resumed:
+        console.print(f"resumed: {escape(resumed_line(result))}", highlight=False, soft_wrap=True)
     if result.who_was_scored:
         console.print(
             f"who was scored: {escape(result.who_was_scored)}", highlight=False, soft_wrap=True
@@ -769,7 +786,8 @@ def score(
     """Score every eligible user as of a date and deliver the records to a sink.
 
     Exit codes: 0 every record delivered; 1 some records failed (see the dead-letter
-    file); 2 bad input or configuration; 3 another run holds the sink's lock.
+    file); 2 bad input or configuration; 3 another run holds the sink's lock; 5 a
+    write failed (a full disk: the message names the path; resume or run again).
     """
     import json
 
@@ -906,7 +924,8 @@ def triggers_run(
     """Evaluate the triggers and deliver: everyone, or with --incremental the users
     with new events or due triggers (an append-only event folder).
 
-    Exit codes as `lapse score`: 0 done; 1 some records failed; 2 bad input; 3 locked.
+    Exit codes as `lapse score`: 0 done; 1 some records failed; 2 bad input; 3 locked;
+    5 a write failed.
     """
     from lapse.exceptions import LockHeldError
     from lapse.score.trigger_run import run_triggers

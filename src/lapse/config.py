@@ -582,6 +582,12 @@ class BrazeConfig(_Section):
         description="attribute and event objects per /users/track request, counted together "
         "(Braze's current limit is 75; some Monthly Active Users contracts: 50)",
     )
+    in_doubt: Literal["resend", "skip"] = Field(
+        default="skip",
+        description="events of a batch whose delivery is in doubt (killed in flight, connection "
+        "dropped after sending): skip resends the attributes only (no event twice, one may be "
+        "missing), resend sends the events again (none missing, some may arrive twice)",
+    )
 
 
 class KlaviyoConfig(_Section):

@@ -17,6 +17,7 @@ from lapse.delivery.ledger import Ledger
 from lapse.events import ValidationReport, load_attributes, read_links, validate_events
 from lapse.exceptions import LapseError
 from lapse.features import build
+from lapse.files import atomic_path
 from lapse.insights.drivers import (
     DriversResult,
     encourage_yaml,
@@ -81,13 +82,13 @@ def run_drivers(
     result = stickiness_drivers(kept.lazy(), config, as_of=as_of, attributes=attrs)
     files: dict[str, Path] = {}
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
         files["table"] = out / "drivers.csv"
-        result.table.write_csv(files["table"])
+        with atomic_path(files["table"]) as tmp:
+            result.table.write_csv(tmp)
         files["plot"] = write_plot(result, out / "drivers.png")
     if triggers is not None:
-        triggers.parent.mkdir(parents=True, exist_ok=True)
-        triggers.write_text(encourage_yaml(result, config), encoding="utf-8")
+        with atomic_path(triggers) as tmp:
+            tmp.write_text(encourage_yaml(result, config), encoding="utf-8")
         files["triggers"] = triggers
     return replace(result, files=files)
 
@@ -139,8 +140,8 @@ def run_features(
     kept, report = validate_events(events, config, as_of=as_of)
     links = read_links(events, config)
     frame = build(kept.lazy(), as_of, config, attributes=attrs, links=links)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    frame.write_parquet(out)
+    with atomic_path(out) as tmp:
+        frame.write_parquet(tmp)
     return _features_result(frame.lazy(), out, as_of, report, engine)
 
 

@@ -50,6 +50,7 @@ from lapse.events.mapping import (
 from lapse.events.readers import collect_frame, data_files, scan_source
 from lapse.events.timestamps import infer_timestamp_format, parse_timestamp
 from lapse.exceptions import EventsError, MissingColumnsError
+from lapse.files import atomic_path
 from lapse.schema import EVENT_COLUMNS, ORDER_ID, ROLES
 
 __all__ = [
@@ -393,8 +394,8 @@ def validate_events(
     written: Path | None = None
     if rejected.height:
         written = rejects_path or rejects_path_for(path, config)
-        written.parent.mkdir(parents=True, exist_ok=True)
-        rejected.write_parquet(written)
+        with atomic_path(written) as tmp:
+            rejected.write_parquet(tmp)
 
     reference = as_of or now or datetime.now(UTC)
     if reference.tzinfo is None:

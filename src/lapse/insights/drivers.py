@@ -39,6 +39,7 @@ import yaml
 
 from lapse.config import LapseConfig
 from lapse.exceptions import ConfigError, LapseError
+from lapse.files import save_figure
 from lapse.labels import activity_events, churn_labels, data_span
 
 __all__ = [
@@ -348,8 +349,7 @@ def write_plot(result: DriversResult, path: Path) -> Path:
         f"Note: {result.caveat}."
     )
     fig.text(0.01, 0.0, textwrap.fill(caption, 120), ha="left", va="top", fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    save_figure(fig, path)
     plt.close(fig)
     return path
 

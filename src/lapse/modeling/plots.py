@@ -8,6 +8,8 @@ import numpy as np
 import numpy.typing as npt
 import polars as pl
 
+from lapse.files import save_figure
+
 __all__ = ["write_plots"]
 
 FloatArray = npt.NDArray[np.float64]
@@ -49,7 +51,7 @@ def write_plots(
 
     def save(fig: object, name: str) -> None:
         path = out_dir / f"{name}.png"
-        fig.savefig(path, dpi=110, bbox_inches="tight")  # type: ignore[attr-defined]
+        save_figure(fig, path)
         plt.close(fig)  # type: ignore[arg-type]
         paths[name] = path
 

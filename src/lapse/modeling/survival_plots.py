@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from lapse.files import save_figure
 from lapse.modeling.survival_metrics import HORIZONS, calibration_error, kaplan_meier
 
 __all__ = ["write_survival_plots"]
@@ -61,7 +62,7 @@ def write_survival_plots(
     )
     ax.legend(fontsize=7, loc="lower left")
     path = out_dir / "replenishment_km.png"
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    save_figure(fig, path)
     plt.close(fig)
     paths["replenishment_km"] = path
 
@@ -80,7 +81,7 @@ def write_survival_plots(
     axes[0].legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     path = out_dir / "replenishment_calibration.png"
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    save_figure(fig, path)
     plt.close(fig)
     paths["replenishment_calibration"] = path
     return paths

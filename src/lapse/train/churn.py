@@ -24,6 +24,7 @@ import polars as pl
 from lapse.config import LapseConfig, SegmentsConfig
 from lapse.events import ValidationReport, load_attributes, read_links, validate_events
 from lapse.exceptions import LapseError
+from lapse.files import atomic_path
 from lapse.modeling.metrics import METRIC_NAMES
 from lapse.segments import describe_sizes
 
@@ -411,7 +412,8 @@ def train(
         importance,
         title=f"test cutoff {grid.test:%Y-%m-%d}",
     )
-    importance.write_csv(out / "importance.csv")
+    with atomic_path(out / "importance.csv") as tmp:
+        importance.write_csv(tmp)
     if replenishment is not None:
         plots.update(replenishment.plots)
 
@@ -431,7 +433,8 @@ def train(
     score_reference = np.sort(calibrator.predict(s_cal))
     segments = _segment_sizes(score_reference, config, grid.test, metrics, notes)
     metrics_path = out / "metrics.json"
-    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    with atomic_path(metrics_path) as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     table = _table(race)
     report = _report_md(
         {
@@ -463,7 +466,8 @@ def train(
 
         report += "\n" + report_section(replenishment)
     report_path = out / "report.md"
-    report_path.write_text(report, encoding="utf-8")
+    with atomic_path(report_path) as tmp:
+        tmp.write_text(report, encoding="utf-8")
 
     feature_cols = [c for c in frame.columns if c not in ("churned",)]
     bundle = ChurnBundle(
