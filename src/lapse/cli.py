@@ -461,6 +461,8 @@ def train(
 
 def _print_registered(reg: RegisteredVersion) -> None:
     aliases = ", ".join(reg.aliases) or "no alias"
+    for note in reg.notes:
+        console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
     console.print(
         f"registered [bold]{reg.name}[/] version {reg.version} ({aliases}) in {reg.tracking_uri}; "
         f"MLflow run {reg.run_id}",

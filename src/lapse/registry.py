@@ -19,6 +19,15 @@ Registry
     ``champion`` and keeps the one before as ``previous-champion``; a rollback
     swaps them back.
 
+A killed train
+    A training run carries the tag ``lapse.process`` (host, pid and process start).
+    SIGTERM or SIGINT during :func:`log_training` ends its MLflow run ``FAILED``; a
+    version is registered with the tag ``lapse.unfinished`` and loses it once its
+    aliases are set. The next :func:`log_training` marks the ``RUNNING`` runs of
+    processes that died on this host ``FAILED`` (SIGKILL, a power cut), and rewrites
+    the ``lapse.unfinished`` tag of each version whose run ended to say it was never
+    finished (no alias: nothing serves it; do not promote it).
+
 Replenishment
     The bundle's replenishment model (``extras["replenishment"]``, a
     :class:`lapse.train.replenishment.ReplenishmentModel`) rides along in the same
@@ -40,7 +49,10 @@ import logging
 import math
 import os
 import re
+import signal
+import socket
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -51,6 +63,7 @@ import polars as pl
 
 from lapse.config import LapseConfig, dump_config
 from lapse.exceptions import LapseError
+from lapse.faults import fault_point
 from lapse.redact import redact_url
 from lapse.schema import run_day
 
@@ -95,6 +108,8 @@ REVIEW_METRICS: Final = {
 _PARAM_MAX: Final = 6000  # MLflow's limit on a parameter value
 _SECRET: Final = re.compile(r"secret|token|passw|api_?key|credential|auth", re.IGNORECASE)
 _TAG = "lapse."
+_PROCESS = f"{_TAG}process"  # host:pid:start of the process that runs an MLflow run
+_UNFINISHED = f"{_TAG}unfinished"  # on a version until its aliases are set
 
 
 # -- results ---------------------------------------------------------------------------
@@ -110,6 +125,7 @@ class RegisteredVersion:
     model_uri: str
     aliases: tuple[str, ...]
     tracking_uri: str
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -580,6 +596,7 @@ def log_training(
     client, uri = _connect(config)
     with _mlflow_errors(uri):
         exp_id = _experiment_id(client, config, uri)
+        notes = _end_dead_runs(client, exp_id, name)
         params = {
             **_config_params(config),
             "data.events": str(events_path),
@@ -602,15 +619,18 @@ def log_training(
             f"{_TAG}version": _lapse_version(),
             f"{_TAG}model_name": name,
             f"{_TAG}churn.selected": result.selected,
+            _PROCESS: _process_tag(os.getpid()),
         }
         commit = _git_commit(config.base_dir)
         if commit:
             tags["git.commit"] = commit
         with (
+            _signals_end_the_run(),
             tempfile.TemporaryDirectory(prefix="lapse-model-") as tmp,
             mlflow.start_run(experiment_id=exp_id, run_name=f"train {name}") as run,
         ):
             mlflow.set_tags(tags)
+            fault_point("train_logging")
             mlflow.log_params(params)
             mlflow.log_metrics(flatten_metrics(result.metrics))
             _log_events(mlflow, events_path, config, "training")
@@ -639,14 +659,20 @@ def log_training(
             mv = mlflow.register_model(
                 info.model_uri,
                 name,
-                tags={f"{_TAG}version": _lapse_version(), f"{_TAG}churn.selected": result.selected},
+                tags={
+                    f"{_TAG}version": _lapse_version(),
+                    f"{_TAG}churn.selected": result.selected,
+                    _UNFINISHED: "registered; its training run has not set its aliases yet",
+                },
             )
-        version = str(mv.version)
-        client.set_registered_model_alias(name, CHALLENGER, version)
-        aliases = [CHALLENGER]
-        if CHAMPION not in _aliases(client, name):
-            client.set_registered_model_alias(name, CHAMPION, version)
-            aliases.append(CHAMPION)
+            fault_point("after_register")
+            version = str(mv.version)
+            client.set_registered_model_alias(name, CHALLENGER, version)
+            aliases = [CHALLENGER]
+            if CHAMPION not in _aliases(client, name):
+                client.set_registered_model_alias(name, CHAMPION, version)
+                aliases.append(CHAMPION)
+            client.delete_model_version_tag(name, version, _UNFINISHED)
     return RegisteredVersion(
         name=name,
         version=int(version),
@@ -654,7 +680,95 @@ def log_training(
         model_uri=f"models:/{name}/{version}",
         aliases=tuple(aliases),
         tracking_uri=redact_url(uri),
+        notes=tuple(notes),
     )
+
+
+@contextlib.contextmanager
+def _signals_end_the_run() -> Iterator[None]:
+    """SIGTERM raises (SystemExit, code 143) inside the block, as SIGINT does
+    (KeyboardInterrupt), so the MLflow run the block holds ends ``FAILED`` instead of
+    staying ``RUNNING``; the previous handler comes back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _process_start(pid: int) -> str:
+    """When process ``pid`` started (clock ticks since boot, Linux), ``""`` when unknown:
+    tells a live process from a later one that reuses a dead one's pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8")
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _process_tag(pid: int) -> str:
+    """``host:pid:start`` of a process (the ``lapse.process`` tag)."""
+    return f"{socket.gethostname()}:{pid}:{_process_start(pid)}"
+
+
+def _dead(tag: str) -> bool:
+    """Whether the process a ``lapse.process`` tag names is gone (only known on its host)."""
+    host, _, rest = tag.partition(":")
+    pid, _, start = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return bool(start) and _process_start(int(pid)) != start
+
+
+def _end_dead_runs(client: MlflowClient, exp_id: str, name: str) -> list[str]:
+    """Mark ``FAILED`` the ``RUNNING`` runs of processes that died, and say of each version
+    whose training run ended before its aliases were set that it was never finished."""
+    notes = []
+    running = client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'")
+    for run in running:
+        process = run.data.tags.get(_PROCESS)
+        if process is None or not _dead(process):
+            continue
+        client.set_tag(
+            run.info.run_id, f"{_TAG}failure", f"its process ({process}) died before it ended"
+        )
+        client.set_terminated(run.info.run_id, status="FAILED")
+        notes.append(
+            f"MLflow run {run.info.run_id} was left RUNNING by a process that died "
+            f"({process}); marked FAILED"
+        )
+    for mv in client.search_model_versions(f"name = {_quote(name)}"):
+        tag = (mv.tags or {}).get(_UNFINISHED, "")
+        if not tag.startswith("registered;") or not mv.run_id:
+            continue
+        status = client.get_run(mv.run_id).info.status
+        if status == "RUNNING":  # its training is still going
+            continue
+        client.set_model_version_tag(
+            name,
+            mv.version,
+            _UNFINISHED,
+            f"never finished: its training run {mv.run_id} ended ({status}) before it set "
+            "the aliases; no alias serves it, do not promote it",
+        )
+        notes.append(
+            f"model {name!r} version {mv.version} was never finished (its training run "
+            f"ended {status} before setting its aliases); tagged {_UNFINISHED}"
+        )
+    return notes
 
 
 def _config_yaml(config: LapseConfig) -> str:
