@@ -693,6 +693,9 @@ class _ScoreBars:
         if self.task is not None:
             self.progress.advance(self.task, n)
 
+    def note(self, text: str) -> None:
+        err_console.print(f"[yellow]note:[/] {escape(text)}", highlight=False, soft_wrap=True)
+
 
 def _score_summary(result: ScoreRunResult) -> Table:
     kind = "dry run" if result.dry_run else ("resumed run" if result.resumed else "run")
@@ -964,6 +967,8 @@ def triggers_run(
                 f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
             )
             raise typer.Exit(code=3) from None
+    for warning in result.warnings:
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     console.print(_triggers_summary(result))
     delivery = result.delivery
     if delivery is not None and not delivery.complete:

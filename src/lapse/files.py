@@ -16,6 +16,7 @@ import contextlib
 import errno
 import os
 import re
+import shutil
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,8 @@ __all__ = ["atomic_path", "save_figure", "temporary", "write_failure"]
 
 # Polars words an I/O failure as "... underlying IO error: No space left on device (os error 28)"
 _OS_ERROR = re.compile(r"(?:IO error: )?([^:()]+?) \(os error (\d+)\)")
+# how Polars says a write failed when it does not name the OS error
+_POLARS_IO = ("transport error", "io error")
 # what SQLite says when it cannot write its file
 _SQLITE_WRITE = ("disk is full", "disk i/o error", "readonly database", "unable to open database")
 
@@ -46,18 +49,33 @@ def write_failure(path: str | Path, exc: BaseException) -> WriteFailed | None:
     if isinstance(exc, OSError):
         return WriteFailed.from_os_error(path, exc)
     if isinstance(exc, pl.exceptions.PolarsError):
-        found = _OS_ERROR.search(str(exc))
-        if found is None:
-            return None
-        code = int(found[2])
-        return WriteFailed.from_os_error(path, OSError(code, os.strerror(code) or found[1]))
+        text = str(exc)
+        found = _OS_ERROR.search(text)
+        if found is not None:
+            code = int(found[2])
+            return WriteFailed.from_os_error(path, OSError(code, os.strerror(code) or found[1]))
+        # Polars' Parquet writer may say only "Invalid thrift: transport error"
+        if _no_space(Path(path).parent):
+            return WriteFailed.from_os_error(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+        if any(s in text.lower() for s in _POLARS_IO):
+            return WriteFailed.from_os_error(path, OSError(errno.EIO, text))
+        return None
     if isinstance(exc, sqlite3.OperationalError):
         text = str(exc)
         if not any(s in text.lower() for s in _SQLITE_WRITE):
             return None
-        code = errno.ENOSPC if "full" in text else errno.EIO
+        # SQLite says "disk I/O error" when a full disk refuses its WAL index
+        code = errno.ENOSPC if "full" in text or _no_space(Path(path).parent) else errno.EIO
         return WriteFailed.from_os_error(path, OSError(code, f"{os.strerror(code)} ({text})"))
     return None
+
+
+def _no_space(folder: Path) -> bool:
+    """Whether the file system of ``folder`` is full."""
+    try:
+        return shutil.disk_usage(folder).free == 0
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager

@@ -21,8 +21,9 @@ destination dedupes (profile upserts, events with an id) is unchanged by that.
 For objects it cannot dedupe (:meth:`~lapse.sinks.base.Sink.undeduped`, Braze's
 events) the sink's ``in_doubt`` policy decides: ``resend`` sends them again,
 ``skip`` sends the rest of each record only (:meth:`~lapse.sinks.base.Sink.deduped_part`).
-The users concerned are counted either way (:attr:`DeliveryReport.in_doubt`), also
-when a batch in doubt is split.
+The users concerned are counted either way (:attr:`DeliveryReport.in_doubt`, and in
+the ledger for the run's summary over all its attempts), also when a batch in doubt
+is split.
 
 A destination that cannot be reached stops the run instead of filling the
 dead letters: when no connection can be made (:class:`~lapse.sinks.base.ConnectionFailed`:
@@ -367,7 +368,10 @@ def deliver(
         report.requests += 1
         tries += 1
         if doubt:
-            batch = _in_doubt(sink, batch, got, doubted)
+            batch, rows = _in_doubt(sink, batch, got)
+            if rows - doubted:
+                ledger.record_in_doubt(score_run_id, name, [(r, users[r - lo]) for r in rows])
+                doubted.update(rows)
         began = time.monotonic()
         try:
             return sink.send(batch_id, batch)
@@ -461,15 +465,15 @@ def deliver(
     return report
 
 
-def _in_doubt(sink: Sink, batch: list[Item], rows: list[int], doubted: set[int]) -> list[Item]:
-    """What to send of a batch in doubt: the sink's ``in_doubt`` policy for the objects it
-    cannot dedupe (their records' ``rows`` counted in ``doubted``)."""
+def _in_doubt(sink: Sink, batch: list[Item], rows: list[int]) -> tuple[list[Item], set[int]]:
+    """What to send of a batch in doubt (the sink's ``in_doubt`` policy for the objects it
+    cannot dedupe), and the ``rows`` of the records that hold such objects."""
     if sink.in_doubt is None:
-        return batch
-    doubted.update(r for r, item in zip(rows, batch, strict=True) if sink.undeduped(item))
+        return batch, set()
+    doubted = {r for r, item in zip(rows, batch, strict=True) if sink.undeduped(item)}
     if sink.in_doubt == "resend":
-        return batch
-    return [sink.deduped_part(item) if sink.undeduped(item) else item for item in batch]
+        return batch, doubted
+    return [sink.deduped_part(item) if sink.undeduped(item) else item for item in batch], doubted
 
 
 def _oversized(sink: Sink, items: list[Item]) -> str | None:

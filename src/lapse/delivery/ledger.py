@@ -23,7 +23,9 @@ written) -> ``complete``, ``partial`` (records failed) or ``interrupted`` (stopp
 resumable); ``abandoned`` is a run cut off while ``preparing``, whose files were
 removed. A batch goes ``pending`` -> ``sending`` (marked before each request:
 a batch still ``sending`` when a run is resumed may have reached its destination,
-its delivery is *in doubt*) -> ``done``, ``failed`` or ``split``. A ``preparing``
+its delivery is *in doubt*; the records whose undeduped objects were in doubt
+are kept, so a run's summary counts them over all its attempts) -> ``done``,
+``failed`` or ``split``. A ``preparing``
 or ``running`` run whose sink lock is free was cut off (its process died).
 A write the disk refuses is one :class:`~lapse.exceptions.WriteFailed` naming the
 ledger file.
@@ -99,6 +101,9 @@ CREATE TABLE IF NOT EXISTS trigger_state (
     sink TEXT NOT NULL, source TEXT NOT NULL, user_id TEXT NOT NULL, fired TEXT NOT NULL,
     evaluated_at TEXT NOT NULL, next_due TEXT NOT NULL, PRIMARY KEY (sink, source, user_id));
 CREATE INDEX IF NOT EXISTS trigger_state_due ON trigger_state (sink, source, next_due);
+CREATE TABLE IF NOT EXISTS in_doubt (
+    score_run_id TEXT NOT NULL, sink TEXT NOT NULL, row INTEGER NOT NULL, user_id TEXT NOT NULL,
+    PRIMARY KEY (score_run_id, sink, row));
 CREATE TABLE IF NOT EXISTS staged_watermarks (
     score_run_id TEXT NOT NULL, sink TEXT NOT NULL, source TEXT NOT NULL, as_of TEXT NOT NULL,
     fingerprint TEXT NOT NULL, full INTEGER NOT NULL, files TEXT NOT NULL, states TEXT NOT NULL,
@@ -473,6 +478,24 @@ class Ledger:
             [(score_run_id, sink, batch.batch_id, r, u, why) for r, u, why in rows],
         )
 
+    def record_in_doubt(
+        self, score_run_id: str, sink: str, rows: Sequence[tuple[int, str]]
+    ) -> None:
+        """Keep the ``(row, user_id)`` of records whose undeduped objects are in doubt."""
+        with self._tx() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO in_doubt VALUES (?, ?, ?, ?)",
+                [(score_run_id, sink, r, u) for r, u in rows],
+            )
+
+    def in_doubt(self, score_run_id: str, sink: str) -> int:
+        """How many records of the run had undeduped objects in doubt, over all its attempts."""
+        row = self._db.execute(
+            "SELECT COUNT(*) FROM in_doubt WHERE score_run_id = ? AND sink = ?",
+            (score_run_id, sink),
+        ).fetchone()
+        return int(row[0])
+
     def failures(self, score_run_id: str, sink: str) -> list[tuple[int, str, str, str]]:
         """``(row, user_id, batch_id, reason)`` of every record that did not get through."""
         return [
@@ -728,7 +751,14 @@ class Ledger:
         n = 0
         gone = set(user_ids)
         with self._tx() as db:
-            for table in ("failures", "delivered", "trigger_fired", "messages", "trigger_state"):
+            for table in (
+                "failures",
+                "delivered",
+                "trigger_fired",
+                "messages",
+                "trigger_state",
+                "in_doubt",
+            ):
                 for chunk in _chunks(list(user_ids), 500):
                     marks = ",".join("?" * len(chunk))
                     cur = db.execute(f"DELETE FROM {table} WHERE user_id IN ({marks})", chunk)
@@ -747,7 +777,7 @@ class Ledger:
     def drop_runs(self, score_run_ids: Sequence[str]) -> None:
         """Forget runs entirely (retention): their batches, failures and staged watermarks go too."""
         with self._tx() as db:
-            for table in ("runs", "batches", "failures", "staged_watermarks"):
+            for table in ("runs", "batches", "failures", "in_doubt", "staged_watermarks"):
                 db.executemany(
                     f"DELETE FROM {table} WHERE score_run_id = ?", [(r,) for r in score_run_ids]
                 )

@@ -102,6 +102,7 @@ __all__ = [
     "model_label",
     "model_version",
     "new_run_id",
+    "note",
     "prune_expired",
     "record_fired",
     "recorded",
@@ -156,6 +157,9 @@ class ScoreProgress(Protocol):
     def advance(self, n: int) -> None:
         """``n`` more records were handled (sent, failed or skipped)."""
 
+    def note(self, text: str) -> None:
+        """The run did something besides its own work (it finished a cut-off run): say it now."""
+
 
 class Silent:
     """A :class:`ScoreProgress` that reports nothing (the default of the Python API)."""
@@ -170,6 +174,9 @@ class Silent:
         pass
 
     def advance(self, n: int) -> None:
+        pass
+
+    def note(self, text: str) -> None:
         pass
 
 
@@ -226,7 +233,7 @@ class RunContext:
     result's ``seconds``); a ``dry_run`` sends nothing and changes no state.
     ``resume`` is the exact command that finishes the run (:func:`resume_command`);
     ``notes`` collects what the run did besides its own work (cut-off runs it
-    finished), for the summary's warnings.
+    finished, :func:`note`), for its audit summary.
     """
 
     run_id: str
@@ -340,6 +347,12 @@ def recorded(ctx: RunContext, loaded: LoadedBundle) -> Iterator[None]:
         ctx.ledger.drop_runs([ctx.run_id])
 
 
+def note(ctx: RunContext, text: str) -> None:
+    """Say ``text`` now (``ctx.progress.note``) and keep it for the run's summary."""
+    ctx.notes.append(text)
+    ctx.progress.note(text)
+
+
 def _status(ctx: RunContext) -> str:
     return ctx.ledger.run(ctx.run_id, ctx.sink.name).status
 
@@ -357,7 +370,7 @@ def abandon(trail: AuditTrail, ledger: Ledger, info: RunInfo) -> str:
 
 def recover_cut_off(ctx: RunContext) -> None:
     """Take care of the runs of ``ctx``'s sink that were cut off (their process died:
-    the caller holds the sink's lock), each said in ``ctx.notes``.
+    the caller holds the sink's lock), each said with :func:`note`.
 
     A run cut off before its batches were planned sent nothing: :func:`abandon`. A run
     cut off during delivery is finished first (:func:`resume_delivery`, batches in doubt
@@ -366,7 +379,7 @@ def recover_cut_off(ctx: RunContext) -> None:
     """
     for info in ctx.ledger.cut_off(ctx.sink.name, besides=ctx.run_id):
         if info.status == "preparing":
-            ctx.notes.append(abandon(ctx.trail, ctx.ledger, info))
+            note(ctx, abandon(ctx.trail, ctx.ledger, info))
             continue
         target = make_sink(info.sink, ctx.config, out=Path(info.target) if info.target else None)
         earlier = RunContext(
@@ -380,11 +393,13 @@ def recover_cut_off(ctx: RunContext) -> None:
             resume=ctx.resume.replace(ctx.run_id, info.score_run_id),
         )
         finished = resume_delivery(earlier)
-        ctx.notes.append(
+        note(
+            ctx,
             f"score run {info.score_run_id} was cut off during delivery; this run finished "
-            f"it first: {resumed_line(finished)}"
+            f"it first: {resumed_line(finished)}",
         )
-        ctx.notes.extend(f"(score run {info.score_run_id}) {w}" for w in finished.warnings)
+        for warning in finished.warnings:
+            note(ctx, f"(score run {info.score_run_id}) {warning}")
 
 
 def resumed_line(result: ScoreRunResult) -> str:
@@ -792,7 +807,7 @@ def run_result(
 ) -> tuple[ScoreRunResult, dict[str, Any]]:
     """The run's result and its audit summary (the JSON beside the snapshot), for either engine."""
     counts = {k: n for k, n in totals.counts.items() if k != "anonymous_held"}
-    warnings = [*ctx.notes, *totals.warnings]
+    warnings = list(totals.warnings)
     if totals.counts["anonymous_held"]:
         counts["anonymous_held"] = totals.counts["anonymous_held"]
         warnings.append(anonymous_warning(counts["anonymous_held"], ctx.sink))
@@ -813,6 +828,8 @@ def run_result(
             totals.population, loaded.bundle.config, ctx.as_of, rejected
         ),
     }
+    if ctx.notes:
+        summary["notes"] = list(ctx.notes)
     if engine != "local":
         summary["engine"] = engine
     return _result(ctx, summary, validation=validation), summary
@@ -928,7 +945,7 @@ def deliver_run(
     dead = ctx.trail.dead_letters(ctx.run_id, name)
     ctx.progress.delivering(total)
     counts = {"sent": 0, "skipped": 0, "failed": 0}
-    retried = in_doubt = 0
+    retried = 0
     budget = RetryBudget.of(ctx.config.delivery)  # one budget for the whole run
     try:
         ctx.sink.open(ctx.run_id)
@@ -952,7 +969,6 @@ def deliver_run(
             finally:
                 record_fired(ctx, outbox, items, offset)
             retried += sent.retried
-            in_doubt += sent.in_doubt
             for key, n in delivery_counts(ctx, items, offset).items():
                 counts[key] += n
             offset += outbox.height
@@ -971,6 +987,7 @@ def deliver_run(
     finally:
         ctx.sink.close()
     result.counts.update(counts, retried=retried)
+    in_doubt = ledger.in_doubt(ctx.run_id, name)  # over every attempt of the run
     if in_doubt:
         result.counts["in_doubt"] = in_doubt
         result.warnings.append(in_doubt_line(in_doubt, ctx.sink))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -40,6 +40,7 @@ from lapse.score.run import (
     load_model,
     model_version,
     new_run_id,
+    note,
     recorded,
     resume_command,
     send_scored,
@@ -60,7 +61,7 @@ class TriggerRunResult:
     ``new_files``, ``new_event_users`` and ``due_users`` are what an incremental
     run touched (``touched`` is their union, or everyone with events on a full run);
     ``delivery`` is the shared score-and-deliver result, ``None`` when nobody was
-    touched (then nothing was sent).
+    touched (then nothing was sent); ``warnings`` are the delivery's.
     """
 
     as_of: datetime
@@ -74,6 +75,7 @@ class TriggerRunResult:
     fired: int
     seconds: float
     delivery: ScoreRunResult | None = None
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -134,6 +136,7 @@ def run_triggers(
         loaded = load_model(model, config, report)
         with recorded(ctx, loaded):
             result = _evaluate(ctx, loaded, events, source, incremental=incremental)
+    result.warnings = list(result.delivery.warnings) if result.delivery else []
     result.seconds = time.monotonic() - started
     return result
 
@@ -153,9 +156,10 @@ def _catch_up(ctx: RunContext, source: str) -> None:
             continue
         if info.status in DELIVERED and (mark is None or info.as_of >= mark.as_of):
             ledger.advance_staged(run_id, sink, source)
-            ctx.notes.append(
+            note(
+                ctx,
                 f"trigger run {run_id} was cut off after it delivered; its watermark is "
-                "advanced now, so its users are not sent again"
+                "advanced now, so its users are not sent again",
             )
         else:
             ledger.drop_staged(run_id)
