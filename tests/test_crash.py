@@ -495,3 +495,70 @@ def test_a_full_disk_is_one_line_exit_5_no_partial_file_and_resumable(
     r = report["ledger"]  # the run could not be recorded: nothing else was written
     assert r["runs"] == {} and not r["resumed"] and "then run again" in r["output"]
     assert len(r["runs_after"]) == 1 and set(r["runs_after"].values()) == {"complete"}
+
+
+# -- a killed `lapse train` ----------------------------------------------------------------------
+
+#: What `lapse train` does after training, in a process of its own: log and register in MLflow.
+LOG_TRAINING = (
+    "import pickle, sys; from lapse.config import load_config; "
+    "from lapse.registry import log_training; "
+    "log_training(pickle.load(open(sys.argv[1], 'rb')), load_config(sys.argv[2]), "
+    "events_path=sys.argv[3])"
+)
+
+
+def test_a_killed_train_leaves_no_running_run_and_no_unmarked_version(
+    world: World, _isolated_home: Path
+) -> None:
+    """SIGTERM while logging ends the MLflow run FAILED; after a SIGKILL between the
+    registration and the aliases, the next train marks the dead run FAILED and tags the
+    version that was never finished (its training is done once, the logging three times)."""
+    import pickle
+
+    from mlflow import MlflowClient  # noqa: TID251  # the test inspects the store like a user
+
+    from lapse.registry import log_training, tracking_uri
+    from lapse.train.churn import train
+
+    cfg = config_file(_isolated_home, world)
+    config = load_config(cfg)
+    events = world.bundle.parent.parent / "train.parquet"
+    result = train(
+        events, config, out_dir=_isolated_home / "report", models_dir=_isolated_home / "models"
+    )
+    saved = _isolated_home / "result.pkl"
+    saved.write_bytes(pickle.dumps(result))
+    uri = tracking_uri(config)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+    def log(fault: str) -> int:
+        env = {**os.environ, "LAPSE_HOME": str(_isolated_home), "LAPSE_FAULT": fault}
+        argv = [sys.executable, "-c", LOG_TRAINING, str(saved), str(cfg), str(events)]
+        return subprocess.run(argv, env=env, capture_output=True, timeout=300).returncode
+
+    def runs() -> list[Any]:
+        experiment = client.get_experiment_by_name(config.registry.experiment)
+        return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time"])
+
+    assert log("train_logging:TERM") == 128 + signal.SIGTERM
+    ((terminated,),) = [runs()]
+    assert terminated.info.status == "FAILED"
+
+    assert log("after_register") == -signal.SIGKILL
+    killed = runs()[-1]
+    assert killed.info.status == "RUNNING"
+    (version,) = client.search_model_versions(f"name = '{config.models.name}'")
+    assert version.aliases == [] and version.tags["lapse.unfinished"].startswith("registered;")
+
+    registered = log_training(result, config, events_path=events)  # the next train
+    notes = " ".join(registered.notes)
+    assert f"MLflow run {killed.info.run_id} was left RUNNING by a process that died" in notes
+    assert f"version {version.version} was never finished" in notes
+    assert [r.info.status for r in runs()] == ["FAILED", "FAILED", "FINISHED"]
+    unfinished = client.get_model_version(config.models.name, version.version)
+    assert unfinished.tags["lapse.unfinished"].startswith("never finished: its training run")
+    assert unfinished.aliases == []
+    latest = client.get_model_version(config.models.name, str(registered.version))
+    assert "lapse.unfinished" not in latest.tags
+    assert set(latest.aliases) == {"challenger", "champion"}

@@ -62,7 +62,8 @@ def impact(events: Path, config: LapseConfig, *, since: date) -> ImpactResult:
             )
     if snaps.height == 0:
         raise LapseError(
-            f"no delivered score run since {since} in {trail.root / 'snapshots'}"
+            f"no {'delivered ' if notes else ''}score run since {since} in "
+            f"{trail.root / 'snapshots'}"
             + (f" ({notes[0]})" if notes else "")
             + "; run `lapse score` first"
         )

@@ -485,7 +485,7 @@ def run_score(
             report,
             dry_run,
             started,
-            resume=resume_command(events, run_id, config),
+            resume="" if dry_run else resume_command(events, run_id, config),
         )
         if engine == "spark":
             from lapse.spark.score import run_score_spark  # the Spark engine, on demand

@@ -131,7 +131,7 @@ def run_triggers(
             report,
             dry_run,
             started,
-            resume=resume_command(events, run_id, config),
+            resume="" if dry_run else resume_command(events, run_id, config),
         )
         loaded = load_model(model, config, report)
         with recorded(ctx, loaded):
