@@ -509,11 +509,12 @@ LOG_TRAINING = (
 
 
 def test_a_killed_train_leaves_no_running_run_and_no_unmarked_version(
-    world: World, _isolated_home: Path
+    world: World, _isolated_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """SIGTERM while logging ends the MLflow run FAILED; after a SIGKILL between the
-    registration and the aliases, the next train marks the dead run FAILED and tags the
-    version that was never finished (its training is done once, the logging three times)."""
+    """SIGTERM while logging ends the MLflow run FAILED (this process gets the signal);
+    after a SIGKILL between the registration and the aliases (another process), the next
+    train marks the dead run FAILED and tags the version that was never finished (the
+    training is done once, then logged three times)."""
     import pickle
 
     from mlflow import MlflowClient  # noqa: TID251  # the test inspects the store like a user
@@ -541,7 +542,12 @@ def test_a_killed_train_leaves_no_running_run_and_no_unmarked_version(
         experiment = client.get_experiment_by_name(config.registry.experiment)
         return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time"])
 
-    assert log("train_logging:TERM") == 128 + signal.SIGTERM
+    monkeypatch.setenv("LAPSE_FAULT", "train_logging:TERM")
+    with pytest.raises(SystemExit) as stopped:
+        log_training(result, config, events_path=events)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    monkeypatch.delenv("LAPSE_FAULT")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone again
     ((terminated,),) = [runs()]
     assert terminated.info.status == "FAILED"
 
