@@ -1,7 +1,10 @@
 """The `lapse` command line: thin typer commands, one pipeline call each.
 
 Errors a user can cause (:class:`lapse.LapseError`) print one line and exit
-with code 2; a validation that fails its threshold exits with code 1.
+with the error's ``exit_code``: 2 usage, configuration or input; 3 another run
+holds the lock; 4 promotion refused or inconclusive; 5 a write failed. A
+validation over its threshold or records that failed exit with 1. The table of
+every command: ``docs/exit-codes.md``.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ EventsArg = Annotated[Path, typer.Argument(help="Event file, folder or glob.", s
 
 
 def _friendly(func: Callable[P, R]) -> Callable[P, R]:
-    """Turn a LapseError into one red line on stderr and exit code 2."""
+    """Turn a LapseError into one red line on stderr and its exit code (2 unless it says)."""
 
     @functools.wraps(func)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -80,7 +83,7 @@ def _friendly(func: Callable[P, R]) -> Callable[P, R]:
             err_console.print(
                 f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
             )
-            raise typer.Exit(code=2) from None
+            raise typer.Exit(code=exc.exit_code) from None
 
     return wrapper
 
@@ -737,7 +740,6 @@ def score(
     """
     import json
 
-    from lapse.delivery.ledger import LockHeldError
     from lapse.score.run import run_score
     from lapse.spark import ENGINES
 
@@ -759,25 +761,19 @@ def score(
         console=err_console,
         transient=True,
     ) as bars:
-        try:
-            result = run_score(
-                events,
-                cfg,
-                as_of=day,
-                model=model,
-                sink=sink,
-                out=out,
-                dry_run=dry_run,
-                full=full,
-                resume=resume,
-                progress=_ScoreBars(bars),
-                engine=engine,
-            )
-        except LockHeldError as exc:
-            err_console.print(
-                f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
-            )
-            raise typer.Exit(code=3) from None
+        result = run_score(
+            events,
+            cfg,
+            as_of=day,
+            model=model,
+            sink=sink,
+            out=out,
+            dry_run=dry_run,
+            full=full,
+            resume=resume,
+            progress=_ScoreBars(bars),
+            engine=engine,
+        )
     for warning in result.warnings:
         err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     _print_score_summary(result)
@@ -873,7 +869,6 @@ def triggers_run(
 
     Exit codes as `lapse score`: 0 done; 1 some records failed; 2 bad input; 3 locked.
     """
-    from lapse.delivery.ledger import LockHeldError
     from lapse.score.trigger_run import run_triggers
 
     when = (
@@ -891,23 +886,17 @@ def triggers_run(
         console=err_console,
         transient=True,
     ) as bars:
-        try:
-            result = run_triggers(
-                events,
-                cfg,
-                as_of=when,
-                incremental=incremental,
-                model=model,
-                sink=sink,
-                out=out,
-                dry_run=dry_run,
-                progress=_ScoreBars(bars),
-            )
-        except LockHeldError as exc:
-            err_console.print(
-                f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
-            )
-            raise typer.Exit(code=3) from None
+        result = run_triggers(
+            events,
+            cfg,
+            as_of=when,
+            incremental=incremental,
+            model=model,
+            sink=sink,
+            out=out,
+            dry_run=dry_run,
+            progress=_ScoreBars(bars),
+        )
     console.print(_triggers_summary(result))
     delivery = result.delivery
     if delivery is not None and not delivery.complete:

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from lapse.exceptions import LapseError
 
@@ -578,7 +578,9 @@ def _chunks(items: list[str], n: int) -> Iterator[list[str]]:
 
 
 class LockHeldError(LapseError):
-    """Another run holds the sink's lock."""
+    """Another run holds the sink's lock (the command line exits with 3)."""
+
+    exit_code: ClassVar[int] = 3
 
 
 @contextlib.contextmanager
