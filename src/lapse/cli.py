@@ -447,19 +447,25 @@ def review(
     config: ConfigOpt = None,
     out: Annotated[Path | None, typer.Option(help="Folder for the comparison plots.")] = None,
 ) -> None:
-    """Score champion and challenger on the same recent cutoff and compare them."""
-    from lapse.registry import review as run_review
+    """Score champion and challenger on the same recent cutoffs; compare with intervals.
+
+    The verdict (promote, refuse or inconclusive) is what `lapse promote` acts on.
+    """
+    from lapse.modeling.compare import LEVEL
+    from lapse.train.review import review as run_review
 
     with console.status("scoring champion and challenger"):
         result = run_review(events, load_config(config), name=name, out_dir=out)
+    cutoffs = ", ".join(f"{c:%Y-%m-%d}" for c in result.cutoffs)
     table = Table(
         "task",
         "metric",
         f"champion v{result.champion}",
         f"challenger v{result.challenger}",
         "delta",
-        title=f"{result.name}: cutoff {result.cutoff:%Y-%m-%d}, {result.n_users:,} users, "
-        f"churn rate {result.churn_rate:.1%}",
+        f"{LEVEL:.0%} interval",
+        title=f"{result.name}: cutoffs {cutoffs}; {result.n_users:,} users "
+        f"({result.n_rows:,} user-cutoffs), churn rate {result.churn_rate:.1%}",
         title_justify="left",
     )
     for row in result.table.iter_rows(named=True):
@@ -470,11 +476,13 @@ def review(
             f"{row['champion']:.4f}",
             f"{row['challenger']:.4f}",
             f"{row['delta']:+.4f} ({row['better']} is better)",
+            "" if row["low"] is None else f"{row['low']:+.4f} to {row['high']:+.4f}",
         )
     console.print(table)
     console.print(f"[bold]verdict:[/] {result.verdict}")
+    console.print(f"  rule: {escape(result.rule)}", highlight=False, soft_wrap=True)
     for reason in [*result.reasons, *result.notes]:
-        console.print(f"  {escape(reason)}", highlight=False)
+        console.print(f"  {escape(reason)}", highlight=False, soft_wrap=True)
     console.print(f"comparison logged as MLflow run {result.run_id}")
 
 
@@ -485,12 +493,19 @@ def promote(
     version: Annotated[
         int | None, typer.Option(help="Version to promote; default challenger.")
     ] = None,
-    force: Annotated[bool, typer.Option(help="Promote even if a primary metric is worse.")] = False,
-    rollback: Annotated[bool, typer.Option(help="Restore the previous champion.")] = False,
+    force: Annotated[
+        bool, typer.Option(help="Promote although the review refused it or was inconclusive.")
+    ] = False,
+    rollback: Annotated[
+        bool, typer.Option(help="Restore the last champion before the current one.")
+    ] = False,
     reason: Annotated[str | None, typer.Option(help="Why; recorded on the version.")] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Move the champion alias to the challenger (or V), or roll back."""
+    """Move the champion alias to the challenger (or V) on the review's verdict, or roll back.
+
+    Exit 4 when the review refused the version or was inconclusive (--force overrides).
+    """
     from lapse.registry import promote as run_promote
 
     if force and rollback:
@@ -959,6 +974,48 @@ def forget(
     result = run_forget(load_config(config), user_ids)
     parts = ", ".join(f"{n:,} {k.replace('_', ' ')}" for k, n in result.removed.items())
     console.print(f"forgot {result.users:,} user(s): removed {parts}", highlight=False)
+    for line in result.kept:
+        err_console.print(
+            f"[yellow]not rewritten:[/] {escape(line)}", highlight=False, soft_wrap=True
+        )
+
+
+registry_app = typer.Typer(help="Inspect the MLflow model registry.", no_args_is_help=True)
+app.add_typer(registry_app, name="registry")
+
+
+@registry_app.command("history")
+@_friendly
+def registry_history(name: NameOpt = None, config: ConfigOpt = None) -> None:
+    """Show the promotion log: every champion change, refusal and rollback, oldest first."""
+    from lapse.registry import history
+
+    cfg = load_config(config)
+    events = history(cfg, name)
+    table = Table(
+        "#",
+        "when (UTC)",
+        "action",
+        "version",
+        "champion before",
+        "by",
+        "why",
+        title=f"promotion log of {name or cfg.models.name}",
+        title_justify="left",
+    )
+    for e in events:
+        table.add_row(
+            str(e.seq),
+            e.at.replace("T", " ").removesuffix("+00:00"),
+            e.action.replace("_", " "),
+            f"v{e.version}",
+            "" if e.previous is None else f"v{e.previous}",
+            escape(e.by),
+            escape(e.reason),
+        )
+    console.print(table)
+    if not events:
+        console.print("no entries yet: `lapse train` registers the first champion")
 
 
 @config_app.command("show")

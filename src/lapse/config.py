@@ -797,6 +797,12 @@ class RegistryConfig(_Section):
     tolerance: float = Field(
         default=0.005, ge=0, description="how much worse a primary metric may get on promotion"
     )
+    review_cutoffs: int = Field(
+        default=4,
+        gt=0,
+        description="`lapse review` pools up to this many latest complete cutoffs (every "
+        "labels.cutoff_every_days) after both models' label windows",
+    )
 
 
 class LapseConfig(_Section):

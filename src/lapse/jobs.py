@@ -3,7 +3,7 @@ no parsing, no printing. The score run lives in :mod:`lapse.score.run`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -244,16 +244,20 @@ def run_demo(
 
 @dataclass(frozen=True)
 class ForgetResult:
-    """Rows removed per place by `lapse forget`."""
+    """Rows removed per place by `lapse forget`, and the files it knows of that may hold
+    the users but cannot be rewritten (``kept``, one line each: where and what to do)."""
 
     users: int
     removed: dict[str, int]
+    kept: list[str] = field(default_factory=list)
 
 
 def run_forget(config: LapseConfig, user_ids: list[str]) -> ForgetResult:
-    """Erase users from audit snapshots, outboxes, dead letters and the run ledger."""
+    """Erase users from audit snapshots, outboxes, dead letters and the run ledger; report
+    the MLflow input examples holding them (:func:`lapse.registry.example_files`)."""
     from lapse.delivery.audit import AuditTrail
     from lapse.delivery.ledger import Ledger
+    from lapse.registry import example_files
 
     ids = {str(u) for u in user_ids}
     trail = AuditTrail(config.resolve(config.audit.path))
@@ -261,4 +265,4 @@ def run_forget(config: LapseConfig, user_ids: list[str]) -> ForgetResult:
     if trail.ledger.exists():
         with Ledger(trail.ledger) as ledger:
             removed["ledger_rows"] = ledger.forget(sorted(ids))
-    return ForgetResult(users=len(ids), removed=removed)
+    return ForgetResult(users=len(ids), removed=removed, kept=example_files(config, ids))

@@ -45,6 +45,8 @@ __all__ = [
     "Paired",
     "Verdict",
     "decide",
+    "interval_metrics",
+    "intervals_from_metrics",
     "judge",
     "metric_value",
     "paired_interval",
@@ -391,3 +393,36 @@ def decide(intervals: Mapping[str, Interval], tolerance: float) -> Decision:
         f"within the tolerance {tolerance:g} ({bounds}; positive is better)",
         lines,
     )
+
+
+def interval_metrics(intervals: Mapping[str, Interval]) -> dict[str, float]:
+    """The intervals as flat metrics (``delta.``, ``low.``, ``high.``, ``users.``,
+    ``cutoffs.`` + ``task.metric``), as a review run logs them."""
+    out: dict[str, float] = {}
+    for key, iv in intervals.items():
+        out |= {
+            f"delta.{key}": iv.delta,
+            f"low.{key}": iv.low,
+            f"high.{key}": iv.high,
+            f"users.{key}": float(iv.users),
+            f"cutoffs.{key}": float(iv.cutoffs),
+        }
+    return out
+
+
+def intervals_from_metrics(metrics: Mapping[str, float]) -> dict[str, Interval]:
+    """The inverse of :func:`interval_metrics` (other metrics are ignored)."""
+    keys = [k.removeprefix("low.") for k in metrics if k.startswith("low.")]
+    fields = ("delta", "low", "high", "users", "cutoffs")
+    return {
+        key: Interval(
+            key=key,
+            delta=float(metrics[f"delta.{key}"]),
+            low=float(metrics[f"low.{key}"]),
+            high=float(metrics[f"high.{key}"]),
+            users=int(metrics[f"users.{key}"]),
+            cutoffs=int(metrics[f"cutoffs.{key}"]),
+        )
+        for key in sorted(keys)
+        if all(f"{f}.{key}" in metrics for f in fields)
+    }

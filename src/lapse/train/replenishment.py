@@ -25,7 +25,7 @@ estimate does not also price it in (the plain median runs into the long
 right tail of customers who never reorder). The baselines are point
 estimates already and are unaffected.
 
-Review (:func:`evaluate_model`) scores a shipped model the way it is used:
+Review (:func:`predict_outcomes`, :func:`evaluate_model`) scores a shipped model the way it is used:
 the episodes open at a later cutoff, conditional on the days they have
 lasted, against their next order in the ``F`` days after it (labels from
 :func:`lapse.labels.episodes.reorder_outcomes`), with the race's metrics.
@@ -74,6 +74,7 @@ __all__ = [
     "consumables_table",
     "evaluate_model",
     "predict_open",
+    "predict_outcomes",
     "run_replenishment",
 ]
 
@@ -491,6 +492,40 @@ def run_replenishment(
     )
 
 
+def _outcome_rows(
+    model: ReplenishmentModel,
+    events: pl.LazyFrame,
+    cutoff: datetime,
+    config: LapseConfig,
+    data_end: datetime | None,
+) -> tuple[pl.DataFrame, float]:
+    """``(rows, days)``: the episodes open at ``cutoff`` with their next order in the
+    follow-up window of ``days`` (see :func:`evaluate_model`)."""
+    t = utc_cutoff(cutoff, "cutoff")
+    end = data_span(events)[1] if data_end is None else utc_cutoff(data_end, "data_end")
+    until = min(t + timedelta(days=config.replenishment.follow_up_days), end)
+    days = (until - t) / _DAY
+    if days <= 0:
+        raise NotEnoughEpisodes(
+            f"the events end {end:%Y-%m-%d}, not after the cutoff {t:%Y-%m-%d}: no follow-up"
+        )
+    rows = reorder_outcomes(
+        events,
+        _open_frame(model, events, t),
+        config,
+        as_of=t,
+        until=until,
+        skus=model.skus,
+        target=model.target,
+    )
+    if rows.height == 0 or not rows["observed"].any():
+        raise NotEnoughEpisodes(
+            f"{rows.height} episodes open at {t:%Y-%m-%d} and none reordered by "
+            f"{until:%Y-%m-%d}; nothing to evaluate"
+        )
+    return rows, float(days)
+
+
 def evaluate_model(
     model: ReplenishmentModel,
     events: pl.LazyFrame,
@@ -499,7 +534,7 @@ def evaluate_model(
     *,
     data_end: datetime | None = None,
 ) -> dict[str, float]:
-    """The shipped model's metrics at a cutoff it has not seen (what ``lapse review`` compares).
+    """The shipped model's metrics at a cutoff it has not seen.
 
     The rows are what :func:`predict_open` would score at ``cutoff``: the open
     episode of each consumable SKU the model knows (``model.skus``, its target
@@ -529,28 +564,7 @@ def evaluate_model(
     NotEnoughEpisodes
         No data after ``cutoff``, no open episode at it, or no reorder in the window.
     """
-    t = utc_cutoff(cutoff, "cutoff")
-    end = data_span(events)[1] if data_end is None else utc_cutoff(data_end, "data_end")
-    until = min(t + timedelta(days=config.replenishment.follow_up_days), end)
-    days = (until - t) / _DAY
-    if days <= 0:
-        raise NotEnoughEpisodes(
-            f"the events end {end:%Y-%m-%d}, not after the cutoff {t:%Y-%m-%d}: no follow-up"
-        )
-    rows = reorder_outcomes(
-        events,
-        _open_frame(model, events, t),
-        config,
-        as_of=t,
-        until=until,
-        skus=model.skus,
-        target=model.target,
-    )
-    if rows.height == 0 or not rows["observed"].any():
-        raise NotEnoughEpisodes(
-            f"{rows.height} episodes open at {t:%Y-%m-%d} and none reordered by "
-            f"{until:%Y-%m-%d}; nothing to evaluate"
-        )
+    rows, days = _outcome_rows(model, events, cutoff, config, data_end)
     metrics, _, _ = _score(
         model.model,
         rows,
@@ -560,7 +574,43 @@ def evaluate_model(
         _times(days),
         model.config.replenishment.follow_up_days,
     )
-    return {**metrics, "follow_up_days": float(days)}
+    return {**metrics, "follow_up_days": days}
+
+
+def predict_outcomes(
+    model: ReplenishmentModel,
+    events: pl.LazyFrame,
+    cutoff: datetime,
+    config: LapseConfig,
+    *,
+    data_end: datetime | None = None,
+) -> pl.DataFrame:
+    """The rows of :func:`evaluate_model`, one per open episode, with the model's prediction
+    (what ``lapse review`` pairs across two models).
+
+    Returns
+    -------
+    pl.DataFrame
+        ``user_id, sku, days`` (to the reorder, or to the end of the follow-up),
+        ``observed`` (the reorder was seen), ``predicted_days`` (the point
+        estimate :func:`predict_open` ships) and ``follow_up_days``.
+
+    Raises
+    ------
+    NotEnoughEpisodes
+        As :func:`evaluate_model`.
+    """
+    rows, days = _outcome_rows(model, events, cutoff, config, data_end)
+    predicted = model.model.predict_median(
+        rows, rows["elapsed_days"].to_numpy(), horizon=model.config.replenishment.follow_up_days
+    )
+    return rows.select(
+        *_KEYS,
+        pl.col("residual_days").cast(pl.Float64).alias("days"),
+        "observed",
+        pl.Series("predicted_days", predicted, dtype=pl.Float64),
+        pl.lit(days).alias("follow_up_days"),
+    )
 
 
 #: Consumables listed in the report; the rest are counted.
