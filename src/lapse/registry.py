@@ -17,8 +17,8 @@ Registry
     the alias ``challenger``, a description and provenance tags (data
     fingerprint, config hash, lapse version) set at registration and never
     changed afterwards; the first version, or any version while no
-    ``champion`` exists, also becomes ``champion``. No input example is logged:
-    the signature describes the input, so no customer's row is stored.
+    ``champion`` exists, also becomes ``champion``. The input example is a
+    synthetic row (every feature zero), so no customer's row is stored.
 
 Promotion
     :func:`promote` moves ``champion`` on the verdict of the latest review
@@ -225,8 +225,15 @@ def _connect(config: LapseConfig) -> tuple[MlflowClient, str]:
     db = _sqlite_path(uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
+    # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, which tracking_uri() would then
+    # prefer over the next config's own store: keep the user's environment as it was
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri), uri
 
 
@@ -527,8 +534,21 @@ def _input_type(dtype: str) -> Any:
     return _mlflow_type(known) if known is not None else AnyType()  # type: ignore[no-untyped-call]
 
 
+def _example(bundle: ChurnBundle) -> pl.DataFrame:
+    """A synthetic input row: user ``example``, every feature zero (false, empty text).
+
+    MLflow shows it as the model's input example; it holds no customer's data.
+    """
+    values: dict[str, pl.Series] = {"user_id": pl.Series("user_id", ["example"])}
+    for name, text in bundle.feature_schema.items():
+        dtype = _SIMPLE_DTYPES.get(text, pl.Float64())
+        zero = False if dtype == pl.Boolean else "" if dtype in (pl.String, pl.Categorical) else 0
+        values[name] = pl.Series(name, [zero]).cast(dtype)
+    return pl.DataFrame(list(values.values()))
+
+
 def _signature(bundle: ChurnBundle) -> Any:
-    """Input and output schema from the bundle alone: no customer's row is logged."""
+    """Input and output schema from the bundle alone."""
     from mlflow.models import ModelSignature  # noqa: TID251
     from mlflow.types import ColSpec, DataType, Schema  # noqa: TID251
 
@@ -560,7 +580,7 @@ def log_training(
     digest), tags (lapse version, data fingerprint, config hash, git commit when
     the config's folder is a git checkout) and a description: the data span, the
     race table and the selected model's metrics. The bundle becomes one pyfunc
-    model (a signature, no input example), registered as a new version of
+    model (a signature and a synthetic input example), registered as a new version of
     ``models.name`` with a description and the provenance tags, with the alias
     ``challenger`` (and ``champion`` when there is none yet, a ``registered``
     entry of the promotion log).
@@ -631,6 +651,7 @@ def log_training(
                 loader_module=__name__,
                 data_path=str(data),
                 signature=signature,
+                input_example=_example(bundle).to_pandas(),
                 pip_requirements=[f"lapse=={_lapse_version()}"],
                 metadata={
                     "lapse_version": _lapse_version(),
@@ -865,8 +886,8 @@ _EXAMPLES: Final = ("input_example.json", "serving_input_example.json")
 def example_files(config: LapseConfig, user_ids: Collection[str]) -> list[str]:
     """Input examples in the store that hold any of ``user_ids``, one line each.
 
-    lapse logs no input example (the signature describes the input); models
-    logged before that, or by hand, may hold customers' rows in
+    lapse logs a synthetic input example; models logged by lapse before it,
+    or by hand, may hold customers' rows in
     ``input_example.json`` and ``serving_input_example.json``. MLflow artifacts
     cannot be rewritten, so ``lapse forget`` reports them instead. A local
     store that does not exist is not created.
