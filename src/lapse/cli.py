@@ -32,7 +32,7 @@ from rich.progress import (
 from rich.table import Table
 
 from lapse.config import dump_config, load_config
-from lapse.exceptions import LapseError
+from lapse.exceptions import LapseError, WriteFailed
 
 if TYPE_CHECKING:
     from lapse.events import ValidationReport
@@ -1040,7 +1040,10 @@ def config_init(
     if out.exists() and not force:
         raise typer.BadParameter(f"{out} exists; pass --force to overwrite", param_hint="--out")
     text = init_config(events)
-    out.write_text(text, encoding="utf-8")
+    try:
+        out.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise WriteFailed.from_os_error(out, exc) from None
     console.print(
         f"wrote {out}: sort the event names under 'roles', then run `lapse validate {events} --config {out}`"
     )
