@@ -489,17 +489,13 @@ def test_missing_names_aliases_and_versions_list_what_exists(trained: Trained, s
         history(config, "other")
 
 
-def test_each_config_uses_its_own_store_in_one_process(
-    trained: Trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_each_config_uses_its_own_store_in_one_process(trained: Trained, store: Path) -> None:
     """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; lapse must not then send the next
     config (a notebook's second project) to the first store."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    for folder in ("a", "b"):
-        (tmp_path / folder).mkdir()
-        config = at(trained.good_config, tmp_path / folder)
-        assert log_training(trained.good, config, events_path=trained.train_events).version == 1
+    log_training(trained.good, at(trained.good_config, store), events_path=trained.train_events)
     assert "MLFLOW_TRACKING_URI" not in os.environ
+    other = at(trained.good_config, store / "other")
+    assert tracking_uri(other) == f"sqlite:///{(store / 'other').as_posix()}/mlflow.db"
 
 
 def test_review_notes_a_version_without_replenishment(trained: Trained) -> None:
@@ -518,19 +514,26 @@ def test_review_notes_a_version_without_replenishment(trained: Trained) -> None:
     assert note.startswith("replenishment was not compared: the challenger carries no")
 
 
-def test_forget_reports_input_examples_it_cannot_rewrite(trained: Trained, store: Path) -> None:
+def test_forget_reports_input_examples_it_cannot_rewrite(
+    trained: Trained, store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A version logged with real rows as its example (as lapse did before, or by hand):
-    `forget` names it, since MLflow artifacts cannot be rewritten; lapse's own are clean."""
+    `forget` names it, since MLflow artifacts cannot be rewritten (lapse's own examples are
+    synthetic: test_mlflow_as_the_reviewer_sees_it)."""
     import mlflow  # noqa: TID251  # an older logger, writing a real input example
 
     config = at(trained.good_config, store)
     assert run_forget(config, ["u1"]).kept == []  # no store yet, and none is created
     assert not (store / "mlflow.db").exists()
-    log_training(trained.good, config, events_path=trained.train_events)
     bundle = ChurnBundle.load(trained.good.bundle_path)
     rows = bundle.prepare(read_events(trained.train_events, config), trained.good.data_end)
     real = rows.head(3).select("user_id", *bundle.feature_schema)
-    with mlflow.start_run():  # log_training pointed mlflow at this store
+    uri = tracking_uri(config)
+    for variable in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.setenv(variable, uri)  # mlflow exports them; undone after the test
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    with mlflow.start_run():
         info = mlflow.pyfunc.log_model(
             name="model",
             loader_module="lapse.registry",
@@ -541,7 +544,7 @@ def test_forget_reports_input_examples_it_cannot_rewrite(trained: Trained, store
     someone = str(real["user_id"][0])
     result = run_forget(config, [someone, "nobody"])
     assert len(result.kept) == 2, result.kept
-    assert result.kept[0].startswith("models:/lapse/2 input_example.json holds 1 of these users")
+    assert result.kept[0].startswith("models:/lapse/1 input_example.json holds 1 of these users")
     assert "serving_input_example.json" in result.kept[1]
     assert "delete that model version" in result.kept[0]
     assert run_forget(config, ["nobody"]).kept == []
