@@ -243,3 +243,41 @@ def test_error_messages_keep_bracketed_column_lists(tmp_path: Path) -> None:
     result = runner.invoke(app, ["validate", str(path)])
     assert result.exit_code == 2
     assert "The source has [a, b]" in result.output
+
+
+def test_version() -> None:
+    from lapse import __version__
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output == f"lapse {__version__}\n"
+    assert re.fullmatch(r"\d+\.\d+\.\d+\S*", __version__)
+
+
+def test_tables_print_whole_when_stdout_is_not_a_terminal(tmp_path: Path) -> None:
+    """The nightly job's log and CI are not terminals: a table row longer than 80
+    columns stays one line there (rich would fold it at 80)."""
+    deep = tmp_path / ("a-folder-name-long-enough-to-push-the-row-past-eighty-columns" * 2)
+    deep.mkdir()
+    rejects = str(deep / "rejects.parquet")
+    argv = ["validate", str(_bad_csv(tmp_path)), "--rejects", rejects, "--max-reject-share", "1"]
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    (row,) = [line for line in result.output.splitlines() if "rejects file" in line]
+    assert rejects in row and len(row) > 80
+
+
+def test_a_terminal_keeps_its_width() -> None:
+    import io
+
+    from rich.table import Table
+
+    from lapse.cli import _Console
+
+    table = Table("column")
+    table.add_row("x" * 120)
+    wide, narrow = io.StringIO(), io.StringIO()
+    _Console(file=wide).print(table)
+    _Console(file=narrow, force_terminal=True, color_system=None, width=50).print(table)
+    assert max(len(line) for line in wide.getvalue().splitlines()) == 124
+    assert max(len(line) for line in narrow.getvalue().splitlines()) == 50

@@ -14,7 +14,6 @@ import polars as pl
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sklearn.base import clone
 
 from lapse.config import load_config
 from lapse.features.episodes_covariates import order_covariates, purchase_orders
@@ -267,21 +266,6 @@ def test_baselines_ignore_the_horizon() -> None:
         np.testing.assert_array_equal(
             model.predict_median(frame, 4.0, horizon=7.0), model.predict_median(frame, 4.0)
         )
-
-
-def test_model_contract() -> None:
-    frame, t, e = _toy(seed=2)
-    before = frame.clone()
-    for model in (SurvivalModel("lognormal_aft"), LastGap(), DepletionRule()):
-        assert model.fit(frame, t, e) is model
-        twin = clone(model).fit(frame, t, e)
-        assert clone(model).get_params() == model.get_params()
-        np.testing.assert_array_equal(
-            model.predict_median(frame, 3.0), twin.predict_median(frame, 3.0)
-        )
-        fitted = [k for k in vars(model) if k not in model.get_params()]
-        assert fitted and all(k.endswith("_") for k in fitted)
-    assert frame.equals(before)
 
 
 def test_baselines_by_hand() -> None:

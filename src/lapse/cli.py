@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated, ParamSpec, TypeVar
 
 import polars as pl
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
@@ -31,6 +31,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from lapse import __version__
 from lapse.config import dump_config, load_config
 from lapse.exceptions import LapseError, WriteFailed
 
@@ -56,8 +57,26 @@ app.add_typer(config_app, name="config")
 triggers_app = typer.Typer(help="Evaluate triggers and deliver them.", no_args_is_help=True)
 app.add_typer(triggers_app, name="triggers")
 
-console = Console()
-err_console = Console(stderr=True)
+# rich cuts output at 80 columns when it is not a terminal: a log line this long is whole
+LOG_WIDTH = 10_000
+
+
+class _Console(Console):
+    """rich's Console, full width when its stream is not a terminal (the nightly
+    job's log, CI), where rich would cut tables and wrap lines at 80 columns."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        return size if self.is_terminal else ConsoleDimensions(LOG_WIDTH, size.height)
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)  # type: ignore[attr-defined]
+
+
+console = _Console()
+err_console = _Console(stderr=True)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -97,6 +116,24 @@ def _parse_date(value: str, option: str) -> datetime:
             f"{value!r} is not a date; use YYYY-MM-DD", param_hint=option
         ) from None
     return day.replace(tzinfo=UTC)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"lapse {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Churn and replenishment modeling from customer event streams."""
 
 
 def _home() -> Path:
@@ -1060,7 +1097,7 @@ def sinks_check(
         str,
         typer.Option(
             "--sink",
-            help="braze, klaviyo, customerio, segment, iterable or webhook.",
+            help="braze, klaviyo, customerio, segment, iterable, webhook or sql.",
             show_default=False,
         ),
     ],

@@ -28,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from lapse.exceptions import ConfigError
+from lapse.exceptions import ConfigError, ExprError
 from lapse.schema import EVENT_COLUMNS, ORDER_ID
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "DeliveryConfig",
     "DriversConfig",
     "FeaturesConfig",
+    "FileSinkConfig",
     "FrequencyCap",
     "IdentitiesConfig",
     "IncrementalConfig",
@@ -419,7 +420,7 @@ class TriggerSpec(_Section):
 
     @model_validator(mode="after")
     def _parse(self) -> TriggerSpec:
-        from lapse.conditions import ExprError, parse
+        from lapse.conditions import parse
 
         if isinstance(self.cooldown_days, int) and self.cooldown_days < 0:
             raise ValueError("cooldown_days must be >= 0 or 'forever'")
@@ -439,7 +440,7 @@ class TriggerSpec(_Section):
 
 def _parsed_condition(text: str) -> str:
     """A condition of the trigger language, checked for syntax (names are checked at run time)."""
-    from lapse.conditions import ExprError, parse
+    from lapse.conditions import parse
 
     try:
         parse(text)
@@ -669,6 +670,17 @@ class SqlSinkConfig(_Section):
     batch_rows: int = Field(default=1000, gt=0, description="records per transaction")
 
 
+class FileSinkConfig(_Section):
+    """The file sink (``--sink file --out PATH``): Parquet or CSV."""
+
+    spreadsheet_safe: bool = Field(
+        default=False,
+        description="CSV only: prefix text cells starting with = + - @ tab or CR with an "
+        "apostrophe, so a spreadsheet shows them instead of running them as formulas "
+        "(ids then differ from the source's)",
+    )
+
+
 class SinksConfig(_Section):
     """Where ``lapse score`` delivers, and how each messaging platform gets the records."""
 
@@ -678,6 +690,7 @@ class SinksConfig(_Section):
         pattern=r"^[A-Za-z0-9_]*$",
         description="start of every attribute and event name lapse writes",
     )
+    file: FileSinkConfig = Field(default_factory=FileSinkConfig)
     braze: BrazeConfig = Field(default_factory=BrazeConfig)
     klaviyo: KlaviyoConfig = Field(default_factory=KlaviyoConfig)
     customerio: CustomerioConfig = Field(default_factory=CustomerioConfig)
@@ -739,6 +752,13 @@ class DeliveryConfig(_Section):
     backoff_seconds: float = Field(default=1.0, ge=0, description="first wait, doubled each try")
     max_backoff_seconds: float = Field(
         default=60.0, ge=0, description="longest wait, also caps a destination's Retry-After"
+    )
+    max_retry_seconds: float = Field(
+        default=300.0,
+        ge=0,
+        description="retry budget of a whole run: seconds of waits and failed tries; once "
+        "spent nothing is retried (a failing batch is dead-lettered, an unreachable "
+        "destination stops the run)",
     )
     batch_size: int | None = Field(
         default=None, gt=0, description="records per batch; null: the destination's limit"

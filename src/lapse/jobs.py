@@ -17,10 +17,9 @@ from lapse.score.run import ScoreRunResult, run_score
 from lapse.spark import ENGINES, Engine
 
 if TYPE_CHECKING:
-    from pyspark.sql import SparkSession
-
     from lapse.insights.drivers import DriversResult
     from lapse.registry import RegisteredVersion
+    from lapse.spark import SparkSession
     from lapse.train.churn import TrainResult
 
 __all__ = [

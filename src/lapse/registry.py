@@ -53,7 +53,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 import polars as pl
 
@@ -66,6 +65,7 @@ from lapse.modeling.compare import (
     interval_metrics,
     intervals_from_metrics,
 )
+from lapse.redact import redact_url
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient  # noqa: TID251
@@ -184,16 +184,6 @@ def tracking_uri(config: LapseConfig) -> str:
     return uri
 
 
-def _redact_uri(uri: str) -> str:
-    """``uri`` without a password (user:secret@host -> user:***@host)."""
-    parts = urlsplit(uri)
-    if "@" not in parts.netloc:
-        return uri
-    userinfo, host = parts.netloc.rsplit("@", 1)
-    user = userinfo.split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
-
-
 def _artifact_location(config: LapseConfig, uri: str) -> str | None:
     configured = config.registry.artifact_location
     if configured:
@@ -212,7 +202,7 @@ def _mlflow_errors(uri: str) -> Iterator[None]:
     try:
         yield
     except MlflowException as exc:
-        raise LapseError(f"MLflow at {_redact_uri(uri)}: {exc.message}") from None
+        raise LapseError(f"MLflow at {redact_url(uri)}: {exc.message}") from None
 
 
 def _connect(config: LapseConfig) -> tuple[MlflowClient, str]:
@@ -251,7 +241,7 @@ def _experiment_id(client: MlflowClient, config: LapseConfig, uri: str) -> str:
                 raise
     if exp.lifecycle_stage == "deleted":
         raise LapseError(
-            f"MLflow experiment {name!r} at {_redact_uri(uri)} is deleted; restore it "
+            f"MLflow experiment {name!r} at {redact_url(uri)} is deleted; restore it "
             f"(`mlflow experiments restore --experiment-id {exp.experiment_id}`) or set "
             "registry.experiment in the config"
         )
@@ -266,7 +256,7 @@ def _redact(obj: Any) -> Any:
         return {k: "***" if _SECRET.search(str(k)) else _redact(v) for k, v in obj.items()}
     if isinstance(obj, list):
         return [_redact(v) for v in obj]
-    return obj
+    return redact_url(obj) if isinstance(obj, str) else obj
 
 
 def _param(value: Any) -> str:
@@ -689,7 +679,7 @@ def log_training(
         run_id=run.info.run_id,
         model_uri=f"models:/{name}/{version}",
         aliases=tuple(aliases),
-        tracking_uri=_redact_uri(uri),
+        tracking_uri=redact_url(uri),
     )
 
 
@@ -789,7 +779,7 @@ def _missing(client: MlflowClient, name: str, alias: str | None, uri: str) -> La
     if name not in names:
         listed = ", ".join(names) if names else "none"
         return LapseError(
-            f"no registered model {name!r} at {_redact_uri(uri)} (registered models: {listed}); "
+            f"no registered model {name!r} at {redact_url(uri)} (registered models: {listed}); "
             "run `lapse train` to register one, or pass --name / set models.name"
         )
     aliases = _aliases(client, name)

@@ -13,6 +13,19 @@ least once; sinks are idempotent, so the resend that follows a crash between
 acknowledgement and ledger write changes nothing. :func:`deliver` on a run that already has batches (a resume)
 sends only those not yet ``done``.
 
+A destination that cannot be reached stops the run instead of filling the
+dead letters: when no connection can be made (:class:`~lapse.sinks.base.ConnectionFailed`:
+refused, unknown host, connect timeout) before the destination acknowledged any
+batch of the run, the batch is tried :data:`FIRST_CONTACT_ATTEMPTS` times and the
+run stops (:class:`~lapse.exceptions.DestinationUnreachable`, one line naming the redacted
+URL), its batches pending, nothing dead-lettered, resumable. Later in a run a
+lost connection is retried like any transient failure, and still stops the run
+rather than dead-letter records that were never sent. Every retry of a run draws
+on one budget (:class:`RetryBudget`, ``delivery.max_retry_seconds``): the waits
+between tries and the time of the tries that failed. Once it is spent nothing is
+retried any more; a batch that then fails is dead-lettered (or, unreachable,
+stops the run), so a struggling destination costs a run minutes, not hours.
+
 The frequency cap (``delivery.frequency_cap``) is enforced here too, by
 :func:`apply_frequency_cap` before a run's outbox is fixed, for every trigger
 and every kind of run: a *message* (:func:`is_message`) is a record that carries
@@ -37,25 +50,29 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
+from tenacity import RetryCallState, Retrying, retry_if_exception_type
 
 from lapse.config import DeliveryConfig, FrequencyCap
 from lapse.delivery.ledger import Batch, Ledger
+from lapse.exceptions import DestinationUnreachable
 from lapse.sinks.base import (
+    ConnectionFailed,
+    DeliveryStopped,
     Item,
     Outcome,
     PayloadTooLarge,
     RetryableError,
     Sink,
-    SinkAuthError,
     SinkError,
     json_default,
     json_size,
 )
 
 __all__ = [
+    "FIRST_CONTACT_ATTEMPTS",
     "INTERNAL_COLUMNS",
     "DeliveryReport",
+    "RetryBudget",
     "apply_frequency_cap",
     "deliver",
     "delta_changes",
@@ -67,6 +84,27 @@ __all__ = [
 
 #: Outbox columns the delivery layer uses and never hands to a sink.
 INTERNAL_COLUMNS: tuple[str, ...] = ("delta_key", "cooldown_keys")
+#: Tries of a batch whose connection cannot be made before the destination
+#: acknowledged anything of the run (then the run stops: a few seconds, not minutes).
+FIRST_CONTACT_ATTEMPTS = 3
+
+
+@dataclass
+class RetryBudget:
+    """The seconds a run may still spend on retries, shared by all its :func:`deliver` calls.
+
+    ``reached`` turns true once the destination acknowledged a batch of the run;
+    ``spent`` once a retry was refused for want of budget.
+    """
+
+    seconds: float
+    reached: bool = False
+    spent: bool = False
+
+    @classmethod
+    def of(cls, config: DeliveryConfig) -> RetryBudget:
+        """A run's whole budget, ``delivery.max_retry_seconds``."""
+        return cls(config.max_retry_seconds)
 
 
 @dataclass
@@ -217,6 +255,39 @@ def _wait(config: DeliveryConfig) -> Callable[[RetryCallState], float]:
     return wait
 
 
+def _stop(config: DeliveryConfig, budget: RetryBudget) -> Callable[[RetryCallState], bool]:
+    """No more tries: the batch's attempts are used up, or the run's retry budget is."""
+    wait = _wait(config)
+
+    def stop(state: RetryCallState) -> bool:
+        exc = state.outcome.exception() if state.outcome else None
+        attempts = config.max_attempts
+        if isinstance(exc, ConnectionFailed) and not budget.reached:
+            attempts = min(attempts, FIRST_CONTACT_ATTEMPTS)
+        if state.attempt_number >= attempts:
+            return True
+        if wait(state) > budget.seconds:
+            budget.spent = True
+            return True
+        return False
+
+    return stop
+
+
+def _stopped(exc: ConnectionFailed, tries: int, budget: RetryBudget, score_run_id: str) -> str:
+    """The one line that stops a run whose destination cannot be reached."""
+    why = (
+        "the run's retry budget (delivery.max_retry_seconds) is spent"
+        if budget.spent
+        else f"tried {tries} time{'s' if tries != 1 else ''}"
+    )
+    return (
+        f"{exc}; {why}. Nothing of this batch was sent or dead-lettered: score run "
+        f"{score_run_id} stops here with its unsent batches pending; once the destination "
+        f"is reachable, finish it with `lapse score <events> --resume {score_run_id}`"
+    )
+
+
 def deliver(
     outbox: pl.DataFrame,
     sink: Sink,
@@ -230,6 +301,7 @@ def deliver(
     sleep: Callable[[float], None] = time.sleep,
     items: list[Item | None] | None = None,
     rows: tuple[int, int] | None = None,
+    budget: RetryBudget | None = None,
 ) -> DeliveryReport:
     """Send the outbox's pending batches to ``sink``; see the module docstring.
 
@@ -242,12 +314,15 @@ def deliver(
     ``rows=(lo, hi)`` says ``outbox`` is only rows ``lo..hi`` of the run's outbox
     (a caller that goes through a large outbox in chunks, with no batch across
     two chunks): only the batches starting there are sent, and the caller opens
-    the sink first and settles the run after the last chunk (:func:`settle`).
+    the sink first and settles the run after the last chunk (:func:`settle`), and
+    passes one ``budget`` (:meth:`RetryBudget.of`) to every chunk.
 
     Raises
     ------
-    SinkAuthError
-        Credentials are missing or refused; the current batch is left pending.
+    DeliveryStopped
+        Credentials are missing or refused (:class:`~lapse.sinks.base.SinkAuthError`),
+        or the destination cannot be reached (:class:`~lapse.exceptions.DestinationUnreachable`);
+        the current batch is left pending.
     """
     if items is None:
         items = encode(sink, outbox)
@@ -265,20 +340,31 @@ def deliver(
     if on_progress and report.resumed_done:
         on_progress(report.resumed_done)
     pending = [b for b in queue if b.state != "done"][::-1]
+    budget = budget if budget is not None else RetryBudget.of(config)
     if rows is None:
         sink.open(score_run_id)
+    tries = 0
 
     def send(batch_id: str, batch: list[Item]) -> Outcome:
+        nonlocal tries
         throttle.wait()
         report.requests += 1
-        return sink.send(batch_id, batch)
+        tries += 1
+        began = time.monotonic()
+        try:
+            return sink.send(batch_id, batch)
+        except RetryableError:
+            budget.seconds -= time.monotonic() - began
+            raise
 
     def count_retry(state: RetryCallState) -> None:
         report.retried += 1
+        budget.seconds -= state.next_action.sleep if state.next_action else 0.0
         ledger.attempt(score_run_id, name, current.batch_id)
 
     while pending:
         current = pending.pop()
+        tries = 0
         got = [i for i in range(current.start, current.stop) if items[i - lo] is not None]
         batch_items = [items[i - lo] for i in got]
         too_big = _oversized(sink, batch_items)
@@ -293,7 +379,7 @@ def deliver(
             else:
                 retrying = Retrying(
                     retry=retry_if_exception_type(RetryableError),
-                    stop=stop_after_attempt(config.max_attempts),
+                    stop=_stop(config, budget),
                     wait=_wait(config),
                     sleep=sleep,
                     before_sleep=count_retry,
@@ -305,11 +391,17 @@ def deliver(
                 pending.extend(reversed(ledger.split(score_run_id, name, current)))
                 continue
             _fail(ledger, report, score_run_id, name, current, got, users, lo, str(exc))
-        except SinkAuthError:
+        except DeliveryStopped:
             raise
+        except ConnectionFailed as exc:  # never sent: stop, resumable, rather than dead-letter
+            raise DestinationUnreachable(_stopped(exc, tries, budget, score_run_id)) from None
         except SinkError as exc:  # retries exhausted (RetryableError) or a permanent refusal
-            _fail(ledger, report, score_run_id, name, current, got, users, lo, str(exc))
+            why = str(exc)
+            if budget.spent and isinstance(exc, RetryableError):
+                why += "; not retried: the run's retry budget (delivery.max_retry_seconds) is spent"
+            _fail(ledger, report, score_run_id, name, current, got, users, lo, why)
         else:
+            budget.reached = budget.reached or bool(got)
             failures = [(got[k], users[got[k] - lo], why) for k, why in outcome_failed.items()]
             bad = {r for r, _, _ in failures}
             took = [r for r in got if r not in bad]

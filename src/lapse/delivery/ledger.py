@@ -28,14 +28,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
-from lapse.exceptions import LapseError
+from lapse.exceptions import LapseError, LockHeldError
 
 __all__ = [
     "Batch",
     "Ledger",
-    "LockHeldError",
     "RunInfo",
     "TriggerState",
     "Watermark",
@@ -575,12 +574,6 @@ def _parse(text: str) -> datetime:
 def _chunks(items: list[str], n: int) -> Iterator[list[str]]:
     for i in range(0, len(items), n):
         yield items[i : i + n]
-
-
-class LockHeldError(LapseError):
-    """Another run holds the sink's lock (the command line exits with 3)."""
-
-    exit_code: ClassVar[int] = 3
 
 
 @contextlib.contextmanager

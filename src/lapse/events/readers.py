@@ -6,12 +6,17 @@ track exports (NDJSON whose ``properties``/``context`` objects are flattened
 into ``properties.<field>`` / ``context.<field>`` columns).
 
 The schema is resolved eagerly, so a file that cannot be read fails here with
-a one-line :class:`~lapse.exceptions.ReadError` naming the file.
+a one-line :class:`~lapse.exceptions.ReadError` naming the file. Text files
+must be UTF-8: a UTF-16 or UTF-32 file is refused naming its encoding, a binary
+file as not text (nothing of its content is quoted); a CSV header naming a
+column twice is refused naming the column (Polars would read the first).
 """
 
 from __future__ import annotations
 
+import csv
 import glob as globlib
+import gzip
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Final
@@ -46,6 +51,15 @@ _PARQUET_MAGIC: Final = b"PAR1"
 # Segment exports nest these objects; they become ``<name>.<field>`` columns.
 _SEGMENT_STRUCTS: Final = ("properties", "context")
 _SEGMENT_ID_COLUMNS: Final = ("userId", "anonymousId")
+# Byte-order marks of the encodings lapse does not read (longest first: UTF-32-LE starts
+# like UTF-16-LE).
+_BOMS: Final = (
+    (b"\xff\xfe\x00\x00", "UTF-32 (little-endian)"),
+    (b"\x00\x00\xfe\xff", "UTF-32 (big-endian)"),
+    (b"\xff\xfe", "UTF-16 (little-endian)"),
+    (b"\xfe\xff", "UTF-16 (big-endian)"),
+)
+_HEAD_BYTES: Final = 4096
 
 
 def is_segment_schema(schema: Mapping[str, object]) -> bool:
@@ -119,6 +133,64 @@ def resolve_format(path: str | Path, fmt: SourceFormat = "auto") -> tuple[Source
     return found.pop(), files
 
 
+def _head(file: Path) -> bytes:
+    """The first bytes of ``file``'s text (a gzip file's decompressed; zstd is not looked at)."""
+    suffix = file.suffix.lower()
+    if suffix == ".zst":
+        return b""
+    opener = gzip.open if suffix in (".gz", ".gzip") else open
+    try:
+        with opener(file, "rb") as fh:
+            return bytes(fh.read(_HEAD_BYTES))
+    except (OSError, EOFError):
+        return b""  # unreadable: the scan says why
+
+
+def _text_problem(head: bytes) -> str | None:
+    """Why bytes cannot be UTF-8 text of events: another encoding, or binary data."""
+    for bom, encoding in _BOMS:
+        if head.startswith(bom):
+            return f"is {encoding} text"
+    if b"\x00" not in head:
+        return None
+    # UTF-16 without a byte-order mark: ASCII characters leave every other byte zero
+    even, odd = head[0::2].count(0), head[1::2].count(0)
+    if odd > len(head) // 4 and even == 0:
+        return "is UTF-16 (little-endian) text"
+    if even > len(head) // 4 and odd == 0:
+        return "is UTF-16 (big-endian) text"
+    return "is not text: it holds binary data"
+
+
+def _check_text(name: str, files: list[Path]) -> None:
+    """Refuse a text source that is not UTF-8 (naming the encoding), quoting none of it."""
+    for f in files:
+        problem = _text_problem(_head(f))
+        if problem is None:
+            continue
+        where = name if f == Path(name) else f"{name} ({f.name})"
+        fix = (
+            "convert it to UTF-8, e.g. `iconv -f UTF-16 -t UTF-8 IN > OUT`"
+            if "UTF" in problem
+            else "point at the event data (CSV, NDJSON or Parquet)"
+        )
+        raise ReadError(f"{where}: the file {problem}; lapse reads UTF-8 CSV and NDJSON: {fix}")
+
+
+def _check_header(name: str, files: list[Path], separator: str) -> None:
+    """Refuse a CSV header naming a column twice (Polars would read only the first)."""
+    for f in files:
+        line = _head(f).decode("utf-8-sig", errors="replace").partition("\n")[0]
+        names = next(csv.reader([line.rstrip("\r")], delimiter=separator), [])
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            where = name if f == Path(name) else f"{name} ({f.name})"
+            raise ReadError(
+                f"{where}: the header names column {twice[0]!r} more than once; lapse "
+                "would read only the first: rename or remove the others"
+            )
+
+
 def _empty_file(files: list[Path]) -> Path | None:
     return next((f for f in files if f.stat().st_size == 0), None)
 
@@ -148,12 +220,17 @@ def _text_schema(schema: pl.Schema, text_columns: Collection[str]) -> pl.Schema:
     return pl.Schema(out)
 
 
+def _separator(files: list[Path], csv_separator: str) -> str:
+    """The CSV field separator: ``.tsv`` files default to a tab."""
+    tsv = all(".tsv" in [s.lower() for s in f.suffixes] for f in files)
+    return "\t" if tsv and csv_separator == "," else csv_separator
+
+
 def _scan_text(
     fmt: SourceFormat, files: list[Path], csv_separator: str, schema: pl.Schema | None = None
 ) -> pl.LazyFrame:
     if fmt == "csv":
-        tsv = all(".tsv" in [s.lower() for s in f.suffixes] for f in files)
-        sep = "\t" if tsv and csv_separator == "," else csv_separator
+        sep = _separator(files, csv_separator)
         # Full-length type inference: a column that turns non-numeric late in
         # the file (InvoiceNo "C536379") must not fail mid-read.
         return pl.scan_csv(files, separator=sep, infer_schema_length=None, schema=schema)
@@ -221,8 +298,8 @@ def scan_source(
     Raises
     ------
     ReadError
-        The path is missing, empty or without rows, truncated, or not in the
-        expected format.
+        The path is missing, empty or without rows, truncated, not in the
+        expected format, text not in UTF-8, or a CSV header with a name twice.
     """
     name = str(path)
     resolved, files = resolve_format(name, fmt)
@@ -231,6 +308,10 @@ def scan_source(
         where = name if empty == Path(name) else f"{name} ({empty.name})"
         raise ReadError(f"{where}: the file is empty")
     scan_fmt: SourceFormat = "ndjson" if resolved == "segment" else resolved
+    if scan_fmt != "parquet":
+        _check_text(name, files)
+    if scan_fmt == "csv":
+        _check_header(name, files, _separator(files, csv_separator))
     try:
         lf, schema = _scan(name, scan_fmt, files, csv_separator, text_columns)
         rows = lf.select(pl.len()).collect().item()  # Parquet: from the footers

@@ -23,18 +23,15 @@ import numpy.typing as npt
 import polars as pl
 
 from lapse.config import LapseConfig
+from lapse.exceptions import FitWarning
 from lapse.modeling._base import ParamsMixin
 
-__all__ = ["BGNBD", "BTYD_COLUMNS", "FitWarning", "btyd_arrays", "rfm_summary"]
+__all__ = ["BGNBD", "BTYD_COLUMNS", "btyd_arrays", "rfm_summary"]
 
 FloatArray = npt.NDArray[np.float64]
 ArrayLike = npt.ArrayLike
 
 BTYD_COLUMNS = ("btyd_frequency", "btyd_recency_days", "btyd_age_days")
-
-
-class FitWarning(UserWarning):
-    """A model fit failed or did not converge and a fallback is used."""
 
 
 def rfm_summary(

@@ -339,7 +339,7 @@ def settle(interval: Interval, tolerance: float) -> str:
     users = math.ceil(interval.users * factor)
     cutoffs = math.ceil(interval.cutoffs * factor)
     return (
-        f"about {users:,} more users, or {cutoffs} more cutoff{'s' if cutoffs != 1 else ''} "
+        f"about {users:,} more users, or {cutoffs:,} more cutoff{'s' if cutoffs != 1 else ''} "
         f"at this size, would settle {interval.key} if the difference holds"
     )
 

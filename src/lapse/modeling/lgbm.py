@@ -123,7 +123,7 @@ class LightGBMChurn(ParamsMixin):
     L2 10) and ``min_child_samples`` growing with the data (``max(50, n /
     5000)``) keep it from memorising customers on a few thousand rows: on a
     real order log this raised the race's validation ROC-AUC from 0.67 to 0.73
-    (README, "On a real order log"), with the synthetic quality bar unchanged.
+    (docs/real-data.md), with the synthetic quality bar unchanged.
 
     Parameters
     ----------

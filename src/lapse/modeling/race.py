@@ -20,7 +20,8 @@ import numpy.typing as npt
 import polars as pl
 
 from lapse.config import LapseConfig
-from lapse.modeling.bgnbd import BGNBD, FitWarning, btyd_arrays
+from lapse.exceptions import FitWarning
+from lapse.modeling.bgnbd import BGNBD, btyd_arrays
 from lapse.modeling.lgbm import LightGBMChurn, model_columns
 from lapse.modeling.metrics import Calibrator, binary_metrics
 from lapse.modeling.rules import recency_days, rules_score

@@ -27,14 +27,13 @@ from lapse.exceptions import LapseError
 from lapse.spark import ENGINES, Engine
 
 if TYPE_CHECKING:
-    from pyspark.sql import SparkSession
-
     from lapse.delivery.audit import AuditTrail
     from lapse.delivery.ledger import Ledger, RunInfo
     from lapse.modeling.bundle import ChurnBundle
     from lapse.registry import LoadedBundle
     from lapse.score.records import ScoreResult
     from lapse.sinks.base import Sink
+    from lapse.spark import SparkSession
 
 __all__ = [
     "ScoreHeader",
@@ -598,7 +597,7 @@ def _deliver(
     started: float,
 ) -> ScoreRunResult:
     """Send the run's pending batches, then record the outcome in the ledger and the summary."""
-    from lapse.sinks.base import SinkAuthError
+    from lapse.sinks.base import DeliveryStopped
 
     report.delivering(outbox.height)
     try:
@@ -613,13 +612,15 @@ def _deliver(
             on_progress=report.advance,
             items=items,
         )
-    except SinkAuthError:
+    except DeliveryStopped:
         ledger.finish_run(run_id, target.name, "interrupted", summary)
         raise
     finally:
         target.close()
         _record_fired(ledger, run_id, target.name, outbox, items, as_of)
     result.counts.update(_delivery_counts(ledger, run_id, target.name, items), retried=sent.retried)
+    result.warnings += [w for w in target.warnings() if w not in result.warnings]
+    summary["warnings"] = result.warnings
     result.dead_letters = sent.dead_letters
     result.seconds = time.monotonic() - started
     summary["counts"] = result.counts

@@ -9,11 +9,14 @@ reuse) and turns HTTP outcomes into the errors of :mod:`lapse.sinks.base`:
 one of ``too_large``          a record alone is dead-lettered)
 408, 429, 5xx, timeouts,      :class:`RetryableError` with ``Retry-After``
 dropped connections           (seconds or an HTTP-date) when given
+no connection at all          :class:`ConnectionFailed` naming the URL
 other 4xx                     :class:`SinkError` with the platform's message
 ============================  ==========================================
 
-Secrets (keys, write keys, site ids) are never put in a message: every text
-that leaves this module goes through :meth:`HttpClient.scrub`.
+Secrets (keys, write keys, site ids, and a password, token or query in the
+base URL) are never put in a message: every text that leaves this module goes
+through :meth:`HttpClient.scrub`, and a URL is only ever shown redacted
+(:func:`lapse.redact.redact_url`).
 
 :class:`HttpSink` holds what the platform sinks do alike: the identifier of a
 record, the ``{prefix}`` attributes, the trigger and segment-change events and
@@ -32,7 +35,9 @@ from typing import Any
 
 import httpx
 
+from lapse.redact import redact, redact_url
 from lapse.sinks.base import (
+    ConnectionFailed,
     PayloadTooLarge,
     Record,
     RetryableError,
@@ -135,10 +140,10 @@ class HttpClient:
         )
 
     def scrub(self, text: str) -> str:
-        """``text`` with every secret replaced by ``***``."""
+        """``text`` with every secret replaced by ``***`` (the base URL's included)."""
         for secret in self._secrets:
             text = text.replace(secret, "***")
-        return text
+        return redact(text, self.base_url)
 
     def url(self, path: str) -> str:
         return path if path.startswith(("http://", "https://")) else self.base_url + path
@@ -158,6 +163,13 @@ class HttpClient:
             response = self._client.request(
                 method, self.url(path), content=body, params=params, headers=headers
             )
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # refused, unknown host
+            raise ConnectionFailed(
+                self.scrub(
+                    f"{self.platform} {method} {redact_url(self.url(path))}: cannot connect "
+                    f"({type(exc).__name__}: {exc})"
+                )
+            ) from None
         except httpx.TimeoutException as exc:
             raise RetryableError(f"{where}: timed out ({type(exc).__name__})") from None
         except httpx.TransportError as exc:  # refused, reset, closed before the response
@@ -170,7 +182,8 @@ class HttpClient:
         detail = self.scrub(" ".join(response.text.split())[:_DETAIL_CHARS]) or "(empty body)"
         if status in (401, 403):
             raise SinkAuthError(
-                f"{where}: HTTP {status}, {self.platform} refused the credentials: check "
+                f"{where}: HTTP {status}, {self.platform} at {redact_url(self.base_url)} "
+                f"refused the credentials: check "
                 f"{self.key_env} (and that the key has the permissions this sink needs, and "
                 f"the base URL is your region's); the platform said: {detail}"
             )

@@ -10,10 +10,14 @@ Errors a sink raises from :meth:`Sink.send` tell the delivery layer what to do:
 - :class:`RetryableError` (429, 5xx, a dropped connection): retry the same
   batch later, after ``retry_after`` seconds when the destination said so.
   Sinks are idempotent, so a resend after an unseen success changes nothing.
+  :class:`ConnectionFailed` says no connection could be made at all (refused,
+  unknown host, connect timeout), so nothing of the batch was sent.
 - :class:`PayloadTooLarge` (413, or a 400 the platform words as "too large"):
   split the batch in two and send each half; a record alone too large fails.
 - :class:`SinkAuthError` (401/403, a missing key): stop the run; nothing of
-  the batch is marked sent.
+  the batch is marked sent. It is a :class:`DeliveryStopped`, which the
+  delivery layer also raises when a destination cannot be reached: the run
+  stops with its pending batches left for ``--resume``.
 - :class:`SinkError` (anything else, e.g. 400 for the whole batch): the batch's
   records go to the dead-letter file with the message as their reason.
 
@@ -32,7 +36,15 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
-from lapse.exceptions import LapseError
+# the errors a sink raises, re-exported: a new sink imports everything it needs from here
+from lapse.exceptions import (
+    ConnectionFailed,
+    DeliveryStopped,
+    PayloadTooLarge,
+    RetryableError,
+    SinkAuthError,
+    SinkError,
+)
 
 if TYPE_CHECKING:
     from lapse.config import LapseConfig
@@ -40,6 +52,8 @@ if TYPE_CHECKING:
 __all__ = [
     "RECORD_COLUMNS",
     "RECORD_SCHEMA",
+    "ConnectionFailed",
+    "DeliveryStopped",
     "Item",
     "Limits",
     "Outcome",
@@ -98,26 +112,6 @@ RECORD_SCHEMA: dict[str, pl.DataType] = {
 Record = dict[str, Any]
 #: What :meth:`Sink.encode` makes of a record: a JSON-ready object.
 Item = Any
-
-
-class SinkError(LapseError):
-    """The destination refused a whole batch for good (its records are dead-lettered)."""
-
-
-class SinkAuthError(SinkError):
-    """Credentials are missing or refused; the run stops and nothing is marked sent."""
-
-
-class RetryableError(SinkError):
-    """A transient failure (429, 5xx, dropped connection): send the same batch again."""
-
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class PayloadTooLarge(SinkError):
-    """The destination said the batch is too large (413): split it and resend the halves."""
 
 
 @dataclass(frozen=True)
@@ -205,6 +199,10 @@ class Sink(ABC):
     def describe(self) -> str:
         """Where records go, for the summary (never a secret)."""
         return self.name
+
+    def warnings(self) -> list[str]:
+        """What the run should warn about the records written (asked after ``finish``)."""
+        return []
 
 
 def json_default(value: Any) -> Any:

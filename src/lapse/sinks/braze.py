@@ -28,6 +28,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lapse.redact import redact_url
 from lapse.sinks._http import HttpClient, HttpSink, env, event_time
 from lapse.sinks.base import (
     Item,
@@ -165,9 +166,9 @@ class BrazeSink(HttpSink):
         except SinkError:
             pass  # the empty body refused (400): the key itself was accepted
         return (
-            f"braze: {self.base_url} is reachable and accepted {KEY_ENV} "
+            f"braze: {redact_url(self.client.base_url)} is reachable and accepted {KEY_ENV} "
             "(an empty /users/track request, which writes nothing)"
         )
 
     def describe(self) -> str:
-        return f"braze {self.base_url or '(no base URL)'}"
+        return f"braze {redact_url(self.base_url) if self.base_url else '(no base URL)'}"

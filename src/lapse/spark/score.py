@@ -31,7 +31,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lapse.config import LapseConfig
-from lapse.delivery.batches import deliver, delta_changes, encode, plan_batches, settle
+from lapse.delivery.batches import (
+    RetryBudget,
+    deliver,
+    delta_changes,
+    encode,
+    plan_batches,
+    settle,
+)
 from lapse.events import load_attributes
 from lapse.schema import EVENT_COLUMNS
 
@@ -399,7 +406,7 @@ def _deliver_chunks(
 ) -> ScoreRunResult:
     """:func:`lapse.score.run._deliver`, one outbox chunk at a time (same batches, ledger, counts)."""
     from lapse.score.run import _delivery_counts, _record_fired
-    from lapse.sinks.base import SinkAuthError
+    from lapse.sinks.base import DeliveryStopped
 
     run_id, name, as_of = result.score_run_id, target.name, result.as_of
     dead = trail.dead_letters(run_id, name)
@@ -416,6 +423,7 @@ def _deliver_chunks(
     report.delivering(sum(chunks))
     counts = {"sent": 0, "skipped": 0, "failed": 0}
     retried = 0
+    budget = RetryBudget.of(config.delivery)  # one budget for the whole run
     try:
         target.open(run_id)
         offset = 0
@@ -434,6 +442,7 @@ def _deliver_chunks(
                     on_progress=report.advance,
                     items=items,
                     rows=(offset, offset + height),
+                    budget=budget,
                 )
             finally:
                 _record_fired(ledger, run_id, name, outbox, items, as_of, offset=offset)
@@ -442,12 +451,14 @@ def _deliver_chunks(
                 counts[key] += n
             offset += height
         result.dead_letters = settle(ledger, all_chunks(), target, run_id, dead)
-    except SinkAuthError:
+    except DeliveryStopped:
         ledger.finish_run(run_id, name, "interrupted", summary)
         raise
     finally:
         target.close()
     result.counts.update(counts, retried=retried)
+    result.warnings += [w for w in target.warnings() if w not in result.warnings]
+    summary["warnings"] = result.warnings
     result.seconds = time.monotonic() - started
     summary["counts"] = result.counts
     summary["seconds"] = round(result.seconds, 2)

@@ -43,7 +43,7 @@ import numpy.typing as npt
 import polars as pl
 
 from lapse.config import LapseConfig
-from lapse.exceptions import LapseError
+from lapse.exceptions import ConvergenceProblem, NotEnoughEpisodes
 from lapse.features._engine import utc_cutoff
 from lapse.features.episodes_covariates import COVARIATES, Target, order_covariates, purchase_orders
 from lapse.labels.cutoffs import data_span
@@ -58,7 +58,6 @@ from lapse.labels.episodes import (
 from lapse.modeling.survival import (
     BASELINES,
     CANDIDATES,
-    ConvergenceProblem,
     DepletionRule,
     LastGap,
     Predictor,
@@ -83,10 +82,6 @@ TIE_C: Final = 0.005
 _KEYS: Final = ["user_id", "sku"]
 _MIN_OBSERVED: Final = 20
 _DAY: Final = timedelta(days=1)
-
-
-class NotEnoughEpisodes(LapseError):
-    """Too few purchases or too little history to fit and evaluate replenishment models."""
 
 
 @dataclass

@@ -177,8 +177,9 @@ def _replenishment_rows(
     ]
     if missing:
         return None, (
-            f"replenishment was not compared: the {' and the '.join(missing)} carries no "
-            "replenishment model (trained with replenishment disabled, or its race was skipped)"
+            f"replenishment was not compared: the {' and the '.join(missing)} "
+            f"{'carries' if len(missing) == 1 else 'carry'} no replenishment model (trained "
+            "with replenishment disabled, or its race was skipped)"
         )
     models = [m for m in found if isinstance(m, ReplenishmentModel)]
     frames: list[pl.DataFrame] = []
