@@ -1047,9 +1047,18 @@ class PromotionEvent:
 
 def _log(client: MlflowClient, name: str) -> list[PromotionEvent]:
     tags = client.get_registered_model(name).tags or {}
-    events = [
-        PromotionEvent(**json.loads(value)) for key, value in tags.items() if key.startswith(_LOG)
-    ]
+    events = []
+    for key, value in tags.items():
+        if not key.startswith(_LOG):
+            continue
+        try:
+            events.append(PromotionEvent(**json.loads(value)))
+        except (ValueError, TypeError):
+            raise LapseError(
+                f"registered model {name!r}: tag {key} is not a promotion log entry lapse "
+                "wrote; restore or delete it (MLflow UI, or MlflowClient."
+                "delete_registered_model_tag)"
+            ) from None
     return sorted(events, key=lambda e: e.seq)
 
 
