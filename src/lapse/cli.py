@@ -32,7 +32,7 @@ from rich.progress import (
 from rich.table import Table
 
 from lapse import __version__
-from lapse.config import dump_config, load_config
+from lapse.config import ENGINES, dump_config, load_config
 from lapse.exceptions import LapseError, WriteFailed
 
 if TYPE_CHECKING:
@@ -264,7 +264,6 @@ def features(
 ) -> None:
     """Build point-in-time features (one row per user) as of a date."""
     from lapse.jobs import run_features
-    from lapse.spark import ENGINES
 
     cutoff = _parse_date(as_of, "--as-of")
     if engine not in ENGINES:
@@ -793,7 +792,6 @@ def score(
     import json
 
     from lapse.score.run import run_score
-    from lapse.spark import ENGINES
 
     if engine not in ENGINES:
         raise LapseError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")

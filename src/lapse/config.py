@@ -32,6 +32,7 @@ from lapse.exceptions import ConfigError, ExprError
 from lapse.schema import EVENT_COLUMNS, ORDER_ID
 
 __all__ = [
+    "ENGINES",
     "AttributesConfig",
     "AuditConfig",
     "BrazeConfig",
@@ -39,6 +40,7 @@ __all__ = [
     "CustomerioConfig",
     "DeliveryConfig",
     "DriversConfig",
+    "Engine",
     "FeaturesConfig",
     "FileSinkConfig",
     "FrequencyCap",
@@ -70,6 +72,10 @@ __all__ = [
 ]
 
 DEFAULT_CONFIG_NAME = "default.yaml"
+
+#: Where a job computes: ``local`` (Polars, this machine) or ``spark`` (:mod:`lapse.spark`).
+Engine = Literal["local", "spark"]
+ENGINES: tuple[Engine, ...] = ("local", "spark")
 
 
 class _Section(BaseModel):

@@ -3,24 +3,38 @@ no parsing, no printing. The score run lives in :mod:`lapse.score.run`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from dataclasses import dataclass, field, replace
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import polars as pl
 
-from lapse.config import LapseConfig
+from lapse.config import ENGINES, Engine, LapseConfig
+from lapse.datasets import generate, write
+from lapse.delivery.audit import AuditTrail
+from lapse.delivery.ledger import Ledger
 from lapse.events import ValidationReport, load_attributes, read_links, validate_events
 from lapse.exceptions import LapseError
+from lapse.features import build
+from lapse.insights.drivers import (
+    DriversResult,
+    encourage_yaml,
+    stickiness_drivers,
+    write_plot,
+)
+from lapse.registry import RegisteredVersion, example_files, log_training
+from lapse.schema import utc_cutoff
 from lapse.score.run import ScoreRunResult, run_score
-from lapse.spark import ENGINES, Engine
+from lapse.spark.engine import (
+    build_features_spark,
+    validated_events_spark,
+    write_single_parquet,
+)
+from lapse.train.churn import TrainResult, train
 
 if TYPE_CHECKING:
-    from lapse.insights.drivers import DriversResult
-    from lapse.registry import RegisteredVersion
     from lapse.spark import SparkSession
-    from lapse.train.churn import TrainResult
 
 __all__ = [
     "DemoResult",
@@ -62,10 +76,6 @@ def run_drivers(
     (the forest plot); with ``triggers``, writes the ``encourage_<behavior>``
     YAML snippet there. The result's ``files`` names what was written.
     """
-    from dataclasses import replace
-
-    from lapse.insights.drivers import encourage_yaml, stickiness_drivers, write_plot
-
     kept, _ = validate_events(events, config)
     attrs = load_attributes(config, attributes)
     result = stickiness_drivers(kept.lazy(), config, as_of=as_of, attributes=attrs)
@@ -113,16 +123,9 @@ def run_features(
     active or a new session), maps and validates it the same way and builds
     the same rows per user shard (:mod:`lapse.spark.engine`). Both write one file at ``out``.
     """
-    from lapse.features import build
-
+    as_of = utc_cutoff(as_of)
     attrs = load_attributes(config, attributes)
     if engine == "spark":
-        from lapse.spark.engine import (
-            build_features_spark,
-            validated_events_spark,
-            write_single_parquet,
-        )
-
         checked = validated_events_spark(events, config, spark=spark)
         spark_report = checked.report(config, as_of=as_of)
         frame_spark = build_features_spark(
@@ -166,15 +169,11 @@ def run_train(
     until: datetime | None = None,
 ) -> tuple[TrainResult, RegisteredVersion | None]:
     """Train (churn race + replenishment), then log the run and register the bundle in MLflow."""
-    from lapse.train.churn import train
-
     result = train(
         events, config, out_dir=out_dir, truth_dir=truth_dir, models_dir=models_dir, until=until
     )
     if not register:
         return result, None
-    from lapse.registry import log_training
-
     return result, log_training(result, config, events_path=events)
 
 
@@ -205,10 +204,6 @@ def run_demo(
     in the config's MLflow store (``./mlflow.db`` by default), and the score run
     uses the registered version (the local bundle with ``register: false``).
     """
-    from datetime import timedelta
-
-    from lapse.datasets import generate, write
-
     start = date(2026, 1, 1)
     files = write(generate(n_users=n_users, n_days=n_days, seed=seed, start=start), out_dir)
     # The cutoff is the midnight after the simulated period, as the nightly job would use;
@@ -254,10 +249,6 @@ class ForgetResult:
 def run_forget(config: LapseConfig, user_ids: list[str]) -> ForgetResult:
     """Erase users from audit snapshots, outboxes, dead letters and the run ledger; report
     the MLflow input examples holding them (:func:`lapse.registry.example_files`)."""
-    from lapse.delivery.audit import AuditTrail
-    from lapse.delivery.ledger import Ledger
-    from lapse.registry import example_files
-
     ids = {str(u) for u in user_ids}
     trail = AuditTrail(config.resolve(config.audit.path))
     removed = trail.forget(ids)

@@ -66,6 +66,7 @@ from lapse.modeling.compare import (
     intervals_from_metrics,
 )
 from lapse.redact import redact_url
+from lapse.schema import run_day
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient  # noqa: TID251
@@ -315,10 +316,6 @@ def _config_params(config: LapseConfig) -> dict[str, str]:
         else:
             out[_key(f"config.{section}")] = _param(value)
     return out
-
-
-def _day(d: datetime) -> str:
-    return f"{d:%Y-%m-%d}"
 
 
 def _git_commit(start: Path) -> str | None:
@@ -592,22 +589,22 @@ def log_training(
         f"{_TAG}churn.selected": result.selected,
         f"{_TAG}data_fingerprint": _fingerprint(events_path, config),
         f"{_TAG}config_hash": hashlib.sha256(_config_yaml(config).encode()).hexdigest()[:16],
-        f"{_TAG}data_end": _day(result.data_end),
+        f"{_TAG}data_end": str(run_day(result.data_end)),
     }
-    run_name = f"train {_day(result.data_end)} {result.selected}"
+    run_name = f"train {run_day(result.data_end)} {result.selected}"
     client, uri = _connect(config)
     with _mlflow_errors(uri):
         exp_id = _experiment_id(client, config, uri)
         params = {
             **_config_params(config),
             "data.events": str(events_path),
-            "data.end": _day(result.data_end),
-            "data.first_training_cutoff": _day(result.training_cutoffs[0]),
-            "cutoffs.training": ",".join(_day(c) for c in result.training_cutoffs),
-            "cutoffs.validation": _day(result.validation_cutoff),
-            "cutoffs.test": _day(result.test_cutoff),
-            "cutoffs.refit": ",".join(_day(c) for c in result.refit_cutoffs),
-            "cutoffs.calibration": _day(result.calibration_cutoff),
+            "data.end": str(run_day(result.data_end)),
+            "data.first_training_cutoff": str(run_day(result.training_cutoffs[0])),
+            "cutoffs.training": ",".join(str(run_day(c)) for c in result.training_cutoffs),
+            "cutoffs.validation": str(run_day(result.validation_cutoff)),
+            "cutoffs.test": str(run_day(result.test_cutoff)),
+            "cutoffs.refit": ",".join(str(run_day(c)) for c in result.refit_cutoffs),
+            "cutoffs.calibration": str(run_day(result.calibration_cutoff)),
             "rows.train": str(result.n_train),
             "rows.validation": str(result.n_validation),
             "rows.test": str(result.n_test),
@@ -710,7 +707,7 @@ def _markdown_table(frame: pl.DataFrame) -> list[str]:
 
 def _span(result: TrainResult, bundle: ChurnBundle, events_path: str | Path) -> str:
     if bundle.training_data is None:
-        return f"{events_path}, data end {_day(result.data_end)}"
+        return f"{events_path}, data end {run_day(result.data_end)}"
     return bundle.training_data.describe(bundle.event_names())
 
 
@@ -719,15 +716,15 @@ def _train_description(result: TrainResult, bundle: ChurnBundle, events_path: st
     chosen = result.metrics.get("churn", {}).get("models", {}).get(result.selected, {})
     shown = ("roc_auc", "pr_auc", "brier", "ece", "top_decile_lift")
     lines = [
-        f"Data: {_span(result, bundle, events_path)} (data end {_day(result.data_end)}, "
+        f"Data: {_span(result, bundle, events_path)} (data end {run_day(result.data_end)}, "
         "exclusive).",
         "",
         f"Cutoffs: {len(result.training_cutoffs)} training "
-        f"({_day(result.training_cutoffs[0])} to {_day(result.training_cutoffs[-1])}), "
-        f"validation {_day(result.validation_cutoff)}, test {_day(result.test_cutoff)}; "
+        f"({run_day(result.training_cutoffs[0])} to {run_day(result.training_cutoffs[-1])}), "
+        f"validation {run_day(result.validation_cutoff)}, test {run_day(result.test_cutoff)}; "
         f"rows {result.n_train:,} / {result.n_validation:,} / {result.n_test:,}.",
         "",
-        f"Churn race (test cutoff {_day(result.test_cutoff)}):",
+        f"Churn race (test cutoff {run_day(result.test_cutoff)}):",
         "",
         *_markdown_table(result.table),
         "",
@@ -750,7 +747,7 @@ def _version_description(result: TrainResult, bundle: ChurnBundle, run_name: str
         f"lapse churn model {result.selected}"
         + (f" with replenishment model {replen}" if replen else "")
         + f", from MLflow run {run.info.run_id} ({run_name}). Trained on "
-        f"{_span(result, bundle, '')}; test cutoff {_day(result.test_cutoff)}"
+        f"{_span(result, bundle, '')}; test cutoff {run_day(result.test_cutoff)}"
         + (f", test ROC-AUC {auc:.4f}" if isinstance(auc, float) else "")
         + "."
     )
@@ -983,7 +980,7 @@ def log_review(
             f"{_TAG}champion_version": str(pair.champion),
             f"{_TAG}challenger_version": str(pair.challenger),
             f"{_TAG}verdict": verdict,
-            f"{_TAG}cutoff": _day(cutoffs[-1]),
+            f"{_TAG}cutoff": str(run_day(cutoffs[-1])),
         }
         with mlflow.start_run(
             experiment_id=exp_id,

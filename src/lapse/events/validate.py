@@ -67,6 +67,7 @@ __all__ = [
     "read_identities",
     "read_links",
     "read_user_events",
+    "reject_reason",
     "rejects_path_for",
     "validate_events",
 ]
@@ -143,7 +144,7 @@ def _checks(config: LapseConfig) -> dict[str, pl.Expr]:
     }
 
 
-def _reason(config: LapseConfig) -> pl.Expr:
+def reject_reason(config: LapseConfig) -> pl.Expr:
     """The first reject reason that applies to a row, else null."""
     firsts = (pl.when(cond).then(pl.lit(name)) for name, cond in _checks(config).items())
     return pl.coalesce(firsts).alias(REASON)
@@ -207,7 +208,7 @@ def _kept(frame: pl.DataFrame, config: LapseConfig) -> tuple[pl.DataFrame, pl.Da
     """
     bad = frame.select(pl.any_horizontal(_checks(config).values())).to_series()
     if bad.any():  # reasons are spelled out for the rejected rows only
-        rejected = frame.filter(bad).with_columns(_reason(config))
+        rejected = frame.filter(bad).with_columns(reject_reason(config))
         ok = frame.filter(~bad)
     else:
         rejected, ok = frame.clear().with_columns(pl.lit(None, pl.String).alias(REASON)), frame

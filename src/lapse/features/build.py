@@ -12,8 +12,9 @@ from lapse.events import identity
 from lapse.exceptions import LapseError
 from lapse.features import _daily, _direct, _engine
 from lapse.features._direct import FeatureSet
+from lapse.schema import utc_cutoff
 
-__all__ = ["build", "build_many"]
+__all__ = ["FeatureSet", "build", "build_many"]
 
 
 def build_many(
@@ -62,7 +63,7 @@ def build_many(
     """
     if not cutoffs:
         raise LapseError("cutoffs is empty; give at least one timezone-aware datetime")
-    cuts = sorted({_engine.utc_cutoff(c, "cutoff") for c in cutoffs})
+    cuts = sorted({utc_cutoff(c, "cutoff") for c in cutoffs})
     _check(feature_set)
     if links is not None and not links.is_empty():
 
@@ -129,7 +130,7 @@ def build(
     >>> build(ev, datetime(2024, 1, 8, tzinfo=timezone.utc), load_config())["usage_count_7d"].to_list()
     [1]
     """
-    t = _engine.utc_cutoff(as_of)
+    t = utc_cutoff(as_of)
     _check(feature_set)
     if links is not None:
         events = identity.resolve(events, links, t)

@@ -21,7 +21,7 @@ import polars as pl
 
 from lapse.config import LapseConfig
 from lapse.features import _engine
-from lapse.schema import ORDER_ID
+from lapse.schema import DAY_US, ORDER_ID, canonical, utc_cutoff
 
 __all__ = ["ANY_SKU", "COVARIATES", "order_covariates", "order_keys", "purchase_orders"]
 
@@ -52,7 +52,7 @@ _RATE_DAYS: Final = 28
 
 
 def _days(later: pl.Expr, earlier: pl.Expr) -> pl.Expr:
-    return (later - earlier).dt.total_microseconds() / _engine.DAY_US
+    return (later - earlier).dt.total_microseconds() / DAY_US
 
 
 def _units(config: LapseConfig, per_pack: dict[str, float]) -> pl.Expr:
@@ -95,8 +95,8 @@ def purchase_orders(
     target
         ``"sku"``: one key per user and SKU; ``"any"``: one key per user.
     """
-    t = _engine.utc_cutoff(until, "until")
-    ev = _engine.canonical(events).filter(
+    t = utc_cutoff(until, "until")
+    ev = canonical(events).filter(
         (pl.col("ts") < t) & pl.col("event").is_in(config.roles.of("purchase"))
     )
     per_pack = dict(skus or {})
@@ -238,7 +238,7 @@ def order_covariates(
         .collect()
     )
     if_null = pl.lit(None, pl.Float64)
-    ev = _engine.canonical(events)
+    ev = canonical(events)
     t_max = orders["ts"].max() if orders.height else None
     if t_max is not None:
         ev = ev.filter(pl.col("ts") < t_max)

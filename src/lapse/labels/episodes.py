@@ -19,8 +19,8 @@ import polars as pl
 
 from lapse.config import LapseConfig
 from lapse.exceptions import ConfigError
-from lapse.features._engine import DAY_US, canonical, utc_cutoff
 from lapse.features.episodes_covariates import ANY_SKU, Target, order_keys, purchase_orders
+from lapse.schema import DAY_US, canonical, utc_cutoff
 
 __all__ = [
     "ANY_SKU",

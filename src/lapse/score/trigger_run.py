@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -13,16 +14,32 @@ from typing import Any, Literal
 import polars as pl
 
 from lapse.config import LapseConfig
-from lapse.events import ValidationReport, load_attributes, read_links, validate_events
+from lapse.delivery.audit import AuditTrail
+from lapse.delivery.ledger import Ledger, sink_lock
+from lapse.events import (
+    ValidationReport,
+    event_files,
+    load_attributes,
+    read_links,
+    read_user_events,
+    validate_events,
+)
 from lapse.events.identity import anonymous_only, person_ids, resolve
+from lapse.schema import utc_cutoff
+from lapse.score import incremental as inc
+from lapse.score.records import score_users
 from lapse.score.run import (
+    RunContext,
     ScoreProgress,
     ScoreRunResult,
-    _last_fired,
-    _run_id,
-    _send_scored,
-    _Silent,
+    Silent,
+    last_fired,
+    load_model,
+    model_version,
+    new_run_id,
+    send_scored,
 )
+from lapse.sinks import make_sink
 
 __all__ = [
     "TriggerRunResult",
@@ -88,26 +105,19 @@ def run_triggers(
     LockHeldError
         Another run for the same sink is in progress.
     """
-    import os
-
-    from lapse.delivery.audit import AuditTrail
-    from lapse.delivery.ledger import Ledger, sink_lock
-    from lapse.events import event_files, read_user_events
-    from lapse.registry import load_bundle
-    from lapse.score import incremental as inc
-    from lapse.score.records import score_users
-    from lapse.sinks import make_sink
-
     started = time.monotonic()
-    report = progress or _Silent()
+    as_of = utc_cutoff(as_of)
+    report = progress or Silent()
     trail = AuditTrail(config.resolve(config.audit.path))
     target = make_sink(sink or config.sinks.default, config, out=out)
     source = os.path.abspath(events)
     lock = contextlib.nullcontext() if dry_run else sink_lock(trail.locks, target.name)
     with lock, Ledger(trail.ledger) as ledger:
-        report.stage("loading the model")
-        loaded = load_bundle(model or f"models:/{config.models.name}@champion", config)
-        version = str(loaded.version) if loaded.version is not None else "local"
+        ctx = RunContext(
+            new_run_id(as_of), as_of, config, trail, ledger, target, report, dry_run, started
+        )
+        loaded = load_model(model, config, report)
+        version = model_version(loaded)
         report.stage("looking for new event files")
         files = event_files(events)
         mark = inc.fingerprint(loaded.source, version, config)
@@ -134,7 +144,6 @@ def run_triggers(
             touched = pl.LazyFrame({"user_id": todo.users}, schema={"user_id": pl.String})
             users = resolve(touched, links, as_of).collect()["user_id"].unique().sort().to_list()
         attributes = load_attributes(config)
-        run_id = _run_id(as_of)
         result = TriggerRunResult(
             as_of=as_of,
             mode="full" if todo.full else "incremental",
@@ -150,16 +159,16 @@ def run_triggers(
         states: list[Any] = []
         if history is not None and users:
             report.stage("scoring the touched users")
-            last_fired = _last_fired(ledger, target.name, links=links, as_of=as_of)
+            fired = last_fired(ctx, links=links)
             scored = score_users(
                 loaded.bundle,
                 history.lazy(),
                 as_of,
                 config,
-                score_run_id=run_id,
+                score_run_id=ctx.run_id,
                 model_version=version,
                 attributes=attributes,
-                last_fired=last_fired,
+                last_fired=fired,
                 subset=not todo.full,
             )
             assert scored.fired is not None
@@ -175,27 +184,16 @@ def run_triggers(
                         config,
                         attributes=attributes,
                     ),
-                    inc.cooldown_due(scored.fired, scored.records, last_fired, scored.definitions),
+                    inc.cooldown_due(scored.fired, scored.records, fired, scored.definitions),
                 ]
             )
             states = inc.states(scored.fired, due, users, as_of)
             result.fired = int((scored.fired["triggers"].list.len() > 0).sum())
-            result.delivery = _send_scored(
+            result.delivery = send_scored(
+                ctx,
+                loaded,
                 scored,
-                trail=trail,
-                ledger=ledger,
-                target=target,
-                bundle=loaded.bundle,
-                model=loaded.source,
-                version=version,
                 attributes=attributes,
-                config=config,
-                as_of=as_of,
-                run_id=run_id,
-                dry_run=dry_run,
-                full=False,
-                report=report,
-                started=started,
                 validation=validation,
                 anonymous=anonymous_only(links, as_of),
             )

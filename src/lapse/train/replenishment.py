@@ -44,7 +44,6 @@ import polars as pl
 
 from lapse.config import LapseConfig
 from lapse.exceptions import ConvergenceProblem, NotEnoughEpisodes
-from lapse.features._engine import utc_cutoff
 from lapse.features.episodes_covariates import COVARIATES, Target, order_covariates, purchase_orders
 from lapse.labels.cutoffs import data_span
 from lapse.labels.episodes import (
@@ -64,6 +63,7 @@ from lapse.modeling.survival import (
     SurvivalModel,
 )
 from lapse.modeling.survival_metrics import HORIZONS, METRIC_NAMES, survival_metrics
+from lapse.schema import DAY, utc_cutoff
 
 __all__ = [
     "TIE_C",
@@ -81,7 +81,6 @@ FloatArray = npt.NDArray[np.float64]
 TIE_C: Final = 0.005
 _KEYS: Final = ["user_id", "sku"]
 _MIN_OBSERVED: Final = 20
-_DAY: Final = timedelta(days=1)
 
 
 @dataclass
@@ -499,7 +498,7 @@ def _outcome_rows(
     t = utc_cutoff(cutoff, "cutoff")
     end = data_span(events)[1] if data_end is None else utc_cutoff(data_end, "data_end")
     until = min(t + timedelta(days=config.replenishment.follow_up_days), end)
-    days = (until - t) / _DAY
+    days = (until - t) / DAY
     if days <= 0:
         raise NotEnoughEpisodes(
             f"the events end {end:%Y-%m-%d}, not after the cutoff {t:%Y-%m-%d}: no follow-up"

@@ -33,7 +33,7 @@ import polars as pl
 
 from lapse.config import LapseConfig
 from lapse.events import load_attributes, read_events
-from lapse.exceptions import LapseError, WriteFailed
+from lapse.exceptions import LapseError, NotEnoughEpisodes, WriteFailed
 from lapse.labels import churn_labels, data_span
 from lapse.modeling.bundle import ChurnBundle
 from lapse.modeling.compare import (
@@ -51,7 +51,8 @@ from lapse.modeling.compare import (
 )
 from lapse.modeling.plots import write_plots
 from lapse.registry import CHALLENGER, CHAMPION, ReviewPair, log_review, review_pair
-from lapse.train.replenishment import NotEnoughEpisodes, ReplenishmentModel, predict_outcomes
+from lapse.schema import run_day
+from lapse.train.replenishment import ReplenishmentModel, predict_outcomes
 
 __all__ = ["REVIEW_METRICS", "ReviewResult", "review", "review_cutoffs"]
 
@@ -96,10 +97,6 @@ class ReviewResult:
         return self.cutoffs[-1]
 
 
-def _day(d: datetime) -> str:
-    return f"{d:%Y-%m-%d}"
-
-
 def _label_end(bundle: ChurnBundle) -> datetime:
     """End of the last label window the bundle was fitted or calibrated on."""
     end = bundle.cutoffs.get("data_end", bundle.training_end)
@@ -124,10 +121,10 @@ def review_cutoffs(
     seen = max(_label_end(b) for b in bundles)
     if latest < seen:
         raise LapseError(
-            f"the events end {_day(data_end)}, so the latest cutoff with a complete "
-            f"{config.labels.horizon_days}-day label window is {_day(latest)}, but the newer "
-            f"model saw labels up to {_day(seen)}; review on events that reach at least "
-            f"{_day(seen + horizon)}"
+            f"the events end {run_day(data_end)}, so the latest cutoff with a complete "
+            f"{config.labels.horizon_days}-day label window is {run_day(latest)}, but the newer "
+            f"model saw labels up to {run_day(seen)}; review on events that reach at least "
+            f"{run_day(seen + horizon)}"
         )
     step = timedelta(days=config.labels.cutoff_every_days)
     pooled = (latest - k * step for k in range(config.registry.review_cutoffs))
@@ -159,10 +156,8 @@ def _churn_rows(
             "eligible under both models' configs and were left out"
         )
     if scored.height == 0:
-        raise LapseError(
-            f"no user at the review cutoffs {', '.join(map(_day, cutoffs))} is eligible under "
-            "both models"
-        )
+        days = ", ".join(str(run_day(c)) for c in cutoffs)
+        raise LapseError(f"no user at the review cutoffs {days} is eligible under both models")
     return scored.sort("cutoff", "user_id"), notes
 
 
@@ -191,7 +186,7 @@ def _replenishment_rows(
                 for m, side in zip(models, _SIDES, strict=True)
             ]
         except NotEnoughEpisodes as exc:
-            skipped.append(f"{_day(cutoff)}: {exc}")
+            skipped.append(f"{run_day(cutoff)}: {exc}")
             continue
         keys = ["user_id", "sku", "days", "observed", "follow_up_days"]
         frames.append(
@@ -354,7 +349,7 @@ def review(
                     f"champion v{pair.champion}": churn[CHAMPION].to_numpy(),
                     f"challenger v{pair.challenger}": churn[CHALLENGER].to_numpy(),
                 },
-                title=f"review cutoffs {_day(cutoffs[0])} to {_day(cutoffs[-1])}",
+                title=f"review cutoffs {run_day(cutoffs[0])} to {run_day(cutoffs[-1])}",
             )
             table.write_csv(folder / "review.csv")
             markdown = review_markdown(result)
@@ -369,7 +364,7 @@ def review(
             intervals=intervals,
             table=table,
             params={
-                "cutoffs": ",".join(map(_day, cutoffs)),
+                "cutoffs": ",".join(str(run_day(c)) for c in cutoffs),
                 "n_users": str(result.n_users),
                 "n_rows": str(result.n_rows),
                 "tolerance": str(config.registry.tolerance),
@@ -415,7 +410,8 @@ def review_markdown(result: ReviewResult) -> str:
         f"# Review of {result.name}: challenger v{result.challenger} vs champion "
         f"v{result.champion}",
         "",
-        f"Cutoffs {', '.join(map(_day, result.cutoffs))}: {result.n_users} users "
+        f"Cutoffs {', '.join(str(run_day(c)) for c in result.cutoffs)}: "
+        f"{result.n_users} users "
         f"({result.n_rows} user-cutoffs), churn rate {result.churn_rate:.3f}.",
         "",
         f"| task | metric | champion | challenger | delta | {LEVEL:.0%} interval | better "
