@@ -7,14 +7,20 @@ into ``properties.<field>`` / ``context.<field>`` columns).
 
 The schema is resolved eagerly, so a file that cannot be read fails here with
 a one-line :class:`~lapse.exceptions.ReadError` naming the file.
+
+Events held in memory come in here too: a source-shaped Polars DataFrame or
+LazyFrame, or a pandas DataFrame (converted once, through Arrow), is read by
+:func:`scan_frame` and then mapped and validated exactly like a file.
 """
 
 from __future__ import annotations
 
 import glob as globlib
+import hashlib
+import re
 from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Final
+from typing import Any, Final, Protocol, TypeAlias
 
 import polars as pl
 
@@ -22,11 +28,19 @@ from lapse.config import SourceFormat
 from lapse.exceptions import ReadError
 
 __all__ = [
+    "EventFrame",
+    "EventSource",
+    "PandasFrame",
+    "as_polars",
     "collect_frame",
     "data_files",
+    "frame_digest",
+    "frame_name",
+    "is_frame",
     "is_segment_schema",
     "one_line",
     "resolve_format",
+    "scan_frame",
     "scan_source",
 ]
 
@@ -46,6 +60,25 @@ _PARQUET_MAGIC: Final = b"PAR1"
 # Segment exports nest these objects; they become ``<name>.<field>`` columns.
 _SEGMENT_STRUCTS: Final = ("properties", "context")
 _SEGMENT_ID_COLUMNS: Final = ("userId", "anonymousId")
+_ARROW_COLUMN: Final = re.compile(r"column (.+) with type (\S+)")
+
+
+class PandasFrame(Protocol):
+    """A pandas DataFrame, as lapse reads it (pandas is not a dependency of lapse)."""
+
+    @property
+    def columns(self) -> Any:
+        """The column labels."""
+
+    def to_numpy(self) -> Any:
+        """The values (present on every pandas DataFrame; lapse converts through Arrow)."""
+
+
+#: Events in memory, shaped like the source: mapped and validated like a file.
+EventFrame: TypeAlias = pl.DataFrame | pl.LazyFrame | PandasFrame
+#: What every entry point that takes events accepts: a path (file, folder, glob,
+#: or a database source's path) or a frame.
+EventSource: TypeAlias = str | Path | EventFrame
 
 
 def is_segment_schema(schema: Mapping[str, object]) -> bool:
@@ -255,3 +288,111 @@ def collect_frame(lf: pl.LazyFrame, source_name: str) -> pl.DataFrame:
         return lf.collect()
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise ReadError(f"{source_name}: cannot read: {one_line(exc)}") from None
+
+
+# -- frames in memory ---------------------------------------------------------------------
+
+
+def _is_pandas(obj: object) -> bool:
+    return type(obj).__module__.partition(".")[0] == "pandas" and hasattr(obj, "columns")
+
+
+def is_frame(source: object) -> bool:
+    """Whether ``source`` is events in memory (a Polars or pandas frame), not a path."""
+    return isinstance(source, pl.DataFrame | pl.LazyFrame) or _is_pandas(source)
+
+
+def frame_name(frame: EventFrame) -> str:
+    """How messages name a frame: ``polars DataFrame``, ``polars LazyFrame``, ``pandas DataFrame``."""
+    if isinstance(frame, pl.LazyFrame):
+        return "polars LazyFrame"
+    return "polars DataFrame" if isinstance(frame, pl.DataFrame) else "pandas DataFrame"
+
+
+def _from_pandas(frame: PandasFrame) -> pl.DataFrame:
+    """A pandas frame as Polars, converted once through Arrow (the index is left out)."""
+    import pyarrow as pa
+
+    try:
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+    except (pa.ArrowException, TypeError, ValueError) as exc:
+        where = next((m for a in exc.args if (m := _ARROW_COLUMN.search(str(a)))), None)
+        if where is None:
+            raise ReadError(f"pandas DataFrame: cannot convert to Arrow: {one_line(exc)}") from None
+        column = where.group(1)
+        raise ReadError(
+            f"pandas DataFrame: column {column!r} mixes types ({one_line(exc)}); make it one "
+            f"type, e.g. df[{column!r}] = df[{column!r}].astype(str)"
+        ) from None
+    out = pl.from_arrow(table)
+    assert isinstance(out, pl.DataFrame)  # a Table converts to a DataFrame
+    return out
+
+
+def as_polars(source: EventSource) -> str | Path | pl.DataFrame | pl.LazyFrame:
+    """``source`` with a pandas frame converted to Polars (once); anything else as it is.
+
+    An entry point that reads its events more than once (events, then identity
+    links) converts first, so pandas is converted once.
+    """
+    if isinstance(source, str | Path | pl.DataFrame | pl.LazyFrame):
+        return source
+    return _from_pandas(source)
+
+
+def scan_frame(frame: EventFrame) -> pl.LazyFrame:
+    """A source-shaped frame as a raw source, like :func:`scan_source` reads a file.
+
+    pandas is converted through Arrow; a frame shaped like a Segment export has
+    its ``properties``/``context`` objects flattened as an NDJSON export does.
+
+    Raises
+    ------
+    ReadError
+        The frame has no rows, its plan fails, or a pandas column cannot be
+        converted (mixed types).
+    """
+    name = frame_name(frame)
+    lf = as_polars(frame)
+    assert isinstance(lf, pl.DataFrame | pl.LazyFrame)
+    lf = lf.lazy()
+    try:
+        schema = lf.collect_schema()
+        rows = lf.select(pl.len()).collect().item()
+    except pl.exceptions.PolarsError as exc:
+        raise ReadError(f"{name}: cannot read: {one_line(exc)}") from None
+    if rows == 0:
+        raise ReadError(f"{name}: the frame has no rows; pass the events' rows")
+    if is_segment_schema(schema):
+        lf = _flatten_segment(lf, schema)
+    return lf
+
+
+class _Hasher:
+    """A write-only file that hashes what is written to it."""
+
+    def __init__(self) -> None:
+        self.sha = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def frame_digest(frame: EventFrame) -> str:
+    """A content digest of a frame (16 hex digits): equal for equal columns, dtypes and rows.
+
+    Stands for a file's digest where lapse fingerprints the events it read (the
+    training data in MLflow). The rows are hashed as NDJSON text, which does not
+    depend on how the frame is chunked in memory.
+    """
+    data = as_polars(frame)
+    assert isinstance(data, pl.DataFrame | pl.LazyFrame)
+    table = data.lazy().collect()
+    out = _Hasher()
+    out.write("".join(f"{n}\x1f{d}\x1e" for n, d in table.schema.items()).encode())
+    table.write_ndjson(out)  # type: ignore[call-overload]  # any object with write() will do
+    return out.sha.hexdigest()[:16]

@@ -28,6 +28,8 @@ import numpy as np
 import numpy.typing as npt
 import polars as pl
 
+from lapse.events.readers import EventSource
+from lapse.events.validate import canonical_events
 from lapse.exceptions import LapseError
 from lapse.sinks.base import RECORD_COLUMNS, RECORD_SCHEMA
 from lapse.triggers import SCORE_COLUMNS, Trigger, apply_cooldowns, for_run, names_read, resolve
@@ -229,7 +231,7 @@ def risk_columns(bundle: ChurnBundle, frame: pl.DataFrame) -> pl.DataFrame:
 
 def score_users(
     bundle: ChurnBundle,
-    events: pl.LazyFrame,
+    events: EventSource,
     as_of: datetime,
     config: LapseConfig,
     *,
@@ -240,6 +242,10 @@ def score_users(
     subset: bool = False,
 ) -> ScoreResult:
     """Score every eligible user as of ``as_of``: risk, percentile, segment, triggers, refills.
+
+    ``events`` are canonical events, or a path or source-shaped frame (Polars or
+    pandas) read through ``config.source``
+    (:func:`lapse.events.validate.canonical_events`).
 
     Features, eligibility, rules and segments follow the bundle's own config
     (what the model was trained with); ``config`` is the run's: its ``score``,
@@ -262,6 +268,7 @@ def score_users(
     """
     from lapse.labels import population
 
+    events = canonical_events(events, config)
     warnings = model_age_warnings(bundle, as_of, config) + model_disagreements(bundle, config)
     people = population(events, [as_of], bundle.config)
     counts = population_counts(people)

@@ -23,6 +23,7 @@ from lapse.delivery.batches import (
 )
 from lapse.events import ValidationReport, load_attributes, read_links, validate_events
 from lapse.events.identity import anonymous_only, person_ids, resolve
+from lapse.events.readers import EventSource, as_polars
 from lapse.exceptions import LapseError
 from lapse.spark import ENGINES, Engine
 
@@ -176,7 +177,7 @@ def score_header(loaded: LoadedBundle, run_id: str) -> ScoreHeader:
 
 
 def run_score(
-    events: Path,
+    events: EventSource,
     config: LapseConfig,
     *,
     as_of: datetime,
@@ -191,6 +192,10 @@ def run_score(
     spark: SparkSession | None = None,
 ) -> ScoreRunResult:
     """Score every eligible user as of ``as_of`` and deliver the records to a sink.
+
+    ``events`` is an event file, folder or glob (or a database source), or the
+    events in memory: a source-shaped Polars or pandas frame, mapped and validated
+    like the file (the local engine only).
 
     ``engine="spark"`` reads and validates the events, and computes the records,
     on Spark (:mod:`lapse.spark.score`); the driver then applies the ledger and
@@ -237,6 +242,12 @@ def run_score(
         if engine == "spark":
             from lapse.spark.score import run_score_spark
 
+            if not isinstance(events, str | Path):
+                raise LapseError(
+                    "the spark engine reads event files or tables, not a frame in memory; "
+                    "pass a path, or score the frame with engine='local'"
+                )
+
             return run_score_spark(
                 events,
                 config,
@@ -258,6 +269,7 @@ def run_score(
         run_id = _run_id(as_of)
         report.begin(score_header(loaded, run_id))
         report.stage("reading and validating events")
+        events = as_polars(events)  # pandas: converted once, read twice (events, links)
         kept, validation = validate_events(events, config, as_of=as_of)
         check_event_names(bundle, validation.events_per_name, _model_label(loaded))
         attributes = load_attributes(config)

@@ -15,6 +15,7 @@ import polars as pl
 from lapse.config import LapseConfig
 from lapse.events import ValidationReport, load_attributes, read_links, validate_events
 from lapse.events.identity import anonymous_only, person_ids, resolve
+from lapse.events.readers import EventSource, as_polars, frame_name
 from lapse.score.run import (
     ScoreProgress,
     ScoreRunResult,
@@ -60,7 +61,7 @@ class TriggerRunResult:
 
 
 def run_triggers(
-    events: Path,
+    events: EventSource,
     config: LapseConfig,
     *,
     as_of: datetime,
@@ -80,6 +81,9 @@ def run_triggers(
     the nightly score's (:func:`run_score`), with its cooldowns, frequency cap,
     delta sync, ledger and ``lapse score --resume``. A dry run leaves the
     watermark where it was.
+
+    ``events`` may be a source-shaped frame for a full run (no watermark is kept:
+    there are no files to watch); an incremental run needs a folder of files.
 
     Raises
     ------
@@ -102,14 +106,17 @@ def run_triggers(
     report = progress or _Silent()
     trail = AuditTrail(config.resolve(config.audit.path))
     target = make_sink(sink or config.sinks.default, config, out=out)
-    source = os.path.abspath(events)
+    events = as_polars(events)
+    # a frame has no files: a full run reads it all, an incremental one is refused
+    in_memory = not isinstance(events, str | Path)
+    source = os.path.abspath(events) if isinstance(events, str | Path) else frame_name(events)
     lock = contextlib.nullcontext() if dry_run else sink_lock(trail.locks, target.name)
     with lock, Ledger(trail.ledger) as ledger:
         report.stage("loading the model")
         loaded = load_bundle(model or f"models:/{config.models.name}@champion", config)
         version = str(loaded.version) if loaded.version is not None else "local"
         report.stage("looking for new event files")
-        files = event_files(events)
+        files = [] if in_memory and not incremental else event_files(events)
         mark = inc.fingerprint(loaded.source, version, config)
         todo = inc.plan(
             ledger, target.name, source, files, as_of, mark, config, incremental=incremental
@@ -199,7 +206,7 @@ def run_triggers(
                 validation=validation,
                 anonymous=anonymous_only(links, as_of),
             )
-        if not dry_run:
+        if not dry_run and not in_memory:
             ledger.advance_watermark(
                 target.name,
                 source,

@@ -23,6 +23,7 @@ import polars as pl
 
 from lapse.config import LapseConfig, SegmentsConfig
 from lapse.events import ValidationReport, load_attributes, read_links, validate_events
+from lapse.events.readers import EventSource, as_polars
 from lapse.exceptions import LapseError
 from lapse.modeling.metrics import METRIC_NAMES
 from lapse.segments import describe_sizes
@@ -139,16 +140,18 @@ SMALL_CUTOFF = 500
 
 
 def _load(
-    events_path: str | Path, config: LapseConfig, until: datetime | None = None
+    events_path: EventSource, config: LapseConfig, until: datetime | None = None
 ) -> tuple[pl.LazyFrame, ValidationReport, list[str], pl.DataFrame]:
-    """Read and validate once (labels, features and BG/NBD each scan the events).
+    """Read and validate once (labels, features and BG/NBD each scan the events); a
+    pandas frame is converted once for both reads.
 
     Returns the kept events (those before ``until`` when given), the validation
     report, a note on what validation dropped, so a training report never
     hides rejected rows, and the identity links (before ``until`` too).
     """
-    events, report = validate_events(events_path, config)
-    links = read_links(events_path, config)
+    source = as_polars(events_path)
+    events, report = validate_events(source, config)
+    links = read_links(source, config)
     if until is not None:
         events = events.filter(pl.col("ts") < until)
         links = links.filter(pl.col("ts") < until)
@@ -317,7 +320,7 @@ def _segment_sizes(
 
 
 def train(
-    events_path: str | Path,
+    events_path: EventSource,
     config: LapseConfig,
     *,
     out_dir: str | Path,
@@ -330,7 +333,9 @@ def train(
     Parameters
     ----------
     events_path
-        Event file, folder or glob (read with the config's source mapping).
+        Event file, folder or glob, or the events in memory: a source-shaped
+        Polars DataFrame or LazyFrame or pandas DataFrame (read with the
+        config's source mapping, like a file).
     out_dir
         Report folder: ``metrics.json``, ``report.md`` and the PNG plots.
     truth_dir
@@ -435,7 +440,7 @@ def train(
     table = _table(race)
     report = _report_md(
         {
-            "events": str(events_path),
+            "events": validation.path,
             "data_end": grid.data_end,
             "kind": config.labels.kind,
             "horizon": config.labels.horizon_days,
@@ -550,8 +555,11 @@ def _replenishment(
 # -- backtest -------------------------------------------------------------------------
 
 
-def backtest(events_path: str | Path, config: LapseConfig, *, k: int = 6) -> BacktestResult:
+def backtest(events_path: EventSource, config: LapseConfig, *, k: int = 6) -> BacktestResult:
     """The race on each of the last ``k`` complete cutoffs as the test cutoff.
+
+    ``events_path`` is a file, folder or glob, or a source-shaped frame, as for
+    :func:`train`.
 
     Each repetition lays its own validation and training cutoffs before its
     test cutoff (same embargo); features are built once for all of them.
