@@ -303,10 +303,9 @@ def is_frame(source: object) -> bool:
 
 
 def frame_name(frame: EventFrame) -> str:
-    """How messages name a frame: ``polars DataFrame``, ``polars LazyFrame``, ``pandas DataFrame``."""
-    if isinstance(frame, pl.LazyFrame):
-        return "polars LazyFrame"
-    return "polars DataFrame" if isinstance(frame, pl.DataFrame) else "pandas DataFrame"
+    """How messages and records name a frame: ``events DataFrame`` (Polars or pandas, which
+    is converted to Polars on the way in) or ``events LazyFrame``."""
+    return "events LazyFrame" if isinstance(frame, pl.LazyFrame) else "events DataFrame"
 
 
 def _from_pandas(frame: PandasFrame) -> pl.DataFrame:
