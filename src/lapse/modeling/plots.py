@@ -2,8 +2,8 @@
 
 Figures are built with matplotlib's object API (:class:`matplotlib.figure.Figure`),
 never through pyplot and never by switching the backend: a notebook keeps its
-own backend and shows the returned figures inline. :func:`save_figures` writes
-them as PNG through the Agg canvas.
+own backend and shows the returned figures inline (they carry a PNG repr).
+:func:`save_figures` writes them as PNG through the Agg canvas.
 """
 
 from __future__ import annotations
@@ -38,13 +38,11 @@ def _reliability(y: FloatArray, p: FloatArray, bins: int = 10) -> tuple[FloatArr
 
 
 def new_figure(figsize: tuple[float, float]) -> Figure:
-    """An empty figure of the object API, with an Agg canvas to save it (no pyplot)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    """An empty figure of the object API (no pyplot): saved through its Agg canvas, shown
+    inline in Jupyter by its PNG repr (:class:`lapse.modeling._figure.ReportFigure`)."""
+    from lapse.modeling._figure import ReportFigure
 
-    fig = Figure(figsize=figsize)
-    FigureCanvasAgg(fig)
-    return fig
+    return ReportFigure(figsize)
 
 
 def save_figures(figures: Mapping[str, Figure], out_dir: Path) -> dict[str, Path]:
