@@ -281,6 +281,8 @@ def test_train_returns_its_figures_and_writes_a_self_contained_html_report(
     expected |= {"replenishment_km", "replenishment_calibration"}
     assert set(trained.figures) == set(trained.plots) == expected
     assert all(isinstance(f, Figure) for f in trained.figures.values())
+    # Jupyter shows them as PNG whatever the backend: they carry a PNG repr
+    assert trained.figures["calibration"]._repr_png_()[:8] == PNG
     for name, path in trained.plots.items():
         assert path.read_bytes()[:8] == PNG, name
     report = trained.report_path.read_text()
@@ -297,6 +299,38 @@ def test_train_returns_its_figures_and_writes_a_self_contained_html_report(
     assert html.startswith("<!DOCTYPE html>") and "<table>" in html
     assert html.count('src="data:image/png;base64,') == len(expected)
     assert ".png)" not in html and 'src="roc.png"' not in html  # nothing left to fetch
+
+
+def test_report_html_renders_the_report_markdown_and_embeds_its_images(tmp_path: Path) -> None:
+    from lapse.train.report import report_html
+
+    (tmp_path / "roc.png").write_bytes(PNG + b"rest")
+    markdown = "\n".join(
+        [
+            "# Report <b>",
+            "",
+            "- one `code`",
+            "- two **bold**",
+            "",
+            "| model | a\\|b |",
+            "|---|---|",
+            "| x * | 1 |",
+            "",
+            "text that",
+            "wraps",
+            "",
+            "![roc](roc.png)",
+            "![gone](gone.png)",
+        ]
+    )
+    page = report_html(markdown, tmp_path, title="t")
+    body = page.split("<body>")[1]
+    assert "<h1>Report &lt;b&gt;</h1>" in body
+    assert "<ul><li>one <code>code</code></li><li>two <strong>bold</strong></li></ul>" in body
+    assert "<th>model</th><th>a|b</th>" in body and "<td>x *</td><td>1</td>" in body
+    assert "<p>text that wraps</p>" in body
+    assert 'src="data:image/png;base64,iVBORw0KGgpyZXN0"' in body
+    assert "gone.png: not found" in body
 
 
 # -- the estimators ------------------------------------------------------------------------
