@@ -178,6 +178,8 @@ def test_bad_frames_fail_in_one_line_naming_the_frame_and_the_fix(src: pl.DataFr
     mixed.loc[0, "customer"] = "C17850"
     with pytest.raises(ReadError, match=r"pandas DataFrame: column 'customer' mixes types.*astype"):
         validate_events(mixed, config)
+    with pytest.raises(ReadError, match=r"events must be a path, a Polars DataFrame .* got a dict"):
+        validate_events(src.to_dict(), config)  # type: ignore[arg-type]
     with pytest.raises(ReadError, match="events DataFrame: the frame has no rows"):
         validate_events(src.clear(), config)
     with pytest.raises(MissingColumnsError, match=r"^events LazyFrame: missing columns: ts"):

@@ -36,7 +36,6 @@ __all__ = [
     "data_files",
     "frame_digest",
     "frame_name",
-    "is_frame",
     "is_segment_schema",
     "one_line",
     "resolve_format",
@@ -293,15 +292,6 @@ def collect_frame(lf: pl.LazyFrame, source_name: str) -> pl.DataFrame:
 # -- frames in memory ---------------------------------------------------------------------
 
 
-def _is_pandas(obj: object) -> bool:
-    return type(obj).__module__.partition(".")[0] == "pandas" and hasattr(obj, "columns")
-
-
-def is_frame(source: object) -> bool:
-    """Whether ``source`` is events in memory (a Polars or pandas frame), not a path."""
-    return isinstance(source, pl.DataFrame | pl.LazyFrame) or _is_pandas(source)
-
-
 def frame_name(frame: EventFrame) -> str:
     """How messages and records name a frame: ``events DataFrame`` (Polars or pandas, which
     is converted to Polars on the way in) or ``events LazyFrame``."""
@@ -329,13 +319,19 @@ def _from_pandas(frame: PandasFrame) -> pl.DataFrame:
 
 
 def as_polars(source: EventSource) -> str | Path | pl.DataFrame | pl.LazyFrame:
-    """``source`` with a pandas frame converted to Polars (once); anything else as it is.
+    """``source`` with a pandas frame converted to Polars (once); a path or a Polars frame
+    as it is.
 
     An entry point that reads its events more than once (events, then identity
     links) converts first, so pandas is converted once.
     """
     if isinstance(source, str | Path | pl.DataFrame | pl.LazyFrame):
         return source
+    if type(source).__module__.partition(".")[0] != "pandas":
+        raise ReadError(
+            f"events must be a path, a Polars DataFrame or LazyFrame, or a pandas DataFrame; "
+            f"got a {type(source).__name__}"
+        )
     return _from_pandas(source)
 
 
