@@ -57,7 +57,7 @@ RUN = ("python", "console")
 PROSE = ("bash", "text", "yaml", "json", "cron")
 # Pages the README's map links to that other work in #21/#25/#27 writes (the review,
 # exit codes, the notebook, reliability): a link to one may dangle until it lands.
-PENDING = {"review.md", "exit-codes.md", "notebook.md"}
+PENDING = {"review.md", "exit-codes.md"}
 
 # minute hour day-of-month month day-of-week, each a number, range, list, step or *;
 # or an @-shortcut; then the command
