@@ -415,7 +415,10 @@ def _print_training(result: TrainResult) -> None:
         )
     for note in result.notes:
         console.print(f"note: {escape(note)}", highlight=False)
-    console.print(f"report in {result.out_dir}, bundle at {result.bundle_path}")
+    console.print(
+        f"report in {result.out_dir} (open {result.html_path}), bundle at {result.bundle_path}",
+        highlight=False,
+    )
 
 
 @app.command()

@@ -19,10 +19,11 @@ from lapse.exceptions import LapseError
 from lapse.features import build
 from lapse.insights.drivers import (
     DriversResult,
+    drivers_figure,
     encourage_yaml,
     stickiness_drivers,
-    write_plot,
 )
+from lapse.modeling.plots import save_figures
 from lapse.registry import RegisteredVersion, example_files, log_training
 from lapse.schema import utc_cutoff
 from lapse.score.run import ScoreRunResult, run_score
@@ -74,22 +75,24 @@ def run_drivers(
 
     With ``out``, writes ``out/drivers.csv`` (the table) and ``out/drivers.png``
     (the forest plot); with ``triggers``, writes the ``encourage_<behavior>``
-    YAML snippet there. The result's ``files`` names what was written.
+    YAML snippet there. The result's ``files`` names what was written, its
+    ``figures["drivers"]`` is the forest plot.
     """
     kept, _ = validate_events(events, config)
     attrs = load_attributes(config, attributes)
     result = stickiness_drivers(kept.lazy(), config, as_of=as_of, attributes=attrs)
     files: dict[str, Path] = {}
+    figures = {"drivers": drivers_figure(result)}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         files["table"] = out / "drivers.csv"
         result.table.write_csv(files["table"])
-        files["plot"] = write_plot(result, out / "drivers.png")
+        files["plot"] = save_figures(figures, out)["drivers"]
     if triggers is not None:
         triggers.parent.mkdir(parents=True, exist_ok=True)
         triggers.write_text(encourage_yaml(result, config), encoding="utf-8")
         files["triggers"] = triggers
-    return replace(result, files=files)
+    return replace(result, files=files, figures=figures)
 
 
 @dataclass(frozen=True)

@@ -387,7 +387,7 @@ def _log_events(mlflow: Any, events_path: str | Path, config: LapseConfig, conte
     from lapse.config import DATABASE_FORMATS
     from lapse.events.database import source_label
 
-    if config.source.kind in DATABASE_FORMATS:
+    if config.source.kind in DATABASE_FORMATS or not isinstance(events_path, str | Path):
         mlflow.set_tag(f"{_TAG}events_source", source_label(events_path, config.source))
         return
     mlflow.log_input(_events_dataset(events_path), context=context)
@@ -597,7 +597,9 @@ def log_training(
         exp_id = _experiment_id(client, config, uri)
         params = {
             **_config_params(config),
-            "data.events": str(events_path),
+            "data.events": bundle.training_data.source
+            if bundle.training_data
+            else str(events_path),
             "data.end": str(run_day(result.data_end)),
             "data.first_training_cutoff": str(run_day(result.training_cutoffs[0])),
             "cutoffs.training": ",".join(str(run_day(c)) for c in result.training_cutoffs),

@@ -49,6 +49,7 @@ from lapse.delivery.batches import (
 from lapse.delivery.ledger import Ledger, sink_lock
 from lapse.events import ValidationReport, load_attributes, read_links, validate_events
 from lapse.events.identity import anonymous_only, person_ids, resolve
+from lapse.events.readers import EventSource, as_polars
 from lapse.exceptions import LapseError
 from lapse.registry import LoadedBundle, load_bundle
 from lapse.schema import run_day, utc_cutoff
@@ -270,7 +271,7 @@ def score_header(loaded: LoadedBundle, run_id: str) -> ScoreHeader:
 
 
 def run_score(
-    events: Path,
+    events: EventSource,
     config: LapseConfig,
     *,
     as_of: datetime,
@@ -286,11 +287,14 @@ def run_score(
 ) -> ScoreRunResult:
     """Score every eligible user as of ``as_of`` and deliver the records to a sink.
 
-    ``as_of`` is an aware datetime; the run counts in its UTC instant and UTC day
-    (a naive one is refused). ``engine="spark"`` reads and validates the events,
-    and computes the records, on Spark (:mod:`lapse.spark.score`); the driver then
-    applies the ledger and delivers in bounded chunks. The records, snapshot and
-    deliveries are the same.
+    ``events`` is an event file, folder or glob (or a database source), or the
+    events in memory: a source-shaped Polars or pandas frame, mapped and validated
+    like the file (the local engine only). ``as_of`` is an aware datetime; the run
+    counts in its UTC instant and UTC day (a naive one is refused).
+
+    ``engine="spark"`` reads and validates the events, and computes the records,
+    on Spark (:mod:`lapse.spark.score`); the driver then applies the ledger and
+    delivers in bounded chunks. The records, snapshot and deliveries are the same.
 
     See the README's "Nightly score" section: the audit snapshot is written
     before anything is sent; delivery goes through :mod:`lapse.delivery.batches` with
@@ -323,10 +327,17 @@ def run_score(
         if engine == "spark":
             from lapse.spark.score import run_score_spark  # the Spark engine, on demand
 
+            if not isinstance(events, str | Path):
+                raise LapseError(
+                    "the spark engine reads event files or tables, not a frame in memory; "
+                    "pass a path, or score the frame with engine='local'"
+                )
+
             return run_score_spark(events, ctx, model=model, full=full, spark=spark)
         loaded = load_model(model, config, report)
         report.begin(score_header(loaded, ctx.run_id))
         report.stage("reading and validating events")
+        events = as_polars(events)  # pandas: converted once, read twice (events, links)
         kept, validation = validate_events(events, config, as_of=as_of)
         check_event_names(loaded.bundle, validation.events_per_name, model_label(loaded))
         attributes = load_attributes(config)

@@ -25,6 +25,7 @@ from lapse.events import (
     validate_events,
 )
 from lapse.events.identity import anonymous_only, person_ids, resolve
+from lapse.events.readers import EventSource, as_polars, frame_name
 from lapse.schema import utc_cutoff
 from lapse.score import incremental as inc
 from lapse.score.records import score_users
@@ -77,7 +78,7 @@ class TriggerRunResult:
 
 
 def run_triggers(
-    events: Path,
+    events: EventSource,
     config: LapseConfig,
     *,
     as_of: datetime,
@@ -98,6 +99,9 @@ def run_triggers(
     delta sync, ledger and ``lapse score --resume``. A dry run leaves the
     watermark where it was.
 
+    ``events`` may be a source-shaped frame for a full run (no watermark is kept:
+    there are no files to watch); an incremental run needs a folder of files.
+
     Raises
     ------
     LapseError
@@ -110,7 +114,10 @@ def run_triggers(
     report = progress or Silent()
     trail = AuditTrail(config.resolve(config.audit.path))
     target = make_sink(sink or config.sinks.default, config, out=out)
-    source = os.path.abspath(events)
+    events = as_polars(events)
+    # a frame has no files: a full run reads it all, an incremental one is refused
+    in_memory = not isinstance(events, str | Path)
+    source = os.path.abspath(events) if isinstance(events, str | Path) else frame_name(events)
     lock = contextlib.nullcontext() if dry_run else sink_lock(trail.locks, target.name)
     with lock, Ledger(trail.ledger) as ledger:
         ctx = RunContext(
@@ -119,7 +126,7 @@ def run_triggers(
         loaded = load_model(model, config, report)
         version = model_version(loaded)
         report.stage("looking for new event files")
-        files = event_files(events)
+        files = [] if in_memory and not incremental else event_files(events)
         mark = inc.fingerprint(loaded.source, version, config)
         todo = inc.plan(
             ledger, target.name, source, files, as_of, mark, config, incremental=incremental
@@ -197,7 +204,7 @@ def run_triggers(
                 validation=validation,
                 anonymous=anonymous_only(links, as_of),
             )
-        if not dry_run:
+        if not dry_run and not in_memory:
             ledger.advance_watermark(
                 target.name,
                 source,

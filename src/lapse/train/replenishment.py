@@ -36,7 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -64,6 +64,9 @@ from lapse.modeling.survival import (
 )
 from lapse.modeling.survival_metrics import HORIZONS, METRIC_NAMES, survival_metrics
 from lapse.schema import DAY, utc_cutoff
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = [
     "TIE_C",
@@ -108,7 +111,11 @@ def _no_consumables() -> pl.DataFrame:
 
 @dataclass(frozen=True)
 class ReplenishmentResult:
-    """What the replenishment race produced (``metrics`` is the ``replenishment`` section)."""
+    """What the replenishment race produced (``metrics`` is the ``replenishment`` section).
+
+    ``figures`` holds the report's figures by name (``replenishment_km``,
+    ``replenishment_calibration``), ``plots`` their PNGs when an ``out_dir`` was given.
+    """
 
     metrics: dict[str, Any]
     table: pl.DataFrame
@@ -119,6 +126,7 @@ class ReplenishmentResult:
     notes: list[str] = field(default_factory=list)
     consumables: pl.DataFrame = field(default_factory=_no_consumables)
     """The consumables of the race, ranked: ``sku, repeat_buyers, units_per_pack``."""
+    figures: dict[str, Figure] = field(default_factory=dict)
 
 
 # -- frames -----------------------------------------------------------------------------
@@ -366,7 +374,8 @@ def run_replenishment(
     data_end
         End of the observed data (exclusive, midnight).
     out_dir
-        Where the PNG plots go; ``None`` writes none.
+        Where the PNG plots go; ``None`` writes none (the result holds the
+        figures either way).
     truth_dir
         ``lapse generate``'s folder: adds the error against the true depletion dates.
 
@@ -437,21 +446,20 @@ def run_replenishment(
         ],
         schema_overrides={k: pl.Float64 for k in METRIC_NAMES if k != "n"},
     )
-    plots: dict[str, Path] = {}
-    if out_dir is not None:
-        from lapse.modeling.survival_plots import write_survival_plots
+    from lapse.modeling.plots import save_figures
+    from lapse.modeling.survival_plots import survival_figures
 
-        keep = [n for n in (selected, *BASELINES) if n in tst.curves]
-        plots = write_survival_plots(
-            out_dir,
-            tst.open["duration_days"].to_numpy(),
-            tst.open["observed"].to_numpy(),
-            times,
-            {n: tst.curves[n] for n in keep},
-            {n: tst.medians[n] for n in keep},
-            selected,
-            title=f"test cutoff {test:%Y-%m-%d}",
-        )
+    keep = [n for n in (selected, *BASELINES) if n in tst.curves]
+    figures = survival_figures(
+        tst.open["duration_days"].to_numpy(),
+        tst.open["observed"].to_numpy(),
+        times,
+        {n: tst.curves[n] for n in keep},
+        {n: tst.medians[n] for n in keep},
+        selected,
+        title=f"test cutoff {test:%Y-%m-%d}",
+    )
+    plots = save_figures(figures, out_dir) if out_dir is not None else {}
     # the shipped model: the winner refit on every episode up to the end of the data
     ship_skus = consumable_skus(events, config, until=data_end) if target == "sku" else skus
     ship_covs = (
@@ -483,6 +491,7 @@ def run_replenishment(
         plots=plots,
         notes=notes,
         consumables=ranked,
+        figures=figures,
     )
 
 
@@ -654,6 +663,8 @@ def report_section(result: ReplenishmentResult) -> str:
             cells.append("" if v is None else (f"{int(v)}" if k == "n" else f"{v:.4f}"))
         lines.append("| " + " | ".join(cells) + " |")
     lines += consumables_table(result.consumables)
+    if result.plots:  # the PNGs sit next to report.md
+        lines += ["", *(f"![{name}]({path.name})" for name, path in result.plots.items())]
     truth = m.get("true_depletion")
     if truth:
         errs = ", ".join(
