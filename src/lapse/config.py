@@ -827,7 +827,16 @@ class RegistryConfig(_Section):
         description="task -> metric that decides a promotion",
     )
     tolerance: float = Field(
-        default=0.005, ge=0, description="how much worse a primary metric may get on promotion"
+        default=0.005,
+        ge=0,
+        description="how much worse than the champion a primary metric may be at the worse "
+        "bound of its 95% review interval for a promotion",
+    )
+    review_cutoffs: int = Field(
+        default=4,
+        gt=0,
+        description="`lapse review` pools up to this many latest complete cutoffs (every "
+        "labels.cutoff_every_days) after both models' label windows",
     )
 
 

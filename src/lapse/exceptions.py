@@ -1,7 +1,9 @@
 """The one exception tree of lapse: every exception class lapse defines lives here.
 
 Every error a user can cause derives from :class:`LapseError`; the CLI turns
-it into a one-line message and a non-zero exit instead of a traceback::
+it into a one-line message and exits with the class's ``exit_code`` (2 unless
+marked below) instead of a traceback; ``docs/exit-codes.md`` has every
+command's codes::
 
     LapseError
     ├── ConfigError             a config file or value is invalid
@@ -12,6 +14,7 @@ it into a one-line message and a non-zero exit instead of a traceback::
     ├── ConvergenceProblem      a survival fit did not converge
     ├── NotEnoughEpisodes       too little purchase history for replenishment models
     ├── LockHeldError           another run holds the sink's lock (exit code 3)
+    ├── PromotionRefused        the review refused the challenger or was inconclusive (exit 4)
     ├── WriteFailed             a file or store could not be written (exit code 5)
     └── SinkError               a destination refused a whole batch for good
         ├── DeliveryStopped     the run stops, its unsent batches pending (resumable)
@@ -37,6 +40,7 @@ validators raise ``ValueError`` inside pydantic, which
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 __all__ = [
     "ConfigError",
@@ -52,6 +56,7 @@ __all__ = [
     "MissingColumnsError",
     "NotEnoughEpisodes",
     "PayloadTooLarge",
+    "PromotionRefused",
     "ReadError",
     "RetryableError",
     "SinkAuthError",
@@ -62,6 +67,9 @@ __all__ = [
 
 class LapseError(Exception):
     """Base class of every error lapse raises on purpose."""
+
+    #: The command line's exit code (2: usage, configuration or input error).
+    exit_code: ClassVar[int] = 2
 
 
 class ConfigError(LapseError):
@@ -120,15 +128,24 @@ class NotEnoughEpisodes(LapseError):
 class LockHeldError(LapseError):
     """Another run holds the sink's lock."""
 
+    exit_code: ClassVar[int] = 3
+
+
+class PromotionRefused(LapseError):
+    """``lapse promote`` kept the champion: the review refused the challenger or was
+    inconclusive (``--force`` overrides it)."""
+
+    exit_code: ClassVar[int] = 4
+
 
 class WriteFailed(LapseError):
     """A file or store could not be written (a full disk, permissions, a missing folder).
 
     Build it with :meth:`from_os_error` so the message names the path and the cause;
     ``path`` and ``reason`` keep them (a caller may say what to do instead, ``then``).
-    The command line exits with code 5.
     """
 
+    exit_code: ClassVar[int] = 5
     path: str = ""
     reason: str = ""
 

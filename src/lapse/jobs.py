@@ -3,7 +3,7 @@ no parsing, no printing. The score run lives in :mod:`lapse.score.run`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,11 +20,12 @@ from lapse.features import build
 from lapse.files import atomic_path
 from lapse.insights.drivers import (
     DriversResult,
+    drivers_figure,
     encourage_yaml,
     stickiness_drivers,
-    write_plot,
 )
-from lapse.registry import RegisteredVersion, log_training
+from lapse.modeling.plots import save_figures
+from lapse.registry import RegisteredVersion, example_files, log_training
 from lapse.schema import utc_cutoff
 from lapse.score.run import ScoreRunResult, run_score
 from lapse.spark.engine import (
@@ -75,22 +76,24 @@ def run_drivers(
 
     With ``out``, writes ``out/drivers.csv`` (the table) and ``out/drivers.png``
     (the forest plot); with ``triggers``, writes the ``encourage_<behavior>``
-    YAML snippet there. The result's ``files`` names what was written.
+    YAML snippet there. The result's ``files`` names what was written, its
+    ``figures["drivers"]`` is the forest plot.
     """
     kept, _ = validate_events(events, config)
     attrs = load_attributes(config, attributes)
     result = stickiness_drivers(kept.lazy(), config, as_of=as_of, attributes=attrs)
     files: dict[str, Path] = {}
+    figures = {"drivers": drivers_figure(result)}
     if out is not None:
         files["table"] = out / "drivers.csv"
         with atomic_path(files["table"]) as tmp:
             result.table.write_csv(tmp)
-        files["plot"] = write_plot(result, out / "drivers.png")
+        files["plot"] = save_figures(figures, out)["drivers"]
     if triggers is not None:
         with atomic_path(triggers) as tmp:
             tmp.write_text(encourage_yaml(result, config), encoding="utf-8")
         files["triggers"] = triggers
-    return replace(result, files=files)
+    return replace(result, files=files, figures=figures)
 
 
 @dataclass(frozen=True)
@@ -239,18 +242,21 @@ def run_demo(
 
 @dataclass(frozen=True)
 class ForgetResult:
-    """Rows removed per place by `lapse forget`."""
+    """Rows removed per place by `lapse forget`, and the files it knows of that may hold
+    the users but cannot be rewritten (``kept``, one line each: where and what to do)."""
 
     users: int
     removed: dict[str, int]
+    kept: list[str] = field(default_factory=list)
 
 
 def run_forget(config: LapseConfig, user_ids: list[str]) -> ForgetResult:
-    """Erase users from audit snapshots, outboxes, dead letters and the run ledger."""
+    """Erase users from audit snapshots, outboxes, dead letters and the run ledger; report
+    the MLflow input examples holding them (:func:`lapse.registry.example_files`)."""
     ids = {str(u) for u in user_ids}
     trail = AuditTrail(config.resolve(config.audit.path))
     removed = trail.forget(ids)
     if trail.ledger.exists():
         with Ledger(trail.ledger) as ledger:
             removed["ledger_rows"] = ledger.forget(sorted(ids))
-    return ForgetResult(users=len(ids), removed=removed)
+    return ForgetResult(users=len(ids), removed=removed, kept=example_files(config, ids))

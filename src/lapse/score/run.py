@@ -60,6 +60,7 @@ from lapse.delivery.batches import (
 from lapse.delivery.ledger import Ledger, RunInfo, sink_lock
 from lapse.events import ValidationReport, load_attributes, read_links, validate_events
 from lapse.events.identity import anonymous_only, person_ids, resolve
+from lapse.events.readers import EventSource, as_polars
 from lapse.exceptions import LapseError, WriteFailed
 from lapse.faults import fault_point
 from lapse.registry import LoadedBundle, load_bundle
@@ -279,17 +280,23 @@ def model_label(loaded: LoadedBundle) -> str:
     return f"model {loaded.name!r} version {loaded.version}"
 
 
-def resume_command(events: str | Path, run_id: str, config: LapseConfig) -> str:
-    """The exact command that finishes run ``run_id`` (``--config`` when one was given).
+def resume_command(events: EventSource, run_id: str, config: LapseConfig) -> str:
+    """The exact command that finishes run ``run_id`` (``--config`` when one was given;
+    ``EVENTS`` for events in memory: a resume reads none).
 
     >>> from lapse.config import load_config
     >>> resume_command("data/my events.parquet", "20260301-020000-123456", load_config())
     "lapse score 'data/my events.parquet' --resume 20260301-020000-123456"
     """
-    argv = ["lapse", "score", str(events), "--resume", run_id]
+    argv = ["lapse", "score", _events_argument(events), "--resume", run_id]
     if not config.origin.startswith("<"):  # a file, not the embedded default
         argv += ["--config", config.origin]
     return shlex.join(argv)
+
+
+def _events_argument(events: EventSource) -> str:
+    """``events`` as the command line names it (``EVENTS`` for a frame in memory)."""
+    return str(events) if isinstance(events, str | Path) else "EVENTS"
 
 
 def score_header(loaded: LoadedBundle, ctx: RunContext) -> ScoreHeader:
@@ -418,7 +425,7 @@ def resumed_line(result: ScoreRunResult) -> str:
 
 
 def run_score(
-    events: Path,
+    events: EventSource,
     config: LapseConfig,
     *,
     as_of: datetime,
@@ -434,11 +441,14 @@ def run_score(
 ) -> ScoreRunResult:
     """Score every eligible user as of ``as_of`` and deliver the records to a sink.
 
-    ``as_of`` is an aware datetime; the run counts in its UTC instant and UTC day
-    (a naive one is refused). ``engine="spark"`` reads and validates the events,
-    and computes the records, on Spark (:mod:`lapse.spark.score`); the driver then
-    applies the ledger and delivers in bounded chunks. The records, snapshot and
-    deliveries are the same.
+    ``events`` is an event file, folder or glob (or a database source), or the
+    events in memory: a source-shaped Polars or pandas frame, mapped and validated
+    like the file (the local engine only). ``as_of`` is an aware datetime; the run
+    counts in its UTC instant and UTC day (a naive one is refused).
+
+    ``engine="spark"`` reads and validates the events, and computes the records,
+    on Spark (:mod:`lapse.spark.score`); the driver then applies the ledger and
+    delivers in bounded chunks. The records, snapshot and deliveries are the same.
 
     See the README's "Nightly score" section: the audit snapshot is written
     before anything is sent; delivery goes through :mod:`lapse.delivery.batches` with
@@ -490,6 +500,12 @@ def run_score(
         if engine == "spark":
             from lapse.spark.score import run_score_spark  # the Spark engine, on demand
 
+            if not isinstance(events, str | Path):
+                raise LapseError(
+                    "the spark engine reads event files or tables, not a frame in memory; "
+                    "pass a path, or score the frame with engine='local'"
+                )
+
             return run_score_spark(events, ctx, model=model, full=full, spark=spark)
         loaded = load_model(model, config, report)
         with recorded(ctx, loaded):
@@ -497,11 +513,12 @@ def run_score(
 
 
 def _score_local(
-    events: Path, ctx: RunContext, loaded: LoadedBundle, *, full: bool
+    events: EventSource, ctx: RunContext, loaded: LoadedBundle, *, full: bool
 ) -> ScoreRunResult:
     """The local engine's run, once recorded: read, score, then :func:`send_scored`."""
     config, as_of, report = ctx.config, ctx.as_of, ctx.progress
     report.stage("reading and validating events")
+    events = as_polars(events)  # pandas: converted once, read twice (events, links)
     kept, validation = validate_events(events, config, as_of=as_of)
     check_event_names(loaded.bundle, validation.events_per_name, model_label(loaded))
     attributes = load_attributes(config)
@@ -533,7 +550,7 @@ def _resume(
     config: LapseConfig,
     score_run_id: str,
     *,
-    events: Path,
+    events: EventSource,
     sink: str | None,
     out: Path | None,
     progress: ScoreProgress,
@@ -551,7 +568,7 @@ def _resume(
             raise LapseError(
                 f"score run {score_run_id} stopped before it sent anything"
                 + (f" ({done.split('; ', 1)[1]})" if done else "")
-                + f"; nothing to resume: run `lapse score {shlex.quote(str(events))} --as-of "
+                + f"; nothing to resume: run `lapse score {shlex.quote(_events_argument(events))} --as-of "
                 f"{run_day(info.as_of):%Y-%m-%d}` again"
             )
         ctx = RunContext(

@@ -25,6 +25,7 @@ from lapse.events import (
     validate_events,
 )
 from lapse.events.identity import anonymous_only, person_ids, resolve
+from lapse.events.readers import EventSource, as_polars, frame_name
 from lapse.exceptions import LapseError
 from lapse.faults import fault_point
 from lapse.registry import LoadedBundle
@@ -84,7 +85,7 @@ class TriggerRunResult:
 
 
 def run_triggers(
-    events: Path,
+    events: EventSource,
     config: LapseConfig,
     *,
     as_of: datetime,
@@ -105,6 +106,9 @@ def run_triggers(
     delta sync, ledger and ``lapse score --resume``. A dry run leaves the
     watermark where it was.
 
+    ``events`` may be a source-shaped frame for a full run (no watermark is kept:
+    there are no files to watch); an incremental run needs a folder of files.
+
     Raises
     ------
     LapseError
@@ -117,7 +121,8 @@ def run_triggers(
     report = progress or Silent()
     trail = AuditTrail(config.resolve(config.audit.path))
     target = make_sink(sink or config.sinks.default, config, out=out)
-    source = os.path.abspath(events)
+    events = as_polars(events)
+    source = os.path.abspath(events) if isinstance(events, str | Path) else frame_name(events)
     lock = contextlib.nullcontext() if dry_run else sink_lock(trail.locks, target.name)
     run_id = new_run_id(as_of)
     with lock, Ledger(trail.ledger) as ledger:
@@ -166,7 +171,12 @@ def _catch_up(ctx: RunContext, source: str) -> None:
 
 
 def _evaluate(
-    ctx: RunContext, loaded: LoadedBundle, events: Path, source: str, *, incremental: bool
+    ctx: RunContext,
+    loaded: LoadedBundle,
+    events: EventSource,
+    source: str,
+    *,
+    incremental: bool,
 ) -> TriggerRunResult:
     """A trigger run once recorded: plan, read, score and deliver, then advance the watermark
     (after delivery: a run cut off before that is simply done again, and the next run
@@ -180,9 +190,11 @@ def _evaluate(
     )
     version = model_version(loaded)
     if not ctx.dry_run:
-        _catch_up(ctx, source)
+        _catch_up(ctx, source)  # a frame's name never staged a watermark: a no-op
     report.stage("looking for new event files")
-    files = event_files(events)
+    # a frame has no files: a full run reads it all, an incremental one is refused
+    in_memory = not isinstance(events, str | Path)
+    files = [] if in_memory and not incremental else event_files(events)
     mark = inc.fingerprint(loaded.source, version, config)
     todo = inc.plan(
         ledger, target.name, source, files, as_of, mark, config, incremental=incremental
@@ -251,7 +263,7 @@ def _evaluate(
         )
         states = inc.states(scored.fired, due, users, as_of)
         result.fired = int((scored.fired["triggers"].list.len() > 0).sum())
-        if not ctx.dry_run:
+        if not ctx.dry_run and not in_memory:
             ledger.stage_watermark(
                 ctx.run_id,
                 target.name,
@@ -270,7 +282,7 @@ def _evaluate(
             validation=validation,
             anonymous=anonymous_only(links, as_of),
         )
-    if not ctx.dry_run:
+    if not ctx.dry_run and not in_memory:
         fault_point("before_watermark")
         ledger.advance_watermark(
             target.name,
