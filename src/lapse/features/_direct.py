@@ -205,8 +205,7 @@ def _measures(
         counted.cast(pl.UInt32).alias("_n"),
         ts.alias("_tmin"),
         ts.alias("_tmax"),
-        pl.when(counted).then(ts).alias("_t1min"),
-        pl.when(counted).then(ts).alias("_t1max"),
+        *_counted_times(pl.when(counted).then(ts) if spec.orders else ts),
     ]
     if spec.full and spec.telemetry:
         cols.append(c("quantity").fill_null(1.0).alias("_uc"))
@@ -222,31 +221,46 @@ def _rollup(rows: pl.LazyFrame, spec: _Spec) -> pl.LazyFrame:
     such a group, so the aggregations of :func:`_aggregations` give the same
     values on these few rows as on the events.
     """
+    c = pl.col
     aggs = [
-        pl.col("_n").sum(),
-        pl.col("revenue").sum(),
-        pl.col("_tmin").min(),
-        pl.col("_tmax").max(),
-        pl.col("_t1min").min(),
-        pl.col("_t1max").max(),
-        pl.col("_bits").bitwise_or(),
+        c("_n").sum(),
+        c("revenue").sum(),
+        c("_tmin").min(),
+        c("_tmax").max(),
+        c("_bits").bitwise_or(),
     ]
+    if spec.orders:  # else every row counts: its times are those of its group
+        aggs += [c("_t1min").min(), c("_t1max").max()]
     if spec.full and spec.telemetry:
         aggs.append(pl.col("_uc").sum())
     if not spec.midnight:
         aggs += [pl.col(f"_kw{w}").any() for w in spec.windows]
-    return rows.group_by(_USER, "event", "_bin", "_blk").agg(aggs)
+    rolled = rows.group_by(_USER, "event", "_bin", "_blk").agg(aggs)
+    return rolled if spec.orders else rolled.with_columns(_counted_times(c("_tmin"), c("_tmax")))
 
 
-def _aggregations(edges: list[int], config: LapseConfig, spec: _Spec) -> list[pl.Expr]:
-    """Per-user state from measure rows (events or their roll-up)."""
+def _counted_times(first: pl.Expr, last: pl.Expr | None = None) -> list[pl.Expr]:
+    """``_t1min`` and ``_t1max``: the first and last time of the rows that count as events."""
+    return [first.alias("_t1min"), (first if last is None else last).alias("_t1max")]
+
+
+def _aggregate(
+    rows: pl.LazyFrame, edges: list[int], config: LapseConfig, spec: _Spec
+) -> pl.LazyFrame:
+    """Per-user state from measure rows (events or their roll-up).
+
+    Role, window and milestone flags become columns first, so that each is
+    computed once per row rather than once per aggregation reading it.
+    """
     c = pl.col
-    r = {role: _flag(config, role) for role in spec.roles}
-    inw = {d: c("_bin") <= i for i, d in enumerate(edges)}
+    flags = {f"_r_{role}": _flag(config, role) for role in spec.roles}
+    flags |= {f"_in{d}": c("_bin") <= i for i, d in enumerate(edges)}
+    if spec.full:
+        flags |= {f"_hit{i}": c("event") == m.event for i, m in enumerate(config.milestones)}
+    r = {role: c(f"_r_{role}") for role in spec.roles}
+    inw = {d: c(f"_in{d}") for d in edges}
 
-    def count(cond: pl.Expr) -> pl.Expr:
-        return pl.when(cond).then(c("_n")).otherwise(0).sum()
-
+    count = _count
     last = _LAST_ALL if spec.full else spec.roles
     aggs: list[pl.Expr] = [
         c("_tmin").min().alias("first_event"),
@@ -269,9 +283,26 @@ def _aggregations(edges: list[int], config: LapseConfig, spec: _Spec) -> list[pl
             .bitwise_or()
             .alias(f"_w{j}")
         )
-    if not spec.full:
-        return aggs
-    aggs += [
+    if spec.full:
+        aggs += _full_aggregations(edges, config, spec, r, inw)
+    return rows.with_columns(**flags).group_by(_USER).agg(aggs)
+
+
+def _count(cond: pl.Expr) -> pl.Expr:
+    """The events among measure rows meeting ``cond``."""
+    return pl.when(cond).then(pl.col("_n")).otherwise(0).sum()
+
+
+def _full_aggregations(
+    edges: list[int],
+    config: LapseConfig,
+    spec: _Spec,
+    r: dict[str, pl.Expr],
+    inw: dict[int, pl.Expr],
+) -> list[pl.Expr]:
+    """The aggregations of the full set beyond the core set."""
+    c, count = pl.col, _count
+    aggs = [
         c("_n").sum().alias("n_event"),
         c("_tmax").max().alias("last_event"),
         pl.when(r["purchase"]).then(c("_t1min")).min().alias("first_purchase"),
@@ -294,8 +325,8 @@ def _aggregations(edges: list[int], config: LapseConfig, spec: _Spec) -> list[pl
             pl.when(consumed & inw[w]).then(c("_uc")).sum().alias(f"_uc{w}") for w in spec.windows
         ]
     aggs += [count(r["usage"] & inw[d]).alias(f"_u{d}") for d in edges if d not in spec.windows]
-    for i, m in enumerate(config.milestones):
-        hit = c("event") == m.event
+    for i in range(len(config.milestones)):
+        hit = c(f"_hit{i}")
         aggs += [count(hit).alias(f"_ms{i}"), count(hit & inw[7]).alias(f"_ms{i}_7")]
     return aggs
 
@@ -325,7 +356,6 @@ def build_one(
     edges = sorted(set(windows) | ({7 * k for k in range(1, _SLOPE_WEEKS + 1)} if full else set()))
     last_day = (t - timedelta(microseconds=1) - _EPOCH).days
     rows = _measures(lf, t, edges, last_day, config, spec)
-    aggs = _aggregations(edges, config, spec)
     if full:
         # the events summed to a few rows per user first: ~80 aggregations then run on those
         rolled = _rollup(rows, spec).collect(engine="streaming")
@@ -334,7 +364,7 @@ def build_one(
         purchases = lf.filter(bought & pl.col("_one") if orders else bought)
         main_df, units_df, gaps_df = pl.collect_all(
             [
-                rolled.lazy().group_by(_USER).agg(aggs),
+                _aggregate(rolled.lazy(), edges, config, spec),
                 _units(lf, t, windows, config),
                 _order_gaps(purchases),
             ],
@@ -349,7 +379,7 @@ def build_one(
             .join(gaps_df, on=_USER, how="left")
         )
     else:
-        state = rows.group_by(_USER).agg(aggs).collect(engine="streaming")
+        state = _aggregate(rows, edges, config, spec).collect(engine="streaming")
 
     tl = pl.lit(t, dtype=pl.Datetime("us", "UTC"))
     c = pl.col
