@@ -196,10 +196,7 @@ def _sums_joined(
         events.select(*keys, "ts", "_w")
         .join(times, on=keys)
         .group_by("_row")
-        .agg(
-            pl.when(ts < pl.col(f"_at{k}")).then(w).sum().alias(name)
-            for k, name in enumerate(at)
-        )
+        .agg(pl.when(ts < pl.col(f"_at{k}")).then(w).sum().alias(name) for k, name in enumerate(at))
         .collect(engine="streaming")
     )
     return (
