@@ -324,6 +324,29 @@ def test_rfm_summary_sees_only_activity_before_a_mid_day_cutoff() -> None:
     assert row["btyd_age_days"] == 3.5  # from the first active day (midnight) to noon
 
 
+def test_rfm_summary_at_one_cutoff_equals_its_rows_among_several() -> None:
+    """One cutoff (bitmasks of active days) and several (active days grouped once) are two
+    implementations of the same rows: active days 64+ days apart, before 1970, same day."""
+    from lapse.modeling.bgnbd import rfm_summary
+
+    rng = np.random.default_rng(3)
+    base = datetime(1969, 11, 1, tzinfo=UTC)
+    n = 3_000
+    events = pl.LazyFrame(
+        {
+            "user_id": [f"u{i}" for i in rng.integers(0, 60, n)],
+            "ts": [base + timedelta(hours=float(h)) for h in rng.exponential(24 * 90, n)],
+            "event": rng.choice(["app_open", "order_completed", "signup"], n).tolist(),
+        }
+    ).with_columns(pl.col("ts").dt.cast_time_unit("us"))
+    cutoffs = [datetime(1970, 1, 1, tzinfo=UTC), datetime(1970, 4, 20, 13, 30, tzinfo=UTC)]
+    several = rfm_summary(events, cutoffs, load_config())
+    for cutoff in cutoffs:
+        one = rfm_summary(events, [cutoff], load_config())
+        assert one.height > 20
+        assert one.equals(several.filter(pl.col("cutoff") == cutoff))
+
+
 # -- the model contract --------------------------------------------------------------------
 #
 # Seven models can ship: the churn race's recency, rules, BG/NBD, LightGBM and stacked
