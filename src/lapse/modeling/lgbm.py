@@ -151,6 +151,8 @@ class LightGBMChurn(ParamsMixin):
         lambda_l2: float = 10.0,
         max_trees: int = 1000,
         early_stopping_rounds: int = 50,
+        n_trees: int | None = None,
+        tuned: dict[str, Any] | None = None,
         search: bool = False,
         n_search: int = 12,
         random_state: int = 0,
@@ -165,6 +167,8 @@ class LightGBMChurn(ParamsMixin):
         self.lambda_l2 = lambda_l2
         self.max_trees = max_trees
         self.early_stopping_rounds = early_stopping_rounds
+        self.n_trees = n_trees
+        self.tuned = tuned
         self.search = search
         self.n_search = n_search
         self.random_state = random_state
@@ -287,11 +291,12 @@ class LightGBMChurn(ParamsMixin):
                 params={"verbosity": -1},
             )
 
-        holdout, fit_rows = self._holdout(frame, ya, groups)
-
-        overrides: dict[str, Any] = {}
+        overrides: dict[str, Any] = dict(self.tuned or {})
         self.search_results_: list[dict[str, Any]] = []
-        if holdout is None:
+        holdout, fit_rows = (None, None) if self.n_trees else self._holdout(frame, ya, groups)
+        if self.n_trees:
+            n_trees = self.n_trees
+        elif holdout is None:
             n_trees = min(300, self.max_trees)
         else:
             assert fit_rows is not None
