@@ -531,22 +531,6 @@ def _load_pyfunc(data_path: str) -> _PyfuncModel:
     return _PyfuncModel(ChurnBundle.load(data_path))
 
 
-def _example_rows(bundle: ChurnBundle, events_path: str | Path, n: int = 5) -> pl.DataFrame:
-    """A few real feature rows as of the training end, built from a handful of users only."""
-    from lapse.events import load_attributes, read_events
-
-    events = read_events(events_path, bundle.config)
-    as_of = bundle.training_end
-    users = events.filter(pl.col("ts") < as_of).select("user_id").unique().sort("user_id").head(50)
-    some = events.join(users, on="user_id", how="semi").collect().lazy()
-    attributes = load_attributes(bundle.config)
-    rows = bundle.prepare(some, as_of, attributes=attributes)
-    if rows.height == 0:
-        rows = bundle.prepare(some, as_of, attributes=attributes, eligible_only=False)
-    keep = ["user_id", *bundle.feature_schema]
-    return rows.sort("user_id").head(n).select([c for c in keep if c in rows.columns])
-
-
 def _signature(bundle: ChurnBundle, example: pl.DataFrame) -> Any:
     from mlflow.models import ModelSignature, infer_signature  # noqa: TID251
     from mlflow.types import ColSpec, DataType, Schema  # noqa: TID251
@@ -588,7 +572,7 @@ def log_training(
 
     bundle = ChurnBundle.load(result.bundle_path)
     name = config.models.name
-    example = _example_rows(bundle, events_path)
+    example = result.example
     signature = _signature(bundle, example)
     client, uri = _connect(config)
     with _mlflow_errors(uri):
@@ -625,7 +609,6 @@ def log_training(
         ):
             mlflow.set_tags(tags)
             mlflow.log_params(params)
-            mlflow.log_metrics(flatten_metrics(result.metrics))
             _log_events(mlflow, events_path, config, "training")
             mlflow.log_artifacts(str(result.out_dir), artifact_path="report")
             mlflow.log_text(_config_yaml(config), "config.yaml")
@@ -649,6 +632,9 @@ def log_training(
                     ),
                 },
             )
+            # after the model: MLflow links them to it in one batch (logged before, it
+            # copies each metric's history to the model, one query per metric)
+            mlflow.log_metrics(flatten_metrics(result.metrics))
             mv = mlflow.register_model(
                 info.model_uri,
                 name,

@@ -28,7 +28,7 @@ from lapse.modeling.metrics import METRIC_NAMES
 from lapse.segments import describe_sizes
 
 if TYPE_CHECKING:
-    from lapse.modeling.bundle import TrainingData
+    from lapse.modeling.bundle import ChurnBundle, TrainingData
     from lapse.train.replenishment import ReplenishmentResult
 
 __all__ = ["BacktestResult", "TrainResult", "backtest", "build_frame", "train"]
@@ -41,7 +41,9 @@ class TrainResult:
     ``table`` has one row per candidate (plus ``oracle``): ``model``,
     ``validation_auc``, the test metrics and ``selected``. ``segments``: the
     shipped model's users per risk segment at the calibration cutoff (its
-    training score distribution).
+    training score distribution). ``example``: a few users' feature rows as of
+    the training end, as the bundle takes them (the registered model's input
+    example).
     """
 
     metrics: dict[str, Any]
@@ -67,6 +69,7 @@ class TrainResult:
     notes: list[str] = field(default_factory=list)
     replenishment: ReplenishmentResult | None = None
     segments: dict[str, int] = field(default_factory=dict)
+    example: pl.DataFrame = field(default_factory=pl.DataFrame)
 
 
 @dataclass(frozen=True)
@@ -520,7 +523,21 @@ def train(
         notes=notes,
         replenishment=replenishment,
         segments=segments,
+        example=_example_rows(bundle, events),
     )
+
+
+def _example_rows(bundle: ChurnBundle, events: pl.LazyFrame, n: int = 5) -> pl.DataFrame:
+    """A few real feature rows as of the training end, built from a handful of users only."""
+    as_of = bundle.training_end
+    users = events.filter(pl.col("ts") < as_of).select("user_id").unique().sort("user_id").head(50)
+    some = events.join(users, on="user_id", how="semi").collect().lazy()
+    attributes = load_attributes(bundle.config)
+    rows = bundle.prepare(some, as_of, attributes=attributes)
+    if rows.height == 0:
+        rows = bundle.prepare(some, as_of, attributes=attributes, eligible_only=False)
+    keep = ["user_id", *bundle.feature_schema]
+    return rows.sort("user_id").head(n).select([c for c in keep if c in rows.columns])
 
 
 def _replenishment(
