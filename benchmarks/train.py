@@ -26,6 +26,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import subprocess
 import sys
@@ -56,7 +57,13 @@ def run(args: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float, 
 
 
 def _env(home: Path) -> dict[str, str]:
-    env = {**os.environ, "LAPSE_HOME": str(home), "COLUMNS": "120"}
+    """The children's environment: the lapse this interpreter imports (a relative
+    ``PYTHONPATH=src`` would not survive the children's own working folder)."""
+    spec = importlib.util.find_spec("lapse")
+    assert spec is not None and spec.origin is not None, "lapse is not importable"
+    src = str(Path(spec.origin).resolve().parent.parent)
+    path = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "LAPSE_HOME": str(home), "COLUMNS": "120", "PYTHONPATH": path}
     env.pop("MLFLOW_TRACKING_URI", None)
     return env
 
