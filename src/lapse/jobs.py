@@ -13,14 +13,14 @@ import polars as pl
 from lapse.config import LapseConfig
 from lapse.events import ValidationReport, load_attributes, read_links, validate_events
 from lapse.exceptions import LapseError
-from lapse.score.run import ScoreRunResult, run_score
-from lapse.spark import ENGINES, Engine
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
     from lapse.insights.drivers import DriversResult
     from lapse.registry import RegisteredVersion
+    from lapse.score.run import ScoreRunResult
+    from lapse.spark import Engine
     from lapse.train.churn import TrainResult
 
 __all__ = [
@@ -133,6 +133,8 @@ def run_features(
         # counted from the file lazily: the driver never holds every user's row
         return _features_result(pl.scan_parquet(out), out, as_of, spark_report, engine)
     if engine != "local":
+        from lapse.spark import ENGINES
+
         raise LapseError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
     kept, report = validate_events(events, config, as_of=as_of)
     links = read_links(events, config)
@@ -209,6 +211,7 @@ def run_demo(
     from datetime import timedelta
 
     from lapse.datasets import generate, write
+    from lapse.score.run import run_score
 
     start = date(2026, 1, 1)
     files = write(generate(n_users=n_users, n_days=n_days, seed=seed, start=start), out_dir)
