@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -31,6 +32,54 @@ def test_cli_import_stays_light() -> None:
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(("given", "used"), [(None, 1), ("2", 2)])
+def test_cli_runs_openblas_on_one_thread_unless_told(given: str | None, used: int) -> None:
+    """Small BLAS calls only make a second OpenBLAS thread spin; a user's setting wins."""
+    code = (
+        "import sys, lapse.cli\n"
+        "assert 'numpy' not in sys.modules, 'numpy loaded before the thread setting'\n"
+        "import numpy, scipy.linalg, threadpoolctl\n"
+        "pools = [i for i in threadpoolctl.threadpool_info() if i['internal_api'] == 'openblas']\n"
+        "print(sorted({i['num_threads'] for i in pools}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    if given is not None:
+        env["OPENBLAS_NUM_THREADS"] = given
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True
+    ).stdout
+    assert out.strip() == f"[{used}]"  # numpy's OpenBLAS and scipy's own
+
+
+def test_console_script_ends_with_the_commands_code_output_and_exit_handlers(
+    tmp_path: Path,
+) -> None:
+    """`main` skips the interpreter's teardown (no module is cleared: the __del__ of a
+    global never runs) yet keeps what an exit does: exit handlers, flushed output, the code."""
+    script = (
+        "import atexit, sys\n"
+        "from lapse.cli import main\n"
+        "class Torn:\n"
+        "    def __del__(self): print('torn down')\n"
+        "kept = Torn()\n"
+        "atexit.register(print, 'exit handler ran')\n"
+        "main()\n"
+    )
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", script, *args], capture_output=True, text=True, check=False
+        )
+
+    ok = run("config", "show")
+    assert ok.returncode == 0, ok.stderr
+    assert "horizon_days" in ok.stdout and ok.stdout.rstrip().endswith("exit handler ran")
+    assert "torn down" not in ok.stdout
+    bad = run("train", str(tmp_path / "missing.parquet"))
+    assert bad.returncode == 2 and "error:" in bad.stderr, bad.stderr
+    assert bad.stdout.rstrip().endswith("exit handler ran")
 
 
 def test_generate_then_validate(tmp_path: Path) -> None:
