@@ -1,4 +1,4 @@
-"""Time-to-next-order models: AFT and Cox fits, and two deterministic baselines.
+"""Time-to-next-order models: lifelines AFT and Cox fits, and two deterministic baselines.
 
 Every model predicts, for an episode that has already lasted ``elapsed`` days
 without a reorder, the conditional survival ``S(elapsed + t) / S(elapsed)``
@@ -8,10 +8,8 @@ among the episodes that reorder within ``H`` more days (solves
 ``F(t) = F(H) / 2`` for the conditional distribution function ``F``; see
 :meth:`SurvivalModel.predict_median`). The baselines are point estimates
 already and ignore ``horizon``. Predictions use closed forms (AFT) or the
-Breslow baseline hazard (Cox), vectorised with NumPy. The fits maximise
-lifelines' penalised likelihoods with exact derivatives
-(:mod:`lapse.modeling._survfit`): the same estimates as lifelines, which
-differentiates with autograd and loops over rows in Python, about 50x sooner.
+Breslow baseline hazard (Cox), vectorised with NumPy: lifelines is only
+used to fit, never to predict (its Cox ``predict_median`` does not scale).
 
 Candidates (:data:`CANDIDATES`): ``weibull_aft``, ``lognormal_aft``,
 ``loglogistic_aft`` and ``cox_ph`` (:class:`SurvivalModel`); baselines
@@ -26,8 +24,9 @@ are dropped (``dropped_`` says why).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
-from typing import Final, Literal, Protocol
+from typing import Any, Final, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -165,7 +164,7 @@ def _diagnose(z: FloatArray, names: list[str], kind: str, penalizer: float, caus
     """A sentence naming the covariate most likely behind a failed fit."""
     fix = (
         f"drop it from the covariates, or raise replenishment.penalizer (now {penalizer}); "
-        f"the fit said: {cause}"
+        f"lifelines said: {cause}"
     )
     if z.shape[1] == 0:
         return f"{kind} did not converge with no covariates; {fix}"
@@ -191,11 +190,11 @@ def _diagnose(z: FloatArray, names: list[str], kind: str, penalizer: float, caus
     return f"{kind} did not converge on covariate {names[0]!r}; {fix}"
 
 
-# -- the parametric and Cox models ----------------------------------------------------------
+# -- the lifelines models ----------------------------------------------------------------
 
 
 class SurvivalModel(ParamsMixin):
-    """A survival regression (lifelines' estimator), predicted with vectorised closed forms.
+    """A lifelines survival regression, predicted with vectorised closed forms.
 
     Parameters
     ----------
@@ -234,7 +233,7 @@ class SurvivalModel(ParamsMixin):
         Raises
         ------
         ConvergenceProblem
-            The fit did not converge; the message names the covariate.
+            lifelines did not converge; the message names the covariate.
         """
         if self.kind not in CANDIDATES:
             raise ValueError(f"kind must be one of {CANDIDATES}, got {self.kind!r}")
@@ -260,21 +259,60 @@ class SurvivalModel(ParamsMixin):
         return self
 
     def _fit(self, z: FloatArray, t: FloatArray, e: npt.NDArray[np.bool_]) -> list[str]:
-        from lapse.modeling._survfit import NotConverged, fit_aft, fit_cox
+        import importlib
 
-        try:
-            if self.kind == "cox_ph":
-                # without a covariate, Cox is the Nelson-Aalen (Breslow) curve itself
-                self.coef_ = fit_cox(z, t, e, self.penalizer) if z.shape[1] else np.zeros(0)
-                self._baseline(z, t, e)
-            else:
-                self.intercept_, self.coef_, log_shape = fit_aft(self.kind, z, t, e, self.penalizer)
-                self.shape_ = float(np.exp(log_shape))
-        except NotConverged as exc:
+        from lifelines import (
+            CoxPHFitter,
+            LogLogisticAFTFitter,
+            LogNormalAFTFitter,
+            WeibullAFTFitter,
+        )
+        from lifelines.exceptions import ConvergenceError
+
+        names = [f"x{j}" for j in range(z.shape[1])]
+        pd: Any = importlib.import_module("pandas")  # lifelines' input type; no stubs needed
+        df = pd.DataFrame(z, columns=names)
+        df["_T"], df["_E"] = t, e
+        fitters: dict[str, Any] = {
+            "weibull_aft": WeibullAFTFitter,
+            "lognormal_aft": LogNormalAFTFitter,
+            "loglogistic_aft": LogLogisticAFTFitter,
+            "cox_ph": CoxPHFitter,
+        }
+        fitter = fitters[self.kind](penalizer=self.penalizer)
+        if self.kind == "cox_ph" and z.shape[1] == 0:
+            # lifelines' Cox needs a covariate; without one it is the KM/Nelson-Aalen curve
+            self.coef_ = np.zeros(0)
+            self._baseline(z, t, e)
+            return []
+        # lifelines warns (ConvergenceWarning, StatisticalWarning, overflow in exp) on
+        # difficult data; the warnings are kept for the report rather than raised
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                fitter.fit(df, duration_col="_T", event_col="_E")
+            except (ConvergenceError, np.linalg.LinAlgError, ValueError) as exc:
+                raise ConvergenceProblem(
+                    _diagnose(z, self.covariates_, self.kind, self.penalizer, str(exc)[:300])
+                ) from None
+        params = fitter.params_
+        if not np.all(np.isfinite(params.to_numpy())):
             raise ConvergenceProblem(
-                _diagnose(z, self.covariates_, self.kind, self.penalizer, str(exc))
-            ) from None
-        return []
+                _diagnose(z, self.covariates_, self.kind, self.penalizer, "non-finite coefficients")
+            )
+        if self.kind == "cox_ph":
+            self.coef_ = np.array([params[n] for n in names], dtype=np.float64)
+            self._baseline(z, t, e)
+        else:
+            loc, shape = {
+                "weibull_aft": ("lambda_", "rho_"),
+                "lognormal_aft": ("mu_", "sigma_"),
+                "loglogistic_aft": ("alpha_", "beta_"),
+            }[self.kind]
+            self.coef_ = np.array([params[(loc, n)] for n in names], dtype=np.float64)
+            self.intercept_ = float(params[(loc, "Intercept")])
+            self.shape_ = float(np.exp(params[(shape, "Intercept")]))
+        return [f"{self.kind}: {w.category.__name__}: {str(w.message)[:200]}" for w in caught]
 
     def _baseline(self, z: FloatArray, t: FloatArray, e: npt.NDArray[np.bool_]) -> None:
         """Breslow's baseline cumulative hazard at the distinct event times."""
