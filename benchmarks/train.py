@@ -37,7 +37,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 GOAL_SECONDS = 10.0
 GOAL_BYTES = 2**30
-CLI = "from lapse.cli import main; main()"  # the console script
+CLI = "from lapse.cli import app; app()"
 
 
 def run(args: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float, int]:

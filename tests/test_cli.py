@@ -53,35 +53,6 @@ def test_cli_runs_openblas_on_one_thread_unless_told(given: str | None, used: in
     assert out.strip() == f"[{used}]"  # numpy's OpenBLAS and scipy's own
 
 
-def test_console_script_ends_with_the_commands_code_output_and_exit_handlers(
-    tmp_path: Path,
-) -> None:
-    """`main` skips the interpreter's teardown (no module is cleared: the __del__ of a
-    global never runs) yet keeps what an exit does: exit handlers, flushed output, the code."""
-    script = (
-        "import atexit, sys\n"
-        "from lapse.cli import main\n"
-        "class Torn:\n"
-        "    def __del__(self): print('torn down')\n"
-        "kept = Torn()\n"
-        "atexit.register(print, 'exit handler ran')\n"
-        "main()\n"
-    )
-
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-c", script, *args], capture_output=True, text=True, check=False
-        )
-
-    ok = run("config", "show")
-    assert ok.returncode == 0, ok.stderr
-    assert "horizon_days" in ok.stdout and ok.stdout.rstrip().endswith("exit handler ran")
-    assert "torn down" not in ok.stdout
-    bad = run("train", str(tmp_path / "missing.parquet"))
-    assert bad.returncode == 2 and "error:" in bad.stderr, bad.stderr
-    assert bad.stdout.rstrip().endswith("exit handler ran")
-
-
 def test_generate_then_validate(tmp_path: Path) -> None:
     out = tmp_path / "data"
     result = runner.invoke(

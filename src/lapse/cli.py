@@ -9,16 +9,12 @@ every command: ``docs/exit-codes.md``.
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import functools
 import os
-import sys
-import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Annotated, ParamSpec, TypeVar
 
 import polars as pl
 import typer
@@ -47,7 +43,7 @@ if TYPE_CHECKING:
     from lapse.score.trigger_run import TriggerRunResult
     from lapse.train.churn import TrainResult
 
-__all__ = ["app", "main"]
+__all__ = ["app"]
 
 # lapse's own linear algebra is small (survival and BG/NBD fits over a few columns) and an
 # OpenBLAS thread pool spins between such calls: a BG/NBD fit took 10x the CPU with two
@@ -1143,31 +1139,3 @@ def sinks_check(
     from lapse.sinks import check_sink
 
     console.print(f"[green]ok:[/] {escape(check_sink(sink, load_config(config)))}")
-
-
-def main() -> None:
-    """The ``lapse`` console script: :data:`app`, then out without the interpreter's teardown.
-
-    A training run has imported ~4,000 modules (MLflow, scikit-learn, pandas,
-    matplotlib), and Python's own exit clears them one by one: about a second of
-    CPU after the work is done. Once a command has exited, the process ends the way
-    Python would (threads joined, exit handlers run, output flushed) but skips the
-    teardown; an uncaught error leaves as Python would.
-    """
-    try:
-        app()
-    except SystemExit as exc:
-        if exc.code is None or isinstance(exc.code, int):
-            _leave(exc.code or 0)
-        raise
-
-
-def _leave(code: int) -> NoReturn:
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):  # a closed pipe or stream
-            stream.flush()
-    os._exit(code)
