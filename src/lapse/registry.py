@@ -85,6 +85,7 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient  # noqa: TID251
     from mlflow.entities.model_registry import ModelVersion  # noqa: TID251
 
+    from lapse.events.readers import EventSource
     from lapse.modeling.bundle import ChurnBundle
     from lapse.train.churn import TrainResult
 
@@ -397,7 +398,7 @@ def _digest(files: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def _log_events(mlflow: Any, events_path: str | Path, config: LapseConfig, context: str) -> None:
+def _log_events(mlflow: Any, events_path: EventSource, config: LapseConfig, context: str) -> None:
     """``mlflow.log_input`` of the event files; a database source is named in a tag instead
     (its rows have no file digest; the label never holds the connection URI)."""
     from lapse.config import DATABASE_FORMATS
@@ -572,7 +573,7 @@ def _signature(bundle: ChurnBundle) -> Any:
 
 
 def log_training(
-    result: TrainResult, config: LapseConfig, *, events_path: str | Path
+    result: TrainResult, config: LapseConfig, *, events_path: EventSource
 ) -> RegisteredVersion:
     """Log a ``lapse train`` result as an MLflow run and register its bundle.
 
@@ -796,12 +797,16 @@ def _end_dead_runs(client: MlflowClient, exp_id: str, name: str) -> list[str]:
     return notes
 
 
-def _fingerprint(events_path: str | Path, config: LapseConfig) -> str:
-    """16 hex digits of sha256: over the event files' names and bytes; for a database
-    source, over the canonical events' row hashes (stable within one polars version)."""
+def _fingerprint(events_path: EventSource, config: LapseConfig) -> str:
+    """16 hex digits of sha256: over the event files' names and bytes; for events in
+    memory, the frame's content digest; for a database source, over the canonical
+    events' row hashes (stable within one polars version)."""
     from lapse.config import DATABASE_FORMATS
     from lapse.events import read_events
+    from lapse.events.readers import frame_digest
 
+    if not isinstance(events_path, str | Path):
+        return frame_digest(events_path)
     if config.source.kind not in DATABASE_FORMATS:
         return _digest(_event_files(events_path))
     rows = read_events(events_path, config).collect().hash_rows(seed=0).sort()
@@ -821,13 +826,16 @@ def _markdown_table(frame: pl.DataFrame) -> list[str]:
     return lines
 
 
-def _span(result: TrainResult, bundle: ChurnBundle, events_path: str | Path) -> str:
+def _span(result: TrainResult, bundle: ChurnBundle, events_path: EventSource) -> str:
+    from lapse.events.readers import frame_name
+
     if bundle.training_data is None:
-        return f"{events_path}, data end {run_day(result.data_end)}"
+        shown = events_path if isinstance(events_path, str | Path) else frame_name(events_path)
+        return f"{shown}, data end {run_day(result.data_end)}"
     return bundle.training_data.describe(bundle.event_names())
 
 
-def _train_description(result: TrainResult, bundle: ChurnBundle, events_path: str | Path) -> str:
+def _train_description(result: TrainResult, bundle: ChurnBundle, events_path: EventSource) -> str:
     """The run's description (Markdown): the data span, the race table, the selected model."""
     chosen = result.metrics.get("churn", {}).get("models", {}).get(result.selected, {})
     shown = ("roc_auc", "pr_auc", "brier", "ece", "top_decile_lift")
