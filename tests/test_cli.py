@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -31,6 +32,25 @@ def test_cli_import_stays_light() -> None:
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(("given", "used"), [(None, 1), ("2", 2)])
+def test_cli_runs_openblas_on_one_thread_unless_told(given: str | None, used: int) -> None:
+    """Small BLAS calls only make a second OpenBLAS thread spin; a user's setting wins."""
+    code = (
+        "import sys, lapse.cli\n"
+        "assert 'numpy' not in sys.modules, 'numpy loaded before the thread setting'\n"
+        "import numpy, scipy.linalg, threadpoolctl\n"
+        "pools = [i for i in threadpoolctl.threadpool_info() if i['internal_api'] == 'openblas']\n"
+        "print(sorted({i['num_threads'] for i in pools}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    if given is not None:
+        env["OPENBLAS_NUM_THREADS"] = given
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True
+    ).stdout
+    assert out.strip() == f"[{used}]"  # numpy's OpenBLAS and scipy's own
 
 
 def test_generate_then_validate(tmp_path: Path) -> None:

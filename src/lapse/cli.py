@@ -45,6 +45,12 @@ if TYPE_CHECKING:
 
 __all__ = ["app"]
 
+# lapse's own linear algebra is small (survival and BG/NBD fits over a few columns) and an
+# OpenBLAS thread pool spins between such calls: a BG/NBD fit took 10x the CPU with two
+# threads. Set before numpy or scipy first load OpenBLAS (importing this module loads
+# neither); a user's own OPENBLAS_NUM_THREADS wins.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 app = typer.Typer(
     name="lapse",
     help="Churn and replenishment modeling from customer event streams.",

@@ -652,7 +652,6 @@ def log_training(
             mlflow.set_tags(tags)
             fault_point("train_logging")
             mlflow.log_params(params)
-            mlflow.log_metrics(flatten_metrics(result.metrics))
             _log_events(mlflow, events_path, config, "training")
             mlflow.log_artifacts(str(result.out_dir), artifact_path="report")
             mlflow.log_text(_config_yaml(config), "config.yaml")

@@ -269,7 +269,8 @@ def _report_md(result_bits: dict[str, Any]) -> str:
         "## Shipped model",
         "",
         f"After the race, the shipped {r['selected']} was refit with the same recipe shifted to the "
-        f"end of the data: fitted on {len(r['refit'])} cutoffs "
+        "end of the data (LightGBM with the race model's number of trees and parameters): "
+        f"fitted on {len(r['refit'])} cutoffs "
         f"({r['refit'][0]:%Y-%m-%d} to {r['refit'][-1]:%Y-%m-%d}, every complete cutoff whose label "
         f"window ends by {r['calibration_cutoff']:%Y-%m-%d}) and calibrated on the latest complete "
         f"cutoff, {r['calibration_cutoff']:%Y-%m-%d}. The metrics above are the race model's; the "
@@ -474,6 +475,7 @@ def train(
             frame.filter(pl.col("cutoff").is_in(pl.lit(pl.Series(refit)).implode())),
             rfm.filter(pl.col("cutoff") == grid.test),
             config,
+            like=race.scorer,
         )
     notes += [f"refit: {w.message}" for w in caught]
     y_cal = tst["churned"].cast(pl.Float64).to_numpy()

@@ -176,8 +176,12 @@ def _score(
 def _open_frame(model: ReplenishmentModel, events: pl.LazyFrame, t: datetime) -> pl.DataFrame:
     """The episodes open at ``t`` with their covariates (events before ``t`` only)."""
     cfg = model.config
-    open_eps = open_episodes(events, cfg, as_of=t, skus=model.skus, target=model.target)
-    return _with_covariates(open_eps, _covariates(events, cfg, t, model.skus, model.target))
+    orders = purchase_orders(events, cfg, until=t, skus=model.skus, target=model.target)
+    open_eps = open_episodes(
+        events, cfg, as_of=t, skus=model.skus, target=model.target, orders=orders
+    )
+    starts = open_eps.select(*_KEYS, pl.col("start").alias("ts"))
+    return _with_covariates(open_eps, order_covariates(events, orders, cfg, only=starts))
 
 
 def predict_open(model: ReplenishmentModel, events: pl.LazyFrame, as_of: datetime) -> pl.DataFrame:
