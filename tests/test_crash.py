@@ -568,3 +568,26 @@ def test_a_killed_train_leaves_no_running_run_and_no_unmarked_version(
     latest = client.get_model_version(config.models.name, str(registered.version))
     assert "lapse.unfinished" not in latest.tags
     assert set(latest.aliases) == {"challenger", "champion"}
+
+
+def test_a_cut_off_run_that_cannot_be_finished_does_not_block_the_next(
+    world: World, _isolated_home: Path
+) -> None:
+    """A run left ``running`` whose outbox is gone (deleted by hand) is marked interrupted,
+    with a note, and the next run goes on."""
+    from lapse.score.run import run_score
+
+    config = load_config(config_file(_isolated_home, world))
+    with Ledger(_isolated_home / "lapse-runs" / "ledger.sqlite") as ledger:
+        ledger.start_run("ghost", "file", as_of=world.as_of, model="m", target="", batches=[(0, 1)])
+    out = _isolated_home / "scores.parquet"
+    result = run_score(
+        world.events, config, as_of=world.as_of, model=str(world.bundle), sink="file", out=out
+    )
+    assert result.complete and out.exists()
+    assert statuses(_isolated_home) == {"ghost": "interrupted", result.score_run_id: "complete"}
+    assert result.snapshot is not None
+    summary = json.loads(result.snapshot.with_suffix(".json").read_text())
+    (said,) = summary["notes"]
+    assert said.startswith("score run ghost was cut off and cannot be finished: ")
+    assert "outbox" in said or "audit summary" in said

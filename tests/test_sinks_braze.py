@@ -264,3 +264,24 @@ def test_in_doubt_comes_from_config_and_defaults_to_skip(
     assert config.sinks.braze.in_doubt == "skip" and make_sink("braze", config).in_doubt == "skip"
     config.sinks.braze.in_doubt = "resend"
     assert make_sink("braze", config).in_doubt == "resend"
+
+
+def test_a_batch_in_doubt_split_before_its_resend_stays_in_doubt(
+    platform: Platform, tmp_path: Path
+) -> None:
+    """Planned as one request, left ``sending``, resumed by a sink told a lower limit: the
+    halves it is split into are in doubt too (their events skipped, their users counted)."""
+    outbox = with_triggers(make_outbox(12), lambda i: 1)  # 2-3 objects per user
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    ledger.start_run("cut", "braze", as_of=AS_OF_UTC, model="m", target="", batches=[(0, 12)])
+    ledger.mark("cut", "braze", "b000000", "sending")
+    sink = platform.make_sink(max_objects=12)
+    report = deliver(
+        outbox, sink, ledger, "cut", FAST, as_of=AS_OF_UTC, dead_letters=tmp_path / "dead.ndjson"
+    )
+    sink.close()
+    states = [b.state for b in ledger.batches("cut", "braze")]
+    assert "split" in states and states.count("done") >= 2
+    assert report.sent == 12 and report.in_doubt == 12 == ledger.in_doubt("cut", "braze")
+    assert platform.server.event_names() == []
+    assert set(platform.server.profiles) == set(outbox["user_id"])

@@ -399,7 +399,14 @@ def recover_cut_off(ctx: RunContext) -> None:
             ctx.progress,
             resume=ctx.resume.replace(ctx.run_id, info.score_run_id),
         )
-        finished = resume_delivery(earlier)
+        try:
+            finished = resume_delivery(earlier)
+        except (DeliveryStopped, WriteFailed):
+            raise  # the destination or the disk stops this run as well
+        except LapseError as exc:  # its outbox or summary is gone (pruned, deleted)
+            ctx.ledger.finish_run(info.score_run_id, info.sink, "interrupted")
+            note(ctx, f"score run {info.score_run_id} was cut off and cannot be finished: {exc}")
+            continue
         note(
             ctx,
             f"score run {info.score_run_id} was cut off during delivery; this run finished "
