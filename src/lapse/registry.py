@@ -676,6 +676,9 @@ def log_training(
                     ),
                 },
             )
+            # after the model: MLflow links them to it in one batch (logged before, it
+            # copies each metric's history to the model, one query per metric)
+            mlflow.log_metrics(flatten_metrics(result.metrics))
             unfinished = {_UNFINISHED: "registered; its training run has not set its aliases yet"}
             mv = mlflow.register_model(info.model_uri, name, tags={**provenance, **unfinished})
             fault_point("after_register")
