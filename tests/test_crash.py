@@ -27,11 +27,10 @@ from typing import Any
 
 import polars as pl
 import pytest
-import yaml
 from typer.testing import CliRunner
 
 from lapse.cli import app
-from lapse.config import dump_config, load_config
+from lapse.config import load_config
 from lapse.delivery.audit import AuditTrail
 from lapse.delivery.ledger import Ledger
 from lapse.insights.impact import impact
@@ -39,7 +38,7 @@ from lapse.jobs import run_forget
 from lapse.schema import run_day
 from lapse.sinks._http import event_time, record_events
 from platform_servers import KEY, BrazeServer, Reply, Request
-from worlds import World, trained_world
+from worlds import World, trained_world, world_config
 
 runner = CliRunner()
 HEADER = re.compile(
@@ -61,13 +60,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
 
 def config_file(home: Path, world: World) -> Path:
     """Small batches (many requests to kill between) and a tiny Retry-After."""
-    data = yaml.safe_load(dump_config(load_config()))
-    data["attributes"]["path"] = str(world.users)
-    data["attributes"]["static_features"] = []
-    data["delivery"].update(batch_size=10, backoff_seconds=0.0, max_backoff_seconds=0.05)
-    path = home / "lapse.yaml"
-    path.write_text(yaml.safe_dump(data), encoding="utf-8")
-    return path
+    return world_config(home, world, batch_size=10, backoff_seconds=0.0, max_backoff_seconds=0.05)
 
 
 class Braze(BrazeServer):

@@ -299,6 +299,42 @@ def _events_argument(events: EventSource) -> str:
     return str(events) if isinstance(events, str | Path) else "EVENTS"
 
 
+@contextlib.contextmanager
+def open_run(
+    events: EventSource,
+    config: LapseConfig,
+    trail: AuditTrail,
+    *,
+    as_of: datetime,
+    sink: str | None,
+    out: Path | None,
+    dry_run: bool,
+    progress: ScoreProgress,
+    started: float,
+) -> Iterator[RunContext]:
+    """A new run's context, holding the sink's lock (none for a dry run) and its ledger.
+
+    The lock comes first: a second run for the same sink stops before doing any work.
+    ``as_of`` is already a UTC instant (:func:`lapse.schema.utc_cutoff`).
+    """
+    target = make_sink(sink or config.sinks.default, config, out=out)
+    lock = contextlib.nullcontext() if dry_run else sink_lock(trail.locks, target.name)
+    run_id = new_run_id(as_of)
+    with lock, Ledger(trail.ledger) as ledger:
+        yield RunContext(
+            run_id,
+            as_of,
+            config,
+            trail,
+            ledger,
+            target,
+            progress,
+            dry_run,
+            started,
+            resume="" if dry_run else resume_command(events, run_id, config),
+        )
+
+
 def score_header(loaded: LoadedBundle, ctx: RunContext) -> ScoreHeader:
     """The run's :class:`ScoreHeader`: id, model, version and what the model was trained
     on, and the command that resumes it."""
@@ -487,23 +523,17 @@ def run_score(
             started=started,
         )
     as_of = utc_cutoff(as_of)
-    target = make_sink(sink or config.sinks.default, config, out=out)
-    # the lock first: a second run for this sink stops before doing any work
-    lock = contextlib.nullcontext() if dry_run else sink_lock(trail.locks, target.name)
-    run_id = new_run_id(as_of)
-    with lock, Ledger(trail.ledger) as ledger:
-        ctx = RunContext(
-            run_id,
-            as_of,
-            config,
-            trail,
-            ledger,
-            target,
-            report,
-            dry_run,
-            started,
-            resume="" if dry_run else resume_command(events, run_id, config),
-        )
+    with open_run(
+        events,
+        config,
+        trail,
+        as_of=as_of,
+        sink=sink,
+        out=out,
+        dry_run=dry_run,
+        progress=report,
+        started=started,
+    ) as ctx:
         if engine == "spark":
             from lapse.spark.score import run_score_spark  # the Spark engine, on demand
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ import polars as pl
 
 from lapse.config import LapseConfig
 from lapse.delivery.audit import AuditTrail
-from lapse.delivery.ledger import DELIVERED, Ledger, sink_lock
+from lapse.delivery.ledger import DELIVERED
 from lapse.events import (
     ValidationReport,
     event_files,
@@ -40,13 +39,11 @@ from lapse.score.run import (
     last_fired,
     load_model,
     model_version,
-    new_run_id,
     note,
+    open_run,
     recorded,
-    resume_command,
     send_scored,
 )
-from lapse.sinks import make_sink
 
 __all__ = [
     "TriggerRunResult",
@@ -120,24 +117,19 @@ def run_triggers(
     as_of = utc_cutoff(as_of)
     report = progress or Silent()
     trail = AuditTrail(config.resolve(config.audit.path))
-    target = make_sink(sink or config.sinks.default, config, out=out)
     events = as_polars(events)
     source = os.path.abspath(events) if isinstance(events, str | Path) else frame_name(events)
-    lock = contextlib.nullcontext() if dry_run else sink_lock(trail.locks, target.name)
-    run_id = new_run_id(as_of)
-    with lock, Ledger(trail.ledger) as ledger:
-        ctx = RunContext(
-            run_id,
-            as_of,
-            config,
-            trail,
-            ledger,
-            target,
-            report,
-            dry_run,
-            started,
-            resume="" if dry_run else resume_command(events, run_id, config),
-        )
+    with open_run(
+        events,
+        config,
+        trail,
+        as_of=as_of,
+        sink=sink,
+        out=out,
+        dry_run=dry_run,
+        progress=report,
+        started=started,
+    ) as ctx:
         loaded = load_model(model, config, report)
         with recorded(ctx, loaded):
             result = _evaluate(ctx, loaded, events, source, incremental=incremental)

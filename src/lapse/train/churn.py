@@ -33,7 +33,9 @@ from lapse.segments import describe_sizes
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from lapse.labels import CutoffGrid
     from lapse.modeling.bundle import TrainingData
+    from lapse.modeling.race import RaceResult
     from lapse.train.replenishment import ReplenishmentResult
 
 __all__ = ["BacktestResult", "TrainResult", "backtest", "build_frame", "train"]
@@ -366,6 +368,28 @@ def _segment_sizes(
     return counts
 
 
+def _race_at(
+    grid: CutoffGrid,
+    frame: pl.DataFrame,
+    rfm: pl.DataFrame,
+    config: LapseConfig,
+    *,
+    oracle: pl.DataFrame | None = None,
+) -> RaceResult:
+    """The race on one cutoff grid: BG/NBD fitted at its validation cutoff."""
+    from lapse.modeling.race import run_race
+
+    return run_race(
+        frame,
+        rfm.filter(pl.col("cutoff") == grid.validation),
+        training=list(grid.training),
+        validation=grid.validation,
+        test=grid.test,
+        config=config,
+        oracle=oracle,
+    )
+
+
 def train(
     events_path: EventSource,
     config: LapseConfig,
@@ -403,7 +427,7 @@ def train(
     from lapse.labels import cutoff_grid
     from lapse.modeling.bundle import ChurnBundle
     from lapse.modeling.plots import churn_figures, save_figures, segment_figure
-    from lapse.modeling.race import fit_calibrator, fit_scorer, run_race
+    from lapse.modeling.race import fit_calibrator, fit_scorer
     from lapse.train.report import report_html
 
     out = Path(out_dir)
@@ -426,15 +450,7 @@ def train(
         warnings.warn(
             "the oracle's probabilities are for 28 days; the label horizon differs", stacklevel=2
         )
-    race = run_race(
-        frame,
-        rfm.filter(pl.col("cutoff") == grid.validation),
-        training=list(grid.training),
-        validation=grid.validation,
-        test=grid.test,
-        config=config,
-        oracle=oracle,
-    )
+    race = _race_at(grid, frame, rfm, config, oracle=oracle)
     notes = [*read_notes, *race.notes]
     if min(race.n_validation, race.n_test) < SMALL_CUTOFF:
         notes.append(
@@ -631,7 +647,6 @@ def backtest(events_path: EventSource, config: LapseConfig, *, k: int = 6) -> Ba
     test cutoff (same embargo); features are built once for all of them.
     """
     from lapse.labels import data_span, grid_for_test
-    from lapse.modeling.race import run_race
 
     if k < 1:
         raise LapseError(f"--k must be at least 1, got {k}")
@@ -661,14 +676,7 @@ def backtest(events_path: EventSource, config: LapseConfig, *, k: int = 6) -> Ba
     rows: list[dict[str, Any]] = []
     selected: dict[str, str] = {}
     for g in sorted(grids, key=lambda g: g.test):
-        race = run_race(
-            frame,
-            rfm.filter(pl.col("cutoff") == g.validation),
-            training=list(g.training),
-            validation=g.validation,
-            test=g.test,
-            config=config,
-        )
+        race = _race_at(g, frame, rfm, config)
         day = f"{g.test:%Y-%m-%d}"
         selected[day] = race.selected
         notes += [f"{day}: {n}" for n in race.notes]
