@@ -274,6 +274,20 @@ def test_lightgbm_search_runs_and_keeps_input_intact() -> None:
         LightGBMChurn().fit(frame, np.zeros(frame.height))
 
 
+def test_lightgbm_refit_reuses_trees_and_tuning_without_a_holdout() -> None:
+    """The shipped model's refit: a fitted model's tree count and tuned parameters, no search."""
+    frame, y = _churn_frame(1500, 2)
+    groups = frame["cutoff"].dt.epoch("s").to_numpy()
+    race = LightGBMChurn(search=True, n_search=2, max_trees=200).fit(frame, y, groups=groups)
+    refit = LightGBMChurn(n_trees=race.n_trees_, tuned=race.best_params_).fit(
+        frame, y, groups=groups
+    )
+    assert refit.booster_.num_trees() == race.n_trees_ and refit.search_results_ == []
+    assert refit.best_params_ == race.best_params_
+    # the race's final fit is this one: all rows, the same parameters and trees
+    assert np.array_equal(refit.predict_proba(frame), race.predict_proba(frame))
+
+
 def test_reasons_name_risk_raising_features_in_words() -> None:
     from lapse.modeling import RaceScorer
 
@@ -322,6 +336,29 @@ def test_rfm_summary_sees_only_activity_before_a_mid_day_cutoff() -> None:
     # the 15:00 visit on the cutoff's day is after the cutoff: no repeat day yet
     assert row["btyd_frequency"] == 0.0 and row["btyd_recency_days"] == 0.0
     assert row["btyd_age_days"] == 3.5  # from the first active day (midnight) to noon
+
+
+def test_rfm_summary_at_one_cutoff_equals_its_rows_among_several() -> None:
+    """One cutoff (bitmasks of active days) and several (active days grouped once) are two
+    implementations of the same rows: active days 64+ days apart, before 1970, same day."""
+    from lapse.modeling.bgnbd import rfm_summary
+
+    rng = np.random.default_rng(3)
+    base = datetime(1969, 11, 1, tzinfo=UTC)
+    n = 3_000
+    events = pl.LazyFrame(
+        {
+            "user_id": [f"u{i}" for i in rng.integers(0, 60, n)],
+            "ts": [base + timedelta(hours=float(h)) for h in rng.exponential(24 * 90, n)],
+            "event": rng.choice(["app_open", "order_completed", "signup"], n).tolist(),
+        }
+    ).with_columns(pl.col("ts").dt.cast_time_unit("us"))
+    cutoffs = [datetime(1970, 1, 1, tzinfo=UTC), datetime(1970, 4, 20, 13, 30, tzinfo=UTC)]
+    several = rfm_summary(events, cutoffs, load_config())
+    for cutoff in cutoffs:
+        one = rfm_summary(events, [cutoff], load_config())
+        assert one.height > 20
+        assert one.equals(several.filter(pl.col("cutoff") == cutoff))
 
 
 # -- the model contract --------------------------------------------------------------------

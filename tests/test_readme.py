@@ -55,9 +55,9 @@ CONFIG = "<!-- config:start -->", "<!-- config:end -->"
 SYNTAX_ONLY = "<!-- readme: syntax-only -->"
 RUN = ("python", "console")
 PROSE = ("bash", "text", "yaml", "json", "cron")
-# Pages the README's map links to that other work in #21/#25/#27 writes (the review,
-# exit codes, the notebook, reliability): a link to one may dangle until it lands.
-PENDING = {"review.md", "exit-codes.md", "notebook.md"}
+# Pages the README's map links to that other work writes: a link to one may dangle until it
+# lands (none now).
+PENDING: set[str] = set()
 
 # minute hour day-of-month month day-of-week, each a number, range, list, step or *;
 # or an @-shortcut; then the command

@@ -39,18 +39,16 @@ import numpy as np
 import polars as pl
 
 from lapse.config import LapseConfig
+from lapse.features._engine import _days_between as _days
 from lapse.features._engine import (
-    DAY_US,
     _frac_days,
     _ratio,
-    canonical,
     first_line,
     has_orders,
     units_expr,
 )
-from lapse.features._engine import _days_between as _days
 from lapse.features.registry import CORE_WINDOWS, expand, windows_of
-from lapse.schema import ROLES
+from lapse.schema import DAY_US, ROLES, canonical
 
 FeatureSet = Literal["core", "all"]
 
