@@ -315,3 +315,59 @@ def test_an_identities_table_links_ids(tmp_path: Path, with_ts: bool) -> None:
         MissingColumnsError, match=r"ids.csv: missing identities columns \['person'\]"
     ):
         read_links(events, config)
+
+
+def test_replenishment_episodes_merge_anonymous_orders_only_after_the_link() -> None:
+    """The race's view at a cutoff (:class:`lapse.train.replenishment._AsOf`): a visitor's
+    two anonymous orders are its own episodes before it identifies on the 15th, and the
+    customer's first episodes (with their covariates) after it."""
+    from lapse.config import load_config
+    from lapse.labels.episodes import episodes
+    from lapse.train.replenishment import _AsOf
+
+    config = load_config()
+    orders = pl.LazyFrame(
+        {
+            "user_id": ["anon-1", "anon-1", "u-42", "u-7", "u-7"],
+            "ts": [day(1), day(11), day(21), day(2), day(12)],
+            "event": ["order_completed"] * 5,
+            "sku": ["P"] * 5,
+            "quantity": [1.0] * 5,
+        },
+        schema_overrides={"ts": pl.Datetime("us", "UTC")},
+    )
+    links = pl.DataFrame({"id": ["anon-1"], "user_id": ["u-42"], "ts": [day(15)]}, LINK_SCHEMA)
+    view = _AsOf(orders, links, config, day(31))
+    skus = {"P": 1.0}
+
+    def spans(cutoff: datetime) -> list[tuple[str, int, int, bool]]:
+        eps = episodes(view.at(cutoff), config, cutoff=cutoff, skus=skus, target="sku")
+        return [
+            (u, s.day, e.day, o)
+            for u, s, e, o in eps.select("user_id", "start", "end", "observed").iter_rows()
+        ]
+
+    def prior_orders(cutoff: datetime) -> dict[tuple[str, int], int]:
+        covs = view.covariates(cutoff, skus, "sku")
+        return {(u, t.day): n for u, t, n in covs.select("user_id", "ts", "prior_orders").rows()}
+
+    before, after = day(14), day(25)
+    assert spans(before) == [
+        ("anon-1", 1, 11, True),
+        ("anon-1", 11, 14, False),
+        ("u-7", 2, 12, True),
+        ("u-7", 12, 14, False),
+    ]
+    assert spans(after) == [
+        ("u-42", 1, 11, True),
+        ("u-42", 11, 21, True),
+        ("u-42", 21, 25, False),
+        ("u-7", 2, 12, True),
+        ("u-7", 12, 25, False),
+    ]
+    assert prior_orders(before)[("anon-1", 11)] == 1
+    assert prior_orders(after)[("u-42", 21)] == 2  # the visitor's orders came along
+    # without links every id keeps its own orders at every cutoff
+    alone = _AsOf(orders, None, config, day(31))
+    eps = episodes(alone.at(after), config, cutoff=after, skus=skus, target="sku")
+    assert eps.filter(pl.col("user_id") == "u-42")["start"].dt.day().to_list() == [21]
