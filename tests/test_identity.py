@@ -371,3 +371,47 @@ def test_replenishment_episodes_merge_anonymous_orders_only_after_the_link() -> 
     alone = _AsOf(orders, None, config, day(31))
     eps = episodes(alone.at(after), config, cutoff=after, skus=skus, target="sku")
     assert eps.filter(pl.col("user_id") == "u-42")["start"].dt.day().to_list() == [21]
+
+
+def test_drivers_see_the_ids_of_each_cutoff() -> None:
+    """Half the users' early events are under ``anon-<id>``: linked before the drivers'
+    first cutoff, the table equals the generator's true ids' (the ids of each cutoff);
+    without links the visitors are more users."""
+    from datetime import timedelta
+
+    from polars.testing import assert_frame_equal
+
+    from lapse.config import load_config
+    from lapse.datasets import generate
+    from lapse.insights.drivers import DriversResult, stickiness_drivers
+
+    data = generate(n_users=200, n_days=120, seed=7)
+    start = data.events["ts"].min()
+    assert isinstance(start, datetime)
+    early = pl.col("ts") < start + timedelta(days=40)
+    odd = pl.col("user_id").str.slice(-1).is_in(["1", "3", "5", "7", "9"])
+    events = data.events.with_columns(
+        pl.when(early & odd).then("anon-" + pl.col("user_id")).otherwise("user_id").alias("user_id")
+    )
+    anonymous = events.filter(pl.col("user_id").str.starts_with("anon-"))["user_id"].unique()
+    links = pl.DataFrame(
+        {
+            "id": anonymous,
+            "user_id": anonymous.str.strip_prefix("anon-"),
+            "ts": [start + timedelta(days=41)] * anonymous.len(),
+        },
+        LINK_SCHEMA,
+    )
+    config = load_config()
+
+    def drivers(ev: pl.DataFrame, with_links: pl.DataFrame | None) -> DriversResult:
+        got = stickiness_drivers(ev.lazy(), config, min_adopters=5, links=with_links)
+        assert min(got.cutoffs) > start + timedelta(days=41)
+        return got
+
+    truth = drivers(data.events, None)
+    assert truth.table.height > 3
+    linked = drivers(events, links)
+    assert linked.pairs == truth.pairs
+    assert_frame_equal(linked.table, truth.table)  # sums in another order: to rounding
+    assert drivers(events, None).pairs > truth.pairs  # the anonymous ids as more users
