@@ -23,7 +23,7 @@ from lapse.score.records import score_users
 from lapse.score.run import run_score
 from lapse.score.trigger_run import run_triggers
 from lapse.sinks import SINKS
-from worlds import World, trained_world
+from worlds import World, identity_folder, trained_world, write_login
 
 runner = CliRunner()
 FIRST_DAY = 140  # the folder starts with the events before this day
@@ -279,32 +279,6 @@ def test_failing_sink_through_the_cli_leaves_dead_letters(
     assert datetime.now(UTC) > day(world, FIRST_DAY)
 
 
-def identity_folder(world: World, root: Path, *, login: bool = True) -> tuple[Path, str]:
-    """The folder with one busy user's history under an anonymous device id ``anon-<id>``;
-    on day FIRST_DAY at noon an event carries both ids (the login that links them), in
-    ``day-140.parquet`` (left out unless ``login``)."""
-    events = pl.read_parquet(world.events)
-    t = world.as_of
-    recent = events.filter(pl.col("ts").is_between(t - timedelta(days=14), t, "left"))
-    who = str(recent.group_by("user_id").len().sort("len", "user_id", descending=True)[0, 0])
-    device = pl.when(pl.col("user_id") == who).then(pl.lit(f"anon-{who}"))
-    before = events.filter(pl.col("ts") < t).with_columns(device.alias("device"))
-    before = before.with_columns(
-        pl.when(pl.col("user_id") == who).then(None).otherwise(pl.col("user_id")).alias("user_id")
-    )
-    linked = events.filter(pl.col("user_id") == who).head(1)
-    linked = linked.with_columns(
-        pl.lit(t + timedelta(hours=12)).cast(events.schema["ts"]).alias("ts"),
-        pl.lit(f"anon-{who}").alias("device"),
-    )
-    folder = root / "identity"
-    folder.mkdir()
-    before.write_parquet(folder / "history.parquet")
-    if login:
-        linked.select(before.columns).write_parquet(folder / "day-140.parquet")
-    return folder, who
-
-
 def test_a_visitor_messaged_anonymously_is_not_messaged_again_once_identified(
     world: World, _isolated_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -345,13 +319,6 @@ def test_a_visitor_messaged_anonymously_is_not_messaged_again_once_identified(
     assert not any(i["user_id"] == who and "hello" in i["triggers"] for i in items)
 
 
-def _login(world: World, home: Path, folder: Path) -> None:
-    """The login of :func:`identity_folder` arrives as a new file of ``folder``."""
-    (home / "next").mkdir()
-    identity_folder(world, home / "next", login=True)
-    (home / "next" / "identity" / "day-140.parquet").rename(folder / "day-140.parquet")
-
-
 @pytest.mark.parametrize("job", ["score", "triggers"])
 def test_messages_to_a_visitor_count_toward_the_cap_once_identified(
     world: World, _isolated_home: Path, monkeypatch: pytest.MonkeyPatch, job: str
@@ -387,7 +354,7 @@ def test_messages_to_a_visitor_count_toward_the_cap_once_identified(
         monkeypatch.setenv("LAPSE_BRAZE_BASE_URL", server.url)
         first = run(t)
         assert first.complete and f"anon-{who}" in server.anonymous and who not in server.seen
-        _login(world, _isolated_home, folder)
+        write_login(world, folder)
         later = run(t + timedelta(days=1))
         assert later.complete
         assert later.snapshot is not None
@@ -472,9 +439,7 @@ def test_incremental_trigger_runs_pick_up_new_links_from_new_files(
     assert {"hello", "veteran"} <= set(visitor["triggers"])
 
     # the login arrives in a new file: the next incremental run merges the visitor
-    (_isolated_home / "next").mkdir()
-    identity_folder(world, _isolated_home / "next", login=True)
-    (_isolated_home / "next" / "identity" / "day-140.parquet").rename(folder / "day-140.parquet")
+    write_login(world, folder)
     score_sinks.RECEIVED.clear()
     later = run_triggers(
         folder,
