@@ -139,7 +139,7 @@ def _churn_rows(
     events: pl.LazyFrame,
     cutoffs: list[datetime],
     config: LapseConfig,
-    links: pl.DataFrame,
+    links: pl.DataFrame | None = None,
 ) -> tuple[pl.DataFrame, list[str]]:
     """``user_id, cutoff, churned, champion, challenger`` of the users eligible under both
     (ids as of each cutoff, labels following the person, as in training)."""
@@ -149,7 +149,8 @@ def _churn_rows(
         attributes = load_attributes(bundle.config)
         scores = []
         for cutoff in cutoffs:
-            rows = bundle.prepare(resolve(events, links, cutoff), cutoff, attributes=attributes)
+            known = events if links is None else resolve(events, links, cutoff)
+            rows = bundle.prepare(known, cutoff, attributes=attributes)
             bundle.check_schema(rows)
             scores.append(
                 rows.select("user_id", "cutoff").with_columns(
@@ -174,7 +175,7 @@ def _replenishment_rows(
     events: pl.LazyFrame,
     cutoffs: list[datetime],
     config: LapseConfig,
-    links: pl.DataFrame,
+    links: pl.DataFrame | None = None,
 ) -> tuple[pl.DataFrame | None, str]:
     """``user_id, sku, cutoff, days, observed, champion, challenger`` of the episodes open
     under both models' consumables (or None), and a note for the review."""
