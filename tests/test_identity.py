@@ -315,3 +315,103 @@ def test_an_identities_table_links_ids(tmp_path: Path, with_ts: bool) -> None:
         MissingColumnsError, match=r"ids.csv: missing identities columns \['person'\]"
     ):
         read_links(events, config)
+
+
+def test_replenishment_episodes_merge_anonymous_orders_only_after_the_link() -> None:
+    """The race's view at a cutoff (:class:`lapse.train.replenishment._AsOf`): a visitor's
+    two anonymous orders are its own episodes before it identifies on the 15th, and the
+    customer's first episodes (with their covariates) after it."""
+    from lapse.config import load_config
+    from lapse.labels.episodes import episodes
+    from lapse.train.replenishment import _AsOf
+
+    config = load_config()
+    orders = pl.LazyFrame(
+        {
+            "user_id": ["anon-1", "anon-1", "u-42", "u-7", "u-7"],
+            "ts": [day(1), day(11), day(21), day(2), day(12)],
+            "event": ["order_completed"] * 5,
+            "sku": ["P"] * 5,
+            "quantity": [1.0] * 5,
+        },
+        schema_overrides={"ts": pl.Datetime("us", "UTC")},
+    )
+    links = pl.DataFrame({"id": ["anon-1"], "user_id": ["u-42"], "ts": [day(15)]}, LINK_SCHEMA)
+    view = _AsOf(orders, links, config, day(31))
+    skus = {"P": 1.0}
+
+    def spans(cutoff: datetime) -> list[tuple[str, int, int, bool]]:
+        eps = episodes(view.at(cutoff), config, cutoff=cutoff, skus=skus, target="sku")
+        return [
+            (u, s.day, e.day, o)
+            for u, s, e, o in eps.select("user_id", "start", "end", "observed").iter_rows()
+        ]
+
+    def prior_orders(cutoff: datetime) -> dict[tuple[str, int], int]:
+        covs = view.covariates(cutoff, skus, "sku")
+        return {(u, t.day): n for u, t, n in covs.select("user_id", "ts", "prior_orders").rows()}
+
+    before, after = day(14), day(25)
+    assert spans(before) == [
+        ("anon-1", 1, 11, True),
+        ("anon-1", 11, 14, False),
+        ("u-7", 2, 12, True),
+        ("u-7", 12, 14, False),
+    ]
+    assert spans(after) == [
+        ("u-42", 1, 11, True),
+        ("u-42", 11, 21, True),
+        ("u-42", 21, 25, False),
+        ("u-7", 2, 12, True),
+        ("u-7", 12, 25, False),
+    ]
+    assert prior_orders(before)[("anon-1", 11)] == 1
+    assert prior_orders(after)[("u-42", 21)] == 2  # the visitor's orders came along
+    # without links every id keeps its own orders at every cutoff
+    alone = _AsOf(orders, None, config, day(31))
+    eps = episodes(alone.at(after), config, cutoff=after, skus=skus, target="sku")
+    assert eps.filter(pl.col("user_id") == "u-42")["start"].dt.day().to_list() == [21]
+
+
+def test_drivers_see_the_ids_of_each_cutoff() -> None:
+    """Half the users' early events are under ``anon-<id>``: linked before the drivers'
+    first cutoff, the table equals the generator's true ids' (the ids of each cutoff);
+    without links the visitors are more users."""
+    from datetime import timedelta
+
+    from polars.testing import assert_frame_equal
+
+    from lapse.config import load_config
+    from lapse.datasets import generate
+    from lapse.insights.drivers import DriversResult, stickiness_drivers
+
+    data = generate(n_users=200, n_days=120, seed=7)
+    start = data.events["ts"].min()
+    assert isinstance(start, datetime)
+    early = pl.col("ts") < start + timedelta(days=40)
+    odd = pl.col("user_id").str.slice(-1).is_in(["1", "3", "5", "7", "9"])
+    events = data.events.with_columns(
+        pl.when(early & odd).then("anon-" + pl.col("user_id")).otherwise("user_id").alias("user_id")
+    )
+    anonymous = events.filter(pl.col("user_id").str.starts_with("anon-"))["user_id"].unique()
+    links = pl.DataFrame(
+        {
+            "id": anonymous,
+            "user_id": anonymous.str.strip_prefix("anon-"),
+            "ts": [start + timedelta(days=41)] * anonymous.len(),
+        },
+        LINK_SCHEMA,
+    )
+    config = load_config()
+
+    def drivers(ev: pl.DataFrame, with_links: pl.DataFrame | None) -> DriversResult:
+        got = stickiness_drivers(ev.lazy(), config, min_adopters=5, links=with_links)
+        assert min(got.cutoffs) > start + timedelta(days=41)
+        return got
+
+    truth = drivers(data.events, None)
+    assert truth.table.height > 3
+    linked = drivers(events, links)
+    assert linked.pairs == truth.pairs
+    assert_frame_equal(linked.table, truth.table)  # sums in another order: to rounding
+    assert drivers(events, None).pairs > truth.pairs  # the anonymous ids as more users

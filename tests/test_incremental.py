@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
@@ -22,7 +23,7 @@ from lapse.score.records import score_users
 from lapse.score.run import run_score
 from lapse.score.trigger_run import run_triggers
 from lapse.sinks import SINKS
-from worlds import World, trained_world
+from worlds import World, identity_folder, trained_world, write_login
 
 runner = CliRunner()
 FIRST_DAY = 140  # the folder starts with the events before this day
@@ -278,32 +279,6 @@ def test_failing_sink_through_the_cli_leaves_dead_letters(
     assert datetime.now(UTC) > day(world, FIRST_DAY)
 
 
-def identity_folder(world: World, root: Path, *, login: bool = True) -> tuple[Path, str]:
-    """The folder with one busy user's history under an anonymous device id ``anon-<id>``;
-    on day FIRST_DAY at noon an event carries both ids (the login that links them), in
-    ``day-140.parquet`` (left out unless ``login``)."""
-    events = pl.read_parquet(world.events)
-    t = world.as_of
-    recent = events.filter(pl.col("ts").is_between(t - timedelta(days=14), t, "left"))
-    who = str(recent.group_by("user_id").len().sort("len", "user_id", descending=True)[0, 0])
-    device = pl.when(pl.col("user_id") == who).then(pl.lit(f"anon-{who}"))
-    before = events.filter(pl.col("ts") < t).with_columns(device.alias("device"))
-    before = before.with_columns(
-        pl.when(pl.col("user_id") == who).then(None).otherwise(pl.col("user_id")).alias("user_id")
-    )
-    linked = events.filter(pl.col("user_id") == who).head(1)
-    linked = linked.with_columns(
-        pl.lit(t + timedelta(hours=12)).cast(events.schema["ts"]).alias("ts"),
-        pl.lit(f"anon-{who}").alias("device"),
-    )
-    folder = root / "identity"
-    folder.mkdir()
-    before.write_parquet(folder / "history.parquet")
-    if login:
-        linked.select(before.columns).write_parquet(folder / "day-140.parquet")
-    return folder, who
-
-
 def test_a_visitor_messaged_anonymously_is_not_messaged_again_once_identified(
     world: World, _isolated_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -344,6 +319,101 @@ def test_a_visitor_messaged_anonymously_is_not_messaged_again_once_identified(
     assert not any(i["user_id"] == who and "hello" in i["triggers"] for i in items)
 
 
+@pytest.mark.parametrize("job", ["score", "triggers"])
+def test_messages_to_a_visitor_count_toward_the_cap_once_identified(
+    world: World, _isolated_home: Path, monkeypatch: pytest.MonkeyPatch, job: str
+) -> None:
+    """Messaged under an anonymous id yesterday, identified today: the merged customer
+    has had its one message of the window, so today's trigger is withheld (Braze)."""
+    from platform_servers import KEY, BrazeServer
+
+    folder, who = identity_folder(world, _isolated_home, login=False)
+    cfg = make_config(
+        _isolated_home,
+        world,
+        source={"identity": "device"},
+        triggers={
+            "hello": {"when": "tenure_days >= 0", "cooldown_days": 3},
+            "veteran": {"when": "tenure_days >= 30", "cooldown_days": 0},
+        },
+        control={"share": 0.0},
+        delivery={"frequency_cap": {"messages": 1, "days": 2}},
+    )
+    t = world.as_of
+
+    def run(as_of: datetime) -> Any:
+        model = str(world.bundle)
+        if job == "score":
+            return run_score(folder, cfg, as_of=as_of, model=model, sink="braze")
+        done = run_triggers(folder, cfg, as_of=as_of, incremental=True, model=model, sink="braze")
+        assert done.delivery is not None
+        return done.delivery
+
+    with BrazeServer() as server:
+        monkeypatch.setenv("LAPSE_BRAZE_API_KEY", KEY)
+        monkeypatch.setenv("LAPSE_BRAZE_BASE_URL", server.url)
+        first = run(t)
+        assert first.complete and f"anon-{who}" in server.anonymous and who not in server.seen
+        write_login(world, folder)
+        later = run(t + timedelta(days=1))
+        assert later.complete
+        assert later.snapshot is not None
+        row = pl.read_parquet(later.snapshot).filter(pl.col("user_id") == who).row(0, named=True)
+        assert row["sent"] and row["capped"]
+        assert row["triggers"] == [] and row["withheld_triggers"] == ["veteran"]
+        assert who in server.profiles  # the attribute update still went
+        assert not [
+            name for user, name in server.event_names() if user == who and "veteran" in name
+        ]
+
+
+def test_a_record_sent_to_a_visitor_is_not_sent_again_to_the_merged_customer(
+    world: World, _isolated_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Delta sync follows the person: an identities table links the visitor at noon; the
+    run just before noon sends its record under the anonymous id, the run just after
+    finds the merged customer's record unchanged (same trigger, segment and risk) and
+    does not send it again (Braze)."""
+    from platform_servers import KEY, BrazeServer
+
+    folder, who = identity_folder(world, _isolated_home, login=False)
+    noon = world.as_of + timedelta(hours=12)
+    table = _isolated_home / "ids.csv"
+    table.write_text(f"device,customer,seen\nanon-{who},{who},{noon:%Y-%m-%d %H:%M:%S}\n")
+    cfg = make_config(
+        _isolated_home,
+        world,
+        source={"identity": "device"},
+        identities={
+            "path": str(table),
+            "anonymous_id": "device",
+            "user_id": "customer",
+            "ts": "seen",
+        },
+        # hello on every run; the once-ever milestone would change the record on its own
+        triggers={
+            "hello": {"when": "tenure_days >= 0", "cooldown_days": 0},
+            "milestone": {"enabled": False},
+        },
+        control={"share": 0.0},
+    )
+    with BrazeServer() as server:
+        monkeypatch.setenv("LAPSE_BRAZE_API_KEY", KEY)
+        monkeypatch.setenv("LAPSE_BRAZE_BASE_URL", server.url)
+        before = run_score(folder, cfg, as_of=noon, model=str(world.bundle), sink="braze")
+        assert before.complete and before.snapshot is not None
+        sent_then = pl.read_parquet(before.snapshot).filter(pl.col("user_id") == f"anon-{who}")
+        assert sent_then["sent"].to_list() == [True] and f"anon-{who}" in server.anonymous
+        after = run_score(
+            folder, cfg, as_of=noon + timedelta(seconds=1), model=str(world.bundle), sink="braze"
+        )
+        assert after.complete and after.snapshot is not None
+        merged = pl.read_parquet(after.snapshot).filter(pl.col("user_id") == who)
+        assert merged["delta_key"].to_list() == sent_then["delta_key"].to_list()
+        assert merged["triggers"].to_list() == [["hello"]]
+        assert merged["sent"].to_list() == [False] and who not in server.seen
+
+
 def test_incremental_trigger_runs_pick_up_new_links_from_new_files(
     world: World, _isolated_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -369,9 +439,7 @@ def test_incremental_trigger_runs_pick_up_new_links_from_new_files(
     assert {"hello", "veteran"} <= set(visitor["triggers"])
 
     # the login arrives in a new file: the next incremental run merges the visitor
-    (_isolated_home / "next").mkdir()
-    identity_folder(world, _isolated_home / "next", login=True)
-    (_isolated_home / "next" / "identity" / "day-140.parquet").rename(folder / "day-140.parquet")
+    write_login(world, folder)
     score_sinks.RECEIVED.clear()
     later = run_triggers(
         folder,

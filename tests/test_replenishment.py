@@ -200,6 +200,31 @@ def test_evaluate_model_scores_open_episodes_over_the_follow_up() -> None:
         evaluate_model(model, REVIEW_EVENTS, d(96), model.config)
 
 
+@pytest.mark.parametrize("identified", [30, 42])
+def test_review_outcomes_follow_a_visitor_who_identifies(identified: int) -> None:
+    """``a`` orders anonymously (``anon-a``) until it identifies on day ``identified``: the
+    episode open at day 40 has the id of the links before it, its reorder on day 45
+    (as ``a``) follows the person either way; without the links it is never seen."""
+    from lapse.events.identity import LINK_SCHEMA
+    from lapse.train.replenishment import predict_outcomes
+
+    model = _shipped(Fixed({}, default=7.0))
+    anonymous = pl.col("user_id").eq("a") & pl.col("ts").lt(d(identified))
+    events = REVIEW_EVENTS.with_columns(
+        pl.when(anonymous).then(pl.lit("anon-a")).otherwise("user_id").alias("user_id")
+    )
+    links = pl.DataFrame({"id": ["anon-a"], "user_id": ["a"], "ts": [d(identified)]}, LINK_SCHEMA)
+    got = predict_outcomes(model, events, d(40), model.config, links=links)
+    want = predict_outcomes(model, REVIEW_EVENTS, d(40), model.config)
+    known = "a" if identified < 40 else "anon-a"
+    assert got.equals(want.with_columns(pl.col("user_id").replace("a", known)))
+    assert evaluate_model(model, events, d(40), model.config, links=links) == evaluate_model(
+        model, REVIEW_EVENTS, d(40), model.config
+    )
+    unlinked = predict_outcomes(model, events, d(40), model.config)
+    assert unlinked.filter(pl.col("user_id") == "anon-a")["observed"].to_list() == [False]
+
+
 # -- orders from an order key ----------------------------------------------------------------
 
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 import pytest
+import yaml
 from polars.testing import assert_frame_equal
 from typer.testing import CliRunner
 
@@ -30,7 +31,7 @@ from lapse.score.records import risk_columns
 from lapse.score.run import ScoreRunResult, run_score
 from lapse.sinks import RECORD_COLUMNS
 from lapse.sinks.file import read_records
-from worlds import World, trained_world
+from worlds import World, identity_folder, trained_world, write_login
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession  # noqa: TID251  # the engine's own tests
@@ -376,6 +377,42 @@ def test_nothing_to_score_and_another_sources_events_say_the_same_on_spark(
                 )
             said[engine] = str(info.value)
         assert said["spark"] == said["local"] and words in said["local"]
+
+
+@pytest.mark.spark
+def test_a_visitor_messaged_anonymously_counts_toward_the_cap_on_spark_too(
+    world: World, spark: SparkSession, tmp_path: Path
+) -> None:
+    """Messaged under its device id on night one, identified on night two: on both engines
+    the merged customer has had its message of the window, so its trigger is withheld
+    (the Spark engine reads the ledger chunk by chunk, for every id of a chunk's people)."""
+    snaps = {}
+    for engine in ("local", "spark"):
+        folder, who = identity_folder(world, tmp_path / engine, login=False)
+        raw = yaml.safe_load(dump_config(score_config(tmp_path / engine, world, identity="device")))
+        raw["triggers"] = {"veteran": {"when": "tenure_days >= 30", "cooldown_days": 0}}
+        raw["control"]["share"] = 0.0
+        raw["delivery"]["frequency_cap"] = {"messages": 1, "days": 2}
+        path = tmp_path / engine / "lapse.yaml"
+        path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+        config = load_config(path)
+        for night in range(2):
+            if night:
+                write_login(world, folder)
+            result = run_score(
+                folder,
+                config,
+                as_of=world.as_of + timedelta(days=night),
+                model=str(world.bundle),
+                sink="file",
+                out=tmp_path / engine / f"scores-{night}.parquet",
+                engine=engine,  # type: ignore[arg-type]
+                spark=spark,
+            )
+        snaps[engine] = snapshot(result)
+        row = snaps[engine].filter(pl.col("user_id") == who).row(0, named=True)
+        assert row["capped"] and row["withheld_triggers"] == ["veteran"], engine
+    assert_frame_equal(snaps["spark"], snaps["local"], check_exact=False, abs_tol=1e-12)
 
 
 @pytest.mark.spark

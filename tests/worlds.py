@@ -54,3 +54,41 @@ def world_config(home: Path, world: World, **delivery: Any) -> Path:
     path = home / "lapse.yaml"
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     return path
+
+
+def identity_folder(world: World, root: Path, *, login: bool = True) -> tuple[Path, str]:
+    """``root/identity``: the events before ``as_of`` with the busiest user of its last
+    two weeks (``who``, returned) under an anonymous device id ``anon-<who>`` (column
+    ``device``, for ``source.identity``) and no user id; with ``login`` also the file of
+    :func:`write_login`."""
+    events = pl.read_parquet(world.events)
+    t = world.as_of
+    recent = events.filter(pl.col("ts").is_between(t - timedelta(days=14), t, "left"))
+    who = str(recent.group_by("user_id").len().sort("len", "user_id", descending=True)[0, 0])
+    device = pl.when(pl.col("user_id") == who).then(pl.lit(f"anon-{who}"))
+    before = events.filter(pl.col("ts") < t).with_columns(device.alias("device"))
+    before = before.with_columns(
+        pl.when(pl.col("user_id") == who).then(None).otherwise(pl.col("user_id")).alias("user_id")
+    )
+    folder = root / "identity"
+    folder.mkdir(parents=True)
+    before.write_parquet(folder / "history.parquet")
+    if login:
+        write_login(world, folder)
+    return folder, who
+
+
+def write_login(world: World, folder: Path) -> Path:
+    """``folder/login.parquet``: on ``as_of`` at noon an event of :func:`identity_folder`'s
+    user carries both ids (the login that links them)."""
+    history = pl.read_parquet(folder / "history.parquet")
+    who = history.filter(pl.col("device").is_not_null())["device"][0].removeprefix("anon-")
+    events = pl.read_parquet(world.events)
+    linked = events.filter(pl.col("user_id") == who).head(1)
+    linked = linked.with_columns(
+        pl.lit(world.as_of + timedelta(hours=12)).cast(events.schema["ts"]).alias("ts"),
+        pl.lit(f"anon-{who}").alias("device"),
+    )
+    path = folder / "login.parquet"
+    linked.select(history.columns).write_parquet(path)
+    return path

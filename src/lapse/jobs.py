@@ -81,7 +81,8 @@ def run_drivers(
     """
     kept, _ = validate_events(events, config)
     attrs = load_attributes(config, attributes)
-    result = stickiness_drivers(kept.lazy(), config, as_of=as_of, attributes=attrs)
+    links = read_links(events, config)
+    result = stickiness_drivers(kept.lazy(), config, as_of=as_of, attributes=attrs, links=links)
     files: dict[str, Path] = {}
     figures = {"drivers": drivers_figure(result)}
     if out is not None:

@@ -249,21 +249,26 @@ class ReplenishmentModel(_Estimator):
         """Race the survival models on ``events`` and keep the winner, refit on every episode.
 
         ``as_of``: the data ends there (events at or after it are left out); ``None``:
-        the midnight after the last event, as ``lapse train`` uses.
+        the midnight after the last event, as ``lapse train`` uses. With identity links
+        each cutoff sees the ids of the links observed before it.
         """
+        from lapse.events import read_links
         from lapse.events.validate import canonical_events
         from lapse.labels import data_span
         from lapse.train.replenishment import run_replenishment
 
         config = self._config()
-        events_ = canonical_events(events, config).collect().lazy()
+        source = as_polars(events)  # pandas: converted once for the events and the links
+        events_ = canonical_events(source, config).collect().lazy()
+        links = read_links(source, config)
         if as_of is not None:
             end = _instant(as_of)
             events_ = events_.filter(pl.col("ts") < end)
+            links = links.filter(pl.col("ts") < end)
         else:
             end = data_span(events_)[1]
         out = Path(self.out_dir) if self.out_dir is not None else None
-        result = run_replenishment(events_, config, data_end=end, out_dir=out)
+        result = run_replenishment(events_, config, data_end=end, out_dir=out, links=links)
         self.result_ = result
         self.figures_: dict[str, Figure] = result.figures
         self.model_ = result.model
@@ -274,10 +279,16 @@ class ReplenishmentModel(_Estimator):
         sku``, the median days to the next order, ``depletion_date`` (the next order
         ``lapse score`` sends as ``next_order_date``), ``p_reorder_7d/14d/30d`` and
         ``prompt_date`` (:func:`lapse.train.replenishment.predict_open`)."""
+        from lapse.events import read_links
+        from lapse.events.identity import resolve
         from lapse.events.validate import canonical_events
 
         model: ShippedReplenishment = self._fitted("model_")
-        return model.predict_open(canonical_events(events, self._config()), _instant(as_of))
+        config, t = self._config(), _instant(as_of)
+        source = as_polars(events)  # pandas: converted once for the events and the links
+        return model.predict_open(
+            resolve(canonical_events(source, config), read_links(source, config), t), t
+        )
 
     def save(self, path: str | Path) -> Path:
         """Pickle the shipped model to ``path`` (parents created); return the path."""

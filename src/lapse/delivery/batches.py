@@ -88,6 +88,7 @@ __all__ = [
     "DeliveryReport",
     "RetryBudget",
     "apply_frequency_cap",
+    "cap_window",
     "deliver",
     "delta_changes",
     "encode",
@@ -149,30 +150,22 @@ def is_message() -> pl.Expr:
 def apply_frequency_cap(
     records: pl.DataFrame,
     sendable: pl.Series,
-    ledger: Ledger,
-    sink: str,
+    prior: Mapping[str, int],
     cap: FrequencyCap | None,
-    *,
-    on: date,
-    score_run_id: str,
-    only_these_users: bool = False,
 ) -> pl.DataFrame:
     """The records with ``capped`` and ``withheld_triggers``; see the module docstring.
 
-    ``sendable`` marks the records that may go to ``sink`` at all (not suppressed).
-    A capped record has its ``triggers`` moved to ``withheld_triggers``; every
-    other record keeps them (``withheld_triggers`` empty). A run sends at most one
-    message per user, so a user is capped when the messages already in the window
-    reach ``cap.messages``. ``only_these_users`` reads the ledger for the records'
-    users only (a caller going through the users in chunks).
+    ``sendable`` marks the records that may go to the sink at all (not suppressed);
+    ``prior`` is the messages each user already got from the sink within the cap's
+    window (:func:`cap_window`; users without any are left out). A capped record
+    has its ``triggers`` moved to ``withheld_triggers``; every other record keeps
+    them (``withheld_triggers`` empty). A run sends at most one message per user,
+    so a user is capped when the messages already in the window reach ``cap.messages``.
     """
     empty = pl.lit([], dtype=pl.List(pl.String))
     if cap is None:
         return records.with_columns(pl.lit(False).alias("capped"), empty.alias("withheld_triggers"))
-    since = on - timedelta(days=cap.days - 1)
-    users = records["user_id"].cast(pl.String).to_list() if only_these_users else None
-    prior = ledger.messages(sink, since=since, until=on, exclude_run=score_run_id, users=users)
-    counts = records["user_id"].replace_strict(prior, default=0, return_dtype=pl.Int64)
+    counts = records["user_id"].replace_strict(dict(prior), default=0, return_dtype=pl.Int64)
     capped = (records.select(is_message()).to_series() & sendable & (counts >= cap.messages)).alias(
         "capped"
     )
@@ -180,6 +173,11 @@ def apply_frequency_cap(
         pl.when("capped").then("triggers").otherwise(empty).alias("withheld_triggers"),
         pl.when("capped").then(empty).otherwise("triggers").alias("triggers"),
     )
+
+
+def cap_window(cap: FrequencyCap, on: date) -> tuple[date, date]:
+    """The first and last day (inclusive) whose messages count toward ``cap`` on day ``on``."""
+    return on - timedelta(days=cap.days - 1), on
 
 
 def delta_changes(

@@ -515,8 +515,21 @@ class Ledger:
 
         ``users`` limits the answer to those users (a chunked caller's bounded read).
         """
-        sql = "SELECT user_id, delta_key, risk_segment FROM delivered WHERE sink = ?"
-        return {r[0]: (r[1], r[2]) for r in self._for_users(sql, (sink,), users)}
+        return {user: (key, seg) for user, key, seg, *_ in self.deliveries(sink, users=users)}
+
+    def deliveries(
+        self, sink: str, *, users: Sequence[str] | None = None
+    ) -> list[tuple[str, str, str | None, datetime, str]]:
+        """``(user_id, delta_key, risk_segment, as_of, score_run_id)`` last acknowledged by
+        ``sink`` per user, with the run that delivered it (``users`` only, if given)."""
+        sql = (
+            "SELECT user_id, delta_key, risk_segment, as_of, score_run_id FROM delivered "
+            "WHERE sink = ?"
+        )
+        return [
+            (r[0], r[1], r[2], datetime.fromisoformat(r[3]), r[4])
+            for r in self._for_users(sql, (sink,), users)
+        ]
 
     def _for_users(
         self, sql: str, params: tuple[str, ...], users: Sequence[str] | None, tail: str = ""

@@ -14,7 +14,9 @@ the 28 days before ``T``. The per-stratum differences in retention rate are
 pooled with Mantel-Haenszel (Cochran) weights ``n1 n0 / (n1 + n0)``; the
 confidence interval is the normal one of that weighted mean. Pairs from
 several cutoffs are pooled (a user may appear once per cutoff), so the
-interval is somewhat narrower than a per-user one.
+interval is somewhat narrower than a per-user one. With identity links every
+cutoff sees the ids of the links observed before it, and retention follows the
+person (as in training, :mod:`lapse.labels.churn`).
 
 This is association, not proof of cause: adopters may differ from non-adopters
 in ways the strata do not capture.
@@ -39,6 +41,7 @@ import polars as pl
 import yaml
 
 from lapse.config import LapseConfig
+from lapse.events.identity import resolve
 from lapse.exceptions import ConfigError, LapseError
 from lapse.files import save_figure
 from lapse.labels import activity_events, churn_labels, data_span
@@ -106,6 +109,7 @@ def stickiness_drivers(
     min_adopters: int = 30,
     confidence: float = 0.95,
     exclude: tuple[str, ...] = (),
+    links: pl.DataFrame | None = None,
 ) -> DriversResult:
     """Rank event types and declared behaviors by the retention lift of adopting them.
 
@@ -118,7 +122,9 @@ def stickiness_drivers(
     Behaviors with fewer than ``min_adopters`` adopter pairs are left out, as
     are ``exclude`` and the event types of the roles that define activity
     (their use is the outcome, not a behavior). ``attributes`` feeds the
-    ``attributes.static_features`` a declared condition may name.
+    ``attributes.static_features`` a declared condition may name. With identity
+    ``links`` each cutoff sees the ids of the links observed before it (adoption,
+    strata and feature rows) and retention follows the person, as in training.
 
     Raises
     ------
@@ -162,16 +168,17 @@ def stickiness_drivers(
     ]
     if not cutoffs:
         raise LapseError(f"--as-of {as_of:%Y-%m-%d} is less than 28 days after the first event")
-    labels = churn_labels(events, cutoffs, config, data_end=end).with_columns(
+    labels = churn_labels(events, cutoffs, config, data_end=end, links=links).with_columns(
         pl.col("user_id").cast(pl.String)
     )
     if labels.height == 0:
         raise LapseError(f"no user is eligible at {as_of:%Y-%m-%d}; check --as-of")
-    ev = events.select(pl.col("user_id").cast(pl.String), "ts", pl.col("event").cast(pl.String))
-    activity = activity_events(events, config).select(pl.col("user_id").cast(pl.String), "ts")
     skip = set(exclude) | set(_activity_event_names(config))
     bases, adopted = [], []
     for cutoff in cutoffs:
+        known = events if links is None else resolve(events, links, cutoff)
+        ev = known.select(pl.col("user_id").cast(pl.String), "ts", pl.col("event").cast(pl.String))
+        activity = activity_events(known, config).select(pl.col("user_id").cast(pl.String), "ts")
         before = ev.filter(pl.col("ts") < cutoff)
         first = before.group_by("user_id").agg(pl.col("ts").min().alias("_first"))
         recent = (
@@ -219,7 +226,7 @@ def stickiness_drivers(
         )
     kinds = {"event": by_event}
     if conditions:
-        feats = build_many(events, cutoffs, config, attributes=attributes)
+        feats = build_many(events, cutoffs, config, attributes=attributes, links=links)
         kinds["condition"] = (
             feats.select(pl.col("user_id").cast(pl.String), "cutoff", *conditions.values())
             .unpivot(index=["user_id", "cutoff"], variable_name="behavior", value_name="_on")

@@ -9,15 +9,21 @@ the episode is right-censored at the cutoff.
 :func:`episodes` and :func:`reorder_outcomes` look up to a cutoff or past
 one, which is why they live in ``labels``; :func:`open_episodes` and
 :func:`consumable_skus` (:func:`consumable_table`) read only events before their date.
+
+With identity links the callers pass events resolved as of the cutoff
+(:mod:`lapse.events.identity`), so an episode at a cutoff is the person's as
+known then; :func:`reorder_outcomes` alone follows the person past it.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Final
 
 import polars as pl
 
 from lapse.config import LapseConfig
+from lapse.events import identity
 from lapse.exceptions import ConfigError
 from lapse.features.episodes_covariates import ANY_SKU, Target, order_keys, purchase_orders
 from lapse.schema import DAY_US, canonical, utc_cutoff
@@ -33,6 +39,7 @@ __all__ = [
 
 _MIN_DAYS = 1.0 / 24.0
 """Durations are at least an hour: parametric fits need positive times."""
+_PERSON: Final = "_person"
 
 
 def _days(later: pl.Expr, earlier: pl.Expr) -> pl.Expr:
@@ -209,8 +216,13 @@ def reorder_outcomes(
     until: datetime,
     skus: dict[str, float] | None,
     target: Target,
+    links: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """The next order of each open episode in ``[as_of, until)``.
+
+    With identity ``links`` the open episodes keep their ids (those of the links
+    before ``as_of``) and the next order follows the person: its orders under any
+    of its ids, resolved with every link (as :func:`lapse.labels.churn_labels` does).
 
     Returns
     -------
@@ -219,21 +231,25 @@ def reorder_outcomes(
         order, or to ``until`` when censored) and ``observed``.
     """
     t, end = utc_cutoff(as_of), utc_cutoff(until, "until")
+    keyed = open_eps.with_columns(pl.col("user_id").alias(_PERSON))
+    if links is not None and not links.is_empty():
+        events = identity.resolve(events, links, None)
+        keyed = identity.resolve(keyed.lazy(), links, None, column=_PERSON).collect()
     later = (
         purchase_orders(events, config, until=end, skus=skus, target=target)
         .filter(pl.col("ts") >= t)
-        .group_by("user_id", "sku")
+        .group_by(pl.col("user_id").alias(_PERSON), "sku")
         .agg(pl.col("ts").min().alias("_next"))
     )
     return (
-        open_eps.join(later, on=["user_id", "sku"], how="left")
+        keyed.join(later, on=[_PERSON, "sku"], how="left")
         .with_columns(
             _days(pl.coalesce("_next", pl.lit(end)), pl.lit(t))
             .clip(_MIN_DAYS)
             .alias("residual_days"),
             pl.col("_next").is_not_null().alias("observed"),
         )
-        .drop("_next")
+        .drop("_next", _PERSON)
     )
 
 

@@ -13,7 +13,9 @@ Spark engine (:mod:`lapse.spark.score`, which takes the users a chunk at a time)
    nothing, and is ``abandoned`` with its files removed;
 1. :func:`prune_expired` drops the runs past ``audit.retention_days``;
 2. :func:`mark_sendable` applies suppression, the control group, the frequency
-   cap, the delta key against the sink's last delivery and the anonymous hold;
+   cap, the delta key against the sink's last delivery and the anonymous hold
+   (with identity links, the ledger's ids resolved as of the run, like the
+   cooldowns of :func:`last_fired`);
 3. :func:`snapshot_rows` and :func:`make_outbox` give the audit rows and what the
    sink gets; :class:`Totals` adds up the counts;
 4. :func:`run_result` builds the summary and the :class:`ScoreRunResult`;
@@ -45,11 +47,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import polars as pl
 
-from lapse.config import ENGINES, Engine, LapseConfig
+from lapse.config import ENGINES, Engine, FrequencyCap, LapseConfig
 from lapse.delivery.audit import AuditTrail
 from lapse.delivery.batches import (
     RetryBudget,
     apply_frequency_cap,
+    cap_window,
     deliver,
     delta_changes,
     encode,
@@ -96,10 +99,12 @@ __all__ = [
     "delivery_counts",
     "dry_run_delivery",
     "hold_anonymous",
+    "last_delivered",
     "last_fired",
     "load_model",
     "make_outbox",
     "mark_sendable",
+    "messages_sent",
     "model_label",
     "model_version",
     "new_run_id",
@@ -578,6 +583,7 @@ def _score_local(
         attributes=attributes,
         validation=validation,
         anonymous=anonymous_only(links, as_of),
+        links=links,
         full=full,
     )
 
@@ -630,6 +636,7 @@ def send_scored(
     attributes: pl.DataFrame | None,
     validation: ValidationReport | None,
     anonymous: pl.Series | None = None,
+    links: pl.DataFrame | None = None,
     full: bool = False,
 ) -> ScoreRunResult:
     """Everything after scoring on the local engine, shared by `lapse score` and
@@ -638,10 +645,12 @@ def send_scored(
 
     ``anonymous`` ids (linked to no known user) are sent only to a sink with an
     ``anonymous_identifier``; for the others they are held back and counted.
+    ``links`` (the identity links the records' ids were resolved with) carry the
+    ledger's frequency cap and delta sync over to the merged ids.
     ``full`` sends every sendable record, changed or not (``lapse score --full``).
     """
     prune_expired(ctx)
-    marked = mark_sendable(ctx, scored.records, attributes, anonymous, full=full)
+    marked = mark_sendable(ctx, scored.records, attributes, anonymous, full=full, links=links)
     ctx.progress.stage("explaining the users sent")
     scored.records = marked.records.select(scored.records.columns)
     explained = with_reasons(loaded.bundle, scored, marked.send, top=ctx.config.score.reasons)
@@ -688,10 +697,8 @@ def last_fired(
     messaged under an anonymous id and identified since is the same user, so
     its ids' entries merge into the canonical id as of the run (latest wins).
     """
-    if links is not None and users is not None:
-        users = person_ids(links, users, ctx.as_of)
     frame = pl.DataFrame(
-        ctx.ledger.fired(ctx.sink.name, users=users),
+        ctx.ledger.fired(ctx.sink.name, users=_every_id(ctx, users, links)),
         schema={"trigger": pl.String, "user_id": pl.String, "last_fired": pl.Date},
         orient="row",
     )
@@ -704,6 +711,80 @@ def last_fired(
         .sort("trigger", "user_id")
         .collect()
     )
+
+
+def messages_sent(
+    ctx: RunContext,
+    cap: FrequencyCap,
+    users: list[str] | None = None,
+    *,
+    links: pl.DataFrame | None = None,
+) -> dict[str, int]:
+    """``user_id -> messages`` the run's sink delivered within ``cap``'s window
+    (:func:`~lapse.delivery.batches.cap_window`), this run's own left out (a resumed
+    run counts what came before); ``users`` only, if given.
+
+    With identity ``links`` a person's messages under every one of its ids count
+    for its canonical id as of the run, like the cooldowns of :func:`last_fired`.
+    """
+    since, until = cap_window(cap, ctx.day)
+    counts = ctx.ledger.messages(
+        ctx.sink.name,
+        since=since,
+        until=until,
+        exclude_run=ctx.run_id,
+        users=_every_id(ctx, users, links),
+    )
+    if links is None or links.is_empty() or not counts:
+        return counts
+    frame = pl.DataFrame(
+        {"user_id": list(counts), "n": list(counts.values())},
+        schema={"user_id": pl.String, "n": pl.Int64},
+    )
+    summed = resolve(frame.lazy(), links, ctx.as_of).group_by("user_id").agg(pl.sum("n")).collect()
+    return dict(zip(summed["user_id"].to_list(), summed["n"].to_list(), strict=True))
+
+
+def last_delivered(
+    ctx: RunContext, users: list[str] | None = None, *, links: pl.DataFrame | None = None
+) -> dict[str, tuple[str, str | None]]:
+    """``user_id -> (delta_key, risk_segment)`` the run's sink last acknowledged (the
+    delta sync's reference; ``users`` only, if given).
+
+    With identity ``links`` a person's latest delivery under any of its ids counts
+    for its canonical id as of the run: a visitor sent a record under an anonymous
+    id and identified since is not sent the same record again.
+    """
+    if links is None or links.is_empty():
+        return ctx.ledger.delivered(ctx.sink.name, users=users)
+    frame = pl.DataFrame(
+        ctx.ledger.deliveries(ctx.sink.name, users=_every_id(ctx, users, links)),
+        schema={
+            "user_id": pl.String,
+            "delta_key": pl.String,
+            "risk_segment": pl.String,
+            "as_of": pl.Datetime("us", "UTC"),
+            "score_run_id": pl.String,
+        },
+        orient="row",
+    )
+    order = ("as_of", "score_run_id")
+    latest = (
+        resolve(frame.lazy(), links, ctx.as_of)
+        .group_by("user_id")
+        .agg(pl.col("delta_key", "risk_segment").sort_by(*order).last())
+        .collect()
+    )
+    return {user: (key, segment) for user, key, segment in latest.iter_rows()}
+
+
+def _every_id(
+    ctx: RunContext, users: list[str] | None, links: pl.DataFrame | None
+) -> list[str] | None:
+    """``users`` and every other id of their persons as of the run (``None``: everyone)."""
+    if links is None or users is None:
+        return users
+    return person_ids(links, users, ctx.as_of)
 
 
 @dataclass(frozen=True)
@@ -735,6 +816,7 @@ def mark_sendable(
     *,
     full: bool = False,
     users: list[str] | None = None,
+    links: pl.DataFrame | None = None,
 ) -> Marked:
     """Suppression, the control group, the frequency cap, the delta key against what the
     sink last acknowledged, and the anonymous hold: what of ``records`` is sent.
@@ -742,24 +824,19 @@ def mark_sendable(
     The cap withholds triggers before the delta key is taken, so a withheld
     trigger changes the key again on the run that finally delivers it. ``users``
     (the records' users) reads the ledger for them only: a caller going through
-    the users in chunks.
+    the users in chunks. With identity ``links`` the ledger's messages and
+    deliveries under every id of a person count for its id as of the run
+    (:func:`messages_sent`, :func:`last_delivered`), as its cooldowns do.
     """
     suppressed = records["user_id"].is_in(
         pl.Series(sorted(load_suppression(ctx.config, attributes)), dtype=pl.String).implode()
     )
     records = records.with_columns(suppressed.alias("suppressed"))
     sendable = ~records["suppressed"] & (~records["control"] | ctx.config.control.send)
-    records = apply_frequency_cap(
-        records,
-        sendable,
-        ctx.ledger,
-        ctx.sink.name,
-        ctx.config.delivery.frequency_cap,
-        on=ctx.day,
-        score_run_id=ctx.run_id,
-        only_these_users=users is not None,
-    ).with_columns(delta_key())
-    last = ctx.ledger.delivered(ctx.sink.name, users=users)
+    cap = ctx.config.delivery.frequency_cap
+    prior = {} if cap is None else messages_sent(ctx, cap, users, links=links)
+    records = apply_frequency_cap(records, sendable, prior, cap).with_columns(delta_key())
+    last = last_delivered(ctx, users, links=links)
     previous, changed = delta_changes(records, last, everyone=ctx.sink.full_snapshot or full)
     send, held, is_anonymous = hold_anonymous(records, sendable & changed, ctx.sink, anonymous)
     return Marked(records, sendable, changed, previous, send, held, is_anonymous)

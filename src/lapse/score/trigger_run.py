@@ -273,6 +273,7 @@ def _evaluate(
             attributes=attributes,
             validation=validation,
             anonymous=anonymous_only(links, as_of),
+            links=links,
         )
     if not ctx.dry_run and not in_memory:
         fault_point("before_watermark")

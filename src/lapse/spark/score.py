@@ -6,9 +6,9 @@ every user who is not ``low`` or fired a trigger) and Spark writes them sorted b
 ``user_id`` as Parquet parts under ``<audit.path>/spark/<run>/``. The driver then
 reads them :data:`CHUNK_ROWS` at a time and takes each chunk through the score run's
 steps (:mod:`lapse.score.run`), reading the run ledger (SQLite on the driver) for the
-chunk's users only: trigger cooldowns, then :func:`~lapse.score.run.mark_sendable`
-(suppression, the frequency cap, the delta key against what the sink last
-acknowledged), the reasons of the users sent, the snapshot rows and the outbox. Each
+chunk's users only (and their persons' other ids, with identity links): trigger
+cooldowns, then :func:`~lapse.score.run.mark_sendable` (suppression, the frequency
+cap, the delta key against what the sink last acknowledged), the reasons of the users sent, the snapshot rows and the outbox. Each
 chunk is appended to the audit snapshot and the outbox; the ledger's batches are
 planned per chunk (no batch crosses a chunk), and delivery goes chunk by chunk
 through the same :func:`~lapse.score.run.deliver_run`. The driver holds one chunk,
@@ -293,4 +293,4 @@ def _mark(
     users = records["user_id"].to_list()
     fired = last_fired(ctx, users, links=links)
     records = records.with_columns(apply_cooldowns(records, fired, definitions, ctx.day))
-    return mark_sendable(ctx, records, attributes, anonymous, full=full, users=users)
+    return mark_sendable(ctx, records, attributes, anonymous, full=full, users=users, links=links)

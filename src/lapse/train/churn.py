@@ -468,7 +468,7 @@ def train(
     # report
     out.mkdir(parents=True, exist_ok=True)
     metrics = race.metrics_json()
-    replenishment = _replenishment(events, config, grid.data_end, out, truth_dir, notes)
+    replenishment = _replenishment(events, config, grid.data_end, out, truth_dir, notes, links)
     if replenishment is not None:
         metrics["replenishment"] = replenishment.metrics
     tst = frame.filter(pl.col("cutoff") == grid.test)
@@ -615,8 +615,10 @@ def _replenishment(
     out: Path,
     truth_dir: str | Path | None,
     notes: list[str],
+    links: pl.DataFrame,
 ) -> ReplenishmentResult | None:
-    """The replenishment race (``None`` when disabled or the data has too few episodes)."""
+    """The replenishment race (``None`` when disabled or the data has too few episodes),
+    each cutoff with the ids of the identity ``links`` before it."""
     if not config.replenishment.enabled:
         return None
     from lapse.train.replenishment import NotEnoughEpisodes, run_replenishment
@@ -628,6 +630,7 @@ def _replenishment(
             data_end=data_end,
             out_dir=out,
             truth_dir=Path(truth_dir) if truth_dir is not None else None,
+            links=links,
         )
     except NotEnoughEpisodes as exc:
         notes.append(f"replenishment skipped: {exc}")

@@ -25,6 +25,13 @@ estimate does not also price it in (the plain median runs into the long
 right tail of customers who never reorder). The baselines are point
 estimates already and are unaffected.
 
+With identity links (:mod:`lapse.events.identity`) every cutoff sees the ids
+of the links observed before it, as the churn features and labels do: the
+episodes fitted or scored at a cutoff (censored at it), their covariates and
+the consumables are computed on the events resolved as of that cutoff, so an
+anonymous visitor's orders join the customer's only at cutoffs after it
+identified. The reorder outcomes of the review follow the person (every link).
+
 Review (:func:`predict_outcomes`, :func:`evaluate_model`) scores a shipped model the way it is used:
 the episodes open at a later cutoff, conditional on the days they have
 lasted, against their next order in the ``F`` days after it (labels from
@@ -43,6 +50,7 @@ import numpy.typing as npt
 import polars as pl
 
 from lapse.config import LapseConfig
+from lapse.events.identity import resolve
 from lapse.exceptions import ConvergenceProblem, NotEnoughEpisodes
 from lapse.features.episodes_covariates import COVARIATES, Target, order_covariates, purchase_orders
 from lapse.labels.cutoffs import data_span
@@ -147,6 +155,40 @@ def _covariates(
 ) -> pl.DataFrame:
     orders = purchase_orders(events, config, until=until, skus=skus, target=target)
     return order_covariates(events, orders, config)
+
+
+@dataclass
+class _AsOf:
+    """The race's events with their ids resolved as at a cutoff (identity ``links``), and
+    the order covariates of each view; without links one view serves every cutoff.
+
+    Covariates are computed once per view, SKU set and target, up to ``until``.
+    """
+
+    events: pl.LazyFrame
+    links: pl.DataFrame | None
+    config: LapseConfig
+    until: datetime
+    _views: dict[datetime, pl.LazyFrame] = field(default_factory=dict)
+    _covs: dict[tuple[Any, ...], pl.DataFrame] = field(default_factory=dict)
+
+    def _key(self, t: datetime) -> datetime | None:
+        return None if self.links is None or self.links.is_empty() else t
+
+    def at(self, t: datetime) -> pl.LazyFrame:
+        """The events with the ids of the links observed before ``t``."""
+        if self.links is None or self._key(t) is None:
+            return self.events
+        if t not in self._views:
+            self._views[t] = resolve(self.events, self.links, t).collect().lazy()
+        return self._views[t]
+
+    def covariates(self, t: datetime, skus: dict[str, float], target: Target) -> pl.DataFrame:
+        """The order covariates of :meth:`at` ``t``."""
+        key = (self._key(t), tuple(sorted(skus.items())), target)
+        if key not in self._covs:
+            self._covs[key] = _covariates(self.at(t), self.config, self.until, skus, target)
+        return self._covs[key]
 
 
 def _times(days: float) -> list[float]:
@@ -261,9 +303,8 @@ def _fit_all(
 
 
 def _stage(
-    events: pl.LazyFrame,
+    view: _AsOf,
     config: LapseConfig,
-    covs: pl.DataFrame,
     *,
     cutoff: datetime,
     until: datetime,
@@ -272,8 +313,11 @@ def _stage(
     names: tuple[str, ...],
     times: list[float],
 ) -> _Stage:
+    """Fit on the episodes before ``cutoff`` (ids as of it), score those starting in
+    ``[cutoff, until)`` (ids as of ``until``, censored there)."""
     train = _with_covariates(
-        episodes(events, config, cutoff=cutoff, skus=skus, target=target), covs
+        episodes(view.at(cutoff), config, cutoff=cutoff, skus=skus, target=target),
+        view.covariates(cutoff, skus, target),
     )
     n_obs = int(train["observed"].sum())
     if n_obs < _MIN_OBSERVED:
@@ -283,10 +327,10 @@ def _stage(
         )
     models, notes = _fit_all(train, config, names)
     rows = _with_covariates(
-        episodes(events, config, cutoff=until, skus=skus, target=target).filter(
+        episodes(view.at(until), config, cutoff=until, skus=skus, target=target).filter(
             pl.col("start") >= cutoff
         ),
-        covs,
+        view.covariates(until, skus, target),
     )
     if rows.height == 0 or not rows["observed"].any():
         raise NotEnoughEpisodes(
@@ -368,6 +412,7 @@ def run_replenishment(
     data_end: datetime,
     out_dir: Path | None = None,
     truth_dir: Path | None = None,
+    links: pl.DataFrame | None = None,
 ) -> ReplenishmentResult:
     """Race the survival models and baselines, write the plots, refit the shipped model.
 
@@ -382,6 +427,9 @@ def run_replenishment(
         figures either way).
     truth_dir
         ``lapse generate``'s folder: adds the error against the true depletion dates.
+    links
+        Identity links (:mod:`lapse.events.identity`): each cutoff's episodes,
+        covariates and consumables use the ids of the links observed before it.
 
     Raises
     ------
@@ -395,8 +443,9 @@ def run_replenishment(
     target = check_target(rep.target)
     skus: dict[str, float] = {}
     ranked = _no_consumables()
+    view = _AsOf(events, links, config, data_end)
     if target == "sku":
-        ranked = consumable_table(events, config, until=validation)
+        ranked = consumable_table(view.at(validation), config, until=validation)
         skus = dict(zip(ranked["sku"].to_list(), ranked["units_per_pack"].to_list(), strict=True))
         if not skus:
             notes.append(
@@ -406,11 +455,10 @@ def run_replenishment(
             target = "any"
     names = (*CANDIDATES, *BASELINES)
     times = _times(rep.follow_up_days)
-    covs = _covariates(events, config, data_end, skus, target)
     kw: dict[str, Any] = {"skus": skus, "target": target, "names": names, "times": times}
-    val = _stage(events, config, covs, cutoff=validation, until=test, **kw)
+    val = _stage(view, config, cutoff=validation, until=test, **kw)
     selected, why = select(val.metrics)
-    tst = _stage(events, config, covs, cutoff=test, until=data_end, **kw)
+    tst = _stage(view, config, cutoff=test, until=data_end, **kw)
     notes += [f"validation fit: {n}" for n in val.notes] + [f"test fit: {n}" for n in tst.notes]
     gap = tst.models["last_gap"]
     if isinstance(gap, LastGap):
@@ -465,12 +513,11 @@ def run_replenishment(
     )
     plots = save_figures(figures, out_dir) if out_dir is not None else {}
     # the shipped model: the winner refit on every episode up to the end of the data
-    ship_skus = consumable_skus(events, config, until=data_end) if target == "sku" else skus
-    ship_covs = (
-        covs if ship_skus == skus else _covariates(events, config, data_end, ship_skus, target)
-    )
+    latest = view.at(data_end)
+    ship_skus = consumable_skus(latest, config, until=data_end) if target == "sku" else skus
     everything = _with_covariates(
-        episodes(events, config, cutoff=data_end, skus=ship_skus, target=target), ship_covs
+        episodes(latest, config, cutoff=data_end, skus=ship_skus, target=target),
+        view.covariates(data_end, ship_skus, target),
     )
     shipped, fit_notes = _fit_all(everything, config, (selected, "depletion_rule"))
     notes += [f"shipped fit: {n}" for n in fit_notes]
@@ -505,9 +552,10 @@ def _outcome_rows(
     cutoff: datetime,
     config: LapseConfig,
     data_end: datetime | None,
+    links: pl.DataFrame | None,
 ) -> tuple[pl.DataFrame, float]:
-    """``(rows, days)``: the episodes open at ``cutoff`` with their next order in the
-    follow-up window of ``days`` (see :func:`evaluate_model`)."""
+    """``(rows, days)``: the episodes open at ``cutoff`` (ids as of it) with their next
+    order in the follow-up window of ``days`` (see :func:`evaluate_model`)."""
     t = utc_cutoff(cutoff, "cutoff")
     end = data_span(events)[1] if data_end is None else utc_cutoff(data_end, "data_end")
     until = min(t + timedelta(days=config.replenishment.follow_up_days), end)
@@ -516,14 +564,16 @@ def _outcome_rows(
         raise NotEnoughEpisodes(
             f"the events end {end:%Y-%m-%d}, not after the cutoff {t:%Y-%m-%d}: no follow-up"
         )
+    known = events if links is None else resolve(events, links, t)
     rows = reorder_outcomes(
         events,
-        _open_frame(model, events, t),
+        _open_frame(model, known, t),
         config,
         as_of=t,
         until=until,
         skus=model.skus,
         target=model.target,
+        links=links,
     )
     if rows.height == 0 or not rows["observed"].any():
         raise NotEnoughEpisodes(
@@ -540,6 +590,7 @@ def evaluate_model(
     config: LapseConfig,
     *,
     data_end: datetime | None = None,
+    links: pl.DataFrame | None = None,
 ) -> dict[str, float]:
     """The shipped model's metrics at a cutoff it has not seen.
 
@@ -559,6 +610,9 @@ def evaluate_model(
     ----------
     data_end
         End of the observed data (exclusive); ``None`` reads it from ``events``.
+    links
+        Identity links: the open episodes get the ids of the links before
+        ``cutoff``, their next order follows the person (every link).
 
     Returns
     -------
@@ -571,7 +625,7 @@ def evaluate_model(
     NotEnoughEpisodes
         No data after ``cutoff``, no open episode at it, or no reorder in the window.
     """
-    rows, days = _outcome_rows(model, events, cutoff, config, data_end)
+    rows, days = _outcome_rows(model, events, cutoff, config, data_end, links)
     metrics, _, _ = _score(
         model.model,
         rows,
@@ -591,9 +645,10 @@ def predict_outcomes(
     config: LapseConfig,
     *,
     data_end: datetime | None = None,
+    links: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
-    """The rows of :func:`evaluate_model`, one per open episode, with the model's prediction
-    (what ``lapse review`` pairs across two models).
+    """The rows of :func:`evaluate_model` (``links`` as there), one per open episode, with
+    the model's prediction (what ``lapse review`` pairs across two models).
 
     Returns
     -------
@@ -607,7 +662,7 @@ def predict_outcomes(
     NotEnoughEpisodes
         As :func:`evaluate_model`.
     """
-    rows, days = _outcome_rows(model, events, cutoff, config, data_end)
+    rows, days = _outcome_rows(model, events, cutoff, config, data_end, links)
     predicted = model.model.predict_median(
         rows, rows["elapsed_days"].to_numpy(), horizon=model.config.replenishment.follow_up_days
     )

@@ -7,6 +7,8 @@ pooled so that a small shop still has enough rows), and compares them:
 
 - churn: ROC-AUC, PR-AUC, Brier, ECE and top-decile lift of the users
   eligible under both models' configs, labelled under the review's config;
+  with identity links, ids as of each cutoff and labels following the person,
+  as in training (:mod:`lapse.events.identity`);
 - replenishment, when both versions carry a model: concordance and MAE days of
   the episodes open at each cutoff under both models' consumables, followed for
   ``replenishment.follow_up_days`` or to the end of the events.
@@ -32,7 +34,8 @@ import numpy as np
 import polars as pl
 
 from lapse.config import LapseConfig
-from lapse.events import load_attributes, read_events
+from lapse.events import load_attributes, read_events, read_links
+from lapse.events.identity import resolve
 from lapse.exceptions import LapseError, NotEnoughEpisodes, WriteFailed
 from lapse.labels import churn_labels, data_span
 from lapse.modeling.bundle import ChurnBundle
@@ -132,16 +135,22 @@ def review_cutoffs(
 
 
 def _churn_rows(
-    pair: ReviewPair, events: pl.LazyFrame, cutoffs: list[datetime], config: LapseConfig
+    pair: ReviewPair,
+    events: pl.LazyFrame,
+    cutoffs: list[datetime],
+    config: LapseConfig,
+    links: pl.DataFrame | None = None,
 ) -> tuple[pl.DataFrame, list[str]]:
-    """``user_id, cutoff, churned, champion, challenger`` of the users eligible under both."""
-    labels = churn_labels(events, cutoffs, config, data_end=data_span(events)[1])
+    """``user_id, cutoff, churned, champion, challenger`` of the users eligible under both
+    (ids as of each cutoff, labels following the person, as in training)."""
+    labels = churn_labels(events, cutoffs, config, data_end=data_span(events)[1], links=links)
     scored = labels
     for bundle, side in zip(pair.bundles, _SIDES, strict=True):
         attributes = load_attributes(bundle.config)
         scores = []
         for cutoff in cutoffs:
-            rows = bundle.prepare(events, cutoff, attributes=attributes)
+            known = events if links is None else resolve(events, links, cutoff)
+            rows = bundle.prepare(known, cutoff, attributes=attributes)
             bundle.check_schema(rows)
             scores.append(
                 rows.select("user_id", "cutoff").with_columns(
@@ -162,7 +171,11 @@ def _churn_rows(
 
 
 def _replenishment_rows(
-    pair: ReviewPair, events: pl.LazyFrame, cutoffs: list[datetime], config: LapseConfig
+    pair: ReviewPair,
+    events: pl.LazyFrame,
+    cutoffs: list[datetime],
+    config: LapseConfig,
+    links: pl.DataFrame | None = None,
 ) -> tuple[pl.DataFrame | None, str]:
     """``user_id, sku, cutoff, days, observed, champion, challenger`` of the episodes open
     under both models' consumables (or None), and a note for the review."""
@@ -182,7 +195,9 @@ def _replenishment_rows(
     for cutoff in cutoffs:
         try:
             sides = [
-                predict_outcomes(m, events, cutoff, config).rename({"predicted_days": side})
+                predict_outcomes(m, events, cutoff, config, links=links).rename(
+                    {"predicted_days": side}
+                )
                 for m, side in zip(models, _SIDES, strict=True)
             ]
         except NotEnoughEpisodes as exc:
@@ -302,10 +317,11 @@ def review(
     """
     pair = review_pair(config, name)
     events = read_events(events_path, config).collect().lazy()
+    links = read_links(events_path, config)
     cutoffs = review_cutoffs(events, config, pair.bundles)
-    churn, notes = _churn_rows(pair, events, cutoffs, config)
+    churn, notes = _churn_rows(pair, events, cutoffs, config, links)
     found = {"churn": churn}
-    replen, replen_note = _replenishment_rows(pair, events, cutoffs, config)
+    replen, replen_note = _replenishment_rows(pair, events, cutoffs, config, links)
     if replen is not None:
         found["replenishment"] = replen
     notes.append(replen_note)
