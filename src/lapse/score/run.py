@@ -342,6 +342,7 @@ def run_score(
             attributes=attributes,
             last_fired=last_fired(ctx, links=links),
         )
+        del kept  # the events are done with: reasons and delivery run without them
         return send_scored(
             ctx,
             loaded,
