@@ -4,6 +4,8 @@ evaluation, cooldowns and the frequency cap shared with `lapse score`, failures.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -432,3 +434,52 @@ def test_scores_of_a_segment_export_equal_those_of_the_true_ids(
     assert got.filter(pl.col("user_id").str.starts_with("anon-")).height > 0
     assert_equal = got.equals(want)
     assert assert_equal, got.join(want, on="user_id", suffix="_want").head(3)
+
+
+def test_incremental_runs_read_the_new_files_and_the_event_store_only(
+    world: World, _isolated_home: Path
+) -> None:
+    """After the full run, the history file is garbage of the same size and mtime (what
+    the watermark compares): the next runs never read it, and they fire what a full
+    evaluation of the intact events fires."""
+    cfg = make_config(_isolated_home, world)
+    folder = folder_until(world, _isolated_home, FIRST_DAY)
+    home = _isolated_home / "lapse-runs"
+    first = run_triggers(
+        folder, cfg, as_of=day(world, FIRST_DAY), incremental=True, model=str(world.bundle)
+    )
+    assert first.mode == "full" and list((home / "event_store").glob("*/*.arrow"))
+    history = folder / "history.parquet"
+    st = history.stat()
+    history.write_bytes(b"\0" * st.st_size)
+    os.utime(history, ns=(st.st_atime_ns, st.st_mtime_ns))
+    for n in (FIRST_DAY, FIRST_DAY + 1):
+        folder_until(world, _isolated_home, n + 1)
+        at = day(world, n + 1) + AT[0]
+        res = run_triggers(folder, cfg, as_of=at, incremental=True, model=str(world.bundle))
+        assert res.mode == "incremental" and res.new_files == 1 and res.complete
+        assert 0 < res.touched < first.touched
+    events = pl.read_parquet(world.events).filter(pl.col("ts") < day(world, FIRST_DAY + 2))
+    full = score_users(
+        ChurnBundle.load(world.bundle),
+        events.lazy(),
+        at,
+        cfg,
+        score_run_id="reference",
+        model_version="local",
+        attributes=pl.read_parquet(world.users),
+    ).fired
+    assert full is not None
+    expected = {u: sorted(t) for u, t in full.select("user_id", "triggers").iter_rows() if t}
+    with Ledger(home / "ledger.sqlite") as ledger:
+        stored = {
+            s.user_id: sorted(s.fired) for s in ledger.trigger_states("file", str(folder.resolve()))
+        }
+    assert {u: t for u, t in stored.items() if t} == expected
+
+    # without its event store a folder is evaluated in full again (its history restored)
+    shutil.rmtree(home / "event_store")
+    pl.read_parquet(world.events).filter(pl.col("ts") < world.as_of).write_parquet(history)
+    later = at + timedelta(hours=1)
+    again = run_triggers(folder, cfg, as_of=later, incremental=True, model=str(world.bundle))
+    assert again.mode == "full" and "event store" in again.reason

@@ -9,7 +9,8 @@ user and run the day a message (a record carrying triggers) was delivered (the
 frequency cap of :mod:`lapse.delivery.batches`). For incremental trigger runs
 (:mod:`lapse.score.incremental`) it also holds, per sink and event source, the watermark (the
 files processed with their size and mtime, the last ``as_of`` and a fingerprint
-of the model and trigger definitions) and the trigger state (per user: the
+of the model and trigger definitions), the parts of its event store
+(:mod:`lapse.events.store`) and the trigger state (per user: the
 triggers that fired at the last evaluation, when, and when the user is next
 due). Every change
 is one SQLite transaction, so a process killed at any instant (SIGKILL
@@ -80,6 +81,9 @@ CREATE TABLE IF NOT EXISTS trigger_state (
     sink TEXT NOT NULL, source TEXT NOT NULL, user_id TEXT NOT NULL, fired TEXT NOT NULL,
     evaluated_at TEXT NOT NULL, next_due TEXT NOT NULL, PRIMARY KEY (sink, source, user_id));
 CREATE INDEX IF NOT EXISTS trigger_state_due ON trigger_state (sink, source, next_due);
+CREATE TABLE IF NOT EXISTS event_parts (
+    sink TEXT NOT NULL, source TEXT NOT NULL, seq INTEGER NOT NULL, part TEXT NOT NULL,
+    PRIMARY KEY (sink, source, seq));
 """
 
 
@@ -122,7 +126,9 @@ class RunInfo:
 class Watermark:
     """What the incremental trigger runs of one event source have processed.
 
-    ``files`` maps each processed file (its resolved path) to ``(size, mtime_ns)``.
+    ``files`` maps each processed file (its resolved path) to ``(size, mtime_ns)``;
+    ``parts`` names the parts of the event store holding their events
+    (:mod:`lapse.events.store`), oldest first.
     """
 
     sink: str
@@ -130,6 +136,7 @@ class Watermark:
     as_of: datetime
     fingerprint: str
     files: dict[str, tuple[int, int]]
+    parts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -473,7 +480,14 @@ class Ledger:
                 (sink, source),
             )
         }
-        return Watermark(sink, source, datetime.fromisoformat(row[0]), row[1], files)
+        parts = tuple(
+            r[0]
+            for r in self._db.execute(
+                "SELECT part FROM event_parts WHERE sink = ? AND source = ? ORDER BY seq",
+                (sink, source),
+            )
+        )
+        return Watermark(sink, source, datetime.fromisoformat(row[0]), row[1], files, parts)
 
     def due(self, sink: str, source: str, as_of: datetime) -> list[str]:
         """Users of ``source`` (for ``sink``) whose ``next_due`` is at or before ``as_of``."""
@@ -507,8 +521,10 @@ class Ledger:
         files: Iterable[tuple[str, int, int]],
         states: Iterable[TriggerState],
         full: bool = False,
+        parts: Sequence[str] | None = None,
     ) -> None:
-        """In one transaction: the files now processed, the ``as_of`` and the new states.
+        """In one transaction: the files now processed, the ``as_of``, the new states and
+        the event store's ``parts`` (when given, they replace the list).
 
         ``full`` replaces every state of ``source`` (a full evaluation) instead of
         updating the given users only; the file list is always replaced.
@@ -524,6 +540,12 @@ class Ledger:
                 "INSERT INTO watermark_files VALUES (?, ?, ?, ?, ?)",
                 [(sink, source, f, size, mtime) for f, size, mtime in files],
             )
+            if parts is not None:
+                db.execute(f"DELETE FROM event_parts {where}", (sink, source))
+                db.executemany(
+                    "INSERT INTO event_parts VALUES (?, ?, ?, ?)",
+                    [(sink, source, seq, part) for seq, part in enumerate(parts)],
+                )
             if full:
                 db.execute(f"DELETE FROM trigger_state {where}", (sink, source))
             db.executemany(

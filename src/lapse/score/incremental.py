@@ -79,7 +79,8 @@ class Plan:
     """Which users a trigger run evaluates, and why.
 
     ``full`` evaluates everyone (``reason`` says why); otherwise ``new_event_users``
-    (events in ``new_files``) and ``due_users`` (next due at or before ``as_of``).
+    (events in ``new_files``) and ``due_users`` (next due at or before ``as_of``),
+    whose stored events are in the event store's ``parts``.
     """
 
     full: bool
@@ -88,6 +89,7 @@ class Plan:
     new_files: list[Path] = field(default_factory=list)
     new_event_users: frozenset[str] = frozenset()
     due_users: frozenset[str] = frozenset()
+    parts: tuple[str, ...] = ()
 
     @property
     def users(self) -> list[str]:
@@ -96,8 +98,9 @@ class Plan:
 
 
 def fingerprint(model: str, version: str, config: LapseConfig) -> str:
-    """What the stored fired sets depend on besides the events: the model and the trigger
-    definitions (the run's ``triggers``, ``rules`` and ``milestones``)."""
+    """What the stored fired sets and events depend on besides the files: the model, the
+    trigger definitions (the run's ``triggers``, ``rules`` and ``milestones``) and how
+    the source maps onto events (``source``)."""
     text = json.dumps(
         {
             "model": model,
@@ -106,6 +109,7 @@ def fingerprint(model: str, version: str, config: LapseConfig) -> str:
             "rules": config.rules.model_dump(mode="json"),
             "milestones": [m.model_dump(mode="json") for m in config.milestones],
             "horizon_days": config.incremental.horizon_days,
+            "source": config.source.model_dump(mode="json"),
         },
         sort_keys=True,
     )
@@ -136,7 +140,9 @@ def plan(
     if mark is None:
         return Plan(True, "first run for this folder and sink", files)
     if mark.fingerprint != fingerprint:
-        return Plan(True, "the model version or the trigger definitions changed", files)
+        return Plan(
+            True, "the model version, the trigger definitions or the source mapping changed", files
+        )
     if as_of < mark.as_of:
         raise LapseError(
             f"{source}: --as-of {as_of.isoformat()} is before the last run's "
@@ -149,7 +155,7 @@ def plan(
     new = [f for f, size, mtime in files if mark.files.get(str(f)) != (size, mtime)]
     users = frozenset(new_event_users(new, config)) if new else frozenset()
     due = frozenset(ledger.due(sink, source, as_of))
-    return Plan(False, "incremental", files, new, users, due)
+    return Plan(False, "incremental", files, new, users, due, mark.parts)
 
 
 def _key(column: str = "triggers") -> pl.Expr:

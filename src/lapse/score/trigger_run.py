@@ -21,9 +21,9 @@ from lapse.events import (
     event_files,
     load_attributes,
     read_links,
-    read_user_events,
     validate_events,
 )
+from lapse.events import store as event_store
 from lapse.events.identity import anonymous_only, person_ids, resolve
 from lapse.schema import utc_cutoff
 from lapse.score import incremental as inc
@@ -121,26 +121,36 @@ def run_triggers(
         report.stage("looking for new event files")
         files = event_files(events)
         mark = inc.fingerprint(loaded.source, version, config)
+        store = event_store.folder(trail.root, target.name, source)
         todo = inc.plan(
             ledger, target.name, source, files, as_of, mark, config, incremental=incremental
         )
+        if not todo.full and not event_store.present(store, todo.parts):
+            todo = inc.Plan(True, "the folder's event store is missing", files)
         report.stage("reading the touched users' events")
         history: pl.DataFrame | None
         validation: ValidationReport | None = None
-        links = read_links(events, config)  # new files bring new links
         if todo.full:
             # everyone is read: validate as `score` does, so rejected rows are counted
-            history, validation = validate_events(events, config, as_of=as_of)
-            history = resolve(history.lazy(), links, as_of).collect()
+            kept, validation = validate_events(events, config, as_of=as_of)
+            links = read_links(events, config)
+            parts = [] if dry_run else [event_store.write(store, kept, links)]
+            history = resolve(kept.lazy(), links, as_of).collect()
+            del kept
             users = history["user_id"].cast(pl.String).unique().sort().to_list()
         else:
-            # every id of a touched person, their events merged as of the cutoff
+            # the touched users' stored events and the new files' (their duplicates dropped)
+            fresh, new_links = event_store.read_new(todo.new_files, config)
+            links = event_store.union_links([event_store.links(store, todo.parts), new_links])
             ids = person_ids(links, todo.users, as_of)
-            history = (
-                resolve(read_user_events(events, config, ids), links, as_of).collect()
-                if ids
-                else None
-            )
+            stored = event_store.read(store, todo.parts, ids)
+            both, added = event_store.combine(stored, fresh, config)
+            parts = list(todo.parts)
+            if added.height and not dry_run:
+                parts = event_store.merge(
+                    store, [*parts, event_store.write(store, added, new_links)]
+                )
+            history = resolve(both.lazy(), links, as_of).collect() if both.height else None
             touched = pl.LazyFrame({"user_id": todo.users}, schema={"user_id": pl.String})
             users = resolve(touched, links, as_of).collect()["user_id"].unique().sort().to_list()
         attributes = load_attributes(config)
@@ -206,6 +216,8 @@ def run_triggers(
                 files=[(str(f), size, mtime) for f, size, mtime in files],
                 states=states,
                 full=todo.full,
+                parts=parts,
             )
+            event_store.clean(store, parts)
     result.seconds = time.monotonic() - started
     return result

@@ -1,0 +1,84 @@
+"""The event store of incremental trigger runs: parts by user, read memory-mapped."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import polars as pl
+
+from lapse.config import load_config
+from lapse.events import identity
+from lapse.events import store as es
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def _events(rows: list[tuple[str, int, str]]) -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "user_id": [r[0] for r in rows],
+            "ts": [T0 + timedelta(hours=r[1]) for r in rows],
+            "event": [r[2] for r in rows],
+            "sku": [None] * len(rows),
+            "quantity": [None] * len(rows),
+            "revenue": [None] * len(rows),
+        },
+        schema_overrides={
+            "ts": pl.Datetime("us", "UTC"),
+            "sku": pl.String,
+            "quantity": pl.Float64,
+            "revenue": pl.Float64,
+        },
+    )
+
+
+def test_a_part_gives_back_the_rows_of_the_users_asked_for(tmp_path: Path) -> None:
+    # users interleaved as in a time-ordered file; each user's rows keep their order
+    events = _events([("b", 1, "x"), ("a", 2, "y"), ("b", 3, "z"), ("c", 4, "x"), ("a", 0, "x")])
+    part = es.write(tmp_path, events, identity.empty_links())
+    got = es.read(tmp_path, [part], ["a", "c", "nobody"])
+    assert got is not None
+    assert (
+        got.rows()
+        == events.filter(pl.col("user_id") != "b").sort("user_id", maintain_order=True).rows()
+    )
+    assert es.read(tmp_path, [part], ["nobody"]) is None
+    assert es.present(tmp_path, [part]) and not es.present(tmp_path, [part, "gone"])
+
+
+def test_new_rows_repeating_stored_ones_are_left_out() -> None:
+    config = load_config()
+    stored = _events([("a", 1, "x"), ("a", 2, "y")])
+    fresh = _events([("a", 2, "y"), ("a", 3, "y"), ("b", 1, "x")])
+    both, added = es.combine(stored, fresh, config)
+    assert added.rows() == fresh.slice(1).rows()
+    assert both.rows() == pl.concat([stored, fresh.slice(1)]).rows()
+    assert es.combine(None, fresh, config)[1].equals(fresh)
+
+
+def test_newer_parts_merge_as_they_accumulate_and_forget_erases(tmp_path: Path) -> None:
+    base = es.write(
+        tmp_path, _events([(f"u{i}", i, "x") for i in range(40)]), identity.empty_links()
+    )
+    parts = [base]
+    for day in range(6):  # one small part per incremental run
+        new = es.write(
+            tmp_path,
+            _events([("u1", 100 + day, "y"), ("u2", 100 + day, "y")]),
+            identity.empty_links(),
+        )
+        parts = es.merge(tmp_path, [*parts, new])
+        es.clean(tmp_path, parts)
+    assert parts[0] == base and len(parts) <= 3
+    assert len(list(tmp_path.glob("*.arrow"))) == len(parts)
+    u1 = es.read(tmp_path, parts, ["u1"])
+    assert u1 is not None and u1["ts"].to_list() == [
+        T0 + timedelta(hours=h) for h in (1, *range(100, 106))
+    ]
+    assert es.forget(tmp_path.parent, {"u1"}) == 0  # not a store root: nothing there
+    root = tmp_path / "root"
+    store = es.folder(root, "file", "/data/events")
+    part = es.write(store, _events([("u1", 1, "x"), ("u2", 2, "x")]), identity.empty_links())
+    assert es.forget(root, {"u1"}) == 1
+    assert es.read(store, [part], ["u1"]) is None and es.read(store, [part], ["u2"]) is not None
