@@ -61,17 +61,15 @@ from lapse.labels import eligible
 from lapse.modeling.bundle import ChurnBundle
 from lapse.score.records import (
     depletion_days,
-    fired_triggers,
     refills,
     risk_columns,
     trigger_definitions,
     trigger_features,
+    trigger_rows,
 )
-from lapse.triggers import Trigger, for_run, names_read
+from lapse.triggers import Trigger, conditions, for_run, names_read, resolve
 
 __all__ = ["Plan", "cooldown_due", "fingerprint", "next_due", "plan", "states"]
-
-_SEP = "\x1f"
 
 
 @dataclass(frozen=True)
@@ -158,9 +156,10 @@ def plan(
     return Plan(False, "incremental", files, new, users, due, mark.parts)
 
 
-def _key(column: str = "triggers") -> pl.Expr:
-    """A fired set as one comparable string (order-free)."""
-    return pl.col(column).list.sort().list.join(_SEP)
+def _flags(fired: Sequence[pl.Expr]) -> pl.Expr:
+    """A fired set as one comparable string: a ``0`` or ``1`` per live trigger, in order."""
+    one, zero = pl.lit("1"), pl.lit("0")
+    return pl.concat_str([pl.when(f).then(one).otherwise(zero) for f in fired] or [pl.lit("")])
 
 
 #: Within the first day a user's triggers are looked at every ``SLOT``: one whose fired set
@@ -201,7 +200,10 @@ def next_due(
     end = as_of + timedelta(days=horizon)
     due_type = pl.Datetime("us", "UTC")
     schema: dict[str, pl.DataType] = {"user_id": pl.String(), "next_due": due_type}
-    now = fired.select(pl.col("user_id").cast(pl.String), _key().alias("now"))
+    emits = [t.emit for t in trigger_definitions(bundle, config, {}) if t.enabled]
+    listed = [pl.col("triggers").list.contains(pl.lit(e)).fill_null(False) for e in emits]
+    now = fired.select(pl.col("user_id").cast(pl.String), _flags(listed).alias("now"))
+
     everyone = pl.Series("user_id", sorted(set(users)), dtype=pl.String)
     just_after = pl.lit(as_of + timedelta(microseconds=1)).dt.cast_time_unit("us")
     out = []
@@ -211,12 +213,14 @@ def next_due(
         ev = events.filter(pl.col("user_id").cast(pl.String).is_in(chunk.implode()))
         # the depletion instant as of now (the telemetry rule's does not move with time)
         depleted = refills(bundle, ev.lazy(), as_of)
-        changed = _first_change(bundle, ev, chunk, days, now, depleted, config, attributes)
+        changed = _first_change(bundle, ev, chunk, days, now, emits, depleted, config, attributes)
         near = changed.filter(pl.col("hi") == days[0])["user_id"]
         # the same users over the first day's slots: as many rows as the days at most
         step = max(1, size * len(days) // len(slots))
         soon = [
-            _first_change(bundle, ev, near.slice(i, step), slots, now, depleted, config, attributes)
+            _first_change(
+                bundle, ev, near.slice(i, step), slots, now, emits, depleted, config, attributes
+            )
             for i in range(0, len(near), step)
         ]
         exact = pl.concat(
@@ -250,12 +254,14 @@ def _first_change(
     users: pl.Series,
     cutoffs: list[datetime],
     now: pl.DataFrame,
+    emits: list[str],
     depleted: pl.DataFrame,
     config: LapseConfig,
     attributes: pl.DataFrame | None,
 ) -> pl.DataFrame:
     """``user_id, hi``: the first of ``cutoffs`` at which each of ``users`` fires other
-    triggers than ``now`` says (users with no change left out)."""
+    triggers than ``now`` says (:func:`_flags` of the live triggers ``emits``; users with
+    no change left out)."""
     schema = {"user_id": pl.String(), "hi": pl.Datetime("us", "UTC")}
     if users.is_empty():
         return pl.DataFrame(schema=schema)
@@ -264,10 +270,11 @@ def _first_change(
     )
     pairs = pl.DataFrame({"user_id": users}).join(grid, how="cross")
     mine = events.filter(pl.col("user_id").cast(pl.String).is_in(users.implode())).lazy()
-    later = _fired_at(bundle, mine, pairs, depleted, config, attributes)
+    later = _fired_at(bundle, mine, pairs, depleted, config, attributes, emits)
+    nothing = "0" * len(emits)  # not eligible: fires nothing
     return (
         later.join(now, on="user_id", how="left")
-        .filter(pl.col("then") != pl.col("now").fill_null(""))
+        .filter(pl.col("then") != pl.col("now").fill_null(nothing))
         .group_by("user_id")
         .agg(pl.col("cutoff").min().alias("hi"))
         .cast(schema)  # type: ignore[arg-type]
@@ -291,10 +298,11 @@ def _fired_at(
     depleted: pl.DataFrame,
     config: LapseConfig,
     attributes: pl.DataFrame | None,
+    emits: list[str],
 ) -> pl.DataFrame:
-    """``pairs`` (``user_id, cutoff``) with ``then``: the fired set at that cutoff as one
-    string (empty when the user is not eligible there); ``depleted``: the users'
-    :func:`lapse.score.records.refills`.
+    """``pairs`` (``user_id, cutoff``) with ``then``: the fired set at that cutoff as
+    :func:`_flags` of the live triggers ``emits`` (all ``0`` when the user is not
+    eligible there); ``depleted``: the users' :func:`lapse.score.records.refills`.
 
     The triggers see what ``score`` gives them; when none reads a churn score (or a
     model input), the eligible rows get just the features the triggers read."""
@@ -314,14 +322,18 @@ def _fired_at(
         if built is not None:
             extra = extra.join(built, on=["user_id", "cutoff"], how="left")
         scores = risk_columns(bundle, frame) if model else frame.select("user_id")
-        got, _ = fired_triggers(bundle, frame, scores, config, attributes, extra)
-        got = got.select("user_id", "cutoff", _key().alias("then"))
+        rows = trigger_rows(frame, scores, attributes, extra)
+        # the conditions of bundle.triggers, without the lists of fired ids
+        live = [t for t in resolve(for_run(bundle.config, config), rows.schema) if t.enabled]
+        assert [t.emit for t in live] == emits, "the live triggers depend on the rows"
+        exprs = conditions(live, rows.schema)
+        got = rows.select("user_id", "cutoff", _flags(list(exprs.values())).alias("then"))
     else:
         got = pl.DataFrame(
             schema={"user_id": pl.String, "cutoff": pairs["cutoff"].dtype, "then": pl.String}
         )
     return pairs.join(got, on=["user_id", "cutoff"], how="left").with_columns(
-        pl.col("then").fill_null("")
+        pl.col("then").fill_null("0" * len(emits))
     )
 
 
