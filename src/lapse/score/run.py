@@ -391,6 +391,7 @@ def send_scored(
     validation: ValidationReport | None,
     anonymous: pl.Series | None = None,
     full: bool = False,
+    only_scored: bool = False,
 ) -> ScoreRunResult:
     """Everything after scoring on the local engine, shared by `lapse score` and
     `lapse triggers run`: :func:`mark_sendable`, reasons for the users sent, the audit
@@ -399,9 +400,11 @@ def send_scored(
     ``anonymous`` ids (linked to no known user) are sent only to a sink with an
     ``anonymous_identifier``; for the others they are held back and counted.
     ``full`` sends every sendable record, changed or not (``lapse score --full``).
+    ``only_scored`` reads the ledger for the scored users only (a few users of many).
     """
     prune_expired(ctx)
-    marked = mark_sendable(ctx, scored.records, attributes, anonymous, full=full)
+    users = scored.records["user_id"].to_list() if only_scored else None
+    marked = mark_sendable(ctx, scored.records, attributes, anonymous, full=full, users=users)
     ctx.progress.stage("explaining the users sent")
     scored.records = marked.records.select(scored.records.columns)
     explained = with_reasons(loaded.bundle, scored, marked.send, top=ctx.config.score.reasons)
