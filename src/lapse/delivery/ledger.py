@@ -67,6 +67,7 @@ CREATE TABLE IF NOT EXISTS trigger_fired (
     sink TEXT NOT NULL, trigger TEXT NOT NULL, user_id TEXT NOT NULL,
     last_fired TEXT NOT NULL, score_run_id TEXT NOT NULL,
     PRIMARY KEY (sink, trigger, user_id));
+CREATE INDEX IF NOT EXISTS trigger_fired_by_user ON trigger_fired (sink, user_id);
 CREATE TABLE IF NOT EXISTS messages (
     sink TEXT NOT NULL, user_id TEXT NOT NULL, score_run_id TEXT NOT NULL,
     day TEXT NOT NULL, PRIMARY KEY (sink, user_id, score_run_id));

@@ -169,7 +169,7 @@ def run_triggers(
         states: list[Any] = []
         if history is not None and users:
             report.stage("scoring the touched users")
-            fired = last_fired(ctx, links=links)
+            fired = last_fired(ctx, None if todo.full else todo.users, links=links)
             scored = score_users(
                 loaded.bundle,
                 history.lazy(),
