@@ -130,6 +130,32 @@ def test_property_small_frames(rows: list[list[float]]) -> None:
     assert np.abs(fast - ref).max() <= TOL
 
 
+@pytest.mark.parametrize("params", [{}, {"zero_as_missing": True}, {"use_missing": False}])
+def test_moving_one_input_changes_the_log_odds_by_its_trees(params: dict[str, Any]) -> None:
+    """Moves.delta (table lookups in the trees that split on the input) equals the
+    difference of LightGBM's two predictions, special values included."""
+    x = _x(3000, 0)
+    data = lgb.Dataset(x, _y(x, 1), categorical_feature=[], params={"verbosity": -1})
+    base = {"objective": "binary", "num_leaves": 15, "min_data_in_leaf": 10, "num_threads": 1}
+    booster = lgb.train({**base, **params, "verbosity": -1, "seed": 0}, data, num_boost_round=30)
+    leaves = ts.leaf_tables(booster, ts.build_tables(booster))
+    assert leaves is not None
+    rows = _x(2000, 9)
+    rng = np.random.default_rng(4)
+    at = np.arange(len(rows))
+    cols = rng.integers(0, rows.shape[1], len(rows))
+    values = np.where(
+        rng.random(len(rows)) < 0.5, rng.choice(SPECIAL, len(rows)), _x(2000, 10)[at, cols]
+    )
+    moved = rows.copy()
+    moved[at, cols] = values
+    want = booster.predict(moved, raw_score=True) - booster.predict(rows, raw_score=True)
+    got = ts.Moves.of(leaves, rows).delta(at, cols, values)
+    assert np.abs(got - want).max() <= TOL and (np.abs(want) > 1e-6).mean() > 0.5
+    # a categorical split: no tables (reasons predict the moved rows instead)
+    assert ts.leaf_tables(_booster(), ts.build_tables(_booster())) is None
+
+
 _PROPERTY_BOOSTER = _booster(zero_as_missing=True)
 _PROPERTY_TABLES = ts.build_tables(_PROPERTY_BOOSTER)
 
@@ -161,10 +187,18 @@ def test_race_model_on_synthetic_world(tmp_path: Path) -> None:
     expected = [[names[j] for j in order if ref[i, j] > 0] for i, order in enumerate(_top(ref))]
     got = [[names[j] for j in order if fast[i, j] > 0] for i, order in enumerate(_top(fast))]
     assert got == expected and out.height == big.height
+    # a move checked by table lookups gives the same reasons as predicting the moved rows
+    plain = model.moves
+    model.moves = lambda x: None  # type: ignore[method-assign]
+    try:
+        assert reasons(bundle.scorer, "lightgbm", big).equals(out)
+    finally:
+        model.moves = plain  # type: ignore[method-assign]
+    assert out["reasons"].list.len().sum() > 0
     # the tables are cached on the model but not pickled: old and new bundles load alike
     assert "_shap_cache" in model.__dict__
     again = pickle.loads(pickle.dumps(model))
-    assert "_shap_cache" not in again.__dict__
+    assert "_shap_cache" not in again.__dict__ and "_leaf_cache" not in again.__dict__
     assert np.abs(again.contributions(big) - ref).max() <= TOL
 
 
