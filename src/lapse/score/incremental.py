@@ -166,6 +166,8 @@ def _flags(fired: Sequence[pl.Expr]) -> pl.Expr:
 #: changes in it is due at the start of the slot of the change (just after the run when
 #: that is the first slot), so it is looked at again no later than the change.
 SLOT: Final = timedelta(minutes=15)
+#: Days of the look-ahead's first pass (the rest only for users with no change in them).
+_WEEK: Final = 7
 #: The columns only the churn model gives; a look-ahead whose triggers read none of them
 #: (and no model input) builds just the features the triggers read.
 _MODEL_COLUMNS: Final = frozenset({"churn_risk", "churn_risk_percentile", "risk_segment"})
@@ -187,7 +189,8 @@ def next_due(
     When, within ``incremental.horizon_days`` after ``as_of``, the triggers that fire
     would first differ from ``fired``, judged on ``events`` alone (the users' events,
     including any already at or after ``as_of``); ``as_of + horizon`` when never.
-    The days ``as_of + k`` find the first day with a change; a change on a later day
+    The days ``as_of + k`` find the first day with a change (the first week for every
+    user, the rest for those with no change in it); a change on a later day
     ``k`` makes the user due at ``as_of + k - 1`` days, when that run looks ahead again;
     within the first day the :data:`SLOT` steps find the slot of the change, and the
     user is due at its start (never at or before ``as_of``). So no change is ever seen
@@ -213,7 +216,17 @@ def next_due(
         ev = events.filter(pl.col("user_id").cast(pl.String).is_in(chunk.implode()))
         # the depletion instant as of now (the telemetry rule's does not move with time)
         depleted = refills(bundle, ev.lazy(), as_of)
-        changed = _first_change(bundle, ev, chunk, days, now, emits, depleted, config, attributes)
+        # the first week for everyone, the rest of the horizon for those without a change
+        # in it (most change within days: the same first day, a fraction of the rows)
+        changed = _first_change(
+            bundle, ev, chunk, days[:_WEEK], now, emits, depleted, config, attributes
+        )
+        if len(days) > _WEEK:
+            quiet = chunk.filter(~chunk.is_in(changed["user_id"].implode()))
+            later = _first_change(
+                bundle, ev, quiet, days[_WEEK:], now, emits, depleted, config, attributes
+            )
+            changed = pl.concat([changed, later])
         near = changed.filter(pl.col("hi") == days[0])["user_id"]
         # the same users over the first day's slots: as many rows as the days at most
         step = max(1, size * len(days) // len(slots))
