@@ -136,15 +136,19 @@ def combine(
     stored: pl.DataFrame | None, fresh: pl.DataFrame, config: LapseConfig
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """``(events, added)``: ``stored`` then the rows of ``fresh`` that repeat none of them
-    (a duplicate keeps its first occurrence), and those rows of ``fresh``."""
+    (a duplicate keeps its first occurrence), and those rows of ``fresh``.
+
+    Each side has no duplicates of its own (validated), so a duplicate is a fresh row
+    equal to a stored one in every canonical column."""
     if stored is None or stored.is_empty():
         return fresh, fresh
     if fresh.is_empty():
         return stored, fresh
-    both = pl.concat([stored, fresh], how="diagonal_relaxed")
-    first = both.select(pl.struct(canonical_columns(config)).is_first_distinct()).to_series()
-    added = fresh.filter(first.slice(stored.height))
-    return both.filter(first), added
+    on = canonical_columns(config)
+    added = fresh.join(
+        stored.select(on), on=on, how="anti", nulls_equal=True, maintain_order="left"
+    )
+    return pl.concat([stored, added], how="diagonal_relaxed"), added
 
 
 def links(store: Path, parts: Sequence[str]) -> pl.DataFrame:
