@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Final
 
 import numpy as np
+import numpy.typing as npt
 import polars as pl
 import pyarrow as pa
 import pyarrow.ipc
@@ -35,6 +36,8 @@ from lapse.config import LapseConfig
 from lapse.events import identity
 from lapse.events.validate import canonical_columns, read_events, read_links
 from lapse.exceptions import LapseError
+
+IntArray = npt.NDArray[np.int64]
 
 __all__ = [
     "MAX_PARTS",
@@ -110,9 +113,8 @@ def read(store: Path, parts: Sequence[str], user_ids: Sequence[str]) -> pl.DataF
         if wanted.is_empty():
             continue
         at = wanted.select(pl.int_ranges("start", pl.col("start") + pl.col("rows")))
-        take = at.to_series().explode().to_numpy().astype(np.int64)
-        table = pa.ipc.open_file(pa.memory_map(str(rows))).read_all()
-        out.append(_frame(table.take(pa.array(np.sort(take)))))
+        take = np.sort(at.to_series().explode().to_numpy().astype(np.int64))
+        out.append(_frame(_take(pa.ipc.open_file(pa.memory_map(str(rows))), take)))
     return pl.concat(out, how="diagonal_relaxed") if out else None
 
 
@@ -149,6 +151,19 @@ def combine(
         stored.select(on), on=on, how="anti", nulls_equal=True, maintain_order="left"
     )
     return pl.concat([stored, added], how="diagonal_relaxed"), added
+
+
+def _take(reader: pa.ipc.RecordBatchFileReader, rows: IntArray) -> pa.Table:
+    """Rows ``rows`` (sorted) of a memory-mapped file, batch by batch: only the batches
+    holding them are touched, and within them only these rows are copied."""
+    batches, start = [], 0
+    for i in range(reader.num_record_batches):
+        batch = reader.get_batch(i)
+        lo, hi = np.searchsorted(rows, [start, start + batch.num_rows])
+        if hi > lo:
+            batches.append(batch.take(pa.array(rows[lo:hi] - start)))
+        start += batch.num_rows
+    return pa.Table.from_batches(batches, schema=reader.schema)
 
 
 def links(store: Path, parts: Sequence[str]) -> pl.DataFrame:
