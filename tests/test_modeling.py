@@ -274,6 +274,20 @@ def test_lightgbm_search_runs_and_keeps_input_intact() -> None:
         LightGBMChurn().fit(frame, np.zeros(frame.height))
 
 
+def test_lightgbm_refit_reuses_trees_and_tuning_without_a_holdout() -> None:
+    """The shipped model's refit: a fitted model's tree count and tuned parameters, no search."""
+    frame, y = _churn_frame(1500, 2)
+    groups = frame["cutoff"].dt.epoch("s").to_numpy()
+    race = LightGBMChurn(search=True, n_search=2, max_trees=200).fit(frame, y, groups=groups)
+    refit = LightGBMChurn(n_trees=race.n_trees_, tuned=race.best_params_).fit(
+        frame, y, groups=groups
+    )
+    assert refit.booster_.num_trees() == race.n_trees_ and refit.search_results_ == []
+    assert refit.best_params_ == race.best_params_
+    # the race's final fit is this one: all rows, the same parameters and trees
+    assert np.array_equal(refit.predict_proba(frame), race.predict_proba(frame))
+
+
 def test_reasons_name_risk_raising_features_in_words() -> None:
     from lapse.modeling import RaceScorer
 

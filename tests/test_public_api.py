@@ -18,12 +18,20 @@ import lapse.features
 
 
 def test_top_level() -> None:
-    assert sorted(lapse.__all__) == ["LapseConfig", "LapseError", "__version__", "load_config"]
+    assert sorted(lapse.__all__) == [
+        "ChurnModel",
+        "LapseConfig",
+        "LapseError",
+        "ReplenishmentModel",
+        "__version__",
+        "load_config",
+    ]
 
 
 def test_events() -> None:
     assert sorted(lapse.events.__all__) == [
         "AttributesReport",
+        "EventSource",
         "REJECT_REASONS",
         "ValidationReport",
         "event_files",

@@ -17,7 +17,7 @@ import yaml
 from typer.testing import CliRunner
 
 from lapse.cli import app
-from lapse.config import DeliveryConfig, dump_config, load_config
+from lapse.config import DeliveryConfig
 from lapse.delivery.batches import (
     FIRST_CONTACT_ATTEMPTS,
     deliver,
@@ -30,7 +30,7 @@ from lapse.redact import redact, redact_url
 from lapse.sinks.base import Limits
 from lapse.sinks.webhook import WebhookSink
 from platform_servers import AS_OF, KEY, BrazeServer, WebhookServer, make_outbox
-from worlds import World, trained_world
+from worlds import World, trained_world, world_config
 
 runner = CliRunner()
 PASSWORD = "hunter2-Zq8"  # in a URL's userinfo: must appear in no output and no file
@@ -215,13 +215,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
 
 
 def _config(home: Path, world: World) -> Path:
-    data = yaml.safe_load(dump_config(load_config()))
-    data["attributes"]["path"] = str(world.users)
-    data["attributes"]["static_features"] = []
-    data["delivery"].update(batch_size=40, backoff_seconds=0.0)
-    path = home / "lapse.yaml"
-    path.write_text(yaml.safe_dump(data), encoding="utf-8")
-    return path
+    return world_config(home, world, batch_size=40, backoff_seconds=0.0)
 
 
 def _every_byte_written(root: Path) -> bytes:

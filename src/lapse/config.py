@@ -582,6 +582,12 @@ class BrazeConfig(_Section):
         description="attribute and event objects per /users/track request, counted together "
         "(Braze's current limit is 75; some Monthly Active Users contracts: 50)",
     )
+    in_doubt: Literal["resend", "skip"] = Field(
+        default="skip",
+        description="events of a batch whose delivery is in doubt (killed in flight, connection "
+        "dropped after sending): skip resends the attributes only (no event twice, one may be "
+        "missing), resend sends the events again (none missing, some may arrive twice)",
+    )
 
 
 class KlaviyoConfig(_Section):
@@ -821,7 +827,16 @@ class RegistryConfig(_Section):
         description="task -> metric that decides a promotion",
     )
     tolerance: float = Field(
-        default=0.005, ge=0, description="how much worse a primary metric may get on promotion"
+        default=0.005,
+        ge=0,
+        description="how much worse than the champion a primary metric may be at the worse "
+        "bound of its 95% review interval for a promotion",
+    )
+    review_cutoffs: int = Field(
+        default=4,
+        gt=0,
+        description="`lapse review` pools up to this many latest complete cutoffs (every "
+        "labels.cutoff_every_days) after both models' label windows",
     )
 
 

@@ -1,7 +1,9 @@
 """The one exception tree of lapse: every exception class lapse defines lives here.
 
 Every error a user can cause derives from :class:`LapseError`; the CLI turns
-it into a one-line message and a non-zero exit instead of a traceback::
+it into a one-line message and exits with the class's ``exit_code`` (2 unless
+marked below) instead of a traceback; ``docs/exit-codes.md`` has every
+command's codes::
 
     LapseError
     ├── ConfigError             a config file or value is invalid
@@ -12,6 +14,8 @@ it into a one-line message and a non-zero exit instead of a traceback::
     ├── ConvergenceProblem      a survival fit did not converge
     ├── NotEnoughEpisodes       too little purchase history for replenishment models
     ├── LockHeldError           another run holds the sink's lock (exit code 3)
+    ├── PromotionRefused        the review refused the challenger or was inconclusive (exit 4)
+    ├── WriteFailed             a file or store could not be written (exit code 5)
     └── SinkError               a destination refused a whole batch for good
         ├── DeliveryStopped     the run stops, its unsent batches pending (resumable)
         │   ├── SinkAuthError   credentials missing or refused
@@ -35,6 +39,9 @@ validators raise ``ValueError`` inside pydantic, which
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import ClassVar
+
 __all__ = [
     "ConfigError",
     "ConnectionFailed",
@@ -49,15 +56,20 @@ __all__ = [
     "MissingColumnsError",
     "NotEnoughEpisodes",
     "PayloadTooLarge",
+    "PromotionRefused",
     "ReadError",
     "RetryableError",
     "SinkAuthError",
     "SinkError",
+    "WriteFailed",
 ]
 
 
 class LapseError(Exception):
     """Base class of every error lapse raises on purpose."""
+
+    #: The command line's exit code (2: usage, configuration or input error).
+    exit_code: ClassVar[int] = 2
 
 
 class ConfigError(LapseError):
@@ -116,6 +128,44 @@ class NotEnoughEpisodes(LapseError):
 class LockHeldError(LapseError):
     """Another run holds the sink's lock."""
 
+    exit_code: ClassVar[int] = 3
+
+
+class PromotionRefused(LapseError):
+    """``lapse promote`` kept the champion: the review refused the challenger or was
+    inconclusive (``--force`` overrides it)."""
+
+    exit_code: ClassVar[int] = 4
+
+
+class WriteFailed(LapseError):
+    """A file or store could not be written (a full disk, permissions, a missing folder).
+
+    Build it with :meth:`from_os_error` so the message names the path and the cause;
+    ``path`` and ``reason`` keep them (a caller may say what to do instead, ``then``).
+    """
+
+    exit_code: ClassVar[int] = 5
+    path: str = ""
+    reason: str = ""
+
+    @classmethod
+    def from_os_error(
+        cls, path: str | Path, exc: OSError, *, then: str = "run again"
+    ) -> WriteFailed:
+        """One line: the path, the operating system's reason, what to do.
+
+        Examples
+        --------
+        >>> import errno
+        >>> str(WriteFailed.from_os_error("/dev/full", OSError(errno.ENOSPC, "No space left")))
+        'cannot write /dev/full: No space left; free space or fix the path, then run again'
+        """
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        failed = cls(f"cannot write {path}: {reason}; free space or fix the path, then {then}")
+        failed.path, failed.reason = str(path), reason
+        return failed
+
 
 class SinkError(LapseError):
     """The destination refused a whole batch for good (its records are dead-lettered)."""
@@ -136,11 +186,18 @@ class DestinationUnreachable(DeliveryStopped):
 
 
 class RetryableError(SinkError):
-    """A transient failure (429, 5xx, dropped connection): send the same batch again."""
+    """A transient failure (429, 5xx, dropped connection): send the same batch again.
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+    ``in_doubt``: the request went out and no answer came back (a timeout, a connection
+    dropped after sending), so the destination may have processed it.
+    """
+
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, in_doubt: bool = False
+    ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.in_doubt = in_doubt
 
 
 class ConnectionFailed(RetryableError):

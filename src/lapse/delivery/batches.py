@@ -9,9 +9,21 @@ honouring a destination's ``Retry-After``, capped by
 too large (a batch over the sink's current limits, e.g. planned by an older
 version of a run being resumed, is split before it is sent), and marked
 ``done`` only after the destination acknowledged it. Delivery is therefore at
-least once; sinks are idempotent, so the resend that follows a crash between
-acknowledgement and ledger write changes nothing. :func:`deliver` on a run that already has batches (a resume)
-sends only those not yet ``done``.
+least once: :func:`deliver` on a run that already has batches (a resume) sends
+only those not yet ``done``.
+
+Before each request a batch is marked ``sending``. A batch that is still
+``sending`` when a run is resumed (killed with the request in flight, or between
+the acknowledgement and the ledger write), or whose request got no answer (a
+timeout, a connection dropped after sending: ``RetryableError.in_doubt``), is *in
+doubt*: the destination may have processed it. It is sent again; what the
+destination dedupes (profile upserts, events with an id) is unchanged by that.
+For objects it cannot dedupe (:meth:`~lapse.sinks.base.Sink.undeduped`, Braze's
+events) the sink's ``in_doubt`` policy decides: ``resend`` sends them again,
+``skip`` sends the rest of each record only (:meth:`~lapse.sinks.base.Sink.deduped_part`).
+The users concerned are counted either way (:attr:`DeliveryReport.in_doubt`, and in
+the ledger for the run's summary over all its attempts), also when a batch in doubt
+is split.
 
 A destination that cannot be reached stops the run instead of filling the
 dead letters: when no connection can be made (:class:`~lapse.sinks.base.ConnectionFailed`:
@@ -55,6 +67,8 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type
 from lapse.config import DeliveryConfig, FrequencyCap
 from lapse.delivery.ledger import Batch, Ledger
 from lapse.exceptions import DestinationUnreachable
+from lapse.faults import fault_point
+from lapse.files import atomic_path
 from lapse.sinks.base import (
     ConnectionFailed,
     DeliveryStopped,
@@ -118,6 +132,7 @@ class DeliveryReport:
     batches: int = 0
     resumed_done: int = 0
     requests: int = 0
+    in_doubt: int = 0
     dead_letters: Path | None = None
     reasons: dict[str, int] = field(default_factory=dict)
 
@@ -344,17 +359,25 @@ def deliver(
     if rows is None:
         sink.open(score_run_id)
     tries = 0
+    doubt = False  # the current batch may have reached the destination already
+    doubted: set[int] = set()  # rows whose undeduped objects were in doubt
 
     def send(batch_id: str, batch: list[Item]) -> Outcome:
-        nonlocal tries
+        nonlocal tries, doubt
         throttle.wait()
         report.requests += 1
         tries += 1
+        if doubt:
+            batch, rows = _in_doubt(sink, batch, got)
+            if rows - doubted:
+                ledger.record_in_doubt(score_run_id, name, [(r, users[r - lo]) for r in rows])
+                doubted.update(rows)
         began = time.monotonic()
         try:
             return sink.send(batch_id, batch)
-        except RetryableError:
+        except RetryableError as exc:
             budget.seconds -= time.monotonic() - began
+            doubt = doubt or exc.in_doubt
             raise
 
     def count_retry(state: RetryCallState) -> None:
@@ -365,11 +388,12 @@ def deliver(
     while pending:
         current = pending.pop()
         tries = 0
+        doubt = current.state == "sending"
         got = [i for i in range(current.start, current.stop) if items[i - lo] is not None]
         batch_items = [items[i - lo] for i in got]
         too_big = _oversized(sink, batch_items)
         if too_big is not None and len(got) > 1:
-            pending.extend(reversed(ledger.split(score_run_id, name, current)))
+            pending.extend(reversed(ledger.split(score_run_id, name, current, in_doubt=doubt)))
             continue
         try:
             if too_big is not None:
@@ -377,6 +401,9 @@ def deliver(
             if not got:
                 outcome_failed: dict[int, str] = {}
             else:
+                if not doubt:
+                    ledger.mark(score_run_id, name, current.batch_id, "sending")
+                fault_point("before_send")
                 retrying = Retrying(
                     retry=retry_if_exception_type(RetryableError),
                     stop=_stop(config, budget),
@@ -386,14 +413,19 @@ def deliver(
                     reraise=True,
                 )
                 outcome_failed = retrying(send, current.batch_id, batch_items).failed
+                fault_point("after_send")
         except PayloadTooLarge as exc:
             if len(got) > 1:
-                pending.extend(reversed(ledger.split(score_run_id, name, current)))
+                pending.extend(reversed(ledger.split(score_run_id, name, current, in_doubt=doubt)))
                 continue
             _fail(ledger, report, score_run_id, name, current, got, users, lo, str(exc))
         except DeliveryStopped:
+            if not doubt:  # refused before anything was processed: not in doubt
+                ledger.mark(score_run_id, name, current.batch_id, "pending")
             raise
         except ConnectionFailed as exc:  # never sent: stop, resumable, rather than dead-letter
+            if not doubt:
+                ledger.mark(score_run_id, name, current.batch_id, "pending")
             raise DestinationUnreachable(_stopped(exc, tries, budget, score_run_id)) from None
         except SinkError as exc:  # retries exhausted (RetryableError) or a permanent refusal
             why = str(exc)
@@ -424,12 +456,24 @@ def deliver(
         report.skipped += current.size - len(got)
         if on_progress:
             on_progress(current.size)
+    report.in_doubt = len(doubted)
     if rows is not None:
         return report
     report.dead_letters = write_dead_letters(ledger, outbox, score_run_id, name, dead_letters)
     if report.dead_letters is None:
         sink.finish(score_run_id)
     return report
+
+
+def _in_doubt(sink: Sink, batch: list[Item], rows: list[int]) -> tuple[list[Item], set[int]]:
+    """What to send of a batch in doubt (the sink's ``in_doubt`` policy for the objects it
+    cannot dedupe), and the ``rows`` of the records that hold such objects."""
+    if sink.in_doubt is None:
+        return batch, set()
+    doubted = {r for r, item in zip(rows, batch, strict=True) if sink.undeduped(item)}
+    if sink.in_doubt == "resend":
+        return batch, doubted
+    return [sink.deduped_part(item) if sink.undeduped(item) else item for item in batch], doubted
 
 
 def _oversized(sink: Sink, items: list[Item]) -> str | None:
@@ -494,11 +538,9 @@ def write_dead_letters(
     if not failures:
         path.unlink(missing_ok=True)
         return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
     by_row = sorted(failures)
     chunks = [outbox] if isinstance(outbox, pl.DataFrame) else outbox
-    with tmp.open("w", encoding="utf-8") as fh:
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as fh:
         offset, k = 0, 0
         for chunk in chunks:
             records = chunk.drop([c for c in INTERNAL_COLUMNS if c in chunk.columns])
@@ -515,7 +557,6 @@ def write_dead_letters(
                 fh.write(json.dumps(line, default=json_default, ensure_ascii=False) + "\n")
                 k += 1
             offset = end
-    tmp.replace(path)
     return path
 
 

@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 import polars as pl
 
 from lapse.config import SourceConfig, SqlSourceConfig
+from lapse.events.readers import EventSource, frame_digest, frame_name
 from lapse.exceptions import ConfigError, ReadError
 from lapse.redact import redact
 
@@ -82,8 +83,11 @@ def window_bounds(
     return cutoff.astimezone(UTC), timedelta(days=days) if days is not None else None
 
 
-def source_label(path: str | Path, source: SourceConfig) -> str:
-    """How messages name the source (for ``sql``: the table or query and the env var)."""
+def source_label(path: EventSource, source: SourceConfig) -> str:
+    """How messages name the source (for ``sql``: the table or query and the env var; for
+    a frame in memory: its kind and content digest, :func:`~lapse.events.readers.frame_digest`)."""
+    if not isinstance(path, str | Path):
+        return f"{frame_name(path)} (digest {frame_digest(path)})"
     spec = source.sql
     what = (spec.table or "query") if spec is not None else ""
     if source.kind == "sql" and spec is not None:

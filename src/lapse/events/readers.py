@@ -10,6 +10,10 @@ a one-line :class:`~lapse.exceptions.ReadError` naming the file. Text files
 must be UTF-8: a UTF-16 or UTF-32 file is refused naming its encoding, a binary
 file as not text (nothing of its content is quoted); a CSV header naming a
 column twice is refused naming the column (Polars would read the first).
+
+Events held in memory come in here too: a source-shaped Polars DataFrame or
+LazyFrame, or a pandas DataFrame (converted once, through Arrow), is read by
+:func:`scan_frame` and then mapped and validated exactly like a file.
 """
 
 from __future__ import annotations
@@ -17,9 +21,11 @@ from __future__ import annotations
 import csv
 import glob as globlib
 import gzip
+import hashlib
+import re
 from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Final
+from typing import Any, Final, Protocol, TypeAlias
 
 import polars as pl
 
@@ -27,11 +33,18 @@ from lapse.config import SourceFormat
 from lapse.exceptions import ReadError
 
 __all__ = [
+    "EventFrame",
+    "EventSource",
+    "PandasFrame",
+    "as_polars",
     "collect_frame",
     "data_files",
+    "frame_digest",
+    "frame_name",
     "is_segment_schema",
     "one_line",
     "resolve_format",
+    "scan_frame",
     "scan_source",
 ]
 
@@ -60,6 +73,25 @@ _BOMS: Final = (
     (b"\xfe\xff", "UTF-16 (big-endian)"),
 )
 _HEAD_BYTES: Final = 4096
+_ARROW_COLUMN: Final = re.compile(r"column (.+) with type (\S+)")
+
+
+class PandasFrame(Protocol):
+    """A pandas DataFrame, as lapse reads it (pandas is not a dependency of lapse)."""
+
+    @property
+    def columns(self) -> Any:
+        """The column labels."""
+
+    def to_numpy(self) -> Any:
+        """The values (present on every pandas DataFrame; lapse converts through Arrow)."""
+
+
+#: Events in memory, shaped like the source: mapped and validated like a file.
+EventFrame: TypeAlias = pl.DataFrame | pl.LazyFrame | PandasFrame
+#: What every entry point that takes events accepts: a path (file, folder, glob,
+#: or a database source's path) or a frame.
+EventSource: TypeAlias = str | Path | EventFrame
 
 
 def is_segment_schema(schema: Mapping[str, object]) -> bool:
@@ -336,3 +368,107 @@ def collect_frame(lf: pl.LazyFrame, source_name: str) -> pl.DataFrame:
         return lf.collect()
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise ReadError(f"{source_name}: cannot read: {one_line(exc)}") from None
+
+
+# -- frames in memory ---------------------------------------------------------------------
+
+
+def frame_name(frame: EventFrame) -> str:
+    """How messages and records name a frame: ``events DataFrame`` (Polars or pandas, which
+    is converted to Polars on the way in) or ``events LazyFrame``."""
+    return "events LazyFrame" if isinstance(frame, pl.LazyFrame) else "events DataFrame"
+
+
+def _from_pandas(frame: PandasFrame) -> pl.DataFrame:
+    """A pandas frame as Polars, converted once through Arrow (the index is left out)."""
+    import pyarrow as pa
+
+    try:
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+    except (pa.ArrowException, TypeError, ValueError) as exc:
+        where = next((m for a in exc.args if (m := _ARROW_COLUMN.search(str(a)))), None)
+        if where is None:
+            raise ReadError(f"pandas DataFrame: cannot convert to Arrow: {one_line(exc)}") from None
+        column = where.group(1)
+        raise ReadError(
+            f"pandas DataFrame: column {column!r} mixes types ({one_line(exc)}); make it one "
+            f"type, e.g. df[{column!r}] = df[{column!r}].astype(str)"
+        ) from None
+    out = pl.from_arrow(table)
+    assert isinstance(out, pl.DataFrame)  # a Table converts to a DataFrame
+    return out
+
+
+def as_polars(source: EventSource) -> str | Path | pl.DataFrame | pl.LazyFrame:
+    """``source`` with a pandas frame converted to Polars (once); a path or a Polars frame
+    as it is.
+
+    An entry point that reads its events more than once (events, then identity
+    links) converts first, so pandas is converted once.
+    """
+    if isinstance(source, str | Path | pl.DataFrame | pl.LazyFrame):
+        return source
+    if type(source).__module__.partition(".")[0] != "pandas":
+        raise ReadError(
+            f"events must be a path, a Polars DataFrame or LazyFrame, or a pandas DataFrame; "
+            f"got a {type(source).__name__}"
+        )
+    return _from_pandas(source)
+
+
+def scan_frame(frame: EventFrame) -> pl.LazyFrame:
+    """A source-shaped frame as a raw source, like :func:`scan_source` reads a file.
+
+    pandas is converted through Arrow; a frame shaped like a Segment export has
+    its ``properties``/``context`` objects flattened as an NDJSON export does.
+
+    Raises
+    ------
+    ReadError
+        The frame has no rows, its plan fails, or a pandas column cannot be
+        converted (mixed types).
+    """
+    name = frame_name(frame)
+    lf = as_polars(frame)
+    assert isinstance(lf, pl.DataFrame | pl.LazyFrame)
+    lf = lf.lazy()
+    try:
+        schema = lf.collect_schema()
+        rows = lf.select(pl.len()).collect().item()
+    except pl.exceptions.PolarsError as exc:
+        raise ReadError(f"{name}: cannot read: {one_line(exc)}") from None
+    if rows == 0:
+        raise ReadError(f"{name}: the frame has no rows; pass the events' rows")
+    if is_segment_schema(schema):
+        lf = _flatten_segment(lf, schema)
+    return lf
+
+
+class _Hasher:
+    """A write-only file that hashes what is written to it."""
+
+    def __init__(self) -> None:
+        self.sha = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def frame_digest(frame: EventFrame) -> str:
+    """A content digest of a frame (16 hex digits): equal for equal columns, dtypes and rows.
+
+    Stands for a file's digest where lapse fingerprints the events it read (the
+    training data in MLflow). The rows are hashed as NDJSON text, which does not
+    depend on how the frame is chunked in memory.
+    """
+    data = as_polars(frame)
+    assert isinstance(data, pl.DataFrame | pl.LazyFrame)
+    table = data.lazy().collect()
+    out = _Hasher()
+    out.write("".join(f"{n}\x1f{d}\x1e" for n, d in table.schema.items()).encode())
+    table.write_ndjson(out)  # type: ignore[call-overload]  # any object with write() will do
+    return out.sha.hexdigest()[:16]

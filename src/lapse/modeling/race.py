@@ -218,24 +218,39 @@ def fit_scorer(
     train: pl.DataFrame,
     btyd_fit: pl.DataFrame,
     config: LapseConfig,
+    *,
+    like: RaceScorer | None = None,
 ) -> RaceScorer:
     """Fit LightGBM on ``train`` (labelled rows of the training cutoffs) and BG/NBD on
-    ``btyd_fit`` (the activity summary of every active user at the fit cutoff)."""
+    ``btyd_fit`` (the activity summary of every active user at the fit cutoff).
+
+    ``like``: a fitted scorer (the race's) whose LightGBM tree counts and tuned
+    parameters the new models reuse, without a holdout of their own (the refit of
+    the shipped model)."""
     y = train["churned"].cast(pl.Float64).to_numpy()
     groups = train["cutoff"].dt.epoch("s").to_numpy()
     m = config.models
-    lgbm = LightGBMChurn(
-        search=m.lightgbm_search, random_state=m.random_state, n_jobs=m.n_jobs
-    ).fit(train, y, groups=groups)
+
+    def lightgbm(columns: list[str] | None, model: LightGBMChurn | None) -> LightGBMChurn:
+        return LightGBMChurn(
+            columns=columns,
+            search=m.lightgbm_search and model is None,
+            n_trees=None if model is None else model.n_trees_,
+            tuned=None if model is None else model.best_params_,
+            random_state=m.random_state,
+            n_jobs=m.n_jobs,
+        )
+
+    lgbm = lightgbm(None, None if like is None else like.lightgbm).fit(train, y, groups=groups)
     x, t, age = btyd_arrays(btyd_fit)
     bgnbd = BGNBD().fit(x, t, age)
     scorer = RaceScorer(config=config, lightgbm=lgbm, bgnbd=bgnbd)
     if m.stacked_lightgbm:
         stacked_frame = scorer.with_scores(train)
         cols = model_columns(stacked_frame, extra=("score_bgnbd", "score_recency"))
-        scorer.stacked = LightGBMChurn(
-            columns=cols, random_state=m.random_state, n_jobs=m.n_jobs
-        ).fit(stacked_frame, y, groups=groups)
+        scorer.stacked = lightgbm(cols, None if like is None else like.stacked).fit(
+            stacked_frame, y, groups=groups
+        )
     return scorer
 
 

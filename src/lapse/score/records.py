@@ -28,6 +28,8 @@ import numpy.typing as npt
 import polars as pl
 
 from lapse.config import LapseConfig
+from lapse.events.readers import EventSource
+from lapse.events.validate import canonical_events
 from lapse.exceptions import LapseError
 from lapse.features import build, build_many
 from lapse.features.registry import expand
@@ -229,7 +231,7 @@ def risk_columns(bundle: ChurnBundle, frame: pl.DataFrame) -> pl.DataFrame:
 
 def score_users(
     bundle: ChurnBundle,
-    events: pl.LazyFrame,
+    events: EventSource,
     as_of: datetime,
     config: LapseConfig,
     *,
@@ -240,6 +242,10 @@ def score_users(
     subset: bool = False,
 ) -> ScoreResult:
     """Score every eligible user as of ``as_of``: risk, percentile, segment, triggers, refills.
+
+    ``events`` are canonical events, or a path or source-shaped frame (Polars or
+    pandas) read through ``config.source``
+    (:func:`lapse.events.validate.canonical_events`).
 
     Features, eligibility, rules and segments follow the bundle's own config
     (what the model was trained with); ``config`` is the run's: its ``score``,
@@ -260,6 +266,7 @@ def score_users(
         changed dtype), or no user is eligible at ``as_of`` (the message says
         why, with counts: :func:`nobody_eligible`).
     """
+    events = canonical_events(events, config)
     warnings = model_age_warnings(bundle, as_of, config) + model_disagreements(bundle, config)
     people = population(events, [as_of], bundle.config)
     counts = population_counts(people)

@@ -6,6 +6,11 @@ The steps after the records are computed are public functions over one
 :func:`lapse.score.trigger_run.run_triggers` through :func:`send_scored`) and the
 Spark engine (:mod:`lapse.spark.score`, which takes the users a chunk at a time):
 
+0. :func:`recorded` records the run in the ledger (``preparing``) before anything
+   else is written, announces it (:class:`ScoreHeader`: id, model, the exact resume
+   command) and first finishes or cleans up the runs of its sink that were cut off
+   (:func:`recover_cut_off`); a run that stops before its batches are planned sent
+   nothing, and is ``abandoned`` with its files removed;
 1. :func:`prune_expired` drops the runs past ``audit.retention_days``;
 2. :func:`mark_sendable` applies suppression, the control group, the frequency
    cap, the delta key against the sink's last delivery and the anonymous hold;
@@ -13,20 +18,26 @@ Spark engine (:mod:`lapse.spark.score`, which takes the users a chunk at a time)
    sink gets; :class:`Totals` adds up the counts;
 4. :func:`run_result` builds the summary and the :class:`ScoreRunResult`;
 5. :func:`dry_run_delivery` rehearses on an in-memory twin of the sink, or
-   :func:`start_delivery` records the run in the ledger and :func:`deliver_run`
-   sends it, recording cooldowns and messages (:func:`record_fired`) and the
-   counts (:func:`delivery_counts`); :func:`resume_delivery` finishes a run from
-   its outbox.
+   :func:`start_delivery` writes the audit snapshot and the outbox and plans the
+   batches in the ledger, and :func:`deliver_run` sends them, recording cooldowns
+   and messages (:func:`record_fired`) and the counts (:func:`delivery_counts`);
+   :func:`resume_delivery` finishes a run from its outbox.
+
+A write the disk refuses is one :class:`~lapse.exceptions.WriteFailed` (exit code 5):
+before the batches are planned the run is abandoned (run it again), during
+delivery it stops ``interrupted`` and resumable. Crash tests reach every step
+through :func:`lapse.faults.fault_point`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import shlex
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -46,10 +57,12 @@ from lapse.delivery.batches import (
     plan_batches,
     settle,
 )
-from lapse.delivery.ledger import Ledger, sink_lock
+from lapse.delivery.ledger import Ledger, RunInfo, sink_lock
 from lapse.events import ValidationReport, load_attributes, read_links, validate_events
 from lapse.events.identity import anonymous_only, person_ids, resolve
-from lapse.exceptions import LapseError
+from lapse.events.readers import EventSource, as_polars
+from lapse.exceptions import LapseError, WriteFailed
+from lapse.faults import fault_point
 from lapse.registry import LoadedBundle, load_bundle
 from lapse.schema import run_day, utc_cutoff
 from lapse.score.records import (
@@ -90,9 +103,14 @@ __all__ = [
     "model_label",
     "model_version",
     "new_run_id",
+    "note",
     "prune_expired",
     "record_fired",
+    "recorded",
+    "recover_cut_off",
+    "resume_command",
     "resume_delivery",
+    "resumed_line",
     "run_result",
     "run_score",
     "score_header",
@@ -112,7 +130,8 @@ class ScoreHeader:
     ``model`` is the registered name (or the bundle's), ``version`` the registry's
     version or ``local``, ``source`` what ``--model`` pointed at, ``trained_on``
     the training events' source, span and event names (or that the bundle does
-    not record them).
+    not record them; empty when ``resumed``). ``resume`` is the exact command that
+    finishes the run if it is cut off.
     """
 
     score_run_id: str
@@ -120,6 +139,8 @@ class ScoreHeader:
     version: str
     source: str
     trained_on: str
+    resume: str = ""
+    resumed: bool = False
 
 
 class ScoreProgress(Protocol):
@@ -137,6 +158,9 @@ class ScoreProgress(Protocol):
     def advance(self, n: int) -> None:
         """``n`` more records were handled (sent, failed or skipped)."""
 
+    def note(self, text: str) -> None:
+        """The run did something besides its own work (it finished a cut-off run): say it now."""
+
 
 class Silent:
     """A :class:`ScoreProgress` that reports nothing (the default of the Python API)."""
@@ -151,6 +175,9 @@ class Silent:
         pass
 
     def advance(self, n: int) -> None:
+        pass
+
+    def note(self, text: str) -> None:
         pass
 
 
@@ -205,6 +232,9 @@ class RunContext:
     snapshot, the records' ``as_of``, cooldowns, the frequency cap and retention
     all count in that day. ``started`` is the monotonic clock at the start (the
     result's ``seconds``); a ``dry_run`` sends nothing and changes no state.
+    ``resume`` is the exact command that finishes the run (:func:`resume_command`);
+    ``notes`` collects what the run did besides its own work (cut-off runs it
+    finished, :func:`note`), for its audit summary.
     """
 
     run_id: str
@@ -216,6 +246,8 @@ class RunContext:
     progress: ScoreProgress
     dry_run: bool = False
     started: float = field(default_factory=time.monotonic)
+    resume: str = ""
+    notes: list[str] = field(default_factory=list)
 
     @property
     def day(self) -> date:
@@ -248,8 +280,64 @@ def model_label(loaded: LoadedBundle) -> str:
     return f"model {loaded.name!r} version {loaded.version}"
 
 
-def score_header(loaded: LoadedBundle, run_id: str) -> ScoreHeader:
-    """The run's :class:`ScoreHeader`: id, model, version and what the model was trained on."""
+def resume_command(events: EventSource, run_id: str, config: LapseConfig) -> str:
+    """The exact command that finishes run ``run_id`` (``--config`` when one was given;
+    ``EVENTS`` for events in memory: a resume reads none).
+
+    >>> from lapse.config import load_config
+    >>> resume_command("data/my events.parquet", "20260301-020000-123456", load_config())
+    "lapse score 'data/my events.parquet' --resume 20260301-020000-123456"
+    """
+    argv = ["lapse", "score", _events_argument(events), "--resume", run_id]
+    if not config.origin.startswith("<"):  # a file, not the embedded default
+        argv += ["--config", config.origin]
+    return shlex.join(argv)
+
+
+def _events_argument(events: EventSource) -> str:
+    """``events`` as the command line names it (``EVENTS`` for a frame in memory)."""
+    return str(events) if isinstance(events, str | Path) else "EVENTS"
+
+
+@contextlib.contextmanager
+def open_run(
+    events: EventSource,
+    config: LapseConfig,
+    trail: AuditTrail,
+    *,
+    as_of: datetime,
+    sink: str | None,
+    out: Path | None,
+    dry_run: bool,
+    progress: ScoreProgress,
+    started: float,
+) -> Iterator[RunContext]:
+    """A new run's context, holding the sink's lock (none for a dry run) and its ledger.
+
+    The lock comes first: a second run for the same sink stops before doing any work.
+    ``as_of`` is already a UTC instant (:func:`lapse.schema.utc_cutoff`).
+    """
+    target = make_sink(sink or config.sinks.default, config, out=out)
+    lock = contextlib.nullcontext() if dry_run else sink_lock(trail.locks, target.name)
+    run_id = new_run_id(as_of)
+    with lock, Ledger(trail.ledger) as ledger:
+        yield RunContext(
+            run_id,
+            as_of,
+            config,
+            trail,
+            ledger,
+            target,
+            progress,
+            dry_run,
+            started,
+            resume="" if dry_run else resume_command(events, run_id, config),
+        )
+
+
+def score_header(loaded: LoadedBundle, ctx: RunContext) -> ScoreHeader:
+    """The run's :class:`ScoreHeader`: id, model, version and what the model was trained
+    on, and the command that resumes it."""
     data = loaded.bundle.training_data
     trained_on = (
         data.describe(loaded.bundle.event_names())
@@ -258,11 +346,121 @@ def score_header(loaded: LoadedBundle, run_id: str) -> ScoreHeader:
         "record of its training events; retrain to have it)"
     )
     return ScoreHeader(
-        score_run_id=run_id,
+        score_run_id=ctx.run_id,
         model=loaded.name,
         version=model_version(loaded),
         source=loaded.source,
         trained_on=trained_on,
+        resume=ctx.resume,
+    )
+
+
+@contextlib.contextmanager
+def recorded(ctx: RunContext, loaded: LoadedBundle) -> Iterator[None]:
+    """The run's life in the ledger around its work (step 0 of the module docstring).
+
+    Records the run (``preparing``: it exists before any file says it was sent),
+    announces it through ``ctx.progress.begin`` (the header comes first), then
+    :func:`recover_cut_off`. A run that leaves the block still ``preparing`` sent
+    nothing: on an error it is abandoned (its files removed), otherwise it had
+    nothing to deliver and is dropped. A dry run records nothing.
+    """
+    if not ctx.dry_run:
+        ctx.ledger.begin_run(
+            ctx.run_id,
+            ctx.sink.name,
+            as_of=ctx.as_of,
+            model=loaded.source,
+            target=str(getattr(ctx.sink, "path", "") or ""),
+        )
+    ctx.progress.begin(score_header(loaded, ctx))
+    fault_point("run_recorded")
+    if ctx.dry_run:
+        yield
+        return
+    try:
+        recover_cut_off(ctx)
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):  # the error that stopped the run goes first
+            if _status(ctx) == "preparing":
+                abandon(ctx.trail, ctx.ledger, ctx.ledger.run(ctx.run_id, ctx.sink.name))
+        raise
+    if _status(ctx) == "preparing":
+        ctx.ledger.drop_runs([ctx.run_id])
+
+
+def note(ctx: RunContext, text: str) -> None:
+    """Say ``text`` now (``ctx.progress.note``) and keep it for the run's summary."""
+    ctx.notes.append(text)
+    ctx.progress.note(text)
+
+
+def _status(ctx: RunContext) -> str:
+    return ctx.ledger.run(ctx.run_id, ctx.sink.name).status
+
+
+def abandon(trail: AuditTrail, ledger: Ledger, info: RunInfo) -> str:
+    """Remove the files of a run that never planned its batches (it sent nothing) and mark
+    it ``abandoned``; what happened, in words."""
+    trail.remove_run(run_day(info.as_of), info.score_run_id)
+    ledger.finish_run(info.score_run_id, info.sink, "abandoned")
+    return (
+        f"score run {info.score_run_id} was cut off before it sent anything; "
+        "its audit files were removed"
+    )
+
+
+def recover_cut_off(ctx: RunContext) -> None:
+    """Take care of the runs of ``ctx``'s sink that were cut off (their process died:
+    the caller holds the sink's lock), each said with :func:`note`.
+
+    A run cut off before its batches were planned sent nothing: :func:`abandon`. A run
+    cut off during delivery is finished first (:func:`resume_delivery`, batches in doubt
+    per the sink's policy), so this run's delta sync, cooldowns and frequency cap count
+    everything it delivered: nothing is lost, nothing acknowledged is sent twice.
+    """
+    for info in ctx.ledger.cut_off(ctx.sink.name, besides=ctx.run_id):
+        if info.status == "preparing":
+            note(ctx, abandon(ctx.trail, ctx.ledger, info))
+            continue
+        target = make_sink(info.sink, ctx.config, out=Path(info.target) if info.target else None)
+        earlier = RunContext(
+            info.score_run_id,
+            utc_cutoff(info.as_of),
+            ctx.config,
+            ctx.trail,
+            ctx.ledger,
+            target,
+            ctx.progress,
+            resume=ctx.resume.replace(ctx.run_id, info.score_run_id),
+        )
+        try:
+            finished = resume_delivery(earlier)
+        except (DeliveryStopped, WriteFailed):
+            raise  # the destination or the disk stops this run as well
+        except LapseError as exc:  # its outbox or summary is gone (pruned, deleted)
+            ctx.ledger.finish_run(info.score_run_id, info.sink, "interrupted")
+            note(ctx, f"score run {info.score_run_id} was cut off and cannot be finished: {exc}")
+            continue
+        note(
+            ctx,
+            f"score run {info.score_run_id} was cut off during delivery; this run finished "
+            f"it first: {resumed_line(finished)}",
+        )
+        for warning in finished.warnings:
+            note(ctx, f"(score run {info.score_run_id}) {warning}")
+
+
+def resumed_line(result: ScoreRunResult) -> str:
+    """What a resume did: the records delivered before it, those it sent, the model."""
+    earlier = result.counts.get("sent_earlier", 0)
+    later = result.counts.get("sent", 0) - earlier
+    failed = result.counts.get("failed", 0)
+    return (
+        f"the earlier attempt had delivered {earlier:,} records, the resume sent {later:,}"
+        + (f" ({failed:,} failed)" if failed else "")
+        + f"; scored with {result.model}"
     )
 
 
@@ -270,7 +468,7 @@ def score_header(loaded: LoadedBundle, run_id: str) -> ScoreHeader:
 
 
 def run_score(
-    events: Path,
+    events: EventSource,
     config: LapseConfig,
     *,
     as_of: datetime,
@@ -286,11 +484,14 @@ def run_score(
 ) -> ScoreRunResult:
     """Score every eligible user as of ``as_of`` and deliver the records to a sink.
 
-    ``as_of`` is an aware datetime; the run counts in its UTC instant and UTC day
-    (a naive one is refused). ``engine="spark"`` reads and validates the events,
-    and computes the records, on Spark (:mod:`lapse.spark.score`); the driver then
-    applies the ledger and delivers in bounded chunks. The records, snapshot and
-    deliveries are the same.
+    ``events`` is an event file, folder or glob (or a database source), or the
+    events in memory: a source-shaped Polars or pandas frame, mapped and validated
+    like the file (the local engine only). ``as_of`` is an aware datetime; the run
+    counts in its UTC instant and UTC day (a naive one is refused).
+
+    ``engine="spark"`` reads and validates the events, and computes the records,
+    on Spark (:mod:`lapse.spark.score`); the driver then applies the ledger and
+    delivers in bounded chunks. The records, snapshot and deliveries are the same.
 
     See the README's "Nightly score" section: the audit snapshot is written
     before anything is sent; delivery goes through :mod:`lapse.delivery.batches` with
@@ -311,47 +512,75 @@ def run_score(
         raise LapseError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
     trail = AuditTrail(config.resolve(config.audit.path))
     if resume is not None:
-        return _resume(trail, config, resume, sink=sink, out=out, progress=report, started=started)
-    as_of = utc_cutoff(as_of)
-    target = make_sink(sink or config.sinks.default, config, out=out)
-    # the lock first: a second run for this sink stops before doing any work
-    lock = contextlib.nullcontext() if dry_run else sink_lock(trail.locks, target.name)
-    with lock, Ledger(trail.ledger) as ledger:
-        ctx = RunContext(
-            new_run_id(as_of), as_of, config, trail, ledger, target, report, dry_run, started
+        return _resume(
+            trail,
+            config,
+            resume,
+            events=events,
+            sink=sink,
+            out=out,
+            progress=report,
+            started=started,
         )
+    as_of = utc_cutoff(as_of)
+    with open_run(
+        events,
+        config,
+        trail,
+        as_of=as_of,
+        sink=sink,
+        out=out,
+        dry_run=dry_run,
+        progress=report,
+        started=started,
+    ) as ctx:
         if engine == "spark":
             from lapse.spark.score import run_score_spark  # the Spark engine, on demand
 
+            if not isinstance(events, str | Path):
+                raise LapseError(
+                    "the spark engine reads event files or tables, not a frame in memory; "
+                    "pass a path, or score the frame with engine='local'"
+                )
+
             return run_score_spark(events, ctx, model=model, full=full, spark=spark)
         loaded = load_model(model, config, report)
-        report.begin(score_header(loaded, ctx.run_id))
-        report.stage("reading and validating events")
-        kept, validation = validate_events(events, config, as_of=as_of)
-        check_event_names(loaded.bundle, validation.events_per_name, model_label(loaded))
-        attributes = load_attributes(config)
-        report.stage("scoring users")
-        links = read_links(events, config)
-        scored = score_users(
-            loaded.bundle,
-            resolve(kept.lazy(), links, as_of),
-            as_of,
-            config,
-            score_run_id=ctx.run_id,
-            model_version=model_version(loaded),
-            attributes=attributes,
-            last_fired=last_fired(ctx, links=links),
-        )
-        del kept  # the events are done with: reasons and delivery run without them
-        return send_scored(
-            ctx,
-            loaded,
-            scored,
-            attributes=attributes,
-            validation=validation,
-            anonymous=anonymous_only(links, as_of),
-            full=full,
-        )
+        with recorded(ctx, loaded):
+            return _score_local(events, ctx, loaded, full=full)
+
+
+def _score_local(
+    events: EventSource, ctx: RunContext, loaded: LoadedBundle, *, full: bool
+) -> ScoreRunResult:
+    """The local engine's run, once recorded: read, score, then :func:`send_scored`."""
+    config, as_of, report = ctx.config, ctx.as_of, ctx.progress
+    report.stage("reading and validating events")
+    events = as_polars(events)  # pandas: converted once, read twice (events, links)
+    kept, validation = validate_events(events, config, as_of=as_of)
+    check_event_names(loaded.bundle, validation.events_per_name, model_label(loaded))
+    attributes = load_attributes(config)
+    report.stage("scoring users")
+    links = read_links(events, config)
+    scored = score_users(
+        loaded.bundle,
+        resolve(kept.lazy(), links, as_of),
+        as_of,
+        config,
+        score_run_id=ctx.run_id,
+        model_version=model_version(loaded),
+        attributes=attributes,
+        last_fired=last_fired(ctx, links=links),
+    )
+    del kept  # the events are done with: reasons and delivery run without them
+    return send_scored(
+        ctx,
+        loaded,
+        scored,
+        attributes=attributes,
+        validation=validation,
+        anonymous=anonymous_only(links, as_of),
+        full=full,
+    )
 
 
 def _resume(
@@ -359,16 +588,27 @@ def _resume(
     config: LapseConfig,
     score_run_id: str,
     *,
+    events: EventSource,
     sink: str | None,
     out: Path | None,
     progress: ScoreProgress,
     started: float,
 ) -> ScoreRunResult:
-    """Open the ledger, the sink and its lock for :func:`resume_delivery` of a run."""
+    """Open the ledger, the sink and its lock for :func:`resume_delivery` of a run; a run
+    cut off before it planned its batches sent nothing: it is cleaned up, and says so."""
     with Ledger(trail.ledger) as ledger:
         info = ledger.run(score_run_id, sink)
     target = make_sink(info.sink, config, out=out or (Path(info.target) if info.target else None))
     with sink_lock(trail.locks, target.name), Ledger(trail.ledger) as ledger:
+        info = ledger.run(score_run_id, info.sink)  # as of now, with the lock held
+        if info.status in ("preparing", "abandoned"):
+            done = abandon(trail, ledger, info) if info.status == "preparing" else ""
+            raise LapseError(
+                f"score run {score_run_id} stopped before it sent anything"
+                + (f" ({done.split('; ', 1)[1]})" if done else "")
+                + f"; nothing to resume: run `lapse score {shlex.quote(_events_argument(events))} --as-of "
+                f"{run_day(info.as_of):%Y-%m-%d}` again"
+            )
         ctx = RunContext(
             info.score_run_id,
             utc_cutoff(info.as_of),
@@ -378,6 +618,7 @@ def _resume(
             target,
             progress,
             started=started,
+            resume=resume_command(events, info.score_run_id, config),
         )
         return resume_delivery(ctx)
 
@@ -417,12 +658,13 @@ def send_scored(
     result, summary = run_result(ctx, loaded, totals, validation)
     if ctx.dry_run:
         return dry_run_delivery(ctx, result, outbox)
-    ctx.progress.stage("writing the audit snapshot")
-    result.snapshot = ctx.trail.write_snapshot(ctx.day, ctx.run_id, rows, summary)
-    ctx.trail.write_outbox(ctx.run_id, ctx.sink.name, outbox)
     items = encode(ctx.sink, outbox)
     start_delivery(
-        ctx, result, summary, plan_batches(items, ctx.sink, ctx.config.delivery.batch_size)
+        ctx,
+        result,
+        plan_batches(items, ctx.sink, ctx.config.delivery.batch_size),
+        snapshot=lambda: ctx.trail.write_snapshot(ctx.day, ctx.run_id, rows, summary),
+        outbox=lambda: ctx.trail.write_outbox(ctx.run_id, ctx.sink.name, outbox),
     )
     return deliver_run(ctx, lambda: [(outbox, items)], outbox.height, result, summary)
 
@@ -644,6 +886,8 @@ def run_result(
             totals.population, loaded.bundle.config, ctx.as_of, rejected
         ),
     }
+    if ctx.notes:
+        summary["notes"] = list(ctx.notes)
     if engine != "local":
         summary["engine"] = engine
     return _result(ctx, summary, validation=validation), summary
@@ -725,19 +969,21 @@ def dry_run_delivery(
 def start_delivery(
     ctx: RunContext,
     result: ScoreRunResult,
-    summary: dict[str, Any],
     batches: list[tuple[int, int]],
+    *,
+    snapshot: Callable[[], Path],
+    outbox: Callable[[], object],
 ) -> None:
-    """Record the run and its planned ``batches`` (outbox row ranges) in the ledger: from
-    here on the run exists, and ``lapse score --resume`` can finish it."""
-    ctx.ledger.start_run(
-        ctx.run_id,
-        ctx.sink.name,
-        as_of=ctx.as_of,
-        model=summary["model"],
-        target=str(result.out or ""),
-        batches=batches,
-    )
+    """Write the audit ``snapshot`` (and its summary), then the ``outbox``, then plan the
+    ``batches`` (outbox row ranges) in the ledger: from here on ``lapse score --resume``
+    can finish the run. Cut off before, the run (recorded by :func:`recorded`) sent nothing."""
+    ctx.progress.stage("writing the audit snapshot")
+    result.snapshot = snapshot()
+    fault_point("after_snapshot")
+    outbox()
+    fault_point("after_outbox")
+    ctx.ledger.plan(ctx.run_id, ctx.sink.name, batches)
+    fault_point("before_delivery")
 
 
 def deliver_run(
@@ -787,12 +1033,22 @@ def deliver_run(
         result.dead_letters = settle(
             ledger, (outbox for outbox, _ in chunks()), ctx.sink, ctx.run_id, dead
         )
+        fault_point("after_delivery")
     except DeliveryStopped:
         ledger.finish_run(ctx.run_id, name, "interrupted", summary)
         raise
+    except WriteFailed as exc:
+        with contextlib.suppress(WriteFailed):  # the ledger's own disk may be the full one
+            ledger.finish_run(ctx.run_id, name, "interrupted", summary)
+        then = f"finish score run {ctx.run_id} with `{ctx.resume or '--resume ' + ctx.run_id}`"
+        raise WriteFailed.from_os_error(exc.path, OSError(exc.reason), then=then) from None
     finally:
         ctx.sink.close()
     result.counts.update(counts, retried=retried)
+    in_doubt = ledger.in_doubt(ctx.run_id, name)  # over every attempt of the run
+    if in_doubt:
+        result.counts["in_doubt"] = in_doubt
+        result.warnings.append(in_doubt_line(in_doubt, ctx.sink))
     result.warnings += [w for w in ctx.sink.warnings() if w not in result.warnings]
     summary["warnings"] = result.warnings
     result.seconds = time.monotonic() - ctx.started
@@ -801,6 +1057,16 @@ def deliver_run(
     ledger.finish_run(ctx.run_id, name, "complete" if result.complete else "partial", summary)
     ctx.trail.write_summary(ctx.day, ctx.run_id, summary)
     return result
+
+
+def in_doubt_line(users: int, sink: Sink) -> str:
+    """The summary's line for ``users`` whose undeduped objects were in doubt."""
+    done = "skipped" if sink.in_doubt == "skip" else "sent again"
+    return (
+        f"{users:,} users' events in doubt (a request that may have reached {sink.name} "
+        f"before the run was cut off or the connection dropped): {done} "
+        f"(sinks.{sink.name}.in_doubt: {sink.in_doubt})"
+    )
 
 
 def record_fired(
@@ -860,7 +1126,9 @@ def delivery_counts(ctx: RunContext, items: list[Item | None], offset: int = 0) 
 
 
 def resume_delivery(ctx: RunContext) -> ScoreRunResult:
-    """Finish a run from its outbox and ledger: only batches not yet acknowledged are sent."""
+    """Finish a run from its outbox and ledger: only batches not yet acknowledged are sent
+    (those in doubt per the sink's policy). Announces the run (``ctx.progress.begin``);
+    the result's ``sent_earlier`` counts what earlier attempts had delivered."""
     snapshot = ctx.trail.snapshot(ctx.day, ctx.run_id)
     path = snapshot.with_suffix(".json")
     try:
@@ -871,5 +1139,20 @@ def resume_delivery(ctx: RunContext) -> ScoreRunResult:
             f"score run {ctx.run_id!r}: its audit summary {path} is missing or unreadable; "
             "it cannot be resumed, run `lapse score` again"
         ) from None
+    ctx.progress.begin(
+        ScoreHeader(
+            score_run_id=ctx.run_id,
+            model=str(summary["model"]),
+            version=str(summary["model_version"]),
+            source=str(summary["model"]),
+            trained_on="",
+            resume=ctx.resume,
+            resumed=True,
+        )
+    )
     outbox = ctx.trail.read_outbox(ctx.run_id, ctx.sink.name)
-    return deliver_run(ctx, lambda: [(outbox, None)], outbox.height, result, summary)
+    items = encode(ctx.sink, outbox)
+    earlier = delivery_counts(ctx, items)["sent"]
+    done = deliver_run(ctx, lambda: [(outbox, items)], outbox.height, result, summary)
+    done.counts["sent_earlier"] = earlier
+    return done

@@ -3,10 +3,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -15,7 +14,7 @@ import polars as pl
 
 from lapse.config import LapseConfig
 from lapse.delivery.audit import AuditTrail
-from lapse.delivery.ledger import Ledger, sink_lock
+from lapse.delivery.ledger import DELIVERED
 from lapse.events import (
     ValidationReport,
     event_files,
@@ -25,6 +24,10 @@ from lapse.events import (
 )
 from lapse.events import store as event_store
 from lapse.events.identity import anonymous_only, person_ids, resolve
+from lapse.events.readers import EventSource, as_polars, frame_name
+from lapse.exceptions import LapseError
+from lapse.faults import fault_point
+from lapse.registry import LoadedBundle
 from lapse.schema import utc_cutoff
 from lapse.score import incremental as inc
 from lapse.score.records import score_users
@@ -36,10 +39,11 @@ from lapse.score.run import (
     last_fired,
     load_model,
     model_version,
-    new_run_id,
+    note,
+    open_run,
+    recorded,
     send_scored,
 )
-from lapse.sinks import make_sink
 
 __all__ = [
     "TriggerRunResult",
@@ -55,7 +59,7 @@ class TriggerRunResult:
     ``new_files``, ``new_event_users`` and ``due_users`` are what an incremental
     run touched (``touched`` is their union, or everyone with events on a full run);
     ``delivery`` is the shared score-and-deliver result, ``None`` when nobody was
-    touched (then nothing was sent).
+    touched (then nothing was sent); ``warnings`` are the delivery's.
     """
 
     as_of: datetime
@@ -69,6 +73,7 @@ class TriggerRunResult:
     fired: int
     seconds: float
     delivery: ScoreRunResult | None = None
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -77,7 +82,7 @@ class TriggerRunResult:
 
 
 def run_triggers(
-    events: Path,
+    events: EventSource,
     config: LapseConfig,
     *,
     as_of: datetime,
@@ -98,6 +103,9 @@ def run_triggers(
     delta sync, ledger and ``lapse score --resume``. A dry run leaves the
     watermark where it was.
 
+    ``events`` may be a source-shaped frame for a full run (no watermark is kept:
+    there are no files to watch); an incremental run needs a folder of files.
+
     Raises
     ------
     LapseError
@@ -109,116 +117,216 @@ def run_triggers(
     as_of = utc_cutoff(as_of)
     report = progress or Silent()
     trail = AuditTrail(config.resolve(config.audit.path))
-    target = make_sink(sink or config.sinks.default, config, out=out)
-    source = os.path.abspath(events)
-    lock = contextlib.nullcontext() if dry_run else sink_lock(trail.locks, target.name)
-    with lock, Ledger(trail.ledger) as ledger:
-        ctx = RunContext(
-            new_run_id(as_of), as_of, config, trail, ledger, target, report, dry_run, started
-        )
+    events = as_polars(events)
+    source = os.path.abspath(events) if isinstance(events, str | Path) else frame_name(events)
+    with open_run(
+        events,
+        config,
+        trail,
+        as_of=as_of,
+        sink=sink,
+        out=out,
+        dry_run=dry_run,
+        progress=report,
+        started=started,
+    ) as ctx:
         loaded = load_model(model, config, report)
-        version = model_version(loaded)
-        report.stage("looking for new event files")
-        files = event_files(events)
-        mark = inc.fingerprint(loaded.source, version, config)
-        store = event_store.folder(trail.root, target.name, source)
-        todo = inc.plan(
-            ledger, target.name, source, files, as_of, mark, config, incremental=incremental
-        )
-        if not todo.full and not event_store.present(store, todo.parts):
-            todo = inc.Plan(True, "the folder's event store is missing", files)
-        report.stage("reading the touched users' events")
-        history: pl.DataFrame | None
-        validation: ValidationReport | None = None
-        if todo.full:
-            # everyone is read: validate as `score` does, so rejected rows are counted
-            kept, validation = validate_events(events, config, as_of=as_of)
-            links = read_links(events, config)
-            parts = [] if dry_run else [event_store.write(store, kept, links)]
-            history = resolve(kept.lazy(), links, as_of).collect()
-            del kept
-            users = history["user_id"].cast(pl.String).unique().sort().to_list()
-        else:
-            # the touched users' stored events and the new files' (their duplicates dropped)
-            fresh, new_links = event_store.read_new(todo.new_files, config)
-            links = event_store.union_links([event_store.links(store, todo.parts), new_links])
-            ids = person_ids(links, todo.users, as_of)
-            stored = event_store.read(store, todo.parts, ids)
-            both, added = event_store.combine(stored, fresh, config)
-            parts = list(todo.parts)
-            if added.height and not dry_run:
-                parts = event_store.merge(
-                    store, [*parts, event_store.write(store, added, new_links)]
-                )
-            history = resolve(both.lazy(), links, as_of).collect() if both.height else None
-            touched = pl.LazyFrame({"user_id": todo.users}, schema={"user_id": pl.String})
-            users = resolve(touched, links, as_of).collect()["user_id"].unique().sort().to_list()
-        attributes = load_attributes(config)
-        result = TriggerRunResult(
-            as_of=as_of,
-            mode="full" if todo.full else "incremental",
-            reason=todo.reason,
-            files=len(files),
-            new_files=len(files) if todo.full else len(todo.new_files),
-            new_event_users=len(todo.new_event_users),
-            due_users=len(todo.due_users),
-            touched=len(users),
-            fired=0,
-            seconds=0.0,
-        )
-        states: list[Any] = []
-        if history is not None and users:
-            report.stage("scoring the touched users")
-            fired = last_fired(ctx, None if todo.full else todo.users, links=links)
-            scored = score_users(
-                loaded.bundle,
-                history.lazy(),
-                as_of,
-                config,
-                score_run_id=ctx.run_id,
-                model_version=version,
-                attributes=attributes,
-                last_fired=fired,
-                subset=not todo.full,
-            )
-            assert scored.fired is not None
-            report.stage("finding when each user is next due")
-            due = pl.concat(
-                [
-                    inc.next_due(
-                        loaded.bundle,
-                        history,
-                        scored.fired,
-                        users,
-                        as_of,
-                        config,
-                        attributes=attributes,
-                    ),
-                    inc.cooldown_due(scored.fired, scored.records, fired, scored.definitions),
-                ]
-            )
-            states = inc.states(scored.fired, due, users, as_of)
-            result.fired = int((scored.fired["triggers"].list.len() > 0).sum())
-            result.delivery = send_scored(
+        with recorded(ctx, loaded):
+            result = _evaluate(ctx, loaded, events, source, incremental=incremental)
+    result.warnings = list(result.delivery.warnings) if result.delivery else []
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _catch_up(ctx: RunContext, source: str) -> None:
+    """Advance the watermark a trigger run of this folder and sink staged but did not advance
+    (cut off after its delivery, which :func:`lapse.score.run.recover_cut_off` has finished
+    by now), so its users are not evaluated and sent again; drop what a run that did not
+    deliver, or an older one, staged."""
+    sink, ledger = ctx.sink.name, ctx.ledger
+    mark = ledger.watermark(sink, source)
+    for run_id in ledger.staged_watermarks(sink, source):
+        try:
+            info = ledger.run(run_id, sink)
+        except LapseError:  # pruned or dropped: nothing of it to advance
+            ledger.drop_staged(run_id)
+            continue
+        if info.status in DELIVERED and (mark is None or info.as_of >= mark.as_of):
+            ledger.advance_staged(run_id, sink, source)
+            note(
                 ctx,
-                loaded,
-                scored,
-                attributes=attributes,
-                validation=validation,
-                anonymous=anonymous_only(links, as_of),
-                only_scored=not todo.full,
+                f"trigger run {run_id} was cut off after it delivered; its watermark is "
+                "advanced now, so its users are not sent again",
             )
-        if not dry_run:
-            ledger.advance_watermark(
+        else:
+            ledger.drop_staged(run_id)
+
+
+def _evaluate(
+    ctx: RunContext,
+    loaded: LoadedBundle,
+    events: EventSource,
+    source: str,
+    *,
+    incremental: bool,
+) -> TriggerRunResult:
+    """A trigger run once recorded: plan, read, score and deliver, then advance the watermark
+    (after delivery: a run cut off before that is simply done again, and the next run
+    finishes what it had not delivered first; see :func:`lapse.score.run.recover_cut_off`)."""
+    config, as_of, report, ledger, target = (
+        ctx.config,
+        ctx.as_of,
+        ctx.progress,
+        ctx.ledger,
+        ctx.sink,
+    )
+    version = model_version(loaded)
+    if not ctx.dry_run:
+        _catch_up(ctx, source)  # a frame's name never staged a watermark: a no-op
+    report.stage("looking for new event files")
+    # a frame has no files: a full run reads it all, an incremental one is refused
+    in_memory = not isinstance(events, str | Path)
+    files = [] if in_memory and not incremental else event_files(events)
+    mark = inc.fingerprint(loaded.source, version, config)
+    store = event_store.folder(ctx.trail.root, target.name, source)
+    todo = inc.plan(
+        ledger, target.name, source, files, as_of, mark, config, incremental=incremental
+    )
+    if not todo.full and not event_store.present(store, todo.parts):
+        todo = inc.Plan(True, "the folder's event store is missing", files)
+    report.stage("reading the touched users' events")
+    read = _read(ctx, events, store, todo, keep=not (ctx.dry_run or in_memory))
+    history, validation, links, users, parts = (
+        read.history,
+        read.validation,
+        read.links,
+        read.users,
+        read.parts,
+    )
+    attributes = load_attributes(config)
+    processed = [(str(f), size, mtime) for f, size, mtime in files]
+    result = TriggerRunResult(
+        as_of=as_of,
+        mode="full" if todo.full else "incremental",
+        reason=todo.reason,
+        files=len(files),
+        new_files=len(files) if todo.full else len(todo.new_files),
+        new_event_users=len(todo.new_event_users),
+        due_users=len(todo.due_users),
+        touched=len(users),
+        fired=0,
+        seconds=0.0,
+    )
+    states: list[Any] = []
+    if history is not None and users:
+        report.stage("scoring the touched users")
+        fired = last_fired(ctx, None if todo.full else todo.users, links=links)
+        scored = score_users(
+            loaded.bundle,
+            history.lazy(),
+            as_of,
+            config,
+            score_run_id=ctx.run_id,
+            model_version=version,
+            attributes=attributes,
+            last_fired=fired,
+            subset=not todo.full,
+        )
+        assert scored.fired is not None
+        report.stage("finding when each user is next due")
+        due = pl.concat(
+            [
+                inc.next_due(
+                    loaded.bundle,
+                    history,
+                    scored.fired,
+                    users,
+                    as_of,
+                    config,
+                    attributes=attributes,
+                ),
+                inc.cooldown_due(scored.fired, scored.records, fired, scored.definitions),
+            ]
+        )
+        states = inc.states(scored.fired, due, users, as_of)
+        result.fired = int((scored.fired["triggers"].list.len() > 0).sum())
+        if not ctx.dry_run and not in_memory:
+            ledger.stage_watermark(
+                ctx.run_id,
                 target.name,
                 source,
                 as_of=as_of,
                 fingerprint=mark,
-                files=[(str(f), size, mtime) for f, size, mtime in files],
+                files=processed,
                 states=states,
                 full=todo.full,
                 parts=parts,
             )
-            event_store.clean(store, parts)
-    result.seconds = time.monotonic() - started
+        result.delivery = send_scored(
+            ctx,
+            loaded,
+            scored,
+            attributes=attributes,
+            validation=validation,
+            anonymous=anonymous_only(links, as_of),
+            only_scored=not todo.full,
+        )
+    if not ctx.dry_run and not in_memory:
+        fault_point("before_watermark")
+        ledger.advance_watermark(
+            target.name,
+            source,
+            as_of=as_of,
+            fingerprint=mark,
+            files=processed,
+            states=states,
+            full=todo.full,
+            parts=parts,
+            staged_by=ctx.run_id,
+        )
+        event_store.clean(store, parts)  # a killed run's parts, parts merged away
     return result
+
+
+@dataclass
+class _Read:
+    """What a trigger run read: the events as of the cutoff (``None``: nobody's), the
+    validation report (a full run's), the identity links, the users touched and the event
+    store's parts holding the folder's events once the run is recorded."""
+
+    history: pl.DataFrame | None
+    validation: ValidationReport | None
+    links: pl.DataFrame
+    users: list[str]
+    parts: list[str]
+
+
+def _read(
+    ctx: RunContext, events: EventSource, store: Path, todo: inc.Plan, *, keep: bool
+) -> _Read:
+    """A full run's every validated event (stored as one part when ``keep``), or an
+    incremental run's touched users' stored events and the new files' (their rows repeating
+    stored ones dropped, the rest stored as a new part when ``keep``)."""
+    config, as_of = ctx.config, ctx.as_of
+    if todo.full:
+        # everyone is read: validate as `score` does, so rejected rows are counted
+        kept, validation = validate_events(events, config, as_of=as_of)
+        links = read_links(events, config)
+        parts = [event_store.write(store, kept, links)] if keep else []
+        everyone = resolve(kept.lazy(), links, as_of).collect()
+        del kept
+        users = everyone["user_id"].cast(pl.String).unique().sort().to_list()
+        return _Read(everyone, validation, links, users, parts)
+    fresh, new_links = event_store.read_new(todo.new_files, config)
+    links = event_store.union_links([event_store.links(store, todo.parts), new_links])
+    # every id of a touched person, their events merged as of the cutoff
+    ids = person_ids(links, todo.users, as_of)
+    stored = event_store.read(store, todo.parts, ids)
+    both, added = event_store.combine(stored, fresh, config)
+    parts = list(todo.parts)
+    if added.height and keep:
+        parts = event_store.merge(store, [*parts, event_store.write(store, added, new_links)])
+    history = resolve(both.lazy(), links, as_of).collect() if both.height else None
+    touched = pl.LazyFrame({"user_id": todo.users}, schema={"user_id": pl.String})
+    users = resolve(touched, links, as_of).collect()["user_id"].unique().sort().to_list()
+    return _Read(history, None, links, users, parts)

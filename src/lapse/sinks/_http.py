@@ -8,7 +8,9 @@ reuse) and turns HTTP outcomes into the errors of :mod:`lapse.sinks.base`:
 413, or a 400 whose body has  :class:`PayloadTooLarge` (the batch is split;
 one of ``too_large``          a record alone is dead-lettered)
 408, 429, 5xx, timeouts,      :class:`RetryableError` with ``Retry-After``
-dropped connections           (seconds or an HTTP-date) when given
+dropped connections           (seconds or an HTTP-date) when given;
+                              ``in_doubt`` when no answer came to a request
+                              that went out (timeouts, dropped connections)
 no connection at all          :class:`ConnectionFailed` naming the URL
 other 4xx                     :class:`SinkError` with the platform's message
 ============================  ==========================================
@@ -171,11 +173,15 @@ class HttpClient:
                     f"({type(exc).__name__}: {exc})"
                 )
             ) from None
-        except httpx.TimeoutException as exc:
-            raise RetryableError(f"{where}: timed out ({type(exc).__name__})") from None
-        except httpx.TransportError as exc:  # refused, reset, closed before the response
+        except httpx.TimeoutException as exc:  # the request may have been processed
             raise RetryableError(
-                self.scrub(f"{where}: connection failed ({type(exc).__name__}: {exc})")
+                f"{where}: timed out ({type(exc).__name__})",
+                in_doubt=not isinstance(exc, httpx.PoolTimeout),
+            ) from None
+        except httpx.TransportError as exc:  # reset, closed before the response: in doubt
+            raise RetryableError(
+                self.scrub(f"{where}: connection failed ({type(exc).__name__}: {exc})"),
+                in_doubt=True,
             ) from None
         status = response.status_code
         if status < 400:

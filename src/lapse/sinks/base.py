@@ -23,6 +23,15 @@ Errors a sink raises from :meth:`Sink.send` tell the delivery layer what to do:
 
 Per-record rejections inside an accepted batch are returned as
 :attr:`Outcome.failed` (index in the batch -> reason).
+
+A batch whose delivery is *in doubt* (its request went out and no answer came
+back: the run was killed in flight, the connection dropped after sending) is sent
+again. That is harmless for what a destination dedupes (profile upserts, events
+with an id). A sink whose destination cannot dedupe some objects (Braze's events)
+says so with :meth:`Sink.undeduped` and :meth:`Sink.deduped_part`, and its
+``in_doubt`` policy decides: ``resend`` sends them again (they may arrive twice),
+``skip`` sends the rest of the record only (they may be missing); either way the
+run counts the users concerned.
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import polars as pl
 
@@ -54,6 +63,7 @@ __all__ = [
     "RECORD_SCHEMA",
     "ConnectionFailed",
     "DeliveryStopped",
+    "InDoubt",
     "Item",
     "Limits",
     "Outcome",
@@ -112,6 +122,8 @@ RECORD_SCHEMA: dict[str, pl.DataType] = {
 Record = dict[str, Any]
 #: What :meth:`Sink.encode` makes of a record: a JSON-ready object.
 Item = Any
+#: What a resend does with objects its destination cannot dedupe (see the module docstring).
+InDoubt = Literal["resend", "skip"]
 
 
 @dataclass(frozen=True)
@@ -152,7 +164,9 @@ class Sink(ABC):
     ``anonymous_identifier`` names the field under which the destination
     accepts an anonymous profile's id (Segment ``anonymousId``); ``None``
     (the default) means it accepts none, and anonymous records are held back
-    and counted, never sent under the user identifier.
+    and counted, never sent under the user identifier. ``in_doubt`` is the policy
+    for objects the destination cannot dedupe when a batch's delivery is in doubt
+    (``None``: it dedupes everything, a resend changes nothing).
     """
 
     name: str = ""
@@ -160,6 +174,7 @@ class Sink(ABC):
     full_snapshot: bool = False
     attribute_columns: tuple[str, ...] = ()
     anonymous_identifier: str | None = None
+    in_doubt: InDoubt | None = None
 
     @classmethod
     def from_config(cls, config: LapseConfig, *, out: Path | None = None) -> Sink:
@@ -186,6 +201,14 @@ class Sink(ABC):
         """The platform objects ``item`` puts in a request, counted against
         ``limits.max_objects`` (one unless the sink says otherwise)."""
         return 1
+
+    def undeduped(self, item: Item) -> int:
+        """Objects of ``item`` its destination cannot dedupe: a resend doubles them (none)."""
+        return 0
+
+    def deduped_part(self, item: Item) -> Item:
+        """``item`` without the objects its destination cannot dedupe (``skip`` sends this)."""
+        return item
 
     def open(self, score_run_id: str) -> None:  # noqa: B027  (optional hook)
         """Called once before the first batch of a run (or of its resume)."""

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import polars as pl
 
 from lapse.exceptions import LapseError
+from lapse.files import atomic_path
 from lapse.sinks.base import RECORD_COLUMNS, RECORD_SCHEMA, Item, Limits, Outcome, Record, Sink
 
 if TYPE_CHECKING:
@@ -76,14 +77,8 @@ class FileSink(Sink):
 
     def send(self, batch_id: str, items: list[Item]) -> Outcome:
         frame = _gather(items)
-        part = self._parts(self._run) / f"{batch_id}.parquet"
-        part.parent.mkdir(parents=True, exist_ok=True)
-        tmp = part.with_suffix(".tmp")
-        try:
+        with atomic_path(self._parts(self._run) / f"{batch_id}.parquet") as tmp:
             frame.write_parquet(tmp)
-            tmp.replace(part)
-        except OSError as exc:
-            raise LapseError(f"{part}: cannot write the part file: {exc}") from None
         return Outcome()
 
     def open(self, score_run_id: str) -> None:
@@ -138,13 +133,8 @@ def _gather(items: list[_Row]) -> pl.DataFrame:
 
 
 def _sink_parquet(frame: pl.LazyFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         frame.sink_parquet(tmp)
-        tmp.replace(path)
-    except OSError as exc:
-        raise LapseError(f"{path}: cannot write the scores: {exc}") from None
 
 
 def _formula_like(column: str) -> pl.Expr:
@@ -158,10 +148,8 @@ def write_records(frame: pl.DataFrame, path: Path, *, spreadsheet_safe: bool = F
     Returns the CSV's formula-like text cells (see the module docstring), prefixed with an
     apostrophe when ``spreadsheet_safe``; 0 for Parquet.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     found = 0
-    try:
+    with atomic_path(path) as tmp:
         if path.suffix.lower() == ".csv":
             frame = frame.with_columns(
                 pl.Series(c, [json.dumps(v or [], ensure_ascii=False) for v in frame[c].to_list()])
@@ -177,9 +165,6 @@ def write_records(frame: pl.DataFrame, path: Path, *, spreadsheet_safe: bool = F
             frame.write_csv(tmp)
         else:
             frame.write_parquet(tmp)
-        tmp.replace(path)
-    except OSError as exc:
-        raise LapseError(f"{path}: cannot write the scores: {exc}") from None
     return int(found or 0)
 
 

@@ -33,7 +33,9 @@ from lapse.config import LapseConfig
 from lapse.delivery.batches import encode, plan_batches
 from lapse.events import load_attributes
 from lapse.events.identity import anonymous_only
+from lapse.exceptions import WriteFailed
 from lapse.modeling.bundle import ChurnBundle
+from lapse.registry import LoadedBundle
 from lapse.schema import EVENT_COLUMNS
 from lapse.score.records import (
     check_event_names,
@@ -58,8 +60,8 @@ from lapse.score.run import (
     model_label,
     model_version,
     prune_expired,
+    recorded,
     run_result,
-    score_header,
     snapshot_rows,
     start_delivery,
 )
@@ -95,11 +97,24 @@ def run_score_spark(
 ) -> ScoreRunResult:
     """The Spark engine's score run; :func:`lapse.score.run.run_score` holds the lock and
     ledger and makes the run's :class:`~lapse.score.run.RunContext`."""
-    config, as_of, report = ctx.config, ctx.as_of, ctx.progress
     session = spark_session(spark)
-    loaded = load_model(model, config, report)
+    loaded = load_model(model, ctx.config, ctx.progress)
+    with recorded(ctx, loaded):
+        return _score_spark(events, ctx, loaded, session, full=full, partitions=partitions)
+
+
+def _score_spark(
+    events: str | Path,
+    ctx: RunContext,
+    loaded: LoadedBundle,
+    session: SparkSession,
+    *,
+    full: bool,
+    partitions: int | None,
+) -> ScoreRunResult:
+    """The Spark engine's run, once recorded (:func:`lapse.score.run.recorded`)."""
+    config, as_of, report = ctx.config, ctx.as_of, ctx.progress
     bundle = loaded.bundle
-    report.begin(score_header(loaded, ctx.run_id))
     report.stage("validating events on Spark")
     checked = validated_events_spark(events, config, spark=session, partitions=partitions)
     validation = checked.report(config, as_of=as_of)
@@ -149,11 +164,20 @@ def run_score_spark(
         if ctx.dry_run:
             # the in-memory twin holds what it is sent anyway
             return dry_run_delivery(ctx, result, pl.read_parquet(outbox_tmp))
-        report.stage("writing the audit snapshot")
-        result.snapshot = _move(snap_tmp, ctx.trail.snapshot(ctx.day, ctx.run_id))
-        ctx.trail.write_summary(ctx.day, ctx.run_id, summary)
-        outbox_path = _move(outbox_tmp, ctx.trail.outbox(ctx.run_id, ctx.sink.name))
-        start_delivery(ctx, result, summary, tally.batches)
+        outbox_path = ctx.trail.outbox(ctx.run_id, ctx.sink.name)
+
+        def snapshot() -> Path:
+            path = _move(snap_tmp, ctx.trail.snapshot(ctx.day, ctx.run_id))
+            ctx.trail.write_summary(ctx.day, ctx.run_id, summary)
+            return path
+
+        start_delivery(
+            ctx,
+            result,
+            tally.batches,
+            snapshot=snapshot,
+            outbox=lambda: _move(outbox_tmp, outbox_path),
+        )
 
         def chunks() -> Iterator[tuple[pl.DataFrame, None]]:
             offset = 0
@@ -203,9 +227,12 @@ class _Writer:
 
     def write(self, frame: pl.DataFrame) -> None:
         table = frame.to_arrow()
-        if self.writer is None:
-            self.writer = pq.ParquetWriter(self.path, table.schema)
-        self.writer.write_table(table.cast(self.writer.schema))
+        try:
+            if self.writer is None:
+                self.writer = pq.ParquetWriter(self.path, table.schema)
+            self.writer.write_table(table.cast(self.writer.schema))
+        except OSError as exc:  # a full disk: one line (the staging folder is removed)
+            raise WriteFailed.from_os_error(self.path, exc) from None
 
     def __exit__(self, *exc: object) -> None:
         if self.writer is not None:
@@ -214,8 +241,11 @@ class _Writer:
 
 def _move(staged: Path, home: Path) -> Path:
     """Put a staged file at its audit trail ``home``."""
-    home.parent.mkdir(parents=True, exist_ok=True)
-    staged.replace(home)
+    try:
+        home.parent.mkdir(parents=True, exist_ok=True)
+        staged.replace(home)
+    except OSError as exc:
+        raise WriteFailed.from_os_error(home, exc) from None
     return home
 
 
