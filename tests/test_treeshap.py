@@ -156,6 +156,36 @@ def test_moving_one_input_changes_the_log_odds_by_its_trees(params: dict[str, An
     assert ts.leaf_tables(_booster(), ts.build_tables(_booster())) is None
 
 
+def test_values_past_a_split_at_infinity_take_its_left_branch() -> None:
+    """A split sending every number left and NaN right is ``x <= inf`` in the booster but
+    dumped as ``1e300``: values above 1e300 (``inf`` included) go left, keyed and moved
+    as the booster predicts them."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2000, 2))
+    missing = rng.random(len(x)) < 0.3
+    x[missing, 0] = np.nan
+    y = (missing | (x[:, 1] > 0)).astype(float)
+    params = {"objective": "binary", "num_leaves": 4, "min_data_in_leaf": 5, "verbosity": -1}
+    booster = lgb.train(
+        {**params, "num_threads": 1, "seed": 0}, lgb.Dataset(x, y), num_boost_round=5
+    )
+    tables = ts.build_tables(booster)
+    assert tables is not None and tables.thresholds[0][-1] >= 1e300  # dumped as 1e300
+    rows = _x(400, 11)[:, :2]
+    rows[::4, 0] = [1e299, 1e300, 2e300, 1e308, np.inf][: len(rows[::4])] * 20
+    ref = booster.predict(rows, pred_contrib=True)
+    fast = ts.contributions(booster, rows, tables, num_threads=1, min_rows=0)
+    assert np.abs(fast - ref).max() <= TOL
+    leaves = ts.leaf_tables(booster, tables)
+    assert leaves is not None
+    at, cols = np.arange(len(rows)), np.zeros(len(rows), dtype=np.int64)
+    values = np.resize([np.inf, 1e301, np.nan, 0.5], len(rows))
+    moved = rows.copy()
+    moved[:, 0] = values
+    want = booster.predict(moved, raw_score=True) - booster.predict(rows, raw_score=True)
+    assert np.abs(ts.Moves.of(leaves, rows).delta(at, cols, values) - want).max() <= TOL
+
+
 _PROPERTY_BOOSTER = _booster(zero_as_missing=True)
 _PROPERTY_TABLES = ts.build_tables(_PROPERTY_BOOSTER)
 

@@ -84,6 +84,9 @@ PROBE_TREES: Final = 12
 #: explaining a few percent of the rows, so the fast path wins well below 1.
 MAX_CELL_SHARE: Final = 0.6
 _MAX_KEY: Final = 2**62
+#: LightGBM dumps a threshold of ``inf`` (every number goes left, missing values apart) as
+#: this; the booster compares with ``inf``, so values above it (``inf`` included) go left.
+_DUMPED_INF: Final = 1e300
 
 
 @dataclass(frozen=True)
@@ -141,7 +144,9 @@ def _walk(node: dict[str, Any], numeric: dict[int, list[_Split]], categorical: s
     f = int(node["split_feature"])
     kind = node["decision_type"]
     if kind == "<=":
-        split = (float(node["threshold"]), str(node["missing_type"]), bool(node["default_left"]))
+        th = float(node["threshold"])
+        th = np.inf if th >= _DUMPED_INF else th  # the booster's own threshold
+        split = (th, str(node["missing_type"]), bool(node["default_left"]))
         numeric.setdefault(f, []).append(split)
     elif kind == "==":
         categorical.add(f)
@@ -451,8 +456,6 @@ class LeafTables:
     by_feature: dict[int, tuple[int, ...]]
 
 
-#: A dumped threshold this high is LightGBM's "every value goes left" (missing values apart).
-_NO_ABOVE: Final = 1e300
 #: Trees with more keys than this leave :func:`leaf_tables` to ``None``.
 MAX_TREE_KEYS: Final = 1 << 16
 
@@ -467,8 +470,8 @@ def _representatives(glob: FloatArray) -> list[float | None]:
             below = glob[g - 1] if g else glob[0] - 2.0
             mid = (below + glob[g]) / 2
             tries = [float(mid), float((mid + glob[g]) / 2), float((below + mid) / 2)]
-        elif glob[m - 1] >= _NO_ABOVE:
-            tries = []  # LightGBM's 1e300 stands for "every value": nothing is above it
+        elif np.isinf(glob[m - 1]):
+            tries = []  # a threshold at inf: nothing is above it
         else:
             tries = [float(glob[m - 1] + 1.0), float(abs(glob[m - 1]) * 2 + 1.0)]
         codes = _codes(glob, np.array(tries, dtype=np.float64))
