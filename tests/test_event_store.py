@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -82,3 +86,30 @@ def test_newer_parts_merge_as_they_accumulate_and_forget_erases(tmp_path: Path) 
     part = es.write(store, _events([("u1", 1, "x"), ("u2", 2, "x")]), identity.empty_links())
     assert es.forget(root, {"u1"}) == 1
     assert es.read(store, [part], ["u1"]) is None and es.read(store, [part], ["u2"]) is not None
+
+
+def test_forget_erases_links_and_a_part_killed_half_rewritten_is_missing(tmp_path: Path) -> None:
+    """A part holding only a link of the user loses it; a forget killed in the middle of a
+    part leaves it missing (the next trigger run is a full one), and a second one finishes."""
+    root = tmp_path / "root"
+    store = es.folder(root, "file", "/data/events")
+    links = pl.DataFrame(
+        {"id": ["anon-1", "anon-2"], "user_id": ["u1", "u2"], "ts": [T0, T0]}
+    ).cast(identity.LINK_SCHEMA)  # type: ignore[arg-type]
+    only_links = es.write(store, _events([("u3", 1, "x")]), links)
+    assert es.forget(root, {"u1"}) == 0
+    assert es.links(store, [only_links])["user_id"].to_list() == ["u2"]
+    assert es.read(store, [only_links], ["u3"]) is not None
+    part = es.write(store, _events([("u1", 1, "x"), ("u2", 2, "x")]), identity.empty_links())
+    script = (
+        "from pathlib import Path; from lapse.events import store; "
+        f"store.forget(Path({str(root)!r}), {{'u2'}})"
+    )
+    env = {**os.environ, "LAPSE_FAULT": "forget_part"}
+    killed = subprocess.run([sys.executable, "-c", script], env=env, check=False)
+    assert killed.returncode == -signal.SIGKILL
+    assert not es.present(store, [part, only_links])
+    assert es.forget(root, {"u2"}) == 1  # the rows the killed one had not replaced yet
+    assert es.present(store, [part, only_links])
+    assert es.read(store, [part, only_links], ["u2"]) is None
+    assert es.links(store, [part, only_links]).is_empty()
