@@ -2,14 +2,15 @@
 
 ```
 <audit.path>/event_store/<sink>-<hash of the folder>/
-  <part>.arrow          validated events of some files, sorted by user (Arrow IPC, uncompressed)
+  <part>.arrow          validated events of some files, sorted by user (Arrow IPC, uncompressed;
+                        with their message ids when ``source.message_id`` is set)
   <part>.users.parquet  each user's rows in it: user_id, start, rows
   <part>.links.parquet  the identity links of those files
 ```
 
 A full ``lapse triggers run`` stores every event of the folder as one part; each
 incremental run adds the events of its new files as another (their duplicates of
-stored rows left out). The run ledger lists a folder's parts with its watermark and
+stored rows, by canonical columns or message id, left out: :func:`combine`). The run ledger lists a folder's parts with its watermark and
 changes the list in the same transaction, so a part written by a run killed before
 it is never read (and :func:`clean` removes it). An incremental run reads the parts
 memory-mapped and takes the rows of the users it touches: the pages those rows sit
@@ -34,7 +35,8 @@ import pyarrow.ipc
 
 from lapse.config import LapseConfig
 from lapse.events import identity
-from lapse.events.validate import canonical_columns, read_events, read_links
+from lapse.events.mapping import MESSAGE_ID
+from lapse.events.validate import canonical_columns, distinct, read_events, read_links
 from lapse.exceptions import LapseError
 from lapse.faults import fault_point
 
@@ -125,13 +127,13 @@ def present(store: Path, parts: Sequence[str]) -> bool:
 
 
 def read_new(files: Sequence[Path], config: LapseConfig) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """The validated events of ``files`` (in their order; a row repeating an earlier one
-    of these files left out, as in one folder) and their identity links."""
-    events = [read_events(f, config).collect() for f in files]
+    """The validated events of ``files`` with their message ids (in their order; a row
+    repeating an earlier one of these files left out, as in one folder: see
+    :func:`lapse.events.validate.distinct`) and their identity links."""
+    events = [read_events(f, config, message_ids=True).collect() for f in files]
     frame = pl.concat(events, how="diagonal_relaxed") if events else pl.DataFrame()
     if frame.height:
-        first = pl.struct(canonical_columns(config)).is_first_distinct()
-        frame = frame.filter(first)
+        frame = frame.filter(distinct(frame, config))
     return frame, union_links([read_links(f, config) for f in files])
 
 
@@ -142,7 +144,9 @@ def combine(
     (a duplicate keeps its first occurrence), and those rows of ``fresh``.
 
     Each side has no duplicates of its own (validated), so a duplicate is a fresh row
-    equal to a stored one in every canonical column."""
+    equal to a stored one in every canonical column, or with the same message id
+    (``source.message_id`` set; ids shared across users apart, as
+    :func:`lapse.events.validate.read_events` of a few users)."""
     if stored is None or stored.is_empty():
         return fresh, fresh
     if fresh.is_empty():
@@ -151,6 +155,9 @@ def combine(
     added = fresh.join(
         stored.select(on), on=on, how="anti", nulls_equal=True, maintain_order="left"
     )
+    if config.source.message_id is not None and MESSAGE_ID in stored.columns:
+        seen = stored[MESSAGE_ID].drop_nulls()
+        added = added.filter(~pl.col(MESSAGE_ID).is_in(seen.implode()).fill_null(False))
     return pl.concat([stored, added], how="diagonal_relaxed"), added
 
 

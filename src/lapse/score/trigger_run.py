@@ -24,6 +24,7 @@ from lapse.events import (
 )
 from lapse.events import store as event_store
 from lapse.events.identity import anonymous_only, person_ids, resolve
+from lapse.events.mapping import MESSAGE_ID
 from lapse.events.readers import EventSource, as_polars, frame_name
 from lapse.exceptions import LapseError
 from lapse.faults import fault_point
@@ -310,10 +311,10 @@ def _read(
     config, as_of = ctx.config, ctx.as_of
     if todo.full:
         # everyone is read: validate as `score` does, so rejected rows are counted
-        kept, validation = validate_events(events, config, as_of=as_of)
+        kept, validation = validate_events(events, config, as_of=as_of, message_ids=True)
         links = read_links(events, config)
         parts = [event_store.write(store, kept, links)] if keep else []
-        everyone = resolve(kept.lazy(), links, as_of).collect()
+        everyone = resolve(_events(kept), links, as_of).collect()
         del kept
         users = everyone["user_id"].cast(pl.String).unique().sort().to_list()
         return _Read(everyone, validation, links, users, parts)
@@ -326,7 +327,12 @@ def _read(
     parts = list(todo.parts)
     if added.height and keep:
         parts = event_store.merge(store, [*parts, event_store.write(store, added, new_links)])
-    history = resolve(both.lazy(), links, as_of).collect() if both.height else None
+    history = resolve(_events(both), links, as_of).collect() if both.height else None
     touched = pl.LazyFrame({"user_id": todo.users}, schema={"user_id": pl.String})
     users = resolve(touched, links, as_of).collect()["user_id"].unique().sort().to_list()
     return _Read(history, None, links, users, parts)
+
+
+def _events(stored: pl.DataFrame) -> pl.LazyFrame:
+    """Events as the event store keeps them, without their message ids."""
+    return stored.lazy().drop(MESSAGE_ID, strict=False)
