@@ -400,6 +400,47 @@ def test_incremental_trigger_runs_pick_up_new_links_from_new_files(
     assert "hello" not in mine[0]["triggers"]
 
 
+def test_a_link_from_a_new_file_with_no_event_kept_lasts_for_later_runs(
+    world: World, _isolated_home: Path
+) -> None:
+    """The login comes on a row without an event name (rejected, its link counts as in a
+    full run): the event store keeps the link, so a later run still sees one customer."""
+    folder, who = identity_folder(world, _isolated_home, login=False)
+    cfg = make_config(
+        _isolated_home,
+        world,
+        source={"identity": "device"},
+        triggers={"veteran": {"when": "tenure_days >= 30", "cooldown_days": 0}},
+        control={"share": 0.0},
+    )
+    t = world.as_of
+
+    def run(at: datetime) -> dict[str, tuple[str, ...]]:
+        res = run_triggers(
+            folder, cfg, as_of=at, incremental=True, model=str(world.bundle), sink="capture"
+        )
+        assert res.complete
+        with Ledger(_isolated_home / "lapse-runs" / "ledger.sqlite") as ledger:
+            states = ledger.trigger_states("capture", str(folder.resolve()))
+        return {s.user_id: s.fired for s in states}
+
+    run(t)
+    (_isolated_home / "next").mkdir()
+    identity_folder(world, _isolated_home / "next", login=True)
+    login = pl.read_parquet(_isolated_home / "next" / "identity" / "day-140.parquet")
+    login.with_columns(pl.lit(None, pl.String).alias("event")).write_parquet(
+        folder / "day-140.parquet"
+    )
+    assert "veteran" in run(t + timedelta(days=1))[who]
+    # an event of the customer a day later: evaluated with the visitor's history again
+    later = login.with_columns(
+        pl.lit(t + timedelta(days=1, hours=12)).cast(login.schema["ts"]).alias("ts"),
+        pl.lit(None, pl.String).alias("device"),
+    )
+    later.write_parquet(folder / "day-141.parquet")
+    assert "veteran" in run(t + timedelta(days=2))[who]
+
+
 def test_scores_of_a_segment_export_equal_those_of_the_true_ids(
     world: World, _isolated_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

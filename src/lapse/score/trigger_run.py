@@ -325,7 +325,7 @@ def _read(
     stored = event_store.read(store, todo.parts, ids)
     both, added = event_store.combine(stored, fresh, config)
     parts = list(todo.parts)
-    if added.height and keep:
+    if (added.height or new_links.height) and keep:  # a link may come on a rejected row
         parts = event_store.merge(store, [*parts, event_store.write(store, added, new_links)])
     history = resolve(_events(both), links, as_of).collect() if both.height else None
     touched = pl.LazyFrame({"user_id": todo.users}, schema={"user_id": pl.String})
