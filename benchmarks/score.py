@@ -1,4 +1,4 @@
-"""Benchmark: the nightly `lapse score` on 1M users (the issue's budget: 3 minutes, 8 GB).
+"""Benchmark: the nightly `lapse score` on 1M users (the goal: 60 s and 4 GB).
 
 One run scores every eligible user of a synthetic event log as of the day
 after it: read + validate, features, churn (calibrated), survival (open
@@ -14,8 +14,9 @@ shop would. The triggers are still evaluated for every user; the benchmark
 prints the share explained. A small bundle is trained once
 on a sample of users (not timed) and cached with the data under
 ``benchmarks/.data/``. The score runs in its own subprocess; the benchmark
-prints its wall time per step, its peak memory (max RSS) and both as a ratio
-of the budget.
+prints its wall time per step, its compute time (the run itself) with the CPU
+time of the process (all threads: read it when the machine is shared), the
+whole process's wall time, its peak memory (max RSS) and the ratios to the goal.
 
 Usage::
 
@@ -38,8 +39,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 DATA = HERE / ".data"
 START = date(2026, 1, 1)
-BUDGET_SECONDS = 180.0
-BUDGET_BYTES = 8 * 2**30
+GOAL_SECONDS = 60.0
+GOAL_BYTES = 4 * 2**30
 
 
 def prepare(users: int, days: int, train_users: int) -> tuple[Path, Path, datetime]:
@@ -156,7 +157,8 @@ def main() -> None:
     wall = time.perf_counter() - t
     if proc.returncode != 0:
         sys.exit(f"score failed:\n{proc.stderr[-3000:]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    peak, cpu = usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     import polars as pl
 
@@ -169,10 +171,13 @@ def main() -> None:
     for name, seconds in report["steps"].items():
         print(f"  {name:<32} {seconds:7.1f} s")
     print(
-        f"compute time {report['seconds']:.1f} s (process {wall:.1f} s), "
-        f"{report['seconds'] / BUDGET_SECONDS:.2f} x the 180 s budget"
+        f"compute time {report['seconds']:.1f} s (process {wall:.1f} s, CPU {cpu:.1f} s), "
+        f"{report['seconds'] / GOAL_SECONDS:.2f} x the {GOAL_SECONDS:.0f} s goal"
     )
-    print(f"peak memory  {peak / 2**30:.2f} GB, {peak / BUDGET_BYTES:.2f} x the 8 GB budget")
+    print(
+        f"peak memory  {peak / 2**30:.2f} GB, "
+        f"{peak / GOAL_BYTES:.2f} x the {GOAL_BYTES / 2**30:.0f} GB goal"
+    )
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from lapse.cli import app
 from lapse.config import load_config
 from lapse.delivery.audit import AuditTrail
 from lapse.delivery.ledger import Ledger
+from lapse.events import store as event_store
 from lapse.insights.impact import impact
 from lapse.jobs import run_forget
 from lapse.schema import run_day
@@ -379,7 +380,8 @@ def test_incremental_trigger_runs_killed_after_delivery_or_in_flight_equal_a_cle
 ) -> None:
     """Two homes run the same incremental sequence; in the second, one run is killed
     between its delivery and the watermark's advance and another in flight. Their next runs
-    finish them: Braze ends with exactly the same events (no trigger lost or doubled)."""
+    finish them: Braze ends with exactly the same events (no trigger lost or doubled), and
+    their event stores hold the same events (the killed run's part is listed by the next)."""
     at = [
         world.as_of,
         world.as_of + timedelta(days=1, hours=3, minutes=17),
@@ -389,7 +391,7 @@ def test_incremental_trigger_runs_killed_after_delivery_or_in_flight_equal_a_cle
     ]
     files = [0, 1, 1, 2, 2]  # daily files in the folder at each run
     faults = [None, "before_watermark", None, "after_send@1", None]
-    servers = {}
+    servers, stored = {}, {}
     for crash in (False, True):
         home = tmp_path / ("crash" if crash else "clean")
         home.mkdir()
@@ -415,6 +417,14 @@ def test_incremental_trigger_runs_killed_after_delivery_or_in_flight_equal_a_cle
                 if crash and when == at[4]:
                     assert "was cut off during delivery; this run finished it first" in res.output
             servers[crash] = (Counter(braze.sent_events), set(braze.attributes))
+        trail = AuditTrail(home / "lapse-runs")
+        with Ledger(trail.ledger) as ledger:
+            mark = ledger.watermark("braze", os.path.abspath(events))
+        assert mark is not None
+        store = event_store.folder(trail.root, "braze", os.path.abspath(events))
+        stored[crash] = event_store.read_all(store, mark.parts).sort(pl.all())
+    assert stored[True].equals(stored[False])
+    assert stored[False].height == pl.read_parquet(events / "*.parquet").height
     clean, crashed = servers[False], servers[True]
     assert clean[0]
     assert crashed[0] == clean[0]  # every trigger event as often as without the kills

@@ -130,6 +130,62 @@ def test_property_small_frames(rows: list[list[float]]) -> None:
     assert np.abs(fast - ref).max() <= TOL
 
 
+@pytest.mark.parametrize("params", [{}, {"zero_as_missing": True}, {"use_missing": False}])
+def test_moving_one_input_changes_the_log_odds_by_its_trees(params: dict[str, Any]) -> None:
+    """Moves.delta (table lookups in the trees that split on the input) equals the
+    difference of LightGBM's two predictions, special values included."""
+    x = _x(3000, 0)
+    data = lgb.Dataset(x, _y(x, 1), categorical_feature=[], params={"verbosity": -1})
+    base = {"objective": "binary", "num_leaves": 15, "min_data_in_leaf": 10, "num_threads": 1}
+    booster = lgb.train({**base, **params, "verbosity": -1, "seed": 0}, data, num_boost_round=30)
+    leaves = ts.leaf_tables(booster, ts.build_tables(booster))
+    assert leaves is not None
+    rows = _x(2000, 9)
+    rng = np.random.default_rng(4)
+    at = np.arange(len(rows))
+    cols = rng.integers(0, rows.shape[1], len(rows))
+    values = np.where(
+        rng.random(len(rows)) < 0.5, rng.choice(SPECIAL, len(rows)), _x(2000, 10)[at, cols]
+    )
+    moved = rows.copy()
+    moved[at, cols] = values
+    want = booster.predict(moved, raw_score=True) - booster.predict(rows, raw_score=True)
+    got = ts.Moves.of(leaves, rows).delta(at, cols, values)
+    assert np.abs(got - want).max() <= TOL and (np.abs(want) > 1e-6).mean() > 0.5
+    # a categorical split: no tables (reasons predict the moved rows instead)
+    assert ts.leaf_tables(_booster(), ts.build_tables(_booster())) is None
+
+
+def test_values_past_a_split_at_infinity_take_its_left_branch() -> None:
+    """A split sending every number left and NaN right is ``x <= inf`` in the booster but
+    dumped as ``1e300``: values above 1e300 (``inf`` included) go left, keyed and moved
+    as the booster predicts them."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2000, 2))
+    missing = rng.random(len(x)) < 0.3
+    x[missing, 0] = np.nan
+    y = (missing | (x[:, 1] > 0)).astype(float)
+    params = {"objective": "binary", "num_leaves": 4, "min_data_in_leaf": 5, "verbosity": -1}
+    booster = lgb.train(
+        {**params, "num_threads": 1, "seed": 0}, lgb.Dataset(x, y), num_boost_round=5
+    )
+    tables = ts.build_tables(booster)
+    assert tables is not None and tables.thresholds[0][-1] >= 1e300  # dumped as 1e300
+    rows = _x(400, 11)[:, :2]
+    rows[::4, 0] = [1e299, 1e300, 2e300, 1e308, np.inf][: len(rows[::4])] * 20
+    ref = booster.predict(rows, pred_contrib=True)
+    fast = ts.contributions(booster, rows, tables, num_threads=1, min_rows=0)
+    assert np.abs(fast - ref).max() <= TOL
+    leaves = ts.leaf_tables(booster, tables)
+    assert leaves is not None
+    at, cols = np.arange(len(rows)), np.zeros(len(rows), dtype=np.int64)
+    values = np.resize([np.inf, 1e301, np.nan, 0.5], len(rows))
+    moved = rows.copy()
+    moved[:, 0] = values
+    want = booster.predict(moved, raw_score=True) - booster.predict(rows, raw_score=True)
+    assert np.abs(ts.Moves.of(leaves, rows).delta(at, cols, values) - want).max() <= TOL
+
+
 _PROPERTY_BOOSTER = _booster(zero_as_missing=True)
 _PROPERTY_TABLES = ts.build_tables(_PROPERTY_BOOSTER)
 
@@ -161,10 +217,18 @@ def test_race_model_on_synthetic_world(tmp_path: Path) -> None:
     expected = [[names[j] for j in order if ref[i, j] > 0] for i, order in enumerate(_top(ref))]
     got = [[names[j] for j in order if fast[i, j] > 0] for i, order in enumerate(_top(fast))]
     assert got == expected and out.height == big.height
+    # a move checked by table lookups gives the same reasons as predicting the moved rows
+    plain = model.moves
+    model.moves = lambda x: None  # type: ignore[method-assign]
+    try:
+        assert reasons(bundle.scorer, "lightgbm", big).equals(out)
+    finally:
+        model.moves = plain  # type: ignore[method-assign]
+    assert out["reasons"].list.len().sum() > 0
     # the tables are cached on the model but not pickled: old and new bundles load alike
     assert "_shap_cache" in model.__dict__
     again = pickle.loads(pickle.dumps(model))
-    assert "_shap_cache" not in again.__dict__
+    assert "_shap_cache" not in again.__dict__ and "_leaf_cache" not in again.__dict__
     assert np.abs(again.contributions(big) - ref).max() <= TOL
 
 

@@ -13,6 +13,9 @@ fault point does nothing. The stages, in the order a run reaches them:
     made), ``after_send`` (the destination acknowledged a batch, the ledger does not
     know yet), ``after_delivery`` (every batch acknowledged, the run not yet finished);
     ``before_watermark`` (``triggers run``: delivered, the watermark not advanced).
+``lapse forget``
+    ``forget_part`` (a part of an event store rewritten without the users: its row
+    index removed, its rows not yet replaced).
 ``lapse train``
     ``train_logging`` (inside the MLflow run), ``after_register`` (a model version
     registered, its aliases not yet set).

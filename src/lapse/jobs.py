@@ -15,6 +15,7 @@ from lapse.datasets import generate, write
 from lapse.delivery.audit import AuditTrail
 from lapse.delivery.ledger import Ledger
 from lapse.events import ValidationReport, load_attributes, read_links, validate_events
+from lapse.events import store as event_store
 from lapse.exceptions import LapseError
 from lapse.features import build
 from lapse.files import atomic_path
@@ -254,11 +255,13 @@ class ForgetResult:
 
 
 def run_forget(config: LapseConfig, user_ids: list[str]) -> ForgetResult:
-    """Erase users from audit snapshots, outboxes, dead letters and the run ledger; report
-    the MLflow input examples holding them (:func:`lapse.registry.example_files`)."""
+    """Erase users from audit snapshots, outboxes, dead letters, the incremental runs'
+    event stores and the run ledger; report the MLflow input examples holding them
+    (:func:`lapse.registry.example_files`)."""
     ids = {str(u) for u in user_ids}
     trail = AuditTrail(config.resolve(config.audit.path))
     removed = trail.forget(ids)
+    removed["event_store_rows"] = event_store.forget(trail.root, ids)
     if trail.ledger.exists():
         with Ledger(trail.ledger) as ledger:
             removed["ledger_rows"] = ledger.forget(sorted(ids))

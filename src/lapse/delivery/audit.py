@@ -8,6 +8,7 @@
   snapshots/run_date=YYYY-MM-DD/<run>.json       the run's summary, drift included
   outbox/<run>/<sink>.parquet                    the records a run sends (resume reads it)
   dead_letters/<run>.<sink>.ndjson               records that did not get through
+  event_store/<sink>-<folder hash>/              incremental trigger runs' events (lapse.events.store)
 ```
 
 ``run_date`` is the run's ``as_of`` date. Snapshots are written before

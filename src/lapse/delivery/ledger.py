@@ -9,7 +9,8 @@ user and run the day a message (a record carrying triggers) was delivered (the
 frequency cap of :mod:`lapse.delivery.batches`). For incremental trigger runs
 (:mod:`lapse.score.incremental`) it also holds, per sink and event source, the watermark (the
 files processed with their size and mtime, the last ``as_of`` and a fingerprint
-of the model and trigger definitions) and the trigger state (per user: the
+of the model and trigger definitions), the parts of its event store
+(:mod:`lapse.events.store`) and the trigger state (per user: the
 triggers that fired at the last evaluation, when, and when the user is next
 due), and the watermark a trigger run stages before it delivers (advanced after
 its delivery, or by the next run if it was cut off in between). Every change
@@ -87,6 +88,7 @@ CREATE TABLE IF NOT EXISTS trigger_fired (
     sink TEXT NOT NULL, trigger TEXT NOT NULL, user_id TEXT NOT NULL,
     last_fired TEXT NOT NULL, score_run_id TEXT NOT NULL,
     PRIMARY KEY (sink, trigger, user_id));
+CREATE INDEX IF NOT EXISTS trigger_fired_by_user ON trigger_fired (sink, user_id);
 CREATE TABLE IF NOT EXISTS messages (
     sink TEXT NOT NULL, user_id TEXT NOT NULL, score_run_id TEXT NOT NULL,
     day TEXT NOT NULL, PRIMARY KEY (sink, user_id, score_run_id));
@@ -101,13 +103,16 @@ CREATE TABLE IF NOT EXISTS trigger_state (
     sink TEXT NOT NULL, source TEXT NOT NULL, user_id TEXT NOT NULL, fired TEXT NOT NULL,
     evaluated_at TEXT NOT NULL, next_due TEXT NOT NULL, PRIMARY KEY (sink, source, user_id));
 CREATE INDEX IF NOT EXISTS trigger_state_due ON trigger_state (sink, source, next_due);
+CREATE TABLE IF NOT EXISTS event_parts (
+    sink TEXT NOT NULL, source TEXT NOT NULL, seq INTEGER NOT NULL, part TEXT NOT NULL,
+    PRIMARY KEY (sink, source, seq));
 CREATE TABLE IF NOT EXISTS in_doubt (
     score_run_id TEXT NOT NULL, sink TEXT NOT NULL, row INTEGER NOT NULL, user_id TEXT NOT NULL,
     PRIMARY KEY (score_run_id, sink, row));
 CREATE TABLE IF NOT EXISTS staged_watermarks (
     score_run_id TEXT NOT NULL, sink TEXT NOT NULL, source TEXT NOT NULL, as_of TEXT NOT NULL,
     fingerprint TEXT NOT NULL, full INTEGER NOT NULL, files TEXT NOT NULL, states TEXT NOT NULL,
-    PRIMARY KEY (score_run_id, sink, source));
+    parts TEXT, PRIMARY KEY (score_run_id, sink, source));
 """
 
 
@@ -150,7 +155,9 @@ class RunInfo:
 class Watermark:
     """What the incremental trigger runs of one event source have processed.
 
-    ``files`` maps each processed file (its resolved path) to ``(size, mtime_ns)``.
+    ``files`` maps each processed file (its resolved path) to ``(size, mtime_ns)``;
+    ``parts`` names the parts of the event store holding their events
+    (:mod:`lapse.events.store`), oldest first.
     """
 
     sink: str
@@ -158,6 +165,7 @@ class Watermark:
     as_of: datetime
     fingerprint: str
     files: dict[str, tuple[int, int]]
+    parts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -622,7 +630,14 @@ class Ledger:
                 (sink, source),
             )
         }
-        return Watermark(sink, source, datetime.fromisoformat(row[0]), row[1], files)
+        parts = tuple(
+            r[0]
+            for r in self._db.execute(
+                "SELECT part FROM event_parts WHERE sink = ? AND source = ? ORDER BY seq",
+                (sink, source),
+            )
+        )
+        return Watermark(sink, source, datetime.fromisoformat(row[0]), row[1], files, parts)
 
     def due(self, sink: str, source: str, as_of: datetime) -> list[str]:
         """Users of ``source`` (for ``sink``) whose ``next_due`` is at or before ``as_of``."""
@@ -657,12 +672,14 @@ class Ledger:
         files: Iterable[tuple[str, int, int]],
         states: Iterable[TriggerState],
         full: bool = False,
+        parts: Sequence[str] | None = None,
     ) -> None:
         """Keep what :meth:`advance_watermark` will record once run ``score_run_id`` has
-        delivered, so that a run cut off in between is advanced by the next one."""
+        delivered, so that a run cut off in between is advanced by the next one (the event
+        store's ``parts`` with it: they hold the events of the files it processed)."""
         with self._tx() as db:
             db.execute(
-                "INSERT OR REPLACE INTO staged_watermarks VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO staged_watermarks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     score_run_id,
                     sink,
@@ -672,6 +689,7 @@ class Ledger:
                     int(full),
                     json.dumps([list(f) for f in files]),
                     json.dumps([_state_row(s) for s in states]),
+                    None if parts is None else json.dumps(list(parts)),
                 ),
             )
 
@@ -689,7 +707,7 @@ class Ledger:
     def advance_staged(self, score_run_id: str, sink: str, source: str) -> None:
         """:meth:`advance_watermark` with what run ``score_run_id`` staged."""
         row = self._db.execute(
-            "SELECT as_of, fingerprint, full, files, states FROM staged_watermarks "
+            "SELECT as_of, fingerprint, full, files, states, parts FROM staged_watermarks "
             "WHERE score_run_id = ? AND sink = ? AND source = ?",
             (score_run_id, sink, source),
         ).fetchone()
@@ -706,6 +724,7 @@ class Ledger:
                 for u, fired, at, due in json.loads(row[4])
             ],
             full=bool(row[2]),
+            parts=None if row[5] is None else json.loads(row[5]),
             staged_by=score_run_id,
         )
 
@@ -724,10 +743,12 @@ class Ledger:
         files: Iterable[tuple[str, int, int]],
         states: Iterable[TriggerState],
         full: bool = False,
+        parts: Sequence[str] | None = None,
         staged_by: str | None = None,
     ) -> None:
-        """In one transaction: the files now processed, the ``as_of`` and the new states
-        (and, ``staged_by`` a run, that run's staged watermark is gone).
+        """In one transaction: the files now processed, the ``as_of``, the new states and
+        the event store's ``parts`` (when given, they replace the list); and, ``staged_by``
+        a run, that run's staged watermark is gone.
 
         ``full`` replaces every state of ``source`` (a full evaluation) instead of
         updating the given users only; the file list is always replaced.
@@ -749,6 +770,12 @@ class Ledger:
                 "INSERT INTO watermark_files VALUES (?, ?, ?, ?, ?)",
                 [(sink, source, f, size, mtime) for f, size, mtime in files],
             )
+            if parts is not None:
+                db.execute(f"DELETE FROM event_parts {where}", (sink, source))
+                db.executemany(
+                    "INSERT INTO event_parts VALUES (?, ?, ?, ?)",
+                    [(sink, source, seq, part) for seq, part in enumerate(parts)],
+                )
             if full:
                 db.execute(f"DELETE FROM trigger_state {where}", (sink, source))
             rows = [_state_row(s) for s in states]

@@ -74,6 +74,7 @@ __all__ = [
     "canonical_columns",
     "canonical_events",
     "count_orders",
+    "distinct",
     "event_files",
     "links_of",
     "new_event_users",
@@ -214,12 +215,14 @@ def links_of(frame: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def _kept(frame: pl.DataFrame, config: LapseConfig) -> tuple[pl.DataFrame, pl.DataFrame]:
+def _kept(
+    frame: pl.DataFrame, config: LapseConfig, *, message_ids: bool = False
+) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Mapped rows (no identity calls) -> ``(rejected rows with reason, kept events)``;
     guest rows count as rejected here, with the reason :data:`GUEST`.
 
-    Duplicates among the unrejected rows (identical canonical columns, or the
-    same ``source.message_id``) keep their first occurrence.
+    Duplicates among the unrejected rows (:func:`distinct`) keep their first occurrence;
+    ``message_ids`` keeps the :data:`MESSAGE_ID` column too (``source.message_id`` set).
     """
     bad = frame.select(pl.any_horizontal(_checks(config).values())).to_series()
     if bad.any():  # reasons are spelled out for the rejected rows only
@@ -228,12 +231,20 @@ def _kept(frame: pl.DataFrame, config: LapseConfig) -> tuple[pl.DataFrame, pl.Da
     else:
         rejected, ok = frame.clear().with_columns(pl.lit(None, pl.String).alias(REASON)), frame
     del frame
-    keep = _first_distinct(ok, canonical_columns(config))
-    if config.source.message_id is not None:
-        ids = ok[MESSAGE_ID]
-        keep = keep & (ids.is_null() | ids.is_first_distinct())
+    keep = distinct(ok, config)
     kept = ok if keep.all() else ok.filter(keep)
-    return rejected, kept.select(output_columns(config))
+    extra = [MESSAGE_ID] if message_ids and config.source.message_id is not None else []
+    return rejected, kept.select(*output_columns(config), *extra)
+
+
+def distinct(frame: pl.DataFrame, config: LapseConfig) -> pl.Series:
+    """Which rows of ``frame`` are the first of their kind: no earlier row has the same
+    canonical columns, nor the same :data:`MESSAGE_ID` (``source.message_id`` set)."""
+    keep = _first_distinct(frame, canonical_columns(config))
+    if config.source.message_id is not None:
+        ids = frame[MESSAGE_ID]
+        keep = keep & (ids.is_null() | ids.is_first_distinct())
+    return keep
 
 
 def canonical_columns(config: LapseConfig) -> list[str]:
@@ -281,7 +292,11 @@ def _raw(
 
 
 def read_events(
-    path: EventSource, config: LapseConfig, user_ids: Sequence[str] | None = None
+    path: EventSource,
+    config: LapseConfig,
+    user_ids: Sequence[str] | None = None,
+    *,
+    message_ids: bool = False,
 ) -> pl.LazyFrame:
     """Clean canonical events: scan, map, drop rejects and duplicates (read at once,
     returned as a LazyFrame for the feature builders).
@@ -293,7 +308,8 @@ def read_events(
     With ``user_ids`` only those users' rows are kept; the filter is applied to
     the mapped rows before rejects and duplicates are flagged, so the scan reads
     those users' rows only (duplicates share their user; a ``source.message_id``
-    shared across users is the one case this keeps apart).
+    shared across users is the one case this keeps apart). ``message_ids`` keeps their
+    column (:data:`MESSAGE_ID`, when ``source.message_id`` is set) as the event store does.
     """
     raw, name = _raw(path, config, None)
     mapped = map_events(raw, config, source_name=name)
@@ -301,7 +317,7 @@ def read_events(
         ids = pl.Series("user_id", sorted(set(user_ids)), dtype=pl.String)
         mapped = mapped.filter(pl.col("user_id").cast(pl.String).is_in(ids.implode()))
     frame = collect_frame(mapped, name)
-    return _kept(frame.filter(~_calls(frame)), config)[1].lazy()
+    return _kept(frame.filter(~_calls(frame)), config, message_ids=message_ids)[1].lazy()
 
 
 def read_links(path: EventSource, config: LapseConfig) -> pl.DataFrame:
@@ -405,6 +421,7 @@ def validate_events(
     as_of: datetime | None = None,
     rejects_path: Path | None = None,
     now: datetime | None = None,
+    message_ids: bool = False,
 ) -> tuple[pl.DataFrame, ValidationReport]:
     """Read, map and validate ``path``; return the kept events and a report.
 
@@ -422,6 +439,10 @@ def validate_events(
     rejects_path
         Where rejected rows go; default :func:`rejects_path_for`. Written only
         when some row is rejected.
+    message_ids
+        Keep the message ids (:data:`lapse.events.mapping.MESSAGE_ID`, when
+        ``source.message_id`` is set) as a last column: what the event store of
+        incremental trigger runs dedups new rows against.
     """
     source = config.source
     raw, name = _raw(path, config, as_of)
@@ -430,7 +451,9 @@ def validate_events(
     links = links_of(frame)
     is_call = _calls(frame)
     calls = dict(frame.filter(is_call).group_by(CALL).len().iter_rows())
-    rejected, events = _kept(frame.filter(~is_call) if is_call.any() else frame, config)
+    rejected, events = _kept(
+        frame.filter(~is_call) if is_call.any() else frame, config, message_ids=message_ids
+    )
     del frame
     duplicates = rows_read - rejected.height - events.height - sum(calls.values())
     is_guest = rejected[REASON] == GUEST

@@ -55,7 +55,15 @@ import numpy as np
 import numpy.typing as npt
 import polars as pl
 
-__all__ = ["MIN_ROWS", "TreeTables", "build_tables", "contributions"]
+__all__ = [
+    "MIN_ROWS",
+    "LeafTables",
+    "Moves",
+    "TreeTables",
+    "build_tables",
+    "contributions",
+    "leaf_tables",
+]
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -76,6 +84,9 @@ PROBE_TREES: Final = 12
 #: explaining a few percent of the rows, so the fast path wins well below 1.
 MAX_CELL_SHARE: Final = 0.6
 _MAX_KEY: Final = 2**62
+#: LightGBM dumps a threshold of ``inf`` (every number goes left, missing values apart) as
+#: this; the booster compares with ``inf``, so values above it (``inf`` included) go left.
+_DUMPED_INF: Final = 1e300
 
 
 @dataclass(frozen=True)
@@ -133,7 +144,9 @@ def _walk(node: dict[str, Any], numeric: dict[int, list[_Split]], categorical: s
     f = int(node["split_feature"])
     kind = node["decision_type"]
     if kind == "<=":
-        split = (float(node["threshold"]), str(node["missing_type"]), bool(node["default_left"]))
+        th = float(node["threshold"])
+        th = np.inf if th >= _DUMPED_INF else th  # the booster's own threshold
+        split = (th, str(node["missing_type"]), bool(node["default_left"]))
         numeric.setdefault(f, []).append(split)
     elif kind == "==":
         categorical.add(f)
@@ -230,20 +243,22 @@ def _global_codes(x: FloatArray, tables: TreeTables) -> tuple[dict[int, IntArray
     Categorical features: the rank of the exact value (NaNs share one), and
     its number of distinct values as the radix.
     """
-    codes: dict[int, IntArray] = {}
-    for f, glob in tables.thresholds.items():
-        col = x[:, f]
-        m = len(glob)
-        code = np.searchsorted(glob, col, side="left").astype(np.int64)
-        code[np.abs(col) <= ZERO_THRESHOLD] = m + 1
-        code[np.isnan(col)] = m + 2
-        codes[f] = code
+    codes = {f: _codes(glob, x[:, f]) for f, glob in tables.thresholds.items()}
     radix: dict[int, int] = {}
     for f in tables.categorical:
         values, inv = np.unique(x[:, f], return_inverse=True)
         codes[f] = inv.astype(np.int64).ravel()
         radix[f] = max(1, len(values))
     return codes, radix
+
+
+def _codes(glob: FloatArray, col: FloatArray) -> IntArray:
+    """Each value's global code among a feature's thresholds ``glob`` (:func:`_global_codes`)."""
+    m = len(glob)
+    code = np.searchsorted(glob, col, side="left").astype(np.int64)
+    code[np.abs(col) <= ZERO_THRESHOLD] = m + 1
+    code[np.isnan(col)] = m + 2
+    return code
 
 
 def _factorize(key: IntArray, size: int) -> tuple[IntArray, IntArray]:
@@ -418,3 +433,119 @@ def contributions(
     for start in range(0, n, size):
         out[start : start + size] = _chunk(booster, x[start : start + size], tables, num_threads)
     return out
+
+
+# -- moving one input: the change of the raw score from the trees that split on it ---------
+
+
+@dataclass(frozen=True)
+class LeafTables:
+    """Each tree's raw output per cell key (:func:`_tree_key`), for every key.
+
+    Moving one input of a row changes the outputs of the trees that split on it only,
+    and within such a tree its key by one digit, so the change of the raw score is a
+    sum of table lookups (:meth:`Moves.delta`), not a prediction through every tree.
+    """
+
+    tables: TreeTables
+    #: per tree: its output for each key ``0..prod(radix)-1``
+    values: tuple[FloatArray, ...]
+    #: per tree: the stride of each numeric feature's digit in the key
+    strides: tuple[tuple[int, ...], ...]
+    #: feature -> the trees splitting on it
+    by_feature: dict[int, tuple[int, ...]]
+
+
+#: Trees with more keys than this leave :func:`leaf_tables` to ``None``.
+MAX_TREE_KEYS: Final = 1 << 16
+
+
+def _representatives(glob: FloatArray) -> list[float | None]:
+    """A value of each global code of a feature (``None``: no value has that code)."""
+    m = len(glob)
+    out: list[float | None] = []
+    for g in range(m + 1):
+        # inside the bin, away from its thresholds (a threshold as dumped may be rounded)
+        if g < m:
+            below = glob[g - 1] if g else glob[0] - 2.0
+            mid = (below + glob[g]) / 2
+            tries = [float(mid), float((mid + glob[g]) / 2), float((below + mid) / 2)]
+        elif np.isinf(glob[m - 1]):
+            tries = []  # a threshold at inf: nothing is above it
+        else:
+            tries = [float(glob[m - 1] + 1.0), float(abs(glob[m - 1]) * 2 + 1.0)]
+        codes = _codes(glob, np.array(tries, dtype=np.float64))
+        out.append(next((v for v, c in zip(tries, codes, strict=True) if c == g), None))
+    return [*out, 0.0, float("nan")]
+
+
+def leaf_tables(booster: Any, tables: TreeTables | None) -> LeafTables | None:
+    """Each tree's output per cell key (one small prediction per tree); ``None`` when a
+    tree splits categorically or has more than :data:`MAX_TREE_KEYS` keys."""
+    if tables is None or tables.categorical:
+        return None
+    reps = {f: _representatives(glob) for f, glob in tables.thresholds.items()}
+    values, strides = [], []
+    by_feature: dict[int, list[int]] = {}
+    for t, tree in enumerate(tables.trees):
+        size = int(np.prod(tree.radix)) if tree.radix else 1
+        if size > MAX_TREE_KEYS:
+            return None
+        stride = tuple(int(np.prod(tree.radix[:i])) for i in range(len(tree.numeric)))
+        keys = np.arange(size)
+        x = np.full((size, tables.n_features), np.nan)
+        for f, lut, radix, s in zip(tree.numeric, tree.luts, tree.radix, stride, strict=True):
+            # a value of each of the tree's codes of f: NaN only when nothing else has it
+            # (a code no value has is never looked up)
+            of_code = np.full(radix, np.nan)
+            found = np.zeros(radix, dtype=np.bool_)
+            for g, v in enumerate(reps[f]):
+                if v is not None and not found[lut[g]]:
+                    of_code[lut[g]], found[lut[g]] = v, True
+            x[:, f] = of_code[(keys // s) % radix]
+            by_feature.setdefault(f, []).append(t)
+        raw = booster.predict(x, start_iteration=t, num_iteration=1, raw_score=True, num_threads=1)
+        values.append(np.asarray(raw, dtype=np.float64))
+        strides.append(stride)
+    return LeafTables(
+        tables,
+        tuple(values),
+        tuple(strides),
+        {f: tuple(ts) for f, ts in by_feature.items()},
+    )
+
+
+@dataclass(frozen=True)
+class Moves:
+    """The rows of one frame, ready for :meth:`delta`."""
+
+    leaves: LeafTables
+    codes: dict[int, IntArray]
+
+    @classmethod
+    def of(cls, leaves: LeafTables, x: FloatArray) -> Moves:
+        return cls(leaves, _global_codes(np.ascontiguousarray(x), leaves.tables)[0])
+
+    def delta(self, rows: IntArray, cols: IntArray, values: FloatArray) -> FloatArray:
+        """Per ``rows[i]``, the change of its raw score when input ``cols[i]`` is set to
+        ``values[i]`` (exact leaf values; summed per tree, so equal to the difference of
+        two predictions up to float summation order)."""
+        leaves, tables = self.leaves, self.leaves.tables
+        out = np.zeros(len(rows), dtype=np.float64)
+        for j in np.unique(cols).tolist():
+            if j not in leaves.by_feature:
+                continue  # no tree splits on it: the score does not move
+            at = np.flatnonzero(cols == j)
+            r = rows[at]
+            new = _codes(tables.thresholds[j], values[at])
+            old = self.codes[j][r]
+            for t in leaves.by_feature[j]:
+                tree = tables.trees[t]
+                key = np.zeros(len(r), dtype=np.int64)
+                for f, lut, s in zip(tree.numeric, tree.luts, leaves.strides[t], strict=True):
+                    key += lut[self.codes[f][r]] * s
+                i = tree.numeric.index(j)
+                lut, s = tree.luts[i], leaves.strides[t][i]
+                table = leaves.values[t]
+                out[at] += table[key + (lut[new] - lut[old]) * s] - table[key]
+        return out

@@ -18,7 +18,7 @@ import numpy.typing as npt
 import polars as pl
 
 from lapse.modeling._base import ParamsMixin
-from lapse.modeling._treeshap import TreeTables, build_tables
+from lapse.modeling._treeshap import LeafTables, Moves, TreeTables, build_tables, leaf_tables
 from lapse.modeling._treeshap import contributions as treeshap
 
 __all__ = [
@@ -377,9 +377,23 @@ class LightGBMChurn(ParamsMixin):
             self.__dict__["_shap_cache"] = cached
         return cached[1]
 
+    def moves(self, x: FloatArray) -> Moves | None:
+        """Encoded rows ``x``, ready for :meth:`lapse.modeling._treeshap.Moves.delta`: how
+        moving one input changes a row's log-odds, from the trees that split on it (built
+        once per booster and kept like :meth:`_shap_tables`); ``None`` when the trees
+        split categorically (predict the moved rows instead)."""
+        booster = self._fitted()
+        cached: tuple[Any, LeafTables | None] | None = self.__dict__.get("_leaf_cache")
+        if cached is None or cached[0] is not booster:
+            cached = (booster, leaf_tables(booster, self._shap_tables()))
+            self.__dict__["_leaf_cache"] = cached
+        leaves = cached[1]
+        return None if leaves is None else Moves.of(leaves, x)
+
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("_shap_cache", None)
+        state.pop("_leaf_cache", None)
         return state
 
     def contributions(self, frame: pl.DataFrame) -> FloatArray:

@@ -38,6 +38,7 @@ import numpy as np
 import numpy.typing as npt
 import polars as pl
 
+from lapse.modeling._treeshap import MIN_ROWS
 from lapse.modeling.bgnbd import BTYD_COLUMNS, btyd_arrays
 from lapse.modeling.lgbm import TENURE_CAP_DAYS, LightGBMChurn, typical_inputs
 from lapse.modeling.rules import CHURN_TRIGGERS, recency_days, trigger_exprs
@@ -652,7 +653,10 @@ def _tree(model: LightGBMChurn, inputs: pl.DataFrame, words: Words, top: int) ->
     ranked = np.argsort(np.where(candidate, -contrib, np.inf), axis=1, kind="stable")
     ranked = ranked[:, : top + EXTRA_TRIES]
     # the log-odds, as the SHAP values add up to them (to ~1e-14: a move must beat that)
-    base = shap.sum(axis=1) - LOGIT_TOL
+    logit = shap.sum(axis=1)
+    base = logit - LOGIT_TOL
+    # on many rows a move is summed over the trees that split on the input moved
+    moves = model.moves(x) if len(x) >= MIN_ROWS else None
     cache: dict[str, list[Any] | None] = {}
     out: list[list[Reason]] = [[] for _ in range(len(x))]
     topics: list[set[str]] = [set() for _ in range(len(x))]
@@ -671,9 +675,12 @@ def _tree(model: LightGBMChurn, inputs: pl.DataFrame, words: Words, top: int) ->
         if not rows:
             continue
         at, col = np.asarray(rows), np.asarray(cols)
-        moved = x[at]
-        moved[np.arange(len(at)), col] = typical[col]
-        lower = model.predict_encoded(moved, raw_score=True) < base[at]
+        if moves is not None:
+            lower = logit[at] + moves.delta(at, col, typical[col]) < base[at]
+        else:
+            moved = x[at]
+            moved[np.arange(len(at)), col] = typical[col]
+            lower = model.predict_encoded(moved, raw_score=True) < base[at]
         for k in np.flatnonzero(lower).tolist():
             i = rows[k]
             out[i].append(Reason(names[cols[k]], texts[k]))

@@ -11,21 +11,19 @@ and cooldowns) for a few users only, so it can run every few minutes:
   the watermark, or whose size or mtime changed (rewritten in place), are new;
   only their ``user_id`` column is read.
 * **Next due.** For every user it evaluates, a run also stores the fired set
-  (the triggers that fire, before cooldowns) and a *next due* instant: the
-  first instant within ``incremental.horizon_days`` at which the fired set
-  would differ if no new event arrived. It is found by evaluating the same
-  triggers on the user's own events at future cutoffs
-  (:meth:`ChurnBundle.prepare_many`: one roll-up, every cutoff): one a day
-  finds the day; for a change within the first day, bisection over the
-  instants where a fired set can step (an event's time plus whole days,
-  midnight, the depletion estimate minus the lead time) and, should a
-  continuous score move between them, over the microseconds left, finds the
-  instant (a later change makes the user due the day before it), so
+  (the triggers that fire, before cooldowns) and a *next due* instant: no later
+  than the first instant within ``incremental.horizon_days`` at which the fired
+  set would differ if no new event arrived. It is found by evaluating the same
+  triggers on the user's own events at future cutoffs (one roll-up, every
+  cutoff): one a day finds the day; a change within the first day is placed in
+  its :data:`SLOT` (the user is due at the slot's start, and a run before the
+  change looks again), a later one makes the user due the day before it, so
   time-driven triggers (usage decay, dropping activity, activation nudge,
-  replenishment due) and event-driven ones (friction, milestones, streaks)
-  need no classification. A user with no change in the horizon is due at its
-  end and looks ahead again then. A trigger held back by its cooldown makes
-  the user due on the day the cooldown ends.
+  replenishment due) and event-driven ones (friction, milestones, streaks) need
+  no classification. When no trigger reads a churn score, the look-ahead builds
+  only the features the triggers read (no model). A user with no change in the
+  horizon is due at its end and looks ahead again then. A trigger held back by
+  its cooldown makes the user due on the day the cooldown ends.
 * **A run** at ``as_of`` touches the users with events in new files plus the
   users whose next due is at or before ``as_of``, reads those users' history
   only (a ``user_id`` filter pushed into the scan), scores and evaluates them
@@ -50,6 +48,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Final
 
 import polars as pl
 
@@ -57,19 +56,20 @@ from lapse.config import LapseConfig
 from lapse.delivery.ledger import Ledger, TriggerState
 from lapse.events import new_event_users
 from lapse.exceptions import LapseError
+from lapse.features.registry import expand
+from lapse.labels import eligible
 from lapse.modeling.bundle import ChurnBundle
 from lapse.score.records import (
     depletion_days,
-    fired_triggers,
     refills,
     risk_columns,
+    trigger_definitions,
     trigger_features,
+    trigger_rows,
 )
-from lapse.triggers import Trigger
+from lapse.triggers import Trigger, conditions, for_run, names_read, resolve
 
 __all__ = ["Plan", "cooldown_due", "fingerprint", "next_due", "plan", "states"]
-
-_SEP = "\x1f"
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,8 @@ class Plan:
     """Which users a trigger run evaluates, and why.
 
     ``full`` evaluates everyone (``reason`` says why); otherwise ``new_event_users``
-    (events in ``new_files``) and ``due_users`` (next due at or before ``as_of``).
+    (events in ``new_files``) and ``due_users`` (next due at or before ``as_of``),
+    whose stored events are in the event store's ``parts``.
     """
 
     full: bool
@@ -86,6 +87,7 @@ class Plan:
     new_files: list[Path] = field(default_factory=list)
     new_event_users: frozenset[str] = frozenset()
     due_users: frozenset[str] = frozenset()
+    parts: tuple[str, ...] = ()
 
     @property
     def users(self) -> list[str]:
@@ -94,8 +96,9 @@ class Plan:
 
 
 def fingerprint(model: str, version: str, config: LapseConfig) -> str:
-    """What the stored fired sets depend on besides the events: the model and the trigger
-    definitions (the run's ``triggers``, ``rules`` and ``milestones``)."""
+    """What the stored fired sets and events depend on besides the files: the model, the
+    trigger definitions (the run's ``triggers``, ``rules`` and ``milestones``) and how
+    the source maps onto events (``source``)."""
     text = json.dumps(
         {
             "model": model,
@@ -104,6 +107,7 @@ def fingerprint(model: str, version: str, config: LapseConfig) -> str:
             "rules": config.rules.model_dump(mode="json"),
             "milestones": [m.model_dump(mode="json") for m in config.milestones],
             "horizon_days": config.incremental.horizon_days,
+            "source": config.source.model_dump(mode="json"),
         },
         sort_keys=True,
     )
@@ -134,7 +138,9 @@ def plan(
     if mark is None:
         return Plan(True, "first run for this folder and sink", files)
     if mark.fingerprint != fingerprint:
-        return Plan(True, "the model version or the trigger definitions changed", files)
+        return Plan(
+            True, "the model version, the trigger definitions or the source mapping changed", files
+        )
     if as_of < mark.as_of:
         raise LapseError(
             f"{source}: --as-of {as_of.isoformat()} is before the last run's "
@@ -147,12 +153,24 @@ def plan(
     new = [f for f, size, mtime in files if mark.files.get(str(f)) != (size, mtime)]
     users = frozenset(new_event_users(new, config)) if new else frozenset()
     due = frozenset(ledger.due(sink, source, as_of))
-    return Plan(False, "incremental", files, new, users, due)
+    return Plan(False, "incremental", files, new, users, due, mark.parts)
 
 
-def _key(column: str = "triggers") -> pl.Expr:
-    """A fired set as one comparable string (order-free)."""
-    return pl.col(column).list.sort().list.join(_SEP)
+def _flags(fired: Sequence[pl.Expr]) -> pl.Expr:
+    """A fired set as one comparable string: a ``0`` or ``1`` per live trigger, in order."""
+    one, zero = pl.lit("1"), pl.lit("0")
+    return pl.concat_str([pl.when(f).then(one).otherwise(zero) for f in fired] or [pl.lit("")])
+
+
+#: Within the first day a user's triggers are looked at every ``SLOT``: one whose fired set
+#: changes in it is due at the start of the slot of the change (just after the run when
+#: that is the first slot), so it is looked at again no later than the change.
+SLOT: Final = timedelta(minutes=15)
+#: Days of the look-ahead's first pass (the rest only for users with no change in them).
+_WEEK: Final = 7
+#: The columns only the churn model gives; a look-ahead whose triggers read none of them
+#: (and no model input) builds just the features the triggers read.
+_MODEL_COLUMNS: Final = frozenset({"churn_risk", "churn_risk_percentile", "risk_segment"})
 
 
 def next_due(
@@ -168,58 +186,122 @@ def next_due(
     """``user_id, next_due`` for each of ``users``, given ``fired`` (``user_id``, ``triggers``
     at ``as_of``; a user without a row, not eligible, fires nothing).
 
-    The first instant after ``as_of`` within ``incremental.horizon_days`` at which the
-    triggers that fire differ from ``fired``, judged on ``events`` alone (the users'
-    events, including any already at or after ``as_of``); ``as_of + horizon`` when none.
-    The days ``as_of + k`` find the first day with a change; within the first day the
-    instant is found by bisection to the microsecond (windows are half-open, so the
-    fired set is a step function of the cutoff and each step has an exact instant); a
-    change on a later day ``k`` makes the user due at ``as_of + k - 1`` days, when
-    that run looks ahead again, so no change is ever seen late.
+    When, within ``incremental.horizon_days`` after ``as_of``, the triggers that fire
+    would first differ from ``fired``, judged on ``events`` alone (the users' events,
+    including any already at or after ``as_of``); ``as_of + horizon`` when never.
+    The days ``as_of + k`` find the first day with a change (the first week for every
+    user, the rest for those with no change in it); a change on a later day
+    ``k`` makes the user due at ``as_of + k - 1`` days, when that run looks ahead again;
+    within the first day the :data:`SLOT` steps find the slot of the change, and the
+    user is due at its start (never at or before ``as_of``). So no change is ever seen
+    late; a user due early is evaluated again by the runs until the change happens.
     Users are looked at in chunks of ``incremental.chunk_users``.
     """
     horizon = config.incremental.horizon_days
-    cutoffs = [as_of + timedelta(days=k) for k in range(1, horizon + 1)]
+    days = [as_of + timedelta(days=k) for k in range(1, horizon + 1)]
+    slots = [as_of + k * SLOT for k in range(1, timedelta(days=1) // SLOT + 1)]
     end = as_of + timedelta(days=horizon)
     due_type = pl.Datetime("us", "UTC")
     schema: dict[str, pl.DataType] = {"user_id": pl.String(), "next_due": due_type}
-    now = fired.select(pl.col("user_id").cast(pl.String), _key().alias("now"))
+    emits = [t.emit for t in trigger_definitions(bundle, config, {}) if t.enabled]
+    listed = [pl.col("triggers").list.contains(pl.lit(e)).fill_null(False) for e in emits]
+    now = fired.select(pl.col("user_id").cast(pl.String), _flags(listed).alias("now"))
+
     everyone = pl.Series("user_id", sorted(set(users)), dtype=pl.String)
-    grid = pl.DataFrame({"cutoff": cutoffs}).with_columns(pl.col("cutoff").cast(due_type))
+    just_after = pl.lit(as_of + timedelta(microseconds=1)).dt.cast_time_unit("us")
     out = []
     size = config.incremental.chunk_users
     for start in range(0, len(everyone), size):
         chunk = everyone.slice(start, size)
-        ev = events.lazy().filter(pl.col("user_id").cast(pl.String).is_in(chunk.implode()))
-        pairs = pl.DataFrame({"user_id": chunk}).join(grid, how="cross")
+        ev = events.filter(pl.col("user_id").cast(pl.String).is_in(chunk.implode()))
         # the depletion instant as of now (the telemetry rule's does not move with time)
-        depleted = refills(bundle, ev, as_of)
-        later = _fired_at(bundle, ev, pairs, depleted, config, attributes)
-        changed = (
-            later.join(now, on="user_id", how="left")
-            .filter(pl.col("then") != pl.col("now").fill_null(""))
-            .group_by("user_id")
-            .agg(pl.col("cutoff").min().alias("hi"))
+        depleted = refills(bundle, ev.lazy(), as_of)
+        # the first week for everyone, the rest of the horizon for those without a change
+        # in it (most change within days: the same first day, a fraction of the rows)
+        changed = _first_change(
+            bundle, ev, chunk, days[:_WEEK], now, emits, depleted, config, attributes
         )
-        # the instant only for a change within the first day; a later one makes the user
-        # due the day before it, when that run looks ahead again (never late, less work)
-        near = changed.filter(pl.col("hi") == cutoffs[0])
+        if len(days) > _WEEK:
+            quiet = chunk.filter(~chunk.is_in(changed["user_id"].implode()))
+            later = _first_change(
+                bundle, ev, quiet, days[_WEEK:], now, emits, depleted, config, attributes
+            )
+            changed = pl.concat([changed, later])
+        near = changed.filter(pl.col("hi") == days[0])["user_id"]
+        # the same users over the first day's slots: as many rows as the days at most
+        step = max(1, size * len(days) // len(slots))
+        soon = [
+            _first_change(
+                bundle, ev, near.slice(i, step), slots, now, emits, depleted, config, attributes
+            )
+            for i in range(0, len(near), step)
+        ]
         exact = pl.concat(
             [
-                _bisect(bundle, ev, near, now, as_of, depleted, config, attributes),
-                changed.filter(pl.col("hi") > cutoffs[0]).select(
-                    "user_id", (pl.col("hi") - pl.duration(days=1)).alias("next_due")
+                *(
+                    part.select(
+                        "user_id", pl.max_horizontal(pl.col("hi") - SLOT, just_after).alias("due")
+                    )
+                    for part in soon
+                ),
+                changed.filter(pl.col("hi") > days[0]).select(
+                    "user_id", (pl.col("hi") - pl.duration(days=1)).alias("due")
                 ),
             ]
         )
         out.append(
             pl.DataFrame({"user_id": chunk})
             .join(exact, on="user_id", how="left")
-            .select("user_id", pl.col("next_due").fill_null(pl.lit(end)).cast(due_type))
+            .select(
+                "user_id", pl.col("due").fill_null(pl.lit(end)).cast(due_type).alias("next_due")
+            )
         )
     if not out:
         return pl.DataFrame(schema=schema)
     return pl.concat(out)
+
+
+def _first_change(
+    bundle: ChurnBundle,
+    events: pl.DataFrame,
+    users: pl.Series,
+    cutoffs: list[datetime],
+    now: pl.DataFrame,
+    emits: list[str],
+    depleted: pl.DataFrame,
+    config: LapseConfig,
+    attributes: pl.DataFrame | None,
+) -> pl.DataFrame:
+    """``user_id, hi``: the first of ``cutoffs`` at which each of ``users`` fires other
+    triggers than ``now`` says (:func:`_flags` of the live triggers ``emits``; users with
+    no change left out)."""
+    schema = {"user_id": pl.String(), "hi": pl.Datetime("us", "UTC")}
+    if users.is_empty():
+        return pl.DataFrame(schema=schema)
+    grid = pl.DataFrame({"cutoff": cutoffs}).with_columns(
+        pl.col("cutoff").cast(pl.Datetime("us", "UTC"))
+    )
+    pairs = pl.DataFrame({"user_id": users}).join(grid, how="cross")
+    mine = events.filter(pl.col("user_id").cast(pl.String).is_in(users.implode())).lazy()
+    later = _fired_at(bundle, mine, pairs, depleted, config, attributes, emits)
+    nothing = "0" * len(emits)  # not eligible: fires nothing
+    return (
+        later.join(now, on="user_id", how="left")
+        .filter(pl.col("then") != pl.col("now").fill_null(nothing))
+        .group_by("user_id")
+        .agg(pl.col("cutoff").min().alias("hi"))
+        .cast(schema)  # type: ignore[arg-type]
+    )
+
+
+def _needs_model(bundle: ChurnBundle, config: LapseConfig, attributes: pl.DataFrame | None) -> bool:
+    """Whether a live trigger reads the churn scores or a model input the feature
+    registry does not build (then the look-ahead scores the users as ``score`` does)."""
+    live = [t for t in trigger_definitions(bundle, config, {}) if t.enabled]
+    have = set(expand(for_run(bundle.config, config))) | {"days_to_depletion"}
+    have |= set(attributes.columns) if attributes is not None else set()
+    read = {n for t in live for n in names_read(t)}
+    return bool(read & _MODEL_COLUMNS) or not read <= have
 
 
 def _fired_at(
@@ -229,158 +311,42 @@ def _fired_at(
     depleted: pl.DataFrame,
     config: LapseConfig,
     attributes: pl.DataFrame | None,
+    emits: list[str],
 ) -> pl.DataFrame:
-    """``pairs`` (``user_id, cutoff``) with ``then``: the fired set at that cutoff as one
-    string (empty when the user is not eligible there); ``depleted``: the users'
-    :func:`lapse.score.records.refills`."""
+    """``pairs`` (``user_id, cutoff``) with ``then``: the fired set at that cutoff as
+    :func:`_flags` of the live triggers ``emits`` (all ``0`` when the user is not
+    eligible there); ``depleted``: the users' :func:`lapse.score.records.refills`.
+
+    The triggers see what ``score`` gives them; when none reads a churn score (or a
+    model input), the eligible rows get just the features the triggers read."""
     cutoffs = pairs["cutoff"].unique().sort().to_list()
-    frame = bundle.prepare_many(events, cutoffs, attributes=attributes)
-    frame = frame.with_columns(pl.col("user_id").cast(pl.String)).join(
-        pairs, on=["user_id", "cutoff"], how="semi"
-    )
+    model = _needs_model(bundle, config, attributes)
+    if model:
+        frame = bundle.prepare_many(events, cutoffs, attributes=attributes)
+        frame = frame.with_columns(pl.col("user_id").cast(pl.String))
+    else:
+        frame = eligible(events, cutoffs, bundle.config).with_columns(
+            pl.col("user_id").cast(pl.String), pl.col("cutoff").cast(pl.Datetime("us", "UTC"))
+        )
+    frame = frame.join(pairs, on=["user_id", "cutoff"], how="semi")
     if frame.height:
         extra = depletion_days(frame, depleted)
         built = trigger_features(bundle, config, events, cutoffs, frame.schema)
         if built is not None:
             extra = extra.join(built, on=["user_id", "cutoff"], how="left")
-        got, _ = fired_triggers(
-            bundle, frame, risk_columns(bundle, frame), config, attributes, extra
-        )
-        got = got.select("user_id", "cutoff", _key().alias("then"))
+        scores = risk_columns(bundle, frame) if model else frame.select("user_id")
+        rows = trigger_rows(frame, scores, attributes, extra)
+        # the conditions of bundle.triggers, without the lists of fired ids
+        live = [t for t in resolve(for_run(bundle.config, config), rows.schema) if t.enabled]
+        assert [t.emit for t in live] == emits, "the live triggers depend on the rows"
+        exprs = conditions(live, rows.schema)
+        got = rows.select("user_id", "cutoff", _flags(list(exprs.values())).alias("then"))
     else:
         got = pl.DataFrame(
             schema={"user_id": pl.String, "cutoff": pairs["cutoff"].dtype, "then": pl.String}
         )
     return pairs.join(got, on=["user_id", "cutoff"], how="left").with_columns(
-        pl.col("then").fill_null("")
-    )
-
-
-def _bisect(
-    bundle: ChurnBundle,
-    events: pl.LazyFrame,
-    changed: pl.DataFrame,
-    now: pl.DataFrame,
-    as_of: datetime,
-    depleted: pl.DataFrame,
-    config: LapseConfig,
-    attributes: pl.DataFrame | None,
-) -> pl.DataFrame:
-    """``user_id, next_due``: for each ``changed`` user (``hi``: the first day its fired
-    set differs from ``now``), the first microsecond after the day before at which it does.
-
-    A fired set moves at an event's time plus whole days (a window's edge, a day
-    count), at midnight (calendar days) or when the depletion estimate comes within
-    the lead time: bisection over those instants first, then, should a continuous
-    score have moved it in between, over the microseconds left.
-    """
-
-    def probe(rows: pl.DataFrame) -> pl.DataFrame:
-        then = _fired_at(
-            bundle, events, rows.select("user_id", "cutoff"), depleted, config, attributes
-        )
-        return then.join(now, on="user_id", how="left").select(
-            "user_id", (pl.col("then") != pl.col("now").fill_null("")).alias("moved")
-        )
-
-    lo = pl.max_horizontal(
-        pl.col("hi") - pl.duration(days=1), pl.lit(as_of).dt.cast_time_unit("us")
-    )
-    state = changed.with_columns(lo.alias("lo"))
-    steps = _instants(events, state, depleted, config)
-    # bisection over each user's instants: i (-1: lo) has not moved, j has
-    state = state.join(steps, on="user_id").with_columns(
-        pl.lit(-1).alias("i"), (pl.col("at").list.len() - 1).alias("j")
-    )
-    while (open_ := state.filter(pl.col("j") - pl.col("i") > 1)).height:
-        mid = open_.with_columns(((pl.col("i") + pl.col("j")) // 2).alias("m"))
-        mid = mid.with_columns(pl.col("at").list.get(pl.col("m")).alias("cutoff"))
-        moved = probe(mid).join(mid.select("user_id", "m"), on="user_id")
-        state = (
-            state.join(moved, on="user_id", how="left")
-            .with_columns(
-                pl.when(pl.col("moved").not_()).then("m").otherwise("i").alias("i"),
-                pl.when(pl.col("moved")).then("m").otherwise("j").alias("j"),
-            )
-            .drop("moved", "m")
-        )
-    state = state.select(
-        "user_id",
-        pl.when(pl.col("i") >= 0)
-        .then(pl.col("at").list.get(pl.col("i"), null_on_oob=True))
-        .otherwise("lo")
-        .alias("lo"),
-        pl.col("at").list.get(pl.col("j")).alias("hi"),
-    )
-    # the step is at hi unless something continuous moved it between lo and hi
-    us = pl.duration(microseconds=1)
-    gap = state.filter(pl.col("hi") - pl.col("lo") > us).with_columns(
-        (pl.col("hi") - us).alias("cutoff")
-    )
-    if gap.height:
-        early = probe(gap).filter("moved").select("user_id")
-        state = state.join(
-            gap.join(early, on="user_id", how="semi").select(
-                "user_id", pl.col("cutoff").alias("new_hi")
-            ),
-            on="user_id",
-            how="left",
-        ).select("user_id", "lo", pl.coalesce("new_hi", "hi").alias("hi"))
-        state = state.with_columns(
-            pl.when(pl.col("user_id").is_in(early["user_id"].implode()))
-            .then("lo")
-            .otherwise(pl.col("hi") - us)
-            .alias("lo")
-        )
-    while (open_ := state.filter(pl.col("hi") - pl.col("lo") > us)).height:
-        mid = open_.select(
-            "user_id",
-            (pl.col("lo") + (pl.col("hi") - pl.col("lo")) / 2).dt.truncate("1us").alias("cutoff"),
-        )
-        moved = probe(mid).join(mid, on="user_id")
-        state = state.join(moved, on="user_id", how="left").select(
-            "user_id",
-            pl.when(pl.col("moved").not_()).then("cutoff").otherwise("lo").alias("lo"),
-            pl.when(pl.col("moved")).then("cutoff").otherwise("hi").alias("hi"),
-        )
-    return state.select("user_id", pl.col("hi").alias("next_due"))
-
-
-def _instants(
-    events: pl.LazyFrame, state: pl.DataFrame, depleted: pl.DataFrame, config: LapseConfig
-) -> pl.DataFrame:
-    """``user_id, at``: the sorted instants in ``(lo, hi]`` where a user's fired set can
-    step, and just after them (``ts < T`` and ``[T - W, T)`` move right after an edge)."""
-    day = 86_400_000_000
-    us = pl.duration(microseconds=1)
-    bounds = state.select("user_id", "lo", "hi")
-    ev = (
-        events.select(pl.col("user_id").cast(pl.String), pl.col("ts").dt.cast_time_unit("us"))
-        .collect()
-        .join(bounds, on="user_id")
-    )
-    behind = (pl.col("lo") - pl.col("ts")).dt.total_microseconds()
-    whole = pl.when(behind > 0).then(-(-behind // day)).otherwise(0)
-    edge = pl.col("ts") + pl.duration(microseconds=whole * day)
-    lead = timedelta(days=config.replenishment.lead_time_days)
-    parts = [
-        ev.select("user_id", edge.alias("at")),
-        ev.select("user_id", (edge + pl.duration(days=1)).alias("at")),
-        bounds.select(
-            "user_id", (pl.col("lo").dt.truncate("1d") + pl.duration(days=1)).alias("at")
-        ),
-        depleted.select(
-            pl.col("user_id").cast(pl.String), (pl.col("depletion_ts") - lead).alias("at")
-        ),
-    ]
-    base = pl.concat([p.with_columns(pl.col("at").cast(pl.Datetime("us", "UTC"))) for p in parts])
-    both = pl.concat([base, base.with_columns(pl.col("at") + us)])
-    return (
-        pl.concat([both, bounds.select("user_id", pl.col("hi").alias("at"))])
-        .join(bounds, on="user_id")
-        .filter((pl.col("at") > pl.col("lo")) & (pl.col("at") <= pl.col("hi")))
-        .group_by("user_id")
-        .agg(pl.col("at").unique().sort())
+        pl.col("then").fill_null("0" * len(emits))
     )
 
 

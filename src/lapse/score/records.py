@@ -63,6 +63,7 @@ __all__ = [
     "score_users",
     "trigger_definitions",
     "trigger_features",
+    "trigger_rows",
     "user_records",
     "wants_reasons",
     "who_was_scored",
@@ -536,6 +537,23 @@ def fired_triggers(
     :func:`trigger_features` of the same rows. Returns ``user_id`` (and ``cutoff``
     when ``frame`` has it), ``triggers`` and ``cooldown_keys``, before any cooldown.
     """
+    rows = trigger_rows(frame, scores, attributes, extra)
+    definitions = trigger_definitions(bundle, config, rows.schema)
+    keys: list[pl.Expr] = [pl.col("user_id").cast(pl.String)]
+    if "cutoff" in rows.columns:
+        keys.append(pl.col("cutoff"))
+    fired = bundle.triggers(rows, config).select(*keys, "triggers", "cooldown_keys")
+    return fired, definitions
+
+
+def trigger_rows(
+    frame: pl.DataFrame,
+    scores: pl.DataFrame,
+    attributes: pl.DataFrame | None,
+    extra: pl.DataFrame | None = None,
+) -> pl.DataFrame:
+    """What the triggers of :func:`fired_triggers` see: feature rows, their scores, the
+    trigger features and depletion (``extra``, theirs win) and the user attributes."""
     rows = frame.with_columns(scores.drop("user_id"))
     if extra is not None:
         on = ["user_id", "cutoff"]
@@ -546,12 +564,7 @@ def fired_triggers(
         if more:
             attrs = attributes.select(pl.col("user_id").cast(pl.String), *more)
             rows = rows.join(attrs, on="user_id", how="left", maintain_order="left")
-    definitions = trigger_definitions(bundle, config, rows.schema)
-    keys: list[pl.Expr] = [pl.col("user_id").cast(pl.String)]
-    if "cutoff" in rows.columns:
-        keys.append(pl.col("cutoff"))
-    fired = bundle.triggers(rows, config).select(*keys, "triggers", "cooldown_keys")
-    return fired, definitions
+    return rows
 
 
 def _drift(

@@ -576,6 +576,7 @@ def _score_local(
         attributes=attributes,
         last_fired=last_fired(ctx, links=links),
     )
+    del kept  # the events are done with: reasons and delivery run without them
     return send_scored(
         ctx,
         loaded,
@@ -638,6 +639,7 @@ def send_scored(
     anonymous: pl.Series | None = None,
     links: pl.DataFrame | None = None,
     full: bool = False,
+    only_scored: bool = False,
 ) -> ScoreRunResult:
     """Everything after scoring on the local engine, shared by `lapse score` and
     `lapse triggers run`: :func:`mark_sendable`, reasons for the users sent, the audit
@@ -648,9 +650,13 @@ def send_scored(
     ``links`` (the identity links the records' ids were resolved with) carry the
     ledger's frequency cap and delta sync over to the merged ids.
     ``full`` sends every sendable record, changed or not (``lapse score --full``).
+    ``only_scored`` reads the ledger for the scored users only (a few users of many).
     """
     prune_expired(ctx)
-    marked = mark_sendable(ctx, scored.records, attributes, anonymous, full=full, links=links)
+    users = scored.records["user_id"].to_list() if only_scored else None
+    marked = mark_sendable(
+        ctx, scored.records, attributes, anonymous, full=full, users=users, links=links
+    )
     ctx.progress.stage("explaining the users sent")
     scored.records = marked.records.select(scored.records.columns)
     explained = with_reasons(loaded.bundle, scored, marked.send, top=ctx.config.score.reasons)

@@ -20,10 +20,11 @@ from lapse.events import (
     event_files,
     load_attributes,
     read_links,
-    read_user_events,
     validate_events,
 )
+from lapse.events import store as event_store
 from lapse.events.identity import anonymous_only, person_ids, resolve
+from lapse.events.mapping import MESSAGE_ID
 from lapse.events.readers import EventSource, as_polars, frame_name
 from lapse.exceptions import LapseError
 from lapse.faults import fault_point
@@ -188,26 +189,21 @@ def _evaluate(
     in_memory = not isinstance(events, str | Path)
     files = [] if in_memory and not incremental else event_files(events)
     mark = inc.fingerprint(loaded.source, version, config)
+    store = event_store.folder(ctx.trail.root, target.name, source)
     todo = inc.plan(
         ledger, target.name, source, files, as_of, mark, config, incremental=incremental
     )
+    if not todo.full and not event_store.present(store, todo.parts):
+        todo = inc.Plan(True, "the folder's event store is missing", files)
     report.stage("reading the touched users' events")
-    history: pl.DataFrame | None
-    validation: ValidationReport | None = None
-    links = read_links(events, config)  # new files bring new links
-    if todo.full:
-        # everyone is read: validate as `score` does, so rejected rows are counted
-        history, validation = validate_events(events, config, as_of=as_of)
-        history = resolve(history.lazy(), links, as_of).collect()
-        users = history["user_id"].cast(pl.String).unique().sort().to_list()
-    else:
-        # every id of a touched person, their events merged as of the cutoff
-        ids = person_ids(links, todo.users, as_of)
-        history = (
-            resolve(read_user_events(events, config, ids), links, as_of).collect() if ids else None
-        )
-        touched = pl.LazyFrame({"user_id": todo.users}, schema={"user_id": pl.String})
-        users = resolve(touched, links, as_of).collect()["user_id"].unique().sort().to_list()
+    read = _read(ctx, events, store, todo, keep=not (ctx.dry_run or in_memory))
+    history, validation, links, users, parts = (
+        read.history,
+        read.validation,
+        read.links,
+        read.users,
+        read.parts,
+    )
     attributes = load_attributes(config)
     processed = [(str(f), size, mtime) for f, size, mtime in files]
     result = TriggerRunResult(
@@ -225,7 +221,7 @@ def _evaluate(
     states: list[Any] = []
     if history is not None and users:
         report.stage("scoring the touched users")
-        fired = last_fired(ctx, links=links)
+        fired = last_fired(ctx, None if todo.full else todo.users, links=links)
         scored = score_users(
             loaded.bundle,
             history.lazy(),
@@ -265,6 +261,7 @@ def _evaluate(
                 files=processed,
                 states=states,
                 full=todo.full,
+                parts=parts,
             )
         result.delivery = send_scored(
             ctx,
@@ -274,6 +271,7 @@ def _evaluate(
             validation=validation,
             anonymous=anonymous_only(links, as_of),
             links=links,
+            only_scored=not todo.full,
         )
     if not ctx.dry_run and not in_memory:
         fault_point("before_watermark")
@@ -285,6 +283,57 @@ def _evaluate(
             files=processed,
             states=states,
             full=todo.full,
+            parts=parts,
             staged_by=ctx.run_id,
         )
+        event_store.clean(store, parts)  # a killed run's parts, parts merged away
     return result
+
+
+@dataclass
+class _Read:
+    """What a trigger run read: the events as of the cutoff (``None``: nobody's), the
+    validation report (a full run's), the identity links, the users touched and the event
+    store's parts holding the folder's events once the run is recorded."""
+
+    history: pl.DataFrame | None
+    validation: ValidationReport | None
+    links: pl.DataFrame
+    users: list[str]
+    parts: list[str]
+
+
+def _read(
+    ctx: RunContext, events: EventSource, store: Path, todo: inc.Plan, *, keep: bool
+) -> _Read:
+    """A full run's every validated event (stored as one part when ``keep``), or an
+    incremental run's touched users' stored events and the new files' (their rows repeating
+    stored ones dropped, the rest stored as a new part when ``keep``)."""
+    config, as_of = ctx.config, ctx.as_of
+    if todo.full:
+        # everyone is read: validate as `score` does, so rejected rows are counted
+        kept, validation = validate_events(events, config, as_of=as_of, message_ids=True)
+        links = read_links(events, config)
+        parts = [event_store.write(store, kept, links)] if keep else []
+        everyone = resolve(_events(kept), links, as_of).collect()
+        del kept
+        users = everyone["user_id"].cast(pl.String).unique().sort().to_list()
+        return _Read(everyone, validation, links, users, parts)
+    fresh, new_links = event_store.read_new(todo.new_files, config)
+    links = event_store.union_links([event_store.links(store, todo.parts), new_links])
+    # every id of a touched person, their events merged as of the cutoff
+    ids = person_ids(links, todo.users, as_of)
+    stored = event_store.read(store, todo.parts, ids)
+    both, added = event_store.combine(stored, fresh, config)
+    parts = list(todo.parts)
+    if (added.height or new_links.height) and keep:  # a link may come on a rejected row
+        parts = event_store.merge(store, [*parts, event_store.write(store, added, new_links)])
+    history = resolve(_events(both), links, as_of).collect() if both.height else None
+    touched = pl.LazyFrame({"user_id": todo.users}, schema={"user_id": pl.String})
+    users = resolve(touched, links, as_of).collect()["user_id"].unique().sort().to_list()
+    return _Read(history, None, links, users, parts)
+
+
+def _events(stored: pl.DataFrame) -> pl.LazyFrame:
+    """Events as the event store keeps them, without their message ids."""
+    return stored.lazy().drop(MESSAGE_ID, strict=False)

@@ -199,20 +199,38 @@ def evaluate(frame: pl.DataFrame, triggers: Sequence[Trigger]) -> pl.DataFrame:
     live = [t for t in triggers if t.enabled]
     exprs = conditions(live, frame.schema)
     none = pl.lit(None, pl.String)
-    fired = [pl.when(exprs[t.name]).then(pl.lit(t.emit)).otherwise(none) for t in live]
     crossed = [
         pl.when(exprs[t.name] & pl.col(f"milestone_{m.name}_crossed_7d").fill_null(False))
         .then(pl.format(f"{t.emit}:{m.name}:{{}}", _threshold(m)))
         .otherwise(none)
-        for t in live
-        for m in t.milestones
+        .alias(f"_crossed{i}")
+        for i, (t, m) in enumerate((t, m) for t in live for m in t.milestones)
         if f"milestone_{m.name}_count" in frame.columns  # else its emitted id's cooldown only
     ]
-    return frame.select(
+    out = frame.select(*keys, *exprs.values(), *crossed).with_row_index("_row")
+    # the fired ids: one list per distinct combination of conditions, not per row
+    names = list(exprs)
+    if names:
+        fired = [pl.when(pl.col(t.name)).then(pl.lit(t.emit)).otherwise(none) for t in live]
+        ids = pl.concat_list(fired).list.drop_nulls().alias("triggers")
+        combos = out.select(names).unique().select(*names, ids)
+        out = out.join(combos, on=names, how="left", maintain_order="left")
+    else:
+        out = out.with_columns(pl.lit([], dtype=pl.List(pl.String)).alias("triggers"))
+    # the milestones' threshold keys join them, on the rows that crossed one
+    keyed = [c.meta.output_name() for c in crossed]
+    thresholds = (
+        out.filter(pl.any_horizontal(pl.col(keyed).is_not_null())).select(
+            "_row", pl.concat_list("triggers", *keyed).list.drop_nulls().alias("_keys")
+        )
+        if keyed
+        else pl.DataFrame(schema={"_row": pl.UInt32, "_keys": pl.List(pl.String)})
+    )
+    return out.join(thresholds, on="_row", how="left", maintain_order="left").select(
         *keys,
-        *exprs.values(),
-        pl.concat_list(fired or [none]).list.drop_nulls().alias("triggers"),
-        pl.concat_list([*fired, *crossed] or [none]).list.drop_nulls().alias("cooldown_keys"),
+        *names,
+        "triggers",
+        pl.coalesce("_keys", "triggers").alias("cooldown_keys"),
     )
 
 
