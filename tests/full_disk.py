@@ -117,6 +117,7 @@ def mlflow_scenario(args: dict[str, str], runner: CliRunner) -> dict[str, Any]:
     filler = mount_full(store, "8m")
     env = {"LAPSE_HOME": str(home), "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db"}
     argv = ["train", args["train_events"], "--register", "--config", args["config"]]
+    argv += ["--out", str(home / "report"), "--models-dir", str(home / "models")]
     failed = runner.invoke(app, argv, env=env)
     filler.unlink()
     again = runner.invoke(app, argv, env=env)
