@@ -320,7 +320,9 @@ class Milestone(_Section):
 class FeaturesConfig(_Section):
     """Feature windows (days, added to the always-built 7/14/28/90) and units per pack."""
 
-    windows: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [7, 14, 28, 56, 90])
+    windows: list[Annotated[int, Field(gt=0)]] = Field(
+        default_factory=lambda: [7, 14, 28, 56, 90, 180, 365]
+    )
     units_per_pack: dict[str, Annotated[float, Field(gt=0)]] = Field(
         default_factory=dict,
         description="SKU -> units in one `quantity`; SKUs not listed count quantity as units",
