@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import polars as pl
@@ -24,6 +24,7 @@ from lapse.modeling import (
     select,
     triggers,
 )
+from lapse.modeling.hazard import HALF, LightGBMHazard, half_rows
 from lapse.modeling.metrics import expected_calibration_error, top_decile
 
 TRUE = {"r": 0.24, "alpha": 4.41, "a": 0.79, "b": 2.43}
@@ -248,6 +249,77 @@ def test_lightgbm_is_deterministic_and_learns() -> None:
     assert set(a.get_params()) >= {"learning_rate", "random_state", "search"}
     imp = a.importance(test.head(100))
     assert imp.columns == ["feature", "gain", "mean_abs_shap"]
+
+
+def _hazard_frame(n_users: int, seed: int) -> pl.DataFrame:
+    """Weekly cutoffs; the days to the next activity are exponential with a mean that grows
+    with the days since the last one (null when none came within 60 days)."""
+    rng = np.random.default_rng(seed)
+    n = n_users * 8
+    recency = rng.integers(0, 40, n)
+    wait = rng.exponential(3.0 + 1.5 * recency)
+    return pl.DataFrame(
+        {
+            "user_id": [f"u{i % n_users}" for i in range(n)],
+            "cutoff": [
+                datetime(2024, 1, 1, tzinfo=UTC) + timedelta(weeks=i // n_users) for i in range(n)
+            ],
+            "days_since_last_usage": recency,
+            "usage_count_28d": rng.poisson(4, n),
+            "churned": wait >= 28,
+            "days_to_next": np.where(wait < 60, wait, np.nan),
+        }
+    ).with_columns(pl.col("days_to_next").fill_nan(None))
+
+
+def test_hazard_halves_train_only_on_windows_that_end_by_the_label_end() -> None:
+    day = [datetime(2024, 1, d, tzinfo=UTC) for d in (1, 15, 22)]
+    frame = pl.DataFrame(
+        {
+            "user_id": ["a", "b", "c", "a", "a"],
+            "cutoff": [day[0], day[0], day[0], day[1], day[2]],
+            "days_to_next": [3.0, 20.0, None, 16.0, 1.0],
+        }
+    )
+    # horizon 28: halves [0, 14) and [14, 28); label end Jan 29
+    rows = half_rows(frame, 28, datetime(2024, 1, 29, tzinfo=UTC))
+    got = rows.select("user_id", pl.col("cutoff").dt.day(), HALF, "_quiet").rows()
+    assert got == [
+        ("a", 1, 0, False),  # bought on day 3: not quiet, and no longer at risk in the second
+        ("b", 1, 0, True),
+        ("c", 1, 0, True),
+        ("a", 15, 0, True),  # Jan 15 + 14 days ends by Jan 29; its second half does not
+        ("b", 1, 1, False),
+        ("c", 1, 1, True),
+    ]  # Jan 22's first half ends after Jan 29: not a row
+
+
+def test_hazard_lightgbm_learns_and_never_reads_past_the_label_end() -> None:
+    frame = _hazard_frame(400, 0)
+    end = datetime(2024, 2, 26, tzinfo=UTC)  # the last cutoff (Feb 19) fits no half
+    model = LightGBMHazard(horizon_days=28, random_state=1, n_jobs=2).fit(frame, label_end=end)
+    assert model.feature_names_ == ["days_since_last_usage", "usage_count_28d"]
+    test = _hazard_frame(400, 1)
+    p = model.predict_proba(test)
+    assert binary_metrics(test["churned"].to_numpy(), p)["roc_auc"] > 0.75
+    assert np.array_equal(clone(model).fit(frame, label_end=end).predict_proba(test), p)
+    # outcomes the label end hides: beyond the first half at Feb 5 and Feb 12, all at Feb 19
+    c = pl.col("cutoff")
+    hidden = (c >= datetime(2024, 2, 5, tzinfo=UTC)) & (pl.col("days_to_next") >= 14)
+    blind = frame.with_columns(
+        pl.when(c == datetime(2024, 2, 19, tzinfo=UTC))
+        .then(0.5)
+        .when(hidden)
+        .then(20.0)
+        .otherwise(pl.col("days_to_next"))
+        .alias("days_to_next")
+    )
+    assert not blind.equals(frame)
+    again = LightGBMHazard(horizon_days=28, random_state=1, n_jobs=2).fit(blind, label_end=end)
+    assert np.array_equal(again.predict_proba(test), p)
+    # the summed SHAP values and the last column add up to log P(churn)
+    x = model.encode(test.head(5))
+    assert model.contributions_encoded(x).sum(axis=1) == pytest.approx(np.log(p[:5]))
 
 
 def test_lightgbm_search_runs_and_keeps_input_intact() -> None:

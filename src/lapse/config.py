@@ -358,6 +358,11 @@ class ModelsConfig(_Section):
     stacked_lightgbm: bool = Field(
         default=True, description="also race a LightGBM that takes BG/NBD and recency scores"
     )
+    hazard_lightgbm: bool = Field(
+        default=True,
+        description="also race a LightGBM on the horizon's two halves (non-contractual labels), "
+        "whose first half learns from cutoffs half a horizon fresher",
+    )
     n_jobs: int | None = Field(
         default=None,
         description="LightGBM threads; null = one per 500k training rows, up to the cores",

@@ -2,7 +2,8 @@
 
 Candidates, simplest first: ``recency`` (days since the last qualifying
 activity), ``rules`` (fired churn triggers, ties by days since last usage),
-``bgnbd`` and ``lightgbm`` (plus ``lightgbm_stacked`` when configured). The
+``bgnbd`` and ``lightgbm`` (plus ``lightgbm_stacked`` and ``lightgbm_hazard``
+when configured). The
 winner has the best validation ROC-AUC; a simpler model within
 :data:`TIE_AUC` of the best wins the tie. Every candidate is calibrated on the
 validation cutoff with the same method and evaluated on the test cutoff.
@@ -21,6 +22,7 @@ import polars as pl
 
 from lapse.config import LapseConfig
 from lapse.modeling.bgnbd import BGNBD, FitWarning, btyd_arrays
+from lapse.modeling.hazard import DAYS_TO_NEXT, LightGBMHazard
 from lapse.modeling.lgbm import LightGBMChurn, model_columns
 from lapse.modeling.metrics import Calibrator, binary_metrics
 from lapse.modeling.rules import recency_days, rules_score
@@ -38,9 +40,16 @@ __all__ = [
 
 FloatArray = npt.NDArray[np.float64]
 
-COMPLEXITY: Final = ("recency", "rules", "bgnbd", "lightgbm", "lightgbm_stacked")
+COMPLEXITY: Final = (
+    "recency",
+    "rules",
+    "bgnbd",
+    "lightgbm",
+    "lightgbm_stacked",
+    "lightgbm_hazard",
+)
 TIE_AUC: Final = 0.001
-_PROBABILISTIC: Final = frozenset({"bgnbd", "lightgbm", "lightgbm_stacked"})
+_PROBABILISTIC: Final = frozenset({"bgnbd", "lightgbm", "lightgbm_stacked", "lightgbm_hazard"})
 
 
 @dataclass
@@ -54,11 +63,13 @@ class RaceScorer:
     lightgbm: LightGBMChurn
     bgnbd: BGNBD
     stacked: LightGBMChurn | None = None
+    hazard: LightGBMHazard | None = None
 
     @property
     def names(self) -> list[str]:
-        base = ["recency", "rules", "bgnbd", "lightgbm"]
-        return [*base, "lightgbm_stacked"] if self.stacked is not None else base
+        names = ["recency", "rules", "bgnbd", "lightgbm"]
+        names += ["lightgbm_stacked"] if self.stacked is not None else []
+        return names + (["lightgbm_hazard"] if self.hazard is not None else [])
 
     def _recency(self, frame: pl.DataFrame) -> FloatArray:
         days = recency_days(frame, self.config)
@@ -90,6 +101,8 @@ class RaceScorer:
             return self.lightgbm.predict_proba(frame)
         if name == "lightgbm_stacked" and self.stacked is not None:
             return self.stacked.predict_proba(self.with_scores(frame))
+        if name == "lightgbm_hazard" and self.hazard is not None:
+            return self.hazard.predict_proba(frame)
         raise KeyError(f"unknown candidate {name!r}")
 
 
@@ -217,9 +230,16 @@ def fit_scorer(
     train: pl.DataFrame,
     btyd_fit: pl.DataFrame,
     config: LapseConfig,
+    *,
+    recent: pl.DataFrame | None = None,
+    label_end: datetime | None = None,
 ) -> RaceScorer:
     """Fit LightGBM on ``train`` (labelled rows of the training cutoffs) and BG/NBD on
-    ``btyd_fit`` (the activity summary of every active user at the fit cutoff)."""
+    ``btyd_fit`` (the activity summary of every active user at the fit cutoff).
+
+    The hazard LightGBM (``models.hazard_lightgbm``, non-contractual labels) fits on
+    ``recent``: the labelled rows (with ``days_to_next``) of every cutoff from the first
+    training one to ``label_end``, the end its label windows must respect."""
     y = train["churned"].cast(pl.Float64).to_numpy()
     groups = train["cutoff"].dt.epoch("s").to_numpy()
     m = config.models
@@ -235,6 +255,16 @@ def fit_scorer(
         scorer.stacked = LightGBMChurn(
             columns=cols, random_state=m.random_state, n_jobs=m.n_jobs
         ).fit(stacked_frame, y, groups=groups)
+    if (
+        m.hazard_lightgbm
+        and config.labels.kind == "non_contractual"
+        and recent is not None
+        and DAYS_TO_NEXT in recent.columns
+    ):
+        assert label_end is not None, "the hazard LightGBM needs the label end"
+        scorer.hazard = LightGBMHazard(
+            horizon_days=config.labels.horizon_days, random_state=m.random_state, n_jobs=m.n_jobs
+        ).fit(recent, label_end=label_end)
     return scorer
 
 
@@ -257,7 +287,9 @@ def run_race(
     Parameters
     ----------
     frame
-        Labelled feature rows (``user_id, cutoff, churned``, features, ``btyd_*``).
+        Labelled feature rows (``user_id, cutoff, churned``, features, ``btyd_*``; and
+        ``days_to_next`` for the hazard LightGBM, which also learns from the cutoffs
+        between the training ones and the validation cutoff).
     btyd_fit
         BG/NBD's fitting summary (``btyd_*`` of every active user at the
         validation cutoff: past data only).
@@ -265,6 +297,7 @@ def run_race(
         ``user_id, p_churn`` at the test cutoff (the generator's truth).
     """
     train = frame.filter(pl.col("cutoff").is_in(pl.lit(pl.Series(training)).implode()))
+    recent = frame.filter(pl.col("cutoff").is_between(min(training), validation, closed="left"))
     val = frame.filter(pl.col("cutoff") == validation)
     tst = frame.filter(pl.col("cutoff") == test)
     for part, rows in (("training", train), ("validation", val), ("test", tst)):
@@ -278,7 +311,7 @@ def run_race(
     notes: list[str] = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", FitWarning)
-        scorer = fit_scorer(train, btyd_fit, config)
+        scorer = fit_scorer(train, btyd_fit, config, recent=recent, label_end=validation)
     for w in caught:
         notes.append(str(w.message))
         warnings.warn(w.message, w.category, stacklevel=2)

@@ -2,8 +2,9 @@
 
 Reasons come from the model the race shipped (``ChurnBundle.selected``):
 
-``lightgbm``, ``lightgbm_stacked``
-    Its inputs ranked by exact TreeSHAP value (:mod:`lapse.modeling._treeshap`).
+``lightgbm``, ``lightgbm_stacked``, ``lightgbm_hazard``
+    Its inputs ranked by exact TreeSHAP value (:mod:`lapse.modeling._treeshap`;
+    the hazard model's summed over the horizon's two halves).
     The stacked model's ``score_bgnbd`` and ``score_recency`` are told as the
     quantities behind them ("no order for 96 days; usually orders every 31 days").
 ``bgnbd``
@@ -39,6 +40,7 @@ import numpy.typing as npt
 import polars as pl
 
 from lapse.modeling.bgnbd import BTYD_COLUMNS, btyd_arrays
+from lapse.modeling.hazard import LightGBMHazard
 from lapse.modeling.lgbm import TENURE_CAP_DAYS, LightGBMChurn, typical_inputs
 from lapse.modeling.rules import CHURN_TRIGGERS, recency_days, trigger_exprs
 
@@ -623,7 +625,9 @@ def _topic(text: str) -> str:
 # -- per shipped model --------------------------------------------------------------------
 
 
-def _tree(model: LightGBMChurn, inputs: pl.DataFrame, words: Words, top: int) -> list[list[Reason]]:
+def _tree(
+    model: LightGBMChurn | LightGBMHazard, inputs: pl.DataFrame, words: Words, top: int
+) -> list[list[Reason]]:
     """TreeSHAP ranks the drivers; each is checked by moving it alone to its median."""
     names = model.feature_names_
     x = model.encode(inputs)
@@ -808,6 +812,8 @@ def _chunk(
             pl.Series(RECENCY, recency_days(chunk, scorer.config)),
         )
         return _tree(scorer.stacked, inputs, words, top)
+    if selected == "lightgbm_hazard" and scorer.hazard is not None:
+        return _tree(scorer.hazard, chunk, words, top)
     if selected == "bgnbd":
         return _bgnbd(scorer, chunk, words, top)
     if selected == "recency":
