@@ -3,10 +3,9 @@
 Candidates, simplest first: ``recency`` (days since the last qualifying
 activity), ``rules`` (fired churn triggers, ties by days since last usage),
 ``bgnbd`` and ``lightgbm`` (plus ``lightgbm_stacked`` and ``lightgbm_hazard``
-when configured). The
-winner has the best validation ROC-AUC; a simpler model within
-:data:`TIE_AUC` of the best wins the tie. Every candidate is calibrated on the
-validation cutoff with the same method and evaluated on the test cutoff.
+when configured). The winner has the best validation ROC-AUC; a simpler model
+within :data:`TIE_AUC` of the best wins the tie. Every candidate is calibrated
+on the validation cutoff with the same method and evaluated on the test cutoff.
 """
 
 from __future__ import annotations
