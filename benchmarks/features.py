@@ -19,6 +19,12 @@ The headline compares like with like: ``build(..., feature_set="core")`` (or
 ``build_many``) against DuckDB's core set. The full feature set (``"all"``,
 about 100 columns) is timed too and reported against the same DuckDB run.
 
+With one cutoff it also runs the ``lapse features`` CLI as a user would (read,
+validate, the full set, write; a fresh process) and prints its whole-process
+time against DuckDB's whole process (the goal of issue #26: at most 1.5x), the
+CPU time and peak memory of each, and the CLI's time per step (measured in a
+further process: read and map, the rest of validation, build, write).
+
 Synthetic data comes from ``lapse.datasets.generate`` (365 days, users scaled
 to the event count) and is cached under ``benchmarks/.data/``.
 """
@@ -213,9 +219,15 @@ def child(side: str, path: Path, n_cutoffs: int, out: Path) -> None:
         result = run_duckdb(path, cuts, out)
     elif side == "scan":
         result = run_scan(path, cuts)
+    elif side == "cli":
+        result = run_cli(path, cuts, out)
+    elif side == "steps":
+        result = run_steps(path, cuts, out)
     else:
         result = run_lapse(path, cuts, out, "core" if side == "lapse" else "all")
     result["peak_rss_mb"] = peak_rss_mb()
+    times = os.times()
+    result["cpu_s"] = times.user + times.system  # the whole process, imports included
     print(json.dumps(result))
 
 
@@ -232,6 +244,51 @@ def peak_rss_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --- the CLI, whole process ---------------------------------------------------------
+
+GOAL = 1.5  # lapse features CLI / DuckDB core set, whole process (issue #26)
+
+
+def run_cli(path: Path, cuts: list[datetime], out: Path) -> dict[str, object]:
+    """``lapse features PATH --as-of DAY --out OUT`` in this process, as the CLI runs it."""
+    from lapse.cli import app
+
+    start = time.perf_counter()
+    day = f"{cuts[0]:%Y-%m-%d}"
+    app(["features", str(path), "--as-of", day, "--out", str(out)], standalone_mode=False)
+    elapsed = time.perf_counter() - start
+    import polars as pl
+
+    return {"compute_s": elapsed, "columns": len(pl.read_parquet_schema(out))}
+
+
+def run_steps(path: Path, cuts: list[datetime], out: Path) -> dict[str, object]:
+    """The CLI's steps timed one by one (reading twice: alone, then inside validation)."""
+    from lapse import load_config
+    from lapse.events.mapping import map_events
+    from lapse.events.readers import collect_frame, scan_source
+    from lapse.events.validate import validate_events
+    from lapse.features import build
+
+    config = load_config()
+    clock: dict[str, float] = {}
+    start = time.perf_counter()
+    raw = scan_source(path)
+    frame = collect_frame(map_events(raw, config, source_name=str(path)), str(path))
+    clock["read_s"] = time.perf_counter() - start
+    del frame
+    start = time.perf_counter()
+    kept, _ = validate_events(path, config, as_of=cuts[0])
+    clock["validate_s"] = time.perf_counter() - start - clock["read_s"]
+    start = time.perf_counter()
+    frame = build(kept.lazy(), cuts[0], config)
+    clock["build_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    frame.write_parquet(out)
+    clock["write_s"] = time.perf_counter() - start
+    return {**clock, "compute_s": sum(clock.values())}
 
 
 # --- driver -------------------------------------------------------------------------
@@ -269,8 +326,10 @@ def agree(lapse_out: Path, duck_out: Path) -> str:
     import polars as pl
     from polars.testing import assert_frame_equal
 
-    a = pl.read_parquet(lapse_out).sort("cutoff", "user_id")
-    b = pl.read_parquet(duck_out).select(a.columns).sort("cutoff", "user_id")
+    a = pl.read_parquet(lapse_out)
+    keys = ["cutoff", "user_id"] if "cutoff" in a.columns else ["user_id"]  # the CLI: one cutoff
+    a = a.select(*keys, *CORE).sort(keys)
+    b = pl.read_parquet(duck_out).select(a.columns).sort(keys)
     b = b.with_columns(pl.col(c).cast(a.schema[c]) for c in a.columns)
     try:
         assert_frame_equal(a, b, check_exact=False, rel_tol=1e-9, abs_tol=1e-6)
@@ -290,8 +349,11 @@ def main() -> None:
         "--repeat", type=int, default=1, help="runs per side (fresh processes); the fastest is kept"
     )
     parser.add_argument("--no-full", action="store_true", help="skip the full-set lapse run")
+    parser.add_argument("--no-cli", action="store_true", help="skip the lapse features CLI runs")
     parser.add_argument(
-        "--child", choices=["lapse", "lapse-all", "duckdb", "scan"], help=argparse.SUPPRESS
+        "--child",
+        choices=["lapse", "lapse-all", "duckdb", "scan", "cli", "steps"],
+        help=argparse.SUPPRESS,
     )
     parser.add_argument("--path", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -317,6 +379,11 @@ def main() -> None:
             duck = spawn("duckdb", path, args.cutoffs, do, args.repeat)
             full = None if args.no_full else spawn("lapse-all", path, args.cutoffs, fo, args.repeat)
             floor = spawn("scan", path, args.cutoffs, fo, args.repeat)
+            cli = steps = None
+            if args.cutoffs == 1 and not args.no_cli:
+                cli = spawn("cli", path, args.cutoffs, Path(tmp, "cli.parquet"), args.repeat)
+                steps = spawn("steps", path, args.cutoffs, Path(tmp, "steps.parquet"), args.repeat)
+                problem_cli = agree(Path(tmp, "cli.parquet"), do)
             load_after = _loadavg()
             problem = agree(lo, do)
             problem_full = "" if full is None else agree(fo, do)
@@ -324,13 +391,18 @@ def main() -> None:
         print(f"  loadavg before/after: {load} / {load_after}")
         print(f"  lapse : polars {lap['version']}, {lap['threads']} threads")
         print(f"  duckdb: duckdb {duck['version']}, {duck['threads']} threads, core set")
-        print(f"  {'':18}{'compute s':>11}{'process s':>11}{'peak RSS MB':>13}{'columns':>9}")
+        print(
+            f"  {'':18}{'compute s':>11}{'process s':>11}{'CPU s':>9}{'peak RSS MB':>13}"
+            f"{'columns':>9}"
+        )
         rows = [("lapse core", lap), ("duckdb core", duck)]
         if full is not None:
             rows.append(("lapse all", full))
+        if cli is not None:
+            rows.append(("lapse CLI (all)", cli))
         for name, r in rows:
             print(
-                f"  {name:18}{r['compute_s']:>11.2f}{r['process_s']:>11.2f}"
+                f"  {name:18}{r['compute_s']:>11.2f}{r['process_s']:>11.2f}{r['cpu_s']:>9.2f}"
                 f"{r['peak_rss_mb']:>13.0f}{r.get('columns', len(CORE) + 2):>9}"
             )
         for name, r in rows:
@@ -338,11 +410,31 @@ def main() -> None:
                 continue
             ratio = {
                 k: float(r[k]) / float(duck[k])  # type: ignore[arg-type]
-                for k in ("compute_s", "process_s", "peak_rss_mb")
+                for k in ("compute_s", "process_s", "cpu_s", "peak_rss_mb")
             }
             print(
-                f"  {name + ' / duckdb':18}{ratio['compute_s']:>11.2f}{ratio['process_s']:>11.2f}"
-                f"{ratio['peak_rss_mb']:>13.2f}"
+                f"  {name[:10] + ' / duckdb':18}{ratio['compute_s']:>11.2f}"
+                f"{ratio['process_s']:>11.2f}{ratio['cpu_s']:>9.2f}{ratio['peak_rss_mb']:>13.2f}"
+            )
+        if cli is not None and steps is not None:
+            ratio = float(cli["process_s"]) / float(duck["process_s"])  # type: ignore[arg-type]
+            verdict = "meets" if ratio <= GOAL else "misses"
+            print(
+                f"  CLI whole process / DuckDB whole process: {ratio:.2f}x, "
+                f"{ratio / GOAL:.2f} of the goal ({GOAL}x): {verdict} it"
+            )
+            print(
+                "  CLI steps (s, own process): "
+                + ", ".join(
+                    f"{k[:-2]} {float(steps[k]):.2f}"  # type: ignore[arg-type]
+                    for k in ("read_s", "validate_s", "build_s", "write_s")
+                )
+                + f"; start-up and imports {float(cli['process_s']) - float(cli['compute_s']):.2f}"  # type: ignore[arg-type]
+            )
+            print(
+                "  CLI full set: core columns agree with DuckDB"
+                if not problem_cli
+                else f"  CLI RESULTS DIFFER:\n{problem_cli}"
             )
         print(
             f"  scan floor (needed columns only): {floor['compute_s']:.2f} s; "

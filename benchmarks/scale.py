@@ -42,7 +42,7 @@ def child(engine: str, events: str, bundle: str, as_of: str, out: str, cores: in
 
     spark = None
     if engine == "spark":
-        from pyspark.sql import SparkSession
+        from pyspark.sql import SparkSession  # noqa: TID251  # a sized local cluster
 
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
         spark = (

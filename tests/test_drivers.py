@@ -18,7 +18,13 @@ from lapse.config import LapseConfig, load_config
 from lapse.datasets import SyntheticData, generate, write
 from lapse.exceptions import ConfigError
 from lapse.features import build
-from lapse.insights.drivers import DriversResult, encourage_snippet, stickiness_drivers, write_plot
+from lapse.insights.drivers import (
+    DriversResult,
+    drivers_figure,
+    encourage_snippet,
+    stickiness_drivers,
+    write_plot,
+)
 from lapse.triggers import ExprError, evaluate, resolve
 
 STICKY, NEUTRAL = "second_device_added", "theme_changed"  # planted in lapse.datasets
@@ -113,7 +119,18 @@ def test_declared_behaviors_rank_like_the_event_types_they_restate(
 
 
 def test_forest_plot_is_a_png(declared: tuple[LapseConfig, DriversResult], tmp_path: Path) -> None:
-    path = write_plot(declared[1], tmp_path / "plots" / "drivers.png")
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # a notebook's backend: drawing and saving must leave it alone
+    try:
+        figure = drivers_figure(declared[1])
+        path = write_plot(declared[1], tmp_path / "plots" / "drivers.png")
+        assert matplotlib.get_backend() == "svg" and plt.get_fignums() == []
+    finally:
+        matplotlib.use(before)
+    assert len(figure.axes) == 1 and len(figure.axes[0].get_yticks()) == declared[1].table.height
     head = path.read_bytes()[:24]
     assert head[:8] == PNG and head[12:16] == b"IHDR"
     width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")

@@ -204,3 +204,94 @@ def test_damaged_shard_fails_at_collect_with_one_line(tmp_path: Path) -> None:
         validate_events(tmp_path, LapseConfig())
     assert str(tmp_path) in str(info.value)
     assert "\n" not in str(info.value)
+
+
+# -- input edges: the file is not what lapse reads, and the error says so in one line --------
+EVENTS_CSV = "user_id,ts,event\nu1,2024-01-01T10:00:00,order\nu2,2024-01-02T11:00:00,order\n"
+
+
+def _lapse(*args: str) -> tuple[int, str]:
+    from typer.testing import CliRunner
+
+    from lapse.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    return result.exit_code, result.output
+
+
+def test_a_header_naming_a_column_twice_is_refused_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "events.csv"
+    path.write_text("user_id,ts,event,user_id\nu1,2024-01-01,order,u2\n")
+    message = _one_line_error(path, "names column 'user_id' more than once")
+    assert "rename or remove" in message
+    # a column whose name merely looks like Polars' renaming is fine
+    path.write_text("user_id,ts,event,event_duplicated_0\nu1,2024-01-01,order,x\n")
+    assert scan_source(path).collect().width == 4
+
+
+@pytest.mark.parametrize(
+    ("encoding", "name"),
+    [
+        ("utf-16", "UTF-16 (little-endian)"),  # with a byte-order mark
+        ("utf-16-be", "UTF-16 (big-endian)"),  # without one
+        ("utf-32", "UTF-32 (little-endian)"),
+    ],
+)
+def test_a_utf16_or_utf32_file_is_refused_naming_the_encoding(
+    tmp_path: Path, encoding: str, name: str
+) -> None:
+    path = tmp_path / "events.csv"
+    path.write_bytes(EVENTS_CSV.encode(encoding))
+    message = _one_line_error(path, f"the file is {name} text")
+    assert "UTF-8" in message and "iconv" in message
+    gz = tmp_path / "events.csv.gz"
+    gz.write_bytes(gzip.compress(EVENTS_CSV.encode(encoding)))
+    _one_line_error(gz, f"is {name} text")
+    # UTF-8, with or without a byte-order mark, reads as always
+    path.write_bytes(EVENTS_CSV.encode("utf-8-sig"))
+    assert scan_source(path).collect_schema().names() == ["user_id", "ts", "event"]
+
+
+def test_a_binary_or_system_file_is_refused_without_echoing_it(tmp_path: Path) -> None:
+    binary = tmp_path / "blob.csv"
+    binary.write_bytes(bytes(range(256)) * 8)
+    _one_line_error(binary, "is not text: it holds binary data")
+    system = tmp_path / "passwd.csv"  # e.g. a symlink to /etc/passwd
+    system.write_text(
+        "root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n"
+    )
+    code, output = _lapse("validate", str(system))
+    assert code == 2
+    assert output.count("\n") == 1 and "Traceback" not in output
+    assert "passwd.csv: not a table of events" in output
+    assert "expected the columns user_id, ts, event" in output
+    assert "root:x" not in output and "/bin/bash" not in output and "daemon" not in output
+    # a table with another separator is told where to say so
+    semi = tmp_path / "semi.csv"
+    semi.write_text("user_id;ts;event\nu1;2024-01-01;order\n")
+    code, output = _lapse("validate", str(semi))
+    assert code == 2 and "source.csv_separator" in output and "user_id;ts" not in output
+
+
+def test_a_duckdb_query_with_a_syntax_error_is_one_config_line(tmp_path: Path) -> None:
+    import duckdb
+    import yaml
+
+    from lapse.config import dump_config, load_config
+    from lapse.events.database import scan_database
+    from lapse.exceptions import ConfigError
+
+    db = tmp_path / "events.duckdb"
+    with duckdb.connect(str(db)) as con:
+        con.execute("CREATE TABLE events AS SELECT 'u1' AS user_id, now() AS ts, 'x' AS event")
+    data = yaml.safe_load(dump_config(load_config()))
+    data["source"].update(format="duckdb", sql={"query": "SELEC * FORM events"})
+    config = tmp_path / "lapse.yaml"
+    config.write_text(yaml.safe_dump(data))
+    code, output = _lapse("validate", str(db), "--config", str(config))
+    assert code == 2
+    assert output.count("\n") == 1 and "Traceback" not in output
+    assert "source.sql.query cannot run: Parser Error: syntax error" in output
+    data["source"]["sql"]["query"] = "SELECT nope FROM events"
+    with pytest.raises(ConfigError, match=r"source.sql.query cannot run: Binder Error"):
+        scan_database(db, LapseConfig.model_validate(data).source)

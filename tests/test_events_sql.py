@@ -183,9 +183,9 @@ def test_sql_config_needs_one_relation() -> None:
     assert isinstance(ConfigError("x"), Exception)
 
 
-def test_readme_recommends_an_index_on_the_timestamp_column() -> None:
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    assert "CREATE INDEX" in readme and "(ts)" in readme
+def test_docs_recommend_an_index_on_the_timestamp_column() -> None:
+    page = (Path(__file__).resolve().parents[1] / "docs" / "sql.md").read_text(encoding="utf-8")
+    assert "CREATE INDEX" in page and "(ts)" in page
 
 
 # -- DuckDB and Delta ---------------------------------------------------------------------

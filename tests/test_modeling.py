@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pickle
 import time
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import Any, ClassVar
 
 import numpy as np
 import polars as pl
@@ -11,6 +14,9 @@ import pytest
 from sklearn.base import clone
 
 from lapse.config import load_config
+from lapse.datasets import generate
+from lapse.features.episodes_covariates import order_covariates, purchase_orders
+from lapse.labels.episodes import consumable_skus, episodes, open_episodes
 from lapse.modeling import (
     BGNBD,
     Calibrator,
@@ -24,8 +30,15 @@ from lapse.modeling import (
     select,
     triggers,
 )
+from lapse.modeling.bgnbd import btyd_arrays
+from lapse.modeling.bundle import ChurnBundle
 from lapse.modeling.hazard import HALF, LightGBMHazard, half_rows
 from lapse.modeling.metrics import expected_calibration_error, top_decile
+from lapse.modeling.race import COMPLEXITY, fit_calibrator, fit_scorer
+from lapse.modeling.rules import RulesScore
+from lapse.modeling.survival import BASELINES, CANDIDATES, DepletionRule, LastGap, SurvivalModel
+from lapse.modeling.survival_metrics import HORIZONS
+from lapse.train.churn import build_frame
 
 TRUE = {"r": 0.24, "alpha": 4.41, "a": 0.79, "b": 2.43}
 
@@ -227,12 +240,11 @@ def _churn_frame(n: int, seed: int) -> tuple[pl.DataFrame, np.ndarray]:
     return frame, y
 
 
-def test_lightgbm_is_deterministic_and_learns() -> None:
+def test_lightgbm_learns_and_explains() -> None:
+    """(Determinism, clone and pickling: :func:`test_model_contract`.)"""
     frame, y = _churn_frame(3000, 0)
     groups = frame["cutoff"].dt.epoch("s").to_numpy()
     a = LightGBMChurn(random_state=3, n_jobs=2).fit(frame, y, groups=groups)
-    b = clone(a).fit(frame, y, groups=groups)
-    assert np.array_equal(a.predict_proba(frame), b.predict_proba(frame))
     assert a.feature_names_ == [
         "usage_count_14d",
         "usage_count_28d",
@@ -334,6 +346,20 @@ def test_lightgbm_search_runs_and_keeps_input_intact() -> None:
         LightGBMChurn().fit(frame, np.zeros(frame.height))
 
 
+def test_lightgbm_refit_reuses_trees_and_tuning_without_a_holdout() -> None:
+    """The shipped model's refit: a fitted model's tree count and tuned parameters, no search."""
+    frame, y = _churn_frame(1500, 2)
+    groups = frame["cutoff"].dt.epoch("s").to_numpy()
+    race = LightGBMChurn(search=True, n_search=2, max_trees=200).fit(frame, y, groups=groups)
+    refit = LightGBMChurn(n_trees=race.n_trees_, tuned=race.best_params_).fit(
+        frame, y, groups=groups
+    )
+    assert refit.booster_.num_trees() == race.n_trees_ and refit.search_results_ == []
+    assert refit.best_params_ == race.best_params_
+    # the race's final fit is this one: all rows, the same parameters and trees
+    assert np.array_equal(refit.predict_proba(frame), race.predict_proba(frame))
+
+
 def test_reasons_name_risk_raising_features_in_words() -> None:
     from lapse.modeling import RaceScorer
 
@@ -382,3 +408,233 @@ def test_rfm_summary_sees_only_activity_before_a_mid_day_cutoff() -> None:
     # the 15:00 visit on the cutoff's day is after the cutoff: no repeat day yet
     assert row["btyd_frequency"] == 0.0 and row["btyd_recency_days"] == 0.0
     assert row["btyd_age_days"] == 3.5  # from the first active day (midnight) to noon
+
+
+def test_rfm_summary_at_one_cutoff_equals_its_rows_among_several() -> None:
+    """One cutoff (bitmasks of active days) and several (active days grouped once) are two
+    implementations of the same rows: active days 64+ days apart, before 1970, same day."""
+    from lapse.modeling.bgnbd import rfm_summary
+
+    rng = np.random.default_rng(3)
+    base = datetime(1969, 11, 1, tzinfo=UTC)
+    n = 3_000
+    events = pl.LazyFrame(
+        {
+            "user_id": [f"u{i}" for i in rng.integers(0, 60, n)],
+            "ts": [base + timedelta(hours=float(h)) for h in rng.exponential(24 * 90, n)],
+            "event": rng.choice(["app_open", "order_completed", "signup"], n).tolist(),
+        }
+    ).with_columns(pl.col("ts").dt.cast_time_unit("us"))
+    cutoffs = [datetime(1970, 1, 1, tzinfo=UTC), datetime(1970, 4, 20, 13, 30, tzinfo=UTC)]
+    several = rfm_summary(events, cutoffs, load_config())
+    for cutoff in cutoffs:
+        one = rfm_summary(events, [cutoff], load_config())
+        assert one.height > 20
+        assert one.equals(several.filter(pl.col("cutoff") == cutoff))
+
+
+# -- the model contract --------------------------------------------------------------------
+#
+# Eight models can ship: the churn race's recency, rules, BG/NBD, LightGBM, stacked and
+# hazard LightGBM (race.COMPLEXITY), and replenishment's survival regression (the winner of
+# survival.CANDIDATES: Weibull, log-normal, log-logistic AFT or Cox) with the depletion rule
+# beside it. The contract runs over every name the two races fit, so a new candidate joins
+# it; the last_gap baseline is raced but never shipped, and is the depletion rule's fallback.
+
+START = datetime(2026, 1, 1, tzinfo=UTC)  # generate()'s first day
+AS_OF = START + timedelta(days=120)
+SOLO = "solo"  # a customer whose whole history is one order, two days before AS_OF
+# the covariates the baselines read plus usage: the fits stay quick (all of them: seconds)
+SURVIVAL_COVARIATES = ["prev_gap_days", "order_units", "supply_days", "usage_28d"]
+Predictions = dict[str, np.ndarray]
+
+
+@pytest.fixture(scope="module")
+def contract_events() -> pl.LazyFrame:
+    events = generate(n_users=500, n_days=140, seed=0).events
+    solo = pl.DataFrame(
+        {
+            "user_id": [SOLO],
+            "ts": [AS_OF - timedelta(days=2)],
+            "event": ["order_completed"],
+            "sku": ["PODS-30"],
+            "quantity": [1.0],
+            "revenue": [20.0],
+        },
+        schema=events.schema,
+    )
+    return pl.concat([events, solo]).lazy()
+
+
+class ChurnContract:
+    """The churn race's candidates, fitted by the race's own code, shipped in a bundle."""
+
+    SLOT: ClassVar[dict[str, str]] = {"lightgbm_stacked": "stacked", "lightgbm_hazard": "hazard"}
+
+    def __init__(self, events: pl.LazyFrame) -> None:
+        self.config = load_config()
+        cutoffs = [START + timedelta(days=d) for d in (63, 70, 77, 84)]
+        frame, rfm = build_frame(events, cutoffs, self.config, data_end=START + timedelta(days=140))
+        self.train = frame.filter(pl.col("cutoff") < cutoffs[-1])
+        self.validation = frame.filter(pl.col("cutoff") == cutoffs[-1])
+        self.btyd_fit = rfm.filter(pl.col("cutoff") == cutoffs[-1])
+        self.label_end = cutoffs[-1]
+        self.y = self.train["churned"].cast(pl.Float64).to_numpy()
+        self.groups = self.train["cutoff"].dt.epoch("s").to_numpy()
+        before = self.train.clone()
+        self.scorer = fit_scorer(
+            self.train, self.btyd_fit, self.config, recent=self.train, label_end=self.label_end
+        )
+        assert self.scorer.names == list(COMPLEXITY)
+        self.rows = self.ship("recency", None).prepare(events, AS_OF)
+        self.inputs = [(self.train, before), (self.rows, self.rows.clone())]
+        self.bounds = {"churn_risk": 1.0}
+
+    def fit(self, name: str) -> Any:
+        """The estimator behind ``name`` (recency: none, it learns nothing; rules: the
+        RulesScore wrapper of the rules_score function the race calls)."""
+        if name == "recency":
+            return None
+        if name == "rules":
+            return RulesScore().fit(self.train, self.config)
+        return getattr(self.scorer, self.SLOT.get(name, name))
+
+    def refit(self, name: str, model: Any) -> Any:
+        if name == "rules":
+            return model.fit(self.train, self.config)
+        if name == "bgnbd":
+            return model.fit(*btyd_arrays(self.btyd_fit))
+        if name == "lightgbm_hazard":
+            return model.fit(self.train, label_end=self.label_end)
+        frame = self.scorer.with_scores(self.train) if name == "lightgbm_stacked" else self.train
+        return model.fit(frame, self.y, groups=self.groups)
+
+    def ship(self, name: str, model: Any) -> ChurnBundle:
+        """A bundle shipping ``name`` with ``model`` in the race's scorer, calibrated on
+        the validation cutoff as the race does."""
+        learned = name not in ("recency", "rules")  # the scorer holds no model of theirs
+        scorer = (
+            replace(self.scorer, **{self.SLOT.get(name, name): model}) if learned else self.scorer
+        )
+        y_val = self.validation["churned"].cast(pl.Float64).to_numpy()
+        calibrator = fit_calibrator(name, scorer.score(name, self.validation), y_val, self.config)
+        return ChurnBundle(
+            name="contract",
+            config=self.config,
+            feature_schema={},
+            training_end=AS_OF,
+            selected=name,
+            scorer=scorer,
+            calibrator=calibrator,
+            score_reference=np.linspace(0.0, 1.0, 11),
+            metrics={},
+            cutoffs={},
+            created_at=AS_OF,
+        )
+
+    def predict(self, shipped: ChurnBundle) -> Predictions:
+        return {"churn_risk": shipped.predict_proba(self.rows)}
+
+
+class ReplenishmentContract:
+    """Replenishment's models on real episodes, predicting the episodes open at AS_OF."""
+
+    def __init__(self, events: pl.LazyFrame) -> None:
+        self.config = load_config()
+        cutoff = START + timedelta(days=100)
+        skus = consumable_skus(events, self.config, until=cutoff)
+
+        def with_covariates(episode_rows: pl.DataFrame, until: datetime) -> pl.DataFrame:
+            orders = purchase_orders(events, self.config, until=until, skus=skus, target="sku")
+            covariates = order_covariates(events, orders, self.config).rename({"ts": "start"})
+            return episode_rows.join(covariates, on=["user_id", "sku", "start"], how="left")
+
+        self.train = with_covariates(
+            episodes(events, self.config, cutoff=cutoff, skus=skus, target="sku"), cutoff
+        )
+        self.rows = with_covariates(
+            open_episodes(events, self.config, as_of=AS_OF, skus=skus, target="sku"), AS_OF
+        )
+        self.inputs = [(self.train, self.train.clone()), (self.rows, self.rows.clone())]
+        self.bounds = {"median_days_to_next_order": np.inf} | {
+            f"p_reorder_{h}d": 1.0 for h in HORIZONS
+        }
+
+    def fit(self, name: str) -> Any:
+        return self.refit(name, self._new(name))
+
+    def _new(self, name: str) -> Any:
+        if name == "depletion_rule":
+            return DepletionRule()
+        if name == "last_gap":
+            return LastGap()
+        return SurvivalModel(name, self.config.replenishment.penalizer, SURVIVAL_COVARIATES)  # type: ignore[arg-type]
+
+    def refit(self, name: str, model: Any) -> Any:
+        return model.fit(self.train, self.train["duration_days"], self.train["observed"])
+
+    def ship(self, name: str, model: Any) -> Any:
+        return model  # pickled as it is into the bundle's extras
+
+    def predict(self, shipped: Any) -> Predictions:
+        elapsed = self.rows["elapsed_days"].to_numpy()
+        horizon = self.config.replenishment.follow_up_days
+        surv = shipped.predict_survival(self.rows, elapsed, HORIZONS)
+        return {
+            "median_days_to_next_order": shipped.predict_median(self.rows, elapsed, horizon)
+        } | {f"p_reorder_{h}d": 1.0 - surv[:, k] for k, h in enumerate(HORIZONS)}
+
+
+@pytest.fixture(scope="module")
+def churn_contract(contract_events: pl.LazyFrame) -> ChurnContract:
+    return ChurnContract(contract_events)
+
+
+@pytest.fixture(scope="module")
+def replenishment_contract(contract_events: pl.LazyFrame) -> ReplenishmentContract:
+    return ReplenishmentContract(contract_events)
+
+
+def _assert_same(a: Predictions, b: Predictions) -> None:
+    assert a.keys() == b.keys()
+    for col in a:
+        np.testing.assert_array_equal(a[col], b[col], err_msg=col)
+
+
+@pytest.mark.parametrize("name", [*COMPLEXITY, *CANDIDATES, *BASELINES])
+def test_model_contract(name: str, request: pytest.FixtureRequest) -> None:
+    """Every model the races fit: fitted on real-shaped data, shipped, predicted, pickled."""
+    family = request.getfixturevalue(
+        "churn_contract" if name in COMPLEXITY else "replenishment_contract"
+    )
+    model = family.fit(name)
+    shipped = family.ship(name, model)
+    out = family.predict(shipped)
+
+    # one finite prediction per row and in range, the customer with one order included
+    assert SOLO in family.rows["user_id"].to_list()
+    assert out.keys() == family.bounds.keys()
+    for col, values in out.items():
+        assert values.shape == (family.rows.height,), col
+        assert np.all(np.isfinite(values)), col
+        assert np.all((values >= 0) & (values <= family.bounds[col])), col
+    if "p_reorder_7d" in out:  # more days, more reorders
+        assert np.all(out["p_reorder_7d"] <= out["p_reorder_14d"])
+        assert np.all(out["p_reorder_14d"] <= out["p_reorder_30d"])
+
+    # what ships pickles and predicts the same after the round trip
+    _assert_same(family.predict(pickle.loads(pickle.dumps(shipped))), out)
+
+    # the scikit-learn contract: params round-trip through clone, fit returns self,
+    # learned state ends in "_", and a refit with the same seed ships the same predictions
+    if model is not None:
+        twin = clone(model)
+        assert twin.get_params() == model.get_params()
+        assert family.refit(name, twin) is twin
+        learned = [k for k in vars(twin) if k not in twin.get_params()]
+        assert learned and all(k.endswith("_") for k in learned), learned
+        _assert_same(family.predict(family.ship(name, twin)), out)
+
+    # neither fitting nor predicting touched the frames they were given
+    for frame, before in family.inputs:
+        assert frame.equals(before)

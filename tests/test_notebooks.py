@@ -5,7 +5,8 @@ tests), with ``LAPSE_NOTEBOOK_SMALL=1`` and a temporary working directory; a cel
 raises fails the test with the notebook, the cell's source and the error. A warning a
 cell prints fails it too, as ``filterwarnings = error`` does for the rest of the suite.
 The stored notebooks must have no outputs and no execution counts, and must use lapse's
-public API only.
+public API only. A cell that shows lapse's figures (``.figures``) must hold an ``image/png``
+output once executed: they show inline on the kernel's default backend.
 """
 
 from __future__ import annotations
@@ -133,6 +134,15 @@ def test_notebook_runs_top_to_bottom(
         for line in _WARNING.findall(out.text)
     ]
     assert not warned, f"{path.name} printed warnings (cell index, line): {warned}"
+    # lapse's figures (``result.figures[...]``, ``model.figures_[...]``) show inline as they
+    # are, on the kernel's default backend: every cell showing them holds a PNG
+    blank = [
+        i
+        for i, cell in enumerate(_code_cells(nb))
+        if ".figures" in cell.source
+        and not any("image/png" in out.get("data", {}) for out in cell.outputs)
+    ]
+    assert not blank, f"{path.name}: cells {blank} show lapse figures but hold no image/png output"
     # the cwd must stay clean: notebooks write into their own temporary folders
     assert not list(tmp_path.iterdir()), f"{path.name} wrote {sorted(tmp_path.iterdir())}"
     print(f"{path.name}: {elapsed:.1f} s")

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import importlib
+import pkgutil
+import re
 import sys
+import warnings
+from types import ModuleType
 
 import pytest
 
@@ -14,12 +18,20 @@ import lapse.features
 
 
 def test_top_level() -> None:
-    assert sorted(lapse.__all__) == ["LapseConfig", "LapseError", "__version__", "load_config"]
+    assert sorted(lapse.__all__) == [
+        "ChurnModel",
+        "LapseConfig",
+        "LapseError",
+        "ReplenishmentModel",
+        "__version__",
+        "load_config",
+    ]
 
 
 def test_events() -> None:
     assert sorted(lapse.events.__all__) == [
         "AttributesReport",
+        "EventSource",
         "REJECT_REASONS",
         "ValidationReport",
         "event_files",
@@ -42,9 +54,50 @@ def test_features() -> None:
     )
 
 
+def _lapse_modules() -> list[ModuleType]:
+    """Every module of the package, the deprecated aliases included (imported quietly)."""
+    names = [m.name for m in pkgutil.walk_packages(lapse.__path__, "lapse.")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return [lapse, *(importlib.import_module(n) for n in names)]
+
+
+def _drawn_tree(doc: str) -> dict[str, str | None]:
+    """Class name -> parent as drawn in a docstring's tree (four columns per level)."""
+    parents: dict[str, str | None] = {}
+    path: list[str] = []
+    for m in re.finditer(r"^    ([│├└─ ]*)([A-Z]\w+)", doc, re.MULTILINE):
+        depth = len(m[1]) // 4
+        path[depth:] = [m[2]]
+        parents[m[2]] = path[depth - 1] if depth else None
+    return parents
+
+
 def test_every_exception_is_a_lapse_error() -> None:
-    for name in lapse.exceptions.__all__:
-        assert issubclass(getattr(lapse.exceptions, name), lapse.LapseError)
+    """One tree: every exception class lapse defines or re-exports lives in lapse.exceptions,
+    derives from LapseError (FitWarning is a warning category, never raised) and sits
+    where the module's docstring draws it."""
+    found = {
+        obj
+        for module in _lapse_modules()
+        for obj in vars(module).values()
+        if isinstance(obj, type)
+        and issubclass(obj, BaseException)
+        and obj.__module__.startswith("lapse")
+    }
+    assert {cls.__name__ for cls in found} == set(lapse.exceptions.__all__)
+    drawn = _drawn_tree(lapse.exceptions.__doc__ or "")
+    for cls in found:
+        assert cls.__module__ == "lapse.exceptions", cls
+        assert getattr(lapse.exceptions, cls.__name__) is cls
+        (base,) = cls.__bases__
+        assert drawn.get(cls.__name__, "not drawn") == (
+            None if base is Exception else base.__name__
+        ), cls
+        if cls is lapse.exceptions.FitWarning:
+            assert issubclass(cls, UserWarning) and not issubclass(cls, lapse.LapseError)
+        else:
+            assert issubclass(cls, lapse.LapseError), cls
 
 
 @pytest.mark.parametrize(

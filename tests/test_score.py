@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +186,52 @@ def test_point_in_time_scores_ignore_events_at_or_after_as_of(
     )
     ra, rb = (read_records(r.out).drop("score_run_id") for r in (a, b) if r.out)  # type: ignore[arg-type]
     assert ra.equals(rb)
+
+
+def test_a_cutoff_in_another_zone_is_the_run_of_its_utc_instant(
+    world: World, _isolated_home: Path, tmp_path: Path
+) -> None:
+    # 19:00 the evening before at UTC-5 is the same instant as midnight UTC: another calendar day
+    eastern = world.as_of.astimezone(timezone(timedelta(hours=-5)))
+    assert eastern == world.as_of and eastern.date() != world.as_of.date()
+    cfg = config_at(make_config(_isolated_home, world))
+    runs = {}
+    for name, as_of in (("utc", world.as_of), ("eastern", eastern)):
+        own = cfg.model_copy(
+            update={"audit": cfg.audit.model_copy(update={"path": tmp_path / name})}
+        )
+        runs[name] = run_score(
+            world.events,
+            own,
+            as_of=as_of,
+            model=str(world.bundle),
+            out=tmp_path / f"{name}.parquet",
+        )
+    utc, other = runs["utc"], runs["eastern"]
+    assert other.as_of == utc.as_of and other.as_of.utcoffset() == timedelta(0)
+    assert other.score_run_id[:8] == utc.score_run_id[:8] == f"{world.as_of:%Y%m%d}"
+    # the snapshot is filed under the UTC day
+    assert utc.snapshot is not None and other.snapshot is not None
+    assert (
+        other.snapshot.parent.name == utc.snapshot.parent.name == f"run_date={world.as_of.date()}"
+    )
+    # the same records
+    assert utc.out is not None and other.out is not None
+    records = read_records(other.out).drop("score_run_id")
+    assert records.equals(read_records(utc.out).drop("score_run_id"))
+    assert records["as_of"].unique().to_list() == [world.as_of.date()]
+    # the same cooldowns and messages, counted in the UTC day
+    day = world.as_of.date()
+    kept = {}
+    for name in runs:
+        with Ledger(tmp_path / name / "ledger.sqlite") as ledger:
+            kept[name] = (
+                sorted(ledger.fired("file")),
+                ledger.messages("file", since=day, until=day),
+            )
+    fired, messages = kept["utc"]
+    assert fired and {d for _, _, d in fired} == {day} and messages
+    assert kept["eastern"] == kept["utc"]
 
 
 # -- delta sync, suppression, control ------------------------------------------------------

@@ -205,3 +205,83 @@ def test_split_batches_count_skipped_records_once(platform: Platform, tmp_path: 
     assert "split" in run.states()
     assert run.report.failed == 0
     assert run.report.skipped == 4 and run.report.sent == 16
+
+
+@pytest.mark.parametrize(
+    ("fault", "policy", "copies"),
+    [
+        ("drop_after", "skip", 1),  # processed, the answer lost: the resend holds no event
+        ("drop_after", "resend", 2),  # ... or the events again: twice
+        ("drop_before", "skip", 0),  # never processed: the events are missing
+        ("drop_before", "resend", 1),
+    ],
+)
+def test_a_batch_in_doubt_follows_the_in_doubt_policy_and_is_counted(
+    platform: Platform, tmp_path: Path, fault: str, policy: str, copies: int
+) -> None:
+    outbox = make_outbox(12)  # one request
+    platform.server.fail_next("/users/track", fault)
+    run = run_delivery(platform.make_sink(in_doubt=policy), outbox, tmp_path)
+    want = expected_events(outbox, ident)
+    assert run.report.sent == 12 and run.report.failed == 0
+    assert set(platform.server.profiles) == set(outbox["user_id"])  # no record lost
+    assert run.report.in_doubt == len({user for user, _ in want})  # users with events
+    assert platform.server.event_names() == sorted(want * copies)
+    resent = platform.server.requests[-1].json()
+    assert ("events" in resent) == (policy == "resend")
+
+
+def test_a_batch_left_sending_by_a_killed_run_is_in_doubt_when_resumed(
+    platform: Platform, tmp_path: Path
+) -> None:
+    """The state a run killed with its request in flight leaves: the batch ``sending``."""
+    outbox = make_outbox(12)
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    ledger.start_run("cut", "braze", as_of=AS_OF_UTC, model="m", target="", batches=[(0, 12)])
+    ledger.mark("cut", "braze", "b000000", "sending")
+    sink = platform.make_sink()
+    report = deliver(
+        outbox, sink, ledger, "cut", FAST, as_of=AS_OF_UTC, dead_letters=tmp_path / "dead.ndjson"
+    )
+    sink.close()
+    assert report.sent == 12 and report.in_doubt == len(
+        {u for u, _ in expected_events(outbox, ident)}
+    )
+    assert platform.server.event_names() == []  # skip, the default: no event sent twice
+    assert set(platform.server.profiles) == set(outbox["user_id"])
+    assert [b.state for b in ledger.batches("cut", "braze")] == ["done"]
+
+
+def test_in_doubt_comes_from_config_and_defaults_to_skip(
+    platform: Platform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lapse.config import load_config
+    from lapse.sinks import make_sink
+
+    config = load_config()
+    monkeypatch.setenv("LAPSE_BRAZE_API_KEY", KEY)
+    monkeypatch.setenv("LAPSE_BRAZE_BASE_URL", platform.server.url)
+    assert config.sinks.braze.in_doubt == "skip" and make_sink("braze", config).in_doubt == "skip"
+    config.sinks.braze.in_doubt = "resend"
+    assert make_sink("braze", config).in_doubt == "resend"
+
+
+def test_a_batch_in_doubt_split_before_its_resend_stays_in_doubt(
+    platform: Platform, tmp_path: Path
+) -> None:
+    """Planned as one request, left ``sending``, resumed by a sink told a lower limit: the
+    halves it is split into are in doubt too (their events skipped, their users counted)."""
+    outbox = with_triggers(make_outbox(12), lambda i: 1)  # 2-3 objects per user
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    ledger.start_run("cut", "braze", as_of=AS_OF_UTC, model="m", target="", batches=[(0, 12)])
+    ledger.mark("cut", "braze", "b000000", "sending")
+    sink = platform.make_sink(max_objects=12)
+    report = deliver(
+        outbox, sink, ledger, "cut", FAST, as_of=AS_OF_UTC, dead_letters=tmp_path / "dead.ndjson"
+    )
+    sink.close()
+    states = [b.state for b in ledger.batches("cut", "braze")]
+    assert "split" in states and states.count("done") >= 2
+    assert report.sent == 12 and report.in_doubt == 12 == ledger.in_doubt("cut", "braze")
+    assert platform.server.event_names() == []
+    assert set(platform.server.profiles) == set(outbox["user_id"])

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from polars.testing import assert_frame_equal
 
-from lapse.config import dump_config, load_config
+from lapse.config import load_config
 from lapse.delivery.ledger import Ledger
 from lapse.score.run import run_score
 from lapse.sinks import SINKS, make_sink
@@ -21,7 +21,7 @@ from lapse.sinks.base import RECORD_COLUMNS, RECORD_SCHEMA, Item, Outcome, SinkA
 from lapse.sinks.file import read_records
 from lapse.sinks.sql import HISTORY_TABLE, LATEST_TABLE, SqlSink
 from pg_server import pg_schema, pg_server  # noqa: F401  (fixtures)
-from worlds import World, trained_world
+from worlds import World, trained_world, world_config
 
 PASSWORD = "lapse-ci-secret"
 
@@ -39,13 +39,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
 
 
 def config_for(home: Path, world: World) -> Any:
-    data = yaml.safe_load(dump_config(load_config()))
-    data["attributes"]["path"] = str(world.users)
-    data["attributes"]["static_features"] = []
-    data["delivery"].update(batch_size=60, backoff_seconds=0.0)
-    path = home / "lapse.yaml"
-    path.write_text(yaml.safe_dump(data), encoding="utf-8")
-    return load_config(path)
+    return load_config(world_config(home, world, batch_size=60, backoff_seconds=0.0))
 
 
 def table(uri: str, name: str, run_id: str | None = None) -> pl.DataFrame:

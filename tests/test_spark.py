@@ -33,7 +33,7 @@ from lapse.sinks.file import read_records
 from worlds import World, trained_world
 
 if TYPE_CHECKING:
-    from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql import DataFrame, SparkSession  # noqa: TID251  # the engine's own tests
 
 runner = CliRunner()
 
@@ -161,7 +161,7 @@ def test_a_bundle_that_does_not_fit_fails_on_the_driver(world: World, spark: Spa
 @pytest.mark.spark
 def test_naive_timestamps_and_empty_partitions(world: World, spark: SparkSession) -> None:
     """Three users over eight partitions (most empty), `ts` as TIMESTAMP_NTZ: the same rows."""
-    from pyspark.sql import functions as F
+    from pyspark.sql import functions as F  # noqa: TID251  # builds Spark input by hand
 
     from lapse.spark.engine import build_features_spark
 

@@ -80,8 +80,16 @@ def test_cells_equal_pred_contrib_on_random_data(booster: lgb.Booster) -> None:
     assert np.array_equal(_top(fast), _top(ref))
     # the cells are far fewer than the rows: that is the point
     codes, radix = ts._global_codes(x, tables)
-    cells = [len(np.unique(ts._tree_key(t, codes, radix, len(x)))) for t in tables.trees]
+    cells = [len(np.unique(ts._tree_key(t, codes, radix, len(x))[0])) for t in tables.trees]
     assert np.mean(cells) < 0.5 * len(x)
+
+
+@pytest.mark.parametrize("size", [50, 3 * 10**12])  # a dense table of the range, a hash
+def test_factorize_gives_each_key_one_cell(size: int) -> None:
+    key = np.random.default_rng(5).integers(0, size, 1000)
+    reps, cell = ts._factorize(key, size)
+    assert np.array_equal(key[reps][cell], key)  # each row's cell has its key
+    assert len(reps) == len(np.unique(key))  # one cell per distinct key
 
 
 def test_fallbacks_stay_exact(booster: lgb.Booster, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import polars as pl
+import yaml
 
-from lapse.config import load_config
+from lapse.config import dump_config, load_config
 from lapse.datasets import generate, write
 from lapse.train.churn import train
 
@@ -40,3 +42,15 @@ def trained_world(
         bundle=root / "models" / "lapse.pkl",
         as_of=start + timedelta(days=score_day),
     )
+
+
+def world_config(home: Path, world: World, **delivery: Any) -> Path:
+    """``home/lapse.yaml``: the default config with the world's attributes (no static
+    features) and these ``delivery`` settings."""
+    data = yaml.safe_load(dump_config(load_config()))
+    data["attributes"]["path"] = str(world.users)
+    data["attributes"]["static_features"] = []
+    data["delivery"].update(delivery)
+    path = home / "lapse.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path

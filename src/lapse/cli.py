@@ -1,7 +1,10 @@
 """The `lapse` command line: thin typer commands, one pipeline call each.
 
 Errors a user can cause (:class:`lapse.LapseError`) print one line and exit
-with code 2; a validation that fails its threshold exits with code 1.
+with the error's ``exit_code``: 2 usage, configuration or input; 3 another run
+holds the lock; 4 promotion refused or inconclusive; 5 a write failed. A
+validation over its threshold or records that failed exit with 1. The table of
+every command: ``docs/exit-codes.md``.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated, ParamSpec, TypeVar
 
 import polars as pl
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
@@ -28,8 +31,9 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from lapse.config import dump_config, load_config
-from lapse.exceptions import LapseError
+from lapse import __version__
+from lapse.config import ENGINES, dump_config, load_config
+from lapse.exceptions import LapseError, WriteFailed
 
 if TYPE_CHECKING:
     from lapse.events import ValidationReport
@@ -40,6 +44,12 @@ if TYPE_CHECKING:
     from lapse.train.churn import TrainResult
 
 __all__ = ["app"]
+
+# lapse's own linear algebra is small (survival and BG/NBD fits over a few columns) and an
+# OpenBLAS thread pool spins between such calls: a BG/NBD fit took 10x the CPU with two
+# threads. Set before numpy or scipy first load OpenBLAS (importing this module loads
+# neither); a user's own OPENBLAS_NUM_THREADS wins.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 app = typer.Typer(
     name="lapse",
@@ -53,8 +63,26 @@ app.add_typer(config_app, name="config")
 triggers_app = typer.Typer(help="Evaluate triggers and deliver them.", no_args_is_help=True)
 app.add_typer(triggers_app, name="triggers")
 
-console = Console()
-err_console = Console(stderr=True)
+# rich cuts output at 80 columns when it is not a terminal: a log line this long is whole
+LOG_WIDTH = 10_000
+
+
+class _Console(Console):
+    """rich's Console, full width when its stream is not a terminal (the nightly
+    job's log, CI), where rich would cut tables and wrap lines at 80 columns."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        return size if self.is_terminal else ConsoleDimensions(LOG_WIDTH, size.height)
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)  # type: ignore[attr-defined]
+
+
+console = _Console()
+err_console = _Console(stderr=True)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -69,7 +97,7 @@ EventsArg = Annotated[Path, typer.Argument(help="Event file, folder or glob.", s
 
 
 def _friendly(func: Callable[P, R]) -> Callable[P, R]:
-    """Turn a LapseError into one red line on stderr and exit code 2."""
+    """Turn a LapseError into one red line on stderr and its exit code (2 unless it says)."""
 
     @functools.wraps(func)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -80,7 +108,7 @@ def _friendly(func: Callable[P, R]) -> Callable[P, R]:
             err_console.print(
                 f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
             )
-            raise typer.Exit(code=2) from None
+            raise typer.Exit(code=exc.exit_code) from None
 
     return wrapper
 
@@ -94,6 +122,24 @@ def _parse_date(value: str, option: str) -> datetime:
             f"{value!r} is not a date; use YYYY-MM-DD", param_hint=option
         ) from None
     return day.replace(tzinfo=UTC)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"lapse {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Churn and replenishment modeling from customer event streams."""
 
 
 def _home() -> Path:
@@ -224,7 +270,6 @@ def features(
 ) -> None:
     """Build point-in-time features (one row per user) as of a date."""
     from lapse.jobs import run_features
-    from lapse.spark import ENGINES
 
     cutoff = _parse_date(as_of, "--as-of")
     if engine not in ENGINES:
@@ -376,7 +421,10 @@ def _print_training(result: TrainResult) -> None:
         )
     for note in result.notes:
         console.print(f"note: {escape(note)}", highlight=False)
-    console.print(f"report in {result.out_dir}, bundle at {result.bundle_path}")
+    console.print(
+        f"report in {result.out_dir} (open {result.html_path}), bundle at {result.bundle_path}",
+        highlight=False,
+    )
 
 
 @app.command()
@@ -424,6 +472,8 @@ def train(
 
 def _print_registered(reg: RegisteredVersion) -> None:
     aliases = ", ".join(reg.aliases) or "no alias"
+    for note in reg.notes:
+        console.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
     console.print(
         f"registered [bold]{reg.name}[/] version {reg.version} ({aliases}) in {reg.tracking_uri}; "
         f"MLflow run {reg.run_id}",
@@ -444,19 +494,25 @@ def review(
     config: ConfigOpt = None,
     out: Annotated[Path | None, typer.Option(help="Folder for the comparison plots.")] = None,
 ) -> None:
-    """Score champion and challenger on the same recent cutoff and compare them."""
-    from lapse.registry import review as run_review
+    """Score champion and challenger on the same recent cutoffs; compare with intervals.
+
+    The verdict (promote, refuse or inconclusive) is what `lapse promote` acts on.
+    """
+    from lapse.modeling.compare import LEVEL
+    from lapse.train.review import review as run_review
 
     with console.status("scoring champion and challenger"):
         result = run_review(events, load_config(config), name=name, out_dir=out)
+    cutoffs = ", ".join(f"{c:%Y-%m-%d}" for c in result.cutoffs)
     table = Table(
         "task",
         "metric",
         f"champion v{result.champion}",
         f"challenger v{result.challenger}",
         "delta",
-        title=f"{result.name}: cutoff {result.cutoff:%Y-%m-%d}, {result.n_users:,} users, "
-        f"churn rate {result.churn_rate:.1%}",
+        f"{LEVEL:.0%} interval",
+        title=f"{result.name}: cutoffs {cutoffs}; {result.n_users:,} users "
+        f"({result.n_rows:,} user-cutoffs), churn rate {result.churn_rate:.1%}",
         title_justify="left",
     )
     for row in result.table.iter_rows(named=True):
@@ -467,11 +523,13 @@ def review(
             f"{row['champion']:.4f}",
             f"{row['challenger']:.4f}",
             f"{row['delta']:+.4f} ({row['better']} is better)",
+            "" if row["low"] is None else f"{row['low']:+.4f} to {row['high']:+.4f}",
         )
     console.print(table)
     console.print(f"[bold]verdict:[/] {result.verdict}")
+    console.print(f"  rule: {escape(result.rule)}", highlight=False, soft_wrap=True)
     for reason in [*result.reasons, *result.notes]:
-        console.print(f"  {escape(reason)}", highlight=False)
+        console.print(f"  {escape(reason)}", highlight=False, soft_wrap=True)
     console.print(f"comparison logged as MLflow run {result.run_id}")
 
 
@@ -482,12 +540,19 @@ def promote(
     version: Annotated[
         int | None, typer.Option(help="Version to promote; default challenger.")
     ] = None,
-    force: Annotated[bool, typer.Option(help="Promote even if a primary metric is worse.")] = False,
-    rollback: Annotated[bool, typer.Option(help="Restore the previous champion.")] = False,
+    force: Annotated[
+        bool, typer.Option(help="Promote although the review refused it or was inconclusive.")
+    ] = False,
+    rollback: Annotated[
+        bool, typer.Option(help="Restore the last champion before the current one.")
+    ] = False,
     reason: Annotated[str | None, typer.Option(help="Why; recorded on the version.")] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Move the champion alias to the challenger (or V), or roll back."""
+    """Move the champion alias to the challenger (or V) on the review's verdict, or roll back.
+
+    Exit 4 when the review refused the version or was inconclusive (--force overrides).
+    """
     from lapse.registry import promote as run_promote
 
     if force and rollback:
@@ -617,7 +682,17 @@ class _ScoreBars:
         self.task: TaskID | None = None
 
     def begin(self, header: ScoreHeader) -> None:
-        """One line, before any work: the run, the model and what it was trained on."""
+        """One line, before any work: the run, the model, what it was trained on and the
+        exact command that resumes the run if it is cut off."""
+        resume = f"; if cut off, resume with: {header.resume}" if header.resume else ""
+        if header.resumed:
+            console.print(
+                f"[bold]resuming score run {header.score_run_id}[/]: "
+                f"{escape(header.source)} (version {escape(header.version)}){escape(resume)}",
+                highlight=False,
+                soft_wrap=True,
+            )
+            return
         model = (
             f"model {header.model!r} version {header.version} ({header.source})"
             if header.version != "local"
@@ -625,7 +700,7 @@ class _ScoreBars:
         )
         console.print(
             f"[bold]score run {header.score_run_id}[/]: {escape(model)}; "
-            f"trained on {escape(header.trained_on)}",
+            f"trained on {escape(header.trained_on)}{escape(resume)}",
             highlight=False,
             soft_wrap=True,
         )
@@ -644,6 +719,9 @@ class _ScoreBars:
         if self.task is not None:
             self.progress.advance(self.task, n)
 
+    def note(self, text: str) -> None:
+        err_console.print(f"[yellow]note:[/] {escape(text)}", highlight=False, soft_wrap=True)
+
 
 def _score_summary(result: ScoreRunResult) -> Table:
     kind = "dry run" if result.dry_run else ("resumed run" if result.resumed else "run")
@@ -659,6 +737,7 @@ def _score_summary(result: ScoreRunResult) -> Table:
         "scored",
         "would_send",
         "sent",
+        "sent_earlier",
         "unchanged",
         "capped",
         "suppressed",
@@ -666,6 +745,7 @@ def _score_summary(result: ScoreRunResult) -> Table:
         "skipped",
         "failed",
         "retried",
+        "in_doubt",
     )
     for key in order:
         if key in result.counts:
@@ -686,7 +766,11 @@ def _score_summary(result: ScoreRunResult) -> Table:
 
 
 def _print_score_summary(result: ScoreRunResult) -> None:
+    from lapse.score.run import resumed_line
+
     console.print(_score_summary(result))
+    if result.resumed:
+        console.print(f"resumed: {escape(resumed_line(result))}", highlight=False, soft_wrap=True)
     if result.who_was_scored:
         console.print(
             f"who was scored: {escape(result.who_was_scored)}", highlight=False, soft_wrap=True
@@ -733,13 +817,12 @@ def score(
     """Score every eligible user as of a date and deliver the records to a sink.
 
     Exit codes: 0 every record delivered; 1 some records failed (see the dead-letter
-    file); 2 bad input or configuration; 3 another run holds the sink's lock.
+    file); 2 bad input or configuration; 3 another run holds the sink's lock; 5 a
+    write failed (a full disk: the message names the path; resume or run again).
     """
     import json
 
-    from lapse.delivery.ledger import LockHeldError
     from lapse.score.run import run_score
-    from lapse.spark import ENGINES
 
     if engine not in ENGINES:
         raise LapseError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
@@ -759,25 +842,19 @@ def score(
         console=err_console,
         transient=True,
     ) as bars:
-        try:
-            result = run_score(
-                events,
-                cfg,
-                as_of=day,
-                model=model,
-                sink=sink,
-                out=out,
-                dry_run=dry_run,
-                full=full,
-                resume=resume,
-                progress=_ScoreBars(bars),
-                engine=engine,
-            )
-        except LockHeldError as exc:
-            err_console.print(
-                f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
-            )
-            raise typer.Exit(code=3) from None
+        result = run_score(
+            events,
+            cfg,
+            as_of=day,
+            model=model,
+            sink=sink,
+            out=out,
+            dry_run=dry_run,
+            full=full,
+            resume=resume,
+            progress=_ScoreBars(bars),
+            engine=engine,
+        )
     for warning in result.warnings:
         err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     _print_score_summary(result)
@@ -871,9 +948,9 @@ def triggers_run(
     """Evaluate the triggers and deliver: everyone, or with --incremental the users
     with new events or due triggers (an append-only event folder).
 
-    Exit codes as `lapse score`: 0 done; 1 some records failed; 2 bad input; 3 locked.
+    Exit codes as `lapse score`: 0 done; 1 some records failed; 2 bad input; 3 locked;
+    5 a write failed.
     """
-    from lapse.delivery.ledger import LockHeldError
     from lapse.score.trigger_run import run_triggers
 
     when = (
@@ -891,23 +968,19 @@ def triggers_run(
         console=err_console,
         transient=True,
     ) as bars:
-        try:
-            result = run_triggers(
-                events,
-                cfg,
-                as_of=when,
-                incremental=incremental,
-                model=model,
-                sink=sink,
-                out=out,
-                dry_run=dry_run,
-                progress=_ScoreBars(bars),
-            )
-        except LockHeldError as exc:
-            err_console.print(
-                f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
-            )
-            raise typer.Exit(code=3) from None
+        result = run_triggers(
+            events,
+            cfg,
+            as_of=when,
+            incremental=incremental,
+            model=model,
+            sink=sink,
+            out=out,
+            dry_run=dry_run,
+            progress=_ScoreBars(bars),
+        )
+    for warning in result.warnings:
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     console.print(_triggers_summary(result))
     delivery = result.delivery
     if delivery is not None and not delivery.complete:
@@ -970,6 +1043,48 @@ def forget(
     result = run_forget(load_config(config), user_ids)
     parts = ", ".join(f"{n:,} {k.replace('_', ' ')}" for k, n in result.removed.items())
     console.print(f"forgot {result.users:,} user(s): removed {parts}", highlight=False)
+    for line in result.kept:
+        err_console.print(
+            f"[yellow]not rewritten:[/] {escape(line)}", highlight=False, soft_wrap=True
+        )
+
+
+registry_app = typer.Typer(help="Inspect the MLflow model registry.", no_args_is_help=True)
+app.add_typer(registry_app, name="registry")
+
+
+@registry_app.command("history")
+@_friendly
+def registry_history(name: NameOpt = None, config: ConfigOpt = None) -> None:
+    """Show the promotion log: every champion change, refusal and rollback, oldest first."""
+    from lapse.registry import history
+
+    cfg = load_config(config)
+    events = history(cfg, name)
+    table = Table(
+        "#",
+        "when (UTC)",
+        "action",
+        "version",
+        "champion before",
+        "by",
+        "why",
+        title=f"promotion log of {name or cfg.models.name}",
+        title_justify="left",
+    )
+    for e in events:
+        table.add_row(
+            str(e.seq),
+            e.at.replace("T", " ").removesuffix("+00:00"),
+            e.action.replace("_", " "),
+            f"v{e.version}",
+            "" if e.previous is None else f"v{e.previous}",
+            escape(e.by),
+            escape(e.reason),
+        )
+    console.print(table)
+    if not events:
+        console.print("no entries yet: `lapse train` registers the first champion")
 
 
 @config_app.command("show")
@@ -994,7 +1109,10 @@ def config_init(
     if out.exists() and not force:
         raise typer.BadParameter(f"{out} exists; pass --force to overwrite", param_hint="--out")
     text = init_config(events)
-    out.write_text(text, encoding="utf-8")
+    try:
+        out.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise WriteFailed.from_os_error(out, exc) from None
     console.print(
         f"wrote {out}: sort the event names under 'roles', then run `lapse validate {events} --config {out}`"
     )
@@ -1011,7 +1129,7 @@ def sinks_check(
         str,
         typer.Option(
             "--sink",
-            help="braze, klaviyo, customerio, segment, iterable or webhook.",
+            help="braze, klaviyo, customerio, segment, iterable, webhook or sql.",
             show_default=False,
         ),
     ],

@@ -41,12 +41,11 @@ from typing import Final, Literal
 
 import polars as pl
 
-from lapse.exceptions import ConfigError
+from lapse.exceptions import ExprError
 
 __all__ = [
     "MAX_DEPTH",
     "MAX_LENGTH",
-    "ExprError",
     "Node",
     "compile_condition",
     "names_in",
@@ -71,32 +70,6 @@ _HINTS: Final = {
 }
 
 Type = Literal["number", "string", "boolean", "null"]
-
-
-class ExprError(ConfigError):
-    """A trigger expression cannot be parsed or compiled; ``position`` is 0-based."""
-
-    def __init__(self, message: str, text: str, position: int | None, where: str = "") -> None:
-        self.position = position
-        self.text = text
-        head = f"{where}: " if where else ""
-        if position is None:
-            super().__init__(f"{head}{message}")
-            return
-        shown, caret = _excerpt(text, position)
-        super().__init__(f"{head}{message} (at position {position + 1})\n    {shown}\n    {caret}^")
-
-
-def _excerpt(text: str, position: int, width: int = 70) -> tuple[str, str]:
-    """The line of ``text`` around ``position`` (cut to ``width``) and the caret's indent."""
-    start = max(0, position - width // 2)
-    end = min(len(text), start + width)
-    piece = text[start:end]
-    # show control and invisible characters as escapes so the caret stays aligned
-    shown = "".join(c if c.isprintable() and ord(c) < 0x2000 else "?" for c in piece)
-    prefix = "..." if start > 0 else ""
-    suffix = "..." if end < len(text) else ""
-    return prefix + shown + suffix, " " * (len(prefix) + position - start)
 
 
 # -- tokens ------------------------------------------------------------------------------------

@@ -28,10 +28,11 @@ from pydantic import (
     model_validator,
 )
 
-from lapse.exceptions import ConfigError
+from lapse.exceptions import ConfigError, ExprError
 from lapse.schema import EVENT_COLUMNS, ORDER_ID
 
 __all__ = [
+    "ENGINES",
     "AttributesConfig",
     "AuditConfig",
     "BrazeConfig",
@@ -39,7 +40,9 @@ __all__ = [
     "CustomerioConfig",
     "DeliveryConfig",
     "DriversConfig",
+    "Engine",
     "FeaturesConfig",
+    "FileSinkConfig",
     "FrequencyCap",
     "IdentitiesConfig",
     "IncrementalConfig",
@@ -69,6 +72,10 @@ __all__ = [
 ]
 
 DEFAULT_CONFIG_NAME = "default.yaml"
+
+#: Where a job computes: ``local`` (Polars, this machine) or ``spark`` (:mod:`lapse.spark`).
+Engine = Literal["local", "spark"]
+ENGINES: tuple[Engine, ...] = ("local", "spark")
 
 
 class _Section(BaseModel):
@@ -426,7 +433,7 @@ class TriggerSpec(_Section):
 
     @model_validator(mode="after")
     def _parse(self) -> TriggerSpec:
-        from lapse.conditions import ExprError, parse
+        from lapse.conditions import parse
 
         if isinstance(self.cooldown_days, int) and self.cooldown_days < 0:
             raise ValueError("cooldown_days must be >= 0 or 'forever'")
@@ -446,7 +453,7 @@ class TriggerSpec(_Section):
 
 def _parsed_condition(text: str) -> str:
     """A condition of the trigger language, checked for syntax (names are checked at run time)."""
-    from lapse.conditions import ExprError, parse
+    from lapse.conditions import parse
 
     try:
         parse(text)
@@ -582,6 +589,12 @@ class BrazeConfig(_Section):
         description="attribute and event objects per /users/track request, counted together "
         "(Braze's current limit is 75; some Monthly Active Users contracts: 50)",
     )
+    in_doubt: Literal["resend", "skip"] = Field(
+        default="skip",
+        description="events of a batch whose delivery is in doubt (killed in flight, connection "
+        "dropped after sending): skip resends the attributes only (no event twice, one may be "
+        "missing), resend sends the events again (none missing, some may arrive twice)",
+    )
 
 
 class KlaviyoConfig(_Section):
@@ -676,6 +689,17 @@ class SqlSinkConfig(_Section):
     batch_rows: int = Field(default=1000, gt=0, description="records per transaction")
 
 
+class FileSinkConfig(_Section):
+    """The file sink (``--sink file --out PATH``): Parquet or CSV."""
+
+    spreadsheet_safe: bool = Field(
+        default=False,
+        description="CSV only: prefix text cells starting with = + - @ tab or CR with an "
+        "apostrophe, so a spreadsheet shows them instead of running them as formulas "
+        "(ids then differ from the source's)",
+    )
+
+
 class SinksConfig(_Section):
     """Where ``lapse score`` delivers, and how each messaging platform gets the records."""
 
@@ -685,6 +709,7 @@ class SinksConfig(_Section):
         pattern=r"^[A-Za-z0-9_]*$",
         description="start of every attribute and event name lapse writes",
     )
+    file: FileSinkConfig = Field(default_factory=FileSinkConfig)
     braze: BrazeConfig = Field(default_factory=BrazeConfig)
     klaviyo: KlaviyoConfig = Field(default_factory=KlaviyoConfig)
     customerio: CustomerioConfig = Field(default_factory=CustomerioConfig)
@@ -747,6 +772,13 @@ class DeliveryConfig(_Section):
     max_backoff_seconds: float = Field(
         default=60.0, ge=0, description="longest wait, also caps a destination's Retry-After"
     )
+    max_retry_seconds: float = Field(
+        default=300.0,
+        ge=0,
+        description="retry budget of a whole run: seconds of waits and failed tries; once "
+        "spent nothing is retried (a failing batch is dead-lettered, an unreachable "
+        "destination stops the run)",
+    )
     batch_size: int | None = Field(
         default=None, gt=0, description="records per batch; null: the destination's limit"
     )
@@ -802,7 +834,16 @@ class RegistryConfig(_Section):
         description="task -> metric that decides a promotion",
     )
     tolerance: float = Field(
-        default=0.005, ge=0, description="how much worse a primary metric may get on promotion"
+        default=0.005,
+        ge=0,
+        description="how much worse than the champion a primary metric may be at the worse "
+        "bound of its 95% review interval for a promotion",
+    )
+    review_cutoffs: int = Field(
+        default=4,
+        gt=0,
+        description="`lapse review` pools up to this many latest complete cutoffs (every "
+        "labels.cutoff_every_days) after both models' label windows",
     )
 
 

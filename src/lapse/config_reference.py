@@ -1,13 +1,13 @@
 """The configuration reference: every key of :class:`lapse.config.LapseConfig`.
 
-The README's "Configuration reference" is generated from the pydantic models:
+The key reference in ``docs/configuration.md`` is generated from the pydantic models:
 each key's type (with its bounds), its default (what an omitted key takes) and
 its meaning (the field's ``description``). Fields without a description take
 their meaning from ``_MEANINGS`` below; move a meaning into the field's
 ``Field(description=...)`` when you touch that field, and the test in
 ``tests/test_readme.py`` tells you to delete it here.
 
-Regenerate the README block with ``python tests/test_readme.py``.
+Regenerate that block with ``python tests/test_readme.py``.
 """
 
 from __future__ import annotations
@@ -241,7 +241,8 @@ def _summary(model: type[BaseModel]) -> str:
 
 
 def markdown_reference() -> str:
-    """The README's configuration reference: one table per top-level section."""
+    """The configuration reference of ``docs/configuration.md``: one table per top-level
+    section."""
     by_section: dict[str, list[ConfigKey]] = {}
     for k in config_keys():
         by_section.setdefault(k.key.split(".")[0].split("[")[0], []).append(k)
@@ -258,7 +259,7 @@ def markdown_reference() -> str:
         model = info.annotation
         sub = model if isinstance(model, type) and issubclass(model, BaseModel) else None
         sub = sub or _list_item_model(model)
-        lines += ["", f"#### `{section}`", ""]
+        lines += ["", f"### `{section}`", ""]
         if sub is not None and sub.__doc__:
             lines += [_summary(sub), ""]
         lines += ["| key | type | default | meaning |", "|---|---|---|---|"]

@@ -55,7 +55,7 @@ import numpy.typing as npt
 import polars as pl
 
 from lapse.exceptions import LapseError
-from lapse.schema import EVENT_COLUMNS
+from lapse.schema import DAY_US, EVENT_COLUMNS
 
 __all__ = [
     "EVENT_NAMES",
@@ -112,7 +112,6 @@ _DECAY_MIN, _DECAY_MAX = 7, 42
 _ABRUPT_P: Final = 0.1
 _ABRUPT_MAX: Final = 3
 _NEVER: Final = 1 << 30
-_DAY_US: Final = 86_400_000_000
 _MIN_US: Final = 60_000_000
 _BASE_HAZARD: Final = 0.0028
 _WEEKDAY = np.array(
@@ -208,7 +207,7 @@ class _Log:
 
 def _random_tod(rng: np.random.Generator, idx: IntArr) -> IntArr:
     """A uniform time of day (microseconds) per row; orders need theirs for the truth."""
-    return rng.integers(0, _DAY_US, len(idx))
+    return rng.integers(0, DAY_US, len(idx))
 
 
 def _decay_pmf() -> FloatArr:
@@ -299,7 +298,7 @@ def _simulate(n: int, n_days: int, start: date, rng: np.random.Generator) -> _Si
     # --- per-user latent traits -------------------------------------------------
     pre = rng.random(n) < 0.2
     signup = np.where(pre, rng.integers(0, _BURN_IN, n), rng.integers(_BURN_IN, days, n))
-    t0 = rng.integers(0, int(0.6 * _DAY_US), n)  # signup time of day, leaves room for onboarding
+    t0 = rng.integers(0, int(0.6 * DAY_US), n)  # signup time of day, leaves room for onboarding
     z = rng.standard_normal(n)  # shared engagement factor: heavy app users brew more too
     r_app = np.exp(np.log(0.8) + 0.8 * z + 0.45 * rng.standard_normal(n))
     r_dev = np.exp(np.log(1.1) + 0.45 * z + 0.3 * rng.standard_normal(n))
@@ -327,12 +326,12 @@ def _simulate(n: int, n_days: int, start: date, rng: np.random.Generator) -> _Si
     start_tod = np.where(
         setup_start == signup,
         t0 + rng.integers(5 * _MIN_US, 30 * _MIN_US, n),
-        rng.integers(0, int(0.6 * _DAY_US), n),
+        rng.integers(0, int(0.6 * DAY_US), n),
     )
     done_tod = np.where(
         setup_done == setup_start,
         start_tod + rng.integers(30 * _MIN_US, 180 * _MIN_US, n),
-        rng.integers(0, _DAY_US, n),
+        rng.integers(0, DAY_US, n),
     )
     sub_tod = np.where(sub_start == signup, t0 + rng.integers(_MIN_US, 5 * _MIN_US, n), -1)
     order_tod = t0 + rng.integers(_MIN_US, 5 * _MIN_US, n)
@@ -568,7 +567,7 @@ def _day_to_date(col: str, sim: _Sim) -> pl.Expr:
 def _origin_us(sim: _Sim) -> int:
     """Microseconds since the epoch of the first simulation day (burn-in included)."""
     origin = datetime(sim.start.year, sim.start.month, sim.start.day, tzinfo=UTC)
-    return int(origin.timestamp()) * 1_000_000 - _BURN_IN * _DAY_US
+    return int(origin.timestamp()) * 1_000_000 - _BURN_IN * DAY_US
 
 
 def _events(sim: _Sim, uid: pl.Expr, rng: np.random.Generator) -> pl.DataFrame:
@@ -578,13 +577,13 @@ def _events(sim: _Sim, uid: pl.Expr, rng: np.random.Generator) -> pl.DataFrame:
     # Random times fall after the signup on the signup day, so nothing precedes it.
     lo = np.where(cols["day"] == signup[user], t0[user] + 1, 0)
     price = pl.Series(list(SKU_PRICES.values()))
-    span = (_BURN_IN + sim.n_days) * _DAY_US
+    span = (_BURN_IN + sim.n_days) * DAY_US
     # One int64 key (user, then time) sorts far faster than two columns; the stable sort
     # keeps an order's lines (device, starter pods) in the order they were placed.
     fits = len(signup) * span < 2**62
-    rel = pl.col("day").cast(pl.Int64) * _DAY_US + pl.when(pl.col("tod") >= 0).then(
-        "tod"
-    ).otherwise(pl.col("lo") + (pl.col("u") * (_DAY_US - pl.col("lo"))).cast(pl.Int64))
+    rel = pl.col("day").cast(pl.Int64) * DAY_US + pl.when(pl.col("tod") >= 0).then("tod").otherwise(
+        pl.col("lo") + (pl.col("u") * (DAY_US - pl.col("lo"))).cast(pl.Int64)
+    )
     frame = (
         pl.DataFrame(cols | {"lo": lo, "u": rng.random(len(user))})
         .lazy()
@@ -626,7 +625,7 @@ def _truth(sim: _Sim, uid: pl.Expr) -> pl.DataFrame:
         {
             "user": od["user"][keep],
             "epoch": sim.order_epoch[keep],
-            "order_ts": _origin_us(sim) + day * _DAY_US + tod,
+            "order_ts": _origin_us(sim) + day * DAY_US + tod,
             "sku": od["sku"][keep].astype(np.int64),
             "units": units * od["qty"][keep].astype(np.int64),
         }

@@ -3,25 +3,40 @@ no parsing, no printing. The score run lives in :mod:`lapse.score.run`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from dataclasses import dataclass, field, replace
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import polars as pl
 
-from lapse.config import LapseConfig
+from lapse.config import Engine, LapseConfig
+from lapse.datasets import generate, write
+from lapse.delivery.audit import AuditTrail
+from lapse.delivery.ledger import Ledger
 from lapse.events import ValidationReport, load_attributes, read_links, validate_events
 from lapse.exceptions import LapseError
+from lapse.features import build
+from lapse.files import atomic_path
+from lapse.insights.drivers import (
+    DriversResult,
+    drivers_figure,
+    encourage_yaml,
+    stickiness_drivers,
+)
+from lapse.modeling.plots import save_figures
+from lapse.registry import RegisteredVersion, example_files, log_training
+from lapse.schema import utc_cutoff
 from lapse.score.run import ScoreRunResult, run_score
-from lapse.spark import ENGINES, Engine
+from lapse.spark.engine import (
+    build_features_spark,
+    validated_events_spark,
+    write_single_parquet,
+)
+from lapse.train.churn import TrainResult, train
 
 if TYPE_CHECKING:
-    from pyspark.sql import SparkSession
-
-    from lapse.insights.drivers import DriversResult
-    from lapse.registry import RegisteredVersion
-    from lapse.train.churn import TrainResult
+    from lapse.spark import SparkSession
 
 __all__ = [
     "DemoResult",
@@ -61,26 +76,24 @@ def run_drivers(
 
     With ``out``, writes ``out/drivers.csv`` (the table) and ``out/drivers.png``
     (the forest plot); with ``triggers``, writes the ``encourage_<behavior>``
-    YAML snippet there. The result's ``files`` names what was written.
+    YAML snippet there. The result's ``files`` names what was written, its
+    ``figures["drivers"]`` is the forest plot.
     """
-    from dataclasses import replace
-
-    from lapse.insights.drivers import encourage_yaml, stickiness_drivers, write_plot
-
     kept, _ = validate_events(events, config)
     attrs = load_attributes(config, attributes)
     result = stickiness_drivers(kept.lazy(), config, as_of=as_of, attributes=attrs)
     files: dict[str, Path] = {}
+    figures = {"drivers": drivers_figure(result)}
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
         files["table"] = out / "drivers.csv"
-        result.table.write_csv(files["table"])
-        files["plot"] = write_plot(result, out / "drivers.png")
+        with atomic_path(files["table"]) as tmp:
+            result.table.write_csv(tmp)
+        files["plot"] = save_figures(figures, out)["drivers"]
     if triggers is not None:
-        triggers.parent.mkdir(parents=True, exist_ok=True)
-        triggers.write_text(encourage_yaml(result, config), encoding="utf-8")
+        with atomic_path(triggers) as tmp:
+            tmp.write_text(encourage_yaml(result, config), encoding="utf-8")
         files["triggers"] = triggers
-    return replace(result, files=files)
+    return replace(result, files=files, figures=figures)
 
 
 @dataclass(frozen=True)
@@ -114,16 +127,9 @@ def run_features(
     active or a new session), maps and validates it the same way and builds
     the same rows per user shard (:mod:`lapse.spark.engine`). Both write one file at ``out``.
     """
-    from lapse.features import build
-
+    as_of = utc_cutoff(as_of)
     attrs = load_attributes(config, attributes)
     if engine == "spark":
-        from lapse.spark.engine import (
-            build_features_spark,
-            validated_events_spark,
-            write_single_parquet,
-        )
-
         checked = validated_events_spark(events, config, spark=spark)
         spark_report = checked.report(config, as_of=as_of)
         frame_spark = build_features_spark(
@@ -133,12 +139,14 @@ def run_features(
         # counted from the file lazily: the driver never holds every user's row
         return _features_result(pl.scan_parquet(out), out, as_of, spark_report, engine)
     if engine != "local":
+        from lapse.spark import ENGINES
+
         raise LapseError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
     kept, report = validate_events(events, config, as_of=as_of)
     links = read_links(events, config)
     frame = build(kept.lazy(), as_of, config, attributes=attrs, links=links)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    frame.write_parquet(out)
+    with atomic_path(out) as tmp:
+        frame.write_parquet(tmp)
     return _features_result(frame.lazy(), out, as_of, report, engine)
 
 
@@ -167,15 +175,11 @@ def run_train(
     until: datetime | None = None,
 ) -> tuple[TrainResult, RegisteredVersion | None]:
     """Train (churn race + replenishment), then log the run and register the bundle in MLflow."""
-    from lapse.train.churn import train
-
     result = train(
         events, config, out_dir=out_dir, truth_dir=truth_dir, models_dir=models_dir, until=until
     )
     if not register:
         return result, None
-    from lapse.registry import log_training
-
     return result, log_training(result, config, events_path=events)
 
 
@@ -206,10 +210,6 @@ def run_demo(
     in the config's MLflow store (``./mlflow.db`` by default), and the score run
     uses the registered version (the local bundle with ``register: false``).
     """
-    from datetime import timedelta
-
-    from lapse.datasets import generate, write
-
     start = date(2026, 1, 1)
     files = write(generate(n_users=n_users, n_days=n_days, seed=seed, start=start), out_dir)
     # The cutoff is the midnight after the simulated period, as the nightly job would use;
@@ -244,21 +244,21 @@ def run_demo(
 
 @dataclass(frozen=True)
 class ForgetResult:
-    """Rows removed per place by `lapse forget`."""
+    """Rows removed per place by `lapse forget`, and the files it knows of that may hold
+    the users but cannot be rewritten (``kept``, one line each: where and what to do)."""
 
     users: int
     removed: dict[str, int]
+    kept: list[str] = field(default_factory=list)
 
 
 def run_forget(config: LapseConfig, user_ids: list[str]) -> ForgetResult:
-    """Erase users from audit snapshots, outboxes, dead letters and the run ledger."""
-    from lapse.delivery.audit import AuditTrail
-    from lapse.delivery.ledger import Ledger
-
+    """Erase users from audit snapshots, outboxes, dead letters and the run ledger; report
+    the MLflow input examples holding them (:func:`lapse.registry.example_files`)."""
     ids = {str(u) for u in user_ids}
     trail = AuditTrail(config.resolve(config.audit.path))
     removed = trail.forget(ids)
     if trail.ledger.exists():
         with Ledger(trail.ledger) as ledger:
             removed["ledger_rows"] = ledger.forget(sorted(ids))
-    return ForgetResult(users=len(ids), removed=removed)
+    return ForgetResult(users=len(ids), removed=removed, kept=example_files(config, ids))

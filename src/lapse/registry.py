@@ -14,10 +14,29 @@ Registry
     Each training run registers one pyfunc model (input: the feature rows of
     :meth:`ChurnBundle.prepare`; output: ``churn_risk``,
     ``churn_risk_percentile``, ``risk_segment``) under ``models.name`` with
-    the alias ``challenger``; the first version, or any version while no
-    ``champion`` exists, also becomes ``champion``. :func:`promote` moves
-    ``champion`` and keeps the one before as ``previous-champion``; a rollback
-    swaps them back.
+    the alias ``challenger``, a description and provenance tags (data
+    fingerprint, config hash, lapse version) set at registration and never
+    changed afterwards; the first version, or any version while no
+    ``champion`` exists, also becomes ``champion``. The input example is a
+    synthetic row (every feature zero), so no customer's row is stored.
+
+Promotion
+    :func:`promote` moves ``champion`` on the verdict of the latest review
+    (:mod:`lapse.train.review`, which loads and logs through
+    :func:`review_pair` and :func:`log_review`), or on ``--force``; every move
+    is an entry of the model's promotion log (registered model tags
+    ``lapse.promotion.NNNNNN``, :func:`history`), and a rollback walks it back
+    to the last champion before the current one. ``previous-champion`` points
+    at what the next rollback would restore.
+
+A killed train
+    A training run carries the tag ``lapse.process`` (host, pid and process start).
+    SIGTERM or SIGINT during :func:`log_training` ends its MLflow run ``FAILED``; a
+    version is registered with the tag ``lapse.unfinished`` and loses it once its
+    aliases are set. The next :func:`log_training` marks the ``RUNNING`` runs of
+    processes that died on this host ``FAILED`` (SIGKILL, a power cut), and rewrites
+    the ``lapse.unfinished`` tag of each version whose run ended to say it was never
+    finished (no alias: nothing serves it; do not promote it).
 
 Replenishment
     The bundle's replenishment model (``extras["replenishment"]``, a
@@ -25,9 +44,7 @@ Replenishment
     registered version but is not part of the pyfunc output: it predicts the
     episodes open at a date from raw events, not from feature rows, so its
     predictions stay in the lapse API (``ReplenishmentModel.predict_open``
-    on the bundle from :func:`load_bundle`). :func:`review` compares it
-    (``concordance``, ``mae_days``) with
-    :func:`lapse.train.replenishment.evaluate_model` when both versions carry one.
+    on the bundle from :func:`load_bundle`).
 """
 
 from __future__ import annotations
@@ -37,26 +54,38 @@ import getpass
 import hashlib
 import json
 import logging
-import math
 import os
 import re
+import signal
+import socket
 import tempfile
-from collections.abc import Iterator, Mapping
+import threading
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 import polars as pl
 
 from lapse.config import LapseConfig, dump_config
-from lapse.exceptions import LapseError
+from lapse.exceptions import LapseError, PromotionRefused
+from lapse.faults import fault_point
+from lapse.modeling.compare import (
+    Decision,
+    Interval,
+    decide,
+    interval_metrics,
+    intervals_from_metrics,
+)
+from lapse.redact import redact_url
+from lapse.schema import run_day
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient  # noqa: TID251
     from mlflow.entities.model_registry import ModelVersion  # noqa: TID251
 
+    from lapse.events.readers import EventSource
     from lapse.modeling.bundle import ChurnBundle
     from lapse.train.churn import TrainResult
 
@@ -66,13 +95,17 @@ __all__ = [
     "PREVIOUS_CHAMPION",
     "LoadedBundle",
     "PromoteResult",
+    "PromotionEvent",
     "RegisteredVersion",
-    "ReviewResult",
+    "ReviewPair",
+    "example_files",
     "flatten_metrics",
+    "history",
     "load_bundle",
+    "log_review",
     "log_training",
     "promote",
-    "review",
+    "review_pair",
     "score_rows",
     "tracking_uri",
 ]
@@ -83,17 +116,11 @@ PREVIOUS_CHAMPION: Final = "previous-champion"
 DEFAULT_TRACKING_URI: Final = "sqlite:///mlflow.db"
 BUNDLE_FILE: Final = "bundle.pkl"
 
-# metrics where a smaller value is better; every other metric: larger is better
-LOWER_IS_BETTER: Final = frozenset(
-    {"brier", "log_loss", "ece", "mae_days", "ibs", "brier_7d", "brier_14d", "brier_30d"}
-)
-REVIEW_METRICS: Final = {
-    "churn": ("roc_auc", "pr_auc", "brier", "ece", "top_decile_lift"),
-    "replenishment": ("concordance", "mae_days"),
-}
 _PARAM_MAX: Final = 6000  # MLflow's limit on a parameter value
 _SECRET: Final = re.compile(r"secret|token|passw|api_?key|credential|auth", re.IGNORECASE)
 _TAG = "lapse."
+_PROCESS = f"{_TAG}process"  # host:pid:start of the process that runs an MLflow run
+_UNFINISHED = f"{_TAG}unfinished"  # on a version until its aliases are set
 
 
 # -- results ---------------------------------------------------------------------------
@@ -109,6 +136,7 @@ class RegisteredVersion:
     model_uri: str
     aliases: tuple[str, ...]
     tracking_uri: str
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -123,31 +151,9 @@ class LoadedBundle:
 
 
 @dataclass(frozen=True)
-class ReviewResult:
-    """Challenger vs champion scored on one cutoff after both models' label windows.
-
-    ``table``: ``task, metric, champion, challenger, delta, better`` (``higher`` or
-    ``lower``), ``primary``; ``verdict`` is ``promote`` when no primary metric is
-    worse than the champion's by more than the tolerance, else ``keep``.
-    """
-
-    name: str
-    champion: int
-    challenger: int
-    cutoff: datetime
-    n_users: int
-    churn_rate: float
-    table: pl.DataFrame
-    verdict: Literal["promote", "keep"]
-    reasons: list[str]
-    run_id: str
-    plots: dict[str, Path]
-    notes: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
 class PromoteResult:
-    """What :func:`promote` changed. ``checks`` are ``task.metric -> delta`` it compared."""
+    """What :func:`promote` changed. ``checks`` are ``task.metric -> delta`` it compared;
+    ``previous_champion`` is what the next rollback would restore (None: nothing)."""
 
     name: str
     action: Literal["promoted", "forced", "rolled_back"]
@@ -196,16 +202,6 @@ def tracking_uri(config: LapseConfig) -> str:
     return uri
 
 
-def _redact_uri(uri: str) -> str:
-    """``uri`` without a password (user:secret@host -> user:***@host)."""
-    parts = urlsplit(uri)
-    if "@" not in parts.netloc:
-        return uri
-    userinfo, host = parts.netloc.rsplit("@", 1)
-    user = userinfo.split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
-
-
 def _artifact_location(config: LapseConfig, uri: str) -> str | None:
     configured = config.registry.artifact_location
     if configured:
@@ -224,7 +220,7 @@ def _mlflow_errors(uri: str) -> Iterator[None]:
     try:
         yield
     except MlflowException as exc:
-        raise LapseError(f"MLflow at {_redact_uri(uri)}: {exc.message}") from None
+        raise LapseError(f"MLflow at {redact_url(uri)}: {exc.message}") from None
 
 
 def _connect(config: LapseConfig) -> tuple[MlflowClient, str]:
@@ -237,8 +233,15 @@ def _connect(config: LapseConfig) -> tuple[MlflowClient, str]:
     db = _sqlite_path(uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
+    # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, which tracking_uri() would then
+    # prefer over the next config's own store: keep the user's environment as it was
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri), uri
 
 
@@ -256,7 +259,7 @@ def _experiment_id(client: MlflowClient, config: LapseConfig, uri: str) -> str:
                 raise
     if exp.lifecycle_stage == "deleted":
         raise LapseError(
-            f"MLflow experiment {name!r} at {_redact_uri(uri)} is deleted; restore it "
+            f"MLflow experiment {name!r} at {redact_url(uri)} is deleted; restore it "
             f"(`mlflow experiments restore --experiment-id {exp.experiment_id}`) or set "
             "registry.experiment in the config"
         )
@@ -271,7 +274,7 @@ def _redact(obj: Any) -> Any:
         return {k: "***" if _SECRET.search(str(k)) else _redact(v) for k, v in obj.items()}
     if isinstance(obj, list):
         return [_redact(v) for v in obj]
-    return obj
+    return redact_url(obj) if isinstance(obj, str) else obj
 
 
 def _param(value: Any) -> str:
@@ -330,10 +333,6 @@ def _config_params(config: LapseConfig) -> dict[str, str]:
         else:
             out[_key(f"config.{section}")] = _param(value)
     return out
-
-
-def _day(d: datetime) -> str:
-    return f"{d:%Y-%m-%d}"
 
 
 def _git_commit(start: Path) -> str | None:
@@ -399,13 +398,13 @@ def _digest(files: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def _log_events(mlflow: Any, events_path: str | Path, config: LapseConfig, context: str) -> None:
+def _log_events(mlflow: Any, events_path: EventSource, config: LapseConfig, context: str) -> None:
     """``mlflow.log_input`` of the event files; a database source is named in a tag instead
     (its rows have no file digest; the label never holds the connection URI)."""
     from lapse.config import DATABASE_FORMATS
     from lapse.events.database import source_label
 
-    if config.source.kind in DATABASE_FORMATS:
+    if config.source.kind in DATABASE_FORMATS or not isinstance(events_path, str | Path):
         mlflow.set_tag(f"{_TAG}events_source", source_label(events_path, config.source))
         return
     mlflow.log_input(_events_dataset(events_path), context=context)
@@ -531,51 +530,64 @@ def _load_pyfunc(data_path: str) -> _PyfuncModel:
     return _PyfuncModel(ChurnBundle.load(data_path))
 
 
-def _example_rows(bundle: ChurnBundle, events_path: str | Path, n: int = 5) -> pl.DataFrame:
-    """A few real feature rows as of the training end, built from a handful of users only."""
-    from lapse.events import load_attributes, read_events
+def _input_type(dtype: str) -> Any:
+    """The MLflow column type of a feature by its polars dtype name (anything else: any)."""
+    from mlflow.types.schema import AnyType  # noqa: TID251
 
-    events = read_events(events_path, bundle.config)
-    as_of = bundle.training_end
-    users = events.filter(pl.col("ts") < as_of).select("user_id").unique().sort("user_id").head(50)
-    some = events.join(users, on="user_id", how="semi").collect().lazy()
-    attributes = load_attributes(bundle.config)
-    rows = bundle.prepare(some, as_of, attributes=attributes)
-    if rows.height == 0:
-        rows = bundle.prepare(some, as_of, attributes=attributes, eligible_only=False)
-    keep = ["user_id", *bundle.feature_schema]
-    return rows.sort("user_id").head(n).select([c for c in keep if c in rows.columns])
+    known = _SIMPLE_DTYPES.get(dtype)
+    return _mlflow_type(known) if known is not None else AnyType()  # type: ignore[no-untyped-call]
 
 
-def _signature(bundle: ChurnBundle, example: pl.DataFrame) -> Any:
-    from mlflow.models import ModelSignature, infer_signature  # noqa: TID251
+def _example(bundle: ChurnBundle) -> pl.DataFrame:
+    """A synthetic input row: user ``example``, every feature zero (false, empty text).
+
+    MLflow shows it as the model's input example; it holds no customer's data.
+    """
+    values: dict[str, pl.Series] = {"user_id": pl.Series("user_id", ["example"])}
+    for name, text in bundle.feature_schema.items():
+        dtype = _SIMPLE_DTYPES.get(text, pl.Float64())
+        zero = False if dtype == pl.Boolean else "" if dtype in (pl.String, pl.Categorical) else 0
+        values[name] = pl.Series(name, [zero]).cast(dtype)
+    return pl.DataFrame(list(values.values()))
+
+
+def _signature(bundle: ChurnBundle) -> Any:
+    """Input and output schema from the bundle alone."""
+    from mlflow.models import ModelSignature  # noqa: TID251
     from mlflow.types import ColSpec, DataType, Schema  # noqa: TID251
 
     cols: list[Any] = [ColSpec(DataType.string, "user_id", required=False)]
-    cols += [
-        ColSpec(_mlflow_type(example.schema[name]), name)
-        for name in bundle.feature_schema
-        if name in example.columns
-    ]
-    output = score_rows(bundle, example.drop("user_id")).to_pandas()
-    return ModelSignature(inputs=Schema(cols), outputs=infer_signature(None, output).outputs)
+    cols += [ColSpec(_input_type(dtype), name) for name, dtype in bundle.feature_schema.items()]
+    outputs = Schema(
+        [
+            ColSpec(DataType.string, "user_id", required=False),
+            ColSpec(DataType.double, "churn_risk"),
+            ColSpec(DataType.double, "churn_risk_percentile"),
+            ColSpec(DataType.string, "risk_segment"),
+        ]
+    )
+    return ModelSignature(inputs=Schema(cols), outputs=outputs)
 
 
 # -- logging a training run ------------------------------------------------------------------
 
 
 def log_training(
-    result: TrainResult, config: LapseConfig, *, events_path: str | Path
+    result: TrainResult, config: LapseConfig, *, events_path: EventSource
 ) -> RegisteredVersion:
     """Log a ``lapse train`` result as an MLflow run and register its bundle.
 
-    The run holds params (config, data window, cutoffs, features, row counts),
-    every numeric key of ``metrics.json`` flattened (``churn.lightgbm.roc_auc``),
-    the report folder, the resolved config, the events as a dataset (path and
-    content digest) and tags (lapse version, git commit when the config's folder
-    is a git checkout). The bundle becomes one pyfunc model, registered as a new
-    version of ``models.name`` with the alias ``challenger`` (and ``champion``
-    when there is none yet).
+    The run, named ``train DATA_END SELECTED`` (``train 2011-09-09 bgnbd``), holds
+    params (config, data window, cutoffs, features, row counts), every numeric
+    key of ``metrics.json`` flattened (``churn.lightgbm.roc_auc``), the report
+    folder, the resolved config, the events as a dataset (path and content
+    digest), tags (lapse version, data fingerprint, config hash, git commit when
+    the config's folder is a git checkout) and a description: the data span, the
+    race table and the selected model's metrics. The bundle becomes one pyfunc
+    model (a signature and a synthetic input example), registered as a new version of
+    ``models.name`` with a description and the provenance tags, with the alias
+    ``challenger`` (and ``champion`` when there is none yet, a ``registered``
+    entry of the promotion log).
 
     Raises
     ------
@@ -588,21 +600,31 @@ def log_training(
 
     bundle = ChurnBundle.load(result.bundle_path)
     name = config.models.name
-    example = _example_rows(bundle, events_path)
-    signature = _signature(bundle, example)
+    signature = _signature(bundle)
+    provenance = {
+        f"{_TAG}version": _lapse_version(),
+        f"{_TAG}churn.selected": result.selected,
+        f"{_TAG}data_fingerprint": _fingerprint(events_path, config),
+        f"{_TAG}config_hash": hashlib.sha256(_config_yaml(config).encode()).hexdigest()[:16],
+        f"{_TAG}data_end": str(run_day(result.data_end)),
+    }
+    run_name = f"train {run_day(result.data_end)} {result.selected}"
     client, uri = _connect(config)
     with _mlflow_errors(uri):
         exp_id = _experiment_id(client, config, uri)
+        notes = _end_dead_runs(client, exp_id, name)
         params = {
             **_config_params(config),
-            "data.events": str(events_path),
-            "data.end": _day(result.data_end),
-            "data.first_training_cutoff": _day(result.training_cutoffs[0]),
-            "cutoffs.training": ",".join(_day(c) for c in result.training_cutoffs),
-            "cutoffs.validation": _day(result.validation_cutoff),
-            "cutoffs.test": _day(result.test_cutoff),
-            "cutoffs.refit": ",".join(_day(c) for c in result.refit_cutoffs),
-            "cutoffs.calibration": _day(result.calibration_cutoff),
+            "data.events": bundle.training_data.source
+            if bundle.training_data
+            else str(events_path),
+            "data.end": str(run_day(result.data_end)),
+            "data.first_training_cutoff": str(run_day(result.training_cutoffs[0])),
+            "cutoffs.training": ",".join(str(run_day(c)) for c in result.training_cutoffs),
+            "cutoffs.validation": str(run_day(result.validation_cutoff)),
+            "cutoffs.test": str(run_day(result.test_cutoff)),
+            "cutoffs.refit": ",".join(str(run_day(c)) for c in result.refit_cutoffs),
+            "cutoffs.calibration": str(run_day(result.calibration_cutoff)),
             "rows.train": str(result.n_train),
             "rows.validation": str(result.n_validation),
             "rows.test": str(result.n_test),
@@ -612,20 +634,25 @@ def log_training(
         }
         tags = {
             f"{_TAG}kind": "train",
-            f"{_TAG}version": _lapse_version(),
             f"{_TAG}model_name": name,
-            f"{_TAG}churn.selected": result.selected,
+            **provenance,
+            _PROCESS: _process_tag(os.getpid()),
         }
         commit = _git_commit(config.base_dir)
         if commit:
             tags["git.commit"] = commit
         with (
+            _signals_end_the_run(),
             tempfile.TemporaryDirectory(prefix="lapse-model-") as tmp,
-            mlflow.start_run(experiment_id=exp_id, run_name=f"train {name}") as run,
+            mlflow.start_run(
+                experiment_id=exp_id,
+                run_name=run_name,
+                description=_train_description(result, bundle, events_path),
+            ) as run,
         ):
             mlflow.set_tags(tags)
+            fault_point("train_logging")
             mlflow.log_params(params)
-            mlflow.log_metrics(flatten_metrics(result.metrics))
             _log_events(mlflow, events_path, config, "training")
             mlflow.log_artifacts(str(result.out_dir), artifact_path="report")
             mlflow.log_text(_config_yaml(config), "config.yaml")
@@ -637,7 +664,7 @@ def log_training(
                 loader_module=__name__,
                 data_path=str(data),
                 signature=signature,
-                input_example=example.to_pandas(),
+                input_example=_example(bundle).to_pandas(),
                 pip_requirements=[f"lapse=={_lapse_version()}"],
                 metadata={
                     "lapse_version": _lapse_version(),
@@ -649,24 +676,207 @@ def log_training(
                     ),
                 },
             )
-            mv = mlflow.register_model(
-                info.model_uri,
-                name,
-                tags={f"{_TAG}version": _lapse_version(), f"{_TAG}churn.selected": result.selected},
+            # after the model: MLflow links them to it in one batch (logged before, it
+            # copies each metric's history to the model, one query per metric)
+            mlflow.log_metrics(flatten_metrics(result.metrics))
+            unfinished = {_UNFINISHED: "registered; its training run has not set its aliases yet"}
+            mv = mlflow.register_model(info.model_uri, name, tags={**provenance, **unfinished})
+            fault_point("after_register")
+            version = str(mv.version)
+            client.update_model_version(
+                name, version, description=_version_description(result, bundle, run_name, run)
             )
-        version = str(mv.version)
-        client.set_registered_model_alias(name, CHALLENGER, version)
-        aliases = [CHALLENGER]
-        if CHAMPION not in _aliases(client, name):
-            client.set_registered_model_alias(name, CHAMPION, version)
-            aliases.append(CHAMPION)
+            client.set_registered_model_alias(name, CHALLENGER, version)
+            aliases = [CHALLENGER]
+            current = _aliases(client, name).get(CHAMPION)
+            if current is None:
+                client.set_registered_model_alias(name, CHAMPION, version)
+                aliases.append(CHAMPION)
+                _append(
+                    client,
+                    name,
+                    _log(client, name),
+                    action="registered",
+                    version=int(version),
+                    previous=None,
+                    reason=f"first champion, registered by {run_name}",
+                )
+            client.delete_model_version_tag(name, version, _UNFINISHED)
     return RegisteredVersion(
         name=name,
         version=int(version),
         run_id=run.info.run_id,
         model_uri=f"models:/{name}/{version}",
         aliases=tuple(aliases),
-        tracking_uri=_redact_uri(uri),
+        tracking_uri=redact_url(uri),
+        notes=tuple(notes),
+    )
+
+
+@contextlib.contextmanager
+def _signals_end_the_run() -> Iterator[None]:
+    """SIGTERM raises (SystemExit, code 143) inside the block, as SIGINT does
+    (KeyboardInterrupt), so the MLflow run the block holds ends ``FAILED`` instead of
+    staying ``RUNNING``; the previous handler comes back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _process_start(pid: int) -> str:
+    """When process ``pid`` started (clock ticks since boot, Linux), ``""`` when unknown:
+    tells a live process from a later one that reuses a dead one's pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8")
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _process_tag(pid: int) -> str:
+    """``host:pid:start`` of a process (the ``lapse.process`` tag)."""
+    return f"{socket.gethostname()}:{pid}:{_process_start(pid)}"
+
+
+def _dead(tag: str) -> bool:
+    """Whether the process a ``lapse.process`` tag names is gone (only known on its host)."""
+    host, _, rest = tag.partition(":")
+    pid, _, start = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return bool(start) and _process_start(int(pid)) != start
+
+
+def _end_dead_runs(client: MlflowClient, exp_id: str, name: str) -> list[str]:
+    """Mark ``FAILED`` the ``RUNNING`` runs of processes that died, and say of each version
+    whose training run ended before its aliases were set that it was never finished."""
+    notes = []
+    running = client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'")
+    for run in running:
+        process = run.data.tags.get(_PROCESS)
+        if process is None or not _dead(process):
+            continue
+        client.set_tag(
+            run.info.run_id, f"{_TAG}failure", f"its process ({process}) died before it ended"
+        )
+        client.set_terminated(run.info.run_id, status="FAILED")
+        notes.append(
+            f"MLflow run {run.info.run_id} was left RUNNING by a process that died "
+            f"({process}); marked FAILED"
+        )
+    for mv in client.search_model_versions(f"name = {_quote(name)}"):
+        tag = (mv.tags or {}).get(_UNFINISHED, "")
+        if not tag.startswith("registered;") or not mv.run_id:
+            continue
+        status = client.get_run(mv.run_id).info.status
+        if status == "RUNNING":  # its training is still going
+            continue
+        client.set_model_version_tag(
+            name,
+            mv.version,
+            _UNFINISHED,
+            f"never finished: its training run {mv.run_id} ended ({status}) before it set "
+            "the aliases; no alias serves it, do not promote it",
+        )
+        notes.append(
+            f"model {name!r} version {mv.version} was never finished (its training run "
+            f"ended {status} before setting its aliases); tagged {_UNFINISHED}"
+        )
+    return notes
+
+
+def _fingerprint(events_path: EventSource, config: LapseConfig) -> str:
+    """16 hex digits of sha256: over the event files' names and bytes; for events in
+    memory, the frame's content digest; for a database source, over the canonical
+    events' row hashes (stable within one polars version)."""
+    from lapse.config import DATABASE_FORMATS
+    from lapse.events import read_events
+    from lapse.events.readers import frame_digest
+
+    if not isinstance(events_path, str | Path):
+        return frame_digest(events_path)
+    if config.source.kind not in DATABASE_FORMATS:
+        return _digest(_event_files(events_path))
+    rows = read_events(events_path, config).collect().hash_rows(seed=0).sort()
+    return hashlib.sha256(rows.to_numpy().tobytes()).hexdigest()[:16]
+
+
+def _markdown_table(frame: pl.DataFrame) -> list[str]:
+    def cell(value: Any) -> str:
+        if isinstance(value, bool):
+            return "*" if value else ""
+        if isinstance(value, float):
+            return f"{value:.4f}"
+        return "" if value is None else str(value)
+
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * frame.width]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.iter_rows()]
+    return lines
+
+
+def _span(result: TrainResult, bundle: ChurnBundle, events_path: EventSource) -> str:
+    from lapse.events.readers import frame_name
+
+    if bundle.training_data is None:
+        shown = events_path if isinstance(events_path, str | Path) else frame_name(events_path)
+        return f"{shown}, data end {run_day(result.data_end)}"
+    return bundle.training_data.describe(bundle.event_names())
+
+
+def _train_description(result: TrainResult, bundle: ChurnBundle, events_path: EventSource) -> str:
+    """The run's description (Markdown): the data span, the race table, the selected model."""
+    chosen = result.metrics.get("churn", {}).get("models", {}).get(result.selected, {})
+    shown = ("roc_auc", "pr_auc", "brier", "ece", "top_decile_lift")
+    lines = [
+        f"Data: {_span(result, bundle, events_path)} (data end {run_day(result.data_end)}, "
+        "exclusive).",
+        "",
+        f"Cutoffs: {len(result.training_cutoffs)} training "
+        f"({run_day(result.training_cutoffs[0])} to {run_day(result.training_cutoffs[-1])}), "
+        f"validation {run_day(result.validation_cutoff)}, test {run_day(result.test_cutoff)}; "
+        f"rows {result.n_train:,} / {result.n_validation:,} / {result.n_test:,}.",
+        "",
+        f"Churn race (test cutoff {run_day(result.test_cutoff)}):",
+        "",
+        *_markdown_table(result.table),
+        "",
+        f"Selected: **{result.selected}**, {result.why}. Its test metrics: "
+        + ", ".join(f"{k} {chosen[k]:.4f}" for k in shown if isinstance(chosen.get(k), float))
+        + ".",
+    ]
+    rep = result.replenishment
+    if rep is not None:
+        lines += ["", "Replenishment race:", "", *_markdown_table(rep.table), ""]
+        lines.append(f"Selected: **{rep.selected}**, {rep.why}.")
+    return "\n".join(lines) + "\n"
+
+
+def _version_description(result: TrainResult, bundle: ChurnBundle, run_name: str, run: Any) -> str:
+    """One paragraph for the model version: what it is, what it was trained on, how it did."""
+    auc = result.metrics.get("churn", {}).get("models", {}).get(result.selected, {}).get("roc_auc")
+    replen = getattr(bundle.extras.get("replenishment"), "selected", None)
+    return (
+        f"lapse churn model {result.selected}"
+        + (f" with replenishment model {replen}" if replen else "")
+        + f", from MLflow run {run.info.run_id} ({run_name}). Trained on "
+        f"{_span(result, bundle, '')}; test cutoff {run_day(result.test_cutoff)}"
+        + (f", test ROC-AUC {auc:.4f}" if isinstance(auc, float) else "")
+        + "."
     )
 
 
@@ -693,7 +903,7 @@ def _missing(client: MlflowClient, name: str, alias: str | None, uri: str) -> La
     if name not in names:
         listed = ", ".join(names) if names else "none"
         return LapseError(
-            f"no registered model {name!r} at {_redact_uri(uri)} (registered models: {listed}); "
+            f"no registered model {name!r} at {redact_url(uri)} (registered models: {listed}); "
             "run `lapse train` to register one, or pass --name / set models.name"
         )
     aliases = _aliases(client, name)
@@ -782,140 +992,67 @@ def load_bundle(uri_or_path: str | Path, config: LapseConfig) -> LoadedBundle:
     )
 
 
-# -- review --------------------------------------------------------------------------------
+# -- erasure ---------------------------------------------------------------------------------
+
+_EXAMPLES: Final = ("input_example.json", "serving_input_example.json")
 
 
-def _worse(metric: str, delta: float, tolerance: float) -> bool:
-    """The challenger is worse than the champion by more than ``tolerance``."""
-    if math.isnan(delta):
-        return True
-    return delta > tolerance if metric in LOWER_IS_BETTER else delta < -tolerance
+def example_files(config: LapseConfig, user_ids: Collection[str]) -> list[str]:
+    """Input examples in the store that hold any of ``user_ids``, one line each.
+
+    lapse logs a synthetic input example; models logged by lapse before it,
+    or by hand, may hold customers' rows in
+    ``input_example.json`` and ``serving_input_example.json``. MLflow artifacts
+    cannot be rewritten, so ``lapse forget`` reports them instead. A local
+    store that does not exist is not created.
+    """
+    import mlflow  # noqa: TID251
+
+    db = _sqlite_path(tracking_uri(config))
+    if db is not None and not db.is_file():
+        return []
+    needles = [json.dumps(str(u)) for u in user_ids]
+    client, uri = _connect(config)
+    found: list[str] = []
+    with _mlflow_errors(uri):
+        for model in client.search_registered_models():
+            for mv in client.search_model_versions(f"name={_quote(model.name)}"):
+                where = f"models:/{model.name}/{mv.version}"
+                listed = {a.path for a in mlflow.artifacts.list_artifacts(artifact_uri=where)}
+                for file in (f for f in _EXAMPLES if f in listed):
+                    text = mlflow.artifacts.load_text(f"{where}/{file}")
+                    hits = sum(needle in text for needle in needles)
+                    if hits:
+                        found.append(
+                            f"{where} {file} holds {hits} of these users; MLflow artifacts "
+                            "cannot be rewritten: delete that model version (MLflow UI or "
+                            "MlflowClient.delete_model_version) after registering a new one"
+                        )
+    return found
 
 
-def _checks(
-    deltas: Mapping[str, float], config: LapseConfig
-) -> tuple[dict[str, float], list[str], list[str]]:
-    """(primary deltas compared, failures, notes) under the config's primary metrics."""
-    tol = config.registry.tolerance
-    compared: dict[str, float] = {}
-    failures: list[str] = []
-    notes: list[str] = []
-    for task, metric in config.registry.primary_metrics.items():
-        key = f"{task}.{metric}"
-        if key not in deltas:
-            notes.append(f"{key} was not compared (not measured for both versions)")
-            continue
-        delta = deltas[key]
-        compared[key] = delta
-        if _worse(metric, delta, tol):
-            direction = "higher" if metric in LOWER_IS_BETTER else "lower"
-            failures.append(
-                f"{key} is {abs(delta):.4f} {direction} than the champion's (tolerance {tol:g})"
-                if not math.isnan(delta)
-                else f"{key} could not be measured"
-            )
-    return compared, failures, notes
+# -- review support (the review itself: lapse.train.review) -------------------------------------
 
 
-def _review_labels(
-    events: pl.LazyFrame, config: LapseConfig, bundles: list[ChurnBundle]
-) -> tuple[datetime, pl.DataFrame]:
-    """The review cutoff (latest complete one) and its churn labels, after both label windows."""
-    from lapse.labels import churn_labels, data_span
+@dataclass(frozen=True)
+class ReviewPair:
+    """The champion and the challenger of a registered model, loaded for a review
+    (``bundles``: the champion's, then the challenger's)."""
 
-    _, data_end = data_span(events)
-    horizon = timedelta(days=config.labels.horizon_days)
-    cutoff = data_end - horizon
-    seen = max(_label_end(b) for b in bundles)
-    if cutoff < seen:
-        raise LapseError(
-            f"the events end {_day(data_end)}, so the latest cutoff with a complete "
-            f"{config.labels.horizon_days}-day label window is {_day(cutoff)}, but the newer "
-            f"model saw labels up to {_day(seen)}; review on events that reach at least "
-            f"{_day(seen + horizon)}"
-        )
-    return cutoff, churn_labels(events, [cutoff], config, data_end=data_end)
+    name: str
+    champion: int
+    challenger: int
+    bundles: tuple[ChurnBundle, ChurnBundle]
 
 
-def _label_end(bundle: ChurnBundle) -> datetime:
-    """End of the last label window the bundle was fitted or calibrated on."""
-    end = bundle.cutoffs.get("data_end", bundle.training_end)
-    return end if isinstance(end, datetime) else bundle.training_end
-
-
-def _churn_scores(
-    bundle: ChurnBundle, events: pl.LazyFrame, cutoff: datetime, column: str
-) -> pl.DataFrame:
-    from lapse.events import load_attributes
-
-    rows = bundle.prepare(events, cutoff, attributes=load_attributes(bundle.config))
-    bundle.check_schema(rows)
-    return pl.DataFrame({"user_id": rows["user_id"], column: bundle.predict_proba(rows)})
-
-
-def _replenishment(
-    bundles: list[ChurnBundle], events: pl.LazyFrame, cutoff: datetime, config: LapseConfig
-) -> tuple[dict[str, dict[str, float]] | None, str]:
-    """(champion and challenger replenishment metrics, or None; a note for the review)."""
-    from lapse.train.replenishment import NotEnoughEpisodes, ReplenishmentModel, evaluate_model
-
-    found_models = [b.extras.get("replenishment") for b in bundles]
-    models = [m for m in found_models if isinstance(m, ReplenishmentModel)]
-    missing = [
-        side
-        for side, m in zip((CHAMPION, CHALLENGER), found_models, strict=True)
-        if not isinstance(m, ReplenishmentModel)
-    ]
-    if missing:
-        return None, (
-            f"replenishment was not compared: the {' and the '.join(missing)} carries no "
-            "replenishment model (trained with replenishment disabled, or its race was skipped)"
-        )
-    found: dict[str, dict[str, float]] = {}
-    try:
-        for side, m in zip((CHAMPION, CHALLENGER), models, strict=True):
-            found[side] = evaluate_model(m, events, cutoff, config)
-    except NotEnoughEpisodes as exc:
-        return None, f"replenishment was not compared: {exc}"
-    n = {side: int(found[side]["n"]) for side in found}
-    return found, (
-        f"replenishment: episodes open at {_day(cutoff)} followed for "
-        f"{found[CHAMPION]['follow_up_days']:g} days ({n[CHAMPION]} under the champion's "
-        f"consumables, {n[CHALLENGER]} under the challenger's)"
-    )
-
-
-def review(
-    events_path: str | Path,
-    config: LapseConfig,
-    *,
-    name: str | None = None,
-    out_dir: str | Path | None = None,
-) -> ReviewResult:
-    """Score ``challenger`` and ``champion`` on one cutoff and log the comparison.
-
-    The cutoff is the latest one of ``events_path`` whose label window is complete;
-    it must lie after both models' last label windows (the refit's calibration
-    cutoff plus the horizon), so neither model has seen its labels. Both are scored
-    on the users eligible for both; churn: AUC, PR-AUC, Brier, ECE, top-decile lift;
-    replenishment (``concordance``, ``mae_days``) when both bundles carry a replenishment
-    model: the episodes open at the cutoff, followed for ``replenishment.follow_up_days``
-    or to the end of the events (:func:`lapse.train.replenishment.evaluate_model`).
-    The comparison is an MLflow run tagged with both versions, holding the table and
-    overlaid ROC and calibration plots (also written to ``out_dir`` when given).
+def review_pair(config: LapseConfig, name: str | None = None) -> ReviewPair:
+    """Load ``champion`` and ``challenger`` of ``name`` (default ``models.name``).
 
     Raises
     ------
     LapseError
-        A missing model or alias, only one version to compare, or events that do
-        not reach past both models' label windows.
+        A missing model or alias, or both aliases on the same version.
     """
-    import mlflow  # noqa: TID251
-
-    from lapse.events import read_events
-    from lapse.modeling.metrics import binary_metrics
-    from lapse.modeling.plots import write_plots
-
     name = name or config.models.name
     client, uri = _connect(config)
     with _mlflow_errors(uri):
@@ -927,183 +1064,63 @@ def review(
                 f"nothing to review: {CHAMPION} and {CHALLENGER} of {name!r} are both version "
                 f"{champ}; train a new version first (`lapse train`)"
             )
-        bundles = [_download_bundle(champ_mv, name), _download_bundle(chal_mv, name)]
-
-    events = read_events(events_path, config).collect().lazy()
-    cutoff, labels = _review_labels(events, config, bundles)
-    scored = labels.select("user_id", "churned")
-    for bundle, column in zip(bundles, (CHAMPION, CHALLENGER), strict=True):
-        scored = scored.join(
-            _churn_scores(bundle, events, cutoff, column), on="user_id", how="inner"
-        )
-    notes: list[str] = []
-    if scored.height < labels.height:
-        notes.append(
-            f"{labels.height - scored.height} of {labels.height} labelled users are not "
-            "eligible under both models' configs and were left out"
-        )
-    if scored.height == 0:
-        raise LapseError(
-            f"no user at the review cutoff {_day(cutoff)} is eligible under both models"
-        )
-    y = scored["churned"].cast(pl.Float64).to_numpy()
-    found: dict[str, dict[str, dict[str, float]]] = {"churn": {}}
-    for side in (CHAMPION, CHALLENGER):
-        found["churn"][side] = binary_metrics(y, scored[side].to_numpy())
-    replen, replen_note = _replenishment(bundles, events, cutoff, config)
-    if replen is not None:
-        found["replenishment"] = replen
-    notes.append(replen_note)
-
-    rows: list[dict[str, Any]] = []
-    deltas: dict[str, float] = {}
-    primary = {f"{t}.{m}" for t, m in config.registry.primary_metrics.items()}
-    for task, sides in found.items():
-        wanted = list(REVIEW_METRICS.get(task, ()))
-        chosen = config.registry.primary_metrics.get(task)
-        if chosen is not None and chosen not in wanted:
-            wanted.append(chosen)
-        for metric in wanted:
-            if metric not in sides[CHAMPION] or metric not in sides[CHALLENGER]:
-                continue
-            a, b = sides[CHAMPION][metric], sides[CHALLENGER][metric]
-            deltas[f"{task}.{metric}"] = b - a
-            rows.append(
-                {
-                    "task": task,
-                    "metric": metric,
-                    CHAMPION: a,
-                    CHALLENGER: b,
-                    "delta": b - a,
-                    "better": "lower" if metric in LOWER_IS_BETTER else "higher",
-                    "primary": f"{task}.{metric}" in primary,
-                }
-            )
-    table = pl.DataFrame(rows)
-    _, failures, check_notes = _checks(deltas, config)
-    notes += check_notes
-    verdict: Literal["promote", "keep"] = "keep" if failures else "promote"
-    reasons = failures or [
-        f"no primary metric is worse than the champion's by more than {config.registry.tolerance:g}"
-    ]
-
-    with contextlib.ExitStack() as stack:
-        folder = (
-            Path(out_dir)
-            if out_dir is not None
-            else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lapse-review-")))
-        )
-        folder.mkdir(parents=True, exist_ok=True)
-        plots = write_plots(
-            folder,
-            y,
-            {
-                f"champion v{champ}": scored[CHAMPION].to_numpy(),
-                f"challenger v{chal}": scored[CHALLENGER].to_numpy(),
-            },
-            title=f"review cutoff {_day(cutoff)}",
-        )
-        table.write_csv(folder / "review.csv")
-        (folder / "review.md").write_text(
-            _review_md(
-                name,
-                champ,
-                chal,
-                cutoff,
-                scored.height,
-                float(y.mean()),
-                table,
-                verdict,
-                reasons,
-                notes,
-            ),
-            encoding="utf-8",
-        )
-        with _mlflow_errors(uri):
-            exp_id = _experiment_id(client, config, uri)
-            tags = {
-                f"{_TAG}kind": "review",
-                f"{_TAG}version": _lapse_version(),
-                f"{_TAG}model_name": name,
-                f"{_TAG}champion_version": str(champ),
-                f"{_TAG}challenger_version": str(chal),
-                f"{_TAG}verdict": verdict,
-                f"{_TAG}cutoff": _day(cutoff),
-            }
-            with mlflow.start_run(
-                experiment_id=exp_id, run_name=f"review {name} v{chal} vs v{champ}"
-            ) as run:
-                mlflow.set_tags(tags)
-                mlflow.log_params(
-                    {
-                        "cutoff": _day(cutoff),
-                        "n_users": str(scored.height),
-                        "tolerance": str(config.registry.tolerance),
-                        "primary_metrics": _param(config.registry.primary_metrics),
-                        "events": str(events_path),
-                    }
-                )
-                metrics: dict[str, float] = {"n_users": float(scored.height)}
-                for row in table.iter_rows(named=True):
-                    key = f"{row['task']}.{row['metric']}"
-                    metrics[f"{CHAMPION}.{key}"] = row[CHAMPION]
-                    metrics[f"{CHALLENGER}.{key}"] = row[CHALLENGER]
-                    metrics[f"delta.{key}"] = row["delta"]
-                mlflow.log_metrics(metrics)
-                _log_events(mlflow, events_path, config, "review")
-                for path in (*plots.values(), folder / "review.csv", folder / "review.md"):
-                    mlflow.log_artifact(str(path))
-            for version in (champ, chal):
-                client.set_model_version_tag(
-                    name, str(version), f"{_TAG}last_review_run", run.info.run_id
-                )
-    return ReviewResult(
-        name=name,
-        champion=champ,
-        challenger=chal,
-        cutoff=cutoff,
-        n_users=scored.height,
-        churn_rate=float(y.mean()),
-        table=table,
-        verdict=verdict,
-        reasons=reasons,
-        run_id=run.info.run_id,
-        plots=plots if out_dir is not None else {},
-        notes=notes,
-    )
+        bundles = (_download_bundle(champ_mv, name), _download_bundle(chal_mv, name))
+    return ReviewPair(name=name, champion=champ, challenger=chal, bundles=bundles)
 
 
-def _review_md(
-    name: str,
-    champ: int,
-    chal: int,
-    cutoff: datetime,
-    n_users: int,
-    churn_rate: float,
-    table: pl.DataFrame,
+def log_review(
+    config: LapseConfig,
+    pair: ReviewPair,
+    *,
     verdict: str,
-    reasons: list[str],
-    notes: list[str],
+    cutoffs: list[datetime],
+    intervals: Mapping[str, Interval],
+    table: pl.DataFrame,
+    params: Mapping[str, str],
+    description: str,
+    files: list[Path],
+    events_path: str | Path,
 ) -> str:
-    lines = [
-        f"# Review of {name}: challenger v{chal} vs champion v{champ}",
-        "",
-        f"Cutoff {_day(cutoff)}, {n_users} users, churn rate {churn_rate:.3f}.",
-        "",
-        "| task | metric | champion | challenger | delta | better | primary |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in table.iter_rows(named=True):
-        lines.append(
-            f"| {r['task']} | {r['metric']} | {r[CHAMPION]:.4f} | {r[CHALLENGER]:.4f} | "
-            f"{r['delta']:+.4f} | {r['better']} | {'yes' if r['primary'] else ''} |"
-        )
-    lines += ["", f"Verdict: **{verdict}**. " + "; ".join(reasons) + "."]
-    lines += [f"- {n}" for n in notes]
-    return "\n".join(lines) + "\n"
+    """Log a review as an MLflow run named ``review NAME vB vs vA: VERDICT``; its run id.
 
+    Tags: ``lapse.kind=review``, both versions, the verdict and the latest cutoff;
+    metrics: ``champion.``/``challenger.``/``delta.TASK.METRIC`` for the table and
+    the primary metrics' intervals (:func:`lapse.modeling.compare.interval_metrics`),
+    which :func:`promote` reads back; the description is the review's Markdown.
+    """
+    import mlflow  # noqa: TID251
 
-# -- promotion -------------------------------------------------------------------------------
+    client, uri = _connect(config)
+    metrics: dict[str, float] = {"n_cutoffs": float(len(cutoffs))}
+    for row in table.iter_rows(named=True):
+        key = f"{row['task']}.{row['metric']}"
+        metrics[f"{CHAMPION}.{key}"] = row[CHAMPION]
+        metrics[f"{CHALLENGER}.{key}"] = row[CHALLENGER]
+        metrics[f"delta.{key}"] = row["delta"]
+    metrics.update(interval_metrics(intervals))
+    with _mlflow_errors(uri):
+        exp_id = _experiment_id(client, config, uri)
+        tags = {
+            f"{_TAG}kind": "review",
+            f"{_TAG}version": _lapse_version(),
+            f"{_TAG}model_name": pair.name,
+            f"{_TAG}champion_version": str(pair.champion),
+            f"{_TAG}challenger_version": str(pair.challenger),
+            f"{_TAG}verdict": verdict,
+            f"{_TAG}cutoff": str(run_day(cutoffs[-1])),
+        }
+        with mlflow.start_run(
+            experiment_id=exp_id,
+            run_name=f"review {pair.name} v{pair.challenger} vs v{pair.champion}: {verdict}",
+            description=description,
+        ) as run:
+            mlflow.set_tags(tags)
+            mlflow.log_params({k: _param(v) for k, v in params.items()})
+            mlflow.log_metrics(metrics)
+            _log_events(mlflow, events_path, config, "review")
+            for path in files:
+                mlflow.log_artifact(str(path))
+    return str(run.info.run_id)
 
 
 def _latest_review(
@@ -1122,6 +1139,151 @@ def _latest_review(
     return found[0] if found else None
 
 
+# -- the promotion log -------------------------------------------------------------------------
+
+_LOG: Final = f"{_TAG}promotion."
+_REASON_MAX: Final = 2000
+Action = Literal["registered", "promoted", "forced", "rolled_back", "refused"]
+
+
+@dataclass(frozen=True)
+class PromotionEvent:
+    """One entry of a registered model's promotion log (:func:`history`).
+
+    ``action``: ``registered`` (a new version became the first champion),
+    ``promoted`` (by the review's verdict), ``forced`` (``--force``),
+    ``rolled_back`` (``--rollback``) or ``refused`` (the review refused the
+    version or was inconclusive; the champion stayed). ``version`` is the new
+    champion (the refused version for ``refused``), ``previous`` the champion
+    before.
+    """
+
+    seq: int
+    at: str
+    by: str
+    action: Action
+    version: int
+    previous: int | None
+    reason: str
+    review_run: str | None = None
+    verdict: str | None = None
+
+
+def _log(client: MlflowClient, name: str) -> list[PromotionEvent]:
+    tags = client.get_registered_model(name).tags or {}
+    events = []
+    for key, value in tags.items():
+        if not key.startswith(_LOG):
+            continue
+        try:
+            events.append(PromotionEvent(**json.loads(value)))
+        except (ValueError, TypeError):
+            raise LapseError(
+                f"registered model {name!r}: tag {key} is not a promotion log entry lapse "
+                "wrote; restore or delete it (MLflow UI, or MlflowClient."
+                "delete_registered_model_tag)"
+            ) from None
+    return sorted(events, key=lambda e: e.seq)
+
+
+def _append(
+    client: MlflowClient, name: str, log: list[PromotionEvent], **entry: Any
+) -> PromotionEvent:
+    """Add an entry to the log (a registered model tag ``lapse.promotion.NNNNNN``)."""
+    seq = (log[-1].seq if log else 0) + 1
+    event = PromotionEvent(
+        seq=seq,
+        at=datetime.now(UTC).isoformat(timespec="seconds"),
+        by=_user(),
+        **{**entry, "reason": str(entry["reason"])[:_REASON_MAX]},
+    )
+    client.set_registered_model_tag(name, f"{_LOG}{seq:06d}", json.dumps(event.__dict__))
+    log.append(event)
+    return event
+
+
+def _champions(log: list[PromotionEvent]) -> list[int]:
+    """The champions in force, oldest first, the current one last: promotions push,
+    a rollback pops back to the version it restored, refusals change nothing."""
+    stack: list[int] = []
+    for event in log:
+        if event.action in ("registered", "promoted", "forced"):
+            if not stack and event.previous is not None:  # a champion from before the log
+                stack.append(event.previous)
+            stack.append(event.version)
+        elif event.action == "rolled_back":
+            while stack and stack[-1] != event.version:
+                stack.pop()
+            if not stack:
+                stack.append(event.version)
+    return stack
+
+
+def _live(client: MlflowClient, name: str, version: int) -> bool:
+    """The version still exists and is not archived."""
+    from mlflow.exceptions import MlflowException  # noqa: TID251
+
+    try:
+        mv = client.get_model_version(name, str(version))
+    except MlflowException:
+        return False
+    return str(mv.current_stage or "").lower() != "archived"
+
+
+def _rollback_target(client: MlflowClient, name: str, stack: list[int]) -> int | None:
+    """The last live champion before the current one (the top of ``stack``)."""
+    return next((v for v in reversed(stack[:-1]) if _live(client, name, v)), None)
+
+
+def _sync_previous(client: MlflowClient, name: str, stack: list[int]) -> int | None:
+    """Point ``previous-champion`` at what a rollback would restore (or remove it)."""
+    target = _rollback_target(client, name, stack)
+    if target is not None:
+        client.set_registered_model_alias(name, PREVIOUS_CHAMPION, str(target))
+    elif PREVIOUS_CHAMPION in _aliases(client, name):
+        client.delete_registered_model_alias(name, PREVIOUS_CHAMPION)
+    return target
+
+
+def history(config: LapseConfig, name: str | None = None) -> list[PromotionEvent]:
+    """The promotion log of ``name`` (default ``models.name``), oldest first.
+
+    Raises
+    ------
+    LapseError
+        The registered model does not exist.
+    """
+    from mlflow.exceptions import MlflowException  # noqa: TID251
+
+    name = name or config.models.name
+    client, uri = _connect(config)
+    with _mlflow_errors(uri):
+        try:
+            return _log(client, name)
+        except MlflowException:
+            raise _missing(client, name, None, uri) from None
+
+
+# -- promotion -------------------------------------------------------------------------------
+
+
+def _decision(run: Any, config: LapseConfig) -> tuple[Decision, dict[str, float], list[str]]:
+    """The review run's verdict under the config's primary metrics and tolerance now."""
+    intervals = intervals_from_metrics(run.data.metrics)
+    primary = [f"{t}.{m}" for t, m in config.registry.primary_metrics.items()]
+    chosen = {k: intervals[k] for k in primary if k in intervals}
+    notes = [
+        f"{k} was not compared (not measured for both versions)" for k in primary if k not in chosen
+    ]
+    if not chosen:
+        raise LapseError(
+            f"review run {run.info.run_id} holds no interval for the primary metrics "
+            f"({', '.join(primary)}); run `lapse review EVENTS` again"
+        )
+    decision = decide(chosen, config.registry.tolerance)
+    return decision, {k: iv.delta for k, iv in chosen.items()}, notes
+
+
 def promote(
     config: LapseConfig,
     *,
@@ -1133,115 +1295,134 @@ def promote(
 ) -> PromoteResult:
     """Move ``champion`` to the challenger (or ``version``), or roll it back.
 
-    Promotion needs the latest :func:`review` of that version against the current
-    champion: it is refused when a primary metric (``registry.primary_metrics``)
-    is worse than the champion's by more than ``registry.tolerance``, unless
-    ``force``. The old champion becomes ``previous-champion``; ``rollback`` swaps
-    the two back. The promoted version's tags record the reason, the compared
-    metrics, who and when.
+    Promotion needs the latest review (:func:`lapse.train.review.review`) of that
+    version against the current champion. Its primary metrics' intervals are
+    judged again under the config's ``registry.tolerance``
+    (:func:`lapse.modeling.compare.decide`): only the verdict ``promote`` moves
+    the alias; ``refuse`` and ``inconclusive`` keep the champion (logged as
+    ``refused``) unless ``force``. ``rollback`` restores the last champion before
+    the current one in the promotion log (:func:`history`) that still exists and
+    is not archived. Every change is an entry of the log (registered model tags),
+    and ``previous-champion`` points at what the next rollback would restore.
+    Model versions themselves are never changed.
 
     Raises
     ------
+    PromotionRefused
+        The review refused the version or was inconclusive (the message names the
+        rule, the metric and its interval); exit code 4.
     LapseError
-        Refused promotion (the message names the metric, both values and the
-        tolerance), no review to decide on, a missing model, version or alias.
+        No review to decide on, nothing to roll back to, a missing model, version
+        or alias.
     """
     if force and rollback:
         raise LapseError("--force and --rollback cannot be combined")
     if rollback and version is not None:
         raise LapseError("--rollback restores the previous champion; it takes no --version")
     name = name or config.models.name
-    user = _user()
-    now = datetime.now(UTC).isoformat(timespec="seconds")
     client, uri = _connect(config)
     with _mlflow_errors(uri):
         if rollback:
-            current = int(_version(client, name, CHAMPION, uri).version)
-            previous = int(_version(client, name, PREVIOUS_CHAMPION, uri).version)
-            why = reason or f"rollback from version {current}"
-            client.set_registered_model_alias(name, CHAMPION, str(previous))
-            client.set_registered_model_alias(name, PREVIOUS_CHAMPION, str(current))
-            for key, value in {
-                "rolled_back_at": now,
-                "rolled_back_by": user,
-                "rollback_reason": why,
-                "rolled_back_from": str(current),
-            }.items():
-                client.set_model_version_tag(name, str(previous), f"{_TAG}{key}", value)
-            return PromoteResult(
-                name=name,
-                action="rolled_back",
-                champion=previous,
-                previous_champion=current,
-                reason=why,
-                user=user,
-            )
-
-        target = _version(client, name, CHALLENGER if version is None else int(version), uri)
-        candidate = int(target.version)
-        aliases = _aliases(client, name)
-        current_champion = aliases.get(CHAMPION)
-        if current_champion == candidate:
+            return _rollback(client, name, uri, reason)
+        candidate = int(
+            _version(client, name, CHALLENGER if version is None else int(version), uri).version
+        )
+        current = _aliases(client, name).get(CHAMPION)
+        if current == candidate:
             raise LapseError(f"version {candidate} of {name!r} is already the {CHAMPION}")
+        log = _log(client, name)
         checks: dict[str, float] = {}
         review_run: str | None = None
+        verdict: str | None = None
         notes: list[str] = []
-        if current_champion is not None:
-            exp_id = _experiment_id(client, config, uri)
-            run = _latest_review(client, exp_id, name, candidate, current_champion)
+        auto = "first champion"
+        if current is not None:
+            run = _latest_review(
+                client, _experiment_id(client, config, uri), name, candidate, current
+            )
             if run is None and not force:
                 raise LapseError(
                     f"no review compares version {candidate} of {name!r} with the {CHAMPION} "
-                    f"(version {current_champion}); run `lapse review EVENTS` first, or pass "
-                    "--force"
+                    f"(version {current}); run `lapse review EVENTS` first, or pass --force"
                 )
+            auto = "no review"
             if run is not None:
                 review_run = run.info.run_id
-                deltas = {
-                    k.removeprefix("delta."): float(v)
-                    for k, v in run.data.metrics.items()
-                    if k.startswith("delta.")
-                }
-                checks, failures, notes = _checks(deltas, config)
-                if failures and not force:
-                    raise LapseError(
-                        f"promotion of version {candidate} of {name!r} refused: "
-                        + "; ".join(failures)
-                        + f" (review run {review_run}); pass --force to promote anyway"
+                decision, checks, notes = _decision(run, config)
+                verdict, auto = decision.verdict, f"{decision.rule} (review run {review_run})"
+                if decision.verdict != "promote" and not force:
+                    _append(
+                        client,
+                        name,
+                        log,
+                        action="refused",
+                        version=candidate,
+                        previous=current,
+                        reason=auto,
+                        review_run=review_run,
+                        verdict=verdict,
                     )
-        action: Literal["promoted", "forced"] = "forced" if force else "promoted"
-        if current_champion is None:
-            auto = "first champion"
-        else:
-            compared = "; ".join(f"{k} {v:+.4f} vs the champion" for k, v in checks.items())
-            auto = compared or "no review"
-            if review_run:
-                auto += f" (review run {review_run})"
+                    raise PromotionRefused(
+                        f"promotion of version {candidate} of {name!r} refused, the review's "
+                        f"verdict is {decision.rule} (review run {review_run}); the champion "
+                        f"stays version {current}; pass --force to promote anyway"
+                    )
             if force:
                 auto = "forced; " + auto
         why = f"{reason}: {auto}" if reason else auto
-        if current_champion is not None:
-            client.set_registered_model_alias(name, PREVIOUS_CHAMPION, str(current_champion))
         client.set_registered_model_alias(name, CHAMPION, str(candidate))
-        tags = {
-            "promoted_at": now,
-            "promoted_by": user,
-            "promotion_reason": why,
-            "promotion_forced": str(force).lower(),
-            "promotion_metrics": json.dumps(checks),
-            "promoted_over": str(current_champion) if current_champion is not None else "",
-            "promotion_review_run": review_run or "",
-        }
-        for key, value in tags.items():
-            client.set_model_version_tag(name, str(candidate), f"{_TAG}{key}", value)
+        _append(
+            client,
+            name,
+            log,
+            action="forced" if force else "promoted",
+            version=candidate,
+            previous=current,
+            reason=why,
+            review_run=review_run,
+            verdict=verdict,
+        )
+        previous = _sync_previous(client, name, _champions(log))
     return PromoteResult(
         name=name,
-        action=action,
+        action="forced" if force else "promoted",
         champion=candidate,
-        previous_champion=current_champion,
+        previous_champion=previous,
         reason=why,
-        user=user,
+        user=_user(),
         review_run_id=review_run,
         checks=checks,
         notes=notes,
+    )
+
+
+def _rollback(client: MlflowClient, name: str, uri: str, reason: str | None) -> PromoteResult:
+    """Restore the last live champion before the current one in the promotion log."""
+    current = int(_version(client, name, CHAMPION, uri).version)
+    log = _log(client, name)
+    stack = _champions(log)
+    if not stack or stack[-1] != current:
+        logged = f"version {stack[-1]}" if stack else "no champion"
+        raise LapseError(
+            f"the {CHAMPION} of {name!r} is version {current} but its promotion log ends with "
+            f"{logged} (the alias was moved outside lapse); set the champion with `lapse promote "
+            "--version V --force` so the log records it"
+        )
+    target = _rollback_target(client, name, stack)
+    if target is None:
+        raise LapseError(
+            f"nothing to roll back to: the promotion log of {name!r} holds no champion before "
+            f"version {current} that still exists and is not archived (`lapse registry history`)"
+        )
+    why = reason or f"rollback from version {current}"
+    client.set_registered_model_alias(name, CHAMPION, str(target))
+    _append(client, name, log, action="rolled_back", version=target, previous=current, reason=why)
+    previous = _sync_previous(client, name, _champions(log))
+    return PromoteResult(
+        name=name,
+        action="rolled_back",
+        champion=target,
+        previous_champion=previous,
+        reason=why,
+        user=_user(),
     )

@@ -11,8 +11,14 @@
 ```
 
 ``run_date`` is the run's ``as_of`` date. Snapshots are written before
-anything is sent. :func:`prune` applies ``audit.retention_days``;
-:func:`forget` erases users from every file here (the ledger has its own).
+anything is sent, after the run is in the ledger; ``lapse impact`` reads only
+the snapshots of runs the ledger shows delivered. Every file is written to a
+temporary name and renamed into place (:func:`lapse.files.atomic_path`): a full
+disk leaves no partial file, and is one :class:`~lapse.exceptions.WriteFailed`.
+:func:`prune` applies ``audit.retention_days``; :func:`remove_run` deletes one
+run's files (a run cut off before it sent anything); :func:`forget` erases users
+from every file here, the snapshots of such cut-off runs included (the ledger has
+its own).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from typing import Any
 import polars as pl
 
 from lapse.exceptions import LapseError
+from lapse.files import atomic_path, temporary
 
 __all__ = ["AuditTrail"]
 
@@ -68,9 +75,8 @@ class AuditTrail:
 
     def write_summary(self, run_date: date, score_run_id: str, summary: dict[str, Any]) -> Path:
         path = self.snapshot(run_date, score_run_id).with_suffix(".json")
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
         return path
 
     def write_outbox(self, score_run_id: str, sink: str, outbox: pl.DataFrame) -> Path:
@@ -114,6 +120,19 @@ class AuditTrail:
         return out
 
     # -- retention and erasure ------------------------------------------------------------------
+    def remove_run(self, run_date: date, score_run_id: str) -> None:
+        """Delete one run's snapshot, summary, outbox and dead letters (and any temporary
+        file a cut-off write left)."""
+        snapshot = self.snapshot(run_date, score_run_id)
+        for path in (snapshot, snapshot.with_suffix(".json")):
+            path.unlink(missing_ok=True)
+            temporary(path).unlink(missing_ok=True)
+        if snapshot.parent.exists() and not any(snapshot.parent.iterdir()):
+            snapshot.parent.rmdir()
+        shutil.rmtree(self.root / "outbox" / score_run_id, ignore_errors=True)
+        for dl in (self.root / "dead_letters").glob(f"{score_run_id}.*.ndjson"):
+            dl.unlink(missing_ok=True)
+
     def prune(self, retention_days: int | None, today: date) -> list[str]:
         """Delete snapshots (and those runs' outboxes and dead letters) past retention.
 
@@ -158,17 +177,11 @@ class AuditTrail:
             ]
             if len(kept) < len(lines):
                 counts["dead_letters"] += len(lines) - len(kept)
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-                tmp.replace(path)
+                with atomic_path(path) as tmp:
+                    tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
         return counts
 
 
 def _write_parquet(frame: pl.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".parquet.tmp")
-    try:
+    with atomic_path(path) as tmp:
         frame.write_parquet(tmp)
-        tmp.replace(path)
-    except OSError as exc:
-        raise LapseError(f"{path}: cannot write: {exc}") from None

@@ -9,9 +9,34 @@ honouring a destination's ``Retry-After``, capped by
 too large (a batch over the sink's current limits, e.g. planned by an older
 version of a run being resumed, is split before it is sent), and marked
 ``done`` only after the destination acknowledged it. Delivery is therefore at
-least once; sinks are idempotent, so the resend that follows a crash between
-acknowledgement and ledger write changes nothing. :func:`deliver` on a run that already has batches (a resume)
-sends only those not yet ``done``.
+least once: :func:`deliver` on a run that already has batches (a resume) sends
+only those not yet ``done``.
+
+Before each request a batch is marked ``sending``. A batch that is still
+``sending`` when a run is resumed (killed with the request in flight, or between
+the acknowledgement and the ledger write), or whose request got no answer (a
+timeout, a connection dropped after sending: ``RetryableError.in_doubt``), is *in
+doubt*: the destination may have processed it. It is sent again; what the
+destination dedupes (profile upserts, events with an id) is unchanged by that.
+For objects it cannot dedupe (:meth:`~lapse.sinks.base.Sink.undeduped`, Braze's
+events) the sink's ``in_doubt`` policy decides: ``resend`` sends them again,
+``skip`` sends the rest of each record only (:meth:`~lapse.sinks.base.Sink.deduped_part`).
+The users concerned are counted either way (:attr:`DeliveryReport.in_doubt`, and in
+the ledger for the run's summary over all its attempts), also when a batch in doubt
+is split.
+
+A destination that cannot be reached stops the run instead of filling the
+dead letters: when no connection can be made (:class:`~lapse.sinks.base.ConnectionFailed`:
+refused, unknown host, connect timeout) before the destination acknowledged any
+batch of the run, the batch is tried :data:`FIRST_CONTACT_ATTEMPTS` times and the
+run stops (:class:`~lapse.exceptions.DestinationUnreachable`, one line naming the redacted
+URL), its batches pending, nothing dead-lettered, resumable. Later in a run a
+lost connection is retried like any transient failure, and still stops the run
+rather than dead-letter records that were never sent. Every retry of a run draws
+on one budget (:class:`RetryBudget`, ``delivery.max_retry_seconds``): the waits
+between tries and the time of the tries that failed. Once it is spent nothing is
+retried any more; a batch that then fails is dead-lettered (or, unreachable,
+stops the run), so a struggling destination costs a run minutes, not hours.
 
 The frequency cap (``delivery.frequency_cap``) is enforced here too, by
 :func:`apply_frequency_cap` before a run's outbox is fixed, for every trigger
@@ -37,25 +62,31 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
+from tenacity import RetryCallState, Retrying, retry_if_exception_type
 
 from lapse.config import DeliveryConfig, FrequencyCap
 from lapse.delivery.ledger import Batch, Ledger
+from lapse.exceptions import DestinationUnreachable
+from lapse.faults import fault_point
+from lapse.files import atomic_path
 from lapse.sinks.base import (
+    ConnectionFailed,
+    DeliveryStopped,
     Item,
     Outcome,
     PayloadTooLarge,
     RetryableError,
     Sink,
-    SinkAuthError,
     SinkError,
     json_default,
     json_size,
 )
 
 __all__ = [
+    "FIRST_CONTACT_ATTEMPTS",
     "INTERNAL_COLUMNS",
     "DeliveryReport",
+    "RetryBudget",
     "apply_frequency_cap",
     "deliver",
     "delta_changes",
@@ -67,6 +98,27 @@ __all__ = [
 
 #: Outbox columns the delivery layer uses and never hands to a sink.
 INTERNAL_COLUMNS: tuple[str, ...] = ("delta_key", "cooldown_keys")
+#: Tries of a batch whose connection cannot be made before the destination
+#: acknowledged anything of the run (then the run stops: a few seconds, not minutes).
+FIRST_CONTACT_ATTEMPTS = 3
+
+
+@dataclass
+class RetryBudget:
+    """The seconds a run may still spend on retries, shared by all its :func:`deliver` calls.
+
+    ``reached`` turns true once the destination acknowledged a batch of the run;
+    ``spent`` once a retry was refused for want of budget.
+    """
+
+    seconds: float
+    reached: bool = False
+    spent: bool = False
+
+    @classmethod
+    def of(cls, config: DeliveryConfig) -> RetryBudget:
+        """A run's whole budget, ``delivery.max_retry_seconds``."""
+        return cls(config.max_retry_seconds)
 
 
 @dataclass
@@ -80,6 +132,7 @@ class DeliveryReport:
     batches: int = 0
     resumed_done: int = 0
     requests: int = 0
+    in_doubt: int = 0
     dead_letters: Path | None = None
     reasons: dict[str, int] = field(default_factory=dict)
 
@@ -217,6 +270,39 @@ def _wait(config: DeliveryConfig) -> Callable[[RetryCallState], float]:
     return wait
 
 
+def _stop(config: DeliveryConfig, budget: RetryBudget) -> Callable[[RetryCallState], bool]:
+    """No more tries: the batch's attempts are used up, or the run's retry budget is."""
+    wait = _wait(config)
+
+    def stop(state: RetryCallState) -> bool:
+        exc = state.outcome.exception() if state.outcome else None
+        attempts = config.max_attempts
+        if isinstance(exc, ConnectionFailed) and not budget.reached:
+            attempts = min(attempts, FIRST_CONTACT_ATTEMPTS)
+        if state.attempt_number >= attempts:
+            return True
+        if wait(state) > budget.seconds:
+            budget.spent = True
+            return True
+        return False
+
+    return stop
+
+
+def _stopped(exc: ConnectionFailed, tries: int, budget: RetryBudget, score_run_id: str) -> str:
+    """The one line that stops a run whose destination cannot be reached."""
+    why = (
+        "the run's retry budget (delivery.max_retry_seconds) is spent"
+        if budget.spent
+        else f"tried {tries} time{'s' if tries != 1 else ''}"
+    )
+    return (
+        f"{exc}; {why}. Nothing of this batch was sent or dead-lettered: score run "
+        f"{score_run_id} stops here with its unsent batches pending; once the destination "
+        f"is reachable, finish it with `lapse score <events> --resume {score_run_id}`"
+    )
+
+
 def deliver(
     outbox: pl.DataFrame,
     sink: Sink,
@@ -230,6 +316,7 @@ def deliver(
     sleep: Callable[[float], None] = time.sleep,
     items: list[Item | None] | None = None,
     rows: tuple[int, int] | None = None,
+    budget: RetryBudget | None = None,
 ) -> DeliveryReport:
     """Send the outbox's pending batches to ``sink``; see the module docstring.
 
@@ -242,12 +329,15 @@ def deliver(
     ``rows=(lo, hi)`` says ``outbox`` is only rows ``lo..hi`` of the run's outbox
     (a caller that goes through a large outbox in chunks, with no batch across
     two chunks): only the batches starting there are sent, and the caller opens
-    the sink first and settles the run after the last chunk (:func:`settle`).
+    the sink first and settles the run after the last chunk (:func:`settle`), and
+    passes one ``budget`` (:meth:`RetryBudget.of`) to every chunk.
 
     Raises
     ------
-    SinkAuthError
-        Credentials are missing or refused; the current batch is left pending.
+    DeliveryStopped
+        Credentials are missing or refused (:class:`~lapse.sinks.base.SinkAuthError`),
+        or the destination cannot be reached (:class:`~lapse.exceptions.DestinationUnreachable`);
+        the current batch is left pending.
     """
     if items is None:
         items = encode(sink, outbox)
@@ -265,25 +355,45 @@ def deliver(
     if on_progress and report.resumed_done:
         on_progress(report.resumed_done)
     pending = [b for b in queue if b.state != "done"][::-1]
+    budget = budget if budget is not None else RetryBudget.of(config)
     if rows is None:
         sink.open(score_run_id)
+    tries = 0
+    doubt = False  # the current batch may have reached the destination already
+    doubted: set[int] = set()  # rows whose undeduped objects were in doubt
 
     def send(batch_id: str, batch: list[Item]) -> Outcome:
+        nonlocal tries, doubt
         throttle.wait()
         report.requests += 1
-        return sink.send(batch_id, batch)
+        tries += 1
+        if doubt:
+            batch, rows = _in_doubt(sink, batch, got)
+            if rows - doubted:
+                ledger.record_in_doubt(score_run_id, name, [(r, users[r - lo]) for r in rows])
+                doubted.update(rows)
+        began = time.monotonic()
+        try:
+            return sink.send(batch_id, batch)
+        except RetryableError as exc:
+            budget.seconds -= time.monotonic() - began
+            doubt = doubt or exc.in_doubt
+            raise
 
     def count_retry(state: RetryCallState) -> None:
         report.retried += 1
+        budget.seconds -= state.next_action.sleep if state.next_action else 0.0
         ledger.attempt(score_run_id, name, current.batch_id)
 
     while pending:
         current = pending.pop()
+        tries = 0
+        doubt = current.state == "sending"
         got = [i for i in range(current.start, current.stop) if items[i - lo] is not None]
         batch_items = [items[i - lo] for i in got]
         too_big = _oversized(sink, batch_items)
         if too_big is not None and len(got) > 1:
-            pending.extend(reversed(ledger.split(score_run_id, name, current)))
+            pending.extend(reversed(ledger.split(score_run_id, name, current, in_doubt=doubt)))
             continue
         try:
             if too_big is not None:
@@ -291,25 +401,39 @@ def deliver(
             if not got:
                 outcome_failed: dict[int, str] = {}
             else:
+                if not doubt:
+                    ledger.mark(score_run_id, name, current.batch_id, "sending")
+                fault_point("before_send")
                 retrying = Retrying(
                     retry=retry_if_exception_type(RetryableError),
-                    stop=stop_after_attempt(config.max_attempts),
+                    stop=_stop(config, budget),
                     wait=_wait(config),
                     sleep=sleep,
                     before_sleep=count_retry,
                     reraise=True,
                 )
                 outcome_failed = retrying(send, current.batch_id, batch_items).failed
+                fault_point("after_send")
         except PayloadTooLarge as exc:
             if len(got) > 1:
-                pending.extend(reversed(ledger.split(score_run_id, name, current)))
+                pending.extend(reversed(ledger.split(score_run_id, name, current, in_doubt=doubt)))
                 continue
             _fail(ledger, report, score_run_id, name, current, got, users, lo, str(exc))
-        except SinkAuthError:
+        except DeliveryStopped:
+            if not doubt:  # refused before anything was processed: not in doubt
+                ledger.mark(score_run_id, name, current.batch_id, "pending")
             raise
+        except ConnectionFailed as exc:  # never sent: stop, resumable, rather than dead-letter
+            if not doubt:
+                ledger.mark(score_run_id, name, current.batch_id, "pending")
+            raise DestinationUnreachable(_stopped(exc, tries, budget, score_run_id)) from None
         except SinkError as exc:  # retries exhausted (RetryableError) or a permanent refusal
-            _fail(ledger, report, score_run_id, name, current, got, users, lo, str(exc))
+            why = str(exc)
+            if budget.spent and isinstance(exc, RetryableError):
+                why += "; not retried: the run's retry budget (delivery.max_retry_seconds) is spent"
+            _fail(ledger, report, score_run_id, name, current, got, users, lo, why)
         else:
+            budget.reached = budget.reached or bool(got)
             failures = [(got[k], users[got[k] - lo], why) for k, why in outcome_failed.items()]
             bad = {r for r, _, _ in failures}
             took = [r for r in got if r not in bad]
@@ -332,12 +456,24 @@ def deliver(
         report.skipped += current.size - len(got)
         if on_progress:
             on_progress(current.size)
+    report.in_doubt = len(doubted)
     if rows is not None:
         return report
     report.dead_letters = write_dead_letters(ledger, outbox, score_run_id, name, dead_letters)
     if report.dead_letters is None:
         sink.finish(score_run_id)
     return report
+
+
+def _in_doubt(sink: Sink, batch: list[Item], rows: list[int]) -> tuple[list[Item], set[int]]:
+    """What to send of a batch in doubt (the sink's ``in_doubt`` policy for the objects it
+    cannot dedupe), and the ``rows`` of the records that hold such objects."""
+    if sink.in_doubt is None:
+        return batch, set()
+    doubted = {r for r, item in zip(rows, batch, strict=True) if sink.undeduped(item)}
+    if sink.in_doubt == "resend":
+        return batch, doubted
+    return [sink.deduped_part(item) if sink.undeduped(item) else item for item in batch], doubted
 
 
 def _oversized(sink: Sink, items: list[Item]) -> str | None:
@@ -402,11 +538,9 @@ def write_dead_letters(
     if not failures:
         path.unlink(missing_ok=True)
         return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
     by_row = sorted(failures)
     chunks = [outbox] if isinstance(outbox, pl.DataFrame) else outbox
-    with tmp.open("w", encoding="utf-8") as fh:
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as fh:
         offset, k = 0, 0
         for chunk in chunks:
             records = chunk.drop([c for c in INTERNAL_COLUMNS if c in chunk.columns])
@@ -423,7 +557,6 @@ def write_dead_letters(
                 fh.write(json.dumps(line, default=json_default, ensure_ascii=False) + "\n")
                 k += 1
             offset = end
-    tmp.replace(path)
     return path
 
 

@@ -11,10 +11,24 @@ frequency cap of :mod:`lapse.delivery.batches`). For incremental trigger runs
 files processed with their size and mtime, the last ``as_of`` and a fingerprint
 of the model and trigger definitions) and the trigger state (per user: the
 triggers that fired at the last evaluation, when, and when the user is next
-due). Every change
+due), and the watermark a trigger run stages before it delivers (advanced after
+its delivery, or by the next run if it was cut off in between). Every change
 is one SQLite transaction, so a process killed at any instant (SIGKILL
 included) leaves a consistent ledger: a batch is ``done`` only after its
 destination acknowledged it.
+
+A run's ``status`` goes ``preparing`` (recorded as it starts, before its audit
+snapshot says anything was sent) -> ``running`` (its batches planned, its outbox
+written) -> ``complete``, ``partial`` (records failed) or ``interrupted`` (stopped,
+resumable); ``abandoned`` is a run cut off while ``preparing``, whose files were
+removed. A batch goes ``pending`` -> ``sending`` (marked before each request:
+a batch still ``sending`` when a run is resumed may have reached its destination,
+its delivery is *in doubt*; the records whose undeduped objects were in doubt
+are kept, so a run's summary counts them over all its attempts) -> ``done``,
+``failed`` or ``split``. A ``preparing``
+or ``running`` run whose sink lock is free was cut off (its process died).
+A write the disk refuses is one :class:`~lapse.exceptions.WriteFailed` naming the
+ledger file.
 """
 
 from __future__ import annotations
@@ -30,19 +44,25 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from lapse.exceptions import LapseError
+from lapse.exceptions import LapseError, LockHeldError
+from lapse.files import write_failure
 
 __all__ = [
+    "CUT_OFF",
+    "DELIVERED",
     "Batch",
     "Ledger",
-    "LockHeldError",
     "RunInfo",
     "TriggerState",
     "Watermark",
     "sink_lock",
 ]
 
-BatchState = Literal["pending", "done", "failed", "split"]
+BatchState = Literal["pending", "sending", "done", "failed", "split"]
+#: Statuses of a run whose process may have died before it finished (see the module docstring).
+CUT_OFF = ("preparing", "running")
+#: Statuses of a run that delivered (``lapse impact`` reads only these runs' snapshots).
+DELIVERED = ("complete", "partial")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -81,6 +101,13 @@ CREATE TABLE IF NOT EXISTS trigger_state (
     sink TEXT NOT NULL, source TEXT NOT NULL, user_id TEXT NOT NULL, fired TEXT NOT NULL,
     evaluated_at TEXT NOT NULL, next_due TEXT NOT NULL, PRIMARY KEY (sink, source, user_id));
 CREATE INDEX IF NOT EXISTS trigger_state_due ON trigger_state (sink, source, next_due);
+CREATE TABLE IF NOT EXISTS in_doubt (
+    score_run_id TEXT NOT NULL, sink TEXT NOT NULL, row INTEGER NOT NULL, user_id TEXT NOT NULL,
+    PRIMARY KEY (score_run_id, sink, row));
+CREATE TABLE IF NOT EXISTS staged_watermarks (
+    score_run_id TEXT NOT NULL, sink TEXT NOT NULL, source TEXT NOT NULL, as_of TEXT NOT NULL,
+    fingerprint TEXT NOT NULL, full INTEGER NOT NULL, files TEXT NOT NULL, states TEXT NOT NULL,
+    PRIMARY KEY (score_run_id, sink, source));
 """
 
 
@@ -148,11 +175,12 @@ class Ledger:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        with self._writing():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
 
     def close(self) -> None:
         self._db.close()
@@ -164,16 +192,43 @@ class Ledger:
         self.close()
 
     @contextlib.contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
+    def _writing(self) -> Iterator[None]:
+        """A write the disk refuses (full, read-only, I/O error) as one WriteFailed."""
         try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+            yield
+        except (OSError, sqlite3.OperationalError) as exc:
+            failed = write_failure(self.path, exc)
+            if failed is None:
+                raise
+            raise failed from None
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._writing():
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                if self._db.in_transaction:  # SQLite may have rolled back already (a full disk)
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     # -- runs -------------------------------------------------------------------------------
+    def begin_run(
+        self, score_run_id: str, sink: str, *, as_of: datetime, model: str, target: str
+    ) -> None:
+        """Record a new run, ``preparing``: it exists before anything says it was sent."""
+        with self._tx() as db:
+            self._insert_run(db, score_run_id, sink, as_of, model, target)
+
+    def plan(self, score_run_id: str, sink: str, batches: Sequence[tuple[int, int]]) -> None:
+        """Record a ``preparing`` run's planned batches (row ranges of its outbox, written
+        by now): the run is ``running``, and ``lapse score --resume`` can finish it."""
+        with self._tx() as db:
+            self._insert_batches(db, score_run_id, sink, batches)
+
     def start_run(
         self,
         score_run_id: str,
@@ -184,20 +239,41 @@ class Ledger:
         target: str,
         batches: Sequence[tuple[int, int]],
     ) -> None:
-        """Record a new run and its planned batches (row ranges of the outbox)."""
-        now = _now()
+        """Record a new run and its planned batches at once (:meth:`begin_run` and :meth:`plan`)."""
         with self._tx() as db:
-            db.execute(
-                "INSERT INTO runs VALUES (?, ?, ?, ?, ?, 'running', ?, NULL, NULL)",
-                (score_run_id, sink, as_of.isoformat(), model, target, now),
-            )
-            db.executemany(
-                "INSERT INTO batches VALUES (?, ?, ?, ?, ?, 'pending', 0, NULL, ?)",
-                [
-                    (score_run_id, sink, f"b{i:06d}", start, stop, now)
-                    for i, (start, stop) in enumerate(batches)
-                ],
-            )
+            self._insert_run(db, score_run_id, sink, as_of, model, target)
+            self._insert_batches(db, score_run_id, sink, batches)
+
+    @staticmethod
+    def _insert_run(
+        db: sqlite3.Connection,
+        score_run_id: str,
+        sink: str,
+        as_of: datetime,
+        model: str,
+        target: str,
+    ) -> None:
+        db.execute(
+            "INSERT INTO runs VALUES (?, ?, ?, ?, ?, 'preparing', ?, NULL, NULL)",
+            (score_run_id, sink, as_of.isoformat(), model, target, _now()),
+        )
+
+    @staticmethod
+    def _insert_batches(
+        db: sqlite3.Connection, score_run_id: str, sink: str, batches: Sequence[tuple[int, int]]
+    ) -> None:
+        now = _now()
+        db.executemany(
+            "INSERT INTO batches VALUES (?, ?, ?, ?, ?, 'pending', 0, NULL, ?)",
+            [
+                (score_run_id, sink, f"b{i:06d}", start, stop, now)
+                for i, (start, stop) in enumerate(batches)
+            ],
+        )
+        db.execute(
+            "UPDATE runs SET status = 'running' WHERE score_run_id = ? AND sink = ?",
+            (score_run_id, sink),
+        )
 
     def run(self, score_run_id: str, sink: str | None = None) -> RunInfo:
         """The run ``score_run_id`` (for ``sink``, or its only sink)."""
@@ -238,14 +314,41 @@ class Ledger:
         )
 
     def finish_run(
-        self, score_run_id: str, sink: str, status: str, summary: dict[str, Any]
+        self, score_run_id: str, sink: str, status: str, summary: dict[str, Any] | None = None
     ) -> None:
+        """Set a run's status (``summary``: its audit summary, kept when ``None``)."""
         with self._tx() as db:
             db.execute(
-                "UPDATE runs SET status = ?, finished = ?, summary = ? "
+                "UPDATE runs SET status = ?, finished = ?, summary = COALESCE(?, summary) "
                 "WHERE score_run_id = ? AND sink = ?",
-                (status, _now(), json.dumps(summary, default=str), score_run_id, sink),
+                (
+                    status,
+                    _now(),
+                    None if summary is None else json.dumps(summary, default=str),
+                    score_run_id,
+                    sink,
+                ),
             )
+
+    def cut_off(self, sink: str, *, besides: str) -> list[RunInfo]:
+        """The runs of ``sink`` other than ``besides`` still ``preparing`` or ``running``:
+        called with the sink's lock held, their process died (oldest first)."""
+        rows = self._db.execute(
+            "SELECT score_run_id FROM runs WHERE sink = ? AND score_run_id != ? "
+            f"AND status IN ({','.join('?' * len(CUT_OFF))}) ORDER BY started, rowid",
+            (sink, besides, *CUT_OFF),
+        ).fetchall()
+        return [self.run(r[0], sink) for r in rows]
+
+    def delivered_runs(self) -> set[str]:
+        """The ``score_run_id`` of every run whose delivery finished (complete or partial)."""
+        marks = ",".join("?" * len(DELIVERED))
+        return {
+            r[0]
+            for r in self._db.execute(
+                f"SELECT score_run_id FROM runs WHERE status IN ({marks})", DELIVERED
+            )
+        }
 
     def runs(self) -> list[tuple[str, str, str]]:
         """``(score_run_id, sink, started)`` of every run, oldest first (ties: in start order)."""
@@ -266,12 +369,16 @@ class Ledger:
         ).fetchall()
         return [Batch(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
 
-    def split(self, score_run_id: str, sink: str, batch: Batch) -> tuple[Batch, Batch]:
-        """Replace ``batch`` by its two halves (after a 413)."""
+    def split(
+        self, score_run_id: str, sink: str, batch: Batch, *, in_doubt: bool = False
+    ) -> tuple[Batch, Batch]:
+        """Replace ``batch`` by its two halves (after a 413); halves of a batch whose
+        delivery is ``in_doubt`` stay in doubt (``sending``)."""
         mid = batch.start + batch.size // 2
+        state: BatchState = "sending" if in_doubt else "pending"
         halves = (
-            Batch(f"{batch.batch_id}.0", batch.start, mid, "pending"),
-            Batch(f"{batch.batch_id}.1", mid, batch.stop, "pending"),
+            Batch(f"{batch.batch_id}.0", batch.start, mid, state),
+            Batch(f"{batch.batch_id}.1", mid, batch.stop, state),
         )
         now = _now()
         with self._tx() as db:
@@ -281,10 +388,20 @@ class Ledger:
                 (now, score_run_id, sink, batch.batch_id),
             )
             db.executemany(
-                "INSERT OR REPLACE INTO batches VALUES (?, ?, ?, ?, ?, 'pending', 0, NULL, ?)",
-                [(score_run_id, sink, h.batch_id, h.start, h.stop, now) for h in halves],
+                "INSERT OR REPLACE INTO batches VALUES (?, ?, ?, ?, ?, ?, 0, NULL, ?)",
+                [(score_run_id, sink, h.batch_id, h.start, h.stop, state, now) for h in halves],
             )
         return halves
+
+    def mark(self, score_run_id: str, sink: str, batch_id: str, state: BatchState) -> None:
+        """Set a batch's state: ``sending`` before its request goes out, back to ``pending``
+        when nothing of it was sent (see the module docstring)."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE batches SET state = ?, updated = ? "
+                "WHERE score_run_id = ? AND sink = ? AND batch_id = ?",
+                (state, _now(), score_run_id, sink, batch_id),
+            )
 
     def attempt(self, score_run_id: str, sink: str, batch_id: str) -> None:
         """Count one more try of a batch (retries show in the summary)."""
@@ -360,6 +477,24 @@ class Ledger:
             "INSERT INTO failures VALUES (?, ?, ?, ?, ?, ?)",
             [(score_run_id, sink, batch.batch_id, r, u, why) for r, u, why in rows],
         )
+
+    def record_in_doubt(
+        self, score_run_id: str, sink: str, rows: Sequence[tuple[int, str]]
+    ) -> None:
+        """Keep the ``(row, user_id)`` of records whose undeduped objects are in doubt."""
+        with self._tx() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO in_doubt VALUES (?, ?, ?, ?)",
+                [(score_run_id, sink, r, u) for r, u in rows],
+            )
+
+    def in_doubt(self, score_run_id: str, sink: str) -> int:
+        """How many records of the run had undeduped objects in doubt, over all its attempts."""
+        row = self._db.execute(
+            "SELECT COUNT(*) FROM in_doubt WHERE score_run_id = ? AND sink = ?",
+            (score_run_id, sink),
+        ).fetchone()
+        return int(row[0])
 
     def failures(self, score_run_id: str, sink: str) -> list[tuple[int, str, str, str]]:
         """``(row, user_id, batch_id, reason)`` of every record that did not get through."""
@@ -498,6 +633,74 @@ class Ledger:
             )
         ]
 
+    def stage_watermark(
+        self,
+        score_run_id: str,
+        sink: str,
+        source: str,
+        *,
+        as_of: datetime,
+        fingerprint: str,
+        files: Iterable[tuple[str, int, int]],
+        states: Iterable[TriggerState],
+        full: bool = False,
+    ) -> None:
+        """Keep what :meth:`advance_watermark` will record once run ``score_run_id`` has
+        delivered, so that a run cut off in between is advanced by the next one."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO staged_watermarks VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    score_run_id,
+                    sink,
+                    source,
+                    as_of.isoformat(),
+                    fingerprint,
+                    int(full),
+                    json.dumps([list(f) for f in files]),
+                    json.dumps([_state_row(s) for s in states]),
+                ),
+            )
+
+    def staged_watermarks(self, sink: str, source: str) -> list[str]:
+        """The runs (oldest first) whose staged watermark for ``source`` is not advanced yet."""
+        return [
+            r[0]
+            for r in self._db.execute(
+                "SELECT score_run_id FROM staged_watermarks WHERE sink = ? AND source = ? "
+                "ORDER BY as_of, score_run_id",
+                (sink, source),
+            )
+        ]
+
+    def advance_staged(self, score_run_id: str, sink: str, source: str) -> None:
+        """:meth:`advance_watermark` with what run ``score_run_id`` staged."""
+        row = self._db.execute(
+            "SELECT as_of, fingerprint, full, files, states FROM staged_watermarks "
+            "WHERE score_run_id = ? AND sink = ? AND source = ?",
+            (score_run_id, sink, source),
+        ).fetchone()
+        if row is None:
+            return
+        self.advance_watermark(
+            sink,
+            source,
+            as_of=datetime.fromisoformat(row[0]),
+            fingerprint=row[1],
+            files=[(f, size, mtime) for f, size, mtime in json.loads(row[3])],
+            states=[
+                TriggerState(u, tuple(fired), _parse(at), _parse(due))
+                for u, fired, at, due in json.loads(row[4])
+            ],
+            full=bool(row[2]),
+            staged_by=score_run_id,
+        )
+
+    def drop_staged(self, score_run_id: str) -> None:
+        """Forget a run's staged watermark (it delivered nothing: the next run redoes it)."""
+        with self._tx() as db:
+            db.execute("DELETE FROM staged_watermarks WHERE score_run_id = ?", (score_run_id,))
+
     def advance_watermark(
         self,
         sink: str,
@@ -508,13 +711,21 @@ class Ledger:
         files: Iterable[tuple[str, int, int]],
         states: Iterable[TriggerState],
         full: bool = False,
+        staged_by: str | None = None,
     ) -> None:
-        """In one transaction: the files now processed, the ``as_of`` and the new states.
+        """In one transaction: the files now processed, the ``as_of`` and the new states
+        (and, ``staged_by`` a run, that run's staged watermark is gone).
 
         ``full`` replaces every state of ``source`` (a full evaluation) instead of
         updating the given users only; the file list is always replaced.
         """
         with self._tx() as db:
+            if staged_by is not None:
+                db.execute(
+                    "DELETE FROM staged_watermarks WHERE score_run_id = ? AND sink = ? "
+                    "AND source = ?",
+                    (staged_by, sink, source),
+                )
             db.execute(
                 "INSERT OR REPLACE INTO watermarks VALUES (?, ?, ?, ?, ?)",
                 (sink, source, as_of.isoformat(), fingerprint, _now()),
@@ -527,40 +738,54 @@ class Ledger:
             )
             if full:
                 db.execute(f"DELETE FROM trigger_state {where}", (sink, source))
+            rows = [_state_row(s) for s in states]
             db.executemany(
                 "INSERT OR REPLACE INTO trigger_state VALUES (?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        sink,
-                        source,
-                        s.user_id,
-                        json.dumps(list(s.fired)),
-                        _instant(s.evaluated_at),
-                        _instant(s.next_due),
-                    )
-                    for s in states
-                ],
+                [(sink, source, u, json.dumps(fired), at, due) for u, fired, at, due in rows],
             )
 
     # -- erasure -----------------------------------------------------------------------------
     def forget(self, user_ids: Sequence[str]) -> int:
-        """Delete every row about these users; returns how many rows went."""
+        """Delete every row about these users (their staged trigger states too); returns how
+        many rows went."""
         n = 0
+        gone = set(user_ids)
         with self._tx() as db:
-            for table in ("failures", "delivered", "trigger_fired", "messages", "trigger_state"):
+            for table in (
+                "failures",
+                "delivered",
+                "trigger_fired",
+                "messages",
+                "trigger_state",
+                "in_doubt",
+            ):
                 for chunk in _chunks(list(user_ids), 500):
                     marks = ",".join("?" * len(chunk))
                     cur = db.execute(f"DELETE FROM {table} WHERE user_id IN ({marks})", chunk)
                     n += cur.rowcount
+            for key, states in db.execute("SELECT rowid, states FROM staged_watermarks").fetchall():
+                rows = json.loads(states)
+                kept = [r for r in rows if r[0] not in gone]
+                if len(kept) < len(rows):
+                    n += len(rows) - len(kept)
+                    db.execute(
+                        "UPDATE staged_watermarks SET states = ? WHERE rowid = ?",
+                        (json.dumps(kept), key),
+                    )
         return n
 
     def drop_runs(self, score_run_ids: Sequence[str]) -> None:
-        """Forget runs entirely (retention): their batches and failures go too."""
+        """Forget runs entirely (retention): their batches, failures and staged watermarks go too."""
         with self._tx() as db:
-            for table in ("runs", "batches", "failures"):
+            for table in ("runs", "batches", "failures", "in_doubt", "staged_watermarks"):
                 db.executemany(
                     f"DELETE FROM {table} WHERE score_run_id = ?", [(r,) for r in score_run_ids]
                 )
+
+
+def _state_row(s: TriggerState) -> tuple[str, list[str], str, str]:
+    """A trigger state as stored: user, fired triggers, evaluated at, next due."""
+    return (s.user_id, list(s.fired), _instant(s.evaluated_at), _instant(s.next_due))
 
 
 def _instant(ts: datetime) -> str:
@@ -575,10 +800,6 @@ def _parse(text: str) -> datetime:
 def _chunks(items: list[str], n: int) -> Iterator[list[str]]:
     for i in range(0, len(items), n):
         yield items[i : i + n]
-
-
-class LockHeldError(LapseError):
-    """Another run holds the sink's lock."""
 
 
 @contextlib.contextmanager

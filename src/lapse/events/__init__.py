@@ -7,7 +7,8 @@ canonical columns of :data:`lapse.schema.EVENT_COLUMNS`, ``read_events`` and
 config for a new file. ``event_files``, ``new_event_users`` and
 ``read_user_events`` serve incremental trigger runs (an append-only folder).
 ``read_links`` reads the identity links that :mod:`lapse.events.identity`
-resolves into one id per person at a cutoff.
+resolves into one id per person at a cutoff. Wherever a path to events is
+taken, a source-shaped Polars or pandas frame (:data:`EventSource`) is too.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 from lapse.events.attributes import AttributesReport, load_attributes, read_attributes
 from lapse.events.inspect import init_config
 from lapse.events.mapping import map_events
-from lapse.events.readers import scan_source
+from lapse.events.readers import EventSource, scan_source
 from lapse.events.validate import (
     REJECT_REASONS,
     ValidationReport,
@@ -30,6 +31,7 @@ from lapse.events.validate import (
 __all__ = [
     "REJECT_REASONS",
     "AttributesReport",
+    "EventSource",
     "ValidationReport",
     "event_files",
     "init_config",

@@ -11,7 +11,7 @@ database as bound parameters,
 column names are quoted as identifiers, never pasted into SQL; rows arrive in
 chunks of ``source.sql.chunk_rows``. The PostgreSQL URI comes from the
 environment variable named by ``source.sql.uri_env`` and appears in no
-message: every error text passes through :func:`redact`.
+message: every error text passes through :func:`lapse.redact.redact`.
 
 The drivers are optional (``pip install 'lapse[sql]'``): psycopg 3 for
 PostgreSQL, ``duckdb``, and ``deltalake`` for Delta tables.
@@ -31,9 +31,11 @@ from urllib.parse import urlsplit
 import polars as pl
 
 from lapse.config import SourceConfig, SqlSourceConfig
-from lapse.exceptions import ReadError
+from lapse.events.readers import EventSource, frame_digest, frame_name
+from lapse.exceptions import ConfigError, ReadError
+from lapse.redact import redact
 
-__all__ = ["describe_uri", "redact", "scan_database", "source_label", "window_bounds"]
+__all__ = ["describe_uri", "scan_database", "source_label", "window_bounds"]
 
 _LISTED: Final = 40
 _EXTRA_HINT: Final = "install the SQL extra: pip install 'lapse[sql]'"
@@ -60,20 +62,6 @@ def _driver(module: str, what: str) -> ModuleType:
         raise ReadError(f"{what} needs the {module!r} package; {_EXTRA_HINT}") from None
 
 
-def redact(text: str, secret: str | None) -> str:
-    """``text`` without the URI ``secret``, its password, or any ``user:password@`` part."""
-    if not secret:
-        return text
-    out = text.replace(secret, "<redacted URI>")
-    try:
-        password = urlsplit(secret).password
-    except ValueError:
-        password = None
-    if password:
-        out = out.replace(password, "***")
-    return out
-
-
 def _listing(names: list[str]) -> str:
     shown = ", ".join(names[:_LISTED])
     more = f", ... ({len(names) - _LISTED} more)" if len(names) > _LISTED else ""
@@ -95,8 +83,11 @@ def window_bounds(
     return cutoff.astimezone(UTC), timedelta(days=days) if days is not None else None
 
 
-def source_label(path: str | Path, source: SourceConfig) -> str:
-    """How messages name the source (for ``sql``: the table or query and the env var)."""
+def source_label(path: EventSource, source: SourceConfig) -> str:
+    """How messages name the source (for ``sql``: the table or query and the env var; for
+    a frame in memory: its kind and content digest, :func:`~lapse.events.readers.frame_digest`)."""
+    if not isinstance(path, str | Path):
+        return f"{frame_name(path)} (digest {frame_digest(path)})"
     spec = source.sql
     what = (spec.table or "query") if spec is not None else ""
     if source.kind == "sql" and spec is not None:
@@ -342,6 +333,11 @@ def _read_duckdb(
             raise ReadError(
                 f"{label}: table {spec.table or '(in the query)'} does not exist; the database "
                 f"has {_listing(sorted(tables))}"
+            ) from None
+        except duckdb.Error as exc:  # the query's own SQL: a syntax error, an unknown column
+            key = "source.sql.query" if spec.table is None else "source.sql.table"
+            raise ConfigError(
+                f"{label}: {key} cannot run: {str(exc).splitlines()[0]}; fix it in the config"
             ) from None
         if cutoff is not None and ts not in columns:
             raise ReadError(

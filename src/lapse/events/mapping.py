@@ -15,6 +15,7 @@ is set, :data:`MESSAGE_ID`.
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
 import polars as pl
@@ -66,6 +67,8 @@ SEGMENT_DEFAULTS: Final[dict[str, tuple[str, ...]]] = {
 }
 _TS_SAMPLE_ROWS: Final = 1000
 _LISTED_COLUMNS: Final = 40
+# What a column name looks like (letters, digits, _ . - and spaces; at most 64 characters).
+_COLUMN_NAME: Final = re.compile(r"[^\W\d][\w .\-]{0,63}")
 
 
 def id_as_string(expr: pl.Expr, dtype: pl.DataType) -> pl.Expr:
@@ -82,7 +85,10 @@ def id_as_string(expr: pl.Expr, dtype: pl.DataType) -> pl.Expr:
             .otherwise(number.cast(pl.String))
         )
     else:
-        text = expr.cast(pl.String).str.strip_chars().str.replace(r"^(-?\d+)\.0+$", "${1}")
+        text = expr.cast(pl.String).str.strip_chars()
+        # the regex only where it can match: ids without a "." skip it (2x faster on 17M ids)
+        dotted = text.str.contains(".", literal=True)
+        text = pl.when(dotted).then(text.str.replace(r"^(-?\d+)\.0+$", "${1}")).otherwise(text)
     return text.replace("", None)  # (when/then would compute ``text`` twice)
 
 
@@ -104,11 +110,26 @@ def id_columns(source: SourceConfig) -> list[str]:
 
 
 def present_columns(schema: pl.Schema) -> str:
-    """The source's column names for an error message (long lists shortened)."""
+    """The source's column names for an error message (long lists shortened).
+
+    A lone column whose name is no column name is not shown: it is the first line
+    of a file that is no table (a system file, or a CSV with another separator),
+    and an error message must not echo a file's content.
+    """
     names = list(schema.names())
+    if _not_a_table(schema):
+        return (
+            "one column whose name is no column name (a file with another separator: "
+            "set source.csv_separator)"
+        )
     shown = ", ".join(names[:_LISTED_COLUMNS])
     more = f", ... ({len(names) - _LISTED_COLUMNS} more)" if len(names) > _LISTED_COLUMNS else ""
     return f"[{shown}{more}]"
+
+
+def _not_a_table(schema: pl.Schema) -> bool:
+    names = schema.names()
+    return len(names) == 1 and not _COLUMN_NAME.fullmatch(names[0])
 
 
 def _source_exprs(
@@ -147,6 +168,11 @@ def _missing_message(
     source_name: str, schema: pl.Schema, missing: list[str], problems: list[str]
 ) -> str:
     parts = [*problems, *(f"{m} (no source column of that name)" for m in missing)]
+    if _not_a_table(schema):
+        return (
+            f"{source_name}: not a table of events: it has {present_columns(schema)}; "
+            f"expected the columns {', '.join(missing) or 'named in the source section'}"
+        )
     return (
         f"{source_name}: missing columns: {'; '.join(parts)}. "
         f"The source has {present_columns(schema)}. "

@@ -6,15 +6,26 @@ track exports (NDJSON whose ``properties``/``context`` objects are flattened
 into ``properties.<field>`` / ``context.<field>`` columns).
 
 The schema is resolved eagerly, so a file that cannot be read fails here with
-a one-line :class:`~lapse.exceptions.ReadError` naming the file.
+a one-line :class:`~lapse.exceptions.ReadError` naming the file. Text files
+must be UTF-8: a UTF-16 or UTF-32 file is refused naming its encoding, a binary
+file as not text (nothing of its content is quoted); a CSV header naming a
+column twice is refused naming the column (Polars would read the first).
+
+Events held in memory come in here too: a source-shaped Polars DataFrame or
+LazyFrame, or a pandas DataFrame (converted once, through Arrow), is read by
+:func:`scan_frame` and then mapped and validated exactly like a file.
 """
 
 from __future__ import annotations
 
+import csv
 import glob as globlib
+import gzip
+import hashlib
+import re
 from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Final
+from typing import Any, Final, Protocol, TypeAlias
 
 import polars as pl
 
@@ -22,11 +33,18 @@ from lapse.config import SourceFormat
 from lapse.exceptions import ReadError
 
 __all__ = [
+    "EventFrame",
+    "EventSource",
+    "PandasFrame",
+    "as_polars",
     "collect_frame",
     "data_files",
+    "frame_digest",
+    "frame_name",
     "is_segment_schema",
     "one_line",
     "resolve_format",
+    "scan_frame",
     "scan_source",
 ]
 
@@ -46,6 +64,34 @@ _PARQUET_MAGIC: Final = b"PAR1"
 # Segment exports nest these objects; they become ``<name>.<field>`` columns.
 _SEGMENT_STRUCTS: Final = ("properties", "context")
 _SEGMENT_ID_COLUMNS: Final = ("userId", "anonymousId")
+# Byte-order marks of the encodings lapse does not read (longest first: UTF-32-LE starts
+# like UTF-16-LE).
+_BOMS: Final = (
+    (b"\xff\xfe\x00\x00", "UTF-32 (little-endian)"),
+    (b"\x00\x00\xfe\xff", "UTF-32 (big-endian)"),
+    (b"\xff\xfe", "UTF-16 (little-endian)"),
+    (b"\xfe\xff", "UTF-16 (big-endian)"),
+)
+_HEAD_BYTES: Final = 4096
+_ARROW_COLUMN: Final = re.compile(r"column (.+) with type (\S+)")
+
+
+class PandasFrame(Protocol):
+    """A pandas DataFrame, as lapse reads it (pandas is not a dependency of lapse)."""
+
+    @property
+    def columns(self) -> Any:
+        """The column labels."""
+
+    def to_numpy(self) -> Any:
+        """The values (present on every pandas DataFrame; lapse converts through Arrow)."""
+
+
+#: Events in memory, shaped like the source: mapped and validated like a file.
+EventFrame: TypeAlias = pl.DataFrame | pl.LazyFrame | PandasFrame
+#: What every entry point that takes events accepts: a path (file, folder, glob,
+#: or a database source's path) or a frame.
+EventSource: TypeAlias = str | Path | EventFrame
 
 
 def is_segment_schema(schema: Mapping[str, object]) -> bool:
@@ -119,6 +165,64 @@ def resolve_format(path: str | Path, fmt: SourceFormat = "auto") -> tuple[Source
     return found.pop(), files
 
 
+def _head(file: Path) -> bytes:
+    """The first bytes of ``file``'s text (a gzip file's decompressed; zstd is not looked at)."""
+    suffix = file.suffix.lower()
+    if suffix == ".zst":
+        return b""
+    opener = gzip.open if suffix in (".gz", ".gzip") else open
+    try:
+        with opener(file, "rb") as fh:
+            return bytes(fh.read(_HEAD_BYTES))
+    except (OSError, EOFError):
+        return b""  # unreadable: the scan says why
+
+
+def _text_problem(head: bytes) -> str | None:
+    """Why bytes cannot be UTF-8 text of events: another encoding, or binary data."""
+    for bom, encoding in _BOMS:
+        if head.startswith(bom):
+            return f"is {encoding} text"
+    if b"\x00" not in head:
+        return None
+    # UTF-16 without a byte-order mark: ASCII characters leave every other byte zero
+    even, odd = head[0::2].count(0), head[1::2].count(0)
+    if odd > len(head) // 4 and even == 0:
+        return "is UTF-16 (little-endian) text"
+    if even > len(head) // 4 and odd == 0:
+        return "is UTF-16 (big-endian) text"
+    return "is not text: it holds binary data"
+
+
+def _check_text(name: str, files: list[Path]) -> None:
+    """Refuse a text source that is not UTF-8 (naming the encoding), quoting none of it."""
+    for f in files:
+        problem = _text_problem(_head(f))
+        if problem is None:
+            continue
+        where = name if f == Path(name) else f"{name} ({f.name})"
+        fix = (
+            "convert it to UTF-8, e.g. `iconv -f UTF-16 -t UTF-8 IN > OUT`"
+            if "UTF" in problem
+            else "point at the event data (CSV, NDJSON or Parquet)"
+        )
+        raise ReadError(f"{where}: the file {problem}; lapse reads UTF-8 CSV and NDJSON: {fix}")
+
+
+def _check_header(name: str, files: list[Path], separator: str) -> None:
+    """Refuse a CSV header naming a column twice (Polars would read only the first)."""
+    for f in files:
+        line = _head(f).decode("utf-8-sig", errors="replace").partition("\n")[0]
+        names = next(csv.reader([line.rstrip("\r")], delimiter=separator), [])
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            where = name if f == Path(name) else f"{name} ({f.name})"
+            raise ReadError(
+                f"{where}: the header names column {twice[0]!r} more than once; lapse "
+                "would read only the first: rename or remove the others"
+            )
+
+
 def _empty_file(files: list[Path]) -> Path | None:
     return next((f for f in files if f.stat().st_size == 0), None)
 
@@ -148,12 +252,17 @@ def _text_schema(schema: pl.Schema, text_columns: Collection[str]) -> pl.Schema:
     return pl.Schema(out)
 
 
+def _separator(files: list[Path], csv_separator: str) -> str:
+    """The CSV field separator: ``.tsv`` files default to a tab."""
+    tsv = all(".tsv" in [s.lower() for s in f.suffixes] for f in files)
+    return "\t" if tsv and csv_separator == "," else csv_separator
+
+
 def _scan_text(
     fmt: SourceFormat, files: list[Path], csv_separator: str, schema: pl.Schema | None = None
 ) -> pl.LazyFrame:
     if fmt == "csv":
-        tsv = all(".tsv" in [s.lower() for s in f.suffixes] for f in files)
-        sep = "\t" if tsv and csv_separator == "," else csv_separator
+        sep = _separator(files, csv_separator)
         # Full-length type inference: a column that turns non-numeric late in
         # the file (InvoiceNo "C536379") must not fail mid-read.
         return pl.scan_csv(files, separator=sep, infer_schema_length=None, schema=schema)
@@ -221,8 +330,8 @@ def scan_source(
     Raises
     ------
     ReadError
-        The path is missing, empty or without rows, truncated, or not in the
-        expected format.
+        The path is missing, empty or without rows, truncated, not in the
+        expected format, text not in UTF-8, or a CSV header with a name twice.
     """
     name = str(path)
     resolved, files = resolve_format(name, fmt)
@@ -231,6 +340,10 @@ def scan_source(
         where = name if empty == Path(name) else f"{name} ({empty.name})"
         raise ReadError(f"{where}: the file is empty")
     scan_fmt: SourceFormat = "ndjson" if resolved == "segment" else resolved
+    if scan_fmt != "parquet":
+        _check_text(name, files)
+    if scan_fmt == "csv":
+        _check_header(name, files, _separator(files, csv_separator))
     try:
         lf, schema = _scan(name, scan_fmt, files, csv_separator, text_columns)
         rows = lf.select(pl.len()).collect().item()  # Parquet: from the footers
@@ -255,3 +368,107 @@ def collect_frame(lf: pl.LazyFrame, source_name: str) -> pl.DataFrame:
         return lf.collect()
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise ReadError(f"{source_name}: cannot read: {one_line(exc)}") from None
+
+
+# -- frames in memory ---------------------------------------------------------------------
+
+
+def frame_name(frame: EventFrame) -> str:
+    """How messages and records name a frame: ``events DataFrame`` (Polars or pandas, which
+    is converted to Polars on the way in) or ``events LazyFrame``."""
+    return "events LazyFrame" if isinstance(frame, pl.LazyFrame) else "events DataFrame"
+
+
+def _from_pandas(frame: PandasFrame) -> pl.DataFrame:
+    """A pandas frame as Polars, converted once through Arrow (the index is left out)."""
+    import pyarrow as pa
+
+    try:
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+    except (pa.ArrowException, TypeError, ValueError) as exc:
+        where = next((m for a in exc.args if (m := _ARROW_COLUMN.search(str(a)))), None)
+        if where is None:
+            raise ReadError(f"pandas DataFrame: cannot convert to Arrow: {one_line(exc)}") from None
+        column = where.group(1)
+        raise ReadError(
+            f"pandas DataFrame: column {column!r} mixes types ({one_line(exc)}); make it one "
+            f"type, e.g. df[{column!r}] = df[{column!r}].astype(str)"
+        ) from None
+    out = pl.from_arrow(table)
+    assert isinstance(out, pl.DataFrame)  # a Table converts to a DataFrame
+    return out
+
+
+def as_polars(source: EventSource) -> str | Path | pl.DataFrame | pl.LazyFrame:
+    """``source`` with a pandas frame converted to Polars (once); a path or a Polars frame
+    as it is.
+
+    An entry point that reads its events more than once (events, then identity
+    links) converts first, so pandas is converted once.
+    """
+    if isinstance(source, str | Path | pl.DataFrame | pl.LazyFrame):
+        return source
+    if type(source).__module__.partition(".")[0] != "pandas":
+        raise ReadError(
+            f"events must be a path, a Polars DataFrame or LazyFrame, or a pandas DataFrame; "
+            f"got a {type(source).__name__}"
+        )
+    return _from_pandas(source)
+
+
+def scan_frame(frame: EventFrame) -> pl.LazyFrame:
+    """A source-shaped frame as a raw source, like :func:`scan_source` reads a file.
+
+    pandas is converted through Arrow; a frame shaped like a Segment export has
+    its ``properties``/``context`` objects flattened as an NDJSON export does.
+
+    Raises
+    ------
+    ReadError
+        The frame has no rows, its plan fails, or a pandas column cannot be
+        converted (mixed types).
+    """
+    name = frame_name(frame)
+    lf = as_polars(frame)
+    assert isinstance(lf, pl.DataFrame | pl.LazyFrame)
+    lf = lf.lazy()
+    try:
+        schema = lf.collect_schema()
+        rows = lf.select(pl.len()).collect().item()
+    except pl.exceptions.PolarsError as exc:
+        raise ReadError(f"{name}: cannot read: {one_line(exc)}") from None
+    if rows == 0:
+        raise ReadError(f"{name}: the frame has no rows; pass the events' rows")
+    if is_segment_schema(schema):
+        lf = _flatten_segment(lf, schema)
+    return lf
+
+
+class _Hasher:
+    """A write-only file that hashes what is written to it."""
+
+    def __init__(self) -> None:
+        self.sha = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def frame_digest(frame: EventFrame) -> str:
+    """A content digest of a frame (16 hex digits): equal for equal columns, dtypes and rows.
+
+    Stands for a file's digest where lapse fingerprints the events it read (the
+    training data in MLflow). The rows are hashed as NDJSON text, which does not
+    depend on how the frame is chunked in memory.
+    """
+    data = as_polars(frame)
+    assert isinstance(data, pl.DataFrame | pl.LazyFrame)
+    table = data.lazy().collect()
+    out = _Hasher()
+    out.write("".join(f"{n}\x1f{d}\x1e" for n, d in table.schema.items()).encode())
+    table.write_ndjson(out)  # type: ignore[call-overload]  # any object with write() will do
+    return out.sha.hexdigest()[:16]

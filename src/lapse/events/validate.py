@@ -20,6 +20,10 @@ Duplicates (identical in every canonical column, the order key included, or
 sharing the ``source.message_id`` value) keep their first occurrence. Events later than
 ``as_of`` (or now) plus ``source.future_tolerance_hours`` are counted, not
 dropped. Nothing is lost silently: every dropped row is counted in the report.
+
+Every function here that reads events takes a path or a source-shaped frame
+(:data:`~lapse.events.readers.EventSource`): a frame goes through the same
+mapping and checks, with the same rejects and counts as the file.
 """
 
 from __future__ import annotations
@@ -47,10 +51,20 @@ from lapse.events.mapping import (
     map_events,
     present_columns,
 )
-from lapse.events.readers import collect_frame, data_files, scan_source
+from lapse.events.readers import (
+    EventFrame,
+    EventSource,
+    as_polars,
+    collect_frame,
+    data_files,
+    frame_name,
+    scan_frame,
+    scan_source,
+)
 from lapse.events.timestamps import infer_timestamp_format, parse_timestamp
 from lapse.exceptions import EventsError, MissingColumnsError
-from lapse.schema import EVENT_COLUMNS, ORDER_ID, ROLES
+from lapse.files import atomic_path
+from lapse.schema import EVENT_COLUMNS, ORDER_ID, REQUIRED_EVENT_COLUMNS, ROLES
 
 __all__ = [
     "GUEST",
@@ -58,6 +72,7 @@ __all__ = [
     "REJECT_REASONS",
     "ValidationReport",
     "canonical_columns",
+    "canonical_events",
     "count_orders",
     "event_files",
     "links_of",
@@ -67,6 +82,7 @@ __all__ = [
     "read_identities",
     "read_links",
     "read_user_events",
+    "reject_reason",
     "rejects_path_for",
     "validate_events",
 ]
@@ -143,7 +159,7 @@ def _checks(config: LapseConfig) -> dict[str, pl.Expr]:
     }
 
 
-def _reason(config: LapseConfig) -> pl.Expr:
+def reject_reason(config: LapseConfig) -> pl.Expr:
     """The first reject reason that applies to a row, else null."""
     firsts = (pl.when(cond).then(pl.lit(name)) for name, cond in _checks(config).items())
     return pl.coalesce(firsts).alias(REASON)
@@ -207,7 +223,7 @@ def _kept(frame: pl.DataFrame, config: LapseConfig) -> tuple[pl.DataFrame, pl.Da
     """
     bad = frame.select(pl.any_horizontal(_checks(config).values())).to_series()
     if bad.any():  # reasons are spelled out for the rejected rows only
-        rejected = frame.filter(bad).with_columns(_reason(config))
+        rejected = frame.filter(bad).with_columns(reject_reason(config))
         ok = frame.filter(~bad)
     else:
         rejected, ok = frame.clear().with_columns(pl.lit(None, pl.String).alias(REASON)), frame
@@ -239,8 +255,11 @@ def count_orders(events: pl.DataFrame, config: LapseConfig) -> int | None:
     return keyed.select(ORDER_ID, "user_id").n_unique() + bought.height - keyed.height
 
 
-def rejects_path_for(path: str | Path, config: LapseConfig) -> Path:
-    """Default rejects file: ``<config folder or LAPSE_HOME>/<input stem>.rejects.parquet``."""
+def rejects_path_for(path: EventSource, config: LapseConfig) -> Path:
+    """Default rejects file: ``<config folder or LAPSE_HOME>/<input stem>.rejects.parquet``
+    (``dataframe.rejects.parquet`` for a frame)."""
+    if not isinstance(path, str | Path):
+        return config.resolve("dataframe.rejects.parquet")
     p = Path(path)
     if set("*?[") & set(str(p)):
         p = next((q for q in p.parents if not set("*?[") & set(str(q))), Path("events"))
@@ -248,8 +267,13 @@ def rejects_path_for(path: str | Path, config: LapseConfig) -> Path:
     return config.resolve(f"{name}.rejects.parquet")
 
 
-def _raw(path: str | Path, config: LapseConfig, as_of: datetime | None) -> tuple[pl.LazyFrame, str]:
-    """The raw source and its name for messages: a file, or a database (window pushed down)."""
+def _raw(
+    path: EventSource, config: LapseConfig, as_of: datetime | None
+) -> tuple[pl.LazyFrame, str]:
+    """The raw source and its name for messages: a frame, a file, or a database (window
+    pushed down)."""
+    if not isinstance(path, str | Path):
+        return scan_frame(path), frame_name(path)
     source = config.source
     if source.kind in DATABASE_FORMATS:
         return scan_database(path, source, as_of=as_of), source_label(path, source)
@@ -257,10 +281,13 @@ def _raw(path: str | Path, config: LapseConfig, as_of: datetime | None) -> tuple
 
 
 def read_events(
-    path: str | Path, config: LapseConfig, user_ids: Sequence[str] | None = None
+    path: EventSource, config: LapseConfig, user_ids: Sequence[str] | None = None
 ) -> pl.LazyFrame:
     """Clean canonical events: scan, map, drop rejects and duplicates (read at once,
     returned as a LazyFrame for the feature builders).
+
+    ``path`` is a file, folder, glob or database source, or a source-shaped Polars
+    or pandas frame.
 
     No time filter is applied: features and labels apply their own cutoffs.
     With ``user_ids`` only those users' rows are kept; the filter is applied to
@@ -277,7 +304,7 @@ def read_events(
     return _kept(frame.filter(~_calls(frame)), config)[1].lazy()
 
 
-def read_links(path: str | Path, config: LapseConfig) -> pl.DataFrame:
+def read_links(path: EventSource, config: LapseConfig) -> pl.DataFrame:
     """The identity links of a source (:func:`links_of` over its mapped rows), and of
     the ``identities`` table when one is configured.
 
@@ -355,7 +382,7 @@ def read_identities(path: str | Path, config: LapseConfig) -> pl.DataFrame:
 
 
 def validate_events(
-    path: str | Path,
+    path: EventSource,
     config: LapseConfig,
     *,
     as_of: datetime | None = None,
@@ -366,6 +393,11 @@ def validate_events(
 
     Parameters
     ----------
+    path
+        A file, folder, glob or database source, or the events in memory: a
+        source-shaped Polars DataFrame or LazyFrame or a pandas DataFrame, mapped
+        by ``config.source`` like the file (rejects go to
+        ``dataframe.rejects.parquet`` by default).
     as_of, now
         Events later than ``as_of`` (else ``now``, else the current time) plus
         ``source.future_tolerance_hours`` count as future events. Naive values
@@ -392,8 +424,8 @@ def validate_events(
     written: Path | None = None
     if rejected.height:
         written = rejects_path or rejects_path_for(path, config)
-        written.parent.mkdir(parents=True, exist_ok=True)
-        rejected.write_parquet(written)
+        with atomic_path(written) as tmp:
+            rejected.write_parquet(tmp)
 
     reference = as_of or now or datetime.now(UTC)
     if reference.tzinfo is None:
@@ -432,10 +464,12 @@ def validate_events(
 
 
 def read_user_events(
-    path: str | Path, config: LapseConfig, user_ids: Sequence[str] | None = None
+    path: EventSource, config: LapseConfig, user_ids: Sequence[str] | None = None
 ) -> pl.LazyFrame:
     """:func:`read_events` of an append-only folder of event files, as incremental
-    trigger runs read a user's history (a database source is refused)."""
+    trigger runs read a user's history (a database source or a frame is refused)."""
+    if not isinstance(path, str | Path):
+        raise _no_files(path)
     if config.source.kind in DATABASE_FORMATS:
         raise EventsError(
             f"{source_label(path, config.source)}: incremental trigger runs read an append-only "
@@ -462,11 +496,50 @@ def new_event_users(files: Sequence[Path], config: LapseConfig) -> set[str]:
     return out
 
 
-def event_files(path: str | Path) -> list[tuple[Path, int, int]]:
+def _no_files(frame: EventFrame) -> EventsError:
+    return EventsError(
+        f"{frame_name(frame)}: incremental trigger runs watch an append-only folder of event "
+        "files, and events in memory have none; write them to files (e.g. one Parquet file "
+        "per day in a folder), or run the triggers without incremental"
+    )
+
+
+def event_files(path: EventSource) -> list[tuple[Path, int, int]]:
     """``(file, size, mtime_ns)`` of every data file behind ``path`` (a folder, a glob or
-    a file), sorted: what an incremental run compares to its watermark."""
+    a file), sorted: what an incremental run compares to its watermark.
+
+    Raises
+    ------
+    EventsError
+        ``path`` is a frame: events in memory have no files to watch.
+    """
+    if not isinstance(path, str | Path):
+        raise _no_files(path)
     out = []
     for file in data_files(str(path)):
         st = file.stat()
         out.append((file.resolve(), st.st_size, st.st_mtime_ns))
     return out
+
+
+def _is_canonical(schema: pl.Schema) -> bool:
+    """``user_id``, ``ts`` and ``event`` present, and every canonical column present typed
+    as in :data:`~lapse.schema.EVENT_COLUMNS`."""
+    required = all(name in schema for name in REQUIRED_EVENT_COLUMNS)
+    typed = all(schema[n] == dtype for n, dtype in EVENT_COLUMNS.items() if n in schema)
+    return required and typed
+
+
+def canonical_events(events: EventSource, config: LapseConfig) -> pl.LazyFrame:
+    """Events for the feature builders and scoring: canonical events as they are, any
+    other source read through ``config.source`` (:func:`read_events`).
+
+    A frame is canonical when it has ``user_id``, ``ts`` and ``event``, and its
+    canonical columns have their dtypes (:data:`~lapse.schema.EVENT_COLUMNS`:
+    what :func:`read_events` returns); a path, a pandas frame or any other
+    Polars frame is mapped and validated, its rejects and duplicates dropped.
+    """
+    data = as_polars(events)
+    if isinstance(data, pl.DataFrame | pl.LazyFrame) and _is_canonical(data.collect_schema()):
+        return data.lazy()
+    return read_events(data, config)

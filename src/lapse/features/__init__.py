@@ -6,7 +6,7 @@ meanings and dtypes live in :mod:`lapse.features.registry`.
 
 from __future__ import annotations
 
-from lapse.features.build import build, build_many
+from lapse.features.build import FeatureSet, build, build_many
 from lapse.features.registry import FEATURES, SKU_FEATURES, FeatureDef, expand, markdown_table
 from lapse.features.sku import build_sku
 
@@ -14,6 +14,7 @@ __all__ = [
     "FEATURES",
     "SKU_FEATURES",
     "FeatureDef",
+    "FeatureSet",
     "build",
     "build_many",
     "build_sku",

@@ -40,9 +40,8 @@ from datetime import UTC, datetime, timedelta
 import polars as pl
 
 from lapse.config import LapseConfig
-from lapse.features._engine import DAY_US, canonical
 from lapse.features.registry import CORE_WINDOWS, expand
-from lapse.schema import TS_DTYPE
+from lapse.schema import DAY_US, TS_DTYPE, canonical
 
 _USER = "user_id"
 _UID = "_uid"

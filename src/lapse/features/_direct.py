@@ -1,21 +1,27 @@
-"""One cutoff straight from the events: one ``group_by`` per user.
+"""One cutoff straight from the events: a ``group_by`` per user.
 
 :func:`build_one` is the single-cutoff path of :func:`lapse.features.build`.
 It shares no state machinery with the multi-cutoff roll-up in
 :mod:`lapse.features._engine`, so the property ``build_many == build``
 compares two independent implementations.
 
-1. Events with ``ts < T`` (only the columns the feature set needs) get a few
-   cheap per-row flags: one ``is_in`` per role, one ``ts >= T - d`` per
-   window edge, and the day offset ``k`` (whole UTC days before the day of
-   ``T - 1us``).
-2. One ``group_by("user_id")`` on the streaming engine computes every count,
-   sum, first and last as a conditional aggregation. Distinct active days in
-   the windows come from per-user bitmasks over ``k`` (a ``bitwise_or`` per
-   64 days), not from ``n_unique``.
-3. The full set adds two small side aggregations: active days over the whole
-   history (one bitmask per user and 64-day block, expanded to days for the
-   streaks, gaps and weeks) and squared gaps between purchases.
+1. Events with ``ts < T`` (only the columns the feature set needs) become
+   rows of measures (:func:`_measures`): whether the row counts as an event,
+   its time, the first window edge it is inside (``_bin``: window and slope
+   edges are nested, so "inside ``T - d``" is ``_bin <= index of d``), and
+   its day offset ``k`` (whole UTC days before the day of ``T - 1us``) as a
+   64-day block and a bit.
+2. The core set aggregates those rows per user in one streaming
+   ``group_by``: role and window flags are conditions on the event name
+   and ``_bin``; distinct active days in the windows come from per-user
+   bitmasks over ``k`` (a ``bitwise_or`` per 64 days), not from
+   ``n_unique``.
+3. The full set (about 80 conditional aggregations) first sums the measure
+   rows per user, event name, ``_bin`` and block (:func:`_rollup`: about ten
+   times fewer rows, every flag constant within a group), then runs the same
+   aggregations on that roll-up. Active days over the whole history (streaks,
+   gaps, weeks) come from its bitmasks; units bought and squared gaps between
+   purchases from two small queries over the purchase rows.
 
 With an ``order_id`` column every count (events, roles, milestones, orders)
 takes one row per order: the later lines of an order carry ``_one = False``
@@ -25,6 +31,7 @@ days still read every line.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
@@ -32,18 +39,16 @@ import numpy as np
 import polars as pl
 
 from lapse.config import LapseConfig
+from lapse.features._engine import _days_between as _days
 from lapse.features._engine import (
-    DAY_US,
     _frac_days,
     _ratio,
-    canonical,
     first_line,
     has_orders,
     units_expr,
 )
-from lapse.features._engine import _days_between as _days
 from lapse.features.registry import CORE_WINDOWS, expand, windows_of
-from lapse.schema import ROLES
+from lapse.schema import DAY_US, ROLES, canonical
 
 FeatureSet = Literal["core", "all"]
 
@@ -54,10 +59,31 @@ _WORD = 64
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # roles whose last event (and, for two of them, first event) the full set needs
 _LAST_ALL = ("usage", "purchase", "error", "aha", "setup_started", "setup_completed")
+_HISTORY = {
+    _USER: pl.String(),
+    "c_days": pl.UInt32(),
+    "c_weeks": pl.UInt32(),
+    "k_last": pl.Int64(),
+    "k_first": pl.Int64(),
+    "longest": pl.UInt32(),
+    "current": pl.UInt32(),
+}
 
 
 # conditional aggregations are written ``when(cond).then(x).max()``, not
 # ``x.filter(cond).max()``: the streaming group_by runs the former much faster
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """What one build computes: the feature set, its windows and roles, the cutoff's kind."""
+
+    full: bool
+    windows: list[int]
+    roles: tuple[str, ...]
+    orders: bool
+    midnight: bool
+    telemetry: bool
 
 
 def _flag(config: LapseConfig, role: str) -> pl.Expr:
@@ -69,74 +95,238 @@ def _pow2(bit: pl.Expr) -> pl.Expr:
     return pl.lit(2, dtype=pl.UInt64).pow(bit.cast(pl.UInt64))
 
 
-def _active_history(lf: pl.LazyFrame, last_day: int) -> pl.DataFrame:
+def _active_history(blocks: pl.DataFrame, last_day: int) -> pl.DataFrame:
     """Per user: active days, weeks, first/last active day offset and streaks.
 
-    Days are offsets ``k`` before the day of ``T - 1us`` (0 = that day).
+    ``blocks`` holds one row per user and 64-day block ``_blk`` of day offsets
+    ``k`` before the day of ``T - 1us`` (0 = that day), with bit ``k % 64`` of
+    ``_bits`` set for each active day. Sorted by user code and block, the
+    blocks expand to the active days in (user, ``k``) order, and every
+    statistic is a sum, count or maximum over consecutive runs of them.
     """
-    k = pl.col("_k")
-    blocks = (
-        lf.group_by(_USER, (k // _WORD).alias("_blk"))
-        .agg(_pow2(k % _WORD).bitwise_or().alias("_bits"))
-        .collect(engine="streaming")
-    )
-    # users as dense integer codes: the expanded days sort and group by a number
     users = blocks[_USER].unique()
     codes = pl.int_range(users.len(), dtype=pl.UInt32, eager=True)
     # (cast: on an empty column replace_strict keeps the input's dtype)
     code = blocks[_USER].replace_strict(users, codes, return_dtype=pl.UInt32).cast(pl.UInt32)
-    # expand each 64-day bitmask to its set bits: (row, bit) -> day offset
-    words = blocks["_bits"].to_numpy().astype("<u8", copy=False)
+    ordered = blocks.select(code.alias(_CODE), "_blk", "_bits").sort(_CODE, "_blk")
+    words = ordered["_bits"].to_numpy().astype("<u8", copy=False)
     bits = np.unpackbits(words.view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")
     row, bit = np.nonzero(bits)
-    at = pl.Series(row, dtype=pl.UInt32)
-    days = pl.DataFrame(
-        {
-            _CODE: code.gather(at),
-            "_k": blocks["_blk"].gather(at).cast(pl.Int64) * _WORD + pl.Series(bit, dtype=pl.Int64),
-        }
-    ).sort(_CODE, "_k")
-    kk = pl.col("_k")
-    epoch_day = pl.lit(last_day, dtype=pl.Int64) - kk
+    user = ordered[_CODE].to_numpy()[row]
+    k = ordered["_blk"].to_numpy().astype(np.int64)[row] * _WORD + bit
+    n = len(k)
+    if n == 0:
+        return pl.DataFrame(schema=_HISTORY)
+
+    def starts(new: np.ndarray) -> np.ndarray:
+        new[0] = True
+        return np.flatnonzero(new)
+
+    new_user = np.empty(n, dtype=bool)
+    new_user[1:] = user[1:] != user[:-1]
+    first = starts(new_user)
+    last = np.append(first[1:], n) - 1
     # ISO weeks start on Monday; 1970-01-01 was a Thursday
-    week = (epoch_day + 3) // 7
-    new_run = ((kk - kk.shift(1)) != 1) | (pl.col(_CODE) != pl.col(_CODE).shift(1))
-    runs = (
-        days.lazy()
-        .with_columns(new_run.fill_null(True).cum_sum().alias("_run"), week.alias("_week"))
-        .group_by(_CODE, "_run")
-        .agg(pl.len().alias("_len"), kk.min().alias("_kmin"))
-        .group_by(_CODE)
-        .agg(
-            pl.col("_len").max().alias("longest"),
-            pl.col("_len").filter(pl.col("_kmin") == 0).sum().alias("current"),
-        )
+    week = (last_day - k + 3) // 7
+    new_week = new_user.copy()
+    new_week[1:] |= week[1:] != week[:-1]
+    new_run = new_user.copy()
+    new_run[1:] |= (k[1:] - k[:-1]) != 1
+    runs = starts(new_run)
+    run_len = np.diff(np.append(runs, n))
+    user_runs = np.flatnonzero(new_user[runs])  # each user's first run, among the runs
+    k_last = k[first]
+    return pl.DataFrame(
+        {
+            _USER: users.gather(pl.Series(user[first], dtype=pl.UInt32)),
+            "c_days": last - first + 1,
+            "c_weeks": np.add.reduceat(new_week, first),
+            "k_last": k_last,
+            "k_first": k[last],
+            "longest": np.maximum.reduceat(run_len, user_runs),
+            "current": np.where(k_last == 0, run_len[user_runs], 0),
+        },
+        schema=_HISTORY,
     )
-    per_user = (
-        days.lazy()
-        .group_by(_CODE)
-        .agg(
-            pl.len().alias("c_days"),
-            week.n_unique().alias("c_weeks"),
-            kk.min().alias("k_last"),
-            kk.max().alias("k_first"),
-        )
-    )
-    out = per_user.join(runs, on=_CODE, how="left").collect()
-    return out.select(users.gather(out[_CODE]).alias(_USER), pl.exclude(_CODE))
 
 
 def _order_gaps(lf: pl.LazyFrame) -> pl.LazyFrame:
     """Per user: sum of squared gaps (days) between consecutive purchases."""
     gap = pl.col("ts").diff().dt.total_microseconds() / DAY_US
     return (
-        lf.filter(pl.col("_r_purchase"))
-        .select(_USER, "ts")
-        .sort(_USER, "ts")
-        .with_columns(gap.pow(2).over(_USER).fill_null(0.0).alias("_sq"))
+        lf.select(_USER, gap.pow(2).over(_USER, order_by="ts").fill_null(0.0).alias("_sq"))
         .group_by(_USER)
         .agg(pl.col("_sq").sum().alias("c_p_sq"))
     )
+
+
+def _units(lf: pl.LazyFrame, t: datetime, windows: list[int], config: LapseConfig) -> pl.LazyFrame:
+    """Per user with a purchase line: units bought, in all and in each window."""
+    ts, ub = pl.col("ts"), pl.col("_ub")
+    return (
+        lf.filter(_flag(config, "purchase"))
+        .with_columns(units_expr(config).alias("_ub"))
+        .group_by(_USER)
+        .agg(
+            ub.sum().alias("units_bought"),
+            *(
+                pl.when(ts >= t - timedelta(days=w)).then(ub).sum().alias(f"units_bought_{w}d")
+                for w in windows
+            ),
+        )
+    )
+
+
+def _measures(
+    lf: pl.LazyFrame, t: datetime, edges: list[int], last_day: int, config: LapseConfig, spec: _Spec
+) -> pl.LazyFrame:
+    """Each event as a row of measures: a group of one, as :func:`_rollup` groups them.
+
+    ``_n`` counts the row as an event (0 for a later line of an order),
+    ``_tmin``/``_tmax`` are its time, ``_t1min``/``_t1max`` its time when
+    it counts, ``_bin`` the first window edge it is inside (``len(edges)``:
+    none), ``_blk``/``_bits`` its day offset ``k`` as a 64-day block and a bit.
+    """
+    ts, c = pl.col("ts"), pl.col
+    # whole UTC days before the day of T - 1us (ts is UTC, in microseconds)
+    k = pl.lit(last_day, dtype=pl.Int64) - ts.dt.epoch("us") // DAY_US
+    inside: pl.Expr = pl.lit(len(edges), dtype=pl.Int8)
+    for i, d in reversed(list(enumerate(edges))):
+        inside = (
+            pl.when(ts >= t - timedelta(days=d)).then(pl.lit(i, dtype=pl.Int8)).otherwise(inside)
+        )
+    counted = c("_one") if spec.orders else pl.lit(True)
+    cols = [
+        inside.alias("_bin"),
+        (k // _WORD).alias("_blk"),
+        _pow2(k % _WORD).alias("_bits"),
+        counted.cast(pl.UInt32).alias("_n"),
+        ts.alias("_tmin"),
+        ts.alias("_tmax"),
+        *_counted_times(pl.when(counted).then(ts) if spec.orders else ts),
+    ]
+    if spec.full and spec.telemetry:
+        cols.append(c("quantity").fill_null(1.0).alias("_uc"))
+    if not spec.midnight:  # the day cut by T - W, for each window W
+        cols += [(k == w).alias(f"_kw{w}") for w in spec.windows]
+    return lf.with_columns(cols)
+
+
+def _rollup(rows: pl.LazyFrame, spec: _Spec) -> pl.LazyFrame:
+    """The measure rows summed per user, event name, window bin and 64-day block.
+
+    Every event-level flag (role, milestone, window edge) is constant within
+    such a group, so the aggregations of :func:`_aggregations` give the same
+    values on these few rows as on the events.
+    """
+    c = pl.col
+    aggs = [
+        c("_n").sum(),
+        c("revenue").sum(),
+        c("_tmin").min(),
+        c("_tmax").max(),
+        c("_bits").bitwise_or(),
+    ]
+    if spec.orders:  # else every row counts: its times are those of its group
+        aggs += [c("_t1min").min(), c("_t1max").max()]
+    if spec.full and spec.telemetry:
+        aggs.append(pl.col("_uc").sum())
+    if not spec.midnight:
+        aggs += [pl.col(f"_kw{w}").any() for w in spec.windows]
+    rolled = rows.group_by(_USER, "event", "_bin", "_blk").agg(aggs)
+    return rolled if spec.orders else rolled.with_columns(_counted_times(c("_tmin"), c("_tmax")))
+
+
+def _counted_times(first: pl.Expr, last: pl.Expr | None = None) -> list[pl.Expr]:
+    """``_t1min`` and ``_t1max``: the first and last time of the rows that count as events."""
+    return [first.alias("_t1min"), (first if last is None else last).alias("_t1max")]
+
+
+def _aggregate(
+    rows: pl.LazyFrame, edges: list[int], config: LapseConfig, spec: _Spec
+) -> pl.LazyFrame:
+    """Per-user state from measure rows (events or their roll-up).
+
+    Role, window and milestone flags become columns first, so that each is
+    computed once per row rather than once per aggregation reading it.
+    """
+    c = pl.col
+    flags = {f"_r_{role}": _flag(config, role) for role in spec.roles}
+    flags |= {f"_in{d}": c("_bin") <= i for i, d in enumerate(edges)}
+    if spec.full:
+        flags |= {f"_hit{i}": c("event") == m.event for i, m in enumerate(config.milestones)}
+    r = {role: c(f"_r_{role}") for role in spec.roles}
+    inw = {d: c(f"_in{d}") for d in edges}
+
+    count = _count
+    last = _LAST_ALL if spec.full else spec.roles
+    aggs: list[pl.Expr] = [
+        c("_tmin").min().alias("first_event"),
+        *(pl.when(r[x]).then(c("_t1max")).max().alias(f"last_{x}") for x in last),
+    ]
+    for w in spec.windows:
+        aggs += [
+            count(r["usage"] & inw[w]).alias(f"usage_count_{w}d"),
+            count(r["purchase"] & inw[w]).alias(f"purchase_count_{w}d"),
+            pl.when(inw[w]).then(c("revenue")).sum().alias(f"revenue_{w}d"),
+        ]
+        if not spec.midnight:  # the day cut by T - W counts when it has an event at or after T - W
+            aggs.append((inw[w] & c(f"_kw{w}")).any().alias(f"_part{w}"))
+    # active days in the windows: the 64-day bitmasks of the first blocks
+    for j in range(max(spec.windows) // _WORD + 1):
+        aggs.append(
+            pl.when(c("_blk") == j)
+            .then(c("_bits"))
+            .otherwise(pl.lit(0, dtype=pl.UInt64))
+            .bitwise_or()
+            .alias(f"_w{j}")
+        )
+    if spec.full:
+        aggs += _full_aggregations(edges, config, spec, r, inw)
+    return rows.with_columns(**flags).group_by(_USER).agg(aggs)
+
+
+def _count(cond: pl.Expr) -> pl.Expr:
+    """The events among measure rows meeting ``cond``."""
+    return pl.when(cond).then(pl.col("_n")).otherwise(0).sum()
+
+
+def _full_aggregations(
+    edges: list[int],
+    config: LapseConfig,
+    spec: _Spec,
+    r: dict[str, pl.Expr],
+    inw: dict[int, pl.Expr],
+) -> list[pl.Expr]:
+    """The aggregations of the full set beyond the core set."""
+    c, count = pl.col, _count
+    aggs = [
+        c("_n").sum().alias("n_event"),
+        c("_tmax").max().alias("last_event"),
+        pl.when(r["purchase"]).then(c("_t1min")).min().alias("first_purchase"),
+        pl.when(r["aha"]).then(c("_t1min")).min().alias("first_aha"),
+        count(r["purchase"]).alias("n_purchase"),
+    ]
+    for w in spec.windows:
+        aggs += [
+            count(inw[w]).alias(f"event_count_{w}d"),
+            *(
+                count(r[x] & inw[w]).alias(f"{x}_count_{w}d")
+                for x in spec.roles
+                if x not in ("usage", "purchase")
+            ),
+        ]
+    if spec.telemetry:
+        consumed = r["consumption"]
+        aggs.append(pl.when(consumed).then(c("_uc")).sum().alias("units_consumed"))
+        aggs += [
+            pl.when(consumed & inw[w]).then(c("_uc")).sum().alias(f"_uc{w}") for w in spec.windows
+        ]
+    aggs += [count(r["usage"] & inw[d]).alias(f"_u{d}") for d in edges if d not in spec.windows]
+    for i in range(len(config.milestones)):
+        hit = c(f"_hit{i}")
+        aggs += [count(hit).alias(f"_ms{i}"), count(hit & inw[7]).alias(f"_ms{i}_7")]
+    return aggs
 
 
 def build_one(
@@ -145,102 +335,54 @@ def build_one(
     """Feature rows as of the UTC instant ``t`` (``user_id`` then features, sorted)."""
     full = feature_set == "all"
     windows = windows_of(config) if full else list(CORE_WINDOWS)
-    roles = ROLES if full else ("usage", "purchase")
     telemetry = bool(config.roles.of("consumption"))
     cols = ["user_id", "ts", "event", "sku", "quantity", "revenue", "order_id"]
-    ts, c = pl.col("ts"), pl.col
     core_cols = ["user_id", "ts", "event", "revenue", "order_id"]
-    lf = canonical(events, cols if full else core_cols).filter(ts < t)
+    lf = canonical(events, cols if full else core_cols).filter(pl.col("ts") < t)
     orders = has_orders(events)
     if orders:
         lf = lf.with_columns(first_line(config).alias("_one"))
-
-    def counted(flag: pl.Expr) -> pl.Expr:
-        """``flag`` on the rows that count as one event (every row without order ids)."""
-        return flag & c("_one") if orders else flag
-
+    spec = _Spec(
+        full=full,
+        windows=windows,
+        roles=ROLES if full else ("usage", "purchase"),
+        orders=orders,
+        midnight=t == t.replace(hour=0, minute=0, second=0, microsecond=0),
+        telemetry=telemetry,
+    )
     # window edges: every window, and for the full set the 8 weekly edges of the slope
     edges = sorted(set(windows) | ({7 * k for k in range(1, _SLOPE_WEEKS + 1)} if full else set()))
     last_day = (t - timedelta(microseconds=1) - _EPOCH).days
-    midnight = t == t.replace(hour=0, minute=0, second=0, microsecond=0)
-    k = pl.lit(last_day, dtype=pl.Int32) - ts.dt.date().cast(pl.Int32)
-    flags = [counted(_flag(config, r)).alias(f"_r_{r}") for r in roles]
-    flags += [(ts >= t - timedelta(days=d)).alias(f"_in{d}") for d in edges]
+    rows = _measures(lf, t, edges, last_day, config, spec)
     if full:
-        flags += [
-            pl.when(_flag(config, "purchase")).then(units_expr(config)).alias("_ub"),
-            pl.when(_flag(config, "consumption")).then(c("quantity").fill_null(1.0)).alias("_uc"),
-            *(
-                counted(c("event") == m.event).alias(f"_ms{i}")
-                for i, m in enumerate(config.milestones)
-            ),
-        ]
-    lf = lf.with_columns(*flags, k.alias("_k"))
-
-    r = {role: c(f"_r_{role}") for role in roles}
-    inw = {d: c(f"_in{d}") for d in edges}
-    kk = c("_k")
-    aggs: list[pl.Expr] = [
-        ts.min().alias("first_event"),
-        *(pl.when(r[x]).then(ts).max().alias(f"last_{x}") for x in (_LAST_ALL if full else roles)),
-    ]
-    for w in windows:
-        aggs += [
-            (r["usage"] & inw[w]).sum().alias(f"usage_count_{w}d"),
-            (r["purchase"] & inw[w]).sum().alias(f"purchase_count_{w}d"),
-            pl.when(inw[w]).then(c("revenue")).sum().alias(f"revenue_{w}d"),
-        ]
-        if not midnight:  # the day cut by T - W counts when it has an event at or after T - W
-            aggs.append((inw[w] & (kk == w)).any().alias(f"_part{w}"))
-    # active days in the windows: one bitmask per 64 day offsets
-    n_words = max(windows) // _WORD + 1
-    for j in range(n_words):
-        inside = (kk >= j * _WORD) & (kk < (j + 1) * _WORD)
-        aggs.append(
-            pl.when(inside)
-            .then(_pow2((kk - j * _WORD).clip(0, _WORD - 1)))
-            .otherwise(pl.lit(0, dtype=pl.UInt64))
-            .bitwise_or()
-            .alias(f"_w{j}")
+        # the events summed to a few rows per user first: ~80 aggregations then run on those
+        rolled = _rollup(rows, spec).collect(engine="streaming")
+        blocks = rolled.group_by(_USER, "_blk").agg(pl.col("_bits").bitwise_or())
+        bought = _flag(config, "purchase")
+        purchases = lf.filter(bought & pl.col("_one") if orders else bought)
+        main_df, units_df, gaps_df = pl.collect_all(
+            [
+                _aggregate(rolled.lazy(), edges, config, spec),
+                _units(lf, t, windows, config),
+                _order_gaps(purchases),
+            ],
+            engine="streaming",
         )
-    if full:
-        aggs += [
-            c("_one").sum().alias("n_event") if orders else pl.len().alias("n_event"),
-            ts.max().alias("last_event"),
-            pl.when(r["purchase"]).then(ts).min().alias("first_purchase"),
-            pl.when(r["aha"]).then(ts).min().alias("first_aha"),
-            r["purchase"].sum().alias("n_purchase"),
-            c("_ub").sum().alias("units_bought"),
-            c("_uc").sum().alias("units_consumed"),
-        ]
-        for w in windows:
-            aggs += [
-                counted(inw[w]).sum().alias(f"event_count_{w}d"),
-                *(
-                    (r[x] & inw[w]).sum().alias(f"{x}_count_{w}d")
-                    for x in roles
-                    if x not in ("usage", "purchase")
-                ),
-                pl.when(inw[w]).then(c("_ub")).sum().alias(f"units_bought_{w}d"),
-                pl.when(inw[w]).then(c("_uc")).sum().alias(f"_uc{w}"),
-            ]
-        aggs += [(r["usage"] & inw[d]).sum().alias(f"_u{d}") for d in edges if d not in windows]
-        for i in range(len(config.milestones)):
-            aggs += [
-                c(f"_ms{i}").sum().alias(f"_ms{i}"),
-                (c(f"_ms{i}") & inw[7]).sum().alias(f"_ms{i}_7"),
-            ]
-    main = lf.group_by(_USER).agg(aggs)
-    if full:
-        gaps = _order_gaps(lf)
-        main_df, gaps_df = pl.collect_all([main, gaps], engine="streaming")
-        hist = _active_history(lf.select(_USER, "_k"), last_day)
-        state = main_df.join(hist, on=_USER, how="left").join(gaps_df, on=_USER, how="left")
+        hist = _active_history(blocks, last_day)
+        units = [c for c in units_df.columns if c != _USER]
+        state = (
+            main_df.join(hist, on=_USER, how="left")
+            .join(units_df, on=_USER, how="left")
+            .with_columns(pl.col(units).fill_null(0.0))
+            .join(gaps_df, on=_USER, how="left")
+        )
     else:
-        state = main.collect(engine="streaming")
+        state = _aggregate(rows, edges, config, spec).collect(engine="streaming")
 
     tl = pl.lit(t, dtype=pl.Datetime("us", "UTC"))
+    c = pl.col
     out: dict[str, pl.Expr] = {}
+    n_words = max(windows) // _WORD + 1
     for w in windows:
         count = pl.lit(0, dtype=pl.UInt32)
         for j in range(n_words):
@@ -249,7 +391,7 @@ def build_one(
                 continue
             mask = ((1 << (hi - lo)) - 1) << 0
             count = count + (c(f"_w{j}") & pl.lit(mask, dtype=pl.UInt64)).bitwise_count_ones()
-        if not midnight:
+        if not spec.midnight:
             count = count + c(f"_part{w}").cast(pl.UInt32)
         out[f"active_days_{w}d"] = count
         out[f"usage_count_{w}d"] = c(f"usage_count_{w}d")

@@ -22,17 +22,15 @@ instant asked for, which are whole because bucket edges include every cutoff.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import polars as pl
 
 from lapse.config import LapseConfig
-from lapse.exceptions import EventsError, LapseError, MissingColumnsError
+from lapse.exceptions import EventsError, MissingColumnsError
 from lapse.features.registry import CORE_WINDOWS, expand, windows_of
-from lapse.schema import OPTIONAL_EVENT_COLUMNS, ORDER_ID, REQUIRED_EVENT_COLUMNS, ROLES, TS_DTYPE
+from lapse.schema import DAY_US, ORDER_ID, ROLES, TS_DTYPE, canonical
 
-DAY_US = 86_400_000_000
-_DAY = timedelta(days=1)
 _USER = "user_id"
 # running sums kept per bucket; each is also a windowed feature
 _SUMS = ("n_event", *(f"n_{r}" for r in ROLES), "revenue", "units_bought", "units_consumed")
@@ -46,58 +44,6 @@ _CORE_LAST = ("usage", "purchase")
 
 def _sums(core: bool) -> tuple[str, ...]:
     return _CORE_SUMS if core else _SUMS
-
-
-def utc_cutoff(value: datetime, what: str = "as_of") -> datetime:
-    """``value`` in UTC; naive datetimes are refused."""
-    if not isinstance(value, datetime):
-        raise LapseError(f"{what} must be a datetime, got {type(value).__name__}")
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise LapseError(
-            f"{what}={value.isoformat()} has no timezone; pass an aware datetime, "
-            "e.g. datetime(2024, 5, 1, tzinfo=timezone.utc)"
-        )
-    return value.astimezone(UTC)
-
-
-def canonical(events: pl.LazyFrame, columns: Sequence[str] | None = None) -> pl.LazyFrame:
-    """The canonical columns of ``events``; absent optional columns become nulls.
-
-    ``columns`` keeps only those (in canonical order); the default keeps all.
-    ``order_id`` is kept (as a string, last) when ``events`` has it and it is
-    asked for; it is never invented.
-    """
-    schema = events.collect_schema()
-    missing = [c for c in REQUIRED_EVENT_COLUMNS if c not in schema]
-    if missing:
-        raise MissingColumnsError(
-            f"events lack required columns {missing}; have {list(schema)}. "
-            "Read events through lapse.events so they get the canonical schema."
-        )
-    ts_type = schema["ts"]
-    if not isinstance(ts_type, pl.Datetime) or ts_type.time_zone is None:
-        raise EventsError(
-            f"events column 'ts' must be a timezone-aware datetime (UTC), got {ts_type}; "
-            "read events through lapse.events, which converts stamps to UTC"
-        )
-    optional = {"sku": pl.String(), "quantity": pl.Float64(), "revenue": pl.Float64()}
-    cols = [
-        pl.col(_USER).cast(pl.String),
-        pl.col("ts").dt.convert_time_zone("UTC").dt.cast_time_unit("us"),
-        pl.col("event").cast(pl.String),
-    ]
-    for name in OPTIONAL_EVENT_COLUMNS:
-        cols.append(
-            pl.col(name).cast(optional[name])
-            if name in schema
-            else pl.lit(None, dtype=optional[name]).alias(name)
-        )
-    if ORDER_ID in schema:
-        cols.append(pl.col(ORDER_ID).cast(pl.String))
-    if columns is not None:
-        keep = set(columns)
-        cols = [c for c in cols if c.meta.output_name() in keep]
-    return events.select(cols)
 
 
 def has_orders(events: pl.LazyFrame) -> bool:

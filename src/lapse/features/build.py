@@ -9,15 +9,18 @@ import polars as pl
 
 from lapse.config import LapseConfig
 from lapse.events import identity
+from lapse.events.readers import EventSource
+from lapse.events.validate import canonical_events
 from lapse.exceptions import LapseError
 from lapse.features import _daily, _direct, _engine
 from lapse.features._direct import FeatureSet
+from lapse.schema import utc_cutoff
 
-__all__ = ["build", "build_many"]
+__all__ = ["FeatureSet", "build", "build_many"]
 
 
 def build_many(
-    events: pl.LazyFrame,
+    events: EventSource,
     cutoffs: Sequence[datetime],
     config: LapseConfig,
     *,
@@ -39,7 +42,9 @@ def build_many(
     Parameters
     ----------
     events
-        Canonical events (:data:`lapse.schema.EVENT_COLUMNS`).
+        Canonical events (:data:`lapse.schema.EVENT_COLUMNS`), or a path or
+        source-shaped frame read through ``config.source``
+        (:func:`lapse.events.validate.canonical_events`).
     cutoffs
         Timezone-aware instants; duplicates are dropped.
     config
@@ -62,8 +67,9 @@ def build_many(
     """
     if not cutoffs:
         raise LapseError("cutoffs is empty; give at least one timezone-aware datetime")
-    cuts = sorted({_engine.utc_cutoff(c, "cutoff") for c in cutoffs})
+    cuts = sorted({utc_cutoff(c, "cutoff") for c in cutoffs})
     _check(feature_set)
+    events = canonical_events(events, config)
     if links is not None and not links.is_empty():
 
         def unlinked(ev: pl.LazyFrame, group: list[datetime]) -> pl.DataFrame:
@@ -83,7 +89,7 @@ def build_many(
 
 
 def build(
-    events: pl.LazyFrame,
+    events: EventSource,
     as_of: datetime,
     config: LapseConfig,
     *,
@@ -99,7 +105,9 @@ def build(
     Parameters
     ----------
     events
-        Canonical events (:data:`lapse.schema.EVENT_COLUMNS`).
+        Canonical events (:data:`lapse.schema.EVENT_COLUMNS`), or a path or
+        source-shaped frame (Polars or pandas) read through ``config.source``
+        (:func:`lapse.events.validate.canonical_events`).
     as_of
         The cutoff, timezone-aware (the CLI's dates mean 00:00 UTC).
     config
@@ -129,8 +137,9 @@ def build(
     >>> build(ev, datetime(2024, 1, 8, tzinfo=timezone.utc), load_config())["usage_count_7d"].to_list()
     [1]
     """
-    t = _engine.utc_cutoff(as_of)
+    t = utc_cutoff(as_of)
     _check(feature_set)
+    events = canonical_events(events, config)
     if links is not None:
         events = identity.resolve(events, links, t)
     frame = _direct.build_one(events, t, config, feature_set)

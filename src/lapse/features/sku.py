@@ -9,7 +9,7 @@ import polars as pl
 from lapse.config import LapseConfig
 from lapse.features import _engine
 from lapse.features.registry import SKU_FEATURES
-from lapse.schema import ORDER_ID
+from lapse.schema import DAY_US, ORDER_ID, canonical, utc_cutoff
 
 __all__ = ["build_sku"]
 
@@ -40,15 +40,15 @@ def build_sku(events: pl.LazyFrame, as_of: datetime, config: LapseConfig) -> pl.
         ``user_id``, ``sku`` and :data:`lapse.features.registry.SKU_FEATURES`,
         sorted by user and SKU.
     """
-    t = _engine.utc_cutoff(as_of)
+    t = utc_cutoff(as_of)
     ts = pl.col("ts")
-    ev = _engine.canonical(events).filter(ts < t)
+    ev = canonical(events).filter(ts < t)
     keys = ["user_id", "sku"]
     lines = ev.filter(
         pl.col("event").is_in(config.roles.of("purchase")) & pl.col("sku").is_not_null()
     ).select(*keys, "ts", _engine.units_expr(config).alias("units"), *_order_id(events))
     orders = _per_order(lines, keys).collect()
-    gap = (ts.diff().dt.total_microseconds() / _engine.DAY_US).over(keys, order_by="ts")
+    gap = (ts.diff().dt.total_microseconds() / DAY_US).over(keys, order_by="ts")
     rows = (
         orders.lazy()
         .with_columns(gap.alias("gap"))
@@ -87,7 +87,7 @@ def build_sku(events: pl.LazyFrame, as_of: datetime, config: LapseConfig) -> pl.
         rows = rows.join(used, on=keys, how="left").with_columns(
             pl.col("units_consumed", "_recent").fill_null(0.0)
         )
-        span = (pl.lit(t) - pl.col("_first")).dt.total_microseconds() / _engine.DAY_US
+        span = (pl.lit(t) - pl.col("_first")).dt.total_microseconds() / DAY_US
         rate = pl.col("_recent") / pl.min_horizontal(span, float(_RATE_DAYS))
         left = pl.max_horizontal(pl.col("units_bought") - pl.col("units_consumed"), 0.0)
         rows = rows.with_columns(
@@ -101,10 +101,10 @@ def build_sku(events: pl.LazyFrame, as_of: datetime, config: LapseConfig) -> pl.
             for c in ("units_consumed", "units_left", "consumption_rate_28d", "days_of_supply_left")
         )
     rows = rows.with_columns(
-        ((pl.lit(t) - pl.col("_last")).dt.total_microseconds() // _engine.DAY_US).alias(
+        ((pl.lit(t) - pl.col("_last")).dt.total_microseconds() // DAY_US).alias(
             "days_since_last_order"
         ),
-        ((pl.lit(t) - pl.col("_first")).dt.total_microseconds() // _engine.DAY_US).alias(
+        ((pl.lit(t) - pl.col("_first")).dt.total_microseconds() // DAY_US).alias(
             "days_since_first_order"
         ),
     )

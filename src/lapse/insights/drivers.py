@@ -19,7 +19,8 @@ interval is somewhat narrower than a per-user one.
 This is association, not proof of cause: adopters may differ from non-adopters
 in ways the strata do not capture.
 
-:func:`write_plot` draws the table as a forest plot and
+:func:`drivers_figure` draws the table as a forest plot (a matplotlib
+``Figure``; the backend is never changed), :func:`write_plot` saves it, and
 :func:`encourage_snippet` turns the top drivers into ``encourage_<behavior>``
 triggers that fire for users who have not adopted them.
 """
@@ -32,18 +33,23 @@ import textwrap
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 import yaml
 
 from lapse.config import LapseConfig
 from lapse.exceptions import ConfigError, LapseError
+from lapse.files import save_figure
 from lapse.labels import activity_events, churn_labels, data_span
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = [
     "CAVEAT",
     "DriversResult",
+    "drivers_figure",
     "encourage_snippet",
     "encourage_yaml",
     "stickiness_drivers",
@@ -75,7 +81,8 @@ class DriversResult:
     """The ranked behaviors (one row each) and what they were measured on.
 
     ``files`` names what :func:`lapse.jobs.run_drivers` wrote (``table``,
-    ``plot``, ``triggers``), empty when nothing was written.
+    ``plot``, ``triggers``), empty when nothing was written; ``figures`` the
+    figures it drew (``drivers``, the forest plot of :func:`drivers_figure`).
     """
 
     table: pl.DataFrame
@@ -85,6 +92,7 @@ class DriversResult:
     confidence: float = 0.95
     caveat: str = CAVEAT
     files: dict[str, Path] = field(default_factory=dict)
+    figures: dict[str, Figure] = field(default_factory=dict)
 
 
 def stickiness_drivers(
@@ -295,21 +303,20 @@ def _activity_event_names(config: LapseConfig) -> list[str]:
     return [e for role in config.labels.activity_roles for e in config.roles.of(role)]
 
 
-def write_plot(result: DriversResult, path: Path) -> Path:
-    """Write the forest plot of ``result`` to ``path`` (PNG, matplotlib's Agg backend).
+def drivers_figure(result: DriversResult) -> Figure:
+    """The forest plot of ``result`` (a matplotlib ``Figure``; shown inline in a notebook).
 
     One row per behavior, highest lift on top: the lift (in percentage points)
     with its interval, drivers in green, declared conditions as squares and
     event types as dots, a line at zero, and the caveat in the caption.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
+    from lapse.modeling.plots import new_figure
+
     rows = list(result.table.iter_rows(named=True))
-    fig, ax = plt.subplots(figsize=(7.5, 1.6 + 0.38 * max(len(rows), 1)))
+    fig = new_figure((7.5, 1.6 + 0.38 * max(len(rows), 1)))
+    ax = fig.subplots()
     for i, r in enumerate(rows):
         y = len(rows) - 1 - i
         color = "tab:green" if r["driver"] else "tab:gray"
@@ -348,9 +355,12 @@ def write_plot(result: DriversResult, path: Path) -> Path:
         f"Note: {result.caveat}."
     )
     fig.text(0.01, 0.0, textwrap.fill(caption, 120), ha="left", va="top", fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    return fig
+
+
+def write_plot(result: DriversResult, path: Path) -> Path:
+    """Write :func:`drivers_figure` of ``result`` to ``path`` (PNG)."""
+    save_figure(drivers_figure(result), path)
     return path
 
 

@@ -1,7 +1,10 @@
 """`lapse impact`: did messaging move retention? Treated vs held-out control, per segment.
 
 Every score run holds out ``control.share`` of each segment (see
-:func:`lapse.score.records.control_mask`). For each run since a date whose label
+:func:`lapse.score.records.control_mask`). Only runs the ledger shows delivered
+(``complete`` or ``partial``) count: a snapshot is written before its run sends
+anything, so one of a run that was cut off, stopped or abandoned says nothing about
+who was messaged (a note names how many were left out). For each run since a date whose label
 window has closed, the outcome of every scored user (retained = not churned
 within ``labels.horizon_days``, from :func:`lapse.labels.outcomes`) is compared
 between the treated users and the control users of the same segment. The
@@ -25,6 +28,7 @@ import polars as pl
 
 from lapse.config import LapseConfig
 from lapse.delivery.audit import AuditTrail
+from lapse.delivery.ledger import Ledger
 from lapse.events import validate_events
 from lapse.exceptions import LapseError
 from lapse.labels import data_span, outcomes
@@ -48,15 +52,25 @@ def impact(events: Path, config: LapseConfig, *, since: date) -> ImpactResult:
     """Compare later retention of treated and control users of runs since ``since``."""
     trail = AuditTrail(config.resolve(config.audit.path))
     snaps = trail.snapshots(since)
+    notes: list[str] = []
+    if snaps.height:
+        snaps, left_out = _delivered_only(trail, snaps)
+        if left_out:
+            notes.append(
+                f"{len(left_out)} run(s) left out: the ledger does not show them delivered "
+                f"(cut off, stopped or abandoned; resume them to count them): {', '.join(left_out)}"
+            )
     if snaps.height == 0:
         raise LapseError(
-            f"no score run since {since} in {trail.root / 'snapshots'}; run `lapse score` first"
+            f"no {'delivered ' if notes else ''}score run since {since} in "
+            f"{trail.root / 'snapshots'}"
+            + (f" ({notes[0]})" if notes else "")
+            + "; run `lapse score` first"
         )
     kept, _ = validate_events(events, config)
     lazy = kept.lazy()
     end = data_span(lazy)[1]
     horizon = timedelta(days=config.labels.horizon_days)
-    notes: list[str] = []
     rows = snaps.filter(~pl.col("suppressed")).select(
         "user_id",
         "score_run_id",
@@ -85,6 +99,18 @@ def impact(events: Path, config: LapseConfig, *, since: date) -> ImpactResult:
     table = compare(labelled)
     runs = labelled["score_run_id"].unique().sort().to_list()
     return ImpactResult(table=table, runs=runs, notes=notes)
+
+
+def _delivered_only(trail: AuditTrail, snaps: pl.DataFrame) -> tuple[pl.DataFrame, list[str]]:
+    """The snapshot rows of runs the ledger shows delivered, and the runs left out."""
+    delivered: set[str] = set()
+    if trail.ledger.exists():
+        with Ledger(trail.ledger) as ledger:
+            delivered = ledger.delivered_runs()
+    runs = snaps["score_run_id"].unique().sort().to_list()
+    left_out = [r for r in runs if r not in delivered]
+    keep = pl.col("score_run_id").is_in(pl.Series(sorted(delivered), dtype=pl.String).implode())
+    return snaps.filter(keep), left_out
 
 
 def compare(rows: pl.DataFrame) -> pl.DataFrame:

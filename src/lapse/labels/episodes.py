@@ -19,8 +19,8 @@ import polars as pl
 
 from lapse.config import LapseConfig
 from lapse.exceptions import ConfigError
-from lapse.features._engine import DAY_US, canonical, utc_cutoff
 from lapse.features.episodes_covariates import ANY_SKU, Target, order_keys, purchase_orders
+from lapse.schema import DAY_US, canonical, utc_cutoff
 
 __all__ = [
     "ANY_SKU",
@@ -174,11 +174,14 @@ def open_episodes(
     as_of: datetime,
     skus: dict[str, float] | None,
     target: Target,
+    orders: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """The open episode of each key as of ``as_of``: its latest order before it.
 
     Episodes older than ``replenishment.max_open_days`` count as lapsed and
-    are left out. Reads events before ``as_of`` only.
+    are left out. Reads events before ``as_of`` only; ``orders``: their
+    :func:`~lapse.features.episodes_covariates.purchase_orders` before ``as_of``,
+    when the caller has them.
 
     Returns
     -------
@@ -186,7 +189,8 @@ def open_episodes(
         ``user_id, sku, start, elapsed_days``.
     """
     t = utc_cutoff(as_of)
-    orders = purchase_orders(events, config, until=t, skus=skus, target=target)
+    if orders is None:
+        orders = purchase_orders(events, config, until=t, skus=skus, target=target)
     return (
         orders.group_by("user_id", "sku")
         .agg(pl.col("ts").max().alias("start"))

@@ -6,7 +6,8 @@ inside the functions that use them, so importing this package stays cheap.
 
 from __future__ import annotations
 
-from lapse.modeling.bgnbd import BGNBD, FitWarning, rfm_summary
+from lapse.exceptions import FitWarning
+from lapse.modeling.bgnbd import BGNBD, rfm_summary
 from lapse.modeling.bundle import ChurnBundle
 from lapse.modeling.lgbm import LightGBMChurn, model_columns
 from lapse.modeling.metrics import METRIC_NAMES, Calibrator, binary_metrics

@@ -67,6 +67,8 @@ MIN_ROWS: Final = 5_000
 #: Rows keyed and explained together (bounds memory: the output and keys are
 #: about ``(2 * n_features + 1) * 8`` bytes per row).
 CHUNK_ROWS: Final = 100_000
+#: Cell keys ranging up to this many times the rows are factorized through a dense table.
+DENSE_KEYS: Final = 4
 #: Trees looked at before deciding whether cells pay off.
 PROBE_TREES: Final = 12
 #: Cells per row (averaged over the probe trees) above which the rest of the
@@ -244,11 +246,23 @@ def _global_codes(x: FloatArray, tables: TreeTables) -> tuple[dict[int, IntArray
     return codes, radix
 
 
-def _factorize(key: IntArray) -> tuple[IntArray, IntArray]:
+def _factorize(key: IntArray, size: int) -> tuple[IntArray, IntArray]:
     """One representative row per distinct key, and each row's cell (``key == key[reps][cell]``).
 
-    A hash-based unique and join (Polars), about 2x faster than ``np.unique``'s sort.
+    ``key`` lies in ``0..size-1``. Any row of a cell represents it (its rows take the
+    same branch at every node, so their SHAP vectors are the same). A key range up to
+    :data:`DENSE_KEYS` times the rows goes through a dense table of the range (a few
+    vectorised passes); a wider one through a hash-based unique and join (Polars, about
+    2x faster than ``np.unique``'s sort).
     """
+    n = len(key)
+    if size <= DENSE_KEYS * n:
+        seen = np.zeros(size, dtype=np.bool_)
+        seen[key] = True
+        some_row = np.empty(size, dtype=np.int64)
+        some_row[key] = np.arange(n, dtype=np.int64)  # any of a key's rows
+        cells = np.cumsum(seen, dtype=np.int64) - 1
+        return some_row[seen], cells[key]
     s = pl.Series("k", key)
     reps = s.arg_unique().to_numpy().astype(np.int64)
     table = pl.DataFrame({"k": s.gather(reps), "c": np.arange(len(reps), dtype=np.int64)})
@@ -263,8 +277,9 @@ def _factorize(key: IntArray) -> tuple[IntArray, IntArray]:
 
 def _tree_key(
     tree: _Tree, codes: dict[int, IntArray], cat_radix: dict[int, int], n: int
-) -> IntArray:
-    """Each row's cell key in one tree: its per-feature tree bins in mixed radix.
+) -> tuple[IntArray, int]:
+    """Each row's cell key in one tree (its per-feature tree bins in mixed radix), and
+    the keys' range.
 
     When the radix product would overflow int64, the key so far is re-densified
     (its distinct values renumbered ``0..c-1``) and the combination goes on.
@@ -277,7 +292,7 @@ def _tree_key(
     parts += [(f, None, cat_radix[f]) for f in tree.categorical]
     for f, lut, radix in parts:
         if stride * radix > _MAX_KEY:
-            _, key = _factorize(key)
+            _, key = _factorize(key, stride)
             stride = int(key.max()) + 1
         bins = codes[f] if lut is None else lut[codes[f]]
         if stride == 1:
@@ -285,7 +300,7 @@ def _tree_key(
         else:
             key += bins * stride
         stride *= radix
-    return key
+    return key, stride
 
 
 def _plain(
@@ -310,7 +325,7 @@ def _tree_part(
     tree = tables.trees[t]
     n = len(x)
     if tree.features:
-        reps, cell = _factorize(_tree_key(tree, codes, cat_radix, n))
+        reps, cell = _factorize(*_tree_key(tree, codes, cat_radix, n))
     else:  # a single leaf: only the bias
         reps, cell = np.zeros(1, dtype=np.int64), np.zeros(n, dtype=np.int64)
     # one LightGBM thread per call: an OpenMP team costs ~10 ms per call on a

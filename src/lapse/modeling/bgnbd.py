@@ -23,18 +23,15 @@ import numpy.typing as npt
 import polars as pl
 
 from lapse.config import LapseConfig
+from lapse.exceptions import FitWarning
 from lapse.modeling._base import ParamsMixin
 
-__all__ = ["BGNBD", "BTYD_COLUMNS", "FitWarning", "btyd_arrays", "rfm_summary"]
+__all__ = ["BGNBD", "BTYD_COLUMNS", "btyd_arrays", "rfm_summary"]
 
 FloatArray = npt.NDArray[np.float64]
 ArrayLike = npt.ArrayLike
 
 BTYD_COLUMNS = ("btyd_frequency", "btyd_recency_days", "btyd_age_days")
-
-
-class FitWarning(UserWarning):
-    """A model fit failed or did not converge and a fallback is used."""
 
 
 def rfm_summary(
@@ -45,41 +42,83 @@ def rfm_summary(
     One row per user with qualifying activity strictly before each cutoff:
     repeat active days, days from the first to the last active day, days from
     the first active day to the cutoff.
+
+    One cutoff (a score) counts each user's active days in 64-day bitmasks over
+    the events before it; several (training) group the active days once and
+    filter them per cutoff. The rows are the same.
     """
     from lapse.labels import activity_events
 
+    activity = activity_events(events, config)
+    if len(set(cutoffs)) == 1:
+        return _summary(_active_span_one(activity, cutoffs[0]), cutoffs[0]).collect()
     days = (
-        activity_events(events, config)
-        .group_by("user_id", pl.col("ts").dt.truncate("1d").alias("day"))
+        activity.group_by("user_id", pl.col("ts").dt.truncate("1d").alias("day"))
         .agg(pl.col("ts").min().alias("_at"))  # a day counts from its first activity on
         .collect()
     )
     parts = []
     for cutoff in sorted(set(cutoffs)):
-        parts.append(
+        span = (
             days.lazy()
             .filter(pl.col("_at") < cutoff)
             .group_by("user_id")
             .agg(
-                (pl.len() - 1).cast(pl.Float64).alias("btyd_frequency"),
-                ((pl.col("day").max() - pl.col("day").min()).dt.total_seconds() / 86400.0).alias(
-                    "btyd_recency_days"
-                ),
+                pl.len().alias("_days"),
                 pl.col("day").min().alias("_first"),
+                pl.col("day").max().alias("_last"),
             )
-            .with_columns(
-                pl.lit(cutoff).dt.cast_time_unit("us").dt.convert_time_zone("UTC").alias("cutoff")
-            )
-            .with_columns(
-                ((pl.col("cutoff") - pl.col("_first")).dt.total_seconds() / 86400.0).alias(
-                    "btyd_age_days"
-                )
-            )
-            .select("user_id", "cutoff", *BTYD_COLUMNS)
         )
+        parts.append(_summary(span, cutoff))
     if not parts:
         raise ValueError("cutoffs is empty")
     return pl.concat(parts).sort("cutoff", "user_id").collect()
+
+
+_WORD = 64
+
+
+def _active_span_one(activity: pl.LazyFrame, cutoff: datetime) -> pl.LazyFrame:
+    """``user_id, _days, _first, _last``: active days before ``cutoff``, first and last
+    (00:00 UTC), with distinct days counted as set bits of per-user 64-day bitmasks
+    (a group per user and block, not per user and day)."""
+    day = pl.col("ts").dt.epoch("d").cast(pl.Int64)
+    block = day // _WORD
+    bit = pl.lit(2, dtype=pl.UInt64).pow((day - block * _WORD).cast(pl.UInt64))
+    return (
+        activity.filter(pl.col("ts") < cutoff)
+        .group_by("user_id", block.alias("_block"))
+        .agg(
+            bit.bitwise_or().alias("_bits"),
+            pl.col("ts").min().alias("_min"),
+            pl.col("ts").max().alias("_max"),
+        )
+        .group_by("user_id")
+        .agg(
+            pl.col("_bits").bitwise_count_ones().sum().cast(pl.UInt32).alias("_days"),
+            pl.col("_min").min().dt.truncate("1d").alias("_first"),
+            pl.col("_max").max().dt.truncate("1d").alias("_last"),
+        )
+    )
+
+
+def _summary(span: pl.LazyFrame, cutoff: datetime) -> pl.LazyFrame:
+    """:func:`rfm_summary`'s rows at ``cutoff`` from ``user_id, _days, _first, _last``."""
+    days = pl.col("_last") - pl.col("_first")
+    return (
+        span.with_columns(
+            (pl.col("_days") - 1).cast(pl.Float64).alias("btyd_frequency"),
+            (days.dt.total_seconds() / 86400.0).alias("btyd_recency_days"),
+            pl.lit(cutoff).dt.cast_time_unit("us").dt.convert_time_zone("UTC").alias("cutoff"),
+        )
+        .with_columns(
+            ((pl.col("cutoff") - pl.col("_first")).dt.total_seconds() / 86400.0).alias(
+                "btyd_age_days"
+            )
+        )
+        .select("user_id", "cutoff", *BTYD_COLUMNS)
+        .sort("cutoff", "user_id")
+    )
 
 
 def btyd_arrays(frame: pl.DataFrame) -> tuple[FloatArray, FloatArray, FloatArray]:

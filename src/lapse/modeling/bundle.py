@@ -25,6 +25,7 @@ import polars as pl
 
 from lapse.config import LapseConfig
 from lapse.exceptions import LapseError
+from lapse.files import atomic_path
 from lapse.modeling.metrics import Calibrator
 from lapse.modeling.race import RaceScorer
 
@@ -202,11 +203,8 @@ class ChurnBundle:
     def save(self, path: str | Path) -> Path:
         """Pickle the bundle to ``path`` (parents created); written atomically."""
         p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(p.suffix + ".tmp")
-        with tmp.open("wb") as fh:
+        with atomic_path(p) as tmp, tmp.open("wb") as fh:
             pickle.dump(self, fh, protocol=pickle.HIGHEST_PROTOCOL)
-        tmp.replace(p)
         return p
 
     @classmethod

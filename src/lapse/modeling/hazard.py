@@ -73,6 +73,9 @@ class LightGBMHazard(ParamsMixin):
     ----------
     horizon_days
         The label horizon (``labels.horizon_days``).
+    n_trees
+        Fit exactly this many trees, without a holdout (a refit reusing a fitted
+        hazard's ``model_.n_trees_``).
     random_state, n_jobs
         Passed to the inner :class:`~lapse.modeling.lgbm.LightGBMChurn`.
 
@@ -85,9 +88,15 @@ class LightGBMHazard(ParamsMixin):
     """
 
     def __init__(
-        self, *, horizon_days: float = 28.0, random_state: int = 0, n_jobs: int | None = None
+        self,
+        *,
+        horizon_days: float = 28.0,
+        n_trees: int | None = None,
+        random_state: int = 0,
+        n_jobs: int | None = None,
     ) -> None:
         self.horizon_days = horizon_days
+        self.n_trees = n_trees
         self.random_state = random_state
         self.n_jobs = n_jobs
 
@@ -98,6 +107,7 @@ class LightGBMHazard(ParamsMixin):
         y = rows[_QUIET].cast(pl.Float64).to_numpy()
         self.model_ = LightGBMChurn(
             columns=[*model_columns(frame), HALF],
+            n_trees=self.n_trees,
             random_state=self.random_state,
             n_jobs=self.n_jobs,
         ).fit(rows, y, groups=rows["cutoff"].dt.epoch("s").to_numpy())

@@ -20,7 +20,8 @@ import numpy.typing as npt
 import polars as pl
 
 from lapse.config import LapseConfig
-from lapse.modeling.bgnbd import BGNBD, FitWarning, btyd_arrays
+from lapse.exceptions import FitWarning
+from lapse.modeling.bgnbd import BGNBD, btyd_arrays
 from lapse.modeling.hazard import DAYS_TO_NEXT, LightGBMHazard
 from lapse.modeling.lgbm import LightGBMChurn, model_columns
 from lapse.modeling.metrics import Calibrator, binary_metrics
@@ -232,28 +233,42 @@ def fit_scorer(
     *,
     recent: pl.DataFrame | None = None,
     label_end: datetime | None = None,
+    like: RaceScorer | None = None,
 ) -> RaceScorer:
     """Fit LightGBM on ``train`` (labelled rows of the training cutoffs) and BG/NBD on
     ``btyd_fit`` (the activity summary of every active user at the fit cutoff).
 
     The hazard LightGBM (``models.hazard_lightgbm``, non-contractual labels) fits on
     ``recent``: the labelled rows (with ``days_to_next``) of every cutoff from the first
-    training one to ``label_end``, the end its label windows must respect."""
+    training one to ``label_end``, the end its label windows must respect.
+
+    ``like``: a fitted scorer (the race's) whose LightGBM tree counts and tuned
+    parameters the new models reuse, without a holdout of their own (the refit of
+    the shipped model)."""
     y = train["churned"].cast(pl.Float64).to_numpy()
     groups = train["cutoff"].dt.epoch("s").to_numpy()
     m = config.models
-    lgbm = LightGBMChurn(
-        search=m.lightgbm_search, random_state=m.random_state, n_jobs=m.n_jobs
-    ).fit(train, y, groups=groups)
+
+    def lightgbm(columns: list[str] | None, model: LightGBMChurn | None) -> LightGBMChurn:
+        return LightGBMChurn(
+            columns=columns,
+            search=m.lightgbm_search and model is None,
+            n_trees=None if model is None else model.n_trees_,
+            tuned=None if model is None else model.best_params_,
+            random_state=m.random_state,
+            n_jobs=m.n_jobs,
+        )
+
+    lgbm = lightgbm(None, None if like is None else like.lightgbm).fit(train, y, groups=groups)
     x, t, age = btyd_arrays(btyd_fit)
     bgnbd = BGNBD().fit(x, t, age)
     scorer = RaceScorer(config=config, lightgbm=lgbm, bgnbd=bgnbd)
     if m.stacked_lightgbm:
         stacked_frame = scorer.with_scores(train)
         cols = model_columns(stacked_frame, extra=("score_bgnbd", "score_recency"))
-        scorer.stacked = LightGBMChurn(
-            columns=cols, random_state=m.random_state, n_jobs=m.n_jobs
-        ).fit(stacked_frame, y, groups=groups)
+        scorer.stacked = lightgbm(cols, None if like is None else like.stacked).fit(
+            stacked_frame, y, groups=groups
+        )
     if (
         m.hazard_lightgbm
         and config.labels.kind == "non_contractual"
@@ -261,8 +276,12 @@ def fit_scorer(
         and DAYS_TO_NEXT in recent.columns
     ):
         assert label_end is not None, "the hazard LightGBM needs the label end"
+        hazard = None if like is None else like.hazard
         scorer.hazard = LightGBMHazard(
-            horizon_days=config.labels.horizon_days, random_state=m.random_state, n_jobs=m.n_jobs
+            horizon_days=config.labels.horizon_days,
+            n_trees=None if hazard is None else hazard.model_.n_trees_,
+            random_state=m.random_state,
+            n_jobs=m.n_jobs,
         ).fit(recent, label_end=label_end)
     return scorer
 

@@ -32,7 +32,7 @@ import numpy as np
 import numpy.typing as npt
 import polars as pl
 
-from lapse.exceptions import LapseError
+from lapse.exceptions import ConvergenceProblem, LapseError
 from lapse.modeling._base import ParamsMixin
 
 __all__ = [
@@ -52,10 +52,6 @@ CANDIDATES: Final[tuple[Kind, ...]] = ("weibull_aft", "lognormal_aft", "loglogis
 BASELINES: Final = ("depletion_rule", "last_gap")
 _LN2: Final = math.log(2.0)
 _TINY: Final = 1e-12
-
-
-class ConvergenceProblem(LapseError):
-    """A survival fit did not converge; the message names the covariate to look at."""
 
 
 class Predictor(Protocol):

@@ -64,22 +64,30 @@ def concordance(
         return float("nan")
 
 
+def _brier_at(
+    d: FloatArray, e: npt.NDArray[np.bool_], surv: FloatArray, times: FloatArray
+) -> FloatArray:
+    """IPCW Brier scores at each of ``times`` (``surv``: one column per time); the censoring
+    curve is estimated once for all of them."""
+    g_t = kaplan_meier(d, ~e, times)[None, :]
+    g_before = kaplan_meier(d, ~e, np.maximum(d - 1e-9, 0.0))[:, None]
+    event = (d[:, None] <= times[None, :]) & e[:, None]
+    alive = d[:, None] > times[None, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        w_event = np.where(event, 1.0 / g_before, 0.0)
+        w_alive = np.where(g_t > 0, 1.0 / g_t, 0.0)
+    score = w_event * surv**2 + np.where(alive, w_alive, 0.0) * (1.0 - surv) ** 2
+    out: FloatArray = np.nan_to_num(score).mean(axis=0)
+    return out
+
+
 def brier(
     durations: npt.ArrayLike, observed: npt.ArrayLike, surv_at_t: npt.ArrayLike, t: float
 ) -> float:
     """IPCW Brier score at ``t`` of predicted ``P(no reorder by t)``."""
     d = np.asarray(durations, dtype=np.float64)
-    e = np.asarray(observed, dtype=bool)
-    s = np.asarray(surv_at_t, dtype=np.float64)
-    g_t = float(kaplan_meier(d, ~e, [t])[0])
-    g_before = kaplan_meier(d, ~e, np.maximum(d - 1e-9, 0.0))
-    event = (d <= t) & e
-    alive = d > t
-    with np.errstate(divide="ignore", invalid="ignore"):
-        w_event = np.where(event, 1.0 / g_before, 0.0)
-        w_alive = 1.0 / g_t if g_t > 0 else 0.0
-    score = w_event * s**2 + np.where(alive, w_alive, 0.0) * (1.0 - s) ** 2
-    return float(np.nan_to_num(score).mean())
+    s = np.asarray(surv_at_t, dtype=np.float64)[:, None]
+    return float(_brier_at(d, np.asarray(observed, dtype=bool), s, np.array([float(t)]))[0])
 
 
 def integrated_brier(
@@ -87,7 +95,8 @@ def integrated_brier(
 ) -> float:
     """Brier score integrated over ``times`` (trapezoid) and divided by their span."""
     tt = np.asarray(times, dtype=np.float64)
-    scores = np.array([brier(durations, observed, surv[:, k], t) for k, t in enumerate(tt)])
+    d = np.asarray(durations, dtype=np.float64)
+    scores = _brier_at(d, np.asarray(observed, dtype=bool), np.asarray(surv, np.float64), tt)
     if tt.size == 1:
         return float(scores[0])
     area = float(np.sum((scores[1:] + scores[:-1]) * np.diff(tt)) / 2.0)

@@ -1,22 +1,29 @@
-"""Replenishment report plots as PNG: KM vs predicted by risk group, calibration."""
+"""Replenishment report figures: KM vs predicted by risk group, calibration.
+
+Built with matplotlib's object API like :mod:`lapse.modeling.plots` (the
+backend is never changed); :func:`lapse.modeling.plots.save_figures` writes the PNGs.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
+from lapse.modeling.plots import new_figure
 from lapse.modeling.survival_metrics import HORIZONS, calibration_error, kaplan_meier
 
-__all__ = ["write_survival_plots"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["survival_figures"]
 
 FloatArray = npt.NDArray[np.float64]
 
 
-def write_survival_plots(
-    out_dir: Path,
+def survival_figures(
     durations: FloatArray,
     observed: npt.NDArray[np.bool_],
     times: Sequence[float],
@@ -25,23 +32,17 @@ def write_survival_plots(
     selected: str,
     *,
     title: str = "",
-) -> dict[str, Path]:
-    """Write ``replenishment_km.png`` and ``replenishment_calibration.png``.
+) -> dict[str, Figure]:
+    """``replenishment_km`` and ``replenishment_calibration``.
 
     ``curves[name]`` is ``P(no reorder by t)`` at ``times`` per row; the risk
     groups are the terciles of the selected model's predicted median days.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir.mkdir(parents=True, exist_ok=True)
     suffix = f" ({title})" if title else ""
     tt = np.asarray(times, dtype=np.float64)
-    paths: dict[str, Path] = {}
 
-    fig, ax = plt.subplots(figsize=(7, 5))
+    km_fig = new_figure((7, 5))
+    ax = km_fig.subplots()
     order = np.argsort(medians[selected], kind="stable")
     labels = ("soonest third", "middle third", "latest third")
     for k, (idx, label) in enumerate(zip(np.array_split(order, 3), labels, strict=True)):
@@ -60,12 +61,9 @@ def write_survival_plots(
         title=f"Observed vs predicted, by predicted risk{suffix}",
     )
     ax.legend(fontsize=7, loc="lower left")
-    path = out_dir / "replenishment_km.png"
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    paths["replenishment_km"] = path
 
-    fig, axes = plt.subplots(1, len(HORIZONS), figsize=(5 * len(HORIZONS), 4.5))
+    cal_fig = new_figure((5 * len(HORIZONS), 4.5))
+    axes = cal_fig.subplots(1, len(HORIZONS))
     for ax, h in zip(axes, HORIZONS, strict=True):
         k = int(np.argmin(np.abs(tt - h)))
         for name, surv in curves.items():
@@ -78,9 +76,5 @@ def write_survival_plots(
             title=f"{h} days{suffix}",
         )
     axes[0].legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    path = out_dir / "replenishment_calibration.png"
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    paths["replenishment_calibration"] = path
-    return paths
+    cal_fig.tight_layout()
+    return {"replenishment_km": km_fig, "replenishment_calibration": cal_fig}

@@ -50,17 +50,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import polars as pl
 
+from lapse.config import LapseConfig
 from lapse.delivery.ledger import Ledger, TriggerState
+from lapse.events import new_event_users
 from lapse.exceptions import LapseError
-
-if TYPE_CHECKING:
-    from lapse.config import LapseConfig
-    from lapse.modeling.bundle import ChurnBundle
-    from lapse.triggers import Trigger
+from lapse.modeling.bundle import ChurnBundle
+from lapse.score.records import (
+    depletion_days,
+    fired_triggers,
+    refills,
+    risk_columns,
+    trigger_features,
+)
+from lapse.triggers import Trigger
 
 __all__ = ["Plan", "cooldown_due", "fingerprint", "next_due", "plan", "states"]
 
@@ -123,8 +128,6 @@ def plan(
     LapseError
         ``as_of`` is before the watermark's (incremental runs move forward).
     """
-    from lapse.events import new_event_users
-
     mark = ledger.watermark(sink, source)
     if not incremental:
         return Plan(True, "full evaluation asked for", files)
@@ -175,8 +178,6 @@ def next_due(
     that run looks ahead again, so no change is ever seen late.
     Users are looked at in chunks of ``incremental.chunk_users``.
     """
-    from lapse.score.records import refills
-
     horizon = config.incremental.horizon_days
     cutoffs = [as_of + timedelta(days=k) for k in range(1, horizon + 1)]
     end = as_of + timedelta(days=horizon)
@@ -232,8 +233,6 @@ def _fired_at(
     """``pairs`` (``user_id, cutoff``) with ``then``: the fired set at that cutoff as one
     string (empty when the user is not eligible there); ``depleted``: the users'
     :func:`lapse.score.records.refills`."""
-    from lapse.score.records import depletion_days, fired_triggers, risk_columns, trigger_features
-
     cutoffs = pairs["cutoff"].unique().sort().to_list()
     frame = bundle.prepare_many(events, cutoffs, attributes=attributes)
     frame = frame.with_columns(pl.col("user_id").cast(pl.String)).join(

@@ -20,21 +20,26 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 import polars as pl
 
+from lapse.config import LapseConfig
+from lapse.events.readers import EventSource
+from lapse.events.validate import canonical_events
 from lapse.exceptions import LapseError
+from lapse.features import build, build_many
+from lapse.features.registry import expand
+from lapse.labels import EXCLUSIONS, describe_exclusions, population
+from lapse.labels.episodes import ANY_SKU
+from lapse.modeling.bundle import ChurnBundle, listing
+from lapse.modeling.drift import bin_counts, psi_from_counts
+from lapse.schema import run_day
 from lapse.sinks.base import RECORD_COLUMNS, RECORD_SCHEMA
 from lapse.triggers import SCORE_COLUMNS, Trigger, apply_cooldowns, for_run, names_read, resolve
-
-if TYPE_CHECKING:
-    from lapse.config import LapseConfig
-    from lapse.modeling.bundle import ChurnBundle
 
 __all__ = [
     "RECORDS_SCHEMA",
@@ -47,6 +52,7 @@ __all__ = [
     "drift_from_counts",
     "drift_warnings",
     "fired_triggers",
+    "keep_reasons",
     "load_suppression",
     "model_age_warnings",
     "model_disagreements",
@@ -58,6 +64,7 @@ __all__ = [
     "trigger_definitions",
     "trigger_features",
     "user_records",
+    "wants_reasons",
     "who_was_scored",
     "with_reasons",
 ]
@@ -89,10 +96,6 @@ class ScoreResult:
     population: dict[str, int] = field(default_factory=dict)
 
 
-def _day(ts: datetime) -> date:
-    return ts.astimezone(UTC).date()
-
-
 def refills(bundle: ChurnBundle, events: pl.LazyFrame, as_of: datetime) -> pl.DataFrame:
     """Per user: the open consumable episode with the earliest prompt date (the record's
     refill columns, and ``depletion_ts``, the instant they count from)."""
@@ -115,8 +118,6 @@ def refills(bundle: ChurnBundle, events: pl.LazyFrame, as_of: datetime) -> pl.Da
     t = as_of.astimezone(UTC)
     lead = timedelta(days=bundle.config.replenishment.lead_time_days)
     days = pl.duration(microseconds=(pl.col("supply_days_left") * 86_400e6).cast(pl.Int64))
-    from lapse.labels.episodes import ANY_SKU
-
     sku = (
         pl.col("sku").cast(pl.String).replace(ANY_SKU, None)  # "next order of anything"
         if "sku" in open_eps.columns
@@ -229,7 +230,7 @@ def risk_columns(bundle: ChurnBundle, frame: pl.DataFrame) -> pl.DataFrame:
 
 def score_users(
     bundle: ChurnBundle,
-    events: pl.LazyFrame,
+    events: EventSource,
     as_of: datetime,
     config: LapseConfig,
     *,
@@ -240,6 +241,10 @@ def score_users(
     subset: bool = False,
 ) -> ScoreResult:
     """Score every eligible user as of ``as_of``: risk, percentile, segment, triggers, refills.
+
+    ``events`` are canonical events, or a path or source-shaped frame (Polars or
+    pandas) read through ``config.source``
+    (:func:`lapse.events.validate.canonical_events`).
 
     Features, eligibility, rules and segments follow the bundle's own config
     (what the model was trained with); ``config`` is the run's: its ``score``,
@@ -260,8 +265,7 @@ def score_users(
         changed dtype), or no user is eligible at ``as_of`` (the message says
         why, with counts: :func:`nobody_eligible`).
     """
-    from lapse.labels import population
-
+    events = canonical_events(events, config)
     warnings = model_age_warnings(bundle, as_of, config) + model_disagreements(bundle, config)
     people = population(events, [as_of], bundle.config)
     counts = population_counts(people)
@@ -308,8 +312,6 @@ def score_users(
 def population_counts(people: pl.DataFrame) -> dict[str, int]:
     """``customers`` (users with an event before the cutoff), ``eligible`` and one count
     per reason the others were left out, from :func:`lapse.labels.population` rows."""
-    from lapse.labels import EXCLUSIONS
-
     why = dict(people["excluded"].value_counts().iter_rows())
     out = {"customers": people.height, "eligible": int(why.pop(None, 0))}
     return out | {r: int(why[r]) for r in EXCLUSIONS if why.get(r)}
@@ -324,8 +326,6 @@ def who_was_scored(
     bundle's (its eligibility and roles decided), ``rejected_rows`` the event rows
     validation rejected (their users may be missing from the customers).
     """
-    from lapse.labels import describe_exclusions
-
     parts = [f"{counts.get('eligible', 0):,} of {counts.get('customers', 0):,} customers scored"]
     why = describe_exclusions(counts, config, as_of)
     if why:
@@ -344,8 +344,6 @@ def nobody_eligible(
     last: datetime | None,
 ) -> LapseError:
     """The error of a run with no one to score, with the real cause and its counts."""
-    from lapse.labels import describe_exclusions
-
     day = f"{as_of:%Y-%m-%d}"
     span = (
         f"the events run from {first:%Y-%m-%d} to {last:%Y-%m-%d}"
@@ -369,8 +367,6 @@ def check_event_names(bundle: ChurnBundle, seen: Mapping[str, int], model: str) 
     names = bundle.event_names()
     if not seen or not names or set(names) & set(seen):
         return
-    from lapse.modeling.bundle import listing
-
     theirs = sorted(seen, key=lambda e: (-seen[e], e))
     raise LapseError(
         f"these events share no event name with {model}: it was trained on {listing(names)}; "
@@ -435,7 +431,7 @@ def user_records(
         scores.join(fired, on="user_id", how="left", maintain_order="left")
         .join(refill, on="user_id", how="left", maintain_order="left")
         .with_columns(
-            pl.lit(_day(as_of)).alias("as_of"),
+            pl.lit(run_day(as_of)).alias("as_of"),
             pl.lit(score_run_id).alias("score_run_id"),
             pl.lit([], dtype=pl.List(pl.String)).alias("reasons"),
             pl.col("triggers").fill_null(pl.lit([], dtype=pl.List(pl.String))),
@@ -453,7 +449,7 @@ def user_records(
     )
     if last_fired is not None:
         records = records.with_columns(
-            apply_cooldowns(records, last_fired, definitions, _day(as_of))
+            apply_cooldowns(records, last_fired, definitions, run_day(as_of))
         )
     return records, fired, definitions
 
@@ -464,8 +460,6 @@ def trigger_definitions(
     """The run's trigger definitions (:func:`lapse.triggers.for_run`: the run config's
     ``rules``, ``triggers`` and ``milestones``) over rows of ``schema`` plus the
     features :func:`trigger_features` adds."""
-    from lapse.features.registry import expand
-
     run = for_run(bundle.config, config)
     return resolve(run, {**expand(run), **SCORE_COLUMNS, **schema})
 
@@ -484,9 +478,6 @@ def trigger_features(
     Built from the feature registry with the run's milestones and windows, so a
     run's trigger never needs a retrain.
     """
-    from lapse.features import build, build_many
-    from lapse.features.registry import expand
-
     run = for_run(bundle.config, config)
     live = [t for t in trigger_definitions(bundle, config, have) if t.enabled]
     read = {n for t in live for n in names_read(t)}
@@ -573,8 +564,6 @@ def drift_counts(
     bundle: ChurnBundle, frame: pl.DataFrame, risk: npt.NDArray[np.float64]
 ) -> dict[str, list[int]]:
     """Per drift column, the PSI bin counts of these rows (they add up across shards)."""
-    from lapse.modeling.drift import bin_counts
-
     out = {"churn_risk": bin_counts(bundle.score_reference, risk).tolist()}
     for name, ref in bundle.feature_reference.items():
         if name in frame.columns:
@@ -585,8 +574,6 @@ def drift_counts(
 
 def drift_from_counts(bundle: ChurnBundle, counts: dict[str, list[int]]) -> dict[str, float]:
     """The run's ``drift`` (PSI per column, rounded) from summed :func:`drift_counts`."""
-    from lapse.modeling.drift import psi_from_counts
-
     refs = {"churn_risk": bundle.score_reference, **bundle.feature_reference}
     out = {k: psi_from_counts(refs[k], v) for k, v in counts.items() if k in refs}
     return {k: round(v, 4) for k, v in out.items() if np.isfinite(v)}
@@ -606,10 +593,7 @@ def with_reasons(
     something to say get them.
     """
     records = result.records
-    want = (
-        pl.Series(rows, dtype=pl.Boolean)
-        & ((records["risk_segment"] != "low") | (records["triggers"].list.len() > 0))
-    ).fill_null(False)
+    want = wants_reasons(records, rows)
     if top == 0 or not want.any():
         return records
     idx = np.flatnonzero(want.to_numpy())
@@ -622,6 +606,24 @@ def with_reasons(
         .select(pl.coalesce("_new", "reasons").alias("reasons"))
     )
     return records.with_columns(filled)
+
+
+def wants_reasons(records: pl.DataFrame, rows: pl.Series | npt.NDArray[np.bool_]) -> pl.Series:
+    """Which of ``rows`` (a mask over ``records``) get reasons: those not ``low`` or that
+    fired a trigger (the others have nothing a message would say)."""
+    return (
+        pl.Series(rows, dtype=pl.Boolean)
+        & ((records["risk_segment"] != "low") | (records["triggers"].list.len() > 0))
+    ).fill_null(False)
+
+
+def keep_reasons(records: pl.DataFrame, rows: pl.Series) -> pl.DataFrame:
+    """``records`` whose ``reasons``, computed ahead for more users (the Spark engine's
+    executors explain everyone :func:`wants_reasons` could pick), stay for the ``rows``
+    :func:`with_reasons` would explain and are emptied for the others."""
+    empty = pl.lit([], dtype=pl.List(pl.String))
+    keep = wants_reasons(records, rows)
+    return records.with_columns(pl.when(keep).then("reasons").otherwise(empty).alias("reasons"))
 
 
 def load_suppression(config: LapseConfig, attributes: pl.DataFrame | None) -> set[str]:

@@ -1,10 +1,43 @@
 """The nightly score run: score every user as of a day, then mark, deliver and record
-what is sent (resume, dry run, cooldowns, counts); no parsing, no printing."""
+what is sent (resume, dry run, cooldowns, counts); no parsing, no printing.
+
+The steps after the records are computed are public functions over one
+:class:`RunContext`, shared by the local engine (:func:`run_score`, and
+:func:`lapse.score.trigger_run.run_triggers` through :func:`send_scored`) and the
+Spark engine (:mod:`lapse.spark.score`, which takes the users a chunk at a time):
+
+0. :func:`recorded` records the run in the ledger (``preparing``) before anything
+   else is written, announces it (:class:`ScoreHeader`: id, model, the exact resume
+   command) and first finishes or cleans up the runs of its sink that were cut off
+   (:func:`recover_cut_off`); a run that stops before its batches are planned sent
+   nothing, and is ``abandoned`` with its files removed;
+1. :func:`prune_expired` drops the runs past ``audit.retention_days``;
+2. :func:`mark_sendable` applies suppression, the control group, the frequency
+   cap, the delta key against the sink's last delivery and the anonymous hold;
+3. :func:`snapshot_rows` and :func:`make_outbox` give the audit rows and what the
+   sink gets; :class:`Totals` adds up the counts;
+4. :func:`run_result` builds the summary and the :class:`ScoreRunResult`;
+5. :func:`dry_run_delivery` rehearses on an in-memory twin of the sink, or
+   :func:`start_delivery` writes the audit snapshot and the outbox and plans the
+   batches in the ledger, and :func:`deliver_run` sends them, recording cooldowns
+   and messages (:func:`record_fired`) and the counts (:func:`delivery_counts`);
+   :func:`resume_delivery` finishes a run from its outbox.
+
+A write the disk refuses is one :class:`~lapse.exceptions.WriteFailed` (exit code 5):
+before the batches are planned the run is abandoned (run it again), during
+delivery it stops ``interrupted`` and resumable. Crash tests reach every step
+through :func:`lapse.faults.fault_point`.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import shlex
+import tempfile
 import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -12,40 +45,82 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import polars as pl
 
-from lapse.config import LapseConfig
+from lapse.config import ENGINES, Engine, LapseConfig
+from lapse.delivery.audit import AuditTrail
 from lapse.delivery.batches import (
+    RetryBudget,
     apply_frequency_cap,
     deliver,
     delta_changes,
     encode,
     is_message,
     plan_batches,
+    settle,
 )
+from lapse.delivery.ledger import Ledger, RunInfo, sink_lock
 from lapse.events import ValidationReport, load_attributes, read_links, validate_events
 from lapse.events.identity import anonymous_only, person_ids, resolve
-from lapse.exceptions import LapseError
-from lapse.spark import ENGINES, Engine
+from lapse.events.readers import EventSource, as_polars
+from lapse.exceptions import LapseError, WriteFailed
+from lapse.faults import fault_point
+from lapse.registry import LoadedBundle, load_bundle
+from lapse.schema import run_day, utc_cutoff
+from lapse.score.records import (
+    RECORDS_SCHEMA,
+    ScoreResult,
+    check_event_names,
+    delta_key,
+    load_suppression,
+    score_users,
+    who_was_scored,
+    with_reasons,
+)
+from lapse.sinks import make_sink
+from lapse.sinks.base import RECORD_COLUMNS, DeliveryStopped, Item, Sink
+from lapse.sinks.memory import MemorySink
 
 if TYPE_CHECKING:
-    from pyspark.sql import SparkSession
-
-    from lapse.delivery.audit import AuditTrail
-    from lapse.delivery.ledger import Ledger, RunInfo
-    from lapse.modeling.bundle import ChurnBundle
-    from lapse.registry import LoadedBundle
-    from lapse.score.records import ScoreResult
-    from lapse.sinks.base import Sink
+    from lapse.spark import SparkSession
 
 __all__ = [
+    "Chunks",
+    "Marked",
+    "RunContext",
     "ScoreHeader",
     "ScoreProgress",
     "ScoreRunResult",
+    "Silent",
+    "Totals",
     "anonymous_warning",
+    "deliver_run",
+    "delivery_counts",
+    "dry_run_delivery",
     "hold_anonymous",
+    "last_fired",
+    "load_model",
+    "make_outbox",
+    "mark_sendable",
+    "model_label",
+    "model_version",
+    "new_run_id",
+    "note",
+    "prune_expired",
+    "record_fired",
+    "recorded",
+    "recover_cut_off",
+    "resume_command",
+    "resume_delivery",
+    "resumed_line",
+    "run_result",
     "run_score",
     "score_header",
+    "send_scored",
+    "snapshot_rows",
+    "start_delivery",
 ]
-# -- the nightly score ------------------------------------------------------------------------
+
+
+# -- what a run announces, reports and returns -----------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -55,7 +130,8 @@ class ScoreHeader:
     ``model`` is the registered name (or the bundle's), ``version`` the registry's
     version or ``local``, ``source`` what ``--model`` pointed at, ``trained_on``
     the training events' source, span and event names (or that the bundle does
-    not record them).
+    not record them; empty when ``resumed``). ``resume`` is the exact command that
+    finishes the run if it is cut off.
     """
 
     score_run_id: str
@@ -63,6 +139,8 @@ class ScoreHeader:
     version: str
     source: str
     trained_on: str
+    resume: str = ""
+    resumed: bool = False
 
 
 class ScoreProgress(Protocol):
@@ -80,8 +158,13 @@ class ScoreProgress(Protocol):
     def advance(self, n: int) -> None:
         """``n`` more records were handled (sent, failed or skipped)."""
 
+    def note(self, text: str) -> None:
+        """The run did something besides its own work (it finished a cut-off run): say it now."""
 
-class _Silent:
+
+class Silent:
+    """A :class:`ScoreProgress` that reports nothing (the default of the Python API)."""
+
     def begin(self, header: ScoreHeader) -> None:
         pass
 
@@ -92,6 +175,9 @@ class _Silent:
         pass
 
     def advance(self, n: int) -> None:
+        pass
+
+    def note(self, text: str) -> None:
         pass
 
 
@@ -134,31 +220,124 @@ class ScoreRunResult:
         return self.counts.get("failed", 0) == 0
 
 
-def _run_id(as_of: datetime) -> str:
-    """``YYYYMMDD-HHMMSS-ffffff``: as_of, then the start time to the microsecond, so runs
-    of one as_of sort in start order (sinks keep the latest run's rows by this order)."""
+# -- the run and its model --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every step of one score run shares.
+
+    ``as_of`` is the run's cutoff as a UTC instant (normalised once, at the job's
+    edge, by :func:`lapse.schema.utc_cutoff`) and :attr:`day` its UTC day: the
+    snapshot, the records' ``as_of``, cooldowns, the frequency cap and retention
+    all count in that day. ``started`` is the monotonic clock at the start (the
+    result's ``seconds``); a ``dry_run`` sends nothing and changes no state.
+    ``resume`` is the exact command that finishes the run (:func:`resume_command`);
+    ``notes`` collects what the run did besides its own work (cut-off runs it
+    finished, :func:`note`), for its audit summary.
+    """
+
+    run_id: str
+    as_of: datetime
+    config: LapseConfig
+    trail: AuditTrail
+    ledger: Ledger
+    sink: Sink
+    progress: ScoreProgress
+    dry_run: bool = False
+    started: float = field(default_factory=time.monotonic)
+    resume: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def day(self) -> date:
+        """The run's day: the UTC day of :attr:`as_of`."""
+        return run_day(self.as_of)
+
+
+def new_run_id(as_of: datetime) -> str:
+    """``YYYYMMDD-HHMMSS-ffffff``: as_of's day, then the start time to the microsecond, so
+    runs of one as_of sort in start order (sinks keep the latest run's rows by this order)."""
     now = datetime.now(UTC)
-    return f"{as_of:%Y%m%d}-{now:%H%M%S-%f}"
+    return f"{run_day(as_of):%Y%m%d}-{now:%H%M%S-%f}"
 
 
-def _counts(frame: pl.DataFrame, column: str) -> dict[str, int]:
-    if frame.height == 0:
-        return {}
-    if frame.schema[column] == pl.List(pl.String):
-        frame = frame.select(pl.col(column).explode()).drop_nulls()
-    rows = frame.group_by(column).len().sort(column).iter_rows()
-    return {str(k): int(n) for k, n in rows}
+def load_model(model: str | None, config: LapseConfig, progress: ScoreProgress) -> LoadedBundle:
+    """The bundle ``model`` names (default: the registered champion, ``models.name``)."""
+    progress.stage("loading the model")
+    return load_bundle(model or f"models:/{config.models.name}@champion", config)
 
 
-def _model_label(loaded: LoadedBundle) -> str:
+def model_version(loaded: LoadedBundle) -> str:
+    """The registry's version of the bundle, or ``local`` for a bundle file."""
+    return str(loaded.version) if loaded.version is not None else "local"
+
+
+def model_label(loaded: LoadedBundle) -> str:
     """``model 'lapse' version 3`` or ``model 'lapse' (bundle file models/lapse.pkl)``."""
     if loaded.version is None:
         return f"model {loaded.name!r} (bundle file {loaded.source})"
     return f"model {loaded.name!r} version {loaded.version}"
 
 
-def score_header(loaded: LoadedBundle, run_id: str) -> ScoreHeader:
-    """The run's :class:`ScoreHeader`: id, model, version and what the model was trained on."""
+def resume_command(events: EventSource, run_id: str, config: LapseConfig) -> str:
+    """The exact command that finishes run ``run_id`` (``--config`` when one was given;
+    ``EVENTS`` for events in memory: a resume reads none).
+
+    >>> from lapse.config import load_config
+    >>> resume_command("data/my events.parquet", "20260301-020000-123456", load_config())
+    "lapse score 'data/my events.parquet' --resume 20260301-020000-123456"
+    """
+    argv = ["lapse", "score", _events_argument(events), "--resume", run_id]
+    if not config.origin.startswith("<"):  # a file, not the embedded default
+        argv += ["--config", config.origin]
+    return shlex.join(argv)
+
+
+def _events_argument(events: EventSource) -> str:
+    """``events`` as the command line names it (``EVENTS`` for a frame in memory)."""
+    return str(events) if isinstance(events, str | Path) else "EVENTS"
+
+
+@contextlib.contextmanager
+def open_run(
+    events: EventSource,
+    config: LapseConfig,
+    trail: AuditTrail,
+    *,
+    as_of: datetime,
+    sink: str | None,
+    out: Path | None,
+    dry_run: bool,
+    progress: ScoreProgress,
+    started: float,
+) -> Iterator[RunContext]:
+    """A new run's context, holding the sink's lock (none for a dry run) and its ledger.
+
+    The lock comes first: a second run for the same sink stops before doing any work.
+    ``as_of`` is already a UTC instant (:func:`lapse.schema.utc_cutoff`).
+    """
+    target = make_sink(sink or config.sinks.default, config, out=out)
+    lock = contextlib.nullcontext() if dry_run else sink_lock(trail.locks, target.name)
+    run_id = new_run_id(as_of)
+    with lock, Ledger(trail.ledger) as ledger:
+        yield RunContext(
+            run_id,
+            as_of,
+            config,
+            trail,
+            ledger,
+            target,
+            progress,
+            dry_run,
+            started,
+            resume="" if dry_run else resume_command(events, run_id, config),
+        )
+
+
+def score_header(loaded: LoadedBundle, ctx: RunContext) -> ScoreHeader:
+    """The run's :class:`ScoreHeader`: id, model, version and what the model was trained
+    on, and the command that resumes it."""
     data = loaded.bundle.training_data
     trained_on = (
         data.describe(loaded.bundle.event_names())
@@ -167,16 +346,129 @@ def score_header(loaded: LoadedBundle, run_id: str) -> ScoreHeader:
         "record of its training events; retrain to have it)"
     )
     return ScoreHeader(
-        score_run_id=run_id,
+        score_run_id=ctx.run_id,
         model=loaded.name,
-        version=str(loaded.version) if loaded.version is not None else "local",
+        version=model_version(loaded),
         source=loaded.source,
         trained_on=trained_on,
+        resume=ctx.resume,
     )
 
 
+@contextlib.contextmanager
+def recorded(ctx: RunContext, loaded: LoadedBundle) -> Iterator[None]:
+    """The run's life in the ledger around its work (step 0 of the module docstring).
+
+    Records the run (``preparing``: it exists before any file says it was sent),
+    announces it through ``ctx.progress.begin`` (the header comes first), then
+    :func:`recover_cut_off`. A run that leaves the block still ``preparing`` sent
+    nothing: on an error it is abandoned (its files removed), otherwise it had
+    nothing to deliver and is dropped. A dry run records nothing.
+    """
+    if not ctx.dry_run:
+        ctx.ledger.begin_run(
+            ctx.run_id,
+            ctx.sink.name,
+            as_of=ctx.as_of,
+            model=loaded.source,
+            target=str(getattr(ctx.sink, "path", "") or ""),
+        )
+    ctx.progress.begin(score_header(loaded, ctx))
+    fault_point("run_recorded")
+    if ctx.dry_run:
+        yield
+        return
+    try:
+        recover_cut_off(ctx)
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):  # the error that stopped the run goes first
+            if _status(ctx) == "preparing":
+                abandon(ctx.trail, ctx.ledger, ctx.ledger.run(ctx.run_id, ctx.sink.name))
+        raise
+    if _status(ctx) == "preparing":
+        ctx.ledger.drop_runs([ctx.run_id])
+
+
+def note(ctx: RunContext, text: str) -> None:
+    """Say ``text`` now (``ctx.progress.note``) and keep it for the run's summary."""
+    ctx.notes.append(text)
+    ctx.progress.note(text)
+
+
+def _status(ctx: RunContext) -> str:
+    return ctx.ledger.run(ctx.run_id, ctx.sink.name).status
+
+
+def abandon(trail: AuditTrail, ledger: Ledger, info: RunInfo) -> str:
+    """Remove the files of a run that never planned its batches (it sent nothing) and mark
+    it ``abandoned``; what happened, in words."""
+    trail.remove_run(run_day(info.as_of), info.score_run_id)
+    ledger.finish_run(info.score_run_id, info.sink, "abandoned")
+    return (
+        f"score run {info.score_run_id} was cut off before it sent anything; "
+        "its audit files were removed"
+    )
+
+
+def recover_cut_off(ctx: RunContext) -> None:
+    """Take care of the runs of ``ctx``'s sink that were cut off (their process died:
+    the caller holds the sink's lock), each said with :func:`note`.
+
+    A run cut off before its batches were planned sent nothing: :func:`abandon`. A run
+    cut off during delivery is finished first (:func:`resume_delivery`, batches in doubt
+    per the sink's policy), so this run's delta sync, cooldowns and frequency cap count
+    everything it delivered: nothing is lost, nothing acknowledged is sent twice.
+    """
+    for info in ctx.ledger.cut_off(ctx.sink.name, besides=ctx.run_id):
+        if info.status == "preparing":
+            note(ctx, abandon(ctx.trail, ctx.ledger, info))
+            continue
+        target = make_sink(info.sink, ctx.config, out=Path(info.target) if info.target else None)
+        earlier = RunContext(
+            info.score_run_id,
+            utc_cutoff(info.as_of),
+            ctx.config,
+            ctx.trail,
+            ctx.ledger,
+            target,
+            ctx.progress,
+            resume=ctx.resume.replace(ctx.run_id, info.score_run_id),
+        )
+        try:
+            finished = resume_delivery(earlier)
+        except (DeliveryStopped, WriteFailed):
+            raise  # the destination or the disk stops this run as well
+        except LapseError as exc:  # its outbox or summary is gone (pruned, deleted)
+            ctx.ledger.finish_run(info.score_run_id, info.sink, "interrupted")
+            note(ctx, f"score run {info.score_run_id} was cut off and cannot be finished: {exc}")
+            continue
+        note(
+            ctx,
+            f"score run {info.score_run_id} was cut off during delivery; this run finished "
+            f"it first: {resumed_line(finished)}",
+        )
+        for warning in finished.warnings:
+            note(ctx, f"(score run {info.score_run_id}) {warning}")
+
+
+def resumed_line(result: ScoreRunResult) -> str:
+    """What a resume did: the records delivered before it, those it sent, the model."""
+    earlier = result.counts.get("sent_earlier", 0)
+    later = result.counts.get("sent", 0) - earlier
+    failed = result.counts.get("failed", 0)
+    return (
+        f"the earlier attempt had delivered {earlier:,} records, the resume sent {later:,}"
+        + (f" ({failed:,} failed)" if failed else "")
+        + f"; scored with {result.model}"
+    )
+
+
+# -- the nightly score ------------------------------------------------------------------------
+
+
 def run_score(
-    events: Path,
+    events: EventSource,
     config: LapseConfig,
     *,
     as_of: datetime,
@@ -191,6 +483,11 @@ def run_score(
     spark: SparkSession | None = None,
 ) -> ScoreRunResult:
     """Score every eligible user as of ``as_of`` and deliver the records to a sink.
+
+    ``events`` is an event file, folder or glob (or a database source), or the
+    events in memory: a source-shaped Polars or pandas frame, mapped and validated
+    like the file (the local engine only). ``as_of`` is an aware datetime; the run
+    counts in its UTC instant and UTC day (a naive one is refused).
 
     ``engine="spark"`` reads and validates the events, and computes the records,
     on Spark (:mod:`lapse.spark.score`); the driver then applies the ledger and
@@ -209,223 +506,263 @@ def run_score(
     LockHeldError
         Another run for the same sink is in progress.
     """
-    from lapse.delivery.audit import AuditTrail
-    from lapse.delivery.ledger import Ledger, sink_lock
-    from lapse.sinks import make_sink
-
     started = time.monotonic()
-    report = progress or _Silent()
+    report = progress or Silent()
     if engine not in ENGINES:
         raise LapseError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
     trail = AuditTrail(config.resolve(config.audit.path))
     if resume is not None:
-        with Ledger(trail.ledger) as ledger:
-            info = ledger.run(resume, sink)
-        target = make_sink(
-            info.sink, config, out=out or (Path(info.target) if info.target else None)
-        )
-        with sink_lock(trail.locks, target.name), Ledger(trail.ledger) as ledger:
-            return _resume(trail, ledger, target, info, config, report, started)
-
-    from lapse.registry import load_bundle
-    from lapse.score.records import check_event_names, score_users
-
-    target = make_sink(sink or config.sinks.default, config, out=out)
-    # the lock first: a second run for this sink stops before doing any work
-    lock = contextlib.nullcontext() if dry_run else sink_lock(trail.locks, target.name)
-    with lock, Ledger(trail.ledger) as ledger:
-        if engine == "spark":
-            from lapse.spark.score import run_score_spark
-
-            return run_score_spark(
-                events,
-                config,
-                as_of=as_of,
-                model=model,
-                target=target,
-                trail=trail,
-                ledger=ledger,
-                dry_run=dry_run,
-                full=full,
-                report=report,
-                started=started,
-                spark=spark,
-            )
-        report.stage("loading the model")
-        loaded = load_bundle(model or f"models:/{config.models.name}@champion", config)
-        bundle = loaded.bundle
-        version = str(loaded.version) if loaded.version is not None else "local"
-        run_id = _run_id(as_of)
-        report.begin(score_header(loaded, run_id))
-        report.stage("reading and validating events")
-        kept, validation = validate_events(events, config, as_of=as_of)
-        check_event_names(bundle, validation.events_per_name, _model_label(loaded))
-        attributes = load_attributes(config)
-        report.stage("scoring users")
-        links = read_links(events, config)
-        fired = _last_fired(ledger, target.name, links=links, as_of=as_of)
-        scored = score_users(
-            bundle,
-            resolve(kept.lazy(), links, as_of),
-            as_of,
+        return _resume(
+            trail,
             config,
-            score_run_id=run_id,
-            model_version=version,
-            attributes=attributes,
-            last_fired=fired,
-        )
-        return _send_scored(
-            scored,
-            trail=trail,
-            ledger=ledger,
-            target=target,
-            bundle=bundle,
-            model=loaded.source,
-            version=version,
-            attributes=attributes,
-            config=config,
-            as_of=as_of,
-            run_id=run_id,
-            dry_run=dry_run,
-            full=full,
-            report=report,
+            resume,
+            events=events,
+            sink=sink,
+            out=out,
+            progress=report,
             started=started,
-            validation=validation,
-            anonymous=anonymous_only(links, as_of),
         )
+    as_of = utc_cutoff(as_of)
+    with open_run(
+        events,
+        config,
+        trail,
+        as_of=as_of,
+        sink=sink,
+        out=out,
+        dry_run=dry_run,
+        progress=report,
+        started=started,
+    ) as ctx:
+        if engine == "spark":
+            from lapse.spark.score import run_score_spark  # the Spark engine, on demand
+
+            if not isinstance(events, str | Path):
+                raise LapseError(
+                    "the spark engine reads event files or tables, not a frame in memory; "
+                    "pass a path, or score the frame with engine='local'"
+                )
+
+            return run_score_spark(events, ctx, model=model, full=full, spark=spark)
+        loaded = load_model(model, config, report)
+        with recorded(ctx, loaded):
+            return _score_local(events, ctx, loaded, full=full)
 
 
-def _send_scored(
+def _score_local(
+    events: EventSource, ctx: RunContext, loaded: LoadedBundle, *, full: bool
+) -> ScoreRunResult:
+    """The local engine's run, once recorded: read, score, then :func:`send_scored`."""
+    config, as_of, report = ctx.config, ctx.as_of, ctx.progress
+    report.stage("reading and validating events")
+    events = as_polars(events)  # pandas: converted once, read twice (events, links)
+    kept, validation = validate_events(events, config, as_of=as_of)
+    check_event_names(loaded.bundle, validation.events_per_name, model_label(loaded))
+    attributes = load_attributes(config)
+    report.stage("scoring users")
+    links = read_links(events, config)
+    scored = score_users(
+        loaded.bundle,
+        resolve(kept.lazy(), links, as_of),
+        as_of,
+        config,
+        score_run_id=ctx.run_id,
+        model_version=model_version(loaded),
+        attributes=attributes,
+        last_fired=last_fired(ctx, links=links),
+    )
+    return send_scored(
+        ctx,
+        loaded,
+        scored,
+        attributes=attributes,
+        validation=validation,
+        anonymous=anonymous_only(links, as_of),
+        full=full,
+    )
+
+
+def _resume(
+    trail: AuditTrail,
+    config: LapseConfig,
+    score_run_id: str,
+    *,
+    events: EventSource,
+    sink: str | None,
+    out: Path | None,
+    progress: ScoreProgress,
+    started: float,
+) -> ScoreRunResult:
+    """Open the ledger, the sink and its lock for :func:`resume_delivery` of a run; a run
+    cut off before it planned its batches sent nothing: it is cleaned up, and says so."""
+    with Ledger(trail.ledger) as ledger:
+        info = ledger.run(score_run_id, sink)
+    target = make_sink(info.sink, config, out=out or (Path(info.target) if info.target else None))
+    with sink_lock(trail.locks, target.name), Ledger(trail.ledger) as ledger:
+        info = ledger.run(score_run_id, info.sink)  # as of now, with the lock held
+        if info.status in ("preparing", "abandoned"):
+            done = abandon(trail, ledger, info) if info.status == "preparing" else ""
+            raise LapseError(
+                f"score run {score_run_id} stopped before it sent anything"
+                + (f" ({done.split('; ', 1)[1]})" if done else "")
+                + f"; nothing to resume: run `lapse score {shlex.quote(_events_argument(events))} --as-of "
+                f"{run_day(info.as_of):%Y-%m-%d}` again"
+            )
+        ctx = RunContext(
+            info.score_run_id,
+            utc_cutoff(info.as_of),
+            config,
+            trail,
+            ledger,
+            target,
+            progress,
+            started=started,
+            resume=resume_command(events, info.score_run_id, config),
+        )
+        return resume_delivery(ctx)
+
+
+def send_scored(
+    ctx: RunContext,
+    loaded: LoadedBundle,
     scored: ScoreResult,
     *,
-    trail: AuditTrail,
-    ledger: Ledger,
-    target: Sink,
-    bundle: ChurnBundle,
-    model: str,
-    version: str,
     attributes: pl.DataFrame | None,
-    config: LapseConfig,
-    as_of: datetime,
-    run_id: str,
-    dry_run: bool,
-    full: bool,
-    report: ScoreProgress,
-    started: float,
     validation: ValidationReport | None,
     anonymous: pl.Series | None = None,
+    full: bool = False,
 ) -> ScoreRunResult:
-    """Everything after scoring, shared by `lapse score` and `lapse triggers run`.
+    """Everything after scoring on the local engine, shared by `lapse score` and
+    `lapse triggers run`: :func:`mark_sendable`, reasons for the users sent, the audit
+    snapshot and outbox, the ledger's batches and the delivery itself (or a dry run).
 
-    Suppression, the control group, the frequency cap, the delta key against the
-    sink's last delivery, reasons for the users sent, the audit snapshot and
-    outbox, the ledger's batches and the delivery itself (or a dry run).
     ``anonymous`` ids (linked to no known user) are sent only to a sink with an
     ``anonymous_identifier``; for the others they are held back and counted.
+    ``full`` sends every sendable record, changed or not (``lapse score --full``).
     """
-    from lapse.score.records import who_was_scored, with_reasons
-
-    records, sendable = _mark_sendable(
-        scored.records,
-        config=config,
-        attributes=attributes,
-        ledger=ledger,
-        sink=target.name,
-        day=as_of.astimezone(UTC).date(),
-        run_id=run_id,
+    prune_expired(ctx)
+    marked = mark_sendable(ctx, scored.records, attributes, anonymous, full=full)
+    ctx.progress.stage("explaining the users sent")
+    scored.records = marked.records.select(scored.records.columns)
+    explained = with_reasons(loaded.bundle, scored, marked.send, top=ctx.config.score.reasons)
+    rows = snapshot_rows(marked, explained)
+    outbox = make_outbox(ctx, rows, marked, attributes)
+    totals = Totals(
+        population=Counter(scored.population), drift=scored.drift, warnings=scored.warnings
     )
-    pruned = [] if dry_run else trail.prune(config.audit.retention_days, as_of.date())
-    if pruned:
-        ledger.drop_runs(pruned)
-    last = ledger.delivered(target.name)
-    previous, changed = delta_changes(records, last, everyone=target.full_snapshot or full)
-    send, held, is_anonymous = hold_anonymous(records, sendable & changed, target, anonymous)
-    if held.any():
-        scored.warnings.append(anonymous_warning(int(held.sum()), target))
-    report.stage("explaining the users sent")
-    scored.records = records.select(scored.records.columns)
-    records = with_reasons(bundle, scored, send, top=config.score.reasons).with_columns(
-        records["delta_key"],
-        records["suppressed"],
-        records["capped"],
-        records["withheld_triggers"],
-        send.alias("sent"),
-    )
-    outbox = _outbox(records.filter(send), previous.filter(send), attributes, target)
-    outbox = outbox.with_columns(is_anonymous.filter(send).alias("anonymous"))
-    counts = {
-        "scored": records.height,
-        "suppressed": int(records["suppressed"].sum()),
-        "control": int(records["control"].sum()),
-        "unchanged": int((sendable & ~changed).sum()),
-        "capped": int(records["capped"].sum()),
-    }
-    if held.any():
-        counts["anonymous_held"] = int(held.sum())
-    summary: dict[str, Any] = {
-        "score_run_id": run_id,
-        "as_of": as_of.isoformat(),
-        "sink": target.describe(),
-        "model": model,
-        "model_version": version,
-        "drift": scored.drift,
-        "warnings": scored.warnings,
-        "counts": counts,
-        "segments": _counts(records, "risk_segment"),
-        "triggers": _counts(records, "triggers"),
-        "population": scored.population,
-        "who_was_scored": who_was_scored(
-            scored.population,
-            bundle.config,
-            as_of,
-            validation.rows_rejected if validation is not None else 0,
-        ),
-    }
-    result = ScoreRunResult(
-        score_run_id=run_id,
-        as_of=as_of,
-        sink=target.describe(),
-        model=f"{model} (version {version})",
-        counts=counts,
-        segments=summary["segments"],
-        triggers=summary["triggers"],
-        drift=scored.drift,
-        warnings=scored.warnings,
-        seconds=0.0,
-        dry_run=dry_run,
-        validation=validation,
-        out=getattr(target, "path", None),
-        population=summary["population"],
-        who_was_scored=summary["who_was_scored"],
-    )
-    if dry_run:
-        return _dry_run(result, outbox, target, config, report, started)
-    report.stage("writing the audit snapshot")
-    result.snapshot = trail.write_snapshot(as_of.date(), run_id, records, summary)
-    trail.write_outbox(run_id, target.name, outbox)
-    items = encode(target, outbox)
-    ledger.start_run(
-        run_id,
-        target.name,
-        as_of=as_of,
-        model=model,
-        target=str(result.out or ""),
-        batches=plan_batches(items, target, config.delivery.batch_size),
-    )
-    return _deliver(
-        trail,
-        ledger,
-        target,
-        run_id,
-        as_of,
-        outbox,
-        items,
-        config,
-        report,
+    totals.add(marked)
+    result, summary = run_result(ctx, loaded, totals, validation)
+    if ctx.dry_run:
+        return dry_run_delivery(ctx, result, outbox)
+    items = encode(ctx.sink, outbox)
+    start_delivery(
+        ctx,
         result,
-        summary,
-        started,
+        plan_batches(items, ctx.sink, ctx.config.delivery.batch_size),
+        snapshot=lambda: ctx.trail.write_snapshot(ctx.day, ctx.run_id, rows, summary),
+        outbox=lambda: ctx.trail.write_outbox(ctx.run_id, ctx.sink.name, outbox),
     )
+    return deliver_run(ctx, lambda: [(outbox, items)], outbox.height, result, summary)
+
+
+# -- marking what is sent ---------------------------------------------------------------------
+
+
+def prune_expired(ctx: RunContext) -> None:
+    """Delete the snapshots, outboxes and ledger runs past ``audit.retention_days``
+    (counted back from the run's day); a dry run keeps everything."""
+    if ctx.dry_run:
+        return
+    pruned = ctx.trail.prune(ctx.config.audit.retention_days, ctx.day)
+    if pruned:
+        ctx.ledger.drop_runs(pruned)
+
+
+def last_fired(
+    ctx: RunContext, users: list[str] | None = None, *, links: pl.DataFrame | None = None
+) -> pl.DataFrame:
+    """The ledger's cooldown table for the run's sink (``users`` only, if given):
+    ``trigger, user_id, last_fired``.
+
+    With identity ``links`` the cooldowns move with the person: a visitor
+    messaged under an anonymous id and identified since is the same user, so
+    its ids' entries merge into the canonical id as of the run (latest wins).
+    """
+    if links is not None and users is not None:
+        users = person_ids(links, users, ctx.as_of)
+    frame = pl.DataFrame(
+        ctx.ledger.fired(ctx.sink.name, users=users),
+        schema={"trigger": pl.String, "user_id": pl.String, "last_fired": pl.Date},
+        orient="row",
+    )
+    if links is None or links.is_empty():
+        return frame
+    return (
+        resolve(frame.lazy(), links, ctx.as_of)
+        .group_by("trigger", "user_id")
+        .agg(pl.col("last_fired").max())
+        .sort("trigger", "user_id")
+        .collect()
+    )
+
+
+@dataclass(frozen=True)
+class Marked:
+    """Records with what the run decided for each (:func:`mark_sendable`).
+
+    ``records`` carry ``suppressed``, ``capped``, ``withheld_triggers`` and
+    ``delta_key``; ``sendable`` marks those that may go to the sink at all (not
+    suppressed, not held-out control), ``changed`` those whose delta key changed
+    (or every one, on a full snapshot), ``previous`` the segment last delivered,
+    ``send`` what goes out, ``held`` the anonymous ids held back, ``anonymous``
+    which ids are anonymous.
+    """
+
+    records: pl.DataFrame
+    sendable: pl.Series
+    changed: pl.Series
+    previous: pl.Series
+    send: pl.Series
+    held: pl.Series
+    anonymous: pl.Series
+
+
+def mark_sendable(
+    ctx: RunContext,
+    records: pl.DataFrame,
+    attributes: pl.DataFrame | None,
+    anonymous: pl.Series | None,
+    *,
+    full: bool = False,
+    users: list[str] | None = None,
+) -> Marked:
+    """Suppression, the control group, the frequency cap, the delta key against what the
+    sink last acknowledged, and the anonymous hold: what of ``records`` is sent.
+
+    The cap withholds triggers before the delta key is taken, so a withheld
+    trigger changes the key again on the run that finally delivers it. ``users``
+    (the records' users) reads the ledger for them only: a caller going through
+    the users in chunks.
+    """
+    suppressed = records["user_id"].is_in(
+        pl.Series(sorted(load_suppression(ctx.config, attributes)), dtype=pl.String).implode()
+    )
+    records = records.with_columns(suppressed.alias("suppressed"))
+    sendable = ~records["suppressed"] & (~records["control"] | ctx.config.control.send)
+    records = apply_frequency_cap(
+        records,
+        sendable,
+        ctx.ledger,
+        ctx.sink.name,
+        ctx.config.delivery.frequency_cap,
+        on=ctx.day,
+        score_run_id=ctx.run_id,
+        only_these_users=users is not None,
+    ).with_columns(delta_key())
+    last = ctx.ledger.delivered(ctx.sink.name, users=users)
+    previous, changed = delta_changes(records, last, everyone=ctx.sink.full_snapshot or full)
+    send, held, is_anonymous = hold_anonymous(records, sendable & changed, ctx.sink, anonymous)
+    return Marked(records, sendable, changed, previous, send, held, is_anonymous)
 
 
 def hold_anonymous(
@@ -448,205 +785,299 @@ def anonymous_warning(held: int, target: Sink) -> str:
     )
 
 
-def _mark_sendable(
-    records: pl.DataFrame,
-    *,
-    config: LapseConfig,
-    attributes: pl.DataFrame | None,
-    ledger: Ledger,
-    sink: str,
-    day: date,
-    run_id: str,
-    only_these_users: bool = False,
-) -> tuple[pl.DataFrame, pl.Series]:
-    """``records`` with ``suppressed``, the frequency cap's columns and ``delta_key``,
-    and the mask of records that may be sent (not suppressed, not held-out control).
-
-    The cap withholds triggers before the delta key is taken, so a withheld
-    trigger changes the key again on the run that finally delivers it.
-    """
-    from lapse.score.records import delta_key, load_suppression
-
-    suppressed = records["user_id"].is_in(
-        pl.Series(sorted(load_suppression(config, attributes)), dtype=pl.String).implode()
+def snapshot_rows(marked: Marked, records: pl.DataFrame) -> pl.DataFrame:
+    """The audit snapshot's rows: ``records`` (their reasons filled) with what the run
+    decided: ``delta_key``, ``suppressed``, ``capped``, ``withheld_triggers``, ``sent``."""
+    decided = marked.records
+    return records.select(*RECORDS_SCHEMA).with_columns(
+        decided["delta_key"],
+        decided["suppressed"],
+        decided["capped"],
+        decided["withheld_triggers"],
+        marked.send.alias("sent"),
     )
-    records = records.with_columns(suppressed.alias("suppressed"))
-    sendable = ~records["suppressed"] & (~records["control"] | config.control.send)
-    records = apply_frequency_cap(
-        records,
-        sendable,
-        ledger,
-        sink,
-        config.delivery.frequency_cap,
-        on=day,
-        score_run_id=run_id,
-        only_these_users=only_these_users,
-    ).with_columns(delta_key())
-    return records, sendable
 
 
-def _last_fired(
-    ledger: Ledger,
-    sink: str,
-    users: list[str] | None = None,
-    *,
-    links: pl.DataFrame | None = None,
-    as_of: datetime | None = None,
+def make_outbox(
+    ctx: RunContext, rows: pl.DataFrame, marked: Marked, attributes: pl.DataFrame | None
 ) -> pl.DataFrame:
-    """The ledger's cooldown table for ``sink`` (``users`` only, if given):
-    ``trigger, user_id, last_fired``.
-
-    With identity ``links`` the cooldowns move with the person: a visitor
-    messaged under an anonymous id and identified since is the same user, so
-    its ids' entries merge into the canonical id as of ``as_of`` (latest wins).
-    """
-    if links is not None and users is not None:
-        users = person_ids(links, users, as_of)
-    frame = pl.DataFrame(
-        ledger.fired(sink, users=users),
-        schema={"trigger": pl.String, "user_id": pl.String, "last_fired": pl.Date},
-        orient="row",
+    """What the sink gets of the :func:`snapshot_rows` sent: the pinned columns, the
+    delta key, the previous segment, the attributes it asks for, ``anonymous``."""
+    send = marked.send
+    out = (
+        rows.filter(send)
+        .select(*RECORD_COLUMNS, "control", "delta_key", "cooldown_keys")
+        .with_columns(marked.previous.filter(send).alias("previous_risk_segment"))
     )
-    if links is None or links.is_empty():
-        return frame
-    return (
-        resolve(frame.lazy(), links, as_of)
-        .group_by("trigger", "user_id")
-        .agg(pl.col("last_fired").max())
-        .sort("trigger", "user_id")
-        .collect()
-    )
-
-
-def _outbox(
-    records: pl.DataFrame, previous: pl.Series, attributes: pl.DataFrame | None, sink: Sink
-) -> pl.DataFrame:
-    """What a sink gets: the pinned columns, the delta key, the previous segment, attributes."""
-    from lapse.sinks.base import RECORD_COLUMNS
-
-    out = records.select(*RECORD_COLUMNS, "control", "delta_key", "cooldown_keys").with_columns(
-        previous.alias("previous_risk_segment")
-    )
-    wanted = [c for c in sink.attribute_columns if c not in out.columns]
+    wanted = [c for c in ctx.sink.attribute_columns if c not in out.columns]
     if wanted:
         have = [] if attributes is None else [c for c in wanted if c in attributes.columns]
         if attributes is not None and have:
             extra = attributes.select(pl.col("user_id").cast(pl.String), *have)
             out = out.join(extra, on="user_id", how="left", maintain_order="left")
         out = out.with_columns(pl.lit(None, pl.String).alias(c) for c in wanted if c not in have)
-    return out
+    return out.with_columns(marked.anonymous.filter(send).alias("anonymous"))
 
 
-def _dry_run(
-    result: ScoreRunResult,
-    outbox: pl.DataFrame,
-    target: Sink,
-    config: LapseConfig,
-    report: ScoreProgress,
-    started: float,
+# -- counts, summary and result ---------------------------------------------------------------
+
+_COUNTED = ("scored", "suppressed", "control", "unchanged", "capped", "anonymous_held")
+
+
+@dataclass
+class Totals:
+    """What a run's records add up to (on Spark, summed chunk by chunk): the counts, the
+    segments and triggers sent or not, who was scored and why not, drift and warnings."""
+
+    counts: Counter[str] = field(default_factory=lambda: Counter(dict.fromkeys(_COUNTED, 0)))
+    segments: Counter[str] = field(default_factory=Counter)
+    triggers: Counter[str] = field(default_factory=Counter)
+    population: Counter[str] = field(default_factory=Counter)
+    drift: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def add(self, marked: Marked) -> None:
+        """Count a batch of :func:`mark_sendable` records."""
+        records = marked.records
+        self.counts.update(
+            scored=records.height,
+            suppressed=int(records["suppressed"].sum()),
+            control=int(records["control"].sum()),
+            unchanged=int((marked.sendable & ~marked.changed).sum()),
+            capped=int(records["capped"].sum()),
+            anonymous_held=int(marked.held.sum()),
+        )
+        self.segments.update(records["risk_segment"].to_list())
+        self.triggers.update(t for fired in records["triggers"].to_list() for t in fired)
+
+
+def run_result(
+    ctx: RunContext,
+    loaded: LoadedBundle,
+    totals: Totals,
+    validation: ValidationReport | None,
+    *,
+    engine: Engine = "local",
+) -> tuple[ScoreRunResult, dict[str, Any]]:
+    """The run's result and its audit summary (the JSON beside the snapshot), for either engine."""
+    counts = {k: n for k, n in totals.counts.items() if k != "anonymous_held"}
+    warnings = list(totals.warnings)
+    if totals.counts["anonymous_held"]:
+        counts["anonymous_held"] = totals.counts["anonymous_held"]
+        warnings.append(anonymous_warning(counts["anonymous_held"], ctx.sink))
+    rejected = validation.rows_rejected if validation is not None else 0
+    summary: dict[str, Any] = {
+        "score_run_id": ctx.run_id,
+        "as_of": ctx.as_of.isoformat(),
+        "sink": ctx.sink.describe(),
+        "model": loaded.source,
+        "model_version": model_version(loaded),
+        "drift": totals.drift,
+        "warnings": warnings,
+        "counts": counts,
+        "segments": dict(sorted(totals.segments.items())),
+        "triggers": dict(sorted(totals.triggers.items())),
+        "population": dict(totals.population),
+        "who_was_scored": who_was_scored(
+            totals.population, loaded.bundle.config, ctx.as_of, rejected
+        ),
+    }
+    if ctx.notes:
+        summary["notes"] = list(ctx.notes)
+    if engine != "local":
+        summary["engine"] = engine
+    return _result(ctx, summary, validation=validation), summary
+
+
+def _result(
+    ctx: RunContext,
+    summary: dict[str, Any],
+    *,
+    validation: ValidationReport | None = None,
+    snapshot: Path | None = None,
+    resumed: bool = False,
+) -> ScoreRunResult:
+    """The :class:`ScoreRunResult` a run's summary describes (a fresh run's or a resumed one's)."""
+    return ScoreRunResult(
+        score_run_id=ctx.run_id,
+        as_of=ctx.as_of,
+        sink=ctx.sink.describe(),
+        model=f"{summary['model']} (version {summary['model_version']})",
+        counts=dict(summary["counts"]),
+        segments=summary["segments"],
+        triggers=summary["triggers"],
+        drift=summary["drift"],
+        warnings=summary["warnings"],
+        seconds=0.0,
+        snapshot=snapshot,
+        dry_run=ctx.dry_run,
+        resumed=resumed,
+        validation=validation,
+        out=getattr(ctx.sink, "path", None),
+        population=summary.get("population", {}),
+        who_was_scored=summary.get("who_was_scored", ""),
+    )
+
+
+# -- delivery ---------------------------------------------------------------------------------
+
+#: The outbox as consecutive chunks in row order, each with its :func:`encode` items
+#: (``None``: encode it on the way); called again to settle the dead letters.
+Chunks = Callable[[], Iterable[tuple[pl.DataFrame, list[Item | None] | None]]]
+
+
+def dry_run_delivery(
+    ctx: RunContext, result: ScoreRunResult, outbox: pl.DataFrame
 ) -> ScoreRunResult:
     """Deliver to an in-memory twin of the sink: same batches and payloads, nothing sent."""
-    import tempfile
-
-    from lapse.delivery.ledger import Ledger
-    from lapse.sinks.memory import MemorySink
-
-    twin = MemorySink(like=target)
+    twin = MemorySink(like=ctx.sink)
     with (
         tempfile.TemporaryDirectory(prefix="lapse-dry-run-") as tmp,
         Ledger(Path(tmp) / "l.db") as ledger,
     ):
         ledger.start_run(
-            result.score_run_id,
+            ctx.run_id,
             twin.name,
-            as_of=result.as_of,
+            as_of=ctx.as_of,
             model=result.model,
             target="",
-            batches=plan_batches(encode(twin, outbox), twin, config.delivery.batch_size),
+            batches=plan_batches(encode(twin, outbox), twin, ctx.config.delivery.batch_size),
         )
-        report.delivering(outbox.height)
+        ctx.progress.delivering(outbox.height)
         sent = deliver(
             outbox,
             twin,
             ledger,
-            result.score_run_id,
-            config.delivery,
-            as_of=result.as_of,
+            ctx.run_id,
+            ctx.config.delivery,
+            as_of=ctx.as_of,
             dead_letters=Path(tmp) / "dead.ndjson",
-            on_progress=report.advance,
+            on_progress=ctx.progress.advance,
         )
     result.counts.update(sent=0, would_send=sent.sent, skipped=sent.skipped, failed=0, retried=0)
     # a request of the first few records, in exactly the shape the sink sends
-    first = [i for i in encode(target, outbox.head(50)) if i is not None][:3]
-    result.examples = [target.payload(first)] if first else []
-    result.seconds = time.monotonic() - started
+    first = [i for i in encode(ctx.sink, outbox.head(50)) if i is not None][:3]
+    result.examples = [ctx.sink.payload(first)] if first else []
+    result.seconds = time.monotonic() - ctx.started
     return result
 
 
-def _deliver(
-    trail: AuditTrail,
-    ledger: Ledger,
-    target: Sink,
-    run_id: str,
-    as_of: datetime,
-    outbox: pl.DataFrame,
-    items: list[Any],
-    config: LapseConfig,
-    report: ScoreProgress,
+def start_delivery(
+    ctx: RunContext,
+    result: ScoreRunResult,
+    batches: list[tuple[int, int]],
+    *,
+    snapshot: Callable[[], Path],
+    outbox: Callable[[], object],
+) -> None:
+    """Write the audit ``snapshot`` (and its summary), then the ``outbox``, then plan the
+    ``batches`` (outbox row ranges) in the ledger: from here on ``lapse score --resume``
+    can finish the run. Cut off before, the run (recorded by :func:`recorded`) sent nothing."""
+    ctx.progress.stage("writing the audit snapshot")
+    result.snapshot = snapshot()
+    fault_point("after_snapshot")
+    outbox()
+    fault_point("after_outbox")
+    ctx.ledger.plan(ctx.run_id, ctx.sink.name, batches)
+    fault_point("before_delivery")
+
+
+def deliver_run(
+    ctx: RunContext,
+    chunks: Chunks,
+    total: int,
     result: ScoreRunResult,
     summary: dict[str, Any],
-    started: float,
 ) -> ScoreRunResult:
-    """Send the run's pending batches, then record the outcome in the ledger and the summary."""
-    from lapse.sinks.base import SinkAuthError
+    """Send the run's pending batches, chunk by chunk (no batch crosses a chunk), then
+    record the outcome in the ledger, the result and the summary.
 
-    report.delivering(outbox.height)
+    After each chunk the cooldowns and messages the sink acknowledged are recorded
+    (:func:`record_fired`), also when the sink refuses the credentials midway.
+    """
+    name, ledger = ctx.sink.name, ctx.ledger
+    dead = ctx.trail.dead_letters(ctx.run_id, name)
+    ctx.progress.delivering(total)
+    counts = {"sent": 0, "skipped": 0, "failed": 0}
+    retried = 0
+    budget = RetryBudget.of(ctx.config.delivery)  # one budget for the whole run
     try:
-        sent = deliver(
-            outbox,
-            target,
-            ledger,
-            run_id,
-            config.delivery,
-            as_of=as_of,
-            dead_letters=trail.dead_letters(run_id, target.name),
-            on_progress=report.advance,
-            items=items,
+        ctx.sink.open(ctx.run_id)
+        offset = 0
+        for outbox, encoded in chunks():
+            items = encode(ctx.sink, outbox) if encoded is None else encoded
+            try:
+                sent = deliver(
+                    outbox,
+                    ctx.sink,
+                    ledger,
+                    ctx.run_id,
+                    ctx.config.delivery,
+                    as_of=ctx.as_of,
+                    dead_letters=dead,
+                    on_progress=ctx.progress.advance,
+                    items=items,
+                    rows=(offset, offset + outbox.height),
+                    budget=budget,
+                )
+            finally:
+                record_fired(ctx, outbox, items, offset)
+            retried += sent.retried
+            for key, n in delivery_counts(ctx, items, offset).items():
+                counts[key] += n
+            offset += outbox.height
+        result.dead_letters = settle(
+            ledger, (outbox for outbox, _ in chunks()), ctx.sink, ctx.run_id, dead
         )
-    except SinkAuthError:
-        ledger.finish_run(run_id, target.name, "interrupted", summary)
+        fault_point("after_delivery")
+    except DeliveryStopped:
+        ledger.finish_run(ctx.run_id, name, "interrupted", summary)
         raise
+    except WriteFailed as exc:
+        with contextlib.suppress(WriteFailed):  # the ledger's own disk may be the full one
+            ledger.finish_run(ctx.run_id, name, "interrupted", summary)
+        then = f"finish score run {ctx.run_id} with `{ctx.resume or '--resume ' + ctx.run_id}`"
+        raise WriteFailed.from_os_error(exc.path, OSError(exc.reason), then=then) from None
     finally:
-        target.close()
-        _record_fired(ledger, run_id, target.name, outbox, items, as_of)
-    result.counts.update(_delivery_counts(ledger, run_id, target.name, items), retried=sent.retried)
-    result.dead_letters = sent.dead_letters
-    result.seconds = time.monotonic() - started
+        ctx.sink.close()
+    result.counts.update(counts, retried=retried)
+    in_doubt = ledger.in_doubt(ctx.run_id, name)  # over every attempt of the run
+    if in_doubt:
+        result.counts["in_doubt"] = in_doubt
+        result.warnings.append(in_doubt_line(in_doubt, ctx.sink))
+    result.warnings += [w for w in ctx.sink.warnings() if w not in result.warnings]
+    summary["warnings"] = result.warnings
+    result.seconds = time.monotonic() - ctx.started
     summary["counts"] = result.counts
     summary["seconds"] = round(result.seconds, 2)
-    ledger.finish_run(run_id, target.name, "complete" if result.complete else "partial", summary)
-    trail.write_summary(as_of.date(), run_id, summary)
+    ledger.finish_run(ctx.run_id, name, "complete" if result.complete else "partial", summary)
+    ctx.trail.write_summary(ctx.day, ctx.run_id, summary)
     return result
 
 
-def _record_fired(
-    ledger: Ledger,
-    run_id: str,
-    sink: str,
-    outbox: pl.DataFrame,
-    items: list[Any],
-    as_of: datetime,
-    offset: int = 0,
+def in_doubt_line(users: int, sink: Sink) -> str:
+    """The summary's line for ``users`` whose undeduped objects were in doubt."""
+    done = "skipped" if sink.in_doubt == "skip" else "sent again"
+    return (
+        f"{users:,} users' events in doubt (a request that may have reached {sink.name} "
+        f"before the run was cut off or the connection dropped): {done} "
+        f"(sinks.{sink.name}.in_doubt: {sink.in_doubt})"
+    )
+
+
+def record_fired(
+    ctx: RunContext, outbox: pl.DataFrame, items: list[Item | None], offset: int = 0
 ) -> None:
     """Start the cooldown of each trigger in a message the sink acknowledged, and count the message.
 
     Read back from the ledger, so a resumed run records what its earlier attempt delivered.
     ``outbox`` and ``items`` may be a chunk: rows ``offset..`` of the run's outbox.
     """
-    failed = {row for row, *_ in ledger.failures(run_id, sink)}
+    sink = ctx.sink.name
+    failed = {row for row, *_ in ctx.ledger.failures(ctx.run_id, sink)}
     rows = [
         i - offset
-        for b in ledger.batches(run_id, sink)
+        for b in ctx.ledger.batches(ctx.run_id, sink)
         if b.state == "done" and offset <= b.start < offset + len(items)
         for i in range(b.start, b.stop)
         if items[i - offset] is not None and i not in failed
@@ -657,29 +1088,29 @@ def _record_fired(
     # the cooldown keys (an outbox written before they existed: the trigger ids)
     keys = "cooldown_keys" if "cooldown_keys" in took.columns else "triggers"
     pairs = took.select("user_id", keys).explode(keys).drop_nulls(keys)
-    day = as_of.astimezone(UTC).date()
-    ledger.record_fired(
+    ctx.ledger.record_fired(
         sink,
         zip(pairs[keys].to_list(), pairs["user_id"].cast(pl.String).to_list(), strict=True),
-        on=day,
-        score_run_id=run_id,
+        on=ctx.day,
+        score_run_id=ctx.run_id,
     )
-    ledger.record_messages(
-        sink, took["user_id"].cast(pl.String).to_list(), on=day, score_run_id=run_id
+    ctx.ledger.record_messages(
+        sink, took["user_id"].cast(pl.String).to_list(), on=ctx.day, score_run_id=ctx.run_id
     )
 
 
-def _delivery_counts(
-    ledger: Ledger, run_id: str, sink: str, items: list[Any], offset: int = 0
-) -> dict[str, int]:
-    """``sent``, ``skipped`` and ``failed`` of a run so far, from its ledger.
+def delivery_counts(ctx: RunContext, items: list[Item | None], offset: int = 0) -> dict[str, int]:
+    """``sent``, ``skipped`` and ``failed`` of the run so far, from its ledger.
 
     With ``offset``, of the chunk of rows ``offset..offset + len(items)`` only.
     """
     stop = offset + len(items)
-    failed = {row for row, *_ in ledger.failures(run_id, sink) if offset <= row < stop}
+    sink = ctx.sink.name
+    failed = {row for row, *_ in ctx.ledger.failures(ctx.run_id, sink) if offset <= row < stop}
     done = [
-        b for b in ledger.batches(run_id, sink) if b.state == "done" and offset <= b.start < stop
+        b
+        for b in ctx.ledger.batches(ctx.run_id, sink)
+        if b.state == "done" and offset <= b.start < stop
     ]
     sent = sum(
         1
@@ -690,56 +1121,34 @@ def _delivery_counts(
     return {"sent": sent, "skipped": sum(i is None for i in items), "failed": len(failed)}
 
 
-def _resume(
-    trail: AuditTrail,
-    ledger: Ledger,
-    target: Sink,
-    info: RunInfo,
-    config: LapseConfig,
-    report: ScoreProgress,
-    started: float,
-) -> ScoreRunResult:
-    """Finish a run from its outbox and ledger: only batches not yet acknowledged are sent."""
-    import json
-
-    run_date = info.as_of.date()
-    path = trail.snapshot(run_date, info.score_run_id).with_suffix(".json")
+def resume_delivery(ctx: RunContext) -> ScoreRunResult:
+    """Finish a run from its outbox and ledger: only batches not yet acknowledged are sent
+    (those in doubt per the sink's policy). Announces the run (``ctx.progress.begin``);
+    the result's ``sent_earlier`` counts what earlier attempts had delivered."""
+    snapshot = ctx.trail.snapshot(ctx.day, ctx.run_id)
+    path = snapshot.with_suffix(".json")
     try:
         summary: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        result = _result(ctx, summary, snapshot=snapshot, resumed=True)
+    except (OSError, ValueError, KeyError, TypeError):
         raise LapseError(
-            f"score run {info.score_run_id!r}: its audit summary {path} is missing or unreadable; "
+            f"score run {ctx.run_id!r}: its audit summary {path} is missing or unreadable; "
             "it cannot be resumed, run `lapse score` again"
         ) from None
-    outbox = trail.read_outbox(info.score_run_id, target.name)
-    result = ScoreRunResult(
-        score_run_id=info.score_run_id,
-        as_of=info.as_of,
-        sink=target.describe(),
-        model=info.model,
-        counts=dict(summary.get("counts", {})),
-        segments=summary.get("segments", {}),
-        triggers=summary.get("triggers", {}),
-        drift=summary.get("drift", {}),
-        warnings=summary.get("warnings", []),
-        seconds=0.0,
-        snapshot=trail.snapshot(run_date, info.score_run_id),
-        resumed=True,
-        out=getattr(target, "path", None),
-        population=summary.get("population", {}),
-        who_was_scored=summary.get("who_was_scored", ""),
+    ctx.progress.begin(
+        ScoreHeader(
+            score_run_id=ctx.run_id,
+            model=str(summary["model"]),
+            version=str(summary["model_version"]),
+            source=str(summary["model"]),
+            trained_on="",
+            resume=ctx.resume,
+            resumed=True,
+        )
     )
-    return _deliver(
-        trail,
-        ledger,
-        target,
-        info.score_run_id,
-        info.as_of,
-        outbox,
-        encode(target, outbox),
-        config,
-        report,
-        result,
-        summary,
-        started,
-    )
+    outbox = ctx.trail.read_outbox(ctx.run_id, ctx.sink.name)
+    items = encode(ctx.sink, outbox)
+    earlier = delivery_counts(ctx, items)["sent"]
+    done = deliver_run(ctx, lambda: [(outbox, items)], outbox.height, result, summary)
+    done.counts["sent_earlier"] = earlier
+    return done

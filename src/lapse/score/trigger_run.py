@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-import contextlib
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -13,15 +13,36 @@ from typing import Any, Literal
 import polars as pl
 
 from lapse.config import LapseConfig
-from lapse.events import ValidationReport, load_attributes, read_links, validate_events
+from lapse.delivery.audit import AuditTrail
+from lapse.delivery.ledger import DELIVERED
+from lapse.events import (
+    ValidationReport,
+    event_files,
+    load_attributes,
+    read_links,
+    read_user_events,
+    validate_events,
+)
 from lapse.events.identity import anonymous_only, person_ids, resolve
+from lapse.events.readers import EventSource, as_polars, frame_name
+from lapse.exceptions import LapseError
+from lapse.faults import fault_point
+from lapse.registry import LoadedBundle
+from lapse.schema import utc_cutoff
+from lapse.score import incremental as inc
+from lapse.score.records import score_users
 from lapse.score.run import (
+    RunContext,
     ScoreProgress,
     ScoreRunResult,
-    _last_fired,
-    _run_id,
-    _send_scored,
-    _Silent,
+    Silent,
+    last_fired,
+    load_model,
+    model_version,
+    note,
+    open_run,
+    recorded,
+    send_scored,
 )
 
 __all__ = [
@@ -38,7 +59,7 @@ class TriggerRunResult:
     ``new_files``, ``new_event_users`` and ``due_users`` are what an incremental
     run touched (``touched`` is their union, or everyone with events on a full run);
     ``delivery`` is the shared score-and-deliver result, ``None`` when nobody was
-    touched (then nothing was sent).
+    touched (then nothing was sent); ``warnings`` are the delivery's.
     """
 
     as_of: datetime
@@ -52,6 +73,7 @@ class TriggerRunResult:
     fired: int
     seconds: float
     delivery: ScoreRunResult | None = None
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -60,7 +82,7 @@ class TriggerRunResult:
 
 
 def run_triggers(
-    events: Path,
+    events: EventSource,
     config: LapseConfig,
     *,
     as_of: datetime,
@@ -81,6 +103,9 @@ def run_triggers(
     delta sync, ledger and ``lapse score --resume``. A dry run leaves the
     watermark where it was.
 
+    ``events`` may be a source-shaped frame for a full run (no watermark is kept:
+    there are no files to watch); an incremental run needs a folder of files.
+
     Raises
     ------
     LapseError
@@ -88,126 +113,177 @@ def run_triggers(
     LockHeldError
         Another run for the same sink is in progress.
     """
-    import os
-
-    from lapse.delivery.audit import AuditTrail
-    from lapse.delivery.ledger import Ledger, sink_lock
-    from lapse.events import event_files, read_user_events
-    from lapse.registry import load_bundle
-    from lapse.score import incremental as inc
-    from lapse.score.records import score_users
-    from lapse.sinks import make_sink
-
     started = time.monotonic()
-    report = progress or _Silent()
+    as_of = utc_cutoff(as_of)
+    report = progress or Silent()
     trail = AuditTrail(config.resolve(config.audit.path))
-    target = make_sink(sink or config.sinks.default, config, out=out)
-    source = os.path.abspath(events)
-    lock = contextlib.nullcontext() if dry_run else sink_lock(trail.locks, target.name)
-    with lock, Ledger(trail.ledger) as ledger:
-        report.stage("loading the model")
-        loaded = load_bundle(model or f"models:/{config.models.name}@champion", config)
-        version = str(loaded.version) if loaded.version is not None else "local"
-        report.stage("looking for new event files")
-        files = event_files(events)
-        mark = inc.fingerprint(loaded.source, version, config)
-        todo = inc.plan(
-            ledger, target.name, source, files, as_of, mark, config, incremental=incremental
-        )
-        report.stage("reading the touched users' events")
-        history: pl.DataFrame | None
-        validation: ValidationReport | None = None
-        links = read_links(events, config)  # new files bring new links
-        if todo.full:
-            # everyone is read: validate as `score` does, so rejected rows are counted
-            history, validation = validate_events(events, config, as_of=as_of)
-            history = resolve(history.lazy(), links, as_of).collect()
-            users = history["user_id"].cast(pl.String).unique().sort().to_list()
+    events = as_polars(events)
+    source = os.path.abspath(events) if isinstance(events, str | Path) else frame_name(events)
+    with open_run(
+        events,
+        config,
+        trail,
+        as_of=as_of,
+        sink=sink,
+        out=out,
+        dry_run=dry_run,
+        progress=report,
+        started=started,
+    ) as ctx:
+        loaded = load_model(model, config, report)
+        with recorded(ctx, loaded):
+            result = _evaluate(ctx, loaded, events, source, incremental=incremental)
+    result.warnings = list(result.delivery.warnings) if result.delivery else []
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _catch_up(ctx: RunContext, source: str) -> None:
+    """Advance the watermark a trigger run of this folder and sink staged but did not advance
+    (cut off after its delivery, which :func:`lapse.score.run.recover_cut_off` has finished
+    by now), so its users are not evaluated and sent again; drop what a run that did not
+    deliver, or an older one, staged."""
+    sink, ledger = ctx.sink.name, ctx.ledger
+    mark = ledger.watermark(sink, source)
+    for run_id in ledger.staged_watermarks(sink, source):
+        try:
+            info = ledger.run(run_id, sink)
+        except LapseError:  # pruned or dropped: nothing of it to advance
+            ledger.drop_staged(run_id)
+            continue
+        if info.status in DELIVERED and (mark is None or info.as_of >= mark.as_of):
+            ledger.advance_staged(run_id, sink, source)
+            note(
+                ctx,
+                f"trigger run {run_id} was cut off after it delivered; its watermark is "
+                "advanced now, so its users are not sent again",
+            )
         else:
-            # every id of a touched person, their events merged as of the cutoff
-            ids = person_ids(links, todo.users, as_of)
-            history = (
-                resolve(read_user_events(events, config, ids), links, as_of).collect()
-                if ids
-                else None
-            )
-            touched = pl.LazyFrame({"user_id": todo.users}, schema={"user_id": pl.String})
-            users = resolve(touched, links, as_of).collect()["user_id"].unique().sort().to_list()
-        attributes = load_attributes(config)
-        run_id = _run_id(as_of)
-        result = TriggerRunResult(
-            as_of=as_of,
-            mode="full" if todo.full else "incremental",
-            reason=todo.reason,
-            files=len(files),
-            new_files=len(files) if todo.full else len(todo.new_files),
-            new_event_users=len(todo.new_event_users),
-            due_users=len(todo.due_users),
-            touched=len(users),
-            fired=0,
-            seconds=0.0,
+            ledger.drop_staged(run_id)
+
+
+def _evaluate(
+    ctx: RunContext,
+    loaded: LoadedBundle,
+    events: EventSource,
+    source: str,
+    *,
+    incremental: bool,
+) -> TriggerRunResult:
+    """A trigger run once recorded: plan, read, score and deliver, then advance the watermark
+    (after delivery: a run cut off before that is simply done again, and the next run
+    finishes what it had not delivered first; see :func:`lapse.score.run.recover_cut_off`)."""
+    config, as_of, report, ledger, target = (
+        ctx.config,
+        ctx.as_of,
+        ctx.progress,
+        ctx.ledger,
+        ctx.sink,
+    )
+    version = model_version(loaded)
+    if not ctx.dry_run:
+        _catch_up(ctx, source)  # a frame's name never staged a watermark: a no-op
+    report.stage("looking for new event files")
+    # a frame has no files: a full run reads it all, an incremental one is refused
+    in_memory = not isinstance(events, str | Path)
+    files = [] if in_memory and not incremental else event_files(events)
+    mark = inc.fingerprint(loaded.source, version, config)
+    todo = inc.plan(
+        ledger, target.name, source, files, as_of, mark, config, incremental=incremental
+    )
+    report.stage("reading the touched users' events")
+    history: pl.DataFrame | None
+    validation: ValidationReport | None = None
+    links = read_links(events, config)  # new files bring new links
+    if todo.full:
+        # everyone is read: validate as `score` does, so rejected rows are counted
+        history, validation = validate_events(events, config, as_of=as_of)
+        history = resolve(history.lazy(), links, as_of).collect()
+        users = history["user_id"].cast(pl.String).unique().sort().to_list()
+    else:
+        # every id of a touched person, their events merged as of the cutoff
+        ids = person_ids(links, todo.users, as_of)
+        history = (
+            resolve(read_user_events(events, config, ids), links, as_of).collect() if ids else None
         )
-        states: list[Any] = []
-        if history is not None and users:
-            report.stage("scoring the touched users")
-            last_fired = _last_fired(ledger, target.name, links=links, as_of=as_of)
-            scored = score_users(
-                loaded.bundle,
-                history.lazy(),
-                as_of,
-                config,
-                score_run_id=run_id,
-                model_version=version,
-                attributes=attributes,
-                last_fired=last_fired,
-                subset=not todo.full,
-            )
-            assert scored.fired is not None
-            report.stage("finding when each user is next due")
-            due = pl.concat(
-                [
-                    inc.next_due(
-                        loaded.bundle,
-                        history,
-                        scored.fired,
-                        users,
-                        as_of,
-                        config,
-                        attributes=attributes,
-                    ),
-                    inc.cooldown_due(scored.fired, scored.records, last_fired, scored.definitions),
-                ]
-            )
-            states = inc.states(scored.fired, due, users, as_of)
-            result.fired = int((scored.fired["triggers"].list.len() > 0).sum())
-            result.delivery = _send_scored(
-                scored,
-                trail=trail,
-                ledger=ledger,
-                target=target,
-                bundle=loaded.bundle,
-                model=loaded.source,
-                version=version,
-                attributes=attributes,
-                config=config,
-                as_of=as_of,
-                run_id=run_id,
-                dry_run=dry_run,
-                full=False,
-                report=report,
-                started=started,
-                validation=validation,
-                anonymous=anonymous_only(links, as_of),
-            )
-        if not dry_run:
-            ledger.advance_watermark(
+        touched = pl.LazyFrame({"user_id": todo.users}, schema={"user_id": pl.String})
+        users = resolve(touched, links, as_of).collect()["user_id"].unique().sort().to_list()
+    attributes = load_attributes(config)
+    processed = [(str(f), size, mtime) for f, size, mtime in files]
+    result = TriggerRunResult(
+        as_of=as_of,
+        mode="full" if todo.full else "incremental",
+        reason=todo.reason,
+        files=len(files),
+        new_files=len(files) if todo.full else len(todo.new_files),
+        new_event_users=len(todo.new_event_users),
+        due_users=len(todo.due_users),
+        touched=len(users),
+        fired=0,
+        seconds=0.0,
+    )
+    states: list[Any] = []
+    if history is not None and users:
+        report.stage("scoring the touched users")
+        fired = last_fired(ctx, links=links)
+        scored = score_users(
+            loaded.bundle,
+            history.lazy(),
+            as_of,
+            config,
+            score_run_id=ctx.run_id,
+            model_version=version,
+            attributes=attributes,
+            last_fired=fired,
+            subset=not todo.full,
+        )
+        assert scored.fired is not None
+        report.stage("finding when each user is next due")
+        due = pl.concat(
+            [
+                inc.next_due(
+                    loaded.bundle,
+                    history,
+                    scored.fired,
+                    users,
+                    as_of,
+                    config,
+                    attributes=attributes,
+                ),
+                inc.cooldown_due(scored.fired, scored.records, fired, scored.definitions),
+            ]
+        )
+        states = inc.states(scored.fired, due, users, as_of)
+        result.fired = int((scored.fired["triggers"].list.len() > 0).sum())
+        if not ctx.dry_run and not in_memory:
+            ledger.stage_watermark(
+                ctx.run_id,
                 target.name,
                 source,
                 as_of=as_of,
                 fingerprint=mark,
-                files=[(str(f), size, mtime) for f, size, mtime in files],
+                files=processed,
                 states=states,
                 full=todo.full,
             )
-    result.seconds = time.monotonic() - started
+        result.delivery = send_scored(
+            ctx,
+            loaded,
+            scored,
+            attributes=attributes,
+            validation=validation,
+            anonymous=anonymous_only(links, as_of),
+        )
+    if not ctx.dry_run and not in_memory:
+        fault_point("before_watermark")
+        ledger.advance_watermark(
+            target.name,
+            source,
+            as_of=as_of,
+            fingerprint=mark,
+            files=processed,
+            states=states,
+            full=todo.full,
+            staged_by=ctx.run_id,
+        )
     return result

@@ -8,12 +8,17 @@ reuse) and turns HTTP outcomes into the errors of :mod:`lapse.sinks.base`:
 413, or a 400 whose body has  :class:`PayloadTooLarge` (the batch is split;
 one of ``too_large``          a record alone is dead-lettered)
 408, 429, 5xx, timeouts,      :class:`RetryableError` with ``Retry-After``
-dropped connections           (seconds or an HTTP-date) when given
+dropped connections           (seconds or an HTTP-date) when given;
+                              ``in_doubt`` when no answer came to a request
+                              that went out (timeouts, dropped connections)
+no connection at all          :class:`ConnectionFailed` naming the URL
 other 4xx                     :class:`SinkError` with the platform's message
 ============================  ==========================================
 
-Secrets (keys, write keys, site ids) are never put in a message: every text
-that leaves this module goes through :meth:`HttpClient.scrub`.
+Secrets (keys, write keys, site ids, and a password, token or query in the
+base URL) are never put in a message: every text that leaves this module goes
+through :meth:`HttpClient.scrub`, and a URL is only ever shown redacted
+(:func:`lapse.redact.redact_url`).
 
 :class:`HttpSink` holds what the platform sinks do alike: the identifier of a
 record, the ``{prefix}`` attributes, the trigger and segment-change events and
@@ -32,7 +37,10 @@ from typing import Any
 
 import httpx
 
+from lapse.redact import redact, redact_url
+from lapse.schema import run_day
 from lapse.sinks.base import (
+    ConnectionFailed,
     PayloadTooLarge,
     Record,
     RetryableError,
@@ -135,10 +143,10 @@ class HttpClient:
         )
 
     def scrub(self, text: str) -> str:
-        """``text`` with every secret replaced by ``***``."""
+        """``text`` with every secret replaced by ``***`` (the base URL's included)."""
         for secret in self._secrets:
             text = text.replace(secret, "***")
-        return text
+        return redact(text, self.base_url)
 
     def url(self, path: str) -> str:
         return path if path.startswith(("http://", "https://")) else self.base_url + path
@@ -158,11 +166,22 @@ class HttpClient:
             response = self._client.request(
                 method, self.url(path), content=body, params=params, headers=headers
             )
-        except httpx.TimeoutException as exc:
-            raise RetryableError(f"{where}: timed out ({type(exc).__name__})") from None
-        except httpx.TransportError as exc:  # refused, reset, closed before the response
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # refused, unknown host
+            raise ConnectionFailed(
+                self.scrub(
+                    f"{self.platform} {method} {redact_url(self.url(path))}: cannot connect "
+                    f"({type(exc).__name__}: {exc})"
+                )
+            ) from None
+        except httpx.TimeoutException as exc:  # the request may have been processed
             raise RetryableError(
-                self.scrub(f"{where}: connection failed ({type(exc).__name__}: {exc})")
+                f"{where}: timed out ({type(exc).__name__})",
+                in_doubt=not isinstance(exc, httpx.PoolTimeout),
+            ) from None
+        except httpx.TransportError as exc:  # reset, closed before the response: in doubt
+            raise RetryableError(
+                self.scrub(f"{where}: connection failed ({type(exc).__name__}: {exc})"),
+                in_doubt=True,
             ) from None
         status = response.status_code
         if status < 400:
@@ -170,7 +189,8 @@ class HttpClient:
         detail = self.scrub(" ".join(response.text.split())[:_DETAIL_CHARS]) or "(empty body)"
         if status in (401, 403):
             raise SinkAuthError(
-                f"{where}: HTTP {status}, {self.platform} refused the credentials: check "
+                f"{where}: HTTP {status}, {self.platform} at {redact_url(self.base_url)} "
+                f"refused the credentials: check "
                 f"{self.key_env} (and that the key has the permissions this sink needs, and "
                 f"the base URL is your region's); the platform said: {detail}"
             )
@@ -218,37 +238,29 @@ def record_events(record: Record, prefix: str) -> list[str]:
     return names
 
 
-def _day(value: Any) -> str:
-    if isinstance(value, datetime):
-        return value.date().isoformat()
-    if isinstance(value, date):
-        return value.isoformat()
-    return str(value)
-
-
-def dedupe_id(as_of: Any, user: str, event: str) -> str:
+def dedupe_id(as_of: date | str, user: str, event: str) -> str:
     """A deterministic event id from (run date, user, event): the same on every resend.
 
     >>> dedupe_id(date(2024, 5, 1), "u1", "lapse_milestone") == dedupe_id("2024-05-01", "u1", "lapse_milestone")
     True
     """
-    digest = hashlib.sha256(f"{_day(as_of)}\x1f{user}\x1f{event}".encode()).hexdigest()
+    digest = hashlib.sha256(f"{run_day(as_of)}\x1f{user}\x1f{event}".encode()).hexdigest()
     return f"lapse-{digest[:32]}"
 
 
-def ulid(as_of: Any, user: str, event: str) -> str:
+def ulid(as_of: date | str, user: str, event: str) -> str:
     """A deterministic ULID (Customer.io's event id format): the run date's millisecond
     timestamp, then 80 bits of the hash of (run date, user, event)."""
-    day = date.fromisoformat(_day(as_of))
+    day = run_day(as_of)
     millis = int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp() * 1000)
     digest = hashlib.sha256(f"{day.isoformat()}\x1f{user}\x1f{event}".encode()).digest()
     number = (millis << 80) | int.from_bytes(digest[:10], "big")
     return "".join(_CROCKFORD[(number >> (5 * i)) & 31] for i in reversed(range(26)))
 
 
-def event_time(as_of: Any) -> str:
+def event_time(as_of: date | str) -> str:
     """The run date at 00:00 UTC, ISO 8601 (the time stamped on every event of a run)."""
-    return f"{_day(as_of)}T00:00:00Z"
+    return f"{run_day(as_of)}T00:00:00Z"
 
 
 class HttpSink(Sink):

@@ -10,15 +10,28 @@ Errors a sink raises from :meth:`Sink.send` tell the delivery layer what to do:
 - :class:`RetryableError` (429, 5xx, a dropped connection): retry the same
   batch later, after ``retry_after`` seconds when the destination said so.
   Sinks are idempotent, so a resend after an unseen success changes nothing.
+  :class:`ConnectionFailed` says no connection could be made at all (refused,
+  unknown host, connect timeout), so nothing of the batch was sent.
 - :class:`PayloadTooLarge` (413, or a 400 the platform words as "too large"):
   split the batch in two and send each half; a record alone too large fails.
 - :class:`SinkAuthError` (401/403, a missing key): stop the run; nothing of
-  the batch is marked sent.
+  the batch is marked sent. It is a :class:`DeliveryStopped`, which the
+  delivery layer also raises when a destination cannot be reached: the run
+  stops with its pending batches left for ``--resume``.
 - :class:`SinkError` (anything else, e.g. 400 for the whole batch): the batch's
   records go to the dead-letter file with the message as their reason.
 
 Per-record rejections inside an accepted batch are returned as
 :attr:`Outcome.failed` (index in the batch -> reason).
+
+A batch whose delivery is *in doubt* (its request went out and no answer came
+back: the run was killed in flight, the connection dropped after sending) is sent
+again. That is harmless for what a destination dedupes (profile upserts, events
+with an id). A sink whose destination cannot dedupe some objects (Braze's events)
+says so with :meth:`Sink.undeduped` and :meth:`Sink.deduped_part`, and its
+``in_doubt`` policy decides: ``resend`` sends them again (they may arrive twice),
+``skip`` sends the rest of the record only (they may be missing); either way the
+run counts the users concerned.
 """
 
 from __future__ import annotations
@@ -28,11 +41,19 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import polars as pl
 
-from lapse.exceptions import LapseError
+# the errors a sink raises, re-exported: a new sink imports everything it needs from here
+from lapse.exceptions import (
+    ConnectionFailed,
+    DeliveryStopped,
+    PayloadTooLarge,
+    RetryableError,
+    SinkAuthError,
+    SinkError,
+)
 
 if TYPE_CHECKING:
     from lapse.config import LapseConfig
@@ -40,6 +61,9 @@ if TYPE_CHECKING:
 __all__ = [
     "RECORD_COLUMNS",
     "RECORD_SCHEMA",
+    "ConnectionFailed",
+    "DeliveryStopped",
+    "InDoubt",
     "Item",
     "Limits",
     "Outcome",
@@ -98,26 +122,8 @@ RECORD_SCHEMA: dict[str, pl.DataType] = {
 Record = dict[str, Any]
 #: What :meth:`Sink.encode` makes of a record: a JSON-ready object.
 Item = Any
-
-
-class SinkError(LapseError):
-    """The destination refused a whole batch for good (its records are dead-lettered)."""
-
-
-class SinkAuthError(SinkError):
-    """Credentials are missing or refused; the run stops and nothing is marked sent."""
-
-
-class RetryableError(SinkError):
-    """A transient failure (429, 5xx, dropped connection): send the same batch again."""
-
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class PayloadTooLarge(SinkError):
-    """The destination said the batch is too large (413): split it and resend the halves."""
+#: What a resend does with objects its destination cannot dedupe (see the module docstring).
+InDoubt = Literal["resend", "skip"]
 
 
 @dataclass(frozen=True)
@@ -158,7 +164,9 @@ class Sink(ABC):
     ``anonymous_identifier`` names the field under which the destination
     accepts an anonymous profile's id (Segment ``anonymousId``); ``None``
     (the default) means it accepts none, and anonymous records are held back
-    and counted, never sent under the user identifier.
+    and counted, never sent under the user identifier. ``in_doubt`` is the policy
+    for objects the destination cannot dedupe when a batch's delivery is in doubt
+    (``None``: it dedupes everything, a resend changes nothing).
     """
 
     name: str = ""
@@ -166,6 +174,7 @@ class Sink(ABC):
     full_snapshot: bool = False
     attribute_columns: tuple[str, ...] = ()
     anonymous_identifier: str | None = None
+    in_doubt: InDoubt | None = None
 
     @classmethod
     def from_config(cls, config: LapseConfig, *, out: Path | None = None) -> Sink:
@@ -193,6 +202,14 @@ class Sink(ABC):
         ``limits.max_objects`` (one unless the sink says otherwise)."""
         return 1
 
+    def undeduped(self, item: Item) -> int:
+        """Objects of ``item`` its destination cannot dedupe: a resend doubles them (none)."""
+        return 0
+
+    def deduped_part(self, item: Item) -> Item:
+        """``item`` without the objects its destination cannot dedupe (``skip`` sends this)."""
+        return item
+
     def open(self, score_run_id: str) -> None:  # noqa: B027  (optional hook)
         """Called once before the first batch of a run (or of its resume)."""
 
@@ -205,6 +222,10 @@ class Sink(ABC):
     def describe(self) -> str:
         """Where records go, for the summary (never a secret)."""
         return self.name
+
+    def warnings(self) -> list[str]:
+        """What the run should warn about the records written (asked after ``finish``)."""
+        return []
 
 
 def json_default(value: Any) -> Any:

@@ -16,7 +16,13 @@ rejected: those records fail alone.
 Braze events have no dedupe key: a batch resent after a lost acknowledgement
 logs its events twice. Attribute updates are idempotent, so flows that start on
 an attribute change (e.g. ``lapse_risk_segment`` changed to ``high``) are the
-safe choice; event-triggered flows should set a re-eligibility window.
+safe choice; event-triggered flows should set a re-eligibility window. A batch
+whose delivery is in doubt (the run was killed with its request in flight, or
+the connection dropped after sending) follows ``sinks.braze.in_doubt``: ``skip``
+(the default) resends its attributes only, so no event is doubled and one may be
+missing (the ``lapse_triggers`` attribute still carries the triggers); ``resend``
+sends the events again, so none is missing and some may arrive twice. The run
+counts the users concerned either way.
 
 Environment: ``LAPSE_BRAZE_API_KEY`` (a REST key with ``users.track``),
 ``LAPSE_BRAZE_BASE_URL`` (your instance's REST endpoint, e.g.
@@ -28,8 +34,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lapse.redact import redact_url
 from lapse.sinks._http import HttpClient, HttpSink, env, event_time
 from lapse.sinks.base import (
+    InDoubt,
     Item,
     Limits,
     Outcome,
@@ -61,6 +69,7 @@ class BrazeSink(HttpSink):
     key_env = KEY_ENV
     # an anonymous visitor becomes an alias-only profile (alias label ALIAS_LABEL)
     anonymous_identifier = "user_alias"
+    in_doubt: InDoubt = "skip"
 
     def __init__(
         self,
@@ -70,11 +79,13 @@ class BrazeSink(HttpSink):
         prefix: str = "lapse_",
         identifier_column: str = "user_id",
         max_objects: int = MAX_OBJECTS,
+        in_doubt: InDoubt = "skip",
     ) -> None:
         missing = tuple(n for n, v in ((KEY_ENV, api_key), (URL_ENV, base_url)) if not v)
         super().__init__(prefix=prefix, identifier_column=identifier_column, missing=missing)
         self._key = api_key
         self.base_url = base_url
+        self.in_doubt = in_doubt
         # 3,000 requests per three seconds by default: stay under 800/s.
         self.limits = Limits(
             max_items=max_objects, max_objects=max_objects, requests_per_second=800.0
@@ -88,6 +99,7 @@ class BrazeSink(HttpSink):
             prefix=config.sinks.prefix,
             identifier_column=config.sinks.braze.identifier_column,
             max_objects=config.sinks.braze.max_objects_per_request,
+            in_doubt=config.sinks.braze.in_doubt,
         )
 
     def make_client(self) -> HttpClient:
@@ -127,6 +139,12 @@ class BrazeSink(HttpSink):
     def objects(self, item: Item) -> int:
         return 1 + len(item["events"])
 
+    def undeduped(self, item: Item) -> int:
+        return len(item["events"])
+
+    def deduped_part(self, item: Item) -> Item:
+        return {**item, "events": []}
+
     def payload(self, items: list[Item]) -> Any:
         body: dict[str, Any] = {"attributes": [i["attributes"] for i in items]}
         events = [e for i in items for e in i["events"]]
@@ -165,9 +183,9 @@ class BrazeSink(HttpSink):
         except SinkError:
             pass  # the empty body refused (400): the key itself was accepted
         return (
-            f"braze: {self.base_url} is reachable and accepted {KEY_ENV} "
+            f"braze: {redact_url(self.client.base_url)} is reachable and accepted {KEY_ENV} "
             "(an empty /users/track request, which writes nothing)"
         )
 
     def describe(self) -> str:
-        return f"braze {self.base_url or '(no base URL)'}"
+        return f"braze {redact_url(self.base_url) if self.base_url else '(no base URL)'}"

@@ -31,6 +31,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lapse.redact import redact_url
 from lapse.sinks._http import HttpClient, HttpSink, env, ulid
 from lapse.sinks.base import Item, Limits, Outcome, Record
 
@@ -205,9 +206,9 @@ class CustomerioSink(HttpSink):
             note = f"; the workspace's Track API is {region}: set {URL_ENV} to it"
         center = data.get("data_center", "unknown") if isinstance(data, dict) else "unknown"
         return (
-            f"customerio: {self.base_url} accepted {SITE_ENV} and {KEY_ENV} "
+            f"customerio: {redact_url(self.base_url)} accepted {SITE_ENV} and {KEY_ENV} "
             f"(data center: {center}){note}"
         )
 
     def describe(self) -> str:
-        return f"customerio {self.base_url}"
+        return f"customerio {redact_url(self.base_url)}"

@@ -5,6 +5,11 @@ name and renamed atomically, so a resent batch simply replaces its own part.
 When every batch of a run is delivered the parts are merged, in outbox order,
 into ``--out`` (again through an atomic rename) and removed. Parquet keeps the
 list columns (``reasons``, ``triggers``) as lists; CSV holds them as JSON strings.
+
+Ids stay exactly as scored. A text cell of a CSV that starts with ``=``, ``+``,
+``-``, ``@``, a tab or a carriage return is what a spreadsheet runs as a formula
+(``=cmd|' /C calc'!A0``); the run warns once with their count (:meth:`FileSink.warnings`),
+and ``sinks.file.spreadsheet_safe`` prefixes such cells with an apostrophe, in CSV only.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import polars as pl
 
 from lapse.exceptions import LapseError
+from lapse.files import atomic_path
 from lapse.sinks.base import RECORD_COLUMNS, RECORD_SCHEMA, Item, Limits, Outcome, Record, Sink
 
 if TYPE_CHECKING:
@@ -27,6 +33,7 @@ __all__ = ["FileSink", "read_records"]
 
 _SUFFIXES = (".parquet", ".csv")
 _LISTS = ("reasons", "triggers")
+_FORMULA_START = r"^[=+\-@\t\r]"
 
 
 class FileSink(Sink):
@@ -37,17 +44,22 @@ class FileSink(Sink):
     full_snapshot = True
     anonymous_identifier = "user_id"  # lapse's own file: the id as scored
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, spreadsheet_safe: bool = False) -> None:
         self.path = Path(path)
         if self.path.suffix.lower() not in _SUFFIXES:
             raise LapseError(
                 f"--out {self.path}: the file sink writes .parquet or .csv; "
                 "choose a path with one of those extensions"
             )
+        self.spreadsheet_safe = spreadsheet_safe
+        self._formula_cells = 0
 
     @classmethod
     def from_config(cls, config: LapseConfig, *, out: Path | None = None) -> FileSink:
-        return cls(out if out is not None else config.resolve("scores.parquet"))
+        return cls(
+            out if out is not None else config.resolve("scores.parquet"),
+            spreadsheet_safe=config.sinks.file.spreadsheet_safe,
+        )
 
     def _parts(self, score_run_id: str) -> Path:
         return self.path.parent / f".{self.path.name}.parts" / score_run_id
@@ -65,14 +77,8 @@ class FileSink(Sink):
 
     def send(self, batch_id: str, items: list[Item]) -> Outcome:
         frame = _gather(items)
-        part = self._parts(self._run) / f"{batch_id}.parquet"
-        part.parent.mkdir(parents=True, exist_ok=True)
-        tmp = part.with_suffix(".tmp")
-        try:
+        with atomic_path(self._parts(self._run) / f"{batch_id}.parquet") as tmp:
             frame.write_parquet(tmp)
-            tmp.replace(part)
-        except OSError as exc:
-            raise LapseError(f"{part}: cannot write the part file: {exc}") from None
         return Outcome()
 
     def open(self, score_run_id: str) -> None:
@@ -90,13 +96,24 @@ class FileSink(Sink):
                 if files
                 else pl.DataFrame(schema=RECORD_SCHEMA)
             )
-            write_records(frame, self.path)
+            self._formula_cells = write_records(
+                frame, self.path, spreadsheet_safe=self.spreadsheet_safe
+            )
         shutil.rmtree(parts, ignore_errors=True)
         if parts.parent.exists() and not any(parts.parent.iterdir()):
             parts.parent.rmdir()
 
     def describe(self) -> str:
         return f"file {self.path}"
+
+    def warnings(self) -> list[str]:
+        if not self._formula_cells or self.spreadsheet_safe:
+            return []
+        return [
+            f"{self._formula_cells:,} text cells of {self.path.name} start with =, +, -, @, a "
+            "tab or a carriage return, which a spreadsheet may run as a formula; set "
+            "sinks.file.spreadsheet_safe: true to prefix them with an apostrophe (CSV only)"
+        ]
 
 
 class _Row(NamedTuple):
@@ -116,31 +133,39 @@ def _gather(items: list[_Row]) -> pl.DataFrame:
 
 
 def _sink_parquet(frame: pl.LazyFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         frame.sink_parquet(tmp)
-        tmp.replace(path)
-    except OSError as exc:
-        raise LapseError(f"{path}: cannot write the scores: {exc}") from None
 
 
-def write_records(frame: pl.DataFrame, path: Path) -> Path:
-    """Write records to Parquet or CSV (list columns as JSON strings), atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+def _formula_like(column: str) -> pl.Expr:
+    """Whether a text cell starts like a spreadsheet formula (=, +, -, @, tab, CR)."""
+    return pl.col(column).str.contains(_FORMULA_START).fill_null(False)
+
+
+def write_records(frame: pl.DataFrame, path: Path, *, spreadsheet_safe: bool = False) -> int:
+    """Write records to Parquet or CSV (list columns as JSON strings), atomically.
+
+    Returns the CSV's formula-like text cells (see the module docstring), prefixed with an
+    apostrophe when ``spreadsheet_safe``; 0 for Parquet.
+    """
+    found = 0
+    with atomic_path(path) as tmp:
         if path.suffix.lower() == ".csv":
-            frame.with_columns(
+            frame = frame.with_columns(
                 pl.Series(c, [json.dumps(v or [], ensure_ascii=False) for v in frame[c].to_list()])
                 for c in _LISTS
-            ).write_csv(tmp)
+            )
+            text = [c for c, t in frame.schema.items() if t == pl.String()]
+            found = frame.select(pl.sum_horizontal(_formula_like(c).sum() for c in text)).item()
+            if spreadsheet_safe and found:
+                frame = frame.with_columns(
+                    pl.when(_formula_like(c)).then("'" + pl.col(c)).otherwise(pl.col(c)).alias(c)
+                    for c in text
+                )
+            frame.write_csv(tmp)
         else:
             frame.write_parquet(tmp)
-        tmp.replace(path)
-    except OSError as exc:
-        raise LapseError(f"{path}: cannot write the scores: {exc}") from None
-    return path
+    return int(found or 0)
 
 
 def read_records(path: str | Path) -> pl.DataFrame:

@@ -26,6 +26,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lapse.redact import redact_url
 from lapse.sinks._http import HttpClient, HttpSink, dedupe_id, env
 from lapse.sinks.base import Item, Limits, Outcome, Record
 
@@ -167,9 +168,9 @@ class IterableSink(HttpSink):
         # The cheapest read a server-side key may make: the project's message channels.
         self.client.request("GET", "/api/channels")
         return (
-            f"iterable: {self.base_url} accepted {KEY_ENV} (GET /api/channels); a 401 "
+            f"iterable: {redact_url(self.base_url)} accepted {KEY_ENV} (GET /api/channels); a 401 "
             "would mean a wrong key, a client-side (JavaScript/mobile) key, or the wrong region"
         )
 
     def describe(self) -> str:
-        return f"iterable {self.base_url}"
+        return f"iterable {redact_url(self.base_url)}"

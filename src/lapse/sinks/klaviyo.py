@@ -38,6 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lapse.redact import redact_url
 from lapse.sinks._http import HttpClient, HttpSink, dedupe_id, env, event_time
 from lapse.sinks.base import Item, Limits, Outcome, Record, RetryableError, SinkError
 
@@ -292,7 +293,7 @@ class KlaviyoSink(HttpSink):
             if missing
             else ""
         )
-        return f"klaviyo: {self.base_url} accepted {KEY_ENV} (revision {self.revision}){note}"
+        return f"klaviyo: {redact_url(self.base_url)} accepted {KEY_ENV} (revision {self.revision}){note}"
 
     def describe(self) -> str:
-        return f"klaviyo {self.base_url}"
+        return f"klaviyo {redact_url(self.base_url)}"

@@ -28,6 +28,7 @@ import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lapse.redact import redact_url
 from lapse.sinks._http import HttpClient, HttpSink, dedupe_id, env, event_time, to_json
 from lapse.sinks.base import Item, Limits, Outcome, Record
 
@@ -141,10 +142,10 @@ class SegmentSink(HttpSink):
         # unknown key too. An empty batch (which records nothing) shows it is reachable.
         self.post_json("/v1/batch", {"batch": []})
         return (
-            f"segment: {self.base_url} is reachable; Segment's tracking API cannot verify "
+            f"segment: {redact_url(self.base_url)} is reachable; Segment's tracking API cannot verify "
             f"a write key (it accepts unknown keys silently): check that {KEY_ENV} is the "
             "HTTP API source's write key and watch that source's debugger after a run"
         )
 
     def describe(self) -> str:
-        return f"segment {self.base_url}"
+        return f"segment {redact_url(self.base_url)}"

@@ -24,7 +24,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from lapse.events.database import describe_uri, redact
+from lapse.events.database import describe_uri
+from lapse.redact import redact
 from lapse.sinks.base import (
     RECORD_COLUMNS,
     Item,

@@ -23,6 +23,7 @@ import hmac
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lapse.redact import redact_url
 from lapse.sinks._http import HttpClient, HttpSink, dedupe_id, env, to_json
 from lapse.sinks.base import RECORD_COLUMNS, Item, Limits, Outcome, Record
 
@@ -84,13 +85,9 @@ class WebhookSink(HttpSink):
 
     def make_client(self) -> HttpClient:
         assert self.url is not None
-        # a token in the URL's query is as secret as the signing key
-        query = self.url.partition("?")[2]
+        # the client also keeps the URL's own credentials (user:password@, a query token) out
         return HttpClient(
-            "webhook",
-            self.url,
-            key_env=f"{SECRET_ENV} (and {URL_ENV})",
-            secrets=(self._secret, query),
+            "webhook", self.url, key_env=f"{SECRET_ENV} (and {URL_ENV})", secrets=(self._secret,)
         )
 
     def encode(self, record: Record) -> Item | None:
@@ -144,5 +141,4 @@ class WebhookSink(HttpSink):
     def describe(self) -> str:
         if not self.url:
             return "webhook (no URL)"
-        # the URL may embed a token in its query: show the host and path only
-        return f"webhook {self.url.split('?')[0]}"
+        return f"webhook {redact_url(self.url)}"

@@ -4,11 +4,13 @@ on a cluster (:mod:`lapse.spark.engine`) and its chunked score run
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING
 
+from lapse.config import ENGINES, Engine
 from lapse.spark.engine import build_features_spark, score_spark
 
-Engine = Literal["local", "spark"]
-ENGINES: tuple[Engine, ...] = ("local", "spark")
+if TYPE_CHECKING:
+    # for annotations outside this package, which may not import pyspark (ruff TID251)
+    from pyspark.sql import SparkSession as SparkSession
 
 __all__ = ["ENGINES", "Engine", "build_features_spark", "score_spark"]

@@ -23,6 +23,7 @@ Requires the ``spark`` extra (``pip install "lapse[spark]"``) and Java 17+.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -39,16 +40,52 @@ import polars as pl
 import pyarrow as pa
 
 from lapse.config import LapseConfig
-from lapse.events.mapping import CALL
-from lapse.events.validate import IDENTITY_CALLS, ValidationReport
+from lapse.events import identity
+from lapse.events.identity import canonical_ids
+from lapse.events.mapping import (
+    ANONYMOUS_ID,
+    CALL,
+    MESSAGE_ID,
+    PREVIOUS_ID,
+    map_events,
+    timestamp_format,
+)
+from lapse.events.validate import (
+    GUEST,
+    IDENTITY_CALLS,
+    REASON,
+    REJECT_REASONS,
+    ValidationReport,
+    canonical_columns,
+    links_of,
+    output_columns,
+    reject_reason,
+    rejects_path_for,
+)
 from lapse.exceptions import LapseError, MissingColumnsError
-from lapse.schema import EVENT_COLUMNS, ORDER_ID, REQUIRED_EVENT_COLUMNS, USER_ID
+from lapse.features import FeatureSet, build
+from lapse.labels import population
+from lapse.modeling.bundle import ChurnBundle
+from lapse.schema import (
+    EVENT_COLUMNS,
+    ORDER_ID,
+    REQUIRED_EVENT_COLUMNS,
+    ROLES,
+    USER_ID,
+    utc_cutoff,
+)
+from lapse.score.records import (
+    RECORDS_SCHEMA,
+    ScoreResult,
+    drift_counts,
+    population_counts,
+    risk_columns,
+    user_records,
+    with_reasons,
+)
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
-
-    from lapse.features._direct import FeatureSet
-    from lapse.modeling.bundle import ChurnBundle
 
 __all__ = [
     "SCORE_COLUMNS",
@@ -269,12 +306,6 @@ def _sharded(events: DataFrame, partitions: int | None) -> DataFrame:
     return events.repartition(partitions, USER_ID)
 
 
-def _utc(as_of: datetime) -> datetime:
-    if as_of.tzinfo is None:
-        raise LapseError(f"as_of {as_of} is naive; give a timezone-aware datetime (UTC)")
-    return as_of.astimezone(UTC)
-
-
 # -- features ------------------------------------------------------------------------
 
 
@@ -318,10 +349,8 @@ def build_features_spark(
         The same columns and values as :func:`lapse.features.build` (unsorted;
         Polars ``UInt`` columns as signed), lazily: nothing runs until an action.
     """
-    from lapse.features import build
-
     session = spark_session(spark)
-    t = _utc(as_of)
+    t = utc_cutoff(as_of)
     frame = _as_spark(session, events)
     if dict(frame.dtypes).get("ts") == "timestamp":
         # features read `ts < as_of` only: drop the rest before the shuffle
@@ -379,10 +408,8 @@ def score_spark(
     pyspark.sql.DataFrame
         :data:`SCORE_COLUMNS`, one row per eligible user, unsorted.
     """
-    from lapse.modeling.bundle import ChurnBundle
-
     session = spark_session(spark)
-    t = _utc(as_of)
+    t = utc_cutoff(as_of)
     if isinstance(bundle, bytes):
         payload, model = bundle, pickle.loads(bundle)
         if not isinstance(model, ChurnBundle):
@@ -395,8 +422,6 @@ def score_spark(
     frame = _as_spark(session, events)
 
     def per_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        from lapse.score.records import risk_columns
-
         part = _events(batches)
         if part is None:
             return
@@ -444,10 +469,6 @@ class SparkValidation:
         :func:`~lapse.events.validate.rejects_path_for` the source, as one Parquet file.
         """
         from pyspark.sql import functions as F
-
-        from lapse.events import identity
-        from lapse.events.validate import GUEST, REASON, REJECT_REASONS, rejects_path_for
-        from lapse.schema import ROLES
 
         reference = as_of or datetime.now(UTC)
         if reference.tzinfo is None:
@@ -530,9 +551,6 @@ class SparkValidation:
         (one Spark job, run once)."""
         from pyspark.sql import functions as F
 
-        from lapse.events.mapping import ANONYMOUS_ID, PREVIOUS_ID
-        from lapse.events.validate import links_of
-
         alias = F.col(CALL) == F.lit("alias")
         pairs = (
             self.flagged.filter(F.col(ANONYMOUS_ID).isNotNull() | F.col(PREVIOUS_ID).isNotNull())
@@ -577,9 +595,6 @@ def validated_events_spark(
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    from lapse.events.mapping import MESSAGE_ID, map_events, timestamp_format
-    from lapse.events.validate import REASON, _reason, canonical_columns, output_columns
-
     session = spark_session(spark)
     name = str(events) if isinstance(events, str | Path) else "the Spark DataFrame"
     raw = read_source(session, events)
@@ -593,7 +608,7 @@ def validated_events_spark(
         config = config.model_copy(update={"source": source})
     pinned = config
     mapped_empty = map_events(sample.clear().lazy(), pinned, source_name=name)
-    out_schema = mapped_empty.with_columns(_reason(pinned)).collect_schema()
+    out_schema = mapped_empty.with_columns(reject_reason(pinned)).collect_schema()
     out_schema[_ROW] = pl.Int64()
     ddl, target = _schemas(out_schema)
 
@@ -606,7 +621,7 @@ def validated_events_spark(
         rows = frame[_ROW]
         mapped = map_events(frame.drop(_ROW).lazy(), pinned, source_name=name)
         # identify, alias and group calls are not events: never rejected, counted apart
-        reason = pl.when(~_is_call).then(_reason(pinned)).alias(REASON)
+        reason = pl.when(~_is_call).then(reject_reason(pinned)).alias(REASON)
         out = mapped.with_columns(reason).collect().with_columns(rows)
         yield from _to_arrow(out, target)
 
@@ -640,8 +655,6 @@ def resolve_spark(frame: DataFrame, links: pl.DataFrame | None, as_of: datetime)
     """``frame`` with each ``user_id`` replaced by its canonical id as of ``as_of``, as
     :func:`lapse.events.identity.resolve` does (the id map is broadcast)."""
     from pyspark.sql import functions as F
-
-    from lapse.events.identity import canonical_ids
 
     if links is None or links.is_empty():
         return frame
@@ -692,9 +705,7 @@ def score_records_spark(
     """
     from pyspark.sql import functions as F
 
-    from lapse.score.records import RECORDS_SCHEMA
-
-    t = _utc(as_of)
+    t = utc_cutoff(as_of)
     payload = pickle.dumps(bundle, pickle.HIGHEST_PROTOCOL)
     bundle.check_schema(
         bundle.prepare(pl.LazyFrame(schema=EVENT_COLUMNS), t, attributes=attributes)
@@ -704,17 +715,6 @@ def score_records_spark(
     top = config.score.reasons
 
     def per_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        import json
-
-        from lapse.labels import population
-        from lapse.score.records import (
-            ScoreResult,
-            drift_counts,
-            population_counts,
-            user_records,
-            with_reasons,
-        )
-
         part = _events(batches)
         if part is None:
             return

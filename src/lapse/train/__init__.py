@@ -3,7 +3,7 @@
 ``from lapse.train import train`` is the entry point a notebook uses; the
 modules are :mod:`lapse.train.churn` (race, refit, backtest),
 :mod:`lapse.train.replenishment` (time to next order) and
-:mod:`lapse.train.review` (challenger against champion on one holdout).
+:mod:`lapse.train.review` (challenger against champion on the latest cutoffs).
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@
 ``train`` reads the events, lays the cutoff grid, builds labelled feature
 frames, runs the race (fit on training cutoffs, calibrate and select on the
 validation cutoff, evaluate on the test cutoff), writes the report folder
-(``metrics.json``, ``report.md``, PNG plots), refits the shipped model on all
-complete cutoffs and saves the bundle. No printing: results carry what the
-CLI shows.
+(``metrics.json``, ``report.md`` linking the PNG plots, a self-contained
+``report.html``), refits the shipped model on all complete cutoffs and saves
+the bundle. No printing: results carry what the CLI shows, and the figures
+(matplotlib ``Figure`` objects, the backend left alone) for a notebook.
 """
 
 from __future__ import annotations
@@ -23,12 +24,18 @@ import polars as pl
 
 from lapse.config import LapseConfig, SegmentsConfig
 from lapse.events import ValidationReport, load_attributes, read_links, validate_events
+from lapse.events.readers import EventSource, as_polars
 from lapse.exceptions import LapseError
+from lapse.files import atomic_path
 from lapse.modeling.metrics import METRIC_NAMES
 from lapse.segments import describe_sizes
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from lapse.labels import CutoffGrid
     from lapse.modeling.bundle import TrainingData
+    from lapse.modeling.race import RaceResult
     from lapse.train.replenishment import ReplenishmentResult
 
 __all__ = ["BacktestResult", "TrainResult", "backtest", "build_frame", "train"]
@@ -41,7 +48,10 @@ class TrainResult:
     ``table`` has one row per candidate (plus ``oracle``): ``model``,
     ``validation_auc``, the test metrics and ``selected``. ``segments``: the
     shipped model's users per risk segment at the calibration cutoff (its
-    training score distribution).
+    training score distribution). ``figures``: the report's figures by name
+    (``roc``, ``pr``, ``calibration``, ``gains``, ``importance``, ``segments``
+    and the replenishment ones), matplotlib ``Figure`` objects a notebook shows
+    inline; ``plots`` their PNGs, ``html_path`` the self-contained ``report.html``.
     """
 
     metrics: dict[str, Any]
@@ -67,6 +77,8 @@ class TrainResult:
     notes: list[str] = field(default_factory=list)
     replenishment: ReplenishmentResult | None = None
     segments: dict[str, int] = field(default_factory=dict)
+    figures: dict[str, Figure] = field(default_factory=dict)
+    html_path: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -142,16 +154,18 @@ SMALL_CUTOFF = 500
 
 
 def _load(
-    events_path: str | Path, config: LapseConfig, until: datetime | None = None
+    events_path: EventSource, config: LapseConfig, until: datetime | None = None
 ) -> tuple[pl.LazyFrame, ValidationReport, list[str], pl.DataFrame]:
-    """Read and validate once (labels, features and BG/NBD each scan the events).
+    """Read and validate once (labels, features and BG/NBD each scan the events); a
+    pandas frame is converted once for both reads.
 
     Returns the kept events (those before ``until`` when given), the validation
     report, a note on what validation dropped, so a training report never
     hides rejected rows, and the identity links (before ``until`` too).
     """
-    events, report = validate_events(events_path, config)
-    links = read_links(events_path, config)
+    source = as_polars(events_path)
+    events, report = validate_events(source, config)
+    links = read_links(source, config)
     if until is not None:
         events = events.filter(pl.col("ts") < until)
         links = links.filter(pl.col("ts") < until)
@@ -254,12 +268,14 @@ def _report_md(result_bits: dict[str, Any]) -> str:
             v = row.get(key)
             cells.append("" if v is None or not np.isfinite(v) else f"{v:.4f}")
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", *_image_links(r["plots"], ("roc", "pr", "calibration", "gains", "importance"))]
     lines += [
         "",
         "## Shipped model",
         "",
         f"After the race, the shipped {r['selected']} was refit with the same recipe shifted to the "
-        f"end of the data: fitted on {len(r['refit'])} cutoffs "
+        "end of the data (LightGBM with the race model's number of trees and parameters): "
+        f"fitted on {len(r['refit'])} cutoffs "
         f"({r['refit'][0]:%Y-%m-%d} to {r['refit'][-1]:%Y-%m-%d}, every complete cutoff whose label "
         f"window ends by {r['calibration_cutoff']:%Y-%m-%d}) and calibrated on the latest complete "
         f"cutoff, {r['calibration_cutoff']:%Y-%m-%d}. The metrics above are the race model's; the "
@@ -269,11 +285,27 @@ def _report_md(result_bits: dict[str, Any]) -> str:
         "",
         f"The shipped model's users at the calibration cutoff, {r['calibration_cutoff']:%Y-%m-%d}, "
         f"by risk segment ({_segments_rule(r['segments_config'])}): "
-        f"{describe_sizes(r['segments'])}.",
+        f"{describe_sizes(r['segments'])}. Observed churn rate in the label window after it: "
+        f"{_describe_rates(r['segment_table'])}.",
+        "",
+        *_image_links(r["plots"], ("segments",)),
     ]
     if r["notes"]:
         lines += ["", "## Notes", "", *(f"- {n}" for n in r["notes"])]
     return "\n".join(lines) + "\n"
+
+
+def _image_links(plots: dict[str, Path], names: tuple[str, ...]) -> list[str]:
+    """Markdown image links (one line each) to the PNGs of ``names`` that were written."""
+    return [f"![{name}]({plots[name].name})" for name in names if name in plots]
+
+
+def _describe_rates(table: pl.DataFrame) -> str:
+    """``high 0.612, medium 0.304, low 0.081`` (``-`` for an empty segment)."""
+    return ", ".join(
+        f"{seg} {'-' if rate is None else f'{rate:.3f}'}"
+        for seg, rate in table.select("segment", "churn_rate").iter_rows()
+    )
 
 
 def _segments_rule(cfg: SegmentsConfig) -> str:
@@ -289,18 +321,38 @@ def _segments_rule(cfg: SegmentsConfig) -> str:
     )
 
 
+def _segment_table(
+    risk: npt.NDArray[np.float64], churned: npt.NDArray[np.float64], config: LapseConfig
+) -> pl.DataFrame:
+    """``segment, customers, churn_rate``: the shipped model's users per risk segment at the
+    calibration cutoff (ranked within their own scores, the training score distribution)
+    and the share of each that churned in the label window after it (null when empty)."""
+    from lapse.segments import assign, sizes
+
+    segment = assign(risk, config.segments, reference=np.sort(risk))
+    rates = (
+        pl.DataFrame({"segment": segment.cast(pl.String), "churned": churned})
+        .group_by("segment")
+        .agg(pl.col("churned").mean().alias("churn_rate"))
+    )
+    counts = sizes(segment)
+    return (
+        pl.DataFrame({"segment": list(counts), "customers": list(counts.values())})
+        .join(rates, on="segment", how="left", maintain_order="left")
+        .cast({"customers": pl.Int64})
+    )
+
+
 def _segment_sizes(
-    reference: npt.NDArray[np.float64],
+    table: pl.DataFrame,
     config: LapseConfig,
     cutoff: datetime,
     metrics: dict[str, Any],
     notes: list[str],
 ) -> dict[str, int]:
-    """Users per segment in the training score distribution; into ``metrics["segments"]``,
-    with a note when probability cut-offs put most users in one segment."""
-    from lapse.segments import assign, sizes
-
-    counts = sizes(assign(reference, config.segments, reference=reference))
+    """Users per segment (:func:`_segment_table`); into ``metrics["segments"]``, with a
+    note when probability cut-offs put most users in one segment."""
+    counts = dict(zip(table["segment"].to_list(), table["customers"].to_list(), strict=True))
     total = sum(counts.values())
     metrics["segments"] = {
         "method": config.segments.method,
@@ -319,8 +371,30 @@ def _segment_sizes(
     return counts
 
 
+def _race_at(
+    grid: CutoffGrid,
+    frame: pl.DataFrame,
+    rfm: pl.DataFrame,
+    config: LapseConfig,
+    *,
+    oracle: pl.DataFrame | None = None,
+) -> RaceResult:
+    """The race on one cutoff grid: BG/NBD fitted at its validation cutoff."""
+    from lapse.modeling.race import run_race
+
+    return run_race(
+        frame,
+        rfm.filter(pl.col("cutoff") == grid.validation),
+        training=list(grid.training),
+        validation=grid.validation,
+        test=grid.test,
+        config=config,
+        oracle=oracle,
+    )
+
+
 def train(
-    events_path: str | Path,
+    events_path: EventSource,
     config: LapseConfig,
     *,
     out_dir: str | Path,
@@ -333,9 +407,12 @@ def train(
     Parameters
     ----------
     events_path
-        Event file, folder or glob (read with the config's source mapping).
+        Event file, folder or glob, or the events in memory: a source-shaped
+        Polars DataFrame or LazyFrame or pandas DataFrame (read with the
+        config's source mapping, like a file).
     out_dir
-        Report folder: ``metrics.json``, ``report.md`` and the PNG plots.
+        Report folder: ``metrics.json``, ``report.md`` (linking the PNG plots), a
+        self-contained ``report.html`` (plots embedded) and the PNG plots.
     truth_dir
         ``lapse generate``'s output folder; adds the oracle's AUC.
     models_dir
@@ -352,8 +429,9 @@ def train(
     """
     from lapse.labels import cutoff_grid
     from lapse.modeling.bundle import ChurnBundle
-    from lapse.modeling.plots import write_plots
-    from lapse.modeling.race import fit_calibrator, fit_scorer, run_race
+    from lapse.modeling.plots import churn_figures, save_figures, segment_figure
+    from lapse.modeling.race import fit_calibrator, fit_scorer
+    from lapse.train.report import report_html
 
     out = Path(out_dir)
     events, validation, read_notes, links = _load(events_path, config, until)
@@ -375,15 +453,7 @@ def train(
         warnings.warn(
             "the oracle's probabilities are for 28 days; the label horizon differs", stacklevel=2
         )
-    race = run_race(
-        frame,
-        rfm.filter(pl.col("cutoff") == grid.validation),
-        training=list(grid.training),
-        validation=grid.validation,
-        test=grid.test,
-        config=config,
-        oracle=oracle,
-    )
+    race = _race_at(grid, frame, rfm, config, oracle=oracle)
     notes = [*read_notes, *race.notes]
     if min(race.n_validation, race.n_test) < SMALL_CUTOFF:
         notes.append(
@@ -407,16 +477,14 @@ def train(
     tst = frame.filter(pl.col("cutoff") == grid.test)
     sample = tst.sample(n=min(5000, tst.height), seed=config.models.random_state)
     importance = race.scorer.lightgbm.importance(sample)
-    plots = write_plots(
-        out,
+    figures = churn_figures(
         race.y_test,
         {n: c.test_proba for n, c in race.candidates.items()},
         importance,
         title=f"test cutoff {grid.test:%Y-%m-%d}",
     )
-    importance.write_csv(out / "importance.csv")
-    if replenishment is not None:
-        plots.update(replenishment.plots)
+    with atomic_path(out / "importance.csv") as tmp:
+        importance.write_csv(tmp)
 
     # refit the shipped model: same recipe, shifted so the calibration cutoff is the latest
     refit = [c for c in used if c + horizon <= grid.test]
@@ -428,19 +496,30 @@ def train(
             config,
             recent=frame.filter(pl.col("cutoff").is_between(refit[0], grid.test, closed="left")),
             label_end=grid.test,
+            like=race.scorer,
         )
     notes += [f"refit: {w.message}" for w in caught]
     y_cal = tst["churned"].cast(pl.Float64).to_numpy()
     s_cal = scorer.score(race.selected, tst)
     calibrator = fit_calibrator(race.selected, s_cal, y_cal, config)
-    score_reference = np.sort(calibrator.predict(s_cal))
-    segments = _segment_sizes(score_reference, config, grid.test, metrics, notes)
+    risk = calibrator.predict(s_cal)
+    score_reference = np.sort(risk)
+    segment_table = _segment_table(risk, y_cal, config)
+    segments = _segment_sizes(segment_table, config, grid.test, metrics, notes)
+    figures["segments"] = segment_figure(
+        segment_table, title=f"calibration cutoff {grid.test:%Y-%m-%d}"
+    )
+    plots = save_figures(figures, out)
+    if replenishment is not None:
+        figures.update(replenishment.figures)
+        plots.update(replenishment.plots)
     metrics_path = out / "metrics.json"
-    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    with atomic_path(metrics_path) as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     table = _table(race)
     report = _report_md(
         {
-            "events": str(events_path),
+            "events": validation.path,
             "data_end": grid.data_end,
             "kind": config.labels.kind,
             "horizon": config.labels.horizon_days,
@@ -459,7 +538,9 @@ def train(
             "refit": refit,
             "calibration_cutoff": grid.test,
             "segments": segments,
+            "segment_table": segment_table,
             "segments_config": config.segments,
+            "plots": plots,
             "notes": notes,
         }
     )
@@ -468,7 +549,11 @@ def train(
 
         report += "\n" + report_section(replenishment)
     report_path = out / "report.md"
-    report_path.write_text(report, encoding="utf-8")
+    with atomic_path(report_path) as tmp:
+        tmp.write_text(report, encoding="utf-8")
+    html_path = out / "report.html"
+    with atomic_path(html_path) as tmp:
+        tmp.write_text(report_html(report, out, title="lapse churn report"), encoding="utf-8")
 
     feature_cols = [c for c in frame.columns if c not in ("churned", "days_to_next")]
     bundle = ChurnBundle(
@@ -523,6 +608,8 @@ def train(
         notes=notes,
         replenishment=replenishment,
         segments=segments,
+        figures=figures,
+        html_path=html_path,
     )
 
 
@@ -555,14 +642,16 @@ def _replenishment(
 # -- backtest -------------------------------------------------------------------------
 
 
-def backtest(events_path: str | Path, config: LapseConfig, *, k: int = 6) -> BacktestResult:
+def backtest(events_path: EventSource, config: LapseConfig, *, k: int = 6) -> BacktestResult:
     """The race on each of the last ``k`` complete cutoffs as the test cutoff.
+
+    ``events_path`` is a file, folder or glob, or a source-shaped frame, as for
+    :func:`train`.
 
     Each repetition lays its own validation and training cutoffs before its
     test cutoff (same embargo); features are built once for all of them.
     """
     from lapse.labels import data_span, grid_for_test
-    from lapse.modeling.race import run_race
 
     if k < 1:
         raise LapseError(f"--k must be at least 1, got {k}")
@@ -595,14 +684,7 @@ def backtest(events_path: str | Path, config: LapseConfig, *, k: int = 6) -> Bac
     rows: list[dict[str, Any]] = []
     selected: dict[str, str] = {}
     for g in sorted(grids, key=lambda g: g.test):
-        race = run_race(
-            frame,
-            rfm.filter(pl.col("cutoff") == g.validation),
-            training=list(g.training),
-            validation=g.validation,
-            test=g.test,
-            config=config,
-        )
+        race = _race_at(g, frame, rfm, config)
         day = f"{g.test:%Y-%m-%d}"
         selected[day] = race.selected
         notes += [f"{day}: {n}" for n in race.notes]

@@ -25,7 +25,7 @@ estimate does not also price it in (the plain median runs into the long
 right tail of customers who never reorder). The baselines are point
 estimates already and are unaffected.
 
-Review (:func:`evaluate_model`) scores a shipped model the way it is used:
+Review (:func:`predict_outcomes`, :func:`evaluate_model`) scores a shipped model the way it is used:
 the episodes open at a later cutoff, conditional on the days they have
 lasted, against their next order in the ``F`` days after it (labels from
 :func:`lapse.labels.episodes.reorder_outcomes`), with the race's metrics.
@@ -36,15 +36,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import numpy.typing as npt
 import polars as pl
 
 from lapse.config import LapseConfig
-from lapse.exceptions import LapseError
-from lapse.features._engine import utc_cutoff
+from lapse.exceptions import ConvergenceProblem, NotEnoughEpisodes
 from lapse.features.episodes_covariates import COVARIATES, Target, order_covariates, purchase_orders
 from lapse.labels.cutoffs import data_span
 from lapse.labels.episodes import (
@@ -58,13 +57,16 @@ from lapse.labels.episodes import (
 from lapse.modeling.survival import (
     BASELINES,
     CANDIDATES,
-    ConvergenceProblem,
     DepletionRule,
     LastGap,
     Predictor,
     SurvivalModel,
 )
 from lapse.modeling.survival_metrics import HORIZONS, METRIC_NAMES, survival_metrics
+from lapse.schema import DAY, utc_cutoff
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = [
     "TIE_C",
@@ -74,6 +76,7 @@ __all__ = [
     "consumables_table",
     "evaluate_model",
     "predict_open",
+    "predict_outcomes",
     "run_replenishment",
 ]
 
@@ -81,11 +84,6 @@ FloatArray = npt.NDArray[np.float64]
 TIE_C: Final = 0.005
 _KEYS: Final = ["user_id", "sku"]
 _MIN_OBSERVED: Final = 20
-_DAY: Final = timedelta(days=1)
-
-
-class NotEnoughEpisodes(LapseError):
-    """Too few purchases or too little history to fit and evaluate replenishment models."""
 
 
 @dataclass
@@ -113,7 +111,11 @@ def _no_consumables() -> pl.DataFrame:
 
 @dataclass(frozen=True)
 class ReplenishmentResult:
-    """What the replenishment race produced (``metrics`` is the ``replenishment`` section)."""
+    """What the replenishment race produced (``metrics`` is the ``replenishment`` section).
+
+    ``figures`` holds the report's figures by name (``replenishment_km``,
+    ``replenishment_calibration``), ``plots`` their PNGs when an ``out_dir`` was given.
+    """
 
     metrics: dict[str, Any]
     table: pl.DataFrame
@@ -124,6 +126,7 @@ class ReplenishmentResult:
     notes: list[str] = field(default_factory=list)
     consumables: pl.DataFrame = field(default_factory=_no_consumables)
     """The consumables of the race, ranked: ``sku, repeat_buyers, units_per_pack``."""
+    figures: dict[str, Figure] = field(default_factory=dict)
 
 
 # -- frames -----------------------------------------------------------------------------
@@ -173,8 +176,12 @@ def _score(
 def _open_frame(model: ReplenishmentModel, events: pl.LazyFrame, t: datetime) -> pl.DataFrame:
     """The episodes open at ``t`` with their covariates (events before ``t`` only)."""
     cfg = model.config
-    open_eps = open_episodes(events, cfg, as_of=t, skus=model.skus, target=model.target)
-    return _with_covariates(open_eps, _covariates(events, cfg, t, model.skus, model.target))
+    orders = purchase_orders(events, cfg, until=t, skus=model.skus, target=model.target)
+    open_eps = open_episodes(
+        events, cfg, as_of=t, skus=model.skus, target=model.target, orders=orders
+    )
+    starts = open_eps.select(*_KEYS, pl.col("start").alias("ts"))
+    return _with_covariates(open_eps, order_covariates(events, orders, cfg, only=starts))
 
 
 def predict_open(model: ReplenishmentModel, events: pl.LazyFrame, as_of: datetime) -> pl.DataFrame:
@@ -371,7 +378,8 @@ def run_replenishment(
     data_end
         End of the observed data (exclusive, midnight).
     out_dir
-        Where the PNG plots go; ``None`` writes none.
+        Where the PNG plots go; ``None`` writes none (the result holds the
+        figures either way).
     truth_dir
         ``lapse generate``'s folder: adds the error against the true depletion dates.
 
@@ -442,21 +450,20 @@ def run_replenishment(
         ],
         schema_overrides={k: pl.Float64 for k in METRIC_NAMES if k != "n"},
     )
-    plots: dict[str, Path] = {}
-    if out_dir is not None:
-        from lapse.modeling.survival_plots import write_survival_plots
+    from lapse.modeling.plots import save_figures
+    from lapse.modeling.survival_plots import survival_figures
 
-        keep = [n for n in (selected, *BASELINES) if n in tst.curves]
-        plots = write_survival_plots(
-            out_dir,
-            tst.open["duration_days"].to_numpy(),
-            tst.open["observed"].to_numpy(),
-            times,
-            {n: tst.curves[n] for n in keep},
-            {n: tst.medians[n] for n in keep},
-            selected,
-            title=f"test cutoff {test:%Y-%m-%d}",
-        )
+    keep = [n for n in (selected, *BASELINES) if n in tst.curves]
+    figures = survival_figures(
+        tst.open["duration_days"].to_numpy(),
+        tst.open["observed"].to_numpy(),
+        times,
+        {n: tst.curves[n] for n in keep},
+        {n: tst.medians[n] for n in keep},
+        selected,
+        title=f"test cutoff {test:%Y-%m-%d}",
+    )
+    plots = save_figures(figures, out_dir) if out_dir is not None else {}
     # the shipped model: the winner refit on every episode up to the end of the data
     ship_skus = consumable_skus(events, config, until=data_end) if target == "sku" else skus
     ship_covs = (
@@ -488,7 +495,42 @@ def run_replenishment(
         plots=plots,
         notes=notes,
         consumables=ranked,
+        figures=figures,
     )
+
+
+def _outcome_rows(
+    model: ReplenishmentModel,
+    events: pl.LazyFrame,
+    cutoff: datetime,
+    config: LapseConfig,
+    data_end: datetime | None,
+) -> tuple[pl.DataFrame, float]:
+    """``(rows, days)``: the episodes open at ``cutoff`` with their next order in the
+    follow-up window of ``days`` (see :func:`evaluate_model`)."""
+    t = utc_cutoff(cutoff, "cutoff")
+    end = data_span(events)[1] if data_end is None else utc_cutoff(data_end, "data_end")
+    until = min(t + timedelta(days=config.replenishment.follow_up_days), end)
+    days = (until - t) / DAY
+    if days <= 0:
+        raise NotEnoughEpisodes(
+            f"the events end {end:%Y-%m-%d}, not after the cutoff {t:%Y-%m-%d}: no follow-up"
+        )
+    rows = reorder_outcomes(
+        events,
+        _open_frame(model, events, t),
+        config,
+        as_of=t,
+        until=until,
+        skus=model.skus,
+        target=model.target,
+    )
+    if rows.height == 0 or not rows["observed"].any():
+        raise NotEnoughEpisodes(
+            f"{rows.height} episodes open at {t:%Y-%m-%d} and none reordered by "
+            f"{until:%Y-%m-%d}; nothing to evaluate"
+        )
+    return rows, float(days)
 
 
 def evaluate_model(
@@ -499,7 +541,7 @@ def evaluate_model(
     *,
     data_end: datetime | None = None,
 ) -> dict[str, float]:
-    """The shipped model's metrics at a cutoff it has not seen (what ``lapse review`` compares).
+    """The shipped model's metrics at a cutoff it has not seen.
 
     The rows are what :func:`predict_open` would score at ``cutoff``: the open
     episode of each consumable SKU the model knows (``model.skus``, its target
@@ -529,28 +571,7 @@ def evaluate_model(
     NotEnoughEpisodes
         No data after ``cutoff``, no open episode at it, or no reorder in the window.
     """
-    t = utc_cutoff(cutoff, "cutoff")
-    end = data_span(events)[1] if data_end is None else utc_cutoff(data_end, "data_end")
-    until = min(t + timedelta(days=config.replenishment.follow_up_days), end)
-    days = (until - t) / _DAY
-    if days <= 0:
-        raise NotEnoughEpisodes(
-            f"the events end {end:%Y-%m-%d}, not after the cutoff {t:%Y-%m-%d}: no follow-up"
-        )
-    rows = reorder_outcomes(
-        events,
-        _open_frame(model, events, t),
-        config,
-        as_of=t,
-        until=until,
-        skus=model.skus,
-        target=model.target,
-    )
-    if rows.height == 0 or not rows["observed"].any():
-        raise NotEnoughEpisodes(
-            f"{rows.height} episodes open at {t:%Y-%m-%d} and none reordered by "
-            f"{until:%Y-%m-%d}; nothing to evaluate"
-        )
+    rows, days = _outcome_rows(model, events, cutoff, config, data_end)
     metrics, _, _ = _score(
         model.model,
         rows,
@@ -560,7 +581,43 @@ def evaluate_model(
         _times(days),
         model.config.replenishment.follow_up_days,
     )
-    return {**metrics, "follow_up_days": float(days)}
+    return {**metrics, "follow_up_days": days}
+
+
+def predict_outcomes(
+    model: ReplenishmentModel,
+    events: pl.LazyFrame,
+    cutoff: datetime,
+    config: LapseConfig,
+    *,
+    data_end: datetime | None = None,
+) -> pl.DataFrame:
+    """The rows of :func:`evaluate_model`, one per open episode, with the model's prediction
+    (what ``lapse review`` pairs across two models).
+
+    Returns
+    -------
+    pl.DataFrame
+        ``user_id, sku, days`` (to the reorder, or to the end of the follow-up),
+        ``observed`` (the reorder was seen), ``predicted_days`` (the point
+        estimate :func:`predict_open` ships) and ``follow_up_days``.
+
+    Raises
+    ------
+    NotEnoughEpisodes
+        As :func:`evaluate_model`.
+    """
+    rows, days = _outcome_rows(model, events, cutoff, config, data_end)
+    predicted = model.model.predict_median(
+        rows, rows["elapsed_days"].to_numpy(), horizon=model.config.replenishment.follow_up_days
+    )
+    return rows.select(
+        *_KEYS,
+        pl.col("residual_days").cast(pl.Float64).alias("days"),
+        "observed",
+        pl.Series("predicted_days", predicted, dtype=pl.Float64),
+        pl.lit(days).alias("follow_up_days"),
+    )
 
 
 #: Consumables listed in the report; the rest are counted.
@@ -610,6 +667,8 @@ def report_section(result: ReplenishmentResult) -> str:
             cells.append("" if v is None else (f"{int(v)}" if k == "n" else f"{v:.4f}"))
         lines.append("| " + " | ".join(cells) + " |")
     lines += consumables_table(result.consumables)
+    if result.plots:  # the PNGs sit next to report.md
+        lines += ["", *(f"![{name}]({path.name})" for name, path in result.plots.items())]
     truth = m.get("true_depletion")
     if truth:
         errs = ", ".join(

@@ -8,7 +8,8 @@ section adds triggers or sets a built-in's cooldown, priority, audience and
 emitted id. :mod:`lapse.conditions` holds the language.
 """
 
-from lapse.conditions import ExprError, compile_condition, parse
+from lapse.conditions import compile_condition, parse
+from lapse.exceptions import ExprError
 from lapse.triggers.core import (
     SCORE_COLUMNS,
     Trigger,

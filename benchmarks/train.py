@@ -1,0 +1,127 @@
+"""Benchmark: `lapse train --register` on a real order log and `lapse demo`, as a user runs them.
+
+Each job is the real CLI in its own subprocess (interpreter start and imports
+included) with a fresh output folder:
+
+* **train**: ``lapse train EVENTS --config configs/online_retail.yaml --until
+  2011-09-09`` with ``--register`` into a SQLite MLflow store. By default the
+  store already exists (created untimed first, as for someone retraining);
+  ``--fresh-store`` times its creation too (MLflow's schema migrations, about
+  3 s of MLflow's own).
+* **demo**: ``lapse demo`` (2,000 users x 180 days: generate, validate,
+  features, train, register in a new store, score).
+
+For each the benchmark prints the wall time, the child's CPU time (user +
+system) and peak memory (max RSS, from ``os.wait4`` on that child), and wall
+and memory as a ratio of the goal (10 s and 1 GB). On a shared machine the
+wall time grows with the load while the CPU time barely moves: compare CPU
+times across runs, and wall times only on an idle machine.
+
+Usage::
+
+    python benchmarks/train.py --events ../shared/data/online_retail.parquet
+    python benchmarks/train.py --events FILE --repeat 3 --jobs train
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+GOAL_SECONDS = 10.0
+GOAL_BYTES = 2**30
+CLI = "from lapse.cli import app; app()"
+
+
+def run(args: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float, int]:
+    """``(wall s, CPU s, peak RSS bytes)`` of one CLI child; exits on failure."""
+    start = time.perf_counter()
+    with open(cwd / "stdout.txt", "w") as out, open(cwd / "stderr.txt", "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", CLI, *args], env=env, cwd=cwd, stdout=out, stderr=err
+        )
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        tail = (cwd / "stderr.txt").read_text()[-3000:] or (cwd / "stdout.txt").read_text()[-3000:]
+        sys.exit(f"`lapse {' '.join(args)}` exited {proc.returncode}:\n{tail}")
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024
+
+
+def _env(home: Path) -> dict[str, str]:
+    """The children's environment: the lapse this interpreter imports (a relative
+    ``PYTHONPATH=src`` would not survive the children's own working folder)."""
+    spec = importlib.util.find_spec("lapse")
+    assert spec is not None and spec.origin is not None, "lapse is not importable"
+    src = str(Path(spec.origin).resolve().parent.parent)
+    path = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "LAPSE_HOME": str(home), "COLUMNS": "120", "PYTHONPATH": path}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def train_job(
+    work: Path, events: Path, config: Path, until: str, fresh_store: bool
+) -> tuple[float, float, int]:
+    env = _env(work) | {"MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
+    if not fresh_store:  # the store a retraining user already has (created untimed)
+        subprocess.run(
+            [sys.executable, "-c", "import mlflow, sys; mlflow.MlflowClient(sys.argv[1])"
+             ".search_experiments()", env["MLFLOW_TRACKING_URI"]],
+            env=env, check=True, capture_output=True,
+        )  # fmt: skip
+    args = ["train", str(events), "--config", str(config), "--until", until]
+    args += ["--out", str(work / "report"), "--models-dir", str(work / "models"), "--register"]
+    return run(args, env, work)
+
+
+def demo_job(work: Path) -> tuple[float, float, int]:
+    return run(["demo", "--out", str(work / "demo")], _env(work), work)
+
+
+def line(name: str, wall: float, cpu: float, peak: int) -> str:
+    return (
+        f"{name:<19} wall {wall:5.1f} s ({wall / GOAL_SECONDS:.2f} x the {GOAL_SECONDS:.0f} s goal)  "
+        f"CPU {cpu:5.1f} s  peak {peak / 2**30:.2f} GB ({peak / GOAL_BYTES:.2f} x 1 GB)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--events", type=Path, help="Online Retail (needed for the train job)")
+    parser.add_argument("--config", type=Path, default=HERE.parent / "configs/online_retail.yaml")
+    parser.add_argument("--until", default="2011-09-09")
+    parser.add_argument("--jobs", nargs="+", choices=("train", "demo"), default=["train", "demo"])
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--fresh-store", action="store_true", help="time creating the store too")
+    args = parser.parse_args()
+    if "train" in args.jobs and args.events is None:
+        parser.error("--events is needed for the train job")
+    load = os.getloadavg()[0]
+    print(f"{os.cpu_count()} cores, load average {load:.1f} at the start")
+    for _ in range(args.repeat):
+        for job in args.jobs:
+            with tempfile.TemporaryDirectory(prefix=f"lapse-bench-{job}-") as tmp:
+                if job == "train":
+                    fig = train_job(
+                        Path(tmp), args.events, args.config, args.until, args.fresh_store
+                    )
+                    name = "train" + (" (fresh store)" if args.fresh_store else "")
+                else:
+                    fig = demo_job(Path(tmp))
+                    name = "demo"
+            print(line(name, *fig), flush=True)
+
+
+if __name__ == "__main__":
+    main()
