@@ -155,6 +155,14 @@ def test_role_words_follow_the_config() -> None:
     assert describe("score_recency", {RECENCY: 5.0}, brews) == "no brew for 5 days"
     assert describe("score_recency", {RECENCY: 5.0}, APP) == "no activity for 5 days"
     assert describe("score_recency", {RECENCY: float("inf")}, ORDERS) == "no order yet"
+    # days since any event, when the last event was an order, in the order's word
+    since = {"days_since_last_event": 40.0, "days_since_last_purchase": 40.0}
+    assert describe("days_since_last_event", since, ORDERS) == "no order for 40 days"
+    since["days_since_last_purchase"] = 52.0  # a return since: not an order
+    assert describe("days_since_last_event", since, ORDERS) == "no activity for 40 days"
+    assert describe("days_since_last_event", since | {"days_since_last_purchase": 40.0}, APP) == (
+        "no activity for 40 days"  # BG/NBD counts any activity: no single word for it
+    )
     assert Words.of(ORDERS).activity == "purchase" and Words.of(APP).activity == "any"
 
 
