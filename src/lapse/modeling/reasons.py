@@ -273,13 +273,10 @@ def _count_plain(m: re.Match[str], row: Row, words: Words) -> str | None:
 
 def _since_last(m: re.Match[str], row: Row, words: Words) -> str | None:
     role, v = m["role"], _num(row, m[0])
-    # the last event was an order (or the usage): said in that activity's word
-    if role == "event" and v is not None and words.activity in ("purchase", "usage"):
-        last_of_activity = _num(row, f"days_since_last_{words.activity}")
-    else:
-        last_of_activity = None
-    if v is not None and last_of_activity == v:
-        return words.since(v)
+    if role == "event" and words.activity in ("purchase", "usage"):
+        activity = _num(row, f"days_since_last_{words.activity}")
+        if v is not None and activity == v:  # the last event was an order (or the usage)
+            return words.since(v)
     what = "activity" if role == "event" else words.nouns[role][0]
     return f"no {what} yet" if v is None else f"no {what} for {_days(v)}"
 
