@@ -98,7 +98,7 @@ def test_train_writes_report_plots_and_a_working_bundle(small: Path, tmp_path: P
         bundle.check_schema(rows.drop("usage_count_7d"))
 
 
-def test_backtest_reports_each_cutoff_and_the_spread(small: Path) -> None:
+def test_backtest_reports_each_cutoff_and_the_spread(small: Path, tmp_path: Path) -> None:
     result = backtest(small / "events.parquet", load_config(), k=2)
     assert result.per_cutoff["test_cutoff"].n_unique() == 2
     assert set(result.per_cutoff["model"]) == {
@@ -111,6 +111,11 @@ def test_backtest_reports_each_cutoff_and_the_spread(small: Path) -> None:
     }
     assert {"roc_auc_mean", "roc_auc_std", "ece_max"} <= set(result.spread.columns)
     assert len(result.selected) == 2
+    # its latest cutoff is train's race, every candidate (the hazard's fresher cutoffs too)
+    trained = train(small / "events.parquet", load_config(), out_dir=tmp_path, models_dir=tmp_path)
+    latest = result.per_cutoff.filter(pl.col("test_cutoff") == f"{trained.test_cutoff:%Y-%m-%d}")
+    columns = ["model", "validation_auc", "roc_auc", "selected"]
+    assert latest.select(columns).equals(trained.table.select(columns))
 
 
 def test_quality_bar_on_20k_synthetic_users(tmp_path: Path) -> None:
