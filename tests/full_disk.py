@@ -5,7 +5,8 @@ For each scenario a tmpfs is mounted where one kind of file goes (the audit snap
 the outboxes, the file sink's output folder, the whole audit folder with the ledger) and
 filled to the last byte; `lapse score` runs, then the filler is removed (space freed) and
 the run is resumed (or run again when it says so). Prints one JSON object: per scenario
-the exit codes, outputs, the files left and the ledger's run statuses.
+the exit codes, outputs, the files left and the ledger's run statuses. Last, `lapse
+train --register` into an MLflow store on a full disk.
 """
 
 from __future__ import annotations
@@ -109,6 +110,24 @@ def scenario(name: str, args: dict[str, str], runner: CliRunner) -> dict[str, An
     }
 
 
+def mlflow_scenario(args: dict[str, str], runner: CliRunner) -> dict[str, Any]:
+    """`lapse train --register` into an MLflow store on a full disk, then with space freed."""
+    home = Path(args["root"]) / "mlflow"
+    store = home / "store"
+    filler = mount_full(store, "8m")
+    env = {"LAPSE_HOME": str(home), "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db"}
+    argv = ["train", args["train_events"], "--register", "--config", args["config"]]
+    failed = runner.invoke(app, argv, env=env)
+    filler.unlink()
+    again = runner.invoke(app, argv, env=env)
+    return {
+        "exit_code": failed.exit_code,
+        "output": failed.output + _traceback(failed),
+        "again_exit_code": again.exit_code,
+        "again_output": again.output + _traceback(again),
+    }
+
+
 def _traceback(result: Any) -> str:
     """An unexpected exception's traceback (what a user would see instead of one line)."""
     if result.exc_info is None or isinstance(result.exception, SystemExit):
@@ -119,7 +138,9 @@ def _traceback(result: Any) -> str:
 def main() -> None:
     args = json.loads(sys.argv[1])
     runner = CliRunner()
-    print(json.dumps({name: scenario(name, args, runner) for name in SCENARIOS}))
+    report = {name: scenario(name, args, runner) for name in SCENARIOS}
+    report["mlflow"] = mlflow_scenario(args, runner)
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":

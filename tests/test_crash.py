@@ -438,7 +438,8 @@ def test_a_full_disk_is_one_line_exit_5_no_partial_file_and_resumable(
 ) -> None:
     """The real writers (Polars' Parquet, SQLite) on a full tmpfs: the audit snapshot, the
     outbox, the file sink and the ledger (tests/full_disk.py runs each in a private mount
-    namespace, then frees the space and resumes, or runs again when told to)."""
+    namespace, then frees the space and resumes, or runs again when told to), and the
+    MLflow store of `lapse train --register`."""
     if not _can_mount_tmpfs(tmp_path / "probe"):
         pytest.skip("no user namespaces here: cannot mount a size-limited tmpfs")
     args = {
@@ -447,6 +448,8 @@ def test_a_full_disk_is_one_line_exit_5_no_partial_file_and_resumable(
         "bundle": str(world.bundle),
         "users": str(world.users),
         "as_of": f"{world.as_of:%Y-%m-%d}",
+        "train_events": str(world.bundle.parent.parent / "train.parquet"),
+        "config": str(config_file(tmp_path, world)),
     }
     driver = Path(__file__).parent / "full_disk.py"
     done = subprocess.run(
@@ -458,6 +461,13 @@ def test_a_full_disk_is_one_line_exit_5_no_partial_file_and_resumable(
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.splitlines()[-1])
+    r = report.pop("mlflow")  # the registry's store (SQLite) on a full disk: one line, exit 5
+    assert r["exit_code"] == 5, r["output"]
+    assert r["output"].strip().splitlines() == [
+        f"error: cannot write sqlite:///{tmp_path}/mlflow/store/mlflow.db: database or disk is "
+        "full; free space or fix the path, then run again"
+    ]
+    assert r["again_exit_code"] == 0, r["again_output"]
     where = {
         "audit": "/lapse-runs/snapshots/run_date=",
         "outbox": "/lapse-runs/outbox/",

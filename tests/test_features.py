@@ -177,6 +177,31 @@ def test_milestone_crossing_and_usage_trend() -> None:
     assert got["current_streak_days"] == 3
 
 
+def test_active_history_across_64_day_blocks_and_users() -> None:
+    """Active days are kept as 64-day bitmasks: a run crossing a block edge is one streak."""
+    feb29 = d(2024, 2, 29, 12)  # k = 0: the day of T - 1us
+
+    def day(k: int) -> datetime:
+        return feb29 - timedelta(days=k)
+
+    ev = events(
+        [
+            *(("s", day(k), "use", None, None, None) for k in (65, 64, 63, 62, 0)),
+            ("z", day(1), "buy", "P", 2.0, 7.0),
+            ("z", day(0), "use", None, None, None),
+        ]
+    )
+    got = build(ev, T, cfg(units_per_pack={"P": 10}))
+    s, z = row(got, "s"), row(got, "z")
+    assert (s["longest_streak_days"], s["current_streak_days"]) == (4, 1)  # k 65..62, then k 0
+    assert s["mean_active_gap_days"] == 65 / 4  # first and last active day 65 days apart
+    assert s["events_per_active_day"] == 1.0
+    assert s["events_per_active_week"] == 2.5  # Dec 26-29 is one ISO week, Feb 29 another
+    assert (s["order_count"], s["units_bought_total"], s["units_bought_7d"]) == (0, 0.0, 0.0)
+    assert (z["longest_streak_days"], z["current_streak_days"]) == (2, 2)
+    assert (z["units_bought_total"], z["units_bought_7d"], z["revenue_7d"]) == (20.0, 20.0, 7.0)
+
+
 def test_std_of_order_gaps() -> None:
     ev = events([("u", d(2024, 1, day), "buy", "X", 1.0, None) for day in (1, 3, 7)])
     got = row(build(ev, T, cfg()), "u")

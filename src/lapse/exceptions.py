@@ -19,7 +19,7 @@ command's codes::
     └── SinkError               a destination refused a whole batch for good
         ├── DeliveryStopped     the run stops, its unsent batches pending (resumable)
         │   ├── SinkAuthError   credentials missing or refused
-        │   └── DestinationUnreachable  no connection could be made
+        │   └── DestinationUnreachable  no connection could be made (exit code 1)
         ├── RetryableError      a transient failure: send the same batch again
         │   └── ConnectionFailed  no connection could be made: nothing was sent
         └── PayloadTooLarge     the batch is too large: split it and resend
@@ -182,7 +182,13 @@ class SinkAuthError(DeliveryStopped):
 
 class DestinationUnreachable(DeliveryStopped):
     """No connection to the destination could be made (its retries, or the run's retry
-    budget, used up); the run stops, resumable, nothing dead-lettered."""
+    budget, used up); the run stops, resumable, nothing dead-lettered.
+
+    Exit code 1, as for records that failed: the command was right, the records are not
+    delivered yet, and ``lapse score --resume`` sends them once the destination is back.
+    """
+
+    exit_code: ClassVar[int] = 1
 
 
 class RetryableError(SinkError):

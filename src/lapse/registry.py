@@ -69,7 +69,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 import polars as pl
 
 from lapse.config import LapseConfig, dump_config
-from lapse.exceptions import LapseError, PromotionRefused
+from lapse.exceptions import LapseError, PromotionRefused, WriteFailed
 from lapse.faults import fault_point
 from lapse.modeling.compare import (
     Decision,
@@ -212,15 +212,32 @@ def _artifact_location(config: LapseConfig, uri: str) -> str | None:
     return (db.parent / "mlartifacts").as_uri() if db is not None else None
 
 
+# SQLite's and the OS's words for a store that cannot be written (exit code 5, not 2)
+_FULL_STORE = re.compile(
+    r"database or disk is full|no space left on device|disk I/O error|"
+    r"attempt to write a readonly database|read-only file system",
+    re.IGNORECASE,
+)
+
+
 @contextlib.contextmanager
 def _mlflow_errors(uri: str) -> Iterator[None]:
-    """Turn MLflow's failures (unreachable server, bad store) into one LapseError line."""
+    """Turn MLflow's failures (unreachable server, bad store) into one LapseError line; a
+    store that cannot be written (a full disk, read-only) is :class:`WriteFailed` (exit 5)."""
     from mlflow.exceptions import MlflowException  # noqa: TID251
+    from sqlalchemy.exc import SQLAlchemyError
 
     try:
         yield
-    except MlflowException as exc:
-        raise LapseError(f"MLflow at {redact_url(uri)}: {exc.message}") from None
+    except (MlflowException, SQLAlchemyError) as exc:
+        if isinstance(exc, MlflowException):
+            message = exc.message
+        else:  # the driver's own words, without SQLAlchemy's statement and background link
+            message = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        full = _FULL_STORE.search(message)
+        if full is not None:
+            raise WriteFailed.from_os_error(redact_url(uri), OSError(full.group(0))) from None
+        raise LapseError(f"MLflow at {redact_url(uri)}: {message}") from None
 
 
 def _connect(config: LapseConfig) -> tuple[MlflowClient, str]:
@@ -229,6 +246,8 @@ def _connect(config: LapseConfig) -> tuple[MlflowClient, str]:
 
     # mlflow sets its logger to INFO on import; its store-migration lines are noise for lapse users
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    # it logs a store error's traceback before raising it; _mlflow_errors says it in one line
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     uri = tracking_uri(config)
     db = _sqlite_path(uri)
     if db is not None:
@@ -242,7 +261,8 @@ def _connect(config: LapseConfig) -> tuple[MlflowClient, str]:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = before
-    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri), uri
+    with _mlflow_errors(uri):  # a new SQLite store is created and migrated here
+        return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri), uri
 
 
 def _experiment_id(client: MlflowClient, config: LapseConfig, uri: str) -> str:
