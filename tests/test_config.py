@@ -38,7 +38,7 @@ def test_user_file_is_complete_in_itself(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, "roles:\n  purchase: [purchase]\n"))
     assert config.roles.of("purchase") == ["purchase"]
     assert config.roles.of("usage") == []  # not inherited from the generator's defaults
-    assert config.features.windows == [7, 14, 28, 56, 90]
+    assert config.features.windows == [7, 14, 28, 56, 90, 180, 365]
 
 
 def test_empty_file_gives_model_defaults(tmp_path: Path) -> None:

@@ -233,7 +233,7 @@ def test_registry_matches_build_for_the_default_config() -> None:
     ev = events([("u", d(2024, 1, 1), "app_open", None, None, None)])
     frame = build(ev, T, config)
     assert frame.schema == pl.Schema({"user_id": pl.String(), **expand(config)})
-    assert windows_of(config) == [7, 14, 28, 56, 90]
+    assert windows_of(config) == [7, 14, 28, 56, 90, 180, 365]
     many = build_many(ev, [T], config)
     assert many.columns[:2] == ["user_id", "cutoff"]
 

@@ -73,6 +73,27 @@ def test_non_contractual_label_window_is_half_open() -> None:
     assert out.schema["cutoff"] == pl.Datetime("us", "UTC")
 
 
+def test_days_to_next_gives_the_label_at_any_horizon() -> None:
+    # cutoff day 30 (00:00); the events are at 12:00
+    ev = events(
+        [
+            ("soon", 20, "app_open"),
+            ("soon", 32, "app_open"),  # the first one at or after the cutoff counts
+            ("soon", 40, "app_open"),
+            ("late", 20, "app_open"),
+            ("late", 50, "order_completed"),
+            ("never", 20, "app_open"),
+            ("never", 35, "device_error"),  # not an activity role
+        ]
+    )
+    out = churn_labels(ev, [d(30)], cfg(), data_end=d(60), days_to_next=True)
+    got = dict(zip(out["user_id"], out["days_to_next"], strict=True))
+    assert got == {"soon": 2.5, "late": 20.5, "never": None}
+    assert labels_of(out) == {u: v is None or v >= 28 for u, v in got.items()}
+    plain = churn_labels(ev, [d(30)], cfg(), data_end=d(60))
+    assert plain.columns == ["user_id", "cutoff", "churned"]
+
+
 def test_activity_exactly_at_cutoff_counts_for_the_label_not_eligibility() -> None:
     ev = pl.LazyFrame(
         {"user_id": ["u", "u"], "ts": [d(10), d(30)], "event": ["app_open", "app_open"]},

@@ -6,7 +6,7 @@ import pickle
 import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import polars as pl
@@ -32,6 +32,7 @@ from lapse.modeling import (
 )
 from lapse.modeling.bgnbd import btyd_arrays
 from lapse.modeling.bundle import ChurnBundle
+from lapse.modeling.hazard import HALF, LightGBMHazard, half_rows
 from lapse.modeling.metrics import expected_calibration_error, top_decile
 from lapse.modeling.race import COMPLEXITY, fit_calibrator, fit_scorer
 from lapse.modeling.rules import RulesScore
@@ -262,6 +263,77 @@ def test_lightgbm_learns_and_explains() -> None:
     assert imp.columns == ["feature", "gain", "mean_abs_shap"]
 
 
+def _hazard_frame(n_users: int, seed: int) -> pl.DataFrame:
+    """Weekly cutoffs; the days to the next activity are exponential with a mean that grows
+    with the days since the last one (null when none came within 60 days)."""
+    rng = np.random.default_rng(seed)
+    n = n_users * 8
+    recency = rng.integers(0, 40, n)
+    wait = rng.exponential(3.0 + 1.5 * recency)
+    return pl.DataFrame(
+        {
+            "user_id": [f"u{i % n_users}" for i in range(n)],
+            "cutoff": [
+                datetime(2024, 1, 1, tzinfo=UTC) + timedelta(weeks=i // n_users) for i in range(n)
+            ],
+            "days_since_last_usage": recency,
+            "usage_count_28d": rng.poisson(4, n),
+            "churned": wait >= 28,
+            "days_to_next": np.where(wait < 60, wait, np.nan),
+        }
+    ).with_columns(pl.col("days_to_next").fill_nan(None))
+
+
+def test_hazard_halves_train_only_on_windows_that_end_by_the_label_end() -> None:
+    day = [datetime(2024, 1, d, tzinfo=UTC) for d in (1, 15, 22)]
+    frame = pl.DataFrame(
+        {
+            "user_id": ["a", "b", "c", "a", "a"],
+            "cutoff": [day[0], day[0], day[0], day[1], day[2]],
+            "days_to_next": [3.0, 20.0, None, 16.0, 1.0],
+        }
+    )
+    # horizon 28: halves [0, 14) and [14, 28); label end Jan 29
+    rows = half_rows(frame, 28, datetime(2024, 1, 29, tzinfo=UTC))
+    got = rows.select("user_id", pl.col("cutoff").dt.day(), HALF, "_quiet").rows()
+    assert got == [
+        ("a", 1, 0, False),  # bought on day 3: not quiet, and no longer at risk in the second
+        ("b", 1, 0, True),
+        ("c", 1, 0, True),
+        ("a", 15, 0, True),  # Jan 15 + 14 days ends by Jan 29; its second half does not
+        ("b", 1, 1, False),
+        ("c", 1, 1, True),
+    ]  # Jan 22's first half ends after Jan 29: not a row
+
+
+def test_hazard_lightgbm_learns_and_never_reads_past_the_label_end() -> None:
+    frame = _hazard_frame(400, 0)
+    end = datetime(2024, 2, 26, tzinfo=UTC)  # the last cutoff (Feb 19) fits no half
+    model = LightGBMHazard(horizon_days=28, random_state=1, n_jobs=2).fit(frame, label_end=end)
+    assert model.feature_names_ == ["days_since_last_usage", "usage_count_28d"]
+    test = _hazard_frame(400, 1)
+    p = model.predict_proba(test)
+    assert binary_metrics(test["churned"].to_numpy(), p)["roc_auc"] > 0.75
+    assert np.array_equal(clone(model).fit(frame, label_end=end).predict_proba(test), p)
+    # outcomes the label end hides: beyond the first half at Feb 5 and Feb 12, all at Feb 19
+    c = pl.col("cutoff")
+    hidden = (c >= datetime(2024, 2, 5, tzinfo=UTC)) & (pl.col("days_to_next") >= 14)
+    blind = frame.with_columns(
+        pl.when(c == datetime(2024, 2, 19, tzinfo=UTC))
+        .then(0.5)
+        .when(hidden)
+        .then(20.0)
+        .otherwise(pl.col("days_to_next"))
+        .alias("days_to_next")
+    )
+    assert not blind.equals(frame)
+    again = LightGBMHazard(horizon_days=28, random_state=1, n_jobs=2).fit(blind, label_end=end)
+    assert np.array_equal(again.predict_proba(test), p)
+    # the summed SHAP values and the last column add up to log P(churn)
+    x = model.encode(test.head(5))
+    assert model.contributions_encoded(x).sum(axis=1) == pytest.approx(np.log(p[:5]))
+
+
 def test_lightgbm_search_runs_and_keeps_input_intact() -> None:
     frame, y = _churn_frame(1500, 2)
     before = frame.clone()
@@ -363,8 +435,8 @@ def test_rfm_summary_at_one_cutoff_equals_its_rows_among_several() -> None:
 
 # -- the model contract --------------------------------------------------------------------
 #
-# Seven models can ship: the churn race's recency, rules, BG/NBD, LightGBM and stacked
-# LightGBM (race.COMPLEXITY), and replenishment's survival regression (the winner of
+# Eight models can ship: the churn race's recency, rules, BG/NBD, LightGBM, stacked and
+# hazard LightGBM (race.COMPLEXITY), and replenishment's survival regression (the winner of
 # survival.CANDIDATES: Weibull, log-normal, log-logistic AFT or Cox) with the depletion rule
 # beside it. The contract runs over every name the two races fit, so a new candidate joins
 # it; the last_gap baseline is raced but never shipped, and is the depletion rule's fallback.
@@ -397,6 +469,8 @@ def contract_events() -> pl.LazyFrame:
 class ChurnContract:
     """The churn race's candidates, fitted by the race's own code, shipped in a bundle."""
 
+    SLOT: ClassVar[dict[str, str]] = {"lightgbm_stacked": "stacked", "lightgbm_hazard": "hazard"}
+
     def __init__(self, events: pl.LazyFrame) -> None:
         self.config = load_config()
         cutoffs = [START + timedelta(days=d) for d in (63, 70, 77, 84)]
@@ -404,10 +478,13 @@ class ChurnContract:
         self.train = frame.filter(pl.col("cutoff") < cutoffs[-1])
         self.validation = frame.filter(pl.col("cutoff") == cutoffs[-1])
         self.btyd_fit = rfm.filter(pl.col("cutoff") == cutoffs[-1])
+        self.label_end = cutoffs[-1]
         self.y = self.train["churned"].cast(pl.Float64).to_numpy()
         self.groups = self.train["cutoff"].dt.epoch("s").to_numpy()
         before = self.train.clone()
-        self.scorer = fit_scorer(self.train, self.btyd_fit, self.config)
+        self.scorer = fit_scorer(
+            self.train, self.btyd_fit, self.config, recent=self.train, label_end=self.label_end
+        )
         assert self.scorer.names == list(COMPLEXITY)
         self.rows = self.ship("recency", None).prepare(events, AS_OF)
         self.inputs = [(self.train, before), (self.rows, self.rows.clone())]
@@ -420,21 +497,25 @@ class ChurnContract:
             return None
         if name == "rules":
             return RulesScore().fit(self.train, self.config)
-        return self.scorer.stacked if name == "lightgbm_stacked" else getattr(self.scorer, name)
+        return getattr(self.scorer, self.SLOT.get(name, name))
 
     def refit(self, name: str, model: Any) -> Any:
         if name == "rules":
             return model.fit(self.train, self.config)
         if name == "bgnbd":
             return model.fit(*btyd_arrays(self.btyd_fit))
+        if name == "lightgbm_hazard":
+            return model.fit(self.train, label_end=self.label_end)
         frame = self.scorer.with_scores(self.train) if name == "lightgbm_stacked" else self.train
         return model.fit(frame, self.y, groups=self.groups)
 
     def ship(self, name: str, model: Any) -> ChurnBundle:
         """A bundle shipping ``name`` with ``model`` in the race's scorer, calibrated on
         the validation cutoff as the race does."""
-        slot = {"bgnbd": "bgnbd", "lightgbm": "lightgbm", "lightgbm_stacked": "stacked"}
-        scorer = replace(self.scorer, **{slot[name]: model}) if name in slot else self.scorer
+        learned = name not in ("recency", "rules")  # the scorer holds no model of theirs
+        scorer = (
+            replace(self.scorer, **{self.SLOT.get(name, name): model}) if learned else self.scorer
+        )
         y_val = self.validation["churned"].cast(pl.Float64).to_numpy()
         calibrator = fit_calibrator(name, scorer.score(name, self.validation), y_val, self.config)
         return ChurnBundle(

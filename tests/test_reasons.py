@@ -18,7 +18,8 @@ import pytest
 from lapse.config import LapseConfig, Roles, load_config
 from lapse.datasets import generate, write
 from lapse.events import read_events
-from lapse.modeling import ChurnBundle
+from lapse.modeling import ChurnBundle, LightGBMChurn
+from lapse.modeling.hazard import LightGBMHazard
 from lapse.modeling.race import fit_calibrator
 from lapse.modeling.reasons import P_ALIVE, RECENCY, Reason, Words, describe, explain
 from lapse.modeling.rules import recency_days
@@ -154,6 +155,14 @@ def test_role_words_follow_the_config() -> None:
     assert describe("score_recency", {RECENCY: 5.0}, brews) == "no brew for 5 days"
     assert describe("score_recency", {RECENCY: 5.0}, APP) == "no activity for 5 days"
     assert describe("score_recency", {RECENCY: float("inf")}, ORDERS) == "no order yet"
+    # days since any event, when the last event was an order, in the order's word
+    since = {"days_since_last_event": 40.0, "days_since_last_purchase": 40.0}
+    assert describe("days_since_last_event", since, ORDERS) == "no order for 40 days"
+    since["days_since_last_purchase"] = 52.0  # a return since: not an order
+    assert describe("days_since_last_event", since, ORDERS) == "no activity for 40 days"
+    assert describe("days_since_last_event", since | {"days_since_last_purchase": 40.0}, APP) == (
+        "no activity for 40 days"  # BG/NBD counts any activity: no single word for it
+    )
     assert Words.of(ORDERS).activity == "purchase" and Words.of(APP).activity == "any"
 
 
@@ -231,6 +240,16 @@ def _shipping(trained: Trained, kind: str) -> ChurnBundle:
     return replace(b, selected=kind, calibrator=calibrator)
 
 
+def _tree_model(bundle: ChurnBundle) -> LightGBMChurn | LightGBMHazard:
+    """The shipped LightGBM of ``bundle`` (plain, stacked or hazard)."""
+    scorer = bundle.scorer
+    model = {"lightgbm_stacked": scorer.stacked, "lightgbm_hazard": scorer.hazard}.get(
+        bundle.selected, scorer.lightgbm
+    )
+    assert model is not None
+    return model
+
+
 def _moved(bundle: ChurnBundle, row: pl.DataFrame, factor: str) -> float:
     """The bundle's churn risk of ``row`` with ``factor`` at the population's median."""
     scorer = bundle.scorer
@@ -245,8 +264,7 @@ def _moved(bundle: ChurnBundle, row: pl.DataFrame, factor: str) -> float:
         else:  # a single active day so far: a younger customer
             moved = row.with_columns(pl.lit(m["days_since"]).alias("btyd_age_days"))
         return float(bundle.predict_proba(moved)[0])
-    model = scorer.stacked if bundle.selected == "lightgbm_stacked" else scorer.lightgbm
-    assert model is not None
+    model = _tree_model(bundle)
     j = model.feature_names_.index(factor)
     median = model.typical_[j]
     if factor in model.categories_:
@@ -320,7 +338,7 @@ def _check_high_risk(bundle: ChurnBundle, rows: pl.DataFrame, n: int = 25) -> in
     return checked
 
 
-@pytest.mark.parametrize("kind", ["bgnbd", "lightgbm_stacked", "lightgbm"])
+@pytest.mark.parametrize("kind", ["bgnbd", "lightgbm_stacked", "lightgbm", "lightgbm_hazard"])
 def test_transaction_log_reasons_from_the_shipped_model(orders: Trained, kind: str) -> None:
     bundle = _shipping(orders, kind)
     assert _check_high_risk(bundle, orders.rows) > 0
@@ -331,8 +349,7 @@ def test_transaction_log_reasons_from_the_shipped_model(orders: Trained, kind: s
         overdue = r"no order for \d+ days; usually orders every \d+ days.*"
         assert any(re.fullmatch(overdue, t) for t in texts)
     else:  # spend is a reason only when below the population's: never high spend
-        model = bundle.scorer.stacked if kind == "lightgbm_stacked" else bundle.scorer.lightgbm
-        assert model is not None
+        model = _tree_model(bundle)
         names = model.feature_names_
         for i, reasons in enumerate(found):
             for r in reasons:
@@ -341,7 +358,7 @@ def test_transaction_log_reasons_from_the_shipped_model(orders: Trained, kind: s
                     assert orders.rows[r.factor][i] < median, r
 
 
-@pytest.mark.parametrize("kind", ["lightgbm", "lightgbm_stacked", "bgnbd"])
+@pytest.mark.parametrize("kind", ["lightgbm", "lightgbm_stacked", "lightgbm_hazard", "bgnbd"])
 def test_app_reasons_from_the_shipped_model(app: Trained, kind: str) -> None:
     bundle = _shipping(app, kind)
     assert _check_high_risk(bundle, app.rows) > 0

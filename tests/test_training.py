@@ -43,6 +43,7 @@ def test_train_writes_report_plots_and_a_working_bundle(small: Path, tmp_path: P
     assert set(churn["models"]) == {
         "lightgbm",
         "lightgbm_stacked",
+        "lightgbm_hazard",
         "rules",
         "bgnbd",
         "recency",
@@ -97,18 +98,24 @@ def test_train_writes_report_plots_and_a_working_bundle(small: Path, tmp_path: P
         bundle.check_schema(rows.drop("usage_count_7d"))
 
 
-def test_backtest_reports_each_cutoff_and_the_spread(small: Path) -> None:
+def test_backtest_reports_each_cutoff_and_the_spread(small: Path, tmp_path: Path) -> None:
     result = backtest(small / "events.parquet", load_config(), k=2)
     assert result.per_cutoff["test_cutoff"].n_unique() == 2
     assert set(result.per_cutoff["model"]) == {
         "lightgbm",
         "lightgbm_stacked",
+        "lightgbm_hazard",
         "rules",
         "bgnbd",
         "recency",
     }
     assert {"roc_auc_mean", "roc_auc_std", "ece_max"} <= set(result.spread.columns)
     assert len(result.selected) == 2
+    # its latest cutoff is train's race, every candidate (the hazard's fresher cutoffs too)
+    trained = train(small / "events.parquet", load_config(), out_dir=tmp_path, models_dir=tmp_path)
+    latest = result.per_cutoff.filter(pl.col("test_cutoff") == f"{trained.test_cutoff:%Y-%m-%d}")
+    columns = ["model", "validation_auc", "roc_auc", "selected"]
+    assert latest.select(columns).equals(trained.table.select(columns))
 
 
 def test_quality_bar_on_20k_synthetic_users(tmp_path: Path) -> None:
@@ -134,17 +141,28 @@ def test_quality_bar_on_20k_synthetic_users(tmp_path: Path) -> None:
     assert chosen["roc_auc"] >= models["rules"]["roc_auc"] + 0.05
 
 
-def test_stacked_lightgbm_joins_the_race_by_default(small: Path, tmp_path: Path) -> None:
+def test_stacked_and_hazard_lightgbm_join_the_race_by_default(small: Path, tmp_path: Path) -> None:
     config = load_config()
     assert config.models.stacked_lightgbm  # `models.stacked_lightgbm: false` leaves it out
+    assert config.models.hazard_lightgbm
     config.replenishment.enabled = False  # only the churn race matters here
     result = train(
         small / "events.parquet", config, out_dir=tmp_path / "r", models_dir=tmp_path / "m"
     )
-    stacked = result.metrics["churn"]["models"]["lightgbm_stacked"]
-    assert set(stacked) == PINNED
-    assert 0.5 < stacked["roc_auc"] <= 1.0
-    assert "lightgbm_stacked" in result.table["model"].to_list()
+    for name in ("lightgbm_stacked", "lightgbm_hazard"):
+        metrics = result.metrics["churn"]["models"][name]
+        assert set(metrics) == PINNED
+        assert 0.6 < metrics["roc_auc"] <= 1.0
+        assert name in result.table["model"].to_list()
+    # the shipped refit holds both, and the hazard's first half saw fresher cutoffs
+    scorer = ChurnBundle.load(result.bundle_path).scorer
+    assert scorer.names[-2:] == ["lightgbm_stacked", "lightgbm_hazard"]
+    assert scorer.hazard is not None and scorer.hazard.horizon_days == 28
+    config.models.hazard_lightgbm = False
+    result = train(
+        small / "events.parquet", config, out_dir=tmp_path / "r2", models_dir=tmp_path / "m2"
+    )
+    assert "lightgbm_hazard" not in result.table["model"].to_list()
 
 
 def test_training_reports_rows_validation_rejected(small: Path, tmp_path: Path) -> None:

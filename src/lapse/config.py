@@ -327,7 +327,9 @@ class Milestone(_Section):
 class FeaturesConfig(_Section):
     """Feature windows (days, added to the always-built 7/14/28/90) and units per pack."""
 
-    windows: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [7, 14, 28, 56, 90])
+    windows: list[Annotated[int, Field(gt=0)]] = Field(
+        default_factory=lambda: [7, 14, 28, 56, 90, 180, 365]
+    )
     units_per_pack: dict[str, Annotated[float, Field(gt=0)]] = Field(
         default_factory=dict,
         description="SKU -> units in one `quantity`; SKUs not listed count quantity as units",
@@ -362,6 +364,11 @@ class ModelsConfig(_Section):
     )
     stacked_lightgbm: bool = Field(
         default=True, description="also race a LightGBM that takes BG/NBD and recency scores"
+    )
+    hazard_lightgbm: bool = Field(
+        default=True,
+        description="also race a LightGBM on the horizon's two halves (non-contractual labels), "
+        "whose first half learns from cutoffs half a horizon fresher",
     )
     n_jobs: int | None = Field(
         default=None,

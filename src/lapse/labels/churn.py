@@ -251,6 +251,7 @@ def churn_labels(
     *,
     data_end: datetime | None = None,
     links: pl.DataFrame | None = None,
+    days_to_next: bool = False,
 ) -> pl.DataFrame:
     """``user_id, cutoff, churned`` for every eligible user at each cutoff.
 
@@ -265,6 +266,12 @@ def churn_labels(
     links
         Identity links (:mod:`lapse.events.identity`): rows get the ids of the
         links before their cutoff, labels the person's activity under all ids.
+    days_to_next
+        Also return ``days_to_next``: fractional days from the cutoff to the
+        label's next event (the first qualifying activity at or after it; a
+        cancel for contractual labels), null when none happened before the
+        end of the data. A label at any horizon up to the data's end follows
+        from it (what :class:`lapse.modeling.hazard.LightGBMHazard` trains on).
 
     Examples
     --------
@@ -288,7 +295,9 @@ def churn_labels(
         )
     if links is None or links.is_empty():
         frame = _with_history(events, cutoffs, config).filter(_eligible_expr(config))
-        return _churned(events, frame.select("user_id", "cutoff"), config, horizon)
+        return _churned(
+            events, frame.select("user_id", "cutoff"), config, horizon, days_to_next=days_to_next
+        )
 
     def eligible_at(ev: pl.LazyFrame, cuts: list[datetime]) -> pl.DataFrame:
         rows = _with_history(ev, cuts, config).filter(_eligible_expr(config))
@@ -302,6 +311,7 @@ def churn_labels(
         config,
         horizon,
         by=_PERSON,
+        days_to_next=days_to_next,
     )
 
 
@@ -314,6 +324,8 @@ def _churned(
     config: LapseConfig,
     horizon: timedelta,
     by: str = "user_id",
+    *,
+    days_to_next: bool = False,
 ) -> pl.DataFrame:
     """Labels of ``pairs``; ``by`` names the pairs' column matched to the events' user id."""
     if config.labels.kind == "non_contractual":
@@ -327,8 +339,10 @@ def _churned(
         churned = pl.col("_next").is_null() | (pl.col("_next") >= pl.col("cutoff") + horizon)
     else:
         churned = pl.col("_next").is_not_null() & (pl.col("_next") < pl.col("cutoff") + horizon)
+    until = (pl.col("_next") - pl.col("cutoff")).dt.total_microseconds() / 86_400e6
+    extra = [until.alias("days_to_next")] if days_to_next else []
     return (
-        frame.select("user_id", "cutoff", churned.alias("churned"))
+        frame.select("user_id", "cutoff", churned.alias("churned"), *extra)
         .sort("cutoff", "user_id")
         .collect()
     )

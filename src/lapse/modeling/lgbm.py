@@ -42,7 +42,7 @@ GROWING_FEATURES: Final = frozenset(
     }
 )
 _GROWING_PATTERNS: Final = (re.compile(r"^milestone_.+_count$"),)
-_KEYS: Final = frozenset({"user_id", "cutoff", "churned"})
+_KEYS: Final = frozenset({"user_id", "cutoff", "churned", "days_to_next"})  # labels
 TENURE_CAP_DAYS: Final = 90
 
 

@@ -2,10 +2,10 @@
 
 Candidates, simplest first: ``recency`` (days since the last qualifying
 activity), ``rules`` (fired churn triggers, ties by days since last usage),
-``bgnbd`` and ``lightgbm`` (plus ``lightgbm_stacked`` when configured). The
-winner has the best validation ROC-AUC; a simpler model within
-:data:`TIE_AUC` of the best wins the tie. Every candidate is calibrated on the
-validation cutoff with the same method and evaluated on the test cutoff.
+``bgnbd`` and ``lightgbm`` (plus ``lightgbm_stacked`` and ``lightgbm_hazard``
+when configured). The winner has the best validation ROC-AUC; a simpler model
+within :data:`TIE_AUC` of the best wins the tie. Every candidate is calibrated
+on the validation cutoff with the same method and evaluated on the test cutoff.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import polars as pl
 from lapse.config import LapseConfig
 from lapse.exceptions import FitWarning
 from lapse.modeling.bgnbd import BGNBD, btyd_arrays
+from lapse.modeling.hazard import DAYS_TO_NEXT, LightGBMHazard
 from lapse.modeling.lgbm import LightGBMChurn, model_columns
 from lapse.modeling.metrics import Calibrator, binary_metrics
 from lapse.modeling.rules import recency_days, rules_score
@@ -39,9 +40,16 @@ __all__ = [
 
 FloatArray = npt.NDArray[np.float64]
 
-COMPLEXITY: Final = ("recency", "rules", "bgnbd", "lightgbm", "lightgbm_stacked")
+COMPLEXITY: Final = (
+    "recency",
+    "rules",
+    "bgnbd",
+    "lightgbm",
+    "lightgbm_stacked",
+    "lightgbm_hazard",
+)
 TIE_AUC: Final = 0.001
-_PROBABILISTIC: Final = frozenset({"bgnbd", "lightgbm", "lightgbm_stacked"})
+_PROBABILISTIC: Final = frozenset({"bgnbd", "lightgbm", "lightgbm_stacked", "lightgbm_hazard"})
 
 
 @dataclass
@@ -55,11 +63,13 @@ class RaceScorer:
     lightgbm: LightGBMChurn
     bgnbd: BGNBD
     stacked: LightGBMChurn | None = None
+    hazard: LightGBMHazard | None = None
 
     @property
     def names(self) -> list[str]:
-        base = ["recency", "rules", "bgnbd", "lightgbm"]
-        return [*base, "lightgbm_stacked"] if self.stacked is not None else base
+        names = ["recency", "rules", "bgnbd", "lightgbm"]
+        names += ["lightgbm_stacked"] if self.stacked is not None else []
+        return names + (["lightgbm_hazard"] if self.hazard is not None else [])
 
     def _recency(self, frame: pl.DataFrame) -> FloatArray:
         days = recency_days(frame, self.config)
@@ -91,6 +101,8 @@ class RaceScorer:
             return self.lightgbm.predict_proba(frame)
         if name == "lightgbm_stacked" and self.stacked is not None:
             return self.stacked.predict_proba(self.with_scores(frame))
+        if name == "lightgbm_hazard" and self.hazard is not None:
+            return self.hazard.predict_proba(frame)
         raise KeyError(f"unknown candidate {name!r}")
 
 
@@ -219,10 +231,16 @@ def fit_scorer(
     btyd_fit: pl.DataFrame,
     config: LapseConfig,
     *,
+    recent: pl.DataFrame | None = None,
+    label_end: datetime | None = None,
     like: RaceScorer | None = None,
 ) -> RaceScorer:
     """Fit LightGBM on ``train`` (labelled rows of the training cutoffs) and BG/NBD on
     ``btyd_fit`` (the activity summary of every active user at the fit cutoff).
+
+    The hazard LightGBM (``models.hazard_lightgbm``, non-contractual labels) fits on
+    ``recent``: the labelled rows (with ``days_to_next``) of every cutoff from the first
+    training one to ``label_end``, the end its label windows must respect.
 
     ``like``: a fitted scorer (the race's) whose LightGBM tree counts and tuned
     parameters the new models reuse, without a holdout of their own (the refit of
@@ -251,6 +269,20 @@ def fit_scorer(
         scorer.stacked = lightgbm(cols, None if like is None else like.stacked).fit(
             stacked_frame, y, groups=groups
         )
+    if (
+        m.hazard_lightgbm
+        and config.labels.kind == "non_contractual"
+        and recent is not None
+        and DAYS_TO_NEXT in recent.columns
+    ):
+        assert label_end is not None, "the hazard LightGBM needs the label end"
+        hazard = None if like is None else like.hazard
+        scorer.hazard = LightGBMHazard(
+            horizon_days=config.labels.horizon_days,
+            n_trees=None if hazard is None else hazard.model_.n_trees_,
+            random_state=m.random_state,
+            n_jobs=m.n_jobs,
+        ).fit(recent, label_end=label_end)
     return scorer
 
 
@@ -273,7 +305,9 @@ def run_race(
     Parameters
     ----------
     frame
-        Labelled feature rows (``user_id, cutoff, churned``, features, ``btyd_*``).
+        Labelled feature rows (``user_id, cutoff, churned``, features, ``btyd_*``; and
+        ``days_to_next`` for the hazard LightGBM, which also learns from the cutoffs
+        between the training ones and the validation cutoff).
     btyd_fit
         BG/NBD's fitting summary (``btyd_*`` of every active user at the
         validation cutoff: past data only).
@@ -281,6 +315,7 @@ def run_race(
         ``user_id, p_churn`` at the test cutoff (the generator's truth).
     """
     train = frame.filter(pl.col("cutoff").is_in(pl.lit(pl.Series(training)).implode()))
+    recent = frame.filter(pl.col("cutoff").is_between(min(training), validation, closed="left"))
     val = frame.filter(pl.col("cutoff") == validation)
     tst = frame.filter(pl.col("cutoff") == test)
     for part, rows in (("training", train), ("validation", val), ("test", tst)):
@@ -294,7 +329,7 @@ def run_race(
     notes: list[str] = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", FitWarning)
-        scorer = fit_scorer(train, btyd_fit, config)
+        scorer = fit_scorer(train, btyd_fit, config, recent=recent, label_end=validation)
     for w in caught:
         notes.append(str(w.message))
         warnings.warn(w.message, w.category, stacklevel=2)

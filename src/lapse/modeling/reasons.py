@@ -2,8 +2,9 @@
 
 Reasons come from the model the race shipped (``ChurnBundle.selected``):
 
-``lightgbm``, ``lightgbm_stacked``
-    Its inputs ranked by exact TreeSHAP value (:mod:`lapse.modeling._treeshap`).
+``lightgbm``, ``lightgbm_stacked``, ``lightgbm_hazard``
+    Its inputs ranked by exact TreeSHAP value (:mod:`lapse.modeling._treeshap`;
+    the hazard model's summed over the horizon's two halves).
     The stacked model's ``score_bgnbd`` and ``score_recency`` are told as the
     quantities behind them ("no order for 96 days; usually orders every 31 days").
 ``bgnbd``
@@ -40,6 +41,7 @@ import polars as pl
 
 from lapse.modeling._treeshap import MIN_ROWS
 from lapse.modeling.bgnbd import BTYD_COLUMNS, btyd_arrays
+from lapse.modeling.hazard import LightGBMHazard
 from lapse.modeling.lgbm import TENURE_CAP_DAYS, LightGBMChurn, typical_inputs
 from lapse.modeling.rules import CHURN_TRIGGERS, recency_days, trigger_exprs
 
@@ -272,6 +274,10 @@ def _count_plain(m: re.Match[str], row: Row, words: Words) -> str | None:
 
 def _since_last(m: re.Match[str], row: Row, words: Words) -> str | None:
     role, v = m["role"], _num(row, m[0])
+    if role == "event" and words.activity in ("purchase", "usage"):
+        activity = _num(row, f"days_since_last_{words.activity}")
+        if v is not None and activity == v:  # the last event was an order (or the usage)
+            return words.since(v)
     what = "activity" if role == "event" else words.nouns[role][0]
     return f"no {what} yet" if v is None else f"no {what} for {_days(v)}"
 
@@ -634,7 +640,9 @@ def _topic(text: str) -> str:
 # -- per shipped model --------------------------------------------------------------------
 
 
-def _tree(model: LightGBMChurn, inputs: pl.DataFrame, words: Words, top: int) -> list[list[Reason]]:
+def _tree(
+    model: LightGBMChurn | LightGBMHazard, inputs: pl.DataFrame, words: Words, top: int
+) -> list[list[Reason]]:
     """TreeSHAP ranks the drivers; each is checked by moving it alone to its median."""
     names = model.feature_names_
     x = model.encode(inputs)
@@ -825,6 +833,8 @@ def _chunk(
             pl.Series(RECENCY, recency_days(chunk, scorer.config)),
         )
         return _tree(scorer.stacked, inputs, words, top)
+    if selected == "lightgbm_hazard" and scorer.hazard is not None:
+        return _tree(scorer.hazard, chunk, words, top)
     if selected == "bgnbd":
         return _bgnbd(scorer, chunk, words, top)
     if selected == "recency":

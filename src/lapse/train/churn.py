@@ -107,8 +107,9 @@ def build_frame(
     attributes: pl.DataFrame | None = None,
     links: pl.DataFrame | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """``(labelled, rfm)``: eligible users' features, labels and ``btyd_*`` at each cutoff,
-    and the BG/NBD summary of every active user (BG/NBD fits on the latter).
+    """``(labelled, rfm)``: eligible users' features, labels (``churned``, ``days_to_next``)
+    and ``btyd_*`` at each cutoff, and the BG/NBD summary of every active user (BG/NBD
+    fits on the latter).
 
     With identity ``links`` each cutoff sees the ids of the links before it
     (:mod:`lapse.events.identity`)."""
@@ -118,7 +119,9 @@ def build_frame(
     from lapse.modeling.bgnbd import rfm_summary
     from lapse.modeling.lgbm import with_derived
 
-    labels = churn_labels(events, cutoffs, config, data_end=data_end, links=links)
+    labels = churn_labels(
+        events, cutoffs, config, data_end=data_end, links=links, days_to_next=True
+    )
     features = build_many(events, cutoffs, config, attributes=attributes, links=links)
     if links is None or links.is_empty():
         rfm = rfm_summary(events, cutoffs, config)
@@ -491,6 +494,8 @@ def train(
             frame.filter(pl.col("cutoff").is_in(pl.lit(pl.Series(refit)).implode())),
             rfm.filter(pl.col("cutoff") == grid.test),
             config,
+            recent=frame.filter(pl.col("cutoff").is_between(refit[0], grid.test, closed="left")),
+            label_end=grid.test,
             like=race.scorer,
         )
     notes += [f"refit: {w.message}" for w in caught]
@@ -550,7 +555,7 @@ def train(
     with atomic_path(html_path) as tmp:
         tmp.write_text(report_html(report, out, title="lapse churn report"), encoding="utf-8")
 
-    feature_cols = [c for c in frame.columns if c not in ("churned",)]
+    feature_cols = [c for c in frame.columns if c not in ("churned", "days_to_next")]
     bundle = ChurnBundle(
         name=config.models.name,
         config=config,
@@ -672,7 +677,10 @@ def backtest(events_path: EventSource, config: LapseConfig, *, k: int = 6) -> Ba
     notes = read_notes
     if len(grids) < k:
         notes.append(f"only {len(grids)} of {k} cutoffs have enough history")
-    used = sorted({c for g in grids for c in g.all_race})
+    # every grid cutoff from the first training one: the hazard LightGBM also learns from
+    # those between a grid's training cutoffs and its validation cutoff
+    racing = {c for g in grids for c in g.all_race}
+    used = sorted({c for g in grids for c in g.complete if min(racing) <= c <= max(racing)})
     frame, rfm = build_frame(
         events, used, config, data_end=end, attributes=load_attributes(config), links=links
     )

@@ -1,0 +1,155 @@
+"""The horizon in two halves: a discrete-time hazard LightGBM churn candidate.
+
+Non-contractual churn over the horizon ``h`` is no qualifying activity in
+``[T, T + h)``: none in the first half, and none in the second given none in
+the first. One LightGBM (:class:`~lapse.modeling.lgbm.LightGBMChurn`) learns
+the chance of a quiet half from one row per (user, cutoff, half) at risk, with
+the half as an input (:data:`HALF`); P(churn) is the product over the halves
+(Singer & Willett's discrete-time survival, two periods).
+
+A half's label window ends ``h / 2`` sooner than the whole horizon's, so the
+first half also learns from the cutoffs of the last half horizon before the
+label end that a plain classifier cannot use yet: fresher behaviour for the
+same embargo. Out of time inside Online Retail's calibration period this
+ranked above the plain and stacked LightGBM on every question tried (README,
+"On a real order log"); the halves trained on the same cutoffs gained nothing,
+so the fresher cutoffs are the point.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+import polars as pl
+
+from lapse.modeling._base import ParamsMixin
+from lapse.modeling.lgbm import LightGBMChurn, model_columns
+
+__all__ = ["DAYS_TO_NEXT", "HALF", "LightGBMHazard", "half_rows"]
+
+FloatArray = npt.NDArray[np.float64]
+
+#: The label column the halves come from (:func:`lapse.labels.churn_labels`).
+DAYS_TO_NEXT: Final = "days_to_next"
+#: The model's input saying which half a row is about: 0 (first) or 1 (second).
+HALF: Final = "horizon_half"
+_QUIET: Final = "_quiet"
+
+
+def half_rows(frame: pl.DataFrame, horizon_days: float, label_end: datetime) -> pl.DataFrame:
+    """One row per (user, cutoff, half) whose half window ends by ``label_end``, with the
+    user still at risk (no activity earlier in the horizon): ``frame``'s columns plus
+    :data:`HALF` and ``_quiet`` (no activity in the half).
+
+    >>> from datetime import UTC, datetime
+    >>> rows = pl.DataFrame({"user_id": ["a", "b", "c"], "days_to_next": [3.0, 20.0, None],
+    ...     "cutoff": [datetime(2024, 1, 1, tzinfo=UTC)] * 3})
+    >>> half_rows(rows, 28, datetime(2024, 1, 29, tzinfo=UTC)).select("user_id", HALF, "_quiet").rows()
+    [('a', 0, False), ('b', 0, True), ('c', 0, True), ('b', 1, False), ('c', 1, True)]
+    """
+    half = horizon_days / 2
+    nxt = pl.col(DAYS_TO_NEXT)
+    parts = []
+    for k in (0, 1):
+        start, end = k * half, (k + 1) * half
+        parts.append(
+            frame.filter(
+                (pl.col("cutoff") + timedelta(days=end) <= label_end)
+                & (nxt.is_null() | (nxt >= start))
+            ).with_columns(
+                pl.lit(k, pl.Int8).alias(HALF), (nxt.is_null() | (nxt >= end)).alias(_QUIET)
+            )
+        )
+    return pl.concat(parts)
+
+
+class LightGBMHazard(ParamsMixin):
+    """P(no activity in the horizon) as the product of two halves' chances (module docstring).
+
+    Parameters
+    ----------
+    horizon_days
+        The label horizon (``labels.horizon_days``).
+    n_trees
+        Fit exactly this many trees, without a holdout (a refit reusing a fitted
+        hazard's ``model_.n_trees_``).
+    random_state, n_jobs
+        Passed to the inner :class:`~lapse.modeling.lgbm.LightGBMChurn`.
+
+    Attributes
+    ----------
+    model_ : LightGBMChurn
+        The fitted per-half model (inputs :data:`HALF` last).
+    feature_names_, categories_, typical_
+        The inputs without :data:`HALF` (what reasons explain, as for LightGBMChurn).
+    """
+
+    def __init__(
+        self,
+        *,
+        horizon_days: float = 28.0,
+        n_trees: int | None = None,
+        random_state: int = 0,
+        n_jobs: int | None = None,
+    ) -> None:
+        self.horizon_days = horizon_days
+        self.n_trees = n_trees
+        self.random_state = random_state
+        self.n_jobs = n_jobs
+
+    def fit(self, frame: pl.DataFrame, *, label_end: datetime) -> LightGBMHazard:
+        """Fit on labelled rows (``cutoff``, :data:`DAYS_TO_NEXT`, features) of every cutoff
+        that may train; a half trains only where its window ends by ``label_end``."""
+        rows = half_rows(frame, self.horizon_days, label_end)
+        y = rows[_QUIET].cast(pl.Float64).to_numpy()
+        self.model_ = LightGBMChurn(
+            columns=[*model_columns(frame), HALF],
+            n_trees=self.n_trees,
+            random_state=self.random_state,
+            n_jobs=self.n_jobs,
+        ).fit(rows, y, groups=rows["cutoff"].dt.epoch("s").to_numpy())
+        self.feature_names_ = self.model_.feature_names_[:-1]
+        self.categories_ = self.model_.categories_
+        self.typical_ = self.model_.typical_[:-1]
+        return self
+
+    def _fitted(self) -> LightGBMChurn:
+        if not hasattr(self, "model_"):
+            raise RuntimeError("LightGBMHazard is not fitted; call fit first")
+        return self.model_
+
+    def encode(self, frame: pl.DataFrame) -> FloatArray:
+        """The input matrix without :data:`HALF` (see :meth:`LightGBMChurn.encode`)."""
+        x = self._fitted().encode(frame.with_columns(pl.lit(0, pl.Int8).alias(HALF)))
+        return x[:, :-1]
+
+    @staticmethod
+    def _half(x: FloatArray, k: int) -> FloatArray:
+        return np.column_stack([x, np.full(len(x), float(k))])
+
+    def predict_proba(self, frame: pl.DataFrame) -> FloatArray:
+        """P(churn over the horizon) per row (before calibration)."""
+        return self.predict_encoded(self.encode(frame))
+
+    def predict_encoded(self, x: FloatArray, *, raw_score: bool = False) -> FloatArray:
+        """:meth:`predict_proba` of rows already :meth:`encode`-d (its log with ``raw_score``)."""
+        model = self._fitted()
+        log_p = np.log(model.predict_encoded(self._half(x, 0)))
+        log_p += np.log(model.predict_encoded(self._half(x, 1)))
+        out: FloatArray = log_p if raw_score else np.exp(log_p)
+        return out
+
+    def contributions_encoded(self, x: FloatArray) -> FloatArray:
+        """Each input's TreeSHAP value summed over the halves (log-odds), ``(n_rows,
+        n_features + 1)``: it ranks the drivers; the last column makes each row add up to
+        the log of P(churn) (``predict_encoded(raw_score=True)``), the score a reason's
+        check moves."""
+        model = self._fitted()
+        shap = model.contributions_encoded(self._half(x, 0))[:, :-2]
+        shap += model.contributions_encoded(self._half(x, 1))[:, :-2]
+        rest = self.predict_encoded(x, raw_score=True) - shap.sum(axis=1)
+        out: FloatArray = np.column_stack([shap, rest])
+        return out
