@@ -11,8 +11,8 @@ A half's label window ends ``h / 2`` sooner than the whole horizon's, so the
 first half also learns from the cutoffs of the last half horizon before the
 label end that a plain classifier cannot use yet: fresher behaviour for the
 same embargo. Out of time inside Online Retail's calibration period this
-ranked above the plain and stacked LightGBM on every question tried (README,
-"On a real order log"); the halves trained on the same cutoffs gained nothing,
+ranked above the plain and stacked LightGBM on every question tried
+(docs/real-data.md); the halves trained on the same cutoffs gained nothing,
 so the fresher cutoffs are the point.
 """
 

@@ -498,7 +498,7 @@ def run_score(
     on Spark (:mod:`lapse.spark.score`); the driver then applies the ledger and
     delivers in bounded chunks. The records, snapshot and deliveries are the same.
 
-    See the README's "Nightly score" section: the audit snapshot is written
+    See docs/scoring.md: the audit snapshot is written
     before anything is sent; delivery goes through :mod:`lapse.delivery.batches` with
     the run ledger of :mod:`lapse.delivery.ledger`, so ``resume=SCORE_RUN_ID`` finishes
     a killed run without re-sending acknowledged batches.
