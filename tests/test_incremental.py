@@ -495,7 +495,7 @@ def test_a_link_from_a_new_file_with_no_event_kept_lasts_for_later_runs(
     run(t)
     (_isolated_home / "next").mkdir()
     identity_folder(world, _isolated_home / "next", login=True)
-    login = pl.read_parquet(_isolated_home / "next" / "identity" / "day-140.parquet")
+    login = pl.read_parquet(_isolated_home / "next" / "identity" / "login.parquet")
     login.with_columns(pl.lit(None, pl.String).alias("event")).write_parquet(
         folder / "day-140.parquet"
     )
