@@ -334,6 +334,24 @@ def test_hazard_lightgbm_learns_and_never_reads_past_the_label_end() -> None:
     assert model.contributions_encoded(x).sum(axis=1) == pytest.approx(np.log(p[:5]))
 
 
+def test_hazard_moves_equal_the_change_of_the_predicted_log_p() -> None:
+    frame = _hazard_frame(400, 0)
+    end = datetime(2024, 2, 26, tzinfo=UTC)
+    model = LightGBMHazard(horizon_days=28, random_state=1, n_jobs=2).fit(frame, label_end=end)
+    x = model.encode(_hazard_frame(300, 1))
+    moves = model.moves(x)
+    assert moves is not None
+    rng = np.random.default_rng(0)
+    at = np.arange(len(x))
+    cols = rng.integers(0, x.shape[1], len(x))
+    values = rng.permutation(x[:, cols[0]])  # other rows' values, both sides of a split
+    moved = x.copy()
+    moved[at, cols] = values
+    want = model.predict_encoded(moved, raw_score=True) - model.predict_encoded(x, raw_score=True)
+    assert np.abs(moves.delta(at, cols, values) - want).max() <= 1e-9
+    assert np.abs(want).max() > 0.01
+
+
 def test_lightgbm_search_runs_and_keeps_input_intact() -> None:
     frame, y = _churn_frame(1500, 2)
     before = frame.clone()

@@ -19,6 +19,7 @@ from lapse.config import LapseConfig, Roles, load_config
 from lapse.datasets import generate, write
 from lapse.events import read_events
 from lapse.modeling import ChurnBundle, LightGBMChurn
+from lapse.modeling._treeshap import MIN_ROWS
 from lapse.modeling.hazard import LightGBMHazard
 from lapse.modeling.race import fit_calibrator
 from lapse.modeling.reasons import P_ALIVE, RECENCY, Reason, Words, describe, explain
@@ -362,6 +363,21 @@ def test_transaction_log_reasons_from_the_shipped_model(orders: Trained, kind: s
 def test_app_reasons_from_the_shipped_model(app: Trained, kind: str) -> None:
     bundle = _shipping(app, kind)
     assert _check_high_risk(bundle, app.rows) > 0
+
+
+def test_hazard_reasons_on_many_rows_equal_predicting_the_moved_rows(
+    app: Trained, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From MIN_ROWS rows a move is summed over the trees that split on the input (both
+    halves, each through its sigmoid): the same reasons as predicting the moved rows."""
+    bundle = _shipping(app, "lightgbm_hazard")
+    big = pl.concat([app.rows] * -(-MIN_ROWS // app.rows.height))
+    model = _tree_model(bundle)
+    assert isinstance(model, LightGBMHazard) and model.moves(model.encode(big.head(3)))
+    fast = explain(bundle.scorer, "lightgbm_hazard", big)
+    monkeypatch.setattr(model, "moves", lambda x: None)
+    assert explain(bundle.scorer, "lightgbm_hazard", big) == fast
+    assert sum(map(len, fast)) > 0
 
 
 def test_every_reason_raises_risk_for_everyone_explained(app: Trained) -> None:

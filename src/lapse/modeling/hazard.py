@@ -18,8 +18,9 @@ so the fresher cutoffs are the point.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -28,7 +29,10 @@ import polars as pl
 from lapse.modeling._base import ParamsMixin
 from lapse.modeling.lgbm import LightGBMChurn, model_columns
 
-__all__ = ["DAYS_TO_NEXT", "HALF", "LightGBMHazard", "half_rows"]
+if TYPE_CHECKING:
+    from lapse.modeling._treeshap import Moves
+
+__all__ = ["DAYS_TO_NEXT", "HALF", "HalfMoves", "LightGBMHazard", "half_rows"]
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -64,6 +68,32 @@ def half_rows(frame: pl.DataFrame, horizon_days: float, label_end: datetime) -> 
             )
         )
     return pl.concat(parts)
+
+
+def _log_sigmoid(z: FloatArray) -> FloatArray:
+    out: FloatArray = -np.logaddexp(0.0, -z)
+    return out
+
+
+@dataclass(frozen=True)
+class HalfMoves:
+    """How moving one input changes log P(churn) (:meth:`LightGBMHazard.moves`): each
+    half's raw-score change, from the trees that split on the input, through that half's
+    sigmoid; the same interface as :class:`lapse.modeling._treeshap.Moves`."""
+
+    halves: tuple[Moves, Moves]
+    raw: tuple[FloatArray, FloatArray]
+
+    def delta(
+        self, rows: npt.NDArray[np.int64], cols: npt.NDArray[np.int64], values: FloatArray
+    ) -> FloatArray:
+        """Per ``rows[i]``, the change of log P(churn) when input ``cols[i]`` is set to
+        ``values[i]``."""
+        out = np.zeros(len(rows))
+        for moves, raw in zip(self.halves, self.raw, strict=True):
+            before = raw[rows]
+            out += _log_sigmoid(before + moves.delta(rows, cols, values)) - _log_sigmoid(before)
+        return out
 
 
 class LightGBMHazard(ParamsMixin):
@@ -141,6 +171,18 @@ class LightGBMHazard(ParamsMixin):
         log_p += np.log(model.predict_encoded(self._half(x, 1)))
         out: FloatArray = log_p if raw_score else np.exp(log_p)
         return out
+
+    def moves(self, x: FloatArray) -> HalfMoves | None:
+        """Encoded rows ``x``, ready for :meth:`HalfMoves.delta` (what the reasons' check
+        of a driver moved to its median reads on many rows); ``None`` when the trees
+        split categorically (predict the moved rows instead)."""
+        model = self._fitted()
+        halves = (self._half(x, 0), self._half(x, 1))
+        first, second = (model.moves(h) for h in halves)
+        if first is None or second is None:
+            return None
+        raw = tuple(model.predict_encoded(h, raw_score=True) for h in halves)
+        return HalfMoves((first, second), (raw[0], raw[1]))
 
     def contributions_encoded(self, x: FloatArray) -> FloatArray:
         """Each input's TreeSHAP value summed over the halves (log-odds), ``(n_rows,
