@@ -264,7 +264,8 @@ def test_delta_sync_sends_nothing_unchanged_and_exactly_the_changed_users(
     later = world.as_of + timedelta(days=7)
     run_score(world.events, cfg, as_of=later, model=str(world.bundle), sink="capture")
     snaps = pl.read_parquet(_isolated_home / "lapse-runs" / "snapshots" / "*" / "*.parquet")
-    old = snaps.filter(pl.col("as_of") == world.as_of.date(), pl.col("sent")).unique("user_id")
+    sent_then = snaps.filter(pl.col("as_of") == world.as_of.date(), pl.col("sent"))
+    old = sent_then.sort("score_run_id").unique("user_id", keep="last")  # the last delivered
     new = snaps.filter(pl.col("as_of") == later.date(), ~pl.col("suppressed"))
     joined = new.join(
         old.select("user_id", pl.col("delta_key").alias("old")), on="user_id", how="left"
