@@ -37,8 +37,8 @@ from lapse.events.readers import EventSource, as_polars
 from lapse.events.validate import canonical_events
 from lapse.exceptions import LapseError
 from lapse.labels import data_span
-from lapse.modeling._base import ParamsMixin
 from lapse.modeling.bundle import ChurnBundle
+from lapse.modeling.params import ParamsMixin
 from lapse.registry import load_bundle
 from lapse.score.records import ScoreResult, score_users
 from lapse.train.churn import TrainResult, train

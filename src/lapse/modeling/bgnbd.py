@@ -25,7 +25,7 @@ import polars as pl
 from lapse.config import LapseConfig
 from lapse.exceptions import FitWarning
 from lapse.labels import activity_events
-from lapse.modeling._base import ParamsMixin
+from lapse.modeling.params import ParamsMixin
 
 __all__ = ["BGNBD", "BTYD_COLUMNS", "btyd_arrays", "rfm_summary"]
 

@@ -25,8 +25,8 @@ import numpy as np
 import numpy.typing as npt
 import polars as pl
 
-from lapse.modeling._base import ParamsMixin
 from lapse.modeling.lgbm import LightGBMChurn, model_columns
+from lapse.modeling.params import ParamsMixin
 
 __all__ = ["DAYS_TO_NEXT", "HALF", "LightGBMHazard", "half_rows"]
 
