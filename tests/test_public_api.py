@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import ast
+import graphlib
 import importlib
 import pkgutil
 import re
 import sys
 import warnings
+from collections.abc import Iterator
+from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -116,3 +120,68 @@ def test_moved_modules_still_import_and_say_where(old: str, name: str, home: str
     with pytest.warns(DeprecationWarning, match=home.rsplit(".", 1)[0]):
         module = importlib.import_module(old)
     assert getattr(module, name) is getattr(importlib.import_module(home), name)
+
+
+def _own_imports() -> Iterator[tuple[str, str, str | None, bool]]:
+    """``(module, imported module, name or None, at module top)`` for every import of lapse's
+    own code; those under ``if TYPE_CHECKING:`` never run and are left out."""
+    root = Path(lapse.__file__).parent
+    files = {
+        ".".join(("lapse", *p.relative_to(root).with_suffix("").parts)).removesuffix(".__init__"): p
+        for p in root.rglob("*.py")
+    }
+
+    def walk(node: ast.AST, module: str, top: bool) -> Iterator[tuple[str, str, str | None, bool]]:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and ast.unparse(child.test).endswith("TYPE_CHECKING"):
+                continue
+            if isinstance(child, ast.ImportFrom) and (child.module or "").startswith("lapse"):
+                for alias in child.names:
+                    sub = f"{child.module}.{alias.name}"
+                    if sub in files:
+                        yield module, sub, None, top
+                    else:
+                        yield module, child.module or "", alias.name, top
+            elif isinstance(child, ast.Import):
+                yield from (
+                    (module, a.name, None, top) for a in child.names if a.name.startswith("lapse")
+                )
+            inside = isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda)
+            yield from walk(child, module, top and not inside)
+
+    for module, path in files.items():
+        yield from walk(ast.parse(path.read_text(encoding="utf-8")), module, True)
+
+
+def test_no_import_cycles() -> None:
+    """lapse's modules import one way: the module-top imports form no cycle."""
+    graph: dict[str, set[str]] = {}
+    for module, imported, _, top in _own_imports():
+        graph.setdefault(module, set())
+        if top and imported != module:
+            graph[module].add(imported)
+    tuple(graphlib.TopologicalSorter(graph).static_order())  # raises CycleError naming one
+
+
+def test_own_imports_sit_at_module_top() -> None:
+    """Only the CLI imports its jobs lazily (a light ``lapse --help``); the rest say why."""
+    lazy = {(m, i) for m, i, _, top in _own_imports() if not top and m != "lapse.cli"}
+    assert lazy == {
+        ("lapse", "lapse.model"),  # the estimators load on first use: `import lapse` stays light
+        ("lapse.modeling.plots", "lapse.modeling._figure"),  # matplotlib, only to draw
+        ("lapse.score.run", "lapse.spark.score"),  # which imports lapse.score.run's steps
+    }
+
+
+def test_no_private_names_across_modules() -> None:
+    """No ``_name`` is imported from another module, nor a ``_module`` from outside its package."""
+    crossing = [
+        (module, imported, name)
+        for module, imported, name, _ in _own_imports()
+        if (name is not None and name.startswith("_") and not name.startswith("__"))
+        or any(
+            part.startswith("_") and not module.startswith(imported.rsplit(".", 1)[0])
+            for part in imported.split(".")
+        )
+    ]
+    assert crossing == []

@@ -35,6 +35,7 @@ from lapse import __version__
 from lapse.config import ENGINES, dump_config, load_config
 from lapse.exceptions import LapseError, WriteFailed
 
+# each command imports its job inside it: startup (`lapse --help`) loads the config alone
 if TYPE_CHECKING:
     from lapse.events import ValidationReport
     from lapse.jobs import FeaturesResult

@@ -28,8 +28,9 @@ from pydantic import (
     model_validator,
 )
 
+from lapse.conditions import parse
 from lapse.exceptions import ConfigError, ExprError
-from lapse.schema import EVENT_COLUMNS, ORDER_ID
+from lapse.schema import EVENT_COLUMNS, ORDER_ID, ROLES
 
 __all__ = [
     "ENGINES",
@@ -304,8 +305,6 @@ class Roles(_Section):
 
     def role_of(self, event: str) -> list[str]:
         """Every role that lists ``event``."""
-        from lapse.schema import ROLES
-
         return [role for role in ROLES if event in self.of(role)]
 
 
@@ -433,8 +432,6 @@ class TriggerSpec(_Section):
 
     @model_validator(mode="after")
     def _parse(self) -> TriggerSpec:
-        from lapse.conditions import parse
-
         if isinstance(self.cooldown_days, int) and self.cooldown_days < 0:
             raise ValueError("cooldown_days must be >= 0 or 'forever'")
         try:
@@ -453,8 +450,6 @@ class TriggerSpec(_Section):
 
 def _parsed_condition(text: str) -> str:
     """A condition of the trigger language, checked for syntax (names are checked at run time)."""
-    from lapse.conditions import parse
-
     try:
         parse(text)
     except ExprError as exc:

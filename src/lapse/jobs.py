@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
-from lapse.config import Engine, LapseConfig
+from lapse.config import ENGINES, Engine, LapseConfig
 from lapse.datasets import generate, write
 from lapse.delivery.audit import AuditTrail
 from lapse.delivery.ledger import Ledger
@@ -141,8 +141,6 @@ def run_features(
         # counted from the file lazily: the driver never holds every user's row
         return _features_result(pl.scan_parquet(out), out, as_of, spark_report, engine)
     if engine != "local":
-        from lapse.spark import ENGINES
-
         raise LapseError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
     kept, report = validate_events(events, config, as_of=as_of)
     links = read_links(events, config)

@@ -31,18 +31,22 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from lapse.config import LapseConfig, load_config
+from lapse.events import load_attributes, read_links
+from lapse.events.identity import resolve
 from lapse.events.readers import EventSource, as_polars
+from lapse.events.validate import canonical_events
 from lapse.exceptions import LapseError
-from lapse.modeling._base import ParamsMixin
+from lapse.labels import data_span
+from lapse.modeling.bundle import ChurnBundle
+from lapse.modeling.params import ParamsMixin
+from lapse.registry import load_bundle
+from lapse.score.records import ScoreResult, score_users
+from lapse.train.churn import TrainResult, train
+from lapse.train.replenishment import ReplenishmentModel as ShippedReplenishment
+from lapse.train.replenishment import ReplenishmentResult, run_replenishment
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
-
-    from lapse.modeling.bundle import ChurnBundle
-    from lapse.score.records import ScoreResult
-    from lapse.train.churn import TrainResult
-    from lapse.train.replenishment import ReplenishmentModel as ShippedReplenishment
-    from lapse.train.replenishment import ReplenishmentResult
 
 __all__ = ["ChurnModel", "ReplenishmentModel"]
 
@@ -131,9 +135,6 @@ class ChurnModel(_Estimator):
         ``as_of``: train as of this instant (a date is its 00:00 UTC); events at or
         after it are left out, as if the data ended there. ``None``: every event.
         """
-        from lapse.modeling.bundle import ChurnBundle
-        from lapse.train.churn import train
-
         out = _folder(self.out_dir, "lapse-churn-")
         models = Path(self.models_dir) if self.models_dir is not None else out / "models"
         until = _instant(as_of) if as_of is not None else None
@@ -146,11 +147,6 @@ class ChurnModel(_Estimator):
 
     def _scored(self, events: EventSource, as_of: datetime | date) -> ScoreResult:
         """``lapse score``'s records (before delivery) of ``events`` as of ``as_of``."""
-        from lapse.events import load_attributes, read_links
-        from lapse.events.identity import resolve
-        from lapse.events.validate import canonical_events
-        from lapse.score.records import score_users
-
         bundle: ChurnBundle = self._fitted("bundle_")
         config = self._config()
         t = _instant(as_of)
@@ -205,8 +201,6 @@ class ChurnModel(_Estimator):
         """A fitted model from a bundle file or ``models:/NAME@alias`` / ``models:/NAME/N``
         (the registry of ``config``; default: the bundle's own config for a file, the
         embedded default for the registry)."""
-        from lapse.registry import load_bundle
-
         loaded = load_bundle(source, config if config is not None else load_config())
         model = cls(config if config is not None else loaded.bundle.config)
         model.bundle_ = loaded.bundle
@@ -252,11 +246,6 @@ class ReplenishmentModel(_Estimator):
         the midnight after the last event, as ``lapse train`` uses. With identity links
         each cutoff sees the ids of the links observed before it.
         """
-        from lapse.events import read_links
-        from lapse.events.validate import canonical_events
-        from lapse.labels import data_span
-        from lapse.train.replenishment import run_replenishment
-
         config = self._config()
         source = as_polars(events)  # pandas: converted once for the events and the links
         events_ = canonical_events(source, config).collect().lazy()
@@ -279,10 +268,6 @@ class ReplenishmentModel(_Estimator):
         sku``, the median days to the next order, ``depletion_date`` (the next order
         ``lapse score`` sends as ``next_order_date``), ``p_reorder_7d/14d/30d`` and
         ``prompt_date`` (:func:`lapse.train.replenishment.predict_open`)."""
-        from lapse.events import read_links
-        from lapse.events.identity import resolve
-        from lapse.events.validate import canonical_events
-
         model: ShippedReplenishment = self._fitted("model_")
         config, t = self._config(), _instant(as_of)
         source = as_polars(events)  # pandas: converted once for the events and the links
@@ -303,10 +288,6 @@ class ReplenishmentModel(_Estimator):
         """A fitted model from a file :meth:`save` wrote, or the replenishment model of a
         churn bundle: a bundle file or ``models:/NAME@alias`` (only load files you trust:
         they are pickles)."""
-        from lapse.modeling.bundle import ChurnBundle
-        from lapse.registry import load_bundle
-        from lapse.train.replenishment import ReplenishmentModel as Shipped
-
         text = str(source)
         obj: object
         if text.startswith("models:/"):
@@ -325,7 +306,7 @@ class ReplenishmentModel(_Estimator):
                     f"{text}: the bundle has no replenishment model (replenishment was "
                     "disabled or had too few episodes when it was trained)"
                 )
-        if not isinstance(obj, Shipped):
+        if not isinstance(obj, ShippedReplenishment):
             raise LapseError(f"{text}: not a lapse replenishment model ({type(obj).__name__})")
         model = cls(config if config is not None else obj.config)
         model.model_ = obj

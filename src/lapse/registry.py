@@ -68,9 +68,14 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 import polars as pl
 
-from lapse.config import LapseConfig, dump_config
+from lapse import __version__
+from lapse.config import DATABASE_FORMATS, LapseConfig, dump_config
+from lapse.events import read_events
+from lapse.events.database import source_label
+from lapse.events.readers import EventSource, frame_digest, frame_name, resolve_format
 from lapse.exceptions import LapseError, PromotionRefused, WriteFailed
 from lapse.faults import fault_point
+from lapse.modeling.bundle import ChurnBundle
 from lapse.modeling.compare import (
     Decision,
     Interval,
@@ -79,14 +84,12 @@ from lapse.modeling.compare import (
     intervals_from_metrics,
 )
 from lapse.redact import redact_url
-from lapse.schema import run_day
+from lapse.schema import EVENT_COLUMNS, run_day
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient  # noqa: TID251
     from mlflow.entities.model_registry import ModelVersion  # noqa: TID251
 
-    from lapse.events.readers import EventSource
-    from lapse.modeling.bundle import ChurnBundle
     from lapse.train.churn import TrainResult
 
 __all__ = [
@@ -396,15 +399,7 @@ def _user() -> str:
         return "unknown"
 
 
-def _lapse_version() -> str:
-    from lapse import __version__
-
-    return __version__
-
-
 def _event_files(events_path: str | Path) -> list[Path]:
-    from lapse.events.readers import resolve_format
-
     return resolve_format(events_path)[1]
 
 
@@ -421,9 +416,6 @@ def _digest(files: list[Path]) -> str:
 def _log_events(mlflow: Any, events_path: EventSource, config: LapseConfig, context: str) -> None:
     """``mlflow.log_input`` of the event files; a database source is named in a tag instead
     (its rows have no file digest; the label never holds the connection URI)."""
-    from lapse.config import DATABASE_FORMATS
-    from lapse.events.database import source_label
-
     if config.source.kind in DATABASE_FORMATS or not isinstance(events_path, str | Path):
         mlflow.set_tag(f"{_TAG}events_source", source_label(events_path, config.source))
         return
@@ -438,8 +430,6 @@ def _events_dataset(events_path: str | Path) -> Any:
     )
     from mlflow.data.meta_dataset import MetaDataset  # noqa: TID251
     from mlflow.types import ColSpec, Schema  # noqa: TID251
-
-    from lapse.schema import EVENT_COLUMNS
 
     files = _event_files(events_path)
     source = str(Path(events_path).expanduser().resolve())
@@ -545,8 +535,6 @@ class _PyfuncModel:
 
 def _load_pyfunc(data_path: str) -> _PyfuncModel:
     """MLflow's ``loader_module`` hook: ``data_path`` is the logged bundle pickle."""
-    from lapse.modeling.bundle import ChurnBundle
-
     return _PyfuncModel(ChurnBundle.load(data_path))
 
 
@@ -616,13 +604,11 @@ def log_training(
     """
     import mlflow  # noqa: TID251
 
-    from lapse.modeling.bundle import ChurnBundle
-
     bundle = ChurnBundle.load(result.bundle_path)
     name = config.models.name
     signature = _signature(bundle)
     provenance = {
-        f"{_TAG}version": _lapse_version(),
+        f"{_TAG}version": __version__,
         f"{_TAG}churn.selected": result.selected,
         f"{_TAG}data_fingerprint": _fingerprint(events_path, config),
         f"{_TAG}config_hash": hashlib.sha256(_config_yaml(config).encode()).hexdigest()[:16],
@@ -685,9 +671,9 @@ def log_training(
                 data_path=str(data),
                 signature=signature,
                 input_example=_example(bundle).to_pandas(),
-                pip_requirements=[f"lapse=={_lapse_version()}"],
+                pip_requirements=[f"lapse=={__version__}"],
                 metadata={
-                    "lapse_version": _lapse_version(),
+                    "lapse_version": __version__,
                     "bundle_format": bundle.format,
                     "selected": bundle.selected,
                     "training_end": bundle.training_end.isoformat(),
@@ -824,10 +810,6 @@ def _fingerprint(events_path: EventSource, config: LapseConfig) -> str:
     """16 hex digits of sha256: over the event files' names and bytes; for events in
     memory, the frame's content digest; for a database source, over the canonical
     events' row hashes (stable within one polars version)."""
-    from lapse.config import DATABASE_FORMATS
-    from lapse.events import read_events
-    from lapse.events.readers import frame_digest
-
     if not isinstance(events_path, str | Path):
         return frame_digest(events_path)
     if config.source.kind not in DATABASE_FORMATS:
@@ -850,8 +832,6 @@ def _markdown_table(frame: pl.DataFrame) -> list[str]:
 
 
 def _span(result: TrainResult, bundle: ChurnBundle, events_path: EventSource) -> str:
-    from lapse.events.readers import frame_name
-
     if bundle.training_data is None:
         shown = events_path if isinstance(events_path, str | Path) else frame_name(events_path)
         return f"{shown}, data end {run_day(result.data_end)}"
@@ -970,8 +950,6 @@ def _download_bundle(mv: ModelVersion, name: str) -> ChurnBundle:
     import mlflow  # noqa: TID251
     from mlflow.models import Model  # noqa: TID251
 
-    from lapse.modeling.bundle import ChurnBundle
-
     with tempfile.TemporaryDirectory(prefix="lapse-model-") as tmp:
         local = Path(
             mlflow.artifacts.download_artifacts(
@@ -996,8 +974,6 @@ def load_bundle(uri_or_path: str | Path, config: LapseConfig) -> LoadedBundle:
         The registered model, alias or version does not exist (the message lists
         what does), or the file is not a lapse bundle.
     """
-    from lapse.modeling.bundle import ChurnBundle
-
     text = str(uri_or_path)
     if not text.startswith("models:/"):
         bundle = ChurnBundle.load(Path(text).expanduser())
@@ -1122,7 +1098,7 @@ def log_review(
         exp_id = _experiment_id(client, config, uri)
         tags = {
             f"{_TAG}kind": "review",
-            f"{_TAG}version": _lapse_version(),
+            f"{_TAG}version": __version__,
             f"{_TAG}model_name": pair.name,
             f"{_TAG}champion_version": str(pair.champion),
             f"{_TAG}challenger_version": str(pair.challenger),

@@ -40,8 +40,9 @@ from datetime import UTC, datetime, timedelta
 import polars as pl
 
 from lapse.config import LapseConfig
+from lapse.features._engine import days_between, ratio
 from lapse.features.registry import CORE_WINDOWS, expand
-from lapse.schema import DAY_US, TS_DTYPE, canonical
+from lapse.schema import TS_DTYPE, canonical
 
 _USER = "user_id"
 _UID = "_uid"
@@ -71,15 +72,6 @@ def _next_edge(lo: datetime, cuts: Sequence[datetime], step: int) -> datetime:
     """The end of the slice starting at ``lo``: ``step`` days on, or the next cutoff."""
     nxt = next(c for c in cuts if c > lo)
     return min(nxt, lo + timedelta(days=step))
-
-
-def _days(later: pl.Expr, earlier: pl.Expr) -> pl.Expr:
-    """Whole days (floor) from ``earlier`` to ``later``."""
-    return (later - earlier).dt.total_microseconds() // DAY_US
-
-
-def _ratio(num: pl.Expr, den: pl.Expr) -> pl.Expr:
-    return pl.when(den != 0).then(num.cast(pl.Float64) / den)
 
 
 def build_core(events: pl.LazyFrame, cuts: Sequence[datetime], config: LapseConfig) -> pl.DataFrame:
@@ -195,12 +187,12 @@ def _at_cutoff(
         for name in (f"active_days_{w}d", f"usage_count_{w}d", f"purchase_count_{w}d"):
             out[name] = c(name).fill_null(0)
         out[f"revenue_{w}d"] = c(f"revenue_{w}d").fill_null(0.0)
-    out["days_since_last_usage"] = _days(tl, c("lu"))
-    out["days_since_last_purchase"] = _days(tl, c("lp"))
-    out["tenure_days"] = _days(tl, c("fe"))
+    out["days_since_last_usage"] = days_between(tl, c("lu"))
+    out["days_since_last_purchase"] = days_between(tl, c("lp"))
+    out["tenure_days"] = days_between(tl, c("fe"))
     u7, u14, u28 = (c(f"usage_count_{w}d").fill_null(0).cast(pl.Int64) for w in (7, 14, 28))
-    out["decay_ratio_14d"] = _ratio(u14, u28 - u14)
-    out["dropping_ratio_7d"] = _ratio(u7, (u28 - u7) / 3.0)
+    out["decay_ratio_14d"] = ratio(u14, u28 - u14)
+    out["dropping_ratio_7d"] = ratio(u7, (u28 - u7) / 3.0)
     dtypes = expand(config, "core")
     assert set(dtypes) == set(out), set(dtypes) ^ set(out)
     return (

@@ -39,12 +39,12 @@ import numpy as np
 import polars as pl
 
 from lapse.config import LapseConfig
-from lapse.features._engine import _days_between as _days
 from lapse.features._engine import (
-    _frac_days,
-    _ratio,
+    days_between,
     first_line,
+    frac_days,
     has_orders,
+    ratio,
     units_expr,
 )
 from lapse.features.registry import CORE_WINDOWS, expand, windows_of
@@ -397,12 +397,12 @@ def build_one(
         out[f"usage_count_{w}d"] = c(f"usage_count_{w}d")
         out[f"purchase_count_{w}d"] = c(f"purchase_count_{w}d")
         out[f"revenue_{w}d"] = c(f"revenue_{w}d")
-    out["days_since_last_usage"] = _days(tl, c("last_usage"))
-    out["days_since_last_purchase"] = _days(tl, c("last_purchase"))
-    out["tenure_days"] = _days(tl, c("first_event"))
+    out["days_since_last_usage"] = days_between(tl, c("last_usage"))
+    out["days_since_last_purchase"] = days_between(tl, c("last_purchase"))
+    out["tenure_days"] = days_between(tl, c("first_event"))
     u7, u14, u28 = (c(f"usage_count_{w}d").cast(pl.Int64) for w in (7, 14, 28))
-    out["decay_ratio_14d"] = _ratio(u14, u28 - u14)
-    out["dropping_ratio_7d"] = _ratio(u7, (u28 - u7) / 3.0)
+    out["decay_ratio_14d"] = ratio(u14, u28 - u14)
+    out["dropping_ratio_7d"] = ratio(u7, (u28 - u7) / 3.0)
     if full:
         _further(out, windows, config, telemetry, tl)
 
@@ -429,16 +429,16 @@ def _further(
         out[f"units_bought_{w}d"] = c(f"units_bought_{w}d")
         out[f"units_consumed_{w}d"] = c(f"_uc{w}") if telemetry else pl.lit(None)
     for x in ("event", "aha", "error"):
-        out[f"days_since_last_{x}"] = _days(t, c(f"last_{x}"))
+        out[f"days_since_last_{x}"] = days_between(t, c(f"last_{x}"))
     first_purchase, first_aha = c("first_purchase"), c("first_aha")
-    out["days_since_first_purchase"] = _days(t, first_purchase)
-    out["events_per_active_day"] = _ratio(c("n_event"), c("c_days"))
-    out["events_per_active_week"] = _ratio(c("n_event"), c("c_weeks"))
+    out["days_since_first_purchase"] = days_between(t, first_purchase)
+    out["events_per_active_day"] = ratio(c("n_event"), c("c_days"))
+    out["events_per_active_week"] = ratio(c("n_event"), c("c_weeks"))
     gap = pl.when(c("c_days") >= 2).then(
         (c("k_first") - c("k_last")).cast(pl.Float64) / (c("c_days") - 1)
     )
     out["mean_active_gap_days"] = gap
-    out["recency_over_mean_gap"] = _frac_days(t, c("last_event")) / gap
+    out["recency_over_mean_gap"] = frac_days(t, c("last_event")) / gap
 
     def usage_within(d: int) -> pl.Expr:
         name = f"usage_count_{d}d" if d in windows else f"_u{d}"
@@ -457,7 +457,7 @@ def _further(
     out["longest_streak_days"] = c("longest")
 
     out["aha_reached"] = first_aha.is_not_null()
-    out["days_purchase_to_aha"] = _days(first_aha, first_purchase)
+    out["days_purchase_to_aha"] = days_between(first_aha, first_purchase)
     for i, m in enumerate(config.milestones):
         now = c(f"_ms{i}").cast(pl.Int64)
         before = now - c(f"_ms{i}_7").cast(pl.Int64)
@@ -478,7 +478,7 @@ def _further(
     out["units_bought_total"] = bought
     if telemetry:
         left = pl.when(orders > 0).then(pl.max_horizontal(bought - consumed, 0.0))
-        span = pl.min_horizontal(_frac_days(t, c("first_event")), 28.0)
+        span = pl.min_horizontal(frac_days(t, c("first_event")), 28.0)
         rate = c("_uc28") / span
         out["units_consumed_total"] = consumed
         out["units_left"] = left
@@ -489,7 +489,7 @@ def _further(
             out[name] = pl.lit(None)
         out["days_of_supply_left"] = pl.lit(None)
     n_gaps = orders - 1
-    mean_gap = pl.when(n_gaps >= 1).then(_frac_days(c("last_purchase"), first_purchase) / n_gaps)
+    mean_gap = pl.when(n_gaps >= 1).then(frac_days(c("last_purchase"), first_purchase) / n_gaps)
     var = (c("c_p_sq").fill_null(0.0) - n_gaps * mean_gap.pow(2)) / (n_gaps - 1)
     out["mean_order_gap_days"] = mean_gap
     out["std_order_gap_days"] = pl.when(n_gaps >= 2).then(var.clip(lower_bound=0.0).sqrt())

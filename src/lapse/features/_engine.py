@@ -295,16 +295,16 @@ def state_at_cutoffs(
     )
 
 
-def _days_between(later: pl.Expr, earlier: pl.Expr) -> pl.Expr:
+def days_between(later: pl.Expr, earlier: pl.Expr) -> pl.Expr:
     """Whole days (floor) from ``earlier`` to ``later``."""
     return (later - earlier).dt.total_microseconds() // DAY_US
 
 
-def _frac_days(later: pl.Expr, earlier: pl.Expr) -> pl.Expr:
+def frac_days(later: pl.Expr, earlier: pl.Expr) -> pl.Expr:
     return (later - earlier).dt.total_microseconds() / DAY_US
 
 
-def _ratio(num: pl.Expr, den: pl.Expr) -> pl.Expr:
+def ratio(num: pl.Expr, den: pl.Expr) -> pl.Expr:
     return pl.when(den != 0).then(num.cast(pl.Float64) / den)
 
 
@@ -339,22 +339,22 @@ def features(state: pl.LazyFrame, config: LapseConfig, core: bool = False) -> pl
         ("aha", "aha"),
         ("error", "error"),
     ]:
-        out[f"days_since_last_{name}"] = _days_between(t, c(f"last_{role}"))
-    out["tenure_days"] = _days_between(t, c("first_event"))
+        out[f"days_since_last_{name}"] = days_between(t, c(f"last_{role}"))
+    out["tenure_days"] = days_between(t, c("first_event"))
     u14, u28 = win("n_usage", 14), c("n_usage@14") - c("n_usage@28")
-    out["decay_ratio_14d"] = _ratio(u14, u28)
-    out["dropping_ratio_7d"] = _ratio(win("n_usage", 7), (c("n_usage@7") - c("n_usage@28")) / 3.0)
+    out["decay_ratio_14d"] = ratio(u14, u28)
+    out["dropping_ratio_7d"] = ratio(win("n_usage", 7), (c("n_usage@7") - c("n_usage@28")) / 3.0)
 
     first_purchase = pl.when(c("first_purchase") < t).then(c("first_purchase"))
     first_aha = pl.when(c("first_aha") < t).then(c("first_aha"))
-    out["days_since_first_purchase"] = _days_between(t, first_purchase)
-    out["events_per_active_day"] = _ratio(c("n_event"), c("c_days"))
-    out["events_per_active_week"] = _ratio(c("n_event"), c("c_weeks"))
+    out["days_since_first_purchase"] = days_between(t, first_purchase)
+    out["events_per_active_day"] = ratio(c("n_event"), c("c_days"))
+    out["events_per_active_week"] = ratio(c("n_event"), c("c_weeks"))
     gap = pl.when(c("c_days") >= 2).then(
-        _frac_days(c("day"), c("first_event").dt.truncate("1d")) / (c("c_days") - 1)
+        frac_days(c("day"), c("first_event").dt.truncate("1d")) / (c("c_days") - 1)
     )
     out["mean_active_gap_days"] = gap
-    out["recency_over_mean_gap"] = _frac_days(t, c("last_event")) / gap
+    out["recency_over_mean_gap"] = frac_days(t, c("last_event")) / gap
 
     # weekly usage, oldest week x=1 ... latest x=8; slope = sum((x - 4.5) * y) / 42
     weeks = [
@@ -377,7 +377,7 @@ def features(state: pl.LazyFrame, config: LapseConfig, core: bool = False) -> pl
     out["longest_streak_days"] = c("longest")
 
     out["aha_reached"] = first_aha.is_not_null()
-    out["days_purchase_to_aha"] = _days_between(first_aha, first_purchase)
+    out["days_purchase_to_aha"] = days_between(first_aha, first_purchase)
     for i, m in enumerate(config.milestones):
         now, before = c(f"ms_{i}"), c(f"ms_{i}@7")
         out[f"milestone_{m.name}_count"] = now
@@ -398,7 +398,7 @@ def features(state: pl.LazyFrame, config: LapseConfig, core: bool = False) -> pl
         left = pl.when(orders > 0).then(
             pl.max_horizontal(c("units_bought") - c("units_consumed"), 0.0)
         )
-        span = pl.min_horizontal(_frac_days(t, c("first_event")), 28.0)
+        span = pl.min_horizontal(frac_days(t, c("first_event")), 28.0)
         rate = win("units_consumed", 28) / span
         out["units_consumed_total"] = c("units_consumed")
         out["units_left"] = left
@@ -413,7 +413,7 @@ def features(state: pl.LazyFrame, config: LapseConfig, core: bool = False) -> pl
         ):
             out[name] = pl.lit(None)
     n_gaps = orders - 1
-    mean_gap = pl.when(n_gaps >= 1).then(_frac_days(c("last_purchase"), first_purchase) / n_gaps)
+    mean_gap = pl.when(n_gaps >= 1).then(frac_days(c("last_purchase"), first_purchase) / n_gaps)
     var = (c("c_p_sq") - n_gaps * mean_gap.pow(2)) / (n_gaps - 1)
     out["mean_order_gap_days"] = mean_gap
     out["std_order_gap_days"] = pl.when(n_gaps >= 2).then(var.clip(lower_bound=0.0).sqrt())

@@ -40,11 +40,14 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 import yaml
 
+from lapse.conditions import compile_condition
 from lapse.config import LapseConfig
 from lapse.events.identity import resolve
 from lapse.exceptions import ConfigError, LapseError
+from lapse.features import build_many
 from lapse.files import save_figure
 from lapse.labels import activity_events, churn_labels, data_span
+from lapse.modeling.plots import new_figure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -136,9 +139,6 @@ def stickiness_drivers(
     LapseError
         ``as_of`` leaves no observed label window, or no user is eligible.
     """
-    from lapse.conditions import compile_condition
-    from lapse.features import build_many
-
     declared = config.drivers.behaviors
     conditions: dict[str, pl.Expr] = {}
     if declared:
@@ -318,8 +318,6 @@ def drivers_figure(result: DriversResult) -> Figure:
     event types as dots, a line at zero, and the caveat in the caption.
     """
     from matplotlib.lines import Line2D
-
-    from lapse.modeling.plots import new_figure
 
     rows = list(result.table.iter_rows(named=True))
     fig = new_figure((7.5, 1.6 + 0.38 * max(len(rows), 1)))

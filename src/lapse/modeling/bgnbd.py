@@ -24,7 +24,8 @@ import polars as pl
 
 from lapse.config import LapseConfig
 from lapse.exceptions import FitWarning
-from lapse.modeling._base import ParamsMixin
+from lapse.labels import activity_events
+from lapse.modeling.params import ParamsMixin
 
 __all__ = ["BGNBD", "BTYD_COLUMNS", "btyd_arrays", "rfm_summary"]
 
@@ -47,8 +48,6 @@ def rfm_summary(
     the events before it; several (training) group the active days once and
     filter them per cutoff. The rows are the same.
     """
-    from lapse.labels import activity_events
-
     activity = activity_events(events, config)
     if len(set(cutoffs)) == 1:
         return _summary(_active_span_one(activity, cutoffs[0]), cutoffs[0]).collect()

@@ -25,9 +25,18 @@ import polars as pl
 
 from lapse.config import LapseConfig
 from lapse.exceptions import LapseError
+from lapse.features import build, build_many
 from lapse.files import atomic_path
+from lapse.labels import eligible
+from lapse.modeling.bgnbd import rfm_summary
+from lapse.modeling.lgbm import with_derived
 from lapse.modeling.metrics import Calibrator
 from lapse.modeling.race import RaceScorer
+from lapse.modeling.reasons import reasons
+from lapse.modeling.rules import triggers
+from lapse.schema import ROLES
+from lapse.segments import assign, percentile
+from lapse.triggers import for_run
 
 __all__ = ["BUNDLE_FORMAT", "ChurnBundle", "TrainingData", "listing"]
 
@@ -83,8 +92,6 @@ class ChurnBundle:
     def event_names(self) -> list[str]:
         """The event names the model learns from: its roles' names seen in training
         (every role name when the bundle does not record its training events)."""
-        from lapse.schema import ROLES
-
         names = {n for role in ROLES for n in self.config.roles.of(role)}
         if self.training_data is not None:
             names &= set(self.training_data.events)
@@ -105,11 +112,6 @@ class ChurnBundle:
         ``keep``: the eligible ``user_id, cutoff`` pairs when the caller has them
         already (:func:`lapse.labels.population`); else :func:`lapse.labels.eligible`'s.
         """
-        from lapse.features import build
-        from lapse.labels import eligible
-        from lapse.modeling.bgnbd import rfm_summary
-        from lapse.modeling.lgbm import with_derived
-
         # one cutoff: the single-cutoff builder, the same rows as build_many (tested), faster
         frame = (
             build(events, as_of, self.config, attributes=attributes)
@@ -134,11 +136,6 @@ class ChurnBundle:
         One roll-up serves every cutoff (:func:`lapse.features.build_many`); the rows
         equal :meth:`prepare`'s at each cutoff.
         """
-        from lapse.features import build_many
-        from lapse.labels import eligible
-        from lapse.modeling.bgnbd import rfm_summary
-        from lapse.modeling.lgbm import with_derived
-
         frame = build_many(events, cutoffs, self.config, attributes=attributes)
         frame = frame.with_columns(pl.col("cutoff").cast(pl.Datetime("us", "UTC")))
         keep = eligible(events, cutoffs, self.config)
@@ -169,14 +166,10 @@ class ChurnBundle:
 
     def percentile(self, churn_risk: npt.ArrayLike) -> npt.NDArray[np.float64]:
         """Percentile of each risk in the training score distribution, in [0, 1]."""
-        from lapse.segments import percentile
-
         return percentile(churn_risk, self.score_reference)
 
     def segments(self, churn_risk: npt.ArrayLike) -> pl.Series:
         """``risk_segment`` per row from the config's segments section."""
-        from lapse.segments import assign
-
         return assign(churn_risk, self.config.segments, reference=self.score_reference)
 
     def triggers(self, frame: pl.DataFrame, run: LapseConfig | None = None) -> pl.DataFrame:
@@ -187,16 +180,11 @@ class ChurnBundle:
         ``triggers`` and ``milestones`` (:func:`lapse.triggers.for_run`); ``frame``
         then holds the features those triggers read.
         """
-        from lapse.modeling.rules import triggers
-        from lapse.triggers import for_run
-
         return triggers(frame, self.config if run is None else for_run(self.config, run))
 
     def reasons(self, frame: pl.DataFrame, *, top: int = 3) -> pl.DataFrame:
         """Top risk drivers of the given rows from the shipped model, in words (costly:
         pass only rows you send; see :mod:`lapse.modeling.reasons`)."""
-        from lapse.modeling.reasons import reasons
-
         return reasons(self.scorer, self.selected, frame, top=top)
 
     # -- persistence ------------------------------------------------------------------

@@ -26,8 +26,8 @@ import numpy as np
 import numpy.typing as npt
 import polars as pl
 
-from lapse.modeling._base import ParamsMixin
 from lapse.modeling.lgbm import LightGBMChurn, model_columns
+from lapse.modeling.params import ParamsMixin
 
 if TYPE_CHECKING:
     from lapse.modeling._treeshap import Moves

@@ -17,9 +17,9 @@ import numpy as np
 import numpy.typing as npt
 import polars as pl
 
-from lapse.modeling._base import ParamsMixin
 from lapse.modeling._treeshap import LeafTables, Moves, TreeTables, build_tables, leaf_tables
 from lapse.modeling._treeshap import contributions as treeshap
+from lapse.modeling.params import ParamsMixin
 
 __all__ = [
     "GROWING_FEATURES",

@@ -7,7 +7,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from lapse.modeling._base import ParamsMixin
+from lapse.modeling.params import ParamsMixin
 
 __all__ = [
     "METRIC_NAMES",

@@ -42,7 +42,7 @@ def _reliability(y: FloatArray, p: FloatArray, bins: int = 10) -> tuple[FloatArr
 def new_figure(figsize: tuple[float, float]) -> Figure:
     """An empty figure of the object API (no pyplot): saved through its Agg canvas, shown
     inline in Jupyter by its PNG repr (:class:`lapse.modeling._figure.ReportFigure`)."""
-    from lapse.modeling._figure import ReportFigure
+    from lapse.modeling._figure import ReportFigure  # loads matplotlib: only to draw
 
     return ReportFigure(figsize)
 

@@ -20,7 +20,7 @@ import numpy.typing as npt
 import polars as pl
 
 from lapse.config import LapseConfig
-from lapse.exceptions import FitWarning
+from lapse.exceptions import FitWarning, LapseError
 from lapse.modeling.bgnbd import BGNBD, btyd_arrays
 from lapse.modeling.hazard import DAYS_TO_NEXT, LightGBMHazard
 from lapse.modeling.lgbm import LightGBMChurn, model_columns
@@ -320,8 +320,6 @@ def run_race(
     tst = frame.filter(pl.col("cutoff") == test)
     for part, rows in (("training", train), ("validation", val), ("test", tst)):
         if rows.height == 0 or rows["churned"].n_unique() < 2:
-            from lapse.exceptions import LapseError
-
             raise LapseError(
                 f"the {part} cutoff(s) have {rows.height} eligible users and need both churned "
                 "and retained ones; supply more users or history, or widen labels.eligibility"

@@ -39,6 +39,7 @@ import numpy as np
 import numpy.typing as npt
 import polars as pl
 
+from lapse.config import LapseConfig
 from lapse.modeling._treeshap import MIN_ROWS
 from lapse.modeling.bgnbd import BTYD_COLUMNS, btyd_arrays
 from lapse.modeling.hazard import LightGBMHazard
@@ -46,7 +47,6 @@ from lapse.modeling.lgbm import TENURE_CAP_DAYS, LightGBMChurn, typical_inputs
 from lapse.modeling.rules import CHURN_TRIGGERS, recency_days, trigger_exprs
 
 if TYPE_CHECKING:
-    from lapse.config import LapseConfig
     from lapse.modeling.race import RaceScorer
 
 __all__ = ["CHUNK_ROWS", "Reason", "Words", "describe", "explain", "reasons"]
@@ -590,8 +590,6 @@ def describe(name: str, row: Row, config: LapseConfig | None = None) -> str | No
     >>> describe("days_since_last_purchase", {"days_since_last_purchase": 96})
     'no order for 96 days'
     """
-    from lapse.config import LapseConfig
-
     return _say_feature(name, row, Words.of(config if config is not None else LapseConfig()))
 
 

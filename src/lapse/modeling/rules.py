@@ -17,7 +17,7 @@ import numpy.typing as npt
 import polars as pl
 
 from lapse.config import LapseConfig
-from lapse.modeling._base import ParamsMixin
+from lapse.modeling.params import ParamsMixin
 from lapse.triggers import BUILTIN, CHURN_TRIGGERS, conditions, evaluate, resolve
 
 __all__ = [

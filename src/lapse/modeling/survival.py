@@ -33,7 +33,7 @@ import numpy.typing as npt
 import polars as pl
 
 from lapse.exceptions import ConvergenceProblem, LapseError
-from lapse.modeling._base import ParamsMixin
+from lapse.modeling.params import ParamsMixin
 
 __all__ = [
     "BASELINES",

@@ -540,7 +540,8 @@ def run_score(
         started=started,
     ) as ctx:
         if engine == "spark":
-            from lapse.spark.score import run_score_spark  # the Spark engine, on demand
+            # here, not at the top: lapse.spark.score imports this module's run steps
+            from lapse.spark.score import run_score_spark
 
             if not isinstance(events, str | Path):
                 raise LapseError(

@@ -23,20 +23,31 @@ import numpy.typing as npt
 import polars as pl
 
 from lapse.config import LapseConfig, SegmentsConfig
+from lapse.datasets import scan_truth
 from lapse.events import ValidationReport, load_attributes, read_links, validate_events
+from lapse.events.identity import at_each_cutoff
 from lapse.events.readers import EventSource, as_polars
-from lapse.exceptions import LapseError
+from lapse.exceptions import LapseError, NotEnoughEpisodes
+from lapse.features import build_many
 from lapse.files import atomic_path
+from lapse.labels import CutoffGrid, churn_labels, cutoff_grid, data_span, fit_grid, grid_for_test
+from lapse.modeling.bgnbd import rfm_summary
+from lapse.modeling.bundle import ChurnBundle, TrainingData
+from lapse.modeling.drift import reference_sample
+from lapse.modeling.lgbm import with_derived
 from lapse.modeling.metrics import METRIC_NAMES
-from lapse.segments import describe_sizes
+from lapse.modeling.plots import churn_figures, save_figures, segment_figure
+from lapse.modeling.race import RaceResult, fit_calibrator, fit_scorer, run_race
+from lapse.segments import assign, describe_sizes, sizes
+from lapse.train.replenishment import (
+    ReplenishmentResult,
+    report_section,
+    run_replenishment,
+)
+from lapse.train.report import report_html
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
-
-    from lapse.labels import CutoffGrid
-    from lapse.modeling.bundle import TrainingData
-    from lapse.modeling.race import RaceResult
-    from lapse.train.replenishment import ReplenishmentResult
 
 __all__ = ["BacktestResult", "TrainResult", "backtest", "build_frame", "train"]
 
@@ -113,12 +124,6 @@ def build_frame(
 
     With identity ``links`` each cutoff sees the ids of the links before it
     (:mod:`lapse.events.identity`)."""
-    from lapse.events.identity import at_each_cutoff
-    from lapse.features import build_many
-    from lapse.labels import churn_labels
-    from lapse.modeling.bgnbd import rfm_summary
-    from lapse.modeling.lgbm import with_derived
-
     labels = churn_labels(
         events, cutoffs, config, data_end=data_end, links=links, days_to_next=True
     )
@@ -138,7 +143,6 @@ def build_frame(
 def _oracle(truth_dir: Path | None, test: datetime) -> pl.DataFrame | None:
     if truth_dir is None:
         return None
-    from lapse.datasets import scan_truth
 
     return (
         scan_truth(truth_dir, "truth_hazard")
@@ -187,8 +191,6 @@ def _fit_grid(events: pl.LazyFrame, config: LapseConfig) -> tuple[LapseConfig, l
     """``config`` with the cutoff grid fitted to the events' span (:func:`fit_grid`), and
     the note saying what was adapted, so a short history never trains silently on a
     handful of cutoffs."""
-    from lapse.labels import data_span, fit_grid
-
     start, end = data_span(events)
     fit = fit_grid(config.labels, (end - start).days)
     return config.model_copy(update={"labels": fit.labels}), [fit.note] if fit.note else []
@@ -201,8 +203,6 @@ def _training_data(
     report: ValidationReport, events: pl.LazyFrame, until: datetime | None
 ) -> TrainingData:
     """What the bundle was trained on; recounted from the kept events when cut at ``until``."""
-    from lapse.modeling.bundle import TrainingData
-
     if until is None:
         return TrainingData(report.path, report.ts_min, report.ts_max, report.events_per_name)
     span = events.select(pl.col("ts").min().alias("a"), pl.col("ts").max().alias("b")).collect()
@@ -327,8 +327,6 @@ def _segment_table(
     """``segment, customers, churn_rate``: the shipped model's users per risk segment at the
     calibration cutoff (ranked within their own scores, the training score distribution)
     and the share of each that churned in the label window after it (null when empty)."""
-    from lapse.segments import assign, sizes
-
     segment = assign(risk, config.segments, reference=np.sort(risk))
     rates = (
         pl.DataFrame({"segment": segment.cast(pl.String), "churned": churned})
@@ -380,8 +378,6 @@ def _race_at(
     oracle: pl.DataFrame | None = None,
 ) -> RaceResult:
     """The race on one cutoff grid: BG/NBD fitted at its validation cutoff."""
-    from lapse.modeling.race import run_race
-
     return run_race(
         frame,
         rfm.filter(pl.col("cutoff") == grid.validation),
@@ -427,12 +423,6 @@ def train(
     LapseError
         Unreadable events, too little history, or a cutoff without both classes.
     """
-    from lapse.labels import cutoff_grid
-    from lapse.modeling.bundle import ChurnBundle
-    from lapse.modeling.plots import churn_figures, save_figures, segment_figure
-    from lapse.modeling.race import fit_calibrator, fit_scorer
-    from lapse.train.report import report_html
-
     out = Path(out_dir)
     events, validation, read_notes, links = _load(events_path, config, until)
     config, grid_notes = _fit_grid(events, config)
@@ -545,8 +535,6 @@ def train(
         }
     )
     if replenishment is not None:
-        from lapse.train.replenishment import report_section
-
         report += "\n" + report_section(replenishment)
     report_path = out / "report.md"
     with atomic_path(report_path) as tmp:
@@ -626,7 +614,6 @@ def _replenishment(
     each cutoff with the ids of the identity ``links`` before it."""
     if not config.replenishment.enabled:
         return None
-    from lapse.train.replenishment import NotEnoughEpisodes, run_replenishment
 
     try:
         return run_replenishment(
@@ -654,8 +641,6 @@ def backtest(events_path: EventSource, config: LapseConfig, *, k: int = 6) -> Ba
     Each repetition lays its own validation and training cutoffs before its
     test cutoff (same embargo); features are built once for all of them.
     """
-    from lapse.labels import data_span, grid_for_test
-
     if k < 1:
         raise LapseError(f"--k must be at least 1, got {k}")
     events, _, read_notes, links = _load(events_path, config)
@@ -724,8 +709,6 @@ def _feature_reference(
     rows: pl.DataFrame, importance: pl.DataFrame, config: LapseConfig
 ) -> dict[str, npt.NDArray[np.float64]]:
     """Samples of the most important numeric features at the calibration cutoff (drift)."""
-    from lapse.modeling.drift import reference_sample
-
     top = importance.sort("mean_abs_shap", descending=True)["feature"].to_list()
     numeric = [f for f in top if f in rows.columns and rows.schema[f].is_numeric()]
     return {

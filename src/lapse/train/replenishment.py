@@ -50,6 +50,7 @@ import numpy.typing as npt
 import polars as pl
 
 from lapse.config import LapseConfig
+from lapse.datasets import scan_truth
 from lapse.events.identity import resolve
 from lapse.exceptions import ConvergenceProblem, NotEnoughEpisodes
 from lapse.features.episodes_covariates import COVARIATES, Target, order_covariates, purchase_orders
@@ -62,6 +63,7 @@ from lapse.labels.episodes import (
     open_episodes,
     reorder_outcomes,
 )
+from lapse.modeling.plots import save_figures
 from lapse.modeling.survival import (
     BASELINES,
     CANDIDATES,
@@ -71,6 +73,7 @@ from lapse.modeling.survival import (
     SurvivalModel,
 )
 from lapse.modeling.survival_metrics import HORIZONS, METRIC_NAMES, survival_metrics
+from lapse.modeling.survival_plots import survival_figures
 from lapse.schema import DAY, utc_cutoff
 
 if TYPE_CHECKING:
@@ -374,8 +377,6 @@ def select(validation: dict[str, dict[str, float]]) -> tuple[str, str]:
 
 
 def _truth_error(truth_dir: Path, stage: _Stage, target: Target) -> dict[str, Any] | None:
-    from lapse.datasets import scan_truth
-
     if target != "sku":
         return None
     truth = (
@@ -498,8 +499,6 @@ def run_replenishment(
         ],
         schema_overrides={k: pl.Float64 for k in METRIC_NAMES if k != "n"},
     )
-    from lapse.modeling.plots import save_figures
-    from lapse.modeling.survival_plots import survival_figures
 
     keep = [n for n in (selected, *BASELINES) if n in tst.curves]
     figures = survival_figures(

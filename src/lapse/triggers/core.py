@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Final
 
 import polars as pl
 
-from lapse.conditions import compile_condition
+from lapse.conditions import compile_condition, names_in, parse
 from lapse.exceptions import ConfigError
+from lapse.features.registry import windows_named
 from lapse.triggers.presets import BUILTIN, DEFAULT_COOLDOWN, PRESETS, preset_when
 
 if TYPE_CHECKING:
@@ -68,9 +69,6 @@ def for_run(model: LapseConfig, run: LapseConfig) -> LapseConfig:
     feature windows those triggers name (``rules.friction_window_days``, a
     ``usage_count_35d`` in a condition) added to the model's windows.
     """
-    from lapse.conditions import names_in, parse
-    from lapse.features.registry import windows_named
-
     texts = [
         text
         for spec in run.triggers.values()
@@ -95,8 +93,6 @@ def for_run(model: LapseConfig, run: LapseConfig) -> LapseConfig:
 
 def names_read(trigger: Trigger) -> list[str]:
     """Column names a trigger's condition and audience read."""
-    from lapse.conditions import names_in, parse
-
     texts = [t for t in (trigger.when, trigger.audience) if t is not None]
     return [n for text in texts for n in names_in(parse(text))]
 
