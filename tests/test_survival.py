@@ -310,6 +310,27 @@ def test_baselines_by_hand() -> None:
     assert km_median(t, e) == 30.0
 
 
+def test_a_cox_fit_started_at_an_earlier_fit_reaches_the_same_optimum() -> None:
+    """``start``: Newton's method from the race's earlier fit, the same coefficients."""
+    earlier = SurvivalModel("cox_ph").fit(*_toy(seed=1))
+    before = earlier.coef_.copy()
+    frame, t, e = _toy(seed=2)
+    cold = SurvivalModel("cox_ph").fit(frame, t, e)
+    warm = SurvivalModel("cox_ph").fit(frame, t, e, start=earlier)
+    np.testing.assert_allclose(warm.coef_, cold.coef_, atol=1e-6)
+    np.testing.assert_allclose(warm.h0_, cold.h0_, rtol=1e-6)
+    np.testing.assert_array_equal(earlier.coef_, before)  # lifelines updates its start in place
+    # other covariates, or another kind: a cold start, the same fit
+    other = SurvivalModel("cox_ph", columns=["x"]).fit(frame, t, e, start=earlier)
+    np.testing.assert_allclose(
+        other.coef_, SurvivalModel("cox_ph", columns=["x"]).fit(frame, t, e).coef_, atol=1e-9
+    )
+    aft = SurvivalModel("weibull_aft").fit(frame, t, e, start=earlier)
+    np.testing.assert_allclose(
+        aft.coef_, SurvivalModel("weibull_aft").fit(frame, t, e).coef_, atol=1e-9
+    )
+
+
 def test_convergence_problems_name_the_covariate() -> None:
     frame, t, e = _toy(seed=3)
     frame = frame.with_columns((pl.col("supply_days") * 2.0 + 1.0).alias("supply_copy"))

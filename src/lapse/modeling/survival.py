@@ -226,9 +226,21 @@ class SurvivalModel(ParamsMixin):
         self.columns = columns
 
     def fit(
-        self, frame: pl.DataFrame, duration: npt.ArrayLike, observed: npt.ArrayLike
+        self,
+        frame: pl.DataFrame,
+        duration: npt.ArrayLike,
+        observed: npt.ArrayLike,
+        *,
+        start: SurvivalModel | None = None,
     ) -> SurvivalModel:
         """Fit on episode rows, durations in days (> 0) and event flags.
+
+        ``start``: a fitted model of the same kind on similar rows (the race's fit at
+        an earlier cutoff); a Cox fit starts Newton's method at its coefficients
+        (lifelines' ``initial_point``, with a full first step) when the covariates
+        are the same: the same optimum in 3 Newton steps instead of 6 (Online Retail:
+        about 0.3 s less per fit). The AFT fits gain nothing from a start (lifelines fits
+        its univariate model for one either way) and ignore it.
 
         Raises
         ------
@@ -254,11 +266,32 @@ class SurvivalModel(ParamsMixin):
         self.dropped_ = dict(self.design_.dropped)
         self.covariates_ = list(self.design_.names)
         z = self.design_.transform(frame)
-        self.fit_warnings_ = self._fit(z, t, e)
+        self.fit_warnings_ = self._fit(z, t, e, self._initial_point(start, z))
         self.max_days_ = float(t.max())
         return self
 
-    def _fit(self, z: FloatArray, t: FloatArray, e: npt.NDArray[np.bool_]) -> list[str]:
+    def _initial_point(self, start: SurvivalModel | None, z: FloatArray) -> FloatArray | None:
+        """``start``'s Cox coefficients on lifelines' scale (it divides each column by its
+        standard deviation), or ``None``: a fresh array, as lifelines updates it in place."""
+        if (
+            self.kind != "cox_ph"
+            or start is None
+            or start.kind != "cox_ph"
+            or getattr(start, "covariates_", None) != self.covariates_
+            or z.shape[0] < 2
+        ):
+            return None
+        std = z.std(axis=0, ddof=1)
+        out: FloatArray = start.coef_ * np.where(std > 0, std, 1.0)
+        return out
+
+    def _fit(
+        self,
+        z: FloatArray,
+        t: FloatArray,
+        e: npt.NDArray[np.bool_],
+        initial_point: FloatArray | None = None,
+    ) -> list[str]:
         import importlib
 
         from lifelines import (
@@ -290,7 +323,16 @@ class SurvivalModel(ParamsMixin):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                fitter.fit(df, duration_col="_T", event_col="_E")
+                if initial_point is None:
+                    fitter.fit(df, duration_col="_T", event_col="_E")
+                else:  # near the optimum Newton's full step converges fastest (default 0.95)
+                    fitter.fit(
+                        df,
+                        duration_col="_T",
+                        event_col="_E",
+                        initial_point=initial_point,
+                        fit_options={"step_size": 1.0},
+                    )
             except (ConvergenceError, np.linalg.LinAlgError, ValueError) as exc:
                 raise ConvergenceProblem(
                     _diagnose(z, self.covariates_, self.kind, self.penalizer, str(exc)[:300])

@@ -281,8 +281,13 @@ class _Stage:
 
 
 def _fit_all(
-    train: pl.DataFrame, config: LapseConfig, names: tuple[str, ...]
+    train: pl.DataFrame,
+    config: LapseConfig,
+    names: tuple[str, ...],
+    start: dict[str, Predictor] | None = None,
 ) -> tuple[dict[str, Predictor], list[str]]:
+    """Fit ``names`` on ``train``; each survival model starts from its fit in ``start``
+    (the previous stage's, see :meth:`SurvivalModel.fit`)."""
     t = train["duration_days"].to_numpy()
     e = train["observed"].to_numpy()
     cols = [c for c in COVARIATES if c in train.columns]
@@ -295,8 +300,11 @@ def _fit_all(
             models[name] = LastGap().fit(train, t, e)
         else:
             kind = next(k for k in CANDIDATES if k == name)
+            prev = (start or {}).get(name)
             try:
-                m = SurvivalModel(kind, config.replenishment.penalizer, cols).fit(train, t, e)
+                m = SurvivalModel(kind, config.replenishment.penalizer, cols).fit(
+                    train, t, e, start=prev if isinstance(prev, SurvivalModel) else None
+                )
             except ConvergenceProblem as exc:
                 notes.append(str(exc))
                 continue
@@ -315,6 +323,7 @@ def _stage(
     target: Target,
     names: tuple[str, ...],
     times: list[float],
+    start: dict[str, Predictor] | None = None,
 ) -> _Stage:
     """Fit on the episodes before ``cutoff`` (ids as of it), score those starting in
     ``[cutoff, until)`` (ids as of ``until``, censored there)."""
@@ -328,7 +337,7 @@ def _stage(
             f"only {n_obs} observed reorders before {cutoff:%Y-%m-%d} (need {_MIN_OBSERVED}); "
             "supply more history, or set replenishment.target: any"
         )
-    models, notes = _fit_all(train, config, names)
+    models, notes = _fit_all(train, config, names, start)
     rows = _with_covariates(
         episodes(view.at(until), config, cutoff=until, skus=skus, target=target).filter(
             pl.col("start") >= cutoff
@@ -459,7 +468,7 @@ def run_replenishment(
     kw: dict[str, Any] = {"skus": skus, "target": target, "names": names, "times": times}
     val = _stage(view, config, cutoff=validation, until=test, **kw)
     selected, why = select(val.metrics)
-    tst = _stage(view, config, cutoff=test, until=data_end, **kw)
+    tst = _stage(view, config, cutoff=test, until=data_end, start=val.models, **kw)
     notes += [f"validation fit: {n}" for n in val.notes] + [f"test fit: {n}" for n in tst.notes]
     gap = tst.models["last_gap"]
     if isinstance(gap, LastGap):
@@ -518,7 +527,7 @@ def run_replenishment(
         episodes(latest, config, cutoff=data_end, skus=ship_skus, target=target),
         view.covariates(data_end, ship_skus, target),
     )
-    shipped, fit_notes = _fit_all(everything, config, (selected, "depletion_rule"))
+    shipped, fit_notes = _fit_all(everything, config, (selected, "depletion_rule"), tst.models)
     notes += [f"shipped fit: {n}" for n in fit_notes]
     model = shipped.get(selected)
     rule = shipped["depletion_rule"]
