@@ -103,6 +103,11 @@ AT = [
 
 #: a trigger on the churn score: the look-ahead scores the users (the others build only
 #: the features their triggers read)
+#: A trigger everyone fires (held 3 days), one for customers of 30 days (every run).
+HELLO_VETERAN = {
+    "hello": {"when": "tenure_days >= 0", "cooldown_days": 3},
+    "veteran": {"when": "tenure_days >= 30", "cooldown_days": 0},
+}
 RISKY = {"risky": {"when": "churn_risk >= 0.3 and days_since_last_event >= 1", "cooldown_days": 1}}
 
 
@@ -342,10 +347,7 @@ def test_messages_to_a_visitor_count_toward_the_cap_once_identified(
         _isolated_home,
         world,
         source={"identity": "device"},
-        triggers={
-            "hello": {"when": "tenure_days >= 0", "cooldown_days": 3},
-            "veteran": {"when": "tenure_days >= 30", "cooldown_days": 0},
-        },
+        triggers=HELLO_VETERAN,
         control={"share": 0.0},
         delivery={"frequency_cap": {"messages": 1, "days": 2}},
     )
@@ -433,10 +435,7 @@ def test_incremental_trigger_runs_pick_up_new_links_from_new_files(
         _isolated_home,
         world,
         source={"identity": "device"},
-        triggers={
-            "hello": {"when": "tenure_days >= 0", "cooldown_days": 3},
-            "veteran": {"when": "tenure_days >= 30", "cooldown_days": 0},
-        },
+        triggers=HELLO_VETERAN,
         control={"share": 0.0},
     )
     t = world.as_of
