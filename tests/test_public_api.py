@@ -169,7 +169,6 @@ def test_own_imports_sit_at_module_top() -> None:
     assert lazy == {
         ("lapse", "lapse.model"),  # the estimators load on first use: `import lapse` stays light
         ("lapse.modeling.plots", "lapse.modeling._figure"),  # matplotlib, only to draw
-        ("lapse.score.run", "lapse.spark.score"),  # which imports lapse.score.run's steps
     }
 
 

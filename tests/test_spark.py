@@ -28,7 +28,8 @@ from lapse.exceptions import LapseError
 from lapse.features import build
 from lapse.modeling.bundle import ChurnBundle
 from lapse.score.records import risk_columns
-from lapse.score.run import ScoreRunResult, run_score
+from lapse.score.run import run_score
+from lapse.score.steps import ScoreRunResult
 from lapse.sinks import RECORD_COLUMNS
 from lapse.sinks.file import read_records
 from worlds import World, identity_folder, trained_world, write_login

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from lapse.events import ValidationReport
     from lapse.jobs import FeaturesResult
     from lapse.registry import RegisteredVersion
-    from lapse.score.run import ScoreHeader, ScoreRunResult
+    from lapse.score.steps import ScoreHeader, ScoreRunResult
     from lapse.score.trigger_run import TriggerRunResult
     from lapse.train.churn import TrainResult
 
@@ -780,7 +780,7 @@ def _score_summary(result: ScoreRunResult) -> Table:
 
 
 def _print_score_summary(result: ScoreRunResult) -> None:
-    from lapse.score.run import resumed_line
+    from lapse.score.steps import resumed_line
 
     console.print(_score_summary(result))
     if result.resumed:

@@ -28,7 +28,8 @@ from lapse.insights.drivers import (
 from lapse.modeling.plots import save_figures
 from lapse.registry import RegisteredVersion, example_files, log_training
 from lapse.schema import utc_cutoff
-from lapse.score.run import ScoreRunResult, run_score
+from lapse.score.run import run_score
+from lapse.score.steps import ScoreRunResult
 from lapse.spark.engine import (
     build_features_spark,
     validated_events_spark,

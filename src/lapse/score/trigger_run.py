@@ -32,7 +32,8 @@ from lapse.registry import LoadedBundle
 from lapse.schema import utc_cutoff
 from lapse.score import incremental as inc
 from lapse.score.records import score_users
-from lapse.score.run import (
+from lapse.score.run import send_scored
+from lapse.score.steps import (
     RunContext,
     ScoreProgress,
     ScoreRunResult,
@@ -43,7 +44,6 @@ from lapse.score.run import (
     note,
     open_run,
     recorded,
-    send_scored,
 )
 
 __all__ = [
@@ -141,7 +141,7 @@ def run_triggers(
 
 def _catch_up(ctx: RunContext, source: str) -> None:
     """Advance the watermark a trigger run of this folder and sink staged but did not advance
-    (cut off after its delivery, which :func:`lapse.score.run.recover_cut_off` has finished
+    (cut off after its delivery, which :func:`lapse.score.steps.recover_cut_off` has finished
     by now), so its users are not evaluated and sent again; drop what a run that did not
     deliver, or an older one, staged."""
     sink, ledger = ctx.sink.name, ctx.ledger
@@ -173,7 +173,7 @@ def _evaluate(
 ) -> TriggerRunResult:
     """A trigger run once recorded: plan, read, score and deliver, then advance the watermark
     (after delivery: a run cut off before that is simply done again, and the next run
-    finishes what it had not delivered first; see :func:`lapse.score.run.recover_cut_off`)."""
+    finishes what it had not delivered first; see :func:`lapse.score.steps.recover_cut_off`)."""
     config, as_of, report, ledger, target = (
         ctx.config,
         ctx.as_of,

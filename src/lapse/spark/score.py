@@ -5,13 +5,13 @@ the local :func:`lapse.score.records.user_records` per user shard, reasons inclu
 every user who is not ``low`` or fired a trigger) and Spark writes them sorted by
 ``user_id`` as Parquet parts under ``<audit.path>/spark/<run>/``. The driver then
 reads them :data:`CHUNK_ROWS` at a time and takes each chunk through the score run's
-steps (:mod:`lapse.score.run`), reading the run ledger (SQLite on the driver) for the
+steps (:mod:`lapse.score.steps`), reading the run ledger (SQLite on the driver) for the
 chunk's users only (and their persons' other ids, with identity links): trigger
-cooldowns, then :func:`~lapse.score.run.mark_sendable` (suppression, the frequency
+cooldowns, then :func:`~lapse.score.steps.mark_sendable` (suppression, the frequency
 cap, the delta key against what the sink last acknowledged), the reasons of the users sent, the snapshot rows and the outbox. Each
 chunk is appended to the audit snapshot and the outbox; the ledger's batches are
 planned per chunk (no batch crosses a chunk), and delivery goes chunk by chunk
-through the same :func:`~lapse.score.run.deliver_run`. The driver holds one chunk,
+through the same :func:`~lapse.score.steps.deliver_run`. The driver holds one chunk,
 the batch plan and the per-run counts, never all users. Drift is summed from
 per-partition bin counts.
 """
@@ -46,7 +46,7 @@ from lapse.score.records import (
     nobody_eligible,
     trigger_definitions,
 )
-from lapse.score.run import (
+from lapse.score.steps import (
     Marked,
     RunContext,
     ScoreRunResult,
@@ -96,7 +96,7 @@ def run_score_spark(
     partitions: int | None = None,
 ) -> ScoreRunResult:
     """The Spark engine's score run; :func:`lapse.score.run.run_score` holds the lock and
-    ledger and makes the run's :class:`~lapse.score.run.RunContext`."""
+    ledger and makes the run's :class:`~lapse.score.steps.RunContext`."""
     session = spark_session(spark)
     loaded = load_model(model, ctx.config, ctx.progress)
     with recorded(ctx, loaded):
@@ -112,7 +112,7 @@ def _score_spark(
     full: bool,
     partitions: int | None,
 ) -> ScoreRunResult:
-    """The Spark engine's run, once recorded (:func:`lapse.score.run.recorded`)."""
+    """The Spark engine's run, once recorded (:func:`lapse.score.steps.recorded`)."""
     config, as_of, report = ctx.config, ctx.as_of, ctx.progress
     bundle = loaded.bundle
     report.stage("validating events on Spark")
@@ -289,7 +289,7 @@ def _mark(
     full: bool,
 ) -> Marked:
     """One chunk's cooldowns (the executors fired triggers without the ledger), then
-    :func:`~lapse.score.run.mark_sendable` with the ledger read for its users only."""
+    :func:`~lapse.score.steps.mark_sendable` with the ledger read for its users only."""
     users = records["user_id"].to_list()
     fired = last_fired(ctx, users, links=links)
     records = records.with_columns(apply_cooldowns(records, fired, definitions, ctx.day))
