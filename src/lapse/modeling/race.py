@@ -234,6 +234,7 @@ def fit_scorer(
     recent: pl.DataFrame | None = None,
     label_end: datetime | None = None,
     like: RaceScorer | None = None,
+    selected: str | None = None,
 ) -> RaceScorer:
     """Fit LightGBM on ``train`` (labelled rows of the training cutoffs) and BG/NBD on
     ``btyd_fit`` (the activity summary of every active user at the fit cutoff).
@@ -244,10 +245,15 @@ def fit_scorer(
 
     ``like``: a fitted scorer (the race's) whose LightGBM tree counts and tuned
     parameters the new models reuse, without a holdout of their own (the refit of
-    the shipped model)."""
+    the shipped model). With ``selected`` (the race's winner) only that LightGBM is
+    fit again; the other LightGBMs are ``like``'s own, kept so the bundle can still
+    score them (BG/NBD, cheap, is always fit again)."""
     y = train["churned"].cast(pl.Float64).to_numpy()
     groups = train["cutoff"].dt.epoch("s").to_numpy()
     m = config.models
+
+    def kept(name: str) -> bool:  # like's fitted `name` is kept, not fit again
+        return selected is not None and name != selected
 
     def lightgbm(columns: list[str] | None, model: LightGBMChurn | None) -> LightGBMChurn:
         return LightGBMChurn(
@@ -259,17 +265,24 @@ def fit_scorer(
             n_jobs=m.n_jobs,
         )
 
-    lgbm = lightgbm(None, None if like is None else like.lightgbm).fit(train, y, groups=groups)
+    if like is not None and kept("lightgbm"):
+        lgbm = like.lightgbm
+    else:
+        lgbm = lightgbm(None, None if like is None else like.lightgbm).fit(train, y, groups=groups)
     x, t, age = btyd_arrays(btyd_fit)
     bgnbd = BGNBD().fit(x, t, age)
     scorer = RaceScorer(config=config, lightgbm=lgbm, bgnbd=bgnbd)
-    if m.stacked_lightgbm:
+    if like is not None and kept("lightgbm_stacked"):
+        scorer.stacked = like.stacked
+    elif m.stacked_lightgbm:
         stacked_frame = scorer.with_scores(train)
         cols = model_columns(stacked_frame, extra=("score_bgnbd", "score_recency"))
         scorer.stacked = lightgbm(cols, None if like is None else like.stacked).fit(
             stacked_frame, y, groups=groups
         )
-    if (
+    if like is not None and kept("lightgbm_hazard"):
+        scorer.hazard = like.hazard
+    elif (
         m.hazard_lightgbm
         and config.labels.kind == "non_contractual"
         and recent is not None

@@ -487,6 +487,7 @@ def train(
             recent=frame.filter(pl.col("cutoff").is_between(refit[0], grid.test, closed="left")),
             label_end=grid.test,
             like=race.scorer,
+            selected=race.selected,
         )
     notes += [f"refit: {w.message}" for w in caught]
     y_cal = tst["churned"].cast(pl.Float64).to_numpy()
