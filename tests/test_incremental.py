@@ -101,13 +101,13 @@ AT = [
 ]
 
 
-#: a trigger on the churn score: the look-ahead scores the users (the others build only
-#: the features their triggers read)
 #: A trigger everyone fires (held 3 days), one for customers of 30 days (every run).
 HELLO_VETERAN = {
     "hello": {"when": "tenure_days >= 0", "cooldown_days": 3},
     "veteran": {"when": "tenure_days >= 30", "cooldown_days": 0},
 }
+#: a trigger on the churn score: the look-ahead scores the users (the others build only
+#: the features their triggers read)
 RISKY = {"risky": {"when": "churn_risk >= 0.3 and days_since_last_event >= 1", "cooldown_days": 1}}
 
 
@@ -492,12 +492,9 @@ def test_a_link_from_a_new_file_with_no_event_kept_lasts_for_later_runs(
         return {s.user_id: s.fired for s in states}
 
     run(t)
-    (_isolated_home / "next").mkdir()
-    identity_folder(world, _isolated_home / "next", login=True)
-    login = pl.read_parquet(_isolated_home / "next" / "identity" / "login.parquet")
-    login.with_columns(pl.lit(None, pl.String).alias("event")).write_parquet(
-        folder / "day-140.parquet"
-    )
+    path = write_login(world, folder)
+    login = pl.read_parquet(path)
+    login.with_columns(pl.lit(None, pl.String).alias("event")).write_parquet(path)
     assert "veteran" in run(t + timedelta(days=1))[who]
     # an event of the customer a day later: evaluated with the visitor's history again
     later = login.with_columns(

@@ -190,7 +190,7 @@ _PROPERTY_BOOSTER = _booster(zero_as_missing=True)
 _PROPERTY_TABLES = ts.build_tables(_PROPERTY_BOOSTER)
 
 
-def test_race_model_on_synthetic_world(tmp_path: Path) -> None:
+def test_race_model_on_synthetic_world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The race's LightGBM trained by ``lapse.train.churn`` on generated users: same SHAP, same reasons."""
     from lapse.config import load_config
     from lapse.events import validate_events
@@ -218,12 +218,9 @@ def test_race_model_on_synthetic_world(tmp_path: Path) -> None:
     got = [[names[j] for j in order if fast[i, j] > 0] for i, order in enumerate(_top(fast))]
     assert got == expected and out.height == big.height
     # a move checked by table lookups gives the same reasons as predicting the moved rows
-    plain = model.moves
-    model.moves = lambda x: None  # type: ignore[method-assign]
-    try:
+    with monkeypatch.context() as patch:
+        patch.setattr(model, "moves", lambda x: None)
         assert reasons(bundle.scorer, "lightgbm", big).equals(out)
-    finally:
-        model.moves = plain  # type: ignore[method-assign]
     assert out["reasons"].list.len().sum() > 0
     # the tables are cached on the model but not pickled: old and new bundles load alike
     assert "_shap_cache" in model.__dict__
