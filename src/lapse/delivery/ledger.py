@@ -56,6 +56,7 @@ __all__ = [
     "RunInfo",
     "TriggerState",
     "Watermark",
+    "WatermarkUpdate",
     "sink_lock",
 ]
 
@@ -166,6 +167,21 @@ class Watermark:
     fingerprint: str
     files: dict[str, tuple[int, int]]
     parts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class WatermarkUpdate:
+    """What a trigger run records once it has delivered (:meth:`Ledger.advance_watermark`):
+    the ``files`` processed (``(path, size, mtime_ns)``) as of ``as_of``, the model and
+    trigger ``fingerprint``, the users' new ``states`` (``full``: they replace every
+    state) and, when given, the event store's ``parts``."""
+
+    as_of: datetime
+    fingerprint: str
+    files: Sequence[tuple[str, int, int]]
+    states: Sequence[TriggerState]
+    full: bool = False
+    parts: Sequence[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -662,21 +678,12 @@ class Ledger:
         ]
 
     def stage_watermark(
-        self,
-        score_run_id: str,
-        sink: str,
-        source: str,
-        *,
-        as_of: datetime,
-        fingerprint: str,
-        files: Iterable[tuple[str, int, int]],
-        states: Iterable[TriggerState],
-        full: bool = False,
-        parts: Sequence[str] | None = None,
+        self, score_run_id: str, sink: str, source: str, update: WatermarkUpdate
     ) -> None:
-        """Keep what :meth:`advance_watermark` will record once run ``score_run_id`` has
-        delivered, so that a run cut off in between is advanced by the next one (the event
-        store's ``parts`` with it: they hold the events of the files it processed)."""
+        """Keep the ``update`` :meth:`advance_watermark` will record once run
+        ``score_run_id`` has delivered, so that a run cut off in between is advanced by
+        the next one (the event store's parts with it: they hold the events of the files it
+        processed)."""
         with self._tx() as db:
             db.execute(
                 "INSERT OR REPLACE INTO staged_watermarks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -684,12 +691,12 @@ class Ledger:
                     score_run_id,
                     sink,
                     source,
-                    as_of.isoformat(),
-                    fingerprint,
-                    int(full),
-                    json.dumps([list(f) for f in files]),
-                    json.dumps([_state_row(s) for s in states]),
-                    None if parts is None else json.dumps(list(parts)),
+                    update.as_of.isoformat(),
+                    update.fingerprint,
+                    int(update.full),
+                    json.dumps([list(f) for f in update.files]),
+                    json.dumps([_state_row(s) for s in update.states]),
+                    None if update.parts is None else json.dumps(list(update.parts)),
                 ),
             )
 
@@ -713,9 +720,7 @@ class Ledger:
         ).fetchone()
         if row is None:
             return
-        self.advance_watermark(
-            sink,
-            source,
+        update = WatermarkUpdate(
             as_of=datetime.fromisoformat(row[0]),
             fingerprint=row[1],
             files=[(f, size, mtime) for f, size, mtime in json.loads(row[3])],
@@ -725,8 +730,8 @@ class Ledger:
             ],
             full=bool(row[2]),
             parts=None if row[5] is None else json.loads(row[5]),
-            staged_by=score_run_id,
         )
+        self.advance_watermark(sink, source, update, staged_by=score_run_id)
 
     def drop_staged(self, score_run_id: str) -> None:
         """Forget a run's staged watermark (it delivered nothing: the next run redoes it)."""
@@ -734,24 +739,14 @@ class Ledger:
             db.execute("DELETE FROM staged_watermarks WHERE score_run_id = ?", (score_run_id,))
 
     def advance_watermark(
-        self,
-        sink: str,
-        source: str,
-        *,
-        as_of: datetime,
-        fingerprint: str,
-        files: Iterable[tuple[str, int, int]],
-        states: Iterable[TriggerState],
-        full: bool = False,
-        parts: Sequence[str] | None = None,
-        staged_by: str | None = None,
+        self, sink: str, source: str, update: WatermarkUpdate, *, staged_by: str | None = None
     ) -> None:
-        """In one transaction: the files now processed, the ``as_of``, the new states and
-        the event store's ``parts`` (when given, they replace the list); and, ``staged_by``
-        a run, that run's staged watermark is gone.
+        """In one transaction: the ``update``'s files, ``as_of``, states and event store
+        parts (when given, they replace the list); and, ``staged_by`` a run, that run's
+        staged watermark is gone.
 
-        ``full`` replaces every state of ``source`` (a full evaluation) instead of
-        updating the given users only; the file list is always replaced.
+        A ``full`` update replaces every state of ``source`` (a full evaluation) instead
+        of updating the given users only; the file list is always replaced.
         """
         with self._tx() as db:
             if staged_by is not None:
@@ -762,23 +757,23 @@ class Ledger:
                 )
             db.execute(
                 "INSERT OR REPLACE INTO watermarks VALUES (?, ?, ?, ?, ?)",
-                (sink, source, as_of.isoformat(), fingerprint, _now()),
+                (sink, source, update.as_of.isoformat(), update.fingerprint, _now()),
             )
             where = "WHERE sink = ? AND source = ?"
             db.execute(f"DELETE FROM watermark_files {where}", (sink, source))
             db.executemany(
                 "INSERT INTO watermark_files VALUES (?, ?, ?, ?, ?)",
-                [(sink, source, f, size, mtime) for f, size, mtime in files],
+                [(sink, source, f, size, mtime) for f, size, mtime in update.files],
             )
-            if parts is not None:
+            if update.parts is not None:
                 db.execute(f"DELETE FROM event_parts {where}", (sink, source))
                 db.executemany(
                     "INSERT INTO event_parts VALUES (?, ?, ?, ?)",
-                    [(sink, source, seq, part) for seq, part in enumerate(parts)],
+                    [(sink, source, seq, part) for seq, part in enumerate(update.parts)],
                 )
-            if full:
+            if update.full:
                 db.execute(f"DELETE FROM trigger_state {where}", (sink, source))
-            rows = [_state_row(s) for s in states]
+            rows = [_state_row(s) for s in update.states]
             db.executemany(
                 "INSERT OR REPLACE INTO trigger_state VALUES (?, ?, ?, ?, ?, ?)",
                 [(sink, source, u, json.dumps(fired), at, due) for u, fired, at, due in rows],

@@ -37,6 +37,7 @@ __all__ = [
     "merged_ids",
     "person_ids",
     "resolve",
+    "union_links",
 ]
 
 LINK_SCHEMA: Final[dict[str, pl.DataType]] = {
@@ -50,6 +51,18 @@ _CANONICAL: Final = "canonical"
 def empty_links() -> pl.DataFrame:
     """A links frame without rows."""
     return pl.DataFrame(schema=LINK_SCHEMA)
+
+
+def union_links(frames: Sequence[pl.DataFrame]) -> pl.DataFrame:
+    """Links of several sources as one table: each pair at its first observation, sorted
+    by time (the order :func:`resolve` merges them in)."""
+    return (
+        pl.concat([f.cast(LINK_SCHEMA) for f in [empty_links(), *frames]])  # type: ignore[arg-type]
+        .group_by("id", "user_id")
+        .agg(pl.col("ts").min())
+        .sort("ts", "id", "user_id", nulls_last=True)
+        .cast(LINK_SCHEMA)  # type: ignore[arg-type]
+    )
 
 
 def _before(links: pl.DataFrame, as_of: datetime | None) -> pl.DataFrame:

@@ -37,8 +37,8 @@ from lapse.config import LapseConfig
 from lapse.events import identity
 from lapse.events.mapping import MESSAGE_ID
 from lapse.events.validate import canonical_columns, distinct, read_events, read_links
-from lapse.exceptions import LapseError
 from lapse.faults import fault_point
+from lapse.files import atomic_path
 
 IntArray = npt.NDArray[np.int64]
 
@@ -54,7 +54,6 @@ __all__ = [
     "read",
     "read_all",
     "read_new",
-    "union_links",
     "write",
 ]
 
@@ -89,17 +88,16 @@ def write(store: Path, events: pl.DataFrame, links: pl.DataFrame) -> str:
         .with_columns((pl.col("rows").cum_sum() - pl.col("rows")).alias("start"))
         .select("user_id", "start", "rows")
     )
-    try:
-        table = events.to_arrow()
-        tmp = rows.with_suffix(".arrow.tmp")
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as out:
-            out.write_table(table, max_chunksize=1 << 20)
-        tmp.replace(rows)
-        for frame, path in ((index, users), (links, link_file)):
-            frame.write_parquet(path.with_suffix(".tmp"))
-            path.with_suffix(".tmp").replace(path)
-    except OSError as exc:
-        raise LapseError(f"{store}: cannot write the event store: {exc}") from None
+    table = events.to_arrow()
+    with (
+        atomic_path(rows) as tmp,
+        pa.OSFile(str(tmp), "wb") as sink,
+        pa.ipc.new_file(sink, table.schema) as out,
+    ):
+        out.write_table(table, max_chunksize=1 << 20)
+    for frame, path in ((index, users), (links, link_file)):
+        with atomic_path(path) as tmp:
+            frame.write_parquet(tmp)
     return part
 
 
@@ -134,7 +132,7 @@ def read_new(files: Sequence[Path], config: LapseConfig) -> tuple[pl.DataFrame, 
     frame = pl.concat(events, how="diagonal_relaxed") if events else pl.DataFrame()
     if frame.height:
         frame = frame.filter(distinct(frame, config))
-    return frame, union_links([read_links(f, config) for f in files])
+    return frame, identity.union_links([read_links(f, config) for f in files])
 
 
 def combine(
@@ -176,18 +174,7 @@ def _take(reader: pa.ipc.RecordBatchFileReader, rows: IntArray) -> pa.Table:
 
 def links(store: Path, parts: Sequence[str]) -> pl.DataFrame:
     """The identity links of every part (:data:`lapse.events.identity.LINK_SCHEMA`)."""
-    return union_links([pl.read_parquet(_files(store, p)[2]) for p in parts])
-
-
-def union_links(frames: Sequence[pl.DataFrame]) -> pl.DataFrame:
-    """Links of several sources as one table: each pair at its first observation."""
-    return (
-        pl.concat([f.cast(identity.LINK_SCHEMA) for f in [identity.empty_links(), *frames]])  # type: ignore[arg-type]
-        .group_by("id", "user_id")
-        .agg(pl.col("ts").min())
-        .sort("ts", "id", "user_id", nulls_last=True)
-        .cast(identity.LINK_SCHEMA)  # type: ignore[arg-type]
-    )
+    return identity.union_links([pl.read_parquet(_files(store, p)[2]) for p in parts])
 
 
 def _rows(store: Path, part: str) -> int:

@@ -337,13 +337,7 @@ def read_links(path: EventSource, config: LapseConfig) -> pl.DataFrame:
     if config.identities.path is None:
         return links
     table = read_identities(config.resolve(config.identities.path), config)
-    return (
-        pl.concat([links, table])
-        .group_by("id", "user_id")
-        .agg(pl.col("ts").min())
-        .sort("ts", "id", "user_id", nulls_last=True)
-        .cast(identity.LINK_SCHEMA)  # type: ignore[arg-type]
-    )
+    return identity.union_links([links, table])
 
 
 #: When the pairs of an ``identities`` table without a time column were observed:

@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import polars as pl
 
@@ -78,9 +78,6 @@ from lapse.score.records import (
 from lapse.sinks import make_sink
 from lapse.sinks.base import RECORD_COLUMNS, DeliveryStopped, Item, Sink
 from lapse.sinks.memory import MemorySink
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = [
     "Chunks",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -14,7 +14,7 @@ import polars as pl
 
 from lapse.config import LapseConfig
 from lapse.delivery.audit import AuditTrail
-from lapse.delivery.ledger import DELIVERED
+from lapse.delivery.ledger import DELIVERED, WatermarkUpdate
 from lapse.events import (
     ValidationReport,
     event_files,
@@ -23,7 +23,7 @@ from lapse.events import (
     validate_events,
 )
 from lapse.events import store as event_store
-from lapse.events.identity import anonymous_only, person_ids, resolve
+from lapse.events.identity import anonymous_only, person_ids, resolve, union_links
 from lapse.events.mapping import MESSAGE_ID
 from lapse.events.readers import EventSource, as_polars, frame_name
 from lapse.exceptions import LapseError
@@ -74,12 +74,16 @@ class TriggerRunResult:
     fired: int
     seconds: float
     delivery: ScoreRunResult | None = None
-    warnings: list[str] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
         """Every record meant for the sink reached it."""
         return self.delivery is None or self.delivery.complete
+
+    @property
+    def warnings(self) -> list[str]:
+        """The delivery's warnings (none without a delivery)."""
+        return list(self.delivery.warnings) if self.delivery else []
 
 
 def run_triggers(
@@ -134,7 +138,6 @@ def run_triggers(
         loaded = load_model(model, config, report)
         with recorded(ctx, loaded):
             result = _evaluate(ctx, loaded, events, source, incremental=incremental)
-    result.warnings = list(result.delivery.warnings) if result.delivery else []
     result.seconds = time.monotonic() - started
     return result
 
@@ -252,17 +255,8 @@ def _evaluate(
         states = inc.states(scored.fired, due, users, as_of)
         result.fired = int((scored.fired["triggers"].list.len() > 0).sum())
         if not ctx.dry_run and not in_memory:
-            ledger.stage_watermark(
-                ctx.run_id,
-                target.name,
-                source,
-                as_of=as_of,
-                fingerprint=mark,
-                files=processed,
-                states=states,
-                full=todo.full,
-                parts=parts,
-            )
+            update = WatermarkUpdate(as_of, mark, processed, states, todo.full, parts)
+            ledger.stage_watermark(ctx.run_id, target.name, source, update)
         result.delivery = send_scored(
             ctx,
             loaded,
@@ -275,17 +269,8 @@ def _evaluate(
         )
     if not ctx.dry_run and not in_memory:
         fault_point("before_watermark")
-        ledger.advance_watermark(
-            target.name,
-            source,
-            as_of=as_of,
-            fingerprint=mark,
-            files=processed,
-            states=states,
-            full=todo.full,
-            parts=parts,
-            staged_by=ctx.run_id,
-        )
+        update = WatermarkUpdate(as_of, mark, processed, states, todo.full, parts)
+        ledger.advance_watermark(target.name, source, update, staged_by=ctx.run_id)
         event_store.clean(store, parts)  # a killed run's parts, parts merged away
     return result
 
@@ -320,7 +305,7 @@ def _read(
         users = everyone["user_id"].cast(pl.String).unique().sort().to_list()
         return _Read(everyone, validation, links, users, parts)
     fresh, new_links = event_store.read_new(todo.new_files, config)
-    links = event_store.union_links([event_store.links(store, todo.parts), new_links])
+    links = union_links([event_store.links(store, todo.parts), new_links])
     # every id of a touched person, their events merged as of the cutoff
     ids = person_ids(links, todo.users, as_of)
     stored = event_store.read(store, todo.parts, ids)
