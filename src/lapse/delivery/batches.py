@@ -417,13 +417,12 @@ def deliver(
                 pending.extend(reversed(ledger.split(score_run_id, name, current, in_doubt=doubt)))
                 continue
             _fail(ledger, report, score_run_id, name, current, got, users, lo, str(exc))
-        except DeliveryStopped:
-            if not doubt:  # refused before anything was processed: not in doubt
+        except (DeliveryStopped, ConnectionFailed) as exc:
+            if not doubt:  # refused or never sent: pending, not in doubt
                 ledger.mark(score_run_id, name, current.batch_id, "pending")
-            raise
-        except ConnectionFailed as exc:  # never sent: stop, resumable, rather than dead-letter
-            if not doubt:
-                ledger.mark(score_run_id, name, current.batch_id, "pending")
+            if isinstance(exc, DeliveryStopped):
+                raise
+            # never sent: stop, resumable, rather than dead-letter
             raise DestinationUnreachable(_stopped(exc, tries, budget, score_run_id)) from None
         except SinkError as exc:  # retries exhausted (RetryableError) or a permanent refusal
             why = str(exc)
@@ -468,10 +467,12 @@ def _in_doubt(sink: Sink, batch: list[Item], rows: list[int]) -> tuple[list[Item
     cannot dedupe), and the ``rows`` of the records that hold such objects."""
     if sink.in_doubt is None:
         return batch, set()
-    doubted = {r for r, item in zip(rows, batch, strict=True) if sink.undeduped(item)}
+    undeduped = [sink.undeduped(item) for item in batch]
+    doubted = {r for r, flag in zip(rows, undeduped, strict=True) if flag}
     if sink.in_doubt == "resend":
         return batch, doubted
-    return [sink.deduped_part(item) if sink.undeduped(item) else item for item in batch], doubted
+    sent = [sink.deduped_part(i) if u else i for i, u in zip(batch, undeduped, strict=True)]
+    return sent, doubted
 
 
 def _oversized(sink: Sink, items: list[Item]) -> str | None:

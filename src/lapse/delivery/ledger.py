@@ -539,7 +539,8 @@ class Ledger:
 
         ``users`` limits the answer to those users (a chunked caller's bounded read).
         """
-        return {user: (key, seg) for user, key, seg, *_ in self.deliveries(sink, users=users)}
+        sql = "SELECT user_id, delta_key, risk_segment FROM delivered WHERE sink = ?"
+        return {r[0]: (r[1], r[2]) for r in self._for_users(sql, (sink,), users)}
 
     def deliveries(
         self, sink: str, *, users: Sequence[str] | None = None
