@@ -209,10 +209,12 @@ def _resume(
     with sink_lock(trail.locks, target.name), Ledger(trail.ledger) as ledger:
         info = ledger.run(score_run_id, info.sink)  # as of now, with the lock held
         if info.status in ("preparing", "abandoned"):
-            done = abandon(trail, ledger, info) if info.status == "preparing" else ""
+            cleaned = info.status == "preparing"
+            if cleaned:
+                abandon(trail, ledger, info)
             raise LapseError(
                 f"score run {score_run_id} stopped before it sent anything"
-                + (f" ({done.split('; ', 1)[1]})" if done else "")
+                + (" (its audit files were removed)" if cleaned else "")
                 + f"; nothing to resume: run `lapse score {shlex.quote(events_argument(events))} --as-of "
                 f"{run_day(info.as_of):%Y-%m-%d}` again"
             )
