@@ -18,8 +18,10 @@ import score_sinks
 from lapse.cli import app
 from lapse.config import LapseConfig, dump_config, load_config
 from lapse.datasets import generate, write
+from lapse.delivery.audit import AuditTrail
 from lapse.delivery.ledger import Ledger, sink_lock
-from lapse.exceptions import LapseError
+from lapse.exceptions import LapseError, LockHeldError
+from lapse.jobs import run_forget
 from lapse.modeling.bundle import ChurnBundle, listing
 from lapse.schema import ROLES
 from lapse.score.run import run_score
@@ -426,7 +428,7 @@ def test_sigkill_mid_run_then_resume_delivers_everything_once(
 
 def test_a_second_run_for_the_same_sink_is_refused(world: World, _isolated_home: Path) -> None:
     cfg = make_config(_isolated_home, world)
-    with sink_lock(_isolated_home / "lapse-runs" / "locks", "file"):
+    with sink_lock(_isolated_home / "lapse-runs" / "locks", "file", "lapse triggers run"):
         res = runner.invoke(
             app,
             [
@@ -441,12 +443,27 @@ def test_a_second_run_for_the_same_sink_is_refused(world: World, _isolated_home:
             ],
         )
     assert res.exit_code == 3
-    assert "another `lapse score` for sink 'file' is running" in res.output
+    assert "sink 'file' is busy: `lapse triggers run` is running, pid" in res.output
     # another sink is not blocked
     other = run_score(
         world.events, config_at(cfg), as_of=world.as_of, model=str(world.bundle), sink="capture"
     )
     assert other.complete
+
+
+def test_forget_waits_for_the_run_holding_a_sink(world: World, _isolated_home: Path) -> None:
+    """An erasure during a run would be undone by the run's own writes (its snapshot, the
+    event store): refused while any sink's lock is held, nothing erased; then it goes ahead."""
+    config = config_at(make_config(_isolated_home, world))
+    run_score(world.events, config, as_of=world.as_of, model=str(world.bundle), sink="capture")
+    trail = AuditTrail(_isolated_home / "lapse-runs")
+    someone = str(trail.snapshots()["user_id"][0])
+    busy = "sink 'capture' is busy: `lapse score` is running"
+    with sink_lock(trail.locks, "capture", "lapse score"), pytest.raises(LockHeldError, match=busy):
+        run_forget(config, [someone])
+    assert someone in trail.snapshots()["user_id"].to_list()
+    assert run_forget(config, [someone]).removed["snapshot_rows"] >= 1
+    assert someone not in trail.snapshots()["user_id"].to_list()
 
 
 def test_dry_run_sends_nothing_and_shows_payloads(world: World, _isolated_home: Path) -> None:

@@ -141,6 +141,7 @@ def run_score(
         dry_run=dry_run,
         progress=report,
         started=started,
+        job="lapse score",
     ) as ctx:
         if engine == "spark":
             if not isinstance(events, str | Path):
@@ -206,7 +207,10 @@ def _resume(
     with Ledger(trail.ledger) as ledger:
         info = ledger.run(score_run_id, sink)
     target = make_sink(info.sink, config, out=out or (Path(info.target) if info.target else None))
-    with sink_lock(trail.locks, target.name), Ledger(trail.ledger) as ledger:
+    with (
+        sink_lock(trail.locks, target.name, "lapse score --resume"),
+        Ledger(trail.ledger) as ledger,
+    ):
         info = ledger.run(score_run_id, info.sink)  # as of now, with the lock held
         if info.status in ("preparing", "abandoned"):
             cleaned = info.status == "preparing"
