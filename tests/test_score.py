@@ -1016,7 +1016,9 @@ def test_compact_events_scored_in_shards_give_the_records_of_all_at_once(
         return score_users(bundle, ev, world.as_of, config, score_run_id="r", model_version="v")
 
     whole = scored(events)
-    compact = compact_events(events.lazy())
+    compact = events.clone()
+    compact_events(compact)
+    assert isinstance(compact["user_id"].dtype, pl.Enum)
     monkeypatch.setattr(rec, "SHARD_EVENTS", -(-events.height // 5))
     shards = list(user_shards(compact))
     assert len(shards) == 5

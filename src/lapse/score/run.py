@@ -169,8 +169,9 @@ def _score_local(
     attributes = load_attributes(config)
     report.stage("scoring users")
     links = read_links(events, config)
-    compact = compact_events(resolve(kept.lazy(), links, as_of))
-    del kept  # only the compact events are held while scoring, then none
+    compact = resolve(kept.lazy(), links, as_of).collect()  # kept's columns, unless resolved
+    del kept  # held by `compact` only, whose columns turn compact one by one
+    compact_events(compact)
     scored = score_users(
         loaded.bundle,
         compact,
