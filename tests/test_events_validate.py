@@ -12,6 +12,7 @@ import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from polars.testing import assert_frame_equal
 
 from lapse.config import LapseConfig, load_config
 from lapse.events import REJECT_REASONS, read_events, validate_events
@@ -321,3 +322,88 @@ def test_validate_cli_rejects_guests_unless_the_config_accepts_them(tmp_path: Pa
     )
     assert accepted.exit_code == 0, accepted.output
     assert "guest rows (no user id)" in accepted.output
+
+
+# -- slices ------------------------------------------------------------------------------
+
+
+def _in_slices_and_at_once(
+    source: str | Path | pl.DataFrame,
+    config: LapseConfig,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    rows: int,
+) -> None:
+    """``validate_events`` and ``read_events`` of ``source`` in slices of ``rows`` rows
+    equal one pass: the kept rows, every count of the report, the rejected rows."""
+    from dataclasses import replace
+
+    from lapse.events import validate
+
+    def run(name: str) -> tuple[pl.DataFrame, Any, pl.DataFrame | None, pl.DataFrame]:
+        rejects = tmp_path / f"{name}.rejects.parquet"
+        kept, report = validate_events(source, config, now=NOW, rejects_path=rejects)
+        written = pl.read_parquet(rejects) if report.rejects_path else None
+        return (
+            kept,
+            replace(report, rejects_path=None),
+            written,
+            read_events(source, config).collect(),
+        )
+
+    whole = run("whole")
+    monkeypatch.setattr(validate, "MAP_BATCH_ROWS", rows)
+    assert validate._batch_rows(source, config) == rows
+    sliced = run("sliced")
+    assert sliced[0].n_chunks() > 1  # one chunk a slice: it was read in slices
+    assert_frame_equal(sliced[0], whole[0])
+    assert sliced[1] == whole[1]
+    assert (sliced[2] is None) == (whole[2] is None)
+    if sliced[2] is not None and whole[2] is not None:
+        assert_frame_equal(sliced[2], whole[2])
+    assert_frame_equal(sliced[3], whole[3])
+    assert_frame_equal(sliced[3], whole[0])
+
+
+@pytest.mark.parametrize("kind", ["parquet", "frame"])
+@pytest.mark.parametrize("guests", [False, True])
+def test_slices_of_a_parquet_file_or_a_frame_equal_one_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, guests: bool
+) -> None:
+    """Every reject reason, guest rows, a duplicate row and a duplicate message id in
+    another slice than their first occurrence: slices of 3 of the 16 rows give what one pass
+    gives."""
+    keys = ["user_id", "ts", "event", "quantity", "mid", "code"]
+    frame = pl.DataFrame(ROWS, schema=keys, orient="row")
+    path = tmp_path / "events.parquet"
+    frame.write_parquet(path, row_group_size=5)
+    config = _config(tmp_path, allow_guest_rows=guests)
+    source: Path | pl.DataFrame = path if kind == "parquet" else frame
+    _in_slices_and_at_once(source, config, tmp_path, monkeypatch, rows=3)
+    _, report = validate_events(source, config, now=NOW)
+    assert report.duplicates == 2 and report.rows_read == 16  # the cases are there
+
+
+def test_slices_of_a_segment_export_count_calls_and_links_as_one_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Identify calls, anonymous ids and their links spread over slices: the same calls,
+    links, merged and anonymous-only ids as one pass."""
+    from lapse.datasets import generate, write_segment
+
+    paths = write_segment(generate(n_users=40, n_days=30, seed=5), tmp_path, seed=5)
+    frame = pl.read_ndjson(paths["segment"])
+    config = load_config()
+    _, report = validate_events(frame, config, now=NOW)
+    assert report.calls["identify"] > 3 and report.links > 3 and report.merged_ids > 3
+    _in_slices_and_at_once(frame, config, tmp_path, monkeypatch, rows=frame.height // 7)
+
+
+def test_text_files_and_lazy_frames_are_read_in_one_pass(tmp_path: Path) -> None:
+    """A slice of a CSV/NDJSON file or of a LazyFrame's plan would read it again: no
+    slices."""
+    from lapse.events.validate import _batch_rows
+
+    config = _config(tmp_path)
+    assert _batch_rows(_write_events(tmp_path / "events.jsonl"), config) is None
+    assert _batch_rows(pl.LazyFrame({"user_id": ["u1"]}), config) is None
