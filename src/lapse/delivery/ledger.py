@@ -825,8 +825,9 @@ def _state_row(s: TriggerState) -> tuple[str, list[str], str, str]:
 
 
 def _instant(ts: datetime) -> str:
-    """A UTC instant as fixed-width text, so SQLite compares them in time order."""
-    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f+00:00")
+    """A UTC instant as fixed-width text, so SQLite compares them in time order
+    (``isoformat``: the same text as a ``strftime`` of it, in a third of the time)."""
+    return ts.astimezone(UTC).isoformat(timespec="microseconds")
 
 
 def _parse(text: str) -> datetime:

@@ -642,7 +642,7 @@ def trigger_features(
     if len(cutoffs) == 1:
         rows = build(events, cutoffs[0], run).with_columns(pl.lit(cutoffs[0]).alias("cutoff"))
     else:
-        rows = build_many(events, cutoffs, run)
+        rows = build_many(events, cutoffs, run, names=want)
     return rows.select(pl.col("user_id").cast(pl.String), pl.col("cutoff").cast(utc), *want)
 
 
