@@ -175,9 +175,16 @@ def run_train(
     register: bool = True,
     until: datetime | None = None,
 ) -> tuple[TrainResult, RegisteredVersion | None]:
-    """Train (churn race + replenishment), then log the run and register the bundle in MLflow."""
+    """Train (churn race + replenishment, the latter in a child process on 2+ cores), then
+    log the run and register the bundle in MLflow."""
     result = train(
-        events, config, out_dir=out_dir, truth_dir=truth_dir, models_dir=models_dir, until=until
+        events,
+        config,
+        out_dir=out_dir,
+        truth_dir=truth_dir,
+        models_dir=models_dir,
+        until=until,
+        parallel=True,
     )
     if not register:
         return result, None
