@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def events(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("syn")
-    write(generate(n_users=800, n_days=200, seed=5), out)
+    write(generate(n_users=400, n_days=180, seed=5), out)
     return out / "events.parquet"
 
 
