@@ -143,6 +143,15 @@ def build_frame(
     return with_derived(frame), rfm
 
 
+def _cutoffs(frame: pl.DataFrame, first: datetime, last: datetime | None = None) -> pl.DataFrame:
+    """The rows of the cutoffs from ``first`` to ``last`` (both in; ``first`` alone without
+    ``last``) of a frame sorted by cutoff (:func:`build_frame`'s): a slice, no copy."""
+    cutoff = frame["cutoff"]
+    start = cutoff.search_sorted(first, side="left")
+    end = cutoff.search_sorted(first if last is None else last, side="right")
+    return frame.slice(start, end - start)
+
+
 def _oracle(truth_dir: Path | None, test: datetime) -> pl.DataFrame | None:
     if truth_dir is None:
         return None
@@ -504,7 +513,7 @@ def _train(
         if worker is None
         else None  # the worker's, joined once the churn side is done
     )
-    tst = frame.filter(pl.col("cutoff") == grid.test)
+    tst = _cutoffs(frame, grid.test)
     sample = tst.sample(n=min(5000, tst.height), seed=config.models.random_state)
     importance = race.scorer.lightgbm.importance(sample)
     figures = churn_figures(
@@ -521,10 +530,10 @@ def _train(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         scorer = fit_scorer(
-            frame.filter(pl.col("cutoff").is_in(pl.lit(pl.Series(refit)).implode())),
+            _cutoffs(frame, refit[0], refit[-1]),  # refit: the first cutoffs of used
             rfm.filter(pl.col("cutoff") == grid.test),
             config,
-            recent=frame.filter(pl.col("cutoff").is_between(refit[0], grid.test, closed="left")),
+            recent=_cutoffs(frame, refit[0], max(c for c in used if c < grid.test)),
             label_end=grid.test,
             like=race.scorer,
             selected=race.selected,
