@@ -410,6 +410,7 @@ def train(
     models_dir: str | Path | None = None,
     until: datetime | None = None,
     parallel: bool = False,
+    meanwhile: Callable[[], object] | None = None,
 ) -> TrainResult:
     """Run the churn race, write the report folder, refit and save the bundle.
 
@@ -435,6 +436,9 @@ def train(
         (:mod:`lapse.train.worker`; on a machine with two or more cores), as
         ``lapse train`` does: the same results, less wall time, more memory
         in all (two processes).
+    meanwhile
+        Called once while the churn side waits for that child (``lapse train
+        --register`` opens the MLflow store there); not called without one.
 
     Raises
     ------
@@ -443,7 +447,7 @@ def train(
     """
     worker = start_worker() if parallel and config.replenishment.enabled else None
     try:
-        return _train(events_path, config, out_dir, truth_dir, models_dir, until, worker)
+        return _train(events_path, config, out_dir, truth_dir, models_dir, until, worker, meanwhile)
     finally:
         if worker is not None:
             worker.close()
@@ -457,6 +461,7 @@ def _train(
     models_dir: str | Path | None,
     until: datetime | None,
     worker: ReplenishmentWorker | None,
+    meanwhile: Callable[[], object] | None,
 ) -> TrainResult:
     out = Path(out_dir)
     events, validation, read_notes, links = _load(events_path, config, until)
@@ -551,6 +556,8 @@ def _train(
     )
     plots = save_figures(figures, out)
     if worker is not None:
+        if meanwhile is not None:
+            meanwhile()
         replenishment = _skipped(worker.result, notes, at)
     if replenishment is None:
         metrics.pop("replenishment", None)
