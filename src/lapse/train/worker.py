@@ -27,6 +27,7 @@ import importlib
 import os
 import pickle
 import shutil
+import site
 import subprocess
 import sys
 import tempfile
@@ -125,6 +126,13 @@ class ReplenishmentWorker:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def _site_dirs() -> set[Path]:
+    """This interpreter's site-packages folders (an installed lapse is found there anyway;
+    put first on the path, one could shadow the standard library)."""
+    found = [*site.getsitepackages(), site.getusersitepackages()]
+    return {Path(p).resolve() for p in found}
+
+
 def start() -> ReplenishmentWorker | None:
     """A child process ready for one race; ``None`` on a single core (it would only take
     turns with the parent) or when this interpreter cannot start another (then the race
@@ -132,9 +140,10 @@ def start() -> ReplenishmentWorker | None:
     if _cores() < 2 or not sys.executable:
         return None
     folder = Path(tempfile.mkdtemp(prefix="lapse-replenishment-"))
-    here = str(Path(__file__).resolve().parents[2])  # the lapse this process runs
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+    here = Path(__file__).resolve().parents[2]  # the lapse this process runs
+    if here not in _site_dirs():  # a source tree (PYTHONPATH, sys.path): first for the child
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(here), env.get("PYTHONPATH")) if p)
     # the CLI's default: lifelines' small linear algebra only spins a second BLAS thread
     env.setdefault("OPENBLAS_NUM_THREADS", "1")
     stderr = tempfile.TemporaryFile()  # noqa: SIM115 - the worker's, closed by close()
