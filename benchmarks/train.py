@@ -70,6 +70,8 @@ def _status(pid: int) -> dict[str, int]:
         for key in ("VmHWM", "VmRSS")
         if row.startswith(f"{key}:")
     }
+    if "VmHWM" not in found:  # a zombie: exited, not yet reaped
+        return {}
     try:  # the proportional share: pages shared with the other process count half
         rollup = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
         found["Pss"] = next(int(r.split()[1]) * 1024 for r in rollup if r.startswith("Pss:"))
