@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,9 @@ import pytest
 
 from lapse.config import LapseConfig, load_config
 from lapse.datasets import generate, write
-from lapse.exceptions import LapseError
+from lapse.exceptions import FitWarning, LapseError, NotEnoughEpisodes
 from lapse.modeling import ChurnBundle
+from lapse.train import worker as worker_module
 from lapse.train.churn import TrainResult, train
 from lapse.train.worker import start
 
@@ -112,3 +114,31 @@ def test_the_child_ends_when_its_parent_closes_the_pipe() -> None:
     finally:
         worker.close()
     assert not worker.folder.exists()
+
+
+def test_the_child_s_warnings_and_error_come_back_as_they_were() -> None:
+    """What the child hands back (its warnings as recorded, a LapseError) is raised again in
+    the parent, under the parent's filters."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.warn("a fit fell back", FitWarning, stacklevel=1)
+    recorded = [(w.message, w.category, w.filename, w.lineno, __name__) for w in caught]
+    worker = start()
+    assert worker is not None
+    try:
+        assert worker.proc.stdin is not None
+        worker.proc.stdin.close()
+        worker.proc.wait(timeout=60)
+        outcome = ("error", NotEnoughEpisodes("only 3 observed reorders"), recorded)
+        (worker.folder / "output.pkl").write_bytes(worker_module._output(outcome))
+        with (
+            pytest.warns(FitWarning, match="a fit fell back"),
+            pytest.raises(NotEnoughEpisodes, match=r"^only 3 observed reorders$"),
+        ):
+            worker.result()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the parent's filters decide
+            with pytest.raises(FitWarning):
+                worker.result()
+    finally:
+        worker.close()
