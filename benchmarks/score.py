@@ -16,7 +16,8 @@ on a sample of users (not timed) and cached with the data under
 ``benchmarks/.data/``. The score runs in its own subprocess; the benchmark
 prints its wall time per step, its compute time (the run itself) with the CPU
 time of the process (all threads: read it when the machine is shared), the
-whole process's wall time, its peak memory (max RSS) and the ratios to the goal.
+whole process's wall time, its peak memory (max RSS, and per step, sampled every
+10 ms) and the ratios to the goal.
 
 Usage::
 
@@ -32,6 +33,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -74,6 +76,30 @@ def prepare(users: int, days: int, train_users: int) -> tuple[Path, Path, dateti
     return events, bundle, as_of
 
 
+class RssSampler:
+    """The process's resident memory, sampled every 10 ms on a thread: :meth:`take`
+    returns the peak since the last call (a step's peak)."""
+
+    def __init__(self) -> None:
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.peak = self.read()
+        thread = threading.Thread(target=self.run, daemon=True)
+        thread.start()
+
+    def read(self) -> int:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def run(self) -> None:
+        while True:
+            self.peak = max(self.peak, self.read())
+            time.sleep(0.01)
+
+    def take(self) -> int:
+        peak, self.peak = max(self.peak, self.read()), self.read()
+        return peak
+
+
 def child(events: str, bundle: str, as_of: str, out: str) -> None:
     """The timed side: one `run_score` with the file sink, step times on stdout as JSON."""
     from lapse.config import TriggerSpec, load_config
@@ -83,7 +109,9 @@ def child(events: str, bundle: str, as_of: str, out: str) -> None:
     config = load_config()
     config.triggers = {name: TriggerSpec(audience=["high", "medium"]) for name in BUILTIN}
     steps: dict[str, float] = {}
+    peaks: dict[str, int] = {}
     last = [time.perf_counter(), "start"]
+    rss = RssSampler()
 
     class Timer:
         def begin(self, header: object) -> None:
@@ -92,6 +120,7 @@ def child(events: str, bundle: str, as_of: str, out: str) -> None:
         def stage(self, name: str) -> None:
             now = time.perf_counter()
             steps[str(last[1])] = now - float(last[0])
+            peaks[str(last[1])] = rss.take()
             last[:] = [now, name]
 
         def delivering(self, total: int) -> None:
@@ -117,6 +146,7 @@ def child(events: str, bundle: str, as_of: str, out: str) -> None:
             {
                 "seconds": time.perf_counter() - t0,
                 "steps": steps,
+                "peaks": peaks,
                 "counts": result.counts,
                 "reasons_share": None,
             }
@@ -169,7 +199,7 @@ def main() -> None:
         f"{report['counts']['sent']:,} written, reasons for {explained:.1%}"
     )
     for name, seconds in report["steps"].items():
-        print(f"  {name:<32} {seconds:7.1f} s")
+        print(f"  {name:<32} {seconds:7.1f} s  peak RSS {report['peaks'][name] / 2**30:5.2f} GB")
     print(
         f"compute time {report['seconds']:.1f} s (process {wall:.1f} s, CPU {cpu:.1f} s), "
         f"{report['seconds'] / GOAL_SECONDS:.2f} x the {GOAL_SECONDS:.0f} s goal"

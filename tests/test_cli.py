@@ -353,13 +353,13 @@ def test_exit_code_3_another_run_holds_the_lock(
     monkeypatch.setenv("LAPSE_HOME", str(tmp_path))
     events = _bad_csv(tmp_path)
     config = load_config()
-    with sink_lock(config.resolve(config.audit.path) / "locks", "file"):
+    with sink_lock(config.resolve(config.audit.path) / "locks", "file", "lapse score"):
         result = runner.invoke(
             app, ["score", str(events), "--sink", "file", "--out", str(tmp_path / "s.parquet")]
         )
     assert result.exit_code == 3, result.output
     (line,) = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert line.startswith("error: another `lapse score` for sink 'file' is running")
+    assert line.startswith("error: sink 'file' is busy: `lapse score` is running, pid ")
 
 
 def test_exit_code_5_a_write_fails(tmp_path: Path) -> None:

@@ -295,3 +295,16 @@ def test_a_duckdb_query_with_a_syntax_error_is_one_config_line(tmp_path: Path) -
     data["source"]["sql"]["query"] = "SELECT nope FROM events"
     with pytest.raises(ConfigError, match=r"source.sql.query cannot run: Binder Error"):
         scan_database(db, LapseConfig.model_validate(data).source)
+
+
+def test_a_read_comes_in_one_chunk_per_column(tmp_path: Path) -> None:
+    """Row groups read as chunks cut differently per column made every filter copy the
+    whole frame to align them: a read is rechunked, a column at a time."""
+    from lapse.events.readers import collect_frame
+
+    path = tmp_path / "events.parquet"
+    frame = pl.DataFrame({"user_id": [str(i) for i in range(1000)], "x": range(1000)})
+    frame.write_parquet(path, row_group_size=100)
+    read = collect_frame(pl.scan_parquet(path).with_columns(pl.col("x") * 2), str(path))
+    assert read.n_chunks("all") == [1, 1]
+    assert read.equals(frame.with_columns(pl.col("x") * 2))

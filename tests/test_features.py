@@ -347,6 +347,33 @@ def test_build_many_at_midnights_matches_build() -> None:
     assert empty.schema == many.schema
 
 
+@pytest.mark.parametrize("source", ["events", "orders"])
+def test_build_many_of_named_features_equals_those_columns_of_the_full_build(source: str) -> None:
+    # each feature alone, and the incremental look-ahead's group: the roll-up computes
+    # only what they read, and must give the same values
+    config = cfg()
+    ev = GOLDEN if source == "events" else ORDERS
+    cuts = [d(2024, 2, 21, 12), d(2024, 2, 26), T]  # one inside a day
+    full = build_many(ev, cuts, config)
+    lookahead = [
+        "aha_reached",
+        "days_since_first_purchase",
+        "decay_ratio_14d",
+        "dropping_ratio_7d",
+        "error_count_7d",
+        "milestone_uses_count",
+        "milestone_uses_crossed_7d",
+        "setup_incomplete",
+        "setup_started_count_7d",
+    ]
+    for names in [lookahead, *([n] for n in expand(config))]:
+        some = build_many(ev, cuts, config, names=names)
+        assert some.columns == ["user_id", "cutoff", *(n for n in expand(config) if n in names)]
+        assert_frame_equal(some, full.select(some.columns))
+    with pytest.raises(LapseError, match=r"\['usage_count_3d'\] are not in the feature registry"):
+        build_many(ev, cuts, config, names=["usage_count_3d", "tenure_days"])
+
+
 # -- an order key: the lines of one order are one order ------------------------------------
 
 

@@ -12,14 +12,17 @@ import numpy as np
 import polars as pl
 import pytest
 import yaml
+from polars.testing import assert_frame_equal
 from typer.testing import CliRunner
 
 import score_sinks
 from lapse.cli import app
 from lapse.config import LapseConfig, dump_config, load_config
 from lapse.datasets import generate, write
+from lapse.delivery.audit import AuditTrail
 from lapse.delivery.ledger import Ledger, sink_lock
-from lapse.exceptions import LapseError
+from lapse.exceptions import LapseError, LockHeldError
+from lapse.jobs import run_forget
 from lapse.modeling.bundle import ChurnBundle, listing
 from lapse.schema import ROLES
 from lapse.score.run import run_score
@@ -426,7 +429,7 @@ def test_sigkill_mid_run_then_resume_delivers_everything_once(
 
 def test_a_second_run_for_the_same_sink_is_refused(world: World, _isolated_home: Path) -> None:
     cfg = make_config(_isolated_home, world)
-    with sink_lock(_isolated_home / "lapse-runs" / "locks", "file"):
+    with sink_lock(_isolated_home / "lapse-runs" / "locks", "file", "lapse triggers run"):
         res = runner.invoke(
             app,
             [
@@ -441,12 +444,27 @@ def test_a_second_run_for_the_same_sink_is_refused(world: World, _isolated_home:
             ],
         )
     assert res.exit_code == 3
-    assert "another `lapse score` for sink 'file' is running" in res.output
+    assert "sink 'file' is busy: `lapse triggers run` is running, pid" in res.output
     # another sink is not blocked
     other = run_score(
         world.events, config_at(cfg), as_of=world.as_of, model=str(world.bundle), sink="capture"
     )
     assert other.complete
+
+
+def test_forget_waits_for_the_run_holding_a_sink(world: World, _isolated_home: Path) -> None:
+    """An erasure during a run would be undone by the run's own writes (its snapshot, the
+    event store): refused while any sink's lock is held, nothing erased; then it goes ahead."""
+    config = config_at(make_config(_isolated_home, world))
+    run_score(world.events, config, as_of=world.as_of, model=str(world.bundle), sink="capture")
+    trail = AuditTrail(_isolated_home / "lapse-runs")
+    someone = str(trail.snapshots()["user_id"][0])
+    busy = "sink 'capture' is busy: `lapse score` is running"
+    with sink_lock(trail.locks, "capture", "lapse score"), pytest.raises(LockHeldError, match=busy):
+        run_forget(config, [someone])
+    assert someone in trail.snapshots()["user_id"].to_list()
+    assert run_forget(config, [someone]).removed["snapshot_rows"] >= 1
+    assert someone not in trail.snapshots()["user_id"].to_list()
 
 
 def test_dry_run_sends_nothing_and_shows_payloads(world: World, _isolated_home: Path) -> None:
@@ -974,4 +992,43 @@ def test_the_pooled_impact_row_is_stratified_by_segment() -> None:
     assert (pooled["ci_low"], pooled["ci_high"]) == (pytest.approx(-half), pytest.approx(half))
     assert table["high"]["lift"] == pytest.approx(0.0) and table["low"]["lift"] == pytest.approx(
         0.0
+    )
+
+
+# -- shards ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("order", ["by_user", "by_time"])
+def test_compact_events_scored_in_shards_give_the_records_of_all_at_once(
+    world: World, order: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The local run holds its events compact and scores them in shards of whole users: the
+    records, feature rows, fired triggers, drift and counts equal one pass over them all,
+    whether the events come sorted by user (slices) or not (filters)."""
+    from lapse.score import records as rec
+    from lapse.score.records import compact_events, score_users, user_shards
+
+    events = pl.read_parquet(world.events).sort("user_id" if order == "by_user" else "ts")
+    bundle = ChurnBundle.load(world.bundle)
+    config = load_config()
+
+    def scored(ev: pl.DataFrame) -> rec.ScoreResult:
+        return score_users(bundle, ev, world.as_of, config, score_run_id="r", model_version="v")
+
+    whole = scored(events)
+    compact = compact_events(events.lazy())
+    monkeypatch.setattr(rec, "SHARD_EVENTS", -(-events.height // 5))
+    shards = list(user_shards(compact))
+    assert len(shards) == 5
+    users = [set(s.collect()["user_id"]) for s in shards]
+    assert sum(map(len, users)) == len(set().union(*users))  # whole users, each once
+    assert max(users[0]) < min(users[1])  # in user_id order
+    assert shards[0].collect_schema() == events.schema  # canonical strings again
+    parts = scored(compact)
+    for name in ("records", "features", "fired"):
+        assert_frame_equal(getattr(parts, name), getattr(whole, name))
+    assert (parts.drift, parts.population, parts.warnings) == (
+        whole.drift,
+        whole.population,
+        whole.warnings,
     )

@@ -15,7 +15,7 @@ import polars as pl
 from lapse.config import ENGINES, Engine, LapseConfig
 from lapse.datasets import generate, write
 from lapse.delivery.audit import AuditTrail
-from lapse.delivery.ledger import Ledger
+from lapse.delivery.ledger import Ledger, sink_lock
 from lapse.events import ValidationReport, load_attributes, read_links, validate_events
 from lapse.events import store as event_store
 from lapse.exceptions import LapseError
@@ -276,9 +276,14 @@ def run_forget(config: LapseConfig, user_ids: list[str]) -> ForgetResult:
     (:func:`lapse.registry.example_files`)."""
     ids = {str(u) for u in user_ids}
     trail = AuditTrail(config.resolve(config.audit.path))
-    removed = trail.forget(ids)
-    removed["event_store_rows"] = event_store.forget(trail.root, ids)
-    if trail.ledger.exists():
-        with Ledger(trail.ledger) as ledger:
-            removed["ledger_rows"] = ledger.forget(sorted(ids))
+    with contextlib.ExitStack() as locks:
+        # every sink's lock: a run writing snapshots, outboxes or the store meanwhile
+        # would put back what is erased (a sink never run has nothing to erase)
+        for lock in sorted(trail.locks.glob("*.lock")):
+            locks.enter_context(sink_lock(trail.locks, lock.stem, "lapse forget"))
+        removed = trail.forget(ids)
+        removed["event_store_rows"] = event_store.forget(trail.root, ids)
+        if trail.ledger.exists():
+            with Ledger(trail.ledger) as ledger:
+                removed["ledger_rows"] = ledger.forget(sorted(ids))
     return ForgetResult(users=len(ids), removed=removed, kept=example_files(config, ids))

@@ -825,8 +825,9 @@ def _state_row(s: TriggerState) -> tuple[str, list[str], str, str]:
 
 
 def _instant(ts: datetime) -> str:
-    """A UTC instant as fixed-width text, so SQLite compares them in time order."""
-    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f+00:00")
+    """A UTC instant as fixed-width text, so SQLite compares them in time order
+    (``isoformat``: the same text as a ``strftime`` of it, in a third of the time)."""
+    return ts.astimezone(UTC).isoformat(timespec="microseconds")
 
 
 def _parse(text: str) -> datetime:
@@ -839,8 +840,11 @@ def _chunks(items: list[str], n: int) -> Iterator[list[str]]:
 
 
 @contextlib.contextmanager
-def sink_lock(directory: str | Path, sink: str) -> Iterator[Path]:
+def sink_lock(directory: str | Path, sink: str, job: str) -> Iterator[Path]:
     """Hold ``<directory>/<sink>.lock`` for the block, or raise :class:`LockHeldError`.
+
+    ``job`` (``"lapse score"``, ``"lapse forget"``...) is written in the lock, so the
+    job that finds it held can say which one holds it.
 
     An OS file lock (``flock``): the kernel releases it when the process dies,
     so a killed run never leaves a stale lock behind.
@@ -852,13 +856,13 @@ def sink_lock(directory: str | Path, sink: str) -> Iterator[Path]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another job holds it"
             raise LockHeldError(
-                f"another `lapse score` for sink {sink!r} is running ({holder}; lock {path}); "
-                "wait for it to finish, two runs never deliver to the same sink at once"
+                f"sink {sink!r} is busy: {holder} (lock {path}); wait for it to finish "
+                "and start again, one job at a time works on a sink's runs"
             ) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} since {_now()}".encode(), 0)
+        os.pwrite(fd, f"`{job}` is running, pid {os.getpid()} since {_now()}".encode(), 0)
         yield path
     finally:
         os.close(fd)

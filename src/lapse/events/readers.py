@@ -363,11 +363,25 @@ def scan_source(
 
 
 def collect_frame(lf: pl.LazyFrame, source_name: str) -> pl.DataFrame:
-    """Collect ``lf``, turning a Polars read failure into a one-line :class:`ReadError`."""
+    """Collect ``lf`` into one chunk per column, turning a Polars read failure into a
+    one-line :class:`ReadError`."""
     try:
-        return lf.collect()
+        return _one_chunk(lf.collect())
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise ReadError(f"{source_name}: cannot read: {one_line(exc)}") from None
+
+
+def _one_chunk(frame: pl.DataFrame) -> pl.DataFrame:
+    """``frame`` rechunked a column at a time, in place.
+
+    A read's columns come in differently cut chunks (642 and 641 of 41M events), and
+    every filter or select of such a frame copies it whole to align them; rechunking
+    one column at a time holds one column's copy at most.
+    """
+    for i in range(frame.width):
+        if frame.to_series(i).n_chunks() > 1:
+            frame.replace_column(i, frame.to_series(i).rechunk())
+    return frame
 
 
 # -- frames in memory ---------------------------------------------------------------------

@@ -196,17 +196,18 @@ def links_of(frame: pl.DataFrame) -> pl.DataFrame:
     the row has none but the anonymous id); an ``alias`` call links its
     ``previousId``. One row per pair, at its first observation.
     """
-    anonymous = frame.select(
+    # the rows with an id first: a source without anonymous ids copies nothing
+    anonymous = frame.filter(pl.col(ANONYMOUS_ID).is_not_null()).select(
         pl.col(ANONYMOUS_ID).alias("id"),
         pl.when(pl.col("user_id") != pl.col(ANONYMOUS_ID)).then(pl.col("user_id")).alias("user_id"),
         "ts",
     )
-    alias = frame.filter(pl.col(CALL) == "alias").select(
+    alias = frame.filter((pl.col(CALL) == "alias") & pl.col(PREVIOUS_ID).is_not_null()).select(
         pl.col(PREVIOUS_ID).alias("id"), "user_id", "ts"
     )
     return (
         pl.concat([anonymous, alias])
-        .filter(pl.col("id").is_not_null() & pl.col("ts").is_not_null())
+        .filter(pl.col("ts").is_not_null())
         .filter(pl.col("user_id").is_null() | (pl.col("user_id") != pl.col("id")))
         .group_by("id", "user_id")
         .agg(pl.col("ts").min())

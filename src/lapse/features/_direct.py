@@ -53,14 +53,14 @@ from lapse.schema import DAY_US, ROLES, canonical
 FeatureSet = Literal["core", "all"]
 
 _USER = "user_id"
-_CODE = "_user_code"
+#: Bits unpacked at once by :func:`_active_history` (a byte each): 64 MB.
+_CHUNK_BITS = 1 << 26
 _SLOPE_WEEKS = 8
 _WORD = 64
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # roles whose last event (and, for two of them, first event) the full set needs
 _LAST_ALL = ("usage", "purchase", "error", "aha", "setup_started", "setup_completed")
 _HISTORY = {
-    _USER: pl.String(),
     "c_days": pl.UInt32(),
     "c_weeks": pl.UInt32(),
     "k_last": pl.Int64(),
@@ -95,28 +95,34 @@ def _pow2(bit: pl.Expr) -> pl.Expr:
     return pl.lit(2, dtype=pl.UInt64).pow(bit.cast(pl.UInt64))
 
 
-def _active_history(blocks: pl.DataFrame, last_day: int) -> pl.DataFrame:
-    """Per user: active days, weeks, first/last active day offset and streaks.
+def _active_history(words: pl.DataFrame, last_day: int) -> pl.DataFrame:
+    """Per user (``words``' rows, in their order): active days, weeks, first/last active
+    day offset and streaks.
 
-    ``blocks`` holds one row per user and 64-day block ``_blk`` of day offsets
-    ``k`` before the day of ``T - 1us`` (0 = that day), with bit ``k % 64`` of
-    ``_bits`` set for each active day. Sorted by user code and block, the
-    blocks expand to the active days in (user, ``k``) order, and every
-    statistic is a sum, count or maximum over consecutive runs of them.
+    ``words`` holds ``_w0``, ``_w1``, ... per user: the 64-day bitmasks of day offsets
+    ``k`` before the day of ``T - 1us`` (0 = that day; bit ``k % 64`` of word
+    ``k // 64`` set for each active day), every block of the history. Unpacked a
+    chunk of users at a time, they give the active days in (user, ``k``) order, and
+    every statistic is a sum, count or maximum over consecutive runs of them.
     """
-    users = blocks[_USER].unique()
-    codes = pl.int_range(users.len(), dtype=pl.UInt32, eager=True)
-    # (cast: on an empty column replace_strict keeps the input's dtype)
-    code = blocks[_USER].replace_strict(users, codes, return_dtype=pl.UInt32).cast(pl.UInt32)
-    ordered = blocks.select(code.alias(_CODE), "_blk", "_bits").sort(_CODE, "_blk")
-    words = ordered["_bits"].to_numpy().astype("<u8", copy=False)
-    bits = np.unpackbits(words.view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")
-    row, bit = np.nonzero(bits)
-    user = ordered[_CODE].to_numpy()[row]
-    k = ordered["_blk"].to_numpy().astype(np.int64)[row] * _WORD + bit
+    columns = [c for c in words.columns if c.startswith("_w")]
+    rows_per_chunk = max(1, _CHUNK_BITS // (_WORD * len(columns)))
+    parts = [
+        _history_of(words.slice(i, rows_per_chunk).select(columns).to_numpy(), last_day)
+        for i in range(0, words.height, rows_per_chunk)
+    ]
+    return pl.concat(parts) if parts else pl.DataFrame(schema=_HISTORY)
+
+
+def _history_of(words: np.ndarray, last_day: int) -> pl.DataFrame:
+    """:func:`_active_history` of one chunk: ``words`` is users x blocks (uint64)."""
+    packed = np.ascontiguousarray(words, dtype="<u8").view(np.uint8)
+    bits = np.unpackbits(packed.reshape(len(words), -1), axis=1, bitorder="little")
+    user, k = np.nonzero(bits)  # row-major: by user, then k ascending
     n = len(k)
     if n == 0:
         return pl.DataFrame(schema=_HISTORY)
+    k = k.astype(np.int64)
 
     def starts(new: np.ndarray) -> np.ndarray:
         new[0] = True
@@ -136,9 +142,9 @@ def _active_history(blocks: pl.DataFrame, last_day: int) -> pl.DataFrame:
     run_len = np.diff(np.append(runs, n))
     user_runs = np.flatnonzero(new_user[runs])  # each user's first run, among the runs
     k_last = k[first]
+    assert len(first) == len(words), "every user has an active day before the cutoff"
     return pl.DataFrame(
         {
-            _USER: users.gather(pl.Series(user[first], dtype=pl.UInt32)),
             "c_days": last - first + 1,
             "c_weeks": np.add.reduceat(new_week, first),
             "k_last": k_last,
@@ -243,9 +249,10 @@ def _counted_times(first: pl.Expr, last: pl.Expr | None = None) -> list[pl.Expr]
 
 
 def _aggregate(
-    rows: pl.LazyFrame, edges: list[int], config: LapseConfig, spec: _Spec
+    rows: pl.LazyFrame, edges: list[int], config: LapseConfig, spec: _Spec, words: int = 0
 ) -> pl.LazyFrame:
-    """Per-user state from measure rows (events or their roll-up).
+    """Per-user state from measure rows (events or their roll-up); ``_w0``, ``_w1``, ...
+    the 64-day bitmasks of active days: those the windows read, at least ``words``.
 
     Role, window and milestone flags become columns first, so that each is
     computed once per row rather than once per aggregation reading it.
@@ -272,8 +279,8 @@ def _aggregate(
         ]
         if not spec.midnight:  # the day cut by T - W counts when it has an event at or after T - W
             aggs.append((inw[w] & c(f"_kw{w}")).any().alias(f"_part{w}"))
-    # active days in the windows: the 64-day bitmasks of the first blocks
-    for j in range(max(spec.windows) // _WORD + 1):
+    # active days in the windows (and, for the full set, the whole history): 64-day bitmasks
+    for j in range(max(max(spec.windows) // _WORD + 1, words)):
         aggs.append(
             pl.when(c("_blk") == j)
             .then(c("_bits"))
@@ -357,22 +364,23 @@ def build_one(
     if full:
         # the events summed to a few rows per user first: ~80 aggregations then run on those
         rolled = _rollup(rows, spec).collect(engine="streaming")
-        blocks = rolled.group_by(_USER, "_blk").agg(pl.col("_bits").bitwise_or())
+        # every 64-day block of the history as a word per user, for the active-day history
+        blocks = int(rolled.select(pl.col("_blk").max().fill_null(0) + 1).item())
         bought = _flag(config, "purchase")
         purchases = lf.filter(bought & pl.col("_one") if orders else bought)
         main_df, units_df, gaps_df = pl.collect_all(
             [
-                _aggregate(rolled.lazy(), edges, config, spec),
+                _aggregate(rolled.lazy(), edges, config, spec, blocks),
                 _units(lf, t, windows, config),
                 _order_gaps(purchases),
             ],
             engine="streaming",
         )
-        hist = _active_history(blocks, last_day)
+        history = main_df.select(f"_w{j}" for j in range(blocks))
+        main_df = main_df.hstack(_active_history(history, last_day))
         units = [c for c in units_df.columns if c != _USER]
         state = (
-            main_df.join(hist, on=_USER, how="left")
-            .join(units_df, on=_USER, how="left")
+            main_df.join(units_df, on=_USER, how="left")
             .with_columns(pl.col(units).fill_null(0.0))
             .join(gaps_df, on=_USER, how="left")
         )

@@ -14,6 +14,10 @@
 With an ``order_id`` column, counts take one row per order (:func:`first_line`)
 and sums every line.
 
+With ``names`` (a few features of the full set, as the trigger look-ahead asks for)
+each step computes only the state columns those features read
+(:func:`state_columns`): fewer sums in the roll-up, fewer look-ups.
+
 Nothing here sees an event at or after its cutoff: the roll-up stops at the
 last cutoff, and every look-up takes buckets that start strictly before the
 instant asked for, which are whole because bucket edges include every cutoff.
@@ -21,7 +25,7 @@ instant asked for, which are whole because bucket edges include every cutoff.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime, timedelta
 
 import polars as pl
@@ -96,11 +100,16 @@ def _flag(config: LapseConfig, role: str) -> pl.Expr:
 
 
 def rollup(
-    events: pl.LazyFrame, cutoffs: Sequence[datetime], config: LapseConfig, core: bool = False
+    events: pl.LazyFrame,
+    cutoffs: Sequence[datetime],
+    config: LapseConfig,
+    core: bool = False,
+    need: Collection[str] | None = None,
 ) -> pl.DataFrame:
     """One row per user and bucket before the last cutoff, with per-bucket aggregates.
 
-    ``core`` keeps only what the core feature set needs (fewer columns read, fewer sums).
+    ``core`` keeps only what the core feature set needs (fewer columns read, fewer sums);
+    ``need`` (:func:`state_columns`) only the aggregates those state columns come from.
     """
     end = max(cutoffs)
     offsets = sorted(
@@ -157,7 +166,12 @@ def rollup(
         pl.when(p).then(ts).min().alias("first_purchase"),
         pl.when(is_["aha"]).then(ts).min().alias("first_aha"),
     ]
+    if need is not None:
+        keep = _sources(need)
+        aggs = [a for a in aggs if a.meta.output_name() in keep]
     rolled = lf.group_by(_USER, "bucket").agg(aggs)
+    if need is not None and "c_p_sq" not in need:
+        return rolled.collect(engine="in-memory")
     # squared gaps (days) from each purchase to the user's previous one, summed per bucket;
     # purchases are few, so this small second query beats sorting inside every bucket
     gap = (ts.diff().dt.total_microseconds() / DAY_US).over(_USER, order_by="ts")
@@ -173,13 +187,20 @@ def rollup(
     )
 
 
-def cumulate(buckets: pl.DataFrame, config: LapseConfig, core: bool = False) -> pl.DataFrame:
-    """Running state per user after each bucket, sorted by user and bucket."""
+def cumulate(
+    buckets: pl.DataFrame,
+    config: LapseConfig,
+    core: bool = False,
+    need: Collection[str] | None = None,
+) -> pl.DataFrame:
+    """Running state per user after each bucket, sorted by user and bucket (with ``need``,
+    :func:`state_columns`: only those columns besides the keys and ``first_event``)."""
     u = "uid"
     day = pl.col("bucket").dt.truncate("1d")
     week = pl.col("bucket").dt.truncate("1w")
     prev_day = pl.col("day").shift(1).over(u)
-    cum = [pl.col(s).cum_sum().over(u) for s in _sums(core)]
+    have = set(buckets.columns)
+    cum = [pl.col(s).cum_sum().over(u) for s in _sums(core) if s in have]
     user = pl.col(_USER)
     if core:
         return (
@@ -197,8 +218,12 @@ def cumulate(buckets: pl.DataFrame, config: LapseConfig, core: bool = False) -> 
             .drop("_new_day")
             .collect(engine="in-memory")
         )
-    cum += [pl.col(f"ms_{i}").cum_sum().over(u) for i in range(len(config.milestones))]
-    return (
+    milestones = [f"ms_{i}" for i in range(len(config.milestones))]
+    cum += [pl.col(m).cum_sum().over(u) for m in milestones if m in have]
+    if "p_sq" in have:
+        cum.append(pl.col("p_sq").cum_sum().over(u).alias("c_p_sq"))
+    lasts = [pl.col(f"last_{r}") for r in _LAST if f"last_{r}" in have]
+    state = (
         buckets.lazy()
         .sort(_USER, "bucket")
         # a dense integer user key: grouping on it is much cheaper than on strings
@@ -212,10 +237,9 @@ def cumulate(buckets: pl.DataFrame, config: LapseConfig, core: bool = False) -> 
             (pl.col("_week") != pl.col("_week").shift(1).over(u))
             .fill_null(True)
             .alias("_new_week"),
-            pl.col("p_sq").cum_sum().over(u).alias("c_p_sq"),
             pl.col("bucket").max().over(u, "day").alias("day_max_bucket"),
             *cum,
-            *(pl.col(f"last_{r}").cum_max().forward_fill().over(u) for r in _LAST),
+            *(last.cum_max().forward_fill().over(u) for last in lasts),
         )
         .with_columns(
             pl.col("_new_day").cum_sum().cast(pl.Int64).over(u).alias("c_days"),
@@ -226,36 +250,66 @@ def cumulate(buckets: pl.DataFrame, config: LapseConfig, core: bool = False) -> 
             ((pl.col("day") - pl.col("_run_start")).dt.total_days() + 1).alias("streak"),
         )
         .with_columns(pl.col("streak").cum_max().over(u).alias("longest"))
-        .drop("_week", "_new_day", "_new_run", "_new_week", "_run_start", "p_sq")
-        .collect(engine="in-memory")
+        .drop("_week", "_new_day", "_new_run", "_new_week", "_run_start", "p_sq", strict=False)
     )
+    if need is not None:  # the columns not asked for are never computed (projection pushdown)
+        keep = _sources(need) | {_USER, u, "bucket"}
+        state = state.select(c for c in state.collect_schema() if c in keep)
+    return state.collect(engine="in-memory")
+
+
+def state_columns(config: LapseConfig, names: Collection[str]) -> set[str]:
+    """The state columns (of :func:`state_at_cutoffs`, ``name@d`` at ``T - d days``) that
+    the full set's features ``names`` read, besides ``cutoff``."""
+    exprs = _feature_exprs(config, core=False)
+    return {c for n in names for c in exprs[n].meta.root_names()} - {"cutoff"}
+
+
+def _sources(need: Collection[str]) -> set[str]:
+    """The columns of state at ``T`` the state columns ``need`` come from (``first_event``
+    always: it says whether a user has a row at a cutoff)."""
+    return {c.split("@")[0] for c in need} | {"first_event"}
 
 
 def _windows(config: LapseConfig, core: bool) -> list[int]:
     return list(CORE_WINDOWS) if core else windows_of(config)
 
 
-def _offsets(config: LapseConfig, core: bool = False) -> dict[int, list[str]]:
-    """Days before the cutoff at which state is looked up, with the columns needed there."""
+def _offsets(
+    config: LapseConfig, core: bool = False, need: Collection[str] | None = None
+) -> dict[int, list[str]]:
+    """Days before the cutoff at which state is looked up, with the columns needed there
+    (with ``need``: those of its ``name@d`` columns only)."""
+    if need is not None:
+        wanted = {
+            d: [c for c in cols if f"{c}@{d}" in need] for d, cols in _offsets(config).items()
+        }
+        return {d: cols for d, cols in wanted.items() if cols}
     window_cols = [*_sums(core), "c_days", "day", "day_max_bucket"]
-    need: dict[int, list[str]] = {}
+    at: dict[int, list[str]] = {}
     for w in _windows(config, core):
-        need.setdefault(w, []).extend(window_cols)
+        at.setdefault(w, []).extend(window_cols)
     if core:
-        return {d: list(dict.fromkeys(cols)) for d, cols in sorted(need.items())}
+        return {d: list(dict.fromkeys(cols)) for d, cols in sorted(at.items())}
     for k in range(1, _SLOPE_WEEKS + 1):
-        need.setdefault(7 * k, []).append("n_usage")
-    need.setdefault(7, []).extend(f"ms_{i}" for i in range(len(config.milestones)))
-    return {d: list(dict.fromkeys(cols)) for d, cols in sorted(need.items())}
+        at.setdefault(7 * k, []).append("n_usage")
+    at.setdefault(7, []).extend(f"ms_{i}" for i in range(len(config.milestones)))
+    return {d: list(dict.fromkeys(cols)) for d, cols in sorted(at.items())}
 
 
 def state_at_cutoffs(
-    buckets: pl.DataFrame, cutoffs: Sequence[datetime], config: LapseConfig, core: bool = False
+    buckets: pl.DataFrame,
+    cutoffs: Sequence[datetime],
+    config: LapseConfig,
+    core: bool = False,
+    need: Collection[str] | None = None,
 ) -> pl.LazyFrame:
-    """One row per (user, cutoff) with any event before it: state at T and at T - d."""
+    """One row per (user, cutoff) with any event before it: state at T and at T - d
+    (with ``need``, :func:`state_columns`: only the look-ups of those columns)."""
     u = "uid"
-    state = cumulate(buckets, config, core).lazy()
+    state = cumulate(buckets, config, core, need).lazy()
     first_cols = ["first_event"] if core else ["first_event", "first_purchase", "first_aha"]
+    first_cols = [c for c in first_cols if c in state.collect_schema()]
     firsts = state.group_by(u).agg(pl.col(_USER).first(), *(pl.col(f).min() for f in first_cols))
     state = state.drop(_USER, *first_cols[1:])
     cut = pl.LazyFrame({"cutoff": list(cutoffs)}, schema={"cutoff": TS_DTYPE})
@@ -273,7 +327,7 @@ def state_at_cutoffs(
         allow_exact_matches=False,
         check_sortedness=False,
     ).drop("bucket")
-    for d, cols in _offsets(config, core).items():
+    for d, cols in _offsets(config, core, need).items():
         right = state.select(u, "bucket", *(pl.col(c).alias(f"{c}@{d}") for c in cols))
         q = (
             q.with_columns((pl.col("cutoff") - pl.duration(days=d)).alias("_at"))
@@ -290,8 +344,9 @@ def state_at_cutoffs(
                 pl.col(f"{c}@{d}").fill_null(0) for c in cols if c in _SUMS or c.startswith("ms_")
             )
         )
-    return q.with_columns(pl.col(f"c_days@{w}").fill_null(0) for w in _windows(config, core)).drop(
-        "_at"
+    days = [f"c_days@{w}" for w in _windows(config, core)]
+    return q.with_columns(pl.col(c).fill_null(0) for c in days if need is None or c in need).drop(
+        "_at", strict=False
     )
 
 
@@ -308,8 +363,26 @@ def ratio(num: pl.Expr, den: pl.Expr) -> pl.Expr:
     return pl.when(den != 0).then(num.cast(pl.Float64) / den)
 
 
-def features(state: pl.LazyFrame, config: LapseConfig, core: bool = False) -> pl.LazyFrame:
-    """Feature columns from the state rows (``cutoff`` kept; registry order)."""
+def features(
+    state: pl.LazyFrame,
+    config: LapseConfig,
+    core: bool = False,
+    names: Collection[str] | None = None,
+) -> pl.LazyFrame:
+    """Feature columns from the state rows (``cutoff`` kept; registry order; with
+    ``names``, those features of the full set only)."""
+    out = _feature_exprs(config, core)
+    dtypes = expand(config, "core" if core else "all")
+    if names is not None:
+        dtypes = {n: d for n, d in dtypes.items() if n in names}
+    return state.select(
+        _USER, "cutoff", *(out[name].cast(dtype).alias(name) for name, dtype in dtypes.items())
+    )
+
+
+def _feature_exprs(config: LapseConfig, core: bool) -> dict[str, pl.Expr]:
+    """Every feature as an expression over the state rows of :func:`state_at_cutoffs`
+    (with ``core`` the state lacks the other columns: only the core ones may be read)."""
     t = pl.col("cutoff")
     c = pl.col
     windows = _windows(config, core)
@@ -418,12 +491,9 @@ def features(state: pl.LazyFrame, config: LapseConfig, core: bool = False) -> pl
     out["mean_order_gap_days"] = mean_gap
     out["std_order_gap_days"] = pl.when(n_gaps >= 2).then(var.clip(lower_bound=0.0).sqrt())
 
-    # with ``core`` the state lacks the other columns; only the core outputs are selected
-    dtypes = expand(config, "core" if core else "all")
-    assert set(dtypes) <= set(out), set(dtypes) - set(out)
-    return state.select(
-        _USER, "cutoff", *(out[name].cast(dtype).alias(name) for name, dtype in dtypes.items())
-    )
+    wanted = expand(config, "core" if core else "all")
+    assert set(wanted) <= set(out), set(wanted) - set(out)
+    return out
 
 
 def with_attributes(

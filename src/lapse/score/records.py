@@ -18,10 +18,12 @@ exactly for the records whose ``refill_prompt_date`` is the ``as_of`` day.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TypeGuard
 
 import numpy as np
 import numpy.typing as npt
@@ -43,8 +45,11 @@ from lapse.triggers import SCORE_COLUMNS, Trigger, apply_cooldowns, for_run, nam
 
 __all__ = [
     "RECORDS_SCHEMA",
+    "SHARD_EVENTS",
     "ScoreResult",
+    "Shard",
     "check_event_names",
+    "compact_events",
     "control_mask",
     "delta_key",
     "depletion_days",
@@ -60,11 +65,13 @@ __all__ = [
     "population_counts",
     "refills",
     "risk_columns",
+    "score_shard",
     "score_users",
     "trigger_definitions",
     "trigger_features",
     "trigger_rows",
     "user_records",
+    "user_shards",
     "wants_reasons",
     "who_was_scored",
     "with_reasons",
@@ -255,6 +262,10 @@ def score_users(
     ``last_fired`` date: what the ledger delivered before) a trigger still in
     its cooldown for a user is left out of that user's ``triggers``.
 
+    Events of :func:`compact_events` are scored in shards of whole users
+    (:func:`user_shards`, :func:`score_shard`), which bounds the working memory;
+    the records are the same.
+
     ``subset`` says the events hold some users only (an incremental trigger run):
     no eligible user is then no error, and drift, which compares populations,
     is not measured.
@@ -266,24 +277,151 @@ def score_users(
         changed dtype), or no user is eligible at ``as_of`` (the message says
         why, with counts: :func:`nobody_eligible`).
     """
-    events = canonical_events(events, config)
+    events = events if _is_compact(events) else canonical_events(events, config)
     warnings = model_age_warnings(bundle, as_of, config) + model_disagreements(bundle, config)
-    people = population(events, [as_of], bundle.config)
-    counts = population_counts(people)
-    keep = people.filter(pl.col("excluded").is_null()).drop("excluded")
-    frame = bundle.prepare(events, as_of, attributes=attributes, keep=keep)
-    if frame.height == 0 and subset:
+    shards = [
+        score_shard(
+            bundle,
+            shard,
+            as_of,
+            config,
+            score_run_id=score_run_id,
+            model_version=model_version,
+            attributes=attributes,
+            last_fired=last_fired,
+        )
+        for shard in user_shards(events)
+    ]
+    counts = _summed_population([s.population for s in shards])
+    scored = [s for s in shards if s.features.height]
+    if not scored and subset:
         return ScoreResult(
             records=pl.DataFrame(schema=RECORDS_SCHEMA),
-            features=frame,
+            features=shards[0].features,
             warnings=warnings,
             fired=pl.DataFrame(schema={"user_id": pl.String, "triggers": pl.List(pl.String)}),
             population=counts,
         )
-    if frame.height == 0:
-        span = events.select(pl.col("ts").min().alias("a"), pl.col("ts").max().alias("b"))
+    if not scored:
+        span = events.lazy().select(pl.col("ts").min().alias("a"), pl.col("ts").max().alias("b"))
         first, last = span.collect().row(0)
         raise nobody_eligible(counts, bundle.config, as_of, first, last)
+    drift = {} if subset else drift_from_counts(bundle, _summed_bins([s.drift for s in scored]))
+    warnings += drift_warnings(drift, config)
+    return ScoreResult(
+        records=pl.concat([s.records for s in scored]),
+        features=pl.concat([s.features for s in scored]),
+        drift=drift,
+        warnings=warnings,
+        fired=pl.concat([s.fired for s in scored if s.fired is not None]),
+        definitions=scored[0].definitions,
+        population=counts,
+    )
+
+
+#: Events a shard of :func:`user_shards` holds at most (about; whole users): the feature
+#: build's working memory is about that of the shard's events.
+SHARD_EVENTS = 5_000_000
+
+#: The columns :func:`compact_events` holds as codes: ``user_id`` as an Enum of the
+#: sorted ids, ``event`` and ``sku`` as Categorical (4 bytes a row instead of 16).
+_COMPACT = ("user_id", "event", "sku")
+
+
+def compact_events(events: pl.LazyFrame) -> pl.DataFrame:
+    """Canonical ``events`` collected with ``user_id``, ``event`` and ``sku`` as codes
+    (41M events: 1.5 GB instead of 3 GB); :func:`score_users` scores such a frame
+    shard by shard (:func:`user_shards`), each shard's events as canonical strings again.
+
+    The caller drops its own reference to the events, so only this copy is held.
+    """
+    users = events.select(pl.col("user_id").unique().drop_nulls().sort()).collect()
+    codes = pl.Enum(users.to_series())
+    return events.with_columns(
+        pl.col("user_id").cast(codes),
+        *(pl.col(c).cast(pl.Categorical) for c in _COMPACT[1:]),
+    ).collect()
+
+
+def _is_compact(events: EventSource) -> TypeGuard[pl.DataFrame]:
+    return isinstance(events, pl.DataFrame) and isinstance(events.schema.get("user_id"), pl.Enum)
+
+
+def user_shards(
+    events: pl.DataFrame | pl.LazyFrame, *, rows: int | None = None
+) -> Iterator[pl.LazyFrame]:
+    """Canonical events in shards of whole users, in ``user_id`` order.
+
+    Events of :func:`compact_events` come in shards of consecutive user ids of about
+    ``rows`` (default :data:`SHARD_EVENTS`) events each (a slice when the events are
+    sorted by user, else a filter);
+    canonical events are one shard.
+    Every record depends on its user's events only, so the shards' records are the
+    records of all (the Spark engine scores its partitions the same way).
+    """
+    if not _is_compact(events):
+        yield events.lazy()
+        return
+    code = events["user_id"].to_physical()
+    top = code.max()
+    users = int(top) + 1 if isinstance(top, int) else 0
+    count = max(1, -(-events.height // (rows or SHARD_EVENTS)))
+    edges = [users * i // count for i in range(count + 1)]
+    ordered = code.is_sorted()
+    at = (
+        code.search_sorted(pl.Series(edges, dtype=code.dtype), side="left").to_list()
+        if ordered
+        else []
+    )
+    strings = [pl.col(c).cast(pl.String) for c in _COMPACT if c in events.columns]
+    for i in range(count):
+        if ordered:
+            shard = events.slice(at[i], at[i + 1] - at[i])
+        else:
+            shard = events.filter(code.is_between(edges[i], edges[i + 1], closed="left"))
+        yield shard.with_columns(strings).lazy()
+
+
+@dataclass
+class Shard:
+    """:func:`score_shard` of one shard of users: :class:`ScoreResult`'s parts, with the
+    population and drift bin counts, which add up across shards."""
+
+    records: pl.DataFrame
+    features: pl.DataFrame
+    fired: pl.DataFrame | None
+    definitions: list[Trigger]
+    population: dict[str, int]
+    drift: dict[str, list[int]]
+
+
+def score_shard(
+    bundle: ChurnBundle,
+    events: pl.LazyFrame,
+    as_of: datetime,
+    config: LapseConfig,
+    *,
+    score_run_id: str,
+    model_version: str,
+    attributes: pl.DataFrame | None = None,
+    last_fired: pl.DataFrame | None = None,
+) -> Shard:
+    """The records of the eligible users of canonical ``events`` holding whole users (a
+    shard of :func:`user_shards`, or a Spark partition), before reasons.
+
+    An empty ``features`` frame says nobody here is eligible (``population`` says why).
+
+    Raises
+    ------
+    LapseError
+        The feature rows do not match the bundle's schema.
+    """
+    people = population(events, [as_of], bundle.config)
+    counts = population_counts(people)
+    keep = people.filter(pl.col("excluded").is_null()).drop("excluded")
+    frame = bundle.prepare(events, as_of, attributes=attributes, keep=keep)
+    if frame.height == 0:
+        return Shard(pl.DataFrame(schema=RECORDS_SCHEMA), frame, None, [], counts, {})
     bundle.check_schema(frame)
     frame = frame.with_columns(pl.col("user_id").cast(pl.String)).sort("user_id")
     records, fired, definitions = user_records(
@@ -297,17 +435,27 @@ def score_users(
         attributes=attributes,
         last_fired=last_fired,
     )
-    drift = {} if subset else _drift(bundle, frame, records["churn_risk"].to_numpy())
-    warnings += drift_warnings(drift, config)
-    return ScoreResult(
-        records=records,
-        features=frame,
-        drift=drift,
-        warnings=warnings,
-        fired=fired,
-        definitions=definitions,
-        population=counts,
-    )
+    drift = drift_counts(bundle, frame, records["churn_risk"].to_numpy())
+    return Shard(records, frame, fired, definitions, counts, drift)
+
+
+def _summed_population(parts: Sequence[Mapping[str, int]]) -> dict[str, int]:
+    """:func:`population_counts` of all shards from each shard's."""
+    total: Counter[str] = Counter()
+    for part in parts:
+        total.update(part)
+    out = {"customers": total["customers"], "eligible": total["eligible"]}
+    return out | {r: total[r] for r in EXCLUSIONS if total[r]}
+
+
+def _summed_bins(parts: Sequence[Mapping[str, list[int]]]) -> dict[str, list[int]]:
+    """:func:`drift_counts` of all shards from each shard's."""
+    out: dict[str, list[int]] = {}
+    for part in parts:
+        for name, bins in part.items():
+            have = out.setdefault(name, [0] * len(bins))
+            out[name] = [a + b for a, b in zip(have, bins, strict=True)]
+    return out
 
 
 def population_counts(people: pl.DataFrame) -> dict[str, int]:
@@ -495,7 +643,7 @@ def trigger_features(
     if len(cutoffs) == 1:
         rows = build(events, cutoffs[0], run).with_columns(pl.lit(cutoffs[0]).alias("cutoff"))
     else:
-        rows = build_many(events, cutoffs, run)
+        rows = build_many(events, cutoffs, run, names=want)
     return rows.select(pl.col("user_id").cast(pl.String), pl.col("cutoff").cast(utc), *want)
 
 
@@ -565,12 +713,6 @@ def trigger_rows(
             attrs = attributes.select(pl.col("user_id").cast(pl.String), *more)
             rows = rows.join(attrs, on="user_id", how="left", maintain_order="left")
     return rows
-
-
-def _drift(
-    bundle: ChurnBundle, frame: pl.DataFrame, risk: npt.NDArray[np.float64]
-) -> dict[str, float]:
-    return drift_from_counts(bundle, drift_counts(bundle, frame, risk))
 
 
 def drift_counts(

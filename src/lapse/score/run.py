@@ -32,6 +32,7 @@ from lapse.schema import run_day, utc_cutoff
 from lapse.score.records import (
     ScoreResult,
     check_event_names,
+    compact_events,
     score_users,
     with_reasons,
 )
@@ -141,6 +142,7 @@ def run_score(
         dry_run=dry_run,
         progress=report,
         started=started,
+        job="lapse score",
     ) as ctx:
         if engine == "spark":
             if not isinstance(events, str | Path):
@@ -167,9 +169,11 @@ def _score_local(
     attributes = load_attributes(config)
     report.stage("scoring users")
     links = read_links(events, config)
+    compact = compact_events(resolve(kept.lazy(), links, as_of))
+    del kept  # only the compact events are held while scoring, then none
     scored = score_users(
         loaded.bundle,
-        resolve(kept.lazy(), links, as_of),
+        compact,
         as_of,
         config,
         score_run_id=ctx.run_id,
@@ -177,7 +181,7 @@ def _score_local(
         attributes=attributes,
         last_fired=last_fired(ctx, links=links),
     )
-    del kept  # the events are done with: reasons and delivery run without them
+    del compact  # the events are done with: reasons and delivery run without them
     return send_scored(
         ctx,
         loaded,
@@ -206,7 +210,10 @@ def _resume(
     with Ledger(trail.ledger) as ledger:
         info = ledger.run(score_run_id, sink)
     target = make_sink(info.sink, config, out=out or (Path(info.target) if info.target else None))
-    with sink_lock(trail.locks, target.name), Ledger(trail.ledger) as ledger:
+    with (
+        sink_lock(trail.locks, target.name, "lapse score --resume"),
+        Ledger(trail.ledger) as ledger,
+    ):
         info = ledger.run(score_run_id, info.sink)  # as of now, with the lock held
         if info.status in ("preparing", "abandoned"):
             cleaned = info.status == "preparing"

@@ -310,6 +310,7 @@ def open_run(
     dry_run: bool,
     progress: ScoreProgress,
     started: float,
+    job: str,
 ) -> Iterator[RunContext]:
     """A new run's context, holding the sink's lock (none for a dry run) and its ledger.
 
@@ -317,7 +318,7 @@ def open_run(
     ``as_of`` is already a UTC instant (:func:`lapse.schema.utc_cutoff`).
     """
     target = make_sink(sink or config.sinks.default, config, out=out)
-    lock = contextlib.nullcontext() if dry_run else sink_lock(trail.locks, target.name)
+    lock = contextlib.nullcontext() if dry_run else sink_lock(trail.locks, target.name, job)
     run_id = new_run_id(as_of)
     with lock, Ledger(trail.ledger) as ledger:
         yield RunContext(

@@ -134,6 +134,7 @@ def run_triggers(
         dry_run=dry_run,
         progress=report,
         started=started,
+        job="lapse triggers run",
     ) as ctx:
         loaded = load_model(model, config, report)
         with recorded(ctx, loaded):

@@ -64,7 +64,6 @@ from lapse.events.validate import (
 )
 from lapse.exceptions import LapseError, MissingColumnsError
 from lapse.features import FeatureSet, build
-from lapse.labels import population
 from lapse.modeling.bundle import ChurnBundle
 from lapse.schema import (
     EVENT_COLUMNS,
@@ -77,10 +76,8 @@ from lapse.schema import (
 from lapse.score.records import (
     RECORDS_SCHEMA,
     ScoreResult,
-    drift_counts,
-    population_counts,
     risk_columns,
-    user_records,
+    score_shard,
     with_reasons,
 )
 
@@ -683,7 +680,7 @@ def score_records_spark(
     model_version: str,
     attributes: pl.DataFrame | None = None,
 ) -> DataFrame:
-    """Every eligible user's record on Spark, by :func:`lapse.score.records.user_records` per shard.
+    """Every eligible user's record on Spark, by :func:`lapse.score.records.score_shard` per shard.
 
     ``events`` are canonical events already hash-partitioned by ``user_id``
     (:attr:`SparkValidation.kept`). Each partition unpickles the bundle once and
@@ -719,34 +716,28 @@ def score_records_spark(
         if part is None:
             return
         loaded: ChurnBundle = pickle.loads(payload)  # once per partition
-        events_lf = part.lazy()
-        people = population(events_lf, [t], loaded.config)
-        who = json.dumps(population_counts(people))
-        keep = people.filter(pl.col("excluded").is_null()).drop("excluded")
-        rows = loaded.prepare(events_lf, t, attributes=attributes, keep=keep)
-        if rows.height == 0:  # nobody to score here: still say who was not
-            marker = pl.DataFrame({USER_ID: [None], _POPULATION: [who]})
-            empty = pl.DataFrame(schema=schema)
-            out = pl.concat([empty, marker], how="diagonal_relaxed").select(schema.names())
-            yield from _to_arrow(out, target)
-            return
-        loaded.check_schema(rows)
-        rows = rows.with_columns(pl.col(USER_ID).cast(pl.String)).sort(USER_ID)
-        records, _, _ = user_records(
+        shard = score_shard(
             loaded,
-            rows,
-            events_lf,
+            part.lazy(),
             t,
             config,
             score_run_id=score_run_id,
             model_version=model_version,
             attributes=attributes,
         )
+        who = json.dumps(shard.population)
+        if shard.features.height == 0:  # nobody to score here: still say who was not
+            marker = pl.DataFrame({USER_ID: [None], _POPULATION: [who]})
+            empty = pl.DataFrame(schema=schema)
+            out = pl.concat([empty, marker], how="diagonal_relaxed").select(schema.names())
+            yield from _to_arrow(out, target)
+            return
+        records = shard.records
         # the local with_reasons, for every user not low or fired (a superset of those sent)
         everyone = pl.Series([True] * records.height)
-        records = with_reasons(loaded, ScoreResult(records, rows), everyone, top=top)
-        counts = drift_counts(loaded, rows, records["churn_risk"].to_numpy())
-        marker = pl.DataFrame({USER_ID: [None], _DRIFT: [json.dumps(counts)], _POPULATION: [who]})
+        records = with_reasons(loaded, ScoreResult(records, shard.features), everyone, top=top)
+        drift = json.dumps(shard.drift)
+        marker = pl.DataFrame({USER_ID: [None], _DRIFT: [drift], _POPULATION: [who]})
         unmarked = records.with_columns(
             pl.lit(None, pl.String).alias(c) for c in (_DRIFT, _POPULATION)
         )
