@@ -43,6 +43,7 @@ import polars as pl
 
 from lapse.config import LapseConfig
 from lapse.exceptions import LapseError
+from lapse.files import write_failure
 from lapse.train.replenishment import ReplenishmentResult, run_replenishment
 
 __all__ = ["ReplenishmentWorker", "start"]
@@ -82,10 +83,16 @@ class ReplenishmentWorker:
     ) -> None:
         """Start the race on these arguments of :func:`run_replenishment`."""
         out_dir.mkdir(parents=True, exist_ok=True)  # the child writes its PNGs there
-        events.collect().write_ipc(self.folder / _EVENTS, compression="uncompressed")
-        links.write_ipc(self.folder / _LINKS, compression="uncompressed")
         args = {"config": config, "data_end": data_end, "out_dir": out_dir, "truth_dir": truth_dir}
-        (self.folder / _INPUT).write_bytes(pickle.dumps(args))
+        try:
+            events.collect().write_ipc(self.folder / _EVENTS, compression="uncompressed")
+            links.write_ipc(self.folder / _LINKS, compression="uncompressed")
+            (self.folder / _INPUT).write_bytes(pickle.dumps(args))
+        except Exception as exc:  # a full or read-only temporary folder: one line naming it
+            failure = write_failure(self.folder, exc)
+            if failure is None:
+                raise
+            raise failure from exc
         assert self.proc.stdin is not None
         try:
             self.proc.stdin.write(b"go\n")
