@@ -105,7 +105,9 @@ def main() -> None:
     work = args.out or Path(tempfile.mkdtemp(prefix="lapse-real-"))
 
     started = time.perf_counter()
-    result = train(args.events, config, out_dir=work / "report", models_dir=work, until=cut)
+    result = train(
+        args.events, config, out_dir=work / "report", models_dir=work, until=cut, parallel=True
+    )
     train_s = time.perf_counter() - started
     bundle = ChurnBundle.load(result.bundle_path)
     events, _ = validate_events(args.events, config, rejects_path=work / "rejects.parquet")

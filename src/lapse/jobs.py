@@ -4,6 +4,7 @@ no parsing, no printing. The score run lives in :mod:`lapse.score.run`."""
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -27,7 +28,7 @@ from lapse.insights.drivers import (
     stickiness_drivers,
 )
 from lapse.modeling.plots import save_figures
-from lapse.registry import RegisteredVersion, example_files, log_training
+from lapse.registry import RegisteredVersion, example_files, log_training, open_store
 from lapse.schema import utc_cutoff
 from lapse.score.run import run_score
 from lapse.score.steps import ScoreRunResult
@@ -176,13 +177,28 @@ def run_train(
     register: bool = True,
     until: datetime | None = None,
 ) -> tuple[TrainResult, RegisteredVersion | None]:
-    """Train (churn race + replenishment), then log the run and register the bundle in MLflow."""
+    """Train (churn race + replenishment, the latter in a child process on 2+ cores), then
+    log the run and register the bundle in MLflow."""
     result = train(
-        events, config, out_dir=out_dir, truth_dir=truth_dir, models_dir=models_dir, until=until
+        events,
+        config,
+        out_dir=out_dir,
+        truth_dir=truth_dir,
+        models_dir=models_dir,
+        until=until,
+        parallel=True,
+        meanwhile=functools.partial(_open_store, config) if register else None,
     )
     if not register:
         return result, None
     return result, log_training(result, config, events_path=events)
+
+
+def _open_store(config: LapseConfig) -> None:
+    """MLflow imported and its store opened while the replenishment race finishes; a store
+    that fails says so from :func:`log_training`, once the bundle is saved, as before."""
+    with contextlib.suppress(LapseError):
+        open_store(config)
 
 
 @dataclass(frozen=True)

@@ -107,6 +107,7 @@ __all__ = [
     "load_bundle",
     "log_review",
     "log_training",
+    "open_store",
     "promote",
     "review_pair",
     "score_rows",
@@ -266,6 +267,19 @@ def _connect(config: LapseConfig) -> tuple[MlflowClient, str]:
         os.environ["MLFLOW_TRACKING_URI"] = before
     with _mlflow_errors(uri):  # a new SQLite store is created and migrated here
         return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri), uri
+
+
+def open_store(config: LapseConfig) -> None:
+    """Import MLflow and open the config's tracking store (a new SQLite store is created
+    and migrated), as :func:`log_training` does first; a later call finds both done.
+    ``lapse train`` calls it while the replenishment race finishes in its child process.
+
+    Raises
+    ------
+    LapseError
+        The tracking store cannot be reached or written.
+    """
+    _connect(config)
 
 
 def _experiment_id(client: MlflowClient, config: LapseConfig, uri: str) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -45,6 +46,8 @@ from lapse.train.replenishment import (
     run_replenishment,
 )
 from lapse.train.report import report_html
+from lapse.train.worker import ReplenishmentWorker
+from lapse.train.worker import start as start_worker
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -138,6 +141,15 @@ def build_frame(
         .sort("cutoff", "user_id")
     )
     return with_derived(frame), rfm
+
+
+def _cutoffs(frame: pl.DataFrame, first: datetime, last: datetime | None = None) -> pl.DataFrame:
+    """The rows of the cutoffs from ``first`` to ``last`` (both in; ``first`` alone without
+    ``last``) of a frame sorted by cutoff (:func:`build_frame`'s): a slice, no copy."""
+    cutoff = frame["cutoff"]
+    start = cutoff.search_sorted(first, side="left")
+    end = cutoff.search_sorted(first if last is None else last, side="right")
+    return frame.slice(start, end - start)
 
 
 def _oracle(truth_dir: Path | None, test: datetime) -> pl.DataFrame | None:
@@ -397,6 +409,8 @@ def train(
     truth_dir: str | Path | None = None,
     models_dir: str | Path | None = None,
     until: datetime | None = None,
+    parallel: bool = False,
+    meanwhile: Callable[[], object] | None = None,
 ) -> TrainResult:
     """Run the churn race, write the report folder, refit and save the bundle.
 
@@ -417,18 +431,53 @@ def train(
     until
         Train as of this instant: events at or after it are left out, as if
         the data ended there (an out-of-time evaluation holds them back).
+    parallel
+        Run the replenishment race in a child process beside the churn race
+        (:mod:`lapse.train.worker`; on a machine with two or more cores), as
+        ``lapse train`` does: the same results, less wall time, more memory
+        in all (two processes).
+    meanwhile
+        Called once while the churn side waits for that child (``lapse train
+        --register`` opens the MLflow store there); not called without one.
 
     Raises
     ------
     LapseError
         Unreadable events, too little history, or a cutoff without both classes.
     """
+    worker = start_worker() if parallel and config.replenishment.enabled else None
+    try:
+        return _train(events_path, config, out_dir, truth_dir, models_dir, until, worker, meanwhile)
+    finally:
+        if worker is not None:
+            worker.close()
+
+
+def _train(
+    events_path: EventSource,
+    config: LapseConfig,
+    out_dir: str | Path,
+    truth_dir: str | Path | None,
+    models_dir: str | Path | None,
+    until: datetime | None,
+    worker: ReplenishmentWorker | None,
+    meanwhile: Callable[[], object] | None,
+) -> TrainResult:
     out = Path(out_dir)
     events, validation, read_notes, links = _load(events_path, config, until)
     config, grid_notes = _fit_grid(events, config)
     read_notes += grid_notes
     grid = cutoff_grid(events, config)
     horizon = grid.horizon
+    if worker is not None:
+        worker.send(
+            events,
+            config,
+            data_end=grid.data_end,
+            out_dir=out,
+            truth_dir=Path(truth_dir) if truth_dir is not None else None,
+            links=links,
+        )
     used = [c for c in grid.complete if c >= grid.training[0]]
     frame, rfm = build_frame(
         events,
@@ -461,10 +510,15 @@ def train(
     # report
     out.mkdir(parents=True, exist_ok=True)
     metrics = race.metrics_json()
-    replenishment = _replenishment(events, config, grid.data_end, out, truth_dir, notes, links)
-    if replenishment is not None:
-        metrics["replenishment"] = replenishment.metrics
-    tst = frame.filter(pl.col("cutoff") == grid.test)
+    if config.replenishment.enabled:
+        metrics["replenishment"] = None  # its place in metrics.json, filled below
+    at = len(notes)  # and the place of a "replenishment skipped" note
+    replenishment = (
+        _replenishment(events, config, grid.data_end, out, truth_dir, notes, links)
+        if worker is None
+        else None  # the worker's, joined once the churn side is done
+    )
+    tst = _cutoffs(frame, grid.test)
     sample = tst.sample(n=min(5000, tst.height), seed=config.models.random_state)
     importance = race.scorer.lightgbm.importance(sample)
     figures = churn_figures(
@@ -481,10 +535,10 @@ def train(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         scorer = fit_scorer(
-            frame.filter(pl.col("cutoff").is_in(pl.lit(pl.Series(refit)).implode())),
+            _cutoffs(frame, refit[0], refit[-1]),  # refit: the first cutoffs of used
             rfm.filter(pl.col("cutoff") == grid.test),
             config,
-            recent=frame.filter(pl.col("cutoff").is_between(refit[0], grid.test, closed="left")),
+            recent=_cutoffs(frame, refit[0], max(c for c in used if c < grid.test)),
             label_end=grid.test,
             like=race.scorer,
             selected=race.selected,
@@ -501,7 +555,14 @@ def train(
         segment_table, title=f"calibration cutoff {grid.test:%Y-%m-%d}"
     )
     plots = save_figures(figures, out)
-    if replenishment is not None:
+    if worker is not None:
+        if meanwhile is not None:
+            meanwhile()
+        replenishment = _skipped(worker.result, notes, at)
+    if replenishment is None:
+        metrics.pop("replenishment", None)
+    else:
+        metrics["replenishment"] = replenishment.metrics
         figures.update(replenishment.figures)
         plots.update(replenishment.plots)
     metrics_path = out / "metrics.json"
@@ -616,7 +677,7 @@ def _replenishment(
     if not config.replenishment.enabled:
         return None
 
-    try:
+    def race() -> ReplenishmentResult:
         return run_replenishment(
             events,
             config,
@@ -625,8 +686,19 @@ def _replenishment(
             truth_dir=Path(truth_dir) if truth_dir is not None else None,
             links=links,
         )
+
+    return _skipped(race, notes, len(notes))
+
+
+def _skipped(
+    race: Callable[[], ReplenishmentResult], notes: list[str], at: int
+) -> ReplenishmentResult | None:
+    """``race()``, or ``None`` with a note (inserted at ``at``) when there are too few
+    episodes."""
+    try:
+        return race()
     except NotEnoughEpisodes as exc:
-        notes.append(f"replenishment skipped: {exc}")
+        notes.insert(at, f"replenishment skipped: {exc}")
         return None
 
 

@@ -1,0 +1,245 @@
+"""The replenishment race in a child process, beside the churn race (``lapse train``).
+
+The two races share nothing but the events, and almost all of both is
+single-threaded Python (lifelines' fits) or short native calls, so on two
+cores they overlap best as two processes. :func:`start` launches a fresh
+interpreter (``python -m lapse.train.worker``: no fork of a process holding
+Polars' threads, no ``if __name__ == "__main__"`` guard needed in a script or
+notebook) which imports lifelines, SciPy and matplotlib while the parent reads
+the events; :meth:`ReplenishmentWorker.send` hands it the validated events
+(an Arrow IPC file), the identity links and the arguments of
+:func:`~lapse.train.replenishment.run_replenishment`, and
+:meth:`ReplenishmentWorker.result` returns what that call returned, or raises
+what it raised (a :class:`~lapse.exceptions.LapseError` as it was, its message
+unchanged). Warnings the stage raised are raised again in the parent, where
+its own filters apply. The child writes its PNGs into the report folder itself.
+
+The child exits when the parent closes its stdin (:meth:`ReplenishmentWorker.close`,
+or the parent dying), so it never outlives the training run.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import gc
+import importlib
+import os
+import pickle
+import shutil
+import site
+import subprocess
+import sys
+import tempfile
+import threading
+import traceback
+import warnings
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any
+
+import polars as pl
+
+from lapse.config import LapseConfig
+from lapse.exceptions import LapseError
+from lapse.files import write_failure
+from lapse.train.replenishment import ReplenishmentResult, run_replenishment
+
+__all__ = ["ReplenishmentWorker", "start"]
+
+_INPUT = "input.pkl"
+_OUTPUT = "output.pkl"
+_EVENTS = "events.arrow"
+_LINKS = "links.arrow"
+# what run_replenishment imports on first use: loaded while the parent reads the events
+_PRELOAD = ("lifelines", "scipy.special", "matplotlib.figure", "matplotlib.backends.backend_agg")
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass
+class ReplenishmentWorker:
+    """A running child process for one replenishment race (see the module docstring)."""
+
+    proc: subprocess.Popen[bytes]
+    folder: Path
+    stderr: IO[bytes]
+
+    def send(
+        self,
+        events: pl.LazyFrame,
+        config: LapseConfig,
+        *,
+        data_end: datetime,
+        out_dir: Path,
+        truth_dir: Path | None,
+        links: pl.DataFrame,
+    ) -> None:
+        """Start the race on these arguments of :func:`run_replenishment`."""
+        out_dir.mkdir(parents=True, exist_ok=True)  # the child writes its PNGs there
+        args = {"config": config, "data_end": data_end, "out_dir": out_dir, "truth_dir": truth_dir}
+        try:
+            events.collect().write_ipc(self.folder / _EVENTS, compression="uncompressed")
+            links.write_ipc(self.folder / _LINKS, compression="uncompressed")
+            (self.folder / _INPUT).write_bytes(pickle.dumps(args))
+        except Exception as exc:  # a full or read-only temporary folder: one line naming it
+            failure = write_failure(self.folder, exc)
+            if failure is None:
+                raise
+            raise failure from exc
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(b"go\n")
+            self.proc.stdin.flush()
+        except OSError:  # the child is gone: result() says how it ended
+            pass
+
+    def result(self) -> ReplenishmentResult:
+        """What :func:`run_replenishment` returned in the child; raises what it raised."""
+        code = self.proc.wait()
+        out = self.folder / _OUTPUT
+        if not out.exists():
+            self.stderr.seek(0)
+            lines = self.stderr.read().decode(errors="replace").strip().splitlines()
+            raise LapseError(
+                f"the replenishment race's process (pid {self.proc.pid}) exited with code {code} "
+                f"before finishing{': ' + lines[-1] if lines else ''}; run the training again"
+            )
+        status, value, caught = pickle.loads(out.read_bytes())
+        for message, category, filename, lineno, module in caught:
+            owner = sys.modules.get(module or "")
+            registry = None if owner is None else vars(owner).setdefault("__warningregistry__", {})
+            warnings.warn_explicit(message, category, filename, lineno, module, registry)
+        if status == "error":
+            raise value
+        assert isinstance(value, ReplenishmentResult)
+        return value
+
+    def close(self) -> None:
+        """Stop the child if it still runs; remove its folder."""
+        if self.proc.stdin is not None:
+            with contextlib.suppress(OSError):  # the child already gone
+                self.proc.stdin.close()
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.stderr.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _site_dirs() -> set[Path]:
+    """This interpreter's site-packages folders (an installed lapse is found there anyway;
+    put first on the path, one could shadow the standard library)."""
+    found = [*site.getsitepackages(), site.getusersitepackages()]
+    return {Path(p).resolve() for p in found}
+
+
+def start() -> ReplenishmentWorker | None:
+    """A child process ready for one race; ``None`` on a single core (it would only take
+    turns with the parent) or when this interpreter cannot start another (then the race
+    runs in this process)."""
+    if _cores() < 2 or not sys.executable:
+        return None
+    folder = Path(tempfile.mkdtemp(prefix="lapse-replenishment-"))
+    env = dict(os.environ)
+    here = Path(__file__).resolve().parents[2]  # the lapse this process runs
+    if here not in _site_dirs():  # a source tree (PYTHONPATH, sys.path): first for the child
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(here), env.get("PYTHONPATH")) if p)
+    # the CLI's default: lifelines' small linear algebra only spins a second BLAS thread
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
+    stderr = tempfile.TemporaryFile()  # noqa: SIM115 - the worker's, closed by close()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lapse.train.worker", str(folder)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env=env,
+        )
+    except OSError:
+        stderr.close()
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+    return ReplenishmentWorker(proc, folder, stderr)
+
+
+# -- the child ----------------------------------------------------------------------------
+
+
+def _module_of(filename: str) -> str | None:
+    """The name of the loaded module whose file is ``filename`` (a filter's ``module``)."""
+    for name, mod in list(sys.modules.items()):
+        if getattr(mod, "__file__", None) == filename:
+            return name
+    return None
+
+
+def _run(folder: Path) -> tuple[str, Any, list[tuple[Any, ...]]]:
+    args = pickle.loads((folder / _INPUT).read_bytes())
+    events = pl.read_ipc(folder / _EVENTS).lazy()
+    links = pl.read_ipc(folder / _LINKS)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # the parent's filters decide
+        try:
+            outcome: tuple[str, Any] = ("ok", run_replenishment(events, links=links, **args))
+        except Exception as exc:  # handed to the parent as it was
+            if not isinstance(exc, LapseError):  # a bug: keep where it happened
+                exc.add_note(f"in the replenishment race's process:\n{traceback.format_exc()}")
+            outcome = ("error", exc)
+    seen: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+    for w in caught:
+        key = (str(w.message), w.category, w.filename, w.lineno)
+        seen.setdefault(key, (w.message, w.category, w.filename, w.lineno, _module_of(w.filename)))
+    return outcome[0], outcome[1], list(seen.values())
+
+
+def _output(outcome: tuple[str, Any, list[tuple[Any, ...]]]) -> bytes:
+    """The pickled outcome; an exception that does not pickle becomes a LapseError saying it."""
+    try:
+        data = pickle.dumps(outcome)
+        pickle.loads(data)
+        return data
+    except Exception:  # a class pickle cannot rebuild
+        status, value, caught = outcome
+        return pickle.dumps((status, LapseError(f"{type(value).__name__}: {value}"), caught))
+
+
+def _line() -> bytes:
+    """One line from stdin, read unbuffered (no lock for a daemon thread to hold at exit)."""
+    data = b""
+    while not data.endswith(b"\n") and (chunk := os.read(0, 1)):
+        data += chunk
+    return data
+
+
+def _watch_parent() -> None:
+    """Exit as soon as the parent closes our stdin (it finished, failed or died)."""
+    while os.read(0, 4096):
+        pass
+    os._exit(1)
+
+
+def main(argv: list[str]) -> None:
+    folder = Path(argv[0])
+    # as in the CLI (lapse.cli): few collections over the imported modules, none at exit
+    gc.set_threshold(20_000, 50, 50)
+    atexit.register(gc.freeze)
+    for name in _PRELOAD:
+        importlib.import_module(name)
+    if _line() != b"go\n":
+        return  # the parent gave up before sending anything
+    threading.Thread(target=_watch_parent, daemon=True).start()
+    data = _output(_run(folder))
+    tmp = folder / f".{_OUTPUT}.tmp"
+    tmp.write_bytes(data)
+    tmp.replace(folder / _OUTPUT)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
