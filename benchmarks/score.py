@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import threading
@@ -102,6 +103,8 @@ class RssSampler:
 
 def child(events: str, bundle: str, as_of: str, out: str) -> None:
     """The timed side: one `run_score` with the file sink, step times on stdout as JSON."""
+    # the run's audit trail and ledger in the benchmark's own folder (load_config reads it)
+    os.environ["LAPSE_HOME"] = str(Path(out).parent)
     from lapse.config import TriggerSpec, load_config
     from lapse.score.run import run_score
     from lapse.triggers import BUILTIN
@@ -129,7 +132,6 @@ def child(events: str, bundle: str, as_of: str, out: str) -> None:
         def advance(self, n: int) -> None:
             pass
 
-    os.environ["LAPSE_HOME"] = str(Path(out).parent)
     t0 = time.perf_counter()
     result = run_score(
         Path(events),
@@ -168,7 +170,9 @@ def main() -> None:
         return
     events, bundle, as_of = prepare(args.users, args.days, args.train_users)
     out = DATA / "score_run" / "scores.parquet"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    # a fresh trail each run: an earlier run's cooldowns would change who is sent what
+    shutil.rmtree(out.parent, ignore_errors=True)
+    out.parent.mkdir(parents=True)
     t = time.perf_counter()
     proc = subprocess.run(
         [
