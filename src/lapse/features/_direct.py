@@ -39,16 +39,9 @@ import numpy as np
 import polars as pl
 
 from lapse.config import LapseConfig
-from lapse.features._engine import (
-    days_between,
-    first_line,
-    frac_days,
-    has_orders,
-    ratio,
-    units_expr,
-)
+from lapse.features._engine import first_line, has_orders, ratio, units_expr
 from lapse.features.registry import CORE_WINDOWS, expand, windows_of
-from lapse.schema import DAY_US, ROLES, canonical
+from lapse.schema import DAY_US, ROLES, canonical, days_between, frac_days
 
 FeatureSet = Literal["core", "all"]
 
