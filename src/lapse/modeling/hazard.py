@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -79,8 +79,13 @@ def _log_sigmoid(z: FloatArray) -> FloatArray:
 class HalfMoves:
     """How moving one input changes log P(churn) (:meth:`LightGBMHazard.moves`): each
     half's raw-score change, from the trees that split on the input, through that half's
-    sigmoid; the same interface as :class:`lapse.modeling._treeshap.Moves`."""
+    sigmoid; the same interface as :class:`lapse.modeling._treeshap.Moves`.
 
+    ``shared`` moves the trees that never split on :data:`HALF` (the same change in both
+    halves), ``halves`` the others per half; ``raw`` is each half's raw score.
+    """
+
+    shared: Moves
     halves: tuple[Moves, Moves]
     raw: tuple[FloatArray, FloatArray]
 
@@ -89,10 +94,12 @@ class HalfMoves:
     ) -> FloatArray:
         """Per ``rows[i]``, the change of log P(churn) when input ``cols[i]`` is set to
         ``values[i]``."""
+        shared = self.shared.delta(rows, cols, values)
         out = np.zeros(len(rows))
         for moves, raw in zip(self.halves, self.raw, strict=True):
             before = raw[rows]
-            out += _log_sigmoid(before + moves.delta(rows, cols, values)) - _log_sigmoid(before)
+            after = before + (shared + moves.delta(rows, cols, values))
+            out += _log_sigmoid(after) - _log_sigmoid(before)
         return out
 
 
@@ -151,6 +158,24 @@ class LightGBMHazard(ParamsMixin):
             raise RuntimeError("LightGBMHazard is not fitted; call fit first")
         return self.model_
 
+    def _parts(self) -> tuple[LightGBMChurn, LightGBMChurn]:
+        """``(halved, shared)``: the trees that split on :data:`HALF`, and the others,
+        whose output is the same in both halves (:meth:`LightGBMChurn.split_on`). Built on
+        first use and kept on the instance, not in its pickled state."""
+        model = self._fitted()
+        cached: tuple[LightGBMChurn, tuple[LightGBMChurn, LightGBMChurn]] | None = (
+            self.__dict__.get("_parts_cache")
+        )
+        if cached is None or cached[0] is not model:
+            cached = (model, model.split_on(len(model.feature_names_) - 1))
+            self.__dict__["_parts_cache"] = cached
+        return cached[1]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_parts_cache", None)
+        return state
+
     def encode(self, frame: pl.DataFrame) -> FloatArray:
         """The input matrix without :data:`HALF` (see :meth:`LightGBMChurn.encode`)."""
         x = self._fitted().encode(frame.with_columns(pl.lit(0, pl.Int8).alias(HALF)))
@@ -165,10 +190,14 @@ class LightGBMHazard(ParamsMixin):
         return self.predict_encoded(self.encode(frame))
 
     def predict_encoded(self, x: FloatArray, *, raw_score: bool = False) -> FloatArray:
-        """:meth:`predict_proba` of rows already :meth:`encode`-d (its log with ``raw_score``)."""
-        model = self._fitted()
-        log_p = np.log(model.predict_encoded(self._half(x, 0)))
-        log_p += np.log(model.predict_encoded(self._half(x, 1)))
+        """:meth:`predict_proba` of rows already :meth:`encode`-d (its log with ``raw_score``).
+
+        The trees that never split on :data:`HALF` predict once for both halves."""
+        halved, shared = self._parts()
+        x0, x1 = self._half(x, 0), self._half(x, 1)
+        both = shared.predict_encoded(x0, raw_score=True)
+        log_p = _log_sigmoid(both + halved.predict_encoded(x0, raw_score=True))
+        log_p += _log_sigmoid(both + halved.predict_encoded(x1, raw_score=True))
         out: FloatArray = log_p if raw_score else np.exp(log_p)
         return out
 
@@ -176,22 +205,30 @@ class LightGBMHazard(ParamsMixin):
         """Encoded rows ``x``, ready for :meth:`HalfMoves.delta` (what the reasons' check
         of a driver moved to its median reads on many rows); ``None`` when the trees
         split categorically (predict the moved rows instead)."""
-        model = self._fitted()
-        halves = (self._half(x, 0), self._half(x, 1))
-        first, second = (model.moves(h) for h in halves)
-        if first is None or second is None:
+        halved, shared = self._parts()
+        x0, x1 = self._half(x, 0), self._half(x, 1)
+        moves = shared.moves(x0), halved.moves(x0), halved.moves(x1)
+        if moves[0] is None or moves[1] is None or moves[2] is None:
             return None
-        raw = tuple(model.predict_encoded(h, raw_score=True) for h in halves)
-        return HalfMoves((first, second), (raw[0], raw[1]))
+        both = shared.predict_encoded(x0, raw_score=True)
+        raw = tuple(both + halved.predict_encoded(h, raw_score=True) for h in (x0, x1))
+        return HalfMoves(moves[0], (moves[1], moves[2]), (raw[0], raw[1]))
 
     def contributions_encoded(self, x: FloatArray) -> FloatArray:
         """Each input's TreeSHAP value summed over the halves (log-odds), ``(n_rows,
         n_features + 1)``: it ranks the drivers; the last column makes each row add up to
-        the log of P(churn) (``predict_encoded(raw_score=True)``), the score a reason's
-        check moves."""
-        model = self._fitted()
-        shap = model.contributions_encoded(self._half(x, 0))[:, :-2]
-        shap += model.contributions_encoded(self._half(x, 1))[:, :-2]
-        rest = self.predict_encoded(x, raw_score=True) - shap.sum(axis=1)
-        out: FloatArray = np.column_stack([shap, rest])
+        the log of P(churn) (``predict_encoded(raw_score=True)``, here from the SHAP values'
+        own sums), the score a reason's check moves. The trees that never split on
+        :data:`HALF` are explained once, counted for both halves."""
+        halved, shared = self._parts()
+        x0 = self._half(x, 0)
+        both = shared.contributions_encoded(x0)
+        first, second = (
+            halved.contributions_encoded(x0),
+            halved.contributions_encoded(self._half(x, 1)),
+        )
+        shap = 2.0 * both[:, :-2] + first[:, :-2] + second[:, :-2]
+        base = both.sum(axis=1)
+        log_p = _log_sigmoid(base + first.sum(axis=1)) + _log_sigmoid(base + second.sum(axis=1))
+        out: FloatArray = np.column_stack([shap, log_p - shap.sum(axis=1)])
         return out
