@@ -289,6 +289,7 @@ def score_users(
             model_version=model_version,
             attributes=attributes,
             last_fired=last_fired,
+            drift=not subset,
         )
         for shard in user_shards(events)
     ]
@@ -404,11 +405,13 @@ def score_shard(
     model_version: str,
     attributes: pl.DataFrame | None = None,
     last_fired: pl.DataFrame | None = None,
+    drift: bool = True,
 ) -> Shard:
     """The records of the eligible users of canonical ``events`` holding whole users (a
     shard of :func:`user_shards`, or a Spark partition), before reasons.
 
     An empty ``features`` frame says nobody here is eligible (``population`` says why).
+    ``drift=False`` (a run of some users only) leaves the drift bin counts empty.
 
     Raises
     ------
@@ -434,8 +437,8 @@ def score_shard(
         attributes=attributes,
         last_fired=last_fired,
     )
-    drift = drift_counts(bundle, frame, records["churn_risk"].to_numpy())
-    return Shard(records, frame, fired, definitions, counts, drift)
+    bins = drift_counts(bundle, frame, records["churn_risk"].to_numpy()) if drift else {}
+    return Shard(records, frame, fired, definitions, counts, bins)
 
 
 def _summed_population(parts: Sequence[Mapping[str, int]]) -> dict[str, int]:
