@@ -67,6 +67,7 @@ __all__ = [
     "risk_columns",
     "score_shard",
     "score_users",
+    "summed_bins",
     "trigger_definitions",
     "trigger_features",
     "trigger_rows",
@@ -307,7 +308,7 @@ def score_users(
         span = events.lazy().select(pl.col("ts").min().alias("a"), pl.col("ts").max().alias("b"))
         first, last = span.collect().row(0)
         raise nobody_eligible(counts, bundle.config, as_of, first, last)
-    drift = {} if subset else drift_from_counts(bundle, _summed_bins([s.drift for s in scored]))
+    drift = {} if subset else drift_from_counts(bundle, summed_bins([s.drift for s in scored]))
     warnings += drift_warnings(drift, config)
     return ScoreResult(
         records=pl.concat([s.records for s in scored]),
@@ -450,8 +451,8 @@ def _summed_population(parts: Sequence[Mapping[str, int]]) -> dict[str, int]:
     return out | {r: total[r] for r in EXCLUSIONS if total[r]}
 
 
-def _summed_bins(parts: Sequence[Mapping[str, list[int]]]) -> dict[str, list[int]]:
-    """:func:`drift_counts` of all shards from each shard's."""
+def summed_bins(parts: Sequence[Mapping[str, list[int]]]) -> dict[str, list[int]]:
+    """:func:`drift_counts` of all shards (or Spark partitions) from each one's."""
     out: dict[str, list[int]] = {}
     for part in parts:
         for name, bins in part.items():
