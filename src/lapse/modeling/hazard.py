@@ -193,13 +193,18 @@ class LightGBMHazard(ParamsMixin):
         """:meth:`predict_proba` of rows already :meth:`encode`-d (its log with ``raw_score``).
 
         The trees that never split on :data:`HALF` predict once for both halves."""
-        halved, shared = self._parts()
-        x0, x1 = self._half(x, 0), self._half(x, 1)
-        both = shared.predict_encoded(x0, raw_score=True)
-        log_p = _log_sigmoid(both + halved.predict_encoded(x0, raw_score=True))
-        log_p += _log_sigmoid(both + halved.predict_encoded(x1, raw_score=True))
+        first, second = self._raw(x)
+        log_p = _log_sigmoid(first) + _log_sigmoid(second)
         out: FloatArray = log_p if raw_score else np.exp(log_p)
         return out
+
+    def _raw(self, x: FloatArray) -> tuple[FloatArray, FloatArray]:
+        """Each half's raw score of encoded rows: the shared trees predict once."""
+        halved, shared = self._parts()
+        x0 = self._half(x, 0)
+        both = shared.predict_encoded(x0, raw_score=True)
+        first = both + halved.predict_encoded(x0, raw_score=True)
+        return first, both + halved.predict_encoded(self._half(x, 1), raw_score=True)
 
     def moves(self, x: FloatArray) -> HalfMoves | None:
         """Encoded rows ``x``, ready for :meth:`HalfMoves.delta` (what the reasons' check
@@ -210,9 +215,7 @@ class LightGBMHazard(ParamsMixin):
         moves = shared.moves(x0), halved.moves(x0), halved.moves(x1)
         if moves[0] is None or moves[1] is None or moves[2] is None:
             return None
-        both = shared.predict_encoded(x0, raw_score=True)
-        raw = tuple(both + halved.predict_encoded(h, raw_score=True) for h in (x0, x1))
-        return HalfMoves(moves[0], (moves[1], moves[2]), (raw[0], raw[1]))
+        return HalfMoves(moves[0], (moves[1], moves[2]), self._raw(x))
 
     def contributions_encoded(self, x: FloatArray) -> FloatArray:
         """Each input's TreeSHAP value summed over the halves (log-odds), ``(n_rows,
