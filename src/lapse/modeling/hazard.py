@@ -210,12 +210,16 @@ class LightGBMHazard(ParamsMixin):
         """Encoded rows ``x``, ready for :meth:`HalfMoves.delta` (what the reasons' check
         of a driver moved to its median reads on many rows); ``None`` when the trees
         split categorically (predict the moved rows instead)."""
+        return self._moves(self._half(x, 0), self._half(x, 1), self._raw(x))
+
+    def _moves(
+        self, x0: FloatArray, x1: FloatArray, raw: tuple[FloatArray, FloatArray]
+    ) -> HalfMoves | None:
         halved, shared = self._parts()
-        x0, x1 = self._half(x, 0), self._half(x, 1)
-        moves = shared.moves(x0), halved.moves(x0), halved.moves(x1)
-        if moves[0] is None or moves[1] is None or moves[2] is None:
+        found = shared.moves(x0), halved.moves(x0), halved.moves(x1)
+        if found[0] is None or found[1] is None or found[2] is None:
             return None
-        return HalfMoves(moves[0], (moves[1], moves[2]), self._raw(x))
+        return HalfMoves(found[0], (found[1], found[2]), raw)
 
     def contributions_encoded(self, x: FloatArray) -> FloatArray:
         """Each input's TreeSHAP value summed over the halves (log-odds), ``(n_rows,
@@ -223,15 +227,19 @@ class LightGBMHazard(ParamsMixin):
         the log of P(churn) (``predict_encoded(raw_score=True)``, here from the SHAP values'
         own sums), the score a reason's check moves. The trees that never split on
         :data:`HALF` are explained once, counted for both halves."""
+        return self.drivers(x, moves=False)[0]
+
+    def drivers(self, x: FloatArray, *, moves: bool) -> tuple[FloatArray, HalfMoves | None]:
+        """:meth:`contributions_encoded` of ``x`` and, with ``moves``, its :meth:`moves`:
+        each half's raw score, which the moves need, is its SHAP values' sum (no
+        prediction)."""
         halved, shared = self._parts()
-        x0 = self._half(x, 0)
+        x0, x1 = self._half(x, 0), self._half(x, 1)
         both = shared.contributions_encoded(x0)
-        first, second = (
-            halved.contributions_encoded(x0),
-            halved.contributions_encoded(self._half(x, 1)),
-        )
-        shap = 2.0 * both[:, :-2] + first[:, :-2] + second[:, :-2]
+        first, second = halved.contributions_encoded(x0), halved.contributions_encoded(x1)
         base = both.sum(axis=1)
-        log_p = _log_sigmoid(base + first.sum(axis=1)) + _log_sigmoid(base + second.sum(axis=1))
+        raw = base + first.sum(axis=1), base + second.sum(axis=1)
+        shap = 2.0 * both[:, :-2] + first[:, :-2] + second[:, :-2]
+        log_p = _log_sigmoid(raw[0]) + _log_sigmoid(raw[1])
         out: FloatArray = np.column_stack([shap, log_p - shap.sum(axis=1)])
-        return out
+        return out, self._moves(x0, x1, raw) if moves else None

@@ -460,6 +460,11 @@ class LightGBMChurn(ParamsMixin):
         """
         return self.contributions_encoded(self.encode(frame))
 
+    def drivers(self, x: FloatArray, *, moves: bool) -> tuple[FloatArray, Moves | None]:
+        """:meth:`contributions_encoded` of ``x`` and, with ``moves``, its :meth:`moves`:
+        what reason codes read (the hazard model's shares work between the two)."""
+        return self.contributions_encoded(x), self.moves(x) if moves else None
+
     def contributions_encoded(self, x: FloatArray) -> FloatArray:
         """:meth:`contributions` of rows already :meth:`encode`-d."""
         return treeshap(
