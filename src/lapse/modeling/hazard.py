@@ -201,10 +201,11 @@ class LightGBMHazard(ParamsMixin):
     def _raw(self, x: FloatArray) -> tuple[FloatArray, FloatArray]:
         """Each half's raw score of encoded rows: the shared trees predict once."""
         halved, shared = self._parts()
-        x0 = self._half(x, 0)
-        both = shared.predict_encoded(x0, raw_score=True)
-        first = both + halved.predict_encoded(x0, raw_score=True)
-        return first, both + halved.predict_encoded(self._half(x, 1), raw_score=True)
+        rows = self._half(x, 0)
+        both = shared.predict_encoded(rows, raw_score=True)
+        first = both + halved.predict_encoded(rows, raw_score=True)
+        rows[:, -1] = 1.0  # the same rows in the second half (one copy of x, not two)
+        return first, both + halved.predict_encoded(rows, raw_score=True)
 
     def moves(self, x: FloatArray) -> HalfMoves | None:
         """Encoded rows ``x``, ready for :meth:`HalfMoves.delta` (what the reasons' check
