@@ -185,33 +185,47 @@ class LightGBMHazard(ParamsMixin):
     def _half(x: FloatArray, k: int) -> FloatArray:
         return np.column_stack([x, np.full(len(x), float(k))])
 
+    def _halves(self, x: FloatArray) -> tuple[FloatArray, FloatArray]:
+        """``x`` in each half (the second a plain copy of the first: cheaper than
+        stacking a column-major ``x`` twice)."""
+        first = self._half(x, 0)
+        second = first.copy()
+        second[:, -1] = 1.0
+        return first, second
+
     def predict_proba(self, frame: pl.DataFrame) -> FloatArray:
         """P(churn over the horizon) per row (before calibration)."""
-        return self.predict_encoded(self.encode(frame))
+        rows = self._fitted().encode(frame.with_columns(pl.lit(0, pl.Int8).alias(HALF)))
+        return self._proba(rows)
 
     def predict_encoded(self, x: FloatArray, *, raw_score: bool = False) -> FloatArray:
         """:meth:`predict_proba` of rows already :meth:`encode`-d (its log with ``raw_score``).
 
         The trees that never split on :data:`HALF` predict once for both halves."""
-        first, second = self._raw(x)
+        return self._proba(self._half(x, 0), raw_score=raw_score)
+
+    def _proba(self, rows: FloatArray, *, raw_score: bool = False) -> FloatArray:
+        first, second = self._raw(rows)
         log_p = _log_sigmoid(first) + _log_sigmoid(second)
         out: FloatArray = log_p if raw_score else np.exp(log_p)
         return out
 
-    def _raw(self, x: FloatArray) -> tuple[FloatArray, FloatArray]:
-        """Each half's raw score of encoded rows: the shared trees predict once."""
+    def _raw(self, rows: FloatArray) -> tuple[FloatArray, FloatArray]:
+        """Each half's raw score of encoded ``rows`` with :data:`HALF` 0 last (set to 1 in
+        place for the second half: one copy of the inputs, not two); the shared trees
+        predict once."""
         halved, shared = self._parts()
-        rows = self._half(x, 0)
         both = shared.predict_encoded(rows, raw_score=True)
         first = both + halved.predict_encoded(rows, raw_score=True)
-        rows[:, -1] = 1.0  # the same rows in the second half (one copy of x, not two)
+        rows[:, -1] = 1.0
         return first, both + halved.predict_encoded(rows, raw_score=True)
 
     def moves(self, x: FloatArray) -> HalfMoves | None:
         """Encoded rows ``x``, ready for :meth:`HalfMoves.delta` (what the reasons' check
         of a driver moved to its median reads on many rows); ``None`` when the trees
         split categorically (predict the moved rows instead)."""
-        return self._moves(self._half(x, 0), self._half(x, 1), self._raw(x))
+        x0, x1 = self._halves(x)
+        return self._moves(x0, x1, self._raw(x0.copy()))
 
     def _moves(
         self, x0: FloatArray, x1: FloatArray, raw: tuple[FloatArray, FloatArray]
@@ -235,7 +249,7 @@ class LightGBMHazard(ParamsMixin):
         each half's raw score, which the moves need, is its SHAP values' sum (no
         prediction)."""
         halved, shared = self._parts()
-        x0, x1 = self._half(x, 0), self._half(x, 1)
+        x0, x1 = self._halves(x)
         both = shared.contributions_encoded(x0)
         first, second = halved.contributions_encoded(x0), halved.contributions_encoded(x1)
         base = both.sum(axis=1)
