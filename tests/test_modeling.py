@@ -30,6 +30,7 @@ from lapse.modeling import (
     select,
     triggers,
 )
+from lapse.modeling._treeshap import MIN_ROWS
 from lapse.modeling.bgnbd import btyd_arrays
 from lapse.modeling.bundle import ChurnBundle
 from lapse.modeling.hazard import HALF, LightGBMHazard, half_rows
@@ -350,6 +351,71 @@ def test_hazard_moves_equal_the_change_of_the_predicted_log_p() -> None:
     want = model.predict_encoded(moved, raw_score=True) - model.predict_encoded(x, raw_score=True)
     assert np.abs(moves.delta(at, cols, values) - want).max() <= 1e-9
     assert np.abs(want).max() > 0.01
+
+
+def test_lightgbm_split_on_an_input_gives_parts_that_add_up_to_the_model() -> None:
+    """``split_on``: the trees that split on an input, and the others, each a model of its
+    own whose raw scores and SHAP values add up to the whole model's; a part may hold no
+    tree (it predicts 0)."""
+    frame, y = _churn_frame(3000, 0)
+    frame = frame.with_columns(pl.lit(1.0).alias("constant"))  # no tree can split on it
+    model = LightGBMChurn(random_state=3, n_jobs=2).fit(frame, y)
+    names = model.feature_names_
+    on, off = model.split_on(names.index("days_since_last_usage"))
+    assert on.n_trees_ > 0 and off.n_trees_ > 0
+    assert on.n_trees_ + off.n_trees_ == model.booster_.num_trees()
+    x = model.encode(_churn_frame(500, 1)[0].with_columns(pl.lit(1.0).alias("constant")))
+    raw = model.predict_encoded(x, raw_score=True)
+    parts = on.predict_encoded(x, raw_score=True) + off.predict_encoded(x, raw_score=True)
+    assert np.abs(parts - raw).max() <= 1e-12
+    shap = on.contributions_encoded(x) + off.contributions_encoded(x)
+    assert np.abs(shap - model.contributions_encoded(x)).max() <= 1e-9
+    assert not off.contributions_encoded(x)[:, names.index("days_since_last_usage")].any()
+    none, every = model.split_on(names.index("constant"))
+    assert none.n_trees_ == 0 and not none.predict_encoded(x, raw_score=True).any()
+    assert np.array_equal(every.predict_encoded(x, raw_score=True), raw)
+
+
+def test_hazard_shared_trees_once_equal_the_whole_model_on_each_half() -> None:
+    """The trees that never split on the half predict and are explained once for both
+    halves: the same P(churn), SHAP values and moves as running the whole per-half model
+    on each half (how the hazard model computed them before, issue #26)."""
+    frame = _hazard_frame(400, 0)
+    end = datetime(2024, 2, 26, tzinfo=UTC)
+    model = LightGBMHazard(horizon_days=28, random_state=1, n_jobs=2).fit(frame, label_end=end)
+    inner = model.model_
+    halved, shared = inner.split_on(len(inner.feature_names_) - 1)
+    assert halved.n_trees_ > 0 and shared.n_trees_ > 0  # both kinds of tree exist
+    test = _hazard_frame(700, 1)
+    x = model.encode(test)
+    assert len(x) >= MIN_ROWS  # TreeSHAP's cells and the moves' tables
+    halves = [np.column_stack([x, np.full(len(x), float(k))]) for k in (0, 1)]
+    p = inner.predict_encoded(halves[0]) * inner.predict_encoded(halves[1])
+    assert np.abs(model.predict_proba(test) - p).max() <= 1e-12
+    summed = inner.contributions_encoded(halves[0]) + inner.contributions_encoded(halves[1])
+    shap, moves = model.drivers(x, moves=True)
+    assert np.abs(shap[:, :-1] - summed[:, :-2]).max() <= 1e-9
+    assert np.abs(shap.sum(axis=1) - np.log(p)).max() <= 1e-9
+    assert np.array_equal(model.contributions_encoded(x), shap)
+    small = model.contributions_encoded(x[:50])  # below MIN_ROWS: plain pred_contrib
+    assert np.abs(small[:, :-1] - summed[:50, :-2]).max() <= 1e-9
+    # a driver moved: the change of log P(churn), both halves predicted in full
+    assert moves is not None
+    rng = np.random.default_rng(0)
+    at = np.arange(len(x))
+    cols = rng.integers(0, x.shape[1], len(x))
+    values = rng.permutation(x[:, 0])
+    moved = x.copy()
+    moved[at, cols] = values
+    after = [np.column_stack([moved, h[:, -1]]) for h in halves]
+    want = np.log(inner.predict_encoded(after[0]) * inner.predict_encoded(after[1]) / p)
+    assert np.abs(moves.delta(at, cols, values) - want).max() <= 1e-9
+    assert np.abs(want).max() > 0.01
+    # the parts are built on first use and not pickled
+    assert "_parts_cache" in model.__dict__
+    again = pickle.loads(pickle.dumps(model))
+    assert "_parts_cache" not in again.__dict__
+    assert np.array_equal(again.predict_proba(test), model.predict_proba(test))
 
 
 def test_lightgbm_search_runs_and_keeps_input_intact() -> None:

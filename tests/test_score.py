@@ -1034,3 +1034,34 @@ def test_compact_events_scored_in_shards_give_the_records_of_all_at_once(
         whole.population,
         whole.warnings,
     )
+
+
+def test_a_shard_counts_drift_bins_only_when_asked_and_they_add_up(world: World) -> None:
+    """An incremental run (``subset``) discards drift, so its shards skip the bins
+    (``drift=False``: the same records); the bins of two halves of the users add up to
+    the whole's through ``summed_bins``, which the Spark driver's tally uses too."""
+    from lapse.score.records import score_shard, summed_bins
+    from lapse.spark.score import _Tally
+
+    events = pl.read_parquet(world.events)
+    bundle = ChurnBundle.load(world.bundle)
+    config = load_config()
+
+    def shard(ev: pl.DataFrame, **drift: bool) -> Any:
+        return score_shard(
+            bundle, ev.lazy(), world.as_of, config, score_run_id="r", model_version="v", **drift
+        )
+
+    whole = shard(events)
+    assert set(whole.drift) > {"churn_risk"}
+    skipped = shard(events, drift=False)
+    assert skipped.drift == {}
+    assert_frame_equal(skipped.records, whole.records)
+    first = pl.col("user_id").is_in(events["user_id"].unique().sort().head(40).implode())
+    parts = [shard(events.filter(first)).drift, shard(events.filter(~first)).drift]
+    assert parts[0] != whole.drift
+    assert summed_bins(parts) == whole.drift
+    tally = _Tally()
+    for part in parts:
+        tally.add_drift(part)
+    assert tally.drift == whole.drift

@@ -28,6 +28,18 @@ def test_quantile_method_uses_the_reference_distribution() -> None:
     assert percentile([-1.0, 2.0], ref).tolist() == [0.0, 1.0]
 
 
+def test_a_score_equal_to_reference_scores_to_float_rounding_ties_with_them() -> None:
+    """Users whose features equal training rows' score what those rows scored; the same
+    score summed in another order differs in its last bits only and keeps its percentile
+    and segment (ten tied reference scores at 0.3: 1% of the reference either way)."""
+    ref = np.concatenate([np.arange(990) / 1000 + 0.4, np.full(10, 0.3)])
+    tied = [0.3, np.nextafter(0.3, 0.0), np.nextafter(0.3, 1.0)]
+    assert percentile(tied, ref).tolist() == [0.01, 0.01, 0.01]
+    assert percentile([0.3 * (1 - 1e-9)], ref).tolist() == [0.0]  # a different score
+    cfg = SegmentsConfig(method="quantile", high=0.005, medium=0.001)
+    assert assign(tied, cfg, reference=ref).to_list() == ["high"] * 3
+
+
 def test_the_default_is_the_top_10_and_next_20_percent_of_the_reference_exactly() -> None:
     ref = np.sort(np.random.default_rng(1).uniform(size=1000))
     got = sizes(assign(ref, SegmentsConfig(), reference=ref))

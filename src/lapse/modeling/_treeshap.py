@@ -538,14 +538,16 @@ class Moves:
             at = np.flatnonzero(cols == j)
             r = rows[at]
             new = _codes(tables.thresholds[j], values[at])
-            old = self.codes[j][r]
+            codes: dict[int, IntArray] = {}  # these rows' codes, gathered once per feature
             for t in leaves.by_feature[j]:
                 tree = tables.trees[t]
                 key = np.zeros(len(r), dtype=np.int64)
                 for f, lut, s in zip(tree.numeric, tree.luts, leaves.strides[t], strict=True):
-                    key += lut[self.codes[f][r]] * s
+                    if f not in codes:
+                        codes[f] = self.codes[f][r]
+                    key += lut[codes[f]] * s
                 i = tree.numeric.index(j)
                 lut, s = tree.luts[i], leaves.strides[t][i]
                 table = leaves.values[t]
-                out[at] += table[key + (lut[new] - lut[old]) * s] - table[key]
+                out[at] += table[key + (lut[new] - lut[codes[j]]) * s] - table[key]
         return out

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -79,8 +79,13 @@ def _log_sigmoid(z: FloatArray) -> FloatArray:
 class HalfMoves:
     """How moving one input changes log P(churn) (:meth:`LightGBMHazard.moves`): each
     half's raw-score change, from the trees that split on the input, through that half's
-    sigmoid; the same interface as :class:`lapse.modeling._treeshap.Moves`."""
+    sigmoid; the same interface as :class:`lapse.modeling._treeshap.Moves`.
 
+    ``shared`` moves the trees that never split on :data:`HALF` (the same change in both
+    halves), ``halves`` the others per half; ``raw`` is each half's raw score.
+    """
+
+    shared: Moves
     halves: tuple[Moves, Moves]
     raw: tuple[FloatArray, FloatArray]
 
@@ -89,10 +94,12 @@ class HalfMoves:
     ) -> FloatArray:
         """Per ``rows[i]``, the change of log P(churn) when input ``cols[i]`` is set to
         ``values[i]``."""
+        shared = self.shared.delta(rows, cols, values)
         out = np.zeros(len(rows))
         for moves, raw in zip(self.halves, self.raw, strict=True):
             before = raw[rows]
-            out += _log_sigmoid(before + moves.delta(rows, cols, values)) - _log_sigmoid(before)
+            after = before + (shared + moves.delta(rows, cols, values))
+            out += _log_sigmoid(after) - _log_sigmoid(before)
         return out
 
 
@@ -151,6 +158,24 @@ class LightGBMHazard(ParamsMixin):
             raise RuntimeError("LightGBMHazard is not fitted; call fit first")
         return self.model_
 
+    def _parts(self) -> tuple[LightGBMChurn, LightGBMChurn]:
+        """``(halved, shared)``: the trees that split on :data:`HALF`, and the others,
+        whose output is the same in both halves (:meth:`LightGBMChurn.split_on`). Built on
+        first use and kept on the instance, not in its pickled state."""
+        model = self._fitted()
+        cached: tuple[LightGBMChurn, tuple[LightGBMChurn, LightGBMChurn]] | None = (
+            self.__dict__.get("_parts_cache")
+        )
+        if cached is None or cached[0] is not model:
+            cached = (model, model.split_on(len(model.feature_names_) - 1))
+            self.__dict__["_parts_cache"] = cached
+        return cached[1]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_parts_cache", None)
+        return state
+
     def encode(self, frame: pl.DataFrame) -> FloatArray:
         """The input matrix without :data:`HALF` (see :meth:`LightGBMChurn.encode`)."""
         x = self._fitted().encode(frame.with_columns(pl.lit(0, pl.Int8).alias(HALF)))
@@ -160,38 +185,76 @@ class LightGBMHazard(ParamsMixin):
     def _half(x: FloatArray, k: int) -> FloatArray:
         return np.column_stack([x, np.full(len(x), float(k))])
 
+    def _halves(self, x: FloatArray) -> tuple[FloatArray, FloatArray]:
+        """``x`` in each half (the second a plain copy of the first: cheaper than
+        stacking a column-major ``x`` twice)."""
+        first = self._half(x, 0)
+        second = first.copy()
+        second[:, -1] = 1.0
+        return first, second
+
     def predict_proba(self, frame: pl.DataFrame) -> FloatArray:
         """P(churn over the horizon) per row (before calibration)."""
-        return self.predict_encoded(self.encode(frame))
+        rows = self._fitted().encode(frame.with_columns(pl.lit(0, pl.Int8).alias(HALF)))
+        return self._proba(rows)
 
     def predict_encoded(self, x: FloatArray, *, raw_score: bool = False) -> FloatArray:
-        """:meth:`predict_proba` of rows already :meth:`encode`-d (its log with ``raw_score``)."""
-        model = self._fitted()
-        log_p = np.log(model.predict_encoded(self._half(x, 0)))
-        log_p += np.log(model.predict_encoded(self._half(x, 1)))
+        """:meth:`predict_proba` of rows already :meth:`encode`-d (its log with ``raw_score``).
+
+        The trees that never split on :data:`HALF` predict once for both halves."""
+        return self._proba(self._half(x, 0), raw_score=raw_score)
+
+    def _proba(self, rows: FloatArray, *, raw_score: bool = False) -> FloatArray:
+        first, second = self._raw(rows)
+        log_p = _log_sigmoid(first) + _log_sigmoid(second)
         out: FloatArray = log_p if raw_score else np.exp(log_p)
         return out
+
+    def _raw(self, rows: FloatArray) -> tuple[FloatArray, FloatArray]:
+        """Each half's raw score of encoded ``rows`` with :data:`HALF` 0 last (set to 1 in
+        place for the second half: one copy of the inputs, not two); the shared trees
+        predict once."""
+        halved, shared = self._parts()
+        both = shared.predict_encoded(rows, raw_score=True)
+        first = both + halved.predict_encoded(rows, raw_score=True)
+        rows[:, -1] = 1.0
+        return first, both + halved.predict_encoded(rows, raw_score=True)
 
     def moves(self, x: FloatArray) -> HalfMoves | None:
         """Encoded rows ``x``, ready for :meth:`HalfMoves.delta` (what the reasons' check
         of a driver moved to its median reads on many rows); ``None`` when the trees
         split categorically (predict the moved rows instead)."""
-        model = self._fitted()
-        halves = (self._half(x, 0), self._half(x, 1))
-        first, second = (model.moves(h) for h in halves)
-        if first is None or second is None:
+        x0, x1 = self._halves(x)
+        return self._moves(x0, x1, self._raw(x0.copy()))
+
+    def _moves(
+        self, x0: FloatArray, x1: FloatArray, raw: tuple[FloatArray, FloatArray]
+    ) -> HalfMoves | None:
+        halved, shared = self._parts()
+        found = shared.moves(x0), halved.moves(x0), halved.moves(x1)
+        if found[0] is None or found[1] is None or found[2] is None:
             return None
-        raw = tuple(model.predict_encoded(h, raw_score=True) for h in halves)
-        return HalfMoves((first, second), (raw[0], raw[1]))
+        return HalfMoves(found[0], (found[1], found[2]), raw)
 
     def contributions_encoded(self, x: FloatArray) -> FloatArray:
         """Each input's TreeSHAP value summed over the halves (log-odds), ``(n_rows,
         n_features + 1)``: it ranks the drivers; the last column makes each row add up to
-        the log of P(churn) (``predict_encoded(raw_score=True)``), the score a reason's
-        check moves."""
-        model = self._fitted()
-        shap = model.contributions_encoded(self._half(x, 0))[:, :-2]
-        shap += model.contributions_encoded(self._half(x, 1))[:, :-2]
-        rest = self.predict_encoded(x, raw_score=True) - shap.sum(axis=1)
-        out: FloatArray = np.column_stack([shap, rest])
-        return out
+        the log of P(churn) (``predict_encoded(raw_score=True)``, here from the SHAP values'
+        own sums), the score a reason's check moves. The trees that never split on
+        :data:`HALF` are explained once, counted for both halves."""
+        return self.drivers(x, moves=False)[0]
+
+    def drivers(self, x: FloatArray, *, moves: bool) -> tuple[FloatArray, HalfMoves | None]:
+        """:meth:`contributions_encoded` of ``x`` and, with ``moves``, its :meth:`moves`:
+        each half's raw score, which the moves need, is its SHAP values' sum (no
+        prediction)."""
+        halved, shared = self._parts()
+        x0, x1 = self._halves(x)
+        both = shared.contributions_encoded(x0)
+        first, second = halved.contributions_encoded(x0), halved.contributions_encoded(x1)
+        base = both.sum(axis=1)
+        raw = base + first.sum(axis=1), base + second.sum(axis=1)
+        shap = 2.0 * both[:, :-2] + first[:, :-2] + second[:, :-2]
+        log_p = _log_sigmoid(raw[0]) + _log_sigmoid(raw[1])
+        out: FloatArray = np.column_stack([shap, log_p - shap.sum(axis=1)])
+        return out, self._moves(x0, x1, raw) if moves else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from typing import Any, Final
 
 import numpy as np
@@ -96,6 +97,35 @@ def typical_inputs(x: FloatArray, categorical: list[int]) -> FloatArray:
         else:
             out[j] = np.quantile(col, 0.5, method="lower")
     return out
+
+
+def _tree_features(dump: dict[str, Any]) -> list[frozenset[int]]:
+    """The inputs each tree of a booster's ``dump_model()`` splits on."""
+
+    def walk(node: dict[str, Any], found: set[int]) -> set[int]:
+        if "split_feature" in node:
+            found.add(int(node["split_feature"]))
+            walk(node["left_child"], found)
+            walk(node["right_child"], found)
+        return found
+
+    return [frozenset(walk(info["tree_structure"], set())) for info in dump["tree_info"]]
+
+
+_TREE_HEADER: Final = re.compile(r"^Tree=\d+\n", re.MULTILINE)
+
+
+def _with_trees(model: str, trees: Sequence[int]) -> str:
+    """A LightGBM model string (``Booster.model_to_string``) with only ``trees``, renumbered
+    in that order (``tree_sizes`` recomputed: LightGBM reads the trees by it)."""
+    first = _TREE_HEADER.search(model)
+    start = first.start() if first else model.index("end of trees")
+    end = model.index("end of trees", start)
+    bodies = _TREE_HEADER.split(model[start:end])[1:]
+    kept = [f"Tree={i}\n{bodies[t]}" for i, t in enumerate(trees)]
+    sizes = " ".join(str(len(tree.encode())) for tree in kept)
+    head = re.sub(r"^tree_sizes=.*$", f"tree_sizes={sizes}", model[:start], flags=re.MULTILINE)
+    return head + "".join(kept) + model[end:]
 
 
 _SEARCH_SPACE: Final[dict[str, list[Any]]] = {
@@ -396,6 +426,28 @@ class LightGBMChurn(ParamsMixin):
         state.pop("_leaf_cache", None)
         return state
 
+    def split_on(self, feature: int) -> tuple[LightGBMChurn, LightGBMChurn]:
+        """``(the trees that split on input feature, the others)``, each a model of its own
+        (trees in their order; either may have none): their raw scores add up to this
+        model's, to float rounding. Rows that differ in ``feature`` only share the others'
+        raw score (and SHAP values), so those trees need predicting once for them all."""
+        import lightgbm as lgb
+
+        booster = self._fitted()
+        splits = [feature in used for used in _tree_features(booster.dump_model())]
+        text = booster.model_to_string()  # the trees predict uses, as dump_model
+        on = [t for t, s in enumerate(splits) if s]
+        off = [t for t, s in enumerate(splits) if not s]
+        parts = []
+        for trees in (on, off):
+            part = LightGBMChurn(**self.get_params())
+            part.feature_names_, part.categories_ = self.feature_names_, self.categories_
+            part.typical_, part.best_params_ = self.typical_, self.best_params_
+            part.booster_ = lgb.Booster(model_str=_with_trees(text, trees))
+            part.n_trees_ = len(trees)
+            parts.append(part)
+        return parts[0], parts[1]
+
     def contributions(self, frame: pl.DataFrame) -> FloatArray:
         """SHAP values in log-odds, ``(n_rows, n_features + 1)``; the last column is the bias.
 
@@ -407,6 +459,11 @@ class LightGBMChurn(ParamsMixin):
         rows you need.
         """
         return self.contributions_encoded(self.encode(frame))
+
+    def drivers(self, x: FloatArray, *, moves: bool) -> tuple[FloatArray, Moves | None]:
+        """:meth:`contributions_encoded` of ``x`` and, with ``moves``, its :meth:`moves`:
+        what reason codes read (the hazard model's shares work between the two)."""
+        return self.contributions_encoded(x), self.moves(x) if moves else None
 
     def contributions_encoded(self, x: FloatArray) -> FloatArray:
         """:meth:`contributions` of rows already :meth:`encode`-d."""

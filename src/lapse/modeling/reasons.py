@@ -644,7 +644,8 @@ def _tree(
     """TreeSHAP ranks the drivers; each is checked by moving it alone to its median."""
     names = model.feature_names_
     x = model.encode(inputs)
-    shap = model.contributions_encoded(x)
+    # on many rows a move is summed over the trees that split on the input moved
+    shap, moves = model.drivers(x, moves=len(x) >= MIN_ROWS)
     contrib = shap[:, :-1]
     typical: FloatArray | None = getattr(model, "typical_", None)
     if typical is None:  # fitted before models kept their medians: the rows' own
@@ -661,8 +662,6 @@ def _tree(
     # the log-odds, as the SHAP values add up to them (to ~1e-14: a move must beat that)
     logit = shap.sum(axis=1)
     base = logit - LOGIT_TOL
-    # on many rows a move is summed over the trees that split on the input moved
-    moves = model.moves(x) if len(x) >= MIN_ROWS else None
     cache: dict[str, list[Any] | None] = {}
     out: list[list[Reason]] = [[] for _ in range(len(x))]
     topics: list[set[str]] = [set() for _ in range(len(x))]

@@ -67,6 +67,7 @@ __all__ = [
     "risk_columns",
     "score_shard",
     "score_users",
+    "summed_bins",
     "trigger_definitions",
     "trigger_features",
     "trigger_rows",
@@ -289,6 +290,7 @@ def score_users(
             model_version=model_version,
             attributes=attributes,
             last_fired=last_fired,
+            drift=not subset,
         )
         for shard in user_shards(events)
     ]
@@ -306,7 +308,7 @@ def score_users(
         span = events.lazy().select(pl.col("ts").min().alias("a"), pl.col("ts").max().alias("b"))
         first, last = span.collect().row(0)
         raise nobody_eligible(counts, bundle.config, as_of, first, last)
-    drift = {} if subset else drift_from_counts(bundle, _summed_bins([s.drift for s in scored]))
+    drift = {} if subset else drift_from_counts(bundle, summed_bins([s.drift for s in scored]))
     warnings += drift_warnings(drift, config)
     return ScoreResult(
         records=pl.concat([s.records for s in scored]),
@@ -404,11 +406,13 @@ def score_shard(
     model_version: str,
     attributes: pl.DataFrame | None = None,
     last_fired: pl.DataFrame | None = None,
+    drift: bool = True,
 ) -> Shard:
     """The records of the eligible users of canonical ``events`` holding whole users (a
     shard of :func:`user_shards`, or a Spark partition), before reasons.
 
     An empty ``features`` frame says nobody here is eligible (``population`` says why).
+    ``drift=False`` (a run of some users only) leaves the drift bin counts empty.
 
     Raises
     ------
@@ -434,8 +438,8 @@ def score_shard(
         attributes=attributes,
         last_fired=last_fired,
     )
-    drift = drift_counts(bundle, frame, records["churn_risk"].to_numpy())
-    return Shard(records, frame, fired, definitions, counts, drift)
+    bins = drift_counts(bundle, frame, records["churn_risk"].to_numpy()) if drift else {}
+    return Shard(records, frame, fired, definitions, counts, bins)
 
 
 def _summed_population(parts: Sequence[Mapping[str, int]]) -> dict[str, int]:
@@ -447,8 +451,8 @@ def _summed_population(parts: Sequence[Mapping[str, int]]) -> dict[str, int]:
     return out | {r: total[r] for r in EXCLUSIONS if total[r]}
 
 
-def _summed_bins(parts: Sequence[Mapping[str, list[int]]]) -> dict[str, list[int]]:
-    """:func:`drift_counts` of all shards from each shard's."""
+def summed_bins(parts: Sequence[Mapping[str, list[int]]]) -> dict[str, list[int]]:
+    """:func:`drift_counts` of all shards (or Spark partitions) from each one's."""
     out: dict[str, list[int]] = {}
     for part in parts:
         for name, bins in part.items():

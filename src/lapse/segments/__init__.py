@@ -15,19 +15,29 @@ __all__ = ["SEGMENTS", "assign", "describe_sizes", "percentile", "sizes"]
 SEGMENTS: Final = ("high", "medium", "low")
 
 
+#: A reference score this close to a score (relative) counts as equal to it: users whose
+#: features equal training rows' tie with their scores, and the same score summed in
+#: another order (or on another machine) differs in its last bits only.
+TIE_TOLERANCE: Final = 1e-12
+
+
 def percentile(scores: npt.ArrayLike, reference: npt.ArrayLike) -> npt.NDArray[np.float64]:
-    """Share of ``reference`` scores at or below each score, in [0, 1].
+    """Share of ``reference`` scores at or below each score, in [0, 1] (equal to float
+    rounding counts as equal: :data:`TIE_TOLERANCE`).
 
     Examples
     --------
     >>> percentile([0.1, 0.5, 0.9], [0.2, 0.4, 0.6, 0.8]).tolist()
     [0.0, 0.5, 1.0]
+    >>> percentile([0.39999999999999997, 0.4 * (1 - 1e-9)], [0.2, 0.4, 0.6, 0.8]).tolist()
+    [0.5, 0.25]
     """
     ref = np.sort(np.asarray(reference, dtype=np.float64))
     if ref.size == 0:
         raise ValueError("the reference distribution is empty")
     s = np.asarray(scores, dtype=np.float64)
-    out: npt.NDArray[np.float64] = np.searchsorted(ref, s, side="right") / ref.size
+    at_most = s + np.abs(s) * TIE_TOLERANCE
+    out: npt.NDArray[np.float64] = np.searchsorted(ref, at_most, side="right") / ref.size
     return out
 
 

@@ -44,6 +44,7 @@ from lapse.score.records import (
     keep_reasons,
     model_age_warnings,
     nobody_eligible,
+    summed_bins,
     trigger_definitions,
 )
 from lapse.score.steps import (
@@ -203,9 +204,7 @@ class _Tally:
         self.chunks: list[int] = []
 
     def add_drift(self, counts: dict[str, list[int]]) -> None:
-        for name, bins in counts.items():
-            have = self.drift.setdefault(name, [0] * len(bins))
-            self.drift[name] = [a + b for a, b in zip(have, bins, strict=True)]
+        self.drift = summed_bins([self.drift, counts])
 
     def plan(self, ctx: RunContext, outbox: pl.DataFrame) -> None:
         """Plan the batches of one outbox chunk, as row ranges of the whole outbox."""
