@@ -167,9 +167,15 @@ def _take(reader: pa.ipc.RecordBatchFileReader, rows: IntArray) -> pa.Table:
         batch = reader.get_batch(i)
         lo, hi = np.searchsorted(rows, [start, start + batch.num_rows])
         if hi > lo:
-            batches.append(batch.take(pa.array(rows[lo:hi] - start)))
+            batches.append(batch.take(_indices(rows[lo:hi] - start)))
         start += batch.num_rows
     return pa.Table.from_batches(batches, schema=reader.schema)
+
+
+def _indices(rows: IntArray) -> pa.Array:
+    """``rows`` (contiguous int64) as an Arrow array, sharing their memory: ``pa.array`` of a
+    NumPy array imports pandas (0.4-0.6 s) to ask whether it is a pandas categorical."""
+    return pa.Array.from_buffers(pa.int64(), len(rows), [None, pa.py_buffer(rows)])
 
 
 def links(store: Path, parts: Sequence[str]) -> pl.DataFrame:
