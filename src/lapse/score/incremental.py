@@ -182,9 +182,12 @@ def next_due(
     config: LapseConfig,
     *,
     attributes: pl.DataFrame | None = None,
+    refilled: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """``user_id, next_due`` for each of ``users``, given ``fired`` (``user_id``, ``triggers``
-    at ``as_of``; a user without a row, not eligible, fires nothing).
+    at ``as_of``; a user without a row, not eligible, fires nothing) and, when the run has
+    them, the users' :func:`lapse.score.records.refills` as of ``as_of`` (``refilled``,
+    the scoring's; else found here).
 
     When, within ``incremental.horizon_days`` after ``as_of``, the triggers that fire
     would first differ from ``fired``, judged on ``events`` alone (the users' events,
@@ -215,7 +218,11 @@ def next_due(
         chunk = everyone.slice(start, size)
         ev = events.filter(pl.col("user_id").cast(pl.String).is_in(chunk.implode()))
         # the depletion instant as of now (the telemetry rule's does not move with time)
-        depleted = refills(bundle, ev.lazy(), as_of)
+        depleted = (
+            refills(bundle, ev.lazy(), as_of)
+            if refilled is None
+            else refilled.filter(pl.col("user_id").is_in(chunk.implode()))
+        )
         # the first week for everyone, the rest of the horizon for those without a change
         # in it (most change within days: the same first day, a fraction of the rows)
         changed = _first_change(

@@ -249,6 +249,7 @@ def _evaluate(
                     as_of,
                     config,
                     attributes=attributes,
+                    refilled=scored.refills,
                 ),
                 inc.cooldown_due(scored.fired, scored.records, fired, scored.definitions),
             ]
