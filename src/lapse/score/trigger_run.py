@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import polars as pl
 
@@ -222,7 +222,8 @@ def _evaluate(
         fired=0,
         seconds=0.0,
     )
-    states: list[Any] = []
+    keep = not ctx.dry_run and not in_memory
+    update: WatermarkUpdate | None = None
     if history is not None and users:
         report.stage("scoring the touched users")
         fired = last_fired(ctx, None if todo.full else todo.users, links=links)
@@ -256,8 +257,8 @@ def _evaluate(
         )
         states = inc.states(scored.fired, due, users, as_of)
         result.fired = int((scored.fired["triggers"].list.len() > 0).sum())
-        if not ctx.dry_run and not in_memory:
-            update = WatermarkUpdate(as_of, mark, processed, states, todo.full, parts)
+        update = WatermarkUpdate(as_of, mark, processed, states, todo.full, parts)
+        if keep:
             ledger.stage_watermark(ctx.run_id, target.name, source, update)
         result.delivery = send_scored(
             ctx,
@@ -269,9 +270,10 @@ def _evaluate(
             links=links,
             only_scored=not todo.full,
         )
-    if not ctx.dry_run and not in_memory:
+    if keep:
         fault_point("before_watermark")
-        update = WatermarkUpdate(as_of, mark, processed, states, todo.full, parts)
+        if update is None:  # nobody touched: the files and the instant move on, no state
+            update = WatermarkUpdate(as_of, mark, processed, [], todo.full, parts)
         ledger.advance_watermark(target.name, source, update, staged_by=ctx.run_id)
         event_store.clean(store, parts)  # a killed run's parts, parts merged away
     return result
