@@ -36,7 +36,7 @@ import pyarrow.ipc
 from lapse.config import LapseConfig
 from lapse.events import identity
 from lapse.events.mapping import MESSAGE_ID
-from lapse.events.validate import canonical_columns, distinct, read_events, read_links
+from lapse.events.validate import canonical_columns, distinct, read_events_with_links
 from lapse.faults import fault_point
 from lapse.files import atomic_path
 
@@ -128,11 +128,11 @@ def read_new(files: Sequence[Path], config: LapseConfig) -> tuple[pl.DataFrame, 
     """The validated events of ``files`` with their message ids (in their order; a row
     repeating an earlier one of these files left out, as in one folder: see
     :func:`lapse.events.validate.distinct`) and their identity links."""
-    events = [read_events(f, config, message_ids=True).collect() for f in files]
+    events, links = read_events_with_links(files, config, message_ids=True)
     frame = pl.concat(events, how="diagonal_relaxed") if events else pl.DataFrame()
     if frame.height:
         frame = frame.filter(distinct(frame, config))
-    return frame, identity.union_links([read_links(f, config) for f in files])
+    return frame, links
 
 
 def combine(

@@ -23,7 +23,7 @@ from lapse.delivery.batches import (
     plan_batches,
 )
 from lapse.delivery.ledger import Ledger, sink_lock
-from lapse.events import ValidationReport, load_attributes, read_links, validate_events
+from lapse.events import ValidationReport, load_attributes, validate_with_links
 from lapse.events.identity import anonymous_only, resolve
 from lapse.events.readers import EventSource, as_polars
 from lapse.exceptions import LapseError
@@ -163,12 +163,11 @@ def _score_local(
     """The local engine's run, once recorded: read, score, then :func:`send_scored`."""
     config, as_of, report = ctx.config, ctx.as_of, ctx.progress
     report.stage("reading and validating events")
-    events = as_polars(events)  # pandas: converted once, read twice (events, links)
-    kept, validation = validate_events(events, config, as_of=as_of)
+    events = as_polars(events)  # pandas: converted once
+    kept, validation, links = validate_with_links(events, config, as_of=as_of)
     check_event_names(loaded.bundle, validation.events_per_name, model_label(loaded))
     attributes = load_attributes(config)
     report.stage("scoring users")
-    links = read_links(events, config)
     compact = resolve(kept.lazy(), links, as_of).collect()  # kept's columns, unless resolved
     del kept  # held by `compact` only, whose columns turn compact one by one
     compact_events(compact)

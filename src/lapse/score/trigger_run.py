@@ -19,8 +19,7 @@ from lapse.events import (
     ValidationReport,
     event_files,
     load_attributes,
-    read_links,
-    validate_events,
+    validate_with_links,
 )
 from lapse.events import store as event_store
 from lapse.events.identity import anonymous_only, person_ids, resolve, union_links
@@ -301,8 +300,7 @@ def _read(
     config, as_of = ctx.config, ctx.as_of
     if todo.full:
         # everyone is read: validate as `score` does, so rejected rows are counted
-        kept, validation = validate_events(events, config, as_of=as_of, message_ids=True)
-        links = read_links(events, config)
+        kept, validation, links = validate_with_links(events, config, as_of=as_of, message_ids=True)
         parts = [event_store.write(store, kept, links)] if keep else []
         everyone = resolve(_events(kept), links, as_of).collect()
         del kept
