@@ -61,7 +61,6 @@ def union_links(frames: Sequence[pl.DataFrame]) -> pl.DataFrame:
         .group_by("id", "user_id")
         .agg(pl.col("ts").min())
         .sort("ts", "id", "user_id", nulls_last=True)
-        .cast(LINK_SCHEMA)  # type: ignore[arg-type]
     )
 
 
