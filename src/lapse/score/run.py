@@ -24,7 +24,7 @@ from lapse.delivery.batches import (
 )
 from lapse.delivery.ledger import Ledger, sink_lock
 from lapse.events import ValidationReport, load_attributes, validate_with_links
-from lapse.events.identity import anonymous_only, resolve
+from lapse.events.identity import Persons
 from lapse.events.readers import EventSource, as_polars
 from lapse.exceptions import LapseError
 from lapse.registry import LoadedBundle
@@ -168,7 +168,8 @@ def _score_local(
     check_event_names(loaded.bundle, validation.events_per_name, model_label(loaded))
     attributes = load_attributes(config)
     report.stage("scoring users")
-    compact = resolve(kept.lazy(), links, as_of).collect()  # kept's columns, unless resolved
+    persons = Persons.at(links, as_of)  # resolved once for every step
+    compact = persons.resolve(kept.lazy()).collect()  # kept's columns, unless resolved
     del kept  # held by `compact` only, whose columns turn compact one by one
     compact_events(compact)
     scored = score_users(
@@ -179,7 +180,7 @@ def _score_local(
         score_run_id=ctx.run_id,
         model_version=model_version(loaded),
         attributes=attributes,
-        last_fired=last_fired(ctx, links=links),
+        last_fired=last_fired(ctx, persons=persons),
     )
     del compact  # the events are done with: reasons and delivery run without them
     return send_scored(
@@ -188,8 +189,8 @@ def _score_local(
         scored,
         attributes=attributes,
         validation=validation,
-        anonymous=anonymous_only(links, as_of),
-        links=links,
+        anonymous=persons.anonymous_only(),
+        persons=persons,
         full=full,
     )
 
@@ -247,7 +248,7 @@ def send_scored(
     attributes: pl.DataFrame | None,
     validation: ValidationReport | None,
     anonymous: pl.Series | None = None,
-    links: pl.DataFrame | None = None,
+    persons: Persons | None = None,
     full: bool = False,
     only_scored: bool = False,
 ) -> ScoreRunResult:
@@ -257,7 +258,7 @@ def send_scored(
 
     ``anonymous`` ids (linked to no known user) are sent only to a sink with an
     ``anonymous_identifier``; for the others they are held back and counted.
-    ``links`` (the identity links the records' ids were resolved with) carry the
+    ``persons`` (the identity links the records' ids were resolved with) carry the
     ledger's frequency cap and delta sync over to the merged ids.
     ``full`` sends every sendable record, changed or not (``lapse score --full``).
     ``only_scored`` reads the ledger for the scored users only (a few users of many).
@@ -265,7 +266,7 @@ def send_scored(
     prune_expired(ctx)
     users = scored.records["user_id"].to_list() if only_scored else None
     marked = mark_sendable(
-        ctx, scored.records, attributes, anonymous, full=full, users=users, links=links
+        ctx, scored.records, attributes, anonymous, full=full, users=users, persons=persons
     )
     ctx.progress.stage("explaining the users sent")
     scored.records = marked.records.select(scored.records.columns)
