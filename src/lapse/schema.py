@@ -27,6 +27,8 @@ __all__ = [
     "TS_DTYPE",
     "USER_ID",
     "canonical",
+    "days_between",
+    "frac_days",
     "run_day",
     "utc_cutoff",
 ]
@@ -36,6 +38,17 @@ TS_DTYPE: Final = pl.Datetime("us", "UTC")
 DAY: Final = timedelta(days=1)
 DAY_US: Final = 86_400_000_000
 """A day in microseconds (the unit of :data:`TS_DTYPE`)."""
+
+
+def days_between(later: pl.Expr, earlier: pl.Expr) -> pl.Expr:
+    """Whole days (floor) from ``earlier`` to ``later``."""
+    return (later - earlier).dt.total_microseconds() // DAY_US
+
+
+def frac_days(later: pl.Expr, earlier: pl.Expr) -> pl.Expr:
+    """Days, with their fraction, from ``earlier`` to ``later``."""
+    return (later - earlier).dt.total_microseconds() / DAY_US
+
 
 EVENT_COLUMNS: Final[dict[str, pl.DataType]] = {
     "user_id": pl.String(),

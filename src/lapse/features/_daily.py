@@ -40,9 +40,9 @@ from datetime import UTC, datetime, timedelta
 import polars as pl
 
 from lapse.config import LapseConfig
-from lapse.features._engine import days_between, ratio
+from lapse.features._engine import ratio
 from lapse.features.registry import CORE_WINDOWS, expand
-from lapse.schema import TS_DTYPE, canonical
+from lapse.schema import TS_DTYPE, canonical, days_between
 
 _USER = "user_id"
 _UID = "_uid"

@@ -39,16 +39,9 @@ import numpy as np
 import polars as pl
 
 from lapse.config import LapseConfig
-from lapse.features._engine import (
-    days_between,
-    first_line,
-    frac_days,
-    has_orders,
-    ratio,
-    units_expr,
-)
+from lapse.features._engine import first_line, has_orders, ratio, units_expr
 from lapse.features.registry import CORE_WINDOWS, expand, windows_of
-from lapse.schema import DAY_US, ROLES, canonical
+from lapse.schema import DAY_US, ROLES, canonical, days_between, frac_days
 
 FeatureSet = Literal["core", "all"]
 
@@ -105,10 +98,9 @@ def _active_history(words: pl.DataFrame, last_day: int) -> pl.DataFrame:
     chunk of users at a time, they give the active days in (user, ``k``) order, and
     every statistic is a sum, count or maximum over consecutive runs of them.
     """
-    columns = [c for c in words.columns if c.startswith("_w")]
-    rows_per_chunk = max(1, _CHUNK_BITS // (_WORD * len(columns)))
+    rows_per_chunk = max(1, _CHUNK_BITS // (_WORD * words.width))
     parts = [
-        _history_of(words.slice(i, rows_per_chunk).select(columns).to_numpy(), last_day)
+        _history_of(words.slice(i, rows_per_chunk).to_numpy(), last_day)
         for i in range(0, words.height, rows_per_chunk)
     ]
     return pl.concat(parts) if parts else pl.DataFrame(schema=_HISTORY)

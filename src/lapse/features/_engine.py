@@ -33,7 +33,7 @@ import polars as pl
 from lapse.config import LapseConfig
 from lapse.exceptions import EventsError, MissingColumnsError
 from lapse.features.registry import CORE_WINDOWS, expand, windows_of
-from lapse.schema import DAY_US, ORDER_ID, ROLES, TS_DTYPE, canonical
+from lapse.schema import DAY_US, ORDER_ID, ROLES, TS_DTYPE, canonical, days_between, frac_days
 
 _USER = "user_id"
 # running sums kept per bucket; each is also a windowed feature
@@ -348,15 +348,6 @@ def state_at_cutoffs(
     return q.with_columns(pl.col(c).fill_null(0) for c in days if need is None or c in need).drop(
         "_at", strict=False
     )
-
-
-def days_between(later: pl.Expr, earlier: pl.Expr) -> pl.Expr:
-    """Whole days (floor) from ``earlier`` to ``later``."""
-    return (later - earlier).dt.total_microseconds() // DAY_US
-
-
-def frac_days(later: pl.Expr, earlier: pl.Expr) -> pl.Expr:
-    return (later - earlier).dt.total_microseconds() / DAY_US
 
 
 def ratio(num: pl.Expr, den: pl.Expr) -> pl.Expr:

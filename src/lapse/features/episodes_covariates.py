@@ -21,7 +21,7 @@ import polars as pl
 
 from lapse.config import LapseConfig
 from lapse.features import _engine
-from lapse.schema import ORDER_ID, canonical, utc_cutoff
+from lapse.schema import ORDER_ID, canonical, frac_days, utc_cutoff
 
 __all__ = ["ANY_SKU", "COVARIATES", "order_covariates", "order_keys", "purchase_orders"]
 
@@ -261,7 +261,7 @@ def order_covariates(
     """
     keys = list(_KEYS)
     ts = pl.col("ts")
-    gap = _engine.frac_days(ts, ts.shift(1)).over(keys, order_by="ts")
+    gap = frac_days(ts, ts.shift(1)).over(keys, order_by="ts")
     base = (
         orders.lazy()
         .with_row_index("_row")
@@ -271,7 +271,7 @@ def order_covariates(
             pl.col("lines").cast(pl.Float64).alias("order_lines"),
             pl.int_range(pl.len()).over(keys, order_by="ts").cast(pl.Float64).alias("prior_orders"),
             gap.alias("prev_gap_days"),
-            _engine.frac_days(ts, ts.min().over(keys)).alias("days_since_first_order"),
+            frac_days(ts, ts.min().over(keys)).alias("days_since_first_order"),
         )
         .with_columns(
             (pl.col("days_since_first_order") / pl.col("prior_orders"))

@@ -9,7 +9,7 @@ import polars as pl
 from lapse.config import LapseConfig
 from lapse.features import _engine
 from lapse.features.registry import SKU_FEATURES
-from lapse.schema import DAY_US, ORDER_ID, canonical, utc_cutoff
+from lapse.schema import DAY_US, ORDER_ID, canonical, days_between, frac_days, utc_cutoff
 
 __all__ = ["build_sku"]
 
@@ -87,7 +87,7 @@ def build_sku(events: pl.LazyFrame, as_of: datetime, config: LapseConfig) -> pl.
         rows = rows.join(used, on=keys, how="left").with_columns(
             pl.col("units_consumed", "_recent").fill_null(0.0)
         )
-        span = (pl.lit(t) - pl.col("_first")).dt.total_microseconds() / DAY_US
+        span = frac_days(pl.lit(t), pl.col("_first"))
         rate = pl.col("_recent") / pl.min_horizontal(span, float(_RATE_DAYS))
         left = pl.max_horizontal(pl.col("units_bought") - pl.col("units_consumed"), 0.0)
         rows = rows.with_columns(
@@ -101,12 +101,8 @@ def build_sku(events: pl.LazyFrame, as_of: datetime, config: LapseConfig) -> pl.
             for c in ("units_consumed", "units_left", "consumption_rate_28d", "days_of_supply_left")
         )
     rows = rows.with_columns(
-        ((pl.lit(t) - pl.col("_last")).dt.total_microseconds() // DAY_US).alias(
-            "days_since_last_order"
-        ),
-        ((pl.lit(t) - pl.col("_first")).dt.total_microseconds() // DAY_US).alias(
-            "days_since_first_order"
-        ),
+        days_between(pl.lit(t), pl.col("_last")).alias("days_since_last_order"),
+        days_between(pl.lit(t), pl.col("_first")).alias("days_since_first_order"),
     )
     return (
         rows.select(*keys, *(pl.col(f.name).cast(f.dtype) for f in SKU_FEATURES))

@@ -22,7 +22,7 @@ from lapse.config import LapseConfig
 from lapse.events import identity
 from lapse.exceptions import ConfigError, LapseError
 from lapse.labels.cutoffs import data_span
-from lapse.schema import ROLES
+from lapse.schema import ROLES, frac_days
 
 __all__ = [
     "EXCLUSIONS",
@@ -383,7 +383,7 @@ def _churned(
         churned = pl.col("_next").is_null() | (pl.col("_next") >= pl.col("cutoff") + horizon)
     else:
         churned = pl.col("_next").is_not_null() & (pl.col("_next") < pl.col("cutoff") + horizon)
-    until = (pl.col("_next") - pl.col("cutoff")).dt.total_microseconds() / 86_400e6
+    until = frac_days(pl.col("_next"), pl.col("cutoff"))
     extra = [until.alias("days_to_next")] if days_to_next else []
     return (
         frame.select("user_id", "cutoff", churned.alias("churned"), *extra)

@@ -26,7 +26,7 @@ from lapse.config import LapseConfig
 from lapse.events import identity
 from lapse.exceptions import ConfigError
 from lapse.features.episodes_covariates import ANY_SKU, Target, order_keys, purchase_orders
-from lapse.schema import DAY_US, canonical, utc_cutoff
+from lapse.schema import canonical, frac_days, utc_cutoff
 
 __all__ = [
     "ANY_SKU",
@@ -40,10 +40,6 @@ __all__ = [
 _MIN_DAYS = 1.0 / 24.0
 """Durations are at least an hour: parametric fits need positive times."""
 _PERSON: Final = "_person"
-
-
-def _days(later: pl.Expr, earlier: pl.Expr) -> pl.Expr:
-    return (later - earlier).dt.total_microseconds() / DAY_US
 
 
 def _repeat_buyers(events: pl.LazyFrame, config: LapseConfig, until: datetime) -> pl.LazyFrame:
@@ -167,7 +163,9 @@ def episodes(
             pl.coalesce("_next", pl.lit(t)).alias("end"),
             pl.col("_next").is_not_null().alias("observed"),
         )
-        .with_columns(_days(pl.col("end"), pl.col("start")).clip(_MIN_DAYS).alias("duration_days"))
+        .with_columns(
+            frac_days(pl.col("end"), pl.col("start")).clip(_MIN_DAYS).alias("duration_days")
+        )
         .select("user_id", "sku", "start", "end", "duration_days", "observed")
         .sort("user_id", "sku", "start")
         .collect()
@@ -201,7 +199,7 @@ def open_episodes(
     return (
         orders.group_by("user_id", "sku")
         .agg(pl.col("ts").max().alias("start"))
-        .with_columns(_days(pl.lit(t), pl.col("start")).alias("elapsed_days"))
+        .with_columns(frac_days(pl.lit(t), pl.col("start")).alias("elapsed_days"))
         .filter(pl.col("elapsed_days") <= config.replenishment.max_open_days)
         .sort("user_id", "sku")
     )
@@ -244,7 +242,7 @@ def reorder_outcomes(
     return (
         keyed.join(later, on=[_PERSON, "sku"], how="left")
         .with_columns(
-            _days(pl.coalesce("_next", pl.lit(end)), pl.lit(t))
+            frac_days(pl.coalesce("_next", pl.lit(end)), pl.lit(t))
             .clip(_MIN_DAYS)
             .alias("residual_days"),
             pl.col("_next").is_not_null().alias("observed"),

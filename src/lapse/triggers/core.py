@@ -215,12 +215,10 @@ def evaluate(frame: pl.DataFrame, triggers: Sequence[Trigger]) -> pl.DataFrame:
         out = out.with_columns(pl.lit([], dtype=pl.List(pl.String)).alias("triggers"))
     # the milestones' threshold keys join them, on the rows that crossed one
     keyed = [c.meta.output_name() for c in crossed]
-    thresholds = (
-        out.filter(pl.any_horizontal(pl.col(keyed).is_not_null())).select(
-            "_row", pl.concat_list("triggers", *keyed).list.drop_nulls().alias("_keys")
-        )
-        if keyed
-        else pl.DataFrame(schema={"_row": pl.UInt32, "_keys": pl.List(pl.String)})
+    if not keyed:
+        return out.select(*keys, *names, "triggers", pl.col("triggers").alias("cooldown_keys"))
+    thresholds = out.filter(pl.any_horizontal(pl.col(keyed).is_not_null())).select(
+        "_row", pl.concat_list("triggers", *keyed).list.drop_nulls().alias("_keys")
     )
     return out.join(thresholds, on="_row", how="left", maintain_order="left").select(
         *keys,
