@@ -89,6 +89,9 @@ def prepare(users: int, days: int, new: int, train_users: int) -> tuple[Path, Pa
 def child(mode: str, folder: str, bundle: str, as_of: str, home: str) -> None:
     """One timed `run_triggers` in LAPSE_HOME ``home``; a JSON line on stdout."""
     os.environ["LAPSE_HOME"] = home
+    from lapse.cli import lean_lightgbm
+
+    lean_lightgbm()  # the `lapse` command's process: LightGBM without scikit-learn and pandas
     from lapse.config import load_config
     from lapse.score.trigger_run import run_triggers
 

@@ -34,6 +34,40 @@ def test_cli_import_stays_light() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+_FIT = (
+    "import pickle, sys, numpy as np, lightgbm as lgb\n"
+    "x = np.arange(200.0).reshape(100, 2); y = (x[:, 0] > 100).astype(float)\n"
+    "b = lgb.train({'verbosity': -1, 'min_data_in_leaf': 5}, lgb.Dataset(x, y), 5)\n"
+    "p = pickle.loads(pickle.dumps(b)).predict(x)\n"
+    "assert ((p > 0.5) == (y > 0)).all(), p\n"
+)
+
+
+def test_lapse_process_imports_lightgbm_without_sklearn_or_pandas() -> None:
+    """The `lapse` process (``main``) loads LightGBM without scikit-learn and pandas (about
+    1.2 s of CPU), and LightGBM still trains, pickles and predicts there."""
+    code = (
+        "import sys\nfrom lapse import cli\nsys.argv = ['lapse', '--version']\n"
+        "try:\n    cli.main()\nexcept SystemExit:\n    pass\n"
+        + _FIT
+        + "assert not {'sklearn', 'pandas'} & set(sys.modules), sys.modules.keys()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cli_import_leaves_lightgbm_sklearn_api_whole() -> None:
+    """Importing the CLI (a notebook, tests) changes nothing in LightGBM: its scikit-learn API
+    fits, on a pandas frame too."""
+    code = (
+        "import lapse.cli\n"
+        + _FIT
+        + "import pandas as pd\n"
+        + "m = lgb.LGBMClassifier(n_estimators=5, min_child_samples=5, verbose=-1)\n"
+        + "assert (m.fit(pd.DataFrame(x), y).predict(pd.DataFrame(x)) == y).all()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 @pytest.mark.parametrize(("given", "used"), [(None, 1), ("2", 2)])
 def test_cli_runs_openblas_on_one_thread_unless_told(given: str | None, used: int) -> None:
     """Small BLAS calls only make a second OpenBLAS thread spin; a user's setting wins."""

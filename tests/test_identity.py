@@ -17,8 +17,14 @@ from lapse.events.identity import (
     canonical_ids,
     changing_ids,
     resolve,
+    union_links,
 )
-from lapse.events.validate import read_links
+from lapse.events.validate import (
+    read_events,
+    read_events_with_links,
+    read_links,
+    validate_with_links,
+)
 from lapse.features import build, build_many
 
 CONFIG = LapseConfig.model_validate(
@@ -80,6 +86,31 @@ def test_five_line_export_is_one_customer_after_identify(tmp_path: Path) -> None
     assert before.row(0, named=True)["setup_started_count_7d"] == 1
     # without links, the same events stay apart
     assert build(events.lazy(), day(10), CONFIG)["user_id"].to_list() == ["anon-1", "u-42"]
+
+
+@pytest.mark.parametrize("table", [False, True])
+def test_one_read_gives_the_events_and_links_of_two(tmp_path: Path, table: bool) -> None:
+    """:func:`validate_with_links` and :func:`read_events_with_links` read each source once
+    and give what :func:`validate_events` / :func:`read_events` and :func:`read_links` give
+    (the ``identities`` table's links once, and none without a source)."""
+    first = write(tmp_path / "a.jsonl", FIVE_LINES[:3])
+    second = write(tmp_path / "b.jsonl", FIVE_LINES[3:])
+    config = CONFIG.model_copy(deep=True)
+    if table:
+        (tmp_path / "ids.csv").write_text("device,customer\nd-9,u-42\n")
+        config.identities.path = tmp_path / "ids.csv"
+        config.identities.anonymous_id, config.identities.user_id = "device", "customer"
+    kept, report, links = validate_with_links(first, config, as_of=day(10))
+    alone, alone_report = validate_events(first, config, as_of=day(10))
+    assert kept.equals(alone) and report == alone_report
+    assert links.equals(read_links(first, config)) and links.height == 2 + table
+    events, both = read_events_with_links([first, second], config, message_ids=True)
+    for frame, path in zip(events, [first, second], strict=True):
+        assert frame.equals(read_events(path, config, message_ids=True).collect())
+    assert both.equals(union_links([read_links(p, config) for p in (first, second)]))
+    assert both.height == 3 + table
+    nothing, no_links = read_events_with_links([], config)
+    assert nothing == [] and no_links.is_empty()
 
 
 def test_page_screen_alias_and_group_calls(tmp_path: Path) -> None:

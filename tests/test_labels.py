@@ -227,6 +227,33 @@ def test_several_cutoffs_at_once_equal_one_by_one() -> None:
     assert row["churned"].item() is True
 
 
+@pytest.mark.parametrize(
+    "labels",
+    [{}, {"eligibility": "subscribed"}, {"kind": "contractual", "eligibility_days": 20}],
+)
+def test_population_at_many_cutoffs_equals_one_by_one(labels: dict[str, object]) -> None:
+    """Many cutoffs (the look-ahead's 15-minute slots: an as-of join) give each cutoff's
+    population as one cutoff alone (a single pass) does; an event at a cutoff is after it."""
+    ev = events(
+        [
+            ("a", 1, "app_open"),
+            ("a", 9, "order_completed"),
+            ("a", 30, "app_open"),
+            ("b", 3, "order_completed"),
+            ("b", 12, "subscription_cancelled"),
+            ("b", 25, "order_completed"),
+            ("c", 20, "device_error"),
+            ("d", 29, "subscription_cancelled"),
+        ],
+        hour=6,
+    )
+    cuts = [d(k, h) for k in (2, 9, 12, 25, 29, 30, 31) for h in (0, 6, 7)]
+    together = population(ev, cuts, cfg(**labels))
+    apart = pl.concat([population(ev, [c], cfg(**labels)) for c in cuts])
+    assert len(cuts) > 8 and together.equals(apart)
+    assert together["excluded"].null_count() > 0 and together["excluded"].drop_nulls().len() > 0
+
+
 def test_incomplete_horizon_is_refused() -> None:
     ev = events([("a", 1, "app_open"), ("a", 40, "app_open")])
     with pytest.raises(LapseError, match="past the end of the data"):

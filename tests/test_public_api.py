@@ -45,10 +45,12 @@ def test_events() -> None:
         "new_event_users",
         "read_attributes",
         "read_events",
+        "read_events_with_links",
         "read_links",
         "read_user_events",
         "scan_source",
         "validate_events",
+        "validate_with_links",
     ]
 
 

@@ -929,6 +929,31 @@ def test_a_run_trigger_on_a_milestone_the_model_never_counted_needs_no_retrain(
     assert fired == scored - adopters and 0 < len(fired) < len(scored)
 
 
+def test_the_look_ahead_reuses_the_scorings_refill_estimates(small: Small) -> None:
+    """Scoring hands its refill estimates (every user's, eligible or not) to the look-ahead
+    (an incremental trigger run's), which finds the same due instants as when it estimates
+    them itself."""
+    from lapse.modeling.bundle import ChurnBundle
+    from lapse.score.incremental import next_due
+    from lapse.score.records import refills
+
+    config = load_config()
+    bundle = ChurnBundle.load(small.bundle)
+    events = pl.read_parquet(small.events).filter(pl.col("ts") < small.as_of + timedelta(days=2))
+    res = _score(small, config)
+    own = refills(bundle, events.lazy(), small.as_of)
+    assert res.refills is not None and own.height > 0
+    assert res.refills.sort("user_id").equals(own.sort("user_id"))
+    assert res.fired is not None
+    users = sorted(events["user_id"].cast(pl.String).unique())[:150]
+
+    def due(refilled: pl.DataFrame | None) -> pl.DataFrame:
+        at = small.as_of
+        return next_due(bundle, events, res.fired, users, at, config, refilled=refilled)
+
+    assert due(res.refills).equals(due(None))
+
+
 def test_replenishment_due_and_the_refill_prompt_share_the_better_depletion_estimate(
     small: Small,
 ) -> None:

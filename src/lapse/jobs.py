@@ -16,7 +16,7 @@ from lapse.config import ENGINES, Engine, LapseConfig
 from lapse.datasets import generate, write
 from lapse.delivery.audit import AuditTrail
 from lapse.delivery.ledger import Ledger, sink_lock
-from lapse.events import ValidationReport, load_attributes, read_links, validate_events
+from lapse.events import ValidationReport, load_attributes, validate_events, validate_with_links
 from lapse.events import store as event_store
 from lapse.exceptions import LapseError
 from lapse.features import build
@@ -83,9 +83,8 @@ def run_drivers(
     YAML snippet there. The result's ``files`` names what was written, its
     ``figures["drivers"]`` is the forest plot.
     """
-    kept, _ = validate_events(events, config)
+    kept, _, links = validate_with_links(events, config)
     attrs = load_attributes(config, attributes)
-    links = read_links(events, config)
     result = stickiness_drivers(kept.lazy(), config, as_of=as_of, attributes=attrs, links=links)
     files: dict[str, Path] = {}
     figures = {"drivers": drivers_figure(result)}
@@ -145,8 +144,7 @@ def run_features(
         return _features_result(pl.scan_parquet(out), out, as_of, spark_report, engine)
     if engine != "local":
         raise LapseError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
-    kept, report = validate_events(events, config, as_of=as_of)
-    links = read_links(events, config)
+    kept, report, links = validate_with_links(events, config, as_of=as_of)
     frame = build(kept.lazy(), as_of, config, attributes=attrs, links=links)
     with atomic_path(out) as tmp:
         frame.write_parquet(tmp)

@@ -6,7 +6,8 @@ canonical columns of :data:`lapse.schema.EVENT_COLUMNS`, ``read_events`` and
 ``read_attributes`` reads the per-user table and ``init_config`` drafts a
 config for a new file. ``event_files``, ``new_event_users`` and
 ``read_user_events`` serve incremental trigger runs (an append-only folder).
-``read_links`` reads the identity links that :mod:`lapse.events.identity`
+``read_links`` reads the identity links (``read_events_with_links`` and
+``validate_with_links`` read both at once) that :mod:`lapse.events.identity`
 resolves into one id per person at a cutoff. Wherever a path to events is
 taken, a source-shaped Polars or pandas frame (:data:`EventSource`) is too.
 """
@@ -23,9 +24,11 @@ from lapse.events.validate import (
     event_files,
     new_event_users,
     read_events,
+    read_events_with_links,
     read_links,
     read_user_events,
     validate_events,
+    validate_with_links,
 )
 
 __all__ = [
@@ -40,8 +43,10 @@ __all__ = [
     "new_event_users",
     "read_attributes",
     "read_events",
+    "read_events_with_links",
     "read_links",
     "read_user_events",
     "scan_source",
     "validate_events",
+    "validate_with_links",
 ]

@@ -19,6 +19,7 @@ linked first keeps its id and the other's events move to it.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from itertools import pairwise
 from typing import Final
@@ -29,6 +30,7 @@ from lapse.schema import TS_DTYPE, USER_ID
 
 __all__ = [
     "LINK_SCHEMA",
+    "Persons",
     "anonymous_only",
     "at_each_cutoff",
     "canonical_ids",
@@ -61,7 +63,6 @@ def union_links(frames: Sequence[pl.DataFrame]) -> pl.DataFrame:
         .group_by("id", "user_id")
         .agg(pl.col("ts").min())
         .sort("ts", "id", "user_id", nulls_last=True)
-        .cast(LINK_SCHEMA)  # type: ignore[arg-type]
     )
 
 
@@ -117,16 +118,7 @@ def resolve(
 
     Only links with ``ts < as_of`` apply (all of them when ``as_of`` is None).
     """
-    mapping = canonical_ids(links, as_of).filter(pl.col("id") != pl.col(_CANONICAL))
-    if mapping.is_empty():
-        return events
-    return (
-        events.join(
-            mapping.lazy(), left_on=column, right_on="id", how="left", maintain_order="left"
-        )
-        .with_columns(pl.coalesce(_CANONICAL, column).alias(column))
-        .drop(_CANONICAL)
-    )
+    return Persons.at(links, as_of).resolve(events, column)
 
 
 def merged_ids(links: pl.DataFrame, as_of: datetime | None = None) -> int:
@@ -137,13 +129,7 @@ def merged_ids(links: pl.DataFrame, as_of: datetime | None = None) -> int:
 
 def anonymous_only(links: pl.DataFrame, as_of: datetime | None = None) -> pl.Series:
     """The anonymous ids seen before ``as_of`` and linked to no user id by then, sorted."""
-    seen = _before(links, as_of)
-    linked = canonical_ids(seen)["id"]
-    return (
-        seen.filter(pl.col(USER_ID).is_null() & ~pl.col("id").is_in(linked.implode()))["id"]
-        .unique()
-        .sort()
-    )
+    return Persons.at(links, as_of).anonymous_only()
 
 
 def changing_ids(links: pl.DataFrame, cutoffs: Sequence[datetime]) -> pl.Series:
@@ -203,8 +189,55 @@ def at_each_cutoff(
 
 def person_ids(links: pl.DataFrame, ids: Sequence[str], as_of: datetime | None) -> list[str]:
     """``ids`` and every other id of their persons as of ``as_of``, sorted."""
-    mapping = canonical_ids(links, as_of)
-    wanted = pl.Series(list(ids), dtype=pl.String).implode()
-    persons = mapping.filter(pl.col("id").is_in(wanted))[_CANONICAL].implode()
-    others = mapping.filter(pl.col(_CANONICAL).is_in(persons))["id"].to_list()
-    return sorted({*ids, *others})
+    return Persons.at(links, as_of).every_id(ids)
+
+
+@dataclass(frozen=True)
+class Persons:
+    """The identity ``links`` resolved as of ``as_of`` (``ids``: their :func:`canonical_ids`,
+    found once): what the steps of one run resolve ids with (:func:`resolve`,
+    :func:`person_ids` and :func:`anonymous_only` at that instant)."""
+
+    links: pl.DataFrame
+    as_of: datetime | None
+    ids: pl.DataFrame
+
+    @classmethod
+    def at(cls, links: pl.DataFrame, as_of: datetime | None) -> Persons:
+        """``links`` resolved as of ``as_of`` (all of them when ``None``)."""
+        return cls(links, as_of, canonical_ids(links, as_of))
+
+    @property
+    def empty(self) -> bool:
+        """No link at all (every id is its own person)."""
+        return self.links.is_empty()
+
+    def resolve(self, events: pl.LazyFrame, column: str = USER_ID) -> pl.LazyFrame:
+        """:func:`resolve` of ``events`` (their ``column``) at this instant."""
+        mapping = self.ids.filter(pl.col("id") != pl.col(_CANONICAL))
+        if mapping.is_empty():
+            return events
+        return (
+            events.join(
+                mapping.lazy(), left_on=column, right_on="id", how="left", maintain_order="left"
+            )
+            .with_columns(pl.coalesce(_CANONICAL, column).alias(column))
+            .drop(_CANONICAL)
+        )
+
+    def every_id(self, ids: Sequence[str]) -> list[str]:
+        """:func:`person_ids` of ``ids`` at this instant."""
+        wanted = pl.Series(list(ids), dtype=pl.String).implode()
+        persons = self.ids.filter(pl.col("id").is_in(wanted))[_CANONICAL].implode()
+        others = self.ids.filter(pl.col(_CANONICAL).is_in(persons))["id"].to_list()
+        return sorted({*ids, *others})
+
+    def anonymous_only(self) -> pl.Series:
+        """:func:`anonymous_only` at this instant."""
+        seen = _before(self.links, self.as_of)
+        linked = self.ids["id"]
+        return (
+            seen.filter(pl.col(USER_ID).is_null() & ~pl.col("id").is_in(linked.implode()))["id"]
+            .unique()
+            .sort()
+        )

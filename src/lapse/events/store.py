@@ -36,7 +36,7 @@ import pyarrow.ipc
 from lapse.config import LapseConfig
 from lapse.events import identity
 from lapse.events.mapping import MESSAGE_ID
-from lapse.events.validate import canonical_columns, distinct, read_events, read_links
+from lapse.events.validate import canonical_columns, distinct, read_events_with_links
 from lapse.faults import fault_point
 from lapse.files import atomic_path
 
@@ -128,11 +128,11 @@ def read_new(files: Sequence[Path], config: LapseConfig) -> tuple[pl.DataFrame, 
     """The validated events of ``files`` with their message ids (in their order; a row
     repeating an earlier one of these files left out, as in one folder: see
     :func:`lapse.events.validate.distinct`) and their identity links."""
-    events = [read_events(f, config, message_ids=True).collect() for f in files]
+    events, links = read_events_with_links(files, config, message_ids=True)
     frame = pl.concat(events, how="diagonal_relaxed") if events else pl.DataFrame()
     if frame.height:
         frame = frame.filter(distinct(frame, config))
-    return frame, identity.union_links([read_links(f, config) for f in files])
+    return frame, links
 
 
 def combine(
@@ -167,9 +167,15 @@ def _take(reader: pa.ipc.RecordBatchFileReader, rows: IntArray) -> pa.Table:
         batch = reader.get_batch(i)
         lo, hi = np.searchsorted(rows, [start, start + batch.num_rows])
         if hi > lo:
-            batches.append(batch.take(pa.array(rows[lo:hi] - start)))
+            batches.append(batch.take(_indices(rows[lo:hi] - start)))
         start += batch.num_rows
     return pa.Table.from_batches(batches, schema=reader.schema)
+
+
+def _indices(rows: IntArray) -> pa.Array:
+    """``rows`` (contiguous int64) as an Arrow array, sharing their memory: ``pa.array`` of a
+    NumPy array imports pandas (0.4-0.6 s) to ask whether it is a pandas categorical."""
+    return pa.Array.from_buffers(pa.int64(), len(rows), [None, pa.py_buffer(rows)])
 
 
 def links(store: Path, parts: Sequence[str]) -> pl.DataFrame:

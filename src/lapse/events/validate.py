@@ -81,12 +81,14 @@ __all__ = [
     "new_event_users",
     "output_columns",
     "read_events",
+    "read_events_with_links",
     "read_identities",
     "read_links",
     "read_user_events",
     "reject_reason",
     "rejects_path_for",
     "validate_events",
+    "validate_with_links",
 ]
 
 REJECT_REASONS: Final = ("null_user_id", "unparsable_ts", "null_event", "negative_quantity")
@@ -441,14 +443,32 @@ def read_events(
     shared across users is the one case this keeps apart). ``message_ids`` keeps their
     column (:data:`MESSAGE_ID`, when ``source.message_id`` is set) as the event store does.
     """
+    return _kept(_read_checked(path, config, user_ids), config, message_ids=message_ids).lazy()
+
+
+def read_events_with_links(
+    paths: Sequence[EventSource], config: LapseConfig, *, message_ids: bool = False
+) -> tuple[list[pl.DataFrame], pl.DataFrame]:
+    """:func:`read_events` of each of ``paths`` (collected) and the :func:`read_links` of them
+    all, from one read of each (and of the ``identities`` table; no links without paths)."""
+    if not paths:
+        return [], identity.empty_links()
+    checked = [_read_checked(p, config, None) for p in paths]
+    events = [_kept(c, config, message_ids=message_ids) for c in checked]
+    links = identity.union_links([c.links for c in checked])
+    return events, _with_identities(links, config)
+
+
+def _read_checked(
+    path: EventSource, config: LapseConfig, user_ids: Sequence[str] | None
+) -> _Checked:
     raw, name = _raw(path, config, None)
     where = None
     if user_ids is not None:
         ids = pl.Series("user_id", sorted(set(user_ids)), dtype=pl.String)
         where = pl.col("user_id").cast(pl.String).is_in(ids.implode())
     mapped = map_events(raw, config, source_name=name)
-    checked = _check(mapped, config, name, batch_rows=_batch_rows(path, config), where=where)
-    return _kept(checked, config, message_ids=message_ids).lazy()
+    return _check(mapped, config, name, batch_rows=_batch_rows(path, config), where=where)
 
 
 def read_links(path: EventSource, config: LapseConfig) -> pl.DataFrame:
@@ -465,6 +485,11 @@ def read_links(path: EventSource, config: LapseConfig) -> pl.DataFrame:
             "user_id", "ts", ANONYMOUS_ID, PREVIOUS_ID, CALL
         )
         links = links_of(collect_frame(mapped, name))
+    return _with_identities(links, config)
+
+
+def _with_identities(links: pl.DataFrame, config: LapseConfig) -> pl.DataFrame:
+    """A source's ``links`` and those of the ``identities`` table, when one is configured."""
     if config.identities.path is None:
         return links
     table = read_identities(config.resolve(config.identities.path), config)
@@ -548,7 +573,26 @@ def validate_events(
     now: datetime | None = None,
     message_ids: bool = False,
 ) -> tuple[pl.DataFrame, ValidationReport]:
-    """Read, map and validate ``path``; return the kept events and a report.
+    """Read, map and validate ``path``; return the kept events and a report
+    (:func:`validate_with_links`, without the links)."""
+    events, report, _ = validate_with_links(
+        path, config, as_of=as_of, rejects_path=rejects_path, now=now, message_ids=message_ids
+    )
+    return events, report
+
+
+def validate_with_links(
+    path: EventSource,
+    config: LapseConfig,
+    *,
+    as_of: datetime | None = None,
+    rejects_path: Path | None = None,
+    now: datetime | None = None,
+    message_ids: bool = False,
+) -> tuple[pl.DataFrame, ValidationReport, pl.DataFrame]:
+    """Read, map and validate ``path``; return the kept events, a report and the identity
+    links (:func:`read_links`, from the same read; of a database source, those of the
+    rows in its window, which ``as_of`` bounds).
 
     Parameters
     ----------
@@ -626,7 +670,7 @@ def validate_events(
         anonymous_only=identity.anonymous_only(links).len(),
         guest_rows=guests,
     )
-    return events, report
+    return events, report, _with_identities(links, config)
 
 
 def read_user_events(

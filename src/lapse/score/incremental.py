@@ -182,9 +182,12 @@ def next_due(
     config: LapseConfig,
     *,
     attributes: pl.DataFrame | None = None,
+    refilled: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """``user_id, next_due`` for each of ``users``, given ``fired`` (``user_id``, ``triggers``
-    at ``as_of``; a user without a row, not eligible, fires nothing).
+    at ``as_of``; a user without a row, not eligible, fires nothing) and, when the run has
+    them, the users' :func:`lapse.score.records.refills` as of ``as_of`` (``refilled``,
+    the scoring's; else found here).
 
     When, within ``incremental.horizon_days`` after ``as_of``, the triggers that fire
     would first differ from ``fired``, judged on ``events`` alone (the users' events,
@@ -204,6 +207,7 @@ def next_due(
     due_type = pl.Datetime("us", "UTC")
     schema: dict[str, pl.DataType] = {"user_id": pl.String(), "next_due": due_type}
     emits = [t.emit for t in trigger_definitions(bundle, config, {}) if t.enabled]
+    model = _needs_model(bundle, config, attributes)
     listed = [pl.col("triggers").list.contains(pl.lit(e)).fill_null(False) for e in emits]
     now = fired.select(pl.col("user_id").cast(pl.String), _flags(listed).alias("now"))
 
@@ -215,16 +219,20 @@ def next_due(
         chunk = everyone.slice(start, size)
         ev = events.filter(pl.col("user_id").cast(pl.String).is_in(chunk.implode()))
         # the depletion instant as of now (the telemetry rule's does not move with time)
-        depleted = refills(bundle, ev.lazy(), as_of)
+        depleted = (
+            refills(bundle, ev.lazy(), as_of)
+            if refilled is None
+            else refilled.filter(pl.col("user_id").is_in(chunk.implode()))
+        )
         # the first week for everyone, the rest of the horizon for those without a change
         # in it (most change within days: the same first day, a fraction of the rows)
         changed = _first_change(
-            bundle, ev, chunk, days[:_WEEK], now, emits, depleted, config, attributes
+            bundle, ev, chunk, days[:_WEEK], now, emits, depleted, config, attributes, model
         )
         if len(days) > _WEEK:
             quiet = chunk.filter(~chunk.is_in(changed["user_id"].implode()))
             later = _first_change(
-                bundle, ev, quiet, days[_WEEK:], now, emits, depleted, config, attributes
+                bundle, ev, quiet, days[_WEEK:], now, emits, depleted, config, attributes, model
             )
             changed = pl.concat([changed, later])
         near = changed.filter(pl.col("hi") == days[0])["user_id"]
@@ -232,7 +240,16 @@ def next_due(
         step = max(1, size * len(days) // len(slots))
         soon = [
             _first_change(
-                bundle, ev, near.slice(i, step), slots, now, emits, depleted, config, attributes
+                bundle,
+                ev,
+                near.slice(i, step),
+                slots,
+                now,
+                emits,
+                depleted,
+                config,
+                attributes,
+                model,
             )
             for i in range(0, len(near), step)
         ]
@@ -271,10 +288,11 @@ def _first_change(
     depleted: pl.DataFrame,
     config: LapseConfig,
     attributes: pl.DataFrame | None,
+    model: bool,
 ) -> pl.DataFrame:
     """``user_id, hi``: the first of ``cutoffs`` at which each of ``users`` fires other
     triggers than ``now`` says (:func:`_flags` of the live triggers ``emits``; users with
-    no change left out)."""
+    no change left out; ``model``: :func:`_needs_model`)."""
     schema = {"user_id": pl.String(), "hi": pl.Datetime("us", "UTC")}
     if users.is_empty():
         return pl.DataFrame(schema=schema)
@@ -283,7 +301,7 @@ def _first_change(
     )
     pairs = pl.DataFrame({"user_id": users}).join(grid, how="cross")
     mine = events.filter(pl.col("user_id").cast(pl.String).is_in(users.implode())).lazy()
-    later = _fired_at(bundle, mine, pairs, depleted, config, attributes, emits)
+    later = _fired_at(bundle, mine, pairs, depleted, config, attributes, emits, model)
     nothing = "0" * len(emits)  # not eligible: fires nothing
     return (
         later.join(now, on="user_id", how="left")
@@ -312,15 +330,16 @@ def _fired_at(
     config: LapseConfig,
     attributes: pl.DataFrame | None,
     emits: list[str],
+    model: bool,
 ) -> pl.DataFrame:
     """``pairs`` (``user_id, cutoff``) with ``then``: the fired set at that cutoff as
     :func:`_flags` of the live triggers ``emits`` (all ``0`` when the user is not
-    eligible there); ``depleted``: the users' :func:`lapse.score.records.refills`.
+    eligible there); ``depleted``: the users' :func:`lapse.score.records.refills`;
+    ``model``: whether the triggers need the churn model's scores (:func:`_needs_model`).
 
     The triggers see what ``score`` gives them; when none reads a churn score (or a
     model input), the eligible rows get just the features the triggers read."""
     cutoffs = pairs["cutoff"].unique().sort().to_list()
-    model = _needs_model(bundle, config, attributes)
     if model:
         frame = bundle.prepare_many(events, cutoffs, attributes=attributes)
         frame = frame.with_columns(pl.col("user_id").cast(pl.String))

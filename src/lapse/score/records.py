@@ -93,7 +93,9 @@ class ScoreResult:
 
     ``fired`` holds ``user_id`` and ``triggers`` as evaluated, before cooldowns;
     ``definitions`` the resolved triggers (their cooldowns); ``population`` who
-    was scored and who was not (:func:`population_counts`).
+    was scored and who was not (:func:`population_counts`); ``refills`` the
+    :func:`refills` of every user of the events (``None`` when a shard had nobody
+    eligible, so they were not all found).
     """
 
     records: pl.DataFrame
@@ -103,6 +105,7 @@ class ScoreResult:
     fired: pl.DataFrame | None = None
     definitions: list[Trigger] = field(default_factory=list)
     population: dict[str, int] = field(default_factory=dict)
+    refills: pl.DataFrame | None = None
 
 
 def refills(bundle: ChurnBundle, events: pl.LazyFrame, as_of: datetime) -> pl.DataFrame:
@@ -318,7 +321,14 @@ def score_users(
         fired=pl.concat([s.fired for s in scored if s.fired is not None]),
         definitions=scored[0].definitions,
         population=counts,
+        refills=_all_refills(shards),
     )
+
+
+def _all_refills(shards: Sequence[Shard]) -> pl.DataFrame | None:
+    """The shards' :func:`refills` together; ``None`` unless every shard found its own."""
+    found = [s.refills for s in shards]
+    return None if any(r is None for r in found) else pl.concat([r for r in found if r is not None])
 
 
 #: Events a shard of :func:`user_shards` holds at most (about; whole users): the feature
@@ -394,6 +404,7 @@ class Shard:
     definitions: list[Trigger]
     population: dict[str, int]
     drift: dict[str, list[int]]
+    refills: pl.DataFrame | None = None
 
 
 def score_shard(
@@ -427,6 +438,7 @@ def score_shard(
         return Shard(pl.DataFrame(schema=RECORDS_SCHEMA), frame, None, [], counts, {})
     bundle.check_schema(frame)
     frame = frame.with_columns(pl.col("user_id").cast(pl.String)).sort("user_id")
+    refill = refills(bundle, events, as_of)
     records, fired, definitions = user_records(
         bundle,
         frame,
@@ -437,9 +449,10 @@ def score_shard(
         model_version=model_version,
         attributes=attributes,
         last_fired=last_fired,
+        refill=refill,
     )
     bins = drift_counts(bundle, frame, records["churn_risk"].to_numpy()) if drift else {}
-    return Shard(records, frame, fired, definitions, counts, bins)
+    return Shard(records, frame, fired, definitions, counts, bins, refill)
 
 
 def _summed_population(parts: Sequence[Mapping[str, int]]) -> dict[str, int]:
@@ -563,6 +576,7 @@ def user_records(
     model_version: str,
     attributes: pl.DataFrame | None = None,
     last_fired: pl.DataFrame | None = None,
+    refill: pl.DataFrame | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame, list[Trigger]]:
     """The records (pinned columns plus ``control``) of prepared feature rows, the
     fired triggers before cooldowns (``user_id``, ``triggers``) and their definitions.
@@ -571,9 +585,10 @@ def user_records(
     ``user_id`` as strings, sorted by it. Every column of a record depends on
     its user's own rows, the bundle and the config only, so any split of the
     users by ``user_id`` (the Spark engine's partitions) gives the same records.
+    ``refill``: :func:`refills` of ``events`` when the caller has it.
     """
     scores = risk_columns(bundle, frame)
-    refill = refills(bundle, events, as_of)
+    refill = refills(bundle, events, as_of) if refill is None else refill
     extra = depletion_days(frame, refill)
     built = trigger_features(bundle, config, events, [as_of], frame.schema)
     if built is not None:

@@ -23,8 +23,8 @@ from lapse.delivery.batches import (
     plan_batches,
 )
 from lapse.delivery.ledger import Ledger, sink_lock
-from lapse.events import ValidationReport, load_attributes, read_links, validate_events
-from lapse.events.identity import anonymous_only, resolve
+from lapse.events import ValidationReport, load_attributes, validate_with_links
+from lapse.events.identity import Persons
 from lapse.events.readers import EventSource, as_polars
 from lapse.exceptions import LapseError
 from lapse.registry import LoadedBundle
@@ -163,13 +163,13 @@ def _score_local(
     """The local engine's run, once recorded: read, score, then :func:`send_scored`."""
     config, as_of, report = ctx.config, ctx.as_of, ctx.progress
     report.stage("reading and validating events")
-    events = as_polars(events)  # pandas: converted once, read twice (events, links)
-    kept, validation = validate_events(events, config, as_of=as_of)
+    events = as_polars(events)  # pandas: converted once
+    kept, validation, links = validate_with_links(events, config, as_of=as_of)
     check_event_names(loaded.bundle, validation.events_per_name, model_label(loaded))
     attributes = load_attributes(config)
     report.stage("scoring users")
-    links = read_links(events, config)
-    compact = resolve(kept.lazy(), links, as_of).collect()  # kept's columns, unless resolved
+    persons = Persons.at(links, as_of)  # resolved once for every step
+    compact = persons.resolve(kept.lazy()).collect()  # kept's columns, unless resolved
     del kept  # held by `compact` only, whose columns turn compact one by one
     compact_events(compact)
     scored = score_users(
@@ -180,7 +180,7 @@ def _score_local(
         score_run_id=ctx.run_id,
         model_version=model_version(loaded),
         attributes=attributes,
-        last_fired=last_fired(ctx, links=links),
+        last_fired=last_fired(ctx, persons=persons),
     )
     del compact  # the events are done with: reasons and delivery run without them
     return send_scored(
@@ -189,8 +189,8 @@ def _score_local(
         scored,
         attributes=attributes,
         validation=validation,
-        anonymous=anonymous_only(links, as_of),
-        links=links,
+        anonymous=persons.anonymous_only(),
+        persons=persons,
         full=full,
     )
 
@@ -248,7 +248,7 @@ def send_scored(
     attributes: pl.DataFrame | None,
     validation: ValidationReport | None,
     anonymous: pl.Series | None = None,
-    links: pl.DataFrame | None = None,
+    persons: Persons | None = None,
     full: bool = False,
     only_scored: bool = False,
 ) -> ScoreRunResult:
@@ -258,7 +258,7 @@ def send_scored(
 
     ``anonymous`` ids (linked to no known user) are sent only to a sink with an
     ``anonymous_identifier``; for the others they are held back and counted.
-    ``links`` (the identity links the records' ids were resolved with) carry the
+    ``persons`` (the identity links the records' ids were resolved with) carry the
     ledger's frequency cap and delta sync over to the merged ids.
     ``full`` sends every sendable record, changed or not (``lapse score --full``).
     ``only_scored`` reads the ledger for the scored users only (a few users of many).
@@ -266,7 +266,7 @@ def send_scored(
     prune_expired(ctx)
     users = scored.records["user_id"].to_list() if only_scored else None
     marked = mark_sendable(
-        ctx, scored.records, attributes, anonymous, full=full, users=users, links=links
+        ctx, scored.records, attributes, anonymous, full=full, users=users, persons=persons
     )
     ctx.progress.stage("explaining the users sent")
     scored.records = marked.records.select(scored.records.columns)

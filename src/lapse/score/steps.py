@@ -63,7 +63,7 @@ from lapse.delivery.batches import (
 )
 from lapse.delivery.ledger import Ledger, RunInfo, sink_lock
 from lapse.events import ValidationReport
-from lapse.events.identity import person_ids, resolve
+from lapse.events.identity import Persons
 from lapse.events.readers import EventSource
 from lapse.exceptions import LapseError, WriteFailed
 from lapse.faults import fault_point
@@ -478,24 +478,24 @@ def prune_expired(ctx: RunContext) -> None:
 
 
 def last_fired(
-    ctx: RunContext, users: list[str] | None = None, *, links: pl.DataFrame | None = None
+    ctx: RunContext, users: list[str] | None = None, *, persons: Persons | None = None
 ) -> pl.DataFrame:
     """The ledger's cooldown table for the run's sink (``users`` only, if given):
     ``trigger, user_id, last_fired``.
 
-    With identity ``links`` the cooldowns move with the person: a visitor
-    messaged under an anonymous id and identified since is the same user, so
-    its ids' entries merge into the canonical id as of the run (latest wins).
+    With identity links (``persons``: resolved as of the run) the cooldowns move with
+    the person: a visitor messaged under an anonymous id and identified since is the
+    same user, so its ids' entries merge into the canonical id (latest wins).
     """
     frame = pl.DataFrame(
-        ctx.ledger.fired(ctx.sink.name, users=_every_id(ctx, users, links)),
+        ctx.ledger.fired(ctx.sink.name, users=_every_id(users, persons)),
         schema={"trigger": pl.String, "user_id": pl.String, "last_fired": pl.Date},
         orient="row",
     )
-    if links is None or links.is_empty():
+    if persons is None or persons.empty:
         return frame
     return (
-        resolve(frame.lazy(), links, ctx.as_of)
+        persons.resolve(frame.lazy())
         .group_by("trigger", "user_id")
         .agg(pl.col("last_fired").max())
         .sort("trigger", "user_id")
@@ -508,14 +508,14 @@ def messages_sent(
     cap: FrequencyCap,
     users: list[str] | None = None,
     *,
-    links: pl.DataFrame | None = None,
+    persons: Persons | None = None,
 ) -> dict[str, int]:
     """``user_id -> messages`` the run's sink delivered within ``cap``'s window
     (:func:`~lapse.delivery.batches.cap_window`), this run's own left out (a resumed
     run counts what came before); ``users`` only, if given.
 
-    With identity ``links`` a person's messages under every one of its ids count
-    for its canonical id as of the run, like the cooldowns of :func:`last_fired`.
+    With identity links (``persons``) a person's messages under every one of its ids
+    count for its canonical id as of the run, like the cooldowns of :func:`last_fired`.
     """
     since, until = cap_window(cap, ctx.day)
     counts = ctx.ledger.messages(
@@ -523,32 +523,32 @@ def messages_sent(
         since=since,
         until=until,
         exclude_run=ctx.run_id,
-        users=_every_id(ctx, users, links),
+        users=_every_id(users, persons),
     )
-    if links is None or links.is_empty() or not counts:
+    if persons is None or persons.empty or not counts:
         return counts
     frame = pl.DataFrame(
         {"user_id": list(counts), "n": list(counts.values())},
         schema={"user_id": pl.String, "n": pl.Int64},
     )
-    summed = resolve(frame.lazy(), links, ctx.as_of).group_by("user_id").agg(pl.sum("n")).collect()
+    summed = persons.resolve(frame.lazy()).group_by("user_id").agg(pl.sum("n")).collect()
     return dict(zip(summed["user_id"].to_list(), summed["n"].to_list(), strict=True))
 
 
 def last_delivered(
-    ctx: RunContext, users: list[str] | None = None, *, links: pl.DataFrame | None = None
+    ctx: RunContext, users: list[str] | None = None, *, persons: Persons | None = None
 ) -> dict[str, tuple[str, str | None]]:
     """``user_id -> (delta_key, risk_segment)`` the run's sink last acknowledged (the
     delta sync's reference; ``users`` only, if given).
 
-    With identity ``links`` a person's latest delivery under any of its ids counts
-    for its canonical id as of the run: a visitor sent a record under an anonymous
-    id and identified since is not sent the same record again.
+    With identity links (``persons``) a person's latest delivery under any of its ids
+    counts for its canonical id as of the run: a visitor sent a record under an
+    anonymous id and identified since is not sent the same record again.
     """
-    if links is None or links.is_empty():
+    if persons is None or persons.empty:
         return ctx.ledger.delivered(ctx.sink.name, users=users)
     frame = pl.DataFrame(
-        ctx.ledger.deliveries(ctx.sink.name, users=_every_id(ctx, users, links)),
+        ctx.ledger.deliveries(ctx.sink.name, users=_every_id(users, persons)),
         schema={
             "user_id": pl.String,
             "delta_key": pl.String,
@@ -560,7 +560,7 @@ def last_delivered(
     )
     order = ("as_of", "score_run_id")
     latest = (
-        resolve(frame.lazy(), links, ctx.as_of)
+        persons.resolve(frame.lazy())
         .group_by("user_id")
         .agg(pl.col("delta_key", "risk_segment").sort_by(*order).last())
         .collect()
@@ -568,13 +568,11 @@ def last_delivered(
     return {user: (key, segment) for user, key, segment in latest.iter_rows()}
 
 
-def _every_id(
-    ctx: RunContext, users: list[str] | None, links: pl.DataFrame | None
-) -> list[str] | None:
+def _every_id(users: list[str] | None, persons: Persons | None) -> list[str] | None:
     """``users`` and every other id of their persons as of the run (``None``: everyone)."""
-    if links is None or users is None:
+    if persons is None or users is None:
         return users
-    return person_ids(links, users, ctx.as_of)
+    return persons.every_id(users)
 
 
 @dataclass(frozen=True)
@@ -606,7 +604,7 @@ def mark_sendable(
     *,
     full: bool = False,
     users: list[str] | None = None,
-    links: pl.DataFrame | None = None,
+    persons: Persons | None = None,
 ) -> Marked:
     """Suppression, the control group, the frequency cap, the delta key against what the
     sink last acknowledged, and the anonymous hold: what of ``records`` is sent.
@@ -614,7 +612,7 @@ def mark_sendable(
     The cap withholds triggers before the delta key is taken, so a withheld
     trigger changes the key again on the run that finally delivers it. ``users``
     (the records' users) reads the ledger for them only: a caller going through
-    the users in chunks. With identity ``links`` the ledger's messages and
+    the users in chunks. With identity links (``persons``) the ledger's messages and
     deliveries under every id of a person count for its id as of the run
     (:func:`messages_sent`, :func:`last_delivered`), as its cooldowns do.
     """
@@ -624,9 +622,9 @@ def mark_sendable(
     records = records.with_columns(suppressed.alias("suppressed"))
     sendable = ~records["suppressed"] & (~records["control"] | ctx.config.control.send)
     cap = ctx.config.delivery.frequency_cap
-    prior = {} if cap is None else messages_sent(ctx, cap, users, links=links)
+    prior = {} if cap is None else messages_sent(ctx, cap, users, persons=persons)
     records = apply_frequency_cap(records, sendable, prior, cap).with_columns(delta_key())
-    last = last_delivered(ctx, users, links=links)
+    last = last_delivered(ctx, users, persons=persons)
     previous, changed = delta_changes(records, last, everyone=ctx.sink.full_snapshot or full)
     send, held, is_anonymous = hold_anonymous(records, sendable & changed, ctx.sink, anonymous)
     return Marked(records, sendable, changed, previous, send, held, is_anonymous)

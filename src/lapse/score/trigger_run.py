@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import polars as pl
 
@@ -19,11 +19,10 @@ from lapse.events import (
     ValidationReport,
     event_files,
     load_attributes,
-    read_links,
-    validate_events,
+    validate_with_links,
 )
 from lapse.events import store as event_store
-from lapse.events.identity import anonymous_only, person_ids, resolve, union_links
+from lapse.events.identity import Persons, union_links
 from lapse.events.mapping import MESSAGE_ID
 from lapse.events.readers import EventSource, as_polars, frame_name
 from lapse.exceptions import LapseError
@@ -201,10 +200,10 @@ def _evaluate(
         todo = inc.Plan(True, "the folder's event store is missing", files)
     report.stage("reading the touched users' events")
     read = _read(ctx, events, store, todo, keep=not (ctx.dry_run or in_memory))
-    history, validation, links, users, parts = (
+    history, validation, persons, users, parts = (
         read.history,
         read.validation,
-        read.links,
+        read.persons,
         read.users,
         read.parts,
     )
@@ -222,10 +221,11 @@ def _evaluate(
         fired=0,
         seconds=0.0,
     )
-    states: list[Any] = []
+    keep = not ctx.dry_run and not in_memory
+    update: WatermarkUpdate | None = None
     if history is not None and users:
         report.stage("scoring the touched users")
-        fired = last_fired(ctx, None if todo.full else todo.users, links=links)
+        fired = last_fired(ctx, None if todo.full else todo.users, persons=persons)
         scored = score_users(
             loaded.bundle,
             history.lazy(),
@@ -249,14 +249,15 @@ def _evaluate(
                     as_of,
                     config,
                     attributes=attributes,
+                    refilled=scored.refills,
                 ),
                 inc.cooldown_due(scored.fired, scored.records, fired, scored.definitions),
             ]
         )
         states = inc.states(scored.fired, due, users, as_of)
         result.fired = int((scored.fired["triggers"].list.len() > 0).sum())
-        if not ctx.dry_run and not in_memory:
-            update = WatermarkUpdate(as_of, mark, processed, states, todo.full, parts)
+        update = WatermarkUpdate(as_of, mark, processed, states, todo.full, parts)
+        if keep:
             ledger.stage_watermark(ctx.run_id, target.name, source, update)
         result.delivery = send_scored(
             ctx,
@@ -264,13 +265,14 @@ def _evaluate(
             scored,
             attributes=attributes,
             validation=validation,
-            anonymous=anonymous_only(links, as_of),
-            links=links,
+            anonymous=persons.anonymous_only(),
+            persons=persons,
             only_scored=not todo.full,
         )
-    if not ctx.dry_run and not in_memory:
+    if keep:
         fault_point("before_watermark")
-        update = WatermarkUpdate(as_of, mark, processed, states, todo.full, parts)
+        if update is None:  # nobody touched: the files and the instant move on, no state
+            update = WatermarkUpdate(as_of, mark, processed, [], todo.full, parts)
         ledger.advance_watermark(target.name, source, update, staged_by=ctx.run_id)
         event_store.clean(store, parts)  # a killed run's parts, parts merged away
     return result
@@ -279,12 +281,13 @@ def _evaluate(
 @dataclass
 class _Read:
     """What a trigger run read: the events as of the cutoff (``None``: nobody's), the
-    validation report (a full run's), the identity links, the users touched and the event
-    store's parts holding the folder's events once the run is recorded."""
+    validation report (a full run's), the identity links resolved as of the run, the users
+    touched and the event store's parts holding the folder's events once the run is
+    recorded."""
 
     history: pl.DataFrame | None
     validation: ValidationReport | None
-    links: pl.DataFrame
+    persons: Persons
     users: list[str]
     parts: list[str]
 
@@ -298,26 +301,27 @@ def _read(
     config, as_of = ctx.config, ctx.as_of
     if todo.full:
         # everyone is read: validate as `score` does, so rejected rows are counted
-        kept, validation = validate_events(events, config, as_of=as_of, message_ids=True)
-        links = read_links(events, config)
+        kept, validation, links = validate_with_links(events, config, as_of=as_of, message_ids=True)
         parts = [event_store.write(store, kept, links)] if keep else []
-        everyone = resolve(_events(kept), links, as_of).collect()
+        persons = Persons.at(links, as_of)  # resolved once for every step
+        everyone = persons.resolve(_events(kept)).collect()
         del kept
         users = everyone["user_id"].cast(pl.String).unique().sort().to_list()
-        return _Read(everyone, validation, links, users, parts)
+        return _Read(everyone, validation, persons, users, parts)
     fresh, new_links = event_store.read_new(todo.new_files, config)
     links = union_links([event_store.links(store, todo.parts), new_links])
     # every id of a touched person, their events merged as of the cutoff
-    ids = person_ids(links, todo.users, as_of)
+    persons = Persons.at(links, as_of)  # resolved once for every step
+    ids = persons.every_id(todo.users)
     stored = event_store.read(store, todo.parts, ids)
     both, added = event_store.combine(stored, fresh, config)
     parts = list(todo.parts)
     if (added.height or new_links.height) and keep:  # a link may come on a rejected row
         parts = event_store.merge(store, [*parts, event_store.write(store, added, new_links)])
-    history = resolve(_events(both), links, as_of).collect() if both.height else None
+    history = persons.resolve(_events(both)).collect() if both.height else None
     touched = pl.LazyFrame({"user_id": todo.users}, schema={"user_id": pl.String})
-    users = resolve(touched, links, as_of).collect()["user_id"].unique().sort().to_list()
-    return _Read(history, None, links, users, parts)
+    users = persons.resolve(touched).collect()["user_id"].unique().sort().to_list()
+    return _Read(history, None, persons, users, parts)
 
 
 def _events(stored: pl.DataFrame) -> pl.LazyFrame:

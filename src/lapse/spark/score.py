@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from lapse.config import LapseConfig
 from lapse.delivery.batches import encode, plan_batches
 from lapse.events import load_attributes
-from lapse.events.identity import anonymous_only
+from lapse.events.identity import Persons
 from lapse.exceptions import WriteFailed
 from lapse.modeling.bundle import ChurnBundle
 from lapse.registry import LoadedBundle
@@ -142,10 +142,11 @@ def _score_spark(
         snap_tmp, outbox_tmp = staging / "snapshot.parquet", staging / "outbox.parquet"
         tally = _Tally()
         definitions = _definitions(bundle, config, attributes, as_of)
-        anonymous = anonymous_only(links, as_of)
+        persons = Persons.at(links, as_of)  # resolved once for every chunk
+        anonymous = persons.anonymous_only()
         with _Writer(snap_tmp) as snap, _Writer(outbox_tmp) as box:
             for chunk in _records(parts, tally):
-                marked = _mark(ctx, chunk, attributes, definitions, links, anonymous, full)
+                marked = _mark(ctx, chunk, attributes, definitions, persons, anonymous, full)
                 rows = snapshot_rows(marked, keep_reasons(marked.records, marked.send))
                 outbox = make_outbox(ctx, rows, marked, attributes)
                 snap.write(rows)
@@ -283,13 +284,15 @@ def _mark(
     records: pl.DataFrame,
     attributes: pl.DataFrame | None,
     definitions: list[Trigger],
-    links: pl.DataFrame,
+    persons: Persons,
     anonymous: pl.Series,
     full: bool,
 ) -> Marked:
     """One chunk's cooldowns (the executors fired triggers without the ledger), then
     :func:`~lapse.score.steps.mark_sendable` with the ledger read for its users only."""
     users = records["user_id"].to_list()
-    fired = last_fired(ctx, users, links=links)
+    fired = last_fired(ctx, users, persons=persons)
     records = records.with_columns(apply_cooldowns(records, fired, definitions, ctx.day))
-    return mark_sendable(ctx, records, attributes, anonymous, full=full, users=users, links=links)
+    return mark_sendable(
+        ctx, records, attributes, anonymous, full=full, users=users, persons=persons
+    )
