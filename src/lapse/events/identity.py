@@ -37,6 +37,7 @@ __all__ = [
     "merged_ids",
     "person_ids",
     "resolve",
+    "resolved",
     "union_links",
 ]
 
@@ -208,3 +209,9 @@ def person_ids(links: pl.DataFrame, ids: Sequence[str], as_of: datetime | None) 
     persons = mapping.filter(pl.col("id").is_in(wanted))[_CANONICAL].implode()
     others = mapping.filter(pl.col(_CANONICAL).is_in(persons))["id"].to_list()
     return sorted({*ids, *others})
+
+
+def resolved(events: pl.LazyFrame, links: pl.DataFrame | None, as_of: datetime) -> pl.LazyFrame:
+    """``events`` with the ids of the ``links`` before ``as_of`` (:func:`resolve`); the
+    events themselves without links."""
+    return events if links is None else resolve(events, links, as_of)

@@ -35,7 +35,7 @@ import polars as pl
 
 from lapse.config import LapseConfig
 from lapse.events import load_attributes, read_events, read_links
-from lapse.events.identity import resolve
+from lapse.events.identity import resolved
 from lapse.exceptions import LapseError, NotEnoughEpisodes, WriteFailed
 from lapse.labels import churn_labels, data_span
 from lapse.modeling.bundle import ChurnBundle
@@ -149,7 +149,7 @@ def _churn_rows(
         attributes = load_attributes(bundle.config)
         scores = []
         for cutoff in cutoffs:
-            known = events if links is None else resolve(events, links, cutoff)
+            known = resolved(events, links, cutoff)
             rows = bundle.prepare(known, cutoff, attributes=attributes)
             bundle.check_schema(rows)
             scores.append(
