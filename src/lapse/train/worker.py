@@ -203,9 +203,10 @@ def _output(outcome: tuple[str, Any, list[tuple[Any, ...]]]) -> bytes:
     """The pickled outcome; an exception that does not pickle becomes a LapseError saying it."""
     try:
         data = pickle.dumps(outcome)
-        pickle.loads(data)
+        if outcome[0] == "error":  # an exception whose class pickle cannot rebuild
+            pickle.loads(data)
         return data
-    except Exception:  # a class pickle cannot rebuild
+    except Exception:
         status, value, caught = outcome
         return pickle.dumps((status, LapseError(f"{type(value).__name__}: {value}"), caught))
 
