@@ -20,9 +20,7 @@ or the parent dying), so it never outlives the training run.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import gc
 import importlib
 import os
 import pickle
@@ -41,6 +39,7 @@ from typing import IO, Any
 
 import polars as pl
 
+from lapse._process import tune_gc
 from lapse.config import LapseConfig
 from lapse.exceptions import LapseError
 from lapse.files import write_failure
@@ -228,9 +227,7 @@ def _watch_parent() -> None:
 
 def main(argv: list[str]) -> None:
     folder = Path(argv[0])
-    # as in the CLI (lapse.cli): few collections over the imported modules, none at exit
-    gc.set_threshold(20_000, 50, 50)
-    atexit.register(gc.freeze)
+    tune_gc()  # as in the CLI: few collections over the imported modules, none at exit
     for name in _PRELOAD:
         importlib.import_module(name)
     if _line() != b"go\n":
