@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import warnings
 from pathlib import Path
 from typing import Any
@@ -142,3 +143,24 @@ def test_the_child_s_warnings_and_error_come_back_as_they_were() -> None:
                 worker.result()
     finally:
         worker.close()
+
+
+class _TwoArgs(Exception):
+    """Pickles (its args) but cannot be rebuilt from them: ``__init__`` wants two."""
+
+    def __init__(self, what: str, where: str) -> None:
+        super().__init__(f"{what} at {where}")
+
+
+def test_an_error_pickle_cannot_rebuild_comes_back_as_a_lapse_error_saying_it() -> None:
+    status, value, caught = pickle.loads(
+        worker_module._output(("error", _TwoArgs("a bad fit", "cutoff 3"), []))
+    )
+    assert (status, type(value), str(value), caught) == (
+        "error",
+        LapseError,
+        "_TwoArgs: a bad fit at cutoff 3",
+        [],
+    )
+    ok = ("ok", {"metrics": [1.0, 2.0]}, [])
+    assert pickle.loads(worker_module._output(ok)) == ok

@@ -9,9 +9,7 @@ every command: ``docs/exit-codes.md``.
 
 from __future__ import annotations
 
-import atexit
 import functools
-import gc
 import importlib.abc
 import importlib.machinery
 import os
@@ -38,6 +36,7 @@ from rich.progress import (
 from rich.table import Table
 
 from lapse import __version__
+from lapse._process import tune_gc
 from lapse.config import ENGINES, dump_config, load_config
 from lapse.exceptions import LapseError, WriteFailed
 
@@ -57,17 +56,7 @@ __all__ = ["app", "lean_lightgbm", "main"]
 # threads. Set before numpy or scipy first load OpenBLAS (importing this module loads
 # neither); a user's own OPENBLAS_NUM_THREADS wins.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-# A command imports ~4,000 modules (LightGBM with scikit-learn and pandas, lifelines, MLflow,
-# matplotlib) whose objects live until it exits, and makes few reference cycles of its own.
-# Python's default thresholds (700, 10, 10) then re-scan that import graph in ~8 full
-# collections: 1.5-2 s of a 14 s `lapse train`, against 0.3-0.5 s in all with these.
-gc.set_threshold(20_000, 50, 50)
-# At exit the interpreter's last full collections walk that import graph once more (about
-# 1.2 s of a `lapse train`) only to free memory the process is about to give back. Freezing
-# the objects first (gc.freeze, in the permanent generation) skips that walk; the normal
-# teardown still runs (atexit handlers, flushed streams, modules cleared, objects freed by
-# reference count): only objects kept alive by a reference cycle are left to the OS.
-atexit.register(gc.freeze)
+tune_gc()  # few collections over the imported modules, none at exit
 
 # LightGBM's `import` tries scikit-learn and pandas (lightgbm.compat), and scikit-learn pulls
 # SciPy: about 1.0 s of CPU, 1.2 s with pandas, in every command that loads a model. lapse

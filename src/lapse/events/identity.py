@@ -39,6 +39,7 @@ __all__ = [
     "merged_ids",
     "person_ids",
     "resolve",
+    "resolved",
     "union_links",
 ]
 
@@ -241,3 +242,9 @@ class Persons:
             .unique()
             .sort()
         )
+
+
+def resolved(events: pl.LazyFrame, links: pl.DataFrame | None, as_of: datetime) -> pl.LazyFrame:
+    """``events`` with the ids of the ``links`` before ``as_of`` (:func:`resolve`); the
+    events themselves without links."""
+    return events if links is None else resolve(events, links, as_of)

@@ -42,7 +42,7 @@ import yaml
 
 from lapse.conditions import compile_condition
 from lapse.config import LapseConfig
-from lapse.events.identity import resolve
+from lapse.events.identity import resolved
 from lapse.exceptions import ConfigError, LapseError
 from lapse.features import build_many
 from lapse.files import save_figure
@@ -176,7 +176,7 @@ def stickiness_drivers(
     skip = set(exclude) | set(_activity_event_names(config))
     bases, adopted = [], []
     for cutoff in cutoffs:
-        known = events if links is None else resolve(events, links, cutoff)
+        known = resolved(events, links, cutoff)
         ev = known.select(pl.col("user_id").cast(pl.String), "ts", pl.col("event").cast(pl.String))
         activity = activity_events(known, config).select(pl.col("user_id").cast(pl.String), "ts")
         before = ev.filter(pl.col("ts") < cutoff)

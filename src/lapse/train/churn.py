@@ -40,13 +40,9 @@ from lapse.modeling.metrics import METRIC_NAMES
 from lapse.modeling.plots import churn_figures, save_figures, segment_figure
 from lapse.modeling.race import RaceResult, fit_calibrator, fit_scorer, run_race
 from lapse.segments import assign, describe_sizes, sizes
-from lapse.train.replenishment import (
-    ReplenishmentResult,
-    report_section,
-    run_replenishment,
-)
+from lapse.train.replenishment import ReplenishmentResult, report_section
 from lapse.train.report import report_html
-from lapse.train.worker import ReplenishmentWorker
+from lapse.train.worker import Race, ReplenishmentWorker
 from lapse.train.worker import start as start_worker
 
 if TYPE_CHECKING:
@@ -469,15 +465,16 @@ def _train(
     read_notes += grid_notes
     grid = cutoff_grid(events, config)
     horizon = grid.horizon
+    race_args = Race(
+        events,
+        config,
+        data_end=grid.data_end,
+        out_dir=out,
+        truth_dir=Path(truth_dir) if truth_dir is not None else None,
+        links=links,
+    )
     if worker is not None:
-        worker.send(
-            events,
-            config,
-            data_end=grid.data_end,
-            out_dir=out,
-            truth_dir=Path(truth_dir) if truth_dir is not None else None,
-            links=links,
-        )
+        worker.send(race_args)
     used = [c for c in grid.complete if c >= grid.training[0]]
     frame, rfm = build_frame(
         events,
@@ -514,8 +511,8 @@ def _train(
         metrics["replenishment"] = None  # its place in metrics.json, filled below
     at = len(notes)  # and the place of a "replenishment skipped" note
     replenishment = (
-        _replenishment(events, config, grid.data_end, out, truth_dir, notes, links)
-        if worker is None
+        _skipped(race_args.run, notes, at)
+        if worker is None and config.replenishment.enabled
         else None  # the worker's, joined once the churn side is done
     )
     tst = _cutoffs(frame, grid.test)
@@ -661,33 +658,6 @@ def _train(
         figures=figures,
         html_path=html_path,
     )
-
-
-def _replenishment(
-    events: pl.LazyFrame,
-    config: LapseConfig,
-    data_end: datetime,
-    out: Path,
-    truth_dir: str | Path | None,
-    notes: list[str],
-    links: pl.DataFrame,
-) -> ReplenishmentResult | None:
-    """The replenishment race (``None`` when disabled or the data has too few episodes),
-    each cutoff with the ids of the identity ``links`` before it."""
-    if not config.replenishment.enabled:
-        return None
-
-    def race() -> ReplenishmentResult:
-        return run_replenishment(
-            events,
-            config,
-            data_end=data_end,
-            out_dir=out,
-            truth_dir=Path(truth_dir) if truth_dir is not None else None,
-            links=links,
-        )
-
-    return _skipped(race, notes, len(notes))
 
 
 def _skipped(

@@ -51,7 +51,7 @@ import polars as pl
 
 from lapse.config import LapseConfig
 from lapse.datasets import scan_truth
-from lapse.events.identity import resolve
+from lapse.events.identity import resolved
 from lapse.exceptions import ConvergenceProblem, NotEnoughEpisodes
 from lapse.features.episodes_covariates import COVARIATES, Target, order_covariates, purchase_orders
 from lapse.labels.cutoffs import data_span
@@ -180,10 +180,10 @@ class _AsOf:
 
     def at(self, t: datetime) -> pl.LazyFrame:
         """The events with the ids of the links observed before ``t``."""
-        if self.links is None or self._key(t) is None:
+        if self._key(t) is None:
             return self.events
         if t not in self._views:
-            self._views[t] = resolve(self.events, self.links, t).collect().lazy()
+            self._views[t] = resolved(self.events, self.links, t).collect().lazy()
         return self._views[t]
 
     def covariates(self, t: datetime, skus: dict[str, float], target: Target) -> pl.DataFrame:
@@ -572,7 +572,7 @@ def _outcome_rows(
         raise NotEnoughEpisodes(
             f"the events end {end:%Y-%m-%d}, not after the cutoff {t:%Y-%m-%d}: no follow-up"
         )
-    known = events if links is None else resolve(events, links, t)
+    known = resolved(events, links, t)
     rows = reorder_outcomes(
         events,
         _open_frame(model, known, t),

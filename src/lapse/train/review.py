@@ -35,7 +35,7 @@ import polars as pl
 
 from lapse.config import LapseConfig
 from lapse.events import load_attributes, read_events, read_links
-from lapse.events.identity import resolve
+from lapse.events.identity import resolved
 from lapse.exceptions import LapseError, NotEnoughEpisodes, WriteFailed
 from lapse.labels import churn_labels, data_span
 from lapse.modeling.bundle import ChurnBundle
@@ -144,20 +144,21 @@ def _churn_rows(
     """``user_id, cutoff, churned, champion, challenger`` of the users eligible under both
     (ids as of each cutoff, labels following the person, as in training)."""
     labels = churn_labels(events, cutoffs, config, data_end=data_span(events)[1], links=links)
-    scored = labels
-    for bundle, side in zip(pair.bundles, _SIDES, strict=True):
-        attributes = load_attributes(bundle.config)
-        scores = []
-        for cutoff in cutoffs:
-            known = events if links is None else resolve(events, links, cutoff)
-            rows = bundle.prepare(known, cutoff, attributes=attributes)
+    attributes = [load_attributes(bundle.config) for bundle in pair.bundles]
+    scores: dict[str, list[pl.DataFrame]] = {side: [] for side in _SIDES}
+    for cutoff in cutoffs:
+        known = resolved(events, links, cutoff)  # once per cutoff, for both models
+        for bundle, side, attrs in zip(pair.bundles, _SIDES, attributes, strict=True):
+            rows = bundle.prepare(known, cutoff, attributes=attrs)
             bundle.check_schema(rows)
-            scores.append(
+            scores[side].append(
                 rows.select("user_id", "cutoff").with_columns(
                     pl.Series(side, bundle.predict_proba(rows), dtype=pl.Float64)
                 )
             )
-        scored = scored.join(pl.concat(scores), on=["user_id", "cutoff"], how="inner")
+    scored = labels
+    for side in _SIDES:
+        scored = scored.join(pl.concat(scores[side]), on=["user_id", "cutoff"], how="inner")
     notes = []
     if scored.height < labels.height:
         notes.append(

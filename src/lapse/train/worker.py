@@ -20,9 +20,7 @@ or the parent dying), so it never outlives the training run.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import gc
 import importlib
 import os
 import pickle
@@ -41,12 +39,13 @@ from typing import IO, Any
 
 import polars as pl
 
+from lapse._process import tune_gc
 from lapse.config import LapseConfig
 from lapse.exceptions import LapseError
 from lapse.files import write_failure
 from lapse.train.replenishment import ReplenishmentResult, run_replenishment
 
-__all__ = ["ReplenishmentWorker", "start"]
+__all__ = ["Race", "ReplenishmentWorker", "start"]
 
 _INPUT = "input.pkl"
 _OUTPUT = "output.pkl"
@@ -63,6 +62,38 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
+@dataclass(frozen=True)
+class Race:
+    """The arguments of one :func:`~lapse.train.replenishment.run_replenishment` call, in
+    this process (:meth:`run`) or in the child (:meth:`ReplenishmentWorker.send`)."""
+
+    events: pl.LazyFrame
+    config: LapseConfig
+    data_end: datetime
+    out_dir: Path
+    truth_dir: Path | None
+    links: pl.DataFrame
+
+    def run(self) -> ReplenishmentResult:
+        return run_replenishment(
+            self.events,
+            self.config,
+            data_end=self.data_end,
+            out_dir=self.out_dir,
+            truth_dir=self.truth_dir,
+            links=self.links,
+        )
+
+    def rest(self) -> dict[str, Any]:
+        """The arguments but the two frames (the child gets those as Arrow IPC files)."""
+        return {
+            "config": self.config,
+            "data_end": self.data_end,
+            "out_dir": self.out_dir,
+            "truth_dir": self.truth_dir,
+        }
+
+
 @dataclass
 class ReplenishmentWorker:
     """A running child process for one replenishment race (see the module docstring)."""
@@ -71,23 +102,13 @@ class ReplenishmentWorker:
     folder: Path
     stderr: IO[bytes]
 
-    def send(
-        self,
-        events: pl.LazyFrame,
-        config: LapseConfig,
-        *,
-        data_end: datetime,
-        out_dir: Path,
-        truth_dir: Path | None,
-        links: pl.DataFrame,
-    ) -> None:
-        """Start the race on these arguments of :func:`run_replenishment`."""
-        out_dir.mkdir(parents=True, exist_ok=True)  # the child writes its PNGs there
-        args = {"config": config, "data_end": data_end, "out_dir": out_dir, "truth_dir": truth_dir}
+    def send(self, race: Race) -> None:
+        """Start the race on these arguments."""
+        race.out_dir.mkdir(parents=True, exist_ok=True)  # the child writes its PNGs there
         try:
-            events.collect().write_ipc(self.folder / _EVENTS, compression="uncompressed")
-            links.write_ipc(self.folder / _LINKS, compression="uncompressed")
-            (self.folder / _INPUT).write_bytes(pickle.dumps(args))
+            race.events.collect().write_ipc(self.folder / _EVENTS, compression="uncompressed")
+            race.links.write_ipc(self.folder / _LINKS, compression="uncompressed")
+            (self.folder / _INPUT).write_bytes(pickle.dumps(race.rest()))
         except Exception as exc:  # a full or read-only temporary folder: one line naming it
             failure = write_failure(self.folder, exc)
             if failure is None:
@@ -181,13 +202,13 @@ def _module_of(filename: str) -> str | None:
 
 
 def _run(folder: Path) -> tuple[str, Any, list[tuple[Any, ...]]]:
-    args = pickle.loads((folder / _INPUT).read_bytes())
     events = pl.read_ipc(folder / _EVENTS).lazy()
     links = pl.read_ipc(folder / _LINKS)
+    race = Race(events=events, links=links, **pickle.loads((folder / _INPUT).read_bytes()))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")  # the parent's filters decide
         try:
-            outcome: tuple[str, Any] = ("ok", run_replenishment(events, links=links, **args))
+            outcome: tuple[str, Any] = ("ok", race.run())
         except Exception as exc:  # handed to the parent as it was
             if not isinstance(exc, LapseError):  # a bug: keep where it happened
                 exc.add_note(f"in the replenishment race's process:\n{traceback.format_exc()}")
@@ -203,9 +224,10 @@ def _output(outcome: tuple[str, Any, list[tuple[Any, ...]]]) -> bytes:
     """The pickled outcome; an exception that does not pickle becomes a LapseError saying it."""
     try:
         data = pickle.dumps(outcome)
-        pickle.loads(data)
+        if outcome[0] == "error":  # an exception whose class pickle cannot rebuild
+            pickle.loads(data)
         return data
-    except Exception:  # a class pickle cannot rebuild
+    except Exception:
         status, value, caught = outcome
         return pickle.dumps((status, LapseError(f"{type(value).__name__}: {value}"), caught))
 
@@ -227,9 +249,7 @@ def _watch_parent() -> None:
 
 def main(argv: list[str]) -> None:
     folder = Path(argv[0])
-    # as in the CLI (lapse.cli): few collections over the imported modules, none at exit
-    gc.set_threshold(20_000, 50, 50)
-    atexit.register(gc.freeze)
+    tune_gc()  # as in the CLI: few collections over the imported modules, none at exit
     for name in _PRELOAD:
         importlib.import_module(name)
     if _line() != b"go\n":
