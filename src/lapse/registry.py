@@ -621,11 +621,12 @@ def log_training(
     bundle = ChurnBundle.load(result.bundle_path)
     name = config.models.name
     signature = _signature(bundle)
+    config_yaml = _config_yaml(config)  # hashed for the tag, logged as config.yaml
     provenance = {
         f"{_TAG}version": __version__,
         f"{_TAG}churn.selected": result.selected,
         f"{_TAG}data_fingerprint": _fingerprint(events_path, config),
-        f"{_TAG}config_hash": hashlib.sha256(_config_yaml(config).encode()).hexdigest()[:16],
+        f"{_TAG}config_hash": hashlib.sha256(config_yaml.encode()).hexdigest()[:16],
         f"{_TAG}data_end": str(run_day(result.data_end)),
     }
     run_name = f"train {run_day(result.data_end)} {result.selected}"
@@ -675,7 +676,7 @@ def log_training(
             mlflow.log_params(params)
             _log_events(mlflow, events_path, config, "training")
             mlflow.log_artifacts(str(result.out_dir), artifact_path="report")
-            mlflow.log_text(_config_yaml(config), "config.yaml")
+            mlflow.log_text(config_yaml, "config.yaml")
             # a fixed file name, so every logged model holds data/bundle.pkl
             data = Path(tmp) / BUNDLE_FILE
             data.write_bytes(Path(result.bundle_path).read_bytes())
