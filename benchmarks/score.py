@@ -105,6 +105,9 @@ def child(events: str, bundle: str, as_of: str, out: str) -> None:
     """The timed side: one `run_score` with the file sink, step times on stdout as JSON."""
     # the run's audit trail and ledger in the benchmark's own folder (load_config reads it)
     os.environ["LAPSE_HOME"] = str(Path(out).parent)
+    from lapse.cli import lean_lightgbm
+
+    lean_lightgbm()  # the `lapse` command's process: LightGBM without scikit-learn and pandas
     from lapse.config import TriggerSpec, load_config
     from lapse.score.run import run_score
     from lapse.triggers import BUILTIN

@@ -41,7 +41,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 GOAL_SECONDS = 10.0
 GOAL_BYTES = 2**30
-CLI = "from lapse.cli import app; app()"
+CLI = "from lapse.cli import main; main()"  # the `lapse` console script
 
 
 def _descendants(pid: int) -> list[int]:
