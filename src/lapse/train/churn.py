@@ -25,9 +25,9 @@ import polars as pl
 
 from lapse.config import LapseConfig, SegmentsConfig
 from lapse.datasets import scan_truth
-from lapse.events import ValidationReport, load_attributes, read_links, validate_events
+from lapse.events import ValidationReport, load_attributes, validate_with_links
 from lapse.events.identity import at_each_cutoff
-from lapse.events.readers import EventSource, as_polars
+from lapse.events.readers import EventSource
 from lapse.exceptions import LapseError, NotEnoughEpisodes
 from lapse.features import build_many
 from lapse.files import atomic_path
@@ -168,16 +168,14 @@ SMALL_CUTOFF = 500
 def _load(
     events_path: EventSource, config: LapseConfig, until: datetime | None = None
 ) -> tuple[pl.LazyFrame, ValidationReport, list[str], pl.DataFrame]:
-    """Read and validate once (labels, features and BG/NBD each scan the events); a
-    pandas frame is converted once for both reads.
+    """Read and validate once (labels, features and BG/NBD each scan the events), the
+    identity links from the same read.
 
     Returns the kept events (those before ``until`` when given), the validation
     report, a note on what validation dropped, so a training report never
     hides rejected rows, and the identity links (before ``until`` too).
     """
-    source = as_polars(events_path)
-    events, report = validate_events(source, config)
-    links = read_links(source, config)
+    events, report, links = validate_with_links(events_path, config)
     if until is not None:
         events = events.filter(pl.col("ts") < until)
         links = links.filter(pl.col("ts") < until)
