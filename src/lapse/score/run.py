@@ -25,7 +25,7 @@ from lapse.delivery.batches import (
 from lapse.delivery.ledger import Ledger, sink_lock
 from lapse.events import ValidationReport, load_attributes, validate_with_links
 from lapse.events.identity import Persons
-from lapse.events.readers import EventSource, as_polars
+from lapse.events.readers import EventSource
 from lapse.exceptions import LapseError
 from lapse.registry import LoadedBundle
 from lapse.schema import run_day, utc_cutoff
@@ -163,7 +163,6 @@ def _score_local(
     """The local engine's run, once recorded: read, score, then :func:`send_scored`."""
     config, as_of, report = ctx.config, ctx.as_of, ctx.progress
     report.stage("reading and validating events")
-    events = as_polars(events)  # pandas: converted once
     kept, validation, links = validate_with_links(events, config, as_of=as_of)
     check_event_names(loaded.bundle, validation.events_per_name, model_label(loaded))
     attributes = load_attributes(config)
