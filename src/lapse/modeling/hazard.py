@@ -18,6 +18,7 @@ so the fresher cutoffs are the point.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
@@ -41,6 +42,7 @@ DAYS_TO_NEXT: Final = "days_to_next"
 #: The model's input saying which half a row is about: 0 (first) or 1 (second).
 HALF: Final = "horizon_half"
 _QUIET: Final = "_quiet"
+_SPLITTING: Final = threading.Lock()
 
 
 def half_rows(frame: pl.DataFrame, horizon_days: float, label_end: datetime) -> pl.DataFrame:
@@ -163,12 +165,13 @@ class LightGBMHazard(ParamsMixin):
         whose output is the same in both halves (:meth:`LightGBMChurn.split_on`). Built on
         first use and kept on the instance, not in its pickled state."""
         model = self._fitted()
-        cached: tuple[LightGBMChurn, tuple[LightGBMChurn, LightGBMChurn]] | None = (
-            self.__dict__.get("_parts_cache")
-        )
-        if cached is None or cached[0] is not model:
-            cached = (model, model.split_on(len(model.feature_names_) - 1))
-            self.__dict__["_parts_cache"] = cached
+        with _SPLITTING:  # shards scored in threads split once
+            cached: tuple[LightGBMChurn, tuple[LightGBMChurn, LightGBMChurn]] | None = (
+                self.__dict__.get("_parts_cache")
+            )
+            if cached is None or cached[0] is not model:
+                cached = (model, model.split_on(len(model.feature_names_) - 1))
+                self.__dict__["_parts_cache"] = cached
         return cached[1]
 
     def __getstate__(self) -> dict[str, Any]:

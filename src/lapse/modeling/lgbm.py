@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -111,6 +112,11 @@ def _tree_features(dump: dict[str, Any]) -> list[frozenset[int]]:
 
     return [frozenset(walk(info["tree_structure"], set())) for info in dump["tree_info"]]
 
+
+#: One :meth:`LightGBMChurn.predict_encoded` at a time in this process: shards scored in
+#: threads (:func:`lapse.score.records.in_order`) share the bundle's boosters, and setting
+#: up a LightGBM predictor writes to its booster (LightGBM issue #6142).
+_PREDICTING: Final = threading.Lock()
 
 _TREE_HEADER: Final = re.compile(r"^Tree=\d+\n", re.MULTILINE)
 
@@ -388,9 +394,9 @@ class LightGBMChurn(ParamsMixin):
     def predict_encoded(self, x: FloatArray, *, raw_score: bool = False) -> FloatArray:
         """:meth:`predict_proba` of rows already :meth:`encode`-d (log-odds with ``raw_score``)."""
         threads = _threads_for(len(x))
-        out: FloatArray = np.asarray(
-            self._fitted().predict(x, num_threads=threads, raw_score=raw_score), dtype=np.float64
-        )
+        with _PREDICTING:
+            predicted = self._fitted().predict(x, num_threads=threads, raw_score=raw_score)
+        out: FloatArray = np.asarray(predicted, dtype=np.float64)
         return out
 
     def _shap_tables(self) -> TreeTables | None:
