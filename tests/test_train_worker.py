@@ -7,19 +7,24 @@ import json
 import math
 import os
 import pickle
+import time
 import warnings
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import polars as pl
 import pytest
 
 from lapse.config import LapseConfig, load_config
 from lapse.datasets import generate, write
+from lapse.events.identity import empty_links
 from lapse.exceptions import FitWarning, LapseError, NotEnoughEpisodes
 from lapse.modeling import ChurnBundle
 from lapse.train import worker as worker_module
 from lapse.train.churn import TrainResult, train
-from lapse.train.worker import start
+from lapse.train.worker import ChurnFigures, Race, ReplenishmentWorker, start
 
 pytestmark = pytest.mark.skipif(
     len(os.sched_getaffinity(0)) < 2, reason="one core: the race runs in process"
@@ -164,3 +169,89 @@ def test_an_error_pickle_cannot_rebuild_comes_back_as_a_lapse_error_saying_it() 
     )
     ok = ("ok", {"metrics": [1.0, 2.0]}, [])
     assert pickle.loads(worker_module._output(ok)) == ok
+
+
+def _job(out_dir: Path) -> ChurnFigures:
+    rng = np.random.default_rng(3)
+    y = (rng.random(300) < 0.3).astype(np.float64)
+    probas = {name: np.clip(0.4 * y + 0.6 * rng.random(300), 0, 1) for name in ("a", "b")}
+    importance = pl.DataFrame(
+        {"feature": ["recency", "orders"], "gain": [3.0, 1.0], "mean_abs_shap": [0.2, 0.1]}
+    )
+    return ChurnFigures(y, probas, importance, title="test cutoff", out_dir=out_dir)
+
+
+def _done_race(worker: ReplenishmentWorker, events: Path, tmp_path: Path) -> None:
+    """The child's race, on no events: it ends at once (too few episodes), the child idle."""
+    canonical = pl.read_parquet(events).head(0)
+    race = Race(
+        canonical.lazy(),
+        load_config(),
+        datetime(2026, 6, 1, tzinfo=UTC),
+        tmp_path / "r",
+        None,
+        empty_links(),
+    )
+    worker.send(race)
+    while not (worker.folder / "output.pkl").exists():
+        assert worker.proc.poll() is None
+        time.sleep(0.01)
+
+
+def test_an_idle_child_draws_the_churn_figures_as_this_process_would(
+    events: Path, tmp_path: Path
+) -> None:
+    """Once its race is done, the child draws the churn figures handed to it: the same PNG
+    bytes and figures as drawn here; the race's own outcome is still there."""
+    here = _job(tmp_path / "here").draw()
+    worker = start()
+    assert worker is not None
+    try:
+        _done_race(worker, events, tmp_path)
+        job = _job(tmp_path / "child")
+        assert worker.draw(job)
+        figures, plots = worker.drawn(job)
+        with pytest.raises(NotEnoughEpisodes):
+            worker.result()
+    finally:
+        worker.close()
+    assert list(plots) == list(here[1]) == ["roc", "pr", "calibration", "gains", "importance"]
+    for name, path in plots.items():
+        assert path == tmp_path / "child" / f"{name}.png"
+        assert path.read_bytes() == here[1][name].read_bytes()
+        assert [a.get_title() for a in figures[name].axes] == [
+            a.get_title() for a in here[0][name].axes
+        ]
+
+
+def test_a_busy_child_is_not_handed_the_figures_and_a_gone_one_leaves_them_here(
+    events: Path, tmp_path: Path
+) -> None:
+    """Before its race is done the child is not handed the figures (drawn here; it then ends
+    after its race); a child that dies with the figures handed over leaves them to be drawn
+    here, the same."""
+    busy = start()
+    assert busy is not None
+    try:
+        assert not busy.draw(_job(tmp_path / "busy"))  # nothing sent yet: not done
+        assert busy.proc.wait(timeout=60) == 0  # "done" before "go": it ends
+    finally:
+        busy.close()
+    gone = start()
+    assert gone is not None
+    try:
+        _done_race(gone, events, tmp_path)
+        job = _job(tmp_path / "gone")
+        assert gone.draw(job)
+        gone.proc.kill()
+        gone.proc.wait()
+        (gone.folder / "figures-output.pkl").unlink(missing_ok=True)  # killed before writing
+        figures, plots = gone.drawn(job)
+    finally:
+        gone.close()
+    assert (
+        sorted(figures)
+        == sorted(plots)
+        == sorted(["roc", "pr", "calibration", "gains", "importance"])
+    )
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in plots.values())

@@ -37,12 +37,12 @@ from lapse.modeling.bundle import ChurnBundle, TrainingData
 from lapse.modeling.drift import reference_sample
 from lapse.modeling.lgbm import with_derived
 from lapse.modeling.metrics import METRIC_NAMES
-from lapse.modeling.plots import churn_figures, save_figures, segment_figure
+from lapse.modeling.plots import save_figures, segment_figure
 from lapse.modeling.race import RaceResult, fit_calibrator, fit_scorer, run_race
 from lapse.segments import assign, describe_sizes, sizes
 from lapse.train.replenishment import ReplenishmentResult, report_section
 from lapse.train.report import report_html
-from lapse.train.worker import Race, ReplenishmentWorker
+from lapse.train.worker import ChurnFigures, Race, ReplenishmentWorker
 from lapse.train.worker import start as start_worker
 
 if TYPE_CHECKING:
@@ -516,12 +516,15 @@ def _train(
     tst = _cutoffs(frame, grid.test)
     sample = tst.sample(n=min(5000, tst.height), seed=config.models.random_state)
     importance = race.scorer.lightgbm.importance(sample)
-    figures = churn_figures(
+    drawing = ChurnFigures(
         race.y_test,
         {n: c.test_proba for n, c in race.candidates.items()},
         importance,
         title=f"test cutoff {grid.test:%Y-%m-%d}",
+        out_dir=out,
     )
+    # the child draws them when its race is done first (a core idle), else they are drawn here
+    drawn = None if worker is not None and worker.draw(drawing) else drawing.draw()
     with atomic_path(out / "importance.csv") as tmp:
         importance.write_csv(tmp)
 
@@ -546,14 +549,19 @@ def _train(
     score_reference = np.sort(risk)
     segment_table = _segment_table(risk, y_cal, config)
     segments = _segment_sizes(segment_table, config, grid.test, metrics, notes)
-    figures["segments"] = segment_figure(
+    segments_figure = segment_figure(
         segment_table, title=f"calibration cutoff {grid.test:%Y-%m-%d}"
     )
-    plots = save_figures(figures, out)
+    segments_plot = save_figures({"segments": segments_figure}, out)
     if worker is not None:
         if meanwhile is not None:
             meanwhile()
         replenishment = _skipped(worker.result, notes, at)
+        if drawn is None:
+            drawn = worker.drawn(drawing)
+    assert drawn is not None
+    figures = {**drawn[0], "segments": segments_figure}
+    plots = {**drawn[1], **segments_plot}
     if replenishment is None:
         metrics.pop("replenishment", None)
     else:

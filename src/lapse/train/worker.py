@@ -14,6 +14,12 @@ what it raised (a :class:`~lapse.exceptions.LapseError` as it was, its message
 unchanged). Warnings the stage raised are raised again in the parent, where
 its own filters apply. The child writes its PNGs into the report folder itself.
 
+When its race is done before the parent's churn side reaches its figures (the
+demo's case), the child is idle and draws those too
+(:meth:`ReplenishmentWorker.draw`): the parent goes on to its refit and the
+MLflow store meanwhile. Otherwise, or when the child is gone, the parent draws
+them itself; the figures and PNGs are the same either way.
+
 The child exits when the parent closes its stdin (:meth:`ReplenishmentWorker.close`,
 or the parent dying), so it never outlives the training run.
 """
@@ -30,25 +36,37 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import traceback
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
+from queue import SimpleQueue
+from typing import IO, TYPE_CHECKING, Any
 
+import numpy as np
+import numpy.typing as npt
 import polars as pl
 
 from lapse._process import tune_gc
 from lapse.config import LapseConfig
 from lapse.exceptions import LapseError
 from lapse.files import write_failure
+from lapse.modeling.plots import churn_figures, save_figures
 from lapse.train.replenishment import ReplenishmentResult, run_replenishment
 
-__all__ = ["Race", "ReplenishmentWorker", "start"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["ChurnFigures", "Race", "ReplenishmentWorker", "start"]
 
 _INPUT = "input.pkl"
 _OUTPUT = "output.pkl"
+_FIGURES_INPUT = "figures.pkl"
+_FIGURES_OUTPUT = "figures-output.pkl"
+_DRAW, _DONE = b"draw\n", b"done\n"  # the one line the parent sends after "go"
 _EVENTS = "events.arrow"
 _LINKS = "links.arrow"
 # what run_replenishment imports on first use: loaded while the parent reads the events
@@ -94,6 +112,23 @@ class Race:
         }
 
 
+@dataclass(frozen=True)
+class ChurnFigures:
+    """The churn race's figures (:func:`~lapse.modeling.plots.churn_figures` of these
+    arguments) and their PNGs in ``out_dir``: drawn by :meth:`draw`, here or in the child."""
+
+    y: npt.NDArray[np.float64]
+    probas: dict[str, npt.NDArray[np.float64]]
+    importance: pl.DataFrame
+    title: str
+    out_dir: Path
+
+    def draw(self) -> tuple[dict[str, Figure], dict[str, Path]]:
+        """The figures by name, and the PNGs written (by name)."""
+        figures = churn_figures(self.y, self.probas, self.importance, title=self.title)
+        return figures, save_figures(figures, self.out_dir)
+
+
 @dataclass
 class ReplenishmentWorker:
     """A running child process for one replenishment race (see the module docstring)."""
@@ -121,17 +156,62 @@ class ReplenishmentWorker:
         except OSError:  # the child is gone: result() says how it ended
             pass
 
+    def draw(self, job: ChurnFigures) -> bool:
+        """Hand ``job`` to the child if its race is done (it is idle, and so is a core);
+        ``False`` when it is not (draw the job here; the child then exits after its race).
+        Call it once, after :meth:`send`."""
+        idle = (self.folder / _OUTPUT).exists() and self.proc.poll() is None
+        try:
+            if idle:
+                (self.folder / _FIGURES_INPUT).write_bytes(pickle.dumps(job))
+            self._say(_DRAW if idle else _DONE)
+        except OSError:  # a full temporary folder, or the child gone: draw here
+            return False
+        return idle
+
+    def drawn(self, job: ChurnFigures) -> tuple[dict[str, Figure], dict[str, Path]]:
+        """What ``job``, handed over by :meth:`draw`, gave in the child; drawn here when
+        the child is gone. Raises what drawing raised."""
+        out = self._wait_for(_FIGURES_OUTPUT)
+        if out is None:
+            return job.draw()
+        figures, plots = self._returned(out)
+        return figures, plots
+
     def result(self) -> ReplenishmentResult:
         """What :func:`run_replenishment` returned in the child; raises what it raised."""
-        code = self.proc.wait()
-        out = self.folder / _OUTPUT
-        if not out.exists():
+        out = self._wait_for(_OUTPUT)
+        if out is None:
+            code = self.proc.wait()
             self.stderr.seek(0)
             lines = self.stderr.read().decode(errors="replace").strip().splitlines()
             raise LapseError(
                 f"the replenishment race's process (pid {self.proc.pid}) exited with code {code} "
                 f"before finishing{': ' + lines[-1] if lines else ''}; run the training again"
             )
+        value = self._returned(out)
+        assert isinstance(value, ReplenishmentResult)
+        return value
+
+    def _say(self, line: bytes) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line)
+        self.proc.stdin.flush()
+
+    def _wait_for(self, name: str) -> Path | None:
+        """The child's output file ``name`` once written (atomically), or ``None`` when the
+        child exited without it."""
+        path = self.folder / name
+        while not path.exists():
+            if self.proc.poll() is not None:
+                return path if path.exists() else None
+            time.sleep(0.01)
+        return path
+
+    @staticmethod
+    def _returned(out: Path) -> Any:
+        """The value the child's job returned; its warnings raised again here, under this
+        process's filters; raises what the job raised."""
         status, value, caught = pickle.loads(out.read_bytes())
         for message, category, filename, lineno, module in caught:
             owner = sys.modules.get(module or "")
@@ -139,7 +219,6 @@ class ReplenishmentWorker:
             warnings.warn_explicit(message, category, filename, lineno, module, registry)
         if status == "error":
             raise value
-        assert isinstance(value, ReplenishmentResult)
         return value
 
     def close(self) -> None:
@@ -201,14 +280,19 @@ def _module_of(filename: str) -> str | None:
     return None
 
 
-def _run(folder: Path) -> tuple[str, Any, list[tuple[Any, ...]]]:
+def _race(folder: Path) -> ReplenishmentResult:
     events = pl.read_ipc(folder / _EVENTS).lazy()
     links = pl.read_ipc(folder / _LINKS)
     race = Race(events=events, links=links, **pickle.loads((folder / _INPUT).read_bytes()))
+    return race.run()
+
+
+def _run(job: Callable[[], Any]) -> tuple[str, Any, list[tuple[Any, ...]]]:
+    """``job()``'s outcome for the parent: its value or error, and the warnings it raised."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")  # the parent's filters decide
         try:
-            outcome: tuple[str, Any] = ("ok", race.run())
+            outcome: tuple[str, Any] = ("ok", job())
         except Exception as exc:  # handed to the parent as it was
             if not isinstance(exc, LapseError):  # a bug: keep where it happened
                 exc.add_note(f"in the replenishment race's process:\n{traceback.format_exc()}")
@@ -240,11 +324,19 @@ def _line() -> bytes:
     return data
 
 
-def _watch_parent() -> None:
-    """Exit as soon as the parent closes our stdin (it finished, failed or died)."""
-    while os.read(0, 4096):
-        pass
+def _watch_parent(lines: SimpleQueue[bytes]) -> None:
+    """Pass on the parent's lines; exit as soon as it closes our stdin (it finished, failed
+    or died)."""
+    while line := _line():
+        lines.put(line)
     os._exit(1)
+
+
+def _write(folder: Path, name: str, outcome: tuple[str, Any, list[tuple[Any, ...]]]) -> None:
+    """The outcome for the parent, written atomically (it waits for the file)."""
+    tmp = folder / f".{name}.tmp"
+    tmp.write_bytes(_output(outcome))
+    tmp.replace(folder / name)
 
 
 def main(argv: list[str]) -> None:
@@ -254,11 +346,12 @@ def main(argv: list[str]) -> None:
         importlib.import_module(name)
     if _line() != b"go\n":
         return  # the parent gave up before sending anything
-    threading.Thread(target=_watch_parent, daemon=True).start()
-    data = _output(_run(folder))
-    tmp = folder / f".{_OUTPUT}.tmp"
-    tmp.write_bytes(data)
-    tmp.replace(folder / _OUTPUT)
+    lines: SimpleQueue[bytes] = SimpleQueue()
+    threading.Thread(target=_watch_parent, args=(lines,), daemon=True).start()
+    _write(folder, _OUTPUT, _run(lambda: _race(folder)))
+    if lines.get() == _DRAW:
+        job: ChurnFigures = pickle.loads((folder / _FIGURES_INPUT).read_bytes())
+        _write(folder, _FIGURES_OUTPUT, _run(job.draw))
 
 
 if __name__ == "__main__":
