@@ -15,15 +15,23 @@ For each the benchmark prints the wall time, the CPU time (user + system, from
 ``os.wait4`` on the CLI's process: its own and that of the child processes it
 waited for, such as the replenishment race's) and the peak memory: the sum of
 each process's own peak RSS (``VmHWM``, sampled every 20 ms over the CLI's
-process tree; at least the CLI's own max RSS), with, when there are several, each process's peak and the largest sums
-at one instant of their RSS and of their PSS (pages they share counted once), and wall and
-memory as a ratio of the goal (10 s and 1 GB). On a shared machine the wall time grows with the load while the CPU time barely moves: compare CPU
-times across runs, and wall times only on an idle machine.
+process tree; at least the CLI's own max RSS), with, when there are several, each
+process's peak and the largest sum of their RSS at one instant, and wall and
+memory as a ratio of the goal (10 s and 1 GB). On a shared machine the wall time
+grows with the load while the CPU time barely moves: compare CPU times across
+runs, and wall times only on an idle machine.
+
+``--pss`` adds the largest sum of their PSS at one instant (pages they share
+counted once), read from ``/proc/PID/smaps_rollup``; that walks each process's
+page tables under its memory lock every 20 ms and stalls the job's own page
+faults: the demo took 1.5 s longer (11.6 s against 10.1 s, CPU unchanged). The
+wall time of such a run is not the job's.
 
 Usage::
 
     python benchmarks/train.py --events ../shared/data/online_retail.parquet
     python benchmarks/train.py --events FILE --repeat 3 --jobs train
+    python benchmarks/train.py --jobs demo --pss     # memory shared between the processes
 """
 
 from __future__ import annotations
@@ -58,8 +66,9 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def _status(pid: int) -> dict[str, int]:
-    """A process's ``VmHWM`` (its own peak RSS so far), ``VmRSS`` and ``Pss``, in bytes."""
+def _status(pid: int, pss: bool) -> dict[str, int]:
+    """A process's ``VmHWM`` (its own peak RSS so far), ``VmRSS`` and, with ``pss``, its
+    ``Pss``, in bytes."""
     try:
         rows = Path(f"/proc/{pid}/status").read_text().splitlines()
     except OSError:
@@ -72,6 +81,8 @@ def _status(pid: int) -> dict[str, int]:
     }
     if "VmHWM" not in found:  # a zombie: exited, not yet reaped
         return {}
+    if not pss:
+        return found
     try:  # the proportional share: pages shared with the other process count half
         rollup = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
         found["Pss"] = next(int(r.split()[1]) * 1024 for r in rollup if r.startswith("Pss:"))
@@ -82,10 +93,12 @@ def _status(pid: int) -> dict[str, int]:
 
 class Memory:
     """Each process's own peak RSS under a root process, and the largest sums of their RSS
-    and of their PSS (shared pages split between them) at one sampling instant (every 20 ms)."""
+    and, with ``pss``, of their PSS (shared pages split between them) at one sampling
+    instant (every 20 ms)."""
 
-    def __init__(self, root: int) -> None:
+    def __init__(self, root: int, pss: bool) -> None:
         self.root = root
+        self.with_pss = pss
         self.peaks: dict[int, int] = {}
         self.together = 0
         self.pss = 0
@@ -97,11 +110,11 @@ class Memory:
         while not self.done.is_set():
             now = pss = 0
             for pid in _descendants(self.root):
-                st = _status(pid)
+                st = _status(pid, self.with_pss)
                 if st:
                     self.peaks[pid] = max(st["VmHWM"], self.peaks.get(pid, 0))
                     now += st["VmRSS"]
-                    pss += st["Pss"]
+                    pss += st.get("Pss", 0)
             self.together = max(self.together, now)
             self.pss = max(self.pss, pss)
             self.done.wait(0.02)
@@ -116,7 +129,7 @@ class Memory:
 
 
 def run(
-    args: list[str], env: dict[str, str], cwd: Path
+    args: list[str], env: dict[str, str], cwd: Path, pss: bool
 ) -> tuple[float, float, list[int], int, int]:
     """``(wall s, CPU s, each process's peak bytes, peak bytes of their RSS and PSS sums)``
     of one CLI child; exits on failure."""
@@ -125,15 +138,15 @@ def run(
         proc = subprocess.Popen(
             [sys.executable, "-c", CLI, *args], env=env, cwd=cwd, stdout=out, stderr=err
         )
-        memory = Memory(proc.pid)
+        memory = Memory(proc.pid, pss)
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
-    peaks, together, pss = memory.stop(usage.ru_maxrss * 1024)
+    peaks, together, shared = memory.stop(usage.ru_maxrss * 1024)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         tail = (cwd / "stderr.txt").read_text()[-3000:] or (cwd / "stdout.txt").read_text()[-3000:]
         sys.exit(f"`lapse {' '.join(args)}` exited {proc.returncode}:\n{tail}")
-    return wall, usage.ru_utime + usage.ru_stime, peaks, together, pss
+    return wall, usage.ru_utime + usage.ru_stime, peaks, together, shared
 
 
 def _env(home: Path) -> dict[str, str]:
@@ -149,7 +162,7 @@ def _env(home: Path) -> dict[str, str]:
 
 
 def train_job(
-    work: Path, events: Path, config: Path, until: str, fresh_store: bool
+    work: Path, events: Path, config: Path, until: str, fresh_store: bool, pss: bool
 ) -> tuple[float, float, list[int], int, int]:
     env = _env(work) | {"MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
     if not fresh_store:  # the store a retraining user already has (created untimed)
@@ -160,11 +173,11 @@ def train_job(
         )  # fmt: skip
     args = ["train", str(events), "--config", str(config), "--until", until]
     args += ["--out", str(work / "report"), "--models-dir", str(work / "models"), "--register"]
-    return run(args, env, work)
+    return run(args, env, work, pss)
 
 
-def demo_job(work: Path) -> tuple[float, float, list[int], int, int]:
-    return run(["demo", "--out", str(work / "demo")], _env(work), work)
+def demo_job(work: Path, pss: bool) -> tuple[float, float, list[int], int, int]:
+    return run(["demo", "--out", str(work / "demo")], _env(work), work, pss)
 
 
 def line(name: str, wall: float, cpu: float, peaks: list[int], together: int, pss: int) -> str:
@@ -175,7 +188,8 @@ def line(name: str, wall: float, cpu: float, peaks: list[int], together: int, ps
         f"{name:<19} wall {wall:5.1f} s ({wall / GOAL_SECONDS:.2f} x the {GOAL_SECONDS:.0f} s goal)  "
         f"CPU {cpu:5.1f} s  peak {peak / gb:.2f} GB ({peak / GOAL_BYTES:.2f} x 1 GB"
         + (
-            f"; {parts} GB; at one instant RSS {together / gb:.2f} GB, PSS {pss / gb:.2f} GB)"
+            f"; {parts} GB; at one instant RSS {together / gb:.2f} GB"
+            + (f", PSS {pss / gb:.2f} GB)" if pss else ")")
             if len(peaks) > 1
             else ")"
         )
@@ -192,6 +206,7 @@ def main() -> None:
     parser.add_argument("--jobs", nargs="+", choices=("train", "demo"), default=["train", "demo"])
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--fresh-store", action="store_true", help="time creating the store too")
+    parser.add_argument("--pss", action="store_true", help="also PSS (slows the run: see above)")
     args = parser.parse_args()
     if "train" in args.jobs and args.events is None:
         parser.error("--events is needed for the train job")
@@ -202,11 +217,11 @@ def main() -> None:
             with tempfile.TemporaryDirectory(prefix=f"lapse-bench-{job}-") as tmp:
                 if job == "train":
                     fig = train_job(
-                        Path(tmp), args.events, args.config, args.until, args.fresh_store
+                        Path(tmp), args.events, args.config, args.until, args.fresh_store, args.pss
                     )
                     name = "train" + (" (fresh store)" if args.fresh_store else "")
                 else:
-                    fig = demo_job(Path(tmp))
+                    fig = demo_job(Path(tmp), args.pss)
                     name = "demo"
             print(line(name, *fig), flush=True)
 

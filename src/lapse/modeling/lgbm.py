@@ -241,7 +241,11 @@ class LightGBMChurn(ParamsMixin):
                 exprs.append(idx.cast(pl.Float64).alias(name))
             else:
                 exprs.append(pl.col(name).cast(pl.Float64).alias(name))
-        out: FloatArray = frame.select(exprs).to_numpy().astype(np.float64, copy=False)
+        # column by column into one column-major matrix (the layout a frame's to_numpy
+        # gives): no float frame of all the columns beside it (the hazard refit's peak)
+        out: FloatArray = np.empty((frame.height, len(exprs)), dtype=np.float64, order="F")
+        for j, expr in enumerate(exprs):
+            out[:, j] = frame.select(expr).to_series().to_numpy()
         return out
 
     def _params(self, n_rows: int, **override: Any) -> dict[str, Any]:
