@@ -1036,46 +1036,6 @@ def test_compact_events_scored_in_shards_give_the_records_of_all_at_once(
     )
 
 
-def test_shards_run_two_at_a_time_in_order_and_a_failure_is_raised() -> None:
-    """``in_order`` returns the work's results in item order, draws an item only when a
-    thread is free for it (at most ``SHARDS_AT_ONCE`` shards held at once, and that many
-    run at once) and raises the first failure."""
-    import threading
-
-    from lapse.score.records import SHARDS_AT_ONCE, in_order
-
-    held, running, most = [0], [0], [0]
-    lock = threading.Lock()
-
-    def items() -> Any:
-        for i in range(7):
-            with lock:
-                assert held[0] < SHARDS_AT_ONCE  # drawn only with a thread free for it
-                held[0] += 1
-            yield i
-
-    def work(i: int) -> int:
-        with lock:
-            running[0] += 1
-            most[0] = max(most[0], running[0])
-        threading.Event().wait(0.01 * (7 - i))  # the first items finish last
-        with lock:
-            running[0] -= 1
-            held[0] -= 1
-        return i * i
-
-    assert in_order(work, items()) == [i * i for i in range(7)]
-    assert most[0] == SHARDS_AT_ONCE
-
-    def failing(i: int) -> int:
-        if i == 3:
-            raise LapseError("shard 3")
-        return i
-
-    with pytest.raises(LapseError, match="shard 3"):
-        in_order(failing, iter(range(7)))
-
-
 def test_a_shard_counts_drift_bins_only_when_asked_and_they_add_up(world: World) -> None:
     """An incremental run (``subset``) discards drift, so its shards skip the bins
     (``drift=False``: the same records); the bins of two halves of the users add up to

@@ -28,6 +28,7 @@ mapping and checks, with the same rejects and counts as the file.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -65,6 +66,7 @@ from lapse.events.readers import (
 from lapse.events.timestamps import infer_timestamp_format, parse_timestamp
 from lapse.exceptions import EventsError, MissingColumnsError
 from lapse.files import atomic_path
+from lapse.parallel import in_order
 from lapse.schema import EVENT_COLUMNS, ORDER_ID, REQUIRED_EVENT_COLUMNS, ROLES
 
 __all__ = [
@@ -326,42 +328,45 @@ def _check(
     its rows split by :func:`_split`.
 
     Every check but duplicates looks at one row at a time (links are pairs at their first
-    observation, which :func:`~lapse.events.identity.union_links` merges), and the slices
-    come in order, so the result is that of one pass; duplicates are left to :func:`_kept`.
+    observation, which :func:`~lapse.events.identity.union_links` merges), and the slices'
+    results come in order (checked :data:`SLICES_AT_ONCE` at a time), so the result is that
+    of one pass; duplicates are left to :func:`_kept`.
     """
     if batch_rows is None:
         slices = [mapped]
     else:
         rows = collect_frame(mapped.select(pl.len()), name).item()
         slices = [mapped.slice(at, batch_rows) for at in range(0, max(rows, 1), batch_rows)]
-    rows_read = 0
-    calls: dict[str, int] = {}
-    links: list[pl.DataFrame] = []
-    rejected: list[pl.DataFrame] = []
-    ok: list[pl.DataFrame] = []
-    hashes: list[pl.Series] = []
-    for part in slices:
+
+    def check(part: pl.LazyFrame) -> _Checked:
         frame = collect_frame(part if where is None else part.filter(where), name)
-        rows_read += frame.height
-        links.append(links_of(frame))
+        height, links = frame.height, links_of(frame)
         is_call = _calls(frame)
+        calls: dict[str, int] = {}
         if is_call.any():
-            for call, n in frame.filter(is_call).group_by(CALL).len().iter_rows():
-                calls[call] = calls.get(call, 0) + n
+            calls = dict(frame.filter(is_call).group_by(CALL).len().iter_rows())
             frame = frame.filter(~is_call)
         bad, good = _split(frame, config)
-        del frame
-        rejected.append(bad)
-        ok.append(good)
-        hashes.append(_row_hashes(good, canonical_columns(config)))
+        hashes = _row_hashes(good, canonical_columns(config))
+        return _Checked(height, calls, links, bad, good, hashes)
+
+    parts = in_order(check, slices, SLICES_AT_ONCE)
+    calls: Counter[str] = Counter()
+    for part in parts:
+        calls.update(part.calls)
     return _Checked(
-        rows_read=rows_read,
-        calls=calls,
-        links=links[0] if len(links) == 1 else identity.union_links(links),
-        rejected=pl.concat(rejected, rechunk=False),
-        ok=pl.concat(ok, rechunk=False),
-        hashes=pl.concat(hashes, rechunk=False),
+        rows_read=sum(part.rows_read for part in parts),
+        calls=dict(calls),
+        links=identity.union_links([p.links for p in parts]) if len(parts) > 1 else parts[0].links,
+        rejected=pl.concat([part.rejected for part in parts], rechunk=False),
+        ok=pl.concat([part.ok for part in parts], rechunk=False),
+        hashes=pl.concat([part.hashes for part in parts], rechunk=False),
     )
+
+
+#: Slices :func:`_check` reads and checks at once (:func:`lapse.parallel.in_order`): one
+#: slice's Python and single-threaded steps run beside the other's Polars work.
+SLICES_AT_ONCE: Final = 2
 
 
 def distinct(

@@ -114,7 +114,7 @@ def _tree_features(dump: dict[str, Any]) -> list[frozenset[int]]:
 
 
 #: One :meth:`LightGBMChurn.predict_encoded` at a time in this process: shards scored in
-#: threads (:func:`lapse.score.records.in_order`) share the bundle's boosters, and setting
+#: threads (:func:`lapse.parallel.in_order`) share the bundle's boosters, and setting
 #: up a LightGBM predictor writes to its booster (LightGBM issue #6142).
 _PREDICTING: Final = threading.Lock()
 

@@ -18,15 +18,12 @@ exactly for the records whose ``refill_prompt_date`` is the ``as_of`` day.
 from __future__ import annotations
 
 import hashlib
-import os
-from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from itertools import islice
 from pathlib import Path
-from typing import TypeGuard, TypeVar
+from typing import TypeGuard
 
 import numpy as np
 import numpy.typing as npt
@@ -42,12 +39,10 @@ from lapse.labels import EXCLUSIONS, describe_exclusions, population
 from lapse.labels.episodes import ANY_SKU
 from lapse.modeling.bundle import ChurnBundle, listing
 from lapse.modeling.drift import bin_counts, psi_from_counts
+from lapse.parallel import in_order
 from lapse.schema import run_day
 from lapse.sinks.base import RECORD_COLUMNS, RECORD_SCHEMA
 from lapse.triggers import SCORE_COLUMNS, Trigger, apply_cooldowns, for_run, names_read, resolve
-
-T = TypeVar("T")
-R = TypeVar("R")
 
 __all__ = [
     "RECORDS_SCHEMA",
@@ -64,7 +59,6 @@ __all__ = [
     "drift_from_counts",
     "drift_warnings",
     "fired_triggers",
-    "in_order",
     "keep_reasons",
     "load_suppression",
     "model_age_warnings",
@@ -304,6 +298,7 @@ def score_users(
             drift=not subset,
         ),
         user_shards(events),
+        SHARDS_AT_ONCE,
     )
     counts = _summed_population([s.population for s in shards])
     scored = [s for s in shards if s.features.height]
@@ -343,28 +338,11 @@ def _all_refills(shards: Sequence[Shard]) -> pl.DataFrame | None:
 #: build's working memory is about that of the shard's events, times :data:`SHARDS_AT_ONCE`.
 SHARD_EVENTS = 2_000_000
 
-#: Shards :func:`score_users` scores at once, each in a thread: one shard's single-threaded
+#: Shards :func:`score_users` scores at once (:func:`lapse.parallel.in_order`): one shard's single-threaded
 #: parts (LightGBM's prediction, Python between Polars queries) run beside the other's
 #: Polars work, so both cores stay busy (1M users: scoring 45 s to 33 s). More would add
 #: working memory, not speed, on two cores.
 SHARDS_AT_ONCE = 2
-
-
-def in_order(work: Callable[[T], R], items: Iterable[T]) -> list[R]:
-    """``[work(item) for item in items]``, up to :data:`SHARDS_AT_ONCE` (and the cores)
-    running at once in threads; an item is drawn only when a thread is free for it, so at
-    most that many shards are held at once. The first failure is raised, in item order."""
-    at_once = min(SHARDS_AT_ONCE, os.cpu_count() or 1)
-    if at_once == 1:
-        return [work(item) for item in items]
-    out: list[R] = []
-    todo = iter(items)
-    with ThreadPoolExecutor(max_workers=at_once) as pool:
-        running = deque(pool.submit(work, item) for item in islice(todo, at_once))
-        while running:
-            out.append(running.popleft().result())
-            running.extend(pool.submit(work, item) for item in islice(todo, 1))
-    return out
 
 
 #: The columns :func:`compact_events` holds as codes: ``user_id`` as an Enum of the

@@ -55,6 +55,7 @@ from lapse.config import LapseConfig
 from lapse.exceptions import LapseError
 from lapse.files import write_failure
 from lapse.modeling.plots import churn_figures, save_figures
+from lapse.parallel import cores
 from lapse.train.replenishment import ReplenishmentResult, run_replenishment
 
 if TYPE_CHECKING:
@@ -71,13 +72,6 @@ _EVENTS = "events.arrow"
 _LINKS = "links.arrow"
 # what run_replenishment imports on first use: loaded while the parent reads the events
 _PRELOAD = ("lifelines", "scipy.special", "matplotlib.figure", "matplotlib.backends.backend_agg")
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -244,7 +238,7 @@ def start() -> ReplenishmentWorker | None:
     """A child process ready for one race; ``None`` on a single core (it would only take
     turns with the parent) or when this interpreter cannot start another (then the race
     runs in this process)."""
-    if _cores() < 2 or not sys.executable:
+    if cores() < 2 or not sys.executable:
         return None
     folder = Path(tempfile.mkdtemp(prefix="lapse-replenishment-"))
     env = dict(os.environ)
