@@ -3,12 +3,14 @@ results as in process, its skips and failures said the same way, no child left b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import pickle
 import time
 import warnings
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -181,21 +183,23 @@ def _job(out_dir: Path) -> ChurnFigures:
     return ChurnFigures(y, probas, importance, title="test cutoff", out_dir=out_dir)
 
 
-def _done_race(worker: ReplenishmentWorker, events: Path, tmp_path: Path) -> None:
-    """The child's race, on no events: it ends at once (too few episodes), the child idle."""
-    canonical = pl.read_parquet(events).head(0)
-    race = Race(
-        canonical.lazy(),
-        load_config(),
-        datetime(2026, 6, 1, tzinfo=UTC),
-        tmp_path / "r",
-        None,
-        empty_links(),
-    )
-    worker.send(race)
-    while not (worker.folder / "output.pkl").exists():
-        assert worker.proc.poll() is None
-        time.sleep(0.01)
+@contextlib.contextmanager
+def _idle_child(events: Path, tmp_path: Path) -> Iterator[ReplenishmentWorker]:
+    """A child whose race, on no events, ended at once (too few episodes): idle."""
+    worker = start()
+    assert worker is not None
+    try:
+        canonical = pl.read_parquet(events).head(0)
+        when = datetime(2026, 6, 1, tzinfo=UTC)
+        worker.send(
+            Race(canonical.lazy(), load_config(), when, tmp_path / "r", None, empty_links())
+        )
+        while not (worker.folder / "output.pkl").exists():
+            assert worker.proc.poll() is None
+            time.sleep(0.01)
+        yield worker
+    finally:
+        worker.close()
 
 
 def test_an_idle_child_draws_the_churn_figures_as_this_process_would(
@@ -204,17 +208,12 @@ def test_an_idle_child_draws_the_churn_figures_as_this_process_would(
     """Once its race is done, the child draws the churn figures handed to it: the same PNG
     bytes and figures as drawn here; the race's own outcome is still there."""
     here = _job(tmp_path / "here").draw()
-    worker = start()
-    assert worker is not None
-    try:
-        _done_race(worker, events, tmp_path)
+    with _idle_child(events, tmp_path) as worker:
         job = _job(tmp_path / "child")
         assert worker.draw(job)
         figures, plots = worker.drawn(job)
         with pytest.raises(NotEnoughEpisodes):
             worker.result()
-    finally:
-        worker.close()
     assert list(plots) == list(here[1]) == ["roc", "pr", "calibration", "gains", "importance"]
     for name, path in plots.items():
         assert path == tmp_path / "child" / f"{name}.png"
@@ -237,18 +236,13 @@ def test_a_busy_child_is_not_handed_the_figures_and_a_gone_one_leaves_them_here(
         assert busy.proc.wait(timeout=60) == 0  # "done" before "go": it ends
     finally:
         busy.close()
-    gone = start()
-    assert gone is not None
-    try:
-        _done_race(gone, events, tmp_path)
+    with _idle_child(events, tmp_path) as gone:
         job = _job(tmp_path / "gone")
         assert gone.draw(job)
         gone.proc.kill()
         gone.proc.wait()
         (gone.folder / "figures-output.pkl").unlink(missing_ok=True)  # killed before writing
         figures, plots = gone.drawn(job)
-    finally:
-        gone.close()
     assert (
         sorted(figures)
         == sorted(plots)
