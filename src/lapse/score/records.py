@@ -338,10 +338,10 @@ def _all_refills(shards: Sequence[Shard]) -> pl.DataFrame | None:
 #: build's working memory is about that of the shard's events, times :data:`SHARDS_AT_ONCE`.
 SHARD_EVENTS = 2_000_000
 
-#: Shards :func:`score_users` scores at once (:func:`lapse.parallel.in_order`): one shard's single-threaded
-#: parts (LightGBM's prediction, Python between Polars queries) run beside the other's
-#: Polars work, so both cores stay busy (1M users: scoring 45 s to 33 s). More would add
-#: working memory, not speed, on two cores.
+#: Shards :func:`score_users` scores at once (:func:`lapse.parallel.in_order`): one
+#: shard's single-threaded parts (LightGBM's prediction, Python between Polars queries)
+#: run beside the other's Polars work, so both cores stay busy (1M users: scoring 41-43 s
+#: to 37-38 s). More would add working memory, not speed, on two cores.
 SHARDS_AT_ONCE = 2
 
 
