@@ -328,7 +328,11 @@ def run_race(
         ``user_id, p_churn`` at the test cutoff (the generator's truth).
     """
     train = frame.filter(pl.col("cutoff").is_in(pl.lit(pl.Series(training)).implode()))
-    recent = frame.filter(pl.col("cutoff").is_between(min(training), validation, closed="left"))
+    recent = (  # the hazard LightGBM's rows only: a copy of most of the frame
+        frame.filter(pl.col("cutoff").is_between(min(training), validation, closed="left"))
+        if config.models.hazard_lightgbm
+        else None
+    )
     val = frame.filter(pl.col("cutoff") == validation)
     tst = frame.filter(pl.col("cutoff") == test)
     for part, rows in (("training", train), ("validation", val), ("test", tst)):
