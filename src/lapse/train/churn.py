@@ -524,7 +524,8 @@ def _train(
         out_dir=out,
     )
     # the child draws them when its race is done first (a core idle), else they are drawn here
-    drawn = None if worker is not None and worker.draw(drawing) else drawing.draw()
+    handed = worker is not None and worker.draw(drawing)
+    drawn = None if handed else drawing.draw()
     with atomic_path(out / "importance.csv") as tmp:
         importance.write_csv(tmp)
 
@@ -557,9 +558,9 @@ def _train(
         if meanwhile is not None:
             meanwhile()
         replenishment = _skipped(worker.result, notes, at)
-        if drawn is None:
+        if handed:
             drawn = worker.drawn(drawing)
-    assert drawn is not None
+    assert drawn is not None  # drawn here, or by the child it was handed to
     figures = {**drawn[0], "segments": segments_figure}
     plots = {**drawn[1], **segments_plot}
     if replenishment is None:
